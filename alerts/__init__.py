@@ -1,0 +1,1 @@
+"""Alert rule jobs (vectorised numpy), air-quality indices and the alert lifecycle."""

@@ -1,0 +1,707 @@
+"""Wire messages: msgspec structs, their codecs and the checks every receiver runs.
+
+==================  ==========================  =======  ==========================
+message             topic (contracts.topics)    codec    producer -> consumer
+==================  ==========================  =======  ==========================
+DeviceUplink        d/{device}/up               JSON     device -> gateway
+device status       d/{device}/status           text     device (Will) -> gateway
+Batch               hub/v1/gw/{gw}/batch        msgpack  gateway -> ingest
+GatewayState        hub/v1/gw/{gw}/state        JSON     gateway (Will) -> anyone
+Ack                 hub/v1/gw/{gw}/ack          JSON     ingest -> gateway
+GatewayConfig       hub/v1/gw/{gw}/config       JSON     registry -> gateway
+==================  ==========================  =======  ==========================
+
+Every ``decode_*`` function checks the payload size first, then the syntax
+(MalformedPayloadError), the types (FieldTypeError), then the meaning against
+the device catalog and the id allow-list, and raises the most specific
+InputError naming the offending field. ``encode_*`` functions trust their
+argument: they do not validate (the simulator builds faulty messages on
+purpose; a producer that wants to be sure calls the matching ``check_*``).
+
+The one exception to "raise, never return errors" is ``check_block_rows``: a
+batch is accepted or refused as a whole by ``decode_batch``, but a bad
+*reading* inside an accepted batch (NaN, out of range, out of the time window)
+must not sink its neighbours, so ``check_block_rows`` returns a per-row report
+that ingest uses to route those rows to the rejects table.
+
+Evolution: append fields with defaults, never change a field's type or remove
+one (old gateways and old ingest workers run side by side during an upgrade).
+Unknown fields are ignored on decode so that an older receiver accepts a newer
+sender's messages. Clocks, I/O and logging are the callers' business.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Final, Literal, TypeVar
+
+import msgspec
+
+from contracts import catalog
+from contracts.catalog import DeviceType, Metric
+from contracts.errors import (
+    FieldTypeError,
+    InconsistentBatchError,
+    InputError,
+    InvalidIdError,
+    MalformedPayloadError,
+    NonFiniteValueError,
+    OutOfRangeError,
+    PayloadTooLargeError,
+    UnknownDeviceTypeError,
+    UnknownMetricError,
+)
+from contracts.ids import (
+    DEFAULT_MAX_FUTURE_MS,
+    DEFAULT_MAX_PAST_MS,
+    check_id,
+    check_timestamp,
+    parse_batch_id,
+)
+
+# A device uplink carries at most the 8 metrics of the widest catalog type:
+# 200-400 bytes of JSON (a float spelled with 17 digits is 22 bytes). 4 KiB
+# leaves 10x headroom (pretty-printed firmware output, future fields) while
+# bounding what a misbehaving device can make a small gateway parse per message.
+DEVICE_PAYLOAD_MAX_BYTES: Final = 4096
+
+# A batch row costs 9 bytes per metric (msgpack float64) plus ~24 for index,
+# seq and two timestamps: a 100-row air-quality batch is ~10 KB (measured 9.7),
+# and even a backlog batch of 50,000 rows stays under 5 MB. 8 MiB bounds
+# ingest's memory per in-flight message (decoded, a float costs 32 bytes in a
+# Python list instead of 9: ~4x the wire size). Mosquitto's
+# `message_size_limit` defaults to 0, i.e. the MQTT maximum of 256 MiB; when a
+# broker config sets it, it must be at least this, because Mosquitto drops an
+# oversized QoS 1 message *after* completing the PUBACK flow (v5 clients see
+# only a reason code), so gateways must never build a batch above this limit.
+BATCH_MAX_BYTES: Final = 8 * 1024 * 1024
+
+# State, ack and config messages: a config for a 2,000-device site is ~400 KB
+# of JSON (~200 bytes a device) and an ack for 1,000 batches at most ~150 KB
+# (a batch id is at most 149 characters); 1 MiB covers both.
+CONTROL_MAX_BYTES: Final = 1024 * 1024
+
+# Sequence numbers end up in PostgreSQL bigint columns (contracts.schema).
+SEQ_MAX: Final = 2**63 - 1
+
+# Serial frame protocols the gateway can decode (contracts frame codecs).
+SERIAL_PROTOCOLS: Final = ("pms5003", "sds011")
+
+DeviceStatus = Literal["online", "offline"]
+GatewayStatus = Literal["online", "offline"]
+Transport = Literal["serial", "mqtt"]
+
+_T = TypeVar("_T")
+
+
+# --- shared helpers -------------------------------------------------------------
+
+
+def _check_size(payload: bytes, max_bytes: int, what: str) -> None:
+    if len(payload) > max_bytes:
+        raise PayloadTooLargeError(f"{what}: {len(payload)} bytes exceeds the limit of {max_bytes}")
+
+
+def _decode(
+    decoder: msgspec.json.Decoder[_T] | msgspec.msgpack.Decoder[_T], payload: bytes, what: str
+) -> _T:
+    """Run a msgspec decoder, translating its errors into the project's."""
+    try:
+        return decoder.decode(payload)
+    # ValidationError is a subclass of DecodeError: it must come first.
+    except msgspec.ValidationError as exc:
+        raise FieldTypeError(f"{what}: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise MalformedPayloadError(f"{what}: {exc}") from exc
+    # msgspec raises UnicodeDecodeError, not DecodeError, for invalid UTF-8
+    # inside some strings and keys.
+    except UnicodeDecodeError as exc:
+        raise MalformedPayloadError(f"{what}: invalid UTF-8: {exc}") from exc
+    # Untyped (Any) fields recurse once per nesting level: `[[[[...` in a
+    # metric value would otherwise escape as RecursionError.
+    except RecursionError as exc:
+        raise MalformedPayloadError(f"{what}: nested too deeply") from exc
+
+
+def _lookup_type(name: str, where: str) -> DeviceType:
+    try:
+        return catalog.device_type(name)
+    except UnknownDeviceTypeError as exc:
+        raise UnknownDeviceTypeError(f"{where}: {exc}") from exc
+
+
+def _lookup_metric(dtype: DeviceType, name: str, where: str) -> Metric:
+    try:
+        return dtype.metric(name)
+    except UnknownMetricError as exc:
+        raise UnknownMetricError(f"{where}: {exc}") from exc
+
+
+def _check_non_negative(value: int, what: str, maximum: int = SEQ_MAX) -> int:
+    if not 0 <= value <= maximum:
+        raise OutOfRangeError(f"{what} {value} is outside [0, {maximum}]")
+    return value
+
+
+_JSON_ENCODER: Final = msgspec.json.Encoder()
+_MSGPACK_ENCODER: Final = msgspec.msgpack.Encoder()
+
+
+# --- device uplink (device -> gateway, JSON) ------------------------------------
+
+
+class DeviceUplink(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One reading from a device: ``{"seq": 7, "ts": 1767225600000, "m": {"pm25": 12.5}}``."""
+
+    # Per-device counter, reset only by a reboot; the gateway uses it to spot
+    # gaps and duplicates.
+    seq: int
+    # Integer milliseconds UTC, stamped by the device.
+    ts_ms: int = msgspec.field(name="ts")
+    metrics: dict[str, float] = msgspec.field(name="m")
+    # Device boot id (appended field): lets the gateway see reboots besides seq resets.
+    boot: str | None = None
+
+
+class _DeviceUplinkWire(msgspec.Struct, frozen=True, kw_only=True):
+    """DeviceUplink as decoded, before checks; must keep DeviceUplink's fields.
+
+    Metric values are untyped here, decoded with ``float_hook=float``: a typed
+    ``float`` field turns ``1e999`` into a ValidationError ("Number out of
+    range") that does not say which metric, whereas ``float("1e999")`` is inf,
+    which the checks below report as non-finite, naming the metric.
+    """
+
+    seq: int
+    ts_ms: int = msgspec.field(name="ts")
+    metrics: dict[str, Any] = msgspec.field(name="m")
+    boot: str | None = None
+
+
+_UPLINK_DECODER: Final = msgspec.json.Decoder(_DeviceUplinkWire, float_hook=float)
+
+
+def _metric_value(dtype: DeviceType, name: str, value: object) -> float:
+    """Check one uplink metric: known name, a number (not a bool), finite, in range."""
+    metric = _lookup_metric(dtype, name, f"m.{name}")
+    # bool is an int subclass, but `true` is not a metric value (BOOL metrics are 0 / 1).
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise FieldTypeError(f"m.{name}: expected a number, got {type(value).__name__} {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise NonFiniteValueError(f"m.{name}: {value} does not fit a 64-bit float") from None
+    return metric.check(number)
+
+
+def decode_device_uplink(
+    payload: bytes,
+    *,
+    device_type: str,
+    now_ms: int,
+    max_bytes: int = DEVICE_PAYLOAD_MAX_BYTES,
+    max_past_ms: int = DEFAULT_MAX_PAST_MS,
+    max_future_ms: int = DEFAULT_MAX_FUTURE_MS,
+) -> DeviceUplink:
+    """Decode and check a device uplink for a device of ``device_type``.
+
+    Raises PayloadTooLargeError, MalformedPayloadError, FieldTypeError (also
+    for a bool metric value or an empty ``m``), OutOfRangeError (negative
+    seq, value outside the metric's range), TimestampWindowError,
+    UnknownDeviceTypeError, UnknownMetricError, NonFiniteValueError,
+    InvalidIdError (``boot``).
+    """
+    _check_size(payload, max_bytes, "device uplink")
+    dtype = _lookup_type(device_type, "device_type")
+    wire = _decode(_UPLINK_DECODER, payload, "device uplink")
+    _check_non_negative(wire.seq, "seq")
+    check_timestamp(
+        wire.ts_ms, now_ms, max_past_ms=max_past_ms, max_future_ms=max_future_ms, what="ts"
+    )
+    if wire.boot is not None:
+        check_id(wire.boot, "boot")
+    if not wire.metrics:
+        raise FieldTypeError("m: a device uplink needs at least one metric")
+    metrics = {name: _metric_value(dtype, name, value) for name, value in wire.metrics.items()}
+    return DeviceUplink(seq=wire.seq, ts_ms=wire.ts_ms, metrics=metrics, boot=wire.boot)
+
+
+def encode_device_uplink(message: DeviceUplink) -> bytes:
+    """JSON for ``d/{device_id}/up``; ``boot`` is left out when None."""
+    return _JSON_ENCODER.encode(message)
+
+
+# --- device status (device Will, plain text) ------------------------------------
+
+DEVICE_ONLINE: Final = b"online"
+DEVICE_OFFLINE: Final = b"offline"
+
+
+def encode_device_status(status: DeviceStatus) -> bytes:
+    """Payload for the retained ``d/{device_id}/status``."""
+    if status == "online":
+        return DEVICE_ONLINE
+    if status == "offline":
+        return DEVICE_OFFLINE
+    raise FieldTypeError(f"device status {status!r} is not 'online' or 'offline'")
+
+
+def decode_device_status(payload: bytes) -> DeviceStatus:
+    """``online`` / ``offline``; anything else is MalformedPayloadError."""
+    if payload == DEVICE_ONLINE:
+        return "online"
+    if payload == DEVICE_OFFLINE:
+        return "offline"
+    raise MalformedPayloadError(f"device status {payload[:32]!r} is not 'online' or 'offline'")
+
+
+# --- batch (gateway -> ingest, msgpack, columnar) -------------------------------
+#
+# Structs are maps, not array_like: in the columnar layout field names are paid
+# once per batch and once per block (measured: 113 bytes, 1.2% of a 100-row
+# air-quality batch of 9.7 KB), and maps keep a stored reject readable with any
+# msgpack tool and make a field-order mistake between two software versions
+# impossible.
+
+
+class ReadingBlock(msgspec.Struct, frozen=True, kw_only=True):
+    """The rows of one device type in a batch, column by column.
+
+    Every list has one entry per row; ``values`` has one column per metric
+    present in the block (None where a row lacks that metric).
+    """
+
+    device_type: str
+    device_index: list[int]  # index into Batch.devices
+    seq: list[int]
+    ts_ms: list[int]  # device time, ms UTC
+    recv_ms: list[int]  # gateway receive time, ms UTC
+    values: dict[str, list[float | None]]
+
+    @property
+    def row_count(self) -> int:
+        return len(self.device_index)
+
+
+class Batch(msgspec.Struct, frozen=True, kw_only=True):
+    """A gateway's batch of readings; ``batch_id`` is ``{gateway_id}:{boot_id}:{counter}``."""
+
+    batch_id: str
+    gateway_id: str
+    boot_id: str
+    sent_ms: int  # when the batch was built; kept unchanged on resend
+    devices: list[str]  # device ids, referenced by ReadingBlock.device_index
+    blocks: list[ReadingBlock]
+    # Appended: per-device boot id aligned with `devices` (None: unknown);
+    # an empty list means no device reported one.
+    device_boot: list[str | None] = msgspec.field(default_factory=list)
+
+
+_BATCH_DECODER: Final = msgspec.msgpack.Decoder(Batch)
+
+
+def _check_block_columns(block: ReadingBlock, where: str) -> DeviceType:
+    """Device type and metric names known, every column as long as device_index."""
+    dtype = _lookup_type(block.device_type, f"{where}.device_type")
+    rows = len(block.device_index)
+    for name, column in (("seq", block.seq), ("ts_ms", block.ts_ms), ("recv_ms", block.recv_ms)):
+        if len(column) != rows:
+            raise InconsistentBatchError(
+                f"{where}.{name} has {len(column)} rows, device_index has {rows}"
+            )
+    for name, values in block.values.items():
+        _lookup_metric(dtype, name, f"{where}.values.{name}")
+        if len(values) != rows:
+            raise InconsistentBatchError(
+                f"{where}.values.{name} has {len(values)} rows, device_index has {rows}"
+            )
+    return dtype
+
+
+def check_batch(
+    batch: Batch,
+    *,
+    now_ms: int,
+    max_past_ms: int = DEFAULT_MAX_PAST_MS,
+    max_future_ms: int = DEFAULT_MAX_FUTURE_MS,
+) -> Batch:
+    """The batch-level checks of ``decode_batch``; return ``batch`` or raise.
+
+    Ids (InvalidIdError), batch id consistent with gateway and boot id, equal
+    column lengths, device indexes in range, one device type per device,
+    ``device_boot`` aligned with ``devices`` (InconsistentBatchError), known
+    device types and metric names, ``sent_ms`` in the window
+    (TimestampWindowError). Individual readings are not checked here: see
+    ``check_block_rows``. A gateway may call this before publishing.
+    """
+    check_id(batch.gateway_id, "gateway_id")
+    check_id(batch.boot_id, "boot_id")
+    id_gateway, id_boot, _ = parse_batch_id(batch.batch_id)
+    if (id_gateway, id_boot) != (batch.gateway_id, batch.boot_id):
+        raise InconsistentBatchError(
+            f"batch_id {batch.batch_id!r} does not match gateway_id {batch.gateway_id!r}"
+            f" and boot_id {batch.boot_id!r}"
+        )
+    check_timestamp(
+        batch.sent_ms, now_ms, max_past_ms=max_past_ms, max_future_ms=max_future_ms, what="sent_ms"
+    )
+    seen: dict[str, int] = {}
+    for index, device_id in enumerate(batch.devices):
+        check_id(device_id, f"devices[{index}]")
+        if device_id in seen:
+            raise InconsistentBatchError(
+                f"devices[{index}] {device_id!r} repeats devices[{seen[device_id]}]"
+            )
+        seen[device_id] = index
+    if batch.device_boot:
+        if len(batch.device_boot) != len(batch.devices):
+            raise InconsistentBatchError(
+                f"device_boot has {len(batch.device_boot)} entries, devices has"
+                f" {len(batch.devices)}"
+            )
+        for index, boot in enumerate(batch.device_boot):
+            if boot is not None:
+                check_id(boot, f"device_boot[{index}]")
+    device_count = len(batch.devices)
+    type_of_device: dict[int, str] = {}
+    for block_index, block in enumerate(batch.blocks):
+        where = f"blocks[{block_index}]"
+        _check_block_columns(block, where)
+        if not block.device_index:
+            continue
+        if min(block.device_index) < 0 or max(block.device_index) >= device_count:
+            row, bad = next(
+                (row, i) for row, i in enumerate(block.device_index) if not 0 <= i < device_count
+            )
+            raise InconsistentBatchError(
+                f"{where}.device_index[{row}] = {bad} is outside [0, {device_count})"
+            )
+        for device_index in set(block.device_index):
+            other = type_of_device.setdefault(device_index, block.device_type)
+            if other != block.device_type:
+                raise InconsistentBatchError(
+                    f"{where}: device {batch.devices[device_index]!r} appears as"
+                    f" {block.device_type!r} and as {other!r}"
+                )
+    return batch
+
+
+def decode_batch(
+    payload: bytes,
+    *,
+    now_ms: int,
+    max_bytes: int = BATCH_MAX_BYTES,
+    max_past_ms: int = DEFAULT_MAX_PAST_MS,
+    max_future_ms: int = DEFAULT_MAX_FUTURE_MS,
+) -> Batch:
+    """Decode a batch and run ``check_batch``; any error refuses the whole batch.
+
+    Raises PayloadTooLargeError, MalformedPayloadError, FieldTypeError,
+    InvalidIdError, InconsistentBatchError, UnknownDeviceTypeError,
+    UnknownMetricError, TimestampWindowError (``sent_ms``). Readings that are
+    NaN, out of range or out of the window pass: ``check_block_rows`` finds them.
+    """
+    _check_size(payload, max_bytes, "batch")
+    batch = _decode(_BATCH_DECODER, payload, "batch")
+    return check_batch(batch, now_ms=now_ms, max_past_ms=max_past_ms, max_future_ms=max_future_ms)
+
+
+def encode_batch(batch: Batch) -> bytes:
+    """msgpack for ``hub/v1/gw/{gateway_id}/batch``."""
+    return _MSGPACK_ENCODER.encode(batch)
+
+
+def _check_row(
+    block: ReadingBlock,
+    row: int,
+    metrics: list[tuple[Metric, list[float | None]]],
+    *,
+    now_ms: int,
+    max_past_ms: int,
+    max_future_ms: int,
+) -> None:
+    """Raise the first problem of one row, in a fixed order: seq, ts_ms, recv_ms, values."""
+    _check_non_negative(block.seq[row], "seq")
+    for what, times in (("ts_ms", block.ts_ms), ("recv_ms", block.recv_ms)):
+        check_timestamp(
+            times[row], now_ms, max_past_ms=max_past_ms, max_future_ms=max_future_ms, what=what
+        )
+    present = 0
+    for metric, column in metrics:
+        value = column[row]
+        if value is not None:
+            metric.check(value)
+            present += 1
+    if not present:
+        raise FieldTypeError("row has no metric values")
+
+
+def _suspect_rows(
+    block: ReadingBlock,
+    metrics: list[tuple[Metric, list[float | None]]],
+    earliest_ms: int,
+    latest_ms: int,
+) -> set[int]:
+    """Rows that *may* be bad: a superset found column by column, cheaply.
+
+    Chained comparisons are False for NaN, so NaN and infinities land here
+    along with out-of-range values; ``_check_row`` then names the exact error.
+    """
+    suspects = {row for row, seq in enumerate(block.seq) if not 0 <= seq <= SEQ_MAX}
+    for column in (block.ts_ms, block.recv_ms):
+        suspects.update(row for row, ts in enumerate(column) if not earliest_ms <= ts <= latest_ms)
+    for metric, values in metrics:
+        low, high = metric.min, metric.max
+        if metric.kind is catalog.MetricKind.FLOAT:
+            suspects.update(
+                row
+                for row, value in enumerate(values)
+                if value is not None and not low <= value <= high
+            )
+        else:
+            suspects.update(
+                row
+                for row, value in enumerate(values)
+                if value is not None and (not low <= value <= high or value != int(value))
+            )
+    width = len(metrics)
+    if width:
+        suspects.update(
+            row
+            for row, row_values in enumerate(zip(*(v for _, v in metrics), strict=True))
+            if row_values.count(None) == width
+        )
+    else:
+        suspects.update(range(block.row_count))
+    return suspects
+
+
+def check_block_rows(
+    block: ReadingBlock,
+    *,
+    now_ms: int,
+    max_past_ms: int = DEFAULT_MAX_PAST_MS,
+    max_future_ms: int = DEFAULT_MAX_FUTURE_MS,
+) -> list[tuple[int, InputError]]:
+    """Per-row validation report of a block: ``[(row, error), ...]`` in row order.
+
+    This returns errors instead of raising on purpose: it is the report ingest
+    uses to store bad readings in the rejects table (each with
+    ``error.reason``) while committing the good ones. A row's error is the
+    first of: seq outside [0, 2**63) (OutOfRangeError), ``ts_ms`` or
+    ``recv_ms`` out of the window (TimestampWindowError), a value NaN or
+    infinite (NonFiniteValueError) or outside its metric's range or not whole
+    for an integer metric (OutOfRangeError), no value at all (FieldTypeError).
+
+    The block's shape must be sound (``decode_batch`` checked it); if it is
+    not, this raises InconsistentBatchError / UnknownDeviceTypeError /
+    UnknownMetricError rather than report every row.
+    """
+    dtype = _check_block_columns(block, "block")
+    metrics = [(dtype.metric(name), values) for name, values in block.values.items()]
+    earliest_ms = now_ms - max_past_ms
+    latest_ms = now_ms + max_future_ms
+    report: list[tuple[int, InputError]] = []
+    for row in sorted(_suspect_rows(block, metrics, earliest_ms, latest_ms)):
+        try:
+            _check_row(
+                block,
+                row,
+                metrics,
+                now_ms=now_ms,
+                max_past_ms=max_past_ms,
+                max_future_ms=max_future_ms,
+            )
+        except InputError as exc:
+            report.append((row, exc))
+    return report
+
+
+# --- gateway state (retained birth / death, JSON) -------------------------------
+
+
+class GatewayState(msgspec.Struct, frozen=True, kw_only=True):
+    """Retained on ``hub/v1/gw/{gateway_id}/state``: birth (online) or death (offline).
+
+    JSON so that operators can read it with ``mosquitto_sub -v``. ``birth``
+    increases at every gateway start (persisted by the gateway), so a
+    receiver can tell a stale death Will from the current session's state.
+    The death message is registered as the Will at connect time, so its
+    ``ts_ms`` is the connect time, not the time of death. ``ts_ms`` is not
+    checked against a window: a retained death may be months old.
+    """
+
+    gateway_id: str
+    status: GatewayStatus
+    birth: int
+    boot_id: str
+    version: str  # gateway software version
+    outbox_depth: int  # batches waiting for an ack
+    ts_ms: int
+
+
+_STATE_DECODER: Final = msgspec.json.Decoder(GatewayState)
+
+
+def check_gateway_state(state: GatewayState) -> GatewayState:
+    """Ids allow-listed (InvalidIdError); birth, outbox_depth, ts_ms >= 0 (OutOfRangeError)."""
+    check_id(state.gateway_id, "gateway_id")
+    check_id(state.boot_id, "boot_id")
+    _check_non_negative(state.birth, "birth")
+    _check_non_negative(state.outbox_depth, "outbox_depth")
+    _check_non_negative(state.ts_ms, "ts_ms")
+    return state
+
+
+def encode_gateway_state(state: GatewayState) -> bytes:
+    return _JSON_ENCODER.encode(state)
+
+
+def decode_gateway_state(payload: bytes, *, max_bytes: int = CONTROL_MAX_BYTES) -> GatewayState:
+    _check_size(payload, max_bytes, "gateway state")
+    return check_gateway_state(_decode(_STATE_DECODER, payload, "gateway state"))
+
+
+# --- ack (ingest -> gateway, JSON) ----------------------------------------------
+#
+# JSON rather than msgpack: an ack is small, text only (batch ids) and sent
+# once per committed batch, so the codec's cost is noise next to the database
+# commit, while `mosquitto_sub -t 'hub/v1/gw/+/ack'` showing readable ids is
+# what one needs when debugging the delivery contract.
+
+
+class Ack(msgspec.Struct, frozen=True, kw_only=True):
+    """The batch ids ingest has committed; the gateway then drops them from its outbox."""
+
+    batch_ids: list[str]
+    ts_ms: int  # ingest's commit time, informational
+
+
+_ACK_DECODER: Final = msgspec.json.Decoder(Ack)
+
+
+def check_ack(ack: Ack, *, gateway_id: str | None = None) -> Ack:
+    """Every batch id well formed (InvalidIdError) and, if ``gateway_id`` is given, its own.
+
+    A batch id of another gateway raises InconsistentBatchError; ``ts_ms``
+    must be >= 0 (OutOfRangeError).
+    """
+    _check_non_negative(ack.ts_ms, "ts_ms")
+    for index, value in enumerate(ack.batch_ids):
+        owner, _, _ = parse_batch_id(value)
+        if gateway_id is not None and owner != gateway_id:
+            raise InconsistentBatchError(
+                f"batch_ids[{index}] {value!r} belongs to {owner!r}, not {gateway_id!r}"
+            )
+    return ack
+
+
+def encode_ack(ack: Ack) -> bytes:
+    return _JSON_ENCODER.encode(ack)
+
+
+def decode_ack(
+    payload: bytes, *, gateway_id: str | None = None, max_bytes: int = CONTROL_MAX_BYTES
+) -> Ack:
+    _check_size(payload, max_bytes, "ack")
+    return check_ack(_decode(_ACK_DECODER, payload, "ack"), gateway_id=gateway_id)
+
+
+# --- gateway config (registry -> gateway, retained, JSON) -----------------------
+
+
+class DeviceConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """One device a gateway serves."""
+
+    device_id: str
+    device_type: str
+    transport: Transport
+    # Serial only: a pyserial URL (/dev/ttyUSB0, a pty path, socket://host:port).
+    port: str | None = None
+    # Serial only: the frame protocol, one of SERIAL_PROTOCOLS.
+    protocol: str | None = None
+    label: str = ""
+    # Readings accepted per second before the gateway drops them: devices
+    # report every second or slower (PMS5003 active mode ~1 Hz), so 5/s lets
+    # a burst after a reconnect through and stops a runaway device.
+    rate_limit_per_s: float = 5.0
+    enabled: bool = True
+
+
+class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Retained on ``hub/v1/gw/{gateway_id}/config``; ``version`` only ever increases."""
+
+    gateway_id: str
+    version: int
+    site_id: str
+    devices: list[DeviceConfig]
+
+
+_CONFIG_DECODER: Final = msgspec.json.Decoder(GatewayConfig)
+
+
+def _check_port(port: str, where: str) -> None:
+    # A device path, or a pyserial URL with a scheme (socket://, rfc2217://, loop://).
+    scheme, sep, rest = port.partition("://")
+    url_like = bool(sep and rest and scheme.isascii() and scheme.isalnum())
+    path_like = port.startswith("/") and len(port) > 1
+    if not (url_like or path_like) or any(c.isspace() or not c.isprintable() for c in port):
+        raise FieldTypeError(f"{where}: {port!r} is neither a device path nor a serial URL")
+
+
+def _check_device_config(device: DeviceConfig, where: str) -> None:
+    check_id(device.device_id, f"{where}.device_id")
+    dtype = _lookup_type(device.device_type, f"{where}.device_type")
+    if device.transport not in dtype.transports:
+        raise FieldTypeError(
+            f"{where}.transport: {device.transport!r} is not offered by device type"
+            f" {dtype.name!r} ({', '.join(dtype.transports)})"
+        )
+    if device.transport == "serial":
+        if device.port is None:
+            raise FieldTypeError(f"{where}.port: a serial device needs a port")
+        _check_port(device.port, f"{where}.port")
+        if device.protocol not in SERIAL_PROTOCOLS:
+            raise FieldTypeError(
+                f"{where}.protocol: {device.protocol!r} is not one of {', '.join(SERIAL_PROTOCOLS)}"
+            )
+    else:
+        for name, value in (("port", device.port), ("protocol", device.protocol)):
+            if value is not None:
+                raise FieldTypeError(f"{where}.{name}: {value!r} is only for serial devices")
+    if not math.isfinite(device.rate_limit_per_s):
+        raise NonFiniteValueError(f"{where}.rate_limit_per_s: {device.rate_limit_per_s!r}")
+    if device.rate_limit_per_s <= 0:
+        raise OutOfRangeError(
+            f"{where}.rate_limit_per_s: {device.rate_limit_per_s!r} must be positive"
+        )
+
+
+def check_gateway_config(config: GatewayConfig) -> GatewayConfig:
+    """Ids allow-listed and device ids unique (InvalidIdError), version >= 0
+    (OutOfRangeError), device types known, each transport offered by its type,
+    serial devices with a port and a known protocol, MQTT devices with neither
+    (FieldTypeError), rate limits finite and positive.
+    """
+    check_id(config.gateway_id, "gateway_id")
+    check_id(config.site_id, "site_id")
+    _check_non_negative(config.version, "version")
+    seen: dict[str, int] = {}
+    for index, device in enumerate(config.devices):
+        where = f"devices[{index}]"
+        _check_device_config(device, where)
+        if device.device_id in seen:
+            raise InvalidIdError(
+                f"{where}.device_id {device.device_id!r} repeats devices[{seen[device.device_id]}]"
+            )
+        seen[device.device_id] = index
+    return config
+
+
+def encode_gateway_config(config: GatewayConfig) -> bytes:
+    return _JSON_ENCODER.encode(config)
+
+
+def decode_gateway_config(payload: bytes, *, max_bytes: int = CONTROL_MAX_BYTES) -> GatewayConfig:
+    _check_size(payload, max_bytes, "gateway config")
+    return check_gateway_config(_decode(_CONFIG_DECODER, payload, "gateway config"))

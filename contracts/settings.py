@@ -1,0 +1,203 @@
+"""Settings: a TOML file plus ``CITYHUB_*`` environment variables, into frozen structs.
+
+Loaded once at start-up by a ``__main__``; nothing reads the environment after
+that. Environment variables name a key with double underscores between the
+levels (``CITYHUB_DATABASE__URL`` sets ``database.url``) and win over the
+file. A missing file, an unknown key or a value of the wrong type raises
+``SettingsError`` naming the key (or the variable). ``CITYHUB_CONFIG`` names
+the file when the caller passes none.
+
+Secrets (passwords, tokens, passwords inside URLs) are masked by
+``describe_settings``, which is what may be logged or printed.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from contracts.errors import SettingsError
+
+ENV_PREFIX = "CITYHUB_"
+CONFIG_ENV = "CITYHUB_CONFIG"
+
+
+class DatabaseSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # None: use the embedded default's private server (see `cityhub services`).
+    url: str | None = None
+    # Every table lives in this schema; tests give each test its own.
+    schema: str = "cityhub"
+    connect_timeout_s: float = 5.0
+
+
+class BrokerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # None: use the embedded default's private broker.
+    host: str | None = None
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+
+class LocalSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The embedded default: private servers under a state directory."""
+
+    # "" means the platform default: /var/lib/cityhub for root, else
+    # $XDG_STATE_HOME/cityhub (~/.local/state/cityhub).
+    state_dir: str = ""
+    # High, unregistered ports so the machine's own 5432/1883 stay untouched.
+    pg_port: int = 55432
+    mqtt_port: int = 51883
+    # Dev mode lets local clients connect to the private broker without a
+    # password; off, the broker requires the generated credentials.
+    dev_mode: bool = True
+    # Directory holding postgres/initdb; "" finds the newest PostgreSQL >= 15.
+    pg_bindir: str = ""
+    mosquitto_bin: str = "mosquitto"
+    start_timeout_s: float = 60.0
+
+
+class StorageSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    chunk_interval_hours: int = 24
+    raw_retention_days: int = 90
+    rollup_retention_days: int = 1825
+    compress_after_days: int = 7
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    database: DatabaseSettings = msgspec.field(default_factory=DatabaseSettings)
+    broker: BrokerSettings = msgspec.field(default_factory=BrokerSettings)
+    local: LocalSettings = msgspec.field(default_factory=LocalSettings)
+    storage: StorageSettings = msgspec.field(default_factory=StorageSettings)
+    # Who is acting, for audit records ("technician name").
+    operator: str = ""
+    # Long-running services log lifecycle events at INFO; commands for people stay quiet.
+    log_level: str = "WARNING"
+
+
+_PATH_RE = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+
+
+def _msgspec_key(exc: msgspec.ValidationError) -> tuple[str, str]:
+    """Split msgspec's 'Expected `int`, got `str` - at `$.a.b`' into ('a.b', problem)."""
+    message = str(exc)
+    match = _PATH_RE.search(message)
+    path = match.group("path").lstrip(".") if match else ""
+    problem = message[: match.start()] if match else message
+    unknown = re.match(r"Object contains unknown field `(?P<field>[^`]+)`", problem)
+    if unknown:
+        field = unknown.group("field")
+        return (f"{path}.{field}" if path else field), "unknown key"
+    return path, problem
+
+
+def _field_type(struct_type: type[msgspec.Struct], dotted: str) -> Any:
+    current: Any = struct_type
+    for part in dotted.split("."):
+        if not (isinstance(current, type) and issubclass(current, msgspec.Struct)):
+            raise KeyError(dotted)
+        info = {f.name: f.type for f in msgspec.structs.fields(current)}
+        if part not in info:
+            raise KeyError(dotted)
+        current = info[part]
+    return current
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Turn ``CITYHUB_A__B=v`` variables into a nested dict, coerced to the field types."""
+    overrides: dict[str, Any] = {}
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+        try:
+            field_type = _field_type(Settings, dotted)
+        except KeyError:
+            raise SettingsError(name, "no such setting") from None
+        try:
+            value = msgspec.convert(raw, field_type, strict=False)
+        except msgspec.ValidationError as exc:
+            raise SettingsError(name, str(exc)) from None
+        node = overrides
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = msgspec.to_builtins(value)
+    return overrides
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_settings(document: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
+    """Build Settings from an already-parsed TOML document and an environment."""
+    merged = _merge(dict(document), _env_overrides(environ))
+    try:
+        return msgspec.convert(merged, Settings)
+    except msgspec.ValidationError as exc:
+        key, problem = _msgspec_key(exc)
+        raise SettingsError(key or "<root>", problem) from None
+
+
+def load_settings(path: Path | None, environ: Mapping[str, str]) -> Settings:
+    """Read the TOML file (``path``, else ``$CITYHUB_CONFIG``, else none) and the environment."""
+    if path is None and environ.get(CONFIG_ENV):
+        path = Path(environ[CONFIG_ENV])
+    document: dict[str, Any] = {}
+    if path is not None:
+        try:
+            document = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SettingsError("config", f"file {str(path)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError("config", f"{path}: not valid TOML: {exc}") from None
+    return parse_settings(document, environ)
+
+
+def default_state_dir(environ: Mapping[str, str], *, is_root: bool) -> Path:
+    """Where the embedded default keeps its servers when ``local.state_dir`` is empty.
+
+    Root uses /var/lib/cityhub: PostgreSQL refuses to run as root, so its data
+    directory must be reachable by the ``postgres`` user, which /root is not.
+    """
+    if is_root:
+        return Path("/var/lib/cityhub")
+    base = environ.get("XDG_STATE_HOME") or str(Path(environ.get("HOME", "~")) / ".local/state")
+    return Path(base).expanduser() / "cityhub"
+
+
+_SECRET_KEY_RE = re.compile(r"(password|secret|token)$")
+_URL_PASSWORD_RE = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]*@")
+
+
+def mask_secrets(text: str) -> str:
+    """Replace the password part of any URL in ``text`` with ***."""
+    return _URL_PASSWORD_RE.sub(r"\g<head>***@", text)
+
+
+def describe_settings(settings: Settings) -> dict[str, Any]:
+    """Settings as plain data with secrets masked: safe to log or print."""
+
+    def walk(node: Any, key: str = "") -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v, k) for k, v in node.items()}
+        if isinstance(node, str) and node and _SECRET_KEY_RE.search(key):
+            return "***"
+        if isinstance(node, str):
+            return mask_secrets(node)
+        return node
+
+    result: dict[str, Any] = walk(msgspec.to_builtins(settings))
+    return result

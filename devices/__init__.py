@@ -1,0 +1,1 @@
+"""Device registry and provisioning, the field technicians' side: register, assign, revoke."""

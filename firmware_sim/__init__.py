@@ -1,0 +1,1 @@
+"""Simulated device firmware speaking the real serial and MQTT protocols, for CI and demos."""

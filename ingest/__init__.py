@@ -1,0 +1,1 @@
+"""Central ingest: consumes gateway batches, commits them idempotently into TimescaleDB, acks."""

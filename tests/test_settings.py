@@ -1,0 +1,110 @@
+"""Settings: TOML + CITYHUB_* environment, errors that name the key, masked secrets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from contracts.errors import SettingsError
+from contracts.settings import (
+    Settings,
+    default_state_dir,
+    describe_settings,
+    load_settings,
+    mask_secrets,
+)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cityhub.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_without_file_or_environment():
+    settings = load_settings(None, {})
+    assert settings == Settings()
+    assert settings.database.schema == "cityhub"
+    assert settings.local.dev_mode is True
+
+
+def test_file_and_environment_merge_with_environment_winning(tmp_path):
+    path = write(
+        tmp_path,
+        '[database]\nurl = "postgresql://a@db/x"\nschema = "hub"\n[local]\npg_port = 6000\n',
+    )
+    env = {
+        "CITYHUB_LOCAL__PG_PORT": "6001",
+        "CITYHUB_LOCAL__DEV_MODE": "false",
+        "CITYHUB_BROKER__PASSWORD": "1234",  # stays a string: the field is a str
+        "UNRELATED": "x",
+    }
+    settings = load_settings(path, env)
+    assert settings.database.url == "postgresql://a@db/x"
+    assert settings.database.schema == "hub"
+    assert settings.local.pg_port == 6001
+    assert settings.local.dev_mode is False
+    assert settings.broker.password == "1234"
+
+
+def test_config_file_named_by_environment(tmp_path):
+    path = write(tmp_path, 'operator = "Nguyễn Văn An"\n')
+    assert load_settings(None, {"CITYHUB_CONFIG": str(path)}).operator == "Nguyễn Văn An"
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "key"),
+    [
+        ('[local]\npg_port = "abc"\n', {}, "local.pg_port"),
+        ("[local]\npg_prot = 5\n", {}, "local.pg_prot"),
+        ("[nosuch]\nx = 1\n", {}, "nosuch"),
+        ("[database]\nschema = 7\n", {}, "database.schema"),
+        ("local = 3\n", {}, "local"),
+        ("", {"CITYHUB_LOCAL__PG_PORT": "fifty"}, "CITYHUB_LOCAL__PG_PORT"),
+        ("", {"CITYHUB_LOCAL__DEV_MODE": "perhaps"}, "CITYHUB_LOCAL__DEV_MODE"),
+        ("", {"CITYHUB_DATABSE__URL": "x"}, "CITYHUB_DATABSE__URL"),
+        ("", {"CITYHUB_LOCAL": "x"}, "CITYHUB_LOCAL"),
+    ],
+)
+def test_errors_name_the_key(tmp_path, toml, env, key):
+    with pytest.raises(SettingsError) as info:
+        load_settings(write(tmp_path, toml), env)
+    assert info.value.key == key
+    assert repr(key) in str(info.value)
+
+
+def test_missing_file_and_bad_toml_are_settings_errors(tmp_path):
+    with pytest.raises(SettingsError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml", {})
+    with pytest.raises(SettingsError, match="not valid TOML"):
+        load_settings(write(tmp_path, "[database\n"), {})
+
+
+def test_settings_are_frozen():
+    settings = load_settings(None, {})
+    with pytest.raises(AttributeError):
+        settings.operator = "x"  # type: ignore[misc]
+
+
+def test_secrets_are_masked_when_described():
+    settings = load_settings(
+        None,
+        {
+            "CITYHUB_DATABASE__URL": "postgresql://hub:s3cr3t@db:5432/cityhub",
+            "CITYHUB_BROKER__PASSWORD": "hunter2",
+        },
+    )
+    text = repr(describe_settings(settings))
+    assert "s3cr3t" not in text
+    assert "hunter2" not in text
+    assert "postgresql://hub:***@db:5432/cityhub" in text
+    assert mask_secrets("mqtt://u:p@h:1 and nothing") == "mqtt://u:***@h:1 and nothing"
+
+
+def test_default_state_dir():
+    assert default_state_dir({}, is_root=True) == Path("/var/lib/cityhub")
+    assert default_state_dir({"HOME": "/home/an"}, is_root=False) == Path(
+        "/home/an/.local/state/cityhub"
+    )
+    assert default_state_dir({"XDG_STATE_HOME": "/x"}, is_root=False) == Path("/x/cityhub")
