@@ -1,0 +1,1 @@
+"""The `cityhub` command: composes the services and runs the local stack."""

@@ -1,0 +1,1 @@
+"""Typer command groups of the `cityhub` command, one module per group."""

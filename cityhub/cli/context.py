@@ -1,0 +1,46 @@
+"""What the root callback hands to every command: settings and the start-up environment."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from contracts.errors import HubError
+from contracts.settings import Settings, default_state_dir
+
+
+@dataclass(frozen=True)
+class CliState:
+    settings: Settings
+    environ: dict[str, str]
+    is_root: bool
+    console: Console = field(default_factory=Console)
+    err: Console = field(default_factory=lambda: Console(stderr=True))
+
+    @property
+    def state_dir(self) -> Path:
+        if self.settings.local.state_dir:
+            return Path(self.settings.local.state_dir).expanduser()
+        return default_state_dir(self.environ, is_root=self.is_root)
+
+
+def state_of(ctx: typer.Context) -> CliState:
+    state = ctx.find_root().obj
+    if not isinstance(state, CliState):  # pragma: no cover - the root callback always sets it
+        raise TypeError("cityhub CLI state missing")
+    return state
+
+
+@contextmanager
+def reported_errors(state: CliState, exit_code: int = 1) -> Iterator[None]:
+    """Turn a HubError into a one-line message and a non-zero exit, without a traceback."""
+    try:
+        yield
+    except HubError as exc:
+        state.err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(exit_code) from None

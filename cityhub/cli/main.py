@@ -1,0 +1,62 @@
+"""The `cityhub` command: global options, settings loading and the command groups.
+
+Settings are loaded once here, in the root callback, and handed to the
+commands through typer's context; logging is configured here too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from cityhub.cli import db as db_cli
+from cityhub.cli import services as services_cli
+from cityhub.cli.context import CliState
+from contracts.errors import HubError
+from contracts.settings import load_settings
+
+app = typer.Typer(
+    name="cityhub",
+    help="Smart-city sensor and device telemetry hub: services, storage and tools.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+app.add_typer(services_cli.app, name="services")
+app.add_typer(db_cli.app, name="db")
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="Settings file (TOML). Default: $CITYHUB_CONFIG, else built-in defaults.",
+            dir_okay=False,
+        ),
+    ] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="Log level (DEBUG, INFO, WARNING, ERROR).")
+    ] = None,
+) -> None:
+    """Load settings once and configure logging for every command."""
+    err = Console(stderr=True)
+    try:
+        settings = load_settings(config, os.environ)
+    except HubError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    level = (log_level or settings.log_level).upper()
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    ctx.obj = CliState(settings=settings, environ=dict(os.environ), is_root=os.geteuid() == 0)

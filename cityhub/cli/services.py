@@ -1,0 +1,73 @@
+"""`cityhub services`: start, stop and inspect the embedded private broker and database."""
+
+from __future__ import annotations
+
+import typer
+
+from cityhub.cli.context import CliState, reported_errors, state_of
+from cityhub.localstack.stack import LocalStack, ServiceStatus
+
+app = typer.Typer(
+    help="Private Mosquitto and PostgreSQL/TimescaleDB for the embedded default.",
+    no_args_is_help=True,
+)
+
+
+def stack_of(state: CliState) -> LocalStack:
+    return LocalStack(state_dir=state.state_dir, local=state.settings.local, is_root=state.is_root)
+
+
+def _show(state: CliState, statuses: list[ServiceStatus], title: str) -> None:
+    """One line per server, URLs unbroken so they can be copied."""
+    state.console.print(f"[bold]{title}[/bold]", highlight=False)
+    for s in statuses:
+        mark = "[green]running[/green]" if s.running else "[red]stopped[/red]"
+        pid = f"pid {s.pid}" if s.pid else "-"
+        state.console.print(
+            f"  {s.name:<10} {mark}  {pid:<10} {s.url}\n  {'':<10} log {s.log}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+@app.command()
+def up(ctx: typer.Context) -> None:
+    """Start the private broker and database (initialising them on first use) and wait for them.
+
+    Ports come from local.pg_port / local.mqtt_port (CITYHUB_LOCAL__PG_PORT,
+    CITYHUB_LOCAL__MQTT_PORT); the state directory from local.state_dir.
+    Passwords are written to files in the state directory, readable by you only.
+    """
+    state = state_of(ctx)
+    with reported_errors(state):
+        statuses = stack_of(state).up()
+    _show(state, statuses, f"cityhub services in {state.state_dir}")
+    state.console.print(
+        f"passwords (readable by you only): {state.state_dir / 'postgres.password'}, "
+        f"{state.state_dir / 'mosquitto' / 'admin.password'}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def down(ctx: typer.Context) -> None:
+    """Stop the private broker and database; no server process is left behind."""
+    state = state_of(ctx)
+    with reported_errors(state):
+        statuses = stack_of(state).down()
+    _show(state, statuses, "cityhub services stopped")
+
+
+@app.command()
+def status(ctx: typer.Context) -> None:
+    """Show whether the private servers run, their pids, URLs (passwords masked) and logs.
+
+    Exits 0 when both run, 3 when any is stopped.
+    """
+    state = state_of(ctx)
+    with reported_errors(state):
+        statuses = stack_of(state).status()
+    _show(state, statuses, f"cityhub services in {state.state_dir}")
+    if not all(s.running for s in statuses):
+        raise typer.Exit(3)

@@ -1,0 +1,253 @@
+"""Database adapter of the `cityhub` command: connect, migrate, seed, maintain.
+
+Applies the migrations that ``contracts.schema`` generates, once each, under
+an advisory lock so two `cityhub db migrate` runs cannot interleave, and
+records each in ``{schema}.schema_migrations``. Translates psycopg errors into
+the project's own: an unreachable server is ``DatabaseUnavailableError``
+(retryable), a failing statement is ``MigrationError``.
+"""
+
+from __future__ import annotations
+
+import logging
+import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from importlib import resources
+
+import msgspec
+import psycopg
+
+from contracts.catalog import DEVICE_TYPES
+from contracts.errors import DatabaseUnavailableError, MigrationError, SchemaError
+from contracts.ids import check_id
+from contracts.schema import SITE_KINDS, Edition, Migration, check_schema_name, migrations
+from contracts.settings import StorageSettings
+
+logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def connect(url: str, *, timeout_s: float = 5.0) -> Iterator[psycopg.Connection]:
+    """A connection, with an unreachable server reported as DatabaseUnavailableError."""
+    try:
+        conn = psycopg.connect(url, connect_timeout=max(1, round(timeout_s)), autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailableError(f"cannot connect to the database: {exc}") from exc
+    with conn:
+        yield conn
+
+
+def detect_edition(conn: psycopg.Connection) -> Edition:
+    """Which TimescaleDB edition the server runs; fails if the extension is not available."""
+    row = conn.execute(
+        "SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'"
+    ).fetchone()
+    if row is None:
+        raise SchemaError(
+            "the TimescaleDB extension is not installed on this server "
+            "(scripts/install-system-deps builds it; docker-compose uses the timescale image)"
+        )
+    license_row = conn.execute("SELECT current_setting('timescaledb.license', true)").fetchone()
+    return Edition.from_license(license_row[0] if license_row else None)
+
+
+@dataclass(frozen=True)
+class MigrationReport:
+    edition: Edition
+    applied: list[Migration]
+    already: int
+
+
+_LOCK_SQL = "SELECT pg_advisory_lock(hashtext('cityhub.migrate.' || %s))"
+_UNLOCK_SQL = "SELECT pg_advisory_unlock(hashtext('cityhub.migrate.' || %s))"
+
+
+def migrate(conn: psycopg.Connection, *, schema: str, storage: StorageSettings) -> MigrationReport:
+    """Apply pending migrations, each in its own transaction; sync the catalog tables."""
+    s = check_schema_name(schema)
+    try:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+    except psycopg.Error as exc:
+        raise MigrationError(f"cannot create the timescaledb extension: {exc}") from exc
+    edition = detect_edition(conn)
+    conn.execute(_LOCK_SQL, (s,))
+    try:
+        conn.execute(f"CREATE SCHEMA IF NOT EXISTS {s}")
+        conn.execute(
+            f"""CREATE TABLE IF NOT EXISTS {s}.schema_migrations (
+                version integer PRIMARY KEY,
+                name text NOT NULL,
+                checksum text NOT NULL,
+                edition text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        done: dict[int, str] = dict(
+            conn.execute(f"SELECT version, checksum FROM {s}.schema_migrations").fetchall()
+        )
+        applied: list[Migration] = []
+        for migration in migrations(s, edition, storage):
+            if migration.version in done:
+                if done[migration.version] != migration.checksum:
+                    logger.warning(
+                        "migration %d (%s) was applied with different SQL (settings changed?); "
+                        "not re-applied",
+                        migration.version,
+                        migration.name,
+                    )
+                continue
+            _apply(conn, s, migration, edition)
+            applied.append(migration)
+        _sync_catalog(conn, s)
+    finally:
+        conn.execute(_UNLOCK_SQL, (s,))
+    return MigrationReport(edition=edition, applied=applied, already=len(done))
+
+
+def _apply(conn: psycopg.Connection, s: str, migration: Migration, edition: Edition) -> None:
+    logger.info("applying migration %d: %s", migration.version, migration.name)
+    try:
+        with conn.transaction():
+            for statement in migration.statements:
+                conn.execute(statement)
+            conn.execute(
+                f"INSERT INTO {s}.schema_migrations (version, name, checksum, edition) "
+                "VALUES (%s, %s, %s, %s)",
+                (migration.version, migration.name, migration.checksum, edition.value),
+            )
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailableError(f"migration {migration.version}: {exc}") from exc
+    except psycopg.Error as exc:
+        raise MigrationError(
+            f"migration {migration.version} ({migration.name}) failed: {exc}"
+        ) from exc
+
+
+def _sync_catalog(conn: psycopg.Connection, s: str) -> None:
+    """Make device_types / metrics match the catalog this code was built with."""
+    with conn.transaction(), conn.cursor() as cur:
+        cur.executemany(
+            f"""INSERT INTO {s}.device_types (device_type, description) VALUES (%s, %s)
+                ON CONFLICT (device_type) DO UPDATE SET description = EXCLUDED.description""",
+            [(t.name, t.description) for t in DEVICE_TYPES.values()],
+        )
+        cur.executemany(
+            f"""INSERT INTO {s}.metrics
+                (device_type, metric, unit, kind, min_value, max_value, description, labels)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+                ON CONFLICT (device_type, metric) DO UPDATE SET
+                unit = EXCLUDED.unit, kind = EXCLUDED.kind, min_value = EXCLUDED.min_value,
+                max_value = EXCLUDED.max_value, description = EXCLUDED.description,
+                labels = EXCLUDED.labels""",
+            [
+                (t.name, m.name, m.unit, m.kind.value, m.min, m.max, m.description, list(m.labels))
+                for t in DEVICE_TYPES.values()
+                for m in t.metrics
+            ],
+        )
+
+
+def applied_versions(conn: psycopg.Connection, *, schema: str) -> list[tuple[int, str, datetime]]:
+    s = check_schema_name(schema)
+    exists = conn.execute("SELECT to_regclass(%s)", (f"{s}.schema_migrations",)).fetchone()
+    if exists is None or exists[0] is None:
+        return []
+    rows = conn.execute(
+        f"SELECT version, name, applied_at FROM {s}.schema_migrations ORDER BY version"
+    ).fetchall()
+    return [(int(v), str(n), at) for v, n, at in rows]
+
+
+class Site(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    id: str
+    name: str
+    district: str
+    kind: str
+    address: str
+    latitude: float
+    longitude: float
+    opening_hours: str
+
+
+class _SiteFile(msgspec.Struct, frozen=True):
+    site: list[Site]
+
+
+def load_hanoi_sites() -> list[Site]:
+    """The shipped seed: real Hanoi service halls, ward offices and monitoring points."""
+    text = resources.files("cityhub").joinpath("data/hanoi_sites.toml").read_text("utf-8")
+    sites = msgspec.convert(tomllib.loads(text), _SiteFile).site
+    for site in sites:
+        check_id(site.id, "site id")
+        if site.kind not in SITE_KINDS:
+            raise SchemaError(f"seed site {site.id}: unknown kind {site.kind!r}")
+    return sites
+
+
+def seed_sites(conn: psycopg.Connection, *, schema: str, sites: list[Site]) -> int:
+    """Insert or update the sites; returns how many rows were written."""
+    s = check_schema_name(schema)
+    try:
+        with conn.transaction(), conn.cursor() as cur:
+            cur.executemany(
+                f"""INSERT INTO {s}.sites (site_id, name, district, kind, address,
+                    latitude, longitude, opening_hours)
+                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+                    ON CONFLICT (site_id) DO UPDATE SET name = EXCLUDED.name,
+                    district = EXCLUDED.district, kind = EXCLUDED.kind,
+                    address = EXCLUDED.address, latitude = EXCLUDED.latitude,
+                    longitude = EXCLUDED.longitude, opening_hours = EXCLUDED.opening_hours,
+                    updated_at = now()""",
+                [
+                    (
+                        x.id,
+                        x.name,
+                        x.district,
+                        x.kind,
+                        x.address,
+                        x.latitude,
+                        x.longitude,
+                        x.opening_hours,
+                    )
+                    for x in sites
+                ],
+            )
+    except psycopg.errors.UndefinedTable as exc:
+        raise SchemaError(f"schema {s!r} is not migrated: run `cityhub db migrate`") from exc
+    return len(sites)
+
+
+@dataclass(frozen=True)
+class MaintenanceReport:
+    edition: Edition
+    rollup_rows: int
+    dropped_chunks: int
+
+
+def maintain(
+    conn: psycopg.Connection, *, schema: str, now: datetime, lookback: timedelta
+) -> MaintenanceReport:
+    """Refresh hourly rollups over ``lookback`` and apply retention (Apache edition).
+
+    On the community edition the server's own policies do both; this reports
+    that and does nothing.
+    """
+    s = check_schema_name(schema)
+    edition = detect_edition(conn)
+    if edition is Edition.COMMUNITY:
+        return MaintenanceReport(edition=edition, rollup_rows=0, dropped_chunks=0)
+    try:
+        with conn.transaction():
+            rows = conn.execute(
+                f"SELECT {s}.refresh_rollups(%s, %s)", (now - lookback, now)
+            ).fetchone()
+            dropped = conn.execute(f"SELECT {s}.apply_retention(%s)", (now,)).fetchone()
+    except psycopg.errors.UndefinedFunction as exc:
+        raise SchemaError(f"schema {s!r} is not migrated: run `cityhub db migrate`") from exc
+    return MaintenanceReport(
+        edition=edition,
+        rollup_rows=int(rows[0]) if rows else 0,
+        dropped_chunks=int(dropped[0]) if dropped else 0,
+    )

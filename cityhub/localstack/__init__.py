@@ -1,0 +1,1 @@
+"""Private Mosquitto and PostgreSQL/TimescaleDB servers for the embedded default and for tests."""

@@ -1,0 +1,384 @@
+"""The SQL schema, generated from the catalog: versioned migrations as plain statements.
+
+``migrations(schema, edition, storage)`` returns the ordered list of
+migrations for one schema (tests give each test its own). Each migration is a
+version number, a name and SQL statements; applying them, recording them and
+locking against concurrent runs is the database adapter's job
+(``cityhub.dbmigrate``). Statements are written to be harmless when re-run
+(IF NOT EXISTS), so a migration interrupted between its statements and its
+record is safe to apply again.
+
+Storage shape (DESIGN.md section 5):
+
+- metadata: sites, gateways, device types and metrics (synced from the
+  catalog), devices, device state;
+- one wide hypertable per device type, ``readings_{type}``, a column per
+  metric, keyed by (device_id, ts, seq) so a replayed reading is dropped by
+  ``ON CONFLICT DO NOTHING``;
+- rejects, alerts and their transitions, AQI results;
+- hourly rollups ``readings_{type}_1h`` with the same columns on both
+  TimescaleDB editions: a continuous aggregate with refresh, compression and
+  retention policies where the server has them (the community edition), the
+  project's own rollup table and SQL functions (``refresh_rollups``,
+  ``apply_retention``, run by ``cityhub db maintain``) on the Apache edition.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+
+import msgspec
+
+from contracts.catalog import DEVICE_TYPES, DeviceType, MetricKind
+from contracts.errors import InvalidIdError
+from contracts.settings import StorageSettings
+
+SQL_TYPES: dict[MetricKind, str] = {
+    # real (4 bytes, ~7 significant digits) is finer than any sensor here.
+    MetricKind.FLOAT: "real",
+    MetricKind.INT: "integer",
+    MetricKind.BOOL: "boolean",
+    MetricKind.ENUM: "smallint",
+}
+
+SITE_KINDS = ("service_hall", "ward_office", "street_monitor")
+SEVERITIES = ("critical", "major", "minor", "warning")
+ALERT_STATES = ("active_unack", "active_ack", "cleared_unack", "cleared_ack")
+ID_CHECK = "~ '^[a-z0-9][a-z0-9-]{0,63}$'"
+
+
+class Edition(enum.StrEnum):
+    """What the server's TimescaleDB offers (``timescaledb.license``)."""
+
+    APACHE = "apache"  # hypertables, time_bucket, drop_chunks
+    COMMUNITY = "timescale"  # + compression, continuous aggregates, policies
+
+    @classmethod
+    def from_license(cls, license_name: str | None) -> Edition:
+        return cls.COMMUNITY if license_name == "timescale" else cls.APACHE
+
+
+class Migration(msgspec.Struct, frozen=True):
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256("\n;\n".join(self.statements).encode()).hexdigest()[:16]
+
+
+def check_schema_name(schema: str) -> str:
+    """Schema names are interpolated into SQL: allow lowercase identifiers only."""
+    if not (schema.isascii() and schema.replace("_", "a").isalnum() and schema[:1].isalpha()):
+        raise InvalidIdError(f"schema name {schema!r} must be a lowercase identifier")
+    if schema != schema.lower() or len(schema) > 48:
+        raise InvalidIdError(f"schema name {schema!r} must be lowercase, at most 48 chars")
+    return schema
+
+
+def readings_table(device_type: str) -> str:
+    return f"readings_{device_type}"
+
+
+def rollup_table(device_type: str) -> str:
+    return f"readings_{device_type}_1h"
+
+
+def _core(s: str) -> tuple[str, ...]:
+    return (
+        f"""CREATE TABLE IF NOT EXISTS {s}.sites (
+            site_id text PRIMARY KEY CHECK (site_id {ID_CHECK}),
+            name text NOT NULL,
+            district text NOT NULL,
+            kind text NOT NULL CHECK (kind IN ({", ".join(f"'{k}'" for k in SITE_KINDS)})),
+            address text NOT NULL DEFAULT '',
+            latitude double precision NOT NULL CHECK (latitude BETWEEN -90 AND 90),
+            longitude double precision NOT NULL CHECK (longitude BETWEEN -180 AND 180),
+            opening_hours text NOT NULL DEFAULT '',
+            created_at timestamptz NOT NULL DEFAULT now(),
+            updated_at timestamptz NOT NULL DEFAULT now()
+        )""",
+        f"""CREATE TABLE IF NOT EXISTS {s}.gateways (
+            gateway_id text PRIMARY KEY CHECK (gateway_id {ID_CHECK}),
+            site_id text NOT NULL REFERENCES {s}.sites (site_id),
+            label text NOT NULL DEFAULT '',
+            status text NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'revoked')),
+            created_at timestamptz NOT NULL DEFAULT now(),
+            revoked_at timestamptz
+        )""",
+        f"""CREATE TABLE IF NOT EXISTS {s}.device_types (
+            device_type text PRIMARY KEY,
+            description text NOT NULL
+        )""",
+        f"""CREATE TABLE IF NOT EXISTS {s}.metrics (
+            device_type text NOT NULL REFERENCES {s}.device_types (device_type),
+            metric text NOT NULL,
+            unit text NOT NULL,
+            kind text NOT NULL,
+            min_value double precision NOT NULL,
+            max_value double precision NOT NULL,
+            description text NOT NULL,
+            labels text[] NOT NULL DEFAULT '{{}}',
+            PRIMARY KEY (device_type, metric)
+        )""",
+        f"""CREATE TABLE IF NOT EXISTS {s}.devices (
+            device_id text PRIMARY KEY CHECK (device_id {ID_CHECK}),
+            device_type text NOT NULL REFERENCES {s}.device_types (device_type),
+            site_id text NOT NULL REFERENCES {s}.sites (site_id),
+            gateway_id text REFERENCES {s}.gateways (gateway_id),
+            transport text NOT NULL CHECK (transport IN ('serial', 'mqtt')),
+            port text,
+            protocol text,
+            label text NOT NULL DEFAULT '',
+            status text NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'revoked')),
+            created_at timestamptz NOT NULL DEFAULT now(),
+            revoked_at timestamptz
+        )""",
+        f"CREATE INDEX IF NOT EXISTS devices_gateway_idx ON {s}.devices (gateway_id)",
+        f"CREATE INDEX IF NOT EXISTS devices_site_idx ON {s}.devices (site_id)",
+        f"""CREATE TABLE IF NOT EXISTS {s}.device_state (
+            device_id text PRIMARY KEY,
+            last_seen timestamptz NOT NULL,
+            last_seq bigint NOT NULL,
+            boot_id text,
+            seq_gaps bigint NOT NULL DEFAULT 0,
+            readings bigint NOT NULL DEFAULT 0,
+            updated_at timestamptz NOT NULL DEFAULT now()
+        )""",
+        f"""CREATE TABLE IF NOT EXISTS {s}.rejects (
+            received_at timestamptz NOT NULL DEFAULT now(),
+            gateway_id text,
+            device_id text,
+            batch_id text,
+            reason text NOT NULL,
+            detail text NOT NULL DEFAULT '',
+            raw bytea
+        )""",
+        f"""SELECT create_hypertable('{s}.rejects', by_range('received_at', INTERVAL '7 days'),
+            if_not_exists => true)""",
+        f"CREATE INDEX IF NOT EXISTS rejects_reason_idx ON {s}.rejects (reason, received_at DESC)",
+    )
+
+
+def _alerts_and_aqi(s: str) -> tuple[str, ...]:
+    severities = ", ".join(f"'{v}'" for v in SEVERITIES)
+    states = ", ".join(f"'{v}'" for v in ALERT_STATES)
+    return (
+        f"""CREATE TABLE IF NOT EXISTS {s}.alerts (
+            alert_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            rule_id text NOT NULL,
+            device_id text NOT NULL,
+            site_id text,
+            severity text NOT NULL CHECK (severity IN ({severities})),
+            state text NOT NULL CHECK (state IN ({states})),
+            value double precision,
+            message text NOT NULL DEFAULT '',
+            raised_at timestamptz NOT NULL,
+            cleared_at timestamptz,
+            acked_at timestamptz,
+            acked_by text,
+            updated_at timestamptz NOT NULL DEFAULT now()
+        )""",
+        # One active alert per (rule, device).
+        f"""CREATE UNIQUE INDEX IF NOT EXISTS alerts_one_active_idx
+            ON {s}.alerts (rule_id, device_id) WHERE state IN ('active_unack', 'active_ack')""",
+        f"CREATE INDEX IF NOT EXISTS alerts_raised_idx ON {s}.alerts (raised_at DESC)",
+        f"""CREATE TABLE IF NOT EXISTS {s}.alert_transitions (
+            alert_id bigint NOT NULL REFERENCES {s}.alerts (alert_id),
+            ts timestamptz NOT NULL,
+            from_state text,
+            to_state text NOT NULL CHECK (to_state IN ({states})),
+            severity text NOT NULL CHECK (severity IN ({severities})),
+            value double precision,
+            note text NOT NULL DEFAULT '',
+            PRIMARY KEY (alert_id, ts, to_state)
+        )""",
+        f"""CREATE TABLE IF NOT EXISTS {s}.aqi_hourly (
+            ts timestamptz NOT NULL,
+            device_id text NOT NULL,
+            site_id text NOT NULL,
+            vn_aqi integer,
+            dominant text,
+            band text,
+            aqi_pm25 integer,
+            aqi_pm10 integer,
+            aqi_no2 integer,
+            aqi_o3 integer,
+            nowcast_pm25 real,
+            nowcast_pm10 real,
+            us_aqi_pm25 integer,
+            computed_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (device_id, ts)
+        )""",
+        f"""SELECT create_hypertable('{s}.aqi_hourly', by_range('ts', INTERVAL '30 days'),
+            if_not_exists => true)""",
+        f"""CREATE TABLE IF NOT EXISTS {s}.aqi_daily (
+            day date NOT NULL,
+            device_id text NOT NULL,
+            site_id text NOT NULL,
+            vn_aqi integer,
+            dominant text,
+            band text,
+            aqi_pm25 integer,
+            aqi_pm10 integer,
+            aqi_no2 integer,
+            aqi_o3 integer,
+            us_aqi_pm25 integer,
+            computed_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (device_id, day)
+        )""",
+    )
+
+
+def _readings(s: str, dtype: DeviceType, storage: StorageSettings) -> tuple[str, ...]:
+    table = readings_table(dtype.name)
+    columns = ",\n            ".join(f"{m.name} {SQL_TYPES[m.kind]}" for m in dtype.metrics)
+    return (
+        f"""CREATE TABLE IF NOT EXISTS {s}.{table} (
+            ts timestamptz NOT NULL,
+            device_id text NOT NULL,
+            seq bigint NOT NULL,
+            recv_ts timestamptz NOT NULL,
+            {columns},
+            PRIMARY KEY (device_id, ts, seq)
+        )""",
+        # The primary key (device, time, seq) serves per-device range scans;
+        # time-only scans prune by chunk. A default time index would be a
+        # second index to maintain on every insert for little gain.
+        f"""SELECT create_hypertable('{s}.{table}',
+            by_range('ts', INTERVAL '{storage.chunk_interval_hours} hours'),
+            create_default_indexes => false, if_not_exists => true)""",
+    )
+
+
+def _rollup_select(s: str, dtype: DeviceType) -> str:
+    aggregates = []
+    for m in dtype.metrics:
+        value = f"{m.name}::int" if m.kind is MetricKind.BOOL else m.name
+        aggregates.append(
+            f"avg({value})::real AS {m.name}_avg, min({value})::real AS {m.name}_min, "
+            f"max({value})::real AS {m.name}_max"
+        )
+    return (
+        f"SELECT time_bucket(INTERVAL '1 hour', ts) AS bucket, device_id, "
+        f"count(*) AS n, {', '.join(aggregates)} FROM {s}.{readings_table(dtype.name)}"
+    )
+
+
+def _rollup_community(s: str, dtype: DeviceType, storage: StorageSettings) -> tuple[str, ...]:
+    raw, rollup = readings_table(dtype.name), rollup_table(dtype.name)
+    return (
+        f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {s}.{rollup}
+            WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
+            {_rollup_select(s, dtype)} GROUP BY bucket, device_id WITH NO DATA""",
+        f"""SELECT add_continuous_aggregate_policy('{s}.{rollup}',
+            start_offset => INTERVAL '3 days', end_offset => INTERVAL '1 hour',
+            schedule_interval => INTERVAL '30 minutes', if_not_exists => true)""",
+        f"""ALTER TABLE {s}.{raw} SET (timescaledb.compress,
+            timescaledb.compress_segmentby = 'device_id',
+            timescaledb.compress_orderby = 'ts DESC, seq DESC')""",
+        f"""SELECT add_compression_policy('{s}.{raw}',
+            compress_after => INTERVAL '{storage.compress_after_days} days',
+            if_not_exists => true)""",
+        f"""SELECT add_retention_policy('{s}.{raw}',
+            drop_after => INTERVAL '{storage.raw_retention_days} days',
+            if_not_exists => true)""",
+        f"""SELECT add_retention_policy('{s}.{rollup}',
+            drop_after => INTERVAL '{storage.rollup_retention_days} days',
+            if_not_exists => true)""",
+    )
+
+
+def _rollup_apache(s: str, dtype: DeviceType) -> tuple[str, ...]:
+    rollup = rollup_table(dtype.name)
+    columns = ", ".join(
+        f"{m.name}_avg real, {m.name}_min real, {m.name}_max real" for m in dtype.metrics
+    )
+    return (
+        f"""CREATE TABLE IF NOT EXISTS {s}.{rollup} (
+            bucket timestamptz NOT NULL,
+            device_id text NOT NULL,
+            n bigint NOT NULL,
+            {columns},
+            PRIMARY KEY (device_id, bucket)
+        )""",
+        f"""SELECT create_hypertable('{s}.{rollup}', by_range('bucket', INTERVAL '30 days'),
+            create_default_indexes => false, if_not_exists => true)""",
+    )
+
+
+def _apache_jobs(s: str, storage: StorageSettings) -> tuple[str, ...]:
+    """SQL functions standing in for continuous aggregates and retention policies."""
+    refresh_parts = []
+    for dtype in DEVICE_TYPES.values():
+        rollup = rollup_table(dtype.name)
+        updates = ", ".join(
+            f"{m.name}_{a} = EXCLUDED.{m.name}_{a}"
+            for m in dtype.metrics
+            for a in ("avg", "min", "max")
+        )
+        refresh_parts.append(
+            f"""INSERT INTO {s}.{rollup}
+            {_rollup_select(s, dtype)} WHERE ts >= lo AND ts < hi GROUP BY bucket, device_id
+            ON CONFLICT (device_id, bucket) DO UPDATE SET n = EXCLUDED.n, {updates};
+        GET DIAGNOSTICS rows = ROW_COUNT; total := total + rows;"""
+        )
+    refresh_body = "\n        ".join(refresh_parts)
+    tables = ", ".join(
+        f"('{readings_table(t)}', {storage.raw_retention_days}), "
+        f"('{rollup_table(t)}', {storage.rollup_retention_days})"
+        for t in DEVICE_TYPES
+    )
+    return (
+        f"""CREATE OR REPLACE FUNCTION {s}.refresh_rollups(p_from timestamptz, p_to timestamptz)
+        RETURNS bigint LANGUAGE plpgsql AS $fn$
+        DECLARE
+            lo timestamptz := time_bucket(INTERVAL '1 hour', p_from);
+            hi timestamptz := time_bucket(INTERVAL '1 hour', p_to);
+            rows bigint; total bigint := 0;
+        BEGIN
+        -- Recompute whole hours in [lo, hi): hours with late readings are redone,
+        -- the current, incomplete hour is left for the next run.
+        {refresh_body}
+        RETURN total;
+        END
+        $fn$""",
+        f"""CREATE OR REPLACE FUNCTION {s}.apply_retention(p_now timestamptz)
+        RETURNS bigint LANGUAGE plpgsql AS $fn$
+        DECLARE
+            item record; dropped bigint := 0; n bigint;
+        BEGIN
+        FOR item IN SELECT * FROM (VALUES {tables}) AS t (tbl, days) LOOP
+            SELECT count(*) INTO n FROM drop_chunks(
+                format('%I.%I', '{s}', item.tbl)::regclass,
+                older_than => p_now - make_interval(days => item.days));
+            dropped := dropped + n;
+        END LOOP;
+        RETURN dropped;
+        END
+        $fn$""",
+    )
+
+
+def migrations(schema: str, edition: Edition, storage: StorageSettings) -> list[Migration]:
+    """Every migration for ``schema`` on a server of ``edition``, oldest first."""
+    s = check_schema_name(schema)
+    readings: list[str] = []
+    for dtype in DEVICE_TYPES.values():
+        readings.extend(_readings(s, dtype, storage))
+    rollups: list[str] = []
+    for dtype in DEVICE_TYPES.values():
+        if edition is Edition.COMMUNITY:
+            rollups.extend(_rollup_community(s, dtype, storage))
+        else:
+            rollups.extend(_rollup_apache(s, dtype))
+    if edition is Edition.APACHE:
+        rollups.extend(_apache_jobs(s, storage))
+    return [
+        Migration(1, "core metadata, device state and rejects", _core(s)),
+        Migration(2, "wide readings hypertables from the catalog", tuple(readings)),
+        Migration(3, "alerts, transitions and AQI results", _alerts_and_aqi(s)),
+        Migration(4, f"hourly rollups and retention ({edition.value} edition)", tuple(rollups)),
+    ]

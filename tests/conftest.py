@@ -1,0 +1,113 @@
+"""Session fixtures: a private PostgreSQL/TimescaleDB and a private Mosquitto on free ports.
+
+They use the same code as `cityhub services` (cityhub.localstack), never the
+machine's own servers. Each test gets its own database schema; servers are
+started once per session in a temporary directory that the servers' system
+users can reach when the tests run as root.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from cityhub import database
+from cityhub.localstack.mosquitto import MosquittoServer
+from cityhub.localstack.postgres import PostgresServer, find_pg_bindir
+from cityhub.localstack.procs import free_port, run_as_for
+from contracts.errors import PortInUseError
+from contracts.settings import StorageSettings
+
+IS_ROOT = os.geteuid() == 0
+
+
+@pytest.fixture(scope="session")
+def servers_dir() -> Iterator[Path]:
+    # Not pytest's tmp_path: /tmp/pytest-of-root is 0700, which the postgres
+    # and mosquitto users cannot enter.
+    path = Path(tempfile.mkdtemp(prefix="cityhub-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _start_with_free_port(make, attempts: int = 5):
+    for _ in range(attempts):
+        server = make(free_port())
+        try:
+            server.start()
+        except PortInUseError:
+            continue  # another process took the port between probe and bind
+        return server
+    raise RuntimeError("no free port found")
+
+
+@pytest.fixture(scope="session")
+def pg_server(servers_dir: Path) -> Iterator[PostgresServer]:
+    bindir = find_pg_bindir()
+
+    def make(port: int) -> PostgresServer:
+        return PostgresServer(
+            base_dir=servers_dir / f"postgres-{port}",
+            port=port,
+            bindir=bindir,
+            run_as=run_as_for("postgres", is_root=IS_ROOT),
+            password_file=servers_dir / "postgres.password",
+            durable=False,
+        )
+
+    server = _start_with_free_port(make)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mqtt_server(servers_dir: Path) -> Iterator[MosquittoServer]:
+    def make(port: int) -> MosquittoServer:
+        return MosquittoServer(
+            base_dir=servers_dir / f"mosquitto-{port}",
+            port=port,
+            run_as=run_as_for("mosquitto", is_root=IS_ROOT),
+            dev_mode=False,
+        )
+
+    server = _start_with_free_port(make)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def db_url(pg_server: PostgresServer) -> str:
+    return pg_server.url()
+
+
+@pytest.fixture
+def db_conn(db_url: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def db_schema(db_conn: psycopg.Connection) -> Iterator[str]:
+    """A schema name of this test's own, dropped afterwards."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    yield schema
+    db_conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+@pytest.fixture
+def storage() -> StorageSettings:
+    return StorageSettings()
+
+
+@pytest.fixture
+def migrated(db_conn: psycopg.Connection, db_schema: str, storage: StorageSettings) -> str:
+    database.migrate(db_conn, schema=db_schema, storage=storage)
+    return db_schema

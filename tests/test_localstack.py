@@ -1,0 +1,223 @@
+"""`cityhub services up|status|down` with real servers, run as the real command."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import psycopg
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from cityhub.localstack.mosquitto import ADMIN_USER, MosquittoServer, mqtt_connect_probe
+from cityhub.localstack.procs import free_port, port_is_free
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def state_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="cityhub-state-"))
+    path.chmod(0o755)
+    yield path
+    # Whatever a failed test left running must not outlive it.
+    _kill_everything_under(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _processes_under(path: Path) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if str(path) in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _kill_everything_under(path: Path) -> None:
+    for pid in _processes_under(path):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def cityhub(state_dir: Path, *args: str, pg_port: int, mqtt_port: int, dev: bool = True):
+    env = {
+        **os.environ,
+        "CITYHUB_LOCAL__STATE_DIR": str(state_dir),
+        "CITYHUB_LOCAL__PG_PORT": str(pg_port),
+        "CITYHUB_LOCAL__MQTT_PORT": str(mqtt_port),
+        "CITYHUB_LOCAL__DEV_MODE": "true" if dev else "false",
+        "COLUMNS": "200",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "cityhub", "services", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_up_status_down_round_trip(state_dir):
+    pg_port, mqtt_port = free_port(), free_port()
+    up = cityhub(state_dir, "up", pg_port=pg_port, mqtt_port=mqtt_port)
+    assert up.returncode == 0, up.stderr
+    assert up.stdout.count("running") == 2
+    # URLs are printed with the password masked.
+    assert f"postgresql://cityhub:***@127.0.0.1:{pg_port}/cityhub" in up.stdout
+    password = (state_dir / "postgres.password").read_text().strip()
+    assert password not in up.stdout
+
+    status = cityhub(state_dir, "status", pg_port=pg_port, mqtt_port=mqtt_port)
+    assert status.returncode == 0
+
+    # Both servers really answer: SQL with TimescaleDB preloaded, MQTT with the admin account.
+    url = f"postgresql://cityhub:{password}@127.0.0.1:{pg_port}/cityhub"
+    with psycopg.connect(url) as conn:
+        libs = conn.execute("SHOW shared_preload_libraries").fetchone()
+        assert libs == ("timescaledb",)
+    admin = (state_dir / "mosquitto" / "admin.password").read_text().strip()
+    assert mqtt_connect_probe(mqtt_port, username=ADMIN_USER, password=admin) == 0
+    # Dev mode: an anonymous local client is let in.
+    assert mqtt_connect_probe(mqtt_port, username=None, password=None) == 0
+
+    # A second `up` is a no-op on running servers.
+    again = cityhub(state_dir, "up", pg_port=pg_port, mqtt_port=mqtt_port)
+    assert again.returncode == 0, again.stderr
+
+    for secret in ("postgres.password", "stack.json", "mosquitto/admin.password"):
+        assert stat.S_IMODE((state_dir / secret).stat().st_mode) == 0o600, secret
+    for secret in ("mosquitto/passwd", "mosquitto/acl"):
+        assert stat.S_IMODE((state_dir / secret).stat().st_mode) == 0o600, secret
+
+    down = cityhub(state_dir, "down", pg_port=pg_port, mqtt_port=mqtt_port)
+    assert down.returncode == 0, down.stderr
+    assert _processes_under(state_dir) == []
+    assert port_is_free(pg_port)
+    assert port_is_free(mqtt_port)
+    stopped = cityhub(state_dir, "status", pg_port=pg_port, mqtt_port=mqtt_port)
+    assert stopped.returncode == 3
+    assert stopped.stdout.count("stopped") == 2
+
+
+def test_port_already_taken_is_a_clear_error_and_leaves_nothing_running(state_dir):
+    pg_port, mqtt_port = free_port(), free_port()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", mqtt_port))
+        squatter.listen()
+        up = cityhub(state_dir, "up", pg_port=pg_port, mqtt_port=mqtt_port)
+    assert up.returncode == 1
+    assert f"port {mqtt_port} for Mosquitto is already in use" in up.stderr
+    assert "Traceback" not in up.stderr
+    # PostgreSQL had started first; the failed `up` stopped it again.
+    assert _processes_under(state_dir) == []
+    assert port_is_free(pg_port)
+
+
+def test_stale_state_dir_after_kill_is_recovered(state_dir):
+    pg_port, mqtt_port = free_port(), free_port()
+    assert cityhub(state_dir, "up", pg_port=pg_port, mqtt_port=mqtt_port).returncode == 0
+    password = (state_dir / "postgres.password").read_text().strip()
+    url = f"postgresql://cityhub:{password}@127.0.0.1:{pg_port}/cityhub"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE survivor (x int)")
+        conn.execute("INSERT INTO survivor VALUES (42)")
+
+    # kill -9 everything: postmaster.pid and mosquitto.pid are left behind, stale.
+    _kill_everything_under(state_dir)
+    assert (state_dir / "postgres" / "data" / "postmaster.pid").exists()
+    assert (state_dir / "mosquitto" / "mosquitto.pid").exists()
+    stopped = cityhub(state_dir, "status", pg_port=pg_port, mqtt_port=mqtt_port)
+    assert stopped.returncode == 3
+
+    up = cityhub(state_dir, "up", pg_port=pg_port, mqtt_port=mqtt_port)
+    assert up.returncode == 0, up.stderr + up.stdout
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT x FROM survivor").fetchall() == [(42,)]
+    assert cityhub(state_dir, "down", pg_port=pg_port, mqtt_port=mqtt_port).returncode == 0
+    assert _processes_under(state_dir) == []
+
+
+def test_database_commands_without_a_running_database_say_what_to_do(state_dir):
+    env = {
+        **os.environ,
+        "CITYHUB_LOCAL__STATE_DIR": str(state_dir),
+        "CITYHUB_LOCAL__PG_PORT": str(free_port()),
+    }
+    env.pop("CITYHUB_DATABASE__URL", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "cityhub", "db", "migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "cityhub services up" in result.stderr
+
+
+def test_authenticated_broker_refuses_anonymous_and_wrong_passwords(mqtt_server: MosquittoServer):
+    port = mqtt_server.port
+    assert mqtt_connect_probe(port, username=None, password=None) != 0
+    assert mqtt_connect_probe(port, username=ADMIN_USER, password="wrong") != 0
+    assert mqtt_connect_probe(port, username=ADMIN_USER, password=mqtt_server.admin_password) == 0
+
+
+def test_broker_delivers_mqtt5_qos1_messages(mqtt_server: MosquittoServer):
+    received: list[bytes] = []
+    subscribed = threading.Event()
+    got = threading.Event()
+
+    def client(name: str) -> mqtt.Client:
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
+        c.username_pw_set(ADMIN_USER, mqtt_server.admin_password)
+        return c
+
+    sub = client("t-sub")
+    sub.on_subscribe = lambda *_: subscribed.set()
+
+    def on_message(_c, _u, message):
+        received.append(message.payload)
+        got.set()
+
+    sub.on_message = on_message
+    sub.connect("127.0.0.1", mqtt_server.port)
+    sub.subscribe("t/roundtrip", qos=1)
+    sub.loop_start()
+    try:
+        assert subscribed.wait(10)
+        pub = client("t-pub")
+        pub.connect("127.0.0.1", mqtt_server.port)
+        pub.loop_start()
+        props = Properties(PacketTypes.PUBLISH)
+        props.MessageExpiryInterval = 60
+        info = pub.publish("t/roundtrip", b"xin chao", qos=1, properties=props)
+        info.wait_for_publish(10)
+        assert info.is_published()
+        assert got.wait(10)
+        assert received == [b"xin chao"]
+        pub.disconnect()
+        pub.loop_stop()
+    finally:
+        sub.disconnect()
+        sub.loop_stop()
