@@ -23,6 +23,7 @@ move on) versus *unavailable* (retryable: back off and try again).
      +-- UnavailableError              retryable: a dependency does not answer
      |    +-- BrokerUnavailableError
      |    +-- DatabaseUnavailableError
+     +-- OutboxFullError               a gateway outbox at its size bound refuses new readings
      +-- SchemaError                   the database schema is not what the code expects
      |    +-- MigrationError
      +-- LocalServiceError             the private broker / database of the embedded default
@@ -112,6 +113,10 @@ class BrokerUnavailableError(UnavailableError):
 
 class DatabaseUnavailableError(UnavailableError):
     pass
+
+
+class OutboxFullError(HubError):
+    """The gateway's outbox is at ``outbox_max_bytes`` and its policy is to refuse."""
 
 
 class SchemaError(HubError):

@@ -17,7 +17,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -69,11 +69,45 @@ class StorageSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     compress_after_days: int = 7
 
 
+class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One site gateway (`cityhub gateway run`); the central broker is ``[broker]``."""
+
+    gateway_id: str = ""
+    site_id: str = ""
+    # The site broker the MQTT devices publish to; host None means the
+    # embedded broker.
+    site_broker: BrokerSettings = msgspec.field(default_factory=BrokerSettings)
+    # "" means {local.state_dir}/gateway-{gateway_id}/outbox.sqlite3.
+    outbox_path: str = ""
+    # 256 MiB of batches is about 2.5 M readings at ~100 bytes each: a day of
+    # a large site at 30 readings/s while the uplink is down.
+    outbox_max_bytes: int = 256 << 20
+    # "refuse": new readings are refused (counted) when full, the backlog is
+    # kept; "drop_oldest": the oldest batches make room (counted).
+    outbox_full_policy: Literal["refuse", "drop_oldest"] = "refuse"
+    batch_max_rows: int = 500
+    batch_max_ms: int = 200
+    # Unacked batches are resent unchanged after this long.
+    ack_timeout_s: float = 15.0
+    max_inflight_batches: int = 64
+    # Token bucket per device: a sensor sends about 1 reading/s; 5/s with a
+    # burst of 20 leaves room for catch-up after a reconnect.
+    device_rate_per_s: float = 5.0
+    device_burst: float = 20.0
+    no_data_timeout_s: float = 90.0
+    state_interval_s: float = 10.0
+    # Prometheus /metrics on 127.0.0.1; 0 turns it off.
+    metrics_port: int = 0
+    # Prefix for every topic (tests give each test its own).
+    topic_prefix: str = ""
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     database: DatabaseSettings = msgspec.field(default_factory=DatabaseSettings)
     broker: BrokerSettings = msgspec.field(default_factory=BrokerSettings)
     local: LocalSettings = msgspec.field(default_factory=LocalSettings)
     storage: StorageSettings = msgspec.field(default_factory=StorageSettings)
+    gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
     # Who is acting, for audit records ("technician name").
     operator: str = ""
     # Long-running services log lifecycle events at INFO; commands for people stay quiet.

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from cityhub.cli import db as db_cli
+from cityhub.cli import gateway as gateway_cli
 from cityhub.cli import services as services_cli
 from cityhub.cli.context import CliState
 from contracts.errors import HubError
@@ -29,6 +30,7 @@ app = typer.Typer(
 )
 app.add_typer(services_cli.app, name="services")
 app.add_typer(db_cli.app, name="db")
+app.add_typer(gateway_cli.app, name="gateway")
 
 
 @app.callback()

@@ -1,0 +1,70 @@
+"""`cityhub gateway`: run a site gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+import typer
+
+from cityhub.cli.context import CliState, reported_errors, state_of
+from cityhub.localstack.mosquitto import ADMIN_USER
+from cityhub.localstack.stack import LocalStack
+from contracts.settings import BrokerSettings, describe_settings, load_settings
+
+app = typer.Typer(
+    help="Site gateway: devices in, durable outbox, batches to the hub.", no_args_is_help=True
+)
+
+
+def embedded_broker(state: CliState, configured: BrokerSettings) -> BrokerSettings:
+    """``configured`` if it names a host, else the embedded broker with its admin account."""
+    if configured.host is not None:
+        return configured
+    stack = LocalStack(state_dir=state.state_dir, local=state.settings.local, is_root=state.is_root)
+    stack.broker_url()  # raises with the fix if the embedded broker is not running
+    mq = stack.mosquitto()
+    return msgspec.structs.replace(
+        configured,
+        host="127.0.0.1",
+        port=mq.port,
+        username=ADMIN_USER,
+        password=mq.admin_password,
+    )
+
+
+@app.command()
+def run(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="Settings file with a [gateway] section.", dir_okay=False
+        ),
+    ] = None,
+) -> None:
+    """Run one site gateway until Ctrl-C (SIGINT) or SIGTERM.
+
+    Reads the site's MQTT devices and serial sensors of its config, batches
+    readings into a durable SQLite outbox and sends them to the central broker
+    until ingest acks them. Brokers left unset use the embedded default's.
+    """
+    from gateway.service import Gateway, outbox_path, serve
+
+    state = state_of(ctx)
+    with reported_errors(state):
+        settings = load_settings(config, state.environ) if config else state.settings
+        central = embedded_broker(state, settings.broker)
+        site = embedded_broker(state, settings.gateway.site_broker)
+        logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+        logging.getLogger(__name__).info("settings: %s", describe_settings(settings))
+        gateway = Gateway(
+            settings=settings.gateway,
+            central=central,
+            site=site,
+            outbox_path=outbox_path(settings.gateway, state.state_dir),
+        )
+        asyncio.run(serve(gateway))

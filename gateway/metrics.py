@@ -1,0 +1,79 @@
+"""Prometheus /metrics for the gateway: the service's counters, read at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from gateway.service import Gateway
+
+_COUNTERS = {
+    "received": "Device messages and serial frames received",
+    "accepted": "Readings accepted into batches",
+    "rate_limited": "Readings dropped by the per-device rate limit",
+    "seq_gaps": "Readings missing according to device sequence numbers",
+    "duplicates": "Readings whose seq was not newer than the last",
+    "reboots": "Device reboots seen",
+    "serial_frames": "Serial frames decoded",
+    "serial_checksum_errors": "Serial frames with a bad checksum",
+    "serial_length_errors": "Serial frames with a bad length",
+    "serial_garbage_bytes": "Serial bytes skipped while resynchronising",
+    "serial_reconnects": "Serial port reopenings",
+    "batches_stored": "Batches written to the outbox",
+    "readings_stored": "Readings written to the outbox",
+    "batches_published": "Batch publishes (first sends and resends)",
+    "batches_resent": "Batch resends after a missing ack",
+    "puback_refused": "Batch publishes refused by the broker (reason code >= 0x80)",
+    "batches_acked": "Batches acked by ingest",
+    "readings_acked": "Readings acked by ingest",
+    "outbox_refused_readings": "Readings refused because the outbox was full",
+    "outbox_dropped_readings": "Oldest readings dropped because the outbox was full",
+    "configs_applied": "Config versions applied",
+}
+
+
+class GatewayCollector(Collector):
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def collect(self) -> Iterator[Metric]:
+        counters = self.gateway.counters
+        labels = ["gateway"]
+        gw = [self.gateway.gateway_id]
+        for name, help_text in _COUNTERS.items():
+            family = CounterMetricFamily(f"cityhub_gateway_{name}", help_text, labels=labels)
+            family.add_metric(gw, getattr(counters, name))
+            yield family
+        rejects = CounterMetricFamily(
+            "cityhub_gateway_rejects", "Rejected device input by reason", labels=[*labels, "reason"]
+        )
+        for reason, count in sorted(counters.rejects.items()):
+            rejects.add_metric([*gw, reason], count)
+        yield rejects
+        depth = self.gateway.outbox.depth()
+        for name, value, help_text in (
+            ("outbox_readings", depth.readings, "Readings waiting in the outbox"),
+            ("outbox_batches", depth.batches, "Batches waiting in the outbox"),
+            ("outbox_bytes", depth.bytes, "Payload bytes in the outbox"),
+            ("devices_online", self.gateway.tracker.online_count(), "Devices online"),
+            ("uplink_connected", int(self.gateway.central.connected.is_set()), "Uplink up"),
+        ):
+            gauge = GaugeMetricFamily(f"cityhub_gateway_{name}", help_text, labels=labels)
+            gauge.add_metric(gw, value)
+            yield gauge
+
+
+def serve_metrics(gateway: Gateway, port: int) -> WSGIServer:
+    """Serve /metrics on 127.0.0.1:``port`` in a daemon thread."""
+    registry = CollectorRegistry()
+    registry.register(GatewayCollector(gateway))
+    server, _thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    return server

@@ -1,0 +1,240 @@
+"""The gateway's durable outbox: encoded batches in SQLite until ingest acks them.
+
+A batch is in the outbox once ``put`` returns: SQLite in WAL mode with
+``synchronous=FULL`` has fsynced it, so it survives kill -9 and power loss.
+It leaves only when ingest's ack for its batch id arrives (``ack``); until
+then ``due`` hands it out again, unchanged, after ``resend_after_ms``.
+
+The outbox is bounded by ``max_bytes`` of payload. When a new batch would
+exceed the bound the policy decides: ``refuse`` raises OutboxFullError (the
+caller counts the readings as refused), ``drop_oldest`` deletes the oldest
+batches to make room and counts their readings as dropped. Both counters are
+kept in the database, so they survive restarts and are reported, never silent.
+
+Blocking calls (fsync): the service runs them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from contracts.errors import OutboxFullError
+
+FullPolicy = Literal["refuse", "drop_oldest"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    id INTEGER PRIMARY KEY,          -- insertion order: oldest first
+    batch_id TEXT NOT NULL UNIQUE,
+    payload BLOB NOT NULL,
+    readings INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    sent_ms INTEGER,                 -- last publish, NULL if never sent
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS batches_sent_idx ON batches (sent_ms);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    batch_id: str
+    payload: bytes
+    readings: int
+    attempts: int
+
+
+@dataclass(frozen=True)
+class OutboxDepth:
+    batches: int
+    readings: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class PutResult:
+    stored_batches: int
+    dropped_batches: int
+    dropped_readings: int
+
+
+class Outbox:
+    """One SQLite file; safe to call from several threads (one lock, one connection)."""
+
+    def __init__(self, path: Path, *, max_bytes: int, full_policy: FullPolicy) -> None:
+        if max_bytes < 1:
+            raise ValueError("outbox max_bytes must be positive")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.max_bytes = max_bytes
+        self.full_policy = full_policy
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: every commit is fsynced (WAL alone with NORMAL may lose the last
+        # transactions on power loss, which the delivery contract forbids).
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        row = self._db.execute(
+            "SELECT count(*), coalesce(sum(readings), 0), coalesce(sum(length(payload)), 0) "
+            "FROM batches"
+        ).fetchone()
+        self._depth = OutboxDepth(batches=row[0], readings=row[1], bytes=row[2])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def depth(self) -> OutboxDepth:
+        return self._depth
+
+    def counter(self, name: str) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _bump(self, name: str, by: int) -> None:
+        self._db.execute(
+            "INSERT INTO counters (name, value) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+            (name, by),
+        )
+
+    def next_birth(self) -> int:
+        """A birth counter that increases at every gateway start, kept across restarts."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._bump("birth", 1)
+            row = self._db.execute("SELECT value FROM counters WHERE name = 'birth'").fetchone()
+            self._db.execute("COMMIT")
+        return int(row[0])
+
+    def put(self, items: list[tuple[str, bytes, int]], now_ms: int) -> PutResult:
+        """Store ``(batch_id, payload, readings)`` items in one fsynced transaction.
+
+        Raises OutboxFullError (nothing stored) under the ``refuse`` policy when
+        the items do not fit.
+        """
+        if not items:
+            return PutResult(0, 0, 0)
+        incoming = sum(len(payload) for _, payload, _ in items)
+        with self._lock:
+            depth = self._depth
+            dropped_batches = dropped_readings = dropped_bytes = 0
+            overflow = depth.bytes + incoming - self.max_bytes
+            if overflow > 0 and self.full_policy == "refuse":
+                refused = sum(r for _, _, r in items)
+                self._bump("refused_readings", refused)
+                raise OutboxFullError(
+                    f"outbox {self.path} holds {depth.bytes} of {self.max_bytes} bytes; "
+                    f"refused {refused} readings"
+                )
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if overflow > 0:
+                    for rowid, readings, size in self._db.execute(
+                        "SELECT id, readings, length(payload) FROM batches ORDER BY id"
+                    ).fetchall():
+                        if dropped_bytes >= overflow:
+                            break
+                        self._db.execute("DELETE FROM batches WHERE id = ?", (rowid,))
+                        dropped_batches += 1
+                        dropped_readings += readings
+                        dropped_bytes += size
+                    self._bump("dropped_readings", dropped_readings)
+                    self._bump("dropped_batches", dropped_batches)
+                stored = stored_readings = stored_bytes = 0
+                for bid, payload, readings in items:
+                    cursor = self._db.execute(
+                        "INSERT INTO batches (batch_id, payload, readings, created_ms) "
+                        "VALUES (?, ?, ?, ?) ON CONFLICT (batch_id) DO NOTHING",
+                        (bid, payload, readings, now_ms),
+                    )
+                    if cursor.rowcount == 1:  # 0: a batch id already stored
+                        stored += 1
+                        stored_readings += readings
+                        stored_bytes += len(payload)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._depth = OutboxDepth(
+                batches=depth.batches + stored - dropped_batches,
+                readings=depth.readings + stored_readings - dropped_readings,
+                bytes=depth.bytes + stored_bytes - dropped_bytes,
+            )
+        return PutResult(stored, dropped_batches, dropped_readings)
+
+    def due(self, now_ms: int, *, resend_after_ms: int, limit: int) -> list[OutboxItem]:
+        """Oldest batches never sent, or sent longer than ``resend_after_ms`` ago."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT batch_id, payload, readings, attempts FROM batches "
+                "WHERE sent_ms IS NULL OR sent_ms <= ? ORDER BY id LIMIT ?",
+                (now_ms - resend_after_ms, limit),
+            ).fetchall()
+        return [OutboxItem(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def mark_sent(self, batch_ids: list[str], now_ms: int) -> None:
+        """Record a publish, without an fsync: after a crash everything is resent anyway."""
+        if not batch_ids:
+            return
+        with self._lock, self._relaxed():
+            self._db.executemany(
+                "UPDATE batches SET sent_ms = ?, attempts = attempts + 1 WHERE batch_id = ?",
+                [(now_ms, bid) for bid in batch_ids],
+            )
+
+    @contextmanager
+    def _relaxed(self) -> Iterator[None]:
+        """synchronous=NORMAL for writes whose loss only causes a resend.
+
+        In WAL mode NORMAL skips the fsync at commit yet cannot corrupt the file.
+        """
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            yield
+        finally:
+            self._db.execute("PRAGMA synchronous=FULL")
+
+    def reset_sent(self) -> None:
+        """After a reconnect: everything unacked is due again at once."""
+        with self._lock:
+            self._db.execute("UPDATE batches SET sent_ms = NULL WHERE sent_ms IS NOT NULL")
+
+    def ack(self, batch_ids: list[str]) -> int:
+        """Delete acked batches; returns how many readings left the outbox."""
+        if not batch_ids:
+            return 0
+        # Not fsynced: an ack lost to a power cut means a resend, which ingest
+        # drops as a duplicate batch.
+        with self._lock, self._relaxed():
+            self._db.execute("BEGIN IMMEDIATE")
+            removed_batches = removed_readings = removed_bytes = 0
+            for bid in batch_ids:
+                row = self._db.execute(
+                    "DELETE FROM batches WHERE batch_id = ? RETURNING readings, length(payload)",
+                    (bid,),
+                ).fetchone()
+                if row is not None:
+                    removed_batches += 1
+                    removed_readings += row[0]
+                    removed_bytes += row[1]
+            self._db.execute("COMMIT")
+            depth = self._depth
+            self._depth = OutboxDepth(
+                batches=depth.batches - removed_batches,
+                readings=depth.readings - removed_readings,
+                bytes=depth.bytes - removed_bytes,
+            )
+        return removed_readings

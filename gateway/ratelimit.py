@@ -1,0 +1,49 @@
+"""Per-device token buckets: a flooding device cannot starve the others.
+
+Pure: the caller passes the time. Each device gets ``rate_per_s`` tokens a
+second up to ``burst``; a reading costs one token; a reading without a token
+is dropped and counted by the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    last_ms: int
+
+
+class TokenBuckets:
+    def __init__(self, *, default_rate_per_s: float, burst: float) -> None:
+        if default_rate_per_s <= 0 or burst < 1:
+            raise ValueError("rate must be > 0 and burst >= 1")
+        self.default_rate_per_s = default_rate_per_s
+        self.burst = burst
+        self._rates: dict[str, float] = {}
+        self._buckets: dict[str, _Bucket] = {}
+
+    def set_rate(self, device_id: str, rate_per_s: float) -> None:
+        if rate_per_s <= 0:
+            raise ValueError(f"rate for {device_id} must be > 0")
+        self._rates[device_id] = rate_per_s
+
+    def forget(self, device_id: str) -> None:
+        self._rates.pop(device_id, None)
+        self._buckets.pop(device_id, None)
+
+    def allow(self, device_id: str, now_ms: int) -> bool:
+        """Take a token for ``device_id`` if one is available."""
+        rate = self._rates.get(device_id, self.default_rate_per_s)
+        bucket = self._buckets.get(device_id)
+        if bucket is None:
+            bucket = self._buckets[device_id] = _Bucket(tokens=self.burst, last_ms=now_ms)
+        elapsed_ms = max(0, now_ms - bucket.last_ms)
+        bucket.tokens = min(self.burst, bucket.tokens + elapsed_ms * rate / 1000.0)
+        bucket.last_ms = now_ms
+        if bucket.tokens >= 1.0:
+            bucket.tokens -= 1.0
+            return True
+        return False

@@ -1,0 +1,537 @@
+"""The site gateway service: devices in, durable outbox, batches up, acks back.
+
+Wiring (DESIGN.md sections 1, 3, 4):
+
+- site broker (``MqttLink``): ``d/+/up`` and ``d/+/status`` from MQTT devices,
+  handled in paho's network thread: topic -> configured device -> rate limit ->
+  decode and check against the catalog -> tracking -> ``BatchBuilder``;
+- ``flusher`` task: takes due batches and writes them to the ``Outbox``
+  (fsynced) in a worker thread;
+- ``sender`` task: publishes due outbox batches (new, or unacked past
+  ``ack_timeout_s``) at QoS 1 to the central broker, at most
+  ``max_inflight_batches`` without PUBACK; a PUBACK reason code >= 0x80
+  keeps the batch and is counted;
+- ack and config messages from the central broker: acks delete batches from
+  the outbox; a newer config replaces the device list live;
+- ``state`` task: the retained birth/state message (its Will is the death);
+- ``expiry`` task: devices silent past ``no_data_timeout_s`` go offline.
+
+Bad device input is never a crash: it is a WARNING (rate-limited), a counter
+by reason, and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from contracts.catalog import device_type
+from contracts.errors import HubError, InputError, OutboxFullError
+from contracts.messages import (
+    Ack,
+    DeviceConfig,
+    GatewayConfig,
+    GatewayState,
+    GatewayStatus,
+    decode_ack,
+    decode_device_status,
+    decode_device_uplink,
+    decode_gateway_config,
+    encode_batch,
+    encode_gateway_state,
+)
+from contracts.settings import BrokerSettings, GatewaySettings
+from contracts.topics import (
+    ack_topic,
+    batch_topic,
+    config_topic,
+    device_status_filter,
+    device_uplink_filter,
+    parse_device_topic,
+    state_topic,
+)
+from gateway.batching import BatchBuilder
+from gateway.mqtt import MqttLink, Will
+from gateway.outbox import Outbox
+from gateway.ratelimit import TokenBuckets
+from gateway.tracking import DeviceTracker
+
+logger = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+# How often the flusher looks at the builder: well under batch_max_ms so a
+# batch leaves at most ~10% later than its age limit.
+FLUSH_TICK_S = 0.02
+# Log at most this many WARNINGs per reject reason per minute; counters keep the rest.
+REJECT_LOG_PER_MINUTE = 5
+
+
+def outbox_path(settings: GatewaySettings, state_dir: Path) -> Path:
+    """gateway.outbox_path, else {state_dir}/gateway-{id}/outbox.sqlite3."""
+    if settings.outbox_path:
+        return Path(settings.outbox_path)
+    return state_dir / f"gateway-{settings.gateway_id}" / "outbox.sqlite3"
+
+
+async def serve(gateway: Gateway) -> None:
+    """Run until SIGINT or SIGTERM, then stop cleanly (flush, death message)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await gateway.run(stop)
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class GatewayCounters:
+    """Monotonic counters for the state message and /metrics."""
+
+    received: int = 0
+    accepted: int = 0
+    rate_limited: int = 0
+    rejects: Counter[str] = field(default_factory=Counter)
+    seq_gaps: int = 0
+    duplicates: int = 0
+    reboots: int = 0
+    serial_frames: int = 0
+    serial_checksum_errors: int = 0
+    serial_length_errors: int = 0
+    serial_garbage_bytes: int = 0
+    serial_reconnects: int = 0
+    batches_stored: int = 0
+    readings_stored: int = 0
+    batches_published: int = 0
+    batches_resent: int = 0
+    puback_refused: int = 0
+    batches_acked: int = 0
+    readings_acked: int = 0
+    outbox_refused_readings: int = 0
+    outbox_dropped_readings: int = 0
+    configs_applied: int = 0
+
+
+class Gateway:
+    def __init__(
+        self,
+        *,
+        settings: GatewaySettings,
+        central: BrokerSettings,
+        site: BrokerSettings,
+        outbox_path: Path,
+        clock: Callable[[], int] = wall_ms,
+    ) -> None:
+        if not settings.gateway_id:
+            raise HubError("gateway.gateway_id is not set")
+        self.settings = settings
+        self.gateway_id = settings.gateway_id
+        self.prefix = settings.topic_prefix
+        self.clock = clock
+        self.boot_id = secrets.token_hex(8)
+        self.counters = GatewayCounters()
+        self.outbox = Outbox(
+            outbox_path,
+            max_bytes=settings.outbox_max_bytes,
+            full_policy=settings.outbox_full_policy,
+        )
+        self.birth = self.outbox.next_birth()
+        self.connected_ms = clock()
+        # One lock guards builder, buckets, tracker and the device map: the
+        # site network thread, serial tasks and the flusher all touch them.
+        self.lock = threading.Lock()
+        self.builder = BatchBuilder(
+            gateway_id=self.gateway_id,
+            boot_id=self.boot_id,
+            max_rows=settings.batch_max_rows,
+            max_age_ms=settings.batch_max_ms,
+        )
+        self.buckets = TokenBuckets(
+            default_rate_per_s=settings.device_rate_per_s, burst=settings.device_burst
+        )
+        self.tracker = DeviceTracker()
+        self.config: GatewayConfig | None = None
+        self.devices: dict[str, DeviceConfig] = {}
+        self.serial_seq: dict[str, int] = {}
+        self._inflight: dict[int, str] = {}
+        self._reject_log: dict[str, tuple[int, int]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake_sender: asyncio.Event | None = None
+        self._config_changed: asyncio.Event | None = None
+        self.central = MqttLink(
+            name="uplink",
+            host=central.host or "127.0.0.1",
+            port=central.port,
+            client_id=f"gw-{self.gateway_id}",
+            username=central.username,
+            password=central.password,
+            tls=central.tls,
+            will=Will(state_topic(self.gateway_id, self.prefix), self._state_payload("offline")),
+            on_message=self._on_central_message,
+            on_connect=self._on_central_connect,
+            on_disconnect=self._on_central_disconnect,
+            on_publish=self._on_puback,
+        )
+        self.site = MqttLink(
+            name="site",
+            host=site.host or "127.0.0.1",
+            port=site.port,
+            client_id=f"gw-{self.gateway_id}-site",
+            username=site.username,
+            password=site.password,
+            tls=site.tls,
+            on_message=self._on_site_message,
+            on_connect=self._on_site_connect,
+        )
+
+    # -- state -----------------------------------------------------------------
+
+    def _state_payload(self, status: GatewayStatus) -> bytes:
+        depth = self.outbox.depth()
+        return encode_gateway_state(
+            GatewayState(
+                gateway_id=self.gateway_id,
+                status=status,
+                birth=self.birth,
+                boot_id=self.boot_id,
+                version=VERSION,
+                outbox_depth=depth.readings,
+                ts_ms=self.clock(),
+            )
+        )
+
+    def publish_state(self) -> None:
+        if self.central.connected.is_set():
+            self.central.publish(
+                state_topic(self.gateway_id, self.prefix),
+                self._state_payload("online"),
+                retain=True,
+            )
+
+    # -- rejects -----------------------------------------------------------------
+
+    def _reject(self, reason: str, device_id: str, detail: str) -> None:
+        self.counters.rejects[reason] += 1
+        now = self.clock()
+        window_start, logged = self._reject_log.get(reason, (now, 0))
+        if now - window_start >= 60_000:
+            window_start, logged = now, 0
+        if logged < REJECT_LOG_PER_MINUTE:
+            logger.warning("rejected reading from %s (%s): %s", device_id, reason, detail)
+        self._reject_log[reason] = (window_start, logged + 1)
+
+    # -- site side (paho network thread) ------------------------------------------
+
+    def _on_site_connect(self) -> None:
+        self.site.subscribe([device_uplink_filter(self.prefix), device_status_filter(self.prefix)])
+
+    def _on_site_message(self, topic: str, payload: bytes) -> None:
+        now = self.clock()
+        self.counters.received += 1
+        try:
+            device_id, kind = parse_device_topic(topic, self.prefix)
+        except InputError as exc:
+            self._reject(exc.reason, "?", str(exc))
+            return
+        device = self.devices.get(device_id)
+        if device is None or not device.enabled or device.transport != "mqtt":
+            self._reject("unknown_device", device_id, "not in this gateway's config")
+            return
+        if kind == "status":
+            try:
+                online = decode_device_status(payload) == "online"
+            except InputError as exc:
+                self._reject(exc.reason, device_id, str(exc))
+                return
+            with self.lock:
+                if self.tracker.set_status(device_id, online=online, now_ms=now):
+                    logger.info("device %s is %s", device_id, "online" if online else "offline")
+            return
+        with self.lock:
+            allowed = self.buckets.allow(device_id, now)
+        if not allowed:
+            self.counters.rate_limited += 1
+            return
+        try:
+            uplink = decode_device_uplink(payload, device_type=device.device_type, now_ms=now)
+        except InputError as exc:
+            self._reject(exc.reason, device_id, str(exc))
+            return
+        self._accept(
+            device,
+            seq=uplink.seq,
+            ts_ms=uplink.ts_ms,
+            recv_ms=now,
+            values=uplink.metrics,
+            boot=uplink.boot,
+        )
+
+    def _accept(
+        self,
+        device: DeviceConfig,
+        *,
+        seq: int,
+        ts_ms: int,
+        recv_ms: int,
+        values: dict[str, float],
+        boot: str | None,
+    ) -> None:
+        with self.lock:
+            obs = self.tracker.observe(device.device_id, seq=seq, boot=boot, now_ms=recv_ms)
+            self.counters.seq_gaps += obs.gap
+            self.counters.duplicates += obs.duplicate
+            self.counters.reboots += obs.reboot
+            # Duplicates still go up: ingest's unique key drops them, and the
+            # seq alone cannot prove a repeat without a boot id.
+            self.builder.add(
+                device_id=device.device_id,
+                device_type=device.device_type,
+                seq=seq,
+                ts_ms=ts_ms,
+                recv_ms=recv_ms,
+                values=values,
+                boot=boot,
+            )
+            self.counters.accepted += 1
+
+    def accept_serial_reading(self, device: DeviceConfig, values: dict[str, float]) -> None:
+        """A decoded serial frame: seq and time are the gateway's (sensors have neither)."""
+        now = self.clock()
+        self.counters.received += 1
+        dtype = device_type(device.device_type)
+        try:
+            checked = {name: dtype.metric(name).check(v) for name, v in values.items()}
+        except InputError as exc:
+            self._reject(exc.reason, device.device_id, str(exc))
+            return
+        with self.lock:
+            allowed = self.buckets.allow(device.device_id, now)
+            seq = self.serial_seq.get(device.device_id, 0)
+            self.serial_seq[device.device_id] = seq + 1
+        if not allowed:
+            self.counters.rate_limited += 1
+            return
+        self._accept(device, seq=seq, ts_ms=now, recv_ms=now, values=checked, boot=self.boot_id)
+
+    # -- central side (paho network thread) ---------------------------------------
+
+    def _on_central_connect(self) -> None:
+        self.connected_ms = self.clock()
+        # Everything unacked is due again: what was in flight may be lost.
+        self.outbox.reset_sent()
+        self._inflight.clear()
+        self.central.subscribe(
+            [ack_topic(self.gateway_id, self.prefix), config_topic(self.gateway_id, self.prefix)]
+        )
+        self.publish_state()
+        self._wake()
+
+    def _on_central_disconnect(self) -> None:
+        self._inflight.clear()
+
+    def _on_puback(self, mid: int, reason_code: int) -> None:
+        batch_id = self._inflight.pop(mid, None)
+        if batch_id is None:
+            return
+        if reason_code >= 0x80:
+            # The batch stays in the outbox and is resent after ack_timeout_s.
+            self.counters.puback_refused += 1
+            logger.warning("broker refused batch %s: reason code 0x%02x", batch_id, reason_code)
+        self._wake()
+
+    def _on_central_message(self, topic: str, payload: bytes) -> None:
+        if topic == ack_topic(self.gateway_id, self.prefix):
+            try:
+                ack: Ack = decode_ack(payload, gateway_id=self.gateway_id)
+            except InputError as exc:
+                logger.warning("malformed ack ignored: %s", exc)
+                return
+            readings = self.outbox.ack(ack.batch_ids)
+            self.counters.batches_acked += len(ack.batch_ids)
+            self.counters.readings_acked += readings
+            self._wake()
+        elif topic == config_topic(self.gateway_id, self.prefix):
+            if not payload:
+                return  # a cleared retained config
+            try:
+                config = decode_gateway_config(payload)
+            except InputError as exc:
+                logger.warning("malformed config ignored: %s", exc)
+                return
+            self.apply_config(config)
+
+    def apply_config(self, config: GatewayConfig) -> None:
+        """Replace the device list live; an older or foreign config is ignored."""
+        if config.gateway_id != self.gateway_id:
+            logger.warning("config for gateway %s ignored", config.gateway_id)
+            return
+        if self.config is not None and config.version <= self.config.version:
+            return
+        with self.lock:
+            removed = set(self.devices) - {d.device_id for d in config.devices}
+            self.devices = {d.device_id: d for d in config.devices}
+            for device_id in removed:
+                self.buckets.forget(device_id)
+                self.tracker.forget(device_id)
+            for device in config.devices:
+                self.buckets.set_rate(device.device_id, device.rate_limit_per_s)
+            self.config = config
+            self.counters.configs_applied += 1
+        logger.info(
+            "config version %d applied: %d devices (%d removed)",
+            config.version,
+            len(config.devices),
+            len(removed),
+        )
+        if self._loop is not None and self._config_changed is not None:
+            self._loop.call_soon_threadsafe(self._config_changed.set)
+
+    def _wake(self) -> None:
+        if self._loop is not None and self._wake_sender is not None:
+            self._loop.call_soon_threadsafe(self._wake_sender.set)
+
+    # -- tasks ---------------------------------------------------------------------
+
+    async def _flusher(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_TICK_S)
+            await self.flush(force=False)
+
+    async def flush(self, *, force: bool) -> None:
+        """Move a due (or, with force, any) batch from the builder into the outbox."""
+        now = self.clock()
+        with self.lock:
+            batch = self.builder.take(now) if force or self.builder.due(now) else None
+        if batch is None:
+            return
+        rows = sum(b.row_count for b in batch.blocks)
+        payload = encode_batch(batch)
+        try:
+            result = await asyncio.to_thread(
+                self.outbox.put, [(batch.batch_id, payload, rows)], now
+            )
+        except OutboxFullError as exc:
+            self.counters.outbox_refused_readings += rows
+            logger.warning("%s", exc)
+            return
+        self.counters.batches_stored += result.stored_batches
+        self.counters.readings_stored += rows
+        if result.dropped_readings:
+            self.counters.outbox_dropped_readings += result.dropped_readings
+            logger.warning(
+                "outbox full: dropped the %d oldest readings (%d batches)",
+                result.dropped_readings,
+                result.dropped_batches,
+            )
+        self._wake()
+
+    async def _sender(self, wake: asyncio.Event) -> None:
+        resend_after_ms = int(self.settings.ack_timeout_s * 1000)
+        topic = batch_topic(self.gateway_id, self.prefix)
+        while True:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow the
+            # task group's cancellation when the event fires at the same time.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await wake.wait()
+            wake.clear()
+            if not self.central.connected.is_set():
+                continue
+            room = self.settings.max_inflight_batches - len(self._inflight)
+            if room <= 0:
+                continue
+            items = await asyncio.to_thread(
+                self.outbox.due, self.clock(), resend_after_ms=resend_after_ms, limit=room
+            )
+            if not items:
+                continue
+            sent = []
+            for item in items:
+                if not self.central.connected.is_set():
+                    break
+                mid = self.central.publish(topic, item.payload, qos=1)
+                self._inflight[mid] = item.batch_id
+                sent.append(item.batch_id)
+                self.counters.batches_published += 1
+                self.counters.batches_resent += item.attempts > 0
+            await asyncio.to_thread(self.outbox.mark_sent, sent, self.clock())
+            if len(items) == room:
+                wake.set()
+
+    async def _state(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.state_interval_s)
+            self.publish_state()
+
+    async def _expiry(self) -> None:
+        timeout_ms = int(self.settings.no_data_timeout_s * 1000)
+        while True:
+            await asyncio.sleep(1.0)
+            with self.lock:
+                gone = self.tracker.expire(self.clock(), timeout_ms=timeout_ms)
+            for device_id in gone:
+                logger.info("device %s offline: no data for %.0f s", device_id, timeout_ms / 1000)
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Run until ``stop`` is set (or cancelled); flush the builder on the way out."""
+        self._loop = asyncio.get_running_loop()
+        self._wake_sender = wake = asyncio.Event()
+        self._config_changed = asyncio.Event()
+        logger.info(
+            "gateway %s starting: boot %s, birth %d, outbox %d readings",
+            self.gateway_id,
+            self.boot_id,
+            self.birth,
+            self.outbox.depth().readings,
+        )
+        self.central.start()
+        self.site.start()
+        metrics_server = None
+        if self.settings.metrics_port:
+            from gateway.metrics import serve_metrics
+
+            metrics_server = serve_metrics(self, self.settings.metrics_port)
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._flusher(), name="flusher")
+                group.create_task(self._sender(wake), name="sender")
+                group.create_task(self._state(), name="state")
+                group.create_task(self._expiry(), name="expiry")
+                if stop is not None:
+                    group.create_task(_raise_on(stop), name="stop")
+        except* _Stop:
+            pass
+        finally:
+            await self.flush(force=True)
+            self.site.stop()
+            self.central.publish(
+                state_topic(self.gateway_id, self.prefix),
+                self._state_payload("offline"),
+                retain=True,
+            )
+            self.central.stop()
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
+            self.outbox.close()
+            logger.info("gateway %s stopped", self.gateway_id)
+
+
+async def _raise_on(stop: asyncio.Event) -> None:
+    await stop.wait()
+    raise _Stop
+
+
+class _Stop(Exception):  # noqa: N818 - a control-flow signal for the task group, not an error
+    """Raised inside the task group to end it when the stop event fires."""

@@ -1,0 +1,174 @@
+"""Gateway fault tests with real processes: gateway kill -9 with a backlog, broker kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from cityhub.localstack.mosquitto import ADMIN_USER, MosquittoServer
+from cityhub.localstack.procs import free_port, run_as_for, stop_process_group
+from contracts.messages import decode_batch
+from tests.conftest import IS_ROOT
+from tests.gatewayharness import (
+    FakeIngest,
+    broker_settings,
+    client,
+    gateway_in_thread,
+    gateway_settings,
+    mqtt_devices,
+    now_ms,
+    publish_config,
+    publish_readings,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def outbox_readings(path: Path) -> tuple[set[tuple[str, int, int]], set[str]]:
+    """Decode every batch stored in an outbox file: its readings and batch ids."""
+    readings: set[tuple[str, int, int]] = set()
+    ids: set[str] = set()
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        rows = db.execute("SELECT batch_id, payload FROM batches").fetchall()
+    for batch_id, payload in rows:
+        batch = decode_batch(payload, now_ms=now_ms())
+        assert batch.batch_id == batch_id
+        ids.add(batch_id)
+        for block in batch.blocks:
+            for row in range(block.row_count):
+                device = batch.devices[block.device_index[row]]
+                readings.add((device, block.seq[row], block.ts_ms[row]))
+    return readings, ids
+
+
+def start_gateway_process(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gateway", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={k: v for k, v in os.environ.items() if not k.startswith("CITYHUB_")},
+        )
+
+
+def test_gateway_kill_9_with_a_backlog_loses_and_duplicates_nothing(mqtt_server, tmp_path):
+    tag = uuid.uuid4().hex[:6]
+    gateway_id, prefix = f"gw-{tag}", f"t{tag}"
+    outbox = tmp_path / "outbox.sqlite3"
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f"""
+[broker]
+host = "127.0.0.1"
+port = {mqtt_server.port}
+username = "{ADMIN_USER}"
+password = "{mqtt_server.admin_password}"
+
+[gateway]
+gateway_id = "{gateway_id}"
+site_id = "hk-hall-ubnd"
+topic_prefix = "{prefix}"
+outbox_path = "{outbox}"
+batch_max_rows = 100
+batch_max_ms = 50
+ack_timeout_s = 2.0
+device_rate_per_s = 1000.0
+device_burst = 1000.0
+
+[gateway.site_broker]
+host = "127.0.0.1"
+port = {mqtt_server.port}
+username = "{ADMIN_USER}"
+password = "{mqtt_server.admin_password}"
+""",
+        encoding="utf-8",
+    )
+    devices = mqtt_devices(prefix, 20)
+    ingest = FakeIngest(mqtt_server, gateway_id=gateway_id, prefix=prefix)  # not acking yet
+    pub = client(mqtt_server)
+    publish_config(pub, gateway_id=gateway_id, prefix=prefix, devices=devices, version=1)
+    log = tmp_path / "gateway.log"
+    proc = start_gateway_process(config, log)
+    try:
+        wait_for(outbox.exists, 10, "outbox created")
+        # The gateway subscribes after connecting; wait for its retained config.
+        wait_for(lambda: "config version 1 applied" in log.read_text(), 15, "config applied")
+        sent = publish_readings(pub, prefix=prefix, devices=devices, per_device=100)
+        # Every reading has been in a published batch: all are in the outbox.
+        wait_for(lambda: ingest.count() == len(sent), 30, "backlog built")
+        first_ids = set(ingest.batch_ids)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+        ledger, stored_ids = outbox_readings(outbox)
+        assert ledger == sent  # nothing acked yet: the whole backlog is on disk
+        assert stored_ids == first_ids
+
+        ingest.acking = True
+        proc = start_gateway_process(config, log)
+        wait_for(lambda: not outbox_readings(outbox)[0], 30, "backlog delivered and acked")
+        # Resent unchanged: the batch ids after the restart are the stored ones.
+        assert set(ingest.batch_ids) == first_ids
+        assert ingest.readings == ledger
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        pub.disconnect()
+        ingest.close()
+    assert proc.returncode == 0, log.read_text()[-2000:]
+
+
+@pytest.fixture
+def killable_broker(servers_dir):
+    server = MosquittoServer(
+        base_dir=servers_dir / f"mosquitto-killable-{uuid.uuid4().hex[:6]}",
+        port=free_port(),
+        run_as=run_as_for("mosquitto", is_root=IS_ROOT),
+        dev_mode=False,
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_central_broker_kill_9_mid_stream_loses_nothing(mqtt_server, killable_broker, tmp_path):
+    tag = uuid.uuid4().hex[:6]
+    gateway_id, prefix = f"gw-{tag}", f"t{tag}"
+    devices = mqtt_devices(prefix, 10)
+    site_pub = client(mqtt_server)
+    central_pub = client(killable_broker)
+    publish_config(central_pub, gateway_id=gateway_id, prefix=prefix, devices=devices, version=1)
+    ingest = FakeIngest(killable_broker, gateway_id=gateway_id, prefix=prefix)
+    ingest.acking = True
+    with gateway_in_thread(
+        settings=gateway_settings(gateway_id, prefix),
+        central=broker_settings(killable_broker),
+        site=broker_settings(mqtt_server),
+        outbox=tmp_path / "o.sqlite3",
+    ) as gw:
+        wait_for(lambda: len(gw.devices) == 10, 10, "config applied")
+        sent = publish_readings(site_pub, prefix=prefix, devices=devices, per_device=100)
+        pid = killable_broker.pid()
+        assert pid is not None
+        stop_process_group(pid, first_signal=signal.SIGKILL, timeout_s=10, what="broker")
+        # Readings keep arriving at the site while the central broker is down.
+        sent |= publish_readings(
+            site_pub, prefix=prefix, devices=devices, per_device=100, start_seq=100
+        )
+        wait_for(lambda: gw.builder.rows == 0, 10, "builder flushed to the outbox")
+        assert gw.outbox.depth().readings > 0  # the backlog waits in the outbox
+        killable_broker.start()
+        wait_for(lambda: ingest.count() == len(sent), 60, "everything delivered after restart")
+        wait_for(lambda: gw.outbox.depth().readings == 0, 30, "outbox drained")
+        assert ingest.readings == sent
+    site_pub.disconnect()
+    central_pub.disconnect()
+    ingest.close()
