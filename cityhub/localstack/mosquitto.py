@@ -33,6 +33,7 @@ from cityhub.localstack.procs import (
     require_free_port,
     spawn_daemon,
     stop_process_group,
+    with_log_tail,
     write_owned_file,
 )
 from contracts.errors import ServiceStartError
@@ -247,11 +248,7 @@ class MosquittoServer:
         raise ServiceStartError(self._failure(f"Mosquitto did not answer on port {self.port}"))
 
     def _failure(self, what: str) -> str:
-        try:
-            tail = self.log_path.read_text(errors="replace").strip().splitlines()[-5:]
-        except OSError:
-            tail = []
-        return f"{what}; last lines of {self.log_path}:\n  " + "\n  ".join(tail)
+        return with_log_tail(what, self.log_path)
 
     def reload(self) -> None:
         """Re-read password and ACL files without a restart (SIGHUP)."""

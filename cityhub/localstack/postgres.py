@@ -34,6 +34,7 @@ from cityhub.localstack.procs import (
     run_checked,
     spawn_daemon,
     stop_process_group,
+    with_log_tail,
     write_owned_file,
 )
 from contracts.errors import MissingDependencyError, ServiceStartError
@@ -251,11 +252,7 @@ class PostgresServer:
                 lock.unlink()
 
     def _failure(self, what: str) -> str:
-        try:
-            tail = self.log_path.read_text(errors="replace").strip().splitlines()[-5:]
-        except OSError:
-            tail = []
-        return f"{what}; last lines of {self.log_path}:\n  " + "\n  ".join(tail)
+        return with_log_tail(what, self.log_path)
 
     def wait_ready(self, spawned_pid: int) -> None:
         """Poll until a connection succeeds; fail at once if the postmaster died."""

@@ -228,6 +228,15 @@ def _reap(pid: int) -> None:
         proc.wait(timeout=5)
 
 
+def with_log_tail(what: str, log_path: Path, lines: int = 5) -> str:
+    """An error message ending with the last lines of a server's log."""
+    try:
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-lines:]
+    except OSError:
+        tail = []
+    return f"{what}; last lines of {log_path}:\n  " + "\n  ".join(tail)
+
+
 def port_is_free(port: int, host: str = LOOPBACK) -> bool:
     """True if a server could listen on ``port`` now.
 
