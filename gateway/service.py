@@ -5,6 +5,7 @@ Wiring (DESIGN.md sections 1, 3, 4):
 - site broker (``MqttLink``): ``d/+/up`` and ``d/+/status`` from MQTT devices,
   handled in paho's network thread: topic -> configured device -> rate limit ->
   decode and check against the catalog -> tracking -> ``BatchBuilder``;
+- serial ports (``SerialSource``): PMS5003 / SDS011 frames -> the same path;
 - ``flusher`` task: takes due batches and writes them to the ``Outbox``
   (fsynced) in a worker thread;
 - ``sender`` task: publishes due outbox batches (new, or unacked past
@@ -483,11 +484,39 @@ class Gateway:
             for device_id in gone:
                 logger.info("device %s offline: no data for %.0f s", device_id, timeout_ms / 1000)
 
+    async def _serial(self, changed: asyncio.Event) -> None:
+        """Keep one reader task per configured serial device, following config changes."""
+        tasks: dict[str, tuple[DeviceConfig, asyncio.Task[None]]] = {}
+        async with asyncio.TaskGroup() as group:
+            while True:
+                wanted = {
+                    d.device_id: d
+                    for d in self.devices.values()
+                    if d.transport == "serial" and d.enabled
+                }
+                for device_id, (device, task) in list(tasks.items()):
+                    if wanted.get(device_id) != device:
+                        task.cancel()
+                        del tasks[device_id]
+                for device_id, device in wanted.items():
+                    if device_id not in tasks:
+                        # Imported on first use: a site without serial sensors
+                        # needs neither pyserial nor the frame codecs.
+                        from gateway.serialport import SerialSource
+
+                        source = SerialSource(device=device, gateway=self)
+                        tasks[device_id] = (
+                            device,
+                            group.create_task(source.run(), name=f"serial[{device.port}]"),
+                        )
+                await changed.wait()
+                changed.clear()
+
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set (or cancelled); flush the builder on the way out."""
         self._loop = asyncio.get_running_loop()
         self._wake_sender = wake = asyncio.Event()
-        self._config_changed = asyncio.Event()
+        self._config_changed = changed = asyncio.Event()
         logger.info(
             "gateway %s starting: boot %s, birth %d, outbox %d readings",
             self.gateway_id,
@@ -508,6 +537,7 @@ class Gateway:
                 group.create_task(self._sender(wake), name="sender")
                 group.create_task(self._state(), name="state")
                 group.create_task(self._expiry(), name="expiry")
+                group.create_task(self._serial(changed), name="serial")
                 if stop is not None:
                     group.create_task(_raise_on(stop), name="stop")
         except* _Stop:

@@ -169,3 +169,73 @@ def test_malformed_device_payloads_are_counted_rejects_and_never_crash(mqtt_serv
         assert gw.counters.accepted == 1
     pub.disconnect()
     ingest.close()
+
+
+def test_serial_pms5003_sensor_over_a_real_pty(mqtt_server, tmp_path, ids):
+    import os
+
+    from contracts.frames import Pms5003Frame, encode_pms5003
+    from contracts.messages import DeviceConfig
+
+    gateway_id, prefix = ids
+    master, slave = os.openpty()
+    device = DeviceConfig(
+        device_id=f"{prefix}-aq-01",
+        device_type="air_quality",
+        transport="serial",
+        port=os.ttyname(slave),
+        protocol="pms5003",
+    )
+    ingest = FakeIngest(mqtt_server, gateway_id=gateway_id, prefix=prefix)
+    pub = client(mqtt_server)
+    publish_config(pub, gateway_id=gateway_id, prefix=prefix, devices=[device], version=1)
+    broker = broker_settings(mqtt_server)
+    try:
+        with gateway_in_thread(
+            settings=gateway_settings(gateway_id, prefix),
+            central=broker,
+            site=broker,
+            outbox=tmp_path / "o.sqlite3",
+        ) as gw:
+            wait_for(lambda: len(gw.devices) == 1, 10, "config applied")
+            frames = [
+                encode_pms5003(
+                    Pms5003Frame(
+                        pm1_cf1=i,
+                        pm25_cf1=i,
+                        pm10_cf1=i,
+                        pm1_atm=i,
+                        pm25_atm=10 + i,
+                        pm10_atm=20 + i,
+                        n0_3=0,
+                        n0_5=0,
+                        n1_0=0,
+                        n2_5=0,
+                        n5_0=0,
+                        n10=0,
+                    )
+                )
+                for i in range(20)
+            ]
+            corrupted = bytearray(frames[5])
+            corrupted[10] ^= 0xFF
+            frames[5] = bytes(corrupted)
+            # Garbage between frames and frames split across writes, as a real line delivers.
+            stream = b"".join(b"\x00\x13\x37" + f for f in frames)
+            wait_for(
+                lambda: gw.counters.serial_reconnects == 0 and gw.site.connected.is_set(),
+                5,
+                "ready",
+            )
+            for start in range(0, len(stream), 7):
+                os.write(master, stream[start : start + 7])
+            wait_for(lambda: ingest.count() == 19, 15, "19 good frames delivered")
+            assert gw.counters.serial_checksum_errors == 1
+            assert gw.counters.serial_frames == 19
+            pm25 = sorted(v["pm25"] for v in ingest.values[device.device_id])
+            assert pm25 == [10.0 + i for i in range(20) if i != 5]
+    finally:
+        os.close(master)
+        os.close(slave)
+        pub.disconnect()
+        ingest.close()
