@@ -1,150 +1,250 @@
-"""Sans-IO serial frame codecs for the particulate sensors: bytes in, frames out.
+"""Sans-IO serial frame codecs for the two particulate sensors: bytes in, frames out.
 
-Frame layouts (from the datasheets):
+Frame layouts, from the manufacturers' documents:
 
-- Plantower PMS5003 (datasheet V2.5), 9600 baud 8N1, 32 bytes: 0x42 0x4D,
-  frame length (big-endian 16-bit, 28 = 13 data words + checksum), 13
-  big-endian 16-bit words (PM1.0 / PM2.5 / PM10 at CF=1, the same under
-  atmospheric environment, particle counts beyond 0.3 / 0.5 / 1.0 / 2.5 /
-  5.0 / 10 um per 0.1 L, reserved), then a 16-bit checksum: the sum of the
-  30 bytes before it.
-- Nova Fitness SDS011 (datasheet V1.3), 9600 baud 8N1, 10 bytes: 0xAA 0xC0,
-  PM2.5 low, high, PM10 low, high (tenths of ug/m3), device id (2 bytes),
-  checksum (sum of bytes 2..7, low 8 bits), 0xAB.
+- Plantower PMS5003 ("PMS5003 series data manual" V2.3, 2016-06-01, appendix I,
+  active mode): 9600 baud 8N1, 32 bytes a frame::
 
-``decode_*`` take a buffer and return the frames found, how many bytes the
-caller may drop from its front, and error counts; they resynchronise on
-garbage by scanning for the start bytes and, after a false start (bad length,
-checksum or tail), skip one byte and scan again, so a real frame right after
-a false start is still found. Bytes that may begin an incomplete frame at the
-end of the buffer are never consumed. Nothing here raises on any input.
-Reading the port is the gateway's business.
+      0x42 0x4D | length (16-bit BE) = 28 = 2 * 13 data bytes + 2 checksum bytes
+      | 13 data words (16-bit BE):
+      |   PM1.0, PM2.5, PM10 in ug/m3, CF=1 ("standard particle")
+      |   PM1.0, PM2.5, PM10 in ug/m3, atmospheric environment
+      |   particles beyond 0.3, 0.5, 1.0, 2.5, 5.0, 10 um per 0.1 L of air
+      |   reserved
+      | checksum (16-bit BE) = sum of the 30 bytes before it, start bytes included
+
+  The manual gives two active sub-modes: "stable", one frame every 2.3 s while
+  the concentration changes little, and "fast", one every 200-800 ms (shorter
+  the higher the concentration) while it changes a lot.
+- Nova Fitness SDS011 ("Laser PM2.5 Sensor specification" V1.3 and "Laser Dust
+  Sensor Control Protocol" V1.3, 2015-07-20): 9600 baud 8N1, one 10-byte frame
+  a second in active (factory default) mode::
+
+      0xAA | 0xC0 | PM2.5 low, high | PM10 low, high | device id byte 1, byte 2
+      | checksum = (sum of bytes 2..7) & 0xFF | 0xAB
+
+  PM values are tenths of ug/m3 (``(high * 256 + low) / 10``). The protocol's
+  example reply ``AA C0 D4 04 3A 0A A1 60 1D AB`` comes from "the sensor with
+  ID A160": device id byte 1 is the high byte, so ``device_id`` here is
+  ``byte1 << 8 | byte2``.
+
+Decoding is sans-IO: ``decode_pms5003`` / ``decode_sds011`` take a buffer and
+return a ``DecodeResult`` with the frames found, how many bytes the caller may
+drop from the front of its buffer, and error counts. They resynchronise on
+garbage by scanning for the start bytes (``bytes.find``); after a false start
+(a PMS5003 length other than 28, an SDS011 tail other than 0xAB, a bad
+checksum) they skip ONE byte and scan again, so a real frame hidden right
+after a false start is still found. Bytes that may still begin a frame at the
+end of the buffer (a start pair with less than a frame after it, or a lone
+first start byte) are never consumed; everything else consumed that is not
+part of a good frame is counted as garbage, so ``consumed == frames *
+frame_bytes + garbage_bytes`` always holds. Nothing here raises on any input.
+``FrameDecoder`` wraps this for a byte stream: it keeps the unconsumed tail
+(always shorter than one frame) and cumulative counters.
+
+``to_metrics`` maps a frame to the ``air_quality`` metrics of the device
+catalog; checking those values against the catalog's ranges (a PMS5003 word
+can say 65535 ug/m3) is the receiver's business. Opening and reading the port,
+logging the error counts and turning frames into readings with timestamps are
+the gateway's (``gateway.serialport``); producing a byte stream with faults is
+the simulator's. Only the active-mode data frames are handled: the SDS011's
+command replies (0xAA 0xC5 ...) and the PMS5003's passive-mode commands are
+outside this module, and their bytes count as garbage.
 """
 
 from __future__ import annotations
 
+import math
 import struct
-from typing import Final, Literal
+from typing import Final, Literal, TypeAlias
 
 import msgspec
 
 SERIAL_BAUD: Final = 9600
+# 8N1 puts 10 bits on the wire per byte (start bit, 8 data bits, stop bit).
+SERIAL_BYTES_PER_S: Final = SERIAL_BAUD // 10  # 960
+
 PMS5003_FRAME_BYTES: Final = 32
 SDS011_FRAME_BYTES: Final = 10
-# 9600 baud 8N1 carries 960 bytes/s: at most 30 PMS5003 or 96 SDS011 frames
-# a second on the wire; both sensors actually send about one a second.
-PMS5003_LINE_FRAMES_PER_S: Final = SERIAL_BAUD // 10 // PMS5003_FRAME_BYTES
-SDS011_LINE_FRAMES_PER_S: Final = SERIAL_BAUD // 10 // SDS011_FRAME_BYTES
+MAX_FRAME_BYTES: Final = max(PMS5003_FRAME_BYTES, SDS011_FRAME_BYTES)
+
+# The most frames a 9600-baud line can carry: 960 / 32 = 30 a second for the
+# PMS5003, 960 / 10 = 96 for the SDS011. The sensors send far fewer:
+PMS5003_LINE_FRAMES_PER_S: Final = SERIAL_BYTES_PER_S // PMS5003_FRAME_BYTES  # 30
+SDS011_LINE_FRAMES_PER_S: Final = SERIAL_BYTES_PER_S // SDS011_FRAME_BYTES  # 96
+# ~1 frame a second: the SDS011 sends one a second; the PMS5003 one every
+# 2.3 s (stable air) to one every 0.2-0.8 s (fast-changing air).
+SENSOR_FRAMES_PER_S: Final = 1.0
+
+_WORD_MAX: Final = 0xFFFF
 
 _PMS_START: Final = b"\x42\x4d"
-_PMS_LENGTH: Final = 28
-_PMS_WORDS: Final = struct.Struct(">2sH13HH")
+_PMS_FIRST: Final = 0x42
+# 13 data words of 2 bytes + a 2-byte checksum (the manual: "2 x 13 + 2").
+_PMS_LENGTH: Final = 2 * 13 + 2
+_PMS_CHECKED_BYTES: Final = PMS5003_FRAME_BYTES - 2  # all but the checksum itself
+# Skip the start pair and the length (checked before the frame is complete),
+# then the 13 data words and the checksum, all big-endian.
+_PMS_BODY: Final = struct.Struct(">4x13HH")
+_PMS_ENCODE: Final = struct.Struct(">2sH13H")
+
 _SDS_START: Final = b"\xaa\xc0"
+_SDS_FIRST: Final = 0xAA
 _SDS_TAIL: Final = 0xAB
+# Skip head and command; PM2.5 and PM10 little-endian, the two id bytes, the
+# checksum and the tail.
+_SDS_BODY: Final = struct.Struct("<2xHHBBBB")
+_SDS_ENCODE: Final = struct.Struct("<HHBB")
 
 
 class Pms5003Frame(msgspec.Struct, frozen=True, kw_only=True):
-    pm1_cf1: int  # ug/m3, CF=1 (factory calibration particle)
-    pm25_cf1: int
-    pm10_cf1: int
+    """One PMS5003 active-mode frame, the 13 data words as sent."""
+
+    pm1_cf1: int  # ug/m3, CF=1 ("standard particle", the factory environment)
+    pm25_cf1: int  # ug/m3, CF=1
+    pm10_cf1: int  # ug/m3, CF=1
     pm1_atm: int  # ug/m3, atmospheric environment
-    pm25_atm: int
-    pm10_atm: int
+    pm25_atm: int  # ug/m3, atmospheric environment
+    pm10_atm: int  # ug/m3, atmospheric environment
     n0_3: int  # particles beyond 0.3 um per 0.1 L of air
-    n0_5: int
-    n1_0: int
-    n2_5: int
-    n5_0: int
-    n10: int
-    reserved: int = 0
+    n0_5: int  # particles beyond 0.5 um per 0.1 L
+    n1_0: int  # particles beyond 1.0 um per 0.1 L
+    n2_5: int  # particles beyond 2.5 um per 0.1 L
+    n5_0: int  # particles beyond 5.0 um per 0.1 L
+    n10: int  # particles beyond 10 um per 0.1 L
+    reserved: int = 0  # "reserved" in the manual; real sensors may send non-zero
 
 
 class Sds011Frame(msgspec.Struct, frozen=True, kw_only=True):
-    pm25: float  # ug/m3, 0.1 resolution
-    pm10: float
-    device_id: int
+    """One SDS011 active-mode data frame (command 0xC0)."""
+
+    pm25: float  # ug/m3, resolution 0.1
+    pm10: float  # ug/m3, resolution 0.1
+    device_id: int  # 0..65535, id byte 1 high
 
 
-Frame = Pms5003Frame | Sds011Frame
-SensorKind = Literal["pms5003", "sds011"]
+Frame: TypeAlias = Pms5003Frame | Sds011Frame
+SensorKind: TypeAlias = Literal["pms5003", "sds011"]
 
 
-class DecodeResult(msgspec.Struct, frozen=True):
+class DecodeResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What one ``decode_*`` call found in a buffer."""
+
     frames: list[Frame]
+    # Bytes the caller may drop from the front of its buffer; the rest may be
+    # the start of a frame still arriving: keep it and prepend it to the next read.
     consumed: int
     checksum_errors: int = 0
+    # Framing errors: a PMS5003 length field other than 28, an SDS011 byte 9
+    # other than the 0xAB tail.
     length_errors: int = 0
+    # Consumed bytes that were not part of a good frame (skipped while
+    # resynchronising, false starts included).
     garbage_bytes: int = 0
 
 
-def _word(value: int) -> int:
-    return max(0, min(0xFFFF, int(value)))
+# --- encoding (the simulator's side) -----------------------------------------
+
+
+def _word(value: float) -> int:
+    """``value`` as the sensor would send it: nearest integer, clamped to 0..65535."""
+    if math.isnan(value):
+        raise ValueError("NaN cannot be encoded in a sensor frame")
+    if value <= 0:
+        return 0
+    if value >= _WORD_MAX:
+        return _WORD_MAX  # also +inf, which round() would refuse
+    return round(value)
 
 
 def encode_pms5003(frame: Pms5003Frame) -> bytes:
-    words = [
-        frame.pm1_cf1,
-        frame.pm25_cf1,
-        frame.pm10_cf1,
-        frame.pm1_atm,
-        frame.pm25_atm,
-        frame.pm10_atm,
-        frame.n0_3,
-        frame.n0_5,
-        frame.n1_0,
-        frame.n2_5,
-        frame.n5_0,
-        frame.n10,
-        frame.reserved,
-    ]
-    body = _PMS_START + struct.pack(">H13H", _PMS_LENGTH, *(_word(w) for w in words))
-    return body + struct.pack(">H", sum(body) & 0xFFFF)
+    """The 32 bytes a PMS5003 sends for ``frame``; words are rounded and clamped to 0..65535.
+
+    Raises ValueError for a NaN field (no sensor sends one).
+    """
+    body = _PMS_ENCODE.pack(
+        _PMS_START,
+        _PMS_LENGTH,
+        _word(frame.pm1_cf1),
+        _word(frame.pm25_cf1),
+        _word(frame.pm10_cf1),
+        _word(frame.pm1_atm),
+        _word(frame.pm25_atm),
+        _word(frame.pm10_atm),
+        _word(frame.n0_3),
+        _word(frame.n0_5),
+        _word(frame.n1_0),
+        _word(frame.n2_5),
+        _word(frame.n5_0),
+        _word(frame.n10),
+        _word(frame.reserved),
+    )
+    return body + (sum(body) & 0xFFFF).to_bytes(2, "big")
 
 
 def encode_sds011(frame: Sds011Frame) -> bytes:
-    pm25 = _word(round(frame.pm25 * 10))
-    pm10 = _word(round(frame.pm10 * 10))
-    data = struct.pack("<HHH", pm25, pm10, _word(frame.device_id))
-    return _SDS_START + data + bytes([sum(data) & 0xFF, _SDS_TAIL])
+    """The 10 bytes an SDS011 sends for ``frame``.
+
+    PM values go to the nearest tenth of ug/m3, clamped to 0..6553.5 (what 16
+    bits of tenths hold); the device id is clamped to 0..65535. Raises
+    ValueError for a NaN field.
+    """
+    device_id = _word(frame.device_id)
+    data = _SDS_ENCODE.pack(
+        _word(frame.pm25 * 10), _word(frame.pm10 * 10), device_id >> 8, device_id & 0xFF
+    )
+    return _SDS_START + data + bytes((sum(data) & 0xFF, _SDS_TAIL))
 
 
-def _keep_from(buffer: bytes, start: bytes) -> int:
-    """Index from which the tail of ``buffer`` could still begin a frame."""
-    if buffer.endswith(start[:1]):
-        return len(buffer) - 1
-    return len(buffer)
+# --- decoding -------------------------------------------------------------------
+
+
+def _garbage_end(data: bytes, pos: int, first: int) -> int:
+    """Where the consumable garbage ends when no start pair follows ``pos``.
+
+    Only a last byte equal to the first start byte can still begin a frame
+    (the next read may bring the second); every other byte is garbage.
+    """
+    end = len(data)
+    if end > pos and data[end - 1] == first:
+        return end - 1
+    return end
 
 
 def decode_pms5003(buffer: bytes | bytearray | memoryview) -> DecodeResult:
+    """Decode every complete PMS5003 frame in ``buffer``; never raises."""
     data = bytes(buffer)
+    end = len(data)
     frames: list[Frame] = []
     pos = checksum_errors = length_errors = garbage = 0
+    find = data.find
+    unpack = _PMS_BODY.unpack_from
     while True:
-        start = data.find(_PMS_START, pos)
+        start = find(_PMS_START, pos)
         if start < 0:
-            keep = max(pos, _keep_from(data, _PMS_START))
+            keep = _garbage_end(data, pos, _PMS_FIRST)
             garbage += keep - pos
             pos = keep
             break
         garbage += start - pos
         pos = start
-        if len(data) - start < 4:
+        if end - start < 4:
             break  # the length field has not arrived yet
-        if data[start + 2] << 8 | data[start + 3] != _PMS_LENGTH:
+        # Judge the length as soon as it arrives, not 28 bytes later.
+        if data[start + 2] != 0 or data[start + 3] != _PMS_LENGTH:
             length_errors += 1
             garbage += 1
             pos = start + 1
             continue
-        if len(data) - start < PMS5003_FRAME_BYTES:
-            break
-        raw = data[start : start + PMS5003_FRAME_BYTES]
-        fields = _PMS_WORDS.unpack(raw)
-        if sum(raw[:30]) & 0xFFFF != fields[-1]:
+        if end - start < PMS5003_FRAME_BYTES:
+            break  # the rest of the frame has not arrived yet
+        w = unpack(data, start)
+        # At most 30 * 255 = 7650: the 16-bit mask of the manual never bites.
+        if sum(data[start : start + _PMS_CHECKED_BYTES]) & 0xFFFF != w[13]:
             checksum_errors += 1
             garbage += 1
             pos = start + 1
             continue
-        w = fields[2:15]
         frames.append(
             Pms5003Frame(
                 pm1_cf1=w[0],
@@ -163,75 +263,133 @@ def decode_pms5003(buffer: bytes | bytearray | memoryview) -> DecodeResult:
             )
         )
         pos = start + PMS5003_FRAME_BYTES
-    return DecodeResult(frames, pos, checksum_errors, length_errors, garbage)
+    return DecodeResult(
+        frames=frames,
+        consumed=pos,
+        checksum_errors=checksum_errors,
+        length_errors=length_errors,
+        garbage_bytes=garbage,
+    )
 
 
 def decode_sds011(buffer: bytes | bytearray | memoryview) -> DecodeResult:
+    """Decode every complete SDS011 data frame in ``buffer``; never raises.
+
+    A frame whose byte 9 is not the 0xAB tail counts as a length error (the
+    frame does not end where 10 bytes put it), checked before the checksum.
+    """
     data = bytes(buffer)
+    end = len(data)
     frames: list[Frame] = []
     pos = checksum_errors = length_errors = garbage = 0
+    find = data.find
+    unpack = _SDS_BODY.unpack_from
     while True:
-        start = data.find(_SDS_START, pos)
+        start = find(_SDS_START, pos)
         if start < 0:
-            keep = max(pos, _keep_from(data, _SDS_START))
+            keep = _garbage_end(data, pos, _SDS_FIRST)
             garbage += keep - pos
             pos = keep
             break
         garbage += start - pos
         pos = start
-        if len(data) - start < SDS011_FRAME_BYTES:
-            break
-        raw = data[start : start + SDS011_FRAME_BYTES]
-        if raw[9] != _SDS_TAIL:
+        if end - start < SDS011_FRAME_BYTES:
+            break  # the rest of the frame has not arrived yet
+        pm25, pm10, id1, id2, checksum, tail = unpack(data, start)
+        if tail != _SDS_TAIL:
             length_errors += 1
             garbage += 1
             pos = start + 1
             continue
-        if sum(raw[2:8]) & 0xFF != raw[8]:
+        if sum(data[start + 2 : start + 8]) & 0xFF != checksum:
             checksum_errors += 1
             garbage += 1
             pos = start + 1
             continue
-        pm25, pm10, device_id = struct.unpack_from("<HHH", raw, 2)
-        frames.append(Sds011Frame(pm25=pm25 / 10, pm10=pm10 / 10, device_id=device_id))
+        frames.append(Sds011Frame(pm25=pm25 / 10, pm10=pm10 / 10, device_id=id1 << 8 | id2))
         pos = start + SDS011_FRAME_BYTES
-    return DecodeResult(frames, pos, checksum_errors, length_errors, garbage)
+    return DecodeResult(
+        frames=frames,
+        consumed=pos,
+        checksum_errors=checksum_errors,
+        length_errors=length_errors,
+        garbage_bytes=garbage,
+    )
 
 
 class FrameDecoder:
-    """Stateful wrapper: feed bytes as they arrive, get whole frames; counts errors."""
+    """Decode one sensor's byte stream as it arrives; pure, keeps only a short tail.
+
+    ``feed`` returns the frames completed by the new bytes, in order. The
+    counters are cumulative since construction. The kept tail is always
+    shorter than one frame (the ``decode_*`` functions keep at most a
+    started frame), and ``feed`` enforces that bound as well, so no input can
+    grow the decoder's memory.
+    """
+
+    __slots__ = (
+        "_decode",
+        "_frame_bytes",
+        "_tail",
+        "checksum_errors",
+        "frames",
+        "garbage_bytes",
+        "kind",
+        "length_errors",
+    )
 
     def __init__(self, kind: SensorKind) -> None:
+        if kind == "pms5003":
+            self._decode = decode_pms5003
+            self._frame_bytes = PMS5003_FRAME_BYTES
+        elif kind == "sds011":
+            self._decode = decode_sds011
+            self._frame_bytes = SDS011_FRAME_BYTES
+        else:
+            raise ValueError(f"unknown serial protocol {kind!r} (known: pms5003, sds011)")
         self.kind: SensorKind = kind
-        self._decode = decode_pms5003 if kind == "pms5003" else decode_sds011
-        self._max_tail = PMS5003_FRAME_BYTES if kind == "pms5003" else SDS011_FRAME_BYTES
         self._tail = b""
         self.frames = 0
         self.checksum_errors = 0
         self.length_errors = 0
         self.garbage_bytes = 0
 
-    def feed(self, data: bytes) -> list[Frame]:
-        buffer = self._tail + data
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes kept for the next ``feed``: the start of a frame still arriving."""
+        return len(self._tail)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        buffer = self._tail + data if self._tail else bytes(data)
         result = self._decode(buffer)
-        self._tail = buffer[result.consumed :]
-        # The kept tail is at most one incomplete frame by construction; bound
-        # it anyway so no input can grow it.
-        if len(self._tail) > self._max_tail:
-            self.garbage_bytes += len(self._tail) - self._max_tail
-            self._tail = self._tail[-self._max_tail :]
+        tail = buffer[result.consumed :]
+        if len(tail) >= self._frame_bytes:
+            # Unreachable while decode_* keep their contract; a bound anyway.
+            drop = len(tail) - self._frame_bytes + 1
+            self.garbage_bytes += drop
+            tail = tail[drop:]
+        self._tail = tail
         self.frames += len(result.frames)
         self.checksum_errors += result.checksum_errors
         self.length_errors += result.length_errors
         self.garbage_bytes += result.garbage_bytes
         return result.frames
 
+    def reset(self) -> None:
+        """Drop the kept tail (counted as garbage), e.g. after the port was reopened."""
+        self.garbage_bytes += len(self._tail)
+        self._tail = b""
+
 
 def to_metrics(frame: Frame) -> dict[str, float]:
-    """Catalog metrics of ``air_quality`` from one frame.
+    """The ``air_quality`` catalog metrics of one frame.
 
-    PMS5003: the atmospheric-environment values, what outdoor monitors
-    report (the CF=1 values are for factory calibration particles).
+    PMS5003: ``pm1``, ``pm25``, ``pm10`` from the atmospheric-environment
+    words, the values the manual gives for ambient air and the ones outdoor
+    monitors report; the CF=1 words are for the factory calibration
+    environment. (Some correction models, e.g. the US EPA's for PurpleAir,
+    start from the CF=1 PM2.5 instead; the frame keeps both for that.)
+    SDS011: ``pm25`` and ``pm10``; it has no PM1.0 channel.
     """
     if isinstance(frame, Pms5003Frame):
         return {

@@ -59,6 +59,8 @@ class SerialSource:
                 delay = min(REOPEN_MAX_S, delay * 2)
                 continue
             logger.info("serial %s open for %s", self.port, self.device.device_id)
+            # A partial frame from before the reopen would only cost a false error.
+            self.decoder.reset()
             delay = REOPEN_MIN_S
             try:
                 await self._read(reader)
