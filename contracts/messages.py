@@ -538,6 +538,18 @@ class GatewayState(msgspec.Struct, frozen=True, kw_only=True):
     version: str  # gateway software version
     outbox_depth: int  # batches waiting for an ack
     ts_ms: int
+    # Appended: health since this boot (counters) and over the last state
+    # interval (readings_per_s). Older gateways leave them at 0.
+    outbox_readings: int = 0
+    readings_per_s: float = 0.0
+    received: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    rate_limited: int = 0
+    serial_errors: int = 0
+    devices_online: int = 0
+    batches_resent: int = 0
+    puback_refused: int = 0
 
 
 _STATE_DECODER: Final = msgspec.json.Decoder(GatewayState)

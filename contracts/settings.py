@@ -77,6 +77,9 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # The site broker the MQTT devices publish to; host None means the
     # embedded broker.
     site_broker: BrokerSettings = msgspec.field(default_factory=BrokerSettings)
+    # The site broker keeps the devices' QoS 1 messages this long while the
+    # gateway is away (restart, crash) and delivers them when it is back.
+    site_session_expiry_s: int = 3600
     # "" means {local.state_dir}/gateway-{gateway_id}/outbox.sqlite3.
     outbox_path: str = ""
     # 256 MiB of batches is about 2.5 M readings at ~100 bytes each: a day of

@@ -55,6 +55,7 @@ class MqttLink:
         username: str | None,
         password: str | None,
         tls: bool = False,
+        session_expiry_s: int = 0,
         will: Will | None = None,
         on_message: Callable[[str, bytes], None],
         on_connect: Callable[[], None],
@@ -62,6 +63,9 @@ class MqttLink:
         on_publish: Callable[[int, int], None] = lambda _mid, _code: None,
     ) -> None:
         self.name = name
+        # > 0: a persistent session; the broker queues QoS 1 messages for us
+        # while we are away and delivers them when we reconnect.
+        self.session_expiry_s = session_expiry_s
         self.host = host
         self.port = port
         self._on_message = on_message
@@ -89,10 +93,14 @@ class MqttLink:
     def start(self) -> None:
         """Connect in the background; paho keeps reconnecting until ``stop``."""
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = 0
+        props.SessionExpiryInterval = self.session_expiry_s
         try:
             self.client.connect_async(
-                self.host, self.port, keepalive=KEEPALIVE_S, clean_start=True, properties=props
+                self.host,
+                self.port,
+                keepalive=KEEPALIVE_S,
+                clean_start=self.session_expiry_s == 0,
+                properties=props,
             )
         except (OSError, ValueError) as exc:
             raise BrokerUnavailableError(f"{self.name}: {self.host}:{self.port}: {exc}") from exc

@@ -43,6 +43,10 @@ CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS documents (
+    name TEXT PRIMARY KEY,
+    body BLOB NOT NULL
+);
 """
 
 
@@ -109,6 +113,20 @@ class Outbox:
             "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
             (name, by),
         )
+
+    def save_document(self, name: str, body: bytes) -> None:
+        """Keep a small document (the last applied config) across restarts, fsynced."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO documents (name, body) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET body = excluded.body",
+                (name, body),
+            )
+
+    def load_document(self, name: str) -> bytes | None:
+        with self._lock:
+            row = self._db.execute("SELECT body FROM documents WHERE name = ?", (name,)).fetchone()
+        return bytes(row[0]) if row else None
 
     def next_birth(self) -> int:
         """A birth counter that increases at every gateway start, kept across restarts."""

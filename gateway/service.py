@@ -48,6 +48,7 @@ from contracts.messages import (
     decode_device_uplink,
     decode_gateway_config,
     encode_batch,
+    encode_gateway_config,
     encode_gateway_state,
 )
 from contracts.settings import BrokerSettings, GatewaySettings
@@ -69,6 +70,7 @@ from gateway.tracking import DeviceTracker
 logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+CONFIG_DOCUMENT = "gateway_config"
 # How often the flusher looks at the builder: well under batch_max_ms so a
 # batch leaves at most ~10% later than its age limit.
 FLUSH_TICK_S = 0.02
@@ -166,6 +168,7 @@ class Gateway:
         self.devices: dict[str, DeviceConfig] = {}
         self.serial_seq: dict[str, int] = {}
         self._inflight: dict[int, str] = {}
+        self._site_started = False
         self._reject_log: dict[str, tuple[int, int]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_sender: asyncio.Event | None = None
@@ -192,14 +195,22 @@ class Gateway:
             username=site.username,
             password=site.password,
             tls=site.tls,
+            session_expiry_s=settings.site_session_expiry_s,
             on_message=self._on_site_message,
             on_connect=self._on_site_connect,
         )
+        saved = self.outbox.load_document(CONFIG_DOCUMENT)
+        if saved is not None:
+            try:
+                self.apply_config(decode_gateway_config(saved), persist=False)
+            except InputError as exc:
+                logger.warning("saved config unreadable, waiting for a new one: %s", exc)
 
     # -- state -----------------------------------------------------------------
 
-    def _state_payload(self, status: GatewayStatus) -> bytes:
+    def _state_payload(self, status: GatewayStatus, readings_per_s: float = 0.0) -> bytes:
         depth = self.outbox.depth()
+        c = self.counters
         return encode_gateway_state(
             GatewayState(
                 gateway_id=self.gateway_id,
@@ -207,16 +218,26 @@ class Gateway:
                 birth=self.birth,
                 boot_id=self.boot_id,
                 version=VERSION,
-                outbox_depth=depth.readings,
+                outbox_depth=depth.batches,
                 ts_ms=self.clock(),
+                outbox_readings=depth.readings,
+                readings_per_s=round(readings_per_s, 1),
+                received=c.received,
+                accepted=c.accepted,
+                rejected=sum(c.rejects.values()),
+                rate_limited=c.rate_limited,
+                serial_errors=c.serial_checksum_errors + c.serial_length_errors,
+                devices_online=self.tracker.online_count(),
+                batches_resent=c.batches_resent,
+                puback_refused=c.puback_refused,
             )
         )
 
-    def publish_state(self) -> None:
+    def publish_state(self, readings_per_s: float = 0.0) -> None:
         if self.central.connected.is_set():
             self.central.publish(
                 state_topic(self.gateway_id, self.prefix),
-                self._state_payload("online"),
+                self._state_payload("online", readings_per_s),
                 retain=True,
             )
 
@@ -372,8 +393,12 @@ class Gateway:
                 return
             self.apply_config(config)
 
-    def apply_config(self, config: GatewayConfig) -> None:
-        """Replace the device list live; an older or foreign config is ignored."""
+    def apply_config(self, config: GatewayConfig, *, persist: bool = True) -> None:
+        """Replace the device list live; an older or foreign config is ignored.
+
+        The applied config is kept in the outbox file, so a restarted gateway
+        serves its devices before (or without) the central broker.
+        """
         if config.gateway_id != self.gateway_id:
             logger.warning("config for gateway %s ignored", config.gateway_id)
             return
@@ -389,6 +414,8 @@ class Gateway:
                 self.buckets.set_rate(device.device_id, device.rate_limit_per_s)
             self.config = config
             self.counters.configs_applied += 1
+        if persist:
+            self.outbox.save_document(CONFIG_DOCUMENT, encode_gateway_config(config))
         logger.info(
             "config version %d applied: %d devices (%d removed)",
             config.version,
@@ -397,6 +424,19 @@ class Gateway:
         )
         if self._loop is not None and self._config_changed is not None:
             self._loop.call_soon_threadsafe(self._config_changed.set)
+        self._start_site()
+
+    def _start_site(self) -> None:
+        """Connect to the site broker once a config says which devices are ours.
+
+        Until then the broker keeps the devices' messages in the gateway's
+        persistent session instead of the gateway refusing them as unknown.
+        """
+        with self.lock:
+            if self._site_started or self.config is None or self._loop is None:
+                return
+            self._site_started = True
+        self.site.start()
 
     def _wake(self) -> None:
         if self._loop is not None and self._wake_sender is not None:
@@ -471,9 +511,13 @@ class Gateway:
                 wake.set()
 
     async def _state(self) -> None:
+        last_ms, last_accepted = self.clock(), self.counters.accepted
         while True:
             await asyncio.sleep(self.settings.state_interval_s)
-            self.publish_state()
+            now, accepted = self.clock(), self.counters.accepted
+            rate = (accepted - last_accepted) * 1000 / max(1, now - last_ms)
+            last_ms, last_accepted = now, accepted
+            self.publish_state(rate)
 
     async def _expiry(self) -> None:
         timeout_ms = int(self.settings.no_data_timeout_s * 1000)
@@ -525,7 +569,7 @@ class Gateway:
             self.outbox.depth().readings,
         )
         self.central.start()
-        self.site.start()
+        self._start_site()
         metrics_server = None
         if self.settings.metrics_port:
             from gateway.metrics import serve_metrics

@@ -239,3 +239,53 @@ def test_serial_pms5003_sensor_over_a_real_pty(mqtt_server, tmp_path, ids):
         os.close(slave)
         pub.disconnect()
         ingest.close()
+
+
+def test_state_message_reports_health_and_death(mqtt_server, tmp_path, ids):
+    import threading
+
+    from contracts.messages import decode_gateway_state
+    from contracts.topics import state_topic
+
+    gateway_id, prefix = ids
+    devices = mqtt_devices(prefix, 3)
+    ingest = FakeIngest(mqtt_server, gateway_id=gateway_id, prefix=prefix)
+    ingest.acking = True
+    pub = client(mqtt_server)
+    publish_config(pub, gateway_id=gateway_id, prefix=prefix, devices=devices, version=1)
+    states = []
+    got = threading.Event()
+    watcher = client(mqtt_server)
+
+    def on_message(_c, _u, message):
+        states.append(decode_gateway_state(message.payload))
+        got.set()
+
+    watcher.on_message = on_message
+    watcher.subscribe(state_topic(gateway_id, prefix), qos=1)
+    broker = broker_settings(mqtt_server)
+    with gateway_in_thread(
+        settings=gateway_settings(gateway_id, prefix, state_interval_s=0.3),
+        central=broker,
+        site=broker,
+        outbox=tmp_path / "o.sqlite3",
+    ) as gw:
+        wait_for(lambda: len(gw.devices) == 3, 10, "config applied")
+        sent = publish_readings(pub, prefix=prefix, devices=devices, per_device=10)
+        pub.publish(device_uplink_topic(devices[0].device_id, prefix), b"{junk", qos=1)
+        wait_for(lambda: ingest.count() == len(sent), 10, "delivery")
+        wait_for(
+            lambda: any(s.accepted == len(sent) and s.rejected == 1 for s in states),
+            10,
+            "a state message with the counts",
+        )
+        live = next(s for s in states if s.accepted == len(sent))
+        assert live.status == "online"
+        assert live.received == len(sent) + 1
+        assert live.devices_online == 3
+        birth = live.birth
+    wait_for(lambda: states[-1].status == "offline", 10, "death message")
+    assert states[-1].birth == birth
+    watcher.disconnect()
+    pub.disconnect()
+    ingest.close()

@@ -172,3 +172,27 @@ def test_central_broker_kill_9_mid_stream_loses_nothing(mqtt_server, killable_br
     site_pub.disconnect()
     central_pub.disconnect()
     ingest.close()
+
+
+def test_readings_sent_while_the_gateway_is_down_are_delivered_after_restart(mqtt_server, tmp_path):
+    tag = uuid.uuid4().hex[:6]
+    gateway_id, prefix = f"gw-{tag}", f"t{tag}"
+    devices = mqtt_devices(prefix, 5)
+    pub = client(mqtt_server)
+    publish_config(pub, gateway_id=gateway_id, prefix=prefix, devices=devices, version=1)
+    ingest = FakeIngest(mqtt_server, gateway_id=gateway_id, prefix=prefix)
+    ingest.acking = True
+    broker = broker_settings(mqtt_server)
+    settings = gateway_settings(gateway_id, prefix)
+    outbox = tmp_path / "o.sqlite3"
+    with gateway_in_thread(settings=settings, central=broker, site=broker, outbox=outbox) as gw:
+        wait_for(lambda: len(gw.devices) == 5, 10, "config applied")
+        sent = publish_readings(pub, prefix=prefix, devices=devices, per_device=20)
+        wait_for(lambda: ingest.count() == len(sent), 10, "first readings")
+    # The gateway is away; its persistent session at the site broker queues these.
+    sent |= publish_readings(pub, prefix=prefix, devices=devices, per_device=20, start_seq=20)
+    with gateway_in_thread(settings=settings, central=broker, site=broker, outbox=outbox) as gw:
+        wait_for(lambda: ingest.count() == len(sent), 20, "readings queued while away")
+        assert ingest.readings == sent
+    pub.disconnect()
+    ingest.close()
