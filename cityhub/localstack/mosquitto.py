@@ -199,7 +199,9 @@ class MosquittoServer:
             "autosave_interval 10",
             f"max_queued_messages {MAX_QUEUED_MESSAGES}",
             f"max_queued_bytes {MAX_QUEUED_BYTES}",
-            "max_inflight_messages 100",
+            # QoS 1 messages in flight to one client: the default 20 (100 before)
+            # held a draining gateway to 8.3k msgs/s here; 1000 gave 8.8-10k.
+            "max_inflight_messages 1000",
             f"max_packet_size {MAX_PACKET_BYTES}",
             "log_dest stderr",
             "log_type error",
