@@ -1,0 +1,196 @@
+"""`cityhub sim`: run a simulated Hanoi fleet against the site broker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import signal
+import time
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+import typer
+from rich.table import Table
+
+from cityhub import database
+from cityhub.cli.context import CliState, reported_errors, state_of
+from cityhub.cli.gateway import embedded_broker
+from contracts.errors import SettingsError
+from contracts.messages import GatewayConfig, encode_gateway_config
+from contracts.topics import config_topic
+from firmware_sim.fleet import SiteInfo, build_fleet, parse_fleet_description
+from firmware_sim.service import Simulator
+
+app = typer.Typer(
+    help="Simulated devices speaking the real serial and MQTT protocols.", no_args_is_help=True
+)
+
+_DURATION = re.compile(r"^(?P<n>\d+(?:\.\d+)?)(?P<unit>ms|s|m|h)?$")
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '5m', '1h', '500ms' -> seconds."""
+    match = _DURATION.match(text.strip())
+    if match is None:
+        raise SettingsError("--for", f"{text!r} is not a duration like 60s, 5m or 1h")
+    factor = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[match.group("unit")]
+    return float(match.group("n")) * factor
+
+
+def gateway_id_for(site_id: str) -> str:
+    """The simulated fleet's gateway of a site (one per site)."""
+    return f"gw-{site_id}"[:64]
+
+
+def seed_sites() -> list[SiteInfo]:
+    return [
+        SiteInfo(id=s.id, kind=s.kind, opening_hours=s.opening_hours)  # type: ignore[arg-type]
+        for s in database.load_hanoi_sites()
+    ]
+
+
+@app.command()
+def run(
+    ctx: typer.Context,
+    fleet: Annotated[
+        Path | None,
+        typer.Option(
+            "--fleet",
+            "-f",
+            help="Fleet description (TOML); default: every seed site.",
+            dir_okay=False,
+            exists=True,
+        ),
+    ] = None,
+    sites: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated seed site ids to simulate (overrides the file)."),
+    ] = None,
+    duration: Annotated[
+        str | None,
+        typer.Option("--for", help="Stop after this long (60s, 5m, 1h); default: Ctrl-C."),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (overrides the file).")] = None,
+    publish_configs: Annotated[
+        bool,
+        typer.Option(
+            help="Publish each site's retained gateway config (gateway gw-{site}) "
+            "naming its simulated devices and serial ports."
+        ),
+    ] = True,
+    topic_prefix: Annotated[str, typer.Option(help="Prefix for every topic.")] = "",
+) -> None:
+    """Run the simulated fleet: MQTT devices on the site broker, serial sensors on ptys.
+
+    Deterministic for a seed. Prints progress every 5 s and a summary at the
+    end (messages by device type, injected faults).
+    """
+    state = state_of(ctx)
+    with reported_errors(state):
+        document: dict[str, Any] = {}
+        if fleet is not None:
+            try:
+                document = tomllib.loads(fleet.read_text(encoding="utf-8"))
+            except tomllib.TOMLDecodeError as exc:
+                raise SettingsError("--fleet", f"{fleet}: not valid TOML: {exc}") from None
+        if sites:
+            document["sites"] = [s.strip() for s in sites.split(",") if s.strip()]
+        if seed is not None:
+            document["seed"] = seed
+        description = parse_fleet_description(document)
+        specs = build_fleet(description, seed_sites())
+        site_broker = embedded_broker(state, state.settings.gateway.site_broker)
+        sim = Simulator(
+            devices=specs,
+            site_broker=site_broker,
+            topic_prefix=topic_prefix,
+            seed=description.seed,
+            period_ms=description.period_ms,
+            time_acceleration=description.time_acceleration,
+        )
+        if publish_configs:
+            central = embedded_broker(state, state.settings.broker)
+            _publish_configs(central, specs, sim.ports, topic_prefix)
+        seconds = parse_duration(duration) if duration else None
+        state.console.print(
+            f"simulating {len(specs)} devices at {len({s.site_id for s in specs})} sites "
+            f"(seed {description.seed}, {description.time_acceleration:g}x)"
+        )
+        asyncio.run(_run(state, sim, seconds))
+        _summary(state, sim)
+
+
+def _publish_configs(central: Any, specs: list[Any], ports: dict[str, str], prefix: str) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    by_site: dict[str, list[Any]] = {}
+    for spec in specs:
+        by_site.setdefault(spec.site_id, []).append(spec)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    if central.username:
+        client.username_pw_set(central.username, central.password)
+    client.connect(central.host or "127.0.0.1", central.port)
+    client.loop_start()
+    try:
+        version = int(time.time())  # newer than any earlier run's config
+        for site_id, site_specs in by_site.items():
+            gateway_id = gateway_id_for(site_id)
+            config = GatewayConfig(
+                gateway_id=gateway_id,
+                version=version,
+                site_id=site_id,
+                devices=[s.device_config(port=ports.get(s.device_id)) for s in site_specs],
+            )
+            client.publish(
+                config_topic(gateway_id, prefix), encode_gateway_config(config), qos=1, retain=True
+            ).wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+async def _run(state: CliState, sim: Simulator, seconds: float | None) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if seconds is not None:
+        loop.call_later(seconds, stop.set)
+
+    async def progress() -> None:
+        last, last_t = 0, time.monotonic()
+        while True:
+            await asyncio.sleep(5)
+            total, now = sim.stats.total(), time.monotonic()
+            state.console.print(
+                f"{total:>9} sent  {(total - last) / (now - last_t):>7.0f}/s  "
+                f"{sim.stats.connected} connected  worst lateness {sim.stats.late_ms_max} ms",
+                highlight=False,
+            )
+            last, last_t = total, now
+
+    reporter = asyncio.create_task(progress(), name="progress")
+    try:
+        await sim.run(stop)
+    finally:
+        reporter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reporter
+
+
+def _summary(state: CliState, sim: Simulator) -> None:
+    table = Table(title="simulated readings")
+    table.add_column("device type")
+    table.add_column("MQTT messages", justify="right")
+    table.add_column("serial frames", justify="right")
+    for dtype in sorted(set(sim.stats.published) | set(sim.stats.frames_written)):
+        table.add_row(dtype, str(sim.stats.published[dtype]), str(sim.stats.frames_written[dtype]))
+    state.console.print(table)
+    faults = {
+        k: v for k, v in msgspec.to_builtins(sim.fault_counters()).items() if v not in (0, {})
+    }
+    state.console.print(f"injected: {faults}", highlight=False)

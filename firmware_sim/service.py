@@ -1,0 +1,259 @@
+"""The simulator service: drives a fleet's devices over real transports.
+
+- MQTT devices: one aiomqtt connection per device (its own client id and
+  credential, a retained ``offline`` Will on ``d/{id}/status``, ``online``
+  published at connect), all in one event loop; each device publishes its
+  emissions at QoS 1 on ``d/{id}/up`` at their (accelerated) times.
+- Serial devices: a pseudo-terminal per device; the gateway opens the
+  slave side (``ports``) with pyserial; the simulator writes PMS5003 /
+  SDS011 frames (with line faults) into the master side, paced at 9600 baud.
+
+Signals, models and faults are the pure modules' (``fleet``, ``models``,
+``faults``); this module owns sockets, ptys and the clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import termios
+import time
+import tty
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiomqtt
+
+from contracts.errors import BrokerUnavailableError
+from contracts.frames import SERIAL_BAUD
+from contracts.messages import DEVICE_OFFLINE, DEVICE_ONLINE, DeviceUplink
+from contracts.settings import BrokerSettings
+from contracts.topics import device_status_topic, device_uplink_topic
+from firmware_sim.faults import FaultCounters, FaultInjector
+from firmware_sim.fleet import DeviceSpec, send_phases_ms, wall_time_ms
+from firmware_sim.sensorframes import frame_for
+
+logger = logging.getLogger(__name__)
+
+# 8N1: ten bits on the wire per byte.
+LINE_BYTES_PER_S = SERIAL_BAUD / 10
+# Reconnect backoff of a simulated device (firmware retries like this).
+RECONNECT_MIN_S = 0.5
+RECONNECT_MAX_S = 10.0
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+Credentials = Callable[[str], tuple[str | None, str | None]]
+
+
+@dataclass
+class SimStats:
+    """What the simulator did, by device type; the fault counters summed."""
+
+    published: Counter[str] = field(default_factory=Counter)  # MQTT messages by type
+    frames_written: Counter[str] = field(default_factory=Counter)  # serial frames by type
+    bytes_dropped: int = 0  # serial bytes nobody read (the pty buffer was full)
+    publish_failures: int = 0
+    connected: int = 0
+    late_ms_max: int = 0  # worst lateness of a send against its schedule
+
+    def total(self) -> int:
+        return sum(self.published.values()) + sum(self.frames_written.values())
+
+
+class Simulator:
+    def __init__(
+        self,
+        *,
+        devices: list[DeviceSpec],
+        site_broker: BrokerSettings,
+        credentials: Credentials | None = None,
+        topic_prefix: str = "",
+        seed: int = 0,
+        period_ms: int = 1000,
+        time_acceleration: float = 1.0,
+        clock: Callable[[], int] = wall_ms,
+        record: bool = False,
+    ) -> None:
+        self.devices = devices
+        # record=True keeps every reading sent (device id, uplink): the
+        # ledger end-to-end tests compare the database with.
+        self.sent: list[tuple[str, DeviceUplink]] | None = [] if record else None
+        self.broker = site_broker
+        self.credentials = credentials or (lambda _id: (site_broker.username, site_broker.password))
+        self.prefix = topic_prefix
+        self.period_ms = period_ms
+        self.time_acceleration = time_acceleration
+        self.clock = clock
+        self.stats = SimStats()
+        self.injectors: dict[str, FaultInjector] = {}
+        phases = send_phases_ms([d.device_id for d in devices], seed=seed, period_ms=period_ms)
+        self.phases = {d.device_id: int(p) for d, p in zip(devices, phases, strict=True)}
+        # Serial devices get their pty now, so the gateway configs can name them.
+        self._pty: dict[str, tuple[int, int, str]] = {}
+        for spec in devices:
+            if spec.transport == "serial":
+                self._pty[spec.device_id] = self._open_pty()
+        self.wall_start_ms = clock()
+        self.sim_start_ms = self.wall_start_ms
+
+    @staticmethod
+    def _open_pty() -> tuple[int, int, str]:
+        master, slave = os.openpty()
+        tty.setraw(slave, termios.TCSANOW)
+        flags = fcntl.fcntl(master, fcntl.F_GETFL)
+        fcntl.fcntl(master, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        return master, slave, os.ttyname(slave)
+
+    @property
+    def ports(self) -> dict[str, str]:
+        """Serial device id -> the pty path its gateway reads."""
+        return {device_id: path for device_id, (_m, _s, path) in self._pty.items()}
+
+    def fault_counters(self) -> FaultCounters:
+        total = FaultCounters()
+        for injector in self.injectors.values():
+            c = injector.counters
+            for name in FaultCounters.__struct_fields__:
+                value = getattr(c, name)
+                if isinstance(value, dict):
+                    merged = getattr(total, name)
+                    for key, count in value.items():
+                        merged[key] = merged.get(key, 0) + count
+                else:
+                    setattr(total, name, getattr(total, name) + value)
+        return total
+
+    def _sim_to_wall(self, sim_ms: int) -> int:
+        return wall_time_ms(
+            sim_ms,
+            wall_start_ms=self.wall_start_ms,
+            sim_start_ms=self.sim_start_ms,
+            time_acceleration=self.time_acceleration,
+        )
+
+    def _sim_now(self) -> int:
+        elapsed = self.clock() - self.wall_start_ms
+        return self.sim_start_ms + round(elapsed * self.time_acceleration)
+
+    async def _sleep_until_sim(self, sim_ms: int) -> None:
+        delay_ms = self._sim_to_wall(sim_ms) - self.clock()
+        if delay_ms > 0:
+            await asyncio.sleep(delay_ms / 1000)
+        else:
+            self.stats.late_ms_max = max(self.stats.late_ms_max, -delay_ms)
+
+    def _ticks(self, spec: DeviceSpec) -> FaultInjector:
+        injector = spec.injector(period_ms=self.period_ms)
+        self.injectors[spec.device_id] = injector
+        return injector
+
+    def _next_tick(self, spec: DeviceSpec, after_sim_ms: int) -> int:
+        phase = self.phases[spec.device_id]
+        steps = (after_sim_ms - phase) // self.period_ms + 1
+        return phase + steps * self.period_ms
+
+    async def _mqtt_device(self, spec: DeviceSpec) -> None:
+        injector = self._ticks(spec)
+        username, password = self.credentials(spec.device_id)
+        status = device_status_topic(spec.device_id, self.prefix)
+        uplink = device_uplink_topic(spec.device_id, self.prefix)
+        delay = RECONNECT_MIN_S
+        tick = self._next_tick(spec, self._sim_now())
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    self.broker.host or "127.0.0.1",
+                    self.broker.port,
+                    identifier=spec.device_id,
+                    username=username,
+                    password=password,
+                    protocol=aiomqtt.ProtocolVersion.V5,
+                    will=aiomqtt.Will(status, DEVICE_OFFLINE, qos=1, retain=True),
+                    keepalive=30,
+                ) as client:
+                    self.stats.connected += 1
+                    delay = RECONNECT_MIN_S
+                    try:
+                        await client.publish(status, DEVICE_ONLINE, qos=1, retain=True)
+                        while True:
+                            await self._sleep_until_sim(tick)
+                            for emission in injector.emit(tick):
+                                if emission.payload is None:
+                                    continue
+                                await self._sleep_until_sim(emission.at_ms)
+                                await client.publish(uplink, emission.payload, qos=1)
+                                self.stats.published[spec.device_type] += 1
+                                if self.sent is not None and emission.malformed is None:
+                                    self.sent.append((spec.device_id, emission.uplink))
+                            tick = self._next_tick(spec, tick)
+                    finally:
+                        self.stats.connected -= 1
+                        with contextlib.suppress(aiomqtt.MqttError):
+                            await client.publish(status, DEVICE_OFFLINE, qos=1, retain=True)
+            except aiomqtt.MqttError as exc:
+                self.stats.publish_failures += 1
+                logger.warning("device %s: %s; reconnecting in %.1f s", spec.device_id, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(RECONNECT_MAX_S, delay * 2)
+                tick = self._next_tick(spec, self._sim_now())
+
+    async def _serial_device(self, spec: DeviceSpec) -> None:
+        assert spec.protocol is not None  # noqa: S101 - build_fleet gives serial devices one
+        injector = self._ticks(spec)
+        master = self._pty[spec.device_id][0]
+        tick = self._next_tick(spec, self._sim_now())
+        while True:
+            await self._sleep_until_sim(tick)
+            emissions = injector.emit(tick)
+            frames = [frame_for(spec.protocol, e.uplink.metrics, spec.device_id) for e in emissions]
+            if self.sent is not None:
+                self.sent.extend((spec.device_id, e.uplink) for e in emissions)
+            for chunk in injector.serial_write(frames, spec.protocol):
+                try:
+                    os.write(master, chunk)
+                except BlockingIOError:
+                    self.stats.bytes_dropped += len(chunk)
+                # Pace at the line rate: 32 bytes take 33 ms at 9600 baud.
+                await asyncio.sleep(len(chunk) / LINE_BYTES_PER_S / self.time_acceleration)
+            self.stats.frames_written[spec.device_type] += len(frames)
+            tick = self._next_tick(spec, tick)
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Run every device until ``stop`` is set (or the task is cancelled)."""
+        if any(d.transport == "mqtt" for d in self.devices) and self.broker.port <= 0:
+            raise BrokerUnavailableError("simulator: no site broker port")
+        logger.info(
+            "simulating %d devices (%d serial) at %gx",
+            len(self.devices),
+            len(self._pty),
+            self.time_acceleration,
+        )
+        tasks = []
+        try:
+            async with asyncio.TaskGroup() as group:
+                for spec in self.devices:
+                    runner = (
+                        self._serial_device if spec.transport == "serial" else self._mqtt_device
+                    )
+                    tasks.append(group.create_task(runner(spec), name=f"device[{spec.device_id}]"))
+                if stop is not None:
+                    await stop.wait()
+                    for task in tasks:
+                        task.cancel()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for master, slave, _path in self._pty.values():
+            for fd in (master, slave):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._pty.clear()
