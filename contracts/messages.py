@@ -550,6 +550,8 @@ class GatewayState(msgspec.Struct, frozen=True, kw_only=True):
     devices_online: int = 0
     batches_resent: int = 0
     puback_refused: int = 0
+    # Subscribed at the site broker to its configured devices.
+    site_ready: bool = False
 
 
 _STATE_DECODER: Final = msgspec.json.Decoder(GatewayState)

@@ -214,8 +214,6 @@ class Simulator:
             await self._sleep_until_sim(tick)
             emissions = injector.emit(tick)
             frames = [frame_for(spec.protocol, e.uplink.metrics, spec.device_id) for e in emissions]
-            if self.sent is not None:
-                self.sent.extend((spec.device_id, e.uplink) for e in emissions)
             for chunk in injector.serial_write(frames, spec.protocol):
                 try:
                     os.write(master, chunk)
@@ -223,11 +221,19 @@ class Simulator:
                     self.stats.bytes_dropped += len(chunk)
                 # Pace at the line rate: 32 bytes take 33 ms at 9600 baud.
                 await asyncio.sleep(len(chunk) / LINE_BYTES_PER_S / self.time_acceleration)
+            # Recorded once on the line: a stop in the middle of the writes
+            # leaves these frames out of the ledger, as they are out of the pty.
             self.stats.frames_written[spec.device_type] += len(frames)
+            if self.sent is not None:
+                self.sent.extend((spec.device_id, e.uplink) for e in emissions)
             tick = self._next_tick(spec, tick)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Run every device until ``stop`` is set (or the task is cancelled)."""
+        """Run every device until ``stop`` is set (or the task is cancelled).
+
+        The ptys stay open afterwards, so a gateway can read the last frames;
+        ``close`` them when done.
+        """
         if any(d.transport == "mqtt" for d in self.devices) and self.broker.port <= 0:
             raise BrokerUnavailableError("simulator: no site broker port")
         logger.info(
@@ -249,9 +255,10 @@ class Simulator:
                     for task in tasks:
                         task.cancel()
         finally:
-            self.close()
+            logger.info("simulator stopped: %d readings sent", self.stats.total())
 
     def close(self) -> None:
+        """Close the ptys (after the gateways have read what was written)."""
         for master, slave, _path in self._pty.values():
             for fd in (master, slave):
                 with contextlib.suppress(OSError):

@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
 KEEPALIVE_S = 30
+# Topic filters per SUBSCRIBE packet: a 2,000-device site subscribes in a
+# handful of packets well under any broker's packet size limit.
+SUBSCRIBE_CHUNK = 500
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class MqttLink:
         on_connect: Callable[[], None],
         on_disconnect: Callable[[], None] = lambda: None,
         on_publish: Callable[[int, int], None] = lambda _mid, _code: None,
+        on_subscribed: Callable[[], None] = lambda: None,
     ) -> None:
         self.name = name
         # > 0: a persistent session; the broker queues QoS 1 messages for us
@@ -72,7 +76,10 @@ class MqttLink:
         self._on_connect_cb = on_connect
         self._on_disconnect_cb = on_disconnect
         self._on_publish_cb = on_publish
+        self._on_subscribed_cb = on_subscribed
         self.connected = threading.Event()
+        # SUBACKs received: lets a caller see a subscription take effect.
+        self.subacks = 0
         self._stopping = False
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         if username is not None:
@@ -88,6 +95,7 @@ class MqttLink:
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
+        client.on_subscribe = self._handle_subscribe
         self.client = client
 
     def start(self) -> None:
@@ -112,9 +120,19 @@ class MqttLink:
         self.client.loop_stop()
 
     def subscribe(self, topics: list[str], qos: int = 1) -> None:
-        result, _mid = self.client.subscribe([(t, qos) for t in topics])
-        if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            raise BrokerUnavailableError(f"{self.name}: subscribe failed: {result}")
+        """Subscribe in packets of SUBSCRIBE_CHUNK filters; not connected is not an error."""
+        for start in range(0, len(topics), SUBSCRIBE_CHUNK):
+            chunk = topics[start : start + SUBSCRIBE_CHUNK]
+            result, _mid = self.client.subscribe([(t, qos) for t in chunk])
+            if result not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                raise BrokerUnavailableError(f"{self.name}: subscribe failed: {result}")
+
+    def unsubscribe(self, topics: list[str]) -> None:
+        if not topics:
+            return
+        result, _mid = self.client.unsubscribe(topics)
+        if result not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise BrokerUnavailableError(f"{self.name}: unsubscribe failed: {result}")
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
         """Queue a publish; returns its mid (PUBACK arrives through ``on_publish``)."""
@@ -148,6 +166,13 @@ class MqttLink:
 
     def _handle_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
         self._on_message(message.topic, bytes(message.payload))
+
+    def _handle_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, codes: Any, _p: Any) -> None:
+        failed = [c for c in codes if getattr(c, "is_failure", False)]
+        if failed:
+            logger.warning("%s: subscription refused: %s", self.name, failed)
+        self.subacks += 1
+        self._on_subscribed_cb()
 
     def _handle_publish(
         self, _c: mqtt.Client, _u: Any, mid: int, reason: ReasonCode, _p: Any

@@ -56,8 +56,8 @@ from contracts.topics import (
     ack_topic,
     batch_topic,
     config_topic,
-    device_status_filter,
-    device_uplink_filter,
+    device_status_topic,
+    device_uplink_topic,
     parse_device_topic,
     state_topic,
 )
@@ -198,6 +198,7 @@ class Gateway:
             session_expiry_s=settings.site_session_expiry_s,
             on_message=self._on_site_message,
             on_connect=self._on_site_connect,
+            on_subscribed=self.publish_state,
         )
         saved = self.outbox.load_document(CONFIG_DOCUMENT)
         if saved is not None:
@@ -230,6 +231,10 @@ class Gateway:
                 devices_online=self.tracker.online_count(),
                 batches_resent=c.batches_resent,
                 puback_refused=c.puback_refused,
+                # The Will (offline) is built before the site link exists.
+                site_ready=status == "online"
+                and self.site.connected.is_set()
+                and self.site.subacks > 0,
             )
         )
 
@@ -255,8 +260,22 @@ class Gateway:
 
     # -- site side (paho network thread) ------------------------------------------
 
+    def _device_topics(self, device_ids: set[str]) -> list[str]:
+        topics = []
+        for device_id in sorted(device_ids):
+            topics.append(device_uplink_topic(device_id, self.prefix))
+            topics.append(device_status_topic(device_id, self.prefix))
+        return topics
+
+    def _mqtt_device_ids(self) -> set[str]:
+        return {d.device_id for d in self.devices.values() if d.transport == "mqtt"}
+
     def _on_site_connect(self) -> None:
-        self.site.subscribe([device_uplink_filter(self.prefix), device_status_filter(self.prefix)])
+        # One subscription per configured device, not d/+/up: sites may share a
+        # broker, and a gateway must not see (or reject) its neighbours' devices.
+        with self.lock:
+            ids = self._mqtt_device_ids()
+        self.site.subscribe(self._device_topics(ids))
 
     def _on_site_message(self, topic: str, payload: bytes) -> None:
         now = self.clock()
@@ -406,7 +425,9 @@ class Gateway:
             return
         with self.lock:
             removed = set(self.devices) - {d.device_id for d in config.devices}
+            before = self._mqtt_device_ids()
             self.devices = {d.device_id: d for d in config.devices}
+            after = self._mqtt_device_ids()
             for device_id in removed:
                 self.buckets.forget(device_id)
                 self.tracker.forget(device_id)
@@ -416,6 +437,9 @@ class Gateway:
             self.counters.configs_applied += 1
         if persist:
             self.outbox.save_document(CONFIG_DOCUMENT, encode_gateway_config(config))
+        if self.site.connected.is_set():
+            self.site.unsubscribe(self._device_topics(before - after))
+            self.site.subscribe(self._device_topics(after - before))
         logger.info(
             "config version %d applied: %d devices (%d removed)",
             config.version,

@@ -58,6 +58,7 @@ class SimThread:
         self.loop.call_soon_threadsafe(self.stop.set)
         self.thread.join(30)
         assert not self.thread.is_alive()
+        self.sim.close()
         assert not self.errors, self.errors
 
 

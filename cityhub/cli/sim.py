@@ -119,7 +119,10 @@ def run(
             f"simulating {len(specs)} devices at {len({s.site_id for s in specs})} sites "
             f"(seed {description.seed}, {description.time_acceleration:g}x)"
         )
-        asyncio.run(_run(state, sim, seconds))
+        try:
+            asyncio.run(_run(state, sim, seconds))
+        finally:
+            sim.close()
         _summary(state, sim)
 
 
