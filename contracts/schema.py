@@ -16,6 +16,7 @@ Storage shape (DESIGN.md section 5):
   metric, keyed by (device_id, ts, seq) so a replayed reading is dropped by
   ``ON CONFLICT DO NOTHING``;
 - rejects, alerts and their transitions, AQI results;
+- ingest's processed batch ids (to recognise resends) and its workers' stats;
 - hourly rollups ``readings_{type}_1h`` with the same columns on both
   TimescaleDB editions: a continuous aggregate with refresh, compression and
   retention policies where the server has them (the community edition), the
@@ -362,6 +363,46 @@ def _apache_jobs(s: str, storage: StorageSettings) -> tuple[str, ...]:
     )
 
 
+def _ingest(s: str) -> tuple[str, ...]:
+    """What ingest keeps besides the readings: batch ids it committed, its workers' stats.
+
+    ``ingested_batches`` is how a resent batch is recognised (and acked without
+    being written again); it is pruned by ``committed_at`` (the index), not
+    partitioned: the batch id alone must be unique, which a hypertable's key
+    (it must include the time column) could not enforce. Poison messages are
+    recorded under ``poison:{sha256}`` keys so a redelivery is stored once.
+    """
+    return (
+        f"""CREATE TABLE IF NOT EXISTS {s}.ingested_batches (
+            batch_id text PRIMARY KEY,
+            gateway_id text,
+            committed_at timestamptz NOT NULL DEFAULT now(),
+            readings integer NOT NULL DEFAULT 0
+        )""",
+        f"""CREATE INDEX IF NOT EXISTS ingested_batches_committed_idx
+            ON {s}.ingested_batches (committed_at)""",
+        f"""CREATE TABLE IF NOT EXISTS {s}.ingest_stats (
+            ts timestamptz NOT NULL,
+            worker_id text NOT NULL,
+            interval_s real NOT NULL,
+            readings bigint NOT NULL,
+            duplicates bigint NOT NULL,
+            batches bigint NOT NULL,
+            replayed bigint NOT NULL,
+            poison bigint NOT NULL,
+            rejects bigint NOT NULL,
+            commits bigint NOT NULL,
+            commit_p50_ms real,
+            commit_p95_ms real,
+            lag_p95_ms real,
+            queue_depth integer NOT NULL DEFAULT 0,
+            PRIMARY KEY (worker_id, ts)
+        )""",
+        f"""SELECT create_hypertable('{s}.ingest_stats', by_range('ts', INTERVAL '7 days'),
+            create_default_indexes => false, if_not_exists => true)""",
+    )
+
+
 def migrations(schema: str, edition: Edition, storage: StorageSettings) -> list[Migration]:
     """Every migration for ``schema`` on a server of ``edition``, oldest first."""
     s = check_schema_name(schema)
@@ -381,4 +422,5 @@ def migrations(schema: str, edition: Edition, storage: StorageSettings) -> list[
         Migration(2, "wide readings hypertables from the catalog", tuple(readings)),
         Migration(3, "alerts, transitions and AQI results", _alerts_and_aqi(s)),
         Migration(4, f"hourly rollups and retention ({edition.value} edition)", tuple(rollups)),
+        Migration(5, "ingest: processed batch ids and worker stats", _ingest(s)),
     ]

@@ -105,12 +105,67 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     topic_prefix: str = ""
 
 
+class IngestSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The central ingest workers (`cityhub ingest run`, `python -m ingest`).
+
+    The broker is ``[broker]``, the database ``[database]``.
+    """
+
+    # Worker processes, each with its own MQTT client and database connection,
+    # sharing the batch stream through the shared subscription. Two cores here:
+    # one worker keeps the database backend busy about half the time (bench/).
+    workers: int = 1
+    # A commit groups batches until one of these limits or the delay is hit.
+    # 64 gateway batches of 500 rows (32k rows) commit in ~0.15 s at the
+    # ~200k rows/s of staged COPY + INSERT (DESIGN.md section 5): large enough
+    # to amortise the transaction, small enough to ack within a second.
+    max_batches_per_commit: int = 64
+    max_rows_per_commit: int = 32_000
+    # How long the first batch of a group may wait for company. Gateways batch
+    # for 200 ms already; 100 ms more keeps the end-to-end ack well under the
+    # gateway's 15 s resend timeout while coalescing several gateways.
+    max_delay_ms: int = 100
+    # Batch messages received and waiting for the collector; also sent as the
+    # MQTT v5 Receive Maximum. It bounds the worker's memory together with the
+    # three commit groups in its pipeline (256 + 3 x 64 messages of ~47 KB for
+    # 500-row batches: ~21 MB of payloads; the 8 MiB message limit makes
+    # ~3.5 GiB the theoretical worst case). It must exceed
+    # max_batches_per_commit so the broker keeps sending while a commit runs.
+    queue_max_messages: int = 256
+    # The device -> gateway ownership map is reloaded this often; an unknown
+    # device triggers a lookup of just that device at once.
+    ownership_refresh_s: float = 30.0
+    # A database call that takes longer is cut (the connection is shut down)
+    # and retried: a hung server or network must not hold acks forever. A
+    # full group commits in well under a second; 30 s covers checkpoints.
+    commit_timeout_s: float = 30.0
+    # Backoff between database retries while it is down: full jitter, doubling
+    # from the minimum up to the maximum.
+    retry_min_s: float = 0.5
+    retry_max_s: float = 15.0
+    # A row per worker in {schema}.ingest_stats this often (Grafana's fleet
+    # board plots them); 0 turns the rows off.
+    stats_interval_s: float = 10.0
+    # Processed batch ids are kept this long to recognise resends. Gateways
+    # resend within their ack timeout (15 s) or after a reconnect; a resend
+    # older than this is still written only once (ON CONFLICT), just not
+    # recognised as a replay. Two days cover a weekend outage of a worker.
+    ingested_retention_h: float = 48.0
+    # Prometheus /metrics on 127.0.0.1:metrics_port + worker index; 0: off.
+    metrics_port: int = 0
+    # Prefix for every topic (tests give each test its own).
+    topic_prefix: str = ""
+    # The MQTT v5 shared subscription group ($share/{share_group}/...).
+    share_group: str = "ingest"
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     database: DatabaseSettings = msgspec.field(default_factory=DatabaseSettings)
     broker: BrokerSettings = msgspec.field(default_factory=BrokerSettings)
     local: LocalSettings = msgspec.field(default_factory=LocalSettings)
     storage: StorageSettings = msgspec.field(default_factory=StorageSettings)
     gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
+    ingest: IngestSettings = msgspec.field(default_factory=IngestSettings)
     # Who is acting, for audit records ("technician name").
     operator: str = ""
     # Long-running services log lifecycle events at INFO; commands for people stay quiet.

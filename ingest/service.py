@@ -1,0 +1,643 @@
+"""The ingest worker: shared batch subscription in, one transaction per group, acks out.
+
+Wiring (DESIGN.md sections 1, 4, 9):
+
+- ``BatchSubscriber`` (paho network thread): batch messages from the shared
+  subscription go onto a hand-over queue of ``queue_max_messages``, unacked;
+  the same number is sent as MQTT v5 Receive Maximum. A full queue blocks
+  the network thread (TCP backpressure), so memory stays bounded under any
+  backlog: at most that queue plus three commit groups of messages;
+- ``collector`` task (in a worker thread): takes messages off the queue until
+  ``max_batches_per_commit`` / ``max_rows_per_commit`` or ``max_delay_ms``
+  after the first, and prepares each one: topic -> gateway, ``decode_batch``,
+  the payload's gateway must be the topic's, rows built against the
+  ownership map (``ingest.rows``); anything refused is a ``PoisonBatch``;
+- ``committer`` task: ``BatchWriter.commit`` of the group in one transaction
+  (retried with jittered, capped backoff while the database is unavailable;
+  a call that hangs past ``commit_timeout_s`` is cut); THEN an ``Ack`` with
+  the group's batch ids to each gateway's ack topic; THEN the MQTT PUBACKs.
+  While the database is down nothing is acked: the broker holds the rest,
+  and the gateways keep every batch in their outboxes until acked;
+- ``stats`` task: a row in ``{schema}.ingest_stats`` every
+  ``stats_interval_s``; ``prune`` task: forgets old batch ids;
+- optional Prometheus /metrics (``ingest.metrics``).
+
+The collector works on group N+1 while the committer waits for the database
+on group N: decoding overlaps the database's work.
+
+Bad input is never a crash: a WARNING (rate-limited per reason), a rejects
+row, a counter, and an ack so the gateway stops resending it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import queue
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Final, TypeVar
+from wsgiref.simple_server import WSGIServer
+
+import msgspec
+import numpy as np
+
+from contracts.errors import (
+    BrokerUnavailableError,
+    DatabaseUnavailableError,
+    InputError,
+    InvalidTopicError,
+    SchemaError,
+    SettingsError,
+)
+from contracts.ids import parse_batch_id
+from contracts.messages import Ack, decode_batch, encode_ack
+from contracts.settings import BrokerSettings, DatabaseSettings, IngestSettings
+from contracts.topics import ack_topic, ingest_batch_filter, parse_gateway_topic
+from ingest.backoff import backoff_delay_s
+from ingest.metrics import IngestCounters, IngestMetrics, serve_metrics
+from ingest.mqtt import BatchSubscriber, Delivery
+from ingest.rows import NOT_OWNED, build_rows
+from ingest.writer import (
+    BatchWriter,
+    CommitOutcome,
+    GoodBatch,
+    PoisonBatch,
+    RefusedByDatabaseError,
+    StatsRow,
+    WriteItem,
+)
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+GATEWAY_MISMATCH: Final = "gateway_mismatch"
+INTERNAL_ERROR: Final = "internal_error"
+# How long the collector waits for a first message before looking at the stop
+# flag again: shutdown reacts within this.
+IDLE_POLL_S: Final = 0.2
+# Log at most this many WARNINGs per reject reason per minute; counters keep the rest.
+REJECT_LOG_PER_MINUTE: Final = 5
+# Log a continuing database outage once, then every this many retries.
+RETRY_LOG_EVERY: Final = 10
+# An ack carries at most this many batch ids: 1,000 ids of at most 149
+# characters stay under contracts' 1 MiB limit for control messages.
+ACK_MAX_IDS: Final = 1000
+# On stop, how long to wait for prepared groups to commit and be acked
+# (bounded further by commit_timeout_s): a commit takes well under a second,
+# and what is not committed by then is redelivered (broker, gateway resend).
+STOP_GRACE_S: Final = 5.0
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class _BatchIdOnly(msgspec.Struct):
+    batch_id: str
+
+
+_BATCH_ID_DECODER: Final = msgspec.msgpack.Decoder(_BatchIdOnly)
+
+
+def _readable_batch_id(payload: bytes, gateway_id: str) -> str | None:
+    """The batch id of a refused batch, if readable and the sender's own (then it can be acked)."""
+    try:
+        value = _BATCH_ID_DECODER.decode(payload).batch_id
+        owner, _, _ = parse_batch_id(value)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, InputError):
+        return None
+    return value if owner == gateway_id else None
+
+
+def prepare_item(
+    topic: str, payload: bytes, *, prefix: str, now_ms: int, owners: Mapping[str, str | None]
+) -> WriteItem:
+    """Classify one batch message: a GoodBatch with its rows, or a PoisonBatch with the reason.
+
+    Poison: a topic that is not ``[prefix/]hub/v1/gw/{id}/batch``, a payload
+    ``decode_batch`` refuses, or a batch whose gateway is not the topic's.
+    """
+    try:
+        gateway_id, kind = parse_gateway_topic(topic, prefix)
+        if kind != "batch":
+            raise InvalidTopicError(f"topic {topic!r} is not a batch topic")
+    except InputError as exc:
+        return PoisonBatch(
+            topic=topic,
+            gateway_id=None,
+            batch_id=None,
+            reason=exc.reason,
+            detail=str(exc),
+            payload=payload,
+        )
+    try:
+        batch = decode_batch(payload, now_ms=now_ms)
+    except InputError as exc:
+        return PoisonBatch(
+            topic=topic,
+            gateway_id=gateway_id,
+            batch_id=_readable_batch_id(payload, gateway_id),
+            reason=exc.reason,
+            detail=str(exc),
+            payload=payload,
+        )
+    if batch.gateway_id != gateway_id:
+        # Its batch id names the other gateway: not ours to ack, nor to record.
+        return PoisonBatch(
+            topic=topic,
+            gateway_id=gateway_id,
+            batch_id=None,
+            reason=GATEWAY_MISMATCH,
+            detail=f"batch {batch.batch_id!r} claims gateway {batch.gateway_id!r}, "
+            f"published by {gateway_id!r}",
+            payload=payload,
+        )
+    return GoodBatch.build(
+        topic=topic,
+        batch=batch,
+        rows=build_rows(batch, owners=owners, now_ms=now_ms),
+        payload=payload,
+        owners=owners,
+    )
+
+
+def ack_id(item: WriteItem) -> tuple[str, str] | None:
+    """(gateway, batch id) to put in an Ack once ``item`` is committed, if any."""
+    if isinstance(item, GoodBatch):
+        return item.gateway_id, item.batch_id
+    if item.gateway_id is not None and item.batch_id is not None:
+        return item.gateway_id, item.batch_id
+    return None
+
+
+def _ownership_changed(item: GoodBatch, owners: Mapping[str, str | None]) -> bool:
+    if item.owners is owners:
+        return False
+    gw = item.gateway_id
+    return any((item.owners.get(d) == gw) != (owners.get(d) == gw) for d in item.devices)
+
+
+@dataclass
+class Pending:
+    """A delivery and what it became; the item may be rebuilt or turned to poison at commit."""
+
+    delivery: Delivery
+    item: WriteItem
+
+
+class _Stop(Exception):  # noqa: N818 - a control-flow signal for the task group, not an error
+    """Raised inside the task group to end it when the stop event fires."""
+
+
+class Ingest:
+    """One ingest worker: its MQTT client, its database connection, its tasks."""
+
+    def __init__(
+        self,
+        *,
+        settings: IngestSettings,
+        broker: BrokerSettings,
+        database: DatabaseSettings,
+        worker_id: str,
+        metrics_port: int = 0,
+        clock: Callable[[], int] = wall_ms,
+    ) -> None:
+        if database.url is None:
+            raise SettingsError("database.url", "ingest needs the database URL")
+        if broker.host is None:
+            raise SettingsError("broker.host", "ingest needs the central broker's host")
+        self.settings = settings
+        self.worker_id = worker_id
+        self.prefix = settings.topic_prefix
+        self.clock = clock
+        self.metrics_port = metrics_port
+        self.counters = IngestCounters()
+        self.metrics = IngestMetrics(self.counters, worker_id)
+        # What bounds memory: the broker may overshoot Receive Maximum
+        # (ingest.mqtt), so a full queue blocks paho's network thread, which
+        # stops reading the socket. Besides the queue, the collector, the
+        # prepared slot and the committer hold a group each.
+        self.deliveries: queue.Queue[Delivery] = queue.Queue(maxsize=settings.queue_max_messages)
+        self.subscriber = BatchSubscriber(
+            host=broker.host,
+            port=broker.port,
+            client_id=f"ingest-{worker_id}",
+            username=broker.username,
+            password=broker.password,
+            tls=broker.tls,
+            topic_filter=ingest_batch_filter(settings.share_group, self.prefix),
+            receive_max=settings.queue_max_messages,
+            deliveries=self.deliveries,
+        )
+        self.writer = BatchWriter(
+            url=database.url,
+            schema=database.schema,
+            worker_id=worker_id,
+            connect_timeout_s=database.connect_timeout_s,
+            ownership_refresh_s=settings.ownership_refresh_s,
+        )
+        self.metrics.queue_depth = self._outstanding
+        self.metrics.broker_connected = self.subscriber.connected.is_set
+        self._stopping = threading.Event()
+        self._reject_log: dict[str, tuple[float, int]] = {}
+        self._random = random.Random()  # noqa: S311 - jitter, not security
+
+    # -- collector (runs in a worker thread) ---------------------------------------
+
+    def _prepare(self, delivery: Delivery) -> Pending:
+        self.counters.received += 1
+        try:
+            item = prepare_item(
+                delivery.topic,
+                delivery.payload,
+                prefix=self.prefix,
+                now_ms=self.clock(),
+                owners=self.writer.owners,
+            )
+        except Exception as exc:
+            # A bug in decoding must not become a poison pill that crashes
+            # every worker it is redelivered to: the raw payload is kept in
+            # rejects (it can be replayed from there once fixed) and acked.
+            logger.exception("internal error preparing a message on %s", delivery.topic)
+            item = PoisonBatch(
+                topic=delivery.topic,
+                gateway_id=None,
+                batch_id=None,
+                reason=INTERNAL_ERROR,
+                detail=f"{type(exc).__name__}: {exc}",
+                payload=delivery.payload,
+            )
+        return Pending(delivery=delivery, item=item)
+
+    def collect(self) -> list[Pending] | None:
+        """One group: blocks up to IDLE_POLL_S for a first message, then fills to the limits."""
+        s = self.settings
+        try:
+            first = self.deliveries.get(timeout=IDLE_POLL_S)
+        except queue.Empty:
+            return None
+        deadline = first.received_s + s.max_delay_ms / 1000
+        group = [self._prepare(first)]
+        rows = _rows_of(group[0].item)
+        while len(group) < s.max_batches_per_commit and rows < s.max_rows_per_commit:
+            timeout = deadline - time.monotonic()
+            try:
+                # Past the deadline, take only what is already waiting.
+                delivery = (
+                    self.deliveries.get(timeout=timeout)
+                    if timeout > 0
+                    else self.deliveries.get_nowait()
+                )
+            except queue.Empty:
+                break
+            group.append(self._prepare(delivery))
+            rows += _rows_of(group[-1].item)
+        return group
+
+    async def _collector(self, groups: asyncio.Queue[list[Pending]]) -> None:
+        while not self._stopping.is_set():
+            group = await asyncio.to_thread(self.collect)
+            if group is not None:
+                await groups.put(group)
+
+    # -- committer -------------------------------------------------------------------
+
+    def commit_group(self, group: list[Pending]) -> CommitOutcome:
+        """Refresh ownership if needed, rebuild affected rows, commit (runs in a thread)."""
+        suspects = {
+            r.device_id
+            for p in group
+            if isinstance(p.item, GoodBatch)
+            for r in p.item.rows.rejects
+            if r.reason == NOT_OWNED
+        }
+        self.writer.refresh_owners(suspects)
+        owners = self.writer.owners
+        for p in group:
+            item = p.item
+            if isinstance(item, GoodBatch) and _ownership_changed(item, owners):
+                # Decoded again from the kept payload (GoodBatch keeps no Batch).
+                p.item = prepare_item(
+                    item.topic, item.payload, prefix=self.prefix, now_ms=self.clock(), owners=owners
+                )
+        try:
+            return self.writer.commit([p.item for p in group])
+        except RefusedByDatabaseError as exc:
+            logger.warning(
+                "database refused a group of %d batches (%s); one by one", len(group), exc
+            )
+        total = CommitOutcome()
+        for p in group:
+            try:
+                outcome = self.writer.commit([p.item])
+            except RefusedByDatabaseError as exc:
+                if isinstance(p.item, PoisonBatch):
+                    # Storing a reject was refused: the schema is wrong, not the
+                    # input. Retried with backoff (logged as an ERROR) rather
+                    # than crashing on every redelivery.
+                    raise SchemaError(f"the rejects table refused a row: {exc}") from exc
+                p.item = PoisonBatch(
+                    topic=p.item.topic,
+                    gateway_id=p.item.gateway_id,
+                    batch_id=p.item.batch_id,
+                    reason=exc.reason,
+                    detail=str(exc),
+                    payload=p.item.payload,
+                )
+                outcome = self.writer.commit([p.item])
+            total.written += outcome.written
+            total.replayed += outcome.replayed
+            total.readings += outcome.readings
+            total.duplicates += outcome.duplicates
+            total.rejects.update(outcome.rejects)
+        return total
+
+    async def db_call(self, what: str, fn: Callable[[], _T]) -> _T:
+        """Run a blocking database call in a thread; cut the connection if it hangs."""
+        task = asyncio.create_task(asyncio.to_thread(fn), name=f"db[{what}]")
+        done, _ = await asyncio.wait({task}, timeout=self.settings.commit_timeout_s)
+        if not done:
+            self.counters.db_timeouts += 1
+            logger.warning(
+                "database %s took over %.1f s: cutting the connection",
+                what,
+                self.settings.commit_timeout_s,
+            )
+            self.writer.interrupt()
+        return await task
+
+    async def _commit_until_done(self, group: list[Pending]) -> CommitOutcome:
+        s = self.settings
+        attempt = 0
+        while True:
+            started = time.monotonic()
+            try:
+                outcome = await self.db_call("commit", lambda: self.commit_group(group))
+            except (DatabaseUnavailableError, SchemaError) as exc:
+                attempt += 1
+                self.counters.db_errors += 1
+                self.metrics.db_connected = False
+                delay = backoff_delay_s(
+                    attempt, min_s=s.retry_min_s, max_s=s.retry_max_s, draw=self._random.random()
+                )
+                if attempt == 1 or attempt % RETRY_LOG_EVERY == 0:
+                    level = logging.ERROR if isinstance(exc, SchemaError) else logging.WARNING
+                    logger.log(
+                        level,
+                        "commit of %d batches failed (attempt %d), retrying in %.1f s: %s",
+                        len(group),
+                        attempt,
+                        delay,
+                        exc,
+                    )
+                await asyncio.sleep(delay)
+                continue
+            self.metrics.db_connected = True
+            self.metrics.observe_commit(time.monotonic() - started)
+            if attempt:
+                logger.info("database back: committed after %d retries", attempt)
+            return outcome
+
+    def _account(self, outcome: CommitOutcome) -> None:
+        c = self.counters
+        now_ms = self.clock()
+        c.commits += 1
+        c.readings += outcome.readings
+        c.duplicates += outcome.duplicates
+        c.replayed += len(outcome.replayed)
+        c.rejects.update(outcome.rejects)
+        for item in outcome.written:
+            if isinstance(item, GoodBatch):
+                c.batches += 1
+                self.metrics.observe_lag(max(0, now_ms - item.sent_ms) / 1000)
+                for r in item.rows.rejects:
+                    self._warn_reject(r.reason, f"{r.device_id} seq {r.seq}: {r.detail}")
+            else:
+                c.poison += 1
+                self._warn_reject(item.reason, f"message on {item.topic}: {item.detail}")
+
+    def _warn_reject(self, reason: str, detail: str) -> None:
+        now = time.monotonic()
+        window_start, logged = self._reject_log.get(reason, (now, 0))
+        if now - window_start >= 60:
+            window_start, logged = now, 0
+        if logged < REJECT_LOG_PER_MINUTE:
+            logger.warning("rejected (%s): %s", reason, detail[:500])
+        self._reject_log[reason] = (window_start, logged + 1)
+
+    def _acknowledge(self, group: list[Pending]) -> None:
+        """Committed: the app acks to the gateways first, then the broker's PUBACKs."""
+        ids: dict[str, dict[str, None]] = {}  # gateway -> batch ids, ordered, unique
+        for p in group:
+            found = ack_id(p.item)
+            if found is not None:
+                ids.setdefault(found[0], {})[found[1]] = None
+        now_ms = self.clock()
+        for gateway_id, batch_ids in ids.items():
+            listed = list(batch_ids)
+            for start in range(0, len(listed), ACK_MAX_IDS):
+                ack = Ack(batch_ids=listed[start : start + ACK_MAX_IDS], ts_ms=now_ms)
+                try:
+                    self.subscriber.publish(ack_topic(gateway_id, self.prefix), encode_ack(ack))
+                except BrokerUnavailableError as exc:
+                    # Committed all the same: the gateway resends and is acked then.
+                    logger.warning("ack to %s not sent: %s", gateway_id, exc)
+                    continue
+                self.counters.acks_published += 1
+        acked = self.subscriber.ack(p.delivery for p in group)
+        self.counters.mqtt_acks += acked
+        self.counters.mqtt_acks_skipped += len(group) - acked
+
+    async def _committer(self, groups: asyncio.Queue[list[Pending]]) -> None:
+        while True:
+            group = await groups.get()
+            try:
+                outcome = await self._commit_until_done(group)
+                self._account(outcome)
+                self._acknowledge(group)
+            finally:
+                groups.task_done()
+
+    # -- housekeeping ------------------------------------------------------------------
+
+    def stats_row(self, since: IngestCounters, interval_s: float) -> StatsRow:
+        """The counts since ``since`` (a copy of earlier counters) and this interval's latencies."""
+        c = self.counters
+        with c.lock:
+            commit_ms = np.array(c.commit_samples_s) * 1000
+            lag_ms = np.array(c.lag_samples_s) * 1000
+            c.commit_samples_s.clear()
+            c.lag_samples_s.clear()
+
+        def pct(samples: np.ndarray, q: float) -> float | None:
+            return float(np.percentile(samples, q)) if len(samples) else None
+
+        return StatsRow(
+            worker_id=self.worker_id,
+            ts_ms=self.clock(),
+            interval_s=interval_s,
+            readings=c.readings - since.readings,
+            duplicates=c.duplicates - since.duplicates,
+            batches=c.batches - since.batches,
+            replayed=c.replayed - since.replayed,
+            poison=c.poison - since.poison,
+            rejects=c.rejects.total() - since.rejects.total(),
+            commits=c.commits - since.commits,
+            commit_p50_ms=pct(commit_ms, 50),
+            commit_p95_ms=pct(commit_ms, 95),
+            lag_p95_ms=pct(lag_ms, 95),
+            queue_depth=self._outstanding(),
+        )
+
+    def _outstanding(self) -> int:
+        c = self.counters
+        return c.received - c.mqtt_acks - c.mqtt_acks_skipped + self.deliveries.qsize()
+
+    def _snapshot(self) -> IngestCounters:
+        c = self.counters
+        snap = IngestCounters(
+            readings=c.readings,
+            duplicates=c.duplicates,
+            batches=c.batches,
+            replayed=c.replayed,
+            poison=c.poison,
+            commits=c.commits,
+        )
+        snap.rejects.update(c.rejects)
+        return snap
+
+    async def _stats(self) -> None:
+        interval = self.settings.stats_interval_s
+        if interval <= 0:
+            return
+        last, last_s = self._snapshot(), time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            now_s = time.monotonic()
+            row = self.stats_row(last, now_s - last_s)
+            snap = self._snapshot()
+            try:
+                await self.db_call("stats", functools.partial(self.writer.write_stats, row))
+            except (DatabaseUnavailableError, SchemaError) as exc:
+                # The counts carry over into the next row.
+                logger.debug("stats row not written: %s", exc)
+                continue
+            last, last_s = snap, now_s
+
+    async def _prune(self) -> None:
+        retention_s = self.settings.ingested_retention_h * 3600
+        # Often enough that the table holds at most ~1/4 more than the retention.
+        period_s = max(60.0, min(3600.0, retention_s / 4))
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                pruned = await self.db_call(
+                    "prune", lambda: self.writer.prune_ingested(retention_s)
+                )
+            except (DatabaseUnavailableError, SchemaError) as exc:
+                logger.debug("pruning batch ids postponed: %s", exc)
+                continue
+            if pruned:
+                logger.info("forgot %d batch ids older than %.0f h", pruned, retention_s / 3600)
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def _stop_when(
+        self,
+        stop: asyncio.Event,
+        collector: asyncio.Task[None],
+        groups: asyncio.Queue[list[Pending]],
+    ) -> None:
+        """On stop: take no more messages, commit and ack what is prepared, then end."""
+        await stop.wait()
+        self._stopping.set()
+        logger.info("stopping: committing what was taken, taking nothing more")
+        try:
+            async with asyncio.timeout(min(self.settings.commit_timeout_s, STOP_GRACE_S)):
+                await collector
+                await groups.join()
+        except TimeoutError:
+            logger.warning(
+                "stopped with batches uncommitted; the broker and gateways redeliver them"
+            )
+        raise _Stop
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Run until ``stop`` is set (or cancelled)."""
+        logger.info(
+            "ingest worker %s starting: %s, schema %s",
+            self.worker_id,
+            self.subscriber.topic_filter,
+            self.writer.schema,
+        )
+        self.subscriber.start()
+        metrics_server: WSGIServer | None = None
+        if self.metrics_port:
+            metrics_server = serve_metrics(self.metrics, self.metrics_port)
+        try:
+            # The ownership map before the first batch, if the database answers.
+            await self.db_call("ownership", self.writer.refresh_owners)
+            self.metrics.db_connected = True
+        except (DatabaseUnavailableError, SchemaError) as exc:
+            logger.warning("database not ready at start (%s); retrying with the first batch", exc)
+        groups: asyncio.Queue[list[Pending]] = asyncio.Queue(maxsize=1)
+        try:
+            async with asyncio.TaskGroup() as group:
+                collector = group.create_task(self._collector(groups), name="collector")
+                group.create_task(self._committer(groups), name="committer")
+                group.create_task(self._stats(), name="stats")
+                group.create_task(self._prune(), name="prune")
+                if stop is not None:
+                    group.create_task(self._stop_when(stop, collector, groups), name="stop")
+        except* _Stop:
+            pass
+        finally:
+            self._stopping.set()
+            self.subscriber.stop()
+            # A call still hung on the database (its task was cancelled, its
+            # thread was not) would hold the writer's lock forever.
+            self.writer.interrupt()
+            await asyncio.to_thread(self.writer.close)
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
+            logger.info("ingest worker %s stopped", self.worker_id)
+
+
+def _rows_of(item: WriteItem) -> int:
+    return item.rows.readings if isinstance(item, GoodBatch) else 0
+
+
+async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
+    """A worker process ends when its supervisor is gone (then it is adopted: ppid changes)."""
+    while os.getppid() == parent_pid:
+        await asyncio.sleep(1.0)
+    logger.warning("supervisor %d is gone: stopping", parent_pid)
+    stop.set()
+
+
+async def serve(ingest: Ingest, *, parent_pid: int | None = None) -> None:
+    """Run until SIGINT or SIGTERM (or the parent process dies), then stop cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    watcher: asyncio.Task[None] | None = None
+    if parent_pid is not None:
+        watcher = asyncio.create_task(_watch_parent(parent_pid, stop), name="parent-watch")
+    try:
+        await ingest.run(stop)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher

@@ -1,0 +1,431 @@
+"""Ingest against a real Mosquitto and a real PostgreSQL/TimescaleDB: tests play the gateways.
+
+Each test has its own schema (``migrated``) and topic prefix; the worker runs
+in a thread (``ingest_in_thread``) or as a real `python -m ingest` process.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import msgspec
+import pytest
+
+from contracts.catalog import DEVICE_TYPES
+from contracts.messages import encode_batch
+from contracts.settings import DatabaseSettings
+from ingest.writer import poison_key
+from tests.gatewayharness import broker_settings, now_ms, wait_for
+from tests.ingestharness import (
+    GatewayPlayer,
+    Ledger,
+    assert_table_equals_ledger,
+    ingest_in_thread,
+    ingest_settings,
+    make_batch,
+    seed_registry,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def tag() -> str:
+    return uuid.uuid4().hex[:6]
+
+
+def devices_of(gateway_id: str, per_type: int = 2) -> list[tuple[str, str]]:
+    return [
+        (f"{gateway_id}-{t.replace('_', '')}-{i}", t) for t in DEVICE_TYPES for i in range(per_type)
+    ]
+
+
+def db(db_url: str, schema: str) -> DatabaseSettings:
+    return DatabaseSettings(url=db_url, schema=schema)
+
+
+def test_batches_are_stored_exactly_and_acked_after_commit(mqtt_server, db_conn, db_url, migrated):
+    t = tag()
+    gw = f"gw-{t}"
+    devices = devices_of(gw)
+    seed_registry(db_conn, migrated, {gw: devices})
+    ledger = Ledger()
+    player = GatewayPlayer(mqtt_server, gateway_id=gw, prefix=f"t{t}")
+    try:
+        with ingest_in_thread(
+            settings=ingest_settings(f"t{t}"),
+            broker=broker_settings(mqtt_server),
+            database=db(db_url, migrated),
+        ) as worker:
+            batches = [
+                make_batch(gw, n, devices, rows_per_device=10, start_seq=n * 10, ledger=ledger)
+                for n in range(20)
+            ]
+            for batch in batches:
+                player.send(batch)
+            wait_for(lambda: player.acked == {b.batch_id for b in batches}, 20, "all acked")
+            # Acked means committed: every acked batch is in ingested_batches.
+            committed = {
+                r[0] for r in db_conn.execute(f"SELECT batch_id FROM {migrated}.ingested_batches")
+            }
+            assert committed == player.acked
+            assert worker.counters.readings == ledger.count() == 20 * 10 * len(devices)
+            assert worker.counters.batches == 20
+            assert worker.counters.rejects.total() == 0
+        assert_table_equals_ledger(db_conn, migrated, ledger)
+        state = db_conn.execute(
+            f"SELECT device_id, last_seq, readings, boot_id FROM {migrated}.device_state "
+            "ORDER BY device_id"
+        ).fetchall()
+        assert [(d, seq, n) for d, seq, n, _ in state] == sorted((d, 199, 200) for d, _ in devices)
+        assert all(boot.startswith("devboot-") for *_, boot in state)
+        assert player.sends == 20  # nothing was resent
+    finally:
+        player.close()
+
+
+def test_a_replayed_batch_is_stored_once_and_acked_every_time(
+    mqtt_server, db_conn, db_url, migrated
+):
+    t = tag()
+    gw = f"gw-{t}"
+    devices = devices_of(gw, per_type=1)
+    seed_registry(db_conn, migrated, {gw: devices})
+    ledger = Ledger()
+    base = now_ms() - 3_600_000
+    first = make_batch(gw, 1, devices, rows_per_device=20, base_ms=base, ledger=ledger)
+    twice = make_batch(
+        gw, 2, devices, rows_per_device=20, start_seq=20, base_ms=base, ledger=ledger
+    )
+    player = GatewayPlayer(mqtt_server, gateway_id=gw, prefix=f"t{t}")
+
+    def acks_of(batch_id: str) -> int:
+        with player.lock:
+            return sum(ids.count(batch_id) for ids in player.ack_messages)
+
+    try:
+        with ingest_in_thread(
+            settings=ingest_settings(f"t{t}"),
+            broker=broker_settings(mqtt_server),
+            database=db(db_url, migrated),
+        ) as worker:
+            payload = player.send(first)
+            wait_for(lambda: acks_of(first.batch_id) == 1, 10, "first ack")
+            # The gateway missed the ack and resends the batch, unchanged.
+            player.publish_raw(payload)
+            wait_for(lambda: acks_of(first.batch_id) == 2, 10, "ack of the resend")
+            # Two copies in flight at once (a resend racing the original): one
+            # ack names the id (once, if both land in one commit), both
+            # messages are PUBACKed.
+            second = encode_batch(twice)
+            player.publish_raw(second)
+            player.publish_raw(second)
+            wait_for(
+                lambda: worker.counters.mqtt_acks == 4 and twice.batch_id in player.acked,
+                10,
+                "both copies acked",
+            )
+            assert worker.counters.batches == 2
+            assert worker.counters.replayed == 2
+            assert worker.counters.readings == ledger.count()
+            state_sql = f"SELECT sum(readings) FROM {migrated}.device_state"
+            # A replay does not count twice.
+            assert db_conn.execute(state_sql).fetchone()[0] == ledger.count()
+            # The same readings under new batch ids (a gateway that lost its
+            # outbox and batched them again), one with new readings too: the
+            # unique key stores each reading once.
+            rebatched = msgspec.structs.replace(first, batch_id=f"{gw}:boot2:1", boot_id="boot2")
+            mixed = make_batch(
+                gw,
+                2,
+                devices,
+                rows_per_device=20,
+                start_seq=30,
+                boot_id="boot2",
+                base_ms=base,
+                ledger=ledger,
+            )
+            player.send(rebatched)
+            player.send(mixed)
+            wait_for(
+                lambda: {rebatched.batch_id, mixed.batch_id} <= player.acked, 10, "re-batched acks"
+            )
+            # All 20 of the re-batched rows a device; seq 30..39 of the mixed one.
+            assert worker.counters.duplicates == (20 + 10) * len(devices)
+            assert worker.counters.readings == ledger.count()
+        assert_table_equals_ledger(db_conn, migrated, ledger)
+    finally:
+        player.close()
+
+
+def rejects(db_conn, schema: str) -> list[tuple]:
+    return db_conn.execute(
+        f"SELECT reason, gateway_id, device_id, batch_id, detail, raw FROM {schema}.rejects "
+        "ORDER BY received_at, reason, device_id"
+    ).fetchall()
+
+
+def test_poison_is_stored_with_its_payload_acked_and_does_not_block_the_stream(
+    mqtt_server, db_conn, db_url, migrated
+):
+    t = tag()
+    gw = f"gw-{t}"
+    devices = devices_of(gw, per_type=1)
+    seed_registry(db_conn, migrated, {gw: devices})
+    ledger = Ledger()
+    player = GatewayPlayer(mqtt_server, gateway_id=gw, prefix=f"t{t}")
+    garbage = b"\xc1 this is not msgpack"
+    good_shape = make_batch(gw, 1, devices, rows_per_device=5)
+    block = good_shape.blocks[0]
+    # Columns of different lengths: decodable, refused by decode_batch.
+    broken = msgspec.structs.replace(
+        good_shape, blocks=[msgspec.structs.replace(block, seq=block.seq[:-1])]
+    )
+    # A batch that claims to come from another gateway.
+    foreign = make_batch("gw-other", 1, devices, rows_per_device=5)
+    good = make_batch(gw, 2, devices, rows_per_device=5, ledger=ledger)
+    try:
+        with ingest_in_thread(
+            settings=ingest_settings(f"t{t}"),
+            broker=broker_settings(mqtt_server),
+            database=db(db_url, migrated),
+        ) as worker:
+            player.publish_raw(garbage)
+            player.publish_raw(garbage)  # a redelivery: stored once
+            player.publish_raw(encode_batch(broken), track_as=broken.batch_id)
+            player.publish_raw(encode_batch(foreign))
+            player.send(good)
+            wait_for(lambda: {broken.batch_id, good.batch_id} <= player.acked, 10, "acks")
+            wait_for(lambda: worker.counters.mqtt_acks == 5, 10, "all five messages acked")
+            assert worker.counters.poison == 3
+            assert worker.counters.replayed == 1
+            assert dict(worker.counters.rejects) == {
+                "malformed": 1,
+                "inconsistent_batch": 1,
+                "gateway_mismatch": 1,
+            }
+        assert_table_equals_ledger(db_conn, migrated, ledger)
+        found = {r[0]: r for r in rejects(db_conn, migrated)}
+        assert set(found) == {"malformed", "inconsistent_batch", "gateway_mismatch"}
+        assert bytes(found["malformed"][5]) == garbage
+        assert found["malformed"][3] is None  # no readable batch id
+        assert bytes(found["inconsistent_batch"][5]) == encode_batch(broken)
+        assert found["inconsistent_batch"][3] == broken.batch_id
+        assert "seq has 4 rows" in found["inconsistent_batch"][4]
+        assert found["gateway_mismatch"][1] == gw
+        assert found["gateway_mismatch"][3] is None  # the other gateway's id is not acked
+        # Only ids of this gateway were ever acked to it.
+        assert player.acked == {broken.batch_id, good.batch_id}
+        keys = {r[0] for r in db_conn.execute(f"SELECT batch_id FROM {migrated}.ingested_batches")}
+        assert poison_key(f"t{t}/hub/v1/gw/{gw}/batch", garbage) in keys
+        assert foreign.batch_id not in keys
+    finally:
+        player.close()
+
+
+def test_readings_of_devices_the_gateway_does_not_own_are_rejected(
+    mqtt_server, db_conn, db_url, migrated
+):
+    t = tag()
+    gw, other = f"gw-{t}", f"gw-{t}-b"
+    mine = [(f"{gw}-aq-1", "air_quality"), (f"{gw}-k-1", "kiosk")]
+    theirs = [(f"{other}-aq-1", "air_quality")]
+    late = (f"{gw}-aq-late", "air_quality")  # registered after ingest started
+    seed_registry(db_conn, migrated, {gw: mine, other: theirs})
+    ledger = Ledger()
+    player = GatewayPlayer(mqtt_server, gateway_id=gw, prefix=f"t{t}")
+    try:
+        with ingest_in_thread(
+            settings=ingest_settings(f"t{t}"),
+            broker=broker_settings(mqtt_server),
+            database=db(db_url, migrated),
+        ) as worker:
+            wait_for(lambda: len(worker.writer.owners) == 3, 10, "ownership map loaded")
+            seed_registry(db_conn, migrated, {f"gw-{t}-c": []})
+            db_conn.execute(
+                f"INSERT INTO {migrated}.devices (device_id, device_type, site_id, gateway_id, "
+                "transport) VALUES (%s, 'air_quality', 'hk-hall', %s, 'mqtt')",
+                (late[0], gw),
+            )
+            mixed = make_batch(gw, 1, [*mine, *theirs, (f"{gw}-ghost", "kiosk")], rows_per_device=4)
+            for block in mixed.blocks:
+                for row, index in enumerate(block.device_index):
+                    device = mixed.devices[index]
+                    if device in dict(mine):
+                        values = {m: c[row] for m, c in block.values.items()}
+                        key = (device, block.ts_ms[row], block.seq[row])
+                        ledger.add(block.device_type, key, values)
+            player.send(mixed)
+            newcomer = make_batch(gw, 2, [late], rows_per_device=3, ledger=ledger)
+            player.send(newcomer)
+            wait_for(lambda: player.acked == {mixed.batch_id, newcomer.batch_id}, 10, "acks")
+            assert worker.counters.rejects == {"not_owned": 8}
+        assert_table_equals_ledger(db_conn, migrated, ledger)
+        found = rejects(db_conn, migrated)
+        assert {(r[0], r[1], r[2], r[3]) for r in found} == {
+            ("not_owned", gw, f"{other}-aq-1", mixed.batch_id),
+            ("not_owned", gw, f"{gw}-ghost", mixed.batch_id),
+        }
+        assert len(found) == 8
+        details = " ".join(r[4] for r in found)
+        assert f"belongs to gateway {other!r}" in details
+        assert "not registered to an active gateway" in details
+        states = {r[0] for r in db_conn.execute(f"SELECT device_id FROM {migrated}.device_state")}
+        assert states == {d for d, _ in mine} | {late[0]}
+    finally:
+        player.close()
+
+
+def test_bad_readings_inside_a_good_batch_are_rejected_one_by_one(
+    mqtt_server, db_conn, db_url, migrated
+):
+    t = tag()
+    gw = f"gw-{t}"
+    devices = [(f"{gw}-aq-1", "air_quality"), (f"{gw}-k-1", "kiosk")]
+    seed_registry(db_conn, migrated, {gw: devices})
+    batch = make_batch(gw, 1, devices, rows_per_device=10)
+    aq, kiosk = batch.blocks
+    pm25 = list(aq.values["pm25"])
+    pm25[1] = float("nan")
+    pm25[2] = 5000.0  # above the 1000 ug/m3 range
+    ts = list(aq.ts_ms)
+    ts[3] = now_ms() - 40 * 86_400_000  # older than the 30-day window
+    queue_length = list(kiosk.values["queue_length"])
+    queue_length[4] = 2.5  # an integer metric with a fraction
+    empty = {name: list(column) for name, column in kiosk.values.items()}
+    for column in empty.values():
+        column[5] = None  # a row without any value
+    empty["queue_length"] = queue_length
+    aq_bad = msgspec.structs.replace(aq, values={**aq.values, "pm25": pm25}, ts_ms=ts)
+    kiosk_bad = msgspec.structs.replace(kiosk, values=empty)
+    batch = msgspec.structs.replace(batch, blocks=[aq_bad, kiosk_bad])
+    ledger = Ledger()
+    bad_rows = {
+        ("air_quality", 1),
+        ("air_quality", 2),
+        ("air_quality", 3),
+        ("kiosk", 4),
+        ("kiosk", 5),
+    }
+    for block in batch.blocks:
+        for row in range(block.row_count):
+            if (block.device_type, row) in bad_rows:
+                continue
+            device = batch.devices[block.device_index[row]]
+            values = {m: c[row] for m, c in block.values.items()}
+            ledger.add(block.device_type, (device, block.ts_ms[row], block.seq[row]), values)
+    player = GatewayPlayer(mqtt_server, gateway_id=gw, prefix=f"t{t}")
+    try:
+        with ingest_in_thread(
+            settings=ingest_settings(f"t{t}"),
+            broker=broker_settings(mqtt_server),
+            database=db(db_url, migrated),
+        ) as worker:
+            player.send(batch)
+            wait_for(lambda: batch.batch_id in player.acked, 10, "ack")
+            assert worker.counters.readings == 15
+        assert_table_equals_ledger(db_conn, migrated, ledger)
+        found = [(r[0], r[2], r[3]) for r in rejects(db_conn, migrated)]
+        assert sorted(found) == sorted(
+            [
+                ("non_finite", f"{gw}-aq-1", batch.batch_id),
+                ("out_of_range", f"{gw}-aq-1", batch.batch_id),
+                ("ts_window", f"{gw}-aq-1", batch.batch_id),
+                ("out_of_range", f"{gw}-k-1", batch.batch_id),
+                ("wrong_type", f"{gw}-k-1", batch.batch_id),
+            ]
+        )
+        details = [r[4] for r in rejects(db_conn, migrated)]
+        assert any(d.startswith("seq 1 ts_ms ") and "pm25" in d for d in details)
+    finally:
+        player.close()
+
+
+def test_memory_stays_bounded_by_receive_maximum_while_the_database_is_down(
+    mqtt_server, db_conn, db_url, migrated
+):
+    """The broker keeps at most queue_max_messages unacked messages at the worker."""
+    from tests.ingestharness import TcpProxy, proxied_url
+
+    t = tag()
+    gw = f"gw-{t}"
+    devices = devices_of(gw, per_type=1)
+    seed_registry(db_conn, migrated, {gw: devices})
+    ledger = Ledger()
+    proxy = TcpProxy(int(db_url.rsplit(":", 1)[1].split("/")[0]))
+    player = GatewayPlayer(mqtt_server, gateway_id=gw, prefix=f"t{t}", resend_after_s=60)
+    window = 8
+    try:
+        with ingest_in_thread(
+            settings=ingest_settings(f"t{t}", queue_max_messages=window, max_batches_per_commit=4),
+            broker=broker_settings(mqtt_server),
+            database=DatabaseSettings(
+                url=proxied_url(db_url, proxy), schema=migrated, connect_timeout_s=1
+            ),
+        ) as worker:
+            proxy.cut()
+            batches = [
+                make_batch(gw, n, devices, rows_per_device=5, start_seq=5 * n, ledger=ledger)
+                for n in range(5 * window)
+            ]
+            for batch in batches:
+                player.send(batch)
+            wait_for(lambda: worker.counters.received == window, 10, "the window filled")
+            time.sleep(1.0)
+            assert worker.counters.received == window  # the broker holds the rest
+            assert worker.deliveries.qsize() == 0
+            assert not player.acked
+            proxy.restore()
+            wait_for(lambda: len(player.acked) == len(batches), 30, "all acked after restore")
+            assert worker.counters.batches == len(batches)
+        assert_table_equals_ledger(db_conn, migrated, ledger)
+    finally:
+        player.close()
+        proxy.close()
+
+
+def test_a_real_gateway_drains_its_outbox_into_the_database(
+    mqtt_server, db_conn, db_url, migrated, tmp_path
+):
+    """gateway.service -> broker -> ingest: the gateway takes ingest's acks, empties its outbox."""
+    from tests.gatewayharness import (
+        client,
+        gateway_in_thread,
+        gateway_settings,
+        mqtt_devices,
+        publish_config,
+        publish_readings,
+    )
+
+    t = tag()
+    gw, prefix = f"gw-{t}", f"t{t}"
+    devices = mqtt_devices(prefix, 10)
+    seed_registry(db_conn, migrated, {gw: [(d.device_id, d.device_type) for d in devices]})
+    pub = client(mqtt_server)
+    publish_config(pub, gateway_id=gw, prefix=prefix, devices=devices, version=1)
+    broker = broker_settings(mqtt_server)
+    try:
+        with (
+            ingest_in_thread(
+                settings=ingest_settings(prefix), broker=broker, database=db(db_url, migrated)
+            ) as worker,
+            gateway_in_thread(
+                settings=gateway_settings(gw, prefix),
+                central=broker,
+                site=broker,
+                outbox=tmp_path / "outbox.sqlite3",
+            ) as gateway,
+        ):
+            wait_for(lambda: len(gateway.devices) == 10, 10, "gateway config")
+            sent = publish_readings(pub, prefix=prefix, devices=devices, per_device=50)
+            wait_for(lambda: gateway.counters.readings_acked == len(sent), 20, "acked by ingest")
+            wait_for(lambda: gateway.outbox.depth().readings == 0, 10, "outbox drained")
+            assert worker.counters.readings == len(sent)
+        stored = db_conn.execute(
+            f"SELECT device_id, seq, (extract(epoch FROM ts) * 1000)::bigint "
+            f"FROM {migrated}.readings_kiosk"
+        ).fetchall()
+        assert len(stored) == len(sent)
+        assert {(d, int(s), int(ts)) for d, s, ts in stored} == sent
+    finally:
+        pub.disconnect()
