@@ -251,3 +251,64 @@ def maintain(
         rollup_rows=int(rows[0]) if rows else 0,
         dropped_chunks=int(dropped[0]) if dropped else 0,
     )
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    device_id: str
+    device_type: str
+    site_id: str
+    gateway_id: str
+    transport: str
+    port: str | None = None
+    protocol: str | None = None
+    label: str = ""
+
+
+def register_fleet(
+    conn: psycopg.Connection,
+    *,
+    schema: str,
+    gateways: list[tuple[str, str]],
+    devices: list[DeviceRecord],
+) -> None:
+    """Upsert gateways ``(gateway_id, site_id)`` and devices into the registry tables.
+
+    Ingest checks device ownership against these rows. The technicians'
+    provisioning commands write them too; this is the bulk path the local
+    stack uses for its simulated fleet.
+    """
+    s = check_schema_name(schema)
+    try:
+        with conn.transaction(), conn.cursor() as cur:
+            cur.executemany(
+                f"""INSERT INTO {s}.gateways (gateway_id, site_id, label) VALUES (%s, %s, %s)
+                    ON CONFLICT (gateway_id) DO UPDATE SET site_id = EXCLUDED.site_id,
+                    status = 'active', revoked_at = NULL""",
+                [(g, site, f"gateway of {site}") for g, site in gateways],
+            )
+            cur.executemany(
+                f"""INSERT INTO {s}.devices (device_id, device_type, site_id, gateway_id,
+                    transport, port, protocol, label)
+                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+                    ON CONFLICT (device_id) DO UPDATE SET device_type = EXCLUDED.device_type,
+                    site_id = EXCLUDED.site_id, gateway_id = EXCLUDED.gateway_id,
+                    transport = EXCLUDED.transport, port = EXCLUDED.port,
+                    protocol = EXCLUDED.protocol, label = EXCLUDED.label,
+                    status = 'active', revoked_at = NULL""",
+                [
+                    (
+                        d.device_id,
+                        d.device_type,
+                        d.site_id,
+                        d.gateway_id,
+                        d.transport,
+                        d.port,
+                        d.protocol,
+                        d.label,
+                    )
+                    for d in devices
+                ],
+            )
+    except psycopg.errors.UndefinedTable as exc:
+        raise SchemaError(f"schema {s!r} is not migrated: run `cityhub db migrate`") from exc

@@ -111,3 +111,17 @@ def storage() -> StorageSettings:
 def migrated(db_conn: psycopg.Connection, db_schema: str, storage: StorageSettings) -> str:
     database.migrate(db_conn, schema=db_schema, storage=storage)
     return db_schema
+
+
+@pytest.fixture
+def killable_broker(servers_dir: Path) -> Iterator[MosquittoServer]:
+    """A broker of this test's own, which the test may kill."""
+    server = MosquittoServer(
+        base_dir=servers_dir / f"mosquitto-killable-{uuid.uuid4().hex[:6]}",
+        port=free_port(),
+        run_as=run_as_for("mosquitto", is_root=IS_ROOT),
+        dev_mode=False,
+    )
+    server.start()
+    yield server
+    server.stop()

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from cityhub.localstack.mosquitto import ADMIN_USER, MosquittoServer
-from cityhub.localstack.procs import free_port, run_as_for, stop_process_group
+from cityhub.localstack.mosquitto import ADMIN_USER
+from cityhub.localstack.procs import stop_process_group
 from contracts.messages import decode_batch
-from tests.conftest import IS_ROOT
 from tests.gatewayharness import (
     FakeIngest,
     broker_settings,
@@ -124,19 +123,6 @@ password = "{mqtt_server.admin_password}"
         pub.disconnect()
         ingest.close()
     assert proc.returncode == 0, log.read_text()[-2000:]
-
-
-@pytest.fixture
-def killable_broker(servers_dir):
-    server = MosquittoServer(
-        base_dir=servers_dir / f"mosquitto-killable-{uuid.uuid4().hex[:6]}",
-        port=free_port(),
-        run_as=run_as_for("mosquitto", is_root=IS_ROOT),
-        dev_mode=False,
-    )
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_central_broker_kill_9_mid_stream_loses_nothing(mqtt_server, killable_broker, tmp_path):

@@ -16,8 +16,10 @@ from rich.console import Console
 
 from cityhub.cli import db as db_cli
 from cityhub.cli import gateway as gateway_cli
+from cityhub.cli import ingest as ingest_cli
 from cityhub.cli import services as services_cli
 from cityhub.cli import sim as sim_cli
+from cityhub.cli import up as up_cli
 from cityhub.cli.context import CliState
 from contracts.errors import HubError
 from contracts.settings import load_settings
@@ -32,7 +34,9 @@ app = typer.Typer(
 app.add_typer(services_cli.app, name="services")
 app.add_typer(db_cli.app, name="db")
 app.add_typer(gateway_cli.app, name="gateway")
+app.add_typer(ingest_cli.app, name="ingest")
 app.add_typer(sim_cli.app, name="sim")
+app.command(name="up")(up_cli.up)
 
 
 @app.callback()

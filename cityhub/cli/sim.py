@@ -20,8 +20,15 @@ from cityhub.cli.context import CliState, reported_errors, state_of
 from cityhub.cli.gateway import embedded_broker
 from contracts.errors import SettingsError
 from contracts.messages import GatewayConfig, encode_gateway_config
+from contracts.settings import BrokerSettings
 from contracts.topics import config_topic
-from firmware_sim.fleet import SiteInfo, build_fleet, parse_fleet_description
+from firmware_sim.fleet import (
+    DeviceSpec,
+    FleetDescription,
+    SiteInfo,
+    build_fleet,
+    parse_fleet_description,
+)
 from firmware_sim.service import Simulator
 
 app = typer.Typer(
@@ -50,6 +57,72 @@ def seed_sites() -> list[SiteInfo]:
         SiteInfo(id=s.id, kind=s.kind, opening_hours=s.opening_hours)  # type: ignore[arg-type]
         for s in database.load_hanoi_sites()
     ]
+
+
+def load_fleet(
+    fleet: Path | None,
+    *,
+    sites: str | None,
+    seed: int | None,
+    default_sites: tuple[str, ...] = (),
+) -> tuple[FleetDescription, list[DeviceSpec]]:
+    """The fleet file (if any) with the command line's sites and seed applied, built."""
+    document: dict[str, Any] = {}
+    if fleet is not None:
+        try:
+            document = tomllib.loads(fleet.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError("--fleet", f"{fleet}: not valid TOML: {exc}") from None
+    if sites:
+        document["sites"] = [s.strip() for s in sites.split(",") if s.strip()]
+    elif default_sites:
+        document.setdefault("sites", list(default_sites))
+    if seed is not None:
+        document["seed"] = seed
+    description = parse_fleet_description(document)
+    return description, build_fleet(description, seed_sites())
+
+
+def gateway_configs(specs: list[DeviceSpec], ports: dict[str, str]) -> list[GatewayConfig]:
+    """One config per site for its gateway gw-{site}, naming its devices and serial ports."""
+    by_site: dict[str, list[DeviceSpec]] = {}
+    for spec in specs:
+        by_site.setdefault(spec.site_id, []).append(spec)
+    version = int(time.time())  # newer than any earlier run's config
+    return [
+        GatewayConfig(
+            gateway_id=gateway_id_for(site_id),
+            version=version,
+            site_id=site_id,
+            devices=[s.device_config(port=ports.get(s.device_id)) for s in site_specs],
+        )
+        for site_id, site_specs in by_site.items()
+    ]
+
+
+def publish_gateway_configs(
+    broker: BrokerSettings, configs: list[GatewayConfig], prefix: str = ""
+) -> None:
+    """Publish the configs as retained messages, as the registry does for real gateways."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    if broker.username:
+        client.username_pw_set(broker.username, broker.password)
+    client.connect(broker.host or "127.0.0.1", broker.port)
+    client.loop_start()
+    try:
+        for config in configs:
+            client.publish(
+                config_topic(config.gateway_id, prefix),
+                encode_gateway_config(config),
+                qos=1,
+                retain=True,
+            ).wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 @app.command()
@@ -90,18 +163,7 @@ def run(
     """
     state = state_of(ctx)
     with reported_errors(state):
-        document: dict[str, Any] = {}
-        if fleet is not None:
-            try:
-                document = tomllib.loads(fleet.read_text(encoding="utf-8"))
-            except tomllib.TOMLDecodeError as exc:
-                raise SettingsError("--fleet", f"{fleet}: not valid TOML: {exc}") from None
-        if sites:
-            document["sites"] = [s.strip() for s in sites.split(",") if s.strip()]
-        if seed is not None:
-            document["seed"] = seed
-        description = parse_fleet_description(document)
-        specs = build_fleet(description, seed_sites())
+        description, specs = load_fleet(fleet, sites=sites, seed=seed)
         site_broker = embedded_broker(state, state.settings.gateway.site_broker)
         sim = Simulator(
             devices=specs,
@@ -113,7 +175,7 @@ def run(
         )
         if publish_configs:
             central = embedded_broker(state, state.settings.broker)
-            _publish_configs(central, specs, sim.ports, topic_prefix)
+            publish_gateway_configs(central, gateway_configs(specs, sim.ports), topic_prefix)
         seconds = parse_duration(duration) if duration else None
         state.console.print(
             f"simulating {len(specs)} devices at {len({s.site_id for s in specs})} sites "
@@ -124,36 +186,6 @@ def run(
         finally:
             sim.close()
         _summary(state, sim)
-
-
-def _publish_configs(central: Any, specs: list[Any], ports: dict[str, str], prefix: str) -> None:
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    by_site: dict[str, list[Any]] = {}
-    for spec in specs:
-        by_site.setdefault(spec.site_id, []).append(spec)
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    if central.username:
-        client.username_pw_set(central.username, central.password)
-    client.connect(central.host or "127.0.0.1", central.port)
-    client.loop_start()
-    try:
-        version = int(time.time())  # newer than any earlier run's config
-        for site_id, site_specs in by_site.items():
-            gateway_id = gateway_id_for(site_id)
-            config = GatewayConfig(
-                gateway_id=gateway_id,
-                version=version,
-                site_id=site_id,
-                devices=[s.device_config(port=ports.get(s.device_id)) for s in site_specs],
-            )
-            client.publish(
-                config_topic(gateway_id, prefix), encode_gateway_config(config), qos=1, retain=True
-            ).wait_for_publish(10)
-    finally:
-        client.disconnect()
-        client.loop_stop()
 
 
 async def _run(state: CliState, sim: Simulator, seconds: float | None) -> None:
