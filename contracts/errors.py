@@ -20,6 +20,7 @@ move on) versus *unavailable* (retryable: back off and try again).
      |    +-- OutOfRangeError          outside the metric's physical range
      |    +-- TimestampWindowError     too far in the past or the future
      |    +-- InconsistentBatchError   columns of different lengths, bad indexes
+     |    +-- RefusedByDatabaseError   the database refused the data itself (constraint, data)
      +-- UnavailableError              retryable: a dependency does not answer
      |    +-- BrokerUnavailableError
      |    +-- DatabaseUnavailableError
@@ -101,6 +102,12 @@ class TimestampWindowError(InputError):
 
 class InconsistentBatchError(InputError):
     reason = "inconsistent_batch"
+
+
+class RefusedByDatabaseError(InputError):
+    """The database refused the data itself (a constraint or data error): poison, not retried."""
+
+    reason = "db_refused"
 
 
 class UnavailableError(HubError):

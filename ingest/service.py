@@ -54,6 +54,7 @@ from contracts.errors import (
     DatabaseUnavailableError,
     InputError,
     InvalidTopicError,
+    RefusedByDatabaseError,
     SchemaError,
     SettingsError,
 )
@@ -70,7 +71,6 @@ from ingest.writer import (
     CommitOutcome,
     GoodBatch,
     PoisonBatch,
-    RefusedByDatabaseError,
     StatsRow,
     WriteItem,
 )

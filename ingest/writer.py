@@ -56,7 +56,11 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from contracts.catalog import DEVICE_TYPES, DeviceType
-from contracts.errors import DatabaseUnavailableError, InputError, SchemaError
+from contracts.errors import (
+    DatabaseUnavailableError,
+    RefusedByDatabaseError,
+    SchemaError,
+)
 from contracts.messages import Batch
 from contracts.schema import SQL_TYPES, check_schema_name, readings_table
 from ingest.copyformat import CopyColumn, encode_copy_binary
@@ -74,16 +78,6 @@ CONFLICT_MEMORY_S: Final = 60.0
 # stored within seconds, while a flood of unknown ids costs one small query
 # per id every 5 s, not one per batch.
 UNKNOWN_RETRY_S: Final = 5.0
-
-
-class RefusedByDatabaseError(InputError):
-    """The database refused the data itself (a constraint or data error): poison, not retried.
-
-    Subclass of contracts' InputError so it is handled like any other poison;
-    its ``reason`` is the rejects row's reason.
-    """
-
-    reason = "db_refused"
 
 
 def poison_key(topic: str, payload: bytes) -> str:
