@@ -11,9 +11,10 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -184,15 +185,13 @@ def gateway_settings(gateway_id: str, prefix: str, **overrides: object) -> Gatew
 
 
 @contextmanager
-def gateway_in_thread(
-    *,
-    settings: GatewaySettings,
-    central: BrokerSettings,
-    site: BrokerSettings,
-    outbox: Path,
-) -> Iterator[Gateway]:
-    """Run a Gateway in its own thread and event loop; stop it cleanly on exit."""
-    gateway = Gateway(settings=settings, central=central, site=site, outbox_path=outbox)
+def service_in_thread(
+    run: Callable[[asyncio.Event], Coroutine[Any, Any, None]], *, name: str
+) -> Iterator[None]:
+    """Run ``run(stop)`` in its own thread and event loop; set ``stop`` and join on exit.
+
+    An exception that ended the service fails the test when the block exits.
+    """
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     holder: dict[str, asyncio.Event] = {}
@@ -201,7 +200,7 @@ def gateway_in_thread(
     async def main() -> None:
         holder["stop"] = asyncio.Event()
         ready.set()
-        await gateway.run(holder["stop"])
+        await run(holder["stop"])
 
     def target() -> None:
         try:
@@ -211,15 +210,29 @@ def gateway_in_thread(
         finally:
             loop.close()
 
-    thread = threading.Thread(target=target, name="gateway", daemon=True)
+    thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
     assert ready.wait(10)
-    wait_for(gateway.central.connected.is_set, 10, "gateway uplink connection")
-    wait_for(gateway.site.connected.is_set, 10, "gateway site connection")
     try:
-        yield gateway
+        yield
     finally:
         loop.call_soon_threadsafe(holder["stop"].set)
         thread.join(30)
-        assert not thread.is_alive(), "gateway did not stop"
+        assert not thread.is_alive(), f"{name} did not stop"
         assert not errors, errors
+
+
+@contextmanager
+def gateway_in_thread(
+    *,
+    settings: GatewaySettings,
+    central: BrokerSettings,
+    site: BrokerSettings,
+    outbox: Path,
+) -> Iterator[Gateway]:
+    """Run a Gateway in its own thread and event loop; stop it cleanly on exit."""
+    gateway = Gateway(settings=settings, central=central, site=site, outbox_path=outbox)
+    with service_in_thread(gateway.run, name="gateway"):
+        wait_for(gateway.central.connected.is_set, 10, "gateway uplink connection")
+        wait_for(gateway.site.connected.is_set, 10, "gateway site connection")
+        yield gateway

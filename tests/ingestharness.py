@@ -10,7 +10,6 @@ sockets stay open) without touching the shared server.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import select
@@ -39,7 +38,7 @@ from contracts.schema import readings_table
 from contracts.settings import BrokerSettings, DatabaseSettings, IngestSettings
 from contracts.topics import ack_topic, batch_topic
 from ingest.service import Ingest
-from tests.gatewayharness import now_ms, wait_for
+from tests.gatewayharness import now_ms, service_in_thread, wait_for
 
 Key = tuple[str, int, int]  # device_id, ts_ms, seq
 Values = tuple[object, ...]  # as PostgreSQL returns them, in catalog metric order
@@ -330,35 +329,9 @@ def ingest_in_thread(
 ) -> Iterator[Ingest]:
     """Run an ingest worker in its own thread and event loop; stop it cleanly on exit."""
     worker = Ingest(settings=settings, broker=broker, database=database, worker_id=worker_id)
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    holder: dict[str, asyncio.Event] = {}
-    errors: list[BaseException] = []
-
-    async def main() -> None:
-        holder["stop"] = asyncio.Event()
-        ready.set()
-        await worker.run(holder["stop"])
-
-    def target() -> None:
-        try:
-            loop.run_until_complete(main())
-        except BaseException as exc:  # noqa: BLE001 - handed to the test, which fails on it
-            errors.append(exc)
-        finally:
-            loop.close()
-
-    thread = threading.Thread(target=target, name=f"ingest-{worker_id}", daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    wait_for(worker.subscriber.subscribed.is_set, 10, "ingest subscription")
-    try:
+    with service_in_thread(worker.run, name=f"ingest-{worker_id}"):
+        wait_for(worker.subscriber.subscribed.is_set, 10, "ingest subscription")
         yield worker
-    finally:
-        loop.call_soon_threadsafe(holder["stop"].set)
-        thread.join(30)
-        assert not thread.is_alive(), "ingest did not stop"
-        assert not errors, errors
 
 
 def write_config(

@@ -3,8 +3,7 @@ read by a real gateway; the simulator's ledger equals what reaches the hub."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
+import contextlib
 import uuid
 from collections import defaultdict
 
@@ -20,6 +19,7 @@ from tests.gatewayharness import (
     gateway_in_thread,
     gateway_settings,
     publish_config,
+    service_in_thread,
     wait_for,
 )
 
@@ -27,39 +27,16 @@ pytestmark = pytest.mark.slow
 
 
 class SimThread:
-    """Run a Simulator in its own thread and event loop."""
+    """Run a Simulator in its own thread until ``close``, then close its ptys."""
 
     def __init__(self, sim: Simulator) -> None:
         self.sim = sim
-        self.loop = asyncio.new_event_loop()
-        self.stop: asyncio.Event | None = None
-        self.errors: list[BaseException] = []
-        ready = threading.Event()
-
-        async def main() -> None:
-            self.stop = asyncio.Event()
-            ready.set()
-            await sim.run(self.stop)
-
-        def target() -> None:
-            try:
-                self.loop.run_until_complete(main())
-            except BaseException as exc:  # noqa: BLE001 - handed to the test
-                self.errors.append(exc)
-            finally:
-                self.loop.close()
-
-        self.thread = threading.Thread(target=target, name="sim", daemon=True)
-        self.thread.start()
-        assert ready.wait(10)
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(service_in_thread(sim.run, name="sim"))
 
     def close(self) -> None:
-        assert self.stop is not None
-        self.loop.call_soon_threadsafe(self.stop.set)
-        self.thread.join(30)
-        assert not self.thread.is_alive()
+        self._stack.close()
         self.sim.close()
-        assert not self.errors, self.errors
 
 
 def small_fleet(tag: str, *, air: int = 0, kiosks: int = 2, cams: int = 1):
