@@ -218,7 +218,9 @@ def up(
     ] = None,
     sites: Annotated[
         str | None,
-        typer.Option(help="Comma-separated seed site ids (default: six sites of four districts)."),
+        typer.Option(
+            help="Comma-separated seed site ids (default: seven sites of four districts)."
+        ),
     ] = None,
     fleet: Annotated[
         Path | None,
