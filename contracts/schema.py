@@ -346,7 +346,13 @@ def _apache_jobs(s: str, storage: StorageSettings) -> tuple[str, ...]:
         RETURN total;
         END
         $fn$""",
-        f"""CREATE OR REPLACE FUNCTION {s}.apply_retention(p_now timestamptz)
+        _retention_function(s, tables),
+    )
+
+
+def _retention_function(s: str, tables: str) -> str:
+    """``apply_retention``: drop_chunks on each (table, days) of ``tables`` (SQL VALUES rows)."""
+    return f"""CREATE OR REPLACE FUNCTION {s}.apply_retention(p_now timestamptz)
         RETURNS bigint LANGUAGE plpgsql AS $fn$
         DECLARE
             item record; dropped bigint := 0; n bigint;
@@ -359,8 +365,35 @@ def _apache_jobs(s: str, storage: StorageSettings) -> tuple[str, ...]:
         END LOOP;
         RETURN dropped;
         END
-        $fn$""",
+        $fn$"""
+
+
+def _retention_of_the_rest(s: str, edition: Edition, storage: StorageSettings) -> tuple[str, ...]:
+    """Retention for the hypertables migration 4 left out: rejects, ingest stats, AQI.
+
+    Rejects and ingest stats are kept as long as raw readings; hourly AQI as
+    long as the rollups.
+    """
+    extra = {
+        "rejects": storage.raw_retention_days,
+        "ingest_stats": storage.raw_retention_days,
+        "aqi_hourly": storage.rollup_retention_days,
+    }
+    if edition is Edition.COMMUNITY:
+        return tuple(
+            f"""SELECT add_retention_policy('{s}.{table}',
+            drop_after => INTERVAL '{days} days', if_not_exists => true)"""
+            for table, days in extra.items()
+        )
+    tables = ", ".join(
+        [
+            f"('{readings_table(t)}', {storage.raw_retention_days}), "
+            f"('{rollup_table(t)}', {storage.rollup_retention_days})"
+            for t in DEVICE_TYPES
+        ]
+        + [f"('{table}', {days})" for table, days in extra.items()]
     )
+    return (_retention_function(s, tables),)
 
 
 def _ingest(s: str) -> tuple[str, ...]:
@@ -423,4 +456,9 @@ def migrations(schema: str, edition: Edition, storage: StorageSettings) -> list[
         Migration(3, "alerts, transitions and AQI results", _alerts_and_aqi(s)),
         Migration(4, f"hourly rollups and retention ({edition.value} edition)", tuple(rollups)),
         Migration(5, "ingest: processed batch ids and worker stats", _ingest(s)),
+        Migration(
+            6,
+            "retention for rejects, ingest stats and hourly AQI",
+            _retention_of_the_rest(s, edition, storage),
+        ),
     ]

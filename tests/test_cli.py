@@ -54,10 +54,10 @@ def test_db_migrate_seed_status_maintain(db_url, db_schema, db_conn):
     env = {"CITYHUB_DATABASE__URL": db_url, "CITYHUB_DATABASE__SCHEMA": db_schema}
     first = run_cityhub("db", "migrate", env=env)
     assert first.returncode == 0, first.stderr
-    assert "5 applied, 0 already present" in first.stdout
+    assert "6 applied, 0 already present" in first.stdout
     assert "edition: apache" in first.stdout
     second = run_cityhub("db", "migrate", env=env)
-    assert "0 applied, 5 already present" in second.stdout
+    assert "0 applied, 6 already present" in second.stdout
 
     seeded = run_cityhub("db", "seed", env=env)
     assert seeded.returncode == 0, seeded.stderr

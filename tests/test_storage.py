@@ -168,3 +168,23 @@ def test_community_edition_uses_server_policies():
     assert "timescaledb.continuous" not in apache
     assert "add_retention_policy" not in apache
     assert "drop_chunks" in apache
+
+
+def test_apache_retention_covers_rejects_and_ingest_stats(db_conn, migrated):
+    now = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+    old = now - timedelta(days=StorageSettings().raw_retention_days + 10)
+    for ts in (old, now):
+        db_conn.execute(
+            f"INSERT INTO {migrated}.rejects (received_at, reason) VALUES (%s, 'malformed')", (ts,)
+        )
+        db_conn.execute(
+            f"INSERT INTO {migrated}.ingest_stats (ts, worker_id, interval_s, readings, "
+            "duplicates, batches, replayed, poison, rejects, commits) "
+            "VALUES (%s, 'w', 10, 0, 0, 0, 0, 0, 0, 0)",
+            (ts,),
+        )
+    report = database.maintain(db_conn, schema=migrated, now=now, lookback=timedelta(hours=1))
+    assert report.dropped_chunks == 2  # the old chunk of each table
+    for table, column in (("rejects", "received_at"), ("ingest_stats", "ts")):
+        left = db_conn.execute(f"SELECT {column} FROM {migrated}.{table}").fetchall()
+        assert left == [(now,)]
