@@ -104,14 +104,13 @@ class Children:
     def dead(self) -> list[str]:
         return [name for name, proc in self.procs if proc.poll() is not None]
 
-    def stop(self, names: set[str] | None = None) -> None:
-        chosen = [(n, p) for n, p in self.procs if names is None or n in names]
-        for _name, proc in reversed(chosen):
+    def stop(self) -> None:
+        for _name, proc in reversed(self.procs):
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + CHILD_STOP_TIMEOUT_S
-        for _name, proc in chosen:
+        for _name, proc in self.procs:
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -166,10 +165,9 @@ def stored_counts(url: str, schema: str) -> dict[str, int]:
     return counts
 
 
-def live_stored(url: str, schema: str) -> int:
-    with psycopg.connect(url) as conn:
-        row = conn.execute(f"SELECT coalesce(sum(readings), 0) FROM {schema}.device_state")
-        value = row.fetchone()
+def live_stored(conn: psycopg.Connection, schema: str) -> int:
+    row = conn.execute(f"SELECT coalesce(sum(readings), 0) FROM {schema}.device_state")
+    value = row.fetchone()
     return int(value[0]) if value else 0
 
 
@@ -421,13 +419,17 @@ async def _run(
     if seconds is not None:
         loop.call_later(seconds, stop.set)
     sim_task = asyncio.create_task(sim.run(stop), name="simulator")
-    with Live(console=state.console, refresh_per_second=2, transient=False) as live:
+    # One connection for the whole live view, not one per refresh.
+    with (
+        psycopg.connect(url, autocommit=True) as conn,
+        Live(console=state.console, refresh_per_second=2, transient=False) as live,
+    ):
         while not stop.is_set():
             dead = children.dead()
             if dead:
                 stop.set()
                 raise LocalServiceError(f"stopped: {', '.join(dead)} exited; see its log")
-            stored = await asyncio.to_thread(live_stored, url, schema)
+            stored = await asyncio.to_thread(live_stored, conn, schema)
             if stored and not first_stored:
                 first_stored.append(time.monotonic())
             live.update(_view(sim, watcher.snapshot(), stored, started))

@@ -155,7 +155,3 @@ class LocalStack:
                 "is set: run `cityhub services up`"
             )
         return mq.url()
-
-
-def exists(state_dir: Path) -> bool:
-    return (state_dir / "stack.json").exists()
