@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable
 from typing import Final, Literal, TypeAlias
 
 import msgspec
@@ -79,7 +80,6 @@ SENSOR_FRAMES_PER_S: Final = 1.0
 _WORD_MAX: Final = 0xFFFF
 
 _PMS_START: Final = b"\x42\x4d"
-_PMS_FIRST: Final = 0x42
 # 13 data words of 2 bytes + a 2-byte checksum (the manual: "2 x 13 + 2").
 _PMS_LENGTH: Final = 2 * 13 + 2
 _PMS_CHECKED_BYTES: Final = PMS5003_FRAME_BYTES - 2  # all but the checksum itself
@@ -89,7 +89,6 @@ _PMS_BODY: Final = struct.Struct(">4x13HH")
 _PMS_ENCODE: Final = struct.Struct(">2sH13H")
 
 _SDS_START: Final = b"\xaa\xc0"
-_SDS_FIRST: Final = 0xAA
 _SDS_TAIL: Final = 0xAB
 # Skip head and command; PM2.5 and PM10 little-endian, the two id bytes, the
 # checksum and the tail.
@@ -211,64 +210,106 @@ def _garbage_end(data: bytes, pos: int, first: int) -> int:
     return end
 
 
-def decode_pms5003(buffer: bytes | bytearray | memoryview) -> DecodeResult:
-    """Decode every complete PMS5003 frame in ``buffer``; never raises."""
+# What a judge says of the bytes at a start pair: a frame, a framing error,
+# or None: the frame has not fully arrived yet.
+_LENGTH_ERROR: Final = "length"
+_CHECKSUM_ERROR: Final = "checksum"
+_Verdict: TypeAlias = Frame | Literal["length", "checksum"] | None
+
+
+def _scan(
+    buffer: bytes | bytearray | memoryview,
+    *,
+    start_pair: bytes,
+    frame_bytes: int,
+    judge: Callable[[bytes, int, int], _Verdict],
+) -> DecodeResult:
+    """The resynchronising scan both sensors share; ``judge`` knows one frame layout.
+
+    Garbage up to a start pair is counted and consumed; a false start (length
+    or checksum error) skips one byte and scans again; an incomplete frame or
+    a trailing first start byte is kept for the next read.
+    """
     data = bytes(buffer)
     end = len(data)
     frames: list[Frame] = []
     pos = checksum_errors = length_errors = garbage = 0
     find = data.find
-    unpack = _PMS_BODY.unpack_from
     while True:
-        start = find(_PMS_START, pos)
+        start = find(start_pair, pos)
         if start < 0:
-            keep = _garbage_end(data, pos, _PMS_FIRST)
+            keep = _garbage_end(data, pos, start_pair[0])
             garbage += keep - pos
             pos = keep
             break
         garbage += start - pos
         pos = start
-        if end - start < 4:
-            break  # the length field has not arrived yet
-        # Judge the length as soon as it arrives, not 28 bytes later.
-        if data[start + 2] != 0 or data[start + 3] != _PMS_LENGTH:
-            length_errors += 1
+        verdict = judge(data, start, end)
+        if verdict is None:
+            break  # the frame has not fully arrived yet
+        if isinstance(verdict, str):
+            if verdict == _LENGTH_ERROR:
+                length_errors += 1
+            else:
+                checksum_errors += 1
             garbage += 1
             pos = start + 1
             continue
-        if end - start < PMS5003_FRAME_BYTES:
-            break  # the rest of the frame has not arrived yet
-        w = unpack(data, start)
-        # At most 30 * 255 = 7650: the 16-bit mask of the manual never bites.
-        if sum(data[start : start + _PMS_CHECKED_BYTES]) & 0xFFFF != w[13]:
-            checksum_errors += 1
-            garbage += 1
-            pos = start + 1
-            continue
-        frames.append(
-            Pms5003Frame(
-                pm1_cf1=w[0],
-                pm25_cf1=w[1],
-                pm10_cf1=w[2],
-                pm1_atm=w[3],
-                pm25_atm=w[4],
-                pm10_atm=w[5],
-                n0_3=w[6],
-                n0_5=w[7],
-                n1_0=w[8],
-                n2_5=w[9],
-                n5_0=w[10],
-                n10=w[11],
-                reserved=w[12],
-            )
-        )
-        pos = start + PMS5003_FRAME_BYTES
+        frames.append(verdict)
+        pos = start + frame_bytes
     return DecodeResult(
         frames=frames,
         consumed=pos,
         checksum_errors=checksum_errors,
         length_errors=length_errors,
         garbage_bytes=garbage,
+    )
+
+
+def _judge_pms5003(data: bytes, start: int, end: int) -> _Verdict:
+    if end - start < 4:
+        return None  # the length field has not arrived yet
+    # Judge the length as soon as it arrives, not 28 bytes later.
+    if data[start + 2] != 0 or data[start + 3] != _PMS_LENGTH:
+        return _LENGTH_ERROR
+    if end - start < PMS5003_FRAME_BYTES:
+        return None
+    w = _PMS_BODY.unpack_from(data, start)
+    # At most 30 * 255 = 7650: the 16-bit mask of the manual never bites.
+    if sum(data[start : start + _PMS_CHECKED_BYTES]) & 0xFFFF != w[13]:
+        return _CHECKSUM_ERROR
+    return Pms5003Frame(
+        pm1_cf1=w[0],
+        pm25_cf1=w[1],
+        pm10_cf1=w[2],
+        pm1_atm=w[3],
+        pm25_atm=w[4],
+        pm10_atm=w[5],
+        n0_3=w[6],
+        n0_5=w[7],
+        n1_0=w[8],
+        n2_5=w[9],
+        n5_0=w[10],
+        n10=w[11],
+        reserved=w[12],
+    )
+
+
+def _judge_sds011(data: bytes, start: int, end: int) -> _Verdict:
+    if end - start < SDS011_FRAME_BYTES:
+        return None
+    pm25, pm10, id1, id2, checksum, tail = _SDS_BODY.unpack_from(data, start)
+    if tail != _SDS_TAIL:
+        return _LENGTH_ERROR
+    if sum(data[start + 2 : start + 8]) & 0xFF != checksum:
+        return _CHECKSUM_ERROR
+    return Sds011Frame(pm25=pm25 / 10, pm10=pm10 / 10, device_id=id1 << 8 | id2)
+
+
+def decode_pms5003(buffer: bytes | bytearray | memoryview) -> DecodeResult:
+    """Decode every complete PMS5003 frame in ``buffer``; never raises."""
+    return _scan(
+        buffer, start_pair=_PMS_START, frame_bytes=PMS5003_FRAME_BYTES, judge=_judge_pms5003
     )
 
 
@@ -278,43 +319,7 @@ def decode_sds011(buffer: bytes | bytearray | memoryview) -> DecodeResult:
     A frame whose byte 9 is not the 0xAB tail counts as a length error (the
     frame does not end where 10 bytes put it), checked before the checksum.
     """
-    data = bytes(buffer)
-    end = len(data)
-    frames: list[Frame] = []
-    pos = checksum_errors = length_errors = garbage = 0
-    find = data.find
-    unpack = _SDS_BODY.unpack_from
-    while True:
-        start = find(_SDS_START, pos)
-        if start < 0:
-            keep = _garbage_end(data, pos, _SDS_FIRST)
-            garbage += keep - pos
-            pos = keep
-            break
-        garbage += start - pos
-        pos = start
-        if end - start < SDS011_FRAME_BYTES:
-            break  # the rest of the frame has not arrived yet
-        pm25, pm10, id1, id2, checksum, tail = unpack(data, start)
-        if tail != _SDS_TAIL:
-            length_errors += 1
-            garbage += 1
-            pos = start + 1
-            continue
-        if sum(data[start + 2 : start + 8]) & 0xFF != checksum:
-            checksum_errors += 1
-            garbage += 1
-            pos = start + 1
-            continue
-        frames.append(Sds011Frame(pm25=pm25 / 10, pm10=pm10 / 10, device_id=id1 << 8 | id2))
-        pos = start + SDS011_FRAME_BYTES
-    return DecodeResult(
-        frames=frames,
-        consumed=pos,
-        checksum_errors=checksum_errors,
-        length_errors=length_errors,
-        garbage_bytes=garbage,
-    )
+    return _scan(buffer, start_pair=_SDS_START, frame_bytes=SDS011_FRAME_BYTES, judge=_judge_sds011)
 
 
 class FrameDecoder:
