@@ -11,6 +11,7 @@ move on) versus *unavailable* (retryable: back off and try again).
      +-- InputError                    bad input; carries a short ``reason`` code
      |    +-- MalformedPayloadError    not decodable (JSON / msgpack syntax)
      |    |    +-- FieldTypeError      decodable, but a field has the wrong type or is missing
+     |    |    +-- MqttProtocolError   a broker's byte stream is not valid MQTT v5
      |    +-- PayloadTooLargeError
      |    +-- InvalidIdError           id outside the allow-list ^[a-z0-9][a-z0-9-]{0,63}$
      |    +-- InvalidTopicError
@@ -66,6 +67,10 @@ class MalformedPayloadError(InputError):
 
 class FieldTypeError(MalformedPayloadError):
     reason = "wrong_type"
+
+
+class MqttProtocolError(MalformedPayloadError):
+    reason = "mqtt_protocol"
 
 
 class PayloadTooLargeError(InputError):

@@ -39,6 +39,11 @@ DEFAULT_MAX_PAST_MS = 30 * _MS_PER_DAY
 DEFAULT_MAX_FUTURE_MS = 5 * 60_000
 
 
+def is_valid_id(value: str) -> bool:
+    """Whether ``value`` matches ``ID_PATTERN`` (the test alone, for hot paths)."""
+    return _ID_RE.fullmatch(value) is not None
+
+
 def check_id(value: str, what: str = "id") -> str:
     """Return ``value`` if it matches ``ID_PATTERN``; raise InvalidIdError naming ``what``."""
     if not isinstance(value, str):

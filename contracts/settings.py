@@ -80,6 +80,11 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # The site broker keeps the devices' QoS 1 messages this long while the
     # gateway is away (restart, crash) and delivers them when it is back.
     site_session_expiry_s: int = 3600
+    # Unacknowledged device messages the site broker may have in flight to the
+    # gateway (MQTT v5 Receive Maximum). The gateway acknowledges a message
+    # only once its reading is in the fsynced outbox, so this must cover the
+    # readings of a few batches: 2,000 is four 500-row batches.
+    site_receive_maximum: int = 2000
     # "" means {local.state_dir}/gateway-{gateway_id}/outbox.sqlite3.
     outbox_path: str = ""
     # 256 MiB of batches is about 2.5 M readings at ~100 bytes each: a day of

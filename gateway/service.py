@@ -2,12 +2,16 @@
 
 Wiring (DESIGN.md sections 1, 3, 4):
 
-- site broker (``MqttLink``): ``d/+/up`` and ``d/+/status`` from MQTT devices,
-  handled in paho's network thread: topic -> configured device -> rate limit ->
-  decode and check against the catalog -> tracking -> ``BatchBuilder``;
+- site broker (``SiteLink``): ``d/{id}/up`` and ``d/{id}/status`` of each
+  configured MQTT device, handed over a socket read at a time on the event
+  loop: topic -> configured device -> rate limit -> decode and check against
+  the catalog -> tracking -> ``BatchBuilder``, which is cut into a batch at
+  ``batch_max_rows``;
 - serial ports (``SerialSource``): PMS5003 / SDS011 frames -> the same path;
-- ``flusher`` task: takes due batches and writes them to the ``Outbox``
-  (fsynced) in a worker thread;
+- ``flusher`` task: writes cut (or, past ``batch_max_ms``, due) batches to the
+  ``Outbox`` (fsynced, in a worker thread), then acknowledges the device
+  messages they hold to the site broker: a message the gateway has not yet
+  stored stays in its persistent session there and comes again after a crash;
 - ``sender`` task: publishes due outbox batches (new, or unacked past
   ``ack_timeout_s``) at QoS 1 to the central broker, at most
   ``max_inflight_batches`` without PUBACK; a PUBACK reason code >= 0x80
@@ -28,6 +32,7 @@ import contextlib
 import logging
 import secrets
 import signal
+import ssl
 import threading
 import time
 from collections import Counter
@@ -39,6 +44,7 @@ from contracts.catalog import device_type
 from contracts.errors import HubError, InputError, OutboxFullError
 from contracts.messages import (
     Ack,
+    Batch,
     DeviceConfig,
     GatewayConfig,
     GatewayState,
@@ -51,6 +57,7 @@ from contracts.messages import (
     encode_gateway_config,
     encode_gateway_state,
 )
+from contracts.mqttcodec import Publish
 from contracts.settings import BrokerSettings, GatewaySettings
 from contracts.topics import (
     ack_topic,
@@ -65,6 +72,7 @@ from gateway.batching import BatchBuilder
 from gateway.mqtt import MqttLink, Will
 from gateway.outbox import Outbox
 from gateway.ratelimit import TokenBuckets
+from gateway.sitelink import SiteLink
 from gateway.tracking import DeviceTracker
 
 logger = logging.getLogger(__name__)
@@ -168,7 +176,20 @@ class Gateway:
         self.devices: dict[str, DeviceConfig] = {}
         self.serial_seq: dict[str, int] = {}
         self._inflight: dict[int, str] = {}
+        # topic -> (device, is the status topic), for enabled MQTT devices.
+        self._site_routes: dict[str, tuple[DeviceConfig, bool]] = {}
+        # Packet ids of site messages handled but not yet acknowledged, and the
+        # connection they arrived on; batches cut from the builder wait in
+        # _ready with the acks they release, until the flusher stores them.
+        self._site_acks: list[int] = []
+        self._acks_generation = 0
+        self._ready: list[tuple[Batch | None, list[int], int]] = []
+        # Cut a batch early when this many messages wait for their ack, so the
+        # broker's in-flight window (Receive Maximum) never runs dry.
+        self._ack_threshold = max(1, settings.site_receive_maximum // 2)
         self._site_started = False
+        self._site_task: asyncio.Task[None] | None = None
+        self._flush_now: asyncio.Event | None = None
         self._reject_log: dict[str, tuple[int, int]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_sender: asyncio.Event | None = None
@@ -187,16 +208,16 @@ class Gateway:
             on_disconnect=self._on_central_disconnect,
             on_publish=self._on_puback,
         )
-        self.site = MqttLink(
-            name="site",
+        self.site = SiteLink(
             host=site.host or "127.0.0.1",
             port=site.port,
             client_id=f"gw-{self.gateway_id}-site",
             username=site.username,
             password=site.password,
-            tls=site.tls,
+            ssl_context=ssl.create_default_context() if site.tls else None,
             session_expiry_s=settings.site_session_expiry_s,
-            on_message=self._on_site_message,
+            receive_maximum=settings.site_receive_maximum,
+            on_messages=self._on_site_messages,
             on_connect=self._on_site_connect,
             on_subscribed=self.publish_state,
         )
@@ -277,31 +298,53 @@ class Gateway:
             ids = self._mqtt_device_ids()
         self.site.subscribe(self._device_topics(ids))
 
-    def _on_site_message(self, topic: str, payload: bytes) -> None:
+    def _on_site_messages(self, publishes: list[Publish]) -> None:
+        """Messages of one socket read, in order, on the event loop."""
         now = self.clock()
-        self.counters.received += 1
-        try:
-            device_id, kind = parse_device_topic(topic, self.prefix)
-        except InputError as exc:
-            self._reject(exc.reason, "?", str(exc))
-            return
-        device = self.devices.get(device_id)
-        if device is None or not device.enabled or device.transport != "mqtt":
+        generation = self.site.generation
+        with self.lock:
+            if generation != self._acks_generation:
+                # Unacknowledged messages of a lost connection come again on
+                # the new one; their packet ids mean nothing there.
+                self._site_acks = []
+                self._acks_generation = generation
+            acks = self._site_acks
+            max_rows = self.builder.max_rows
+            self.counters.received += len(publishes)
+            for topic, payload, qos, packet_id, _retain in publishes:
+                if qos:
+                    acks.append(packet_id)
+                self._handle_site_message(topic, payload, now)
+                if self.builder.rows >= max_rows or len(acks) >= self._ack_threshold:
+                    self._cut(now)
+                    acks = self._site_acks
+            ready = bool(self._ready)
+        if ready and self._flush_now is not None:
+            self._flush_now.set()
+
+    def _handle_site_message(self, topic: str, payload: bytes, now: int) -> None:
+        """One device message (lock held): reject, count or add it to the builder."""
+        route = self._site_routes.get(topic)
+        if route is None:
+            try:
+                device_id, _kind = parse_device_topic(topic, self.prefix)
+            except InputError as exc:
+                self._reject(exc.reason, "?", str(exc))
+                return
             self._reject("unknown_device", device_id, "not in this gateway's config")
             return
-        if kind == "status":
+        device, is_status = route
+        device_id = device.device_id
+        if is_status:
             try:
                 online = decode_device_status(payload) == "online"
             except InputError as exc:
                 self._reject(exc.reason, device_id, str(exc))
                 return
-            with self.lock:
-                if self.tracker.set_status(device_id, online=online, now_ms=now):
-                    logger.info("device %s is %s", device_id, "online" if online else "offline")
+            if self.tracker.set_status(device_id, online=online, now_ms=now):
+                logger.info("device %s is %s", device_id, "online" if online else "offline")
             return
-        with self.lock:
-            allowed = self.buckets.allow(device_id, now)
-        if not allowed:
+        if not self.buckets.allow(device_id, now):
             self.counters.rate_limited += 1
             return
         try:
@@ -318,6 +361,13 @@ class Gateway:
             boot=uplink.boot,
         )
 
+    def _cut(self, now: int) -> None:
+        """Move the builder's rows and the acks they release to the flusher (lock held)."""
+        batch = self.builder.take(now)
+        if batch is not None or self._site_acks:
+            self._ready.append((batch, self._site_acks, self._acks_generation))
+            self._site_acks = []
+
     def _accept(
         self,
         device: DeviceConfig,
@@ -328,23 +378,23 @@ class Gateway:
         values: dict[str, float],
         boot: str | None,
     ) -> None:
-        with self.lock:
-            obs = self.tracker.observe(device.device_id, seq=seq, boot=boot, now_ms=recv_ms)
-            self.counters.seq_gaps += obs.gap
-            self.counters.duplicates += obs.duplicate
-            self.counters.reboots += obs.reboot
-            # Duplicates still go up: ingest's unique key drops them, and the
-            # seq alone cannot prove a repeat without a boot id.
-            self.builder.add(
-                device_id=device.device_id,
-                device_type=device.device_type,
-                seq=seq,
-                ts_ms=ts_ms,
-                recv_ms=recv_ms,
-                values=values,
-                boot=boot,
-            )
-            self.counters.accepted += 1
+        """Track and add one checked reading (lock held)."""
+        obs = self.tracker.observe(device.device_id, seq=seq, boot=boot, now_ms=recv_ms)
+        self.counters.seq_gaps += obs.gap
+        self.counters.duplicates += obs.duplicate
+        self.counters.reboots += obs.reboot
+        # Duplicates still go up: ingest's unique key drops them, and the
+        # seq alone cannot prove a repeat without a boot id.
+        self.builder.add(
+            device_id=device.device_id,
+            device_type=device.device_type,
+            seq=seq,
+            ts_ms=ts_ms,
+            recv_ms=recv_ms,
+            values=values,
+            boot=boot,
+        )
+        self.counters.accepted += 1
 
     def accept_serial_reading(self, device: DeviceConfig, values: dict[str, float]) -> None:
         """A decoded serial frame: seq and time are the gateway's (sensors have neither)."""
@@ -357,13 +407,14 @@ class Gateway:
             self._reject(exc.reason, device.device_id, str(exc))
             return
         with self.lock:
-            allowed = self.buckets.allow(device.device_id, now)
+            if not self.buckets.allow(device.device_id, now):
+                self.counters.rate_limited += 1
+                return
             seq = self.serial_seq.get(device.device_id, 0)
             self.serial_seq[device.device_id] = seq + 1
-        if not allowed:
-            self.counters.rate_limited += 1
-            return
-        self._accept(device, seq=seq, ts_ms=now, recv_ms=now, values=checked, boot=self.boot_id)
+            self._accept(device, seq=seq, ts_ms=now, recv_ms=now, values=checked, boot=self.boot_id)
+            if self.builder.rows >= self.builder.max_rows:
+                self._cut(now)
 
     # -- central side (paho network thread) ---------------------------------------
 
@@ -433,6 +484,7 @@ class Gateway:
                 self.tracker.forget(device_id)
             for device in config.devices:
                 self.buckets.set_rate(device.device_id, device.rate_limit_per_s)
+            self._site_routes = self._routes(config.devices)
             self.config = config
             self.counters.configs_applied += 1
         if persist:
@@ -450,6 +502,14 @@ class Gateway:
             self._loop.call_soon_threadsafe(self._config_changed.set)
         self._start_site()
 
+    def _routes(self, devices: list[DeviceConfig]) -> dict[str, tuple[DeviceConfig, bool]]:
+        routes: dict[str, tuple[DeviceConfig, bool]] = {}
+        for device in devices:
+            if device.transport == "mqtt" and device.enabled:
+                routes[device_uplink_topic(device.device_id, self.prefix)] = (device, False)
+                routes[device_status_topic(device.device_id, self.prefix)] = (device, True)
+        return routes
+
     def _start_site(self) -> None:
         """Connect to the site broker once a config says which devices are ours.
 
@@ -460,7 +520,11 @@ class Gateway:
             if self._site_started or self.config is None or self._loop is None:
                 return
             self._site_started = True
-        self.site.start()
+            loop = self._loop
+        loop.call_soon_threadsafe(self._spawn_site)
+
+    def _spawn_site(self) -> None:
+        self._site_task = asyncio.get_running_loop().create_task(self.site.run(), name="site-link")
 
     def _wake(self) -> None:
         if self._loop is not None and self._wake_sender is not None:
@@ -468,38 +532,61 @@ class Gateway:
 
     # -- tasks ---------------------------------------------------------------------
 
-    async def _flusher(self) -> None:
+    async def _flusher(self, flush_now: asyncio.Event) -> None:
         while True:
-            await asyncio.sleep(FLUSH_TICK_S)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FLUSH_TICK_S):
+                    await flush_now.wait()
+            flush_now.clear()
             await self.flush(force=False)
 
     async def flush(self, *, force: bool) -> None:
-        """Move a due (or, with force, any) batch from the builder into the outbox."""
+        """Store cut (or due, or with force any) batches, then ack their device messages."""
         now = self.clock()
         with self.lock:
-            batch = self.builder.take(now) if force or self.builder.due(now) else None
-        if batch is None:
+            if force or self.builder.due(now) or (self._site_acks and not self.builder.rows):
+                self._cut(now)
+            ready, self._ready = self._ready, []
+        if not ready:
             return
-        rows = sum(b.row_count for b in batch.blocks)
-        payload = encode_batch(batch)
+        items = []
+        for batch, _acks, _generation in ready:
+            if batch is not None:
+                rows = sum(b.row_count for b in batch.blocks)
+                items.append((batch.batch_id, encode_batch(batch), rows))
+        if items:
+            await self._store(items, now)
+        for _batch, acks, generation in ready:
+            # Refused readings are acknowledged too: they are counted, and
+            # holding them would stall the site broker's in-flight window.
+            self.site.ack(generation, acks)
+
+    async def _store(self, items: list[tuple[str, bytes, int]], now: int) -> None:
+        """Put batches into the outbox in one fsynced transaction (one by one if it is full)."""
         try:
-            result = await asyncio.to_thread(
-                self.outbox.put, [(batch.batch_id, payload, rows)], now
-            )
-        except OutboxFullError as exc:
-            self.counters.outbox_refused_readings += rows
-            logger.warning("%s", exc)
-            return
-        self.counters.batches_stored += result.stored_batches
-        self.counters.readings_stored += rows
-        if result.dropped_readings:
-            self.counters.outbox_dropped_readings += result.dropped_readings
-            logger.warning(
-                "outbox full: dropped the %d oldest readings (%d batches)",
-                result.dropped_readings,
-                result.dropped_batches,
-            )
-        self._wake()
+            results = [await asyncio.to_thread(self.outbox.put, items, now)]
+            stored = items
+        except OutboxFullError:
+            results, stored = [], []
+            for item in items:
+                try:
+                    results.append(await asyncio.to_thread(self.outbox.put, [item], now))
+                    stored.append(item)
+                except OutboxFullError as exc:
+                    self.counters.outbox_refused_readings += item[2]
+                    logger.warning("%s", exc)
+        for result in results:
+            self.counters.batches_stored += result.stored_batches
+            if result.dropped_readings:
+                self.counters.outbox_dropped_readings += result.dropped_readings
+                logger.warning(
+                    "outbox full: dropped the %d oldest readings (%d batches)",
+                    result.dropped_readings,
+                    result.dropped_batches,
+                )
+        self.counters.readings_stored += sum(rows for _, _, rows in stored)
+        if stored:
+            self._wake()
 
     async def _sender(self, wake: asyncio.Event) -> None:
         resend_after_ms = int(self.settings.ack_timeout_s * 1000)
@@ -585,6 +672,7 @@ class Gateway:
         self._loop = asyncio.get_running_loop()
         self._wake_sender = wake = asyncio.Event()
         self._config_changed = changed = asyncio.Event()
+        self._flush_now = flush_now = asyncio.Event()
         logger.info(
             "gateway %s starting: boot %s, birth %d, outbox %d readings",
             self.gateway_id,
@@ -601,7 +689,7 @@ class Gateway:
             metrics_server = serve_metrics(self, self.settings.metrics_port)
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._flusher(), name="flusher")
+                group.create_task(self._flusher(flush_now), name="flusher")
                 group.create_task(self._sender(wake), name="sender")
                 group.create_task(self._state(), name="state")
                 group.create_task(self._expiry(), name="expiry")
@@ -611,8 +699,10 @@ class Gateway:
         except* _Stop:
             pass
         finally:
+            # Store what the builder holds and acknowledge it while the site
+            # link is still up; then leave the site session cleanly.
             await self.flush(force=True)
-            self.site.stop()
+            await self._stop_site()
             self.central.publish(
                 state_topic(self.gateway_id, self.prefix),
                 self._state_payload("offline"),
@@ -624,6 +714,19 @@ class Gateway:
                 metrics_server.server_close()
             self.outbox.close()
             logger.info("gateway %s stopped", self.gateway_id)
+
+    async def _stop_site(self) -> None:
+        self.site.stop()
+        task = self._site_task
+        if task is None:
+            return
+        try:
+            async with asyncio.timeout(2.0):
+                await asyncio.shield(task)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def _raise_on(stop: asyncio.Event) -> None:

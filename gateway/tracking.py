@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-@dataclass
+@dataclass(slots=True)
 class DeviceTrack:
     last_seq: int | None = None
     boot: str | None = None
@@ -23,12 +23,16 @@ class DeviceTrack:
     reboots: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Observation:
     gap: int  # readings missing between the previous seq and this one
     duplicate: bool  # seq not newer than the last one in the same boot
     reboot: bool
     came_online: bool
+
+
+# The observation of almost every reading: the next seq of a device already online.
+_IN_ORDER = Observation(gap=0, duplicate=False, reboot=False, came_online=False)
 
 
 class DeviceTracker:
@@ -66,6 +70,8 @@ class DeviceTracker:
                 track.boot = boot
         track.last_seen_ms = now_ms
         track.online = True
+        if not (gap or duplicate or reboot or came_online):
+            return _IN_ORDER
         return Observation(gap=gap, duplicate=duplicate, reboot=reboot, came_online=came_online)
 
     def set_status(self, device_id: str, *, online: bool, now_ms: int) -> bool:

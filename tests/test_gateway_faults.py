@@ -14,7 +14,8 @@ import pytest
 
 from cityhub.localstack.mosquitto import ADMIN_USER
 from cityhub.localstack.procs import stop_process_group
-from contracts.messages import decode_batch
+from contracts.messages import GatewayState, decode_batch, decode_gateway_state
+from contracts.topics import state_topic
 from tests.gatewayharness import (
     FakeIngest,
     broker_settings,
@@ -181,4 +182,116 @@ def test_readings_sent_while_the_gateway_is_down_are_delivered_after_restart(mqt
         wait_for(lambda: ingest.count() == len(sent), 20, "readings queued while away")
         assert ingest.readings == sent
     pub.disconnect()
+    ingest.close()
+
+
+def gateway_config_file(path: Path, server, *, gateway_id: str, prefix: str, **gateway: object):
+    """Write a gateway settings file with both brokers on ``server``."""
+    broker = (
+        f'host = "127.0.0.1"\nport = {server.port}\n'
+        f'username = "{ADMIN_USER}"\npassword = "{server.admin_password}"\n'
+    )
+    extra = "\n".join(f"{key} = {value}" for key, value in gateway.items())
+    path.write_text(
+        f'[broker]\n{broker}\n[gateway]\ngateway_id = "{gateway_id}"\n'
+        f'site_id = "hk-hall-ubnd"\ntopic_prefix = "{prefix}"\n'
+        f'outbox_path = "{path.parent / "outbox.sqlite3"}"\n'
+        f"device_rate_per_s = 1000.0\ndevice_burst = 1000.0\nstate_interval_s = 0.5\n"
+        f"{extra}\n[gateway.site_broker]\n{broker}",
+        encoding="utf-8",
+    )
+
+
+def test_gateway_kill_9_before_its_outbox_commit_loses_nothing(mqtt_server, tmp_path):
+    """Readings received but not yet stored are not acknowledged at the site broker.
+
+    The gateway acknowledges a device message only after the reading is in
+    its fsynced outbox. Here no batch is ever cut before the kill, so every
+    message is still unacknowledged in the gateway's persistent site session,
+    and the broker delivers it again to the restarted gateway.
+    """
+    tag = uuid.uuid4().hex[:6]
+    gateway_id, prefix = f"gw-{tag}", f"t{tag}"
+    holding = tmp_path / "holding.toml"
+    gateway_config_file(
+        holding,
+        mqtt_server,
+        gateway_id=gateway_id,
+        prefix=prefix,
+        batch_max_rows=100_000,
+        batch_max_ms=600_000,
+        # A batch is also cut when half this many messages await their ack.
+        site_receive_maximum=5000,
+    )
+    normal = tmp_path / "normal.toml"
+    gateway_config_file(normal, mqtt_server, gateway_id=gateway_id, prefix=prefix)
+    devices = mqtt_devices(prefix, 20)
+    ingest = FakeIngest(mqtt_server, gateway_id=gateway_id, prefix=prefix)
+    ingest.acking = True
+    pub = client(mqtt_server)
+    publish_config(pub, gateway_id=gateway_id, prefix=prefix, devices=devices, version=1)
+    states: list[GatewayState] = []
+    pub.on_message = lambda _c, _u, m: m.payload and states.append(decode_gateway_state(m.payload))
+    pub.subscribe(state_topic(gateway_id, prefix), qos=1)
+    log = tmp_path / "gateway.log"
+    proc = start_gateway_process(holding, log)
+    try:
+        wait_for(lambda: any(s.site_ready for s in states), 15, "subscribed at the site")
+        sent = publish_readings(pub, prefix=prefix, devices=devices, per_device=50)
+        wait_for(
+            lambda: any(s.accepted == len(sent) for s in states), 15, "all received, none stored"
+        )
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        assert outbox_readings(tmp_path / "outbox.sqlite3")[0] == set()
+        assert ingest.count() == 0
+
+        proc = start_gateway_process(normal, log)
+        wait_for(lambda: ingest.count() == len(sent), 30, "redelivered by the site broker")
+        assert ingest.readings == sent
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        pub.disconnect()
+        ingest.close()
+    assert proc.returncode == 0, log.read_text()[-2000:]
+
+
+def test_site_broker_kill_9_the_gateway_reconnects_and_resubscribes(
+    mqtt_server, killable_broker, tmp_path
+):
+    tag = uuid.uuid4().hex[:6]
+    gateway_id, prefix = f"gw-{tag}", f"t{tag}"
+    devices = mqtt_devices(prefix, 10)
+    central_pub = client(mqtt_server)
+    publish_config(central_pub, gateway_id=gateway_id, prefix=prefix, devices=devices, version=1)
+    ingest = FakeIngest(mqtt_server, gateway_id=gateway_id, prefix=prefix)
+    ingest.acking = True
+    site_pub = client(killable_broker)
+    with gateway_in_thread(
+        settings=gateway_settings(gateway_id, prefix),
+        central=broker_settings(mqtt_server),
+        site=broker_settings(killable_broker),
+        outbox=tmp_path / "o.sqlite3",
+    ) as gw:
+        wait_for(lambda: gw.site.subacks > 0, 10, "subscribed at the site")
+        sent = publish_readings(site_pub, prefix=prefix, devices=devices, per_device=20)
+        wait_for(lambda: ingest.count() == len(sent), 20, "first readings delivered")
+        generation, subacks = gw.site.generation, gw.site.subacks
+        pid = killable_broker.pid()
+        assert pid is not None
+        stop_process_group(pid, first_signal=signal.SIGKILL, timeout_s=10, what="broker")
+        wait_for(lambda: not gw.site.connected.is_set(), 40, "the loss noticed")
+        killable_broker.start()
+        # The killed broker lost the session: the gateway must subscribe again.
+        wait_for(lambda: gw.site.subacks > subacks, 30, "resubscribed after the restart")
+        assert gw.site.generation == generation + 1
+        wait_for(site_pub.is_connected, 10, "device client back")
+        sent |= publish_readings(
+            site_pub, prefix=prefix, devices=devices, per_device=20, start_seq=20
+        )
+        wait_for(lambda: ingest.count() == len(sent), 20, "readings after the restart")
+        assert ingest.readings == sent
+    site_pub.disconnect()
+    central_pub.disconnect()
     ingest.close()

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from contracts import messages
 from contracts.catalog import DEVICE_TYPES, DeviceType, Metric, MetricKind
 from contracts.errors import (
     FieldTypeError,
@@ -495,6 +496,45 @@ def test_uplink_shaped_fuzz_raises_only_input_errors(document):
         return
     assert message.metrics
     assert all(math.isfinite(v) for v in message.metrics.values())
+
+
+uplink_documents = st.fixed_dictionaries(
+    {"seq": json_values | seqs, "ts": json_values | in_window},
+    optional={
+        "m": st.dictionaries(
+            st.sampled_from(DEVICE_TYPES["kiosk"].metric_names) | st.text(max_size=5),
+            json_values | st.floats() | st.integers(-(2**70), 2**70),
+            max_size=4,
+        ),
+        "boot": json_values | ids,
+    },
+)
+
+
+@settings(max_examples=500)
+@given(uplink_documents, st.sampled_from(sorted(DEVICE_TYPES)))
+def test_uplink_fast_path_accepts_exactly_what_the_checks_accept(document, type_name):
+    payload = json.dumps(document).encode()
+    args = (payload, type_name, NOW_MS, DEVICE_PAYLOAD_MAX_BYTES, DEFAULT_MAX_PAST_MS, 60_000)
+    fast = messages._accept_uplink(*args)
+    try:
+        checked = messages._check_uplink(*args)
+    except InputError:
+        assert fast is None
+        return
+    assert fast is None or fast == checked
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"seq":1,"ts":1767225600000,"m":{"queue_length":3}}',
+        b'{"seq":1,"ts":1767225600000,"m":{"queue_length":3.0,"paper_level":99.5},"boot":"b-1"}',
+    ],
+)
+def test_uplink_fast_path_takes_ordinary_readings(payload):
+    args = (payload, "kiosk", NOW_MS, DEVICE_PAYLOAD_MAX_BYTES, DEFAULT_MAX_PAST_MS, 60_000)
+    assert messages._accept_uplink(*args) is not None
 
 
 # --- device status -----------------------------------------------------------------
