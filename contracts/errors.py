@@ -8,6 +8,7 @@ move on) versus *unavailable* (retryable: back off and try again).
 
     HubError
      +-- SettingsError                 bad or missing configuration (names the key)
+     +-- RuleError                     a bad alert rule file (names the file, the rule and the key)
      +-- InputError                    bad input; carries a short ``reason`` code
      |    +-- MalformedPayloadError    not decodable (JSON / msgpack syntax)
      |    |    +-- FieldTypeError      decodable, but a field has the wrong type or is missing
@@ -22,9 +23,19 @@ move on) versus *unavailable* (retryable: back off and try again).
      |    +-- TimestampWindowError     too far in the past or the future
      |    +-- InconsistentBatchError   columns of different lengths, bad indexes
      |    +-- RefusedByDatabaseError   the database refused the data itself (constraint, data)
+     |    +-- InvalidPortError         not a serial device path or pyserial URL
+     |    +-- AlertNotFoundError       no alert has the id an operator gave
+     |    +-- AlreadyAcknowledgedError the alert was acknowledged before
+     |    +-- ProvisioningError        a technician's request the registry refuses
+     |         +-- NotFoundError       unknown site, gateway or device
+     |         +-- AlreadyExistsError  the id is taken (also by a revoked device)
+     |         +-- ConflictError       contradicts the registry (revoked, other site, ...)
      +-- UnavailableError              retryable: a dependency does not answer
      |    +-- BrokerUnavailableError
      |    +-- DatabaseUnavailableError
+     |    +-- JobLockedError           another alerts job with the same id holds the lock
+     +-- BrokerControlError            a broker refused a control (dynamic-security) command
+     +-- PkiError                      missing or unusable CA, certificate or key
      +-- OutboxFullError               a gateway outbox at its size bound refuses new readings
      +-- SchemaError                   the database schema is not what the code expects
      |    +-- MigrationError
@@ -47,6 +58,26 @@ class SettingsError(HubError):
 
     def __init__(self, key: str, problem: str) -> None:
         super().__init__(f"setting {key!r}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+class RuleError(HubError):
+    """An alert rule file is unreadable or a rule in it is invalid.
+
+    ``source`` is the file (or ``<defaults>``), ``rule_id`` the rule (None for
+    a file-level problem), ``key`` the dotted key inside the rule.
+    """
+
+    def __init__(self, source: str, rule_id: str | None, key: str | None, problem: str) -> None:
+        where = source
+        if rule_id is not None:
+            where += f": rule {rule_id!r}"
+        if key is not None:
+            where += f": key {key!r}"
+        super().__init__(f"{where}: {problem}")
+        self.source = source
+        self.rule_id = rule_id
         self.key = key
         self.problem = problem
 
@@ -115,6 +146,44 @@ class RefusedByDatabaseError(InputError):
     reason = "db_refused"
 
 
+class InvalidPortError(InputError):
+    reason = "bad_port"
+
+
+class AlertNotFoundError(InputError):
+    reason = "unknown_alert"
+
+
+class AlreadyAcknowledgedError(InputError):
+    reason = "already_acked"
+
+
+class ProvisioningError(InputError):
+    """A technician's request that the registry refuses; nothing was changed."""
+
+    reason = "refused"
+
+
+class NotFoundError(ProvisioningError):
+    reason = "not_found"
+
+
+class AlreadyExistsError(ProvisioningError):
+    reason = "exists"
+
+
+class ConflictError(ProvisioningError):
+    reason = "conflict"
+
+
+class BrokerControlError(HubError):
+    """A broker answered a control command with an error (e.g. "Client already exists")."""
+
+
+class PkiError(HubError):
+    """The CA, a certificate or a key is missing or unusable."""
+
+
 class UnavailableError(HubError):
     """A dependency does not answer; retry with backoff."""
 
@@ -125,6 +194,10 @@ class BrokerUnavailableError(UnavailableError):
 
 class DatabaseUnavailableError(UnavailableError):
     pass
+
+
+class JobLockedError(UnavailableError):
+    """Another alerts job with the same id holds the lock; this one waits as a standby."""
 
 
 class OutboxFullError(HubError):

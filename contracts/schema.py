@@ -436,6 +436,67 @@ def _ingest(s: str) -> tuple[str, ...]:
     )
 
 
+def _alert_jobs(s: str) -> tuple[str, ...]:
+    """The alerts job's own state: the last evaluation time it completed, per job id.
+
+    Written in the same transaction as that evaluation's alert changes, so a
+    job restarted after a crash resumes after the last evaluation that is
+    fully stored, never re-raising or losing a transition.
+    """
+    return (
+        f"""CREATE TABLE IF NOT EXISTS {s}.alert_jobs (
+            job_id text PRIMARY KEY,
+            last_eval_at timestamptz NOT NULL,
+            updated_at timestamptz NOT NULL DEFAULT now()
+        )""",
+    )
+
+
+def _provisioning(s: str) -> tuple[str, ...]:
+    """What the technicians' commands keep besides the devices and gateways tables.
+
+    ``credentials`` has one row per broker account (a device's on the site
+    broker, a gateway's on the central and on the site broker) with a salted
+    hash of its secret only: the broker keeps its own hash, and the clear
+    secret exists only in the bundle given to the technician. ``audit_log``
+    records every provisioning action with the operator's name. A gateway's
+    ``config_version`` numbers its retained config messages.
+    """
+    return (
+        f"ALTER TABLE {s}.gateways ADD COLUMN IF NOT EXISTS location text NOT NULL DEFAULT ''",
+        f"""ALTER TABLE {s}.gateways
+            ADD COLUMN IF NOT EXISTS config_version bigint NOT NULL DEFAULT 0""",
+        f"ALTER TABLE {s}.devices ADD COLUMN IF NOT EXISTS location text NOT NULL DEFAULT ''",
+        f"ALTER TABLE {s}.devices ADD COLUMN IF NOT EXISTS hardware_id text NOT NULL DEFAULT ''",
+        f"ALTER TABLE {s}.devices ADD COLUMN IF NOT EXISTS enabled boolean NOT NULL DEFAULT true",
+        f"""CREATE TABLE IF NOT EXISTS {s}.credentials (
+            broker text NOT NULL CHECK (broker IN ('site', 'central')),
+            username text NOT NULL,
+            owner_kind text NOT NULL CHECK (owner_kind IN ('device', 'gateway')),
+            owner_id text NOT NULL CHECK (owner_id {ID_CHECK}),
+            secret_hash text NOT NULL,
+            status text NOT NULL DEFAULT 'active'
+                CHECK (status IN ('active', 'disabled', 'revoked')),
+            created_at timestamptz NOT NULL DEFAULT now(),
+            rotated_at timestamptz,
+            revoked_at timestamptz,
+            PRIMARY KEY (broker, username)
+        )""",
+        f"CREATE INDEX IF NOT EXISTS credentials_owner_idx ON {s}.credentials (owner_id)",
+        f"""CREATE TABLE IF NOT EXISTS {s}.audit_log (
+            audit_id bigserial PRIMARY KEY,
+            ts timestamptz NOT NULL DEFAULT now(),
+            operator text NOT NULL,
+            action text NOT NULL,
+            subject_kind text NOT NULL CHECK (subject_kind IN ('device', 'gateway', 'pki')),
+            subject_id text NOT NULL,
+            detail jsonb NOT NULL DEFAULT '{{}}'
+        )""",
+        f"CREATE INDEX IF NOT EXISTS audit_log_ts_idx ON {s}.audit_log (ts)",
+        f"CREATE INDEX IF NOT EXISTS audit_log_subject_idx ON {s}.audit_log (subject_id, ts)",
+    )
+
+
 def migrations(schema: str, edition: Edition, storage: StorageSettings) -> list[Migration]:
     """Every migration for ``schema`` on a server of ``edition``, oldest first."""
     s = check_schema_name(schema)
@@ -461,4 +522,6 @@ def migrations(schema: str, edition: Edition, storage: StorageSettings) -> list[
             "retention for rejects, ingest stats and hourly AQI",
             _retention_of_the_rest(s, edition, storage),
         ),
+        Migration(7, "alerts job state", _alert_jobs(s)),
+        Migration(8, "provisioning: credentials and audit log", _provisioning(s)),
     ]

@@ -42,6 +42,11 @@ class BrokerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     username: str | None = None
     password: str | None = None
     tls: bool = False
+    # TLS: the CA that signed the broker's certificate ("" = the system's CAs),
+    # and this client's certificate and key when the listener requires one.
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
 
 
 class LocalSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -59,6 +64,9 @@ class LocalSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     # Directory holding postgres/initdb; "" finds the newest PostgreSQL >= 15.
     pg_bindir: str = ""
     mosquitto_bin: str = "mosquitto"
+    # A TLS listener (client certificate required) on this port besides the
+    # plain one; 0: none. Its CA, certificate and key come from `cityhub pki`.
+    mqtt_tls_port: int = 0
     start_timeout_s: float = 60.0
 
 
@@ -164,6 +172,83 @@ class IngestSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     share_group: str = "ingest"
 
 
+class AlertsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The alerts job (`cityhub alerts run`, `python -m alerts`): rules, AQI, alert lifecycle.
+
+    The database is ``[database]``.
+    """
+
+    # Evaluation times are multiples of this (UTC): a re-run at the same time
+    # finds its transitions already stored.
+    interval_s: float = 10.0
+    # Readings reach the database ~0.3-1 s after they are taken (gateway
+    # batching 200 ms, ingest grouping 100 ms, the commit): an evaluation time
+    # is used only this long after it has passed.
+    evaluation_delay_s: float = 2.0
+    # Extra rule files: a TOML file, or a directory whose *.toml files are all
+    # read. "" means none; the shipped rules are read unless turned off.
+    rules_path: str = ""
+    include_default_rules: bool = True
+    # The windows are sized for devices reporting this often: a device type's
+    # width is its rules' longest lookback over this period, plus one sample
+    # (the longest shipped lookback, 2 h, is 722 samples at 10 s). A device
+    # reporting faster keeps its newest samples, which then span less time.
+    sample_period_s: float = 10.0
+    # Upper bound of any width: 1024 samples x 10k devices x (time + 1
+    # metric) x 8 bytes is 160 MB.
+    max_window_samples: int = 1024
+    # After downtime, missed evaluation times are replayed (so alerts raised and
+    # cleared meanwhile are recorded at their times) up to this far back; older
+    # ones are skipped and evaluation resumes at the newest.
+    max_catchup_s: float = 3600.0
+    # Missed evaluation times replayed per cycle: bounds the rows fetched at
+    # once (30 x 10 s x 10k devices at 1 reading/s = 3M rows).
+    catchup_steps_per_cycle: int = 30
+    # The device list (new, moved or revoked devices) is reloaded this often.
+    devices_refresh_s: float = 60.0
+    # Hourly and daily VN_AQI of air-quality monitors, in the same cycle.
+    aqi: bool = True
+    # A finished hour's AQI is computed at once; the hour in progress (and its
+    # day) at evaluation times that are multiples of this. VN_AQI is hourly,
+    # so a minute's delay changes nothing people see, and at 10 s cycles it
+    # spares 5 cycles in 6 the AQI arithmetic of every monitor (bench/).
+    aqi_interval_s: float = 60.0
+    # Backoff between cycles while the database is unavailable.
+    retry_min_s: float = 0.5
+    retry_max_s: float = 15.0
+    # Names the job's stored state (last evaluation time) and its advisory
+    # lock: a second job with the same id waits as a standby.
+    job_id: str = "alerts"
+
+
+class ProvisioningSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The technicians' commands (`cityhub devices|gateways|pki|audit`).
+
+    Gateway credentials live on the central broker (``[broker]``), device
+    credentials on ``site_broker``; each needs an account allowed to use the
+    broker's dynamic-security control API (host None: the embedded broker and
+    its admin account).
+    """
+
+    site_broker: BrokerSettings = msgspec.field(default_factory=BrokerSettings)
+    # Addresses written into bundles, as devices and gateways reach the brokers
+    # (the control connection may use another); "" / 0: the control address.
+    site_public_host: str = ""
+    site_public_port: int = 0
+    central_public_host: str = ""
+    central_public_port: int = 0
+    # TLS port of the central broker written into gateway bundles; 0: plain MQTT.
+    central_tls_port: int = 0
+    # "" means {local.state_dir}/bundles and {local.state_dir}/pki.
+    bundle_dir: str = ""
+    pki_dir: str = ""
+    # The broker answers a control command within milliseconds; 10 s covers a
+    # broker busy saving a large snapshot.
+    control_timeout_s: float = 10.0
+    # Prefix for every topic and ACL (tests give each test its own).
+    topic_prefix: str = ""
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     database: DatabaseSettings = msgspec.field(default_factory=DatabaseSettings)
     broker: BrokerSettings = msgspec.field(default_factory=BrokerSettings)
@@ -171,6 +256,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     storage: StorageSettings = msgspec.field(default_factory=StorageSettings)
     gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
     ingest: IngestSettings = msgspec.field(default_factory=IngestSettings)
+    provisioning: ProvisioningSettings = msgspec.field(default_factory=ProvisioningSettings)
+    alerts: AlertsSettings = msgspec.field(default_factory=AlertsSettings)
     # Who is acting, for audit records ("technician name").
     operator: str = ""
     # Long-running services log lifecycle events at INFO; commands for people stay quiet.

@@ -38,6 +38,19 @@ KEEPALIVE_S = 30
 SUBSCRIBE_CHUNK = 500
 
 
+def client_ssl_context(name: str, *, ca_file: str, cert_file: str, key_file: str) -> ssl.SSLContext:
+    """A TLS client context: the broker is verified against ``ca_file`` (else the
+    system's CAs); a client certificate is presented when the listener requires one.
+    """
+    try:
+        context = ssl.create_default_context(cafile=ca_file or None)
+        if cert_file:
+            context.load_cert_chain(cert_file, key_file or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise BrokerUnavailableError(f"{name}: TLS files: {exc}") from exc
+    return context
+
+
 @dataclass(frozen=True)
 class Will:
     topic: str
@@ -58,6 +71,9 @@ class MqttLink:
         username: str | None,
         password: str | None,
         tls: bool = False,
+        ca_file: str = "",
+        cert_file: str = "",
+        key_file: str = "",
         session_expiry_s: int = 0,
         will: Will | None = None,
         on_message: Callable[[str, bytes], None],
@@ -85,7 +101,9 @@ class MqttLink:
         if username is not None:
             client.username_pw_set(username, password)
         if tls:
-            client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+            client.tls_set_context(
+                client_ssl_context(name, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+            )
         if will is not None:
             client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
         client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)

@@ -32,7 +32,6 @@ import contextlib
 import logging
 import secrets
 import signal
-import ssl
 import threading
 import time
 from collections import Counter
@@ -69,7 +68,7 @@ from contracts.topics import (
     state_topic,
 )
 from gateway.batching import BatchBuilder
-from gateway.mqtt import MqttLink, Will
+from gateway.mqtt import MqttLink, Will, client_ssl_context
 from gateway.outbox import Outbox
 from gateway.ratelimit import TokenBuckets
 from gateway.sitelink import SiteLink
@@ -202,6 +201,9 @@ class Gateway:
             username=central.username,
             password=central.password,
             tls=central.tls,
+            ca_file=central.ca_file,
+            cert_file=central.cert_file,
+            key_file=central.key_file,
             will=Will(state_topic(self.gateway_id, self.prefix), self._state_payload("offline")),
             on_message=self._on_central_message,
             on_connect=self._on_central_connect,
@@ -214,7 +216,11 @@ class Gateway:
             client_id=f"gw-{self.gateway_id}-site",
             username=site.username,
             password=site.password,
-            ssl_context=ssl.create_default_context() if site.tls else None,
+            ssl_context=client_ssl_context(
+                "site", ca_file=site.ca_file, cert_file=site.cert_file, key_file=site.key_file
+            )
+            if site.tls
+            else None,
             session_expiry_s=settings.site_session_expiry_s,
             receive_maximum=settings.site_receive_maximum,
             on_messages=self._on_site_messages,

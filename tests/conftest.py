@@ -125,3 +125,53 @@ def killable_broker(servers_dir: Path) -> Iterator[MosquittoServer]:
     server.start()
     yield server
     server.stop()
+
+
+# --- provisioning: the session broker's admin account, a registry with sites --------
+
+
+@pytest.fixture
+def broker_admin(mqtt_server: MosquittoServer):
+    """The session broker's admin account (dynamic-security control API included)."""
+    from cityhub.localstack.mosquitto import ADMIN_USER
+    from contracts.settings import BrokerSettings
+
+    return BrokerSettings(
+        host="127.0.0.1",
+        port=mqtt_server.port,
+        username=ADMIN_USER,
+        password=mqtt_server.admin_password,
+    )
+
+
+@pytest.fixture
+def seeded(db_conn: psycopg.Connection, migrated: str) -> str:
+    """A migrated schema with the Hanoi sites loaded."""
+    database.seed_sites(db_conn, schema=migrated, sites=database.load_hanoi_sites())
+    return migrated
+
+
+@pytest.fixture
+def topic_prefix() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def provisioner(db_conn, seeded, broker_admin, mqtt_server, topic_prefix, tmp_path):
+    """Provisioning with the real registry and the session broker, in a topic space of its own."""
+    from devices.brokerctl import BrokerControl
+    from devices.provisioning import Endpoint, Provisioner
+    from devices.registry import Registry
+
+    endpoint = Endpoint(host="127.0.0.1", port=mqtt_server.port)
+    with BrokerControl(name="central", broker=broker_admin) as control:
+        yield Provisioner(
+            registry=Registry(db_conn, schema=seeded),
+            operator="Nguyễn Thị Lan",
+            central=control,
+            site=control,
+            central_endpoint=endpoint,
+            site_endpoint=endpoint,
+            bundle_dir=tmp_path / "bundles",
+            prefix=topic_prefix,
+        )

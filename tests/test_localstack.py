@@ -106,7 +106,7 @@ def test_up_status_down_round_trip(state_dir):
 
     for secret in ("postgres.password", "stack.json", "mosquitto/admin.password"):
         assert stat.S_IMODE((state_dir / secret).stat().st_mode) == 0o600, secret
-    for secret in ("mosquitto/passwd", "mosquitto/acl"):
+    for secret in ("mosquitto/security/dynamic-security.json",):
         assert stat.S_IMODE((state_dir / secret).stat().st_mode) == 0o600, secret
 
     down = cityhub(state_dir, "down", pg_port=pg_port, mqtt_port=mqtt_port)

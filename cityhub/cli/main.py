@@ -14,9 +14,14 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from cityhub.cli import alerts as alerts_cli
+from cityhub.cli import audit as audit_cli
 from cityhub.cli import db as db_cli
+from cityhub.cli import devices as devices_cli
 from cityhub.cli import gateway as gateway_cli
+from cityhub.cli import gateways as gateways_cli
 from cityhub.cli import ingest as ingest_cli
+from cityhub.cli import pki as pki_cli
 from cityhub.cli import services as services_cli
 from cityhub.cli import sim as sim_cli
 from cityhub.cli import up as up_cli
@@ -36,7 +41,12 @@ app.add_typer(db_cli.app, name="db")
 app.add_typer(gateway_cli.app, name="gateway")
 app.add_typer(ingest_cli.app, name="ingest")
 app.add_typer(sim_cli.app, name="sim")
+app.add_typer(alerts_cli.app, name="alerts")
 app.command(name="up")(up_cli.up)
+app.add_typer(devices_cli.app, name="devices")
+app.add_typer(gateways_cli.app, name="gateways")
+app.add_typer(pki_cli.app, name="pki")
+app.command(name="audit")(audit_cli.audit)
 
 
 @app.callback()

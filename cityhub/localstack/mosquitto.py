@@ -1,26 +1,32 @@
 """A private Mosquitto broker in a directory of its own.
 
-The generated configuration turns authentication on (a password file with a
-generated ``cityhub-admin`` account and an ACL file), persistence on, raises
-the queue limits that would otherwise drop QoS 1 messages for a slow
-subscriber (DESIGN.md section 4), and listens on 127.0.0.1 only. Dev mode
+The generated configuration turns authentication on through Mosquitto's
+dynamic-security plugin (a generated ``cityhub-admin`` account with full
+access, including the plugin's control API), persistence on, raises the
+queue limits that would otherwise drop QoS 1 messages for a slow subscriber
+(DESIGN.md section 4), and listens on 127.0.0.1 only, optionally with a
+second, TLS listener that requires a client certificate. Dev mode
 (``local.dev_mode``) additionally lets anonymous local clients connect; it is
 explicit in the config file so nobody mistakes it for production.
 
-Per-device and per-gateway credentials are the registry's business; this
-module only owns the broker process and its base configuration.
+The plugin keeps its accounts in ``security/dynamic-security.json`` (0600,
+owned by the broker's user) and rewrites it at every change; a restart keeps
+the accounts that `cityhub devices` and `cityhub gateways` made, and only
+the admin account and the dev-mode anonymous group are rewritten at start.
+Per-device and per-gateway accounts are ``devices``' business; this module
+only owns the broker process and its base configuration.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
+import json
 import logging
 import secrets
 import signal
 import socket
 import struct
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from cityhub.localstack.procs import (
@@ -36,16 +42,20 @@ from cityhub.localstack.procs import (
     with_log_tail,
     write_owned_file,
 )
-from contracts.errors import ServiceStartError
+from contracts.errors import MissingDependencyError, ServiceStartError
+from devices.dynsec import base_document
 
 logger = logging.getLogger(__name__)
 
 ADMIN_USER = "cityhub-admin"
 
-# Mosquitto 2.0's password hash: PBKDF2-HMAC-SHA512, 12-byte salt, 101
-# iterations (mosquitto_passwd's defaults), written as $7$iter$salt$hash.
-_PW_ITERATIONS = 101
-_PW_SALT_BYTES = 12
+# Where Debian, Ubuntu and a source install put the plugin.
+DYNSEC_PLUGIN_GLOBS = (
+    "/usr/lib/*/mosquitto_dynamic_security.so",
+    "/usr/lib/mosquitto_dynamic_security.so",
+    "/usr/local/lib/mosquitto_dynamic_security.so",
+    "/usr/local/lib/*/mosquitto_dynamic_security.so",
+)
 
 # Queue limits: the defaults (1000 messages) silently drop QoS 1 messages for
 # a slow subscriber; a million 100-reading batches is hours of a city's
@@ -56,12 +66,26 @@ MAX_QUEUED_BYTES = 1 << 30
 MAX_PACKET_BYTES = 16 << 20
 
 
-def hash_password(password: str, salt: bytes | None = None) -> str:
-    """A password-file line's hash part, as mosquitto_passwd writes it."""
-    salt = salt if salt is not None else secrets.token_bytes(_PW_SALT_BYTES)
-    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, _PW_ITERATIONS)
-    b64 = base64.b64encode
-    return f"$7${_PW_ITERATIONS}${b64(salt).decode()}${b64(digest).decode()}"
+def find_dynsec_plugin() -> Path:
+    """The dynamic-security plugin's shared object (package mosquitto, since 2.0)."""
+    for pattern in DYNSEC_PLUGIN_GLOBS:
+        found = sorted(Path("/").glob(pattern.lstrip("/")))
+        if found:
+            return found[0]
+    raise MissingDependencyError(
+        "mosquitto_dynamic_security.so not found (Mosquitto >= 2.0 ships it):"
+        " run scripts/install-system-deps"
+    )
+
+
+@dataclass(frozen=True)
+class TlsListener:
+    """A TLS listener that requires a client certificate signed by ``ca_file``."""
+
+    port: int
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
 
 
 def mqtt_connect_probe(
@@ -119,6 +143,7 @@ class MosquittoServer:
         dev_mode: bool,
         binary: str = "mosquitto",
         start_timeout_s: float = 30.0,
+        tls: TlsListener | None = None,
     ) -> None:
         self.base_dir = base_dir
         self.port = port
@@ -126,18 +151,15 @@ class MosquittoServer:
         self.dev_mode = dev_mode
         self.binary = binary
         self.start_timeout_s = start_timeout_s
+        self.tls = tls
 
     @property
     def config_path(self) -> Path:
         return self.base_dir / "mosquitto.conf"
 
     @property
-    def passwd_path(self) -> Path:
-        return self.base_dir / "passwd"
-
-    @property
-    def acl_path(self) -> Path:
-        return self.base_dir / "acl"
+    def dynsec_path(self) -> Path:
+        return self.base_dir / "security" / "dynamic-security.json"
 
     @property
     def admin_password_path(self) -> Path:
@@ -173,26 +195,30 @@ class MosquittoServer:
         make_owned_dir(self.base_dir / "data", self.run_as)
         if not self.admin_password_path.exists():
             write_owned_file(self.admin_password_path, secrets.token_urlsafe(24) + "\n", None)
-        write_owned_file(
-            self.passwd_path, f"{ADMIN_USER}:{hash_password(self.admin_password)}\n", self.run_as
+        plugin = find_dynsec_plugin()
+        make_owned_dir(self.dynsec_path.parent, self.run_as)
+        existing = None
+        if self.dynsec_path.exists():
+            try:
+                existing = json.loads(self.dynsec_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ServiceStartError(
+                    f"{self.dynsec_path} is unreadable ({exc}); fix or remove it"
+                ) from exc
+        document = base_document(
+            existing,
+            admin_username=ADMIN_USER,
+            admin_password=self.admin_password,
+            dev_mode=self.dev_mode,
         )
-        acl = [
-            "# generated by cityhub",
-            "# Lines before the first 'user' apply to anonymous clients, which only",
-            "# dev mode admits (allow_anonymous below).",
-            "topic readwrite #",
-            f"user {ADMIN_USER}",
-            "topic readwrite #",
-            "topic read $SYS/#",
-        ]
-        write_owned_file(self.acl_path, "\n".join(acl) + "\n", self.run_as)
+        write_owned_file(self.dynsec_path, json.dumps(document, indent=1), self.run_as)
         mode = "DEV MODE: anonymous local clients allowed" if self.dev_mode else "authenticated"
         conf = [
             f"# generated by cityhub at every start; {mode}",
             "per_listener_settings false",
             f"allow_anonymous {'true' if self.dev_mode else 'false'}",
-            f"password_file {self.passwd_path}",
-            f"acl_file {self.acl_path}",
+            f"plugin {plugin}",
+            f"plugin_opt_config_file {self.dynsec_path}",
             "persistence true",
             f"persistence_location {self.base_dir / 'data'}/",
             # Seconds between snapshots; the outbox + ack protocol covers the gap.
@@ -210,14 +236,46 @@ class MosquittoServer:
             "log_type information",
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",
             f"listener {self.port} {LOOPBACK}",
+            *self._tls_config(),
             "",
         ]
         write_owned_file(self.config_path, "\n".join(conf), self.run_as)
+
+    def _tls_config(self) -> list[str]:
+        """Copy the TLS files where the broker's user can read them; the listener's lines."""
+        if self.tls is None:
+            return []
+        tls_dir = self.base_dir / "tls"
+        make_owned_dir(tls_dir, self.run_as)
+        copies = {}
+        for name, source in (
+            ("ca.crt", self.tls.ca_file),
+            ("server.crt", self.tls.cert_file),
+            ("server.key", self.tls.key_file),
+        ):
+            try:
+                text = source.read_text(encoding="ascii")
+            except OSError as exc:
+                raise ServiceStartError(
+                    f"TLS listener: cannot read {source} ({exc}); run `cityhub pki init`"
+                ) from exc
+            copies[name] = tls_dir / name
+            write_owned_file(copies[name], text, self.run_as)
+        return [
+            f"listener {self.tls.port} {LOOPBACK}",
+            f"cafile {copies['ca.crt']}",
+            f"certfile {copies['server.crt']}",
+            f"keyfile {copies['server.key']}",
+            "require_certificate true",
+            "tls_version tlsv1.2",
+        ]
 
     def start(self) -> int:
         if (pid := self.pid()) is not None:
             return pid
         require_free_port(self.port, "Mosquitto")
+        if self.tls is not None:
+            require_free_port(self.tls.port, "Mosquitto (TLS)")
         self.write_config()
         pid = spawn_daemon(
             [self.binary, "-c", str(self.config_path)],
@@ -253,7 +311,7 @@ class MosquittoServer:
         return with_log_tail(what, self.log_path)
 
     def reload(self) -> None:
-        """Re-read password and ACL files without a restart (SIGHUP)."""
+        """Re-read the configuration without a restart (SIGHUP)."""
         pid = self.pid()
         if pid is not None:
             import os

@@ -5,7 +5,8 @@ Layout of the state directory (``local.state_dir``)::
     stack.json            ports in use, written at `up` (0600)
     postgres.password     generated database password (0600)
     postgres/             the cluster, owned by the user PostgreSQL runs as
-    mosquitto/            broker config, password/ACL files, persistence, log
+    mosquitto/            broker config, dynamic-security accounts, persistence, log
+    pki/                  CA and certificates from `cityhub pki` (the TLS listener's)
 
 ``up`` is idempotent (a running server is left alone, a stale pid file from a
 killed server is ignored), ``down`` stops both and leaves no process behind.
@@ -18,7 +19,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from cityhub.localstack.mosquitto import MosquittoServer
+from cityhub.localstack.mosquitto import MosquittoServer, TlsListener
 from cityhub.localstack.postgres import PostgresServer, find_pg_bindir
 from cityhub.localstack.procs import make_owned_dir, run_as_for, write_owned_file
 from contracts.errors import LocalServiceError
@@ -39,9 +40,16 @@ class ServiceStatus:
 
 class LocalStack:
     def __init__(
-        self, *, state_dir: Path, local: LocalSettings, is_root: bool, durable: bool = True
+        self,
+        *,
+        state_dir: Path,
+        local: LocalSettings,
+        is_root: bool,
+        durable: bool = True,
+        pki_dir: Path | None = None,
     ) -> None:
         self.state_dir = state_dir
+        self.pki_dir = pki_dir or state_dir / "pki"
         self.local = local
         self.is_root = is_root
         self.durable = durable
@@ -72,7 +80,16 @@ class LocalStack:
         )
 
     def mosquitto(self) -> MosquittoServer:
+        tls = None
+        if self.local.mqtt_tls_port:
+            tls = TlsListener(
+                port=self.local.mqtt_tls_port,
+                ca_file=self.pki_dir / "ca.crt",
+                cert_file=self.pki_dir / "server.crt",
+                key_file=self.pki_dir / "server.key",
+            )
         return MosquittoServer(
+            tls=tls,
             base_dir=self.state_dir / "mosquitto",
             port=self.mqtt_port,
             run_as=run_as_for("mosquitto", is_root=self.is_root),

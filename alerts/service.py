@@ -1,0 +1,534 @@
+"""The alerts job: incremental windows, rule evaluation, alert lifecycle and AQI, on a clock.
+
+Each cycle (``AlertsJob.run_cycle``):
+
+1. reads the job's last completed evaluation time and chooses the
+   evaluation times to run (``alerts.window.evaluation_times``): the newest
+   multiple of ``interval_s`` that is ``evaluation_delay_s`` old, or, after
+   downtime, every missed one from at most ``max_catchup_s`` back,
+   ``catchup_steps_per_cycle`` at a time;
+2. reloads the device list every ``devices_refresh_s``; a device not yet
+   read (at start, or registered since) gets its newest ``window_samples``
+   samples up to the time before the first evaluation (and, for air-quality
+   monitors, its hourly sums for the AQI ring);
+3. fetches, per device type, only the rows after each device's newest
+   sample up to the last evaluation time (``AlertStore.fetch_samples``);
+4. for each evaluation time, oldest first: shifts that time's rows into the
+   (devices x samples) buffers and the hourly means; evaluates every rule
+   over its type's window (``alerts.evaluate``); plans the alert changes
+   (``alerts.lifecycle``); computes the AQI rows of the hours that changed
+   (a finished hour at once; the hour in progress at a cycle's last
+   evaluation time if that is a multiple of ``aqi_interval_s``;
+   ``alerts.aqijob``); and stores all of it with the evaluation time in one
+   transaction (``AlertStore.evaluation``).
+
+The buffers hold data, not decisions: a failed transaction leaves them ahead
+of the stored evaluation time, and the retried evaluation sees the same
+samples (cursors only move forward). A restarted job rebuilds them from the
+database and continues after the last stored evaluation time.
+
+``serve`` runs cycles until SIGINT/SIGTERM, backing off while the database
+is unavailable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import signal
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Final
+
+import msgspec
+import numpy as np
+
+from alerts.aqijob import (
+    HOUR_MS,
+    POLLUTANTS,
+    SLOTS,
+    DailyRow,
+    HourlyMeans,
+    HourlyRow,
+    daily_rows,
+    days_of,
+    hourly_rows,
+)
+from alerts.evaluate import evaluate_all
+from alerts.lifecycle import (
+    Change,
+    Clear,
+    Escalate,
+    OpenAlert,
+    Raise,
+    plan_changes,
+    was_active,
+)
+from alerts.rules import (
+    VN_AQI_METRIC,
+    NoData,
+    Rule,
+    Window,
+    leaves,
+    load_rules,
+    lookback_ms,
+    render_message,
+)
+from alerts.store import AlertStore
+from alerts.window import NO_TS, DeviceSet, SampleBuffer, Samples, evaluation_times
+from contracts.errors import SchemaError, SettingsError, UnavailableError
+from contracts.schema import SEVERITIES
+from contracts.settings import AlertsSettings, DatabaseSettings
+
+logger = logging.getLogger(__name__)
+
+AQI_TYPE: Final = "air_quality"
+# Log a continuing database outage once, then every this many retries.
+RETRY_LOG_EVERY: Final = 10
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def rule_paths(settings: AlertsSettings) -> list[Path]:
+    """The operator's rule files: ``rules_path`` itself, or the *.toml files of a directory."""
+    if not settings.rules_path:
+        return []
+    path = Path(settings.rules_path).expanduser()
+    if path.is_dir():
+        return sorted(path.glob("*.toml"))
+    return [path]
+
+
+def load_job_rules(settings: AlertsSettings) -> tuple[Rule, ...]:
+    return load_rules(rule_paths(settings), include_defaults=settings.include_default_rules)
+
+
+def rule_metrics(rules: Sequence[Rule]) -> dict[str, tuple[str, ...]]:
+    """Per device type, the catalog metrics its rules read (``vn_aqi`` is derived, not read)."""
+    metrics: dict[str, dict[str, None]] = {}
+    for rule in rules:
+        wanted = metrics.setdefault(rule.device_type, {})
+        for leaf in leaves(rule.condition):
+            metric = getattr(leaf, "metric", None)
+            if isinstance(metric, str) and metric != VN_AQI_METRIC:
+                wanted[metric] = None
+    return {t: tuple(m) for t, m in metrics.items()}
+
+
+def window_width(rules: Sequence[Rule], settings: AlertsSettings) -> int:
+    """Samples per device for ``rules`` (of one type): their lookback at ``sample_period_s``.
+
+    One interval more (a threshold's anchor is the sample before its span)
+    and one sample more (both ends of the span count).
+    """
+    span_ms = max(lookback_ms(r) for r in rules) + round(settings.interval_s * 1000)
+    samples = math.ceil(span_ms / (settings.sample_period_s * 1000)) + 1
+    return max(2, min(settings.max_window_samples, samples))
+
+
+def _needs_samples(rules: Sequence[Rule]) -> bool:
+    return any(not isinstance(leaf, NoData) for r in rules for leaf in leaves(r.condition))
+
+
+class CycleReport(msgspec.Struct, kw_only=True):
+    """What one cycle did, with its timings."""
+
+    evaluated: list[int] = msgspec.field(default_factory=list)  # evaluation times (ms)
+    behind: bool = False  # more missed evaluation times remain
+    rows: int = 0  # sample rows fetched
+    raised: int = 0
+    escalated: int = 0
+    cleared: int = 0
+    aqi_hourly: int = 0
+    aqi_daily: int = 0
+    load_s: float = 0.0  # device list and first loads of devices
+    fetch_s: float = 0.0
+    evaluate_s: float = 0.0  # buffers, rules, lifecycle and AQI arithmetic
+    write_s: float = 0.0
+
+    def count(self, changes: Sequence[Change]) -> None:
+        for change in changes:
+            if isinstance(change, Raise):
+                self.raised += 1
+            elif isinstance(change, Escalate):
+                self.escalated += 1
+            elif isinstance(change, Clear):
+                self.cleared += 1
+
+
+class AlertsJob:
+    """The job's state (buffers, hourly means, device lists) and one database connection."""
+
+    def __init__(
+        self,
+        *,
+        settings: AlertsSettings,
+        database: DatabaseSettings,
+        rules: Sequence[Rule],
+    ) -> None:
+        if database.url is None:
+            raise SettingsError("database.url", "the alerts job needs the database URL")
+        if settings.interval_s <= 0:
+            raise SettingsError("alerts.interval_s", "must be positive")
+        self.settings = settings
+        self.rules = tuple(rules)
+        self.store = AlertStore(
+            url=database.url,
+            schema=database.schema,
+            job_id=settings.job_id,
+            connect_timeout_s=database.connect_timeout_s,
+        )
+        self.interval_ms = round(settings.interval_s * 1000)
+        self.aqi_interval_ms = max(1, round(settings.aqi_interval_s * 1000))
+        self.buffers: dict[str, SampleBuffer] = {}
+        metrics = rule_metrics(self.rules)
+        for device_type, type_metrics in metrics.items():
+            typed = [r for r in self.rules if r.device_type == device_type]
+            width = window_width(typed, settings) if _needs_samples(typed) else 1
+            self.buffers[device_type] = SampleBuffer(
+                device_type=device_type, metrics=type_metrics, width=max(1, width)
+            )
+        self.means: HourlyMeans | None = None
+        if settings.aqi:
+            self.means = HourlyMeans(DeviceSet((), (), ()))
+            self.buffers.setdefault(
+                AQI_TYPE, SampleBuffer(device_type=AQI_TYPE, metrics=(), width=1)
+            )
+        self._pending_aqi: set[tuple[str, int]] = set()  # (device id, hour)
+        self._devices_at_ms: int | None = None
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- loading ---------------------------------------------------------------------
+
+    def _fetch_metrics(self, device_type: str) -> tuple[str, ...]:
+        metrics = self.buffers[device_type].metrics
+        if device_type == AQI_TYPE and self.means is not None:
+            metrics = tuple(dict.fromkeys((*metrics, *POLLUTANTS)))
+        return metrics
+
+    def _refresh_devices(self, now_ms: int) -> None:
+        due = self._devices_at_ms is None or (
+            now_ms - self._devices_at_ms >= self.settings.devices_refresh_s * 1000
+        )
+        if not due:
+            return
+        devices = self.store.devices()
+        for device_type, buffer in self.buffers.items():
+            current = devices.get(device_type, DeviceSet((), (), ()))
+            if current != buffer.devices:
+                buffer.reindex(current)
+                if device_type == AQI_TYPE and self.means is not None:
+                    self.means.reindex(current)
+        self._devices_at_ms = now_ms
+
+    def _load_new_devices(self, base_ms: int) -> None:
+        """Read the history up to ``base_ms`` of devices not read yet."""
+        for device_type, buffer in self.buffers.items():
+            fresh = np.flatnonzero(~buffer.loaded)
+            if not len(fresh):
+                continue
+            ids = [buffer.devices.device_ids[i] for i in fresh.tolist()]
+            samples = self.store.fetch_samples(
+                device_type=device_type,
+                metrics=buffer.metrics,
+                device_ids=ids,
+                device_index=fresh.astype(np.int64),
+                since_ms=np.full(len(fresh), NO_TS, np.int64),
+                upto_ms=base_ms,
+                newest=buffer.width,
+            )
+            buffer.append(samples)
+            if device_type == AQI_TYPE and self.means is not None:
+                self._load_hourly_sums(fresh, ids, base_ms)
+            buffer.loaded[fresh] = True
+            logger.info("read the history of %d %s devices", len(fresh), device_type)
+
+    def _load_hourly_sums(self, fresh: np.ndarray, ids: list[str], base_ms: int) -> None:
+        if self.means is None:
+            return
+        first_hour = base_ms // HOUR_MS - SLOTS + 1
+        index, hours, counts, sums = self.store.hourly_sums(
+            metrics=POLLUTANTS, device_ids=ids, from_ms=first_hour * HOUR_MS, upto_ms=base_ms
+        )
+        devices = fresh[index]
+        self.means.add(devices, hours, counts, sums)
+        # Their newest hour is recomputed (and so known to the rules) at the next cycle.
+        newest: dict[int, int] = {}
+        for d, h in zip(devices.tolist(), hours.tolist(), strict=True):
+            newest[d] = max(newest.get(d, h), h)
+        ids_all = self.means.devices.device_ids
+        self._pending_aqi.update((ids_all[d], h) for d, h in newest.items())
+
+    # -- one cycle ------------------------------------------------------------------
+
+    def run_cycle(self, now_ms: int) -> CycleReport:
+        """Evaluate every due evaluation time up to ``now_ms`` (see the module docstring)."""
+        report = CycleReport()
+        started = time.perf_counter()
+        s = self.settings
+        last = self.store.last_evaluation_ms()
+        times = evaluation_times(
+            last,
+            now_ms,
+            interval_ms=self.interval_ms,
+            delay_ms=round(s.evaluation_delay_s * 1000),
+            max_catchup_ms=round(s.max_catchup_s * 1000),
+            max_steps=s.catchup_steps_per_cycle,
+        )
+        if not times:
+            return report
+        if last is not None and times[0] > last + self.interval_ms:
+            logger.warning(
+                "skipping evaluations from %d to %d ms (beyond max_catchup_s %.0f s)",
+                last + self.interval_ms,
+                times[0] - self.interval_ms,
+                s.max_catchup_s,
+            )
+        newest_due = (now_ms - round(s.evaluation_delay_s * 1000)) // self.interval_ms
+        report.behind = times[-1] < newest_due * self.interval_ms
+        self._refresh_devices(now_ms)
+        self._load_new_devices(times[0] - self.interval_ms)
+        report.load_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        fetched: dict[str, Samples] = {}
+        for device_type, buffer in self.buffers.items():
+            if not len(buffer):
+                continue
+            cursors = buffer.cursors
+            fetched[device_type] = self.store.fetch_samples(
+                device_type=device_type,
+                metrics=self._fetch_metrics(device_type),
+                device_ids=buffer.devices.device_ids,
+                device_index=np.arange(len(buffer), dtype=np.int64),
+                since_ms=cursors,
+                upto_ms=times[-1],
+            )
+            report.rows += len(fetched[device_type])
+        report.fetch_s = time.perf_counter() - started
+
+        previous = times[0] - self.interval_ms
+        for i, t in enumerate(times):
+            step = {
+                k: v.select((v.ts_ms > previous) & (v.ts_ms <= t)) if i else v.select(v.ts_ms <= t)
+                for k, v in fetched.items()
+            }
+            self.evaluate_at(t, step, report=report, final=i == len(times) - 1)
+            previous = t
+        return report
+
+    def evaluate_at(
+        self,
+        now_ms: int,
+        samples: dict[str, Samples],
+        *,
+        report: CycleReport | None = None,
+        final: bool = True,
+    ) -> None:
+        """One evaluation time: shift ``samples`` in, evaluate, store (one transaction).
+
+        Safe to repeat for the same time: what was stored is found open and
+        nothing is raised twice.
+        """
+        report = report if report is not None else CycleReport()
+        started = time.perf_counter()
+        for device_type, rows in samples.items():
+            self.buffers[device_type].append(rows)
+        aqi_due: set[tuple[str, int]] = set()
+        if self.means is not None:
+            if AQI_TYPE in samples:
+                ids = self.means.devices.device_ids
+                touched = self.means.add_samples(samples[AQI_TYPE])
+                self._pending_aqi.update((ids[d], h) for d, h in touched)
+            hour = now_ms // HOUR_MS
+            in_progress = final and now_ms % self.aqi_interval_ms == 0
+            aqi_due = {p for p in self._pending_aqi if in_progress or p[1] < hour}
+        # Before the windows: the rules see the VN_AQI of the hours just computed.
+        hourly, daily = self._aqi_rows(aqi_due)
+        windows = self._windows(now_ms)
+        report.evaluate_s += time.perf_counter() - started
+
+        started = time.perf_counter()
+        with self.store.evaluation(now_ms) as tx:
+            open_alerts = tx.open_alerts()
+            t0 = time.perf_counter()
+            changes = self._plan(now_ms, windows, open_alerts)
+            t1 = time.perf_counter()
+            tx.apply(changes)
+            tx.write_aqi(hourly, daily)
+        report.evaluate_s += t1 - t0
+        report.write_s += time.perf_counter() - started - (t1 - t0)
+        self._pending_aqi -= aqi_due
+        report.evaluated.append(now_ms)
+        report.count(changes)
+        report.aqi_hourly += len(hourly)
+        report.aqi_daily += len(daily)
+
+    def _windows(self, now_ms: int) -> dict[str, Window]:
+        windows: dict[str, Window] = {}
+        for device_type, buffer in self.buffers.items():
+            values = dict(buffer.values)
+            if device_type == AQI_TYPE and self.means is not None:
+                latest = self.means.vn_aqi(now_ms // HOUR_MS)
+                # The same value at every sample time: a read-only view, no copy.
+                values[VN_AQI_METRIC] = np.broadcast_to(latest[:, None], buffer.ts_ms.shape)
+            devices = buffer.devices
+            windows[device_type] = Window(
+                device_type=device_type,
+                device_ids=devices.device_ids,
+                site_ids=devices.site_ids,
+                districts=devices.districts,
+                ts_ms=buffer.ts_ms,
+                values=values,
+                # The newest sample up to this evaluation time (not device_state's
+                # last_seen, which a replayed past evaluation must not see ahead of it).
+                last_seen_ms=buffer.cursors,
+            )
+        return windows
+
+    def _plan(
+        self,
+        now_ms: int,
+        windows: dict[str, Window],
+        open_alerts: dict[str, dict[str, OpenAlert]],
+    ) -> list[Change]:
+        was: dict[str, np.ndarray] = {}
+        for rule in self.rules:
+            window = windows.get(rule.device_type)
+            if window is not None:
+                was[rule.rule_id] = was_active(window.device_ids, open_alerts.get(rule.rule_id, {}))
+        outcomes = evaluate_all(self.rules, windows, now_ms, was)
+        changes: list[Change] = []
+        for rule in self.rules:
+            outcome = outcomes.get(rule.rule_id)
+            if outcome is None:
+                continue
+            window = windows[rule.device_type]
+            changes += plan_changes(
+                rule_id=rule.rule_id,
+                device_ids=window.device_ids,
+                site_ids=window.site_ids,
+                open_by_device=open_alerts.get(rule.rule_id, {}),
+                active=outcome.active,
+                value=outcome.value,
+                severity=outcome.severity,
+                now_ms=now_ms,
+                message=_messenger(rule, window, outcome.value, outcome.severity),
+            )
+        return changes
+
+    def _aqi_rows(self, due: set[tuple[str, int]]) -> tuple[list[HourlyRow], list[DailyRow]]:
+        if self.means is None or not due:
+            return [], []
+        index = {d: i for i, d in enumerate(self.means.devices.device_ids)}
+        pairs = [(index[d], h) for d, h in due if d in index]
+        hourly = hourly_rows(self.means, pairs)
+        daily = daily_rows(self.means, days_of(pairs))
+        return hourly, daily
+
+
+def _messenger(
+    rule: Rule, window: Window, values: np.ndarray, severities: np.ndarray
+) -> Callable[[int], str]:
+    def message(i: int) -> str:
+        severity = int(severities[i])
+        return render_message(
+            rule,
+            device_id=window.device_ids[i],
+            site_id=window.site_ids[i],
+            district=window.districts[i],
+            value=float(values[i]),
+            severity=SEVERITIES[severity] if severity >= 0 else rule.severity,
+        )
+
+    return message
+
+
+async def run_job(
+    job: AlertsJob,
+    stop: asyncio.Event,
+    *,
+    once: bool = False,
+    clock: Callable[[], int] = wall_ms,
+) -> CycleReport | None:
+    """Run cycles until ``stop`` is set (or one cycle with ``once``); returns the last report."""
+    s = job.settings
+    rng = random.Random()  # noqa: S311 - jitter, not security
+    attempt = 0
+    report: CycleReport | None = None
+    logger.info(
+        "alerts job %s: %d rules, every %.1f s, schema %s",
+        s.job_id,
+        len(job.rules),
+        s.interval_s,
+        job.store.schema,
+    )
+    while not stop.is_set():
+        try:
+            report = await asyncio.to_thread(job.run_cycle, clock())
+        except (UnavailableError, SchemaError) as exc:
+            if once:
+                raise
+            attempt += 1
+            delay = min(s.retry_max_s, s.retry_min_s * 2 ** min(attempt, 16)) * rng.random()
+            if attempt == 1 or attempt % RETRY_LOG_EVERY == 0:
+                level = logging.ERROR if isinstance(exc, SchemaError) else logging.WARNING
+                logger.log(
+                    level, "cycle failed (attempt %d), retrying in %.1f s: %s", attempt, delay, exc
+                )
+            await _sleep_or_stop(stop, max(delay, s.retry_min_s))
+            continue
+        if attempt:
+            logger.info("database back after %d retries", attempt)
+        attempt = 0
+        if report.evaluated:
+            logger.info(
+                "evaluated %d time(s) up to %d: %d rows, %d raised, %d escalated, %d cleared, "
+                "%d hourly / %d daily AQI rows (fetch %.3f s, evaluate %.3f s, write %.3f s)",
+                len(report.evaluated),
+                report.evaluated[-1],
+                report.rows,
+                report.raised,
+                report.escalated,
+                report.cleared,
+                report.aqi_hourly,
+                report.aqi_daily,
+                report.fetch_s,
+                report.evaluate_s,
+                report.write_s,
+            )
+        if once:
+            break
+        if report.behind:
+            continue
+        now = clock()
+        delay_ms = round(s.evaluation_delay_s * 1000)
+        next_ms = ((now - delay_ms) // job.interval_ms + 1) * job.interval_ms + delay_ms
+        await _sleep_or_stop(stop, max(0.0, (next_ms - now) / 1000))
+    return report
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+async def serve(job: AlertsJob, *, once: bool = False) -> CycleReport | None:
+    """Run until SIGINT or SIGTERM, then close the job's connection."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        return await run_job(job, stop, once=once)
+    finally:
+        await asyncio.to_thread(job.close)
+        logger.info("alerts job stopped")

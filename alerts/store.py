@@ -1,0 +1,681 @@
+"""Database adapter of the alerts job and of the `cityhub alerts` commands (psycopg 3).
+
+What it reads:
+
+- the active devices of each type with their site and district;
+- samples from ``readings_{type}``: per device, the rows after its cursor up
+  to an evaluation time (optionally only the newest N): a LATERAL index scan
+  of the key (device_id, ts, seq) per device, the rows packed by the server
+  into one bytea of fixed-width records (device index, time, a float8 per
+  metric with NaN for NULL) that numpy reads in one call (bench/RESULTS.md
+  compares this with COPY TO STDOUT and with row fetching);
+- hourly sums of the AQI pollutants, to rebuild the AQI job's state;
+- the job's state (``alert_jobs``) and the open alerts.
+
+What it writes, in one transaction per evaluation time (``evaluation``): the
+open alerts are read ``FOR UPDATE`` first (an operator's ack waits for the
+job, and the job never overwrites an ack it has not seen), then raises
+(``ON CONFLICT`` on the one-active-per-(rule, device) index: a repeated
+evaluation inserts nothing), escalations and clears (each conditional on the
+state it was planned from), a transition row for each (``ON CONFLICT DO
+NOTHING`` on (alert_id, ts, to_state)), AQI rows (upserts) and the
+evaluation time itself. A crash before the commit leaves nothing of that
+evaluation, so the restarted job runs it again.
+
+Errors are translated here: an unreachable or failing server is
+``DatabaseUnavailableError`` (retry), a missing table ``SchemaError``, a
+refused row ``RefusedByDatabaseError``; unknown or already acknowledged
+alerts are ``AlertNotFoundError`` / ``AlreadyAcknowledgedError``. One job id
+holds an advisory lock for as long as its connection lives: a second job of
+the same id gets ``JobLockedError`` (retryable: it waits as a standby).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any, Final
+
+import msgspec
+import numpy as np
+import psycopg
+from psycopg import errors as pg_errors
+
+from alerts.aqijob import DailyRow, HourlyRow
+from alerts.lifecycle import (
+    Change,
+    Clear,
+    Escalate,
+    OpenAlert,
+    Raise,
+    ack_state,
+)
+from alerts.window import NO_TS, DeviceSet, FloatArray, IntArray, Samples
+from contracts.catalog import DEVICE_TYPES, MetricKind
+from contracts.errors import (
+    AlertNotFoundError,
+    DatabaseUnavailableError,
+    JobLockedError,
+    RefusedByDatabaseError,
+    SchemaError,
+)
+from contracts.schema import check_schema_name, readings_table
+
+logger = logging.getLogger(__name__)
+
+# PostgreSQL's binary timestamptz: microseconds since 2000-01-01 UTC.
+PG_EPOCH_MS: Final = 946_684_800_000
+_MS: Final = "timestamptz 'epoch' + {} * interval '1 millisecond'"
+_MS_OF: Final = "(extract(epoch FROM {}) * 1000)::int8"
+
+
+class AlertRow(msgspec.Struct, frozen=True, kw_only=True):
+    alert_id: int
+    rule_id: str
+    device_id: str
+    site_id: str | None
+    severity: str
+    state: str
+    value: float | None
+    message: str
+    raised_at: datetime
+    cleared_at: datetime | None
+    acked_at: datetime | None
+    acked_by: str | None
+    updated_at: datetime
+
+
+class TransitionRow(msgspec.Struct, frozen=True, kw_only=True):
+    ts: datetime
+    from_state: str | None
+    to_state: str
+    severity: str
+    value: float | None
+    note: str
+
+
+class AlertFilter(msgspec.Struct, frozen=True, kw_only=True):
+    states: tuple[str, ...] = ()
+    severities: tuple[str, ...] = ()
+    site_id: str | None = None
+    rule_id: str | None = None
+    device_id: str | None = None
+    since: datetime | None = None
+    limit: int = 100
+
+
+_ALERT_COLUMNS: Final = (
+    "alert_id, rule_id, device_id, site_id, severity, state, value, message, "
+    "raised_at, cleared_at, acked_at, acked_by, updated_at"
+)
+
+
+def _alert(row: Sequence[Any]) -> AlertRow:
+    return AlertRow(
+        alert_id=row[0],
+        rule_id=row[1],
+        device_id=row[2],
+        site_id=row[3],
+        severity=row[4],
+        state=row[5],
+        value=row[6],
+        message=row[7],
+        raised_at=row[8],
+        cleared_at=row[9],
+        acked_at=row[10],
+        acked_by=row[11],
+        updated_at=row[12],
+    )
+
+
+def _metric_expr(device_type: str, metric: str) -> str:
+    kind = DEVICE_TYPES[device_type].metric(metric).kind
+    column = f"{metric}::int" if kind is MetricKind.BOOL else metric
+    return f"coalesce({column}::float8, 'NaN'::float8)"
+
+
+def record_dtype(metrics: Sequence[str]) -> np.dtype[Any]:
+    """One fetched sample as the server packs it: int4 index, timestamptz, float8 per metric."""
+    fields = [("i", ">i4"), ("ts", ">i8")] + [(f"m{k}", ">f8") for k in range(len(metrics))]
+    return np.dtype(fields)
+
+
+def parse_samples(data: bytes, metrics: Sequence[str]) -> Samples:
+    """Samples from the packed records of ``fetch_samples`` (big-endian, fixed width)."""
+    dtype = record_dtype(metrics)
+    if len(data) % dtype.itemsize:
+        raise SchemaError(f"unexpected sample records: {len(data)} bytes")
+    records = np.frombuffer(data, dtype)
+    return Samples(
+        device_index=records["i"].astype(np.int64),
+        # timestamptz travels as microseconds since 2000-01-01 UTC.
+        ts_ms=records["ts"].astype(np.int64) // 1000 + PG_EPOCH_MS,
+        values={m: records[f"m{k}"].astype(np.float64) for k, m in enumerate(metrics)},
+    )
+
+
+def _joined(values: Sequence[object]) -> str:
+    """A list as one comma-separated parameter (ids are allow-listed: no commas)."""
+    return ",".join(map(str, values))
+
+
+class AlertStore:
+    """One database connection. Thread-safe: one call at a time."""
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        schema: str,
+        job_id: str | None = None,
+        connect_timeout_s: float = 5.0,
+    ) -> None:
+        self.url = url
+        self.schema = check_schema_name(schema)
+        self.job_id = job_id
+        self.connect_timeout_s = connect_timeout_s
+        self._conn: psycopg.Connection[Any] | None = None
+        self._lock = threading.RLock()
+
+    # -- connection ------------------------------------------------------------
+
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except (pg_errors.IntegrityError, pg_errors.DataError) as exc:
+            raise RefusedByDatabaseError(f"{what}: the database refused the data: {exc}") from exc
+        except (
+            pg_errors.UndefinedTable,
+            pg_errors.UndefinedColumn,
+            pg_errors.UndefinedFunction,
+            pg_errors.InvalidSchemaName,
+        ) as exc:
+            raise SchemaError(
+                f"{what}: schema {self.schema!r} is not migrated (run `cityhub db migrate`): {exc}"
+            ) from exc
+        except psycopg.Error as exc:
+            self._drop()
+            raise DatabaseUnavailableError(f"{what}: {exc}") from exc
+        except OSError as exc:
+            self._drop()
+            raise DatabaseUnavailableError(f"{what}: {exc}") from exc
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except (psycopg.Error, OSError) as exc:
+                logger.debug("closing a broken connection: %s", exc)
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            return conn
+        try:
+            conn = psycopg.connect(
+                self.url,
+                autocommit=True,
+                connect_timeout=max(1, round(self.connect_timeout_s)),
+                application_name="cityhub-alerts",
+            )
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailableError(f"cannot connect to the database: {exc}") from exc
+        if self.job_id is not None:
+            row = conn.execute(
+                "SELECT pg_try_advisory_lock(hashtext('cityhub.alerts.' || %s || '.' || %s))",
+                (self.schema, self.job_id),
+            ).fetchone()
+            if not (row and row[0]):
+                conn.close()
+                raise JobLockedError(
+                    f"another alerts job {self.job_id!r} is running on schema {self.schema!r}"
+                )
+        self._conn = conn
+        return conn
+
+    def connect(self) -> None:
+        with self._lock, self._errors("connect"):
+            self._connection()
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def __enter__(self) -> AlertStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the job's reads ----------------------------------------------------------
+
+    def devices(self) -> dict[str, DeviceSet]:
+        """Active devices by type, ordered by id, with their site and the site's district."""
+        with self._lock, self._errors("devices"):
+            rows = (
+                self._connection()
+                .execute(
+                    f"""SELECT d.device_type, d.device_id, d.site_id, s.district
+                    FROM {self.schema}.devices d JOIN {self.schema}.sites s USING (site_id)
+                    WHERE d.status = 'active' ORDER BY d.device_type, d.device_id"""
+                )
+                .fetchall()
+            )
+        grouped: dict[str, list[tuple[str, str, str]]] = {t: [] for t in DEVICE_TYPES}
+        for device_type, device_id, site_id, district in rows:
+            grouped.setdefault(device_type, []).append((device_id, site_id, district))
+        return {
+            t: DeviceSet(
+                tuple(r[0] for r in items), tuple(r[1] for r in items), tuple(r[2] for r in items)
+            )
+            for t, items in grouped.items()
+        }
+
+    def fetch_samples(
+        self,
+        *,
+        device_type: str,
+        metrics: Sequence[str],
+        device_ids: Sequence[str],
+        device_index: IntArray,
+        since_ms: IntArray,
+        upto_ms: int,
+        newest: int | None = None,
+    ) -> Samples:
+        """Rows with since_ms[k] < ts <= upto_ms of each device (only its ``newest``, if given).
+
+        ``device_index[k]`` is what the rows of ``device_ids[k]`` carry.
+        """
+        if not len(device_ids):
+            return Samples(
+                device_index=np.empty(0, np.int64),
+                ts_ms=np.empty(0, np.int64),
+                values={m: np.empty(0, np.float64) for m in metrics},
+            )
+        packed = " || ".join(
+            ["int4send(c.i)", "timestamptz_send(r.ts)"]
+            + [f"float8send({_metric_expr(device_type, m)})" for m in metrics]
+        )
+        order = "ORDER BY r.ts DESC LIMIT %s" if newest is not None else ""
+        # One row holding every sample packed as fixed-width binary records:
+        # numpy reads them in one call, with no Python object per row or value.
+        # The per-device lists travel as single comma-separated strings, which
+        # cost nothing to send next to psycopg dumping 10k-element arrays.
+        sql = f"""SELECT string_agg({packed}, ''::bytea)
+            FROM unnest(string_to_array(%s, ',')::int4[], string_to_array(%s, ','),
+                string_to_array(%s, ',')::int8[]) AS c (i, device_id, since_ms)
+            CROSS JOIN LATERAL (
+                SELECT * FROM {self.schema}.{readings_table(device_type)} r
+                WHERE r.device_id = c.device_id
+                AND r.ts > {_MS.format("c.since_ms")} AND r.ts <= {_MS.format("%s")}
+                {order}) r"""
+        since = np.where(since_ms == NO_TS, -1, since_ms)  # NO_TS: from 1970 (no reading is older)
+        params: list[Any] = [
+            _joined(device_index.tolist()),
+            _joined(device_ids),
+            _joined(since.tolist()),
+            upto_ms,
+        ]
+        if newest is not None:
+            params.append(newest)
+        with self._lock, self._errors("fetch samples"):
+            row = self._connection().execute(sql, params, binary=True).fetchone()
+        return parse_samples(row[0] if row and row[0] is not None else b"", metrics)
+
+    def hourly_sums(
+        self,
+        *,
+        metrics: Sequence[str],
+        device_ids: Sequence[str],
+        from_ms: int,
+        upto_ms: int,
+    ) -> tuple[IntArray, IntArray, FloatArray, FloatArray]:
+        """Air-quality (device index, hour number, counts (k, m), sums (k, m)) in the range.
+
+        Hour number: whole hours since the Unix epoch; rows with from_ms <= ts <= upto_ms.
+        """
+        columns = "".join(f", count({m}), coalesce(sum({m}), 0)" for m in metrics)
+        with self._lock, self._errors("hourly sums"):
+            rows = (
+                self._connection()
+                .execute(
+                    f"""SELECT c.i, floor(extract(epoch FROM r.ts) / 3600)::int8 AS hour{columns}
+                    FROM unnest(%s::int4[], %s::text[]) AS c (i, device_id)
+                    JOIN {self.schema}.{readings_table("air_quality")} r
+                        ON r.device_id = c.device_id
+                    WHERE r.ts >= {_MS.format("%s")} AND r.ts <= {_MS.format("%s")}
+                    GROUP BY 1, 2""",
+                    (list(range(len(device_ids))), list(device_ids), from_ms, upto_ms),
+                )
+                .fetchall()
+            )
+        m = len(metrics)
+        if not rows:
+            empty = np.empty((0, m), np.float64)
+            return np.empty(0, np.int64), np.empty(0, np.int64), empty, empty.copy()
+        table = np.array(rows, np.float64)
+        counts = table[:, 2::2]
+        sums = table[:, 3::2]
+        return table[:, 0].astype(np.int64), table[:, 1].astype(np.int64), counts, sums
+
+    def last_evaluation_ms(self) -> int | None:
+        if self.job_id is None:
+            raise ValueError("no job id")
+        with self._lock, self._errors("job state"):
+            row = (
+                self._connection()
+                .execute(
+                    f"SELECT {_MS_OF.format('last_eval_at')} FROM {self.schema}.alert_jobs "
+                    "WHERE job_id = %s",
+                    (self.job_id,),
+                )
+                .fetchone()
+            )
+        return None if row is None else int(row[0])
+
+    # -- one evaluation ------------------------------------------------------------
+
+    @contextmanager
+    def evaluation(self, ts_ms: int) -> Iterator[Evaluation]:
+        """One evaluation time's transaction: committed with the job's state, or not at all."""
+        if self.job_id is None:
+            raise ValueError("no job id")
+        with self._lock, self._errors("evaluation"):
+            conn = self._connection()
+            with conn.transaction():
+                yield Evaluation(conn, self.schema)
+                conn.execute(
+                    f"""INSERT INTO {self.schema}.alert_jobs (job_id, last_eval_at)
+                    VALUES (%s, {_MS.format("%s")})
+                    ON CONFLICT (job_id) DO UPDATE SET
+                        last_eval_at = greatest(alert_jobs.last_eval_at, EXCLUDED.last_eval_at),
+                        updated_at = now()""",
+                    (self.job_id, ts_ms),
+                )
+
+    # -- operators' side ------------------------------------------------------------
+
+    def list_alerts(self, where: AlertFilter) -> list[AlertRow]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if where.states:
+            clauses.append("state = ANY(%s)")
+            params.append(list(where.states))
+        if where.severities:
+            clauses.append("severity = ANY(%s)")
+            params.append(list(where.severities))
+        for column, value in (
+            ("site_id", where.site_id),
+            ("rule_id", where.rule_id),
+            ("device_id", where.device_id),
+        ):
+            if value is not None:
+                clauses.append(f"{column} = %s")
+                params.append(value)
+        if where.since is not None:
+            clauses.append("(raised_at >= %s OR updated_at >= %s)")
+            params += [where.since, where.since]
+        condition = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        params.append(where.limit)
+        with self._lock, self._errors("list alerts"):
+            rows = (
+                self._connection()
+                .execute(
+                    f"SELECT {_ALERT_COLUMNS} FROM {self.schema}.alerts {condition} "
+                    "ORDER BY raised_at DESC, alert_id DESC LIMIT %s",
+                    params,
+                )
+                .fetchall()
+            )
+        return [_alert(r) for r in rows]
+
+    def alert(self, alert_id: int) -> tuple[AlertRow, list[TransitionRow]]:
+        """An alert and its transitions, oldest first; AlertNotFoundError if there is none."""
+        with self._lock, self._errors("show alert"):
+            conn = self._connection()
+            row = conn.execute(
+                f"SELECT {_ALERT_COLUMNS} FROM {self.schema}.alerts WHERE alert_id = %s",
+                (alert_id,),
+            ).fetchone()
+            if row is None:
+                raise AlertNotFoundError(f"no alert with id {alert_id}")
+            transitions = conn.execute(
+                f"""SELECT ts, from_state, to_state, severity, value, note
+                FROM {self.schema}.alert_transitions WHERE alert_id = %s
+                ORDER BY ts, CASE WHEN from_state IS NULL THEN 0 ELSE 1 END""",
+                (alert_id,),
+            ).fetchall()
+        return _alert(row), [
+            TransitionRow(
+                ts=t[0], from_state=t[1], to_state=t[2], severity=t[3], value=t[4], note=t[5]
+            )
+            for t in transitions
+        ]
+
+    def ack(self, alert_id: int, *, by: str, now_ms: int) -> AlertRow:
+        """Acknowledge one alert; AlertNotFoundError / AlreadyAcknowledgedError otherwise."""
+        with self._lock, self._errors("ack"):
+            conn = self._connection()
+            with conn.transaction():
+                row = conn.execute(
+                    f"SELECT state, severity, value FROM {self.schema}.alerts "
+                    "WHERE alert_id = %s FOR UPDATE",
+                    (alert_id,),
+                ).fetchone()
+                if row is None:
+                    raise AlertNotFoundError(f"no alert with id {alert_id}")
+                state, severity, value = row
+                new_state = ack_state(alert_id, state)
+                updated = conn.execute(
+                    f"""UPDATE {self.schema}.alerts SET state = %s,
+                        acked_at = {_MS.format("%s")}, acked_by = %s, updated_at = now()
+                    WHERE alert_id = %s RETURNING {_ALERT_COLUMNS}""",
+                    (new_state, now_ms, by, alert_id),
+                ).fetchone()
+                conn.execute(
+                    f"""INSERT INTO {self.schema}.alert_transitions
+                    (alert_id, ts, from_state, to_state, severity, value, note)
+                    VALUES (%s, {_MS.format("%s")}, %s, %s, %s, %s, %s)
+                    ON CONFLICT DO NOTHING""",
+                    (
+                        alert_id,
+                        now_ms,
+                        state,
+                        new_state,
+                        severity,
+                        value,
+                        f"acknowledged by {by}" if by else "acknowledged",
+                    ),
+                )
+        if updated is None:  # pragma: no cover - the row is locked above
+            raise AlertNotFoundError(f"no alert with id {alert_id}")
+        return _alert(updated)
+
+
+class Evaluation:
+    """Inside one evaluation's transaction: open alerts, changes, AQI rows."""
+
+    def __init__(self, conn: psycopg.Connection[Any], schema: str) -> None:
+        self._conn = conn
+        self._s = schema
+
+    def open_alerts(self) -> dict[str, dict[str, OpenAlert]]:
+        """Active alerts by rule, then device; locked until the evaluation commits."""
+        rows = self._conn.execute(
+            f"""SELECT alert_id, rule_id, device_id, state, severity FROM {self._s}.alerts
+            WHERE state IN ('active_unack', 'active_ack') ORDER BY alert_id FOR UPDATE"""
+        ).fetchall()
+        result: dict[str, dict[str, OpenAlert]] = {}
+        for alert_id, rule_id, device_id, state, severity in rows:
+            result.setdefault(rule_id, {})[device_id] = OpenAlert(
+                alert_id=alert_id,
+                rule_id=rule_id,
+                device_id=device_id,
+                state=state,
+                severity=severity,
+            )
+        return result
+
+    def apply(self, changes: Sequence[Change]) -> dict[tuple[str, str], int]:
+        """Store the changes and their transitions; returns (rule, device) -> id of new alerts."""
+        raises = [c for c in changes if isinstance(c, Raise)]
+        escalations = [c for c in changes if isinstance(c, Escalate)]
+        clears = [c for c in changes if isinstance(c, Clear)]
+        transitions: list[tuple[int, int, str | None, str, str, float | None, str]] = []
+        raised: dict[tuple[str, str], int] = {}
+        if raises:
+            rows = self._conn.execute(
+                f"""INSERT INTO {self._s}.alerts (rule_id, device_id, site_id, severity, state,
+                    value, message, raised_at)
+                SELECT u.rule_id, u.device_id, u.site_id, u.severity, 'active_unack', u.value,
+                    u.message, {_MS.format("u.ts_ms")}
+                FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::float8[],
+                    %s::text[], %s::int8[])
+                    AS u (rule_id, device_id, site_id, severity, value, message, ts_ms)
+                ON CONFLICT (rule_id, device_id) WHERE state IN ('active_unack', 'active_ack')
+                DO NOTHING
+                RETURNING alert_id, rule_id, device_id""",
+                (
+                    [c.rule_id for c in raises],
+                    [c.device_id for c in raises],
+                    [c.site_id for c in raises],
+                    [c.severity for c in raises],
+                    [c.value for c in raises],
+                    [c.message for c in raises],
+                    [c.ts_ms for c in raises],
+                ),
+            ).fetchall()
+            raised = {(r[1], r[2]): int(r[0]) for r in rows}
+            for c in raises:
+                alert_id = raised.get((c.rule_id, c.device_id))
+                if alert_id is not None:
+                    transitions.append(
+                        (alert_id, c.ts_ms, None, "active_unack", c.severity, c.value, "raised")
+                    )
+        if escalations:
+            done = {
+                int(r[0])
+                for r in self._conn.execute(
+                    f"""UPDATE {self._s}.alerts a SET severity = u.severity, state = u.to_state,
+                        value = u.value, message = u.message, acked_at = NULL, acked_by = NULL,
+                        updated_at = now()
+                    FROM unnest(%s::int8[], %s::text[], %s::text[], %s::text[], %s::float8[],
+                        %s::text[]) AS u (alert_id, from_state, to_state, severity, value, message)
+                    WHERE a.alert_id = u.alert_id AND a.state = u.from_state
+                    RETURNING a.alert_id""",
+                    (
+                        [c.alert_id for c in escalations],
+                        [c.from_state for c in escalations],
+                        [c.to_state for c in escalations],
+                        [c.severity for c in escalations],
+                        [c.value for c in escalations],
+                        [c.message for c in escalations],
+                    ),
+                ).fetchall()
+            }
+            transitions += [
+                (
+                    c.alert_id,
+                    c.ts_ms,
+                    c.from_state,
+                    c.to_state,
+                    c.severity,
+                    c.value,
+                    f"escalated {c.from_severity} -> {c.severity}",
+                )
+                for c in escalations
+                if c.alert_id in done
+            ]
+        if clears:
+            done = {
+                int(r[0])
+                for r in self._conn.execute(
+                    f"""UPDATE {self._s}.alerts a SET state = u.to_state,
+                        cleared_at = {_MS.format("u.ts_ms")}, value = u.value, updated_at = now()
+                    FROM unnest(%s::int8[], %s::text[], %s::text[], %s::float8[], %s::int8[])
+                        AS u (alert_id, from_state, to_state, value, ts_ms)
+                    WHERE a.alert_id = u.alert_id AND a.state = u.from_state
+                    RETURNING a.alert_id""",
+                    (
+                        [c.alert_id for c in clears],
+                        [c.from_state for c in clears],
+                        [c.to_state for c in clears],
+                        [c.value for c in clears],
+                        [c.ts_ms for c in clears],
+                    ),
+                ).fetchall()
+            }
+            transitions += [
+                (c.alert_id, c.ts_ms, c.from_state, c.to_state, c.severity, c.value, "cleared")
+                for c in clears
+                if c.alert_id in done
+            ]
+        if transitions:
+            columns = list(zip(*transitions, strict=True))
+            self._conn.execute(
+                f"""INSERT INTO {self._s}.alert_transitions
+                (alert_id, ts, from_state, to_state, severity, value, note)
+                SELECT u.alert_id, {_MS.format("u.ts_ms")}, u.from_state, u.to_state,
+                    u.severity, u.value, u.note
+                FROM unnest(%s::int8[], %s::int8[], %s::text[], %s::text[], %s::text[],
+                    %s::float8[], %s::text[])
+                    AS u (alert_id, ts_ms, from_state, to_state, severity, value, note)
+                ON CONFLICT DO NOTHING""",
+                [list(c) for c in columns],
+            )
+        return raised
+
+    def write_aqi(self, hourly: Sequence[HourlyRow], daily: Sequence[DailyRow]) -> None:
+        """Upsert hourly and daily AQI rows (recomputed hours replace what was there)."""
+        if hourly:
+            self._conn.execute(
+                f"""INSERT INTO {self._s}.aqi_hourly (ts, device_id, site_id, vn_aqi, dominant,
+                    band, aqi_pm25, aqi_pm10, aqi_no2, aqi_o3, nowcast_pm25, nowcast_pm10,
+                    us_aqi_pm25)
+                SELECT {_MS.format("u.ts_ms")}, u.device_id, u.site_id, u.vn_aqi, u.dominant,
+                    u.band, u.aqi_pm25, u.aqi_pm10, u.aqi_no2, u.aqi_o3, u.nowcast_pm25,
+                    u.nowcast_pm10, u.us_aqi_pm25
+                FROM unnest(%s::int8[], %s::text[], %s::text[], %s::int4[], %s::text[],
+                    %s::text[], %s::int4[], %s::int4[], %s::int4[], %s::int4[], %s::float4[],
+                    %s::float4[], %s::int4[])
+                    AS u (ts_ms, device_id, site_id, vn_aqi, dominant, band, aqi_pm25, aqi_pm10,
+                    aqi_no2, aqi_o3, nowcast_pm25, nowcast_pm10, us_aqi_pm25)
+                ON CONFLICT (device_id, ts) DO UPDATE SET site_id = EXCLUDED.site_id,
+                    vn_aqi = EXCLUDED.vn_aqi, dominant = EXCLUDED.dominant,
+                    band = EXCLUDED.band, aqi_pm25 = EXCLUDED.aqi_pm25,
+                    aqi_pm10 = EXCLUDED.aqi_pm10, aqi_no2 = EXCLUDED.aqi_no2,
+                    aqi_o3 = EXCLUDED.aqi_o3, nowcast_pm25 = EXCLUDED.nowcast_pm25,
+                    nowcast_pm10 = EXCLUDED.nowcast_pm10, us_aqi_pm25 = EXCLUDED.us_aqi_pm25,
+                    computed_at = now()""",
+                _columns(hourly),
+            )
+        if daily:
+            self._conn.execute(
+                f"""INSERT INTO {self._s}.aqi_daily (day, device_id, site_id, vn_aqi, dominant,
+                    band, aqi_pm25, aqi_pm10, aqi_no2, aqi_o3, us_aqi_pm25)
+                SELECT date '0001-01-01' + (u.day_ordinal - 1), u.device_id, u.site_id,
+                    u.vn_aqi, u.dominant, u.band, u.aqi_pm25, u.aqi_pm10, u.aqi_no2, u.aqi_o3,
+                    u.us_aqi_pm25
+                FROM unnest(%s::int4[], %s::text[], %s::text[], %s::int4[], %s::text[],
+                    %s::text[], %s::int4[], %s::int4[], %s::int4[], %s::int4[], %s::int4[])
+                    AS u (day_ordinal, device_id, site_id, vn_aqi, dominant, band, aqi_pm25,
+                    aqi_pm10, aqi_no2, aqi_o3, us_aqi_pm25)
+                ON CONFLICT (device_id, day) DO UPDATE SET site_id = EXCLUDED.site_id,
+                    vn_aqi = EXCLUDED.vn_aqi, dominant = EXCLUDED.dominant,
+                    band = EXCLUDED.band, aqi_pm25 = EXCLUDED.aqi_pm25,
+                    aqi_pm10 = EXCLUDED.aqi_pm10, aqi_no2 = EXCLUDED.aqi_no2,
+                    aqi_o3 = EXCLUDED.aqi_o3, us_aqi_pm25 = EXCLUDED.us_aqi_pm25,
+                    computed_at = now()""",
+                _columns(daily),
+            )
+
+
+def _columns(rows: Sequence[msgspec.Struct]) -> list[list[Any]]:
+    """Struct rows as one list per field, in field order (for unnest)."""
+    names = rows[0].__struct_fields__
+    return [[getattr(r, n) for r in rows] for n in names]

@@ -1,0 +1,320 @@
+"""`cityhub alerts`: run the alerts job; list, show and acknowledge alerts."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import msgspec
+import typer
+from rich.table import Table
+
+from cityhub.cli.context import CliState, reported_errors, state_of
+from cityhub.cli.db import database_url
+from contracts.errors import InputError, SettingsError
+from contracts.schema import ALERT_STATES, SEVERITIES
+from contracts.settings import describe_settings, load_settings
+
+if TYPE_CHECKING:
+    from alerts.store import AlertRow, AlertStore
+
+app = typer.Typer(
+    help="Alert rules over the readings (numpy jobs), VN_AQI, and the operators' alert list.",
+    no_args_is_help=True,
+)
+
+# `--state` also takes these groups of states.
+STATE_GROUPS = {
+    "active": ("active_unack", "active_ack"),
+    "cleared": ("cleared_unack", "cleared_ack"),
+    "unacked": ("active_unack", "cleared_unack"),
+}
+_SEVERITY_STYLE = {"critical": "bold red", "major": "red", "minor": "yellow", "warning": "cyan"}
+
+
+@contextmanager
+def _store(state: CliState) -> Iterator[AlertStore]:
+    from alerts.store import AlertStore
+
+    settings = state.settings
+    with AlertStore(
+        url=database_url(state),
+        schema=settings.database.schema,
+        connect_timeout_s=settings.database.connect_timeout_s,
+    ) as store:
+        yield store
+
+
+def _seconds(text: str, option: str) -> float:
+    from cityhub.cli.sim import parse_duration
+
+    try:
+        return parse_duration(text)
+    except SettingsError:
+        raise SettingsError(option, f"{text!r} is not a duration like 10s, 1m or 1h") from None
+
+
+def _since(text: str) -> datetime:
+    """'2h' (that long ago) or an ISO date/time (UTC if it names no offset)."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return datetime.now(UTC) - timedelta(seconds=_seconds(text, "--since"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _states(values: list[str]) -> tuple[str, ...]:
+    result: dict[str, None] = {}
+    for value in values:
+        for item in value.split(","):
+            name = item.strip()
+            if name in STATE_GROUPS:
+                result.update(dict.fromkeys(STATE_GROUPS[name]))
+            elif name in ALERT_STATES:
+                result[name] = None
+            else:
+                known = ", ".join((*ALERT_STATES, *STATE_GROUPS))
+                raise SettingsError("--state", f"{name!r} is not one of {known}")
+    return tuple(result)
+
+
+def _severities(values: list[str]) -> tuple[str, ...]:
+    result: dict[str, None] = {}
+    for value in values:
+        for item in value.split(","):
+            name = item.strip()
+            if name not in SEVERITIES:
+                raise SettingsError("--severity", f"{name!r} is not one of {', '.join(SEVERITIES)}")
+            result[name] = None
+    return tuple(result)
+
+
+def _when(moment: datetime | None) -> str:
+    return "" if moment is None else moment.astimezone().isoformat(sep=" ", timespec="seconds")
+
+
+def _value(value: float | None) -> str:
+    return "" if value is None else f"{value:g}"
+
+
+@app.command()
+def run(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="Settings file ([alerts], [database]).", dir_okay=False
+        ),
+    ] = None,
+    every: Annotated[
+        str | None,
+        typer.Option(help="Evaluation interval, like 10s or 1m (default: alerts.interval_s)."),
+    ] = None,
+    once: Annotated[
+        bool, typer.Option("--once", help="Run one cycle (catching up if behind) and exit.")
+    ] = False,
+) -> None:
+    """Run the alerts job until Ctrl-C (SIGINT) or SIGTERM.
+
+    Every interval it fetches only the readings newer than each device's
+    last, evaluates the rules (shipped defaults plus alerts.rules_path) over
+    (devices x samples) windows, raises, escalates and clears alerts, and
+    writes hourly and daily VN_AQI. After downtime it replays the missed
+    evaluation times. A database left unset uses the embedded default's.
+    """
+    from alerts.service import AlertsJob, load_job_rules, serve
+
+    state = state_of(ctx)
+    with reported_errors(state):
+        settings = load_settings(config, state.environ) if config else state.settings
+        alerts = settings.alerts
+        if every is not None:
+            interval_s = _seconds(every, "--every")
+            if interval_s <= 0:
+                raise SettingsError("--every", "must be positive")
+            alerts = msgspec.structs.replace(alerts, interval_s=interval_s)
+        settings = msgspec.structs.replace(
+            settings,
+            alerts=alerts,
+            database=msgspec.structs.replace(
+                settings.database, url=settings.database.url or database_url(state)
+            ),
+        )
+        logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+        logging.getLogger(__name__).info("settings: %s", describe_settings(settings))
+        rules = load_job_rules(settings.alerts)
+        job = AlertsJob(settings=settings.alerts, database=settings.database, rules=rules)
+        report = asyncio.run(serve(job, once=once))
+    if once and report is not None:
+        state.console.print(
+            f"evaluated {len(report.evaluated)} time(s): {report.raised} raised, "
+            f"{report.escalated} escalated, {report.cleared} cleared; "
+            f"{report.aqi_hourly} hourly and {report.aqi_daily} daily AQI rows"
+        )
+
+
+@app.command(name="list")
+def list_alerts(
+    ctx: typer.Context,
+    state_filter: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--state",
+            help="Only these states (repeat or comma-separate): active_unack, active_ack, "
+            "cleared_unack, cleared_ack, or the groups active, cleared, unacked.",
+        ),
+    ] = None,
+    severity: Annotated[
+        list[str] | None,
+        typer.Option(help="Only these severities: critical, major, minor, warning."),
+    ] = None,
+    site: Annotated[str | None, typer.Option(help="Only alerts of this site id.")] = None,
+    rule: Annotated[str | None, typer.Option(help="Only alerts of this rule id.")] = None,
+    device: Annotated[str | None, typer.Option(help="Only alerts of this device id.")] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(help="Only alerts raised or changed since: a duration ago (2h) or ISO time."),
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many, newest first.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
+) -> None:
+    """List alerts, newest first (a table, or JSON with --json)."""
+    from alerts.store import AlertFilter
+
+    state = state_of(ctx)
+    with reported_errors(state):
+        where = AlertFilter(
+            states=_states(state_filter or []),
+            severities=_severities(severity or []),
+            site_id=site,
+            rule_id=rule,
+            device_id=device,
+            since=_since(since) if since else None,
+            limit=limit,
+        )
+        with _store(state) as store:
+            rows = store.list_alerts(where)
+    if as_json:
+        typer.echo(msgspec.json.encode(rows).decode())
+        return
+    table = Table(title=f"{len(rows)} alert(s)")
+    for column in (
+        "id",
+        "state",
+        "severity",
+        "rule",
+        "device",
+        "site",
+        "value",
+        "raised",
+        "cleared",
+        "acked by",
+        "message",
+    ):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*_cells(row))
+    state.console.print(table)
+
+
+def _cells(row: AlertRow) -> list[str]:
+    style = _SEVERITY_STYLE.get(row.severity, "")
+    return [
+        str(row.alert_id),
+        row.state,
+        f"[{style}]{row.severity}[/]" if style else row.severity,
+        row.rule_id,
+        row.device_id,
+        row.site_id or "",
+        _value(row.value),
+        _when(row.raised_at),
+        _when(row.cleared_at),
+        row.acked_by or "",
+        row.message,
+    ]
+
+
+@app.command()
+def show(
+    ctx: typer.Context,
+    alert_id: Annotated[int, typer.Argument(help="The alert's id (from `cityhub alerts list`).")],
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of tables.")] = False,
+) -> None:
+    """Show one alert and every transition it went through."""
+    state = state_of(ctx)
+    with reported_errors(state), _store(state) as store:
+        alert, transitions = store.alert(alert_id)
+    if as_json:
+        typer.echo(msgspec.json.encode({"alert": alert, "transitions": transitions}).decode())
+        return
+    table = Table(title=f"alert {alert.alert_id}", show_header=False)
+    table.add_column("field")
+    table.add_column("value", overflow="fold")
+    for name, cell in zip(
+        (
+            "id",
+            "state",
+            "severity",
+            "rule",
+            "device",
+            "site",
+            "value",
+            "raised",
+            "cleared",
+            "acked by",
+            "message",
+        ),
+        _cells(alert),
+        strict=True,
+    ):
+        table.add_row(name, cell)
+    table.add_row("acked at", _when(alert.acked_at))
+    table.add_row("updated", _when(alert.updated_at))
+    state.console.print(table)
+    history = Table(title="transitions")
+    for column in ("time", "from", "to", "severity", "value", "note"):
+        history.add_column(column)
+    for t in transitions:
+        history.add_row(
+            _when(t.ts), t.from_state or "", t.to_state, t.severity, _value(t.value), t.note
+        )
+    state.console.print(history)
+
+
+@app.command()
+def ack(
+    ctx: typer.Context,
+    alert_ids: Annotated[list[int], typer.Argument(help="Ids of the alerts to acknowledge.")],
+    by: Annotated[
+        str | None,
+        typer.Option(help="Who acknowledges (default: the `operator` setting)."),
+    ] = None,
+) -> None:
+    """Acknowledge alerts: active ones become active_ack, cleared ones cleared_ack.
+
+    Each id is handled on its own; an unknown or already acknowledged id is
+    reported and the command exits 1 after handling the others.
+    """
+    state = state_of(ctx)
+    who = (by if by is not None else state.settings.operator).strip()
+    failed = 0
+    with reported_errors(state):
+        if not who:
+            raise SettingsError("operator", "say who acknowledges: --by NAME or set `operator`")
+        with _store(state) as store:
+            for alert_id in alert_ids:
+                try:
+                    row = store.ack(alert_id, by=who, now_ms=time.time_ns() // 1_000_000)
+                except InputError as exc:  # unknown, or acknowledged before
+                    state.err.print(f"[red]error:[/red] {exc}", highlight=False)
+                    failed += 1
+                    continue
+                state.console.print(f"alert {row.alert_id}: {row.state} (by {row.acked_by})")
+    if failed:
+        raise typer.Exit(1)

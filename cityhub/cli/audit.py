@@ -1,0 +1,45 @@
+"""`cityhub audit`: the provisioning actions recorded in the registry, newest first."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+import typer
+from rich.table import Table
+
+from cityhub.cli.context import reported_errors, state_of
+from cityhub.cli.devices import JsonOption, registry_of
+
+
+def audit(
+    ctx: typer.Context,
+    subject: Annotated[
+        str | None, typer.Option(help="Only entries about this device or gateway id.")
+    ] = None,
+    action: Annotated[
+        str | None, typer.Option(help="Only this action (device.add, gateway.revoke, ...).")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many entries.")] = 50,
+    as_json: JsonOption = False,
+) -> None:
+    """Show the audit log of provisioning actions: what, which device, when, by whom."""
+    state = state_of(ctx)
+    with reported_errors(state), registry_of(state) as registry:
+        entries = registry.audit_entries(subject_id=subject, action=action, limit=limit)
+    if as_json:
+        state.console.print_json(msgspec.json.encode(entries).decode())
+        return
+    table = Table(title=f"audit log ({len(entries)} entries, newest first)")
+    for column in ("when", "operator", "action", "subject", "detail"):
+        table.add_column(column)
+    for e in entries:
+        detail = ", ".join(f"{k}={v}" for k, v in sorted(e.detail.items()) if v not in (None, ""))
+        table.add_row(
+            e.ts.isoformat(timespec="seconds"),
+            e.operator,
+            e.action,
+            f"{e.subject_kind} {e.subject_id}",
+            detail,
+        )
+    state.console.print(table)

@@ -1,0 +1,322 @@
+"""Mosquitto's dynamic-security plugin: account names, ACL roles and control commands.
+
+Pure: this module builds the JSON commands published to
+``$CONTROL/dynamic-security/v1``, checks the broker's responses, and builds
+the plugin's initial configuration document (the admin account) that the
+embedded broker starts from. Sending commands is ``devices.brokerctl``'s job.
+
+Accounts and what they may do (DESIGN.md section 8)::
+
+    broker   username              role                     may
+    site     device.{id}           device.{id}              publish {prefix/}d/{id}/#
+    site     gateway.{id}.site     gateway.{id}.site        subscribe {prefix/}d/+/up, d/+/status
+    central  gateway.{id}          gateway.{id}             publish .../gw/{id}/batch and /state,
+                                                            subscribe .../gw/{id}/ack and /config
+
+The plugin's default access denies every publish and subscription that no
+role allows, so a device publishing under another id gets PUBACK reason code
+135 (not authorized) and nothing is delivered. Removing, disabling an account
+or changing its password disconnects its live sessions at once (verified on
+Mosquitto 2.0.11: the client sees "Administrative action").
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+from typing import Any, Final, Literal
+
+import msgspec
+
+from contracts.errors import BrokerControlError, MalformedPayloadError
+from contracts.ids import check_id
+from contracts.topics import (
+    config_topic,
+    device_status_filter,
+    device_uplink_filter,
+    device_uplink_topic,
+    gateway_topic,
+)
+
+CONTROL_TOPIC: Final = "$CONTROL/dynamic-security/v1"
+RESPONSE_TOPIC: Final = f"{CONTROL_TOPIC}/response"
+
+# Mosquitto 2.0's PBKDF2-SHA512 parameters (what `mosquitto_ctrl dynsec init`
+# writes): a 12-byte salt and 101 iterations; the plugin refuses other salt sizes.
+PW_ITERATIONS: Final = 101
+PW_SALT_BYTES: Final = 12
+
+ADMIN_ROLE: Final = "cityhub-admin"
+DEV_ANONYMOUS_ROLE: Final = "cityhub-dev-anonymous"
+DEV_ANONYMOUS_GROUP: Final = "cityhub-dev-anonymous"
+
+AclType = Literal[
+    "publishClientSend",
+    "publishClientReceive",
+    "subscribeLiteral",
+    "subscribePattern",
+    "unsubscribeLiteral",
+    "unsubscribePattern",
+]
+BrokerKind = Literal["site", "central"]
+
+
+class AclRule(msgspec.Struct, frozen=True, kw_only=True):
+    acltype: AclType
+    topic: str
+    allow: bool = True
+
+
+class Role(msgspec.Struct, frozen=True, kw_only=True):
+    rolename: str
+    acls: tuple[AclRule, ...]
+
+
+class Account(msgspec.Struct, frozen=True, kw_only=True):
+    """One broker account and the role that holds its ACL."""
+
+    broker: BrokerKind
+    username: str
+    role: Role
+
+
+# --- names and roles ---------------------------------------------------------------
+#
+# Dots cannot appear in ids (contracts.ids), so "device.x" and "gateway.x"
+# never collide with each other or with the admin account, even when the site
+# and the central broker are one Mosquitto (the embedded default).
+
+
+def device_username(device_id: str) -> str:
+    return f"device.{check_id(device_id, 'device_id')}"
+
+
+def gateway_username(gateway_id: str, broker: BrokerKind) -> str:
+    name = f"gateway.{check_id(gateway_id, 'gateway_id')}"
+    return name if broker == "central" else f"{name}.site"
+
+
+def device_account(device_id: str, prefix: str = "") -> Account:
+    """A device may publish under ``d/{its id}/`` only (uplink, status and its Will)."""
+    own = device_uplink_topic(device_id, prefix).removesuffix("/up")
+    username = device_username(device_id)
+    return Account(
+        broker="site",
+        username=username,
+        role=Role(
+            rolename=username,
+            acls=(AclRule(acltype="publishClientSend", topic=f"{own}/#"),),
+        ),
+    )
+
+
+def gateway_central_account(gateway_id: str, prefix: str = "") -> Account:
+    """A gateway publishes its batches and state and reads its own ack and config."""
+    username = gateway_username(gateway_id, "central")
+    acls = (
+        AclRule(acltype="publishClientSend", topic=gateway_topic(gateway_id, "batch", prefix)),
+        AclRule(acltype="publishClientSend", topic=gateway_topic(gateway_id, "state", prefix)),
+        AclRule(acltype="subscribeLiteral", topic=gateway_topic(gateway_id, "ack", prefix)),
+        AclRule(acltype="subscribeLiteral", topic=config_topic(gateway_id, prefix)),
+    )
+    return Account(broker="central", username=username, role=Role(rolename=username, acls=acls))
+
+
+def gateway_site_account(gateway_id: str, prefix: str = "") -> Account:
+    """On the site broker a gateway reads its devices' uplinks and status; it publishes nothing."""
+    username = gateway_username(gateway_id, "site")
+    acls = (
+        AclRule(acltype="subscribePattern", topic=device_uplink_filter(prefix)),
+        AclRule(acltype="subscribePattern", topic=device_status_filter(prefix)),
+    )
+    return Account(broker="site", username=username, role=Role(rolename=username, acls=acls))
+
+
+def gateway_accounts(gateway_id: str, prefix: str = "") -> tuple[Account, Account]:
+    return gateway_central_account(gateway_id, prefix), gateway_site_account(gateway_id, prefix)
+
+
+# --- control commands --------------------------------------------------------------
+
+Command = dict[str, Any]
+
+
+def _acl_dicts(role: Role) -> list[dict[str, Any]]:
+    return [msgspec.to_builtins(rule) for rule in role.acls]
+
+
+def create_account(account: Account, password: str) -> list[Command]:
+    """Create the account's role, then the account holding it (in one control message)."""
+    return [
+        {
+            "command": "createRole",
+            "rolename": account.role.rolename,
+            "acls": _acl_dicts(account.role),
+        },
+        {
+            "command": "createClient",
+            "username": account.username,
+            "password": password,
+            "roles": [{"rolename": account.role.rolename}],
+        },
+    ]
+
+
+def delete_account(account: Account) -> list[Command]:
+    """Delete the account (its sessions are disconnected) and its role."""
+    return [
+        {"command": "deleteClient", "username": account.username},
+        {"command": "deleteRole", "rolename": account.role.rolename},
+    ]
+
+
+def set_password(account: Account, password: str) -> list[Command]:
+    """New secret; the broker disconnects sessions that used the old one."""
+    return [{"command": "setClientPassword", "username": account.username, "password": password}]
+
+
+def disable_account(account: Account) -> list[Command]:
+    return [{"command": "disableClient", "username": account.username}]
+
+
+def enable_account(account: Account) -> list[Command]:
+    return [{"command": "enableClient", "username": account.username}]
+
+
+def get_account(account: Account) -> list[Command]:
+    return [{"command": "getClient", "username": account.username}]
+
+
+_ENCODER: Final = msgspec.json.Encoder()
+
+
+def encode_commands(commands: list[Command]) -> bytes:
+    return _ENCODER.encode({"commands": commands})
+
+
+class _Response(msgspec.Struct, frozen=True):
+    command: str
+    error: str | None = None
+    data: dict[str, Any] | None = None
+
+
+class _Responses(msgspec.Struct, frozen=True):
+    responses: list[_Response]
+
+
+_DECODER: Final = msgspec.json.Decoder(_Responses)
+
+
+def decode_responses(payload: bytes) -> list[tuple[str, str | None, dict[str, Any] | None]]:
+    """``(command, error or None, data or None)`` for each response in a control reply."""
+    try:
+        decoded = _DECODER.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise MalformedPayloadError(f"dynamic-security response: {exc}") from exc
+    return [(r.command, r.error, r.data) for r in decoded.responses]
+
+
+def check_responses(
+    commands: list[Command],
+    responses: list[tuple[str, str | None, dict[str, Any] | None]],
+    *,
+    tolerated: frozenset[str] = frozenset(),
+) -> list[dict[str, Any] | None]:
+    """Raise BrokerControlError naming every command that failed (errors in ``tolerated`` pass).
+
+    Returns each command's ``data`` (``getClient`` answers with one).
+    """
+    if len(responses) != len(commands):
+        raise BrokerControlError(
+            f"the broker answered {len(responses)} of {len(commands)} control commands"
+        )
+    failures = [
+        f"{command['command']} {command.get('username') or command.get('rolename')}: {error}"
+        for command, (_, error, _) in zip(commands, responses, strict=True)
+        if error is not None and error not in tolerated
+    ]
+    if failures:
+        raise BrokerControlError("the broker refused: " + "; ".join(failures))
+    return [data for _, _, data in responses]
+
+
+# --- the plugin's configuration file --------------------------------------------
+
+
+def hash_password(password: str, salt: bytes | None = None) -> dict[str, Any]:
+    """The ``password``/``salt``/``iterations`` fields of a client in the plugin's file."""
+    salt = salt if salt is not None else secrets.token_bytes(PW_SALT_BYTES)
+    if len(salt) != PW_SALT_BYTES:
+        raise ValueError(f"salt must be {PW_SALT_BYTES} bytes")
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, PW_ITERATIONS)
+    return {
+        "password": base64.b64encode(digest).decode(),
+        "salt": base64.b64encode(salt).decode(),
+        "iterations": PW_ITERATIONS,
+    }
+
+
+def _full_access_acls() -> list[dict[str, Any]]:
+    acls: list[dict[str, Any]] = []
+    # `#` does not match topics that start with `$` ($CONTROL, $SYS): name them.
+    for topic in ("#", f"{CONTROL_TOPIC.rsplit('/', 1)[0]}/#", "$SYS/#"):
+        acls.extend(
+            {"acltype": acltype, "topic": topic, "allow": True}
+            for acltype in (
+                "publishClientSend",
+                "publishClientReceive",
+                "subscribePattern",
+                "unsubscribePattern",
+            )
+        )
+    return acls
+
+
+def base_document(
+    existing: dict[str, Any] | None,
+    *,
+    admin_username: str,
+    admin_password: str,
+    dev_mode: bool,
+    salt: bytes | None = None,
+) -> dict[str, Any]:
+    """The plugin's file with the admin account (full access) made current.
+
+    ``existing`` is the file as the broker last saved it: every provisioned
+    account, role and group in it is kept; only the admin account and role
+    and the dev-mode anonymous group are (re)written. In dev mode anonymous
+    clients get full access through the anonymous group; otherwise the group
+    is removed (and the broker's ``allow_anonymous false`` keeps them out).
+    """
+    document = dict(existing or {})
+    clients = [c for c in document.get("clients", []) if c.get("username") != admin_username]
+    clients.append(
+        {
+            "username": admin_username,
+            "textName": "cityhub services and provisioning",
+            **hash_password(admin_password, salt),
+            "roles": [{"rolename": ADMIN_ROLE}],
+        }
+    )
+    base_roles = {ADMIN_ROLE, DEV_ANONYMOUS_ROLE}
+    roles = [r for r in document.get("roles", []) if r.get("rolename") not in base_roles]
+    roles.append({"rolename": ADMIN_ROLE, "acls": _full_access_acls()})
+    groups = [g for g in document.get("groups", []) if g.get("groupname") != DEV_ANONYMOUS_GROUP]
+    document.pop("anonymousGroup", None)
+    if dev_mode:
+        roles.append({"rolename": DEV_ANONYMOUS_ROLE, "acls": _full_access_acls()})
+        groups.append(
+            {"groupname": DEV_ANONYMOUS_GROUP, "roles": [{"rolename": DEV_ANONYMOUS_ROLE}]}
+        )
+        document["anonymousGroup"] = DEV_ANONYMOUS_GROUP
+    document["clients"] = clients
+    document["roles"] = roles
+    document["groups"] = groups
+    document["defaultACLAccess"] = {
+        "publishClientSend": False,
+        "publishClientReceive": True,
+        "subscribe": False,
+        "unsubscribe": True,
+    }
+    return document

@@ -1,0 +1,600 @@
+"""The technicians' commands: registry, broker accounts, gateway configs and bundles together.
+
+Each command runs in one registry transaction, in this order: check the
+request (``devices.validation``, then the registry's rows, locked), write the
+rows and the audit entry, change the broker accounts, write the bundle,
+publish the affected gateways' retained configs, commit. A mistake is found
+before anything is written, and a failure later on rolls the transaction
+back and undoes the broker accounts made so far, so a refused command leaves
+the registry, the brokers and the bundle directory as they were.
+
+What is left to the caller: connecting the database and the brokers
+(``Registry``, ``BrokerControl``), and showing ``Outcome`` to a person.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from contracts.errors import (
+    AlreadyExistsError,
+    ConflictError,
+    HubError,
+    NotFoundError,
+    SettingsError,
+)
+from contracts.ids import check_id
+from contracts.messages import GatewayConfig, encode_gateway_config
+from contracts.topics import config_topic
+from devices import credentials, dynsec
+from devices.brokerctl import BrokerControl
+from devices.bundle import Bundle, MqttAccess, device_bundle, gateway_bundle
+from devices.bundlefiles import BundleFiles, write_bundle
+from devices.pki import Pki
+from devices.registry import DeviceRow, GatewayRow, Registry, RegistryTx
+from devices.validation import check_text, device_config
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A broker as devices and gateways reach it (written into bundles)."""
+
+    host: str
+    port: int
+    tls: bool = False
+
+
+@dataclass
+class Outcome:
+    """What a command changed, for the person who ran it (never a secret)."""
+
+    changes: list[str] = field(default_factory=list)
+    bundle: Bundle | None = None
+    files: BundleFiles | None = None
+    configs: list[GatewayConfig] = field(default_factory=list)
+
+
+class _Undo:
+    """Broker changes to take back if the command fails before its commit."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[BrokerControl, list[dynsec.Command]]] = []
+        self.files: list[Path] = []
+
+    def run(self) -> None:
+        for control, commands in reversed(self.steps):
+            try:
+                control.run(commands, tolerated=frozenset({"Client not found", "Role not found"}))
+            except HubError:
+                logger.exception("could not undo %s on %r", commands, control)
+        for path in self.files:
+            with suppress(OSError):
+                path.unlink()
+
+
+class Provisioner:
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        operator: str,
+        central: BrokerControl,
+        site: BrokerControl,
+        central_endpoint: Endpoint,
+        site_endpoint: Endpoint,
+        bundle_dir: Path,
+        pki: Pki | None = None,
+        prefix: str = "",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not operator.strip():
+            raise SettingsError(
+                "operator",
+                "provisioning records who acted: set your name (CITYHUB_OPERATOR or"
+                " `operator` in the settings file)",
+            )
+        self.registry = registry
+        self.operator = operator.strip()
+        self.central = central
+        self.site = site
+        self.central_endpoint = central_endpoint
+        self.site_endpoint = site_endpoint
+        self.bundle_dir = bundle_dir
+        self.pki = pki
+        self.prefix = prefix
+        self.clock = clock
+
+    # -- shared steps -------------------------------------------------------------
+
+    def _control(self, broker: dynsec.BrokerKind) -> BrokerControl:
+        return self.central if broker == "central" else self.site
+
+    def _issued_at(self) -> str:
+        return datetime.fromtimestamp(self.clock(), UTC).isoformat(timespec="seconds")
+
+    @contextmanager
+    def _command(self) -> Iterator[tuple[RegistryTx, _Undo]]:
+        undo = _Undo()
+        try:
+            with self.registry.transaction() as tx:
+                yield tx, undo
+        except BaseException:
+            undo.run()
+            raise
+
+    def _create(self, undo: _Undo, account: dynsec.Account, secret: str) -> None:
+        control = self._control(account.broker)
+        control.run(dynsec.create_account(account, secret))
+        undo.steps.append((control, dynsec.delete_account(account)))
+
+    def _audit(self, tx: RegistryTx, action: str, kind: str, subject: str, **detail: Any) -> None:
+        tx.audit(
+            operator=self.operator,
+            action=action,
+            subject_kind=kind,
+            subject_id=subject,
+            detail=detail,
+        )
+
+    def _publish_configs(self, tx: RegistryTx, gateway_ids: list[str], out: Outcome) -> None:
+        now_s = int(self.clock())
+        for gateway_id in dict.fromkeys(gateway_ids):
+            config = tx.next_config(gateway_id, now_s=now_s)
+            self.central.publish_retained(
+                config_topic(gateway_id, self.prefix), encode_gateway_config(config)
+            )
+            out.configs.append(config)
+            out.changes.append(
+                f"gateway {gateway_id}: config version {config.version} published"
+                f" ({len(config.devices)} devices)"
+            )
+
+    def _write(self, undo: _Undo, bundle: Bundle, out: Outcome) -> None:
+        files = write_bundle(self.bundle_dir, bundle)
+        undo.files.extend(p for p in (files.json, files.png, files.settings) if p is not None)
+        out.bundle, out.files = bundle, files
+        out.changes.append(f"bundle written (mode 0600): {files.json}")
+
+    def _gateway(self, tx: RegistryTx, gateway_id: str) -> GatewayRow:
+        row = tx.gateway(check_id(gateway_id, "gateway id"), lock=True)
+        if row is None:
+            raise NotFoundError(f"gateway {gateway_id!r} is not registered")
+        return row
+
+    def _active_gateway(self, tx: RegistryTx, gateway_id: str) -> GatewayRow:
+        row = self._gateway(tx, gateway_id)
+        if row.status != "active":
+            raise ConflictError(f"gateway {gateway_id!r} is revoked")
+        return row
+
+    def _device(self, tx: RegistryTx, device_id: str) -> DeviceRow:
+        row = tx.device(check_id(device_id, "device id"), lock=True)
+        if row is None:
+            raise NotFoundError(f"device {device_id!r} is not registered")
+        return row
+
+    def _active_device(self, tx: RegistryTx, device_id: str) -> DeviceRow:
+        row = self._device(tx, device_id)
+        if row.status != "active":
+            raise ConflictError(f"device {device_id!r} is revoked")
+        return row
+
+    # -- gateways -------------------------------------------------------------------
+
+    def _gateway_bundle(self, row: GatewayRow, central_secret: str, site_secret: str) -> Bundle:
+        ca_pem = cert_pem = key_pem = ""
+        endpoint = self.central_endpoint
+        if endpoint.tls:
+            if self.pki is None:
+                raise SettingsError(
+                    "provisioning.central_tls_port", "TLS bundles need a PKI: `cityhub pki init`"
+                )
+            ca_pem = self.pki.ca_pem()
+            files = self.pki.issue_client(
+                row.gateway_id, now=datetime.fromtimestamp(self.clock(), UTC)
+            )
+            cert_pem = files.cert.read_text(encoding="ascii")
+            key_pem = files.key.read_text(encoding="ascii")
+        return gateway_bundle(
+            gateway_id=row.gateway_id,
+            site_id=row.site_id,
+            label=row.label,
+            location=row.location,
+            central=MqttAccess(
+                host=endpoint.host,
+                port=endpoint.port,
+                tls=endpoint.tls,
+                username=dynsec.gateway_username(row.gateway_id, "central"),
+                password=central_secret,
+                client_id=f"gw-{row.gateway_id}",
+            ),
+            site=MqttAccess(
+                host=self.site_endpoint.host,
+                port=self.site_endpoint.port,
+                tls=self.site_endpoint.tls,
+                username=dynsec.gateway_username(row.gateway_id, "site"),
+                password=site_secret,
+                client_id=f"gw-{row.gateway_id}-site",
+            ),
+            prefix=self.prefix,
+            ca_pem=ca_pem,
+            cert_pem=cert_pem,
+            key_pem=key_pem,
+            issued_at=self._issued_at(),
+            issued_by=self.operator,
+        )
+
+    def add_gateway(
+        self, gateway_id: str, *, site_id: str, label: str = "", location: str = ""
+    ) -> Outcome:
+        check_id(gateway_id, "gateway id")
+        check_id(site_id, "site id")
+        check_text(label, "label")
+        check_text(location, "location")
+        out = Outcome()
+        with self._command() as (tx, undo):
+            tx.require_site(site_id)
+            existing = tx.gateway(gateway_id)
+            if existing is not None:
+                state = " (revoked)" if existing.status == "revoked" else ""
+                raise AlreadyExistsError(
+                    f"gateway {gateway_id!r} already exists{state} at site {existing.site_id!r}"
+                )
+            tx.insert_gateway(
+                gateway_id=gateway_id, site_id=site_id, label=label, location=location
+            )
+            out.changes.append(f"gateway {gateway_id} registered at site {site_id}")
+            secrets = {}
+            for account in dynsec.gateway_accounts(gateway_id, self.prefix):
+                secret = secrets[account.broker] = credentials.new_secret()
+                tx.put_credential(
+                    broker=account.broker,
+                    username=account.username,
+                    owner_kind="gateway",
+                    owner_id=gateway_id,
+                    secret_hash=credentials.hash_secret(secret),
+                )
+                self._create(undo, account, secret)
+                out.changes.append(f"{account.broker} broker: account {account.username} created")
+            self._audit(tx, "gateway.add", "gateway", gateway_id, site_id=site_id, label=label)
+            row = self._gateway(tx, gateway_id)
+            self._write(undo, self._gateway_bundle(row, secrets["central"], secrets["site"]), out)
+            self._publish_configs(tx, [gateway_id], out)
+        return out
+
+    def rotate_gateway(self, gateway_id: str) -> Outcome:
+        out = Outcome()
+        with self._command() as (tx, undo):
+            row = self._active_gateway(tx, gateway_id)
+            secrets = {}
+            for account in dynsec.gateway_accounts(gateway_id, self.prefix):
+                secret = secrets[account.broker] = credentials.new_secret()
+                tx.put_credential(
+                    broker=account.broker,
+                    username=account.username,
+                    owner_kind="gateway",
+                    owner_id=gateway_id,
+                    secret_hash=credentials.hash_secret(secret),
+                )
+            self._audit(tx, "gateway.rotate", "gateway", gateway_id)
+            self._write(undo, self._gateway_bundle(row, secrets["central"], secrets["site"]), out)
+            for account in dynsec.gateway_accounts(gateway_id, self.prefix):
+                self._control(account.broker).run(
+                    dynsec.set_password(account, secrets[account.broker])
+                )
+                out.changes.append(
+                    f"{account.broker} broker: new secret for {account.username}"
+                    " (sessions with the old one disconnected)"
+                )
+        return out
+
+    def revoke_gateway(self, gateway_id: str) -> Outcome:
+        out = Outcome()
+        with self._command() as (tx, _undo):
+            self._active_gateway(tx, gateway_id)
+            devices = tx.active_devices_of(gateway_id)
+            if devices:
+                raise ConflictError(
+                    f"gateway {gateway_id!r} still serves {len(devices)} active devices"
+                    f" ({', '.join(devices[:5])}{', ...' if len(devices) > 5 else ''}):"
+                    " move or revoke them first"
+                )
+            tx.set_gateway_status(gateway_id, "revoked")
+            self._audit(tx, "gateway.revoke", "gateway", gateway_id)
+            for account in dynsec.gateway_accounts(gateway_id, self.prefix):
+                tx.set_credential_status(account.broker, account.username, "revoked")
+                self._control(account.broker).run(
+                    dynsec.delete_account(account), tolerated=frozenset({"Client not found"})
+                )
+                out.changes.append(
+                    f"{account.broker} broker: account {account.username} deleted"
+                    " (its sessions disconnected)"
+                )
+            # An empty retained message removes the gateway's config from the broker.
+            self.central.publish_retained(config_topic(gateway_id, self.prefix), b"")
+            out.changes.append(f"gateway {gateway_id} revoked; its retained config cleared")
+        return out
+
+    # -- devices --------------------------------------------------------------------
+
+    def _device_bundle(self, row: DeviceRow, secret: str | None) -> Bundle:
+        config = device_config(
+            device_id=row.device_id,
+            device_type=row.device_type,
+            transport=row.transport,
+            port=row.port,
+            protocol=row.protocol,
+            label=row.label,
+            enabled=row.enabled,
+        )
+        broker = None
+        if secret is not None:
+            broker = MqttAccess(
+                host=self.site_endpoint.host,
+                port=self.site_endpoint.port,
+                tls=self.site_endpoint.tls,
+                username=dynsec.device_username(row.device_id),
+                password=secret,
+                client_id=row.device_id,
+            )
+        return device_bundle(
+            config,
+            site_id=row.site_id,
+            gateway_id=row.gateway_id or "",
+            location=row.location,
+            hardware_id=row.hardware_id,
+            broker=broker,
+            prefix=self.prefix,
+            issued_at=self._issued_at(),
+            issued_by=self.operator,
+        )
+
+    def _new_device_secret(self, tx: RegistryTx, device_id: str) -> str:
+        secret = credentials.new_secret()
+        account = dynsec.device_account(device_id, self.prefix)
+        tx.put_credential(
+            broker="site",
+            username=account.username,
+            owner_kind="device",
+            owner_id=device_id,
+            secret_hash=credentials.hash_secret(secret),
+        )
+        return secret
+
+    def add_device(
+        self,
+        device_id: str,
+        *,
+        device_type: str,
+        site_id: str,
+        gateway_id: str,
+        transport: str,
+        port: str | None = None,
+        protocol: str | None = None,
+        label: str = "",
+        location: str = "",
+        hardware_id: str = "",
+    ) -> Outcome:
+        check_id(site_id, "site id")
+        check_id(gateway_id, "gateway id")
+        check_text(location, "location")
+        check_text(hardware_id, "hardware id")
+        config = device_config(
+            device_id=device_id,
+            device_type=device_type,
+            transport=transport,
+            port=port,
+            protocol=protocol,
+            label=label,
+        )
+        out = Outcome()
+        with self._command() as (tx, undo):
+            tx.require_site(site_id)
+            gateway = self._active_gateway(tx, gateway_id)
+            if gateway.site_id != site_id:
+                raise ConflictError(
+                    f"gateway {gateway_id!r} serves site {gateway.site_id!r}, not {site_id!r}"
+                )
+            existing = tx.device(device_id)
+            if existing is not None:
+                state = " (revoked; ids are never reused)" if existing.status == "revoked" else ""
+                raise AlreadyExistsError(
+                    f"device {device_id!r} already exists{state} at site {existing.site_id!r}"
+                )
+            tx.insert_device(
+                config,
+                site_id=site_id,
+                gateway_id=gateway_id,
+                location=location,
+                hardware_id=hardware_id,
+            )
+            where = f"port {config.port} ({config.protocol})" if port else "MQTT"
+            out.changes.append(
+                f"device {device_id} registered: {device_type} at site {site_id},"
+                f" gateway {gateway_id}, {where}"
+            )
+            secret = None
+            if config.transport == "mqtt":
+                secret = self._new_device_secret(tx, device_id)
+                account = dynsec.device_account(device_id, self.prefix)
+                self._create(undo, account, secret)
+                out.changes.append(
+                    f"site broker: account {account.username} created"
+                    f" (may publish {account.role.acls[0].topic} only)"
+                )
+            self._audit(
+                tx,
+                "device.add",
+                "device",
+                device_id,
+                device_type=device_type,
+                site_id=site_id,
+                gateway_id=gateway_id,
+                transport=config.transport,
+                port=config.port,
+                label=label,
+                location=location,
+                hardware_id=hardware_id,
+            )
+            row = self._device(tx, device_id)
+            self._write(undo, self._device_bundle(row, secret), out)
+            self._publish_configs(tx, [gateway_id], out)
+        return out
+
+    def move_device(
+        self, device_id: str, *, gateway_id: str, site_id: str | None = None
+    ) -> Outcome:
+        out = Outcome()
+        with self._command() as (tx, _undo):
+            row = self._active_device(tx, device_id)
+            gateway = self._active_gateway(tx, gateway_id)
+            if site_id is not None:
+                tx.require_site(check_id(site_id, "site id"))
+                if gateway.site_id != site_id:
+                    raise ConflictError(
+                        f"gateway {gateway_id!r} serves site {gateway.site_id!r}, not {site_id!r}"
+                    )
+            if row.gateway_id == gateway_id:
+                raise ConflictError(f"device {device_id!r} is already on gateway {gateway_id!r}")
+            tx.update_device(device_id, site_id=gateway.site_id, gateway_id=gateway_id)
+            out.changes.append(
+                f"device {device_id} moved: site {row.site_id} -> {gateway.site_id},"
+                f" gateway {row.gateway_id} -> {gateway_id}"
+            )
+            self._audit(
+                tx,
+                "device.move",
+                "device",
+                device_id,
+                from_site=row.site_id,
+                from_gateway=row.gateway_id,
+                to_site=gateway.site_id,
+                to_gateway=gateway_id,
+            )
+            affected = [g for g in (row.gateway_id, gateway_id) if g is not None]
+            self._publish_configs(tx, affected, out)
+        return out
+
+    def replace_device(
+        self, device_id: str, *, hardware_id: str, port: str | None = None
+    ) -> Outcome:
+        """New hardware under the same logical device: its id, history and settings stay."""
+        check_text(hardware_id, "hardware id")
+        out = Outcome()
+        with self._command() as (tx, undo):
+            row = self._active_device(tx, device_id)
+            if port is not None:
+                if row.transport != "serial":
+                    raise ConflictError(f"device {device_id!r} is an MQTT device: it has no port")
+                device_config(
+                    device_id=device_id,
+                    device_type=row.device_type,
+                    transport=row.transport,
+                    port=port,
+                    protocol=row.protocol,
+                    label=row.label,
+                )
+            changes: dict[str, object] = {"hardware_id": hardware_id}
+            if port is not None:
+                changes["port"] = port
+            tx.update_device(device_id, **changes)
+            out.changes.append(
+                f"device {device_id}: hardware {row.hardware_id or '(none)'} -> {hardware_id}"
+                + (f", port {row.port} -> {port}" if port is not None else "")
+                + "; readings history kept"
+            )
+            secret = None
+            if row.transport == "mqtt":
+                secret = self._new_device_secret(tx, device_id)
+            self._audit(
+                tx,
+                "device.replace",
+                "device",
+                device_id,
+                old_hardware_id=row.hardware_id,
+                new_hardware_id=hardware_id,
+                port=port,
+            )
+            self._write(undo, self._device_bundle(self._device(tx, device_id), secret), out)
+            if secret is not None:
+                account = dynsec.device_account(device_id, self.prefix)
+                self.site.run(dynsec.set_password(account, secret))
+                out.changes.append(
+                    f"site broker: new secret for {account.username}"
+                    " (the old hardware's sessions disconnected)"
+                )
+            if port is not None and row.gateway_id is not None:
+                self._publish_configs(tx, [row.gateway_id], out)
+        return out
+
+    def rotate_device(self, device_id: str) -> Outcome:
+        out = Outcome()
+        with self._command() as (tx, undo):
+            row = self._active_device(tx, device_id)
+            if row.transport != "mqtt":
+                raise ConflictError(
+                    f"device {device_id!r} is a serial device: it has no broker credential"
+                )
+            secret = self._new_device_secret(tx, device_id)
+            self._audit(tx, "device.rotate", "device", device_id)
+            self._write(undo, self._device_bundle(row, secret), out)
+            account = dynsec.device_account(device_id, self.prefix)
+            self.site.run(dynsec.set_password(account, secret))
+            out.changes.append(
+                f"site broker: new secret for {account.username}"
+                " (sessions with the old one disconnected)"
+            )
+        return out
+
+    def set_device_enabled(self, device_id: str, *, enabled: bool) -> Outcome:
+        """Suspend a device (its credential refused, the gateway ignores it) or resume it."""
+        out = Outcome()
+        verb = "enable" if enabled else "disable"
+        with self._command() as (tx, _undo):
+            row = self._active_device(tx, device_id)
+            if row.enabled == enabled:
+                raise ConflictError(f"device {device_id!r} is already {verb}d")
+            tx.update_device(device_id, enabled=enabled)
+            self._audit(tx, f"device.{verb}", "device", device_id)
+            out.changes.append(f"device {device_id} {verb}d")
+            if row.transport == "mqtt":
+                account = dynsec.device_account(device_id, self.prefix)
+                status: Literal["active", "disabled"] = "active" if enabled else "disabled"
+                tx.set_credential_status("site", account.username, status)
+                commands = dynsec.enable_account if enabled else dynsec.disable_account
+                self.site.run(commands(account))
+                out.changes.append(f"site broker: account {account.username} {verb}d")
+            if row.gateway_id is not None:
+                self._publish_configs(tx, [row.gateway_id], out)
+        return out
+
+    def revoke_device(self, device_id: str) -> Outcome:
+        out = Outcome()
+        with self._command() as (tx, _undo):
+            row = self._active_device(tx, device_id)
+            tx.revoke_device(device_id)
+            out.changes.append(
+                f"device {device_id} revoked (ingest refuses its readings; history kept)"
+            )
+            self._audit(tx, "device.revoke", "device", device_id, gateway_id=row.gateway_id)
+            if row.gateway_id is not None:
+                self._publish_configs(tx, [row.gateway_id], out)
+            if row.transport == "mqtt":
+                account = dynsec.device_account(device_id, self.prefix)
+                tx.set_credential_status("site", account.username, "revoked")
+                self.site.run(
+                    dynsec.delete_account(account), tolerated=frozenset({"Client not found"})
+                )
+                out.changes.append(
+                    f"site broker: account {account.username} deleted (its sessions disconnected)"
+                )
+        return out

@@ -1,0 +1,380 @@
+"""The registry adapter: sites, gateways, devices, credentials and the audit log in PostgreSQL.
+
+Every provisioning command runs in one ``Registry.transaction()``: it reads
+and locks the rows it changes, writes them and its audit row, and commits
+only when the broker side has succeeded too, so a refused request changes
+nothing. psycopg errors are translated here: an unreachable server is
+DatabaseUnavailableError, a schema without the provisioning tables
+SchemaError, a constraint the checks above missed RefusedByDatabaseError.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any, Literal
+
+import msgspec
+import psycopg
+from psycopg.rows import dict_row
+
+from contracts.errors import (
+    DatabaseUnavailableError,
+    NotFoundError,
+    RefusedByDatabaseError,
+    SchemaError,
+)
+from contracts.messages import DeviceConfig, GatewayConfig
+from contracts.schema import check_schema_name
+
+Status = Literal["active", "revoked"]
+CredentialStatus = Literal["active", "disabled", "revoked"]
+
+
+class GatewayRow(msgspec.Struct, frozen=True, kw_only=True):
+    gateway_id: str
+    site_id: str
+    label: str
+    location: str
+    status: str
+    config_version: int
+    created_at: datetime
+    revoked_at: datetime | None
+    devices: int = 0
+
+
+class DeviceRow(msgspec.Struct, frozen=True, kw_only=True):
+    device_id: str
+    device_type: str
+    site_id: str
+    gateway_id: str | None
+    transport: str
+    port: str | None
+    protocol: str | None
+    label: str
+    location: str
+    hardware_id: str
+    enabled: bool
+    status: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class CredentialRow(msgspec.Struct, frozen=True, kw_only=True):
+    """A broker account as the registry knows it: never its secret, nor the secret's hash."""
+
+    broker: str
+    username: str
+    owner_kind: str
+    owner_id: str
+    status: str
+    created_at: datetime
+    rotated_at: datetime | None
+    revoked_at: datetime | None
+
+
+class AuditEntry(msgspec.Struct, frozen=True, kw_only=True):
+    audit_id: int
+    ts: datetime
+    operator: str
+    action: str
+    subject_kind: str
+    subject_id: str
+    detail: dict[str, Any]
+
+
+@contextmanager
+def _translated(schema: str) -> Iterator[None]:
+    try:
+        yield
+    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:
+        raise SchemaError(
+            f"schema {schema!r} lacks the registry tables: run `cityhub db migrate` ({exc})"
+        ) from exc
+    except psycopg.errors.IntegrityError as exc:
+        raise RefusedByDatabaseError(f"the registry refused the change: {exc}") from exc
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailableError(f"registry database: {exc}") from exc
+
+
+_GATEWAY_COLUMNS = (
+    "g.gateway_id, g.site_id, g.label, g.location, g.status, g.config_version, "
+    "g.created_at, g.revoked_at"
+)
+_DEVICE_COLUMNS = (
+    "device_id, device_type, site_id, gateway_id, transport, port, protocol, label, "
+    "location, hardware_id, enabled, status, created_at, revoked_at"
+)
+_CREDENTIAL_COLUMNS = (
+    "broker, username, owner_kind, owner_id, status, created_at, rotated_at, revoked_at"
+)
+
+
+class RegistryTx:
+    """The operations of one transaction (``Registry.transaction``)."""
+
+    def __init__(self, cur: psycopg.Cursor[dict[str, Any]], schema: str) -> None:
+        self.cur = cur
+        self.s = schema
+
+    # -- reads ----------------------------------------------------------------------
+
+    def require_site(self, site_id: str) -> None:
+        self.cur.execute(f"SELECT 1 FROM {self.s}.sites WHERE site_id = %s", (site_id,))
+        if self.cur.fetchone() is None:
+            raise NotFoundError(
+                f"site {site_id!r} is not registered (list them: `cityhub db seed` loads the"
+                " Hanoi sites)"
+            )
+
+    def gateway(self, gateway_id: str, *, lock: bool = False) -> GatewayRow | None:
+        self.cur.execute(
+            f"SELECT {_GATEWAY_COLUMNS} FROM {self.s}.gateways g WHERE g.gateway_id = %s"
+            + (" FOR UPDATE" if lock else ""),
+            (gateway_id,),
+        )
+        row = self.cur.fetchone()
+        return None if row is None else msgspec.convert(row, GatewayRow)
+
+    def device(self, device_id: str, *, lock: bool = False) -> DeviceRow | None:
+        self.cur.execute(
+            f"SELECT {_DEVICE_COLUMNS} FROM {self.s}.devices WHERE device_id = %s"
+            + (" FOR UPDATE" if lock else ""),
+            (device_id,),
+        )
+        row = self.cur.fetchone()
+        return None if row is None else msgspec.convert(row, DeviceRow)
+
+    def active_devices_of(self, gateway_id: str) -> list[str]:
+        self.cur.execute(
+            f"SELECT device_id FROM {self.s}.devices WHERE gateway_id = %s AND status = 'active'"
+            " ORDER BY device_id",
+            (gateway_id,),
+        )
+        return [str(r["device_id"]) for r in self.cur.fetchall()]
+
+    def credential_hash(self, broker: str, username: str) -> str | None:
+        self.cur.execute(
+            f"SELECT secret_hash FROM {self.s}.credentials WHERE broker = %s AND username = %s"
+            " AND status <> 'revoked'",
+            (broker, username),
+        )
+        row = self.cur.fetchone()
+        return None if row is None else str(row["secret_hash"])
+
+    # -- writes ---------------------------------------------------------------------
+
+    def insert_gateway(self, *, gateway_id: str, site_id: str, label: str, location: str) -> None:
+        self.cur.execute(
+            f"INSERT INTO {self.s}.gateways (gateway_id, site_id, label, location)"
+            " VALUES (%s, %s, %s, %s)",
+            (gateway_id, site_id, label, location),
+        )
+
+    def set_gateway_status(self, gateway_id: str, status: Status) -> None:
+        self.cur.execute(
+            f"UPDATE {self.s}.gateways SET status = %s,"
+            " revoked_at = CASE WHEN %s = 'revoked' THEN now() END WHERE gateway_id = %s",
+            (status, status, gateway_id),
+        )
+
+    def insert_device(
+        self,
+        device: DeviceConfig,
+        *,
+        site_id: str,
+        gateway_id: str,
+        location: str,
+        hardware_id: str,
+    ) -> None:
+        self.cur.execute(
+            f"""INSERT INTO {self.s}.devices (device_id, device_type, site_id, gateway_id,
+                transport, port, protocol, label, location, hardware_id, enabled)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
+            (
+                device.device_id,
+                device.device_type,
+                site_id,
+                gateway_id,
+                device.transport,
+                device.port,
+                device.protocol,
+                device.label,
+                location,
+                hardware_id,
+                device.enabled,
+            ),
+        )
+
+    def update_device(self, device_id: str, **fields: object) -> None:
+        allowed = {"site_id", "gateway_id", "port", "protocol", "hardware_id", "enabled"}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise ValueError(f"update_device: unknown fields {sorted(unknown)}")
+        assignments = ", ".join(f"{name} = %s" for name in fields)
+        self.cur.execute(
+            f"UPDATE {self.s}.devices SET {assignments} WHERE device_id = %s",
+            (*fields.values(), device_id),
+        )
+
+    def revoke_device(self, device_id: str) -> None:
+        self.cur.execute(
+            f"UPDATE {self.s}.devices SET status = 'revoked', revoked_at = now()"
+            " WHERE device_id = %s",
+            (device_id,),
+        )
+
+    def put_credential(
+        self, *, broker: str, username: str, owner_kind: str, owner_id: str, secret_hash: str
+    ) -> None:
+        """A new account, or a new secret for a known one (rotation or replacement)."""
+        self.cur.execute(
+            f"""INSERT INTO {self.s}.credentials
+                (broker, username, owner_kind, owner_id, secret_hash)
+                VALUES (%s, %s, %s, %s, %s)
+                ON CONFLICT (broker, username) DO UPDATE SET secret_hash = EXCLUDED.secret_hash,
+                status = 'active', rotated_at = now(), revoked_at = NULL""",
+            (broker, username, owner_kind, owner_id, secret_hash),
+        )
+
+    def set_credential_status(self, broker: str, username: str, status: CredentialStatus) -> None:
+        self.cur.execute(
+            f"UPDATE {self.s}.credentials SET status = %s,"
+            " revoked_at = CASE WHEN %s = 'revoked' THEN now() ELSE revoked_at END"
+            " WHERE broker = %s AND username = %s",
+            (status, status, broker, username),
+        )
+
+    def next_config(self, gateway_id: str, *, now_s: int) -> GatewayConfig:
+        """Bump the gateway's config version and build its config from the active devices.
+
+        The version is at least the current Unix time in seconds, so it is
+        newer than a config an earlier tool published with a time-based version.
+        """
+        self.cur.execute(
+            f"""UPDATE {self.s}.gateways SET config_version = greatest(config_version + 1, %s)
+                WHERE gateway_id = %s RETURNING site_id, config_version""",
+            (now_s, gateway_id),
+        )
+        row = self.cur.fetchone()
+        if row is None:
+            raise NotFoundError(f"gateway {gateway_id!r} is not registered")
+        self.cur.execute(
+            f"""SELECT device_id, device_type, transport, port, protocol, label, enabled
+                FROM {self.s}.devices WHERE gateway_id = %s AND status = 'active'
+                ORDER BY device_id""",
+            (gateway_id,),
+        )
+        devices = [
+            DeviceConfig(
+                device_id=d["device_id"],
+                device_type=d["device_type"],
+                transport=d["transport"],
+                port=d["port"],
+                protocol=d["protocol"],
+                label=d["label"],
+                enabled=d["enabled"],
+            )
+            for d in self.cur.fetchall()
+        ]
+        return GatewayConfig(
+            gateway_id=gateway_id,
+            version=int(row["config_version"]),
+            site_id=str(row["site_id"]),
+            devices=devices,
+        )
+
+    def audit(
+        self,
+        *,
+        operator: str,
+        action: str,
+        subject_kind: str,
+        subject_id: str,
+        detail: dict[str, Any],
+    ) -> None:
+        self.cur.execute(
+            f"""INSERT INTO {self.s}.audit_log (operator, action, subject_kind, subject_id, detail)
+                VALUES (%s, %s, %s, %s, %s::jsonb)""",
+            (operator, action, subject_kind, subject_id, json.dumps(detail, sort_keys=True)),
+        )
+
+
+class Registry:
+    """The registry tables in ``schema`` over one connection (autocommit outside transactions)."""
+
+    def __init__(self, conn: psycopg.Connection, *, schema: str) -> None:
+        self.conn = conn
+        self.schema = check_schema_name(schema)
+
+    @contextmanager
+    def transaction(self) -> Iterator[RegistryTx]:
+        with (
+            _translated(self.schema),
+            self.conn.transaction(),
+            self.conn.cursor(row_factory=dict_row) as cur,
+        ):
+            yield RegistryTx(cur, self.schema)
+
+    def _query(self, sql: str, params: tuple[object, ...]) -> list[dict[str, Any]]:
+        with _translated(self.schema), self.conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(sql, params)
+            return list(cur.fetchall())
+
+    def devices(
+        self,
+        *,
+        site_id: str | None = None,
+        gateway_id: str | None = None,
+        device_type: str | None = None,
+        status: str | None = None,
+    ) -> list[DeviceRow]:
+        rows = self._query(
+            f"""SELECT {_DEVICE_COLUMNS} FROM {self.schema}.devices
+                WHERE (%s::text IS NULL OR site_id = %s)
+                AND (%s::text IS NULL OR gateway_id = %s)
+                AND (%s::text IS NULL OR device_type = %s)
+                AND (%s::text IS NULL OR status = %s)
+                ORDER BY site_id, device_id""",
+            (site_id, site_id, gateway_id, gateway_id, device_type, device_type, status, status),
+        )
+        return [msgspec.convert(r, DeviceRow) for r in rows]
+
+    def gateways(
+        self, *, site_id: str | None = None, status: str | None = None
+    ) -> list[GatewayRow]:
+        rows = self._query(
+            f"""SELECT {_GATEWAY_COLUMNS}, count(d.device_id) FILTER (WHERE d.status = 'active')
+                AS devices
+                FROM {self.schema}.gateways g LEFT JOIN {self.schema}.devices d
+                ON d.gateway_id = g.gateway_id
+                WHERE (%s::text IS NULL OR g.site_id = %s)
+                AND (%s::text IS NULL OR g.status = %s)
+                GROUP BY g.gateway_id ORDER BY g.site_id, g.gateway_id""",
+            (site_id, site_id, status, status),
+        )
+        return [msgspec.convert(r, GatewayRow) for r in rows]
+
+    def credentials(self, owner_id: str) -> list[CredentialRow]:
+        rows = self._query(
+            f"SELECT {_CREDENTIAL_COLUMNS} FROM {self.schema}.credentials WHERE owner_id = %s"
+            " ORDER BY broker, username",
+            (owner_id,),
+        )
+        return [msgspec.convert(r, CredentialRow) for r in rows]
+
+    def audit_entries(
+        self, *, subject_id: str | None = None, action: str | None = None, limit: int = 50
+    ) -> list[AuditEntry]:
+        """The newest ``limit`` entries, newest first."""
+        rows = self._query(
+            f"""SELECT audit_id, ts, operator, action, subject_kind, subject_id, detail
+                FROM {self.schema}.audit_log
+                WHERE (%s::text IS NULL OR subject_id = %s)
+                AND (%s::text IS NULL OR action = %s)
+                ORDER BY audit_id DESC LIMIT %s""",
+            (subject_id, subject_id, action, action, limit),
+        )
+        return [msgspec.convert(r, AuditEntry) for r in rows]

@@ -1,0 +1,292 @@
+"""Broker security with real Mosquitto and real clients: ACLs, refusals, revoke and rotate live.
+
+Accounts are made by ``devices.provisioning`` through the dynamic-security
+control API of the session broker; every test uses ids and a topic prefix of
+its own.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from contracts.errors import ConflictError
+from contracts.messages import decode_gateway_config
+from contracts.topics import ack_topic, batch_topic, config_topic, device_uplink_topic
+from devices.bundle import decode_bundle
+
+NOT_AUTHORIZED = 135  # MQTT v5 reason code 0x87
+BAD_CREDENTIALS = 134  # 0x86 "Bad user name or password"
+
+
+class Probe:
+    """A paho MQTT v5 client that records what the broker says to it."""
+
+    def __init__(self, port: int, username: str | None, password: str | None, client_id: str):
+        self.connack = threading.Event()
+        self.disconnected = threading.Event()
+        self.reason: int | None = None
+        self.disconnect_reason: str | None = None
+        self.acks: dict[int, int] = {}
+        self.subacks: list[list[int]] = []
+        self.messages: list[tuple[str, bytes]] = []
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        if username is not None:
+            client.username_pw_set(username, password)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = lambda _c, _u, mid, rc, _p: self.acks.__setitem__(mid, rc.value)
+        client.on_subscribe = lambda _c, _u, _m, codes, _p: self.subacks.append(
+            [c.value for c in codes]
+        )
+        client.on_message = lambda _c, _u, m: self.messages.append((m.topic, bytes(m.payload)))
+        self.client = client
+        client.connect("127.0.0.1", port)
+        client.loop_start()
+        assert self.connack.wait(10), "no CONNACK"
+
+    def _on_connect(self, client, _u, _f, reason, _p):
+        self.reason = reason.value
+        self.connack.set()
+        if reason.is_failure:
+            client.disconnect()
+
+    def _on_disconnect(self, _c, _u, _f, reason, _p):
+        self.disconnect_reason = str(reason)
+        self.disconnected.set()
+
+    @property
+    def accepted(self) -> bool:
+        return self.reason == 0
+
+    def publish(self, topic: str, payload: bytes = b"x") -> int:
+        info = self.client.publish(topic, payload, qos=1)
+        deadline = time.monotonic() + 10
+        while info.mid not in self.acks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.acks[info.mid]
+
+    def subscribe(self, topic: str) -> int:
+        before = len(self.subacks)
+        self.client.subscribe(topic, qos=1)
+        deadline = time.monotonic() + 10
+        while len(self.subacks) == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.subacks[-1][0]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def probes():
+    made: list[Probe] = []
+
+    def make(port, username, password, client_id=None):
+        probe = Probe(port, username, password, client_id or f"probe-{uuid.uuid4().hex[:8]}")
+        made.append(probe)
+        return probe
+
+    yield make
+    for probe in made:
+        probe.close()
+
+
+def _uid() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def _gateway(provisioner, site="hk-hall-quan"):
+    gateway_id = f"gw-{_uid()}"
+    outcome = provisioner.add_gateway(gateway_id, site_id=site, label="test")
+    return gateway_id, decode_bundle(outcome.files.json.read_bytes())
+
+
+def _mqtt_device(provisioner, gateway_id, site="hk-hall-quan"):
+    device_id = f"kiosk-{_uid()}"
+    outcome = provisioner.add_device(
+        device_id, device_type="kiosk", site_id=site, gateway_id=gateway_id, transport="mqtt"
+    )
+    return device_id, decode_bundle(outcome.files.json.read_bytes())
+
+
+def test_device_cannot_publish_as_another_device(provisioner, broker_admin, probes, topic_prefix):
+    gateway_id, _ = _gateway(provisioner)
+    a_id, a = _mqtt_device(provisioner, gateway_id)
+    b_id, _b = _mqtt_device(provisioner, gateway_id)
+    port = broker_admin.port
+    watcher = probes(port, broker_admin.username, broker_admin.password)
+    assert watcher.subscribe(f"{topic_prefix}/d/#") == 1
+
+    device_a = probes(port, a.broker.username, a.broker.password, a.broker.client_id)
+    assert device_a.accepted
+    assert device_a.publish(device_uplink_topic(b_id, topic_prefix), b"forged") == NOT_AUTHORIZED
+    assert device_a.publish(f"{topic_prefix}/hub/v1/gw/{gateway_id}/batch") == NOT_AUTHORIZED
+    assert device_a.publish(a.topics["uplink"], b"genuine") == 0
+    deadline = time.monotonic() + 5
+    while not watcher.messages and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # a forged message, had it passed, would have arrived by now
+    assert watcher.messages == [(device_uplink_topic(a_id, topic_prefix), b"genuine")]
+    # A device subscribes to nothing: it cannot read other devices' data.
+    assert device_a.subscribe(f"{topic_prefix}/d/#") == NOT_AUTHORIZED
+
+
+def test_gateway_is_confined_to_its_own_topics(provisioner, broker_admin, probes, topic_prefix):
+    gw_id, gw = _gateway(provisioner)
+    other_id, _other = _gateway(provisioner)
+    port = broker_admin.port
+    central = probes(port, gw.central.username, gw.central.password, gw.central.client_id)
+    assert central.accepted
+    # 16: accepted, "no matching subscribers".
+    assert central.publish(batch_topic(gw_id, topic_prefix)) in (0, 16)
+    assert central.publish(batch_topic(other_id, topic_prefix)) == NOT_AUTHORIZED
+    # It may not forge its own acks or config either: those come from ingest and the registry.
+    assert central.publish(ack_topic(gw_id, topic_prefix)) == NOT_AUTHORIZED
+    assert central.publish(config_topic(gw_id, topic_prefix)) == NOT_AUTHORIZED
+    assert central.subscribe(ack_topic(gw_id, topic_prefix)) == 1
+    assert central.subscribe(ack_topic(other_id, topic_prefix)) == NOT_AUTHORIZED
+    assert central.subscribe(f"{topic_prefix}/hub/v1/gw/+/batch") == NOT_AUTHORIZED
+    # Its retained config (empty device list) was published at registration.
+    assert central.subscribe(config_topic(gw_id, topic_prefix)) == 1
+    deadline = time.monotonic() + 5
+    while not central.messages and time.monotonic() < deadline:
+        time.sleep(0.02)
+    config = decode_gateway_config(central.messages[0][1])
+    assert (config.gateway_id, config.devices) == (gw_id, [])
+
+    site = probes(port, gw.site.username, gw.site.password, gw.site.client_id)
+    assert site.subscribe(f"{topic_prefix}/d/+/up") == 1
+    assert site.publish(f"{topic_prefix}/d/someone/up") == NOT_AUTHORIZED
+    assert site.subscribe(f"{topic_prefix}/hub/v1/gw/+/batch") == NOT_AUTHORIZED
+
+
+def test_wrong_password_and_unknown_and_anonymous_are_refused(provisioner, broker_admin, probes):
+    gateway_id, _ = _gateway(provisioner)
+    _device_id, bundle = _mqtt_device(provisioner, gateway_id)
+    port = broker_admin.port
+    assert not probes(port, bundle.broker.username, bundle.broker.password + "x").accepted
+    assert not probes(port, "device.nobody", "whatever").accepted
+    assert not probes(port, None, None).accepted
+    assert probes(port, bundle.broker.username, bundle.broker.password).accepted
+
+
+def test_rotate_cuts_live_sessions_and_only_the_new_secret_works(
+    provisioner, broker_admin, probes, mqtt_server
+):
+    pid = mqtt_server.pid()
+    gateway_id, _ = _gateway(provisioner)
+    device_id, old = _mqtt_device(provisioner, gateway_id)
+    port = broker_admin.port
+    live = probes(port, old.broker.username, old.broker.password, old.broker.client_id)
+    assert live.accepted
+    outcome = provisioner.rotate_device(device_id)
+    new = decode_bundle(outcome.files.json.read_bytes())
+    assert new.broker.password != old.broker.password
+    assert live.disconnected.wait(5), "the session with the old secret was not cut"
+    assert "Administrative action" in live.disconnect_reason
+    live.client.loop_stop()  # paho would reconnect with the old secret and be refused
+    assert not probes(port, old.broker.username, old.broker.password).accepted
+    assert probes(port, new.broker.username, new.broker.password).accepted
+    assert mqtt_server.pid() == pid  # no broker restart
+
+
+def test_revoke_and_disable_cut_live_sessions(provisioner, broker_admin, probes, mqtt_server):
+    pid = mqtt_server.pid()
+    gateway_id, gw = _gateway(provisioner)
+    revoked_id, revoked = _mqtt_device(provisioner, gateway_id)
+    disabled_id, disabled = _mqtt_device(provisioner, gateway_id)
+    port = broker_admin.port
+    live_revoked = probes(port, revoked.broker.username, revoked.broker.password)
+    live_disabled = probes(port, disabled.broker.username, disabled.broker.password)
+    assert live_revoked.accepted
+    assert live_disabled.accepted
+
+    provisioner.revoke_device(revoked_id)
+    assert live_revoked.disconnected.wait(5)
+    live_revoked.client.loop_stop()
+    assert not probes(port, revoked.broker.username, revoked.broker.password).accepted
+
+    outcome = provisioner.set_device_enabled(disabled_id, enabled=False)
+    assert live_disabled.disconnected.wait(5)
+    live_disabled.client.loop_stop()
+    assert not probes(port, disabled.broker.username, disabled.broker.password).accepted
+    # The gateway's config lists the disabled device as disabled, the revoked one not at all.
+    config = outcome.configs[-1]
+    assert {d.device_id: d.enabled for d in config.devices} == {disabled_id: False}
+
+    provisioner.set_device_enabled(disabled_id, enabled=True)
+    assert probes(port, disabled.broker.username, disabled.broker.password).accepted
+
+    # A gateway is revoked only once it serves no active device.
+    with pytest.raises(ConflictError, match="still serves 1 active devices"):
+        provisioner.revoke_gateway(gateway_id)
+    provisioner.revoke_device(disabled_id)
+    live_gateway = probes(port, gw.central.username, gw.central.password)
+    assert live_gateway.accepted
+    provisioner.revoke_gateway(gateway_id)
+    assert live_gateway.disconnected.wait(5)
+    live_gateway.client.loop_stop()
+    assert not probes(port, gw.central.username, gw.central.password).accepted
+    assert mqtt_server.pid() == pid
+
+
+@pytest.mark.skipif(shutil.which("mosquitto_pub") is None, reason="mosquitto-clients missing")
+def test_mosquitto_pub_with_the_bundle_works_as_the_bundle_says(
+    provisioner, broker_admin, probes, topic_prefix
+):
+    gateway_id, _ = _gateway(provisioner)
+    device_id, bundle = _mqtt_device(provisioner, gateway_id)
+    watcher = probes(broker_admin.port, broker_admin.username, broker_admin.password)
+    assert watcher.subscribe(f"{topic_prefix}/d/#") == 1
+    b = bundle.broker
+
+    def pub(topic: str, message: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                shutil.which("mosquitto_pub") or "mosquitto_pub",
+                "-V",
+                "mqttv5",
+                "-h",
+                b.host,
+                "-p",
+                str(b.port),
+                "-u",
+                b.username,
+                "-P",
+                b.password,
+                "-i",
+                b.client_id,
+                "-q",
+                str(bundle.settings["qos"]),
+                "-t",
+                topic,
+                "-m",
+                message,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    payload = '{"seq": 1, "ts": 1767225600000, "m": {"queue_len": 3}}'
+    ok = pub(bundle.topics["uplink"], payload)
+    assert ok.returncode == 0, ok.stderr
+    forged = pub(device_uplink_topic("someone-else", topic_prefix), payload)
+    # mosquitto_pub reports the PUBACK's reason code (it still exits 0).
+    assert "Publish 1 failed: Not authorized" in forged.stderr
+    deadline = time.monotonic() + 5
+    while not watcher.messages and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    assert watcher.messages == [(bundle.topics["uplink"], payload.encode())]
+    assert bundle.topics["uplink"] == device_uplink_topic(device_id, topic_prefix)
