@@ -56,6 +56,11 @@ def test_up_for_a_fixed_time_stores_every_reading_and_leaves_nothing_running():
         assert sent > 50  # a dozen devices for about 12 s
         assert stored == sent
         assert re.search(r"lost\s*│\s*0", out)
+        # The alerts job ran beside the pipeline and evaluated the rules.
+        assert "open alerts:" in out
+        alerts_log = (state_dir / "run" / "alerts.log").read_text()
+        assert re.search(r"alerts job alerts: \d+ rules", alerts_log), alerts_log[-2000:]
+        assert "evaluated " in alerts_log, alerts_log[-2000:]
         # Every child and both servers are gone; their ports are free again.
         assert _processes_under(state_dir) == []
         assert port_is_free(pg_port)

@@ -2,8 +2,8 @@
 
 Starts the private broker and database (unless running), migrates, seeds
 the Hanoi sites, registers the simulated fleet (one gateway per site), and
-starts the ingest workers and one gateway per site as child processes and
-the simulator in this process. Shows a live view until Ctrl-C or ``--for``;
+starts the ingest workers, one gateway per site and the alerts job as child
+processes and the simulator in this process. Shows a live view until Ctrl-C or ``--for``;
 then stops the simulator, lets the gateways deliver their backlog, stops
 every child (SIGTERM, SIGKILL after a timeout: no orphans) and prints a
 summary. Exits 1 if any reading the simulator sent is missing from the
@@ -45,7 +45,7 @@ from cityhub.localstack.stack import LocalStack
 from contracts.catalog import DEVICE_TYPES
 from contracts.errors import HubError, LocalServiceError
 from contracts.messages import GatewayState, decode_gateway_state
-from contracts.schema import readings_table
+from contracts.schema import SEVERITIES, readings_table
 from contracts.settings import BrokerSettings
 from firmware_sim.fleet import DeviceSpec
 from firmware_sim.service import Simulator
@@ -171,7 +171,29 @@ def live_stored(conn: psycopg.Connection, schema: str) -> int:
     return int(value[0]) if value else 0
 
 
-def _view(sim: Simulator, states: dict[str, GatewayState], stored: int, started: float) -> Table:
+def open_alerts(conn: psycopg.Connection, schema: str) -> dict[str, int]:
+    """Active alerts by severity."""
+    rows = conn.execute(
+        f"SELECT severity, count(*) FROM {schema}.alerts "
+        "WHERE state IN ('active_unack', 'active_ack') GROUP BY severity"
+    ).fetchall()
+    return {str(severity): int(n) for severity, n in rows}
+
+
+def _alerts_line(alerts: dict[str, int]) -> str:
+    if not alerts:
+        return "open alerts: none"
+    parts = [f"{alerts[s]} {s}" for s in SEVERITIES if s in alerts]
+    return f"open alerts: {sum(alerts.values())} ({', '.join(parts)})"
+
+
+def _view(
+    sim: Simulator,
+    states: dict[str, GatewayState],
+    stored: int,
+    started: float,
+    alerts: dict[str, int],
+) -> Table:
     elapsed = time.monotonic() - started
     table = Table(title=f"cityhub up: {elapsed:,.0f} s", title_justify="left")
     for column in (
@@ -195,7 +217,8 @@ def _view(sim: Simulator, states: dict[str, GatewayState], stored: int, started:
             str(s.devices_online),
         )
     table.caption = (
-        f"simulator sent {sim.stats.total():,} readings | stored in TimescaleDB {stored:,}"
+        f"simulator sent {sim.stats.total():,} readings | stored in TimescaleDB {stored:,} | "
+        + _alerts_line(alerts)
     )
     return table
 
@@ -233,7 +256,7 @@ def up(
     workers: Annotated[int, typer.Option(min=1, help="Ingest worker processes.")] = 1,
     seed: Annotated[int, typer.Option(help="Simulator seed.")] = 0,
 ) -> None:
-    """Run the whole system on this machine: broker, TimescaleDB, simulated fleet, gateways, ingest.
+    """Run the whole system here: broker, TimescaleDB, simulated fleet, gateways, ingest, alerts.
 
     Ctrl-C (or the end of --for) stops everything cleanly and prints a
     summary: readings sent, stored and rejected, and the loss, which must be
@@ -314,11 +337,20 @@ def _up(
                 [sys.executable, "-m", "gateway", "--config", str(path)],
                 run_dir / f"{gateway_id}.log",
             )
+        write_toml(
+            run_dir / "alerts.toml",
+            {"database": {"url": url, "schema": schema}, "alerts": {"interval_s": 10.0}},
+        )
+        children.start(
+            "alerts",
+            [sys.executable, "-m", "alerts", "--config", str(run_dir / "alerts.toml")],
+            run_dir / "alerts.log",
+        )
         watcher = StateWatcher(broker)
         _wait_ready(watcher, children, {c.gateway_id for c in configs})
         state.console.print(
             f"cityhub up: {len(specs)} simulated devices, {len(configs)} sites with a gateway "
-            f"each, {workers} ingest worker(s); logs in {run_dir}; "
+            f"each, {workers} ingest worker(s), the alerts job; logs in {run_dir}; "
             "Ctrl-C to stop",
             highlight=False,
         )
@@ -430,9 +462,10 @@ async def _run(
                 stop.set()
                 raise LocalServiceError(f"stopped: {', '.join(dead)} exited; see its log")
             stored = await asyncio.to_thread(live_stored, conn, schema)
+            alerts = await asyncio.to_thread(open_alerts, conn, schema)
             if stored and not first_stored:
                 first_stored.append(time.monotonic())
-            live.update(_view(sim, watcher.snapshot(), stored, started))
+            live.update(_view(sim, watcher.snapshot(), stored, started, alerts))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
                     await stop.wait()
