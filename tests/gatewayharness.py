@@ -235,4 +235,8 @@ def gateway_in_thread(
     with service_in_thread(gateway.run, name="gateway"):
         wait_for(gateway.central.connected.is_set, 10, "gateway uplink connection")
         wait_for(gateway.site.connected.is_set, 10, "gateway site connection")
+        # A reading published before the subscriptions exist has no session to
+        # wait in: wait for the SUBACK when there are MQTT devices to follow.
+        if gateway._site_routes:
+            wait_for(lambda: gateway.site.subacks > 0, 10, "gateway site subscriptions")
         yield gateway

@@ -95,12 +95,16 @@ password = "{mqtt_server.admin_password}"
     ingest = FakeIngest(mqtt_server, gateway_id=gateway_id, prefix=prefix)  # not acking yet
     pub = client(mqtt_server)
     publish_config(pub, gateway_id=gateway_id, prefix=prefix, devices=devices, version=1)
+    states: list[GatewayState] = []
+    pub.on_message = lambda _c, _u, m: m.payload and states.append(decode_gateway_state(m.payload))
+    pub.subscribe(state_topic(gateway_id, prefix), qos=1)
     log = tmp_path / "gateway.log"
     proc = start_gateway_process(config, log)
     try:
         wait_for(outbox.exists, 10, "outbox created")
-        # The gateway subscribes after connecting; wait for its retained config.
-        wait_for(lambda: "config version 1 applied" in log.read_text(), 15, "config applied")
+        # Its first run creates the site session: readings published before
+        # the subscriptions exist would have no session to wait in.
+        wait_for(lambda: any(s.site_ready for s in states), 15, "subscribed at the site")
         sent = publish_readings(pub, prefix=prefix, devices=devices, per_device=100)
         # Every reading has been in a published batch: all are in the outbox.
         wait_for(lambda: ingest.count() == len(sent), 30, "backlog built")
