@@ -59,37 +59,36 @@ def start_gateway_process(config: Path, log: Path) -> subprocess.Popen[bytes]:
         )
 
 
+def gateway_config_file(path: Path, server, *, gateway_id: str, prefix: str, **gateway: object):
+    """Write a gateway settings file with both brokers on ``server``."""
+    broker = (
+        f'host = "127.0.0.1"\nport = {server.port}\n'
+        f'username = "{ADMIN_USER}"\npassword = "{server.admin_password}"\n'
+    )
+    extra = "\n".join(f"{key} = {value}" for key, value in gateway.items())
+    path.write_text(
+        f'[broker]\n{broker}\n[gateway]\ngateway_id = "{gateway_id}"\n'
+        f'site_id = "hk-hall-ubnd"\ntopic_prefix = "{prefix}"\n'
+        f'outbox_path = "{path.parent / "outbox.sqlite3"}"\n'
+        f"device_rate_per_s = 1000.0\ndevice_burst = 1000.0\nstate_interval_s = 0.5\n"
+        f"{extra}\n[gateway.site_broker]\n{broker}",
+        encoding="utf-8",
+    )
+
+
 def test_gateway_kill_9_with_a_backlog_loses_and_duplicates_nothing(mqtt_server, tmp_path):
     tag = uuid.uuid4().hex[:6]
     gateway_id, prefix = f"gw-{tag}", f"t{tag}"
     outbox = tmp_path / "outbox.sqlite3"
     config = tmp_path / "gateway.toml"
-    config.write_text(
-        f"""
-[broker]
-host = "127.0.0.1"
-port = {mqtt_server.port}
-username = "{ADMIN_USER}"
-password = "{mqtt_server.admin_password}"
-
-[gateway]
-gateway_id = "{gateway_id}"
-site_id = "hk-hall-ubnd"
-topic_prefix = "{prefix}"
-outbox_path = "{outbox}"
-batch_max_rows = 100
-batch_max_ms = 50
-ack_timeout_s = 2.0
-device_rate_per_s = 1000.0
-device_burst = 1000.0
-
-[gateway.site_broker]
-host = "127.0.0.1"
-port = {mqtt_server.port}
-username = "{ADMIN_USER}"
-password = "{mqtt_server.admin_password}"
-""",
-        encoding="utf-8",
+    gateway_config_file(
+        config,
+        mqtt_server,
+        gateway_id=gateway_id,
+        prefix=prefix,
+        batch_max_rows=100,
+        batch_max_ms=50,
+        ack_timeout_s=2.0,
     )
     devices = mqtt_devices(prefix, 20)
     ingest = FakeIngest(mqtt_server, gateway_id=gateway_id, prefix=prefix)  # not acking yet
@@ -187,23 +186,6 @@ def test_readings_sent_while_the_gateway_is_down_are_delivered_after_restart(mqt
         assert ingest.readings == sent
     pub.disconnect()
     ingest.close()
-
-
-def gateway_config_file(path: Path, server, *, gateway_id: str, prefix: str, **gateway: object):
-    """Write a gateway settings file with both brokers on ``server``."""
-    broker = (
-        f'host = "127.0.0.1"\nport = {server.port}\n'
-        f'username = "{ADMIN_USER}"\npassword = "{server.admin_password}"\n'
-    )
-    extra = "\n".join(f"{key} = {value}" for key, value in gateway.items())
-    path.write_text(
-        f'[broker]\n{broker}\n[gateway]\ngateway_id = "{gateway_id}"\n'
-        f'site_id = "hk-hall-ubnd"\ntopic_prefix = "{prefix}"\n'
-        f'outbox_path = "{path.parent / "outbox.sqlite3"}"\n'
-        f"device_rate_per_s = 1000.0\ndevice_burst = 1000.0\nstate_interval_s = 0.5\n"
-        f"{extra}\n[gateway.site_broker]\n{broker}",
-        encoding="utf-8",
-    )
 
 
 def test_gateway_kill_9_before_its_outbox_commit_loses_nothing(mqtt_server, tmp_path):
