@@ -10,8 +10,12 @@ is what one gateway process can take.
 
 Figures: readings acked per second from the first to the last ack, and from
 the gateway's process start to the last ack (includes interpreter start-up);
-medians of several runs. Also the outbox commit cost per batch (an fsynced
-put of one encoded 500-row batch) measured on its own.
+medians of several runs. Measured on their own in the same run: a bare
+subscriber on the same codec draining the same backlog with no gateway logic
+(what the broker and the socket allow), the gateway's logic per message with
+no network (topic, rate limit, decode and checks, tracking, batching), and
+the outbox commit cost per batch (an fsynced put of one encoded 500-row
+batch).
 
     .venv/bin/python bench/bench_gateway.py [--readings 300000] [--runs 3]
 """
@@ -23,6 +27,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -36,10 +41,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cityhub.localstack.mosquitto import ADMIN_USER, MosquittoServer
 from cityhub.localstack.procs import free_port, run_as_for
-from contracts.messages import Batch, ReadingBlock, decode_gateway_state, encode_batch
-from contracts.topics import state_topic
+from contracts import mqttcodec
+from contracts.messages import (
+    Batch,
+    DeviceUplink,
+    GatewayConfig,
+    ReadingBlock,
+    decode_gateway_state,
+    encode_batch,
+    encode_device_uplink,
+)
+from contracts.settings import BrokerSettings
+from contracts.topics import device_uplink_topic, state_topic
 from gateway.outbox import Outbox
-from tests.gatewayharness import client, mqtt_devices, publish_config, wait_for
+from gateway.service import Gateway
+from tests.gatewayharness import (
+    client,
+    gateway_settings,
+    mqtt_devices,
+    now_ms,
+    publish_config,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -213,20 +236,8 @@ def run_once(server: MosquittoServer, tmp: Path, readings: int, ndev: int) -> di
     stop(gateway)
     control.disconnect()
 
-    publisher = [
-        sys.executable,
-        "-c",
-        PUBLISHER,
-        str(ROOT),
-        str(server.port),
-        ADMIN_USER,
-        server.admin_password,
-        prefix,
-        str(ndev),
-        str(readings // ndev),
-    ]
     t0 = time.perf_counter()
-    subprocess.run(publisher, check=True)
+    subprocess.run(publisher_command(server, prefix, ndev, readings), check=True)
     queue_s = time.perf_counter() - t0
 
     acker = subprocess.Popen(
@@ -262,6 +273,110 @@ def run_once(server: MosquittoServer, tmp: Path, readings: int, ndev: int) -> di
         "duplicates": result["deliveries"] - readings,
         "queue_rate": readings / queue_s,
     }
+
+
+def publisher_command(server: MosquittoServer, prefix: str, ndev: int, readings: int) -> list[str]:
+    return [
+        sys.executable,
+        "-c",
+        PUBLISHER,
+        str(ROOT),
+        str(server.port),
+        ADMIN_USER,
+        server.admin_password,
+        prefix,
+        str(ndev),
+        str(readings // ndev),
+    ]
+
+
+def bare_drain(server: MosquittoServer, readings: int, ndev: int) -> float:
+    """Messages/s a subscriber on the same codec drains with no gateway logic (acks at once)."""
+    prefix = f"r{uuid.uuid4().hex[:6]}"
+    filters = [(device_uplink_topic(f"{prefix}-dev-{d:03d}", prefix), 1) for d in range(ndev)]
+
+    def session(*, clean: bool) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(
+            mqttcodec.encode_connect(
+                client_id=f"bare-{prefix}",
+                keepalive_s=60,
+                clean_start=clean,
+                session_expiry_s=600,
+                receive_maximum=2000,
+                username=ADMIN_USER,
+                password=server.admin_password,
+            )
+        )
+        return sock
+
+    reader = mqttcodec.PacketReader()
+    sock = session(clean=True)
+    sock.sendall(mqttcodec.encode_subscribe(1, filters))
+    while not any(isinstance(c, mqttcodec.Suback) for c in reader.feed(sock.recv(1 << 16))[1]):
+        pass
+    sock.sendall(mqttcodec.encode_disconnect())
+    sock.close()
+    subprocess.run(publisher_command(server, prefix, ndev, readings), check=True)
+    reader = mqttcodec.PacketReader()
+    start = time.perf_counter()
+    sock = session(clean=False)
+    received = 0
+    while received < readings:
+        publishes, _ = reader.feed(sock.recv(1 << 18))
+        received += len(publishes)
+        sock.sendall(mqttcodec.encode_pubacks([p[3] for p in publishes if p[2]]))
+    elapsed = time.perf_counter() - start
+    sock.sendall(mqttcodec.encode_disconnect())
+    sock.close()
+    return readings / elapsed
+
+
+def logic_cost(tmp: Path, messages: int = 100_000, ndev: int = 100) -> float:
+    """Seconds per message of the gateway's own logic, fed socket-read-sized lists, no network."""
+    prefix = "blogic"
+    devices = mqtt_devices(prefix, ndev)
+    settings = gateway_settings(
+        "gw-logic", prefix, batch_max_rows=500, device_rate_per_s=1e9, device_burst=1e9
+    )
+    nowhere = BrokerSettings(host="127.0.0.1", port=1)
+    gateway = Gateway(
+        settings=settings, central=nowhere, site=nowhere, outbox_path=tmp / "logic.sqlite3"
+    )
+    gateway.apply_config(
+        GatewayConfig(gateway_id="gw-logic", site_id="hk-hall-ubnd", version=1, devices=devices),
+        persist=False,
+    )
+    base = now_ms()
+    chunks: list[list[mqttcodec.Publish]] = []
+    chunk: list[mqttcodec.Publish] = []
+    for i in range(messages):
+        seq = i // ndev
+        payload = encode_device_uplink(
+            DeviceUplink(
+                seq=seq,
+                ts_ms=base + seq,
+                metrics={
+                    "queue_length": seq % 40,
+                    "uptime": seq,
+                    "paper_level": 50.0,
+                    "cpu_temperature": 45.5,
+                },
+            )
+        )
+        topic = device_uplink_topic(devices[i % ndev].device_id, prefix)
+        chunk.append((topic, payload, 1, i % 65535 + 1, False))
+        if len(chunk) == 600:  # about one 64 KiB socket read of these messages
+            chunks.append(chunk)
+            chunk = []
+    chunks.append(chunk)
+    start = time.perf_counter()
+    for part in chunks:
+        gateway._on_site_messages(part)  # the hot path itself, without the socket
+        gateway._ready.clear()  # drop the cut batches: no outbox here
+    elapsed = time.perf_counter() - start
+    gateway.outbox.close()
+    return elapsed / messages
 
 
 def outbox_put_cost(tmp: Path, runs: int = 200) -> float:
@@ -313,6 +428,8 @@ def main() -> None:
     server.start()
     try:
         runs = [run_once(server, tmp, args.readings, args.devices) for _ in range(args.runs)]
+        bare = [bare_drain(server, args.readings, args.devices) for _ in range(args.runs)]
+        logic_s = statistics.median(logic_cost(tmp) for _ in range(3))
         put_s = outbox_put_cost(tmp)
     finally:
         server.stop()
@@ -330,6 +447,10 @@ def main() -> None:
         values = [r[key] for r in runs]
         listed = ", ".join(f"{v:,.0f}" for v in values)
         print(f"{label:<58} {statistics.median(values):>10,.0f}  {listed}")
+    label = "bare codec subscriber draining, no gateway logic, msgs/s"
+    listed = ", ".join(f"{v:,.0f}" for v in bare)
+    print(f"{label:<58} {statistics.median(bare):>10,.0f}  {listed}")
+    print(f"{'gateway logic per message, no network (us)':<58} {logic_s * 1e6:>10.2f}")
     print(f"{'outbox put, one 500-row batch, fsynced (ms)':<58} {put_s * 1000:>10.2f}")
     print(f"{'outbox put per reading (us)':<58} {put_s / 500 * 1e6:>10.2f}")
 
