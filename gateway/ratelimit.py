@@ -40,9 +40,10 @@ class TokenBuckets:
         bucket = self._buckets.get(device_id)
         if bucket is None:
             bucket = self._buckets[device_id] = _Bucket(tokens=self.burst, last_ms=now_ms)
-        elapsed_ms = max(0, now_ms - bucket.last_ms)
-        bucket.tokens = min(self.burst, bucket.tokens + elapsed_ms * rate / 1000.0)
-        bucket.last_ms = now_ms
+        elapsed_ms = now_ms - bucket.last_ms
+        if elapsed_ms > 0:  # a clock step back refills nothing
+            bucket.tokens = min(self.burst, bucket.tokens + elapsed_ms * rate / 1000.0)
+            bucket.last_ms = now_ms
         if bucket.tokens >= 1.0:
             bucket.tokens -= 1.0
             return True

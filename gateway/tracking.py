@@ -46,7 +46,7 @@ class DeviceTracker:
         return track
 
     def observe(self, device_id: str, *, seq: int, boot: str | None, now_ms: int) -> Observation:
-        track = self.track(device_id)
+        track = self.devices.get(device_id) or self.track(device_id)
         reboot = duplicate = False
         gap = 0
         if track.last_seq is not None:
