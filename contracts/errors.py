@@ -34,7 +34,9 @@ move on) versus *unavailable* (retryable: back off and try again).
      |    +-- BrokerUnavailableError
      |    +-- DatabaseUnavailableError
      |    +-- JobLockedError           another alerts job with the same id holds the lock
+     |    +-- GrafanaUnavailableError  Grafana did not answer, or answered with a server error
      +-- BrokerControlError            a broker refused a control (dynamic-security) command
+     +-- GrafanaRefusedError           Grafana refused a request (credentials, permissions)
      +-- PkiError                      missing or unusable CA, certificate or key
      +-- OutboxFullError               a gateway outbox at its size bound refuses new readings
      +-- SchemaError                   the database schema is not what the code expects
@@ -198,6 +200,14 @@ class DatabaseUnavailableError(UnavailableError):
 
 class JobLockedError(UnavailableError):
     """Another alerts job with the same id holds the lock; this one waits as a standby."""
+
+
+class GrafanaUnavailableError(UnavailableError):
+    """Grafana did not answer, or answered with a server error."""
+
+
+class GrafanaRefusedError(HubError):
+    """Grafana refused a request (authentication, permissions, a bad board)."""
 
 
 class OutboxFullError(HubError):

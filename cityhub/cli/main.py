@@ -20,6 +20,7 @@ from cityhub.cli import db as db_cli
 from cityhub.cli import devices as devices_cli
 from cityhub.cli import gateway as gateway_cli
 from cityhub.cli import gateways as gateways_cli
+from cityhub.cli import grafana as grafana_cli
 from cityhub.cli import ingest as ingest_cli
 from cityhub.cli import pki as pki_cli
 from cityhub.cli import services as services_cli
@@ -46,6 +47,7 @@ app.command(name="up")(up_cli.up)
 app.add_typer(devices_cli.app, name="devices")
 app.add_typer(gateways_cli.app, name="gateways")
 app.add_typer(pki_cli.app, name="pki")
+app.add_typer(grafana_cli.app, name="grafana")
 app.command(name="audit")(audit_cli.audit)
 
 

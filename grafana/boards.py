@@ -1,0 +1,1004 @@
+"""The five operator boards, built with grafana-foundation-sdk builders.
+
+``build_boards()`` returns them by file name (``city-overview`` ...). Every
+panel reads cityhub's TimescaleDB through the provisioned PostgreSQL
+datasource with raw SQL (``grafana.sqlquery``). Table names are not
+schema-qualified: the datasource's database role has ``search_path`` set to
+cityhub's schema (deploy/timescaledb/init), and tests set it to theirs.
+
+Conventions every query follows, so the SQL can be checked outside Grafana
+(``grafana.macros`` expands it the way the datasource does):
+
+- time series queries return ``time`` first, then either numeric columns
+  (wide) or ``metric`` text plus one numeric ``value`` (long);
+- the Geomap's queries return ``latitude`` and ``longitude``;
+- the template variables ``district``, ``site`` and ``device_type`` are
+  multi-value with "All" and are used as ``IN (${var:sqlstring})``.
+
+"Online" means a reading newer than five minutes: every device type reports
+at least every minute, and the shortest no-data alert (kiosks) is 5 minutes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Final
+
+from grafana_foundation_sdk.builders import bargauge, geomap, piechart, stat, statetimeline, table
+from grafana_foundation_sdk.builders import common as common_builders
+from grafana_foundation_sdk.builders import dashboard as board
+from grafana_foundation_sdk.builders import timeseries as ts
+from grafana_foundation_sdk.cog import builder as cogbuilder
+from grafana_foundation_sdk.models import common
+from grafana_foundation_sdk.models import dashboard as model
+from grafana_foundation_sdk.models import geomap as geomap_model
+
+from contracts.schema import SEVERITIES
+from grafana.annotations import ALERT_TAG
+from grafana.palette import (
+    ALERT_STATE_LABELS,
+    POLLUTANT_LABELS,
+    PRINTER_STATUS,
+    SEVERITY_COLOURS,
+    SEVERITY_LABELS,
+    TIMEZONE,
+    VN_AQI_BANDS,
+)
+from grafana.sqlquery import Sql, datasource_ref
+
+ONLINE_WINDOW: Final = "interval '5 minutes'"
+ACTIVE_STATES: Final = "('active_unack', 'active_ack')"
+
+# Filters on a sites alias `s` and a devices alias `d`.
+SITE_FILTER: Final = "s.district IN (${district:sqlstring}) AND s.site_id IN (${site:sqlstring})"
+TYPE_FILTER: Final = "d.device_type IN (${device_type:sqlstring})"
+
+Panel = cogbuilder.Builder[model.Panel]
+
+
+# --- shared pieces -----------------------------------------------------------------
+
+
+def _variables(*, with_type: bool = True) -> list[board.QueryVariable]:
+    ds = datasource_ref()
+    everything = model.VariableOption(selected=True, text="All", value="$__all")
+
+    def variable(name: str, label: str, sql: str) -> board.QueryVariable:
+        return (
+            board.QueryVariable(name)
+            .label(label)
+            .datasource(ds)
+            .query(sql)
+            .multi(True)
+            .include_all(True)
+            .current(everything)
+            .refresh(model.VariableRefresh.ON_DASHBOARD_LOAD)
+            .sort(model.VariableSort.ALPHABETICAL_CASE_INSENSITIVE_ASC)
+        )
+
+    variables = [
+        variable("district", "Quận/Huyện (district)", "SELECT DISTINCT district FROM sites"),
+        variable(
+            "site",
+            "Điểm (site)",
+            "SELECT name AS __text, site_id AS __value FROM sites "
+            "WHERE district IN (${district:sqlstring})",
+        ),
+    ]
+    if with_type:
+        variables.append(
+            variable(
+                "device_type", "Loại thiết bị (device type)", "SELECT device_type FROM device_types"
+            )
+        )
+    return variables
+
+
+def _thresholds(steps: Sequence[tuple[float | None, str]]) -> board.ThresholdsConfig:
+    return (
+        board.ThresholdsConfig()
+        .mode(model.ThresholdsMode.ABSOLUTE)
+        .steps([model.Threshold(value=v, color=c) for v, c in steps])
+    )
+
+
+def _aqi_thresholds() -> board.ThresholdsConfig:
+    return _thresholds([(None if b.low == 0 else float(b.low), b.colour) for b in VN_AQI_BANDS])
+
+
+def _aqi_mappings() -> list[model.ValueMapping]:
+    """Each band's range shows its Vietnamese name under the number."""
+    mappings: list[model.ValueMapping] = []
+    highs = [b.low - 1 for b in VN_AQI_BANDS[1:]] + [500]
+    for index, (band, high) in enumerate(zip(VN_AQI_BANDS, highs, strict=True)):
+        mappings.append(
+            model.RangeMap(
+                options=model.DashboardRangeMapOptions(
+                    from_val=float(band.low),
+                    to=float(high),
+                    result=model.ValueMappingResult(
+                        text=f"${{__value.raw}} · {band.name_vi}", color=band.colour, index=index
+                    ),
+                )
+            )
+        )
+    return mappings
+
+
+def _by_thresholds() -> board.FieldColor:
+    return board.FieldColor().mode(model.FieldColorModeId.THRESHOLDS)
+
+
+def _fixed(colour: str) -> board.FieldColor:
+    return board.FieldColor().mode(model.FieldColorModeId.FIXED).fixed_color(colour)
+
+
+def _colour_override(colour: str) -> list[model.DynamicConfigValue]:
+    return [model.DynamicConfigValue(id_val="color", value={"mode": "fixed", "fixedColor": colour})]
+
+
+def _value_text(mapping: dict[str, tuple[str, str | None]]) -> list[model.ValueMapping]:
+    return [
+        model.ValueMap(
+            options={
+                key: model.ValueMappingResult(text=text, color=colour, index=i)
+                for i, (key, (text, colour)) in enumerate(mapping.items())
+            }
+        )
+    ]
+
+
+def _legend_table() -> common_builders.VizLegendOptions:
+    return (
+        common_builders.VizLegendOptions()
+        .display_mode(common.LegendDisplayMode.TABLE)
+        .placement(common.LegendPlacement.RIGHT)
+        .show_legend(True)
+        .calcs(["lastNotNull", "max"])
+    )
+
+
+def _all_values() -> common_builders.ReduceDataOptions:
+    return common_builders.ReduceDataOptions().values(True).calcs([])
+
+
+def _last_value() -> common_builders.ReduceDataOptions:
+    return common_builders.ReduceDataOptions().values(False).calcs(["lastNotNull"])
+
+
+def _series(
+    title: str, sql: str, *, unit: str = "short", height: int = 9, width: int = 12
+) -> ts.Panel:
+    return (
+        ts.Panel()
+        .title(title)
+        .datasource(datasource_ref())
+        .with_target(Sql(sql).time_series().ref_id("A"))
+        .unit(unit)
+        .height(height)
+        .span(width)
+        .legend(_legend_table())
+        .line_width(1)
+        .fill_opacity(10)
+        .span_nulls(False)
+    )
+
+
+def _table(title: str, sql: str, *, height: int = 9, width: int = 12) -> table.Panel:
+    return (
+        table.Panel()
+        .title(title)
+        .datasource(datasource_ref())
+        .with_target(Sql(sql).table().ref_id("A"))
+        .height(height)
+        .span(width)
+    )
+
+
+def _board(
+    uid: str, title: str, tags: list[str], description: str, *, with_type: bool = True
+) -> board.Dashboard:
+    return (
+        board.Dashboard(title)
+        .uid(uid)
+        .description(description)
+        .tags(["cityhub", *tags])
+        .timezone(TIMEZONE)
+        .time("now-6h", "now")
+        .refresh("1m")
+        .editable()
+        .tooltip(model.DashboardCursorSync.CROSSHAIR)
+        .variables(list(_variables(with_type=with_type)))
+    )
+
+
+def _alert_annotations(*extra_tags: str) -> board.AnnotationQuery:
+    """Alert transitions that `cityhub grafana push` posted, found by their tags."""
+    return (
+        board.AnnotationQuery()
+        .name("Chuyển trạng thái cảnh báo (alert transitions)")
+        .datasource(model.DataSourceRef(type_val="grafana", uid="-- Grafana --"))
+        .enable(True)
+        .hide(False)
+        .icon_color("red")
+        .target(
+            board.AnnotationTarget()
+            .type("tags")
+            .tags([ALERT_TAG, *extra_tags])
+            .match_any(False)
+            .limit(500)
+        )
+    )
+
+
+def _numbered(dashboard: board.Dashboard, panels: Sequence[Panel]) -> board.Dashboard:
+    """Add panels with ids 1, 2, ...: stable ids keep links and annotations pointing right."""
+    for number, panel in enumerate(panels, start=1):
+        built = panel.build()
+        built.id_val = number
+        dashboard.with_panel(_Built(built))
+    return dashboard
+
+
+class _Built(cogbuilder.Builder[model.Panel]):
+    def __init__(self, panel: model.Panel) -> None:
+        self._panel = panel
+
+    def build(self) -> model.Panel:
+        return self._panel
+
+
+# --- city overview -----------------------------------------------------------------
+
+_SITE_STATUS_SQL: Final = f"""SELECT s.site_id, s.name, s.district, s.kind,
+  s.latitude, s.longitude,
+  count(d.device_id) AS devices,
+  count(d.device_id) FILTER (WHERE ds.last_seen > now() - {ONLINE_WINDOW}) AS online,
+  coalesce(max(a.open_alerts), 0) AS open_alerts,
+  CASE
+    WHEN count(d.device_id) FILTER (WHERE ds.last_seen > now() - {ONLINE_WINDOW})
+      < count(d.device_id) THEN 2
+    WHEN coalesce(max(a.open_alerts), 0) > 0 THEN 1
+    ELSE 0
+  END AS status
+FROM sites s
+LEFT JOIN devices d ON d.site_id = s.site_id AND d.status = 'active' AND {TYPE_FILTER}
+LEFT JOIN device_state ds ON ds.device_id = d.device_id
+LEFT JOIN (
+  SELECT site_id, count(*) AS open_alerts FROM alerts
+  WHERE state IN {ACTIVE_STATES} GROUP BY site_id
+) a ON a.site_id = s.site_id
+WHERE {SITE_FILTER}
+GROUP BY s.site_id
+ORDER BY status DESC, s.name"""
+
+_LATEST_AQI_SQL: Final = f"""SELECT DISTINCT ON (h.site_id)
+  h.ts AS "time", s.name, s.district, s.latitude, s.longitude,
+  h.vn_aqi, h.band, h.dominant
+FROM aqi_hourly h
+JOIN sites s ON s.site_id = h.site_id
+WHERE $__timeFilter(h.ts) AND {SITE_FILTER}
+ORDER BY h.site_id, h.ts DESC"""
+
+
+def _marker_layer(
+    name: str, ref_id: str, colour_field: str, size: int
+) -> common_builders.MapLayerOptions:
+    return (
+        common_builders.MapLayerOptions()
+        .type("markers")
+        .name(name)
+        .config(
+            {
+                "showLegend": True,
+                "style": {
+                    "color": {"field": colour_field, "fixed": "dark-green"},
+                    "size": {"fixed": size},
+                    "symbol": {"fixed": "img/icons/marker/circle.svg", "mode": "fixed"},
+                    "opacity": 0.85,
+                },
+            }
+        )
+        .location(
+            common_builders.FrameGeometrySource()
+            .mode(common.FrameGeometrySourceMode.COORDS)
+            .latitude("latitude")
+            .longitude("longitude")
+        )
+        .filter_data({"id": "byRefId", "options": ref_id})
+        .tooltip(True)
+    )
+
+
+def _site_map() -> geomap.Panel:
+    status_colours = _value_text(
+        {
+            "0": ("Bình thường (ok)", "green"),
+            "1": ("Có cảnh báo (alert)", "orange"),
+            "2": ("Thiết bị mất kết nối (offline)", "red"),
+        }
+    )
+    return (
+        geomap.Panel()
+        .title("Bản đồ điểm giám sát Hà Nội (sites: status and VN_AQI)")
+        .description(
+            "Trạng thái mỗi điểm (xanh: bình thường, cam: có cảnh báo, đỏ: thiết bị mất kết nối) "
+            "và VN_AQI giờ gần nhất của các trạm quan trắc."
+        )
+        .datasource(datasource_ref())
+        .with_target(Sql(_SITE_STATUS_SQL).table().ref_id("A"))
+        .with_target(Sql(_LATEST_AQI_SQL).table().ref_id("B"))
+        .height(16)
+        .span(16)
+        .view(geomap.MapViewConfig().id("fit").all_layers(True).zoom(11).max_zoom(15))
+        .controls(geomap.ControlsOptions().show_zoom(True).mouse_wheel_zoom(True).show_scale(True))
+        .basemap(common_builders.MapLayerOptions().type("default").name("Nền (basemap)"))
+        .layers(
+            [
+                _marker_layer("Trạng thái điểm (status)", "A", "status", 9),
+                _marker_layer("VN_AQI", "B", "vn_aqi", 16),
+            ]
+        )
+        .tooltip(geomap.TooltipOptions().mode(geomap_model.TooltipMode.DETAILS))
+        .override_by_name(
+            "status",
+            [
+                model.DynamicConfigValue(id_val="mappings", value=status_colours),
+                model.DynamicConfigValue(
+                    id_val="thresholds",
+                    value={
+                        "mode": "absolute",
+                        "steps": [
+                            {"value": None, "color": "green"},
+                            {"value": 1, "color": "orange"},
+                            {"value": 2, "color": "red"},
+                        ],
+                    },
+                ),
+                model.DynamicConfigValue(id_val="color", value={"mode": "thresholds"}),
+            ],
+        )
+        .override_by_name(
+            "vn_aqi",
+            [
+                model.DynamicConfigValue(id_val="thresholds", value=_aqi_thresholds().build()),
+                model.DynamicConfigValue(id_val="color", value={"mode": "thresholds"}),
+            ],
+        )
+    )
+
+
+_DEVICES_ONLINE_SQL: Final = f"""SELECT
+  count(*) FILTER (WHERE ds.last_seen > now() - {ONLINE_WINDOW}) AS "Trực tuyến (online)",
+  count(*) FILTER (WHERE ds.last_seen IS NULL OR ds.last_seen <= now() - {ONLINE_WINDOW})
+    AS "Mất kết nối (offline)",
+  count(*) AS "Tổng (total)"
+FROM devices d
+JOIN sites s ON s.site_id = d.site_id
+LEFT JOIN device_state ds ON ds.device_id = d.device_id
+WHERE d.status = 'active' AND {SITE_FILTER} AND {TYPE_FILTER}"""
+
+
+def _devices_online(width: int = 8, height: int = 5) -> stat.Panel:
+    return (
+        stat.Panel()
+        .title("Thiết bị trực tuyến (devices online)")
+        .datasource(datasource_ref())
+        .with_target(Sql(_DEVICES_ONLINE_SQL).table().ref_id("A"))
+        .reduce_options(_last_value())
+        .graph_mode(common.BigValueGraphMode.NONE)
+        .color_mode(common.BigValueColorMode.VALUE)
+        .color_scheme(_fixed("green"))
+        .override_by_name("Mất kết nối (offline)", _colour_override("red"))
+        .override_by_name("Tổng (total)", _colour_override("text"))
+        .height(height)
+        .span(width)
+    )
+
+
+def _open_alerts_sql(site_filter: bool = True) -> str:
+    where = f" AND {SITE_FILTER}" if site_filter else ""
+    values = ", ".join(f"('{s}', {i})" for i, s in enumerate(SEVERITIES))
+    return f"""SELECT sev.severity, count(a.alert_id) AS alerts
+FROM (VALUES {values}) AS sev (severity, rank)
+LEFT JOIN (
+  alerts a JOIN sites s ON s.site_id = a.site_id
+) ON a.severity = sev.severity AND a.state IN {ACTIVE_STATES}{where}
+GROUP BY sev.severity, sev.rank
+ORDER BY sev.rank"""
+
+
+def _severity_mappings() -> list[model.ValueMapping]:
+    return _value_text({s: (SEVERITY_LABELS[s], SEVERITY_COLOURS[s]) for s in SEVERITIES})
+
+
+def _open_alerts(width: int = 8, height: int = 11) -> bargauge.Panel:
+    return (
+        bargauge.Panel()
+        .title("Cảnh báo đang mở theo mức độ (open alerts by severity)")
+        .datasource(datasource_ref())
+        .with_target(Sql(_open_alerts_sql()).table().ref_id("A"))
+        .reduce_options(_all_values())
+        .display_mode(common.BarGaugeDisplayMode.BASIC)
+        .orientation(common.VizOrientation.HORIZONTAL)
+        .min(0)
+        .color_scheme(_fixed("orange"))
+        .height(height)
+        .span(width)
+        .mappings(_severity_mappings())
+    )
+
+
+_ATTENTION_SQL: Final = f"""SELECT s.name AS "Điểm (site)", s.district AS "Quận (district)",
+  count(d.device_id) FILTER (WHERE ds.last_seen IS NULL OR ds.last_seen <= now() - {ONLINE_WINDOW})
+    AS "Mất kết nối (offline)",
+  (SELECT count(*) FROM alerts a WHERE a.site_id = s.site_id AND a.state IN {ACTIVE_STATES})
+    AS "Cảnh báo (alerts)",
+  max(ds.last_seen) AS "Lần cuối (last seen)"
+FROM sites s
+JOIN devices d ON d.site_id = s.site_id AND d.status = 'active' AND {TYPE_FILTER}
+LEFT JOIN device_state ds ON ds.device_id = d.device_id
+WHERE {SITE_FILTER}
+GROUP BY s.site_id
+ORDER BY 3 DESC, 4 DESC, s.name"""
+
+
+def city_overview() -> board.Dashboard:
+    dashboard = _board(
+        "cityhub-city-overview",
+        "Tổng quan thành phố · City overview",
+        ["overview"],
+        "Hà Nội: các điểm giám sát trên bản đồ, thiết bị trực tuyến và cảnh báo đang mở.",
+    )
+    return _numbered(
+        dashboard,
+        [
+            _site_map(),
+            _devices_online(),
+            _open_alerts(),
+            _table("Điểm cần chú ý (sites needing attention)", _ATTENTION_SQL, width=24),
+        ],
+    )
+
+
+# --- air quality -------------------------------------------------------------------
+
+_AQ_JOIN: Final = f"""JOIN devices d ON d.device_id = r.device_id
+JOIN sites s ON s.site_id = d.site_id
+WHERE $__timeFilter(r.ts) AND {SITE_FILTER}"""
+
+
+def _pm_sql(metric: str) -> str:
+    return f"""SELECT $__timeGroupAlias(r.ts, $__interval), s.name AS metric,
+  avg(r.{metric}) AS value
+FROM readings_air_quality r
+{_AQ_JOIN}
+GROUP BY 1, 2
+ORDER BY 1"""
+
+
+def _pm_rollup_sql() -> str:
+    return f"""SELECT r.bucket AS "time",
+  avg(r.pm25_avg) AS "PM2.5 trung bình (mean)", max(r.pm25_max) AS "PM2.5 cao nhất (max)",
+  avg(r.pm10_avg) AS "PM10 trung bình (mean)"
+FROM readings_air_quality_1h r
+JOIN devices d ON d.device_id = r.device_id
+JOIN sites s ON s.site_id = d.site_id
+WHERE $__timeFilter(r.bucket) AND {SITE_FILTER}
+GROUP BY 1
+ORDER BY 1"""
+
+
+_AQI_NOW_SQL: Final = f"""SELECT DISTINCT ON (h.site_id) s.name AS station, h.vn_aqi
+FROM aqi_hourly h
+JOIN sites s ON s.site_id = h.site_id
+WHERE $__timeFilter(h.ts) AND {SITE_FILTER}
+ORDER BY h.site_id, h.ts DESC"""
+
+_AQI_HOURLY_SQL: Final = f"""SELECT h.ts AS "time", s.name AS metric, h.vn_aqi AS value
+FROM aqi_hourly h
+JOIN sites s ON s.site_id = h.site_id
+WHERE $__timeFilter(h.ts) AND {SITE_FILTER}
+ORDER BY 1"""
+
+# Days are Hanoi calendar days: the range's ends converted to local dates.
+_AQI_DAILY_SQL: Final = f"""SELECT a.day AS "Ngày (day)", s.name AS "Trạm (station)",
+  a.vn_aqi AS "VN_AQI", a.band AS "Mức (band)", a.dominant AS "Chất chủ đạo (dominant)",
+  a.aqi_pm25 AS "AQI PM2.5", a.aqi_pm10 AS "AQI PM10", a.us_aqi_pm25 AS "US AQI PM2.5"
+FROM aqi_daily a
+JOIN sites s ON s.site_id = a.site_id
+WHERE a.day BETWEEN ($__timeFrom()::timestamptz AT TIME ZONE '{TIMEZONE}')::date
+  AND ($__timeTo()::timestamptz AT TIME ZONE '{TIMEZONE}')::date
+  AND {SITE_FILTER}
+ORDER BY a.day DESC, a.vn_aqi DESC"""
+
+_DOMINANT_SQL: Final = f"""SELECT h.dominant AS metric, count(*) AS hours
+FROM aqi_hourly h
+JOIN sites s ON s.site_id = h.site_id
+WHERE $__timeFilter(h.ts) AND {SITE_FILTER} AND h.dominant IS NOT NULL
+GROUP BY 1
+ORDER BY 2 DESC"""
+
+
+def _pollutant_mappings() -> list[model.ValueMapping]:
+    return _value_text({k: (v, None) for k, v in POLLUTANT_LABELS.items()})
+
+
+def air_quality() -> board.Dashboard:
+    dashboard = _board(
+        "cityhub-air-quality",
+        "Chất lượng không khí · Air quality (VN_AQI)",
+        ["air-quality", "vn-aqi"],
+        "VN_AQI theo Quyết định 1459/QĐ-TCMT: giờ (NowCast) và ngày, PM2.5/PM10, "
+        "chất ô nhiễm chủ đạo.",
+        with_type=False,
+    ).annotation(_alert_annotations("air_quality"))
+    aqi_now = (
+        bargauge.Panel()
+        .title("VN_AQI hiện tại theo trạm (VN_AQI now by station)")
+        .datasource(datasource_ref())
+        .with_target(Sql(_AQI_NOW_SQL).table().ref_id("A"))
+        .reduce_options(_all_values())
+        .display_mode(common.BarGaugeDisplayMode.BASIC)
+        .orientation(common.VizOrientation.HORIZONTAL)
+        .min(0)
+        .max(300)
+        .thresholds(_aqi_thresholds())
+        .color_scheme(_by_thresholds())
+        .mappings(_aqi_mappings())
+        .height(12)
+        .span(10)
+    )
+    aqi_hourly = (
+        _series("VN_AQI theo giờ (hourly VN_AQI, NowCast)", _AQI_HOURLY_SQL, height=12, width=14)
+        .thresholds(_aqi_thresholds())
+        .thresholds_style(
+            common_builders.GraphThresholdsStyleConfig().mode(common.GraphThresholdsStyleMode.AREA)
+        )
+        .min(0)
+    )
+    dominant = (
+        piechart.Panel()
+        .title("Chất ô nhiễm chủ đạo (dominant pollutant, hours)")
+        .datasource(datasource_ref())
+        .with_target(Sql(_DOMINANT_SQL).table().ref_id("A"))
+        .reduce_options(_all_values())
+        .mappings(_pollutant_mappings())
+        .height(10)
+        .span(8)
+    )
+    daily = (
+        _table("AQI ngày (daily VN_AQI)", _AQI_DAILY_SQL, height=10, width=16)
+        .override_by_name(
+            "VN_AQI",
+            [
+                model.DynamicConfigValue(id_val="thresholds", value=_aqi_thresholds().build()),
+                model.DynamicConfigValue(id_val="color", value={"mode": "thresholds"}),
+                model.DynamicConfigValue(
+                    id_val="custom.cellOptions", value={"type": "color-background"}
+                ),
+            ],
+        )
+        .override_by_name(
+            "Chất chủ đạo (dominant)",
+            [model.DynamicConfigValue(id_val="mappings", value=_pollutant_mappings())],
+        )
+    )
+    return _numbered(
+        dashboard,
+        [
+            aqi_now,
+            aqi_hourly,
+            _series("PM2.5 (µg/m³)", _pm_sql("pm25"), unit="conμgm3"),
+            _series("PM10 (µg/m³)", _pm_sql("pm10"), unit="conμgm3"),
+            dominant,
+            daily,
+            _series(
+                "PM trung bình giờ, dài hạn (hourly rollup, long ranges)",
+                _pm_rollup_sql(),
+                unit="conμgm3",
+                width=24,
+            ),
+        ],
+    )
+
+
+# --- service halls -----------------------------------------------------------------
+
+_KIOSK_JOIN: Final = f"""JOIN devices d ON d.device_id = r.device_id
+JOIN sites s ON s.site_id = d.site_id
+WHERE $__timeFilter(r.ts) AND {SITE_FILTER}"""
+
+# Each kiosk reports its hall's queue; a hall's queue is the mean over its kiosks.
+_QUEUE_SQL: Final = f"""SELECT $__timeGroupAlias(r.ts, $__interval), s.name AS metric,
+  avg(r.queue_length) AS value
+FROM readings_kiosk r
+{_KIOSK_JOIN}
+GROUP BY 1, 2
+ORDER BY 1"""
+
+_TICKETS_SQL: Final = f"""SELECT $__timeGroupAlias(r.ts, '1h'), s.name AS metric,
+  sum(r.tickets_issued) AS value
+FROM readings_kiosk r
+{_KIOSK_JOIN}
+GROUP BY 1, 2
+ORDER BY 1"""
+
+_PEOPLE_SQL: Final = f"""SELECT $__timeGroupAlias(r.ts, $__interval), s.name AS metric,
+  sum(r.people_in) AS value
+FROM readings_camera_counter r
+JOIN devices d ON d.device_id = r.device_id
+JOIN sites s ON s.site_id = d.site_id
+WHERE $__timeFilter(r.ts) AND {SITE_FILTER} AND s.kind <> 'street_monitor'
+GROUP BY 1, 2
+ORDER BY 1"""
+
+_OCCUPANCY_SQL: Final = f"""SELECT $__timeGroupAlias(r.ts, $__interval), s.name AS metric,
+  max(r.occupancy) AS value
+FROM readings_camera_counter r
+JOIN devices d ON d.device_id = r.device_id
+JOIN sites s ON s.site_id = d.site_id
+WHERE $__timeFilter(r.ts) AND {SITE_FILTER} AND s.kind <> 'street_monitor'
+GROUP BY 1, 2
+ORDER BY 1"""
+
+_PAPER_SQL: Final = f"""SELECT DISTINCT ON (r.device_id) s.name || ' · ' || r.device_id AS kiosk,
+  r.paper_level
+FROM readings_kiosk r
+{_KIOSK_JOIN}
+ORDER BY r.device_id, r.ts DESC"""
+
+# The worst state of each kiosk's printer in each interval (codes grow with severity).
+_PRINTER_SQL: Final = f"""SELECT $__timeGroupAlias(r.ts, $__interval), r.device_id AS metric,
+  max(r.printer_status) AS value
+FROM readings_kiosk r
+{_KIOSK_JOIN}
+GROUP BY 1, 2
+ORDER BY 1"""
+
+
+def _printer_mappings() -> list[model.ValueMapping]:
+    return _value_text({str(code): entry for code, entry in enumerate(PRINTER_STATUS)})
+
+
+def service_halls() -> board.Dashboard:
+    dashboard = _board(
+        "cityhub-service-halls",
+        "Bộ phận một cửa · Service halls",
+        ["service-halls", "kiosk"],
+        "Hàng đợi, vé phát, lượt người vào, giấy in và máy in của ki-ốt lấy số.",
+        with_type=False,
+    ).annotation(_alert_annotations("kiosk"))
+    tickets = _series("Vé phát mỗi giờ (tickets per hour)", _TICKETS_SQL, unit="none").draw_style(
+        common.GraphDrawStyle.BARS
+    )
+    paper = (
+        bargauge.Panel()
+        .title("Giấy in còn lại (kiosk paper level)")
+        .datasource(datasource_ref())
+        .with_target(Sql(_PAPER_SQL).table().ref_id("A"))
+        .reduce_options(_all_values())
+        .display_mode(common.BarGaugeDisplayMode.LCD)
+        .orientation(common.VizOrientation.HORIZONTAL)
+        .unit("percent")
+        .min(0)
+        .max(100)
+        .thresholds(_thresholds([(None, "red"), (10.0, "orange"), (20.0, "green")]))
+        .color_scheme(_by_thresholds())
+        .height(12)
+        .span(10)
+    )
+    printers = (
+        statetimeline.Panel()
+        .title("Trạng thái máy in vé (printer status)")
+        .datasource(datasource_ref())
+        .with_target(Sql(_PRINTER_SQL).time_series().ref_id("A"))
+        .mappings(_printer_mappings())
+        .color_scheme(_by_thresholds())
+        .thresholds(_thresholds([(None, "green"), (1.0, "yellow"), (2.0, "red"), (4.0, "purple")]))
+        .show_value(common.VisibilityMode.NEVER)
+        .merge_values(True)
+        .height(12)
+        .span(14)
+    )
+    return _numbered(
+        dashboard,
+        [
+            _series("Số người chờ (queue length)", _QUEUE_SQL, unit="none"),
+            tickets,
+            _series("Lượt người vào (people in, per interval)", _PEOPLE_SQL, unit="none"),
+            _series("Số người trong sảnh (occupancy)", _OCCUPANCY_SQL, unit="none"),
+            paper,
+            printers,
+        ],
+    )
+
+
+# --- fleet health ------------------------------------------------------------------
+
+_OFFLINE_COUNT_SQL: Final = _DEVICES_ONLINE_SQL
+
+_DEVICES_SQL: Final = f"""SELECT d.device_id AS "Thiết bị (device)", d.device_type AS "Loại (type)",
+  s.name AS "Điểm (site)", s.district AS "Quận (district)", d.gateway_id AS "Gateway",
+  ds.last_seen AS "Lần cuối (last seen)",
+  extract(epoch FROM now() - ds.last_seen) AS "Im lặng (silent, s)",
+  CASE
+    WHEN ds.last_seen IS NULL THEN 'Chưa gửi (never)'
+    WHEN ds.last_seen > now() - {ONLINE_WINDOW} THEN 'Trực tuyến (online)'
+    ELSE 'Mất kết nối (offline)'
+  END AS "Trạng thái (status)",
+  ds.seq_gaps AS "Mất gói (seq gaps)"
+FROM devices d
+JOIN sites s ON s.site_id = d.site_id
+LEFT JOIN device_state ds ON ds.device_id = d.device_id
+WHERE d.status = 'active' AND {SITE_FILTER} AND {TYPE_FILTER}
+ORDER BY ds.last_seen ASC NULLS FIRST"""
+
+# Readings per second over each interval, from the workers' stats rows.
+_INGEST_RATE_SQL: Final = """SELECT $__timeGroupAlias(ts, $__interval),
+  sum(readings) / ($__interval_ms / 1000.0) AS "Bản tin/giây (readings/s)",
+  sum(rejects) / ($__interval_ms / 1000.0) AS "Bị loại/giây (rejects/s)",
+  sum(duplicates) / ($__interval_ms / 1000.0) AS "Trùng/giây (duplicates/s)"
+FROM ingest_stats
+WHERE $__timeFilter(ts)
+GROUP BY 1
+ORDER BY 1"""
+
+_INGEST_LAG_SQL: Final = """SELECT $__timeGroupAlias(ts, $__interval),
+  max(lag_p95_ms) AS "Độ trễ p95 (lag p95)",
+  max(commit_p95_ms) AS "Ghi p95 (commit p95)",
+  max(queue_depth) AS "Hàng đợi (queue depth)"
+FROM ingest_stats
+WHERE $__timeFilter(ts)
+GROUP BY 1
+ORDER BY 1"""
+
+# Batches each gateway delivered per interval. Gateways send a batch at least
+# every 200 ms of traffic: a gap is an uplink down (the outbox filling), and a
+# burst after it is the outbox draining. The outbox depth itself travels only
+# in the gateways' retained MQTT state messages, not in the database.
+_GATEWAY_BATCH_RATE_SQL: Final = """SELECT $__timeGroupAlias(b.committed_at, $__interval),
+  b.gateway_id AS metric, count(*) AS value
+FROM ingested_batches b
+JOIN gateways g ON g.gateway_id = b.gateway_id
+JOIN sites s ON s.site_id = g.site_id
+WHERE $__timeFilter(b.committed_at)
+  AND s.district IN (${district:sqlstring}) AND s.site_id IN (${site:sqlstring})
+GROUP BY 1, 2
+ORDER BY 1"""
+
+_GATEWAY_BATCHES_SQL: Final = """SELECT g.gateway_id AS "Gateway", s.name AS "Điểm (site)",
+  max(b.committed_at) AS "Lô cuối (last batch)",
+  count(b.batch_id) FILTER (WHERE b.committed_at > now() - interval '5 minutes')
+    AS "Lô 5 phút (batches, 5 min)",
+  coalesce(sum(b.readings) FILTER (WHERE b.committed_at > now() - interval '5 minutes'), 0)
+    AS "Bản tin 5 phút (readings, 5 min)",
+  count(b.batch_id) FILTER (WHERE $__timeFilter(b.committed_at)) AS "Lô trong khoảng (batches)",
+  (SELECT max(extract(epoch FROM ds.updated_at - ds.last_seen))
+    FROM devices d JOIN device_state ds ON ds.device_id = d.device_id
+    WHERE d.gateway_id = g.gateway_id) AS "Độ trễ giao nhận (delivery delay, s)"
+FROM gateways g
+JOIN sites s ON s.site_id = g.site_id
+LEFT JOIN ingested_batches b ON b.gateway_id = g.gateway_id
+WHERE g.status = 'active'
+  AND s.district IN (${district:sqlstring}) AND s.site_id IN (${site:sqlstring})
+GROUP BY g.gateway_id, s.name
+ORDER BY 3 ASC NULLS FIRST"""
+
+_REJECTS_SQL: Final = """SELECT $__timeGroupAlias(r.received_at, $__interval), r.reason AS metric,
+  count(*) AS value
+FROM rejects r
+LEFT JOIN gateways g ON g.gateway_id = r.gateway_id
+LEFT JOIN sites s ON s.site_id = g.site_id
+WHERE $__timeFilter(r.received_at)
+  AND (s.site_id IS NULL
+    OR (s.district IN (${district:sqlstring}) AND s.site_id IN (${site:sqlstring})))
+GROUP BY 1, 2
+ORDER BY 1"""
+
+_REJECT_REASONS_SQL: Final = """SELECT r.reason AS metric, count(*) AS rejects
+FROM rejects r
+WHERE $__timeFilter(r.received_at)
+GROUP BY 1
+ORDER BY 2 DESC"""
+
+
+def fleet_health() -> board.Dashboard:
+    dashboard = _board(
+        "cityhub-fleet-health",
+        "Sức khỏe thiết bị · Fleet health",
+        ["fleet", "ingest"],
+        "Thiết bị trực tuyến và lần cuối gửi, gateway, tốc độ và độ trễ ghi dữ liệu, "
+        "bản tin bị loại theo lý do.",
+    )
+    rejects_pie = (
+        piechart.Panel()
+        .title("Lý do bị loại (rejects by reason)")
+        .datasource(datasource_ref())
+        .with_target(Sql(_REJECT_REASONS_SQL).table().ref_id("A"))
+        .reduce_options(_all_values())
+        .height(9)
+        .span(8)
+    )
+    return _numbered(
+        dashboard,
+        [
+            _devices_online(width=8, height=6),
+            _table(
+                "Gateway: lô dữ liệu nhận được (gateway batches)",
+                _GATEWAY_BATCHES_SQL,
+                height=6,
+                width=16,
+            ),
+            _table(
+                "Thiết bị và lần cuối gửi (devices, last seen)", _DEVICES_SQL, width=24, height=10
+            ),
+            _series("Tốc độ ghi (ingest rate)", _INGEST_RATE_SQL, unit="none"),
+            _series("Độ trễ ghi (ingest lag and commit time)", _INGEST_LAG_SQL, unit="ms"),
+            _series(
+                "Lô nhận theo gateway (batches received per gateway)",
+                _GATEWAY_BATCH_RATE_SQL,
+                unit="none",
+                width=24,
+            ),
+            _series(
+                "Bản tin bị loại theo lý do (rejects by reason)",
+                _REJECTS_SQL,
+                unit="none",
+                width=16,
+            ).draw_style(common.GraphDrawStyle.BARS),
+            rejects_pie,
+        ],
+    )
+
+
+# --- alerts ------------------------------------------------------------------------
+
+_ACTIVE_ALERTS_SQL: Final = f"""SELECT a.raised_at AS "Bắt đầu (raised)",
+  a.severity AS "Mức độ (severity)",
+  a.rule_id AS "Quy tắc (rule)", a.device_id AS "Thiết bị (device)", s.name AS "Điểm (site)",
+  a.value AS "Giá trị (value)", a.message AS "Nội dung (message)", a.state AS "Trạng thái (state)",
+  a.acked_by AS "Xác nhận bởi (acked by)"
+FROM alerts a
+JOIN devices d ON d.device_id = a.device_id
+JOIN sites s ON s.site_id = d.site_id
+WHERE a.state IN {ACTIVE_STATES} AND {SITE_FILTER} AND {TYPE_FILTER}
+ORDER BY array_position(ARRAY{list(SEVERITIES)}::text[], a.severity), a.raised_at DESC"""
+
+_RAISED_SQL: Final = f"""SELECT $__timeGroupAlias(t.ts, $__interval), t.severity AS metric,
+  count(*) AS value
+FROM alert_transitions t
+JOIN alerts a ON a.alert_id = t.alert_id
+JOIN devices d ON d.device_id = a.device_id
+JOIN sites s ON s.site_id = d.site_id
+WHERE $__timeFilter(t.ts) AND t.from_state IS NULL AND {SITE_FILTER} AND {TYPE_FILTER}
+GROUP BY 1, 2
+ORDER BY 1"""
+
+_OPEN_OVER_TIME_SQL: Final = f"""SELECT b.t AS "time", sev.severity AS metric,
+  count(a.alert_id) AS value
+FROM generate_series(
+  time_bucket('$__interval'::interval, $__timeFrom()::timestamptz),
+  $__timeTo()::timestamptz, '$__interval'::interval) AS b (t)
+CROSS JOIN unnest(ARRAY{list(SEVERITIES)}::text[]) AS sev (severity)
+LEFT JOIN (
+  alerts a JOIN devices d ON d.device_id = a.device_id JOIN sites s ON s.site_id = d.site_id
+) ON a.severity = sev.severity AND a.raised_at <= b.t
+  AND (a.cleared_at IS NULL OR a.cleared_at > b.t) AND {SITE_FILTER} AND {TYPE_FILTER}
+GROUP BY 1, 2
+ORDER BY 1"""
+
+_HISTORY_SQL: Final = f"""SELECT a.raised_at AS "Bắt đầu (raised)",
+  a.cleared_at AS "Kết thúc (cleared)",
+  extract(epoch FROM coalesce(a.cleared_at, now()) - a.raised_at) AS "Thời lượng (duration)",
+  a.severity AS "Mức độ (severity)", a.rule_id AS "Quy tắc (rule)",
+  a.device_id AS "Thiết bị (device)", s.name AS "Điểm (site)", a.message AS "Nội dung (message)",
+  a.state AS "Trạng thái (state)"
+FROM alerts a
+JOIN devices d ON d.device_id = a.device_id
+JOIN sites s ON s.site_id = d.site_id
+WHERE (a.raised_at <= $__timeTo()::timestamptz)
+  AND (a.cleared_at IS NULL OR a.cleared_at >= $__timeFrom()::timestamptz)
+  AND {SITE_FILTER} AND {TYPE_FILTER}
+ORDER BY a.raised_at DESC
+LIMIT 500"""
+
+_TRANSITIONS_SQL: Final = f"""SELECT t.ts AS "Thời điểm (time)", t.alert_id AS "Cảnh báo (alert)",
+  a.rule_id AS "Quy tắc (rule)", a.device_id AS "Thiết bị (device)",
+  coalesce(t.from_state, '') AS "Từ (from)", t.to_state AS "Sang (to)",
+  t.severity AS "Mức độ (severity)", t.value AS "Giá trị (value)", t.note AS "Ghi chú (note)"
+FROM alert_transitions t
+JOIN alerts a ON a.alert_id = t.alert_id
+JOIN devices d ON d.device_id = a.device_id
+JOIN sites s ON s.site_id = d.site_id
+WHERE $__timeFilter(t.ts) AND {SITE_FILTER} AND {TYPE_FILTER}
+ORDER BY t.ts DESC
+LIMIT 500"""
+
+
+def _state_mappings() -> list[model.ValueMapping]:
+    return _value_text({k: (v, None) for k, v in ALERT_STATE_LABELS.items()})
+
+
+def _severity_series(title: str, sql: str) -> ts.Panel:
+    panel = _series(title, sql, unit="none")
+    for severity in SEVERITIES:
+        panel = panel.override_by_name(severity, _colour_override(SEVERITY_COLOURS[severity]))
+    return panel
+
+
+def alerts() -> board.Dashboard:
+    dashboard = _board(
+        "cityhub-alerts",
+        "Cảnh báo · Alerts",
+        ["alerts"],
+        "Cảnh báo đang mở theo mức độ, lịch sử, và các lần chuyển trạng thái "
+        "(chú thích trên biểu đồ sau `cityhub grafana push`).",
+    ).annotation(_alert_annotations())
+    by_severity = (
+        stat.Panel()
+        .title("Đang mở theo mức độ (active by severity)")
+        .datasource(datasource_ref())
+        .with_target(Sql(_open_alerts_sql()).table().ref_id("A"))
+        .reduce_options(_all_values())
+        .graph_mode(common.BigValueGraphMode.NONE)
+        .color_mode(common.BigValueColorMode.BACKGROUND)
+        .text_mode(common.BigValueTextMode.VALUE_AND_NAME)
+        .color_scheme(_by_thresholds())
+        .thresholds(_thresholds([(None, "green"), (1.0, "orange")]))
+        .mappings(_severity_mappings())
+        .height(5)
+        .span(24)
+    )
+    severity_cells = [
+        model.DynamicConfigValue(id_val="mappings", value=_severity_mappings()),
+        model.DynamicConfigValue(id_val="custom.cellOptions", value={"type": "color-text"}),
+    ]
+    active = (
+        _table("Cảnh báo đang mở (active alerts)", _ACTIVE_ALERTS_SQL, width=24, height=9)
+        .override_by_name("Mức độ (severity)", severity_cells)
+        .override_by_name(
+            "Trạng thái (state)",
+            [model.DynamicConfigValue(id_val="mappings", value=_state_mappings())],
+        )
+    )
+    history = (
+        _table("Lịch sử cảnh báo (alert history)", _HISTORY_SQL, width=24, height=10)
+        .override_by_name("Mức độ (severity)", severity_cells)
+        .override_by_name(
+            "Thời lượng (duration)", [model.DynamicConfigValue(id_val="unit", value="s")]
+        )
+        .override_by_name(
+            "Trạng thái (state)",
+            [model.DynamicConfigValue(id_val="mappings", value=_state_mappings())],
+        )
+    )
+    return _numbered(
+        dashboard,
+        [
+            by_severity,
+            _severity_series(
+                "Cảnh báo đang mở theo thời gian (open alerts over time)", _OPEN_OVER_TIME_SQL
+            ),
+            _severity_series("Cảnh báo mới (alerts raised per interval)", _RAISED_SQL).draw_style(
+                common.GraphDrawStyle.BARS
+            ),
+            active,
+            history,
+            _table("Chuyển trạng thái (alert transitions)", _TRANSITIONS_SQL, width=24, height=10),
+        ],
+    )
+
+
+BOARDS: Final[dict[str, Callable[[], board.Dashboard]]] = {
+    "city-overview": city_overview,
+    "air-quality": air_quality,
+    "service-halls": service_halls,
+    "fleet-health": fleet_health,
+    "alerts": alerts,
+}
+
+
+def build_boards() -> dict[str, model.Dashboard]:
+    """Every board, built, by file stem."""
+    return {name: make().build() for name, make in BOARDS.items()}
