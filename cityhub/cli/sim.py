@@ -17,6 +17,7 @@ from rich.table import Table
 
 from cityhub import database
 from cityhub.cli.context import CliState, reported_errors, state_of
+from cityhub.cli.db import database_url
 from cityhub.cli.gateway import embedded_broker
 from contracts.errors import SettingsError
 from contracts.messages import GatewayConfig, encode_gateway_config
@@ -125,6 +126,31 @@ def publish_gateway_configs(
         client.loop_stop()
 
 
+def register_simulated_fleet(
+    url: str, schema: str, specs: list[DeviceSpec], ports: dict[str, str]
+) -> None:
+    """Register the fleet's gateways (gw-{site}) and devices, so ingest accepts their readings."""
+    with database.connect(url) as conn:
+        database.register_fleet(
+            conn,
+            schema=schema,
+            gateways=sorted({(gateway_id_for(s.site_id), s.site_id) for s in specs}),
+            devices=[
+                database.DeviceRecord(
+                    device_id=s.device_id,
+                    device_type=s.device_type,
+                    site_id=s.site_id,
+                    gateway_id=gateway_id_for(s.site_id),
+                    transport=s.transport,
+                    port=ports.get(s.device_id),
+                    protocol=s.protocol,
+                    label=f"simulated {s.device_type}",
+                )
+                for s in specs
+            ],
+        )
+
+
 @app.command()
 def run(
     ctx: typer.Context,
@@ -155,6 +181,13 @@ def run(
         ),
     ] = True,
     topic_prefix: Annotated[str, typer.Option(help="Prefix for every topic.")] = "",
+    register: Annotated[
+        bool,
+        typer.Option(
+            help="Register the simulated gateways and devices in the database first, so "
+            "ingest accepts their readings (the sites must be seeded)."
+        ),
+    ] = False,
 ) -> None:
     """Run the simulated fleet: MQTT devices on the site broker, serial sensors on ptys.
 
@@ -173,6 +206,10 @@ def run(
             period_ms=description.period_ms,
             time_acceleration=description.time_acceleration,
         )
+        if register:
+            register_simulated_fleet(
+                database_url(state), state.settings.database.schema, specs, sim.ports
+            )
         if publish_configs:
             central = embedded_broker(state, state.settings.broker)
             publish_gateway_configs(central, gateway_configs(specs, sim.ports), topic_prefix)

@@ -35,10 +35,10 @@ from cityhub import database
 from cityhub.cli.context import CliState, reported_errors, state_of
 from cityhub.cli.sim import (
     gateway_configs,
-    gateway_id_for,
     load_fleet,
     parse_duration,
     publish_gateway_configs,
+    register_simulated_fleet,
 )
 from cityhub.localstack.mosquitto import ADMIN_USER
 from cityhub.localstack.stack import LocalStack
@@ -393,26 +393,7 @@ def _prepare_fleet(
         time_acceleration=description.time_acceleration,
         record=True,
     )
-    ports = sim.ports
-    with database.connect(url) as conn:
-        database.register_fleet(
-            conn,
-            schema=schema,
-            gateways=sorted({(gateway_id_for(s.site_id), s.site_id) for s in specs}),
-            devices=[
-                database.DeviceRecord(
-                    device_id=s.device_id,
-                    device_type=s.device_type,
-                    site_id=s.site_id,
-                    gateway_id=gateway_id_for(s.site_id),
-                    transport=s.transport,
-                    port=ports.get(s.device_id),
-                    protocol=s.protocol,
-                    label=f"simulated {s.device_type}",
-                )
-                for s in specs
-            ],
-        )
+    register_simulated_fleet(url, schema, specs, sim.ports)
     return specs, sim, broker
 
 
