@@ -17,6 +17,8 @@ Storage shape (DESIGN.md section 5):
   ``ON CONFLICT DO NOTHING``;
 - rejects, alerts and their transitions, AQI results;
 - ingest's processed batch ids (to recognise resends) and its workers' stats;
+- the gateways' reported state (outbox depth, throughput): the latest per
+  gateway and its history;
 - hourly rollups ``readings_{type}_1h`` with the same columns on both
   TimescaleDB editions: a continuous aggregate with refresh, compression and
   retention policies where the server has them (the community edition), the
@@ -374,18 +376,33 @@ def _retention_of_the_rest(s: str, edition: Edition, storage: StorageSettings) -
     Rejects and ingest stats are kept as long as raw readings; hourly AQI as
     long as the rollups.
     """
-    extra = {
+    extra = _auxiliary_retention_days(storage)
+    if edition is Edition.COMMUNITY:
+        return _retention_policies(s, extra)
+    return (_retention_function(s, _apache_retention_tables(storage, extra)),)
+
+
+def _auxiliary_retention_days(storage: StorageSettings) -> dict[str, int]:
+    """Days kept of the hypertables migration 6 put under retention."""
+    return {
         "rejects": storage.raw_retention_days,
         "ingest_stats": storage.raw_retention_days,
         "aqi_hourly": storage.rollup_retention_days,
     }
-    if edition is Edition.COMMUNITY:
-        return tuple(
-            f"""SELECT add_retention_policy('{s}.{table}',
+
+
+def _retention_policies(s: str, days_of: dict[str, int]) -> tuple[str, ...]:
+    """Community edition: a server retention policy per (table, days)."""
+    return tuple(
+        f"""SELECT add_retention_policy('{s}.{table}',
             drop_after => INTERVAL '{days} days', if_not_exists => true)"""
-            for table, days in extra.items()
-        )
-    tables = ", ".join(
+        for table, days in days_of.items()
+    )
+
+
+def _apache_retention_tables(storage: StorageSettings, extra: dict[str, int]) -> str:
+    """Apache edition: the (table, days) VALUES rows of ``apply_retention``."""
+    return ", ".join(
         [
             f"('{readings_table(t)}', {storage.raw_retention_days}), "
             f"('{rollup_table(t)}', {storage.rollup_retention_days})"
@@ -393,7 +410,6 @@ def _retention_of_the_rest(s: str, edition: Edition, storage: StorageSettings) -
         ]
         + [f"('{table}', {days})" for table, days in extra.items()]
     )
-    return (_retention_function(s, tables),)
 
 
 def _ingest(s: str) -> tuple[str, ...]:
@@ -497,6 +513,61 @@ def _provisioning(s: str) -> tuple[str, ...]:
     )
 
 
+def _gateway_status(s: str, edition: Edition, storage: StorageSettings) -> tuple[str, ...]:
+    """The gateways' own reports (their retained state messages), stored by ingest.
+
+    ``gateway_status`` holds the latest state of each gateway: outbox depth,
+    throughput, counters since boot, devices online, online / offline.
+    ``gateway_status_history`` keeps every state received, for the boards'
+    time series; it is kept as long as raw readings, under the same
+    retention as the other auxiliary hypertables (a policy on the community
+    edition, ``apply_retention`` on the Apache edition, which this migration
+    redefines with the history table added).
+    """
+    statuses = "'online', 'offline'"
+    tables = (
+        f"""CREATE TABLE IF NOT EXISTS {s}.gateway_status (
+            gateway_id text PRIMARY KEY CHECK (gateway_id {ID_CHECK}),
+            status text NOT NULL CHECK (status IN ({statuses})),
+            birth bigint NOT NULL,
+            boot_id text NOT NULL,
+            version text NOT NULL,
+            ts timestamptz NOT NULL,
+            outbox_depth bigint NOT NULL,
+            outbox_readings bigint NOT NULL,
+            readings_per_s double precision NOT NULL,
+            received bigint NOT NULL,
+            accepted bigint NOT NULL,
+            rejected bigint NOT NULL,
+            rate_limited bigint NOT NULL,
+            serial_errors bigint NOT NULL,
+            devices_online bigint NOT NULL,
+            site_ready boolean NOT NULL,
+            updated_at timestamptz NOT NULL DEFAULT now()
+        )""",
+        f"""CREATE TABLE IF NOT EXISTS {s}.gateway_status_history (
+            ts timestamptz NOT NULL,
+            gateway_id text NOT NULL,
+            status text NOT NULL CHECK (status IN ({statuses})),
+            outbox_depth bigint NOT NULL,
+            outbox_readings bigint NOT NULL,
+            readings_per_s double precision NOT NULL,
+            devices_online bigint NOT NULL,
+            PRIMARY KEY (gateway_id, ts, status)
+        )""",
+        # A row per gateway every state interval (10 s): 1,000 gateways make
+        # ~8.6 M rows a day, so day-sized chunks, which retention drops whole.
+        f"""SELECT create_hypertable('{s}.gateway_status_history',
+            by_range('ts', INTERVAL '1 day'),
+            create_default_indexes => false, if_not_exists => true)""",
+    )
+    history = {"gateway_status_history": storage.raw_retention_days}
+    if edition is Edition.COMMUNITY:
+        return tables + _retention_policies(s, history)
+    extra = {**_auxiliary_retention_days(storage), **history}
+    return (*tables, _retention_function(s, _apache_retention_tables(storage, extra)))
+
+
 def migrations(schema: str, edition: Edition, storage: StorageSettings) -> list[Migration]:
     """Every migration for ``schema`` on a server of ``edition``, oldest first."""
     s = check_schema_name(schema)
@@ -524,4 +595,9 @@ def migrations(schema: str, edition: Edition, storage: StorageSettings) -> list[
         ),
         Migration(7, "alerts job state", _alert_jobs(s)),
         Migration(8, "provisioning: credentials and audit log", _provisioning(s)),
+        Migration(
+            9,
+            "gateway status: latest state per gateway and its history",
+            _gateway_status(s, edition, storage),
+        ),
     ]

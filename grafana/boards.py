@@ -755,8 +755,8 @@ ORDER BY 1"""
 
 # Batches each gateway delivered per interval. Gateways send a batch at least
 # every 200 ms of traffic: a gap is an uplink down (the outbox filling), and a
-# burst after it is the outbox draining. The outbox depth itself travels only
-# in the gateways' retained MQTT state messages, not in the database.
+# burst after it is the outbox draining. The outbox depth itself is what the
+# gateways report in their state messages (gateway_status*, below).
 _GATEWAY_BATCH_RATE_SQL: Final = """SELECT $__timeGroupAlias(b.committed_at, $__interval),
   b.gateway_id AS metric, count(*) AS value
 FROM ingested_batches b
@@ -796,6 +796,53 @@ WHERE $__timeFilter(r.received_at)
 GROUP BY 1, 2
 ORDER BY 1"""
 
+# Gateways report their state every state_interval_s (10 s); ingest stores
+# each one. Gateways not registered (or whose registration is gone) still
+# show, under no site, as rejects do.
+_GATEWAY_SITE_FILTER: Final = """(s.site_id IS NULL
+    OR (s.district IN (${district:sqlstring}) AND s.site_id IN (${site:sqlstring})))"""
+
+# Batches waiting for ingest's ack in each gateway's outbox: the largest
+# reported in each interval, so a short backlog is not averaged away.
+_OUTBOX_DEPTH_SQL: Final = f"""SELECT $__timeGroupAlias(h.ts, $__interval), h.gateway_id AS metric,
+  max(h.outbox_depth) AS value
+FROM gateway_status_history h
+LEFT JOIN gateways g ON g.gateway_id = h.gateway_id
+LEFT JOIN sites s ON s.site_id = g.site_id
+WHERE $__timeFilter(h.ts) AND {_GATEWAY_SITE_FILTER}
+GROUP BY 1, 2
+ORDER BY 1"""
+
+# A gateway that reported "online" but nothing for five minutes is silent
+# (killed without its Will reaching ingest, or ingest's state worker away).
+_GATEWAY_STATE: Final = f"""CASE
+    WHEN gs.gateway_id IS NULL THEN 3
+    WHEN gs.status = 'offline' THEN 2
+    WHEN gs.ts <= now() - {ONLINE_WINDOW} THEN 1
+    ELSE 0
+  END"""
+_GATEWAY_STATES: Final[dict[str, tuple[str, str | None]]] = {
+    "0": ("Trực tuyến (online)", "green"),
+    "1": ("Im lặng (silent)", "orange"),
+    "2": ("Ngoại tuyến (offline)", "red"),
+    "3": ("Chưa báo (never reported)", "purple"),
+}
+
+_GATEWAY_STATUS_SQL: Final = f"""SELECT coalesce(gs.gateway_id, g.gateway_id) AS "Gateway",
+  s.name AS "Điểm (site)",
+  {_GATEWAY_STATE} AS "Trạng thái (status)",
+  gs.outbox_depth AS "Hàng đợi gửi (outbox, batches)",
+  gs.outbox_readings AS "Hàng đợi gửi (outbox, readings)",
+  gs.readings_per_s AS "Bản tin/giây (readings/s)",
+  gs.devices_online AS "Thiết bị trực tuyến (devices online)",
+  gs.version AS "Phiên bản (version)",
+  gs.ts AS "Cập nhật (last update)"
+FROM gateway_status gs
+FULL JOIN gateways g ON g.gateway_id = gs.gateway_id
+LEFT JOIN sites s ON s.site_id = g.site_id
+WHERE (g.status IS NULL OR g.status = 'active') AND {_GATEWAY_SITE_FILTER}
+ORDER BY 3 DESC, 4 DESC NULLS LAST, 1"""
+
 _REJECT_REASONS_SQL: Final = """SELECT r.reason AS metric, count(*) AS rejects
 FROM rejects r
 WHERE $__timeFilter(r.received_at)
@@ -803,13 +850,28 @@ GROUP BY 1
 ORDER BY 2 DESC"""
 
 
+def _gateway_status(width: int = 24, height: int = 9) -> table.Panel:
+    return _table(
+        "Trạng thái gateway (latest gateway status)",
+        _GATEWAY_STATUS_SQL,
+        width=width,
+        height=height,
+    ).override_by_name(
+        "Trạng thái (status)",
+        [
+            model.DynamicConfigValue(id_val="mappings", value=_value_text(_GATEWAY_STATES)),
+            model.DynamicConfigValue(id_val="custom.cellOptions", value={"type": "color-text"}),
+        ],
+    )
+
+
 def fleet_health() -> board.Dashboard:
     dashboard = _board(
         "cityhub-fleet-health",
         "Sức khỏe thiết bị · Fleet health",
         ["fleet", "ingest"],
-        "Thiết bị trực tuyến và lần cuối gửi, gateway, tốc độ và độ trễ ghi dữ liệu, "
-        "bản tin bị loại theo lý do.",
+        "Thiết bị trực tuyến và lần cuối gửi, gateway (trạng thái, hàng đợi gửi), "
+        "tốc độ và độ trễ ghi dữ liệu, bản tin bị loại theo lý do.",
     )
     rejects_pie = (
         piechart.Panel()
@@ -848,6 +910,13 @@ def fleet_health() -> board.Dashboard:
                 width=16,
             ).draw_style(common.GraphDrawStyle.BARS),
             rejects_pie,
+            _gateway_status(),
+            _series(
+                "Hàng đợi gửi của gateway (gateway outbox depth, batches)",
+                _OUTBOX_DEPTH_SQL,
+                unit="none",
+                width=24,
+            ),
         ],
     )
 

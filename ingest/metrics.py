@@ -51,6 +51,9 @@ class IngestCounters:
     acks_published: int = 0
     mqtt_acks: int = 0
     mqtt_acks_skipped: int = 0  # deliveries of an earlier connection
+    states: int = 0  # gateway state messages stored
+    states_rejected: int = 0  # gateway state messages refused (new ones)
+    states_dropped: int = 0  # gateway state messages dropped from a full queue
     commit_samples_s: deque[float] = field(default_factory=lambda: deque(maxlen=_SAMPLES_MAX))
     lag_samples_s: deque[float] = field(default_factory=lambda: deque(maxlen=_SAMPLES_MAX))
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -69,6 +72,9 @@ _TOTALS = {
     "acks_published": "Ack messages published to gateways",
     "mqtt_acks": "Batch messages acked to the broker",
     "mqtt_acks_skipped": "Acks skipped because the message came on an earlier connection",
+    "states": "Gateway state messages stored",
+    "states_rejected": "Gateway state messages refused and stored as rejects",
+    "states_dropped": "Gateway state messages dropped while the database was behind",
 }
 
 

@@ -23,8 +23,17 @@ codes) and reconnects with backoff by itself. ``BatchSubscriber``:
 A PUBACK belongs to the connection the message came on: message ids are
 reused by a new connection, so acks for deliveries of an earlier connection
 are skipped (the broker redelivers those, or the gateway resends them).
-Library errors become ``BrokerUnavailableError``. What to do with a batch is
-the service's business.
+
+``StateSubscriber`` is a second connection, of the worker that stores the
+gateways' states (``ingest.service`` says which and why): a plain
+subscription to ``[prefix/]hub/v1/gw/+/state``, so the broker sends the
+retained state of every gateway at each (re)subscribe, acked by paho on
+receipt. Messages go onto a bounded queue without ever blocking the network
+thread; when it is full the oldest is dropped (and counted), since each
+gateway repeats its state and the newest matters most.
+
+Library errors become ``BrokerUnavailableError``. What to do with a message
+is the service's business.
 """
 
 from __future__ import annotations
@@ -60,6 +69,18 @@ _PUT_POLL_S: Final = 0.5
 # Ack messages ingest publishes (QoS 1) without a PUBACK yet: acks are one
 # small message per gateway per commit.
 _MAX_OUTGOING_INFLIGHT: Final = 100
+
+
+def _new_client(
+    client_id: str, username: str | None, password: str | None, *, tls: bool
+) -> mqtt.Client:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    if username is not None:
+        client.username_pw_set(username, password)
+    if tls:
+        client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+    client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+    return client
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,12 +124,7 @@ class BatchSubscriber:
         self._generation = 0
         self._ack_lock = threading.Lock()
         self._stopping = threading.Event()
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-        if username is not None:
-            client.username_pw_set(username, password)
-        if tls:
-            client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
-        client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+        client = _new_client(client_id, username, password, tls=tls)
         client.max_inflight_messages_set(_MAX_OUTGOING_INFLIGHT)
         client.max_queued_messages_set(0)  # acks to send while reconnecting: few, keep all
         client.manual_ack_set(True)
@@ -209,5 +225,108 @@ class BatchSubscriber:
             try:
                 self._deliveries.put(delivery, timeout=_PUT_POLL_S)
             except queue.Full:
+                continue
+            return
+
+
+@dataclass(frozen=True, slots=True)
+class StateMessage:
+    """One message from a gateway state topic, as received."""
+
+    topic: str
+    payload: bytes
+
+
+class StateSubscriber:
+    """The state subscription's own broker connection. Callbacks run in paho's network thread."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        client_id: str,
+        username: str | None,
+        password: str | None,
+        topic_filter: str,
+        messages: queue.Queue[StateMessage],
+        tls: bool = False,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.topic_filter = topic_filter
+        self.connected = threading.Event()
+        self.subscribed = threading.Event()
+        self.dropped = 0  # messages dropped from a full queue
+        self._messages = messages
+        self._stopping = threading.Event()
+        client = _new_client(client_id, username, password, tls=tls)
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        client.on_subscribe = self._handle_subscribe
+        self.client = client
+
+    def start(self) -> None:
+        """Connect in the background; paho keeps reconnecting until ``stop``."""
+        try:
+            # Clean start: the retained states at each subscribe are the catch-up.
+            self.client.connect_async(self.host, self.port, keepalive=KEEPALIVE_S, clean_start=True)
+        except (OSError, ValueError) as exc:
+            raise BrokerUnavailableError(f"broker {self.host}:{self.port}: {exc}") from exc
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # -- paho callbacks (network thread) ----------------------------------------
+
+    def _handle_connect(
+        self, _c: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any
+    ) -> None:
+        if reason.is_failure:
+            logger.warning("broker %s:%d refused the connection: %s", self.host, self.port, reason)
+            return
+        self.connected.set()
+        result, _mid = self.client.subscribe(self.topic_filter, options=SubscribeOptions(qos=1))
+        if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            logger.warning("subscribe to %s failed: %s", self.topic_filter, result)
+
+    def _handle_subscribe(
+        self, _c: mqtt.Client, _u: Any, _mid: int, reasons: list[ReasonCode], _p: Any
+    ) -> None:
+        refused = [r for r in reasons if r.is_failure]
+        if refused:
+            logger.error(
+                "broker refused the subscription %s: %s (check the ACL)",
+                self.topic_filter,
+                ", ".join(str(r) for r in refused),
+            )
+            return
+        logger.info("listening for gateway states on %s", self.topic_filter)
+        self.subscribed.set()
+
+    def _handle_disconnect(
+        self, _c: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any
+    ) -> None:
+        was = self.connected.is_set()
+        self.connected.clear()
+        self.subscribed.clear()
+        if was and not self._stopping.is_set():
+            logger.warning("state subscription lost (%s); reconnecting", reason)
+
+    def _handle_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+        received = StateMessage(topic=message.topic, payload=bytes(message.payload))
+        while True:
+            try:
+                self._messages.put_nowait(received)
+            except queue.Full:
+                try:
+                    self._messages.get_nowait()
+                except queue.Empty:
+                    continue
+                self.dropped += 1
                 continue
             return

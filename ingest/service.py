@@ -20,7 +20,39 @@ Wiring (DESIGN.md sections 1, 4, 9):
   and the gateways keep every batch in their outboxes until acked;
 - ``stats`` task: a row in ``{schema}.ingest_stats`` every
   ``stats_interval_s``; ``prune`` task: forgets old batch ids;
+- ``states`` task, in the worker that stores gateway states: the retained
+  state messages of every gateway (outbox depth, readings/s, counters,
+  online/offline) into ``gateway_status`` (the latest per gateway) and
+  ``gateway_status_history``, in small transactions of their own;
 - optional Prometheus /metrics (``ingest.metrics``).
+
+Gateway states take a different road from batches. One worker per host
+(``store_states``; ``ingest.workers`` picks worker 0) holds a plain, not a
+shared, subscription to ``[prefix/]hub/v1/gw/+/state`` on a connection of
+its own (``ingest.mqtt.StateSubscriber``), because:
+
+- an MQTT v5 broker sends no retained messages to a shared subscription,
+  and a death Will is published once: a Will that went out while no
+  worker was subscribed would be lost for good, and the gateway shown
+  online. A plain subscription receives every gateway's retained state at
+  each (re)subscribe, so the table catches up after any ingest restart;
+- one subscriber sees each gateway's states in the order the broker
+  forwarded them, so the Will and the states around it are not reordered
+  between workers;
+- a connection of its own never waits behind the batch stream's
+  backpressure (a full batch queue blocks that network thread), and state
+  writes never enter a batch commit.
+
+States are rare (one per gateway per ``state_interval_s``, 10 s): one
+worker handles thousands of gateways with a transaction every
+STATE_DELAY_S. Workers on several hosts each store the same states:
+history rows are keyed, so each state is stored once, and a state replaces
+the latest row only when newer (``BatchWriter.write_states``), so a repeat
+changes nothing. (One interleaving is off for a while: a host that stores a
+Will after another host stored the next state of the reconnected session
+shows the gateway offline until its following state.) While that worker
+restarts, states are not stored (the retained ones arrive when it is back);
+the boards treat a gateway whose last state is old as silent.
 
 The collector works on group N+1 while the committer waits for the database
 on group N: decoding overlaps the database's work.
@@ -59,18 +91,22 @@ from contracts.errors import (
     SettingsError,
 )
 from contracts.ids import parse_batch_id
-from contracts.messages import Ack, decode_batch, encode_ack
+from contracts.messages import Ack, decode_batch, decode_gateway_state, encode_ack
 from contracts.settings import BrokerSettings, DatabaseSettings, IngestSettings
-from contracts.topics import ack_topic, ingest_batch_filter, parse_gateway_topic
+from contracts.topics import ack_topic, gateway_filter, ingest_batch_filter, parse_gateway_topic
 from ingest.backoff import backoff_delay_s
 from ingest.metrics import IngestCounters, IngestMetrics, serve_metrics
-from ingest.mqtt import BatchSubscriber, Delivery
+from ingest.mqtt import BatchSubscriber, Delivery, StateMessage, StateSubscriber
 from ingest.rows import NOT_OWNED, build_rows
+from ingest.states import state_row
 from ingest.writer import (
     BatchWriter,
     CommitOutcome,
     GoodBatch,
+    GoodState,
     PoisonBatch,
+    StateItem,
+    StateOutcome,
     StatsRow,
     WriteItem,
 )
@@ -95,6 +131,15 @@ ACK_MAX_IDS: Final = 1000
 # (bounded further by commit_timeout_s): a commit takes well under a second,
 # and what is not committed by then is redelivered (broker, gateway resend).
 STOP_GRACE_S: Final = 5.0
+# State messages waiting to be stored: 10,000 is 100 s of a 1,000-gateway
+# fleet at one state each per 10 s, ~4 MB of ~400-byte messages. It fills
+# only while the database is away; the oldest go first (each gateway's
+# newest state is what matters, and the retained ones come again at the
+# next subscribe).
+STATE_QUEUE_MAX: Final = 10_000
+# States arriving within this of the first one are stored in one
+# transaction: at most two small transactions a second, whatever the fleet.
+STATE_DELAY_S: Final = 0.5
 
 
 def wall_ms() -> int:
@@ -170,6 +215,49 @@ def prepare_item(
     )
 
 
+def prepare_state(topic: str, payload: bytes, *, prefix: str) -> StateItem:
+    """Classify one state message: a GoodState with its row, or a PoisonBatch with the reason.
+
+    Poison: a topic that is not ``[prefix/]hub/v1/gw/{id}/state``, a payload
+    ``decode_gateway_state`` or ``ingest.states.state_row`` refuses, or a
+    state whose gateway is not the topic's.
+    """
+    try:
+        gateway_id, kind = parse_gateway_topic(topic, prefix)
+        if kind != "state":
+            raise InvalidTopicError(f"topic {topic!r} is not a state topic")
+    except InputError as exc:
+        return PoisonBatch(
+            topic=topic,
+            gateway_id=None,
+            batch_id=None,
+            reason=exc.reason,
+            detail=str(exc),
+            payload=payload,
+        )
+    try:
+        row = state_row(decode_gateway_state(payload))
+    except InputError as exc:
+        return PoisonBatch(
+            topic=topic,
+            gateway_id=gateway_id,
+            batch_id=None,
+            reason=exc.reason,
+            detail=f"gateway state: {exc}",
+            payload=payload,
+        )
+    if row.gateway_id != gateway_id:
+        return PoisonBatch(
+            topic=topic,
+            gateway_id=gateway_id,
+            batch_id=None,
+            reason=GATEWAY_MISMATCH,
+            detail=f"state of gateway {row.gateway_id!r} published by {gateway_id!r}",
+            payload=payload,
+        )
+    return GoodState(topic=topic, row=row, payload=payload)
+
+
 def ack_id(item: WriteItem) -> tuple[str, str] | None:
     """(gateway, batch id) to put in an Ack once ``item`` is committed, if any."""
     if isinstance(item, GoodBatch):
@@ -209,6 +297,7 @@ class Ingest:
         database: DatabaseSettings,
         worker_id: str,
         metrics_port: int = 0,
+        store_states: bool = True,
         clock: Callable[[], int] = wall_ms,
     ) -> None:
         if database.url is None:
@@ -238,6 +327,19 @@ class Ingest:
             receive_max=settings.queue_max_messages,
             deliveries=self.deliveries,
         )
+        self.state_messages: queue.Queue[StateMessage] = queue.Queue(maxsize=STATE_QUEUE_MAX)
+        self.state_subscriber: StateSubscriber | None = None
+        if store_states:
+            self.state_subscriber = StateSubscriber(
+                host=broker.host,
+                port=broker.port,
+                client_id=f"ingest-{worker_id}-states",
+                username=broker.username,
+                password=broker.password,
+                tls=broker.tls,
+                topic_filter=gateway_filter("state", self.prefix),
+                messages=self.state_messages,
+            )
         self.writer = BatchWriter(
             url=database.url,
             schema=database.schema,
@@ -467,6 +569,111 @@ class Ingest:
             finally:
                 groups.task_done()
 
+    # -- gateway states ------------------------------------------------------------------
+
+    def _prepare_state(self, message: StateMessage) -> StateItem:
+        try:
+            return prepare_state(message.topic, message.payload, prefix=self.prefix)
+        except Exception as exc:
+            # As for batches: a decoding bug must not crash the worker.
+            logger.exception("internal error preparing a state on %s", message.topic)
+            return PoisonBatch(
+                topic=message.topic,
+                gateway_id=None,
+                batch_id=None,
+                reason=INTERNAL_ERROR,
+                detail=f"{type(exc).__name__}: {exc}",
+                payload=message.payload,
+            )
+
+    def collect_states(self) -> list[StateItem]:
+        """The states of one transaction: blocks up to IDLE_POLL_S for a first one (a thread)."""
+        try:
+            first = self.state_messages.get(timeout=IDLE_POLL_S)
+        except queue.Empty:
+            return []
+        items = [self._prepare_state(first)]
+        deadline = time.monotonic() + STATE_DELAY_S
+        while not self._stopping.is_set():
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                break
+            try:
+                message = self.state_messages.get(timeout=min(timeout, IDLE_POLL_S))
+            except queue.Empty:
+                continue
+            items.append(self._prepare_state(message))
+        while True:
+            try:
+                items.append(self._prepare_state(self.state_messages.get_nowait()))
+            except queue.Empty:
+                return items
+
+    def write_states(self, items: list[StateItem]) -> StateOutcome:
+        """Store a group of states; one by one if the database refuses the group (a thread)."""
+        try:
+            return self.writer.write_states(items)
+        except RefusedByDatabaseError as exc:
+            logger.warning(
+                "database refused a group of %d states (%s); one by one", len(items), exc
+            )
+        total = StateOutcome()
+        for item in items:
+            try:
+                outcome = self.writer.write_states([item])
+            except RefusedByDatabaseError as exc:
+                if isinstance(item, PoisonBatch):
+                    raise SchemaError(f"the rejects table refused a row: {exc}") from exc
+                poison = PoisonBatch(
+                    topic=item.topic,
+                    gateway_id=item.row.gateway_id,
+                    batch_id=None,
+                    reason=exc.reason,
+                    detail=str(exc),
+                    payload=item.payload,
+                )
+                outcome = self.writer.write_states([poison])
+            total.stored += outcome.stored
+            total.history += outcome.history
+            total.refused += outcome.refused
+            total.rejects.update(outcome.rejects)
+        return total
+
+    def _account_states(self, outcome: StateOutcome) -> None:
+        c = self.counters
+        c.states += len(outcome.stored)
+        c.states_rejected += len(outcome.refused)
+        c.rejects.update(outcome.rejects)
+        for item in outcome.refused:
+            self._warn_reject(item.reason, f"state on {item.topic}: {item.detail}")
+
+    async def _states(self) -> None:
+        s = self.settings
+        attempt = 0
+        items: list[StateItem] = []
+        while True:
+            if self.state_subscriber is not None:
+                self.counters.states_dropped = self.state_subscriber.dropped
+            if not items:
+                items = await asyncio.to_thread(self.collect_states)
+                if not items:
+                    continue
+            try:
+                outcome = await self.db_call("states", functools.partial(self.write_states, items))
+            except (DatabaseUnavailableError, SchemaError) as exc:
+                # Kept and retried; meanwhile new states wait in the queue
+                # (the committer reports the outage).
+                attempt += 1
+                delay = backoff_delay_s(
+                    attempt, min_s=s.retry_min_s, max_s=s.retry_max_s, draw=self._random.random()
+                )
+                logger.debug("%d states not stored, retrying in %.1f s: %s", len(items), delay, exc)
+                await asyncio.sleep(delay)
+                continue
+            attempt = 0
+            items = []
+            self._account_states(outcome)
+
     # -- housekeeping ------------------------------------------------------------------
 
     def stats_row(self, since: IngestCounters, interval_s: float) -> StatsRow:
@@ -580,6 +787,8 @@ class Ingest:
             self.writer.schema,
         )
         self.subscriber.start()
+        if self.state_subscriber is not None:
+            self.state_subscriber.start()
         metrics_server: WSGIServer | None = None
         if self.metrics_port:
             metrics_server = serve_metrics(self.metrics, self.metrics_port)
@@ -596,6 +805,8 @@ class Ingest:
                 group.create_task(self._committer(groups), name="committer")
                 group.create_task(self._stats(), name="stats")
                 group.create_task(self._prune(), name="prune")
+                if self.state_subscriber is not None:
+                    group.create_task(self._states(), name="states")
                 if stop is not None:
                     group.create_task(self._stop_when(stop, collector, groups), name="stop")
         except* _Stop:
@@ -603,6 +814,8 @@ class Ingest:
         finally:
             self._stopping.set()
             self.subscriber.stop()
+            if self.state_subscriber is not None:
+                self.state_subscriber.stop()
             # A call still hung on the database (its task was cancelled, its
             # thread was not) would hold the writer's lock forever.
             self.writer.interrupt()

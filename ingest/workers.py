@@ -4,7 +4,8 @@
 ``cityhub ingest run`` call with loaded settings. One worker runs in the
 calling process; more run as child processes (``spawn``: each gets a fresh
 interpreter, its own MQTT client id ``ingest-{host}-{index}``, its own
-database connection and, if enabled, /metrics on ``metrics_port + index``).
+database connection and, if enabled, /metrics on ``metrics_port + index``);
+worker 0 also stores the gateways' states (``ingest.service`` says why one).
 The supervisor restarts a worker that dies (kill -9, a crash) with a capped
 backoff, forwards SIGTERM/SIGINT as SIGTERM to the workers and waits for them;
 a worker whose supervisor is gone stops by itself. What a worker does is
@@ -60,6 +61,7 @@ def build_worker(settings: Settings, index: int) -> Ingest:
         database=settings.database,
         worker_id=worker_id_for(index),
         metrics_port=port + index if port else 0,
+        store_states=index == 0,
     )
 
 

@@ -23,6 +23,13 @@
 4. ``device_state``: last seen, last seq, boot id, readings count (devices
    upserted in id order, for the same lock-order reason).
 
+``BatchWriter.write_states`` stores gateway state messages in a small
+transaction of their own: for each state, in arrival order per gateway, an
+upsert of ``gateway_status`` that replaces the stored row only with a newer
+state (see ``write_states``), a ``gateway_status_history`` row (``ON
+CONFLICT DO NOTHING``: a retained state received again is stored once), and
+the refused ones as rejects, recorded under poison keys like refused batches.
+
 It also keeps the device -> gateway ownership map (reloaded every
 ``ownership_refresh_s``, and at once for devices it does not know), writes
 worker stats rows and prunes old batch ids.
@@ -65,6 +72,7 @@ from contracts.messages import Batch
 from contracts.schema import SQL_TYPES, check_schema_name, readings_table
 from ingest.copyformat import CopyColumn, encode_copy_binary
 from ingest.rows import BatchRows, DeviceSummary, TypeRows, concat_rows, merge_summaries
+from ingest.states import StateRow, in_lock_order
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +160,28 @@ class PoisonBatch:
 
 
 WriteItem = GoodBatch | PoisonBatch
+
+
+@dataclass(frozen=True, slots=True)
+class GoodState:
+    """A decoded, checked gateway state message and its row."""
+
+    topic: str
+    row: StateRow
+    payload: bytes
+
+
+StateItem = GoodState | PoisonBatch
+
+
+@dataclass
+class StateOutcome:
+    """What ``write_states`` did."""
+
+    stored: list[GoodState] = field(default_factory=list)
+    history: int = 0  # history rows inserted (a repeated state adds none)
+    refused: list[PoisonBatch] = field(default_factory=list)  # new rejects, not repeats
+    rejects: Counter[str] = field(default_factory=Counter)  # rejects rows by reason
 
 
 @dataclass
@@ -390,30 +420,34 @@ class BatchWriter:
                 outcome.replayed.append(item)  # the same message twice in one group
             else:
                 unique[item.key] = item
-        keys = sorted(unique)
         with self._lock, self._errors("commit"):
             conn = self._connection()
             with conn.transaction(), conn.cursor() as cur:
-                cur.execute(
-                    f"INSERT INTO {self.schema}.ingested_batches (batch_id, gateway_id, readings) "
-                    "SELECT * FROM unnest(%s::text[], %s::text[], %s::int[]) ORDER BY 1 "
-                    "ON CONFLICT DO NOTHING RETURNING batch_id",
-                    (
-                        keys,
-                        [unique[k].gateway_id for k in keys],
-                        [_readings_of(unique[k]) for k in keys],
-                    ),
-                )
-                new = {str(row[0]) for row in cur.fetchall()}
-                for key in keys:
+                new = self._claim_keys(cur, unique)
+                for key in sorted(unique):
                     (outcome.written if key in new else outcome.replayed).append(unique[key])
                 goods = [i for i in outcome.written if isinstance(i, GoodBatch)]
                 self._write_readings(cur, goods, outcome)
-                self._write_rejects(cur, outcome.written, outcome)
+                self._write_rejects(cur, outcome.written, outcome.rejects)
                 self._upsert_device_state(
                     cur, merge_summaries(s for g in goods for s in g.rows.devices)
                 )
         return outcome
+
+    def _claim_keys(self, cur: psycopg.Cursor[Any], unique: Mapping[str, WriteItem]) -> set[str]:
+        """Record the keys in ``ingested_batches``; returns those not recorded before."""
+        keys = sorted(unique)
+        cur.execute(
+            f"INSERT INTO {self.schema}.ingested_batches (batch_id, gateway_id, readings) "
+            "SELECT * FROM unnest(%s::text[], %s::text[], %s::int[]) ORDER BY 1 "
+            "ON CONFLICT DO NOTHING RETURNING batch_id",
+            (
+                keys,
+                [unique[k].gateway_id for k in keys],
+                [_readings_of(unique[k]) for k in keys],
+            ),
+        )
+        return {str(row[0]) for row in cur.fetchall()}
 
     def _write_readings(
         self, cur: psycopg.Cursor[Any], goods: Sequence[GoodBatch], outcome: CommitOutcome
@@ -454,7 +488,7 @@ class BatchWriter:
         return max(cur.rowcount, 0)
 
     def _write_rejects(
-        self, cur: psycopg.Cursor[Any], fresh: Sequence[WriteItem], outcome: CommitOutcome
+        self, cur: psycopg.Cursor[Any], fresh: Sequence[WriteItem], rejects: Counter[str]
     ) -> None:
         records: list[tuple[str | None, str | None, str | None, str, str, bytes | None]] = []
         for item in fresh:
@@ -476,7 +510,7 @@ class BatchWriter:
             copy.set_types(["text", "text", "text", "text", "text", "bytea"])
             for record in records:
                 copy.write_row(record)
-        outcome.rejects.update(r[3] for r in records)
+        rejects.update(r[3] for r in records)
 
     def _upsert_device_state(
         self, cur: psycopg.Cursor[Any], summaries: Sequence[DeviceSummary]
@@ -510,6 +544,52 @@ class BatchWriter:
                 [x.readings for x in summaries],
             ),
         )
+
+    # -- gateway states --------------------------------------------------------
+
+    def write_states(self, items: Sequence[StateItem]) -> StateOutcome:
+        """Store state messages and refused ones in one transaction.
+
+        A state replaces the stored row of its gateway when it is newer:
+        a higher ``birth`` (a later session), or the same birth and a later
+        ``ts_ms``, or the same birth and ``offline`` over ``online``. The last
+        case is the death Will, which the gateway registers when it connects,
+        so it carries the connect time: it ends its session's "online" but
+        leaves the figures and the time of the newest state in place. So a
+        state that arrives late never moves the row back, the Will is applied
+        whenever it comes, and a gateway that reconnects in the same session
+        is online again with its next state. Applying the same state twice
+        changes nothing.
+        """
+        outcome = StateOutcome()
+        goods = [i for i in items if isinstance(i, GoodState)]
+        poison = {i.key: i for i in items if isinstance(i, PoisonBatch)}
+        rows = in_lock_order(g.row for g in goods)
+        s = self.schema
+        with self._lock, self._errors("states"):
+            conn = self._connection()
+            with conn.transaction(), conn.cursor() as cur:
+                if rows:
+                    cur.executemany(_UPSERT_STATE.format(s=s), [_state_params(r) for r in rows])
+                    cur.execute(
+                        _INSERT_STATE_HISTORY.format(s=s),
+                        (
+                            [r.ts_ms for r in rows],
+                            [r.gateway_id for r in rows],
+                            [r.status for r in rows],
+                            [r.outbox_depth for r in rows],
+                            [r.outbox_readings for r in rows],
+                            [r.readings_per_s for r in rows],
+                            [r.devices_online for r in rows],
+                        ),
+                    )
+                    outcome.history = max(cur.rowcount, 0)
+                if poison:
+                    new = self._claim_keys(cur, poison)
+                    outcome.refused = [poison[k] for k in sorted(poison) if k in new]
+                    self._write_rejects(cur, outcome.refused, outcome.rejects)
+        outcome.stored = goods
+        return outcome
 
     # -- housekeeping ----------------------------------------------------------
 
@@ -549,6 +629,70 @@ class BatchWriter:
                 (older_than_s,),
             )
             return max(cur.rowcount, 0)
+
+
+# Figures of gateway_status that come from the newest state of a session.
+_STATE_FIGURES: Final = (
+    "ts",
+    "outbox_depth",
+    "outbox_readings",
+    "readings_per_s",
+    "received",
+    "accepted",
+    "rejected",
+    "rate_limited",
+    "serial_errors",
+    "devices_online",
+    "site_ready",
+)
+_LATER: Final = "(EXCLUDED.birth > g.birth OR EXCLUDED.ts > g.ts)"
+_UPSERT_STATE: Final = (
+    """INSERT INTO {s}.gateway_status AS g (gateway_id, status, birth, boot_id, version, ts,
+        outbox_depth, outbox_readings, readings_per_s, received, accepted, rejected,
+        rate_limited, serial_errors, devices_online, site_ready, updated_at)
+    VALUES (%s, %s, %s, %s, %s, timestamptz 'epoch' + %s * interval '1 millisecond',
+        %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now())
+    ON CONFLICT (gateway_id) DO UPDATE SET
+        status = EXCLUDED.status, birth = EXCLUDED.birth, boot_id = EXCLUDED.boot_id,
+        version = EXCLUDED.version, """
+    + ", ".join(
+        f"{c} = CASE WHEN {_LATER} THEN EXCLUDED.{c} ELSE g.{c} END" for c in _STATE_FIGURES
+    )
+    + """, updated_at = now()
+    WHERE EXCLUDED.birth > g.birth
+        OR (EXCLUDED.birth = g.birth
+            AND (EXCLUDED.ts > g.ts OR (EXCLUDED.status = 'offline' AND g.status = 'online')))"""
+)
+_INSERT_STATE_HISTORY: Final = """INSERT INTO {s}.gateway_status_history
+        (ts, gateway_id, status, outbox_depth, outbox_readings, readings_per_s, devices_online)
+    SELECT timestamptz 'epoch' + u.ts_ms * interval '1 millisecond', u.gateway_id, u.status,
+        u.outbox_depth, u.outbox_readings, u.readings_per_s, u.devices_online
+    FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::bigint[], %s::bigint[],
+        %s::float8[], %s::bigint[])
+        AS u (ts_ms, gateway_id, status, outbox_depth, outbox_readings, readings_per_s,
+            devices_online)
+    ON CONFLICT DO NOTHING"""
+
+
+def _state_params(row: StateRow) -> tuple[object, ...]:
+    return (
+        row.gateway_id,
+        row.status,
+        row.birth,
+        row.boot_id,
+        row.version,
+        row.ts_ms,
+        row.outbox_depth,
+        row.outbox_readings,
+        row.readings_per_s,
+        row.received,
+        row.accepted,
+        row.rejected,
+        row.rate_limited,
+        row.serial_errors,
+        row.devices_online,
+        row.site_ready,
+    )
 
 
 def _readings_of(item: WriteItem) -> int:

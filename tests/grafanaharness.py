@@ -6,7 +6,9 @@ per site) and plays ``hours`` of its readings, in accelerated time, through
 the real path after the broker: gateway batch building
 (``gateway.batching``), the batch codec, ingest's classification
 (``ingest.service.prepare_item``) and its writer (``ingest.writer``), one
-commit per simulated minute plus a stats row. Then the hourly rollups are
+commit per simulated minute plus a stats row. Each gateway reports its
+state every simulated minute through ingest's state path
+(``ingest.service.prepare_state``, ``BatchWriter.write_states``). Then the hourly rollups are
 refreshed (``cityhub.database.maintain``) and the alerts job
 (``alerts.service.AlertsJob``, the shipped rules) replays every evaluation
 time, which fills alerts, transitions and hourly/daily VN_AQI.
@@ -14,8 +16,10 @@ time, which fills alerts, transitions and hourly/daily VN_AQI.
 Faults make every board have something to show: spikes beyond the valid
 range (rejects), a stuck PM sensor and a kiosk dropout (alerts), and one
 site whose devices fall silent before the end (offline devices, no-data
-alerts). Readings end at ``end_ms`` (the fixture passes the current
-minute), so "online in the last five minutes" is meaningful.
+alerts), whose gateway's death Will arrives when they stop, and one
+gateway whose outbox backs up for a while and drains. Readings end at
+``end_ms`` (the fixture passes the current minute), so "online in the last
+five minutes" is meaningful.
 """
 
 from __future__ import annotations
@@ -30,13 +34,13 @@ import psycopg
 from alerts.rules import load_rules
 from alerts.service import AlertsJob
 from cityhub import database
-from contracts.messages import encode_batch
+from contracts.messages import GatewayState, encode_batch, encode_gateway_state
 from contracts.settings import AlertsSettings, DatabaseSettings, StorageSettings
-from contracts.topics import batch_topic
+from contracts.topics import batch_topic, state_topic
 from firmware_sim.fleet import FleetDescription, build_fleet, parse_sites
 from gateway.batching import BatchBuilder
-from ingest.service import prepare_item
-from ingest.writer import BatchWriter, StatsRow
+from ingest.service import prepare_item, prepare_state
+from ingest.writer import BatchWriter, GoodBatch, GoodState, StatsRow
 
 MINUTE_MS = 60_000
 HOUR_MS = 3_600_000
@@ -44,6 +48,10 @@ PERIOD_MS = 30_000  # each device reports every 30 s of simulated time
 # The site whose devices stop reporting 40 minutes before the end.
 SILENT_SITE = "hk-ward-hang-bac"
 SILENT_FOR_MS = 40 * MINUTE_MS
+# The gateway whose uplink is down from 90 to 60 minutes before the end: its
+# outbox depth (reported in its states) grows a batch a minute, then drains.
+BACKLOG_GATEWAY = "gw-hk-hall-quan"
+BACKLOG_MS = (90 * MINUTE_MS, 60 * MINUTE_MS)
 
 
 @dataclass
@@ -155,6 +163,11 @@ def fill_schema(
                     )
                 )
             outcome = writer.commit(items)
+            writer.write_states(
+                _states(
+                    gateways.values(), items, start_ms=start_ms, end_ms=end_ms, at_ms=window_end
+                )
+            )
             report.readings += outcome.readings
             report.rejects += sum(outcome.rejects.values())
             writer.write_stats(
@@ -180,10 +193,68 @@ def fill_schema(
     end = datetime.fromtimestamp(end_ms / 1000, UTC)
     database.maintain(conn, schema=schema, now=end, lookback=timedelta(hours=hours + 1))
     _run_alerts(url, schema, start_ms=start_ms, end_ms=end_ms)
-    for table in ("alerts", "alert_transitions", "aqi_hourly", "aqi_daily", "rejects"):
+    for table in (
+        "alerts",
+        "alert_transitions",
+        "aqi_hourly",
+        "aqi_daily",
+        "rejects",
+        "gateway_status",
+        "gateway_status_history",
+    ):
         row = conn.execute(f"SELECT count(*) FROM {schema}.{table}").fetchone()
         report.counts[table] = int(row[0]) if row else 0
     return report
+
+
+def _outbox_depth(gateway_id: str, *, end_ms: int, at_ms: int) -> int:
+    if gateway_id != BACKLOG_GATEWAY:
+        return 0
+    down_from, down_to = end_ms - BACKLOG_MS[0], end_ms - BACKLOG_MS[1]
+    if at_ms <= down_from:
+        return 0
+    if at_ms <= down_to:
+        return (at_ms - down_from) // MINUTE_MS
+    # Draining at four times the rate it filled.
+    return max(0, (down_to - down_from - 4 * (at_ms - down_to)) // MINUTE_MS)
+
+
+def _states(gateway_ids, items, *, start_ms: int, end_ms: int, at_ms: int) -> list:
+    """Each gateway's state at ``at_ms``, through ingest's state path; the silent one's Will."""
+    goods = [i for i in items if isinstance(i, GoodBatch)]
+    readings = {i.gateway_id: i.rows.readings for i in goods}
+    devices = {i.gateway_id: len(set(i.devices)) for i in goods}
+    silent_gateway = f"gw-{SILENT_SITE}"
+    silent_from = end_ms - SILENT_FOR_MS
+    states = []
+    for gateway_id in sorted(gateway_ids):
+        if gateway_id == silent_gateway and at_ms > silent_from:
+            if at_ms - MINUTE_MS > silent_from:
+                continue
+            # The Will, registered at connect time: it carries the start time.
+            status, ts_ms = "offline", start_ms
+        else:
+            status, ts_ms = "online", at_ms
+        depth = _outbox_depth(gateway_id, end_ms=end_ms, at_ms=at_ms)
+        state = GatewayState(
+            gateway_id=gateway_id,
+            status=status,
+            birth=1,
+            boot_id="b1",
+            version="1.0.0",
+            outbox_depth=depth,
+            ts_ms=ts_ms,
+            outbox_readings=depth * 100,
+            readings_per_s=readings.get(gateway_id, 0) / 60,
+            received=0,
+            accepted=0,
+            devices_online=devices.get(gateway_id, 0),
+            site_ready=status == "online",
+        )
+        item = prepare_state(state_topic(gateway_id), encode_gateway_state(state), prefix="")
+        assert isinstance(item, GoodState), item
+        states.append(item)
+    return states
 
 
 def hash_offset(device_id: str) -> int:

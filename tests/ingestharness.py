@@ -331,6 +331,8 @@ def ingest_in_thread(
     worker = Ingest(settings=settings, broker=broker, database=database, worker_id=worker_id)
     with service_in_thread(worker.run, name=f"ingest-{worker_id}"):
         wait_for(worker.subscriber.subscribed.is_set, 10, "ingest subscription")
+        if worker.state_subscriber is not None:
+            wait_for(worker.state_subscriber.subscribed.is_set, 10, "state subscription")
         yield worker
 
 

@@ -139,8 +139,17 @@ def all_variables(conn, filled) -> list[Variable]:
 def test_the_fill_has_what_the_boards_show(filled: Filled) -> None:
     counts = filled.report.counts
     assert filled.report.readings > 10_000
-    for table in ("alerts", "alert_transitions", "aqi_hourly", "aqi_daily", "rejects"):
+    for table in (
+        "alerts",
+        "alert_transitions",
+        "aqi_hourly",
+        "aqi_daily",
+        "rejects",
+        "gateway_status",
+        "gateway_status_history",
+    ):
         assert counts[table] > 0, f"{table} is empty: {counts}"
+    assert counts["gateway_status"] == 30  # one row per gateway, each site's
 
 
 def test_variables_list_the_seeded_districts_sites_and_types(conn, all_variables) -> None:
@@ -223,3 +232,46 @@ def test_push_reads_the_transitions_and_plans_each_once(filled: Filled) -> None:
     assert len(planned) == len(transitions)
     returned = [{"tags": list(a.tags)} for a in planned]
     assert plan_annotations(transitions, existing_keys(returned)) == []
+
+
+def _panel(title_part: str) -> PanelQuery:
+    (query,) = [q for q in PANEL_QUERIES if title_part in q.title]
+    return query
+
+
+def test_gateway_status_shows_the_silent_gateway_offline_and_the_backlog(
+    conn, filled, all_variables
+) -> None:
+    from tests.grafanaharness import BACKLOG_GATEWAY, SILENT_SITE
+
+    tr = _time_range(filled.report)
+    status = _panel("latest gateway status")
+    columns, rows = _run(conn, render_sql(status.sql, time_range=tr, variables=all_variables))
+    names = [n for n, _ in columns]
+    by_gateway = {row[0]: dict(zip(names, row, strict=True)) for row in rows}
+    assert len(by_gateway) == 30
+    assert by_gateway[f"gw-{SILENT_SITE}"]["Trạng thái (status)"] == 2  # its Will: offline
+    assert rows[0][0] == f"gw-{SILENT_SITE}"  # the worst first
+    live = [g for g in by_gateway.values() if g["Trạng thái (status)"] in (0, 1)]
+    assert len(live) == 29
+    assert all(g["Bản tin/giây (readings/s)"] > 0 for g in live)
+
+    depth = _panel("gateway outbox depth")
+    _, series = _run(conn, render_sql(depth.sql, time_range=tr, variables=all_variables))
+    peaks: dict[str, int] = {}
+    for _, gateway_id, value in series:
+        peaks[gateway_id] = max(peaks.get(gateway_id, 0), value)
+    assert peaks[BACKLOG_GATEWAY] >= 29
+    assert {g for g, peak in peaks.items() if peak > 0} == {BACKLOG_GATEWAY}
+
+
+def test_gateway_panels_follow_the_district_variable(conn, filled, all_variables) -> None:
+    district = Variable(name="district", values=("Ba Đình",), multi=True, include_all=True)
+    variables = [district, *(v for v in all_variables if v.name != "district")]
+    tr = _time_range(filled.report)
+    sites = {r[0] for r in conn.execute("SELECT site_id FROM sites WHERE district = 'Ba Đình'")}
+    for title in ("latest gateway status", "gateway outbox depth"):
+        query = _panel(title)
+        _, rows = _run(conn, render_sql(query.sql, time_range=tr, variables=variables))
+        index = 1 if query.fmt == "time_series" else 0
+        assert {row[index] for row in rows} == {f"gw-{site}" for site in sites}, title

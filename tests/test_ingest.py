@@ -13,10 +13,11 @@ import msgspec
 import pytest
 
 from contracts.catalog import DEVICE_TYPES
-from contracts.messages import encode_batch
+from contracts.messages import GatewayState, encode_batch, encode_gateway_state
 from contracts.settings import DatabaseSettings
+from contracts.topics import state_topic
 from ingest.writer import poison_key
-from tests.gatewayharness import broker_settings, now_ms, wait_for
+from tests.gatewayharness import broker_settings, client, now_ms, wait_for
 from tests.ingestharness import (
     GatewayPlayer,
     Ledger,
@@ -427,5 +428,239 @@ def test_a_real_gateway_drains_its_outbox_into_the_database(
         ).fetchall()
         assert len(stored) == len(sent)
         assert {(d, int(s), int(ts)) for d, s, ts in stored} == sent
+    finally:
+        pub.disconnect()
+
+
+# --- gateway states -------------------------------------------------------------------
+
+
+def latest_state(db_conn, schema: str, gateway_id: str) -> dict[str, object] | None:
+    cur = db_conn.execute(
+        "SELECT status, birth, boot_id, version, (extract(epoch FROM ts) * 1000)::bigint AS ts_ms,"
+        " outbox_depth, outbox_readings, readings_per_s, received, accepted, rejected,"
+        " rate_limited, serial_errors, devices_online, site_ready"
+        f" FROM {schema}.gateway_status WHERE gateway_id = %s",
+        (gateway_id,),
+    )
+    row = cur.fetchone()
+    if row is None:
+        return None
+    return dict(zip([c.name for c in cur.description], row, strict=True))
+
+
+def history(db_conn, schema: str, gateway_id: str) -> list[tuple]:
+    return db_conn.execute(
+        "SELECT (extract(epoch FROM ts) * 1000)::bigint, status, outbox_depth, devices_online "
+        f"FROM {schema}.gateway_status_history WHERE gateway_id = %s ORDER BY ts, status",
+        (gateway_id,),
+    ).fetchall()
+
+
+def publish_state(pub, prefix: str, payload: bytes, gateway_id: str, *, retain=False) -> None:
+    info = pub.publish(state_topic(gateway_id, prefix), payload, qos=1, retain=retain)
+    info.wait_for_publish(10)
+
+
+def a_state(gateway_id: str, **fields) -> GatewayState:
+    values = {
+        "gateway_id": gateway_id,
+        "status": "online",
+        "birth": 2,
+        "boot_id": "boot-a",
+        "version": "1.0.0",
+        "outbox_depth": 0,
+        "ts_ms": now_ms(),
+        "devices_online": 4,
+        "site_ready": True,
+    }
+    values.update(fields)
+    return GatewayState(**values)
+
+
+def test_a_real_gateway_state_is_stored_with_its_history_and_its_death(
+    mqtt_server, db_conn, db_url, migrated, tmp_path
+):
+    """gateway.service -> broker -> ingest: the latest state per gateway and every state sent."""
+    from tests.gatewayharness import (
+        gateway_in_thread,
+        gateway_settings,
+        mqtt_devices,
+        publish_config,
+        publish_readings,
+    )
+
+    t = tag()
+    gw, prefix = f"gw-{t}", f"t{t}"
+    devices = mqtt_devices(prefix, 5)
+    seed_registry(db_conn, migrated, {gw: [(d.device_id, d.device_type) for d in devices]})
+    pub = client(mqtt_server)
+    publish_config(pub, gateway_id=gw, prefix=prefix, devices=devices, version=1)
+    broker = broker_settings(mqtt_server)
+    database = db(db_url, migrated)
+    try:
+        with ingest_in_thread(
+            settings=ingest_settings(prefix), broker=broker, database=database
+        ) as worker:
+            with gateway_in_thread(
+                settings=gateway_settings(gw, prefix, state_interval_s=0.5),
+                central=broker,
+                site=broker,
+                outbox=tmp_path / "outbox.sqlite3",
+            ) as gateway:
+                wait_for(lambda: len(gateway.devices) == 5, 10, "gateway config")
+                sent = publish_readings(pub, prefix=prefix, devices=devices, per_device=20)
+                wait_for(lambda: gateway.counters.readings_acked == len(sent), 20, "acked")
+
+                def counted() -> bool:
+                    row = latest_state(db_conn, migrated, gw)
+                    return row is not None and row["accepted"] == len(sent)
+
+                wait_for(counted, 10, "a stored state with every reading counted")
+                row = latest_state(db_conn, migrated, gw)
+                assert row["status"] == "online"
+                assert row["birth"] == gateway.birth
+                assert row["boot_id"] == gateway.boot_id
+                assert row["devices_online"] == 5
+                assert row["site_ready"] is True
+                assert row["outbox_depth"] == gateway.outbox.depth().batches == 0
+                birth = gateway.birth
+            # A clean stop publishes the death with the final figures.
+            wait_for(
+                lambda: latest_state(db_conn, migrated, gw)["status"] == "offline",
+                10,
+                "the death stored",
+            )
+            assert latest_state(db_conn, migrated, gw)["birth"] == birth
+            stored = worker.counters.states
+            assert worker.counters.states_rejected == 0
+        rows = history(db_conn, migrated, gw)
+        assert len(rows) == stored  # every state received has its row, each once
+        assert [r[1] for r in rows].count("offline") == 1
+        assert rows[-1][1] == "offline"
+        assert [r[0] for r in rows] == sorted(r[0] for r in rows)
+        final = latest_state(db_conn, migrated, gw)
+
+        # A worker started later receives the retained death: stored once, unchanged.
+        with ingest_in_thread(
+            settings=ingest_settings(prefix), broker=broker, database=database
+        ) as again:
+            wait_for(lambda: again.counters.states == 1, 10, "the retained state received")
+        assert history(db_conn, migrated, gw) == rows
+        assert latest_state(db_conn, migrated, gw) == final
+    finally:
+        pub.disconnect()
+
+
+def test_a_state_replaces_the_stored_one_only_when_newer(mqtt_server, db_conn, db_url, migrated):
+    t = tag()
+    gw, prefix = f"gw-{t}", f"t{t}"
+    pub = client(mqtt_server)
+    base = now_ms() - 60_000
+    # Retained before any worker runs: the worker catches up when it subscribes.
+    publish_state(
+        pub, prefix, encode_gateway_state(a_state(gw, ts_ms=base, outbox_depth=1)), gw, retain=True
+    )
+    try:
+        with ingest_in_thread(
+            settings=ingest_settings(prefix),
+            broker=broker_settings(mqtt_server),
+            database=db(db_url, migrated),
+        ) as worker:
+            wait_for(lambda: worker.counters.states == 1, 10, "the retained state")
+            assert latest_state(db_conn, migrated, gw)["outbox_depth"] == 1
+
+            def send(expected: int, **fields) -> dict[str, object]:
+                publish_state(pub, prefix, encode_gateway_state(a_state(gw, **fields)), gw)
+                wait_for(lambda: worker.counters.states == expected, 10, f"state {expected}")
+                return latest_state(db_conn, migrated, gw)
+
+            row = send(2, ts_ms=base + 10_000, outbox_depth=7, outbox_readings=700)
+            assert (row["ts_ms"], row["outbox_depth"], row["outbox_readings"]) == (
+                base + 10_000,
+                7,
+                700,
+            )
+            # Late: an older state of the same session changes nothing.
+            assert send(3, ts_ms=base + 5_000, outbox_depth=99) == row
+            # The previous session's state, however recent its clock, changes nothing.
+            assert send(4, birth=1, boot_id="boot-z", ts_ms=base + 50_000, outbox_depth=98) == row
+            # The session's death Will carries its connect time: it ends the
+            # session's "online" and keeps the newest figures.
+            died = send(5, status="offline", ts_ms=base - 1_000, outbox_depth=0)
+            assert died == {**row, "status": "offline"}
+            # The Will again (a retained copy): nothing changes.
+            assert send(6, status="offline", ts_ms=base - 1_000, outbox_depth=0) == died
+            # Reconnected in the same session: online again with its next state.
+            row = send(7, ts_ms=base + 20_000, outbox_depth=3, devices_online=2)
+            assert (row["status"], row["ts_ms"], row["outbox_depth"]) == (
+                "online",
+                base + 20_000,
+                3,
+            )
+            # A new session wins whatever its clock says.
+            row = send(8, birth=3, boot_id="boot-b", ts_ms=base + 15_000, outbox_depth=4)
+            assert (row["birth"], row["boot_id"], row["ts_ms"]) == (3, "boot-b", base + 15_000)
+            assert worker.counters.states_rejected == 0
+        # History keeps every distinct state; the repeated Will once.
+        assert [(r[0] - base, r[1], r[2]) for r in history(db_conn, migrated, gw)] == [
+            (-1_000, "offline", 0),
+            (0, "online", 1),
+            (5_000, "online", 99),
+            (10_000, "online", 7),
+            (15_000, "online", 4),
+            (20_000, "online", 3),
+            (50_000, "online", 98),
+        ]
+    finally:
+        publish_state(pub, prefix, b"", gw, retain=True)  # clear the retained state
+        pub.disconnect()
+
+
+def test_malformed_states_are_rejects_and_do_not_stop_the_worker(
+    mqtt_server, db_conn, db_url, migrated
+):
+    t = tag()
+    gw, prefix = f"gw-{t}", f"t{t}"
+    pub = client(mqtt_server)
+    garbage = b"{not json"
+    wrong_type = encode_gateway_state(a_state(gw)).replace(
+        b'"outbox_depth":0', b'"outbox_depth":"x"'
+    )
+    negative = encode_gateway_state(a_state(gw, received=-5))
+    foreign = encode_gateway_state(a_state("gw-other"))
+    good = a_state(gw, outbox_depth=12)
+    try:
+        with ingest_in_thread(
+            settings=ingest_settings(prefix),
+            broker=broker_settings(mqtt_server),
+            database=db(db_url, migrated),
+        ) as worker:
+            for payload in (garbage, garbage, wrong_type, negative, foreign):
+                publish_state(pub, prefix, payload, gw)
+            publish_state(pub, prefix, encode_gateway_state(good), gw)
+            wait_for(lambda: worker.counters.states == 1, 10, "the good state after the bad")
+            wait_for(lambda: worker.counters.states_rejected == 4, 10, "four rejects")
+            assert dict(worker.counters.rejects) == {
+                "malformed": 1,  # the same garbage twice: one reject
+                "wrong_type": 1,
+                "out_of_range": 1,
+                "gateway_mismatch": 1,
+            }
+            assert latest_state(db_conn, migrated, gw)["outbox_depth"] == 12
+        found = {
+            r[0]: r
+            for r in db_conn.execute(
+                f"SELECT reason, gateway_id, batch_id, detail, raw FROM {migrated}.rejects"
+            )
+        }
+        assert set(found) == {"malformed", "wrong_type", "out_of_range", "gateway_mismatch"}
+        assert all(r[1] == gw and r[2] is None for r in found.values())
+        assert bytes(found["malformed"][4]) == garbage
+        assert bytes(found["out_of_range"][4]) == negative
+        assert "received -5" in found["out_of_range"][3]
+        assert "gw-other" in found["gateway_mismatch"][3]
+        assert [r[1] for r in history(db_conn, migrated, gw)] == ["online"]
+        assert latest_state(db_conn, migrated, "gw-other") is None
     finally:
         pub.disconnect()

@@ -188,3 +188,37 @@ def test_apache_retention_covers_rejects_and_ingest_stats(db_conn, migrated):
     for table, column in (("rejects", "received_at"), ("ingest_stats", "ts")):
         left = db_conn.execute(f"SELECT {column} FROM {migrated}.{table}").fetchall()
         assert left == [(now,)]
+
+
+def test_gateway_status_history_is_a_hypertable_under_retention(db_conn, migrated):
+    hypertables = {
+        r[0]
+        for r in db_conn.execute(
+            "SELECT hypertable_name FROM timescaledb_information.hypertables "
+            "WHERE hypertable_schema = %s",
+            (migrated,),
+        )
+    }
+    assert "gateway_status_history" in hypertables
+    assert "gateway_status" not in hypertables  # one row per gateway, updated in place
+    now = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+    old = now - timedelta(days=StorageSettings().raw_retention_days + 10)
+    for ts in (old, now):
+        db_conn.execute(
+            f"INSERT INTO {migrated}.gateway_status_history (ts, gateway_id, status, "
+            "outbox_depth, outbox_readings, readings_per_s, devices_online) "
+            "VALUES (%s, 'gw-1', 'online', 3, 300, 1.5, 4)",
+            (ts,),
+        )
+    report = database.maintain(db_conn, schema=migrated, now=now, lookback=timedelta(hours=1))
+    assert report.dropped_chunks == 1
+    left = db_conn.execute(f"SELECT ts FROM {migrated}.gateway_status_history").fetchall()
+    assert left == [(now,)]
+
+
+def test_community_retention_policy_covers_gateway_status_history():
+    last = migrations("cityhub", Edition.COMMUNITY, StorageSettings())[-1]
+    assert last.version == 9
+    sql = "\n".join(last.statements)
+    assert "add_retention_policy('cityhub.gateway_status_history'" in sql
+    assert "apply_retention" not in sql
