@@ -26,10 +26,11 @@ Conditions (``raise``: start or keep the alert; ``clear``: end an active one):
   to ``threshold``; it lies on the near side of it, so between the two the
   alert holds). Value: the held level (over the in-range samples when there
   is no anchor).
-- rate_of_change (metric, op, threshold_per_min, window_s): the change from
-  the first to the latest sample in range over the time between them, in
-  metric units per minute; needs two samples in range at different times.
-  Raises when ``rate op threshold_per_min``.
+- rate_of_change (metric, op, threshold_per_min, window_s, min_span_s): the
+  change from the first to the latest sample in range over the time between
+  them, in metric units per minute; decided only when that time is at least
+  ``min_span_s`` (default half of ``window_s``) and not zero. Raises when
+  ``rate op threshold_per_min``.
 - flatline (metric, window_s, min_samples, tolerance): the spread (max - min)
   of the samples in range. Raises when there are at least ``min_samples`` of
   them and ``spread <= tolerance``; clears when ``spread > tolerance``.
@@ -214,7 +215,7 @@ def _rate_of_change(c: RateOfChange, f: _Frame, was: BoolArray) -> _State:
     first = np.argmax(in_range, axis=1)
     last = in_range.shape[1] - 1 - np.argmax(in_range[:, ::-1], axis=1)
     dt_ms = np.where(has, f.ts[f.rows, last], 0) - np.where(has, f.ts[f.rows, first], 0)
-    ok = dt_ms > 0
+    ok = (dt_ms > 0) & (dt_ms >= c.min_span_ms)
     dv = v[f.rows, last] - v[f.rows, first]
     rate = np.where(ok, dv * _MS_PER_MIN / np.where(ok, dt_ms, 1), np.nan)
     raised = _meets(rate, c.op, c.threshold_per_min)

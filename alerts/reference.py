@@ -108,9 +108,11 @@ def _threshold(c: Threshold, d: Device, now_ms: int, was: bool) -> tuple[bool, f
 
 def _rate(c: RateOfChange, d: Device, now_ms: int, was: bool) -> tuple[bool, float]:
     recent = _since(_samples(d, c.metric, now_ms), now_ms - _ms(c.window_s))
-    if len(recent) < 2 or recent[-1][0] == recent[0][0]:
+    if len(recent) < 2:
         return was, math.nan
     (t0, x0), (t1, x1) = recent[0], recent[-1]
+    if t1 == t0 or t1 - t0 < c.min_span_ms:
+        return was, math.nan
     rate = (x1 - x0) * 60_000 / (t1 - t0)
     return _beyond(rate, c.op, c.threshold_per_min), rate
 

@@ -154,6 +154,14 @@ class RateOfChange(_Condition, tag="rate_of_change", frozen=True):
     op: Op
     threshold_per_min: float  # metric units per minute
     window_s: Seconds
+    # The first and latest samples in range must be at least this far apart
+    # (None: half of window_s): a rate over two samples 10 s apart turns one
+    # step of a noisy signal into a steep slope.
+    min_span_s: Seconds | None = None
+
+    @property
+    def min_span_ms(self) -> int:
+        return duration_ms(self.window_s / 2 if self.min_span_s is None else self.min_span_s)
 
 
 class Flatline(_Condition, tag="flatline", frozen=True):
@@ -332,6 +340,11 @@ def _check_leaf(leaf: Leaf, device_type: str, key: str) -> None:
         raise _RuleProblemError(
             f"{key}.metric",
             f"{device_type} has no metric {leaf.metric!r} (known: {', '.join(metrics)})",
+        )
+    span = leaf.min_span_s if isinstance(leaf, RateOfChange) else None
+    if isinstance(leaf, RateOfChange) and span is not None and span > leaf.window_s:
+        raise _RuleProblemError(
+            f"{key}.min_span_s", f"min_span_s {span:g} exceeds window_s {leaf.window_s:g}"
         )
     if isinstance(leaf, Threshold) and leaf.clear is not None:
         upper = leaf.op in UPPER_OPS

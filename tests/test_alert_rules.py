@@ -225,6 +225,11 @@ KIOSK_CPU = {"device_type": "kiosk", "metric": "cpu_temperature"}
         ([(-600, 40), (-300, NAN), (0, NAN)], False, False, NAN),
         ([(-600, 40), (-300, NAN), (0, 55)], False, True, 1.5),
         ([(-600, 40), (0, 41)], True, False, 0.1),  # computable and below: clears
+        # First and latest only 10 s apart (under half the window): one step of
+        # a noisy signal is not a slope, so nothing is decided either way.
+        ([(-10, 40), (0, 44)], False, False, NAN),
+        ([(-10, 40), (0, 40)], True, True, NAN),
+        ([(-300, 40), (0, 52)], False, True, 2.4),  # exactly half the window: decided
     ],
 )
 def test_rate_of_change(row, was, active, value):

@@ -163,6 +163,15 @@ CONDITION = (
         ),
         (
             CONDITION,
+            (
+                'condition = { kind = "rate_of_change", metric = "jitter", op = ">", '
+                "threshold_per_min = 5, window_s = 60, min_span_s = 90 }"
+            ),
+            "condition.min_span_s",
+            "exceeds window_s 60",
+        ),
+        (
+            CONDITION,
             CONDITION + '\nescalate = [{ severity = "warning", threshold = 10 }]',
             "escalate[0].severity",
             "more severe than 'minor'",

@@ -66,7 +66,8 @@ LEAVES: st.SearchStrategy[Condition] = st.one_of(
         op=st.sampled_from(OPS),
         threshold_per_min=st.integers(-600, 600).map(float),
         window_s=SECONDS,
-    ),
+        min_span_s=st.none() | st.sampled_from([1.0, 3.0, 6.0]),
+    ).filter(lambda c: c.min_span_s is None or c.min_span_s <= c.window_s),
     st.builds(
         Flatline,
         metric=st.sampled_from(METRICS),
