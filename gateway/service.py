@@ -285,7 +285,7 @@ class Gateway:
             logger.warning("rejected reading from %s (%s): %s", device_id, reason, detail)
         self._reject_log[reason] = (window_start, logged + 1)
 
-    # -- site side (paho network thread) ------------------------------------------
+    # -- site side (event loop thread) --------------------------------------------
 
     def _device_topics(self, device_ids: set[str]) -> list[str]:
         topics = []
