@@ -1,20 +1,54 @@
-"""Write the broker's dynamic-security file with the cityhub-admin account, once.
+"""Prepare the broker's security volume before the broker starts.
 
-Run by docker-compose's mosquitto-init service (the cityhub image, as the
-broker's uid) before the broker starts. An existing file keeps every account
-`cityhub gateways` and `cityhub devices` added; only the admin account is made
-current (its password from MQTT_ADMIN_PASSWORD), as the embedded broker does.
+Run by docker-compose's mosquitto-init service (the cityhub image, as root)
+with the volume mounted where the broker sees it (/mosquitto/security):
+
+- the dynamic-security file with the cityhub-admin account. An existing file
+  keeps every account `cityhub gateways` and `cityhub devices` added; only the
+  admin account is made current (its password from MQTT_ADMIN_PASSWORD), as
+  the embedded broker does;
+- the TLS listener: when the PKI directory (deploy/pki, mounted at /pki) holds
+  ca.crt, server.crt and server.key from `cityhub pki`, they are copied into
+  the volume and conf.d/tls.conf opens port MQTT_TLS_PORT (8883) requiring a
+  client certificate from that CA; without them conf.d/ is left empty and the
+  broker has only its plain listener.
+
+Everything written belongs to the broker's uid (MOSQUITTO_UID, 1883 in the
+eclipse-mosquitto image), secrets with mode 0600, whoever owns the sources.
 """
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 from cityhub.localstack.mosquitto import ADMIN_USER
 from devices.dynsec import base_document
 
+PKI_FILES = ("ca.crt", "server.crt", "server.key")
+
 path = Path(sys.argv[1] if len(sys.argv) > 1 else "/mosquitto/security/dynamic-security.json")
+security = path.parent
+pki = Path(os.environ.get("CITYHUB_PKI_DIR", "/pki"))
+tls_port = int(os.environ.get("MQTT_TLS_PORT", "8883"))
+uid = int(os.environ.get("MOSQUITTO_UID", "1883"))
+gid = int(os.environ.get("MOSQUITTO_GID", str(uid)))
+
+
+def owned(target: Path, mode: int) -> None:
+    target.chmod(mode)
+    if os.geteuid() == 0:
+        os.chown(target, uid, gid)
+
+
+def write(target: Path, text: str, mode: int = 0o600) -> None:
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    owned(tmp, mode)
+    tmp.replace(target)
+
+
 password = os.environ.get("MQTT_ADMIN_PASSWORD", "")
 if len(password) < 16:
     sys.exit("mosquitto-init: MQTT_ADMIN_PASSWORD must be set (16 characters or more)")
@@ -22,8 +56,38 @@ existing = json.loads(path.read_text(encoding="utf-8")) if path.exists() else No
 document = base_document(
     existing, admin_username=ADMIN_USER, admin_password=password, dev_mode=False
 )
-tmp = path.with_suffix(".tmp")
-tmp.write_text(json.dumps(document, indent=1), encoding="utf-8")
-tmp.chmod(0o600)
-tmp.replace(path)
+write(path, json.dumps(document, indent=1))
 sys.stdout.write(f"mosquitto-init: {path} ready ({len(document.get('clients', []))} accounts)\n")
+
+conf_d = security / "conf.d"
+conf_d.mkdir(exist_ok=True)
+owned(conf_d, 0o755)
+tls_conf = conf_d / "tls.conf"
+present = [name for name in PKI_FILES if (pki / name).is_file()]
+if len(present) == len(PKI_FILES):
+    tls_dir = security / "tls"
+    tls_dir.mkdir(exist_ok=True)
+    owned(tls_dir, 0o700)
+    for name in PKI_FILES:
+        shutil.copyfile(pki / name, tls_dir / name)
+        owned(tls_dir / name, 0o600)
+    write(
+        tls_conf,
+        "# written by mosquitto-init from the PKI directory; remove those files to turn TLS off\n"
+        f"listener {tls_port}\n"
+        f"cafile {tls_dir / 'ca.crt'}\n"
+        f"certfile {tls_dir / 'server.crt'}\n"
+        f"keyfile {tls_dir / 'server.key'}\n"
+        "require_certificate true\n"
+        "tls_version tlsv1.2\n",
+        mode=0o644,
+    )
+    sys.stdout.write(f"mosquitto-init: TLS listener on {tls_port} (client certificates required)\n")
+else:
+    tls_conf.unlink(missing_ok=True)
+    if present:
+        sys.exit(
+            f"mosquitto-init: {pki} holds {', '.join(present)} but TLS needs all of "
+            f"{', '.join(PKI_FILES)} (cityhub pki init)"
+        )
+    sys.stdout.write("mosquitto-init: no certificates in the PKI directory: plain MQTT only\n")
