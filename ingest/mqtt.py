@@ -95,7 +95,99 @@ class Delivery:
     received_s: float  # time.monotonic()
 
 
-class BatchSubscriber:
+class _Subscription:
+    """One broker connection holding one subscription; paho reconnects it until ``stop``.
+
+    Subclasses set up the client's message handling and say what to log; the
+    connect / subscribe / disconnect bookkeeping is common. Callbacks run in
+    paho's network thread.
+    """
+
+    # Logged at INFO when the broker grants the subscription ({} = topic filter).
+    granted_log = "subscribed to %s"
+    # Logged at WARNING when a live connection is lost.
+    lost_log = "disconnected from the broker (%s); reconnecting"
+
+    def __init__(self, *, host: str, port: int, topic_filter: str, client: mqtt.Client) -> None:
+        self.host = host
+        self.port = port
+        self.topic_filter = topic_filter
+        self.connected = threading.Event()
+        self.subscribed = threading.Event()
+        self._stopping = threading.Event()
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        client.on_subscribe = self._handle_subscribe
+        self.client = client
+
+    def _connect(self, *, properties: Properties | None = None) -> None:
+        try:
+            self.client.connect_async(
+                self.host,
+                self.port,
+                keepalive=KEEPALIVE_S,
+                clean_start=True,
+                properties=properties,
+            )
+        except (OSError, ValueError) as exc:
+            raise BrokerUnavailableError(f"broker {self.host}:{self.port}: {exc}") from exc
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _connected(self) -> None:
+        """Called in the network thread when a connection is accepted."""
+
+    def _disconnected(self) -> None:
+        """Called in the network thread when a connection ends."""
+
+    def _handle_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+        raise NotImplementedError
+
+    # -- paho callbacks (network thread) ----------------------------------------
+
+    def _handle_connect(
+        self, _c: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any
+    ) -> None:
+        if reason.is_failure:
+            logger.warning("broker %s:%d refused the connection: %s", self.host, self.port, reason)
+            return
+        self._connected()
+        self.connected.set()
+        result, _mid = self.client.subscribe(self.topic_filter, options=SubscribeOptions(qos=1))
+        if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            logger.warning("subscribe to %s failed: %s", self.topic_filter, result)
+
+    def _handle_subscribe(
+        self, _c: mqtt.Client, _u: Any, _mid: int, reasons: list[ReasonCode], _p: Any
+    ) -> None:
+        refused = [r for r in reasons if r.is_failure]
+        if refused:
+            logger.error(
+                "broker refused the subscription %s: %s (check the ACL)",
+                self.topic_filter,
+                ", ".join(str(r) for r in refused),
+            )
+            return
+        logger.info(self.granted_log, self.topic_filter)
+        self.subscribed.set()
+
+    def _handle_disconnect(
+        self, _c: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any
+    ) -> None:
+        self._disconnected()
+        was = self.connected.is_set()
+        self.connected.clear()
+        self.subscribed.clear()
+        if was and not self._stopping.is_set():
+            logger.warning(self.lost_log, reason)
+
+
+class BatchSubscriber(_Subscription):
     """One broker connection of one ingest worker. Callbacks run in paho's network thread."""
 
     def __init__(
@@ -113,46 +205,25 @@ class BatchSubscriber:
     ) -> None:
         if not 1 <= receive_max <= 65535:  # MQTT v5: a two-byte integer, not 0
             raise ValueError(f"receive_max must be in [1, 65535], got {receive_max}")
-        self.host = host
-        self.port = port
-        self.topic_filter = topic_filter
-        self.receive_max = receive_max
-        self.connected = threading.Event()
-        self.subscribed = threading.Event()
-        self.connects = 0
-        self._deliveries = deliveries
-        self._generation = 0
-        self._ack_lock = threading.Lock()
-        self._stopping = threading.Event()
         client = _new_client(client_id, username, password, tls=tls)
         client.max_inflight_messages_set(_MAX_OUTGOING_INFLIGHT)
         client.max_queued_messages_set(0)  # acks to send while reconnecting: few, keep all
         client.manual_ack_set(True)
-        client.on_connect = self._handle_connect
-        client.on_disconnect = self._handle_disconnect
-        client.on_message = self._handle_message
-        client.on_subscribe = self._handle_subscribe
-        self.client = client
+        super().__init__(host=host, port=port, topic_filter=topic_filter, client=client)
+        self.receive_max = receive_max
+        self.connects = 0
+        self._deliveries = deliveries
+        self._generation = 0
+        self._ack_lock = threading.Lock()
 
     def start(self) -> None:
         """Connect in the background; paho keeps reconnecting until ``stop``."""
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.ReceiveMaximum = self.receive_max
-        try:
-            # Clean start, no session kept: messages in flight to a worker that
-            # is gone are the gateway's to resend (it keeps them until acked);
-            # a persistent session would instead park them with a dead worker.
-            self.client.connect_async(
-                self.host, self.port, keepalive=KEEPALIVE_S, clean_start=True, properties=props
-            )
-        except (OSError, ValueError) as exc:
-            raise BrokerUnavailableError(f"broker {self.host}:{self.port}: {exc}") from exc
-        self.client.loop_start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self.client.disconnect()
-        self.client.loop_stop()
+        # Clean start, no session kept: messages in flight to a worker that
+        # is gone are the gateway's to resend (it keeps them until acked);
+        # a persistent session would instead park them with a dead worker.
+        self._connect(properties=props)
 
     def ack(self, deliveries: Iterable[Delivery]) -> int:
         """PUBACK deliveries of the current connection; returns how many were acked."""
@@ -173,44 +244,14 @@ class BatchSubscriber:
 
     # -- paho callbacks (network thread) ----------------------------------------
 
-    def _handle_connect(
-        self, _c: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any
-    ) -> None:
-        if reason.is_failure:
-            logger.warning("broker %s:%d refused the connection: %s", self.host, self.port, reason)
-            return
+    def _connected(self) -> None:
         self.connects += 1
         logger.info("connected to broker %s:%d", self.host, self.port)
-        self.connected.set()
-        result, _mid = self.client.subscribe(self.topic_filter, options=SubscribeOptions(qos=1))
-        if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            logger.warning("subscribe to %s failed: %s", self.topic_filter, result)
 
-    def _handle_subscribe(
-        self, _c: mqtt.Client, _u: Any, _mid: int, reasons: list[ReasonCode], _p: Any
-    ) -> None:
-        refused = [r for r in reasons if r.is_failure]
-        if refused:
-            logger.error(
-                "broker refused the subscription %s: %s (check the ACL)",
-                self.topic_filter,
-                ", ".join(str(r) for r in refused),
-            )
-            return
-        logger.info("subscribed to %s", self.topic_filter)
-        self.subscribed.set()
-
-    def _handle_disconnect(
-        self, _c: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any
-    ) -> None:
+    def _disconnected(self) -> None:
         with self._ack_lock:
             # From here on, acks for what came on the old connection are skipped.
             self._generation += 1
-        was = self.connected.is_set()
-        self.connected.clear()
-        self.subscribed.clear()
-        if was and not self._stopping.is_set():
-            logger.warning("disconnected from the broker (%s); reconnecting", reason)
 
     def _handle_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
         delivery = Delivery(
@@ -237,8 +278,11 @@ class StateMessage:
     payload: bytes
 
 
-class StateSubscriber:
+class StateSubscriber(_Subscription):
     """The state subscription's own broker connection. Callbacks run in paho's network thread."""
+
+    granted_log = "listening for gateway states on %s"
+    lost_log = "state subscription lost (%s); reconnecting"
 
     def __init__(
         self,
@@ -252,70 +296,17 @@ class StateSubscriber:
         messages: queue.Queue[StateMessage],
         tls: bool = False,
     ) -> None:
-        self.host = host
-        self.port = port
-        self.topic_filter = topic_filter
-        self.connected = threading.Event()
-        self.subscribed = threading.Event()
+        client = _new_client(client_id, username, password, tls=tls)
+        super().__init__(host=host, port=port, topic_filter=topic_filter, client=client)
         self.dropped = 0  # messages dropped from a full queue
         self._messages = messages
-        self._stopping = threading.Event()
-        client = _new_client(client_id, username, password, tls=tls)
-        client.on_connect = self._handle_connect
-        client.on_disconnect = self._handle_disconnect
-        client.on_message = self._handle_message
-        client.on_subscribe = self._handle_subscribe
-        self.client = client
 
     def start(self) -> None:
         """Connect in the background; paho keeps reconnecting until ``stop``."""
-        try:
-            # Clean start: the retained states at each subscribe are the catch-up.
-            self.client.connect_async(self.host, self.port, keepalive=KEEPALIVE_S, clean_start=True)
-        except (OSError, ValueError) as exc:
-            raise BrokerUnavailableError(f"broker {self.host}:{self.port}: {exc}") from exc
-        self.client.loop_start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self.client.disconnect()
-        self.client.loop_stop()
+        # Clean start: the retained states at each subscribe are the catch-up.
+        self._connect()
 
     # -- paho callbacks (network thread) ----------------------------------------
-
-    def _handle_connect(
-        self, _c: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any
-    ) -> None:
-        if reason.is_failure:
-            logger.warning("broker %s:%d refused the connection: %s", self.host, self.port, reason)
-            return
-        self.connected.set()
-        result, _mid = self.client.subscribe(self.topic_filter, options=SubscribeOptions(qos=1))
-        if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            logger.warning("subscribe to %s failed: %s", self.topic_filter, result)
-
-    def _handle_subscribe(
-        self, _c: mqtt.Client, _u: Any, _mid: int, reasons: list[ReasonCode], _p: Any
-    ) -> None:
-        refused = [r for r in reasons if r.is_failure]
-        if refused:
-            logger.error(
-                "broker refused the subscription %s: %s (check the ACL)",
-                self.topic_filter,
-                ", ".join(str(r) for r in refused),
-            )
-            return
-        logger.info("listening for gateway states on %s", self.topic_filter)
-        self.subscribed.set()
-
-    def _handle_disconnect(
-        self, _c: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any
-    ) -> None:
-        was = self.connected.is_set()
-        self.connected.clear()
-        self.subscribed.clear()
-        if was and not self._stopping.is_set():
-            logger.warning("state subscription lost (%s); reconnecting", reason)
 
     def _handle_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
         received = StateMessage(topic=message.topic, payload=bytes(message.payload))

@@ -163,6 +163,25 @@ def _readable_batch_id(payload: bytes, gateway_id: str) -> str | None:
     return value if owner == gateway_id else None
 
 
+def _topic_gateway(topic: str, prefix: str, kind: str) -> str:
+    """The gateway id of ``[prefix/]hub/v1/gw/{id}/{kind}``; InputError for any other topic."""
+    gateway_id, found = parse_gateway_topic(topic, prefix)
+    if found != kind:
+        raise InvalidTopicError(f"topic {topic!r} is not a {kind} topic")
+    return gateway_id
+
+
+def _poison_topic(topic: str, payload: bytes, exc: InputError) -> PoisonBatch:
+    return PoisonBatch(
+        topic=topic,
+        gateway_id=None,
+        batch_id=None,
+        reason=exc.reason,
+        detail=str(exc),
+        payload=payload,
+    )
+
+
 def prepare_item(
     topic: str, payload: bytes, *, prefix: str, now_ms: int, owners: Mapping[str, str | None]
 ) -> WriteItem:
@@ -172,18 +191,9 @@ def prepare_item(
     ``decode_batch`` refuses, or a batch whose gateway is not the topic's.
     """
     try:
-        gateway_id, kind = parse_gateway_topic(topic, prefix)
-        if kind != "batch":
-            raise InvalidTopicError(f"topic {topic!r} is not a batch topic")
+        gateway_id = _topic_gateway(topic, prefix, "batch")
     except InputError as exc:
-        return PoisonBatch(
-            topic=topic,
-            gateway_id=None,
-            batch_id=None,
-            reason=exc.reason,
-            detail=str(exc),
-            payload=payload,
-        )
+        return _poison_topic(topic, payload, exc)
     try:
         batch = decode_batch(payload, now_ms=now_ms)
     except InputError as exc:
@@ -223,18 +233,9 @@ def prepare_state(topic: str, payload: bytes, *, prefix: str) -> StateItem:
     state whose gateway is not the topic's.
     """
     try:
-        gateway_id, kind = parse_gateway_topic(topic, prefix)
-        if kind != "state":
-            raise InvalidTopicError(f"topic {topic!r} is not a state topic")
+        gateway_id = _topic_gateway(topic, prefix, "state")
     except InputError as exc:
-        return PoisonBatch(
-            topic=topic,
-            gateway_id=None,
-            batch_id=None,
-            reason=exc.reason,
-            detail=str(exc),
-            payload=payload,
-        )
+        return _poison_topic(topic, payload, exc)
     try:
         row = state_row(decode_gateway_state(payload))
     except InputError as exc:
