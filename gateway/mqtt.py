@@ -1,11 +1,12 @@
-"""MQTT v5 adapter of the gateway: a paho client bridged to asyncio.
+"""The gateway's uplink to the central broker: a paho MQTT v5 client bridged to asyncio.
 
-paho-mqtt runs the network in its own thread (the fastest Python MQTT path
-measured here, DESIGN.md section 5) and reconnects with backoff by itself.
-``MqttLink`` hands what matters to the service: incoming messages (in the
-network thread, so the hot path does not hop threads per message), connects
-and disconnects, and PUBACK results with their MQTT v5 reason codes (aiomqtt
-drops those, which is why this adapter exists). Library errors become
+paho-mqtt runs the network in its own thread and reconnects with backoff by
+itself. ``MqttLink`` hands what matters to the service: incoming acks and
+configs (in the network thread), connects and disconnects, and PUBACK
+results with their MQTT v5 reason codes (aiomqtt drops those, which is why
+this adapter exists). The uplink carries about a hundred batches a second at
+most, far from paho's limits; the site side, with one message per reading,
+has its own codec (``gateway.sitelink``). Library errors become
 ``BrokerUnavailableError``.
 """
 
@@ -20,8 +21,6 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from contracts.errors import BrokerUnavailableError
@@ -33,9 +32,6 @@ logger = logging.getLogger(__name__)
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
 KEEPALIVE_S = 30
-# Topic filters per SUBSCRIBE packet: a 2,000-device site subscribes in a
-# handful of packets well under any broker's packet size limit.
-SUBSCRIBE_CHUNK = 500
 
 
 def client_ssl_context(name: str, *, ca_file: str, cert_file: str, key_file: str) -> ssl.SSLContext:
@@ -74,28 +70,20 @@ class MqttLink:
         ca_file: str = "",
         cert_file: str = "",
         key_file: str = "",
-        session_expiry_s: int = 0,
         will: Will | None = None,
         on_message: Callable[[str, bytes], None],
         on_connect: Callable[[], None],
         on_disconnect: Callable[[], None] = lambda: None,
         on_publish: Callable[[int, int], None] = lambda _mid, _code: None,
-        on_subscribed: Callable[[], None] = lambda: None,
     ) -> None:
         self.name = name
-        # > 0: a persistent session; the broker queues QoS 1 messages for us
-        # while we are away and delivers them when we reconnect.
-        self.session_expiry_s = session_expiry_s
         self.host = host
         self.port = port
         self._on_message = on_message
         self._on_connect_cb = on_connect
         self._on_disconnect_cb = on_disconnect
         self._on_publish_cb = on_publish
-        self._on_subscribed_cb = on_subscribed
         self.connected = threading.Event()
-        # SUBACKs received: lets a caller see a subscription take effect.
-        self.subacks = 0
         self._stopping = False
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         if username is not None:
@@ -118,16 +106,9 @@ class MqttLink:
 
     def start(self) -> None:
         """Connect in the background; paho keeps reconnecting until ``stop``."""
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = self.session_expiry_s
         try:
-            self.client.connect_async(
-                self.host,
-                self.port,
-                keepalive=KEEPALIVE_S,
-                clean_start=self.session_expiry_s == 0,
-                properties=props,
-            )
+            # Clean start: what was in flight is resent from the outbox anyway.
+            self.client.connect_async(self.host, self.port, keepalive=KEEPALIVE_S, clean_start=True)
         except (OSError, ValueError) as exc:
             raise BrokerUnavailableError(f"{self.name}: {self.host}:{self.port}: {exc}") from exc
         self.client.loop_start()
@@ -138,19 +119,10 @@ class MqttLink:
         self.client.loop_stop()
 
     def subscribe(self, topics: list[str], qos: int = 1) -> None:
-        """Subscribe in packets of SUBSCRIBE_CHUNK filters; not connected is not an error."""
-        for start in range(0, len(topics), SUBSCRIBE_CHUNK):
-            chunk = topics[start : start + SUBSCRIBE_CHUNK]
-            result, _mid = self.client.subscribe([(t, qos) for t in chunk])
-            if result not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-                raise BrokerUnavailableError(f"{self.name}: subscribe failed: {result}")
-
-    def unsubscribe(self, topics: list[str]) -> None:
-        if not topics:
-            return
-        result, _mid = self.client.unsubscribe(topics)
+        """Subscribe to a few filters; not connected is not an error."""
+        result, _mid = self.client.subscribe([(t, qos) for t in topics])
         if result not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            raise BrokerUnavailableError(f"{self.name}: unsubscribe failed: {result}")
+            raise BrokerUnavailableError(f"{self.name}: subscribe failed: {result}")
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
         """Queue a publish; returns its mid (PUBACK arrives through ``on_publish``)."""
@@ -189,8 +161,6 @@ class MqttLink:
         failed = [c for c in codes if getattr(c, "is_failure", False)]
         if failed:
             logger.warning("%s: subscription refused: %s", self.name, failed)
-        self.subacks += 1
-        self._on_subscribed_cb()
 
     def _handle_publish(
         self, _c: mqtt.Client, _u: Any, mid: int, reason: ReasonCode, _p: Any
