@@ -610,6 +610,11 @@ JOIN sites s ON s.site_id = d.site_id
 WHERE $__timeFilter(r.ts) AND {SITE_FILTER}"""
 
 # Each kiosk reports its hall's queue; a hall's queue is the mean over its kiosks.
+# Camera counters in halls; street monitors count vehicles, not visitors.
+_HALL_CAMERA_JOIN: Final = f"""JOIN devices d ON d.device_id = r.device_id
+JOIN sites s ON s.site_id = d.site_id
+WHERE $__timeFilter(r.ts) AND {SITE_FILTER} AND s.kind <> 'street_monitor'"""
+
 _QUEUE_SQL: Final = f"""SELECT $__timeGroupAlias(r.ts, $__interval), s.name AS metric,
   avg(r.queue_length) AS value
 FROM readings_kiosk r
@@ -627,18 +632,14 @@ ORDER BY 1"""
 _PEOPLE_SQL: Final = f"""SELECT $__timeGroupAlias(r.ts, $__interval), s.name AS metric,
   sum(r.people_in) AS value
 FROM readings_camera_counter r
-JOIN devices d ON d.device_id = r.device_id
-JOIN sites s ON s.site_id = d.site_id
-WHERE $__timeFilter(r.ts) AND {SITE_FILTER} AND s.kind <> 'street_monitor'
+{_HALL_CAMERA_JOIN}
 GROUP BY 1, 2
 ORDER BY 1"""
 
 _OCCUPANCY_SQL: Final = f"""SELECT $__timeGroupAlias(r.ts, $__interval), s.name AS metric,
   max(r.occupancy) AS value
 FROM readings_camera_counter r
-JOIN devices d ON d.device_id = r.device_id
-JOIN sites s ON s.site_id = d.site_id
-WHERE $__timeFilter(r.ts) AND {SITE_FILTER} AND s.kind <> 'street_monitor'
+{_HALL_CAMERA_JOIN}
 GROUP BY 1, 2
 ORDER BY 1"""
 
