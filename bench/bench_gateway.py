@@ -49,12 +49,11 @@ from contracts.messages import (
     DeviceUplink,
     GatewayConfig,
     ReadingBlock,
-    decode_gateway_state,
     encode_batch,
     encode_device_uplink,
 )
 from contracts.settings import BrokerSettings
-from contracts.topics import device_uplink_topic, state_topic
+from contracts.topics import device_uplink_topic
 from gateway.outbox import Outbox
 from gateway.service import Gateway
 from tests.gatewayharness import (
@@ -64,6 +63,7 @@ from tests.gatewayharness import (
     now_ms,
     publish_config,
     wait_for,
+    watch_states,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,16 +231,12 @@ def run_once(
     publish_config(
         control, gateway_id=gateway_id, prefix=prefix, devices=mqtt_devices(prefix, ndev), version=1
     )
-    site_ready: list[bool] = []
-    control.on_message = lambda _c, _u, m: site_ready.append(
-        bool(m.payload) and decode_gateway_state(m.payload).site_ready
-    )
-    control.subscribe(state_topic(gateway_id, prefix), qos=1)
+    states = watch_states(control, gateway_id=gateway_id, prefix=prefix)
 
     # First start: the gateway creates its persistent site session (and, for
     # a drain, stops so the backlog can build up there).
     gateway = start_gateway(settings, log)
-    wait_for(lambda: any(site_ready), 30, "gateway subscribed at the site broker")
+    wait_for(lambda: any(s.site_ready for s in states), 30, "gateway subscribed at the site broker")
     control.disconnect()
     queue_s = math.nan
     if not live:

@@ -25,13 +25,21 @@ from contracts.messages import (
     DeviceConfig,
     DeviceUplink,
     GatewayConfig,
+    GatewayState,
     decode_batch,
+    decode_gateway_state,
     encode_ack,
     encode_device_uplink,
     encode_gateway_config,
 )
 from contracts.settings import BrokerSettings, GatewaySettings
-from contracts.topics import ack_topic, batch_topic, config_topic, device_uplink_topic
+from contracts.topics import (
+    ack_topic,
+    batch_topic,
+    config_topic,
+    device_uplink_topic,
+    state_topic,
+)
 from gateway.service import Gateway
 
 
@@ -120,6 +128,19 @@ class FakeIngest:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def watch_states(c: mqtt.Client, *, gateway_id: str, prefix: str) -> list[GatewayState]:
+    """Collect the gateway's state messages as ``c`` receives them (the list fills in place)."""
+    states: list[GatewayState] = []
+
+    def on_message(_c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
+        if message.payload:  # an empty retained message clears the topic
+            states.append(decode_gateway_state(message.payload))
+
+    c.on_message = on_message
+    c.subscribe(state_topic(gateway_id, prefix), qos=1)
+    return states
 
 
 def mqtt_devices(prefix: str, n: int, *, device_type: str = "kiosk") -> list[DeviceConfig]:

@@ -14,8 +14,7 @@ import pytest
 
 from cityhub.localstack.mosquitto import ADMIN_USER
 from cityhub.localstack.procs import stop_process_group
-from contracts.messages import GatewayState, decode_batch, decode_gateway_state
-from contracts.topics import state_topic
+from contracts.messages import decode_batch
 from tests.gatewayharness import (
     FakeIngest,
     broker_settings,
@@ -27,6 +26,7 @@ from tests.gatewayharness import (
     publish_config,
     publish_readings,
     wait_for,
+    watch_states,
 )
 
 pytestmark = pytest.mark.slow
@@ -94,9 +94,7 @@ def test_gateway_kill_9_with_a_backlog_loses_and_duplicates_nothing(mqtt_server,
     ingest = FakeIngest(mqtt_server, gateway_id=gateway_id, prefix=prefix)  # not acking yet
     pub = client(mqtt_server)
     publish_config(pub, gateway_id=gateway_id, prefix=prefix, devices=devices, version=1)
-    states: list[GatewayState] = []
-    pub.on_message = lambda _c, _u, m: m.payload and states.append(decode_gateway_state(m.payload))
-    pub.subscribe(state_topic(gateway_id, prefix), qos=1)
+    states = watch_states(pub, gateway_id=gateway_id, prefix=prefix)
     log = tmp_path / "gateway.log"
     proc = start_gateway_process(config, log)
     try:
@@ -216,9 +214,7 @@ def test_gateway_kill_9_before_its_outbox_commit_loses_nothing(mqtt_server, tmp_
     ingest.acking = True
     pub = client(mqtt_server)
     publish_config(pub, gateway_id=gateway_id, prefix=prefix, devices=devices, version=1)
-    states: list[GatewayState] = []
-    pub.on_message = lambda _c, _u, m: m.payload and states.append(decode_gateway_state(m.payload))
-    pub.subscribe(state_topic(gateway_id, prefix), qos=1)
+    states = watch_states(pub, gateway_id=gateway_id, prefix=prefix)
     log = tmp_path / "gateway.log"
     proc = start_gateway_process(holding, log)
     try:
