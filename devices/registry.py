@@ -326,6 +326,7 @@ class Registry:
     def devices(
         self,
         *,
+        device_id: str | None = None,
         site_id: str | None = None,
         gateway_id: str | None = None,
         device_type: str | None = None,
@@ -333,27 +334,39 @@ class Registry:
     ) -> list[DeviceRow]:
         rows = self._query(
             f"""SELECT {_DEVICE_COLUMNS} FROM {self.schema}.devices
-                WHERE (%s::text IS NULL OR site_id = %s)
+                WHERE (%s::text IS NULL OR device_id = %s)
+                AND (%s::text IS NULL OR site_id = %s)
                 AND (%s::text IS NULL OR gateway_id = %s)
                 AND (%s::text IS NULL OR device_type = %s)
                 AND (%s::text IS NULL OR status = %s)
                 ORDER BY site_id, device_id""",
-            (site_id, site_id, gateway_id, gateway_id, device_type, device_type, status, status),
+            (
+                *(device_id, device_id),
+                *(site_id, site_id),
+                *(gateway_id, gateway_id),
+                *(device_type, device_type),
+                *(status, status),
+            ),
         )
         return [msgspec.convert(r, DeviceRow) for r in rows]
 
     def gateways(
-        self, *, site_id: str | None = None, status: str | None = None
+        self,
+        *,
+        gateway_id: str | None = None,
+        site_id: str | None = None,
+        status: str | None = None,
     ) -> list[GatewayRow]:
         rows = self._query(
             f"""SELECT {_GATEWAY_COLUMNS}, count(d.device_id) FILTER (WHERE d.status = 'active')
                 AS devices
                 FROM {self.schema}.gateways g LEFT JOIN {self.schema}.devices d
                 ON d.gateway_id = g.gateway_id
-                WHERE (%s::text IS NULL OR g.site_id = %s)
+                WHERE (%s::text IS NULL OR g.gateway_id = %s)
+                AND (%s::text IS NULL OR g.site_id = %s)
                 AND (%s::text IS NULL OR g.status = %s)
                 GROUP BY g.gateway_id ORDER BY g.site_id, g.gateway_id""",
-            (site_id, site_id, status, status),
+            (gateway_id, gateway_id, site_id, site_id, status, status),
         )
         return [msgspec.convert(r, GatewayRow) for r in rows]
 

@@ -232,7 +232,7 @@ def show(
     """Show one device, its broker account's state and its recent audit entries."""
     state = state_of(ctx)
     with reported_errors(state), registry_of(state) as registry:
-        rows = [r for r in registry.devices() if r.device_id == device_id]
+        rows = registry.devices(device_id=device_id)
         if not rows:
             raise NotFoundError(f"device {device_id!r} is not registered")
         accounts = registry.credentials(device_id)

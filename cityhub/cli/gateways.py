@@ -84,7 +84,7 @@ def show(
     """Show one gateway, its devices, its broker accounts and recent audit entries."""
     state = state_of(ctx)
     with reported_errors(state), registry_of(state) as registry:
-        rows = [r for r in registry.gateways() if r.gateway_id == gateway_id]
+        rows = registry.gateways(gateway_id=gateway_id)
         if not rows:
             raise NotFoundError(f"gateway {gateway_id!r} is not registered")
         devices = registry.devices(gateway_id=gateway_id, status="active")
