@@ -83,9 +83,23 @@ class Puback:
     reason_code: int
 
 
+@dataclass(frozen=True, slots=True)
+class TooLarge:
+    """A PUBLISH longer than the reader's limit, skipped without being buffered.
+
+    It still needs its PUBACK (QoS 1): until then the broker keeps it in the
+    session and sends it again after every reconnect.
+    """
+
+    topic: str
+    qos: int
+    packet_id: int
+    size_bytes: int
+
+
 # (topic, payload, qos, packet_id, retain); packet_id is 0 for QoS 0.
 Publish = tuple[str, bytes, int, int, bool]
-Control = Connack | Suback | Unsuback | Pingresp | Disconnect | Puback
+Control = Connack | Suback | Unsuback | Pingresp | Disconnect | Puback | TooLarge
 
 
 def _varint(n: int) -> bytes:
@@ -133,13 +147,20 @@ def encode_connect(
     clean_start: bool,
     session_expiry_s: int = 0,
     receive_maximum: int = 65_535,
+    maximum_packet_size: int = 0,
     username: str | None = None,
     password: str | None = None,
     will: WillMessage | None = None,
 ) -> bytes:
-    """CONNECT (section 3.1) for protocol level 5."""
+    """CONNECT (section 3.1) for protocol level 5.
+
+    ``maximum_packet_size`` (0: not sent, no limit) asks the broker to discard,
+    instead of sending, any packet longer than that (section 3.1.2.11.4).
+    """
     if not 1 <= receive_maximum <= 0xFFFF:
         raise ValueError("receive_maximum must be in 1..65535")
+    if not 0 <= maximum_packet_size <= 0xFFFFFFFF:
+        raise ValueError("maximum_packet_size must fit four bytes")
     flags = 0x02 if clean_start else 0
     if will is not None:
         flags |= 0x04 | (will.qos << 3) | (0x20 if will.retain else 0)
@@ -149,6 +170,8 @@ def encode_connect(
         flags |= 0x80
     props = bytes((_SESSION_EXPIRY,)) + struct.pack(">I", session_expiry_s)
     props += bytes((_RECEIVE_MAXIMUM,)) + _U16.pack(receive_maximum)
+    if maximum_packet_size:
+        props += bytes((_MAXIMUM_PACKET_SIZE,)) + struct.pack(">I", maximum_packet_size)
     body = _utf8("MQTT") + bytes((5, flags)) + _U16.pack(keepalive_s)
     body += _varint(len(props)) + props
     body += _utf8(client_id)
@@ -302,13 +325,22 @@ class PacketReader:
     ``feed`` returns ``(publishes, controls)`` in arrival order within each
     list. A PUBLISH with QoS 1 must be acknowledged by the caller
     (``encode_pubacks``) once it has stored the message: acking is what
-    makes the broker forget it. ``max_packet_bytes`` bounds what one packet
-    may claim, so a corrupt length cannot make the reader buffer forever.
+    makes the broker forget it.
+
+    ``max_packet_bytes`` bounds what one packet may hold in memory. A longer
+    PUBLISH is read only as far as its topic and packet id, its remaining
+    bytes are counted off as they arrive without being kept, and it comes out
+    as a ``TooLarge`` control once its last byte has passed, so the caller can
+    count and acknowledge it and the stream goes on. Any other packet longer
+    than the limit is a protocol error (a broker sends no such thing).
     """
 
     def __init__(self, *, max_packet_bytes: int = 1 << 20) -> None:
         self.max_packet_bytes = max_packet_bytes
         self._tail = b""
+        # Bytes of an oversized PUBLISH still to pass, and what it was.
+        self._skip_bytes = 0
+        self._skipping: TooLarge | None = None
 
     @property
     def buffered(self) -> int:
@@ -326,11 +358,18 @@ class PacketReader:
             raise MqttProtocolError(f"malformed packet: {exc}") from exc
 
     def _feed(self, data: bytes) -> tuple[list[Publish], list[Control]]:  # noqa: PLR0912, PLR0915 - one tight loop on purpose: per-message calls cost as much as the parse
+        publishes: list[Publish] = []
+        controls: list[Control] = []
+        if self._skipping is not None:
+            if len(data) < self._skip_bytes:
+                self._skip_bytes -= len(data)
+                return publishes, controls
+            data = data[self._skip_bytes :]
+            controls.append(self._skipping)
+            self._skipping, self._skip_bytes = None, 0
         buf = self._tail + data if self._tail else data
         end = len(buf)
         pos = 0
-        publishes: list[Publish] = []
-        controls: list[Control] = []
         unpack16 = _U16.unpack_from
         limit = self.max_packet_bytes
         while pos < end:
@@ -346,9 +385,18 @@ class PacketReader:
                 if decoded is None:
                     break
                 length, body_at = decoded
-            if length > limit:
-                raise MqttProtocolError(f"a packet of {length} bytes exceeds {limit}")
             packet_end = body_at + length
+            if length > limit:
+                skipped = self._oversized(buf, first, body_at, length, end)
+                if skipped is None:
+                    break  # its topic and packet id have not all arrived yet
+                if packet_end > end:
+                    self._skipping, self._skip_bytes = skipped, packet_end - end
+                    pos = end
+                    break
+                controls.append(skipped)
+                pos = packet_end
+                continue
             if packet_end > end:
                 break
             kind = first >> 4
@@ -381,3 +429,27 @@ class PacketReader:
             pos = packet_end
         self._tail = buf[pos:] if pos < end else b""
         return publishes, controls
+
+    def _oversized(
+        self, buf: bytes, first: int, body_at: int, length: int, end: int
+    ) -> TooLarge | None:
+        """Topic and packet id of a PUBLISH over the limit, or None until they are in ``buf``."""
+        kind = first >> 4
+        if kind != PUBLISH:
+            raise MqttProtocolError(
+                f"a packet of type {kind} and {length} bytes exceeds {self.max_packet_bytes}"
+            )
+        qos = (first >> 1) & 3
+        if qos == 3:
+            raise MqttProtocolError("PUBLISH with QoS 3")
+        if body_at + 2 > end:
+            return None
+        (topic_len,) = _U16.unpack_from(buf, body_at)
+        header_end = body_at + 2 + topic_len + (2 if qos else 0)
+        if header_end > body_at + length:
+            raise MqttProtocolError("PUBLISH header past the end of the packet")
+        if header_end > end:
+            return None
+        topic = buf[body_at + 2 : body_at + 2 + topic_len].decode()
+        packet_id = _U16.unpack_from(buf, header_end - 2)[0] if qos else 0
+        return TooLarge(topic, qos, packet_id, length)

@@ -187,10 +187,106 @@ def test_malformed_streams_raise_protocol_errors(stream, fragment):
         mc.PacketReader().feed(stream)
 
 
-def test_a_packet_claiming_more_than_the_limit_is_refused_before_buffering():
+def test_a_control_packet_claiming_more_than_the_limit_is_refused_before_buffering():
     reader = mc.PacketReader(max_packet_bytes=1000)
     with pytest.raises(MqttProtocolError, match="exceeds 1000"):
-        reader.feed(b"\x30\xe9\x07")  # 1001 bytes announced
+        reader.feed(b"\x90\xe9\x07")  # a SUBACK announcing 1001 bytes
+
+
+def test_connect_announces_a_maximum_packet_size():
+    packet = mc.encode_connect(client_id="c", keepalive_s=30, clean_start=True)
+    assert b"\x27" not in packet[10:20]
+    packet = mc.encode_connect(
+        client_id="c", keepalive_s=30, clean_start=True, maximum_packet_size=16 << 20
+    )
+    # Properties: session expiry (5 bytes), receive maximum (3), maximum packet size (5).
+    assert packet[12:26] == b"\x0d\x11\x00\x00\x00\x00\x21\xff\xff\x27\x01\x00\x00\x00"
+    with pytest.raises(ValueError, match="four bytes"):
+        mc.encode_connect(client_id="c", keepalive_s=1, clean_start=True, maximum_packet_size=-1)
+
+
+LIMIT = 1000
+
+
+def feed_in_pieces(reader: mc.PacketReader, stream: bytes, cuts: list[int]):
+    publishes: list[mc.Publish] = []
+    controls: list[mc.Control] = []
+    start = 0
+    for cut in [*sorted(cuts), len(stream)]:
+        p, c = reader.feed(stream[start:cut])
+        publishes.extend(p)
+        controls.extend(c)
+        start = max(start, cut)
+    return publishes, controls
+
+
+@pytest.mark.parametrize("piece", [1, 2, 7, 1000, 1001, 5000, 1 << 20])
+def test_an_oversized_publish_is_skipped_reported_and_the_stream_goes_on(piece):
+    big = mc.encode_publish("d/big/up", b"x" * 5000, qos=1, packet_id=77)
+    stream = (
+        mc.encode_publish("d/a/up", b"before", qos=1, packet_id=1)
+        + big
+        + mc.encode_publish("d/a/up", b"after", qos=1, packet_id=2)
+    )
+    reader = mc.PacketReader(max_packet_bytes=LIMIT)
+    cuts = list(range(piece, len(stream), piece))
+    publishes, controls = feed_in_pieces(reader, stream, cuts)
+    assert publishes == [("d/a/up", b"before", 1, 1, False), ("d/a/up", b"after", 1, 2, False)]
+    assert controls == [mc.TooLarge("d/big/up", 1, 77, len(big) - 3)]
+    assert reader.buffered == 0
+
+
+def test_skipping_never_buffers_the_oversized_payload():
+    reader = mc.PacketReader(max_packet_bytes=LIMIT)
+    big = mc.encode_publish("d/big/up", b"x" * 8_000_000, qos=0)
+    most = 0
+    for start in range(0, len(big), 65_536):
+        assert reader.feed(big[start : start + 65_536])[0] == []
+        most = max(most, reader.buffered)
+    assert most < 100  # at most the topic header, never the payload
+    assert reader.feed(b"\xd0\x00") == ([], [mc.Pingresp()])
+
+
+@pytest.mark.parametrize(
+    ("stream", "fragment"),
+    [
+        (b"\x36\xe9\x07\x00\x01a", "QoS 3"),
+        (b"\x32\xe9\x07\x10\x00", "header past the end"),  # topic longer than the packet
+        (b"\x30\xe9\x07\x00\x02\xff\xfe", "malformed packet"),  # topic not UTF-8
+    ],
+)
+def test_an_oversized_publish_with_a_bad_header_is_a_protocol_error(stream, fragment):
+    with pytest.raises(MqttProtocolError, match=fragment):
+        mc.PacketReader(max_packet_bytes=LIMIT).feed(stream)
+
+
+small_or_big = st.tuples(
+    topics,
+    st.one_of(st.binary(max_size=300), st.integers(LIMIT, 4 * LIMIT).map(lambda n: b"y" * n)),
+    st.sampled_from([0, 1]),
+    st.integers(1, 65535),
+)
+
+
+@settings(max_examples=300)
+@given(st.lists(small_or_big, min_size=1, max_size=12), messages, st.data())
+def test_any_split_of_a_stream_with_oversized_publishes_decodes_the_rest(batch, last, data):
+    stream = b"".join(publish_bytes(*m) for m in [*batch, last])
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=12))
+    reader = mc.PacketReader(max_packet_bytes=LIMIT)
+    publishes, controls = feed_in_pieces(reader, stream, cuts)
+    expected_publishes, expected_controls = [], []
+    for t, p, q, pid in [*batch, last]:
+        packet = publish_bytes(t, p, q, pid)
+        remaining, _ = mc._read_varint(packet, 1, len(packet))
+        if remaining > LIMIT:
+            expected_controls.append(mc.TooLarge(t, q, pid if q else 0, remaining))
+        else:
+            expected_publishes.append((t, p, q, pid if q else 0, False))
+    assert publishes == expected_publishes
+    assert controls == expected_controls
+    assert publishes[-1] == (last[0], last[1], last[2], last[3] if last[2] else 0, False)
+    assert reader.buffered == 0
 
 
 @settings(max_examples=500)
