@@ -58,6 +58,14 @@ class GatewayCollector(Collector):
         for reason, count in sorted(counters.rejects.items()):
             rejects.add_metric([*gw, reason], count)
         yield rejects
+        by_device = CounterMetricFamily(
+            "cityhub_gateway_device_rejects",
+            "Rejected device input by configured device and reason (other: unknown ids)",
+            labels=[*labels, "device", "reason"],
+        )
+        for (device, reason), count in sorted(counters.device_rejects.items()):
+            by_device.add_metric([*gw, device, reason], count)
+        yield by_device
         depth = self.gateway.outbox.depth()
         for name, value, help_text in (
             ("outbox_readings", depth.readings, "Readings waiting in the outbox"),

@@ -21,6 +21,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from contracts.errors import BrokerUnavailableError
@@ -32,6 +34,13 @@ logger = logging.getLogger(__name__)
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
 KEEPALIVE_S = 30
+# Maximum Packet Size announced in CONNECT: the broker discards (MQTT 5.0
+# section 3.1.2.11.4) any packet longer than this instead of sending it. What
+# the uplink reads, acks and configs, is refused past contracts'
+# CONTROL_MAX_BYTES (1 MiB) when decoded; 64 KiB more leaves room for the
+# topic and properties, so only what would be refused anyway is dropped, and
+# never read into memory (paho buffers a whole packet before handing it over).
+MAX_PACKET_BYTES = 1024 * 1024 + 64 * 1024
 
 
 def client_ssl_context(name: str, *, ca_file: str, cert_file: str, key_file: str) -> ssl.SSLContext:
@@ -84,6 +93,9 @@ class MqttLink:
         self._on_disconnect_cb = on_disconnect
         self._on_publish_cb = on_publish
         self.connected = threading.Event()
+        # Successful connections, and messages whose handling raised.
+        self.connects = 0
+        self.callback_errors = 0
         self._stopping = False
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         if username is not None:
@@ -108,7 +120,15 @@ class MqttLink:
         """Connect in the background; paho keeps reconnecting until ``stop``."""
         try:
             # Clean start: what was in flight is resent from the outbox anyway.
-            self.client.connect_async(self.host, self.port, keepalive=KEEPALIVE_S, clean_start=True)
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.MaximumPacketSize = MAX_PACKET_BYTES
+            self.client.connect_async(
+                self.host,
+                self.port,
+                keepalive=KEEPALIVE_S,
+                clean_start=True,
+                properties=properties,
+            )
         except (OSError, ValueError) as exc:
             raise BrokerUnavailableError(f"{self.name}: {self.host}:{self.port}: {exc}") from exc
         self.client.loop_start()
@@ -142,6 +162,7 @@ class MqttLink:
             )
             return
         logger.info("%s: connected to %s:%d", self.name, self.host, self.port)
+        self.connects += 1
         self.connected.set()
         self._on_connect_cb()
 
@@ -155,7 +176,14 @@ class MqttLink:
         self._on_disconnect_cb()
 
     def _handle_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
-        self._on_message(message.topic, bytes(message.payload))
+        # The outermost frame of paho's network thread for every incoming
+        # message: an exception escaping here would end that thread (and with
+        # it the uplink) for good, so one bad message is logged and skipped.
+        try:
+            self._on_message(message.topic, bytes(message.payload))
+        except Exception:
+            self.callback_errors += 1
+            logger.exception("%s: message on %s could not be handled", self.name, message.topic)
 
     def _handle_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, codes: Any, _p: Any) -> None:
         failed = [c for c in codes if getattr(c, "is_failure", False)]

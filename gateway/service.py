@@ -56,7 +56,7 @@ from contracts.messages import (
     encode_gateway_config,
     encode_gateway_state,
 )
-from contracts.mqttcodec import Publish
+from contracts.mqttcodec import Publish, TooLarge
 from contracts.settings import BrokerSettings, GatewaySettings
 from contracts.topics import (
     ack_topic,
@@ -71,7 +71,7 @@ from gateway.batching import BatchBuilder
 from gateway.mqtt import MqttLink, Will, client_ssl_context
 from gateway.outbox import Outbox
 from gateway.ratelimit import TokenBuckets
-from gateway.sitelink import SiteLink
+from gateway.sitelink import SITE_MAX_PACKET_BYTES, SiteLink
 from gateway.tracking import DeviceTracker
 
 logger = logging.getLogger(__name__)
@@ -113,6 +113,9 @@ class GatewayCounters:
     accepted: int = 0
     rate_limited: int = 0
     rejects: Counter[str] = field(default_factory=Counter)
+    # (device, reason) for configured devices; other ids count as "other", so
+    # a stream of made-up ids cannot grow it without bound.
+    device_rejects: Counter[tuple[str, str]] = field(default_factory=Counter)
     seq_gaps: int = 0
     duplicates: int = 0
     reboots: int = 0
@@ -225,7 +228,8 @@ class Gateway:
             receive_maximum=settings.site_receive_maximum,
             on_messages=self._on_site_messages,
             on_connect=self._on_site_connect,
-            on_subscribed=self.publish_state,
+            on_subscribed=self._on_site_subscribed,
+            on_too_large=self._on_site_too_large,
         )
         saved = self.outbox.load_document(CONFIG_DOCUMENT)
         if saved is not None:
@@ -259,11 +263,33 @@ class Gateway:
                 batches_resent=c.batches_resent,
                 puback_refused=c.puback_refused,
                 # The Will (offline) is built before the site link exists.
-                site_ready=status == "online"
-                and self.site.connected.is_set()
-                and self.site.subacks > 0,
+                site_ready=status == "online" and self.site_ready(),
             )
         )
+
+    def site_ready(self) -> bool:
+        """Connected to the site broker, subscribed, and every subscription asked for answered."""
+        site = self.site
+        return (
+            site.connected.is_set()
+            and bool(site.granted_topics())
+            and not site.subscriptions_pending()
+        )
+
+    def served_devices(self) -> set[str]:
+        """MQTT devices whose uplink and status subscriptions the site broker has granted.
+
+        A device is served only from then on: a message it publishes earlier
+        reaches no subscription and no session, and is lost at the broker.
+        """
+        granted = self.site.granted_topics()
+        with self.lock:
+            routes = list(self._site_routes.items())
+        topics_of: dict[str, int] = {}
+        for topic, (device, _is_status) in routes:
+            if topic in granted:
+                topics_of[device.device_id] = topics_of.get(device.device_id, 0) + 1
+        return {device_id for device_id, n in topics_of.items() if n == 2}
 
     def publish_state(self, readings_per_s: float = 0.0) -> None:
         if self.central.connected.is_set():
@@ -277,6 +303,8 @@ class Gateway:
 
     def _reject(self, reason: str, device_id: str, detail: str) -> None:
         self.counters.rejects[reason] += 1
+        known = device_id if device_id in self.devices else "other"
+        self.counters.device_rejects[known, reason] += 1
         now = self.clock()
         window_start, logged = self._reject_log.get(reason, (now, 0))
         if now - window_start >= 60_000:
@@ -303,6 +331,53 @@ class Gateway:
         with self.lock:
             ids = self._mqtt_device_ids()
         self.site.subscribe(self._device_topics(ids))
+
+    def _on_site_subscribed(self, refused: list[tuple[str, int]]) -> None:
+        """A SUBACK arrived (event loop): log refusals by device, report readiness."""
+        for topic, code in refused:
+            try:
+                device_id, _kind = parse_device_topic(topic, self.prefix)
+            except InputError:
+                device_id = "?"
+            logger.warning(
+                "site broker refused the subscription %s of device %s: reason code 0x%02x",
+                topic,
+                device_id,
+                code,
+            )
+        self.publish_state()
+
+    def _on_site_too_large(self, message: TooLarge) -> None:
+        """A device message over the site link's limit, skipped unread (event loop).
+
+        It is counted as a reject and acknowledged with the next batch like
+        any other refused message; unacknowledged, the broker would send it
+        again after every reconnect and hold up everything behind it.
+        """
+        generation = self.site.generation
+        route = self._site_routes.get(message.topic)
+        if route is not None:
+            device_id = route[0].device_id
+        else:
+            try:
+                device_id, _kind = parse_device_topic(message.topic, self.prefix)
+            except InputError:
+                device_id = "?"
+        with self.lock:
+            if generation != self._acks_generation:
+                self._site_acks = []
+                self._acks_generation = generation
+            self.counters.received += 1
+            if message.qos:
+                self._site_acks.append(message.packet_id)
+            self._reject(
+                "too_large",
+                device_id,
+                f"{message.size_bytes} bytes on {message.topic[:100]!r}, "
+                f"over the limit of {SITE_MAX_PACKET_BYTES}",
+            )
+        if self._flush_now is not None:
+            self._flush_now.set()
 
     def _on_site_messages(self, publishes: list[Publish]) -> None:
         """Messages of one socket read, in order, on the event loop."""

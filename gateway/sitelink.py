@@ -15,7 +15,12 @@ two reasons, both measured or required here:
   it again after a crash or a reconnect.
 
 Messages are handed over in the order received, in one list per socket read,
-on the event loop's thread. ``subscribe``, ``unsubscribe`` and ``ack`` may be
+on the event loop's thread. A message longer than ``SITE_MAX_PACKET_BYTES``
+is skipped as it streams in, never buffered whole, and handed over as a
+``TooLarge`` for the caller to count and acknowledge: acknowledging is what
+stops the broker from sending it again after every reconnect. Subscriptions
+are tracked per SUBSCRIBE packet id until the broker's SUBACK grants or
+refuses each topic (``granted``, ``pending``). ``subscribe``, ``unsubscribe`` and ``ack`` may be
 called from any thread. Library errors become log lines and reconnects with
 backoff; nothing here raises into the caller's loop.
 """
@@ -39,6 +44,7 @@ from contracts.mqttcodec import (
     PacketReader,
     Publish,
     Suback,
+    TooLarge,
     encode_connect,
     encode_disconnect,
     encode_pubacks,
@@ -57,12 +63,24 @@ CONNECT_TIMEOUT_S = 10.0
 # Topic filters per SUBSCRIBE packet: a 2,000-device site subscribes in a
 # handful of packets well under any broker's packet size limit.
 SUBSCRIBE_CHUNK = 500
+# The longest message read into memory: 16x contracts' DEVICE_PAYLOAD_MAX_BYTES
+# (4 KiB) leaves room for any topic and properties. A longer device message
+# is skipped unbuffered and reported; a shorter one past 4 KiB is decoded's
+# business (refused there as too large). Both are counted as too_large.
+SITE_MAX_PACKET_BYTES = 64 * 1024
+# Maximum Packet Size announced in CONNECT: the broker discards, uncounted,
+# any packet longer than this instead of sending it. 16 MiB is the listener
+# limit of cityhub's own broker (cityhub.localstack), so every message that
+# broker accepts still reaches the gateway to be counted against its device;
+# against a broker without a listener limit (MQTT allows 256 MiB) it caps what
+# the gateway reads to skip one message at 16 MiB.
+SITE_ANNOUNCED_MAX_PACKET_BYTES = 16 * 1024 * 1024
 
 
 class _Protocol(asyncio.Protocol):
     def __init__(self, link: SiteLink) -> None:
         self.link = link
-        self.reader = PacketReader()
+        self.reader = PacketReader(max_packet_bytes=SITE_MAX_PACKET_BYTES)
         self.connack: asyncio.Future[Connack] = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.transport: asyncio.Transport | None = None
@@ -109,7 +127,8 @@ class SiteLink:
         receive_maximum: int = 2000,
         on_messages: Callable[[list[Publish]], None],
         on_connect: Callable[[], None],
-        on_subscribed: Callable[[], None] = lambda: None,
+        on_subscribed: Callable[[list[tuple[str, int]]], None] = lambda _refused: None,
+        on_too_large: Callable[[TooLarge], None] = lambda _message: None,
     ) -> None:
         self.host = host
         self.port = port
@@ -122,9 +141,15 @@ class SiteLink:
         self._on_messages = on_messages
         self._on_connect = on_connect
         self._on_subscribed = on_subscribed
+        self._on_too_large = on_too_large
         self.connected = threading.Event()
-        # SUBACKs received: lets a caller see a subscription take effect.
+        # SUBACKs received, over all connections.
         self.subacks = 0
+        # Topics the broker has granted on this connection, and SUBSCRIBE
+        # packets not yet answered (packet id -> topics). Written on the event
+        # loop; other threads read them as snapshots (``granted_topics``).
+        self._granted: frozenset[str] = frozenset()
+        self._pending: dict[int, list[str]] = {}
         # Bumped at every connection: packet ids belong to one connection, and
         # an ack for an older one must not be sent on a newer one.
         self.generation = 0
@@ -160,6 +185,14 @@ class SiteLink:
         if topics:
             self._call(lambda: self._send_filters(topics, subscribe=False))
 
+    def granted_topics(self) -> frozenset[str]:
+        """Topics whose subscription the broker has confirmed on the current connection."""
+        return self._granted
+
+    def subscriptions_pending(self) -> bool:
+        """True while a SUBSCRIBE of the current connection awaits its SUBACK."""
+        return bool(self._pending)
+
     def ack(self, generation: int, packet_ids: list[int]) -> None:
         """PUBACK ``packet_ids`` received on connection ``generation`` (dropped if it is gone)."""
         if packet_ids:
@@ -179,10 +212,14 @@ class SiteLink:
     def _send_filters(self, topics: list[str], *, subscribe: bool) -> None:
         for start in range(0, len(topics), SUBSCRIBE_CHUNK):
             chunk = topics[start : start + SUBSCRIBE_CHUNK]
+            if not self.connected.is_set():
+                return  # on_connect subscribes again from the device list
             pid = self._next_packet_id()
             if subscribe:
+                self._pending[pid] = chunk
                 self._write(encode_subscribe(pid, [(t, 1) for t in chunk]))
             else:
+                self._granted = self._granted.difference(chunk)
                 self._write(encode_unsubscribe(pid, chunk))
 
     def _send_acks(self, generation: int, packet_ids: list[int]) -> None:
@@ -197,11 +234,9 @@ class SiteLink:
             if not proto.connack.done():
                 proto.connack.set_result(control)
         elif isinstance(control, Suback):
-            failed = [code for code in control.reason_codes if code >= 0x80]
-            if failed:
-                logger.warning("%s: %d subscriptions refused: %s", self, len(failed), failed[:5])
-            self.subacks += 1
-            self._on_subscribed()
+            self._on_suback(control)
+        elif isinstance(control, TooLarge):
+            self._on_too_large(control)
         elif isinstance(control, Disconnect):
             logger.warning(
                 "%s: disconnected by the broker: reason 0x%02x %s",
@@ -209,6 +244,31 @@ class SiteLink:
                 control.reason_code,
                 control.reason,
             )
+
+    def _on_suback(self, suback: Suback) -> None:
+        topics = self._pending.pop(suback.packet_id, None)
+        if topics is None:
+            logger.warning("%s: SUBACK for unknown packet id %d", self, suback.packet_id)
+            return
+        self.subacks += 1
+        codes = suback.reason_codes
+        if len(codes) != len(topics):
+            logger.warning(
+                "%s: SUBACK %d answers %d of %d topics; taking the missing as refused",
+                self,
+                suback.packet_id,
+                len(codes),
+                len(topics),
+            )
+        granted, refused = [], []
+        for i, topic in enumerate(topics):
+            code = codes[i] if i < len(codes) else 0x80
+            if code < 0x80:
+                granted.append(topic)
+            else:
+                refused.append((topic, code))
+        self._granted = self._granted.union(granted)
+        self._on_subscribed(refused)
 
     async def run(self) -> None:
         """Connect, serve and reconnect with backoff until cancelled."""
@@ -225,6 +285,8 @@ class SiteLink:
             finally:
                 self.connected.clear()
                 self._proto = None
+                self._granted = frozenset()
+                self._pending = {}
             if self._stopping:
                 return
             # A connection that lived a while resets the backoff.
@@ -246,6 +308,7 @@ class SiteLink:
                     clean_start=self.session_expiry_s == 0,
                     session_expiry_s=self.session_expiry_s,
                     receive_maximum=self.receive_maximum,
+                    maximum_packet_size=SITE_ANNOUNCED_MAX_PACKET_BYTES,
                     username=self._username,
                     password=self._password,
                 )
@@ -260,6 +323,8 @@ class SiteLink:
             raise ConnectionError(f"connection refused: reason code 0x{connack.reason_code:02x}")
         self._proto = proto
         self.generation += 1
+        self._granted = frozenset()
+        self._pending = {}
         self.connected.set()
         logger.info(
             "connected to %s (session %s)", self, "resumed" if connack.session_present else "new"

@@ -257,7 +257,7 @@ def gateway_in_thread(
         wait_for(gateway.central.connected.is_set, 10, "gateway uplink connection")
         wait_for(gateway.site.connected.is_set, 10, "gateway site connection")
         # A reading published before the subscriptions exist has no session to
-        # wait in: wait for the SUBACK when there are MQTT devices to follow.
+        # wait in: wait until the broker has granted every configured device's.
         if gateway._site_routes:
-            wait_for(lambda: gateway.site.subacks > 0, 10, "gateway site subscriptions")
+            wait_for(gateway.site_ready, 10, "gateway site subscriptions")
         yield gateway

@@ -54,7 +54,9 @@ def test_gateway_applies_provisioned_devices_live(provisioner, mqtt_server, topi
                 gateway_id=gateway_id,
                 transport="mqtt",
             )
-            wait_for(lambda: device_id in gateway.devices, 10, "the new device in the gateway")
+            # Served: the site broker has granted the device's subscriptions, so
+            # its first reading has a session to wait in (no timing involved).
+            wait_for(lambda: device_id in gateway.served_devices(), 10, "the new device served")
             bundle = decode_bundle(outcome.files.json.read_bytes())
             device = mqtt.Client(
                 CallbackAPIVersion.VERSION2, client_id=bundle.broker.client_id, protocol=mqtt.MQTTv5
