@@ -13,7 +13,7 @@ import logging
 import os
 from pathlib import Path
 
-from contracts.errors import HubError
+from contracts.errors import HubError, SettingsError
 from contracts.settings import default_state_dir, describe_settings, load_settings
 from gateway.service import Gateway, outbox_path, serve
 
@@ -50,7 +50,11 @@ def main() -> None:
         )
     except HubError as exc:
         parser.exit(2, f"error: {exc}\n")
-    asyncio.run(serve(gateway))
+    try:
+        asyncio.run(serve(gateway))
+    except SettingsError as exc:
+        # Raised at start-up, before any connection (a busy metrics port).
+        parser.exit(2, f"error: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from contracts.errors import SettingsError
+
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
@@ -80,8 +82,18 @@ class GatewayCollector(Collector):
 
 
 def serve_metrics(gateway: Gateway, port: int) -> WSGIServer:
-    """Serve /metrics on 127.0.0.1:``port`` in a daemon thread."""
+    """Serve /metrics on 127.0.0.1:``port`` in a daemon thread.
+
+    A port that cannot be bound (taken, or privileged) is a SettingsError
+    naming the setting: the service checks it before it connects anywhere.
+    """
     registry = CollectorRegistry()
     registry.register(GatewayCollector(gateway))
-    server, _thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    try:
+        server, _thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise SettingsError(
+            "gateway.metrics_port", f"cannot listen on 127.0.0.1:{port}: {reason}"
+        ) from exc
     return server

@@ -761,13 +761,15 @@ class Gateway:
             self.birth,
             self.outbox.depth().readings,
         )
-        self.central.start()
-        self._start_site()
+        # The metrics port first: a port that cannot be bound is a settings
+        # error, raised before any broker connection (and so any birth or Will).
         metrics_server = None
         if self.settings.metrics_port:
             from gateway.metrics import serve_metrics
 
             metrics_server = serve_metrics(self, self.settings.metrics_port)
+        self.central.start()
+        self._start_site()
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._flusher(flush_now), name="flusher")

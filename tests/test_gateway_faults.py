@@ -277,3 +277,56 @@ def test_site_broker_kill_9_the_gateway_reconnects_and_resubscribes(
     site_pub.disconnect()
     central_pub.disconnect()
     ingest.close()
+
+
+def test_a_busy_metrics_port_is_a_one_line_error_before_anything_starts(mqtt_server, tmp_path):
+    import socket
+    import threading
+
+    from contracts.topics import state_topic
+
+    tag = uuid.uuid4().hex[:6]
+    gateway_id, prefix = f"gw-{tag}", f"t{tag}"
+    pub = client(mqtt_server)
+    publish_config(
+        pub, gateway_id=gateway_id, prefix=prefix, devices=mqtt_devices(prefix, 1), version=1
+    )
+    watcher = client(mqtt_server)
+    seen: list[str] = []
+    sentinel = threading.Event()
+
+    def on_message(_c, _u, message):
+        if message.topic == f"{prefix}/sentinel":
+            sentinel.set()
+        elif message.payload:
+            seen.append(message.topic)
+
+    watcher.on_message = on_message
+    watcher.subscribe([(state_topic(gateway_id, prefix), 1), (f"{prefix}/sentinel", 1)])
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        config = tmp_path / "gateway.toml"
+        gateway_config_file(
+            config, mqtt_server, gateway_id=gateway_id, prefix=prefix, metrics_port=port
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "--config", str(config)],
+            capture_output=True,
+            timeout=60,
+            env={k: v for k, v in os.environ.items() if not k.startswith("CITYHUB_")},
+            check=False,
+        )
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.decode().splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, done.stderr.decode()
+    assert "gateway.metrics_port" in errors[0]
+    assert str(port) in errors[0]
+    assert b"Traceback" not in done.stderr
+    # Nothing was published: no birth, no Will (a connection that died would send it).
+    pub.publish(f"{prefix}/sentinel", b"1", qos=1).wait_for_publish(10)
+    assert sentinel.wait(10)
+    assert seen == []
+    watcher.disconnect()
+    pub.disconnect()
