@@ -98,8 +98,9 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # 256 MiB of batches is about 2.5 M readings at ~100 bytes each: a day of
     # a large site at 30 readings/s while the uplink is down.
     outbox_max_bytes: int = 256 << 20
-    # "refuse": new readings are refused (counted) when full, the backlog is
-    # kept; "drop_oldest": the oldest batches make room (counted).
+    # "refuse": when full, MQTT device messages wait unacknowledged at the
+    # site broker until acks make room (serial readings are refused, counted),
+    # the backlog is kept; "drop_oldest": the oldest batches make room (counted).
     outbox_full_policy: Literal["refuse", "drop_oldest"] = "refuse"
     batch_max_rows: int = 500
     batch_max_ms: int = 200

@@ -6,10 +6,12 @@ It leaves only when ingest's ack for its batch id arrives (``ack``); until
 then ``due`` hands it out again, unchanged, after ``resend_after_ms``.
 
 The outbox is bounded by ``max_bytes`` of payload. When a new batch would
-exceed the bound the policy decides: ``refuse`` raises OutboxFullError (the
-caller counts the readings as refused), ``drop_oldest`` deletes the oldest
-batches to make room and counts their readings as dropped. Both counters are
-kept in the database, so they survive restarts and are reported, never silent.
+exceed the bound the policy decides: ``refuse`` raises OutboxFullError and
+stores nothing (the gateway asks ``fits`` first and holds the batch back, its
+device messages unacknowledged, until acks make room), ``drop_oldest``
+deletes the oldest batches to make room and counts their readings as
+dropped. The counters are kept in the database, so they survive restarts
+and are reported, never silent.
 
 Blocking calls (fsync): the service runs them in a worker thread.
 """
@@ -136,6 +138,10 @@ class Outbox:
             row = self._db.execute("SELECT value FROM counters WHERE name = 'birth'").fetchone()
             self._db.execute("COMMIT")
         return int(row[0])
+
+    def fits(self, incoming_bytes: int) -> bool:
+        """Whether ``incoming_bytes`` more payload stay within ``max_bytes`` (no I/O)."""
+        return self._depth.bytes + incoming_bytes <= self.max_bytes
 
     def put(self, items: list[tuple[str, bytes, int]], now_ms: int) -> PutResult:
         """Store ``(batch_id, payload, readings)`` items in one fsynced transaction.

@@ -11,7 +11,10 @@ Wiring (DESIGN.md sections 1, 3, 4):
 - ``flusher`` task: writes cut (or, past ``batch_max_ms``, due) batches to the
   ``Outbox`` (fsynced, in a worker thread), then acknowledges the device
   messages they hold to the site broker: a message the gateway has not yet
-  stored stays in its persistent session there and comes again after a crash;
+  stored stays in its persistent session there and comes again after a crash.
+  A full outbox under the ``refuse`` policy is backpressure: the batches it
+  cannot take wait, their messages unacknowledged, until acks make room
+  (serial readings, which cannot wait, are refused and counted meanwhile);
 - ``sender`` task: publishes due outbox batches (new, or unacked past
   ``ack_timeout_s``) at QoS 1 to the central broker, at most
   ``max_inflight_batches`` without PUBACK; a PUBACK reason code >= 0x80
@@ -183,12 +186,18 @@ class Gateway:
         # Packet ids of site messages handled but not yet acknowledged, and the
         # connection they arrived on; batches cut from the builder wait in
         # _ready with the acks they release, until the flusher stores them.
+        # Under the refuse policy a full outbox keeps them there (and their
+        # device messages unacknowledged) until acks from ingest make room.
         self._site_acks: list[int] = []
         self._acks_generation = 0
         self._ready: list[tuple[Batch | None, list[int], int]] = []
         # Cut a batch early when this many messages wait for their ack, so the
         # broker's in-flight window (Receive Maximum) never runs dry.
         self._ack_threshold = max(1, settings.site_receive_maximum // 2)
+        # Since when (ms) the outbox has been too full to take the next ready
+        # batch, and the serial readings refused since; None: not full.
+        self._outbox_full_since_ms: int | None = None
+        self._refused_this_episode = 0
         self._site_started = False
         self._site_task: asyncio.Task[None] | None = None
         self._flush_now: asyncio.Event | None = None
@@ -488,6 +497,12 @@ class Gateway:
             self._reject(exc.reason, device.device_id, str(exc))
             return
         with self.lock:
+            if self._outbox_full_since_ms is not None:
+                # A sensor cannot be asked to send again later: while the
+                # outbox is full its readings are refused and counted.
+                self.counters.outbox_refused_readings += 1
+                self._refused_this_episode += 1
+                return
             if not self.buckets.allow(device.device_id, now):
                 self.counters.rate_limited += 1
                 return
@@ -622,7 +637,15 @@ class Gateway:
             await self.flush(force=False)
 
     async def flush(self, *, force: bool) -> None:
-        """Store cut (or due, or with force any) batches, then ack their device messages."""
+        """Store cut (or due, or with force any) batches, then ack their device messages.
+
+        Ready batches are stored oldest first. Under the ``refuse`` policy the
+        first one the outbox cannot take, and every one after it, stays ready
+        with its device messages unacknowledged: the site broker keeps those
+        in the gateway's session (at most ``site_receive_maximum`` of them in
+        flight) and stops sending more. They are stored when acks from
+        ingest make room; nothing a device was acknowledged for is lost.
+        """
         now = self.clock()
         with self.lock:
             if force or self.builder.due(now) or (self._site_acks and not self.builder.rows):
@@ -630,44 +653,97 @@ class Gateway:
             ready, self._ready = self._ready, []
         if not ready:
             return
-        items = []
-        for batch, _acks, _generation in ready:
-            if batch is not None:
-                rows = sum(b.row_count for b in batch.blocks)
-                items.append((batch.batch_id, encode_batch(batch), rows))
+        done, held, items = self._fitting(ready)
         if items:
-            await self._store(items, now)
-        for _batch, acks, generation in ready:
-            # Refused readings are acknowledged too: they are counted, and
-            # holding them would stall the site broker's in-flight window.
+            try:
+                await self._store(items, now)
+            except OutboxFullError:
+                done, held = [], ready  # cannot happen with one writer; hold all
+        if held:
+            with self.lock:
+                self._ready[:0] = held
+        self._outbox_episode(full=bool(held), held=held, now=now)
+        for _batch, acks, generation in done:
+            # Rejected device messages are acknowledged with the batch cut
+            # after them: they are counted, and holding them would stall the
+            # site broker's in-flight window.
             self.site.ack(generation, acks)
 
-    async def _store(self, items: list[tuple[str, bytes, int]], now: int) -> None:
-        """Put batches into the outbox in one fsynced transaction (one by one if it is full)."""
-        try:
-            results = [await asyncio.to_thread(self.outbox.put, items, now)]
-            stored = items
-        except OutboxFullError:
-            results, stored = [], []
-            for item in items:
-                try:
-                    results.append(await asyncio.to_thread(self.outbox.put, [item], now))
-                    stored.append(item)
-                except OutboxFullError as exc:
-                    self.counters.outbox_refused_readings += item[2]
-                    logger.warning("%s", exc)
-        for result in results:
-            self.counters.batches_stored += result.stored_batches
-            if result.dropped_readings:
-                self.counters.outbox_dropped_readings += result.dropped_readings
-                logger.warning(
-                    "outbox full: dropped the %d oldest readings (%d batches)",
-                    result.dropped_readings,
-                    result.dropped_batches,
+    def _fitting(
+        self, ready: list[tuple[Batch | None, list[int], int]]
+    ) -> tuple[
+        list[tuple[Batch | None, list[int], int]],
+        list[tuple[Batch | None, list[int], int]],
+        list[tuple[str, bytes, int]],
+    ]:
+        """Split ``ready`` into the leading entries the outbox takes now and the rest."""
+        outbox = self.outbox
+        refuse = outbox.full_policy == "refuse"
+        items: list[tuple[str, bytes, int]] = []
+        incoming = 0
+        for i, (batch, _acks, _generation) in enumerate(ready):
+            if batch is None:
+                continue
+            payload = encode_batch(batch)
+            rows = sum(b.row_count for b in batch.blocks)
+            if refuse and not outbox.fits(incoming + len(payload)):
+                if items or outbox.depth().batches:
+                    return ready[:i], ready[i:], items
+                # Larger than the whole outbox: it can never fit, and holding
+                # it would stop the site for good. Refused and counted.
+                self.counters.outbox_refused_readings += rows
+                logger.error(
+                    "batch %s of %d bytes exceeds the whole outbox (%d bytes): "
+                    "%d readings refused; raise gateway.outbox_max_bytes",
+                    batch.batch_id,
+                    len(payload),
+                    outbox.max_bytes,
+                    rows,
                 )
-        self.counters.readings_stored += sum(rows for _, _, rows in stored)
-        if stored:
-            self._wake()
+                continue
+            items.append((batch.batch_id, payload, rows))
+            incoming += len(payload)
+        return ready, [], items
+
+    def _outbox_episode(
+        self, *, full: bool, held: list[tuple[Batch | None, list[int], int]], now: int
+    ) -> None:
+        """Log a full outbox once when it starts (WARNING) and once when it ends (INFO)."""
+        since = self._outbox_full_since_ms
+        if full and since is None:
+            self._outbox_full_since_ms = now
+            depth = self.outbox.depth()
+            logger.warning(
+                "outbox full (%d of %d bytes): holding %d device messages unacknowledged "
+                "at the site broker and refusing serial readings until ingest's acks make room",
+                depth.bytes,
+                self.outbox.max_bytes,
+                sum(len(acks) for _b, acks, _g in held),
+            )
+        elif not full and since is not None:
+            with self.lock:
+                self._outbox_full_since_ms = None
+                refused, self._refused_this_episode = self._refused_this_episode, 0
+            logger.info(
+                "outbox has room again after %.1f s: held device messages stored and "
+                "acknowledged; %d serial readings were refused meanwhile",
+                (now - since) / 1000,
+                refused,
+            )
+
+    async def _store(self, items: list[tuple[str, bytes, int]], now: int) -> None:
+        """Put batches into the outbox in one fsynced transaction."""
+        result = await asyncio.to_thread(self.outbox.put, items, now)
+        self.counters.batches_stored += result.stored_batches
+        if result.dropped_readings:
+            self.counters.outbox_dropped_readings += result.dropped_readings
+            logger.warning(
+                "outbox full: dropped the %d oldest readings (%d batches)",
+                result.dropped_readings,
+                result.dropped_batches,
+            )
+        self.counters.readings_stored += sum(rows for _, _, rows in items)
+        self._wake()
 
     async def _sender(self, wake: asyncio.Event) -> None:
         resend_after_ms = int(self.settings.ack_timeout_s * 1000)

@@ -330,3 +330,90 @@ def test_a_busy_metrics_port_is_a_one_line_error_before_anything_starts(mqtt_ser
     assert seen == []
     watcher.disconnect()
     pub.disconnect()
+
+
+def test_a_full_outbox_holds_device_messages_back_and_loses_none(mqtt_server, tmp_path, caplog):
+    """Under ``refuse``: central cut off, a small outbox fills, devices keep publishing.
+
+    Every reading the broker acknowledged to a device is stored exactly once
+    and acked by ingest after the uplink comes back; the full outbox is logged
+    once per episode, not per batch.
+    """
+    import logging
+
+    from contracts.messages import DeviceConfig
+    from contracts.settings import BrokerSettings
+    from tests.ingestharness import TcpProxy
+
+    caplog.set_level(logging.INFO, logger="gateway.service")
+    tag = uuid.uuid4().hex[:6]
+    gateway_id, prefix = f"gw-{tag}", f"t{tag}"
+    devices = mqtt_devices(prefix, 3)
+    ingest = FakeIngest(mqtt_server, gateway_id=gateway_id, prefix=prefix)
+    ingest.acking = True
+    pub = client(mqtt_server)
+    publish_config(pub, gateway_id=gateway_id, prefix=prefix, devices=devices, version=1)
+    proxy = TcpProxy(mqtt_server.port)
+    site = broker_settings(mqtt_server)
+    central = BrokerSettings(
+        host="127.0.0.1", port=proxy.port, username=site.username, password=site.password
+    )
+    settings = gateway_settings(
+        gateway_id,
+        prefix,
+        outbox_max_bytes=20_000,
+        outbox_full_policy="refuse",
+        batch_max_rows=50,
+        site_receive_maximum=100,
+    )
+    try:
+        with gateway_in_thread(
+            settings=settings, central=central, site=site, outbox=tmp_path / "o.sqlite3"
+        ) as gw:
+            proxy.cut()
+            wait_for(lambda: not gw.central.connected.is_set(), 10, "the uplink cut")
+            # Every one of these gets its PUBACK from the broker.
+            sent = publish_readings(pub, prefix=prefix, devices=devices, per_device=300)
+
+            def full_warnings() -> int:
+                return sum("outbox full" in r.getMessage() for r in caplog.records)
+
+            wait_for(
+                lambda: full_warnings() == 1 or gw.counters.outbox_refused_readings > 0,
+                20,
+                "the outbox full",
+            )
+            assert gw.counters.outbox_refused_readings == 0
+            # A serial sensor cannot be held back: its reading is refused and counted.
+            sensor = DeviceConfig(
+                device_id=f"{prefix}-aq-01",
+                device_type="air_quality",
+                transport="serial",
+                port="/dev/null",
+                protocol="pms5003",
+            )
+            gw.accept_serial_reading(sensor, {"pm25": 12.0})
+            assert gw.counters.outbox_refused_readings == 1
+            stored = gw.counters.readings_stored
+            assert 0 < stored < len(sent)
+            assert gw.outbox.depth().bytes <= 20_000
+            proxy.restore()
+            wait_for(lambda: ingest.count() == len(sent), 60, "every reading at ingest")
+            wait_for(lambda: gw.outbox.depth().readings == 0, 30, "the outbox drained")
+            assert ingest.readings == sent
+            # Each reading went into the outbox exactly once and was acked once.
+            assert gw.counters.readings_stored == len(sent)
+            assert gw.counters.readings_acked == len(sent)
+            assert gw.counters.outbox_refused_readings == 1
+            # One WARNING per episode, each closed by one INFO.
+            marks = [
+                "start" if "outbox full" in r.getMessage() else "end"
+                for r in caplog.records
+                if "outbox full" in r.getMessage() or "room again" in r.getMessage()
+            ]
+            assert marks[0] == "start"
+            assert marks == ["start", "end"] * (len(marks) // 2)
+    finally:
+        proxy.close()
+        pub.disconnect()
+        ingest.close()
