@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from contracts.topics import ack_topic, config_topic, device_uplink_topic
+from contracts.topics import ack_topic, config_topic, device_status_topic, device_uplink_topic
 from tests.gatewayharness import (
     FakeIngest,
     broker_settings,
@@ -77,7 +77,16 @@ def test_an_8_mb_device_message_is_counted_acked_and_the_others_flow_on(mqtt_ser
         online = [s for s in states if s.status == "online" and s.received > 0]
         assert online
         assert all(s.site_ready for s in online)
-    # Acknowledged: a gateway that resumes the same site session does not get it again.
+    # While the gateway is away: another oversized message, on the status topic
+    # this time, waits in its session with a normal reading behind it.
+    late = pub.publish(device_status_topic(hostile.device_id, prefix), b"y" * EIGHT_MB, qos=1)
+    late.wait_for_publish(30)
+    ts_late = now_ms()
+    pub.publish(
+        device_uplink_topic(others[0].device_id, prefix), kiosk_uplink(99, ts_late), qos=1
+    ).wait_for_publish(10)
+    # The gateway resuming the same site session gets the late one (once) and
+    # not the first, which it had acknowledged.
     with gateway_in_thread(
         settings=gateway_settings(gateway_id, prefix),
         central=broker,
@@ -89,7 +98,9 @@ def test_an_8_mb_device_message_is_counted_acked_and_the_others_flow_on(mqtt_ser
             device_uplink_topic(hostile.device_id, prefix), kiosk_uplink(2, ts2), qos=1
         ).wait_for_publish(10)
         wait_for(lambda: (hostile.device_id, 2, ts2) in ingest.readings, 10, "the sentinel")
-        assert again.counters.rejects["too_large"] == 0
+        assert (others[0].device_id, 99, ts_late) in ingest.readings
+        assert again.counters.rejects["too_large"] == 1
+        assert again.counters.device_rejects[hostile.device_id, "too_large"] == 1
     watcher.disconnect()
     pub.disconnect()
     ingest.close()
@@ -166,3 +177,48 @@ def test_a_device_added_live_is_served_only_once_its_subscription_is_granted(
         assert ingest.readings == sent
     pub.disconnect()
     ingest.close()
+
+
+def test_refused_subscriptions_are_not_served_and_are_logged_by_device(tmp_path, caplog):
+    """The SUBACK bookkeeping without a broker: packet id -> topics -> granted or refused."""
+    from contracts.mqttcodec import Suback
+    from contracts.settings import BrokerSettings
+    from gateway.service import Gateway
+
+    prefix = "tsub"
+    a, b = mqtt_devices(prefix, 2)
+    nowhere = BrokerSettings(host="127.0.0.1", port=1)
+    gw = Gateway(
+        settings=gateway_settings("gw-sub", prefix),
+        central=nowhere,
+        site=nowhere,
+        outbox_path=tmp_path / "o.sqlite3",
+    )
+    try:
+        from contracts.messages import GatewayConfig
+
+        gw.apply_config(
+            GatewayConfig(gateway_id="gw-sub", version=1, site_id="s", devices=[a, b]),
+            persist=False,
+        )
+        gw.site.connected.set()  # as after a CONNACK; nothing is written without a transport
+        gw.site._send_filters(gw._device_topics({a.device_id, b.device_id}), subscribe=True)
+        assert gw.site.subscriptions_pending()
+        assert gw.served_devices() == set()
+        (pid,) = gw.site._pending
+        # a's two topics granted, b's uplink refused (0x87: not authorized).
+        gw.site.on_control(None, Suback(pid, (1, 1, 0x87, 1)))
+        assert not gw.site.subscriptions_pending()
+        assert gw.served_devices() == {a.device_id}
+        refusals = [
+            r.getMessage() for r in caplog.records if "refused the subscription" in r.getMessage()
+        ]
+        assert len(refusals) == 1
+        assert b.device_id in refusals[0]
+        assert "0x87" in refusals[0]
+        # A SUBACK for a packet id never sent is logged and changes nothing.
+        gw.site.on_control(None, Suback(4242, (1,)))
+        assert gw.served_devices() == {a.device_id}
+    finally:
+        gw.site.connected.clear()
+        gw.outbox.close()
