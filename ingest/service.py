@@ -96,7 +96,13 @@ from contracts.settings import BrokerSettings, DatabaseSettings, IngestSettings
 from contracts.topics import ack_topic, gateway_filter, ingest_batch_filter, parse_gateway_topic
 from ingest.backoff import backoff_delay_s
 from ingest.metrics import IngestCounters, IngestMetrics, serve_metrics
-from ingest.mqtt import BatchSubscriber, Delivery, StateMessage, StateSubscriber
+from ingest.mqtt import (
+    BatchSubscriber,
+    Delivery,
+    StateMessage,
+    StateSubscriber,
+    client_id_for,
+)
 from ingest.rows import NOT_OWNED, build_rows
 from ingest.states import state_row
 from ingest.writer import (
@@ -320,7 +326,7 @@ class Ingest:
         self.subscriber = BatchSubscriber(
             host=broker.host,
             port=broker.port,
-            client_id=f"ingest-{worker_id}",
+            client_id=client_id_for(worker_id),
             username=broker.username,
             password=broker.password,
             tls=broker.tls,
@@ -334,7 +340,7 @@ class Ingest:
             self.state_subscriber = StateSubscriber(
                 host=broker.host,
                 port=broker.port,
-                client_id=f"ingest-{worker_id}-states",
+                client_id=client_id_for(worker_id, "states"),
                 username=broker.username,
                 password=broker.password,
                 tls=broker.tls,
