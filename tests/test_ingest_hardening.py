@@ -187,10 +187,11 @@ def test_a_disconnect_with_reason_session_taken_over_is_logged_as_exactly_that(c
     taken_over = ReasonCode(PacketTypes.DISCONNECT, identifier=0x8E)
     subscriber._handle_disconnect(subscriber.client, None, None, taken_over, None)
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == [
+    expected = (
         f"session taken over: the broker closed connection {subscriber.client_id!r} because "
         "another client connected with the same client id; reconnecting"
-    ]
+    )
+    assert lines == [expected]
     assert subscriber.takeovers == 1
 
 
