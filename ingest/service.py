@@ -131,7 +131,8 @@ REJECT_LOG_PER_MINUTE: Final = 5
 # Log a continuing database outage once, then every this many retries.
 RETRY_LOG_EVERY: Final = 10
 # An ack carries at most this many batch ids: 1,000 ids of at most 149
-# characters stay under contracts' 1 MiB limit for control messages.
+# characters and their 32-character digests (~190 KB of JSON) stay under
+# contracts' 1 MiB limit for control messages.
 ACK_MAX_IDS: Final = 1000
 # On stop, how long to wait for prepared groups to commit and be acked
 # (bounded further by commit_timeout_s): a commit takes well under a second,
@@ -265,12 +266,17 @@ def prepare_state(topic: str, payload: bytes, *, prefix: str) -> StateItem:
     return GoodState(topic=topic, row=row, payload=payload)
 
 
-def ack_id(item: WriteItem) -> tuple[str, str] | None:
-    """(gateway, batch id) to put in an Ack once ``item`` is committed, if any."""
+def ack_id(item: WriteItem) -> tuple[str, str, str] | None:
+    """(gateway, batch id, payload digest) to put in an Ack once ``item`` is committed, if any.
+
+    The digest is of the payload committed or refused, so the gateway drops
+    its batch only if that is the payload it holds: a refused or spoofed
+    message that reuses a held batch id acks nothing the gateway keeps.
+    """
     if isinstance(item, GoodBatch):
-        return item.gateway_id, item.batch_id
+        return item.gateway_id, item.batch_id, item.digest
     if item.gateway_id is not None and item.batch_id is not None:
-        return item.gateway_id, item.batch_id
+        return item.gateway_id, item.batch_id, item.digest
     return None
 
 
@@ -545,16 +551,20 @@ class Ingest:
 
     def _acknowledge(self, group: list[Pending]) -> None:
         """Committed: the app acks to the gateways first, then the broker's PUBACKs."""
-        ids: dict[str, dict[str, None]] = {}  # gateway -> batch ids, ordered, unique
+        # gateway -> (batch id, digest), ordered, unique
+        ids: dict[str, dict[tuple[str, str], None]] = {}
         for p in group:
             found = ack_id(p.item)
             if found is not None:
-                ids.setdefault(found[0], {})[found[1]] = None
+                ids.setdefault(found[0], {})[found[1], found[2]] = None
         now_ms = self.clock()
-        for gateway_id, batch_ids in ids.items():
-            listed = list(batch_ids)
+        for gateway_id, acked_ids in ids.items():
+            listed = list(acked_ids)
             for start in range(0, len(listed), ACK_MAX_IDS):
-                ack = Ack(batch_ids=listed[start : start + ACK_MAX_IDS], ts_ms=now_ms)
+                part = listed[start : start + ACK_MAX_IDS]
+                ack = Ack(
+                    batch_ids=[b for b, _ in part], digests=[d for _, d in part], ts_ms=now_ms
+                )
                 try:
                     self.subscriber.publish(ack_topic(gateway_id, self.prefix), encode_ack(ack))
                 except BrokerUnavailableError as exc:

@@ -2,9 +2,11 @@
 
 ``BatchWriter.commit`` writes a group of batches in ONE transaction:
 
-1. records each batch id in ``{schema}.ingested_batches`` (``ON CONFLICT DO
-   NOTHING RETURNING``): ids already there were committed before, by this
-   worker or another, and are only acked again, not rewritten. Two workers
+1. records each batch id with the digest of its payload in
+   ``{schema}.ingested_batches`` (``ON CONFLICT DO NOTHING RETURNING``): an
+   (id, digest) already there was committed before, by this worker or
+   another, and is only acked again, not rewritten. Another payload under a
+   known id is not the same batch: it is committed (and acked) on its own. Two workers
    holding the same resent batch serialise on that row lock; ids are
    inserted sorted so two groups never lock in opposite orders;
 2. per device type, a binary COPY (``ingest.copyformat``, with the stage
@@ -19,7 +21,8 @@
    twice as fast on a hypertable (no speculative insertion: ~155k vs ~83k
    rows/s measured here with bench/bench_ingest.py's data);
 3. the rejects of the new batches: per reading (gateway, device, batch id,
-   reason, detail) and whole poison messages (reason, detail, raw payload);
+   reason, detail) and whole poison messages (reason, detail, the head of
+   the raw payload, at most REJECT_RAW_MAX_BYTES, and its size);
 4. ``device_state``: last seen, last seq, boot id, readings count (devices
    upserted in id order, for the same lock-order reason).
 
@@ -68,7 +71,7 @@ from contracts.errors import (
     RefusedByDatabaseError,
     SchemaError,
 )
-from contracts.messages import Batch
+from contracts.messages import Batch, payload_digest
 from contracts.schema import SQL_TYPES, check_schema_name, readings_table
 from ingest.copyformat import CopyColumn, encode_copy_binary
 from ingest.rows import BatchRows, DeviceSummary, TypeRows, concat_rows, merge_summaries
@@ -86,6 +89,14 @@ CONFLICT_MEMORY_S: Final = 60.0
 # stored within seconds, while a flood of unknown ids costs one small query
 # per id every 5 s, not one per batch.
 UNKNOWN_RETRY_S: Final = 5.0
+# Bytes of a refused payload kept in ``rejects.raw`` (its full size goes to
+# ``raw_bytes``). 64 KiB holds a whole batch of the gateway's default size
+# (500 rows, ~50 KB), so a batch refused for its content can be replayed
+# from the table, and any state, ack or device message whole (states are
+# ~0.5 KB); beyond that the head shows what the message was. Without the
+# bound one 8 MiB message made an 8 MiB row, and a flood of them filled the
+# disk at the broker's rate.
+REJECT_RAW_MAX_BYTES: Final = 64 * 1024
 
 
 def poison_key(topic: str, payload: bytes) -> str:
@@ -116,6 +127,7 @@ class GoodBatch:
     rows: BatchRows
     payload: bytes
     owners: Mapping[str, str | None]  # the ownership map the rows were built with
+    digest: str  # payload_digest(payload): what the ack names the batch by
 
     @classmethod
     def build(
@@ -136,11 +148,17 @@ class GoodBatch:
             rows=rows,
             payload=payload,
             owners=owners,
+            digest=payload_digest(payload),
         )
 
     @property
+    def record(self) -> tuple[str, str]:
+        """Its ``ingested_batches`` key: the batch id and the payload's digest."""
+        return self.batch_id, self.digest
+
+    @property
     def key(self) -> str:
-        return self.batch_id
+        return "\0".join(self.record)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,8 +173,17 @@ class PoisonBatch:
     payload: bytes
 
     @property
+    def digest(self) -> str:
+        return payload_digest(self.payload)
+
+    @property
+    def record(self) -> tuple[str, str]:
+        """Its ``ingested_batches`` key: the poison key and the payload's digest."""
+        return poison_key(self.topic, self.payload), self.digest
+
+    @property
     def key(self) -> str:
-        return poison_key(self.topic, self.payload)
+        return "\0".join(self.record)
 
 
 WriteItem = GoodBatch | PoisonBatch
@@ -435,19 +462,21 @@ class BatchWriter:
         return outcome
 
     def _claim_keys(self, cur: psycopg.Cursor[Any], unique: Mapping[str, WriteItem]) -> set[str]:
-        """Record the keys in ``ingested_batches``; returns those not recorded before."""
+        """Record the items in ``ingested_batches``; returns the keys not recorded before."""
         keys = sorted(unique)
+        records = [unique[k].record for k in keys]
         cur.execute(
-            f"INSERT INTO {self.schema}.ingested_batches (batch_id, gateway_id, readings) "
-            "SELECT * FROM unnest(%s::text[], %s::text[], %s::int[]) ORDER BY 1 "
-            "ON CONFLICT DO NOTHING RETURNING batch_id",
+            f"INSERT INTO {self.schema}.ingested_batches (batch_id, digest, gateway_id, readings) "
+            "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::int[]) ORDER BY 1, 2 "
+            "ON CONFLICT DO NOTHING RETURNING batch_id, digest",
             (
-                keys,
+                [r[0] for r in records],
+                [r[1] for r in records],
                 [unique[k].gateway_id for k in keys],
                 [_readings_of(unique[k]) for k in keys],
             ),
         )
-        return {str(row[0]) for row in cur.fetchall()}
+        return {f"{row[0]}\0{row[1]}" for row in cur.fetchall()}
 
     def _write_readings(
         self, cur: psycopg.Cursor[Any], goods: Sequence[GoodBatch], outcome: CommitOutcome
@@ -490,24 +519,37 @@ class BatchWriter:
     def _write_rejects(
         self, cur: psycopg.Cursor[Any], fresh: Sequence[WriteItem], rejects: Counter[str]
     ) -> None:
-        records: list[tuple[str | None, str | None, str | None, str, str, bytes | None]] = []
+        records: list[
+            tuple[str | None, str | None, str | None, str, str, bytes | None, int | None]
+        ] = []
         for item in fresh:
             if isinstance(item, PoisonBatch):
                 detail = _text(item.detail)
+                raw = item.payload[:REJECT_RAW_MAX_BYTES]
                 records.append(
-                    (item.gateway_id, None, item.batch_id, item.reason, detail, item.payload)
+                    (
+                        item.gateway_id,
+                        None,
+                        item.batch_id,
+                        item.reason,
+                        detail,
+                        raw,
+                        len(item.payload),
+                    )
                 )
                 continue
             for r in item.rows.rejects:
                 detail = _text(f"seq {r.seq} ts_ms {r.ts_ms}: {r.detail}")
-                records.append((item.gateway_id, r.device_id, item.key, r.reason, detail, None))
+                records.append(
+                    (item.gateway_id, r.device_id, item.batch_id, r.reason, detail, None, None)
+                )
         if not records:
             return
         with cur.copy(
-            f"COPY {self.schema}.rejects (gateway_id, device_id, batch_id, reason, detail, raw) "
-            "FROM STDIN (FORMAT BINARY)"
+            f"COPY {self.schema}.rejects (gateway_id, device_id, batch_id, reason, detail, raw, "
+            "raw_bytes) FROM STDIN (FORMAT BINARY)"
         ) as copy:
-            copy.set_types(["text", "text", "text", "text", "text", "bytea"])
+            copy.set_types(["text", "text", "text", "text", "text", "bytea", "int8"])
             for record in records:
                 copy.write_row(record)
         rejects.update(r[3] for r in records)

@@ -13,6 +13,7 @@ import queue
 import time
 import uuid
 
+import msgspec
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -26,7 +27,10 @@ from contracts.messages import (
     BATCH_MAX_BYTES,
     CONTROL_MAX_BYTES,
     GatewayState,
+    decode_batch,
+    encode_batch,
     encode_gateway_state,
+    payload_digest,
 )
 from contracts.settings import DatabaseSettings
 from contracts.topics import batch_topic, state_topic
@@ -36,6 +40,7 @@ from ingest.mqtt import (
     client_id_for,
     state_packet_max_bytes,
 )
+from ingest.writer import REJECT_RAW_MAX_BYTES
 from tests.gatewayharness import broker_settings, client, now_ms, wait_for
 from tests.ingestharness import (
     GatewayPlayer,
@@ -257,4 +262,135 @@ def test_oversized_batches_and_states_are_discarded_or_refused_and_the_stream_go
     finally:
         pub.disconnect()
         pub.loop_stop()
+        player.close()
+
+
+# --- item 9: an ack removes only the payload that was committed ----------------------
+
+
+def _held_attempts(gateway) -> int:
+    return min(i.attempts for i in gateway.outbox.due(now_ms(), resend_after_ms=0, limit=10))
+
+
+def _held_batch(gateway) -> tuple[str, bytes]:
+    (item,) = gateway.outbox.due(now_ms(), resend_after_ms=0, limit=10)
+    return item.batch_id, item.payload
+
+
+@pytest.mark.parametrize("spoof", ["undecodable", "valid-other-content"])
+def test_a_spoofed_payload_under_a_held_batch_id_never_removes_the_real_batch(
+    spoof, mqtt_server, db_conn, db_url, migrated, tmp_path, caplog
+):
+    """Real gateway, real ingest: the spoof is stored and acked, the real batch stays and lands."""
+    from tests.gatewayharness import (
+        gateway_in_thread,
+        gateway_settings,
+        mqtt_devices,
+        publish_config,
+        publish_readings,
+    )
+
+    t = tag()
+    gw, prefix = f"gw-{t}", f"t{t}"
+    devices = mqtt_devices(prefix, 3)
+    seed_registry(db_conn, migrated, {gw: [(d.device_id, d.device_type) for d in devices]})
+    pub = client(mqtt_server)
+    publish_config(pub, gateway_id=gw, prefix=prefix, devices=devices, version=1)
+    broker = broker_settings(mqtt_server)
+    caplog.set_level(logging.WARNING, logger="gateway")
+    # Resent after 8 s: the spoofs are handled long before the real batch comes again.
+    settings = gateway_settings(gw, prefix, ack_timeout_s=8.0, batch_max_rows=1000)
+    try:
+        with gateway_in_thread(
+            settings=settings, central=broker, site=broker, outbox=tmp_path / "outbox.sqlite3"
+        ) as gateway:
+            wait_for(lambda: len(gateway.devices) == 3, 10, "gateway config")
+            # No ingest yet: the batch is sent once into the void and held.
+            sent = publish_readings(pub, prefix=prefix, devices=devices, per_device=5)
+            wait_for(lambda: gateway.outbox.depth().readings == len(sent), 10, "batch held")
+            wait_for(
+                lambda: all(
+                    i.attempts >= 1
+                    for i in gateway.outbox.due(now_ms(), resend_after_ms=0, limit=10)
+                ),
+                10,
+                "the batch sent once",
+            )
+            held_id, held_payload = _held_batch(gateway)
+            if spoof == "undecodable":
+                payload = msgspec.msgpack.encode({"batch_id": held_id, "blocks": "nonsense"})
+            else:
+                real = decode_batch(held_payload, now_ms=now_ms())
+                payload = encode_batch(msgspec.structs.replace(real, sent_ms=real.sent_ms + 1))
+            assert payload != held_payload
+            with ingest_in_thread(
+                settings=ingest_settings(prefix),
+                broker=broker,
+                database=db(db_url, migrated),
+            ) as worker:
+                pub.publish(batch_topic(gw, prefix), payload, qos=1)
+
+                def spoof_acked() -> bool:
+                    kept = [r for r in caplog.records if "with another payload" in r.getMessage()]
+                    return bool(kept) or gateway.outbox.depth().batches == 0
+
+                wait_for(spoof_acked, 10, "the spoof's ack handled by the gateway")
+                # The real batch is still held (and, until its resend, not acked).
+                assert gateway.outbox.depth().batches == 1
+                assert _held_batch(gateway)[0] == held_id
+                if spoof == "undecodable":
+                    assert worker.counters.poison == 1
+                else:
+                    assert worker.counters.batches == 1
+                # Resent unchanged, committed, acked with its own digest: gone.
+                wait_for(lambda: gateway.outbox.depth().batches == 0, 30, "the real batch acked")
+                wait_for(lambda: gateway.counters.readings_acked == len(sent), 10, "counted")
+        stored = db_conn.execute(
+            f"SELECT device_id, seq, (extract(epoch FROM ts) * 1000)::bigint "
+            f"FROM {migrated}.readings_kiosk"
+        ).fetchall()
+        assert len(stored) == len(sent)
+        assert {(d, int(s), int(ts)) for d, s, ts in stored} == sent
+        digests = db_conn.execute(
+            f"SELECT digest FROM {migrated}.ingested_batches WHERE batch_id = %s", (held_id,)
+        ).fetchall()
+        assert payload_digest(held_payload) in {d for (d,) in digests}
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+
+
+# --- item 10: bounded rejects ------------------------------------------------------------
+
+
+def test_a_large_reject_keeps_its_head_and_its_size_once(mqtt_server, db_conn, db_url, migrated):
+    t = tag()
+    gw, prefix = f"gw-{t}", f"t{t}"
+    devices = devices_of(gw)
+    seed_registry(db_conn, migrated, {gw: devices})
+    player = GatewayPlayer(mqtt_server, gateway_id=gw, prefix=prefix)
+    large = bytes(range(256)) * (3 * 1024 * 1024 // 256)  # 3 MiB, not msgpack of a batch
+    small = b"\xc1 not msgpack"
+    try:
+        with ingest_in_thread(
+            settings=ingest_settings(prefix),
+            broker=broker_settings(mqtt_server),
+            database=db(db_url, migrated),
+        ) as worker:
+            for payload in (large, large, small):  # the repeat is stored once
+                player.publish_raw(payload)
+            sentinel = make_batch(gw, 1, devices, rows_per_device=1)
+            player.send(sentinel)
+            wait_for(lambda: sentinel.batch_id in player.acked, 20, "the sentinel acked")
+            wait_for(lambda: worker.counters.received == 4, 10, "all received")
+        rows = db_conn.execute(
+            f"SELECT raw, raw_bytes FROM {migrated}.rejects WHERE gateway_id = %s "
+            "ORDER BY raw_bytes",
+            (gw,),
+        ).fetchall()
+        assert [(bytes(raw), size) for raw, size in rows] == [
+            (small, len(small)),
+            (large[:REJECT_RAW_MAX_BYTES], len(large)),
+        ]
+    finally:
         player.close()
