@@ -354,6 +354,11 @@ class StateMessage:
 
     topic: str
     payload: bytes
+    # Sent from the broker's store at (re)subscribe, not forwarded live.
+    retained: bool = False
+    # Wall clock when it arrived: a live Will's time of death (MQTT gives a
+    # message no broker timestamp, and the Will's own is its connect time).
+    received_ms: int = 0
 
 
 class StateSubscriber(_Subscription):
@@ -391,7 +396,12 @@ class StateSubscriber(_Subscription):
     # -- paho callbacks (network thread) ----------------------------------------
 
     def _handle_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
-        received = StateMessage(topic=message.topic, payload=bytes(message.payload))
+        received = StateMessage(
+            topic=message.topic,
+            payload=bytes(message.payload),
+            retained=bool(message.retain),
+            received_ms=time.time_ns() // 1_000_000,
+        )
         while True:
             try:
                 self._messages.put_nowait(received)

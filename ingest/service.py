@@ -232,8 +232,17 @@ def prepare_item(
     )
 
 
-def prepare_state(topic: str, payload: bytes, *, prefix: str) -> StateItem:
+def prepare_state(
+    topic: str,
+    payload: bytes,
+    *,
+    prefix: str,
+    received_ms: int | None = None,
+    retained: bool = False,
+) -> StateItem:
     """Classify one state message: a GoodState with its row, or a PoisonBatch with the reason.
+
+    A Will's row carries ``received_ms`` as its time (``ingest.states.state_row``).
 
     Poison: a topic that is not ``[prefix/]hub/v1/gw/{id}/state``, a payload
     ``decode_gateway_state`` or ``ingest.states.state_row`` refuses, or a
@@ -244,7 +253,7 @@ def prepare_state(topic: str, payload: bytes, *, prefix: str) -> StateItem:
     except InputError as exc:
         return _poison_topic(topic, payload, exc)
     try:
-        row = state_row(decode_gateway_state(payload))
+        row = state_row(decode_gateway_state(payload), received_ms=received_ms, retained=retained)
     except InputError as exc:
         return PoisonBatch(
             topic=topic,
@@ -590,7 +599,13 @@ class Ingest:
 
     def _prepare_state(self, message: StateMessage) -> StateItem:
         try:
-            return prepare_state(message.topic, message.payload, prefix=self.prefix)
+            return prepare_state(
+                message.topic,
+                message.payload,
+                prefix=self.prefix,
+                received_ms=message.received_ms or self.clock(),
+                retained=message.retained,
+            )
         except Exception as exc:
             # As for batches: a decoding bug must not crash the worker.
             logger.exception("internal error preparing a state on %s", message.topic)

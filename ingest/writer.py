@@ -49,6 +49,7 @@ business; rows are built by ``ingest.rows``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -592,7 +593,10 @@ class BatchWriter:
     def write_states(self, items: Sequence[StateItem]) -> StateOutcome:
         """Store state messages and refused ones in one transaction.
 
-        A state replaces the stored row of its gateway when it is newer:
+        A death Will (``row.will``, timed when ingest received it) takes
+        ``_UPSERT_WILL``: the session's death at the time it was noticed,
+        stored once however often its retained copy comes again. Any other
+        state replaces the stored row of its gateway when it is newer:
         a higher ``birth`` (a later session), or the same birth and a later
         ``ts_ms``, or the same birth and ``offline`` over ``online``. The last
         case is the death Will, which the gateway registers when it connects,
@@ -611,18 +615,27 @@ class BatchWriter:
         with self._lock, self._errors("states"):
             conn = self._connection()
             with conn.transaction(), conn.cursor() as cur:
-                if rows:
-                    cur.executemany(_UPSERT_STATE.format(s=s), [_state_params(r) for r in rows])
+                history: list[StateRow] = []
+                for row in rows:
+                    if not row.will:
+                        cur.execute(_UPSERT_STATE.format(s=s), _state_params(row))
+                        history.append(row)
+                        continue
+                    cur.execute(_UPSERT_WILL.format(s=s), (*_state_params(row), row.retained))
+                    applied = cur.fetchone()
+                    if applied is not None:  # its death, at the time stored
+                        history.append(dataclasses.replace(row, ts_ms=int(applied[0])))
+                if history:
                     cur.execute(
                         _INSERT_STATE_HISTORY.format(s=s),
                         (
-                            [r.ts_ms for r in rows],
-                            [r.gateway_id for r in rows],
-                            [r.status for r in rows],
-                            [r.outbox_depth for r in rows],
-                            [r.outbox_readings for r in rows],
-                            [r.readings_per_s for r in rows],
-                            [r.devices_online for r in rows],
+                            [r.ts_ms for r in history],
+                            [r.gateway_id for r in history],
+                            [r.status for r in history],
+                            [r.outbox_depth for r in history],
+                            [r.outbox_readings for r in history],
+                            [r.readings_per_s for r in history],
+                            [r.devices_online for r in history],
                         ),
                     )
                     outcome.history = max(cur.rowcount, 0)
@@ -704,6 +717,32 @@ _UPSERT_STATE: Final = (
     WHERE EXCLUDED.birth > g.birth
         OR (EXCLUDED.birth = g.birth
             AND (EXCLUDED.ts > g.ts OR (EXCLUDED.status = 'offline' AND g.status = 'online')))"""
+)
+# A death Will (``StateRow.will``), whose time is when ingest received it.
+# Of a later birth than the stored row, it is the whole row (its figures are
+# the connect time's: nothing newer is known). Of the same birth it ends the
+# session: offline at the time of death, site not ready, the figures of the
+# newest state kept. It applies if the session is stored online, or if it
+# came live with a later time (a session that reconnected and died again);
+# a retained copy seen again (at a resubscribe) never moves a stored death.
+# RETURNING gives the stored time when it applied, nothing when it did not.
+_WILL_FIGURES: Final = tuple(c for c in _STATE_FIGURES if c not in ("ts", "site_ready"))
+_UPSERT_WILL: Final = (
+    _UPSERT_STATE[: _UPSERT_STATE.index("ON CONFLICT")]
+    + """ON CONFLICT (gateway_id) DO UPDATE SET
+        status = 'offline', birth = EXCLUDED.birth, boot_id = EXCLUDED.boot_id,
+        version = EXCLUDED.version, site_ready = EXCLUDED.site_ready,
+        ts = CASE WHEN EXCLUDED.birth > g.birth THEN EXCLUDED.ts
+            ELSE greatest(g.ts, EXCLUDED.ts) END, """
+    + ", ".join(
+        f"{c} = CASE WHEN EXCLUDED.birth > g.birth THEN EXCLUDED.{c} ELSE g.{c} END"
+        for c in _WILL_FIGURES
+    )
+    + """, updated_at = now()
+    WHERE EXCLUDED.birth > g.birth
+        OR (EXCLUDED.birth = g.birth
+            AND (g.status = 'online' OR (NOT %s AND EXCLUDED.ts > g.ts)))
+    RETURNING (extract(epoch FROM g.ts) * 1000)::bigint"""
 )
 _INSERT_STATE_HISTORY: Final = """INSERT INTO {s}.gateway_status_history
         (ts, gateway_id, status, outbox_depth, outbox_readings, readings_per_s, devices_online)

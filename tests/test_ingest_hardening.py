@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import signal
 import time
 import uuid
 
@@ -394,3 +395,130 @@ def test_a_large_reject_keeps_its_head_and_its_size_once(mqtt_server, db_conn, d
         ]
     finally:
         player.close()
+
+
+# --- item 8: a gateway's death at the time it was noticed --------------------------------
+
+
+def test_a_gateway_killed_with_9_is_stored_dead_at_the_time_it_was_noticed(
+    mqtt_server, db_conn, db_url, migrated, tmp_path
+):
+    """A real `python -m gateway`, killed with -9 after a while: its Will is timed at receipt.
+
+    A later worker receives the retained Will again: the stored death keeps its time
+    and its one history row.
+    """
+    from tests.gatewayharness import mqtt_devices, publish_config
+    from tests.test_gateway_faults import gateway_config_file, start_gateway_process
+    from tests.test_ingest import history, latest_state
+
+    t = tag()
+    gw, prefix = f"gw-{t}", f"t{t}"
+    devices = mqtt_devices(prefix, 2)
+    seed_registry(db_conn, migrated, {gw: [(d.device_id, d.device_type) for d in devices]})
+    config = tmp_path / "gateway.toml"
+    gateway_config_file(config, mqtt_server, gateway_id=gw, prefix=prefix)
+    pub = client(mqtt_server)
+    publish_config(pub, gateway_id=gw, prefix=prefix, devices=devices, version=1)
+    settings = ingest_settings(prefix)
+    try:
+        with ingest_in_thread(
+            settings=settings, broker=broker_settings(mqtt_server), database=db(db_url, migrated)
+        ):
+            proc = start_gateway_process(config, tmp_path / "gateway.log")
+            try:
+                # Running a while: several states (every 0.5 s) after the connect.
+                wait_for(
+                    lambda: len(history(db_conn, migrated, gw)) >= 5, 30, "the gateway ran a while"
+                )
+                connected_ms = history(db_conn, migrated, gw)[0][0]
+                killed_ms = now_ms()
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(10)
+            wait_for(
+                lambda: latest_state(db_conn, migrated, gw)["status"] == "offline",
+                20,
+                "the death stored",
+            )
+        dead = latest_state(db_conn, migrated, gw)
+        assert connected_ms < killed_ms <= dead["ts_ms"]
+        assert dead["site_ready"] is False
+        deaths = [r for r in history(db_conn, migrated, gw) if r[1] == "offline"]
+        assert [r[0] for r in deaths] == [dead["ts_ms"]]
+
+        # A restart: the retained Will comes again, and changes nothing.
+        with ingest_in_thread(
+            settings=settings, broker=broker_settings(mqtt_server), database=db(db_url, migrated)
+        ) as later:
+            wait_for(lambda: later.counters.states >= 1, 20, "the retained Will received")
+        assert latest_state(db_conn, migrated, gw) == dead
+        assert [r for r in history(db_conn, migrated, gw) if r[1] == "offline"] == deaths
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+
+
+def test_wills_late_repeated_and_stale_keep_the_first_noticed_death(
+    mqtt_server, db_conn, db_url, migrated
+):
+    from tests.test_ingest import history, latest_state
+
+    t = tag()
+    gw, prefix = f"gw-{t}", f"t{t}"
+    pub = client(mqtt_server)
+    connect_ms = now_ms() - 60_000
+
+    def state(**fields) -> bytes:
+        values = {
+            "gateway_id": gw,
+            "status": "online",
+            "birth": 2,
+            "boot_id": "boot-b",
+            "version": "1.0",
+            "outbox_depth": 5,
+            "ts_ms": connect_ms + 10_000,
+        }
+        return encode_gateway_state(GatewayState(**{**values, **fields}))
+
+    will = {"status": "offline", "will": True, "ts_ms": connect_ms, "outbox_depth": 0}
+    try:
+        with ingest_in_thread(
+            settings=ingest_settings(prefix),
+            broker=broker_settings(mqtt_server),
+            database=db(db_url, migrated),
+        ) as worker:
+
+            def send(payload: bytes, expected: int) -> dict[str, object]:
+                pub.publish(state_topic(gw, prefix), payload, qos=1)
+                wait_for(lambda: worker.counters.states == expected, 10, f"state {expected}")
+                return latest_state(db_conn, migrated, gw)
+
+            alive = send(state(), 1)
+            # The previous session's Will, late: nothing changes.
+            assert send(state(birth=1, boot_id="boot-a", **will), 2) == alive
+            before_ms = now_ms()
+            dead = send(state(**will), 3)
+            assert dead["status"] == "offline"
+            assert dead["ts_ms"] >= before_ms  # noticed now, not at the connect
+            assert dead["outbox_depth"] == 5  # the newest state's figures
+            # A spoofed or stale non-Will state of the same session, older: nothing changes.
+            assert send(state(ts_ms=connect_ms + 5_000), 4) == dead
+        # A new worker gets the retained copy of the Will: the death does not move.
+        pub.publish(state_topic(gw, prefix), state(**will), qos=1, retain=True).wait_for_publish(5)
+        with ingest_in_thread(
+            settings=ingest_settings(prefix),
+            broker=broker_settings(mqtt_server),
+            database=db(db_url, migrated),
+        ) as later:
+            wait_for(lambda: later.counters.states == 1, 10, "the retained Will")
+        assert latest_state(db_conn, migrated, gw) == dead
+        offline = [r for r in history(db_conn, migrated, gw) if r[1] == "offline"]
+        assert [r[0] for r in offline] == [dead["ts_ms"]]
+    finally:
+        pub.publish(state_topic(gw, prefix), b"", qos=1, retain=True).wait_for_publish(5)
+        pub.disconnect()
+        pub.loop_stop()
