@@ -15,7 +15,8 @@ Wiring (DESIGN.md sections 1, 4, 9):
 - ``committer`` task: ``BatchWriter.commit`` of the group in one transaction
   (retried with jittered, capped backoff while the database is unavailable;
   a call that hangs past ``commit_timeout_s`` is cut); THEN an ``Ack`` with
-  the group's batch ids to each gateway's ack topic; THEN the MQTT PUBACKs.
+  the group's batch ids, each with its payload's digest, to each gateway's ack
+  topic; THEN the MQTT PUBACKs.
   While the database is down nothing is acked: the broker holds the rest,
   and the gateways keep every batch in their outboxes until acked;
 - ``stats`` task: a row in ``{schema}.ingest_stats`` every

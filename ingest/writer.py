@@ -599,9 +599,9 @@ class BatchWriter:
         state replaces the stored row of its gateway when it is newer:
         a higher ``birth`` (a later session), or the same birth and a later
         ``ts_ms``, or the same birth and ``offline`` over ``online``. The last
-        case is the death Will, which the gateway registers when it connects,
-        so it carries the connect time: it ends its session's "online" but
-        leaves the figures and the time of the newest state in place. So a
+        case is the Will of a gateway too old to mark it as one, carrying its
+        connect time: it ends its session's "online" but leaves the figures
+        and the time of the newest state in place. So a
         state that arrives late never moves the row back, the Will is applied
         whenever it comes, and a gateway that reconnects in the same session
         is online again with its next state. Applying the same state twice
