@@ -148,9 +148,6 @@ def test_a_takeover_is_logged_once_naming_the_client_id(
             database=db(db_url, migrated),
         ) as worker:
             own = worker.subscriber.client_id
-            assert own.startswith("ingest-w0-")
-            assert worker.state_subscriber is not None
-            assert worker.state_subscriber.client_id != own
             # An intruder with the worker's client id, which waits long before retrying.
             intruder = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=own, protocol=mqtt.MQTTv5)
             intruder.username_pw_set(ADMIN_USER, mqtt_server.admin_password)
@@ -173,6 +170,9 @@ def test_a_takeover_is_logged_once_naming_the_client_id(
             ]
             assert len(lines) == 1, lines
             assert worker.subscriber.connects == 2
+            assert own.startswith("ingest-w0-")
+            assert worker.state_subscriber is not None
+            assert worker.state_subscriber.client_id != own
     finally:
         player.close()
 
