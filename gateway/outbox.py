@@ -252,7 +252,11 @@ class Outbox:
         """
         if not batch_ids:
             return AckResult(0, 0, 0)
-        named = dict(zip(batch_ids, digests, strict=False))
+        # An id may come twice in one ack (a spoof and the real batch committed
+        # in one group): any of its digests may match.
+        named: dict[str, set[str]] = {}
+        for bid, digest in zip(batch_ids, digests, strict=False):
+            named.setdefault(bid, set()).add(digest)
         # Not fsynced: an ack lost to a power cut means a resend, which ingest
         # drops as a duplicate batch.
         with self._lock, self._relaxed():
@@ -265,7 +269,7 @@ class Outbox:
                 if row is None:
                     continue
                 rowid, payload, readings = row
-                if named.get(bid) != payload_digest(payload):
+                if payload_digest(payload) not in named.get(bid, ()):
                     mismatched += 1
                     continue
                 self._db.execute("DELETE FROM batches WHERE id = ?", (rowid,))

@@ -35,6 +35,7 @@ from contracts.messages import (
 )
 from contracts.settings import DatabaseSettings
 from contracts.topics import batch_topic, state_topic
+from gateway.outbox import AckResult, Outbox
 from ingest.mqtt import (
     StateSubscriber,
     batch_packet_max_bytes,
@@ -359,6 +360,29 @@ def test_a_spoofed_payload_under_a_held_batch_id_never_removes_the_real_batch(
     finally:
         pub.disconnect()
         pub.loop_stop()
+
+
+def test_the_outbox_deletes_only_the_payload_an_ack_names(tmp_path):
+    """Spoofed, digest-less, repeated and late acks at the gateway's outbox (no broker)."""
+    box = Outbox(tmp_path / "outbox.sqlite3", max_bytes=10**6, full_policy="refuse")
+    box.put([("gw-a:b:1", b"real-1", 10), ("gw-a:b:2", b"real-2", 20)], now_ms=0)
+    # Spoofed: the held id with another payload's digest. Without digests: an older ingest.
+    assert box.ack(["gw-a:b:1"], [payload_digest(b"spoof")]) == AckResult(0, 0, 1)
+    assert box.ack(["gw-a:b:1", "gw-a:b:2"], []) == AckResult(0, 0, 2)
+    assert box.depth().batches == 2
+    # The real digest removes it; repeated in the same ack or again later, nothing more.
+    real = payload_digest(b"real-1")
+    assert box.ack(["gw-a:b:1", "gw-a:b:1"], [real, real]) == AckResult(1, 10, 0)
+    assert box.ack(["gw-a:b:1"], [real]) == AckResult(0, 0, 0)
+    # A spoof and the real batch committed in one group: one ack names both.
+    box.put([("gw-a:b:3", b"real-3", 30)], now_ms=0)
+    both = box.ack(["gw-a:b:3", "gw-a:b:3"], [payload_digest(b"real-3"), real])
+    assert both == AckResult(1, 30, 0)
+    # A mixed ack: each id on its own digest.
+    mixed = box.ack(["gw-a:b:2", "gw-a:b:9"], [payload_digest(b"real-2"), real])
+    assert mixed == AckResult(1, 20, 0)
+    assert box.depth().batches == 0
+    box.close()
 
 
 # --- item 10: bounded rejects ------------------------------------------------------------
