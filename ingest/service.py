@@ -391,7 +391,8 @@ class Ingest:
         except Exception as exc:
             # A bug in decoding must not become a poison pill that crashes
             # every worker it is redelivered to: the raw payload is kept in
-            # rejects (it can be replayed from there once fixed) and acked.
+            # rejects (whole up to REJECT_RAW_MAX_BYTES, so a batch of the
+            # default size can be replayed from there once fixed) and acked.
             logger.exception("internal error preparing a message on %s", delivery.topic)
             item = PoisonBatch(
                 topic=delivery.topic,
