@@ -32,7 +32,9 @@ sender's messages. Clocks, I/O and logging are the callers' business.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
 from typing import Any, Final, Literal, TypeVar
 
 import msgspec
@@ -82,6 +84,14 @@ BATCH_MAX_BYTES: Final = 8 * 1024 * 1024
 # (a batch id is at most 149 characters); 1 MiB covers both.
 CONTROL_MAX_BYTES: Final = 1024 * 1024
 
+# An ack names each batch by its id AND the digest of the exact payload that
+# was committed (or refused and stored) under it: SHA-256, the first 16 bytes
+# in hex. 128 bits put a second payload with a given digest (what a spoof
+# that wants to remove a real batch needs) far out of reach; a full 64-hex
+# digest would only make acks longer.
+DIGEST_HEX_CHARS: Final = 32
+_DIGEST_RE: Final = re.compile(f"[0-9a-f]{{{DIGEST_HEX_CHARS}}}")
+
 # Sequence numbers end up in PostgreSQL bigint columns (contracts.schema).
 SEQ_MAX: Final = 2**63 - 1
 
@@ -96,6 +106,11 @@ _T = TypeVar("_T")
 
 
 # --- shared helpers -------------------------------------------------------------
+
+
+def payload_digest(payload: bytes) -> str:
+    """The digest an ack names a payload by (DIGEST_HEX_CHARS lowercase hex characters)."""
+    return hashlib.sha256(payload).hexdigest()[:DIGEST_HEX_CHARS]
 
 
 def _check_size(payload: bytes, max_bytes: int, what: str) -> None:
@@ -590,8 +605,10 @@ class GatewayState(msgspec.Struct, frozen=True, kw_only=True):
     increases at every gateway start (persisted by the gateway), so a
     receiver can tell a stale death Will from the current session's state.
     The death message is registered as the Will at connect time, so its
-    ``ts_ms`` is the connect time, not the time of death. ``ts_ms`` is not
-    checked against a window: a retained death may be months old.
+    ``ts_ms`` is the connect time, not the time of death; it says so with
+    ``will`` (appended), and a receiver that gets it live takes its own
+    receive time as the time of death. ``ts_ms`` is not checked against a
+    window: a retained death may be months old.
     """
 
     gateway_id: str
@@ -615,6 +632,9 @@ class GatewayState(msgspec.Struct, frozen=True, kw_only=True):
     puback_refused: int = 0
     # Subscribed at the site broker to its configured devices.
     site_ready: bool = False
+    # Appended: this is the Will, built at connect: ts_ms and the figures are
+    # the connect time's, and the broker publishes it when the link dies.
+    will: bool = False
 
 
 _STATE_DECODER: Final = msgspec.json.Decoder(GatewayState)
@@ -648,10 +668,19 @@ def decode_gateway_state(payload: bytes, *, max_bytes: int = CONTROL_MAX_BYTES) 
 
 
 class Ack(msgspec.Struct, frozen=True, kw_only=True):
-    """The batch ids ingest has committed; the gateway then drops them from its outbox."""
+    """The batch ids ingest has committed; the gateway then drops them from its outbox.
+
+    ``digests`` (appended) runs parallel to ``batch_ids``: ``payload_digest``
+    of the exact payload ingest committed, or refused and stored, under that
+    id. A gateway drops a batch only if the digest of the payload it holds
+    matches, so a refused or spoofed message that reuses a held batch id can
+    never remove the real batch. Older ingest sends no digests; a gateway
+    that checks digests keeps such batches (upgrade ingest first).
+    """
 
     batch_ids: list[str]
     ts_ms: int  # ingest's commit time, informational
+    digests: list[str] = msgspec.field(default_factory=list)
 
 
 _ACK_DECODER: Final = msgspec.json.Decoder(Ack)
@@ -661,9 +690,22 @@ def check_ack(ack: Ack, *, gateway_id: str | None = None) -> Ack:
     """Every batch id well formed (InvalidIdError) and, if ``gateway_id`` is given, its own.
 
     A batch id of another gateway raises InconsistentBatchError; ``ts_ms``
-    must be >= 0 (OutOfRangeError).
+    must be >= 0 (OutOfRangeError). ``digests``, if any, must be one per
+    batch id (InconsistentBatchError), each DIGEST_HEX_CHARS lowercase hex
+    characters (FieldTypeError).
     """
     _check_non_negative(ack.ts_ms, "ts_ms")
+    if ack.digests:
+        if len(ack.digests) != len(ack.batch_ids):
+            raise InconsistentBatchError(
+                f"digests has {len(ack.digests)} entries, batch_ids has {len(ack.batch_ids)}"
+            )
+        for index, digest in enumerate(ack.digests):
+            if not _DIGEST_RE.fullmatch(digest):
+                raise FieldTypeError(
+                    f"digests[{index}] {digest[: DIGEST_HEX_CHARS + 8]!r}: not "
+                    f"{DIGEST_HEX_CHARS} lowercase hex characters"
+                )
     for index, value in enumerate(ack.batch_ids):
         owner, _, _ = parse_batch_id(value)
         if gateway_id is not None and owner != gateway_id:

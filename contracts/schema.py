@@ -568,6 +568,31 @@ def _gateway_status(s: str, edition: Edition, storage: StorageSettings) -> tuple
     return (*tables, _retention_function(s, _apache_retention_tables(storage, extra)))
 
 
+def _ingest_hardening(s: str) -> tuple[str, ...]:
+    """Bounded rejects and acks that name the payload (issue 11, items 9 and 10).
+
+    ``rejects.raw`` keeps only the head of a refused payload (ingest's
+    ``REJECT_RAW_MAX_BYTES``); ``raw_bytes`` keeps its original size (NULL
+    for rows stored before, whose ``raw`` is whole).
+
+    ``ingested_batches`` records the digest of the exact payload committed
+    under a batch id, and the key becomes (batch id, digest): a resend (the
+    same bytes) is recognised as before, while another payload under the
+    same id (a spoof, or a gateway bug) is committed on its own (its
+    readings' key still drops duplicates) and acked with its own digest, so
+    it can never acknowledge the gateway's real batch. Rows from before the
+    upgrade have the digest '': a batch resent across the upgrade is
+    committed again, and the readings' key stores each reading once.
+    """
+    return (
+        f"ALTER TABLE {s}.rejects ADD COLUMN IF NOT EXISTS raw_bytes bigint",
+        f"""ALTER TABLE {s}.ingested_batches
+            ADD COLUMN IF NOT EXISTS digest text NOT NULL DEFAULT ''""",
+        f"""ALTER TABLE {s}.ingested_batches DROP CONSTRAINT ingested_batches_pkey,
+            ADD PRIMARY KEY (batch_id, digest)""",
+    )
+
+
 def migrations(schema: str, edition: Edition, storage: StorageSettings) -> list[Migration]:
     """Every migration for ``schema`` on a server of ``edition``, oldest first."""
     s = check_schema_name(schema)
@@ -599,5 +624,10 @@ def migrations(schema: str, edition: Edition, storage: StorageSettings) -> list[
             9,
             "gateway status: latest state per gateway and its history",
             _gateway_status(s, edition, storage),
+        ),
+        Migration(
+            10,
+            "ingest: bounded reject payloads, batch ids keyed with their payload digest",
+            _ingest_hardening(s),
         ),
     ]

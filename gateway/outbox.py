@@ -2,8 +2,11 @@
 
 A batch is in the outbox once ``put`` returns: SQLite in WAL mode with
 ``synchronous=FULL`` has fsynced it, so it survives kill -9 and power loss.
-It leaves only when ingest's ack for its batch id arrives (``ack``); until
-then ``due`` hands it out again, unchanged, after ``resend_after_ms``.
+It leaves only when ingest's ack for its batch id arrives (``ack``) naming
+the digest of the very payload stored here (``contracts.messages.
+payload_digest``): an ack for another payload under the same id (a refused
+or spoofed message) leaves it in place. Until then ``due`` hands it out
+again, unchanged, after ``resend_after_ms``.
 
 The outbox is bounded by ``max_bytes`` of payload. When a new batch would
 exceed the bound the policy decides: ``refuse`` raises OutboxFullError and
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 from contracts.errors import OutboxFullError
+from contracts.messages import payload_digest
 
 FullPolicy = Literal["refuse", "drop_oldest"]
 
@@ -65,6 +69,14 @@ class OutboxDepth:
     batches: int
     readings: int
     bytes: int
+
+
+@dataclass(frozen=True)
+class AckResult:
+    removed_batches: int
+    removed_readings: int
+    # Held batch ids acked for another payload (or without a digest): kept.
+    mismatched: int
 
 
 @dataclass(frozen=True)
@@ -236,24 +248,40 @@ class Outbox:
         with self._lock:
             self._db.execute("UPDATE batches SET sent_ms = NULL WHERE sent_ms IS NOT NULL")
 
-    def ack(self, batch_ids: list[str]) -> int:
-        """Delete acked batches; returns how many readings left the outbox."""
+    def ack(self, batch_ids: list[str], digests: list[str]) -> AckResult:
+        """Delete each acked batch whose stored payload has the acked digest.
+
+        ``digests`` runs parallel to ``batch_ids``. A held id acked with
+        another digest, or with none (an ack from an ingest that sends no
+        digests: upgrade ingest before the gateways), is kept and counted in
+        ``mismatched``; it is resent and acked properly once committed.
+        """
         if not batch_ids:
-            return 0
+            return AckResult(0, 0, 0)
+        # An id may come twice in one ack (a spoof and the real batch committed
+        # in one group): any of its digests may match.
+        named: dict[str, set[str]] = {}
+        for bid, digest in zip(batch_ids, digests, strict=False):
+            named.setdefault(bid, set()).add(digest)
         # Not fsynced: an ack lost to a power cut means a resend, which ingest
         # drops as a duplicate batch.
         with self._lock, self._relaxed():
             self._db.execute("BEGIN IMMEDIATE")
-            removed_batches = removed_readings = removed_bytes = 0
-            for bid in batch_ids:
+            removed_batches = removed_readings = removed_bytes = mismatched = 0
+            for bid in dict.fromkeys(batch_ids):
                 row = self._db.execute(
-                    "DELETE FROM batches WHERE batch_id = ? RETURNING readings, length(payload)",
-                    (bid,),
+                    "SELECT id, payload, readings FROM batches WHERE batch_id = ?", (bid,)
                 ).fetchone()
-                if row is not None:
-                    removed_batches += 1
-                    removed_readings += row[0]
-                    removed_bytes += row[1]
+                if row is None:
+                    continue
+                rowid, payload, readings = row
+                if payload_digest(payload) not in named.get(bid, ()):
+                    mismatched += 1
+                    continue
+                self._db.execute("DELETE FROM batches WHERE id = ?", (rowid,))
+                removed_batches += 1
+                removed_readings += readings
+                removed_bytes += len(payload)
             self._db.execute("COMMIT")
             depth = self._depth
             self._depth = OutboxDepth(
@@ -261,4 +289,4 @@ class Outbox:
                 readings=depth.readings - removed_readings,
                 bytes=depth.bytes - removed_bytes,
             )
-        return removed_readings
+        return AckResult(removed_batches, removed_readings, mismatched)

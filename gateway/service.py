@@ -216,7 +216,10 @@ class Gateway:
             ca_file=central.ca_file,
             cert_file=central.cert_file,
             key_file=central.key_file,
-            will=Will(state_topic(self.gateway_id, self.prefix), self._state_payload("offline")),
+            will=Will(
+                state_topic(self.gateway_id, self.prefix),
+                self._state_payload("offline", will=True),
+            ),
             on_message=self._on_central_message,
             on_connect=self._on_central_connect,
             on_disconnect=self._on_central_disconnect,
@@ -249,7 +252,9 @@ class Gateway:
 
     # -- state -----------------------------------------------------------------
 
-    def _state_payload(self, status: GatewayStatus, readings_per_s: float = 0.0) -> bytes:
+    def _state_payload(
+        self, status: GatewayStatus, readings_per_s: float = 0.0, *, will: bool = False
+    ) -> bytes:
         depth = self.outbox.depth()
         c = self.counters
         return encode_gateway_state(
@@ -273,6 +278,7 @@ class Gateway:
                 puback_refused=c.puback_refused,
                 # The Will (offline) is built before the site link exists.
                 site_ready=status == "online" and self.site_ready(),
+                will=will,
             )
         )
 
@@ -545,9 +551,17 @@ class Gateway:
             except InputError as exc:
                 logger.warning("malformed ack ignored: %s", exc)
                 return
-            readings = self.outbox.ack(ack.batch_ids)
-            self.counters.batches_acked += len(ack.batch_ids)
-            self.counters.readings_acked += readings
+            acked = self.outbox.ack(ack.batch_ids, ack.digests)
+            self.counters.batches_acked += acked.removed_batches
+            self.counters.readings_acked += acked.removed_readings
+            if acked.mismatched:
+                # A refused or spoofed payload under a held batch id, or an
+                # ingest that sends no digests: the held batches stay.
+                logger.warning(
+                    "ack names %d held batch ids with another payload%s: kept",
+                    acked.mismatched,
+                    "" if ack.digests else " (no digests: upgrade ingest first)",
+                )
             self._wake()
         elif topic == config_topic(self.gateway_id, self.prefix):
             if not payload:

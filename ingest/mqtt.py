@@ -20,6 +20,15 @@ codes) and reconnects with backoff by itself. ``BatchSubscriber``:
   here with 643 messages unacked in flight against a Receive Maximum of 256
   for 47 KB messages, and 1,132 for 100-byte ones.
 
+Client ids: every connection has its own (``client_id_for``: the worker id,
+the process id and a random token), because a broker that sees a second
+CONNECT with a client id it already holds closes the first connection with
+DISCONNECT 0x8E, "session taken over". Two processes that shared an id took
+turns kicking each other off forever. Such a takeover is logged as exactly
+that, once per takeover, naming the client id (when the broker says so:
+Mosquitto 2.0.11 just closes the socket, and the lost-connection line, which
+names the client id too, is what shows).
+
 A PUBACK belongs to the connection the message came on: message ids are
 reused by a new connection, so acks for deliveries of an earlier connection
 are skipped (the broker redelivers those, or the gateway resends them).
@@ -32,6 +41,14 @@ receipt. Messages go onto a bounded queue without ever blocking the network
 thread; when it is full the oldest is dropped (and counted), since each
 gateway repeats its state and the newest matters most.
 
+Both connections announce an MQTT v5 *Maximum Packet Size* in CONNECT
+(``batch_packet_max_bytes`` / ``state_packet_max_bytes``): the broker must
+discard, not send, a message that would exceed it, so one oversized message
+can neither wedge a connection (a client that cannot read a packet must
+drop the connection, and gets the packet again at the next one) nor cost a
+worker its memory. A message that arrives and is still too large for its
+decoder is refused there, counted, stored as a reject and acked.
+
 Library errors become ``BrokerUnavailableError``. What to do with a message
 is the service's business.
 """
@@ -39,7 +56,9 @@ is the service's business.
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import secrets
 import ssl
 import threading
 import time
@@ -55,6 +74,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from contracts.errors import BrokerUnavailableError
+from contracts.messages import BATCH_MAX_BYTES, CONTROL_MAX_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +86,49 @@ KEEPALIVE_S: Final = 30
 # How long the network thread waits on a full hand-over queue before looking
 # at the stop flag again.
 _PUT_POLL_S: Final = 0.5
+# MQTT v5 reason code of the DISCONNECT a broker sends to a connection whose
+# client id another connection has just claimed.
+SESSION_TAKEN_OVER: Final = 0x8E
+# Characters of randomness in a client id: 48 bits, so two processes that
+# share a host name and (in separate PID namespaces) a process id still differ.
+_CLIENT_TOKEN_CHARS: Final = 12
+# What a PUBLISH packet adds to its payload: a fixed header (<= 5 bytes), the
+# topic (2 + its length), a packet id (2) and properties (a few bytes; the
+# broker adds none we asked for). Gateway topics are under 200 bytes; 64 KiB
+# covers nearly the longest topic MQTT allows, so no payload a gateway may
+# send is ever discarded for its topic's length.
+PACKET_HEADROOM_BYTES: Final = 64 * 1024
 # Ack messages ingest publishes (QoS 1) without a PUBACK yet: acks are one
 # small message per gateway per commit.
 _MAX_OUTGOING_INFLIGHT: Final = 100
+
+
+def batch_packet_max_bytes() -> int:
+    """Maximum Packet Size of a batch connection: the largest batch plus a PUBLISH's overhead."""
+    return BATCH_MAX_BYTES + PACKET_HEADROOM_BYTES
+
+
+def state_packet_max_bytes() -> int:
+    """Maximum Packet Size of the state connection: a control message plus the overhead."""
+    return CONTROL_MAX_BYTES + PACKET_HEADROOM_BYTES
+
+
+def client_id_for(worker_id: str, role: str = "") -> str:
+    """``ingest-{worker_id}[-{role}]-{pid}-{token}``: a client id no other connection uses.
+
+    Ingest needs no session to survive a reconnect (clean start, no session
+    expiry: see ``BatchSubscriber.start``), so nothing is lost by a new id at
+    each start: what was in flight to a gone connection is unacked, and the
+    gateways resend every unacked batch, which ingest then commits once.
+    """
+    parts = [
+        "ingest",
+        worker_id,
+        role,
+        str(os.getpid()),
+        secrets.token_hex(_CLIENT_TOKEN_CHARS // 2),
+    ]
+    return "-".join(p for p in parts if p)
 
 
 def _new_client(
@@ -105,10 +165,14 @@ class _Subscription:
 
     # Logged at INFO when the broker grants the subscription ({} = topic filter).
     granted_log = "subscribed to %s"
-    # Logged at WARNING when a live connection is lost.
-    lost_log = "disconnected from the broker (%s); reconnecting"
+    # Logged at WARNING when a live connection is lost ({} = client id, reason).
+    lost_log = "connection %r to the broker lost (%s); reconnecting"
 
-    def __init__(self, *, host: str, port: int, topic_filter: str, client: mqtt.Client) -> None:
+    def __init__(
+        self, *, host: str, port: int, topic_filter: str, client_id: str, client: mqtt.Client
+    ) -> None:
+        self.client_id = client_id
+        self.takeovers = 0  # connections closed by the broker for another with our id
         self.host = host
         self.port = port
         self.topic_filter = topic_filter
@@ -183,8 +247,17 @@ class _Subscription:
         was = self.connected.is_set()
         self.connected.clear()
         self.subscribed.clear()
-        if was and not self._stopping.is_set():
-            logger.warning(self.lost_log, reason)
+        if reason.value == SESSION_TAKEN_OVER:
+            self.takeovers += 1
+            logger.error(
+                "session taken over: the broker closed connection %r because another client "
+                "connected with the same client id; reconnecting",
+                self.client_id,
+            )
+        elif was and not self._stopping.is_set():
+            # Mosquitto 2.0.11 closes a taken-over connection without the
+            # DISCONNECT packet; then this line, naming the id, is what shows.
+            logger.warning(self.lost_log, self.client_id, reason)
 
 
 class BatchSubscriber(_Subscription):
@@ -209,7 +282,9 @@ class BatchSubscriber(_Subscription):
         client.max_inflight_messages_set(_MAX_OUTGOING_INFLIGHT)
         client.max_queued_messages_set(0)  # acks to send while reconnecting: few, keep all
         client.manual_ack_set(True)
-        super().__init__(host=host, port=port, topic_filter=topic_filter, client=client)
+        super().__init__(
+            host=host, port=port, topic_filter=topic_filter, client_id=client_id, client=client
+        )
         self.receive_max = receive_max
         self.connects = 0
         self._deliveries = deliveries
@@ -220,9 +295,12 @@ class BatchSubscriber(_Subscription):
         """Connect in the background; paho keeps reconnecting until ``stop``."""
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.ReceiveMaximum = self.receive_max
-        # Clean start, no session kept: messages in flight to a worker that
-        # is gone are the gateway's to resend (it keeps them until acked);
-        # a persistent session would instead park them with a dead worker.
+        props.MaximumPacketSize = batch_packet_max_bytes()
+        # Clean start, no session kept (no Session Expiry Interval: 0): messages
+        # in flight to a worker that is gone are the gateway's to resend (it
+        # keeps them until acked); a persistent session would instead park
+        # them with a dead worker. So the client id needs no stability across
+        # restarts, and a fresh, unique one per process costs no reading.
         self._connect(properties=props)
 
     def ack(self, deliveries: Iterable[Delivery]) -> int:
@@ -276,13 +354,18 @@ class StateMessage:
 
     topic: str
     payload: bytes
+    # Sent from the broker's store at (re)subscribe, not forwarded live.
+    retained: bool = False
+    # Wall clock when it arrived: a live Will's time of death (MQTT gives a
+    # message no broker timestamp, and the Will's own is its connect time).
+    received_ms: int = 0
 
 
 class StateSubscriber(_Subscription):
     """The state subscription's own broker connection. Callbacks run in paho's network thread."""
 
     granted_log = "listening for gateway states on %s"
-    lost_log = "state subscription lost (%s); reconnecting"
+    lost_log = "state subscription %r lost (%s); reconnecting"
 
     def __init__(
         self,
@@ -297,19 +380,28 @@ class StateSubscriber(_Subscription):
         tls: bool = False,
     ) -> None:
         client = _new_client(client_id, username, password, tls=tls)
-        super().__init__(host=host, port=port, topic_filter=topic_filter, client=client)
+        super().__init__(
+            host=host, port=port, topic_filter=topic_filter, client_id=client_id, client=client
+        )
         self.dropped = 0  # messages dropped from a full queue
         self._messages = messages
 
     def start(self) -> None:
         """Connect in the background; paho keeps reconnecting until ``stop``."""
         # Clean start: the retained states at each subscribe are the catch-up.
-        self._connect()
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.MaximumPacketSize = state_packet_max_bytes()
+        self._connect(properties=props)
 
     # -- paho callbacks (network thread) ----------------------------------------
 
     def _handle_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
-        received = StateMessage(topic=message.topic, payload=bytes(message.payload))
+        received = StateMessage(
+            topic=message.topic,
+            payload=bytes(message.payload),
+            retained=bool(message.retain),
+            received_ms=time.time_ns() // 1_000_000,
+        )
         while True:
             try:
                 self._messages.put_nowait(received)

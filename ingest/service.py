@@ -15,7 +15,8 @@ Wiring (DESIGN.md sections 1, 4, 9):
 - ``committer`` task: ``BatchWriter.commit`` of the group in one transaction
   (retried with jittered, capped backoff while the database is unavailable;
   a call that hangs past ``commit_timeout_s`` is cut); THEN an ``Ack`` with
-  the group's batch ids to each gateway's ack topic; THEN the MQTT PUBACKs.
+  the group's batch ids, each with its payload's digest, to each gateway's ack
+  topic; THEN the MQTT PUBACKs.
   While the database is down nothing is acked: the broker holds the rest,
   and the gateways keep every batch in their outboxes until acked;
 - ``stats`` task: a row in ``{schema}.ingest_stats`` every
@@ -96,7 +97,13 @@ from contracts.settings import BrokerSettings, DatabaseSettings, IngestSettings
 from contracts.topics import ack_topic, gateway_filter, ingest_batch_filter, parse_gateway_topic
 from ingest.backoff import backoff_delay_s
 from ingest.metrics import IngestCounters, IngestMetrics, serve_metrics
-from ingest.mqtt import BatchSubscriber, Delivery, StateMessage, StateSubscriber
+from ingest.mqtt import (
+    BatchSubscriber,
+    Delivery,
+    StateMessage,
+    StateSubscriber,
+    client_id_for,
+)
 from ingest.rows import NOT_OWNED, build_rows
 from ingest.states import state_row
 from ingest.writer import (
@@ -125,7 +132,8 @@ REJECT_LOG_PER_MINUTE: Final = 5
 # Log a continuing database outage once, then every this many retries.
 RETRY_LOG_EVERY: Final = 10
 # An ack carries at most this many batch ids: 1,000 ids of at most 149
-# characters stay under contracts' 1 MiB limit for control messages.
+# characters and their 32-character digests (~190 KB of JSON) stay under
+# contracts' 1 MiB limit for control messages.
 ACK_MAX_IDS: Final = 1000
 # On stop, how long to wait for prepared groups to commit and be acked
 # (bounded further by commit_timeout_s): a commit takes well under a second,
@@ -225,8 +233,17 @@ def prepare_item(
     )
 
 
-def prepare_state(topic: str, payload: bytes, *, prefix: str) -> StateItem:
+def prepare_state(
+    topic: str,
+    payload: bytes,
+    *,
+    prefix: str,
+    received_ms: int | None = None,
+    retained: bool = False,
+) -> StateItem:
     """Classify one state message: a GoodState with its row, or a PoisonBatch with the reason.
+
+    A Will's row carries ``received_ms`` as its time (``ingest.states.state_row``).
 
     Poison: a topic that is not ``[prefix/]hub/v1/gw/{id}/state``, a payload
     ``decode_gateway_state`` or ``ingest.states.state_row`` refuses, or a
@@ -237,7 +254,7 @@ def prepare_state(topic: str, payload: bytes, *, prefix: str) -> StateItem:
     except InputError as exc:
         return _poison_topic(topic, payload, exc)
     try:
-        row = state_row(decode_gateway_state(payload))
+        row = state_row(decode_gateway_state(payload), received_ms=received_ms, retained=retained)
     except InputError as exc:
         return PoisonBatch(
             topic=topic,
@@ -259,12 +276,17 @@ def prepare_state(topic: str, payload: bytes, *, prefix: str) -> StateItem:
     return GoodState(topic=topic, row=row, payload=payload)
 
 
-def ack_id(item: WriteItem) -> tuple[str, str] | None:
-    """(gateway, batch id) to put in an Ack once ``item`` is committed, if any."""
+def ack_id(item: WriteItem) -> tuple[str, str, str] | None:
+    """(gateway, batch id, payload digest) to put in an Ack once ``item`` is committed, if any.
+
+    The digest is of the payload committed or refused, so the gateway drops
+    its batch only if that is the payload it holds: a refused or spoofed
+    message that reuses a held batch id acks nothing the gateway keeps.
+    """
     if isinstance(item, GoodBatch):
-        return item.gateway_id, item.batch_id
+        return item.gateway_id, item.batch_id, item.digest
     if item.gateway_id is not None and item.batch_id is not None:
-        return item.gateway_id, item.batch_id
+        return item.gateway_id, item.batch_id, item.digest
     return None
 
 
@@ -320,7 +342,7 @@ class Ingest:
         self.subscriber = BatchSubscriber(
             host=broker.host,
             port=broker.port,
-            client_id=f"ingest-{worker_id}",
+            client_id=client_id_for(worker_id),
             username=broker.username,
             password=broker.password,
             tls=broker.tls,
@@ -334,7 +356,7 @@ class Ingest:
             self.state_subscriber = StateSubscriber(
                 host=broker.host,
                 port=broker.port,
-                client_id=f"ingest-{worker_id}-states",
+                client_id=client_id_for(worker_id, "states"),
                 username=broker.username,
                 password=broker.password,
                 tls=broker.tls,
@@ -369,7 +391,8 @@ class Ingest:
         except Exception as exc:
             # A bug in decoding must not become a poison pill that crashes
             # every worker it is redelivered to: the raw payload is kept in
-            # rejects (it can be replayed from there once fixed) and acked.
+            # rejects (whole up to REJECT_RAW_MAX_BYTES, so a batch of the
+            # default size can be replayed from there once fixed) and acked.
             logger.exception("internal error preparing a message on %s", delivery.topic)
             item = PoisonBatch(
                 topic=delivery.topic,
@@ -539,16 +562,20 @@ class Ingest:
 
     def _acknowledge(self, group: list[Pending]) -> None:
         """Committed: the app acks to the gateways first, then the broker's PUBACKs."""
-        ids: dict[str, dict[str, None]] = {}  # gateway -> batch ids, ordered, unique
+        # gateway -> (batch id, digest), ordered, unique
+        ids: dict[str, dict[tuple[str, str], None]] = {}
         for p in group:
             found = ack_id(p.item)
             if found is not None:
-                ids.setdefault(found[0], {})[found[1]] = None
+                ids.setdefault(found[0], {})[found[1], found[2]] = None
         now_ms = self.clock()
-        for gateway_id, batch_ids in ids.items():
-            listed = list(batch_ids)
+        for gateway_id, acked_ids in ids.items():
+            listed = list(acked_ids)
             for start in range(0, len(listed), ACK_MAX_IDS):
-                ack = Ack(batch_ids=listed[start : start + ACK_MAX_IDS], ts_ms=now_ms)
+                part = listed[start : start + ACK_MAX_IDS]
+                ack = Ack(
+                    batch_ids=[b for b, _ in part], digests=[d for _, d in part], ts_ms=now_ms
+                )
                 try:
                     self.subscriber.publish(ack_topic(gateway_id, self.prefix), encode_ack(ack))
                 except BrokerUnavailableError as exc:
@@ -574,7 +601,13 @@ class Ingest:
 
     def _prepare_state(self, message: StateMessage) -> StateItem:
         try:
-            return prepare_state(message.topic, message.payload, prefix=self.prefix)
+            return prepare_state(
+                message.topic,
+                message.payload,
+                prefix=self.prefix,
+                received_ms=message.received_ms or self.clock(),
+                retained=message.retained,
+            )
         except Exception as exc:
             # As for batches: a decoding bug must not crash the worker.
             logger.exception("internal error preparing a state on %s", message.topic)

@@ -49,6 +49,10 @@ class StateRow:
     serial_errors: int
     devices_online: int
     site_ready: bool
+    # A death Will: ts_ms is when ingest received it, and a retained copy
+    # seen again (after a restart) must not move a stored death.
+    will: bool = False
+    retained: bool = False
 
 
 _COUNTERS: Final = (
@@ -62,8 +66,16 @@ _COUNTERS: Final = (
 )
 
 
-def state_row(state: GatewayState) -> StateRow:
+def state_row(
+    state: GatewayState, *, received_ms: int | None = None, retained: bool = False
+) -> StateRow:
     """The row for a state ``decode_gateway_state`` accepted.
+
+    A Will (``state.will``) is built at connect and published by the broker
+    when the link dies, so its own ``ts_ms`` is the connect time: the row
+    takes ``received_ms``, when it was noticed, instead. ``retained`` says
+    it came from the broker's store, not live; the writer then keeps a
+    death of the same birth that is already stored, with its time.
 
     Raises OutOfRangeError for a counter outside [0, 2**63) or a time past
     TS_MAX_MS, NonFiniteValueError / OutOfRangeError for a rate that is not a
@@ -91,7 +103,7 @@ def state_row(state: GatewayState) -> StateRow:
         birth=state.birth,
         boot_id=state.boot_id,
         version=state.version,
-        ts_ms=state.ts_ms,
+        ts_ms=received_ms if state.will and received_ms is not None else state.ts_ms,
         outbox_depth=state.outbox_depth,
         outbox_readings=state.outbox_readings,
         readings_per_s=state.readings_per_s,
@@ -102,6 +114,8 @@ def state_row(state: GatewayState) -> StateRow:
         serial_errors=state.serial_errors,
         devices_online=state.devices_online,
         site_ready=state.site_ready,
+        will=state.will,
+        retained=retained,
     )
 
 

@@ -3,7 +3,8 @@
 ``run_workers(settings, workers=N)`` is what ``python -m ingest`` and
 ``cityhub ingest run`` call with loaded settings. One worker runs in the
 calling process; more run as child processes (``spawn``: each gets a fresh
-interpreter, its own MQTT client id ``ingest-{host}-{index}``, its own
+interpreter, its own MQTT client ids (``ingest.mqtt.client_id_for``: worker id, process
+id and a random token, so two supervisors on one host never share one), its own
 database connection and, if enabled, /metrics on ``metrics_port + index``);
 worker 0 also stores the gateways' states (``ingest.service`` says why one).
 The supervisor restarts a worker that dies (kill -9, a crash) with a capped

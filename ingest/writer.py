@@ -2,9 +2,11 @@
 
 ``BatchWriter.commit`` writes a group of batches in ONE transaction:
 
-1. records each batch id in ``{schema}.ingested_batches`` (``ON CONFLICT DO
-   NOTHING RETURNING``): ids already there were committed before, by this
-   worker or another, and are only acked again, not rewritten. Two workers
+1. records each batch id with the digest of its payload in
+   ``{schema}.ingested_batches`` (``ON CONFLICT DO NOTHING RETURNING``): an
+   (id, digest) already there was committed before, by this worker or
+   another, and is only acked again, not rewritten. Another payload under a
+   known id is not the same batch: it is committed (and acked) on its own. Two workers
    holding the same resent batch serialise on that row lock; ids are
    inserted sorted so two groups never lock in opposite orders;
 2. per device type, a binary COPY (``ingest.copyformat``, with the stage
@@ -19,7 +21,8 @@
    twice as fast on a hypertable (no speculative insertion: ~155k vs ~83k
    rows/s measured here with bench/bench_ingest.py's data);
 3. the rejects of the new batches: per reading (gateway, device, batch id,
-   reason, detail) and whole poison messages (reason, detail, raw payload);
+   reason, detail) and whole poison messages (reason, detail, the head of
+   the raw payload, at most REJECT_RAW_MAX_BYTES, and its size);
 4. ``device_state``: last seen, last seq, boot id, readings count (devices
    upserted in id order, for the same lock-order reason).
 
@@ -46,6 +49,7 @@ business; rows are built by ``ingest.rows``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -68,7 +72,7 @@ from contracts.errors import (
     RefusedByDatabaseError,
     SchemaError,
 )
-from contracts.messages import Batch
+from contracts.messages import Batch, payload_digest
 from contracts.schema import SQL_TYPES, check_schema_name, readings_table
 from ingest.copyformat import CopyColumn, encode_copy_binary
 from ingest.rows import BatchRows, DeviceSummary, TypeRows, concat_rows, merge_summaries
@@ -86,6 +90,14 @@ CONFLICT_MEMORY_S: Final = 60.0
 # stored within seconds, while a flood of unknown ids costs one small query
 # per id every 5 s, not one per batch.
 UNKNOWN_RETRY_S: Final = 5.0
+# Bytes of a refused payload kept in ``rejects.raw`` (its full size goes to
+# ``raw_bytes``). 64 KiB holds a whole batch of the gateway's default size
+# (500 rows, ~50 KB), so a batch refused for its content can be replayed
+# from the table, and any state, ack or device message whole (states are
+# ~0.5 KB); beyond that the head shows what the message was. Without the
+# bound one 8 MiB message made an 8 MiB row, and a flood of them filled the
+# disk at the broker's rate.
+REJECT_RAW_MAX_BYTES: Final = 64 * 1024
 
 
 def poison_key(topic: str, payload: bytes) -> str:
@@ -116,6 +128,7 @@ class GoodBatch:
     rows: BatchRows
     payload: bytes
     owners: Mapping[str, str | None]  # the ownership map the rows were built with
+    digest: str  # payload_digest(payload): what the ack names the batch by
 
     @classmethod
     def build(
@@ -136,11 +149,17 @@ class GoodBatch:
             rows=rows,
             payload=payload,
             owners=owners,
+            digest=payload_digest(payload),
         )
 
     @property
+    def record(self) -> tuple[str, str]:
+        """Its ``ingested_batches`` key: the batch id and the payload's digest."""
+        return self.batch_id, self.digest
+
+    @property
     def key(self) -> str:
-        return self.batch_id
+        return "\0".join(self.record)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,8 +174,17 @@ class PoisonBatch:
     payload: bytes
 
     @property
+    def digest(self) -> str:
+        return payload_digest(self.payload)
+
+    @property
+    def record(self) -> tuple[str, str]:
+        """Its ``ingested_batches`` key: the poison key and the payload's digest."""
+        return poison_key(self.topic, self.payload), self.digest
+
+    @property
     def key(self) -> str:
-        return poison_key(self.topic, self.payload)
+        return "\0".join(self.record)
 
 
 WriteItem = GoodBatch | PoisonBatch
@@ -435,19 +463,21 @@ class BatchWriter:
         return outcome
 
     def _claim_keys(self, cur: psycopg.Cursor[Any], unique: Mapping[str, WriteItem]) -> set[str]:
-        """Record the keys in ``ingested_batches``; returns those not recorded before."""
+        """Record the items in ``ingested_batches``; returns the keys not recorded before."""
         keys = sorted(unique)
+        records = [unique[k].record for k in keys]
         cur.execute(
-            f"INSERT INTO {self.schema}.ingested_batches (batch_id, gateway_id, readings) "
-            "SELECT * FROM unnest(%s::text[], %s::text[], %s::int[]) ORDER BY 1 "
-            "ON CONFLICT DO NOTHING RETURNING batch_id",
+            f"INSERT INTO {self.schema}.ingested_batches (batch_id, digest, gateway_id, readings) "
+            "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::int[]) ORDER BY 1, 2 "
+            "ON CONFLICT DO NOTHING RETURNING batch_id, digest",
             (
-                keys,
+                [r[0] for r in records],
+                [r[1] for r in records],
                 [unique[k].gateway_id for k in keys],
                 [_readings_of(unique[k]) for k in keys],
             ),
         )
-        return {str(row[0]) for row in cur.fetchall()}
+        return {f"{row[0]}\0{row[1]}" for row in cur.fetchall()}
 
     def _write_readings(
         self, cur: psycopg.Cursor[Any], goods: Sequence[GoodBatch], outcome: CommitOutcome
@@ -490,24 +520,37 @@ class BatchWriter:
     def _write_rejects(
         self, cur: psycopg.Cursor[Any], fresh: Sequence[WriteItem], rejects: Counter[str]
     ) -> None:
-        records: list[tuple[str | None, str | None, str | None, str, str, bytes | None]] = []
+        records: list[
+            tuple[str | None, str | None, str | None, str, str, bytes | None, int | None]
+        ] = []
         for item in fresh:
             if isinstance(item, PoisonBatch):
                 detail = _text(item.detail)
+                raw = item.payload[:REJECT_RAW_MAX_BYTES]
                 records.append(
-                    (item.gateway_id, None, item.batch_id, item.reason, detail, item.payload)
+                    (
+                        item.gateway_id,
+                        None,
+                        item.batch_id,
+                        item.reason,
+                        detail,
+                        raw,
+                        len(item.payload),
+                    )
                 )
                 continue
             for r in item.rows.rejects:
                 detail = _text(f"seq {r.seq} ts_ms {r.ts_ms}: {r.detail}")
-                records.append((item.gateway_id, r.device_id, item.key, r.reason, detail, None))
+                records.append(
+                    (item.gateway_id, r.device_id, item.batch_id, r.reason, detail, None, None)
+                )
         if not records:
             return
         with cur.copy(
-            f"COPY {self.schema}.rejects (gateway_id, device_id, batch_id, reason, detail, raw) "
-            "FROM STDIN (FORMAT BINARY)"
+            f"COPY {self.schema}.rejects (gateway_id, device_id, batch_id, reason, detail, raw, "
+            "raw_bytes) FROM STDIN (FORMAT BINARY)"
         ) as copy:
-            copy.set_types(["text", "text", "text", "text", "text", "bytea"])
+            copy.set_types(["text", "text", "text", "text", "text", "bytea", "int8"])
             for record in records:
                 copy.write_row(record)
         rejects.update(r[3] for r in records)
@@ -550,12 +593,15 @@ class BatchWriter:
     def write_states(self, items: Sequence[StateItem]) -> StateOutcome:
         """Store state messages and refused ones in one transaction.
 
-        A state replaces the stored row of its gateway when it is newer:
+        A death Will (``row.will``, timed when ingest received it) takes
+        ``_UPSERT_WILL``: the session's death at the time it was noticed,
+        stored once however often its retained copy comes again. Any other
+        state replaces the stored row of its gateway when it is newer:
         a higher ``birth`` (a later session), or the same birth and a later
         ``ts_ms``, or the same birth and ``offline`` over ``online``. The last
-        case is the death Will, which the gateway registers when it connects,
-        so it carries the connect time: it ends its session's "online" but
-        leaves the figures and the time of the newest state in place. So a
+        case is the Will of a gateway too old to mark it as one, carrying its
+        connect time: it ends its session's "online" but leaves the figures
+        and the time of the newest state in place. So a
         state that arrives late never moves the row back, the Will is applied
         whenever it comes, and a gateway that reconnects in the same session
         is online again with its next state. Applying the same state twice
@@ -569,18 +615,27 @@ class BatchWriter:
         with self._lock, self._errors("states"):
             conn = self._connection()
             with conn.transaction(), conn.cursor() as cur:
-                if rows:
-                    cur.executemany(_UPSERT_STATE.format(s=s), [_state_params(r) for r in rows])
+                history: list[StateRow] = []
+                for row in rows:
+                    if not row.will:
+                        cur.execute(_UPSERT_STATE.format(s=s), _state_params(row))
+                        history.append(row)
+                        continue
+                    cur.execute(_UPSERT_WILL.format(s=s), (*_state_params(row), row.retained))
+                    applied = cur.fetchone()
+                    if applied is not None:  # its death, at the time stored
+                        history.append(dataclasses.replace(row, ts_ms=int(applied[0])))
+                if history:
                     cur.execute(
                         _INSERT_STATE_HISTORY.format(s=s),
                         (
-                            [r.ts_ms for r in rows],
-                            [r.gateway_id for r in rows],
-                            [r.status for r in rows],
-                            [r.outbox_depth for r in rows],
-                            [r.outbox_readings for r in rows],
-                            [r.readings_per_s for r in rows],
-                            [r.devices_online for r in rows],
+                            [r.ts_ms for r in history],
+                            [r.gateway_id for r in history],
+                            [r.status for r in history],
+                            [r.outbox_depth for r in history],
+                            [r.outbox_readings for r in history],
+                            [r.readings_per_s for r in history],
+                            [r.devices_online for r in history],
                         ),
                     )
                     outcome.history = max(cur.rowcount, 0)
@@ -662,6 +717,32 @@ _UPSERT_STATE: Final = (
     WHERE EXCLUDED.birth > g.birth
         OR (EXCLUDED.birth = g.birth
             AND (EXCLUDED.ts > g.ts OR (EXCLUDED.status = 'offline' AND g.status = 'online')))"""
+)
+# A death Will (``StateRow.will``), whose time is when ingest received it.
+# Of a later birth than the stored row, it is the whole row (its figures are
+# the connect time's: nothing newer is known). Of the same birth it ends the
+# session: offline at the time of death, site not ready, the figures of the
+# newest state kept. It applies if the session is stored online, or if it
+# came live with a later time (a session that reconnected and died again);
+# a retained copy seen again (at a resubscribe) never moves a stored death.
+# RETURNING gives the stored time when it applied, nothing when it did not.
+_WILL_FIGURES: Final = tuple(c for c in _STATE_FIGURES if c not in ("ts", "site_ready"))
+_UPSERT_WILL: Final = (
+    _UPSERT_STATE[: _UPSERT_STATE.index("ON CONFLICT")]
+    + """ON CONFLICT (gateway_id) DO UPDATE SET
+        status = 'offline', birth = EXCLUDED.birth, boot_id = EXCLUDED.boot_id,
+        version = EXCLUDED.version, site_ready = EXCLUDED.site_ready,
+        ts = CASE WHEN EXCLUDED.birth > g.birth THEN EXCLUDED.ts
+            ELSE greatest(g.ts, EXCLUDED.ts) END, """
+    + ", ".join(
+        f"{c} = CASE WHEN EXCLUDED.birth > g.birth THEN EXCLUDED.{c} ELSE g.{c} END"
+        for c in _WILL_FIGURES
+    )
+    + """, updated_at = now()
+    WHERE EXCLUDED.birth > g.birth
+        OR (EXCLUDED.birth = g.birth
+            AND (g.status = 'online' OR (NOT %s AND EXCLUDED.ts > g.ts)))
+    RETURNING (extract(epoch FROM g.ts) * 1000)::bigint"""
 )
 _INSERT_STATE_HISTORY: Final = """INSERT INTO {s}.gateway_status_history
         (ts, gateway_id, status, outbox_depth, outbox_readings, readings_per_s, devices_online)

@@ -31,6 +31,7 @@ from contracts.messages import (
     encode_ack,
     encode_device_uplink,
     encode_gateway_config,
+    payload_digest,
 )
 from contracts.settings import BrokerSettings, GatewaySettings
 from contracts.topics import (
@@ -118,7 +119,11 @@ class FakeIngest:
                         {name: column[row] for name, column in block.values.items()}
                     )
         if self.acking:
-            ack = Ack(batch_ids=[batch.batch_id], ts_ms=now_ms())
+            ack = Ack(
+                batch_ids=[batch.batch_id],
+                digests=[payload_digest(message.payload)],
+                ts_ms=now_ms(),
+            )
             c.publish(ack_topic(self.gateway_id, self.prefix), encode_ack(ack), qos=1)
 
     def count(self) -> int:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from contracts.errors import OutboxFullError
 from contracts.ids import parse_batch_id
-from contracts.messages import decode_batch, encode_batch
+from contracts.messages import decode_batch, encode_batch, payload_digest
 from gateway.batching import BatchBuilder
 from gateway.outbox import Outbox
 from gateway.ratelimit import TokenBuckets
@@ -123,7 +123,8 @@ def test_outbox_put_due_ack(tmp_path):
         ("gw:b:0", b"x" * 100, 1),
         ("gw:b:1", b"y" * 50, 1),
     ]
-    assert box.ack(["gw:b:1", "unknown"]) == 5
+    acked = box.ack(["gw:b:1", "unknown"], [payload_digest(b"y" * 50), payload_digest(b"z")])
+    assert acked.removed_readings == 5
     assert box.depth().readings == 10
     # A duplicate put of a known batch id stores nothing new.
     assert box.put([("gw:b:0", b"x" * 100, 10)], NOW).stored_batches == 0

@@ -20,7 +20,13 @@ from hypothesis import strategies as st
 from contracts.catalog import DEVICE_TYPES
 from contracts.errors import InputError
 from contracts.ids import batch_id
-from contracts.messages import Batch, ReadingBlock, check_block_rows, encode_batch
+from contracts.messages import (
+    Batch,
+    ReadingBlock,
+    check_block_rows,
+    encode_batch,
+    payload_digest,
+)
 from ingest.backoff import backoff_delay_s
 from ingest.copyformat import HEADER, PG_EPOCH_MS, TRAILER, CopyColumn, encode_copy_binary
 from ingest.rows import NOT_OWNED, DeviceSummary, build_rows, concat_rows, merge_summaries
@@ -393,7 +399,7 @@ def test_a_good_batch_becomes_a_good_item_acked_under_its_id():
     item = prepare_item(TOPIC, payload, prefix="p", now_ms=NOW_MS, owners={"dev-a": "gw-a"})
     assert isinstance(item, GoodBatch)
     assert item.rows.readings == 1
-    assert ack_id(item) == ("gw-a", batch.batch_id)
+    assert ack_id(item) == ("gw-a", batch.batch_id, payload_digest(payload))
 
 
 @pytest.mark.parametrize(
@@ -425,7 +431,7 @@ def test_an_expired_batch_is_poison_but_acked_so_the_gateway_drops_it():
     )
     assert isinstance(item, PoisonBatch)
     assert item.reason == "ts_window"
-    assert ack_id(item) == ("gw-a", batch.batch_id)
+    assert ack_id(item) == ("gw-a", batch.batch_id, payload_digest(payload))
 
 
 def test_poison_keys_differ_by_topic_and_payload():

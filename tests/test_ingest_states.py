@@ -116,3 +116,18 @@ def test_lock_order_groups_by_gateway_and_keeps_arrival_order_within_one() -> No
         ("gw-b", 3),
         ("gw-b", 1),
     ]
+
+
+@pytest.mark.parametrize(
+    ("will", "received_ms", "retained", "ts_ms"),
+    [
+        (False, 1_767_225_700_000, False, STATE.ts_ms),  # a state keeps its own time
+        (True, 1_767_225_700_000, False, 1_767_225_700_000),  # a Will: when it was received
+        (True, 1_767_225_700_000, True, 1_767_225_700_000),  # retained: the writer decides
+        (True, None, False, STATE.ts_ms),  # no receive time known: its own
+    ],
+)
+def test_a_will_is_timed_when_it_was_received(will, received_ms, retained, ts_ms) -> None:
+    state = msgspec.structs.replace(STATE, status="offline", will=will)
+    row = state_row(state, received_ms=received_ms, retained=retained)
+    assert (row.ts_ms, row.will, row.retained) == (ts_ms, will, retained)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 from typing import Any
@@ -58,6 +59,7 @@ from contracts.messages import (
     encode_device_uplink,
     encode_gateway_config,
     encode_gateway_state,
+    payload_digest,
 )
 
 NOW_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z, a fixed "now" for every test
@@ -185,10 +187,18 @@ states = st.builds(
     outbox_depth=st.integers(0, 10**9),
     ts_ms=st.integers(0, 2**63 - 1),
 )
-acks = st.builds(
-    Ack,
-    batch_ids=st.lists(st.builds(batch_id, ids, ids, st.integers(0, 2**63 - 1)), max_size=5),
-    ts_ms=st.integers(0, 2**63 - 1),
+acks = st.lists(st.builds(batch_id, ids, ids, st.integers(0, 2**63 - 1)), max_size=5).flatmap(
+    lambda batch_ids: st.builds(
+        Ack,
+        batch_ids=st.just(batch_ids),
+        ts_ms=st.integers(0, 2**63 - 1),
+        digests=st.just([])
+        | st.lists(
+            st.binary(max_size=8).map(payload_digest),
+            min_size=len(batch_ids),
+            max_size=len(batch_ids),
+        ),
+    )
 )
 
 # JSON-ish and msgpack-ish values for fuzzing decoders.
@@ -1103,11 +1113,39 @@ def test_ack_round_trip(ack):
 
 
 def test_ack_wire_format():
-    ack = Ack(batch_ids=[BID], ts_ms=NOW_MS)
-    assert (
-        encode_ack(ack) == b'{"batch_ids":["gw-hn-001:0123456789abcdef:7"],"ts_ms":1767225600000}'
+    ack = Ack(batch_ids=[BID], ts_ms=NOW_MS, digests=[payload_digest(b"batch")])
+    assert encode_ack(ack) == (
+        b'{"batch_ids":["gw-hn-001:0123456789abcdef:7"],"ts_ms":1767225600000,'
+        b'"digests":["' + hashlib.sha256(b"batch").hexdigest()[:32].encode() + b'"]}'
     )
     assert decode_ack(encode_ack(ack), gateway_id=GW) == ack
+
+
+def test_an_ack_from_an_older_ingest_decodes_without_digests():
+    ack = decode_ack(b'{"batch_ids":["gw-hn-001:0123456789abcdef:7"],"ts_ms":1}', gateway_id=GW)
+    assert ack.digests == []
+
+
+def test_payload_digest_is_32_lowercase_hex_characters_of_sha256():
+    assert payload_digest(b"") == "e3b0c44298fc1c149afbf4c8996fb924"
+    assert payload_digest(b"a") != payload_digest(b"b")
+
+
+def test_a_will_says_so_and_older_states_are_not_wills():
+    state = GatewayState(
+        gateway_id=GW,
+        status="offline",
+        birth=1,
+        boot_id="b1",
+        version="1",
+        outbox_depth=0,
+        ts_ms=NOW_MS,
+        will=True,
+    )
+    assert decode_gateway_state(encode_gateway_state(state)).will is True
+    old = b'{"gateway_id":"gw-hn-001","status":"offline","birth":1,"boot_id":"b1",'
+    old += b'"version":"1","outbox_depth":0,"ts_ms":1}'
+    assert decode_gateway_state(old).will is False
 
 
 @pytest.mark.parametrize(
@@ -1132,6 +1170,34 @@ def test_ack_wire_format():
             id="other-gateway",
         ),
         pytest.param(b'{"batch_ids":[],"ts_ms":-5}', None, OutOfRangeError, "ts_ms", id="neg-ts"),
+        pytest.param(
+            json.dumps({"batch_ids": [BID, BID], "ts_ms": 1, "digests": ["0" * 32]}).encode(),
+            GW,
+            InconsistentBatchError,
+            "digests has 1",
+            id="digests-short",
+        ),
+        pytest.param(
+            json.dumps({"batch_ids": [BID], "ts_ms": 1, "digests": ["A" * 32]}).encode(),
+            GW,
+            FieldTypeError,
+            "digests[0]",
+            id="digest-not-lowercase-hex",
+        ),
+        pytest.param(
+            json.dumps({"batch_ids": [BID], "ts_ms": 1, "digests": ["0" * 4000]}).encode(),
+            GW,
+            FieldTypeError,
+            "digests[0]",
+            id="digest-oversized",
+        ),
+        pytest.param(
+            json.dumps({"batch_ids": [BID], "ts_ms": 1, "digests": [7]}).encode(),
+            GW,
+            FieldTypeError,
+            "digests",
+            id="digest-not-a-string",
+        ),
     ],
 )
 def test_decode_ack_rejects(payload, gateway_id, expected, fragment):

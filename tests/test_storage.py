@@ -217,8 +217,9 @@ def test_gateway_status_history_is_a_hypertable_under_retention(db_conn, migrate
 
 
 def test_community_retention_policy_covers_gateway_status_history():
-    last = migrations("cityhub", Edition.COMMUNITY, StorageSettings())[-1]
-    assert last.version == 9
+    (last,) = [
+        m for m in migrations("cityhub", Edition.COMMUNITY, StorageSettings()) if m.version == 9
+    ]
     sql = "\n".join(last.statements)
     assert "add_retention_policy('cityhub.gateway_status_history'" in sql
     assert "apply_retention" not in sql
