@@ -240,7 +240,8 @@ class Gateway:
             receive_maximum=settings.site_receive_maximum,
             on_messages=self._on_site_messages,
             on_connect=self._on_site_connect,
-            on_subscribed=self._on_site_subscribed,
+            on_subscribed=self.publish_state,
+            on_refused=self._on_site_refused,
             on_too_large=self._on_site_too_large,
         )
         saved = self.outbox.load_document(CONFIG_DOCUMENT)
@@ -347,8 +348,8 @@ class Gateway:
             ids = self._mqtt_device_ids()
         self.site.subscribe(self._device_topics(ids))
 
-    def _on_site_subscribed(self, refused: list[tuple[str, int]]) -> None:
-        """A SUBACK arrived (event loop): log refusals by device, report readiness."""
+    def _on_site_refused(self, refused: list[tuple[str, int]]) -> None:
+        """A SUBACK refused some topics (event loop): log them by device."""
         for topic, code in refused:
             try:
                 device_id, _kind = parse_device_topic(topic, self.prefix)
@@ -360,7 +361,6 @@ class Gateway:
                 device_id,
                 code,
             )
-        self.publish_state()
 
     def _on_site_too_large(self, message: TooLarge) -> None:
         """A device message over the site link's limit, skipped unread (event loop).

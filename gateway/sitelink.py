@@ -127,7 +127,8 @@ class SiteLink:
         receive_maximum: int = 2000,
         on_messages: Callable[[list[Publish]], None],
         on_connect: Callable[[], None],
-        on_subscribed: Callable[[list[tuple[str, int]]], None] = lambda _refused: None,
+        on_subscribed: Callable[[], None] = lambda: None,
+        on_refused: Callable[[list[tuple[str, int]]], None] = lambda _refused: None,
         on_too_large: Callable[[TooLarge], None] = lambda _message: None,
     ) -> None:
         self.host = host
@@ -141,6 +142,7 @@ class SiteLink:
         self._on_messages = on_messages
         self._on_connect = on_connect
         self._on_subscribed = on_subscribed
+        self._on_refused = on_refused
         self._on_too_large = on_too_large
         self.connected = threading.Event()
         # SUBACKs received, over all connections.
@@ -268,7 +270,9 @@ class SiteLink:
             else:
                 refused.append((topic, code))
         self._granted = self._granted.union(granted)
-        self._on_subscribed(refused)
+        if refused:
+            self._on_refused(refused)
+        self._on_subscribed()
 
     async def run(self) -> None:
         """Connect, serve and reconnect with backoff until cancelled."""
