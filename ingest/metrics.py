@@ -9,6 +9,7 @@ stats rows for Grafana is the service's business (it reads these counters).
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -19,6 +20,8 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from contracts.errors import SettingsError
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -143,6 +146,36 @@ class _Totals(Collector):
 
 
 def serve_metrics(metrics: IngestMetrics, port: int) -> WSGIServer:
-    """Serve /metrics on 127.0.0.1:``port`` in a daemon thread."""
-    server, _thread = start_http_server(port, addr="127.0.0.1", registry=metrics.registry)
+    """Serve /metrics on 127.0.0.1:``port`` in a daemon thread.
+
+    A port that cannot be bound (taken, or privileged) is a SettingsError
+    naming the setting: the worker checks it before it connects anywhere.
+    """
+    try:
+        server, _thread = start_http_server(port, addr="127.0.0.1", registry=metrics.registry)
+    except OSError as exc:
+        raise _port_error(port, exc) from exc
     return server
+
+
+def _port_error(port: int, exc: OSError) -> SettingsError:
+    reason = exc.strerror or str(exc)
+    return SettingsError("ingest.metrics_port", f"cannot listen on 127.0.0.1:{port}: {reason}")
+
+
+def check_metrics_ports(first_port: int, count: int) -> None:
+    """Raise SettingsError unless ``first_port`` .. ``first_port + count - 1`` can be bound now.
+
+    The supervisor of several workers checks their ports before it starts
+    any: a worker that found its port taken would only die and be restarted.
+    A port taken between this check and the worker's start is still that
+    worker's SettingsError.
+    """
+    for port in range(first_port, first_port + count):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            # What the HTTP server sets too: a port in TIME_WAIT is not taken.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError as exc:
+                raise _port_error(port, exc) from exc

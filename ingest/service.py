@@ -820,12 +820,14 @@ class Ingest:
             self.subscriber.topic_filter,
             self.writer.schema,
         )
-        self.subscriber.start()
-        if self.state_subscriber is not None:
-            self.state_subscriber.start()
+        # The metrics port first: a port that cannot be bound is a settings
+        # error, raised before any broker connection.
         metrics_server: WSGIServer | None = None
         if self.metrics_port:
             metrics_server = serve_metrics(self.metrics, self.metrics_port)
+        self.subscriber.start()
+        if self.state_subscriber is not None:
+            self.state_subscriber.start()
         try:
             # The ownership map before the first batch, if the database answers.
             await self.db_call("ownership", self.writer.refresh_owners)

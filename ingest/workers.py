@@ -23,13 +23,16 @@ import os
 import re
 import signal
 import socket
+import sys
 import threading
 import time
 from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Final
 
+from contracts.errors import SettingsError
 from contracts.settings import Settings
+from ingest.metrics import check_metrics_ports
 from ingest.service import Ingest, serve
 
 logger = logging.getLogger(__name__)
@@ -69,7 +72,12 @@ def build_worker(settings: Settings, index: int) -> Ingest:
 def _worker_process(settings: Settings, index: int, log_level: int, parent_pid: int) -> None:
     """Entry point of a spawned worker: a fresh interpreter, so it sets up its own logging."""
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
-    asyncio.run(serve(build_worker(settings, index), parent_pid=parent_pid))
+    try:
+        asyncio.run(serve(build_worker(settings, index), parent_pid=parent_pid))
+    except SettingsError as exc:
+        # Its metrics port was taken after the supervisor checked it.
+        logger.error("worker %d: %s", index, exc)  # noqa: TRY400 - one line, not a traceback
+        sys.exit(2)
 
 
 def run_workers(settings: Settings, *, workers: int) -> None:
@@ -79,6 +87,8 @@ def run_workers(settings: Settings, *, workers: int) -> None:
     if workers == 1:
         asyncio.run(serve(build_worker(settings, 0)))
         return
+    if settings.ingest.metrics_port:
+        check_metrics_ports(settings.ingest.metrics_port, workers)
     _Supervisor(settings, workers).run()
 
 

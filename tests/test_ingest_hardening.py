@@ -546,3 +546,50 @@ def test_wills_late_repeated_and_stale_keep_the_first_noticed_death(
         pub.publish(state_topic(gw, prefix), b"", qos=1, retain=True).wait_for_publish(5)
         pub.disconnect()
         pub.loop_stop()
+
+
+# --- a busy metrics port ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_busy_metrics_port_is_a_one_line_error_before_any_connection(
+    mqtt_server, db_url, migrated, tmp_path, workers
+):
+    import socket
+    import subprocess
+    import sys
+
+    from tests.ingestharness import TcpProxy
+
+    proxy = TcpProxy(mqtt_server.port)
+    config = tmp_path / "ingest.toml"
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        write_config(
+            config,
+            server=mqtt_server,
+            db_url=db_url,
+            schema=migrated,
+            settings=ingest_settings(f"t{tag()}", metrics_port=port),
+        )
+        text = config.read_text().replace(f"port = {mqtt_server.port}", f"port = {proxy.port}")
+        config.write_text(text)
+        done = subprocess.run(
+            [sys.executable, "-m", "ingest", "--config", str(config), "--workers", str(workers)],
+            capture_output=True,
+            timeout=60,
+            env={k: v for k, v in os.environ.items() if not k.startswith("CITYHUB_")},
+            check=False,
+        )
+    stderr = done.stderr.decode()
+    assert done.returncode != 0, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    assert "ingest.metrics_port" in errors[0]
+    assert f"127.0.0.1:{port}" in errors[0]
+    assert "Traceback" not in stderr
+    # Not one connection reached the broker.
+    assert proxy.accepted == 0
+    proxy.close()
