@@ -3,7 +3,7 @@
 The generated configuration turns authentication on through Mosquitto's
 dynamic-security plugin (a generated ``cityhub-admin`` account with full
 access, including the plugin's control API), persistence on with a snapshot
-after every change (AUTOSAVE_ON_CHANGES below), raises the
+every second (AUTOSAVE_INTERVAL below), raises the
 queue limits that would otherwise drop QoS 1 messages for a slow subscriber
 (DESIGN.md section 4), and listens on 127.0.0.1 only, optionally with a
 second, TLS listener that requires a client certificate. Dev mode
@@ -67,12 +67,14 @@ MAX_QUEUED_BYTES = 1 << 30
 MAX_PACKET_BYTES = 16 << 20
 # Persistence. Mosquitto keeps messages in memory and writes whole snapshots;
 # a QoS 1 message it PUBACKed since the last snapshot is lost when it is
-# killed (-9, power). With autosave_on_changes the interval counts changes
-# (stored messages, subscriptions) instead of seconds: a snapshot after every
-# change, written when the broker's loop next turns (the same loop that sends
-# the PUBACK), leaves no window a test could hit. bench/bench_broker_persistence.py
-# measures the window and the cost; README ("Broker persistence").
-AUTOSAVE_ON_CHANGES = True
+# killed (-9, power). A snapshot every second (Mosquitto compares whole
+# seconds, so up to 2 s apart) bounds that window to the readings of the last
+# 2 s, at the cost of writing the queue once a second. Saving after every
+# change (autosave_on_changes) would narrow it to about one reading but writes
+# the whole queue per message: ~3 MB/s at a site's rate with a 10-minute
+# backlog, ten times that at 10x, and quadratic in a burst.
+# bench/bench_broker_persistence.py measures both; README ("Broker persistence").
+AUTOSAVE_ON_CHANGES = False
 AUTOSAVE_INTERVAL = 1
 
 
