@@ -7,11 +7,26 @@ embedded broker starts from. Sending commands is ``devices.brokerctl``'s job.
 
 Accounts and what they may do (DESIGN.md section 8)::
 
-    broker   username              role                     may
-    site     device.{id}           device.{id}              publish {prefix/}d/{id}/#
-    site     gateway.{id}.site     gateway.{id}.site        subscribe {prefix/}d/+/up, d/+/status
-    central  gateway.{id}          gateway.{id}             publish .../gw/{id}/batch and /state,
-                                                            subscribe .../gw/{id}/ack and /config
+    broker   username           client id     may
+    site     device.{id}        {id}          publish {prefix/}d/{id}/#
+    site     gateway.{id}.site  gw-{id}-site  subscribe d/{dev}/up and d/{dev}/status and
+                                              receive d/{dev}/# for each of its MQTT devices
+    central  gateway.{id}       gw-{id}       publish .../gw/{id}/batch and /state,
+                                              subscribe .../gw/{id}/ack and /config
+
+Each account holds a role of the same name. Each account may connect with its
+own client id only (the plugin's ``clientid``; any other id gets CONNACK 135,
+"not authorized", so no account can resume or take over another client's
+session). The admin account has no client id: the services that use it today
+(ingest, alerts, provisioning) choose their own.
+
+A gateway's site role lists its devices one by one and follows the registry
+(``role_changes`` computes the ``addRoleACL``/``removeRoleACL`` commands that
+bring a role to what the registry says). Changing a role does not end a
+subscription made earlier, so the role also denies receiving anything under
+``d/`` except its own devices' topics: a device moved away or revoked stops
+reaching the old gateway even through a subscription its persistent session
+still holds.
 
 The plugin's default access denies every publish and subscription that no
 role allows, so a device publishing under another id gets PUBACK reason code
@@ -25,15 +40,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+from collections.abc import Iterable
 from typing import Any, Final, Literal
 
 import msgspec
 
-from contracts.errors import BrokerControlError, MalformedPayloadError
+from contracts.errors import BrokerControlError, InvalidIdError, MalformedPayloadError
 from contracts.ids import check_id
 from contracts.topics import (
     config_topic,
-    device_status_filter,
+    device_status_topic,
     device_uplink_filter,
     device_uplink_topic,
     gateway_topic,
@@ -66,6 +82,8 @@ class AclRule(msgspec.Struct, frozen=True, kw_only=True):
     acltype: AclType
     topic: str
     allow: bool = True
+    # Higher priorities are evaluated first (the plugin's rule); the first match decides.
+    priority: int = 0
 
 
 class Role(msgspec.Struct, frozen=True, kw_only=True):
@@ -78,6 +96,7 @@ class Account(msgspec.Struct, frozen=True, kw_only=True):
 
     broker: BrokerKind
     username: str
+    client_id: str
     role: Role
 
 
@@ -97,6 +116,26 @@ def gateway_username(gateway_id: str, broker: BrokerKind) -> str:
     return name if broker == "central" else f"{name}.site"
 
 
+def gateway_client_id(gateway_id: str, broker: BrokerKind) -> str:
+    """The MQTT client id a gateway's account must use on each broker."""
+    client_id = f"gw-{check_id(gateway_id, 'gateway_id')}"
+    return client_id if broker == "central" else f"{client_id}-site"
+
+
+def client_id_of(username: str) -> str | None:
+    """The client id bound to a provisioned account's username (None for any other account)."""
+    kind, _, rest = username.partition(".")
+    gateway_id, _, site = rest.partition(".")
+    try:
+        if kind == "device" and rest:
+            return check_id(rest, "device_id")
+        if kind == "gateway" and site in ("", "site") and gateway_id:
+            return gateway_client_id(gateway_id, "site" if site else "central")
+    except InvalidIdError:
+        return None
+    return None
+
+
 def device_account(device_id: str, prefix: str = "") -> Account:
     """A device may publish under ``d/{its id}/`` only (uplink, status and its Will)."""
     own = device_uplink_topic(device_id, prefix).removesuffix("/up")
@@ -104,6 +143,7 @@ def device_account(device_id: str, prefix: str = "") -> Account:
     return Account(
         broker="site",
         username=username,
+        client_id=device_id,
         role=Role(
             rolename=username,
             acls=(AclRule(acltype="publishClientSend", topic=f"{own}/#"),),
@@ -120,17 +160,42 @@ def gateway_central_account(gateway_id: str, prefix: str = "") -> Account:
         AclRule(acltype="subscribeLiteral", topic=gateway_topic(gateway_id, "ack", prefix)),
         AclRule(acltype="subscribeLiteral", topic=config_topic(gateway_id, prefix)),
     )
-    return Account(broker="central", username=username, role=Role(rolename=username, acls=acls))
-
-
-def gateway_site_account(gateway_id: str, prefix: str = "") -> Account:
-    """On the site broker a gateway reads its devices' uplinks and status; it publishes nothing."""
-    username = gateway_username(gateway_id, "site")
-    acls = (
-        AclRule(acltype="subscribePattern", topic=device_uplink_filter(prefix)),
-        AclRule(acltype="subscribePattern", topic=device_status_filter(prefix)),
+    return Account(
+        broker="central",
+        username=username,
+        client_id=gateway_client_id(gateway_id, "central"),
+        role=Role(rolename=username, acls=acls),
     )
-    return Account(broker="site", username=username, role=Role(rolename=username, acls=acls))
+
+
+def site_device_acls(device_id: str, prefix: str = "") -> tuple[AclRule, ...]:
+    """What a gateway's site role holds for one of its devices."""
+    own = device_uplink_topic(device_id, prefix).removesuffix("/up")
+    return (
+        AclRule(acltype="subscribeLiteral", topic=device_uplink_topic(device_id, prefix)),
+        AclRule(acltype="subscribeLiteral", topic=device_status_topic(device_id, prefix)),
+        AclRule(acltype="publishClientReceive", topic=f"{own}/#", priority=1),
+    )
+
+
+def gateway_site_account(
+    gateway_id: str, prefix: str = "", device_ids: Iterable[str] = ()
+) -> Account:
+    """On the site broker a gateway reads its own devices' uplinks and status; it publishes nothing.
+
+    The lowest-priority rule denies receiving anything else under ``d/``.
+    """
+    username = gateway_username(gateway_id, "site")
+    everything = device_uplink_filter(prefix).removesuffix("/+/up") + "/#"
+    acls = [AclRule(acltype="publishClientReceive", topic=everything, allow=False)]
+    for device_id in sorted(set(device_ids)):
+        acls.extend(site_device_acls(device_id, prefix))
+    return Account(
+        broker="site",
+        username=username,
+        client_id=gateway_client_id(gateway_id, "site"),
+        role=Role(rolename=username, acls=tuple(acls)),
+    )
 
 
 def gateway_accounts(gateway_id: str, prefix: str = "") -> tuple[Account, Account]:
@@ -158,6 +223,7 @@ def create_account(account: Account, password: str) -> list[Command]:
             "command": "createClient",
             "username": account.username,
             "password": password,
+            "clientid": account.client_id,
             "roles": [{"rolename": account.role.rolename}],
         },
     ]
@@ -186,6 +252,58 @@ def enable_account(account: Account) -> list[Command]:
 
 def get_account(account: Account) -> list[Command]:
     return [{"command": "getClient", "username": account.username}]
+
+
+def set_client_id(account: Account) -> list[Command]:
+    """Bind the account to its client id (the broker disconnects its live sessions)."""
+    return [{"command": "setClientId", "username": account.username, "clientid": account.client_id}]
+
+
+def get_role(role: Role) -> list[Command]:
+    return [{"command": "getRole", "rolename": role.rolename}]
+
+
+def _acl_key(acl: AclRule) -> tuple[str, str]:
+    return acl.acltype, acl.topic
+
+
+def _add_acl(rolename: str, acl: AclRule) -> Command:
+    return {"command": "addRoleACL", "rolename": rolename, **msgspec.to_builtins(acl)}
+
+
+def _remove_acl(rolename: str, acl: AclRule) -> Command:
+    return {
+        "command": "removeRoleACL",
+        "rolename": rolename,
+        "acltype": acl.acltype,
+        "topic": acl.topic,
+    }
+
+
+def role_acls(data: dict[str, Any] | None) -> tuple[AclRule, ...]:
+    """The ACLs in a ``getRole`` answer."""
+    try:
+        role = (data or {})["role"]
+        return tuple(msgspec.convert(acl, AclRule) for acl in role.get("acls", []))
+    except (KeyError, TypeError, AttributeError, msgspec.ValidationError) as exc:
+        raise MalformedPayloadError(f"getRole answer: {exc}") from exc
+
+
+def role_changes(
+    current: tuple[AclRule, ...], desired: Role
+) -> tuple[list[Command], list[Command]]:
+    """Commands that turn ``current`` into ``desired``'s ACLs, and the commands that undo them.
+
+    Both are empty when the role is already as desired, so a re-run sends nothing.
+    """
+    have = {_acl_key(acl): acl for acl in current}
+    want = {_acl_key(acl): acl for acl in desired.acls}
+    stale = [acl for key, acl in have.items() if want.get(key) != acl]
+    missing = [acl for key, acl in want.items() if have.get(key) != acl]
+    name = desired.rolename
+    forward = [_remove_acl(name, acl) for acl in stale] + [_add_acl(name, a) for a in missing]
+    undo = [_remove_acl(name, acl) for acl in missing] + [_add_acl(name, a) for a in stale]
+    return forward, undo
 
 
 _ENCODER: Final = msgspec.json.Encoder()
@@ -273,6 +391,13 @@ def _full_access_acls() -> list[dict[str, Any]]:
     return acls
 
 
+def _with_client_id(client: dict[str, Any]) -> dict[str, Any]:
+    client_id = client_id_of(str(client.get("username", "")))
+    if client_id is None or client.get("clientid") == client_id:
+        return client
+    return {**client, "clientid": client_id}
+
+
 def base_document(
     existing: dict[str, Any] | None,
     *,
@@ -288,9 +413,15 @@ def base_document(
     and the dev-mode anonymous group are (re)written. In dev mode anonymous
     clients get full access through the anonymous group; otherwise the group
     is removed (and the broker's ``allow_anonymous false`` keeps them out).
+    Device and gateway accounts made before accounts were bound to their
+    client ids get theirs (``client_id_of``).
     """
     document = dict(existing or {})
-    clients = [c for c in document.get("clients", []) if c.get("username") != admin_username]
+    clients = [
+        _with_client_id(c)
+        for c in document.get("clients", [])
+        if c.get("username") != admin_username
+    ]
     clients.append(
         {
             "username": admin_username,

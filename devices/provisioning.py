@@ -63,6 +63,12 @@ class Outcome:
     configs: list[GatewayConfig] = field(default_factory=list)
 
 
+# What may already be undone when an undo runs (a re-run, a concurrent change).
+_UNDO_TOLERATED = frozenset(
+    {"Client not found", "Role not found", "ACL not found", "ACL with this topic already exists"}
+)
+
+
 class _Undo:
     """Broker changes to take back if the command fails before its commit."""
 
@@ -73,7 +79,7 @@ class _Undo:
     def run(self) -> None:
         for control, commands in reversed(self.steps):
             try:
-                control.run(commands, tolerated=frozenset({"Client not found", "Role not found"}))
+                control.run(commands, tolerated=_UNDO_TOLERATED)
             except HubError:
                 logger.exception("could not undo %s on %r", commands, control)
         for path in self.files:
@@ -135,6 +141,59 @@ class Provisioner:
         control = self._control(account.broker)
         control.run(dynsec.create_account(account, secret))
         undo.steps.append((control, dynsec.delete_account(account)))
+
+    def _bind_client_id(self, account: dynsec.Account, out: Outcome) -> None:
+        """Bind an account made before client ids were bound (a no-op once it is)."""
+        control = self._control(account.broker)
+        data = control.run(dynsec.get_account(account))[0] or {}
+        client = data.get("client")
+        if isinstance(client, dict) and client.get("clientid") == account.client_id:
+            return
+        control.run(dynsec.set_client_id(account))
+        out.changes.append(
+            f"{account.broker} broker: account {account.username} bound to client id"
+            f" {account.client_id}"
+        )
+
+    def _sync_gateway(self, tx: RegistryTx, undo: _Undo, gateway_id: str, out: Outcome) -> None:
+        """Bring a gateway's site role to the registry's devices and bind its client ids.
+
+        Idempotent: a gateway already up to date costs two reads and no change.
+        """
+        devices = tx.active_mqtt_devices_of(gateway_id)
+        account = dynsec.gateway_site_account(gateway_id, self.prefix, devices)
+        data = self.site.run(dynsec.get_role(account.role))[0]
+        forward, back = dynsec.role_changes(dynsec.role_acls(data), account.role)
+        if forward:
+            self.site.run(forward)
+            undo.steps.append((self.site, back))
+            out.changes.append(
+                f"site broker: {account.username} may read the topics of {len(devices)}"
+                " devices, no others"
+            )
+        for gateway_account in dynsec.gateway_accounts(gateway_id, self.prefix):
+            self._bind_client_id(gateway_account, out)
+
+    def sync_broker(self) -> Outcome:
+        """Bring every active account on the brokers to what the registry says.
+
+        For brokers whose accounts were made before client ids and per-device
+        site roles: binds each account to its client id and rewrites each
+        gateway's site role. Safe to re-run; an up-to-date broker is not changed.
+        """
+        out = Outcome()
+        with self._command() as (tx, undo):
+            for gateway_id in tx.active_gateway_ids():
+                before = len(out.changes)
+                self._sync_gateway(tx, undo, gateway_id, out)
+                if len(out.changes) > before:
+                    self._audit(tx, "gateway.sync", "gateway", gateway_id)
+            for device_id in tx.active_mqtt_devices_of():
+                before = len(out.changes)
+                self._bind_client_id(dynsec.device_account(device_id, self.prefix), out)
+                if len(out.changes) > before:
+                    self._audit(tx, "device.sync", "device", device_id)
+        return out
 
     def _audit(self, tx: RegistryTx, action: str, kind: str, subject: str, **detail: Any) -> None:
         tx.audit(
@@ -215,7 +274,7 @@ class Provisioner:
                 tls=endpoint.tls,
                 username=dynsec.gateway_username(row.gateway_id, "central"),
                 password=central_secret,
-                client_id=f"gw-{row.gateway_id}",
+                client_id=dynsec.gateway_client_id(row.gateway_id, "central"),
             ),
             site=MqttAccess(
                 host=self.site_endpoint.host,
@@ -223,7 +282,7 @@ class Provisioner:
                 tls=self.site_endpoint.tls,
                 username=dynsec.gateway_username(row.gateway_id, "site"),
                 password=site_secret,
-                client_id=f"gw-{row.gateway_id}-site",
+                client_id=dynsec.gateway_client_id(row.gateway_id, "site"),
             ),
             prefix=self.prefix,
             ca_pem=ca_pem,
@@ -287,6 +346,7 @@ class Provisioner:
                 )
             self._audit(tx, "gateway.rotate", "gateway", gateway_id)
             self._write(undo, self._gateway_bundle(row, secrets["central"], secrets["site"]), out)
+            self._sync_gateway(tx, undo, gateway_id, out)
             for account in dynsec.gateway_accounts(gateway_id, self.prefix):
                 self._control(account.broker).run(
                     dynsec.set_password(account, secrets[account.broker])
@@ -344,7 +404,7 @@ class Provisioner:
                 tls=self.site_endpoint.tls,
                 username=dynsec.device_username(row.device_id),
                 password=secret,
-                client_id=row.device_id,
+                client_id=dynsec.device_account(row.device_id).client_id,
             )
         return device_bundle(
             config,
@@ -447,6 +507,8 @@ class Provisioner:
             )
             row = self._device(tx, device_id)
             self._write(undo, self._device_bundle(row, secret), out)
+            # The site role allows the new topics before the config tells the gateway to subscribe.
+            self._sync_gateway(tx, undo, gateway_id, out)
             self._publish_configs(tx, [gateway_id], out)
         return out
 
@@ -454,7 +516,7 @@ class Provisioner:
         self, device_id: str, *, gateway_id: str, site_id: str | None = None
     ) -> Outcome:
         out = Outcome()
-        with self._command() as (tx, _undo):
+        with self._command() as (tx, undo):
             row = self._active_device(tx, device_id)
             gateway = self._active_gateway(tx, gateway_id)
             if site_id is not None:
@@ -481,6 +543,9 @@ class Provisioner:
                 to_gateway=gateway_id,
             )
             affected = [g for g in (row.gateway_id, gateway_id) if g is not None]
+            if row.transport == "mqtt":
+                for affected_id in affected:
+                    self._sync_gateway(tx, undo, affected_id, out)
             self._publish_configs(tx, affected, out)
         return out
 
@@ -527,6 +592,9 @@ class Provisioner:
             self._write(undo, self._device_bundle(self._device(tx, device_id), secret), out)
             if secret is not None:
                 account = dynsec.device_account(device_id, self.prefix)
+                self._bind_client_id(account, out)
+                if row.gateway_id is not None:
+                    self._sync_gateway(tx, undo, row.gateway_id, out)
                 self.site.run(dynsec.set_password(account, secret))
                 out.changes.append(
                     f"site broker: new secret for {account.username}"
@@ -548,6 +616,7 @@ class Provisioner:
             self._audit(tx, "device.rotate", "device", device_id)
             self._write(undo, self._device_bundle(row, secret), out)
             account = dynsec.device_account(device_id, self.prefix)
+            self._bind_client_id(account, out)
             self.site.run(dynsec.set_password(account, secret))
             out.changes.append(
                 f"site broker: new secret for {account.username}"
@@ -579,7 +648,7 @@ class Provisioner:
 
     def revoke_device(self, device_id: str) -> Outcome:
         out = Outcome()
-        with self._command() as (tx, _undo):
+        with self._command() as (tx, undo):
             row = self._active_device(tx, device_id)
             tx.revoke_device(device_id)
             out.changes.append(
@@ -587,6 +656,8 @@ class Provisioner:
             )
             self._audit(tx, "device.revoke", "device", device_id, gateway_id=row.gateway_id)
             if row.gateway_id is not None:
+                if row.transport == "mqtt":
+                    self._sync_gateway(tx, undo, row.gateway_id, out)
                 self._publish_configs(tx, [row.gateway_id], out)
             if row.transport == "mqtt":
                 account = dynsec.device_account(device_id, self.prefix)

@@ -155,6 +155,22 @@ class RegistryTx:
         )
         return [str(r["device_id"]) for r in self.cur.fetchall()]
 
+    def active_mqtt_devices_of(self, gateway_id: str | None = None) -> list[str]:
+        """Active MQTT devices (of one gateway, or of all): the ones with a broker account."""
+        self.cur.execute(
+            f"SELECT device_id FROM {self.s}.devices WHERE status = 'active'"
+            " AND transport = 'mqtt' AND (%s::text IS NULL OR gateway_id = %s)"
+            " ORDER BY device_id",
+            (gateway_id, gateway_id),
+        )
+        return [str(r["device_id"]) for r in self.cur.fetchall()]
+
+    def active_gateway_ids(self) -> list[str]:
+        self.cur.execute(
+            f"SELECT gateway_id FROM {self.s}.gateways WHERE status = 'active' ORDER BY gateway_id"
+        )
+        return [str(r["gateway_id"]) for r in self.cur.fetchall()]
+
     def credential_hash(self, broker: str, username: str) -> str | None:
         self.cur.execute(
             f"SELECT secret_hash FROM {self.s}.credentials WHERE broker = %s AND username = %s"

@@ -190,3 +190,18 @@ def test_an_incomplete_pki_directory_is_an_error(tmp_path, pki):
     )
     assert result.returncode != 0
     assert "server.key" in result.stderr
+
+
+def test_the_compose_broker_saves_as_often_as_the_embedded_one(tmp_path):
+    """Issue 11 item 4: both brokers take a snapshot every second (README, persistence)."""
+    from cityhub.localstack.mosquitto import MosquittoServer
+
+    embedded = MosquittoServer(base_dir=tmp_path / "m", port=1, run_as=None, dev_mode=False)
+    embedded.write_config()
+
+    def autosave(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line.startswith("autosave")]
+
+    expected = ["autosave_on_changes false", "autosave_interval 1"]
+    assert autosave(CONF.read_text(encoding="utf-8")) == expected
+    assert autosave(embedded.config_path.read_text(encoding="utf-8")) == expected

@@ -25,6 +25,7 @@ from contracts.errors import (
     ConflictError,
     InvalidIdError,
     InvalidPortError,
+    MalformedPayloadError,
     UnknownDeviceTypeError,
 )
 from contracts.settings import load_settings
@@ -142,9 +143,56 @@ def test_acl_roles_confine_devices_and_gateways():
         ("subscribeLiteral", "hub/v1/gw/gw-hk/ack"),
         ("subscribeLiteral", "hub/v1/gw/gw-hk/config"),
     ]
-    assert sorted(a.topic for a in site.role.acls) == ["d/+/status", "d/+/up"]
+    assert (device.client_id, central.client_id, site.client_id) == (
+        "kiosk-07",
+        "gw-gw-hk",
+        "gw-gw-hk-site",
+    )
+    # Before it has devices, a gateway's site role allows nothing and denies receiving d/#.
+    assert [(a.acltype, a.topic, a.allow) for a in site.role.acls] == [
+        ("publishClientReceive", "d/#", False)
+    ]
+    site = dynsec.gateway_site_account("gw-hk", "t1", ["kiosk-07"])
+    assert sorted((a.acltype, a.topic, a.allow, a.priority) for a in site.role.acls) == [
+        ("publishClientReceive", "t1/d/#", False, 0),
+        ("publishClientReceive", "t1/d/kiosk-07/#", True, 1),
+        ("subscribeLiteral", "t1/d/kiosk-07/status", True, 0),
+        ("subscribeLiteral", "t1/d/kiosk-07/up", True, 0),
+    ]
     with pytest.raises(InvalidIdError):
         dynsec.device_account("kiosk/#")
+
+
+def test_client_ids_follow_from_usernames():
+    assert dynsec.client_id_of("device.kiosk-07") == "kiosk-07"
+    assert dynsec.client_id_of("gateway.gw-hk") == "gw-gw-hk"
+    assert dynsec.client_id_of("gateway.gw-hk.site") == "gw-gw-hk-site"
+    for other in ("cityhub-admin", "device.", "device.Bad/#", "gateway.gw-hk.other", "x.y"):
+        assert dynsec.client_id_of(other) is None, other
+
+
+def test_role_changes_bring_a_role_to_the_registry_and_undo():
+    legacy = (dynsec.AclRule(acltype="subscribePattern", topic="d/+/up"),)
+    one = dynsec.gateway_site_account("gw-hk", "", ["kiosk-1"]).role
+    forward, undo = dynsec.role_changes(legacy, one)
+    assert [(c["command"], c["topic"]) for c in forward] == [
+        ("removeRoleACL", "d/+/up"),
+        ("addRoleACL", "d/#"),
+        ("addRoleACL", "d/kiosk-1/up"),
+        ("addRoleACL", "d/kiosk-1/status"),
+        ("addRoleACL", "d/kiosk-1/#"),
+    ]
+    assert forward[1]["allow"] is False
+    assert forward[4]["priority"] == 1
+    assert [c["command"] for c in undo] == ["removeRoleACL"] * 4 + ["addRoleACL"]
+    # Already current: nothing to send (a re-run is free). A changed rule is replaced.
+    assert dynsec.role_changes(one.acls, one) == ([], [])
+    two = dynsec.gateway_site_account("gw-hk", "", ["kiosk-1", "kiosk-2"]).role
+    forward, _ = dynsec.role_changes(one.acls, two)
+    assert {c["topic"] for c in forward} == {"d/kiosk-2/up", "d/kiosk-2/status", "d/kiosk-2/#"}
+    assert dynsec.role_acls({"role": {"acls": msgspec.to_builtins(list(one.acls))}}) == one.acls
+    with pytest.raises(MalformedPayloadError):
+        dynsec.role_acls({"role": {"acls": [{"acltype": "nonsense", "topic": 1}]}})
 
 
 def test_control_commands_and_responses():
@@ -184,6 +232,9 @@ def test_base_document_keeps_provisioned_accounts_and_sets_dev_mode():
     assert [c["username"] for c in second["clients"]] == ["device.kiosk-1", "adm"]
     assert all(g["groupname"] != dynsec.DEV_ANONYMOUS_GROUP for g in second["groups"])
     assert second["defaultACLAccess"]["publishClientSend"] is False
+    # Accounts made before client ids were bound get theirs; the admin account stays free.
+    clients = {c["username"]: c.get("clientid") for c in second["clients"]}
+    assert clients == {"device.kiosk-1": "kiosk-1", "adm": None}
 
 
 def test_secret_hashes_verify_and_never_contain_the_secret():

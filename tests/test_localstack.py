@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -221,3 +222,128 @@ def test_broker_delivers_mqtt5_qos1_messages(mqtt_server: MosquittoServer):
     finally:
         sub.disconnect()
         sub.loop_stop()
+
+
+# Issue 11 item 4: what a kill -9 of the broker may cost readings queued for an
+# absent gateway. The documented bound (README, "Broker persistence"): the
+# readings acknowledged in the last 2 s before the kill (a snapshot every
+# second; Mosquitto compares whole seconds). The devices here publish at ten
+# times a service hall's rate (52 readings/s) for 4 s after a snapshot: the
+# old 10 s interval loses all 208, the bound allows 104.
+RATE_PER_S = 52
+WINDOW_S = 2
+PUBLISH_S = 4
+
+
+class _AwayGateway:
+    """A persistent site session like the gateway's (clean start off, an hour's expiry)."""
+
+    def __init__(self, server: MosquittoServer) -> None:
+        self.server = server
+        self.received: list[bytes] = []
+        self.sentinel_seen = threading.Event()
+        self.ready = threading.Event()
+
+    def connect(self) -> mqtt.Client:
+        gw = _admin_client(self.server, "gw-away-site")
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        gw.on_connect = lambda *_: self.ready.set()
+        gw.on_subscribe = lambda *_: self.ready.set()
+        gw.on_message = self._on_message
+        self.ready.clear()
+        gw.connect("127.0.0.1", self.server.port, clean_start=False, properties=props)
+        gw.loop_start()
+        assert self.ready.wait(10)
+        return gw
+
+    def _on_message(self, _c, _u, message) -> None:
+        if message.topic == "d/sentinel/up":
+            self.sentinel_seen.set()
+        else:
+            self.received.append(bytes(message.payload))
+
+    def subscribe_and_leave(self) -> None:
+        gw = self.connect()
+        self.ready.clear()
+        gw.subscribe("d/+/up", qos=1)
+        assert self.ready.wait(10)
+        gw.disconnect()
+        gw.loop_stop()
+
+
+def _admin_client(server: MosquittoServer, name: str) -> mqtt.Client:
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5)
+    c.username_pw_set(ADMIN_USER, server.admin_password)
+    return c
+
+
+def _publish_acked(server: MosquittoServer, client_id: str, messages: list[tuple[str, bytes]]):
+    client = _admin_client(server, client_id)
+    client.connect("127.0.0.1", server.port)
+    client.loop_start()
+    for topic, payload in messages:
+        info = client.publish(topic, payload, qos=1)
+        info.wait_for_publish(10)
+        assert info.is_published()
+    return client
+
+
+def _saves(server: MosquittoServer) -> int:
+    return server.log_path.read_text(encoding="utf-8").count("Saving in-memory database")
+
+
+def _await_save(server: MosquittoServer) -> None:
+    """Until the broker starts a snapshot after this call (its log says so)."""
+    before = _saves(server)
+    for _ in range(600):
+        if _saves(server) > before:
+            return
+        threading.Event().wait(0.05)
+    raise AssertionError("the broker wrote no snapshot in 30 s")
+
+
+def test_broker_kill_with_the_gateway_away_loses_at_most_the_bound(
+    killable_broker: MosquittoServer,
+):
+    server = killable_broker
+    gateway = _AwayGateway(server)
+    gateway.subscribe_and_leave()
+    _await_save(server)  # the gateway's session is in a snapshot; the window starts now
+
+    device = _admin_client(server, "kiosk-away")
+    device.connect("127.0.0.1", server.port)
+    device.loop_start()
+    acked: list[tuple[bytes, int]] = []  # (reading, snapshots started when it was acked)
+    start = time.monotonic()
+    for seq in range(RATE_PER_S * PUBLISH_S):
+        # Paced like a fleet of devices (load, not a wait for something to happen).
+        threading.Event().wait(max(0.0, start + seq / RATE_PER_S - time.monotonic()))
+        payload = f'{{"seq": {seq}}}'.encode()
+        info = device.publish(f"d/kiosk-{seq % 5}/up", payload, qos=1)
+        info.wait_for_publish(10)
+        assert info.is_published()
+        acked.append((payload, _saves(server)))
+    pid = server.pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)  # right after the last PUBACK
+    device.loop_stop()
+    final_saves = _saves(server)
+    for _ in range(200):  # until the killed broker is gone and its port free
+        if not server.running() and port_is_free(server.port):
+            break
+        threading.Event().wait(0.05)
+    server.start()
+
+    _publish_acked(server, "sentinel", [("d/sentinel/up", b"end")]).disconnect()
+    gw = gateway.connect()
+    try:
+        assert gateway.sentinel_seen.wait(30), "the gateway's session did not survive the restart"
+    finally:
+        gw.disconnect()
+        gw.loop_stop()
+    lost = [(p, saves) for p, saves in acked if p not in gateway.received]
+    # A snapshot that started after a reading was acknowledged holds it; of two such,
+    # the first finished (the kill may cut the last one short).
+    assert all(saves >= final_saves - 1 for _, saves in lost), lost[:5]
+    assert len(lost) <= RATE_PER_S * WINDOW_S, f"{len(lost)} of {len(acked)} readings lost"

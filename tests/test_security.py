@@ -19,7 +19,15 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from contracts.errors import ConflictError
 from contracts.messages import decode_gateway_config
-from contracts.topics import ack_topic, batch_topic, config_topic, device_uplink_topic
+from contracts.topics import (
+    ack_topic,
+    batch_topic,
+    config_topic,
+    device_status_topic,
+    device_uplink_topic,
+)
+from devices import dynsec
+from devices.brokerctl import BrokerControl
 from devices.bundle import decode_bundle
 
 NOT_AUTHORIZED = 135  # MQTT v5 reason code 0x87
@@ -29,7 +37,15 @@ BAD_CREDENTIALS = 134  # 0x86 "Bad user name or password"
 class Probe:
     """A paho MQTT v5 client that records what the broker says to it."""
 
-    def __init__(self, port: int, username: str | None, password: str | None, client_id: str):
+    def __init__(
+        self,
+        port: int,
+        username: str | None,
+        password: str | None,
+        client_id: str,
+        *,
+        clean_start: bool = True,
+    ):
         self.connack = threading.Event()
         self.disconnected = threading.Event()
         self.reason: int | None = None
@@ -48,7 +64,7 @@ class Probe:
         )
         client.on_message = lambda _c, _u, m: self.messages.append((m.topic, bytes(m.payload)))
         self.client = client
-        client.connect("127.0.0.1", port)
+        client.connect("127.0.0.1", port, clean_start=clean_start)
         client.loop_start()
         assert self.connack.wait(10), "no CONNACK"
 
@@ -90,8 +106,14 @@ class Probe:
 def probes():
     made: list[Probe] = []
 
-    def make(port, username, password, client_id=None):
-        probe = Probe(port, username, password, client_id or f"probe-{uuid.uuid4().hex[:8]}")
+    def make(port, username, password, client_id=None, *, clean_start=True):
+        probe = Probe(
+            port,
+            username,
+            password,
+            client_id or f"probe-{uuid.uuid4().hex[:8]}",
+            clean_start=clean_start,
+        )
         made.append(probe)
         return probe
 
@@ -164,7 +186,7 @@ def test_gateway_is_confined_to_its_own_topics(provisioner, broker_admin, probes
     assert (config.gateway_id, config.devices) == (gw_id, [])
 
     site = probes(port, gw.site.username, gw.site.password, gw.site.client_id)
-    assert site.subscribe(f"{topic_prefix}/d/+/up") == 1
+    assert site.subscribe(f"{topic_prefix}/d/+/up") == NOT_AUTHORIZED
     assert site.publish(f"{topic_prefix}/d/someone/up") == NOT_AUTHORIZED
     assert site.subscribe(f"{topic_prefix}/hub/v1/gw/+/batch") == NOT_AUTHORIZED
 
@@ -173,10 +195,11 @@ def test_wrong_password_and_unknown_and_anonymous_are_refused(provisioner, broke
     gateway_id, _ = _gateway(provisioner)
     _device_id, bundle = _mqtt_device(provisioner, gateway_id)
     port = broker_admin.port
-    assert not probes(port, bundle.broker.username, bundle.broker.password + "x").accepted
+    own_id = bundle.broker.client_id
+    assert not probes(port, bundle.broker.username, bundle.broker.password + "x", own_id).accepted
     assert not probes(port, "device.nobody", "whatever").accepted
     assert not probes(port, None, None).accepted
-    assert probes(port, bundle.broker.username, bundle.broker.password).accepted
+    assert probes(port, bundle.broker.username, bundle.broker.password, own_id).accepted
 
 
 def test_rotate_cuts_live_sessions_and_only_the_new_secret_works(
@@ -194,8 +217,8 @@ def test_rotate_cuts_live_sessions_and_only_the_new_secret_works(
     assert live.disconnected.wait(5), "the session with the old secret was not cut"
     assert "Administrative action" in live.disconnect_reason
     live.client.loop_stop()  # paho would reconnect with the old secret and be refused
-    assert not probes(port, old.broker.username, old.broker.password).accepted
-    assert probes(port, new.broker.username, new.broker.password).accepted
+    assert not probes(port, old.broker.username, old.broker.password, old.broker.client_id).accepted
+    assert probes(port, new.broker.username, new.broker.password, new.broker.client_id).accepted
     assert mqtt_server.pid() == pid  # no broker restart
 
 
@@ -205,8 +228,12 @@ def test_revoke_and_disable_cut_live_sessions(provisioner, broker_admin, probes,
     revoked_id, revoked = _mqtt_device(provisioner, gateway_id)
     disabled_id, disabled = _mqtt_device(provisioner, gateway_id)
     port = broker_admin.port
-    live_revoked = probes(port, revoked.broker.username, revoked.broker.password)
-    live_disabled = probes(port, disabled.broker.username, disabled.broker.password)
+    live_revoked = probes(
+        port, revoked.broker.username, revoked.broker.password, revoked.broker.client_id
+    )
+    live_disabled = probes(
+        port, disabled.broker.username, disabled.broker.password, disabled.broker.client_id
+    )
     assert live_revoked.accepted
     assert live_disabled.accepted
 
@@ -224,13 +251,15 @@ def test_revoke_and_disable_cut_live_sessions(provisioner, broker_admin, probes,
     assert {d.device_id: d.enabled for d in config.devices} == {disabled_id: False}
 
     provisioner.set_device_enabled(disabled_id, enabled=True)
-    assert probes(port, disabled.broker.username, disabled.broker.password).accepted
+    assert probes(
+        port, disabled.broker.username, disabled.broker.password, disabled.broker.client_id
+    ).accepted
 
     # A gateway is revoked only once it serves no active device.
     with pytest.raises(ConflictError, match="still serves 1 active devices"):
         provisioner.revoke_gateway(gateway_id)
     provisioner.revoke_device(disabled_id)
-    live_gateway = probes(port, gw.central.username, gw.central.password)
+    live_gateway = probes(port, gw.central.username, gw.central.password, gw.central.client_id)
     assert live_gateway.accepted
     provisioner.revoke_gateway(gateway_id)
     assert live_gateway.disconnected.wait(5)
@@ -290,3 +319,183 @@ def test_mosquitto_pub_with_the_bundle_works_as_the_bundle_says(
     time.sleep(0.3)
     assert watcher.messages == [(bundle.topics["uplink"], payload.encode())]
     assert bundle.topics["uplink"] == device_uplink_topic(device_id, topic_prefix)
+
+
+def _wait_for_message(probe: Probe, message: tuple[str, bytes]) -> None:
+    deadline = time.monotonic() + 10
+    while message not in probe.messages and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert message in probe.messages, f"{message} never arrived"
+
+
+# --- issue 11 item 2: an account connects with its own client id only ---------------
+
+
+def test_each_account_connects_only_with_its_own_client_id(
+    provisioner, broker_admin, probes, topic_prefix
+):
+    gw_id, gw = _gateway(provisioner)
+    _other_id, other = _gateway(provisioner)
+    _a_id, a = _mqtt_device(provisioner, gw_id)
+    b_id, b = _mqtt_device(provisioner, gw_id)
+    port = broker_admin.port
+    # Each account with the id its bundle names is accepted.
+    site = probes(port, gw.site.username, gw.site.password, gw.site.client_id, clean_start=False)
+    assert site.accepted
+    assert site.subscribe(b.topics["uplink"]) == 1
+    central = probes(port, gw.central.username, gw.central.password, gw.central.client_id)
+    assert central.accepted
+    device_b = probes(port, b.broker.username, b.broker.password, b.broker.client_id)
+    assert device_b.accepted
+
+    a_user, a_pw = a.broker.username, a.broker.password
+    attempts = {
+        "device creds, the gateway's site id": (a_user, a_pw, gw.site.client_id),
+        "device A's creds, device B's id": (a_user, a_pw, b.broker.client_id),
+        "gateway creds, another gateway's id": (
+            gw.central.username,
+            gw.central.password,
+            other.central.client_id,
+        ),
+        "site creds, the central id": (gw.site.username, gw.site.password, gw.central.client_id),
+        "device creds, a made-up id": (a_user, a_pw, f"x-{_uid()}"),
+    }
+    for what, (username, password, client_id) in attempts.items():
+        intruder = probes(port, username, password, client_id, clean_start=False)
+        assert intruder.reason == NOT_AUTHORIZED, what
+        intruder.client.loop_stop()  # paho would retry
+
+    # Nobody was kicked and the gateway kept its session: B's next reading reaches the
+    # site subscriber (a takeover's DISCONNECT would have come first on the same socket).
+    assert device_b.publish(b.topics["uplink"], b"sentinel") == 0
+    _wait_for_message(site, (b.topics["uplink"], b"sentinel"))
+    assert not site.disconnected.is_set()
+    assert not device_b.disconnected.is_set()
+    assert not central.disconnected.is_set()
+    assert b.topics["uplink"] == device_uplink_topic(b_id, topic_prefix)
+
+
+# --- issue 11 item 3: a gateway's site account reads its own devices only ------------
+
+
+def test_site_account_reads_only_its_own_devices(provisioner, broker_admin, probes, topic_prefix):
+    gw_id, gw = _gateway(provisioner)
+    neighbour_id, _neighbour = _gateway(provisioner)
+    own_id, own = _mqtt_device(provisioner, gw_id)
+    theirs_id, theirs = _mqtt_device(provisioner, neighbour_id)
+    port = broker_admin.port
+    site = probes(port, gw.site.username, gw.site.password, gw.site.client_id)
+    for refused in (
+        f"{topic_prefix}/d/+/up",
+        f"{topic_prefix}/d/+/status",
+        f"{topic_prefix}/d/#",
+        "#",
+        device_uplink_topic(theirs_id, topic_prefix),
+        device_status_topic(theirs_id, topic_prefix),
+    ):
+        assert site.subscribe(refused) == NOT_AUTHORIZED, refused
+    assert site.subscribe(device_uplink_topic(own_id, topic_prefix)) == 1
+    assert site.subscribe(device_status_topic(own_id, topic_prefix)) == 1
+
+    neighbour_device = probes(port, theirs.broker.username, theirs.broker.password, theirs_id)
+    own_device = probes(port, own.broker.username, own.broker.password, own_id)
+    assert neighbour_device.publish(theirs.topics["uplink"], b"neighbour") in (0, 16)
+    assert own_device.publish(own.topics["uplink"], b"sentinel") == 0
+    _wait_for_message(site, (own.topics["uplink"], b"sentinel"))
+    assert site.messages == [(own.topics["uplink"], b"sentinel")]
+
+
+def _site_topics(broker_admin, gateway_id: str) -> set[str]:
+    role = dynsec.gateway_site_account(gateway_id).role
+    with BrokerControl(name="site", broker=broker_admin) as control:
+        data = control.run(dynsec.get_role(role))[0]
+    return {acl.topic for acl in dynsec.role_acls(data) if acl.allow}
+
+
+def test_site_permissions_follow_move_and_revoke(provisioner, broker_admin, probes, topic_prefix):
+    gw1_id, gw1 = _gateway(provisioner)
+    gw2_id, gw2 = _gateway(provisioner)
+    moved_id, moved = _mqtt_device(provisioner, gw1_id)
+    stay1_id, stay1 = _mqtt_device(provisioner, gw1_id)
+    stay2_id, stay2 = _mqtt_device(provisioner, gw2_id)
+    port = broker_admin.port
+    site1 = probes(port, gw1.site.username, gw1.site.password, gw1.site.client_id)
+    site2 = probes(port, gw2.site.username, gw2.site.password, gw2.site.client_id)
+    assert site1.subscribe(moved.topics["uplink"]) == 1
+    assert site1.subscribe(stay1.topics["uplink"]) == 1
+    assert site2.subscribe(moved.topics["uplink"]) == NOT_AUTHORIZED
+    assert site2.subscribe(stay2.topics["uplink"]) == 1
+    device = probes(port, moved.broker.username, moved.broker.password, moved_id)
+    sentinel1 = probes(port, stay1.broker.username, stay1.broker.password, stay1_id)
+    sentinel2 = probes(port, stay2.broker.username, stay2.broker.password, stay2_id)
+
+    provisioner.move_device(moved_id, gateway_id=gw2_id)
+    # site1 still holds its subscription (a gateway offline would keep it in its
+    # session), but the moved device's readings no longer reach it.
+    assert device.publish(moved.topics["uplink"], b"after-move") in (0, 16)
+    assert sentinel1.publish(stay1.topics["uplink"], b"sentinel1") == 0
+    _wait_for_message(site1, (stay1.topics["uplink"], b"sentinel1"))
+    assert site1.messages == [(stay1.topics["uplink"], b"sentinel1")]
+    assert site1.subscribe(moved.topics["uplink"]) == NOT_AUTHORIZED
+    assert site2.subscribe(moved.topics["uplink"]) == 1
+    assert device.publish(moved.topics["uplink"], b"to-gw2") == 0
+    _wait_for_message(site2, (moved.topics["uplink"], b"to-gw2"))
+    assert moved.topics["uplink"] not in _site_topics(broker_admin, gw1_id)
+
+    provisioner.revoke_device(moved_id)
+    assert site2.subscribe(moved.topics["uplink"]) == NOT_AUTHORIZED
+    assert _site_topics(broker_admin, gw2_id) == {
+        stay2.topics["uplink"],
+        stay2.topics["status"],
+        f"{stay2.topics['uplink'].removesuffix('/up')}/#",
+    }
+    assert sentinel2.publish(stay2.topics["uplink"], b"sentinel2") == 0
+    _wait_for_message(site2, (stay2.topics["uplink"], b"sentinel2"))
+
+    provisioner.revoke_device(stay1_id)
+    provisioner.revoke_gateway(gw1_id)
+    site1.client.loop_stop()
+    assert not probes(port, gw1.site.username, gw1.site.password, gw1.site.client_id).accepted
+
+
+def test_accounts_made_before_are_brought_up_to_date_and_a_rerun_changes_nothing(
+    provisioner, broker_admin, probes, topic_prefix
+):
+    gw_id, gw = _gateway(provisioner)
+    device_id, device = _mqtt_device(provisioner, gw_id)
+    site_role = dynsec.gateway_site_account(gw_id, topic_prefix, [device_id]).role
+    # Roll the broker back to the accounts this project made before: no client ids, and
+    # a site role that may subscribe to every device.
+    legacy = [
+        {"command": "setClientId", "username": name}
+        for name in (device.broker.username, gw.site.username, gw.central.username)
+    ]
+    legacy += [
+        {"command": "removeRoleACL", "rolename": site_role.rolename, **acl}
+        for acl in ({"acltype": a.acltype, "topic": a.topic} for a in site_role.acls)
+    ]
+    legacy.append(
+        {
+            "command": "addRoleACL",
+            "rolename": site_role.rolename,
+            "acltype": "subscribePattern",
+            "topic": f"{topic_prefix}/d/+/up",
+            "allow": True,
+        }
+    )
+    with BrokerControl(name="site", broker=broker_admin) as control:
+        control.run(legacy)
+    port = broker_admin.port
+    before = probes(port, device.broker.username, device.broker.password, gw.site.client_id)
+    assert before.accepted  # the hole, as it was
+    before.close()
+
+    outcome = provisioner.sync_broker()
+    assert sum("bound to client id" in change for change in outcome.changes) == 3
+    intruder = probes(port, device.broker.username, device.broker.password, gw.site.client_id)
+    assert intruder.reason == NOT_AUTHORIZED
+    intruder.client.loop_stop()
+    site = probes(port, gw.site.username, gw.site.password, gw.site.client_id)
+    assert site.subscribe(f"{topic_prefix}/d/+/up") == NOT_AUTHORIZED
+    assert site.subscribe(device.topics["uplink"]) == 1
+    assert provisioner.sync_broker().changes == []

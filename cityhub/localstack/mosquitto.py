@@ -2,7 +2,8 @@
 
 The generated configuration turns authentication on through Mosquitto's
 dynamic-security plugin (a generated ``cityhub-admin`` account with full
-access, including the plugin's control API), persistence on, raises the
+access, including the plugin's control API), persistence on with a snapshot
+every second (AUTOSAVE_INTERVAL below), raises the
 queue limits that would otherwise drop QoS 1 messages for a slow subscriber
 (DESIGN.md section 4), and listens on 127.0.0.1 only, optionally with a
 second, TLS listener that requires a client certificate. Dev mode
@@ -64,6 +65,17 @@ MAX_QUEUED_MESSAGES = 1_000_000
 MAX_QUEUED_BYTES = 1 << 30
 # Larger than the biggest batch a gateway may send (contracts' BATCH_MAX_BYTES).
 MAX_PACKET_BYTES = 16 << 20
+# Persistence. Mosquitto keeps messages in memory and writes whole snapshots;
+# a QoS 1 message it PUBACKed since the last snapshot is lost when it is
+# killed (-9, power). A snapshot every second (Mosquitto compares whole
+# seconds, so up to 2 s apart) bounds that window to the readings of the last
+# 2 s, at the cost of writing the queue once a second. Saving after every
+# change (autosave_on_changes) would narrow it to about one reading but writes
+# the whole queue per message: ~3 MB/s at a site's rate with a 10-minute
+# backlog, ten times that at 10x, and quadratic in a burst.
+# bench/bench_broker_persistence.py measures both; README ("Broker persistence").
+AUTOSAVE_ON_CHANGES = False
+AUTOSAVE_INTERVAL = 1
 
 
 def find_dynsec_plugin() -> Path:
@@ -144,6 +156,8 @@ class MosquittoServer:
         binary: str = "mosquitto",
         start_timeout_s: float = 30.0,
         tls: TlsListener | None = None,
+        autosave_interval: int = AUTOSAVE_INTERVAL,
+        autosave_on_changes: bool = AUTOSAVE_ON_CHANGES,
     ) -> None:
         self.base_dir = base_dir
         self.port = port
@@ -152,6 +166,8 @@ class MosquittoServer:
         self.binary = binary
         self.start_timeout_s = start_timeout_s
         self.tls = tls
+        self.autosave_interval = autosave_interval
+        self.autosave_on_changes = autosave_on_changes
 
     @property
     def config_path(self) -> Path:
@@ -221,8 +237,9 @@ class MosquittoServer:
             f"plugin_opt_config_file {self.dynsec_path}",
             "persistence true",
             f"persistence_location {self.base_dir / 'data'}/",
-            # Seconds between snapshots; the outbox + ack protocol covers the gap.
-            "autosave_interval 10",
+            # Changes (or seconds) between snapshots: AUTOSAVE_ON_CHANGES above.
+            f"autosave_on_changes {'true' if self.autosave_on_changes else 'false'}",
+            f"autosave_interval {self.autosave_interval}",
             f"max_queued_messages {MAX_QUEUED_MESSAGES}",
             f"max_queued_bytes {MAX_QUEUED_BYTES}",
             # QoS 1 messages in flight to one client: the default 20 (100 before)
