@@ -638,3 +638,20 @@ def test_audit_entries_are_plain_json(env):
     assert len(mine) == 1
     assert mine[0]["subject_kind"] == "gateway"
     assert msgspec.json.decode(json.dumps(mine[0]["detail"]))["site_id"] == SITE
+
+
+def test_gateways_sync_broker_binds_older_accounts_and_a_rerun_changes_nothing(env, broker_admin):
+    gw, device = f"gw-{_uid()}", f"kiosk-{_uid()}"
+    ok("gateways", "add", gw, "--site", SITE, env=env)
+    ok("devices", "add", device, "--type", "kiosk", "--site", SITE, "--gateway", gw, env=env)
+    # The device's account as it was made before accounts had a client id.
+    with BrokerControl(name="legacy", broker=broker_admin) as control:
+        control.run([{"command": "setClientId", "username": f"device.{device}"}])
+    out = ok("gateways", "sync-broker", env=env)
+    assert f"device.{device}" in out
+    assert "bound to client id" in out
+    with BrokerControl(name="check", broker=broker_admin) as control:
+        data = control.run([{"command": "getClient", "username": f"device.{device}"}])
+    assert data[0] is not None
+    assert data[0]["client"]["clientid"] == device
+    assert "already up to date" in ok("gateways", "sync-broker", env=env)

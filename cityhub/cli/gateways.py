@@ -136,3 +136,22 @@ def rotate_credentials(
     with reported_errors(state), provisioner(state) as p:
         outcome = p.rotate_gateway(gateway_id)
     show_outcome(state, outcome, qr=qr)
+
+
+@app.command(name="sync-broker")
+def sync_broker(ctx: typer.Context) -> None:
+    """Bring every active gateway's and device's broker account to what the registry says.
+
+    For accounts made before accounts were bound to their client ids and a
+    gateway's site account listed its own devices only: binds each account to
+    its client id (its live session is cut once, and it reconnects) and
+    rewrites each gateway's site role. An up-to-date broker is not changed, so
+    it is safe to re-run.
+    """
+    state = state_of(ctx)
+    with reported_errors(state), provisioner(state) as p:
+        outcome = p.sync_broker()
+    if not outcome.changes:
+        state.console.print("broker accounts already up to date; nothing changed")
+        return
+    show_outcome(state, outcome, qr=False)
