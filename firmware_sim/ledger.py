@@ -38,7 +38,7 @@ from contracts.messages import Transport
 GATEWAY_REFUSES: Final = ("spike_out_of_range", "skew_beyond_window", "flood")
 
 
-class LedgerEntry(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+class LedgerEntry(msgspec.Struct, frozen=True, kw_only=True):
     """One reading as its device sent it."""
 
     device_id: str
