@@ -163,6 +163,8 @@ def soak(
     same schedule; the one used is written to the run directory (soak/).
     """
     state = state_of(ctx)
+    # SIGTERM stops a soak like Ctrl-C: every child and server is stopped.
+    signal.signal(signal.SIGTERM, _interrupt)
     with reported_errors(state):
         failed = _soak(
             state,
@@ -179,6 +181,10 @@ def soak(
         )
     if failed:
         raise typer.Exit(1)
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _load_schedule(
