@@ -45,6 +45,10 @@ def test_a_three_minute_schedule_has_every_fault_kind_and_no_broker_fault_during
     assert {f.kind for f in schedule.fault} == set(FAULT_KINDS)
     cuts = [f for f in schedule.fault if f.kind in LINK_FAULTS]
     assert len({f.target for f in cuts}) == len(cuts)  # never the same gateway twice at once
+    long = make_schedule(seed=seed, duration_s=1800, gateways=GATEWAYS, workers=2)
+    small = {f.target for f in long.fault if f.kind == "outbox_full"}
+    assert len(small) == 1  # one gateway has the small outbox ...
+    assert not small & {f.target for f in long.fault if f.kind == "cut_uplink"}  # ... alone
     for fault in schedule.fault:
         assert fault.end_s <= schedule.duration_s
         if fault.kind in {"kill_broker", "hang_broker"}:

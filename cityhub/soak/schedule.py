@@ -15,8 +15,9 @@ Kinds:
   SIGSTOP for ``duration_s``, then SIGCONT;
 - ``cut_uplink``: the gateway's link to the central broker carries nothing
   for ``duration_s`` (bytes are held, not lost, as TCP would);
-- ``outbox_full``: the same cut on a gateway whose outbox is small, so it
-  fills up.
+- ``outbox_full``: the same cut on the gateway whose outbox is small, so it
+  fills up (the runner gives every outbox_full target a small outbox; the
+  generator puts them all on one gateway and plain cuts on the others).
 
 The generator covers every kind at least once, then picks kinds at
 random. The two long link faults run while the short ones go on elsewhere;
@@ -108,6 +109,10 @@ def make_schedule(
     # The two link faults go first, side by side, on different gateways; the
     # broker's faults last, once the links are back.
     kinds.sort(key=lambda k: (k not in LINK_FAULTS) + (k in BROKER_FAULTS))
+    # One gateway gets the small outbox and every outbox_full fault; a plain
+    # cut goes to the others, so that it is never an outbox_full in disguise.
+    small = rng.choice(list(gateways))
+    others = [g for g in gateways if g != small] or [small]
     faults: list[Fault] = []
     t = WARMUP_S
     links_until = 0.0
@@ -118,7 +123,10 @@ def make_schedule(
         if kind in LINK_FAULTS:
             if t < links_until:
                 continue  # one pair of cuts at a time
-            target = _pick_target(kind, rng, gateways, workers, busy)
+            if kind == "outbox_full":
+                target = small
+            else:
+                target = _pick_target(kind, rng, others, workers, busy | {small})
             if t + cut_s > end:
                 break
             faults.append(Fault(at_s=round(t, 1), kind=kind, target=target, duration_s=cut_s))
