@@ -52,7 +52,7 @@ def test_a_three_minute_schedule_has_every_fault_kind_and_no_broker_fault_during
     for fault in schedule.fault:
         assert fault.end_s <= schedule.duration_s
         if fault.kind in {"kill_broker", "hang_broker"}:
-            assert all(not (c.at_s <= fault.at_s < c.end_s) for c in cuts)
+            assert all(not (c.at_s <= fault.at_s < c.end_s + 15) for c in cuts)
 
 
 def test_a_schedule_is_reproducible_and_round_trips_through_toml():

@@ -61,6 +61,10 @@ DOWN_S: Final = (2.0, 8.0)
 HANG_S: Final = (5.0, 15.0)
 GAP_S: Final = (3.0, 8.0)
 WARMUP_S: Final = 10.0
+# A broker fault keeps this far from the end of a cut: readings a full outbox
+# refused just before must not fall into the broker's crash window (its
+# autosave interval, 10 s, plus 1 s), where they would be counted apart.
+BROKER_AFTER_LINKS_S: Final = 15.0
 COOLDOWN_S: Final = 15.0
 
 
@@ -137,8 +141,8 @@ def make_schedule(
             continue
         if t >= links_until:
             busy.clear()
-        if kind in BROKER_FAULTS and t < links_until:
-            t = links_until + rng.uniform(*GAP_S)
+        if kind in BROKER_FAULTS and t < links_until + BROKER_AFTER_LINKS_S:
+            t = links_until + BROKER_AFTER_LINKS_S + rng.uniform(*GAP_S)
             busy.clear()
         low, high = HANG_S if kind.startswith("hang_") else DOWN_S
         duration = round(rng.uniform(low, high), 1)
