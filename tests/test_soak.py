@@ -55,6 +55,16 @@ def test_a_three_minute_schedule_has_every_fault_kind_and_no_broker_fault_during
             assert all(not (c.at_s <= fault.at_s < c.end_s + 15) for c in cuts)
 
 
+def test_an_oversized_schedule_is_refused_and_a_repeated_fault_is_kept():
+    fault = {"at_s": 1, "kind": "kill_db", "duration_s": 1}
+    with pytest.raises(SettingsError, match="at most 10000"):
+        parse_schedule({"duration_s": 60, "fault": [fault] * 10_001}, gateways=GATEWAYS, workers=2)
+    twice = parse_schedule(
+        {"duration_s": 60, "fault": [fault, fault]}, gateways=GATEWAYS, workers=2
+    )
+    assert len(twice.fault) == 2
+
+
 def test_a_schedule_is_reproducible_and_round_trips_through_toml():
     first = make_schedule(seed=3, duration_s=600, gateways=GATEWAYS, workers=2)
     assert first == make_schedule(seed=3, duration_s=600, gateways=GATEWAYS, workers=2)

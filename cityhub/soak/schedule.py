@@ -61,6 +61,8 @@ DOWN_S: Final = (2.0, 8.0)
 HANG_S: Final = (5.0, 15.0)
 GAP_S: Final = (3.0, 8.0)
 WARMUP_S: Final = 10.0
+# A day of faults every 10 s; more is a mistake in the file, not a soak.
+MAX_FAULTS: Final = 10_000
 # A broker fault keeps this far from the end of a cut: readings a full outbox
 # refused just before must not fall into the broker's crash window (its
 # autosave interval, 10 s, plus 1 s), where they would be counted apart.
@@ -157,11 +159,19 @@ def make_schedule(
 def parse_schedule(
     document: Mapping[str, Any], *, gateways: Sequence[str], workers: int
 ) -> Schedule:
-    """A schedule from TOML, checked against the fleet's gateways and the worker count."""
+    """A schedule from TOML, checked against the fleet's gateways and the worker count.
+
+    Faults may repeat or overlap: the runner applies those on the same part
+    one after the other.
+    """
     try:
         schedule = msgspec.convert(document, Schedule)
     except msgspec.ValidationError as exc:
         raise SettingsError("--schedule", str(exc)) from None
+    if len(schedule.fault) > MAX_FAULTS:
+        raise SettingsError(
+            "--schedule", f"{len(schedule.fault)} faults; at most {MAX_FAULTS} are allowed"
+        )
     for i, fault in enumerate(schedule.fault):
         where = f"fault[{i}] ({fault.kind} at {fault.at_s} s)"
         if fault.at_s < 0 or fault.duration_s < 0 or fault.end_s > schedule.duration_s:
