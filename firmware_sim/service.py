@@ -33,8 +33,9 @@ from contracts.frames import SERIAL_BAUD
 from contracts.messages import DEVICE_OFFLINE, DEVICE_ONLINE, DeviceUplink
 from contracts.settings import BrokerSettings
 from contracts.topics import device_status_topic, device_uplink_topic
-from firmware_sim.faults import FaultCounters, FaultInjector
+from firmware_sim.faults import Emission, FaultCounters, FaultInjector
 from firmware_sim.fleet import DeviceSpec, send_phases_ms, wall_time_ms
+from firmware_sim.ledger import Ledger, LedgerEntry
 from firmware_sim.sensorframes import frame_for
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ class Simulator:
         # record=True keeps every reading sent (device id, uplink): the
         # ledger end-to-end tests compare the database with.
         self.sent: list[tuple[str, DeviceUplink]] | None = [] if record else None
+        # record=True also keeps the ledger: every reading with its PUBACK time.
+        self.ledger: Ledger | None = Ledger() if record else None
         self.broker = site_broker
         self.credentials = credentials or (lambda _id: (site_broker.username, site_broker.password))
         self.prefix = topic_prefix
@@ -189,8 +192,13 @@ class Simulator:
                                 if emission.payload is None:
                                     continue
                                 await self._sleep_until_sim(emission.at_ms)
-                                await client.publish(uplink, emission.payload, qos=1)
+                                try:
+                                    await client.publish(uplink, emission.payload, qos=1)
+                                except aiomqtt.MqttError:
+                                    self._record(spec, emission.uplink, emission, acked=False)
+                                    raise
                                 self.stats.published[spec.device_type] += 1
+                                self._record(spec, emission.uplink, emission, acked=True)
                                 if self.sent is not None and emission.malformed is None:
                                     self.sent.append((spec.device_id, emission.uplink))
                             tick = self._next_tick(spec, tick)
@@ -205,6 +213,23 @@ class Simulator:
                 delay = min(RECONNECT_MAX_S, delay * 2)
                 tick = self._next_tick(spec, self._sim_now())
 
+    def _record(
+        self, spec: DeviceSpec, uplink: DeviceUplink, emission: Emission, *, acked: bool
+    ) -> None:
+        """Ledger entry of one reading; malformed payloads are refused by design and left out."""
+        if self.ledger is None or emission.malformed is not None:
+            return
+        self.ledger.add(
+            LedgerEntry(
+                device_id=spec.device_id,
+                transport=spec.transport,
+                seq=uplink.seq,
+                ts_ms=uplink.ts_ms,
+                acked_ms=wall_ms() if acked else None,
+                faults=emission.faults,
+            )
+        )
+
     async def _serial_device(self, spec: DeviceSpec) -> None:
         assert spec.protocol is not None  # noqa: S101 - build_fleet gives serial devices one
         injector = self._ticks(spec)
@@ -214,18 +239,29 @@ class Simulator:
             await self._sleep_until_sim(tick)
             emissions = injector.emit(tick)
             frames = [frame_for(spec.protocol, e.uplink.metrics, spec.device_id) for e in emissions]
-            for chunk in injector.serial_write(frames, spec.protocol):
-                try:
-                    os.write(master, chunk)
-                except BlockingIOError:
-                    self.stats.bytes_dropped += len(chunk)
-                # Pace at the line rate: 32 bytes take 33 ms at 9600 baud.
-                await asyncio.sleep(len(chunk) / LINE_BYTES_PER_S / self.time_acceleration)
-            # Recorded once on the line: a stop in the middle of the writes
-            # leaves these frames out of the ledger, as they are out of the pty.
+            complete = True
+            try:
+                for chunk in injector.serial_write(frames, spec.protocol):
+                    try:
+                        os.write(master, chunk)
+                    except BlockingIOError:
+                        self.stats.bytes_dropped += len(chunk)
+                        complete = False
+                    # Pace at the line rate: 32 bytes take 33 ms at 9600 baud.
+                    await asyncio.sleep(len(chunk) / LINE_BYTES_PER_S / self.time_acceleration)
+            except asyncio.CancelledError:
+                # Stopped between writes: some of these frames are on the line,
+                # which ones is unknown (the ledger holds them as unacknowledged).
+                for e in emissions:
+                    self._record(spec, e.uplink, e, acked=False)
+                raise
+            # Counted once on the line (stats and ``sent``).
             self.stats.frames_written[spec.device_type] += len(frames)
             if self.sent is not None:
                 self.sent.extend((spec.device_id, e.uplink) for e in emissions)
+            for e in emissions:
+                # A full pty buffer dropped bytes of this tick: which frame is unknown.
+                self._record(spec, e.uplink, e, acked=complete)
             tick = self._next_tick(spec, tick)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:

@@ -6,8 +6,12 @@ starts the ingest workers, one gateway per site and the alerts job as child
 processes and the simulator in this process. Shows a live view until Ctrl-C or ``--for``;
 then stops the simulator, lets the gateways deliver their backlog, stops
 every child (SIGTERM, SIGKILL after a timeout: no orphans) and prints a
-summary. Exits 1 if any reading the simulator sent is missing from the
-database and not accounted for as a reject.
+summary. Exits 1 if any reading of this run that the
+simulator had handed over (PUBACK from the site broker, or written to a
+serial line) is missing from the database and not accounted for as a
+reject, or is there twice: the check compares the simulator's ledger, reading
+by reading (device, seq, ts), with the rows of this run, so a state
+directory holding earlier runs' data cannot hide a loss.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -48,6 +54,7 @@ from contracts.messages import GatewayState, decode_gateway_state
 from contracts.schema import SEVERITIES, readings_table
 from contracts.settings import BrokerSettings
 from firmware_sim.fleet import DeviceSpec
+from firmware_sim.ledger import Ledger, Reconciliation, RejectedRow, StoredRow, reconcile
 from firmware_sim.service import Simulator
 
 # Sites the default run simulates: a ward office, service halls of four
@@ -64,6 +71,11 @@ DEFAULT_SITES = (
 )
 # How long the gateways get to deliver their backlog after the simulator stops.
 DRAIN_TIMEOUT_S = 60.0
+# Gateways online, outboxes empty and counters still this long: nothing more
+# is on its way (their state comes every second in `up`).
+QUIET_S = 5.0
+# Lost readings named one by one in the summary (the count is always whole).
+MAX_LOST_SHOWN = 20
 CHILD_STOP_TIMEOUT_S = 20.0
 GATEWAY_READY_TIMEOUT_S = 30.0
 
@@ -93,13 +105,27 @@ class Children:
     """Child processes, each in a session of its own, stopped in reverse order."""
 
     procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    commands: dict[str, tuple[list[str], Path]] = field(default_factory=dict)
 
     def start(self, name: str, argv: list[str], log: Path) -> None:
         with log.open("ab") as out:
             proc = subprocess.Popen(
                 argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
+        self.procs = [(n, p) for n, p in self.procs if n != name]
         self.procs.append((name, proc))
+        self.commands[name] = (argv, log)
+
+    def get(self, name: str) -> subprocess.Popen[bytes]:
+        for child, proc in self.procs:
+            if child == name:
+                return proc
+        raise KeyError(name)
+
+    def restart(self, name: str) -> None:
+        """Start ``name`` again with its command line (after it died or was killed)."""
+        argv, log = self.commands[name]
+        self.start(name, argv, log)
 
     def dead(self) -> list[str]:
         return [name for name, proc in self.procs if proc.poll() is not None]
@@ -152,17 +178,54 @@ class StateWatcher:
         self.client.loop_stop()
 
 
-def _count(conn: psycopg.Connection, table: str) -> int:
-    row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
-    return int(row[0]) if row else 0
+# A rejects row's detail starts with the reading it refused (ingest.writer).
+_REJECT_DETAIL = re.compile(r"^seq (?P<seq>-?\d+) ts_ms (?P<ts>-?\d+):")
 
 
-def stored_counts(url: str, schema: str) -> dict[str, int]:
-    """Exact rows per device type, plus rejects."""
+def run_rows(
+    url: str, schema: str, devices: Collection[str], since_ms: int
+) -> tuple[list[StoredRow], list[RejectedRow]]:
+    """The stored rows and rejects of ``devices`` from ``since_ms`` on (the run's window).
+
+    Rows are read by their key (device, seq, ts), so rows of an earlier run
+    on the same state directory (earlier times) are not counted as this
+    run's.
+    """
+    device_list = sorted(devices)
+    since = "timestamptz 'epoch' + %s * interval '1 millisecond'"
+    stored: list[StoredRow] = []
+    rejected: list[RejectedRow] = []
     with psycopg.connect(url) as conn:
-        counts = {name: _count(conn, f"{schema}.{readings_table(name)}") for name in DEVICE_TYPES}
-        counts["rejects"] = _count(conn, f"{schema}.rejects")
-    return counts
+        for name in DEVICE_TYPES:
+            rows = conn.execute(
+                f"SELECT device_id, seq, (extract(epoch FROM ts) * 1000)::bigint "
+                f"FROM {schema}.{readings_table(name)} "
+                f"WHERE device_id = ANY(%s) AND ts >= {since}",
+                (device_list, since_ms),
+            ).fetchall()
+            stored.extend(StoredRow(str(d), int(q), int(t)) for d, q, t in rows)
+        rows = conn.execute(
+            f"SELECT device_id, reason, detail FROM {schema}.rejects "
+            f"WHERE device_id = ANY(%s) AND received_at >= {since}",
+            (device_list, since_ms),
+        ).fetchall()
+    for device_id, reason, detail in rows:
+        match = _REJECT_DETAIL.match(str(detail))
+        rejected.append(
+            RejectedRow(
+                device_id=str(device_id),
+                seq=int(match["seq"]) if match else None,
+                ts_ms=int(match["ts"]) if match else None,
+                reason=str(reason),
+            )
+        )
+    return stored, rejected
+
+
+def reconcile_run(url: str, schema: str, ledger: Ledger, since_ms: int) -> Reconciliation:
+    """This run's ledger against the database's rows of this run."""
+    stored, rejected = run_rows(url, schema, ledger.devices(), since_ms)
+    return reconcile(ledger.entries, stored, rejected)
 
 
 def live_stored(conn: psycopg.Connection, schema: str) -> int:
@@ -223,15 +286,6 @@ def _view(
     return table
 
 
-@dataclass(frozen=True)
-class Plan:
-    state: CliState
-    stack: LocalStack
-    url: str
-    schema: str
-    run_dir: Path
-
-
 def up(
     ctx: typer.Context,
     duration: Annotated[
@@ -269,6 +323,149 @@ def up(
         raise typer.Exit(1)
 
 
+class System:
+    """The whole system of `cityhub up` on the embedded default, its parts as child processes.
+
+    ``start`` brings up the servers (unless running), the schema, the fleet
+    and every child; ``close`` stops the children, the simulator's ptys and
+    the servers it started. The soak runner (`cityhub soak`) drives the same
+    object and kills its parts.
+    """
+
+    def __init__(
+        self,
+        state: CliState,
+        *,
+        sites: str | None,
+        fleet: Path | None,
+        workers: int,
+        seed: int,
+        run_name: str = "run",
+        gateway_settings: Callable[[str], dict[str, Any]] | None = None,
+        central_port: Callable[[str], int | None] | None = None,
+    ) -> None:
+        self.state = state
+        settings = state.settings
+        self.stack = LocalStack(
+            state_dir=state.state_dir, local=settings.local, is_root=state.is_root
+        )
+        self.was_running = self.stack.postgres().running() and self.stack.mosquitto().running()
+        self.schema = settings.database.schema
+        self.workers = workers
+        self.run_dir = state.state_dir / run_name
+        self.children = Children()
+        self.watcher: StateWatcher | None = None
+        self._fleet = (fleet, sites, seed)
+        self._gateway_settings = gateway_settings or (lambda _id: {})
+        self._central_port = central_port or (lambda _id: None)
+
+    def start(self) -> None:
+        settings = self.state.settings
+        self.stack.up()
+        self.url = settings.database.url or self.stack.database_url()
+        with database.connect(self.url) as conn:
+            database.migrate(conn, schema=self.schema, storage=settings.storage)
+            database.seed_sites(conn, schema=self.schema, sites=database.load_hanoi_sites())
+        fleet, sites, seed = self._fleet
+        self.specs, self.sim, self.broker = _prepare_fleet(
+            self.stack, self.url, self.schema, fleet=fleet, sites=sites, seed=seed
+        )
+        self.configs = gateway_configs(self.specs, self.sim.ports)
+        self.gateway_ids = {c.gateway_id for c in self.configs}
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._start_children()
+        self.watcher = StateWatcher(self.broker)
+        _wait_ready(self.watcher, self.children, self.gateway_ids)
+
+    def _start_children(self) -> None:
+        run_dir, broker_toml = self.run_dir, msgspec.to_builtins(self.broker)
+        write_toml(
+            run_dir / "ingest.toml",
+            {
+                "database": {"url": self.url, "schema": self.schema},
+                "broker": broker_toml,
+                "ingest": {"workers": self.workers},
+            },
+        )
+        self.children.start(
+            "ingest",
+            [sys.executable, "-m", "ingest", "--config", str(run_dir / "ingest.toml")],
+            run_dir / "ingest.log",
+        )
+        publish_gateway_configs(self.broker, self.configs)
+        for config in self.configs:
+            gateway_id = config.gateway_id
+            path = run_dir / f"{gateway_id}.toml"
+            central = dict(broker_toml)
+            port = self._central_port(gateway_id)
+            if port is not None:
+                central["port"] = port
+            write_toml(
+                path,
+                {
+                    "broker": central,
+                    "gateway": {
+                        "gateway_id": gateway_id,
+                        "site_id": config.site_id,
+                        "outbox_path": str(run_dir / f"{gateway_id}.outbox.sqlite3"),
+                        # Fresh state every second for the live view.
+                        "state_interval_s": 1.0,
+                        **self._gateway_settings(gateway_id),
+                    },
+                    "gateway.site_broker": broker_toml,
+                },
+            )
+            self.children.start(
+                gateway_id,
+                [sys.executable, "-m", "gateway", "--config", str(path)],
+                run_dir / f"{gateway_id}.log",
+            )
+        write_toml(
+            run_dir / "alerts.toml",
+            {"database": {"url": self.url, "schema": self.schema}, "alerts": {"interval_s": 10.0}},
+        )
+        self.children.start(
+            "alerts",
+            [sys.executable, "-m", "alerts", "--config", str(run_dir / "alerts.toml")],
+            run_dir / "alerts.log",
+        )
+
+    @property
+    def ledger(self) -> Ledger:
+        assert self.sim.ledger is not None  # noqa: S101 - built with record=True
+        return self.sim.ledger
+
+    def since_ms(self) -> int:
+        """Where this run's window starts: its first reading, or the simulator's start."""
+        return min(self.sim.wall_start_ms, self.ledger.min_ts_ms() or self.sim.wall_start_ms)
+
+    def drain(
+        self,
+        timeout_s: float = DRAIN_TIMEOUT_S,
+        progress: Callable[[Reconciliation], None] | None = None,
+    ) -> tuple[Reconciliation, bool]:
+        assert self.watcher is not None  # noqa: S101 - started
+        return drain(
+            ledger=self.ledger,
+            watcher=self.watcher,
+            gateway_ids=self.gateway_ids,
+            url=self.url,
+            schema=self.schema,
+            since_ms=self.since_ms(),
+            timeout_s=timeout_s,
+            progress=progress,
+        )
+
+    def close(self) -> None:
+        self.children.stop()
+        if self.watcher is not None:
+            self.watcher.close()
+        if hasattr(self, "sim"):
+            self.sim.close()
+        if not self.was_running:
+            self.stack.down()
+
+
 def _up(
     state: CliState,
     *,
@@ -280,93 +477,41 @@ def _up(
 ) -> int:
     seconds = parse_duration(duration) if duration else None
     command_start = time.monotonic()
-    settings = state.settings
-    stack = LocalStack(state_dir=state.state_dir, local=settings.local, is_root=state.is_root)
-    was_running = stack.postgres().running() and stack.mosquitto().running()
-    stack.up()
-    schema = settings.database.schema
-    url = settings.database.url or stack.database_url()
-    with database.connect(url) as conn:
-        database.migrate(conn, schema=schema, storage=settings.storage)
-        database.seed_sites(conn, schema=schema, sites=database.load_hanoi_sites())
-
-    specs, sim, broker = _prepare_fleet(stack, url, schema, fleet=fleet, sites=sites, seed=seed)
-    configs = gateway_configs(specs, sim.ports)
-    broker_toml = msgspec.to_builtins(broker)
-    run_dir = state.state_dir / "run"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    children = Children()
-    watcher: StateWatcher | None = None
-    started = time.monotonic()
-    counts: dict[str, int] = {}
+    system = System(state, sites=sites, fleet=fleet, workers=workers, seed=seed)
+    result: Reconciliation | None = None
     first_stored: list[float] = []
     try:
-        write_toml(
-            run_dir / "ingest.toml",
-            {
-                "database": {"url": url, "schema": schema},
-                "broker": broker_toml,
-                "ingest": {"workers": workers},
-            },
-        )
-        children.start(
-            "ingest",
-            [sys.executable, "-m", "ingest", "--config", str(run_dir / "ingest.toml")],
-            run_dir / "ingest.log",
-        )
-        publish_gateway_configs(broker, configs)
-        for config in configs:
-            gateway_id = config.gateway_id
-            path = run_dir / f"{gateway_id}.toml"
-            write_toml(
-                path,
-                {
-                    "broker": broker_toml,
-                    "gateway": {
-                        "gateway_id": gateway_id,
-                        "site_id": config.site_id,
-                        "outbox_path": str(run_dir / f"{gateway_id}.outbox.sqlite3"),
-                        # Fresh state every second for the live view.
-                        "state_interval_s": 1.0,
-                    },
-                    "gateway.site_broker": broker_toml,
-                },
-            )
-            children.start(
-                gateway_id,
-                [sys.executable, "-m", "gateway", "--config", str(path)],
-                run_dir / f"{gateway_id}.log",
-            )
-        write_toml(
-            run_dir / "alerts.toml",
-            {"database": {"url": url, "schema": schema}, "alerts": {"interval_s": 10.0}},
-        )
-        children.start(
-            "alerts",
-            [sys.executable, "-m", "alerts", "--config", str(run_dir / "alerts.toml")],
-            run_dir / "alerts.log",
-        )
-        watcher = StateWatcher(broker)
-        _wait_ready(watcher, children, {c.gateway_id for c in configs})
+        system.start()
+        started = time.monotonic()
+        assert system.watcher is not None  # noqa: S101 - started
         state.console.print(
-            f"cityhub up: {len(specs)} simulated devices, {len(configs)} sites with a gateway "
-            f"each, {workers} ingest worker(s), the alerts job; logs in {run_dir}; "
-            "Ctrl-C to stop",
+            f"cityhub up: {len(system.specs)} simulated devices, {len(system.configs)} sites "
+            f"with a gateway each, {workers} ingest worker(s), the alerts job; logs in "
+            f"{system.run_dir}; Ctrl-C to stop",
             highlight=False,
         )
         asyncio.run(
-            _run(state, sim, watcher, children, url, schema, seconds, started, first_stored)
+            _run(
+                state,
+                system.sim,
+                system.watcher,
+                system.children,
+                system.url,
+                system.schema,
+                seconds,
+                started,
+                first_stored,
+            )
         )
         state.console.print()
-        counts = _drain(state, sim, url, schema)
+        result, drained = system.drain()
+        if not drained:
+            state.err.print(f"the backlog did not drain within {DRAIN_TIMEOUT_S:.0f} s")
     finally:
-        children.stop()
-        if watcher is not None:
-            watcher.close()
-        sim.close()
-        if not was_running:
-            stack.down()
-    lost = _print_summary(state, sim, counts)
+        system.close()
+    if result is None:
+        return 1
+    lost = _print_summary(state, system.sim, result)
     if first_stored:
         state.console.print(
             f"first reading stored {first_stored[0] - command_start:.1f} s after `cityhub up` "
@@ -453,34 +598,89 @@ async def _run(
     await sim_task
 
 
-def _drain(state: CliState, sim: Simulator, url: str, schema: str) -> dict[str, int]:
-    """Wait until all the simulator sent is stored or rejected; return the final counts."""
-    sent = len(sim.sent or [])
-    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+def _gateways_quiet(
+    watcher: StateWatcher, gateway_ids: set[str], last: dict[str, tuple[int, ...]]
+) -> bool:
+    """True if every gateway is online with an empty outbox and took nothing new since ``last``."""
+    states = watcher.snapshot()
+    quiet = True
+    for gateway_id in gateway_ids:
+        s = states.get(gateway_id)
+        if s is None or s.status != "online":
+            return False
+        progress = (s.birth, s.received, s.accepted, s.rejected, s.rate_limited, s.outbox_depth)
+        if s.outbox_depth or last.get(gateway_id) != progress:
+            quiet = False
+        last[gateway_id] = progress
+    return quiet
+
+
+def drain(
+    *,
+    ledger: Ledger,
+    watcher: StateWatcher,
+    gateway_ids: set[str],
+    url: str,
+    schema: str,
+    since_ms: int,
+    timeout_s: float = DRAIN_TIMEOUT_S,
+    progress: Callable[[Reconciliation], None] | None = None,
+) -> tuple[Reconciliation, bool]:
+    """Wait until every reading of the ledger is accounted for, or the gateways are quiet.
+
+    Quiet: each gateway online, its outbox empty and its counters unchanged
+    for QUIET_S (nothing more can arrive). Returns the accounting and whether
+    the system drained (False: the timeout came first).
+    """
+    deadline = time.monotonic() + timeout_s
+    last: dict[str, tuple[int, ...]] = {}
+    quiet_since: float | None = None
     while True:
-        counts = stored_counts(url, schema)
-        arrived = sum(counts.values())  # stored rows of every type plus rejects
-        if arrived >= sent:
-            return counts
-        if time.monotonic() > deadline:
-            state.err.print(f"the backlog did not drain within {DRAIN_TIMEOUT_S:.0f} s")
-            return counts
+        result = reconcile_run(url, schema, ledger, since_ms)
+        if progress is not None:
+            progress(result)
+        if result.lost_total == 0:
+            return result, True
+        now = time.monotonic()
+        if _gateways_quiet(watcher, gateway_ids, last):
+            quiet_since = quiet_since or now
+            if now - quiet_since >= QUIET_S:
+                # One more look: a commit may have landed since the query.
+                return reconcile_run(url, schema, ledger, since_ms), True
+        else:
+            quiet_since = None
+        if now > deadline:
+            return result, False
         time.sleep(1.0)
 
 
-def _print_summary(state: CliState, sim: Simulator, counts: dict[str, int]) -> int:
-    sent = len(sim.sent or [])
-    stored = sum(v for k, v in counts.items() if k != "rejects")
-    rejected = counts.get("rejects", 0)
-    lost = max(0, sent - stored - rejected)
-    table = Table(title="cityhub up: summary", title_justify="left")
+def _print_summary(state: CliState, sim: Simulator, result: Reconciliation) -> int:
+    table = Table(title="cityhub up: summary (this run's readings)", title_justify="left")
     table.add_column("")
     table.add_column("readings", justify="right")
-    table.add_row("sent by the simulator", f"{sent:,}")
-    for name in DEVICE_TYPES:
-        table.add_row(f"  stored: {name}", f"{counts.get(name, 0):,}")
-    table.add_row("stored", f"{stored:,}")
-    table.add_row("rejected (in the rejects table)", f"{rejected:,}")
+    table.add_row("sent by the simulator", f"{sim.stats.total():,}")
+    table.add_row("acknowledged (PUBACK, or written to a serial line)", f"{result.acknowledged:,}")
+    table.add_row("stored", f"{result.stored:,}")
+    table.add_row("rejected (in the rejects table)", f"{sum(result.rejected.values()):,}")
+    for reason, n in sorted(result.rejected.items()):
+        table.add_row(f"  rejected: {reason}", f"{n:,}")
+    for fault, n in sorted(result.refused_at_gateway.items()):
+        table.add_row(f"  refused at the gateway: {fault} (injected)", f"{n:,}")
+    table.add_row(
+        "sent without PUBACK (stored anyway)",
+        f"{result.unacked_sent:,} ({result.unacked_stored:,})",
+    )
+    dup = result.duplicates
+    table.add_row("duplicated", f"[red]{dup:,}[/red]" if dup else "[green]0[/green]")
+    lost = result.lost_total
     table.add_row("lost", f"[red]{lost:,}[/red]" if lost else "[green]0[/green]")
     state.console.print(table)
-    return lost
+    for entry in result.lost[:MAX_LOST_SHOWN]:
+        state.err.print(
+            f"lost: {entry.device_id} seq {entry.seq} ts_ms {entry.ts_ms} "
+            f"(acknowledged at {entry.acked_ms})",
+            highlight=False,
+        )
+    for device_id, n in sorted(result.serial_lost.items()):
+        state.err.print(f"lost: {n} serial readings of {device_id}", highlight=False)
+    return lost + dup

@@ -1,0 +1,1 @@
+"""The fault-schedule soak behind `cityhub soak`: schedules, the link cutter, the runner."""
