@@ -16,8 +16,8 @@ every command, and CI runs the same command a person runs.
 
 Two kinds of loss are reported apart, because the system cannot prevent
 them: readings the site broker acknowledged and held only in memory when
-it was killed (Mosquitto saves its store every ``autosave_interval``;
-issue 11 item 4), and serial readings a killed gateway had read from the
+it was killed (Mosquitto saves its store every ``autosave_interval``),
+and serial readings a killed gateway had read from the
 line but not yet put in its outbox, or that were written while it was down
 (a serial line has no acknowledgement and the restarted gateway opens the
 port with an empty input buffer). The first fails the run unless
