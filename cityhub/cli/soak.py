@@ -51,6 +51,7 @@ from rich.table import Table
 from cityhub.cli.context import CliState, reported_errors, state_of
 from cityhub.cli.sim import gateway_id_for, load_fleet, parse_duration
 from cityhub.cli.up import DEFAULT_SITES, System
+from cityhub.localstack.procs import group_alive
 from cityhub.soak.proxy import LinkCutter
 from cityhub.soak.schedule import (
     BROKER_FAULTS,
@@ -586,29 +587,12 @@ def _kill_group_and_wait(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10.0
     while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            break
         # A zombie member keeps the group; reap ours, wait for the rest.
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-        if not _group_has_live_member(pid):
+        if not group_alive(pid):
             break
         time.sleep(0.05)
-
-
-def _group_has_live_member(pgid: int) -> bool:
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
 
 
 def _print_timeline(state: CliState, events: list[Event]) -> None:

@@ -192,17 +192,18 @@ def stop_process_group(
         except PermissionError as exc:
             raise ServiceStopError(f"{what}: not allowed to signal pid {pid}") from exc
         while time.monotonic() < deadline:
-            if not pid_alive(pid) and not _group_alive(pid):
+            if not pid_alive(pid) and not group_alive(pid):
                 _reap(pid)
                 return
             time.sleep(0.05)
         logger.warning("%s (pid %d) did not stop after %s; killing it", what, pid, sig.name)
         deadline = time.monotonic() + 10.0
-    if pid_alive(pid) or _group_alive(pid):
+    if pid_alive(pid) or group_alive(pid):
         raise ServiceStopError(f"{what} (pid {pid}) survived SIGKILL")
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
+    """Whether process group ``pgid`` has a member that is not a zombie."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
