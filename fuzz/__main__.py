@@ -6,7 +6,7 @@
 
 The repository's corpus (``fuzz/corpus/TARGET``) is read, never written: new
 inputs go to a work directory (``--work``, default ``.fuzz/TARGET``), crashes
-to ``.fuzz/crashes/``. ``--merge`` minimises the work directory into the
+to ``crashes/`` beside it. ``--merge`` minimises the work directory into the
 repository's corpus (libFuzzer ``-merge=1``): what it adds is what to commit.
 Exit status: 0 when no input raised anything but the declared errors.
 """
@@ -37,10 +37,26 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     limit.add_argument("--seconds", type=int, help="time to run (libFuzzer -max_total_time)")
     parser.add_argument("--work", type=Path, help="directory for new inputs (default .fuzz/TARGET)")
     parser.add_argument("--merge", action="store_true", help="minimise --work into the corpus")
+    # libFuzzer's merge re-runs the program in child processes with its own
+    # flags; --raw hands those straight to libFuzzer (see _merge_program).
+    parser.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)
     if "--" in argv:
         split = argv.index("--")
         return parser.parse_args(argv[:split]), argv[split + 1 :]
     return parser.parse_args(argv), []
+
+
+def _merge_program(target: str, work: Path) -> str:
+    """An executable that runs ``target`` with libFuzzer's arguments as given.
+
+    libFuzzer's ``-merge=1`` starts the program named by argv[0] again (the
+    outer process only reads and writes files); a Python module is not a
+    program, so this writes a two-line one beside the work directory.
+    """
+    program = work.parent / f"{target}-merge.sh"
+    program.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m fuzz {target} --raw -- "$@"\n')
+    program.chmod(0o755)
+    return str(program)
 
 
 def _run_one(args: argparse.Namespace, extra: list[str]) -> None:
@@ -50,9 +66,13 @@ def _run_one(args: argparse.Namespace, extra: list[str]) -> None:
     target = TARGETS.get(args.target)
     if target is None:
         sys.exit(f"unknown target {args.target!r}; known: {', '.join(TARGETS)}")
+    if args.raw:
+        atheris.Setup([sys.argv[0], *extra], target)
+        atheris.Fuzz()
+        return
     work = args.work or WORK_DIR / args.target
     work.mkdir(parents=True, exist_ok=True)
-    crashes = WORK_DIR / "crashes"
+    crashes = work.parent / "crashes"
     crashes.mkdir(parents=True, exist_ok=True)
     corpus = CORPUS_DIR / args.target
     flags = [f"-max_len={MAX_LEN[args.target]}", f"-artifact_prefix={crashes}/{args.target}-"]
@@ -62,12 +82,14 @@ def _run_one(args: argparse.Namespace, extra: list[str]) -> None:
         flags.append(f"-runs={args.runs}")
     if args.seconds is not None:
         flags.append(f"-max_total_time={args.seconds}")
+    program = sys.argv[0]
     if args.merge:
         dirs = [str(corpus), str(work)]
         flags.append("-merge=1")
+        program = _merge_program(args.target, work)
     else:
         dirs = [str(work), str(corpus)]
-    atheris.Setup([sys.argv[0], *flags, *extra, *dirs], target)
+    atheris.Setup([program, *flags, *extra, *dirs], target)
     atheris.Fuzz()
 
 
