@@ -206,6 +206,15 @@ def _topics() -> Iterator[tuple[str, bytes]]:
         )
 
 
+def _patterns(size: int) -> list[tuple[str, bytes]]:
+    return [
+        ("zeros", bytes(size)),
+        ("ones", b"\x01" * size),
+        ("counting", bytes(i % 256 for i in range(size))),
+        ("threes", b"\x03" * size),
+    ]
+
+
 def seeds() -> dict[str, list[tuple[str, bytes]]]:
     """Target -> [(seed name, input)]."""
     batches = list(_batches())
@@ -234,6 +243,9 @@ def seeds() -> dict[str, list[tuple[str, bytes]]]:
             for t in range(len(STATE_TOPICS))
         ],
         "topics": list(_topics()),
+        # Choices, not messages (see fuzz.targets._Choices): a few plain patterns.
+        "batch_fields": _patterns(512),
+        "state_fields": _patterns(32),
     }
 
 

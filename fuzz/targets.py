@@ -20,6 +20,10 @@ broken one raises ``InvariantError``:
   ``prepare_state`` classify anything without raising; every row of a good
   batch is stored or rejected, and its COPY stream encodes.
 - ``topics``: topic parsers raise only InputError and round-trip.
+- ``batch_fields`` / ``state_fields``: the checks of ``batch`` and
+  ``ingest_batch`` (``state`` and ``ingest_state``) on messages built by the
+  real encoders from the fuzzer's choices, to reach the checks behind the
+  syntax (column lengths, indexes, per-row values, counters).
 
 The first byte or two of an input choose a variant (device type, topic,
 split point) so that one corpus explores them all. Everything here is pure;
@@ -28,8 +32,12 @@ running the fuzzer is ``fuzz.__main__``'s.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Iterator, Mapping
-from typing import Final
+from typing import Final, TypeVar
+
+import msgspec
 
 from contracts import catalog
 from contracts.errors import InputError, MqttProtocolError
@@ -45,6 +53,8 @@ from contracts.frames import (
 )
 from contracts.messages import (
     DEVICE_PAYLOAD_MAX_BYTES,
+    Batch,
+    ReadingBlock,
     _accept_uplink,
     _check_uplink,
     check_block_rows,
@@ -328,6 +338,137 @@ def fuzz_topics(data: bytes) -> None:
     _require(gateway_topic(gateway_id, gateway_kind, prefix) == topic, "gateway topic round trip")
 
 
+# --- structure-aware targets ----------------------------------------------------
+#
+# Mutating msgpack bytes rarely yields a batch whose shape is sound but for one
+# thing (a column one row short, an index one past the end, a row without
+# values): the replay of the byte-level corpus never reached those checks.
+# These targets read the input as a list of choices and build the message
+# from them with the real encoders, so every input is well-formed msgpack or
+# JSON and the fuzzer spends its time on the checks behind the syntax.
+
+
+_V = TypeVar("_V")
+
+
+class _Choices:
+    """Reads small choices from the fuzzer's bytes; past the end, every choice is 0."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._pos = 0
+
+    def below(self, bound: int) -> int:
+        """An int in [0, bound), from one byte (two when bound > 256)."""
+        width = 1 if bound <= 256 else 2
+        chunk = self._data[self._pos : self._pos + width]
+        self._pos += width
+        return int.from_bytes(chunk, "big") % bound if chunk else 0
+
+    def pick(self, options: tuple[_V, ...]) -> _V:
+        return options[self.below(len(options))]
+
+
+_ID_POOL: Final = ("dev-1", "dev-2", "dev-8", "dev-9", "dev-1", "Dev-3", "", "d" * 65)
+_INT_POOL: Final = (0, 1, 7, -1, 2**63 - 1, 2**63, 2**64 - 1, 1_000_000)
+_TS_OFFSETS_MS: Final = (0, -1, -1000, 299_999, 300_001, -30 * 86_400_000, -31 * 86_400_000)
+_FLOAT_POOL: Final = (0.0, -0.0, 0.5, 1.0, 1e9, -1e9, 1e308, math.nan, math.inf, -math.inf)
+_SHAPES: Final = (0, 0, 0, 0, 1, -1)  # how much longer a column is than device_index
+
+
+def _value(choices: _Choices, metric: catalog.Metric) -> float | None:
+    kind = choices.below(6)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return metric.min
+    if kind == 2:
+        return metric.max
+    if kind == 3:
+        return metric.min + (metric.max - metric.min) * choices.below(1000) / 999
+    if kind == 4:
+        return metric.max + 1
+    return choices.pick(_FLOAT_POOL)
+
+
+def _column(choices: _Choices, rows: int, draw: Callable[[], _V]) -> list[_V]:
+    return [draw() for _ in range(max(0, rows + choices.pick(_SHAPES)))]
+
+
+def _block(choices: _Choices, devices: int) -> ReadingBlock:
+    name = choices.pick(DEVICE_TYPE_NAMES)
+    dtype = catalog.DEVICE_TYPES.get(name, catalog.DEVICE_TYPES["kiosk"])
+    rows = choices.below(9)
+    values: dict[str, list[float | None]] = {}
+    for metric in dtype.metrics:
+        if choices.below(4):
+            values[metric.name] = _column(choices, rows, functools.partial(_value, choices, metric))
+    if choices.below(16) == 0:
+        values["no_such_metric"] = [1.0] * rows
+    return ReadingBlock(
+        device_type=name,
+        device_index=[choices.below(devices + 2) - 1 for _ in range(rows)],
+        seq=_column(choices, rows, lambda: choices.pick(_INT_POOL)),
+        ts_ms=_column(choices, rows, lambda: NOW_MS + choices.pick(_TS_OFFSETS_MS)),
+        recv_ms=_column(choices, rows, lambda: NOW_MS + choices.pick(_TS_OFFSETS_MS)),
+        values=values,
+    )
+
+
+def build_batch(data: bytes) -> tuple[int, bytes]:
+    """(a topic choice, a batch payload) built from ``data`` with ``encode_batch``."""
+    choices = _Choices(data)
+    topic = choices.below(len(BATCH_TOPICS))
+    devices = [choices.pick(_ID_POOL) for _ in range(choices.below(6))]
+    gateway_id = choices.pick((GATEWAY_ID, GATEWAY_ID, GATEWAY_ID, OTHER_GATEWAY_ID, "GW"))
+    boot_id = choices.pick(("b0", "b0", "b1"))
+    counter = choices.pick(("1", "1", "01", "x", str(2**63)))
+    blocks = [_block(choices, len(devices)) for _ in range(choices.below(4))]
+    boots = choices.below(4)
+    device_boot: list[str | None] = (
+        [] if boots == 0 else [choices.pick((None, "b1", "B")) for _ in devices[: boots + 1]]
+    )
+    batch = Batch(
+        batch_id=f"{choices.pick((gateway_id, GATEWAY_ID))}:{boot_id}:{counter}",
+        gateway_id=gateway_id,
+        boot_id=boot_id,
+        sent_ms=NOW_MS + choices.pick(_TS_OFFSETS_MS),
+        devices=devices,
+        blocks=blocks,
+        device_boot=device_boot,
+    )
+    return topic, encode_batch(batch)
+
+
+def fuzz_batch_fields(data: bytes) -> None:
+    """A batch built from choices, through ``decode_batch`` and ingest's ``prepare_item``."""
+    topic, payload = build_batch(data)
+    fuzz_batch(payload)
+    fuzz_ingest_batch(bytes((topic,)) + payload)
+
+
+def fuzz_state_fields(data: bytes) -> None:
+    """A gateway state built from choices, through ``decode_gateway_state``, ``prepare_state``."""
+    choices = _Choices(data)
+    topic = choices.below(len(STATE_TOPICS))
+    fields: dict[str, object] = {
+        "gateway_id": choices.pick((GATEWAY_ID, GATEWAY_ID, OTHER_GATEWAY_ID, "GW")),
+        "status": choices.pick(("online", "offline", "dead")),
+        "boot_id": choices.pick(("b0", "b0", "")),
+        "version": choices.pick(("1.4.0", "1.4.0", "v" * 65, "1.4\x00", "1.4\n")),
+        "readings_per_s": choices.pick((*_FLOAT_POOL, 12.5)),
+        "site_ready": choices.pick((True, False, 1)),
+    }
+    for name in ("birth", "outbox_depth", "ts_ms", "outbox_readings", "received", "accepted"):
+        fields[name] = choices.pick((*_INT_POOL, NOW_MS, 253_402_300_800_000))
+    for name in ("rejected", "rate_limited", "serial_errors", "devices_online", "batches_resent"):
+        if choices.below(2):
+            fields[name] = choices.pick(_INT_POOL)
+    payload = msgspec.json.encode(fields)
+    fuzz_state(payload)
+    fuzz_ingest_state(bytes((topic,)) + payload)
+
+
 Target = Callable[[bytes], None]
 
 TARGETS: Final[dict[str, Target]] = {
@@ -342,6 +483,8 @@ TARGETS: Final[dict[str, Target]] = {
     "ingest_batch": fuzz_ingest_batch,
     "ingest_state": fuzz_ingest_state,
     "topics": fuzz_topics,
+    "batch_fields": fuzz_batch_fields,
+    "state_fields": fuzz_state_fields,
 }
 
 # libFuzzer's -max_len per target: a few times the largest seed, so inputs
@@ -359,4 +502,7 @@ MAX_LEN: Final[dict[str, int]] = {
     "ingest_batch": 16384,
     "ingest_state": 4096,
     "topics": 512,
+    # Choices, not bytes of a message: a few hundred cover 3 blocks of 8 rows.
+    "batch_fields": 1024,
+    "state_fields": 64,
 }
