@@ -31,8 +31,6 @@ SECONDS_PER_TARGET = 1
 # then take ~25 s instead of ~50.
 PARALLEL = 2
 
-pytest.importorskip("atheris", reason="atheris (the fuzz extra) is not installed")
-
 
 def _run(target: str, tmp: Path) -> tuple[subprocess.CompletedProcess[str], list[str]]:
     work = tmp / target / "work"
@@ -49,6 +47,8 @@ def _run(target: str, tmp: Path) -> tuple[subprocess.CompletedProcess[str], list
 def short_runs(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, tuple[subprocess.CompletedProcess[str], list[str]]]:
+    # The replay below needs no atheris; only these runs do.
+    pytest.importorskip("atheris", reason="atheris (the fuzz extra) is not installed")
     tmp = tmp_path_factory.mktemp("fuzz")
     with ThreadPoolExecutor(max_workers=PARALLEL) as pool:
         runs = {target: pool.submit(_run, target, tmp) for target in TARGETS}
