@@ -69,6 +69,14 @@ def _uplinks() -> Iterator[tuple[str, bytes]]:
         uplink = DeviceUplink(seq=7, ts_ms=NOW_MS - 1000, metrics=metrics, boot="b1")
         yield name, bytes((index,)) + encode_device_uplink(uplink)
     yield "minimal", b"\x00" + b'{"seq":0,"ts":%d,"m":{"pm25":1}}' % NOW_MS
+    # Paths mutation did not reach in a million inputs (coverage.py over the
+    # corpus): nesting past the recursion limit, invalid UTF-8 in a key, a
+    # float and an integer too large for a double.
+    head = b'\x00{"seq":1,"ts":%d,"m":{"pm' % NOW_MS
+    yield "deep", head + b'25":' + b"[" * 3000
+    yield "bad-utf8", head + b'\xff5":1}}'
+    yield "huge-float", head + b'25":1e999}}'
+    yield "huge-int", head + b'25":1' + b"0" * 400 + b"}}"
 
 
 def _batch(counter: int, *, rows: int, bad: bool = False) -> Batch:
