@@ -197,9 +197,11 @@ def _mqtt() -> Iterator[tuple[str, bytes]]:
             _packet(DISCONNECT << 4, b"\x8e\x05\x1f\x00\x02hi"),
         )
     )
-    # Byte 0 even: a raw stream, split at byte 1; odd: a PUBLISH round trip.
+    # Byte 0 even: a raw stream, split at byte 1 (bit 2: in reads of 1-16 bytes);
+    # odd: a PUBLISH round trip.
     yield "stream", b"\x00\x11" + stream
     yield "stream-small-limit", b"\x02\x03" + stream
+    yield "stream-small-reads", b"\x04\x03" + stream
     yield "publish", b"\x01\x00" + publish
     yield "roundtrip", b"\x01\x07d/aq-1/up\x00payload"
 

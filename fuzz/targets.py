@@ -9,8 +9,9 @@ broken one raises ``InvariantError``:
 - ``frames``: ``consumed == frames * frame_bytes + garbage``, the kept tail is
   shorter than a frame, each frame re-encodes to bytes of the stream, and
   ``FrameDecoder`` fed in two pieces finds what one decode of the whole finds.
-- ``mqtt``: a stream fed to ``PacketReader`` in two pieces yields what it
-  yields in one; a PUBLISH built by ``encode_publish`` reads back unchanged.
+- ``mqtt``: a stream fed to ``PacketReader`` in two pieces, or in reads of
+  1-16 bytes, yields what it yields in one; a PUBLISH built by
+  ``encode_publish`` reads back unchanged.
 - ``uplink``: the fast path of ``decode_device_uplink`` accepts only what the
   detailed checks accept, with the same result; decode(encode(x)) == x.
 - ``status``, ``state``, ``ack``, ``config``, ``batch``: decode(encode(x)) ==
@@ -169,7 +170,7 @@ def _read_all(chunks: list[bytes], limit: int) -> tuple[list[object], list[objec
 
 
 def fuzz_mqtt(data: bytes) -> None:
-    """Byte 0: mode and limit; byte 1: split point or QoS and packet id; then the bytes."""
+    """Byte 0: mode, limit, split; byte 1: split point or QoS and packet id; then the bytes."""
     choice, rest = _split(data)
     cut, body = _split(rest)
     if choice & 1:
@@ -184,10 +185,16 @@ def fuzz_mqtt(data: bytes) -> None:
         return
     # 256 bytes or 1 MiB, the reader's default: a small limit reaches the oversize branch.
     limit = 256 if choice & 2 else 1 << 20
-    cut = min(cut, len(body))
-    whole = _read_all([body], limit)
-    pieces = _read_all([body[:cut], body[cut:]], limit)
-    _require(whole == pieces, "a split stream reads differently")
+    if choice & 4:
+        # Many small reads, as a slow link delivers them: 1 to 16 bytes each.
+        size = cut % 16 + 1
+        chunks = [body[i : i + size] for i in range(0, len(body), size)]
+    else:
+        cut = min(cut, len(body))
+        chunks = [body[:cut], body[cut:]]
+    _require(
+        _read_all([body], limit) == _read_all(chunks, limit), "a split stream reads differently"
+    )
 
 
 # --- wire messages --------------------------------------------------------------
