@@ -511,7 +511,7 @@ def _up(
         system.close()
     if result is None:
         return 1
-    lost = _print_summary(state, system.sim, result)
+    lost = _print_summary(state, result)
     if first_stored:
         state.console.print(
             f"first reading stored {first_stored[0] - command_start:.1f} s after `cityhub up` "
@@ -654,11 +654,11 @@ def drain(
         time.sleep(1.0)
 
 
-def _print_summary(state: CliState, sim: Simulator, result: Reconciliation) -> int:
+def _print_summary(state: CliState, result: Reconciliation) -> int:
     table = Table(title="cityhub up: summary (this run's readings)", title_justify="left")
     table.add_column("")
     table.add_column("readings", justify="right")
-    table.add_row("sent by the simulator", f"{sim.stats.total():,}")
+    table.add_row("sent by the simulator", f"{result.acknowledged + result.unacked_sent:,}")
     table.add_row("acknowledged (PUBACK, or written to a serial line)", f"{result.acknowledged:,}")
     table.add_row("stored", f"{result.stored:,}")
     table.add_row("rejected (in the rejects table)", f"{sum(result.rejected.values()):,}")
