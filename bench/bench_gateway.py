@@ -127,7 +127,7 @@ ACKER = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
-    from contracts.messages import Ack, decode_batch, encode_ack
+    from contracts.messages import Ack, decode_batch, encode_ack, payload_digest
     from contracts.topics import ack_topic, batch_topic
     port, user, password, prefix, gateway_id, expected = sys.argv[2:8]
     expected = int(expected)
@@ -147,7 +147,8 @@ ACKER = textwrap.dedent(
                 seen.add((batch.devices[i], s))
             rows += block.row_count
         state["deliveries"] += rows
-        ack = Ack(batch_ids=[batch.batch_id], ts_ms=int(now * 1000))
+        ack = Ack(batch_ids=[batch.batch_id], ts_ms=int(now * 1000),
+                  digests=[payload_digest(message.payload)])
         c.publish(ack_topic(gateway_id, prefix), encode_ack(ack), qos=1)
         if state["first"] is None:
             state["first"], state["first_rows"] = now, rows
