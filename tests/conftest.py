@@ -157,6 +157,13 @@ def topic_prefix() -> str:
 
 
 @pytest.fixture
+def ids() -> tuple[str, str]:
+    """A gateway id and a topic prefix of this test's own."""
+    tag = uuid.uuid4().hex[:6]
+    return f"gw-{tag}", f"t{tag}"
+
+
+@pytest.fixture
 def provisioner(db_conn, seeded, broker_admin, mqtt_server, topic_prefix, tmp_path):
     """Provisioning with the real registry and the session broker, in a topic space of its own."""
     from devices.brokerctl import BrokerControl

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import urllib.request
-import uuid
 
 import pytest
 
@@ -24,12 +23,6 @@ from tests.gatewayharness import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def ids():
-    tag = uuid.uuid4().hex[:6]
-    return f"gw-{tag}", f"t{tag}"
 
 
 def test_readings_reach_ingest_and_leave_the_outbox_on_ack(mqtt_server, tmp_path, ids):

@@ -7,8 +7,6 @@ subscription the broker has not confirmed yet).
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
 from contracts.topics import ack_topic, config_topic, device_status_topic, device_uplink_topic
@@ -30,12 +28,6 @@ from tests.gatewayharness import (
 pytestmark = pytest.mark.slow
 
 EIGHT_MB = 8_000_000
-
-
-@pytest.fixture
-def ids():
-    tag = uuid.uuid4().hex[:6]
-    return f"gw-{tag}", f"t{tag}"
 
 
 def test_an_8_mb_device_message_is_counted_acked_and_the_others_flow_on(mqtt_server, tmp_path, ids):
