@@ -85,10 +85,6 @@ class DailyRow(msgspec.Struct, frozen=True, kw_only=True):
     us_aqi_pm25: int | None
 
 
-def hour_of(ts_ms: int) -> int:
-    return ts_ms // HOUR_MS
-
-
 def local_day_of_hour(hour: int) -> int:
     """Days since 1970-01-01 of the local (UTC+7) day holding ``hour``."""
     return (hour * HOUR_MS + LOCAL_OFFSET_MS) // DAY_MS

@@ -37,7 +37,6 @@ from contracts.errors import AlreadyAcknowledgedError
 from contracts.schema import SEVERITIES
 
 ACTIVE_STATES: Final = ("active_unack", "active_ack")
-CLEARED_STATES: Final = ("cleared_unack", "cleared_ack")
 _CLEARED_FROM: Final = {"active_unack": "cleared_unack", "active_ack": "cleared_ack"}
 _ACKED_FROM: Final = {"active_unack": "active_ack", "cleared_unack": "cleared_ack"}
 

@@ -65,14 +65,6 @@ class Samples:
         )
 
 
-def empty_samples(metrics: Sequence[str]) -> Samples:
-    return Samples(
-        device_index=np.empty(0, np.int64),
-        ts_ms=np.empty(0, np.int64),
-        values={m: np.empty(0, np.float64) for m in metrics},
-    )
-
-
 class SampleBuffer:
     """The newest ``width`` samples of each device of one type, for the given metrics."""
 

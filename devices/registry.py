@@ -171,15 +171,6 @@ class RegistryTx:
         )
         return [str(r["gateway_id"]) for r in self.cur.fetchall()]
 
-    def credential_hash(self, broker: str, username: str) -> str | None:
-        self.cur.execute(
-            f"SELECT secret_hash FROM {self.s}.credentials WHERE broker = %s AND username = %s"
-            " AND status <> 'revoked'",
-            (broker, username),
-        )
-        row = self.cur.fetchone()
-        return None if row is None else str(row["secret_hash"])
-
     # -- writes ---------------------------------------------------------------------
 
     def insert_gateway(self, *, gateway_id: str, site_id: str, label: str, location: str) -> None:

@@ -23,7 +23,7 @@ caller's business.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -237,10 +237,3 @@ def _count_serial(book: _Sorted, result: Reconciliation) -> None:
         result.unacked_stored += min(max(0, arrived - written), unsure)
         result.stored += min(arrived, written)
     result.stored -= sum(book.serial_rejected.values())
-
-
-def lost_by_device(result: Reconciliation) -> Mapping[str, int]:
-    """Lost readings per device (MQTT by key, serial by count)."""
-    counts: Counter[str] = Counter(e.device_id for e in result.lost)
-    counts.update(result.serial_lost)
-    return counts

@@ -327,14 +327,6 @@ class MosquittoServer:
     def _failure(self, what: str) -> str:
         return with_log_tail(what, self.log_path)
 
-    def reload(self) -> None:
-        """Re-read the configuration without a restart (SIGHUP)."""
-        pid = self.pid()
-        if pid is not None:
-            import os
-
-            os.kill(pid, signal.SIGHUP)
-
     def stop(self, timeout_s: float = 15.0) -> None:
         pid = self.pid()
         if pid is not None:
