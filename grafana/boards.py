@@ -6,6 +6,12 @@ datasource with raw SQL (``grafana.sqlquery``). Table names are not
 schema-qualified: the datasource's database role has ``search_path`` set to
 cityhub's schema (deploy/timescaledb/init), and tests set it to theirs.
 
+The queries name their tables through constants checked against the
+schema's migrations (``grafana.tables``) and their metric columns through
+the device catalog, so renaming a table or a metric fails this module's
+import; ``tests/test_grafana_schema.py`` checks every other column a query
+names against the schema.
+
 Conventions every query follows, so the SQL can be checked outside Grafana
 (``grafana.macros`` expands it the way the datasource does):
 
@@ -33,7 +39,9 @@ from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models import dashboard as model
 from grafana_foundation_sdk.models import geomap as geomap_model
 
-from contracts.schema import SEVERITIES
+from contracts.catalog import AIR_QUALITY, CAMERA_COUNTER, KIOSK, DeviceType
+from contracts.schema import ALERT_STATES, SEVERITIES, readings_table, rollup_table
+from grafana import tables
 from grafana.annotations import ALERT_TAG
 from grafana.palette import (
     ALERT_STATE_LABELS,
@@ -46,8 +54,52 @@ from grafana.palette import (
 )
 from grafana.sqlquery import Sql, datasource_ref
 
+# The tables the boards read, checked against the schema's migrations on import.
+SITES: Final = tables.table("sites")
+DEVICES: Final = tables.table("devices")
+DEVICE_TYPES_TABLE: Final = tables.table("device_types")
+DEVICE_STATE: Final = tables.table("device_state")
+ALERTS: Final = tables.table("alerts")
+ALERT_TRANSITIONS: Final = tables.table("alert_transitions")
+AQI_HOURLY: Final = tables.table("aqi_hourly")
+AQI_DAILY: Final = tables.table("aqi_daily")
+GATEWAYS: Final = tables.table("gateways")
+GATEWAY_STATUS: Final = tables.table("gateway_status")
+GATEWAY_STATUS_HISTORY: Final = tables.table("gateway_status_history")
+INGEST_STATS: Final = tables.table("ingest_stats")
+INGESTED_BATCHES: Final = tables.table("ingested_batches")
+REJECTS: Final = tables.table("rejects")
+AIR_QUALITY_READINGS: Final = tables.table(readings_table(AIR_QUALITY.name))
+AIR_QUALITY_ROLLUP: Final = tables.table(rollup_table(AIR_QUALITY.name))
+KIOSK_READINGS: Final = tables.table(readings_table(KIOSK.name))
+CAMERA_READINGS: Final = tables.table(readings_table(CAMERA_COUNTER.name))
+
+
+def _metric(device_type: DeviceType, name: str) -> str:
+    """A metric's column in its readings table: the catalog and the schema must both have it."""
+    return tables.column(readings_table(device_type.name), device_type.metric(name).name)
+
+
+def _rollup(device_type: DeviceType, name: str, aggregate: str) -> str:
+    """A metric's hourly ``aggregate`` column (avg, min, max) in its rollup table."""
+    return tables.column(
+        rollup_table(device_type.name), f"{device_type.metric(name).name}_{aggregate}"
+    )
+
+
+PM25: Final = _metric(AIR_QUALITY, "pm25")
+PM10: Final = _metric(AIR_QUALITY, "pm10")
+QUEUE_LENGTH: Final = _metric(KIOSK, "queue_length")
+TICKETS_ISSUED: Final = _metric(KIOSK, "tickets_issued")
+PAPER_LEVEL: Final = _metric(KIOSK, "paper_level")
+PRINTER_STATUS_CODE: Final = _metric(KIOSK, "printer_status")
+PEOPLE_IN: Final = _metric(CAMERA_COUNTER, "people_in")
+OCCUPANCY: Final = _metric(CAMERA_COUNTER, "occupancy")
+
 ONLINE_WINDOW: Final = "interval '5 minutes'"
-ACTIVE_STATES: Final = "('active_unack', 'active_ack')"
+ACTIVE_STATES: Final = "({})".format(
+    ", ".join(f"'{state}'" for state in ALERT_STATES if state.startswith("active_"))
+)
 
 # Filters on a sites alias `s` and a devices alias `d`.
 SITE_FILTER: Final = "s.district IN (${district:sqlstring}) AND s.site_id IN (${site:sqlstring})"
@@ -77,18 +129,20 @@ def _variables(*, with_type: bool = True) -> list[board.QueryVariable]:
         )
 
     variables = [
-        variable("district", "Quận/Huyện (district)", "SELECT DISTINCT district FROM sites"),
+        variable("district", "Quận/Huyện (district)", f"SELECT DISTINCT district FROM {SITES}"),
         variable(
             "site",
             "Điểm (site)",
-            "SELECT name AS __text, site_id AS __value FROM sites "
+            f"SELECT name AS __text, site_id AS __value FROM {SITES} "
             "WHERE district IN (${district:sqlstring})",
         ),
     ]
     if with_type:
         variables.append(
             variable(
-                "device_type", "Loại thiết bị (device type)", "SELECT device_type FROM device_types"
+                "device_type",
+                "Loại thiết bị (device type)",
+                f"SELECT device_type FROM {DEVICE_TYPES_TABLE}",
             )
         )
     return variables
@@ -261,11 +315,11 @@ _SITE_STATUS_SQL: Final = f"""SELECT s.site_id, s.name, s.district, s.kind,
     WHEN coalesce(max(a.open_alerts), 0) > 0 THEN 1
     ELSE 0
   END AS status
-FROM sites s
-LEFT JOIN devices d ON d.site_id = s.site_id AND d.status = 'active' AND {TYPE_FILTER}
-LEFT JOIN device_state ds ON ds.device_id = d.device_id
+FROM {SITES} s
+LEFT JOIN {DEVICES} d ON d.site_id = s.site_id AND d.status = 'active' AND {TYPE_FILTER}
+LEFT JOIN {DEVICE_STATE} ds ON ds.device_id = d.device_id
 LEFT JOIN (
-  SELECT site_id, count(*) AS open_alerts FROM alerts
+  SELECT site_id, count(*) AS open_alerts FROM {ALERTS}
   WHERE state IN {ACTIVE_STATES} GROUP BY site_id
 ) a ON a.site_id = s.site_id
 WHERE {SITE_FILTER}
@@ -275,8 +329,8 @@ ORDER BY status DESC, s.name"""
 _LATEST_AQI_SQL: Final = f"""SELECT DISTINCT ON (h.site_id)
   h.ts AS "time", s.name, s.district, s.latitude, s.longitude,
   h.vn_aqi, h.band, h.dominant
-FROM aqi_hourly h
-JOIN sites s ON s.site_id = h.site_id
+FROM {AQI_HOURLY} h
+JOIN {SITES} s ON s.site_id = h.site_id
 WHERE $__timeFilter(h.ts) AND {SITE_FILTER}
 ORDER BY h.site_id, h.ts DESC"""
 
@@ -311,13 +365,6 @@ def _marker_layer(
 
 
 def _site_map() -> geomap.Panel:
-    status_colours = _value_text(
-        {
-            "0": ("Bình thường (ok)", "green"),
-            "1": ("Có cảnh báo (alert)", "orange"),
-            "2": ("Thiết bị mất kết nối (offline)", "red"),
-        }
-    )
     return (
         geomap.Panel()
         .title("Bản đồ điểm giám sát Hà Nội (sites: status and VN_AQI)")
@@ -340,24 +387,7 @@ def _site_map() -> geomap.Panel:
             ]
         )
         .tooltip(geomap.TooltipOptions().mode(geomap_model.TooltipMode.DETAILS))
-        .override_by_name(
-            "status",
-            [
-                model.DynamicConfigValue(id_val="mappings", value=status_colours),
-                model.DynamicConfigValue(
-                    id_val="thresholds",
-                    value={
-                        "mode": "absolute",
-                        "steps": [
-                            {"value": None, "color": "green"},
-                            {"value": 1, "color": "orange"},
-                            {"value": 2, "color": "red"},
-                        ],
-                    },
-                ),
-                model.DynamicConfigValue(id_val="color", value={"mode": "thresholds"}),
-            ],
-        )
+        .override_by_name("status", _site_status_colours())
         .override_by_name(
             "vn_aqi",
             [
@@ -368,14 +398,40 @@ def _site_map() -> geomap.Panel:
     )
 
 
+def _site_status_colours() -> list[model.DynamicConfigValue]:
+    """The site map's ``status`` (0 ok, 1 alert, 2 a device offline) as text and colour."""
+    names = _value_text(
+        {
+            "0": ("Bình thường (ok)", "green"),
+            "1": ("Có cảnh báo (alert)", "orange"),
+            "2": ("Thiết bị mất kết nối (offline)", "red"),
+        }
+    )
+    return [
+        model.DynamicConfigValue(id_val="mappings", value=names),
+        model.DynamicConfigValue(
+            id_val="thresholds",
+            value={
+                "mode": "absolute",
+                "steps": [
+                    {"value": None, "color": "green"},
+                    {"value": 1, "color": "orange"},
+                    {"value": 2, "color": "red"},
+                ],
+            },
+        ),
+        model.DynamicConfigValue(id_val="color", value={"mode": "thresholds"}),
+    ]
+
+
 _DEVICES_ONLINE_SQL: Final = f"""SELECT
   count(*) FILTER (WHERE ds.last_seen > now() - {ONLINE_WINDOW}) AS "Trực tuyến (online)",
   count(*) FILTER (WHERE ds.last_seen IS NULL OR ds.last_seen <= now() - {ONLINE_WINDOW})
     AS "Mất kết nối (offline)",
   count(*) AS "Tổng (total)"
-FROM devices d
-JOIN sites s ON s.site_id = d.site_id
-LEFT JOIN device_state ds ON ds.device_id = d.device_id
+FROM {DEVICES} d
+JOIN {SITES} s ON s.site_id = d.site_id
+LEFT JOIN {DEVICE_STATE} ds ON ds.device_id = d.device_id
 WHERE d.status = 'active' AND {SITE_FILTER} AND {TYPE_FILTER}"""
 
 
@@ -402,7 +458,7 @@ def _open_alerts_sql(site_filter: bool = True) -> str:
     return f"""SELECT sev.severity, count(a.alert_id) AS alerts
 FROM (VALUES {values}) AS sev (severity, rank)
 LEFT JOIN (
-  alerts a JOIN sites s ON s.site_id = a.site_id
+  {ALERTS} a JOIN {SITES} s ON s.site_id = a.site_id
 ) ON a.severity = sev.severity AND a.state IN {ACTIVE_STATES}{where}
 GROUP BY sev.severity, sev.rank
 ORDER BY sev.rank"""
@@ -432,12 +488,12 @@ def _open_alerts(width: int = 8, height: int = 11) -> bargauge.Panel:
 _ATTENTION_SQL: Final = f"""SELECT s.name AS "Điểm (site)", s.district AS "Quận (district)",
   count(d.device_id) FILTER (WHERE ds.last_seen IS NULL OR ds.last_seen <= now() - {ONLINE_WINDOW})
     AS "Mất kết nối (offline)",
-  (SELECT count(*) FROM alerts a WHERE a.site_id = s.site_id AND a.state IN {ACTIVE_STATES})
+  (SELECT count(*) FROM {ALERTS} a WHERE a.site_id = s.site_id AND a.state IN {ACTIVE_STATES})
     AS "Cảnh báo (alerts)",
   max(ds.last_seen) AS "Lần cuối (last seen)"
-FROM sites s
-JOIN devices d ON d.site_id = s.site_id AND d.status = 'active' AND {TYPE_FILTER}
-LEFT JOIN device_state ds ON ds.device_id = d.device_id
+FROM {SITES} s
+JOIN {DEVICES} d ON d.site_id = s.site_id AND d.status = 'active' AND {TYPE_FILTER}
+LEFT JOIN {DEVICE_STATE} ds ON ds.device_id = d.device_id
 WHERE {SITE_FILTER}
 GROUP BY s.site_id
 ORDER BY 3 DESC, 4 DESC, s.name"""
@@ -463,41 +519,43 @@ def city_overview() -> board.Dashboard:
 
 # --- air quality -------------------------------------------------------------------
 
-_AQ_JOIN: Final = f"""JOIN devices d ON d.device_id = r.device_id
-JOIN sites s ON s.site_id = d.site_id
+_AQ_JOIN: Final = f"""JOIN {DEVICES} d ON d.device_id = r.device_id
+JOIN {SITES} s ON s.site_id = d.site_id
 WHERE $__timeFilter(r.ts) AND {SITE_FILTER}"""
 
 
 def _pm_sql(metric: str) -> str:
     return f"""SELECT $__timeGroupAlias(r.ts, $__interval), s.name AS metric,
   avg(r.{metric}) AS value
-FROM readings_air_quality r
+FROM {AIR_QUALITY_READINGS} r
 {_AQ_JOIN}
 GROUP BY 1, 2
 ORDER BY 1"""
 
 
 def _pm_rollup_sql() -> str:
+    pm25_avg, pm25_max = _rollup(AIR_QUALITY, "pm25", "avg"), _rollup(AIR_QUALITY, "pm25", "max")
+    pm10_avg = _rollup(AIR_QUALITY, "pm10", "avg")
     return f"""SELECT r.bucket AS "time",
-  avg(r.pm25_avg) AS "PM2.5 trung bình (mean)", max(r.pm25_max) AS "PM2.5 cao nhất (max)",
-  avg(r.pm10_avg) AS "PM10 trung bình (mean)"
-FROM readings_air_quality_1h r
-JOIN devices d ON d.device_id = r.device_id
-JOIN sites s ON s.site_id = d.site_id
+  avg(r.{pm25_avg}) AS "PM2.5 trung bình (mean)", max(r.{pm25_max}) AS "PM2.5 cao nhất (max)",
+  avg(r.{pm10_avg}) AS "PM10 trung bình (mean)"
+FROM {AIR_QUALITY_ROLLUP} r
+JOIN {DEVICES} d ON d.device_id = r.device_id
+JOIN {SITES} s ON s.site_id = d.site_id
 WHERE $__timeFilter(r.bucket) AND {SITE_FILTER}
 GROUP BY 1
 ORDER BY 1"""
 
 
 _AQI_NOW_SQL: Final = f"""SELECT DISTINCT ON (h.site_id) s.name AS station, h.vn_aqi
-FROM aqi_hourly h
-JOIN sites s ON s.site_id = h.site_id
+FROM {AQI_HOURLY} h
+JOIN {SITES} s ON s.site_id = h.site_id
 WHERE $__timeFilter(h.ts) AND {SITE_FILTER}
 ORDER BY h.site_id, h.ts DESC"""
 
 _AQI_HOURLY_SQL: Final = f"""SELECT h.ts AS "time", s.name AS metric, h.vn_aqi AS value
-FROM aqi_hourly h
-JOIN sites s ON s.site_id = h.site_id
+FROM {AQI_HOURLY} h
+JOIN {SITES} s ON s.site_id = h.site_id
 WHERE $__timeFilter(h.ts) AND {SITE_FILTER}
 ORDER BY 1"""
 
@@ -505,16 +563,16 @@ ORDER BY 1"""
 _AQI_DAILY_SQL: Final = f"""SELECT a.day AS "Ngày (day)", s.name AS "Trạm (station)",
   a.vn_aqi AS "VN_AQI", a.band AS "Mức (band)", a.dominant AS "Chất chủ đạo (dominant)",
   a.aqi_pm25 AS "AQI PM2.5", a.aqi_pm10 AS "AQI PM10", a.us_aqi_pm25 AS "US AQI PM2.5"
-FROM aqi_daily a
-JOIN sites s ON s.site_id = a.site_id
+FROM {AQI_DAILY} a
+JOIN {SITES} s ON s.site_id = a.site_id
 WHERE a.day BETWEEN ($__timeFrom()::timestamptz AT TIME ZONE '{TIMEZONE}')::date
   AND ($__timeTo()::timestamptz AT TIME ZONE '{TIMEZONE}')::date
   AND {SITE_FILTER}
 ORDER BY a.day DESC, a.vn_aqi DESC"""
 
 _DOMINANT_SQL: Final = f"""SELECT h.dominant AS metric, count(*) AS hours
-FROM aqi_hourly h
-JOIN sites s ON s.site_id = h.site_id
+FROM {AQI_HOURLY} h
+JOIN {SITES} s ON s.site_id = h.site_id
 WHERE $__timeFilter(h.ts) AND {SITE_FILTER} AND h.dominant IS NOT NULL
 GROUP BY 1
 ORDER BY 2 DESC"""
@@ -524,16 +582,8 @@ def _pollutant_mappings() -> list[model.ValueMapping]:
     return _value_text({k: (v, None) for k, v in POLLUTANT_LABELS.items()})
 
 
-def air_quality() -> board.Dashboard:
-    dashboard = _board(
-        "cityhub-air-quality",
-        "Chất lượng không khí · Air quality (VN_AQI)",
-        ["air-quality", "vn-aqi"],
-        "VN_AQI theo Quyết định 1459/QĐ-TCMT: giờ (NowCast) và ngày, PM2.5/PM10, "
-        "chất ô nhiễm chủ đạo.",
-        with_type=False,
-    ).annotation(_alert_annotations("air_quality"))
-    aqi_now = (
+def _aqi_now() -> bargauge.Panel:
+    return (
         bargauge.Panel()
         .title("VN_AQI hiện tại theo trạm (VN_AQI now by station)")
         .datasource(datasource_ref())
@@ -549,7 +599,10 @@ def air_quality() -> board.Dashboard:
         .height(12)
         .span(10)
     )
-    aqi_hourly = (
+
+
+def _aqi_hourly() -> ts.Panel:
+    return (
         _series("VN_AQI theo giờ (hourly VN_AQI, NowCast)", _AQI_HOURLY_SQL, height=12, width=14)
         .thresholds(_aqi_thresholds())
         .thresholds_style(
@@ -557,7 +610,10 @@ def air_quality() -> board.Dashboard:
         )
         .min(0)
     )
-    dominant = (
+
+
+def _dominant_pollutant() -> piechart.Panel:
+    return (
         piechart.Panel()
         .title("Chất ô nhiễm chủ đạo (dominant pollutant, hours)")
         .datasource(datasource_ref())
@@ -567,7 +623,10 @@ def air_quality() -> board.Dashboard:
         .height(10)
         .span(8)
     )
-    daily = (
+
+
+def _aqi_daily() -> table.Panel:
+    return (
         _table("AQI ngày (daily VN_AQI)", _AQI_DAILY_SQL, height=10, width=16)
         .override_by_name(
             "VN_AQI",
@@ -584,15 +643,26 @@ def air_quality() -> board.Dashboard:
             [model.DynamicConfigValue(id_val="mappings", value=_pollutant_mappings())],
         )
     )
+
+
+def air_quality() -> board.Dashboard:
+    dashboard = _board(
+        "cityhub-air-quality",
+        "Chất lượng không khí · Air quality (VN_AQI)",
+        ["air-quality", "vn-aqi"],
+        "VN_AQI theo Quyết định 1459/QĐ-TCMT: giờ (NowCast) và ngày, PM2.5/PM10, "
+        "chất ô nhiễm chủ đạo.",
+        with_type=False,
+    ).annotation(_alert_annotations("air_quality"))
     return _numbered(
         dashboard,
         [
-            aqi_now,
-            aqi_hourly,
-            _series("PM2.5 (µg/m³)", _pm_sql("pm25"), unit="conμgm3"),
-            _series("PM10 (µg/m³)", _pm_sql("pm10"), unit="conμgm3"),
-            dominant,
-            daily,
+            _aqi_now(),
+            _aqi_hourly(),
+            _series("PM2.5 (µg/m³)", _pm_sql(PM25), unit="conμgm3"),
+            _series("PM10 (µg/m³)", _pm_sql(PM10), unit="conμgm3"),
+            _dominant_pollutant(),
+            _aqi_daily(),
             _series(
                 "PM trung bình giờ, dài hạn (hourly rollup, long ranges)",
                 _pm_rollup_sql(),
@@ -605,54 +675,54 @@ def air_quality() -> board.Dashboard:
 
 # --- service halls -----------------------------------------------------------------
 
-_KIOSK_JOIN: Final = f"""JOIN devices d ON d.device_id = r.device_id
-JOIN sites s ON s.site_id = d.site_id
+_KIOSK_JOIN: Final = f"""JOIN {DEVICES} d ON d.device_id = r.device_id
+JOIN {SITES} s ON s.site_id = d.site_id
 WHERE $__timeFilter(r.ts) AND {SITE_FILTER}"""
 
 # Each kiosk reports its hall's queue; a hall's queue is the mean over its kiosks.
 # Camera counters in halls; street monitors count vehicles, not visitors.
-_HALL_CAMERA_JOIN: Final = f"""JOIN devices d ON d.device_id = r.device_id
-JOIN sites s ON s.site_id = d.site_id
+_HALL_CAMERA_JOIN: Final = f"""JOIN {DEVICES} d ON d.device_id = r.device_id
+JOIN {SITES} s ON s.site_id = d.site_id
 WHERE $__timeFilter(r.ts) AND {SITE_FILTER} AND s.kind <> 'street_monitor'"""
 
 _QUEUE_SQL: Final = f"""SELECT $__timeGroupAlias(r.ts, $__interval), s.name AS metric,
-  avg(r.queue_length) AS value
-FROM readings_kiosk r
+  avg(r.{QUEUE_LENGTH}) AS value
+FROM {KIOSK_READINGS} r
 {_KIOSK_JOIN}
 GROUP BY 1, 2
 ORDER BY 1"""
 
 _TICKETS_SQL: Final = f"""SELECT $__timeGroupAlias(r.ts, '1h'), s.name AS metric,
-  sum(r.tickets_issued) AS value
-FROM readings_kiosk r
+  sum(r.{TICKETS_ISSUED}) AS value
+FROM {KIOSK_READINGS} r
 {_KIOSK_JOIN}
 GROUP BY 1, 2
 ORDER BY 1"""
 
 _PEOPLE_SQL: Final = f"""SELECT $__timeGroupAlias(r.ts, $__interval), s.name AS metric,
-  sum(r.people_in) AS value
-FROM readings_camera_counter r
+  sum(r.{PEOPLE_IN}) AS value
+FROM {CAMERA_READINGS} r
 {_HALL_CAMERA_JOIN}
 GROUP BY 1, 2
 ORDER BY 1"""
 
 _OCCUPANCY_SQL: Final = f"""SELECT $__timeGroupAlias(r.ts, $__interval), s.name AS metric,
-  max(r.occupancy) AS value
-FROM readings_camera_counter r
+  max(r.{OCCUPANCY}) AS value
+FROM {CAMERA_READINGS} r
 {_HALL_CAMERA_JOIN}
 GROUP BY 1, 2
 ORDER BY 1"""
 
 _PAPER_SQL: Final = f"""SELECT DISTINCT ON (r.device_id) s.name || ' · ' || r.device_id AS kiosk,
-  r.paper_level
-FROM readings_kiosk r
+  r.{PAPER_LEVEL}
+FROM {KIOSK_READINGS} r
 {_KIOSK_JOIN}
 ORDER BY r.device_id, r.ts DESC"""
 
 # The worst state of each kiosk's printer in each interval (codes grow with severity).
 _PRINTER_SQL: Final = f"""SELECT $__timeGroupAlias(r.ts, $__interval), r.device_id AS metric,
-  max(r.printer_status) AS value
-FROM readings_kiosk r
+  max(r.{PRINTER_STATUS_CODE}) AS value
+FROM {KIOSK_READINGS} r
 {_KIOSK_JOIN}
 GROUP BY 1, 2
 ORDER BY 1"""
@@ -662,18 +732,8 @@ def _printer_mappings() -> list[model.ValueMapping]:
     return _value_text({str(code): entry for code, entry in enumerate(PRINTER_STATUS)})
 
 
-def service_halls() -> board.Dashboard:
-    dashboard = _board(
-        "cityhub-service-halls",
-        "Bộ phận một cửa · Service halls",
-        ["service-halls", "kiosk"],
-        "Hàng đợi, vé phát, lượt người vào, giấy in và máy in của ki-ốt lấy số.",
-        with_type=False,
-    ).annotation(_alert_annotations("kiosk"))
-    tickets = _series("Vé phát mỗi giờ (tickets per hour)", _TICKETS_SQL, unit="none").draw_style(
-        common.GraphDrawStyle.BARS
-    )
-    paper = (
+def _paper_levels() -> bargauge.Panel:
+    return (
         bargauge.Panel()
         .title("Giấy in còn lại (kiosk paper level)")
         .datasource(datasource_ref())
@@ -689,7 +749,10 @@ def service_halls() -> board.Dashboard:
         .height(12)
         .span(10)
     )
-    printers = (
+
+
+def _printer_states() -> statetimeline.Panel:
+    return (
         statetimeline.Panel()
         .title("Trạng thái máy in vé (printer status)")
         .datasource(datasource_ref())
@@ -702,6 +765,19 @@ def service_halls() -> board.Dashboard:
         .height(12)
         .span(14)
     )
+
+
+def service_halls() -> board.Dashboard:
+    dashboard = _board(
+        "cityhub-service-halls",
+        "Bộ phận một cửa · Service halls",
+        ["service-halls", "kiosk"],
+        "Hàng đợi, vé phát, lượt người vào, giấy in và máy in của ki-ốt lấy số.",
+        with_type=False,
+    ).annotation(_alert_annotations("kiosk"))
+    tickets = _series("Vé phát mỗi giờ (tickets per hour)", _TICKETS_SQL, unit="none").draw_style(
+        common.GraphDrawStyle.BARS
+    )
     return _numbered(
         dashboard,
         [
@@ -709,8 +785,8 @@ def service_halls() -> board.Dashboard:
             tickets,
             _series("Lượt người vào (people in, per interval)", _PEOPLE_SQL, unit="none"),
             _series("Số người trong sảnh (occupancy)", _OCCUPANCY_SQL, unit="none"),
-            paper,
-            printers,
+            _paper_levels(),
+            _printer_states(),
         ],
     )
 
@@ -729,27 +805,27 @@ _DEVICES_SQL: Final = f"""SELECT d.device_id AS "Thiết bị (device)", d.devic
     ELSE 'Mất kết nối (offline)'
   END AS "Trạng thái (status)",
   ds.seq_gaps AS "Mất gói (seq gaps)"
-FROM devices d
-JOIN sites s ON s.site_id = d.site_id
-LEFT JOIN device_state ds ON ds.device_id = d.device_id
+FROM {DEVICES} d
+JOIN {SITES} s ON s.site_id = d.site_id
+LEFT JOIN {DEVICE_STATE} ds ON ds.device_id = d.device_id
 WHERE d.status = 'active' AND {SITE_FILTER} AND {TYPE_FILTER}
 ORDER BY ds.last_seen ASC NULLS FIRST"""
 
 # Readings per second over each interval, from the workers' stats rows.
-_INGEST_RATE_SQL: Final = """SELECT $__timeGroupAlias(ts, $__interval),
+_INGEST_RATE_SQL: Final = f"""SELECT $__timeGroupAlias(ts, $__interval),
   sum(readings) / ($__interval_ms / 1000.0) AS "Bản tin/giây (readings/s)",
   sum(rejects) / ($__interval_ms / 1000.0) AS "Bị loại/giây (rejects/s)",
   sum(duplicates) / ($__interval_ms / 1000.0) AS "Trùng/giây (duplicates/s)"
-FROM ingest_stats
+FROM {INGEST_STATS}
 WHERE $__timeFilter(ts)
 GROUP BY 1
 ORDER BY 1"""
 
-_INGEST_LAG_SQL: Final = """SELECT $__timeGroupAlias(ts, $__interval),
+_INGEST_LAG_SQL: Final = f"""SELECT $__timeGroupAlias(ts, $__interval),
   max(lag_p95_ms) AS "Độ trễ p95 (lag p95)",
   max(commit_p95_ms) AS "Ghi p95 (commit p95)",
   max(queue_depth) AS "Hàng đợi (queue depth)"
-FROM ingest_stats
+FROM {INGEST_STATS}
 WHERE $__timeFilter(ts)
 GROUP BY 1
 ORDER BY 1"""
@@ -758,17 +834,17 @@ ORDER BY 1"""
 # every 200 ms of traffic: a gap is an uplink down (the outbox filling), and a
 # burst after it is the outbox draining. The outbox depth itself is what the
 # gateways report in their state messages (gateway_status*, below).
-_GATEWAY_BATCH_RATE_SQL: Final = """SELECT $__timeGroupAlias(b.committed_at, $__interval),
+_GATEWAY_BATCH_RATE_SQL: Final = f"""SELECT $__timeGroupAlias(b.committed_at, $__interval),
   b.gateway_id AS metric, count(*) AS value
-FROM ingested_batches b
-JOIN gateways g ON g.gateway_id = b.gateway_id
-JOIN sites s ON s.site_id = g.site_id
+FROM {INGESTED_BATCHES} b
+JOIN {GATEWAYS} g ON g.gateway_id = b.gateway_id
+JOIN {SITES} s ON s.site_id = g.site_id
 WHERE $__timeFilter(b.committed_at)
-  AND s.district IN (${district:sqlstring}) AND s.site_id IN (${site:sqlstring})
+  AND {SITE_FILTER}
 GROUP BY 1, 2
 ORDER BY 1"""
 
-_GATEWAY_BATCHES_SQL: Final = """SELECT g.gateway_id AS "Gateway", s.name AS "Điểm (site)",
+_GATEWAY_BATCHES_SQL: Final = f"""SELECT g.gateway_id AS "Gateway", s.name AS "Điểm (site)",
   max(b.committed_at) AS "Lô cuối (last batch)",
   count(b.batch_id) FILTER (WHERE b.committed_at > now() - interval '5 minutes')
     AS "Lô 5 phút (batches, 5 min)",
@@ -776,40 +852,40 @@ _GATEWAY_BATCHES_SQL: Final = """SELECT g.gateway_id AS "Gateway", s.name AS "Đ
     AS "Bản tin 5 phút (readings, 5 min)",
   count(b.batch_id) FILTER (WHERE $__timeFilter(b.committed_at)) AS "Lô trong khoảng (batches)",
   (SELECT max(extract(epoch FROM ds.updated_at - ds.last_seen))
-    FROM devices d JOIN device_state ds ON ds.device_id = d.device_id
+    FROM {DEVICES} d JOIN {DEVICE_STATE} ds ON ds.device_id = d.device_id
     WHERE d.gateway_id = g.gateway_id) AS "Độ trễ giao nhận (delivery delay, s)"
-FROM gateways g
-JOIN sites s ON s.site_id = g.site_id
-LEFT JOIN ingested_batches b ON b.gateway_id = g.gateway_id
+FROM {GATEWAYS} g
+JOIN {SITES} s ON s.site_id = g.site_id
+LEFT JOIN {INGESTED_BATCHES} b ON b.gateway_id = g.gateway_id
 WHERE g.status = 'active'
-  AND s.district IN (${district:sqlstring}) AND s.site_id IN (${site:sqlstring})
+  AND {SITE_FILTER}
 GROUP BY g.gateway_id, s.name
 ORDER BY 3 ASC NULLS FIRST"""
 
-_REJECTS_SQL: Final = """SELECT $__timeGroupAlias(r.received_at, $__interval), r.reason AS metric,
+_REJECTS_SQL: Final = f"""SELECT $__timeGroupAlias(r.received_at, $__interval), r.reason AS metric,
   count(*) AS value
-FROM rejects r
-LEFT JOIN gateways g ON g.gateway_id = r.gateway_id
-LEFT JOIN sites s ON s.site_id = g.site_id
+FROM {REJECTS} r
+LEFT JOIN {GATEWAYS} g ON g.gateway_id = r.gateway_id
+LEFT JOIN {SITES} s ON s.site_id = g.site_id
 WHERE $__timeFilter(r.received_at)
   AND (s.site_id IS NULL
-    OR (s.district IN (${district:sqlstring}) AND s.site_id IN (${site:sqlstring})))
+    OR ({SITE_FILTER}))
 GROUP BY 1, 2
 ORDER BY 1"""
 
 # Gateways report their state every state_interval_s (10 s); ingest stores
 # each one. Gateways not registered (or whose registration is gone) still
 # show, under no site, as rejects do.
-_GATEWAY_SITE_FILTER: Final = """(s.site_id IS NULL
-    OR (s.district IN (${district:sqlstring}) AND s.site_id IN (${site:sqlstring})))"""
+_GATEWAY_SITE_FILTER: Final = f"""(s.site_id IS NULL
+    OR ({SITE_FILTER}))"""
 
 # Batches waiting for ingest's ack in each gateway's outbox: the largest
 # reported in each interval, so a short backlog is not averaged away.
 _OUTBOX_DEPTH_SQL: Final = f"""SELECT $__timeGroupAlias(h.ts, $__interval), h.gateway_id AS metric,
   max(h.outbox_depth) AS value
-FROM gateway_status_history h
-LEFT JOIN gateways g ON g.gateway_id = h.gateway_id
-LEFT JOIN sites s ON s.site_id = g.site_id
+FROM {GATEWAY_STATUS_HISTORY} h
+LEFT JOIN {GATEWAYS} g ON g.gateway_id = h.gateway_id
+LEFT JOIN {SITES} s ON s.site_id = g.site_id
 WHERE $__timeFilter(h.ts) AND {_GATEWAY_SITE_FILTER}
 GROUP BY 1, 2
 ORDER BY 1"""
@@ -838,14 +914,14 @@ _GATEWAY_STATUS_SQL: Final = f"""SELECT coalesce(gs.gateway_id, g.gateway_id) AS
   gs.devices_online AS "Thiết bị trực tuyến (devices online)",
   gs.version AS "Phiên bản (version)",
   gs.ts AS "Cập nhật (last update)"
-FROM gateway_status gs
-FULL JOIN gateways g ON g.gateway_id = gs.gateway_id
-LEFT JOIN sites s ON s.site_id = g.site_id
+FROM {GATEWAY_STATUS} gs
+FULL JOIN {GATEWAYS} g ON g.gateway_id = gs.gateway_id
+LEFT JOIN {SITES} s ON s.site_id = g.site_id
 WHERE (g.status IS NULL OR g.status = 'active') AND {_GATEWAY_SITE_FILTER}
 ORDER BY 3 DESC, 4 DESC NULLS LAST, 1"""
 
-_REJECT_REASONS_SQL: Final = """SELECT r.reason AS metric, count(*) AS rejects
-FROM rejects r
+_REJECT_REASONS_SQL: Final = f"""SELECT r.reason AS metric, count(*) AS rejects
+FROM {REJECTS} r
 WHERE $__timeFilter(r.received_at)
 GROUP BY 1
 ORDER BY 2 DESC"""
@@ -866,15 +942,8 @@ def _gateway_status(width: int = 24, height: int = 9) -> table.Panel:
     )
 
 
-def fleet_health() -> board.Dashboard:
-    dashboard = _board(
-        "cityhub-fleet-health",
-        "Sức khỏe thiết bị · Fleet health",
-        ["fleet", "ingest"],
-        "Thiết bị trực tuyến và lần cuối gửi, gateway (trạng thái, hàng đợi gửi), "
-        "tốc độ và độ trễ ghi dữ liệu, bản tin bị loại theo lý do.",
-    )
-    rejects_pie = (
+def _reject_reasons() -> piechart.Panel:
+    return (
         piechart.Panel()
         .title("Lý do bị loại (rejects by reason)")
         .datasource(datasource_ref())
@@ -882,6 +951,16 @@ def fleet_health() -> board.Dashboard:
         .reduce_options(_all_values())
         .height(9)
         .span(8)
+    )
+
+
+def fleet_health() -> board.Dashboard:
+    dashboard = _board(
+        "cityhub-fleet-health",
+        "Sức khỏe thiết bị · Fleet health",
+        ["fleet", "ingest"],
+        "Thiết bị trực tuyến và lần cuối gửi, gateway (trạng thái, hàng đợi gửi), "
+        "tốc độ và độ trễ ghi dữ liệu, bản tin bị loại theo lý do.",
     )
     return _numbered(
         dashboard,
@@ -910,7 +989,7 @@ def fleet_health() -> board.Dashboard:
                 unit="none",
                 width=16,
             ).draw_style(common.GraphDrawStyle.BARS),
-            rejects_pie,
+            _reject_reasons(),
             _gateway_status(),
             _series(
                 "Hàng đợi gửi của gateway (gateway outbox depth, batches)",
@@ -929,18 +1008,18 @@ _ACTIVE_ALERTS_SQL: Final = f"""SELECT a.raised_at AS "Bắt đầu (raised)",
   a.rule_id AS "Quy tắc (rule)", a.device_id AS "Thiết bị (device)", s.name AS "Điểm (site)",
   a.value AS "Giá trị (value)", a.message AS "Nội dung (message)", a.state AS "Trạng thái (state)",
   a.acked_by AS "Xác nhận bởi (acked by)"
-FROM alerts a
-JOIN devices d ON d.device_id = a.device_id
-JOIN sites s ON s.site_id = d.site_id
+FROM {ALERTS} a
+JOIN {DEVICES} d ON d.device_id = a.device_id
+JOIN {SITES} s ON s.site_id = d.site_id
 WHERE a.state IN {ACTIVE_STATES} AND {SITE_FILTER} AND {TYPE_FILTER}
 ORDER BY array_position(ARRAY{list(SEVERITIES)}::text[], a.severity), a.raised_at DESC"""
 
 _RAISED_SQL: Final = f"""SELECT $__timeGroupAlias(t.ts, $__interval), t.severity AS metric,
   count(*) AS value
-FROM alert_transitions t
-JOIN alerts a ON a.alert_id = t.alert_id
-JOIN devices d ON d.device_id = a.device_id
-JOIN sites s ON s.site_id = d.site_id
+FROM {ALERT_TRANSITIONS} t
+JOIN {ALERTS} a ON a.alert_id = t.alert_id
+JOIN {DEVICES} d ON d.device_id = a.device_id
+JOIN {SITES} s ON s.site_id = d.site_id
 WHERE $__timeFilter(t.ts) AND t.from_state IS NULL AND {SITE_FILTER} AND {TYPE_FILTER}
 GROUP BY 1, 2
 ORDER BY 1"""
@@ -952,7 +1031,7 @@ FROM generate_series(
   $__timeTo()::timestamptz, '$__interval'::interval) AS b (t)
 CROSS JOIN unnest(ARRAY{list(SEVERITIES)}::text[]) AS sev (severity)
 LEFT JOIN (
-  alerts a JOIN devices d ON d.device_id = a.device_id JOIN sites s ON s.site_id = d.site_id
+  {ALERTS} a JOIN {DEVICES} d ON d.device_id = a.device_id JOIN {SITES} s ON s.site_id = d.site_id
 ) ON a.severity = sev.severity AND a.raised_at <= b.t
   AND (a.cleared_at IS NULL OR a.cleared_at > b.t) AND {SITE_FILTER} AND {TYPE_FILTER}
 GROUP BY 1, 2
@@ -964,9 +1043,9 @@ _HISTORY_SQL: Final = f"""SELECT a.raised_at AS "Bắt đầu (raised)",
   a.severity AS "Mức độ (severity)", a.rule_id AS "Quy tắc (rule)",
   a.device_id AS "Thiết bị (device)", s.name AS "Điểm (site)", a.message AS "Nội dung (message)",
   a.state AS "Trạng thái (state)"
-FROM alerts a
-JOIN devices d ON d.device_id = a.device_id
-JOIN sites s ON s.site_id = d.site_id
+FROM {ALERTS} a
+JOIN {DEVICES} d ON d.device_id = a.device_id
+JOIN {SITES} s ON s.site_id = d.site_id
 WHERE (a.raised_at <= $__timeTo()::timestamptz)
   AND (a.cleared_at IS NULL OR a.cleared_at >= $__timeFrom()::timestamptz)
   AND {SITE_FILTER} AND {TYPE_FILTER}
@@ -977,13 +1056,20 @@ _TRANSITIONS_SQL: Final = f"""SELECT t.ts AS "Thời điểm (time)", t.alert_id
   a.rule_id AS "Quy tắc (rule)", a.device_id AS "Thiết bị (device)",
   coalesce(t.from_state, '') AS "Từ (from)", t.to_state AS "Sang (to)",
   t.severity AS "Mức độ (severity)", t.value AS "Giá trị (value)", t.note AS "Ghi chú (note)"
-FROM alert_transitions t
-JOIN alerts a ON a.alert_id = t.alert_id
-JOIN devices d ON d.device_id = a.device_id
-JOIN sites s ON s.site_id = d.site_id
+FROM {ALERT_TRANSITIONS} t
+JOIN {ALERTS} a ON a.alert_id = t.alert_id
+JOIN {DEVICES} d ON d.device_id = a.device_id
+JOIN {SITES} s ON s.site_id = d.site_id
 WHERE $__timeFilter(t.ts) AND {SITE_FILTER} AND {TYPE_FILTER}
 ORDER BY t.ts DESC
 LIMIT 500"""
+
+
+def _severity_cells() -> list[model.DynamicConfigValue]:
+    return [
+        model.DynamicConfigValue(id_val="mappings", value=_severity_mappings()),
+        model.DynamicConfigValue(id_val="custom.cellOptions", value={"type": "color-text"}),
+    ]
 
 
 def _state_mappings() -> list[model.ValueMapping]:
@@ -997,15 +1083,8 @@ def _severity_series(title: str, sql: str) -> ts.Panel:
     return panel
 
 
-def alerts() -> board.Dashboard:
-    dashboard = _board(
-        "cityhub-alerts",
-        "Cảnh báo · Alerts",
-        ["alerts"],
-        "Cảnh báo đang mở theo mức độ, lịch sử, và các lần chuyển trạng thái "
-        "(chú thích trên biểu đồ sau `cityhub grafana push`).",
-    ).annotation(_alert_annotations())
-    by_severity = (
+def _active_by_severity() -> stat.Panel:
+    return (
         stat.Panel()
         .title("Đang mở theo mức độ (active by severity)")
         .datasource(datasource_ref())
@@ -1020,21 +1099,23 @@ def alerts() -> board.Dashboard:
         .height(5)
         .span(24)
     )
-    severity_cells = [
-        model.DynamicConfigValue(id_val="mappings", value=_severity_mappings()),
-        model.DynamicConfigValue(id_val="custom.cellOptions", value={"type": "color-text"}),
-    ]
-    active = (
+
+
+def _active_alerts() -> table.Panel:
+    return (
         _table("Cảnh báo đang mở (active alerts)", _ACTIVE_ALERTS_SQL, width=24, height=9)
-        .override_by_name("Mức độ (severity)", severity_cells)
+        .override_by_name("Mức độ (severity)", _severity_cells())
         .override_by_name(
             "Trạng thái (state)",
             [model.DynamicConfigValue(id_val="mappings", value=_state_mappings())],
         )
     )
-    history = (
+
+
+def _alert_history() -> table.Panel:
+    return (
         _table("Lịch sử cảnh báo (alert history)", _HISTORY_SQL, width=24, height=10)
-        .override_by_name("Mức độ (severity)", severity_cells)
+        .override_by_name("Mức độ (severity)", _severity_cells())
         .override_by_name(
             "Thời lượng (duration)", [model.DynamicConfigValue(id_val="unit", value="s")]
         )
@@ -1043,18 +1124,28 @@ def alerts() -> board.Dashboard:
             [model.DynamicConfigValue(id_val="mappings", value=_state_mappings())],
         )
     )
+
+
+def alerts() -> board.Dashboard:
+    dashboard = _board(
+        "cityhub-alerts",
+        "Cảnh báo · Alerts",
+        ["alerts"],
+        "Cảnh báo đang mở theo mức độ, lịch sử, và các lần chuyển trạng thái "
+        "(chú thích trên biểu đồ sau `cityhub grafana push`).",
+    ).annotation(_alert_annotations())
     return _numbered(
         dashboard,
         [
-            by_severity,
+            _active_by_severity(),
             _severity_series(
                 "Cảnh báo đang mở theo thời gian (open alerts over time)", _OPEN_OVER_TIME_SQL
             ),
             _severity_series("Cảnh báo mới (alerts raised per interval)", _RAISED_SQL).draw_style(
                 common.GraphDrawStyle.BARS
             ),
-            active,
-            history,
+            _active_alerts(),
+            _alert_history(),
             _table("Chuyển trạng thái (alert transitions)", _TRANSITIONS_SQL, width=24, height=10),
         ],
     )
