@@ -31,7 +31,7 @@ from contracts.errors import (
     SettingsError,
 )
 from contracts.ids import check_id
-from contracts.messages import GatewayConfig, encode_gateway_config
+from contracts.messages import DeviceConfig, GatewayConfig, encode_gateway_config
 from contracts.topics import config_topic
 from devices import credentials, dynsec
 from devices.brokerctl import BrokerControl
@@ -85,6 +85,14 @@ class _Undo:
         for path in self.files:
             with suppress(OSError):
                 path.unlink()
+
+
+def _check_serves(gateway: GatewayRow, site_id: str) -> None:
+    """A device is placed on a gateway of its own site only."""
+    if gateway.site_id != site_id:
+        raise ConflictError(
+            f"gateway {gateway.gateway_id!r} serves site {gateway.site_id!r}, not {site_id!r}"
+        )
 
 
 class Provisioner:
@@ -430,6 +438,59 @@ class Provisioner:
         )
         return secret
 
+    def _register_device(
+        self,
+        tx: RegistryTx,
+        config: DeviceConfig,
+        *,
+        site_id: str,
+        gateway_id: str,
+        location: str,
+        hardware_id: str,
+        out: Outcome,
+    ) -> None:
+        """Insert a new device's row, after checking where it goes and that its id is new."""
+        device_id = config.device_id
+        self._check_new_device(tx, device_id, site_id=site_id, gateway_id=gateway_id)
+        tx.insert_device(
+            config,
+            site_id=site_id,
+            gateway_id=gateway_id,
+            location=location,
+            hardware_id=hardware_id,
+        )
+        where = f"port {config.port} ({config.protocol})" if config.port else "MQTT"
+        out.changes.append(
+            f"device {device_id} registered: {config.device_type} at site {site_id},"
+            f" gateway {gateway_id}, {where}"
+        )
+
+    def _check_new_device(
+        self, tx: RegistryTx, device_id: str, *, site_id: str, gateway_id: str
+    ) -> None:
+        """The site exists, the gateway is active and serves it, and the id was never used."""
+        tx.require_site(site_id)
+        _check_serves(self._active_gateway(tx, gateway_id), site_id)
+        existing = tx.device(device_id)
+        if existing is not None:
+            state = " (revoked; ids are never reused)" if existing.status == "revoked" else ""
+            raise AlreadyExistsError(
+                f"device {device_id!r} already exists{state} at site {existing.site_id!r}"
+            )
+
+    def _create_device_account(
+        self, tx: RegistryTx, undo: _Undo, device_id: str, out: Outcome
+    ) -> str:
+        """A new MQTT device's site-broker account (registered and created); its secret."""
+        secret = self._new_device_secret(tx, device_id)
+        account = dynsec.device_account(device_id, self.prefix)
+        self._create(undo, account, secret)
+        out.changes.append(
+            f"site broker: account {account.username} created"
+            f" (may publish {account.role.acls[0].topic} only)"
+        )
+        return secret
+
     def add_device(
         self,
         device_id: str,
@@ -458,39 +519,18 @@ class Provisioner:
         )
         out = Outcome()
         with self._command() as (tx, undo):
-            tx.require_site(site_id)
-            gateway = self._active_gateway(tx, gateway_id)
-            if gateway.site_id != site_id:
-                raise ConflictError(
-                    f"gateway {gateway_id!r} serves site {gateway.site_id!r}, not {site_id!r}"
-                )
-            existing = tx.device(device_id)
-            if existing is not None:
-                state = " (revoked; ids are never reused)" if existing.status == "revoked" else ""
-                raise AlreadyExistsError(
-                    f"device {device_id!r} already exists{state} at site {existing.site_id!r}"
-                )
-            tx.insert_device(
+            self._register_device(
+                tx,
                 config,
                 site_id=site_id,
                 gateway_id=gateway_id,
                 location=location,
                 hardware_id=hardware_id,
-            )
-            where = f"port {config.port} ({config.protocol})" if port else "MQTT"
-            out.changes.append(
-                f"device {device_id} registered: {device_type} at site {site_id},"
-                f" gateway {gateway_id}, {where}"
+                out=out,
             )
             secret = None
             if config.transport == "mqtt":
-                secret = self._new_device_secret(tx, device_id)
-                account = dynsec.device_account(device_id, self.prefix)
-                self._create(undo, account, secret)
-                out.changes.append(
-                    f"site broker: account {account.username} created"
-                    f" (may publish {account.role.acls[0].topic} only)"
-                )
+                secret = self._create_device_account(tx, undo, device_id, out)
             self._audit(
                 tx,
                 "device.add",
@@ -521,10 +561,7 @@ class Provisioner:
             gateway = self._active_gateway(tx, gateway_id)
             if site_id is not None:
                 tx.require_site(check_id(site_id, "site id"))
-                if gateway.site_id != site_id:
-                    raise ConflictError(
-                        f"gateway {gateway_id!r} serves site {gateway.site_id!r}, not {site_id!r}"
-                    )
+                _check_serves(gateway, site_id)
             if row.gateway_id == gateway_id:
                 raise ConflictError(f"device {device_id!r} is already on gateway {gateway_id!r}")
             tx.update_device(device_id, site_id=gateway.site_id, gateway_id=gateway_id)
