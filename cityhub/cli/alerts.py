@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -203,6 +203,10 @@ def list_alerts(
     if as_json:
         typer.echo(msgspec.json.encode(rows).decode())
         return
+    state.console.print(_alerts_table(rows))
+
+
+def _alerts_table(rows: Sequence[AlertRow]) -> Table:
     table = Table(title=f"{len(rows)} alert(s)")
     for column in (
         "id",
@@ -220,7 +224,7 @@ def list_alerts(
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*_cells(row))
-    state.console.print(table)
+    return table
 
 
 def _cells(row: AlertRow) -> list[str]:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cityhub.cli.context import reported_errors, state_of
+from cityhub.cli.context import CliState, reported_errors, state_of
 from contracts.errors import SettingsError
+
+if TYPE_CHECKING:
+    from grafana.push import GrafanaPush
 
 app = typer.Typer(
     help="Grafana boards as code: generate grafana/dashboards/*.json, push boards and annotations.",
@@ -81,17 +84,10 @@ def push(
     posted (recognised by their tags) are not posted again, so running this
     on a schedule is safe.
     """
-    import json
-
-    from cityhub import database
-    from cityhub.cli.db import database_url
-    from grafana.annotations import plan_annotations
     from grafana.macros import parse_interval
-    from grafana.push import FOLDER_TITLE, GrafanaPush, read_transitions
-    from grafana.render import board_files
+    from grafana.push import GrafanaPush
 
     state = state_of(ctx)
-    settings = state.settings
     with reported_errors(state):
         try:
             lookback_s = parse_interval(since)
@@ -101,24 +97,41 @@ def push(
         version = grafana.version()
         state.console.print(f"Grafana {version} at {url}")
         if boards:
-            grafana.ensure_folder(folder, FOLDER_TITLE)
-            for name, text in board_files().items():
-                path = grafana.upload_board(json.loads(text), folder_uid=folder)
-                state.console.print(f"board {name}: {path}")
+            _push_boards(state, grafana, folder)
         if annotations:
-            end = datetime.now(UTC)
-            start = end - timedelta(seconds=lookback_s)
-            with database.connect(
-                database_url(state), timeout_s=settings.database.connect_timeout_s
-            ) as conn:
-                transitions = read_transitions(
-                    conn, schema=settings.database.schema, start=start, end=end
-                )
-            have = grafana.annotation_keys(
-                round(start.timestamp() * 1000), round(end.timestamp() * 1000)
-            )
-            posted = grafana.post_annotations(plan_annotations(transitions, have))
-            state.console.print(
-                f"alert transitions: {len(transitions)} since {start:%Y-%m-%d %H:%M} UTC, "
-                f"{posted} posted, {len(transitions) - posted} already there"
-            )
+            _push_annotations(state, grafana, lookback_s)
+
+
+def _push_boards(state: CliState, grafana: GrafanaPush, folder: str) -> None:
+    """Upload every board into ``folder`` (made if missing), overwriting by uid."""
+    import json
+
+    from grafana.push import FOLDER_TITLE
+    from grafana.render import board_files
+
+    grafana.ensure_folder(folder, FOLDER_TITLE)
+    for name, text in board_files().items():
+        path = grafana.upload_board(json.loads(text), folder_uid=folder)
+        state.console.print(f"board {name}: {path}")
+
+
+def _push_annotations(state: CliState, grafana: GrafanaPush, lookback_s: float) -> None:
+    """Post the alert transitions of the last ``lookback_s`` that are not posted yet."""
+    from cityhub import database
+    from cityhub.cli.db import database_url
+    from grafana.annotations import plan_annotations
+    from grafana.push import read_transitions
+
+    settings = state.settings
+    end = datetime.now(UTC)
+    start = end - timedelta(seconds=lookback_s)
+    with database.connect(
+        database_url(state), timeout_s=settings.database.connect_timeout_s
+    ) as conn:
+        transitions = read_transitions(conn, schema=settings.database.schema, start=start, end=end)
+    have = grafana.annotation_keys(round(start.timestamp() * 1000), round(end.timestamp() * 1000))
+    posted = grafana.post_annotations(plan_annotations(transitions, have))
+    state.console.print(
+        f"alert transitions: {len(transitions)} since {start:%Y-%m-%d %H:%M} UTC, "
+        f"{posted} posted, {len(transitions) - posted} already there"
+    )
