@@ -235,6 +235,51 @@ def _soak(
     if print_schedule:
         state.console.print(schedule_toml(schedule), highlight=False, markup=False)
         return False
+    system, cutters = _soak_system(
+        state,
+        schedule,
+        sites=sites,
+        workers=workers,
+        seed=seed,
+        small_outbox_bytes=small_outbox_bytes,
+    )
+    try:
+        runner, result, drained = _run_schedule(
+            state, system, cutters, schedule, gateways=gateways, drain_timeout_s=drain_timeout_s
+        )
+    finally:
+        system.close()
+        for cutter in cutters.values():
+            cutter.close()
+    outcome = classify(
+        result,
+        drained=drained,
+        broker_kills_ms=runner.broker_kills_ms,
+        window_ms=int(_autosave_s(system) * 1000) + 1000,
+        gateway_down_ms=runner.gateway_down_ms,
+        ledger=system.ledger,
+        gateway_of={s.device_id: gateway_id_for(s.site_id) for s in specs},
+    )
+    _print_timeline(state, runner.events)
+    failed = _print_outcome(state, outcome, broker_crash_loss)
+    _write_report(system.run_dir / "report.json", schedule, runner.events, outcome, failed)
+    return failed
+
+
+def _soak_system(
+    state: CliState,
+    schedule: Schedule,
+    *,
+    sites: str | None,
+    workers: int,
+    seed: int,
+    small_outbox_bytes: int,
+) -> tuple[System, dict[str, LinkCutter]]:
+    """`cityhub up`'s system, each gateway's uplink through a cutter, small outboxes to fill.
+
+    The cutters are made as the gateways start (one per gateway, by id); the
+    caller closes them with the system.
+    """
     small = {f.target for f in schedule.fault if f.kind == "outbox_full"}
     cutters: dict[str, LinkCutter] = {}
 
@@ -255,38 +300,34 @@ def _soak(
         gateway_settings=lambda g: {"outbox_max_bytes": small_outbox_bytes} if g in small else {},
         central_port=central_port,
     )
-    try:
-        system.start()
-        _simulator_log_to(system.run_dir / "simulator.log")
-        (system.run_dir / "schedule.toml").write_text(schedule_toml(schedule), encoding="utf-8")
-        state.console.print(
-            f"cityhub soak: {len(system.specs)} devices, {len(gateways)} gateways, "
-            f"{workers} ingest workers, {len(schedule.fault)} faults over "
-            f"{schedule.duration_s:.0f} s (seed {schedule.seed}); logs and schedule in "
-            f"{system.run_dir}",
-            highlight=False,
-        )
-        runner = FaultRunner(state, system, cutters)
-        asyncio.run(runner.run(schedule))
-        state.console.print("schedule done; waiting for the system to drain", highlight=False)
-        result, drained = system.drain(timeout_s=drain_timeout_s, progress=runner.drain_progress)
-    finally:
-        system.close()
-        for cutter in cutters.values():
-            cutter.close()
-    outcome = classify(
-        result,
-        drained=drained,
-        broker_kills_ms=runner.broker_kills_ms,
-        window_ms=int(_autosave_s(system) * 1000) + 1000,
-        gateway_down_ms=runner.gateway_down_ms,
-        ledger=system.ledger,
-        gateway_of={s.device_id: gateway_id_for(s.site_id) for s in specs},
+    return system, cutters
+
+
+def _run_schedule(
+    state: CliState,
+    system: System,
+    cutters: dict[str, LinkCutter],
+    schedule: Schedule,
+    *,
+    gateways: list[str],
+    drain_timeout_s: float,
+) -> tuple[FaultRunner, Reconciliation, bool]:
+    """Start the system, inject the schedule's faults, wait for the backlog to drain."""
+    system.start()
+    _simulator_log_to(system.run_dir / "simulator.log")
+    (system.run_dir / "schedule.toml").write_text(schedule_toml(schedule), encoding="utf-8")
+    state.console.print(
+        f"cityhub soak: {len(system.specs)} devices, {len(gateways)} gateways, "
+        f"{system.workers} ingest workers, {len(schedule.fault)} faults over "
+        f"{schedule.duration_s:.0f} s (seed {schedule.seed}); logs and schedule in "
+        f"{system.run_dir}",
+        highlight=False,
     )
-    _print_timeline(state, runner.events)
-    failed = _print_outcome(state, outcome, broker_crash_loss)
-    _write_report(system.run_dir / "report.json", schedule, runner.events, outcome, failed)
-    return failed
+    runner = FaultRunner(state, system, cutters)
+    asyncio.run(runner.run(schedule))
+    state.console.print("schedule done; waiting for the system to drain", highlight=False)
+    result, drained = system.drain(timeout_s=drain_timeout_s, progress=runner.drain_progress)
+    return runner, result, drained
 
 
 def _write_report(
