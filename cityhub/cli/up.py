@@ -478,35 +478,10 @@ def _up(
     seconds = parse_duration(duration) if duration else None
     command_start = time.monotonic()
     system = System(state, sites=sites, fleet=fleet, workers=workers, seed=seed)
-    result: Reconciliation | None = None
     first_stored: list[float] = []
+    result: Reconciliation | None = None
     try:
-        system.start()
-        started = time.monotonic()
-        assert system.watcher is not None  # noqa: S101 - started
-        state.console.print(
-            f"cityhub up: {len(system.specs)} simulated devices, {len(system.configs)} sites "
-            f"with a gateway each, {workers} ingest worker(s), the alerts job; logs in "
-            f"{system.run_dir}; Ctrl-C to stop",
-            highlight=False,
-        )
-        asyncio.run(
-            _run(
-                state,
-                system.sim,
-                system.watcher,
-                system.children,
-                system.url,
-                system.schema,
-                seconds,
-                started,
-                first_stored,
-            )
-        )
-        state.console.print()
-        result, drained = system.drain()
-        if not drained:
-            state.err.print(f"the backlog did not drain within {DRAIN_TIMEOUT_S:.0f} s")
+        result = _run_system(state, system, seconds, first_stored)
     finally:
         system.close()
     if result is None:
@@ -519,6 +494,42 @@ def _up(
             highlight=False,
         )
     return lost
+
+
+def _run_system(
+    state: CliState, system: System, seconds: float | None, first_stored: list[float]
+) -> Reconciliation:
+    """Start the system, run it until ``seconds`` pass or Ctrl-C, drain it; its reconciliation.
+
+    The time the first reading of the run was stored is appended to ``first_stored``.
+    """
+    system.start()
+    started = time.monotonic()
+    assert system.watcher is not None  # noqa: S101 - started
+    state.console.print(
+        f"cityhub up: {len(system.specs)} simulated devices, {len(system.configs)} sites "
+        f"with a gateway each, {system.workers} ingest worker(s), the alerts job; logs in "
+        f"{system.run_dir}; Ctrl-C to stop",
+        highlight=False,
+    )
+    asyncio.run(
+        _run(
+            state,
+            system.sim,
+            system.watcher,
+            system.children,
+            system.url,
+            system.schema,
+            seconds,
+            started,
+            first_stored,
+        )
+    )
+    state.console.print()
+    result, drained = system.drain()
+    if not drained:
+        state.err.print(f"the backlog did not drain within {DRAIN_TIMEOUT_S:.0f} s")
+    return result
 
 
 def _prepare_fleet(
