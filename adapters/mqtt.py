@@ -256,8 +256,9 @@ class MqttLink:
 
         Raises ``BrokerUnavailableError`` if the broker cannot be reached or
         does not answer in ``timeout_s``, ``BrokerRefusedError`` if it refuses
-        the CONNECT (then no retry follows). Afterwards paho reconnects as
-        after ``start``.
+        the CONNECT. Afterwards paho reconnects as after ``start``, except
+        after a refusal: retrying the same credentials cannot help, so a
+        refused reconnect ends the link (it is logged).
         """
         self._give_up_when_refused = True
         where = f"{self.name} broker {self.host}:{self.port}"
