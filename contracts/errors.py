@@ -36,6 +36,7 @@ move on) versus *unavailable* (retryable: back off and try again).
      |    +-- JobLockedError           another alerts job with the same id holds the lock
      |    +-- GrafanaUnavailableError  Grafana did not answer, or answered with a server error
      +-- BrokerControlError            a broker refused a control (dynamic-security) command
+     +-- BrokerRefusedError            a broker refused a connection (credentials, client id)
      +-- GrafanaRefusedError           Grafana refused a request (credentials, permissions)
      +-- PkiError                      missing or unusable CA, certificate or key
      +-- OutboxFullError               a gateway outbox at its size bound refuses new readings
@@ -180,6 +181,16 @@ class ConflictError(ProvisioningError):
 
 class BrokerControlError(HubError):
     """A broker answered a control command with an error (e.g. "Client already exists")."""
+
+
+class BrokerRefusedError(HubError):
+    """A broker answered CONNECT with a failure reason code; retrying as is cannot help."""
+
+    def __init__(self, where: str, username: str | None, reason: str) -> None:
+        super().__init__(f"the {where} refused the connection as {username!r}: {reason}")
+        self.where = where
+        self.username = username
+        self.reason = reason
 
 
 class PkiError(HubError):

@@ -1,4 +1,4 @@
-"""Adapter for a broker's dynamic-security control API, over MQTT v5 with paho.
+"""Dynamic-security control of a broker, over an ``adapters.mqtt`` link.
 
 ``BrokerControl`` connects with an account allowed to use
 ``$CONTROL/dynamic-security/v1`` (the embedded broker's admin), sends the
@@ -6,24 +6,19 @@ commands that ``devices.dynsec`` builds, waits for the broker's response and
 raises BrokerControlError if any command failed. It also publishes the
 retained gateway configs. An unreachable broker, or one that does not answer
 in time, is BrokerUnavailableError; a refused control account is
-BrokerControlError.
+BrokerControlError. The connection itself is the link's business.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import secrets
-import ssl
 import threading
 from types import TracebackType
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.reasoncodes import ReasonCode
-
-from contracts.errors import BrokerControlError, BrokerUnavailableError
+from adapters.mqtt import IncomingMessage, MqttLink, unique_client_id
+from contracts.errors import BrokerControlError, BrokerRefusedError, BrokerUnavailableError
 from contracts.settings import BrokerSettings
 from devices.dynsec import (
     CONTROL_TOPIC,
@@ -37,17 +32,6 @@ from devices.dynsec import (
 logger = logging.getLogger(__name__)
 
 
-def tls_context(settings: BrokerSettings) -> ssl.SSLContext:
-    """Verify the broker against ``ca_file`` (else the system's CAs); present a client cert."""
-    try:
-        context = ssl.create_default_context(cafile=settings.ca_file or None)
-        if settings.cert_file:
-            context.load_cert_chain(settings.cert_file, settings.key_file or None)
-    except (OSError, ssl.SSLError) as exc:
-        raise BrokerControlError(f"TLS files for {settings.host}: {exc}") from exc
-    return context
-
-
 class BrokerControl:
     """One control connection; use as a context manager."""
 
@@ -56,24 +40,23 @@ class BrokerControl:
         self.broker = broker
         self.host = broker.host or "127.0.0.1"
         self.timeout_s = timeout_s
-        self._connected = threading.Event()
-        self._subscribed = threading.Event()
-        self._connect_reason: ReasonCode | None = None
+        self._refused: BrokerRefusedError | None = None
         self._responses: queue.Queue[bytes] = queue.Queue()
         self._lock = threading.Lock()
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"cityhub-ctl-{secrets.token_hex(4)}",
-            protocol=mqtt.MQTTv5,
+        self.link = MqttLink(
+            name=name,
+            host=self.host,
+            port=broker.port,
+            client_id=unique_client_id("cityhub-ctl"),
+            username=broker.username,
+            password=broker.password,
+            tls=broker.tls,
+            ca_file=broker.ca_file,
+            cert_file=broker.cert_file,
+            key_file=broker.key_file,
+            subscriptions=[RESPONSE_TOPIC],
+            on_message=self._on_message,
         )
-        if broker.username is not None:
-            client.username_pw_set(broker.username, broker.password)
-        if broker.tls:
-            client.tls_set_context(tls_context(broker))
-        client.on_connect = self._on_connect
-        client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
-        self.client = client
 
     def __repr__(self) -> str:
         return f"BrokerControl({self.name} {self.host}:{self.broker.port})"
@@ -81,30 +64,12 @@ class BrokerControl:
     # -- connection ---------------------------------------------------------------
 
     def __enter__(self) -> BrokerControl:
-        where = f"{self.name} broker {self.host}:{self.broker.port}"
         try:
-            self.client.connect(self.host, self.broker.port, keepalive=30)
-        except (OSError, ssl.SSLError) as exc:
-            raise BrokerUnavailableError(f"cannot reach the {where}: {exc}") from exc
-        self.client.loop_start()
-        try:
-            self._await_ready(where)
-        except BaseException:
-            self.close()
-            raise
+            self.link.connect(timeout_s=self.timeout_s)
+        except BrokerRefusedError as exc:
+            self._refused = exc
+            raise self._refusal() from exc
         return self
-
-    def _await_ready(self, where: str) -> None:
-        if not self._connected.wait(self.timeout_s):
-            raise BrokerUnavailableError(f"the {where} did not accept the connection in time")
-        if self._connect_reason is not None and self._connect_reason.is_failure:
-            raise BrokerControlError(
-                f"the {where} refused the control account"
-                f" {self.broker.username!r}: {self._connect_reason}"
-            )
-        self.client.subscribe(RESPONSE_TOPIC, qos=1)
-        if not self._subscribed.wait(self.timeout_s):
-            raise BrokerUnavailableError(f"the {where} did not confirm the subscription")
 
     def __exit__(
         self,
@@ -115,36 +80,27 @@ class BrokerControl:
         self.close()
 
     def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.link.stop()
 
-    # -- paho callbacks (network thread) -------------------------------------------
+    def _refusal(self) -> BrokerControlError:
+        refused = self._refused
+        reason = refused.reason if refused is not None else "not connected"
+        return BrokerControlError(
+            f"the {self.name} broker {self.host}:{self.broker.port} refused the control account"
+            f" {self.broker.username!r}: {reason}"
+        )
 
-    def _on_connect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
-        self._connect_reason = reason
-        if reason.is_failure:
-            # Stop paho from retrying a refused account; __enter__ reports it.
-            self.client.disconnect()
-            self._connected.set()
-            return
-        self._connected.set()
+    # -- link callback (network thread) ---------------------------------------------
 
-    def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, codes: Any, _p: Any) -> None:
-        if not any(getattr(c, "is_failure", False) for c in codes):
-            self._subscribed.set()
-
-    def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+    def _on_message(self, message: IncomingMessage) -> None:
         if message.topic == RESPONSE_TOPIC:
             self._responses.put(bytes(message.payload))
 
     # -- commands ---------------------------------------------------------------
 
     def _check_connected(self) -> None:
-        if self._connect_reason is not None and self._connect_reason.is_failure:
-            raise BrokerControlError(
-                f"the {self.name} broker refused the control account"
-                f" {self.broker.username!r}: {self._connect_reason}"
-            )
+        if self._refused is not None:
+            raise self._refusal()
 
     def run(
         self, commands: list[Command], *, tolerated: frozenset[str] = frozenset()
@@ -156,9 +112,9 @@ class BrokerControl:
         with self._lock:
             while not self._responses.empty():
                 self._responses.get_nowait()
-            info = self.client.publish(CONTROL_TOPIC, encode_commands(commands), qos=1)
-            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                raise BrokerUnavailableError(f"{self.name} broker: publish failed: {info.rc}")
+            if not self.link.connected.is_set():
+                raise BrokerUnavailableError(f"{self.name} broker: not connected")
+            self.link.publish(CONTROL_TOPIC, encode_commands(commands))
             try:
                 payload = self._responses.get(timeout=self.timeout_s)
             except queue.Empty:
@@ -173,10 +129,4 @@ class BrokerControl:
     def publish_retained(self, topic: str, payload: bytes) -> None:
         """Publish a retained QoS 1 message and wait for the broker's PUBACK."""
         self._check_connected()
-        info = self.client.publish(topic, payload, qos=1, retain=True)
-        try:
-            info.wait_for_publish(self.timeout_s)
-        except (RuntimeError, ValueError) as exc:
-            raise BrokerUnavailableError(f"{self.name} broker: publish to {topic}: {exc}") from exc
-        if not info.is_published():
-            raise BrokerUnavailableError(f"{self.name} broker did not acknowledge {topic}")
+        self.link.publish_confirmed(topic, payload, timeout_s=self.timeout_s, retain=True)

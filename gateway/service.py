@@ -42,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adapters.mqtt import MqttLink, Will, client_ssl_context
 from contracts.catalog import device_type
 from contracts.errors import HubError, InputError, OutboxFullError
 from contracts.messages import (
@@ -71,7 +72,6 @@ from contracts.topics import (
     state_topic,
 )
 from gateway.batching import BatchBuilder
-from gateway.mqtt import MqttLink, Will, client_ssl_context
 from gateway.outbox import Outbox
 from gateway.ratelimit import TokenBuckets
 from gateway.sitelink import SITE_MAX_PACKET_BYTES, SiteLink
@@ -86,6 +86,16 @@ CONFIG_DOCUMENT = "gateway_config"
 FLUSH_TICK_S = 0.02
 # Log at most this many WARNINGs per reject reason per minute; counters keep the rest.
 REJECT_LOG_PER_MINUTE = 5
+# Maximum Packet Size the uplink announces in CONNECT: the broker discards
+# (MQTT 5.0 section 3.1.2.11.4) any packet longer than this instead of sending
+# it. What the uplink reads, acks and configs, is refused past contracts'
+# CONTROL_MAX_BYTES (1 MiB) when decoded; 64 KiB more leaves room for the
+# topic and properties, so only what would be refused anyway is dropped, and
+# never read into memory (paho buffers a whole packet before handing it over).
+UPLINK_MAX_PACKET_BYTES = 1024 * 1024 + 64 * 1024
+# Batches the uplink may have in flight without a PUBACK, as far as paho is
+# concerned: max_inflight_batches bounds them first.
+UPLINK_MAX_INFLIGHT = 1000
 
 
 def outbox_path(settings: GatewaySettings, state_dir: Path) -> Path:
@@ -220,7 +230,15 @@ class Gateway:
                 state_topic(self.gateway_id, self.prefix),
                 self._state_payload("offline", will=True),
             ),
-            on_message=self._on_central_message,
+            subscriptions=[
+                ack_topic(self.gateway_id, self.prefix),
+                config_topic(self.gateway_id, self.prefix),
+            ],
+            max_packet_bytes=UPLINK_MAX_PACKET_BYTES,
+            max_inflight=UPLINK_MAX_INFLIGHT,
+            on_message=lambda message: self._on_central_message(
+                message.topic, bytes(message.payload)
+            ),
             on_connect=self._on_central_connect,
             on_disconnect=self._on_central_disconnect,
             on_publish=self._on_puback,
@@ -525,9 +543,7 @@ class Gateway:
         # Everything unacked is due again: what was in flight may be lost.
         self.outbox.reset_sent()
         self._inflight.clear()
-        self.central.subscribe(
-            [ack_topic(self.gateway_id, self.prefix), config_topic(self.gateway_id, self.prefix)]
-        )
+        logger.info("uplink: connected to %s:%d", self.central.host, self.central.port)
         self.publish_state()
         self._wake()
 

@@ -192,7 +192,7 @@ def test_a_disconnect_with_reason_session_taken_over_is_logged_as_exactly_that(c
     subscriber.connected.set()
     caplog.set_level(logging.INFO, logger="ingest")
     taken_over = ReasonCode(PacketTypes.DISCONNECT, identifier=0x8E)
-    subscriber._handle_disconnect(subscriber.client, None, None, taken_over, None)
+    subscriber.link._handle_disconnect(subscriber.link.client, None, None, taken_over, None)
     lines = [r.getMessage() for r in caplog.records]
     expected = (
         f"session taken over: the broker closed connection {subscriber.client_id!r} because "

@@ -25,6 +25,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from paho.mqtt.enums import CallbackAPIVersion
 
+from adapters.mqtt import MqttLink, client_ssl_context
 from cityhub.localstack.mosquitto import (
     ADMIN_USER,
     MosquittoServer,
@@ -39,7 +40,6 @@ from devices.bundle import decode_bundle
 from devices.pki import Pki
 from devices.provisioning import Endpoint, Provisioner
 from devices.registry import Registry
-from gateway.mqtt import MqttLink, client_ssl_context
 from gateway.sitelink import SiteLink
 from tests.conftest import IS_ROOT
 
@@ -216,7 +216,7 @@ def test_gateway_connects_over_tls_with_its_bundle(
         ca_file=central.ca_file,
         cert_file=central.cert_file,
         key_file=central.key_file,
-        on_message=lambda _t, _p: None,
+        on_message=lambda _message: None,
         on_connect=connected.set,
     )
     link.start()

@@ -37,6 +37,9 @@ app = typer.Typer(
 )
 
 _DURATION = re.compile(r"^(?P<n>\d+(?:\.\d+)?)(?P<unit>ms|s|m|h)?$")
+# Seconds to wait for the broker's CONNACK, and for each config's PUBACK: the
+# embedded broker answers within milliseconds; 10 s only fails a dead one.
+CONFIG_PUBLISH_TIMEOUT_S = 10.0
 
 
 def parse_duration(text: str) -> float:
@@ -105,25 +108,26 @@ def publish_gateway_configs(
     broker: BrokerSettings, configs: list[GatewayConfig], prefix: str = ""
 ) -> None:
     """Publish the configs as retained messages, as the registry does for real gateways."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
+    from adapters.mqtt import MqttLink
 
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    if broker.username:
-        client.username_pw_set(broker.username, broker.password)
-    client.connect(broker.host or "127.0.0.1", broker.port)
-    client.loop_start()
+    link = MqttLink(
+        name="central",
+        host=broker.host or "127.0.0.1",
+        port=broker.port,
+        username=broker.username or None,
+        password=broker.password,
+    )
+    link.connect(timeout_s=CONFIG_PUBLISH_TIMEOUT_S)
     try:
         for config in configs:
-            client.publish(
+            link.publish_confirmed(
                 config_topic(config.gateway_id, prefix),
                 encode_gateway_config(config),
-                qos=1,
+                timeout_s=CONFIG_PUBLISH_TIMEOUT_S,
                 retain=True,
-            ).wait_for_publish(10)
+            )
     finally:
-        client.disconnect()
-        client.loop_stop()
+        link.stop()
 
 
 def register_simulated_fleet(

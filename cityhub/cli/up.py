@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 import psycopg
@@ -56,6 +56,9 @@ from contracts.settings import BrokerSettings
 from firmware_sim.fleet import DeviceSpec
 from firmware_sim.ledger import Ledger, Reconciliation, RejectedRow, StoredRow, reconcile
 from firmware_sim.service import Simulator
+
+if TYPE_CHECKING:
+    from adapters.mqtt import IncomingMessage
 
 # Sites the default run simulates: a ward office, service halls of four
 # districts and two street stations, so every device type and both serial sensors
@@ -148,22 +151,29 @@ class Children:
 class StateWatcher:
     """Keeps the latest retained state of every gateway from the central broker."""
 
+    # Seconds to wait for the embedded broker to accept the connection and
+    # the subscription: it answers within milliseconds; 10 s only fails a dead one.
+    CONNECT_TIMEOUT_S = 10.0
+
     def __init__(self, broker: BrokerSettings) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
+        from adapters.mqtt import MqttLink
 
         self.states: dict[str, GatewayState] = {}
         self.lock = threading.Lock()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        self.client.username_pw_set(broker.username, broker.password)
-        self.client.on_connect = lambda c, *_: c.subscribe("hub/v1/gw/+/state", qos=1)
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host or "127.0.0.1", broker.port)
-        self.client.loop_start()
+        self.link = MqttLink(
+            name="central",
+            host=broker.host or "127.0.0.1",
+            port=broker.port,
+            username=broker.username,
+            password=broker.password,
+            subscriptions=["hub/v1/gw/+/state"],
+            on_message=self._on_message,
+        )
+        self.link.connect(timeout_s=self.CONNECT_TIMEOUT_S)
 
-    def _on_message(self, _c: Any, _u: Any, message: Any) -> None:
+    def _on_message(self, message: IncomingMessage) -> None:
         try:
-            state = decode_gateway_state(message.payload)
+            state = decode_gateway_state(bytes(message.payload))
         except HubError:
             return
         with self.lock:
@@ -174,8 +184,7 @@ class StateWatcher:
             return dict(self.states)
 
     def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.link.stop()
 
 
 # A rejects row's detail starts with the reading it refused (ingest.writer).
