@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import signal
 import threading
 import time
 from collections import Counter
@@ -42,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adapters.serve import serve as run_service
 from contracts.catalog import device_type
 from contracts.errors import HubError, InputError, OutboxFullError
 from contracts.messages import (
@@ -97,11 +97,7 @@ def outbox_path(settings: GatewaySettings, state_dir: Path) -> Path:
 
 async def serve(gateway: Gateway) -> None:
     """Run until SIGINT or SIGTERM, then stop cleanly (flush, death message)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await gateway.run(stop)
+    await run_service(gateway.run)
 
 
 def wall_ms() -> int:
@@ -883,8 +879,7 @@ class Gateway:
             )
             self.central.stop()
             if metrics_server is not None:
-                metrics_server.shutdown()
-                metrics_server.server_close()
+                metrics_server.close()
             self.outbox.close()
             logger.info("gateway %s stopped", self.gateway_id)
 
