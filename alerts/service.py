@@ -47,6 +47,7 @@ import msgspec
 import numpy as np
 
 from adapters.backoff import backoff_delay_s
+from adapters.loglimit import should_log_attempt
 from adapters.serve import serve as run_service
 from alerts.aqijob import (
     HOUR_MS,
@@ -482,7 +483,7 @@ async def run_job(
             delay = backoff_delay_s(
                 attempt, min_s=s.retry_min_s, max_s=s.retry_max_s, draw=rng.random()
             )
-            if attempt == 1 or attempt % RETRY_LOG_EVERY == 0:
+            if should_log_attempt(attempt, every=RETRY_LOG_EVERY):
                 level = logging.ERROR if isinstance(exc, SchemaError) else logging.WARNING
                 logger.log(
                     level, "cycle failed (attempt %d), retrying in %.1f s: %s", attempt, delay, exc

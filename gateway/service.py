@@ -41,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adapters.loglimit import LogLimiter
 from adapters.serve import serve as run_service
 from contracts.catalog import device_type
 from contracts.errors import HubError, InputError, OutboxFullError
@@ -197,7 +198,7 @@ class Gateway:
         self._site_started = False
         self._site_task: asyncio.Task[None] | None = None
         self._flush_now: asyncio.Event | None = None
-        self._reject_log: dict[str, tuple[int, int]] = {}
+        self._reject_log = LogLimiter(limit=REJECT_LOG_PER_MINUTE, span=60_000)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_sender: asyncio.Event | None = None
         self._config_changed: asyncio.Event | None = None
@@ -317,13 +318,8 @@ class Gateway:
         self.counters.rejects[reason] += 1
         known = device_id if device_id in self.devices else "other"
         self.counters.device_rejects[known, reason] += 1
-        now = self.clock()
-        window_start, logged = self._reject_log.get(reason, (now, 0))
-        if now - window_start >= 60_000:
-            window_start, logged = now, 0
-        if logged < REJECT_LOG_PER_MINUTE:
+        if self._reject_log.allow(reason, self.clock()):
             logger.warning("rejected reading from %s (%s): %s", device_id, reason, detail)
-        self._reject_log[reason] = (window_start, logged + 1)
 
     # -- site side (event loop thread) --------------------------------------------
 

@@ -79,6 +79,7 @@ import msgspec
 import numpy as np
 
 from adapters.backoff import backoff_delay_s
+from adapters.loglimit import LogLimiter, should_log_attempt
 from adapters.metrics import MetricsServer
 from adapters.serve import serve as run_service
 from contracts.errors import (
@@ -371,7 +372,7 @@ class Ingest:
         self.metrics.queue_depth = self._outstanding
         self.metrics.broker_connected = self.subscriber.connected.is_set
         self._stopping = threading.Event()
-        self._reject_log: dict[str, tuple[float, int]] = {}
+        self._reject_log = LogLimiter(limit=REJECT_LOG_PER_MINUTE, span=60.0)
         self._random = random.Random()  # noqa: S311 - jitter, not security
 
     # -- collector (runs in a worker thread) ---------------------------------------
@@ -513,7 +514,7 @@ class Ingest:
                 delay = backoff_delay_s(
                     attempt, min_s=s.retry_min_s, max_s=s.retry_max_s, draw=self._random.random()
                 )
-                if attempt == 1 or attempt % RETRY_LOG_EVERY == 0:
+                if should_log_attempt(attempt, every=RETRY_LOG_EVERY):
                     level = logging.ERROR if isinstance(exc, SchemaError) else logging.WARNING
                     logger.log(
                         level,
@@ -550,13 +551,8 @@ class Ingest:
                 self._warn_reject(item.reason, f"message on {item.topic}: {item.detail}")
 
     def _warn_reject(self, reason: str, detail: str) -> None:
-        now = time.monotonic()
-        window_start, logged = self._reject_log.get(reason, (now, 0))
-        if now - window_start >= 60:
-            window_start, logged = now, 0
-        if logged < REJECT_LOG_PER_MINUTE:
+        if self._reject_log.allow(reason, time.monotonic()):
             logger.warning("rejected (%s): %s", reason, detail[:500])
-        self._reject_log[reason] = (window_start, logged + 1)
 
     def _acknowledge(self, group: list[Pending]) -> None:
         """Committed: the app acks to the gateways first, then the broker's PUBACKs."""
