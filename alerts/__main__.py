@@ -10,41 +10,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
-from pathlib import Path
 
+from adapters.serve import start_service
 from alerts.service import AlertsJob, load_job_rules, serve
 from contracts.errors import HubError
-from contracts.settings import describe_settings, load_settings
 
 logger = logging.getLogger("alerts")
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--once", action="store_true", help="run one cycle and exit")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m alerts", description=__doc__)
-    parser.add_argument("--config", type=Path, help="settings file (TOML)")
-    parser.add_argument("--once", action="store_true", help="run one cycle and exit")
-    args = parser.parse_args()
-    try:
-        settings = load_settings(args.config, os.environ)
-    except HubError as exc:
-        parser.exit(2, f"error: {exc}\n")
-    logging.basicConfig(
-        # A long-running service logs its lifecycle (INFO) whatever the CLI default.
-        level=min(getattr(logging, settings.log_level.upper(), logging.INFO), logging.INFO),
-        format=LOG_FORMAT,
+    startup = start_service(
+        prog="python -m alerts",
+        description=__doc__,
+        service_logger=logger,
+        required={"database.url": lambda s: s.database.url},
+        add_options=_add_options,
     )
-    if settings.database.url is None:
-        parser.exit(2, "error: set database.url\n")
-    logger.info("settings: %s", describe_settings(settings))
+    settings = startup.settings
     try:
         rules = load_job_rules(settings.alerts)
         job = AlertsJob(settings=settings.alerts, database=settings.database, rules=rules)
-        asyncio.run(serve(job, once=args.once))
+        asyncio.run(serve(job, once=startup.args.once))
     except HubError as exc:
-        parser.exit(1, f"error: {exc}\n")
+        startup.fail(exc, code=1)
 
 
 if __name__ == "__main__":

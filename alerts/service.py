@@ -38,7 +38,6 @@ import contextlib
 import logging
 import math
 import random
-import signal
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,6 +46,9 @@ from typing import Final
 import msgspec
 import numpy as np
 
+from adapters.backoff import backoff_delay_s
+from adapters.loglimit import should_log_attempt
+from adapters.serve import serve as run_service
 from alerts.aqijob import (
     HOUR_MS,
     POLLUTANTS,
@@ -478,13 +480,15 @@ async def run_job(
             if once:
                 raise
             attempt += 1
-            delay = min(s.retry_max_s, s.retry_min_s * 2 ** min(attempt, 16)) * rng.random()
-            if attempt == 1 or attempt % RETRY_LOG_EVERY == 0:
+            delay = backoff_delay_s(
+                attempt, min_s=s.retry_min_s, max_s=s.retry_max_s, draw=rng.random()
+            )
+            if should_log_attempt(attempt, every=RETRY_LOG_EVERY):
                 level = logging.ERROR if isinstance(exc, SchemaError) else logging.WARNING
                 logger.log(
                     level, "cycle failed (attempt %d), retrying in %.1f s: %s", attempt, delay, exc
                 )
-            await _sleep_or_stop(stop, max(delay, s.retry_min_s))
+            await _sleep_or_stop(stop, delay)
             continue
         if attempt:
             logger.info("database back after %d retries", attempt)
@@ -523,12 +527,12 @@ async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
 
 async def serve(job: AlertsJob, *, once: bool = False) -> CycleReport | None:
     """Run until SIGINT or SIGTERM, then close the job's connection."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        return await run_job(job, stop, once=once)
-    finally:
-        await asyncio.to_thread(job.close)
-        logger.info("alerts job stopped")
+
+    async def main(stop: asyncio.Event) -> CycleReport | None:
+        try:
+            return await run_job(job, stop, once=once)
+        finally:
+            await asyncio.to_thread(job.close)
+            logger.info("alerts job stopped")
+
+    return await run_service(main)

@@ -1,8 +1,8 @@
 """The cityhub error tree.
 
 Every error the project raises on purpose derives from ``HubError``. Adapters
-translate library errors (psycopg, paho, pyserial, OS errors) into the most
-specific type here, once, with ``raise ... from exc``. The split that matters
+translate library errors (psycopg, paho, pyserial, sqlite3, OS errors) into
+the most specific type here, once, with ``raise ... from exc``. The split that matters
 to callers is *input* (poison: retrying cannot help; store it as a reject and
 move on) versus *unavailable* (retryable: back off and try again).
 
@@ -35,11 +35,14 @@ move on) versus *unavailable* (retryable: back off and try again).
      |    +-- DatabaseUnavailableError
      |    +-- JobLockedError           another alerts job with the same id holds the lock
      |    +-- GrafanaUnavailableError  Grafana did not answer, or answered with a server error
+     |    +-- OutboxUnavailableError   the outbox cannot be written now (disk full, I/O, locked)
      +-- BrokerControlError            a broker refused a control (dynamic-security) command
      +-- BrokerRefusedError            a broker refused a connection (credentials, client id)
      +-- GrafanaRefusedError           Grafana refused a request (credentials, permissions)
      +-- PkiError                      missing or unusable CA, certificate or key
      +-- OutboxFullError               a gateway outbox at its size bound refuses new readings
+     +-- OutboxUnusableError           the outbox file cannot be used (read-only, no access)
+     |    +-- OutboxCorruptError       the outbox file is not an intact SQLite database
      +-- SchemaError                   the database schema is not what the code expects
      |    +-- MigrationError
      +-- LocalServiceError             the private broker / database of the embedded default
@@ -223,6 +226,18 @@ class GrafanaRefusedError(HubError):
 
 class OutboxFullError(HubError):
     """The gateway's outbox is at ``outbox_max_bytes`` and its policy is to refuse."""
+
+
+class OutboxUnavailableError(UnavailableError):
+    """The outbox cannot be written now (disk full, an I/O error, locked); nothing was stored."""
+
+
+class OutboxUnusableError(HubError):
+    """The outbox file cannot be used at all (read-only, no permission): a person must act."""
+
+
+class OutboxCorruptError(OutboxUnusableError):
+    """The outbox file is not an intact SQLite database (damaged, or another kind of file)."""
 
 
 class SchemaError(HubError):

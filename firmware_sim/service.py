@@ -19,6 +19,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import random
 import termios
 import time
 import tty
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 
 import aiomqtt
 
+from adapters.backoff import backoff_delay_s
 from contracts.errors import BrokerUnavailableError
 from contracts.frames import SERIAL_BAUD
 from contracts.messages import DEVICE_OFFLINE, DEVICE_ONLINE, DeviceUplink
@@ -168,7 +170,7 @@ class Simulator:
         username, password = self.credentials(spec.device_id)
         status = device_status_topic(spec.device_id, self.prefix)
         uplink = device_uplink_topic(spec.device_id, self.prefix)
-        delay = RECONNECT_MIN_S
+        failures = 0
         tick = self._next_tick(spec, self._sim_now())
         while True:
             try:
@@ -183,7 +185,7 @@ class Simulator:
                     keepalive=30,
                 ) as client:
                     self.stats.connected += 1
-                    delay = RECONNECT_MIN_S
+                    failures = 0
                     try:
                         await client.publish(status, DEVICE_ONLINE, qos=1, retain=True)
                         while True:
@@ -208,9 +210,15 @@ class Simulator:
                             await client.publish(status, DEVICE_OFFLINE, qos=1, retain=True)
             except aiomqtt.MqttError as exc:
                 self.stats.publish_failures += 1
+                failures += 1
+                delay = backoff_delay_s(
+                    failures,
+                    min_s=RECONNECT_MIN_S,
+                    max_s=RECONNECT_MAX_S,
+                    draw=random.random(),  # noqa: S311 - jitter, not security
+                )
                 logger.warning("device %s: %s; reconnecting in %.1f s", spec.device_id, exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(RECONNECT_MAX_S, delay * 2)
                 tick = self._next_tick(spec, self._sim_now())
 
     def _record(

@@ -1,20 +1,17 @@
-"""Prometheus /metrics for the gateway: the service's counters, read at scrape time."""
+"""Prometheus /metrics for the gateway: the service's counters, read at scrape time.
+
+The names and labels here are what Grafana boards read; serving them is
+``adapters.metrics``'s business.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
-
-from contracts.errors import SettingsError
+from adapters.metrics import Family, MetricsExporter, MetricsServer, counter, gauge
 
 if TYPE_CHECKING:
-    from prometheus_client.metrics_core import Metric
-
     from gateway.service import Gateway
 
 _COUNTERS = {
@@ -42,58 +39,42 @@ _COUNTERS = {
 }
 
 
-class GatewayCollector(Collector):
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
-
-    def collect(self) -> Iterator[Metric]:
-        counters = self.gateway.counters
-        labels = ["gateway"]
-        gw = [self.gateway.gateway_id]
-        for name, help_text in _COUNTERS.items():
-            family = CounterMetricFamily(f"cityhub_gateway_{name}", help_text, labels=labels)
-            family.add_metric(gw, getattr(counters, name))
-            yield family
-        rejects = CounterMetricFamily(
-            "cityhub_gateway_rejects", "Rejected device input by reason", labels=[*labels, "reason"]
-        )
-        for reason, count in sorted(counters.rejects.items()):
-            rejects.add_metric([*gw, reason], count)
-        yield rejects
-        by_device = CounterMetricFamily(
-            "cityhub_gateway_device_rejects",
-            "Rejected device input by configured device and reason (other: unknown ids)",
-            labels=[*labels, "device", "reason"],
-        )
-        for (device, reason), count in sorted(counters.device_rejects.items()):
-            by_device.add_metric([*gw, device, reason], count)
-        yield by_device
-        depth = self.gateway.outbox.depth()
-        for name, value, help_text in (
-            ("outbox_readings", depth.readings, "Readings waiting in the outbox"),
-            ("outbox_batches", depth.batches, "Batches waiting in the outbox"),
-            ("outbox_bytes", depth.bytes, "Payload bytes in the outbox"),
-            ("devices_online", self.gateway.tracker.online_count(), "Devices online"),
-            ("uplink_connected", int(self.gateway.central.connected.is_set()), "Uplink up"),
-        ):
-            gauge = GaugeMetricFamily(f"cityhub_gateway_{name}", help_text, labels=labels)
-            gauge.add_metric(gw, value)
-            yield gauge
+def gateway_families(gateway: Gateway) -> Iterator[Family]:
+    counters = gateway.counters
+    for name, help_text in _COUNTERS.items():
+        yield counter(name, help_text, getattr(counters, name))
+    yield Family(
+        "counter",
+        "rejects",
+        "Rejected device input by reason",
+        [((reason,), count) for reason, count in sorted(counters.rejects.items())],
+        labels=("reason",),
+    )
+    yield Family(
+        "counter",
+        "device_rejects",
+        "Rejected device input by configured device and reason (other: unknown ids)",
+        [((device, reason), n) for (device, reason), n in sorted(counters.device_rejects.items())],
+        labels=("device", "reason"),
+    )
+    depth = gateway.outbox.depth()
+    yield gauge("outbox_readings", "Readings waiting in the outbox", depth.readings)
+    yield gauge("outbox_batches", "Batches waiting in the outbox", depth.batches)
+    yield gauge("outbox_bytes", "Payload bytes in the outbox", depth.bytes)
+    yield gauge("devices_online", "Devices online", gateway.tracker.online_count())
+    yield gauge("uplink_connected", "Uplink up", int(gateway.central.connected.is_set()))
 
 
-def serve_metrics(gateway: Gateway, port: int) -> WSGIServer:
+def serve_metrics(gateway: Gateway, port: int) -> MetricsServer:
     """Serve /metrics on 127.0.0.1:``port`` in a daemon thread.
 
     A port that cannot be bound (taken, or privileged) is a SettingsError
     naming the setting: the service checks it before it connects anywhere.
     """
-    registry = CollectorRegistry()
-    registry.register(GatewayCollector(gateway))
-    try:
-        server, _thread = start_http_server(port, addr="127.0.0.1", registry=registry)
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise SettingsError(
-            "gateway.metrics_port", f"cannot listen on 127.0.0.1:{port}: {reason}"
-        ) from exc
-    return server
+    exporter = MetricsExporter(
+        prefix="cityhub_gateway",
+        instance_label="gateway",
+        instance=gateway.gateway_id,
+        collect=lambda: gateway_families(gateway),
+    )
+    return exporter.serve(port, setting="gateway.metrics_port")

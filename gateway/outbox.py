@@ -16,12 +16,13 @@ deletes the oldest batches to make room and counts their readings as
 dropped. The counters are kept in the database, so they survive restarts
 and are reported, never silent.
 
-Blocking calls (fsync): the service runs them in a worker thread.
+Blocking calls (fsync): the service runs them in a worker thread. Opening
+the file and translating SQLite's errors (disk full, read-only, corrupt)
+into ``contracts.errors`` is ``adapters.sqlite``'s business.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from adapters.sqlite import SqliteErrors, open_outbox_database
 from contracts.errors import OutboxFullError
 from contracts.messages import payload_digest
 
@@ -97,27 +99,24 @@ class Outbox:
         self.max_bytes = max_bytes
         self.full_policy = full_policy
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: every commit is fsynced (WAL alone with NORMAL may lose the last
-        # transactions on power loss, which the delivery contract forbids).
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        row = self._db.execute(
-            "SELECT count(*), coalesce(sum(readings), 0), coalesce(sum(length(payload)), 0) "
-            "FROM batches"
-        ).fetchone()
+        self._errors = SqliteErrors(path)
+        self._db = open_outbox_database(path, schema=_SCHEMA)
+        with self._errors:
+            row = self._db.execute(
+                "SELECT count(*), coalesce(sum(readings), 0), coalesce(sum(length(payload)), 0) "
+                "FROM batches"
+            ).fetchone()
         self._depth = OutboxDepth(batches=row[0], readings=row[1], bytes=row[2])
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._errors:
             self._db.close()
 
     def depth(self) -> OutboxDepth:
         return self._depth
 
     def counter(self, name: str) -> int:
-        with self._lock:
+        with self._lock, self._errors:
             row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
         return int(row[0]) if row else 0
 
@@ -130,7 +129,7 @@ class Outbox:
 
     def save_document(self, name: str, body: bytes) -> None:
         """Keep a small document (the last applied config) across restarts, fsynced."""
-        with self._lock:
+        with self._lock, self._errors:
             self._db.execute(
                 "INSERT INTO documents (name, body) VALUES (?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET body = excluded.body",
@@ -138,13 +137,13 @@ class Outbox:
             )
 
     def load_document(self, name: str) -> bytes | None:
-        with self._lock:
+        with self._lock, self._errors:
             row = self._db.execute("SELECT body FROM documents WHERE name = ?", (name,)).fetchone()
         return bytes(row[0]) if row else None
 
     def next_birth(self) -> int:
         """A birth counter that increases at every gateway start, kept across restarts."""
-        with self._lock:
+        with self._lock, self._errors:
             self._db.execute("BEGIN IMMEDIATE")
             self._bump("birth", 1)
             row = self._db.execute("SELECT value FROM counters WHERE name = 'birth'").fetchone()
@@ -164,7 +163,7 @@ class Outbox:
         if not items:
             return PutResult(0, 0, 0)
         incoming = sum(len(payload) for _, payload, _ in items)
-        with self._lock:
+        with self._lock, self._errors:
             depth = self._depth
             dropped_batches = dropped_readings = dropped_bytes = 0
             overflow = depth.bytes + incoming - self.max_bytes
@@ -202,7 +201,9 @@ class Outbox:
                         stored_bytes += len(payload)
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLite ends the transaction itself on some errors (a full disk).
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
             self._depth = OutboxDepth(
                 batches=depth.batches + stored - dropped_batches,
@@ -213,7 +214,7 @@ class Outbox:
 
     def due(self, now_ms: int, *, resend_after_ms: int, limit: int) -> list[OutboxItem]:
         """Oldest batches never sent, or sent longer than ``resend_after_ms`` ago."""
-        with self._lock:
+        with self._lock, self._errors:
             rows = self._db.execute(
                 "SELECT batch_id, payload, readings, attempts FROM batches "
                 "WHERE sent_ms IS NULL OR sent_ms <= ? ORDER BY id LIMIT ?",
@@ -225,7 +226,7 @@ class Outbox:
         """Record a publish, without an fsync: after a crash everything is resent anyway."""
         if not batch_ids:
             return
-        with self._lock, self._relaxed():
+        with self._lock, self._errors, self._relaxed():
             self._db.executemany(
                 "UPDATE batches SET sent_ms = ?, attempts = attempts + 1 WHERE batch_id = ?",
                 [(now_ms, bid) for bid in batch_ids],
@@ -245,7 +246,7 @@ class Outbox:
 
     def reset_sent(self) -> None:
         """After a reconnect: everything unacked is due again at once."""
-        with self._lock:
+        with self._lock, self._errors:
             self._db.execute("UPDATE batches SET sent_ms = NULL WHERE sent_ms IS NOT NULL")
 
     def ack(self, batch_ids: list[str], digests: list[str]) -> AckResult:
@@ -265,7 +266,7 @@ class Outbox:
             named.setdefault(bid, set()).add(digest)
         # Not fsynced: an ack lost to a power cut means a resend, which ingest
         # drops as a duplicate batch.
-        with self._lock, self._relaxed():
+        with self._lock, self._errors, self._relaxed():
             self._db.execute("BEGIN IMMEDIATE")
             removed_batches = removed_readings = removed_bytes = mismatched = 0
             for bid in dict.fromkeys(batch_ids):

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from typing import TYPE_CHECKING
 
 import serial
 import serial_asyncio_fast
 
+from adapters.backoff import backoff_delay_s
 from contracts.frames import SERIAL_BAUD, FrameDecoder, to_metrics
 
 if TYPE_CHECKING:
@@ -41,13 +43,15 @@ class SerialSource:
         self.decoder = FrameDecoder(device.protocol)  # type: ignore[arg-type]
 
     async def run(self) -> None:
-        delay = REOPEN_MIN_S
+        failures = 0
         while True:
             try:
                 reader, writer = await serial_asyncio_fast.open_serial_connection(
                     url=self.port, baudrate=SERIAL_BAUD
                 )
             except (OSError, serial.SerialException) as exc:
+                failures += 1
+                delay = _reopen_delay_s(failures)
                 logger.warning(
                     "serial %s (%s): %s; retry in %.1f s",
                     self.port,
@@ -56,12 +60,11 @@ class SerialSource:
                     delay,
                 )
                 await asyncio.sleep(delay)
-                delay = min(REOPEN_MAX_S, delay * 2)
                 continue
             logger.info("serial %s open for %s", self.port, self.device.device_id)
             # A partial frame from before the reopen would only cost a false error.
             self.decoder.reset()
-            delay = REOPEN_MIN_S
+            failures = 0
             try:
                 await self._read(reader)
             except (OSError, serial.SerialException) as exc:
@@ -69,7 +72,7 @@ class SerialSource:
             finally:
                 writer.close()
             self.gateway.counters.serial_reconnects += 1
-            await asyncio.sleep(delay)
+            await asyncio.sleep(_reopen_delay_s(1))
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         counters = self.gateway.counters
@@ -87,3 +90,12 @@ class SerialSource:
             counters.serial_frames += len(frames)
             for frame in frames:
                 self.gateway.accept_serial_reading(self.device, to_metrics(frame))
+
+
+def _reopen_delay_s(attempt: int) -> float:
+    return backoff_delay_s(
+        attempt,
+        min_s=REOPEN_MIN_S,
+        max_s=REOPEN_MAX_S,
+        draw=random.random(),  # noqa: S311 - jitter, not security
+    )

@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import signal
 import threading
 import time
 from collections import Counter
@@ -42,7 +41,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adapters.loglimit import LogLimiter
 from adapters.mqtt import MqttLink, Will, client_ssl_context
+from adapters.serve import serve as run_service
 from contracts.catalog import device_type
 from contracts.errors import HubError, InputError, OutboxFullError
 from contracts.messages import (
@@ -107,11 +108,7 @@ def outbox_path(settings: GatewaySettings, state_dir: Path) -> Path:
 
 async def serve(gateway: Gateway) -> None:
     """Run until SIGINT or SIGTERM, then stop cleanly (flush, death message)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await gateway.run(stop)
+    await run_service(gateway.run)
 
 
 def wall_ms() -> int:
@@ -211,7 +208,7 @@ class Gateway:
         self._site_started = False
         self._site_task: asyncio.Task[None] | None = None
         self._flush_now: asyncio.Event | None = None
-        self._reject_log: dict[str, tuple[int, int]] = {}
+        self._reject_log = LogLimiter(limit=REJECT_LOG_PER_MINUTE, span=60_000)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_sender: asyncio.Event | None = None
         self._config_changed: asyncio.Event | None = None
@@ -339,13 +336,8 @@ class Gateway:
         self.counters.rejects[reason] += 1
         known = device_id if device_id in self.devices else "other"
         self.counters.device_rejects[known, reason] += 1
-        now = self.clock()
-        window_start, logged = self._reject_log.get(reason, (now, 0))
-        if now - window_start >= 60_000:
-            window_start, logged = now, 0
-        if logged < REJECT_LOG_PER_MINUTE:
+        if self._reject_log.allow(reason, self.clock()):
             logger.warning("rejected reading from %s (%s): %s", device_id, reason, detail)
-        self._reject_log[reason] = (window_start, logged + 1)
 
     # -- site side (event loop thread) --------------------------------------------
 
@@ -899,8 +891,7 @@ class Gateway:
             )
             self.central.stop()
             if metrics_server is not None:
-                metrics_server.shutdown()
-                metrics_server.server_close()
+                metrics_server.close()
             self.outbox.close()
             logger.info("gateway %s stopped", self.gateway_id)
 

@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from adapters.backoff import backoff_delay_s
 from contracts.errors import MqttProtocolError
 from contracts.mqttcodec import (
     PINGREQ_PACKET,
@@ -277,15 +278,14 @@ class SiteLink:
     async def run(self) -> None:
         """Connect, serve and reconnect with backoff until cancelled."""
         self._loop = asyncio.get_running_loop()
-        delay_s = RECONNECT_MIN_S
+        failures = 0
         while not self._stopping:
             started = time.monotonic()
+            error: str | None = None
             try:
                 await self._session()
             except (OSError, ConnectionError, TimeoutError) as exc:
-                if not self._stopping:
-                    reason = str(exc) or type(exc).__name__
-                    logger.warning("%s: %s; retrying in %.1f s", self, reason, delay_s)
+                error = str(exc) or type(exc).__name__
             finally:
                 self.connected.clear()
                 self._proto = None
@@ -294,10 +294,16 @@ class SiteLink:
             if self._stopping:
                 return
             # A connection that lived a while resets the backoff.
-            if time.monotonic() - started > RECONNECT_MAX_S:
-                delay_s = RECONNECT_MIN_S
-            await asyncio.sleep(delay_s * random.uniform(0.8, 1.2))  # noqa: S311 - jitter, not security
-            delay_s = min(delay_s * 2, RECONNECT_MAX_S)
+            failures = 1 if time.monotonic() - started > RECONNECT_MAX_S else failures + 1
+            delay_s = backoff_delay_s(
+                failures,
+                min_s=RECONNECT_MIN_S,
+                max_s=RECONNECT_MAX_S,
+                draw=random.random(),  # noqa: S311 - jitter, not security
+            )
+            if error is not None:
+                logger.warning("%s: %s; retrying in %.1f s", self, error, delay_s)
+            await asyncio.sleep(delay_s)
 
     async def _session(self) -> None:
         loop = asyncio.get_running_loop()

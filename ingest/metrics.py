@@ -9,22 +9,20 @@ stats rows for Grafana is the service's business (it reads these counters).
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
-from wsgiref.simple_server import WSGIServer
+from typing import Final
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
-
-from contracts.errors import SettingsError
-
-if TYPE_CHECKING:
-    from prometheus_client.metrics_core import Metric
+from adapters.metrics import (
+    Family,
+    MetricsExporter,
+    MetricsServer,
+    check_ports,
+    counter,
+    gauge,
+)
 
 # Commit latency buckets: a small group commits in ~5 ms on loopback, a full
 # one (32k rows) in ~0.15-0.3 s; the tail up to the 30 s commit timeout.
@@ -87,24 +85,22 @@ class IngestMetrics:
     def __init__(self, counters: IngestCounters, worker_id: str) -> None:
         self.counters = counters
         self.worker_id = worker_id
-        self.registry = CollectorRegistry()
-        self.commit_seconds = Histogram(
-            "cityhub_ingest_commit_seconds",
-            "Database commit latency of a group of batches",
-            buckets=COMMIT_BUCKETS_S,
-            registry=self.registry,
+        self.exporter = MetricsExporter(
+            prefix="cityhub_ingest",
+            instance_label="worker",
+            instance=worker_id,
+            collect=self._families,
         )
-        self.lag_seconds = Histogram(
-            "cityhub_ingest_lag_seconds",
-            "Commit time minus the gateway's sent time, per batch",
-            buckets=LAG_BUCKETS_S,
-            registry=self.registry,
+        self.commit_seconds = self.exporter.histogram(
+            "commit_seconds", "Database commit latency of a group of batches", COMMIT_BUCKETS_S
+        )
+        self.lag_seconds = self.exporter.histogram(
+            "lag_seconds", "Commit time minus the gateway's sent time, per batch", LAG_BUCKETS_S
         )
         # Read at scrape time; the service points these at its own state.
         self.queue_depth: Callable[[], int] = lambda: 0
         self.broker_connected: Callable[[], bool] = lambda: False
         self.db_connected = False  # set by the committer after each attempt
-        self.registry.register(_Totals(self))
 
     def observe_commit(self, seconds: float) -> None:
         self.commit_seconds.observe(seconds)
@@ -116,51 +112,29 @@ class IngestMetrics:
         with self.counters.lock:
             self.counters.lag_samples_s.append(seconds)
 
-
-class _Totals(Collector):
-    def __init__(self, metrics: IngestMetrics) -> None:
-        self.metrics = metrics
-
-    def collect(self) -> Iterator[Metric]:
-        c = self.metrics.counters
-        labels = ["worker"]
-        worker = [self.metrics.worker_id]
+    def _families(self) -> Iterator[Family]:
+        c = self.counters
         for name, help_text in _TOTALS.items():
-            family = CounterMetricFamily(f"cityhub_ingest_{name}", help_text, labels=labels)
-            family.add_metric(worker, getattr(c, name))
-            yield family
-        rejects = CounterMetricFamily(
-            "cityhub_ingest_rejects", "Rejects rows stored, by reason", labels=[*labels, "reason"]
+            yield counter(name, help_text, getattr(c, name))
+        yield Family(
+            "counter",
+            "rejects",
+            "Rejects rows stored, by reason",
+            [((reason,), count) for reason, count in sorted(c.rejects.items())],
+            labels=("reason",),
         )
-        for reason, count in sorted(c.rejects.items()):
-            rejects.add_metric([*worker, reason], count)
-        yield rejects
-        for name, value, help_text in (
-            ("queue_messages", self.metrics.queue_depth(), "Batch messages received, not acked"),
-            ("db_connected", int(self.metrics.db_connected), "Last database call succeeded"),
-            ("broker_connected", int(self.metrics.broker_connected()), "Broker connection up"),
-        ):
-            gauge = GaugeMetricFamily(f"cityhub_ingest_{name}", help_text, labels=labels)
-            gauge.add_metric(worker, value)
-            yield gauge
+        yield gauge("queue_messages", "Batch messages received, not acked", self.queue_depth())
+        yield gauge("db_connected", "Last database call succeeded", int(self.db_connected))
+        yield gauge("broker_connected", "Broker connection up", int(self.broker_connected()))
 
 
-def serve_metrics(metrics: IngestMetrics, port: int) -> WSGIServer:
+def serve_metrics(metrics: IngestMetrics, port: int) -> MetricsServer:
     """Serve /metrics on 127.0.0.1:``port`` in a daemon thread.
 
     A port that cannot be bound (taken, or privileged) is a SettingsError
     naming the setting: the worker checks it before it connects anywhere.
     """
-    try:
-        server, _thread = start_http_server(port, addr="127.0.0.1", registry=metrics.registry)
-    except OSError as exc:
-        raise _port_error(port, exc) from exc
-    return server
-
-
-def _port_error(port: int, exc: OSError) -> SettingsError:
-    reason = exc.strerror or str(exc)
-    return SettingsError("ingest.metrics_port", f"cannot listen on 127.0.0.1:{port}: {reason}")
+    return metrics.exporter.serve(port, setting="ingest.metrics_port")
 
 
 def check_metrics_ports(first_port: int, count: int) -> None:
@@ -171,11 +145,4 @@ def check_metrics_ports(first_port: int, count: int) -> None:
     A port taken between this check and the worker's start is still that
     worker's SettingsError.
     """
-    for port in range(first_port, first_port + count):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            # What the HTTP server sets too: a port in TIME_WAIT is not taken.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError as exc:
-                raise _port_error(port, exc) from exc
+    check_ports(first_port, count, setting="ingest.metrics_port")

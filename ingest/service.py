@@ -65,23 +65,23 @@ row, a counter, and an ack so the gateway stops resending it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
-import os
 import queue
 import random
-import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, TypeVar
-from wsgiref.simple_server import WSGIServer
 
 import msgspec
 import numpy as np
 
+from adapters.backoff import backoff_delay_s
+from adapters.loglimit import LogLimiter, should_log_attempt
+from adapters.metrics import MetricsServer
+from adapters.serve import serve as run_service
 from contracts.errors import (
     BrokerUnavailableError,
     DatabaseUnavailableError,
@@ -95,7 +95,6 @@ from contracts.ids import parse_batch_id
 from contracts.messages import Ack, decode_batch, decode_gateway_state, encode_ack
 from contracts.settings import BrokerSettings, DatabaseSettings, IngestSettings
 from contracts.topics import ack_topic, gateway_filter, ingest_batch_filter, parse_gateway_topic
-from ingest.backoff import backoff_delay_s
 from ingest.metrics import IngestCounters, IngestMetrics, serve_metrics
 from ingest.mqtt import (
     BatchSubscriber,
@@ -373,7 +372,7 @@ class Ingest:
         self.metrics.queue_depth = self._outstanding
         self.metrics.broker_connected = self.subscriber.connected.is_set
         self._stopping = threading.Event()
-        self._reject_log: dict[str, tuple[float, int]] = {}
+        self._reject_log = LogLimiter(limit=REJECT_LOG_PER_MINUTE, span=60.0)
         self._random = random.Random()  # noqa: S311 - jitter, not security
 
     # -- collector (runs in a worker thread) ---------------------------------------
@@ -515,7 +514,7 @@ class Ingest:
                 delay = backoff_delay_s(
                     attempt, min_s=s.retry_min_s, max_s=s.retry_max_s, draw=self._random.random()
                 )
-                if attempt == 1 or attempt % RETRY_LOG_EVERY == 0:
+                if should_log_attempt(attempt, every=RETRY_LOG_EVERY):
                     level = logging.ERROR if isinstance(exc, SchemaError) else logging.WARNING
                     logger.log(
                         level,
@@ -552,13 +551,8 @@ class Ingest:
                 self._warn_reject(item.reason, f"message on {item.topic}: {item.detail}")
 
     def _warn_reject(self, reason: str, detail: str) -> None:
-        now = time.monotonic()
-        window_start, logged = self._reject_log.get(reason, (now, 0))
-        if now - window_start >= 60:
-            window_start, logged = now, 0
-        if logged < REJECT_LOG_PER_MINUTE:
+        if self._reject_log.allow(reason, time.monotonic()):
             logger.warning("rejected (%s): %s", reason, detail[:500])
-        self._reject_log[reason] = (window_start, logged + 1)
 
     def _acknowledge(self, group: list[Pending]) -> None:
         """Committed: the app acks to the gateways first, then the broker's PUBACKs."""
@@ -822,7 +816,7 @@ class Ingest:
         )
         # The metrics port first: a port that cannot be bound is a settings
         # error, raised before any broker connection.
-        metrics_server: WSGIServer | None = None
+        metrics_server: MetricsServer | None = None
         if self.metrics_port:
             metrics_server = serve_metrics(self.metrics, self.metrics_port)
         self.subscriber.start()
@@ -857,8 +851,7 @@ class Ingest:
             self.writer.interrupt()
             await asyncio.to_thread(self.writer.close)
             if metrics_server is not None:
-                metrics_server.shutdown()
-                metrics_server.server_close()
+                metrics_server.close()
             logger.info("ingest worker %s stopped", self.worker_id)
 
 
@@ -866,27 +859,6 @@ def _rows_of(item: WriteItem) -> int:
     return item.rows.readings if isinstance(item, GoodBatch) else 0
 
 
-async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
-    """A worker process ends when its supervisor is gone (then it is adopted: ppid changes)."""
-    while os.getppid() == parent_pid:
-        await asyncio.sleep(1.0)
-    logger.warning("supervisor %d is gone: stopping", parent_pid)
-    stop.set()
-
-
 async def serve(ingest: Ingest, *, parent_pid: int | None = None) -> None:
     """Run until SIGINT or SIGTERM (or the parent process dies), then stop cleanly."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    watcher: asyncio.Task[None] | None = None
-    if parent_pid is not None:
-        watcher = asyncio.create_task(_watch_parent(parent_pid, stop), name="parent-watch")
-    try:
-        await ingest.run(stop)
-    finally:
-        if watcher is not None:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+    await run_service(ingest.run, parent_pid=parent_pid)

@@ -20,16 +20,17 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import random
 import re
-import signal
 import socket
 import sys
 import threading
 import time
 from multiprocessing.process import BaseProcess
-from types import FrameType
 from typing import Final
 
+from adapters.backoff import backoff_delay_s
+from adapters.serve import configure_logging, stop_signals
 from contracts.errors import SettingsError
 from contracts.settings import Settings
 from ingest.metrics import check_metrics_ports
@@ -37,8 +38,8 @@ from ingest.service import Ingest, serve
 
 logger = logging.getLogger(__name__)
 
-# A worker that dies is restarted after this long, doubling per quick death
-# (a crash loop must not spin), capped at 30 s.
+# A worker that dies is restarted after a backoff from this long, doubling per
+# quick death (a crash loop must not spin), capped at 30 s.
 RESTART_MIN_S: Final = 1.0
 RESTART_MAX_S: Final = 30.0
 # A worker that ran this long before dying was healthy: its restart delay resets.
@@ -71,7 +72,7 @@ def build_worker(settings: Settings, index: int) -> Ingest:
 
 def _worker_process(settings: Settings, index: int, log_level: int, parent_pid: int) -> None:
     """Entry point of a spawned worker: a fresh interpreter, so it sets up its own logging."""
-    logging.basicConfig(level=log_level, format=LOG_FORMAT)
+    configure_logging(log_level, log_format=LOG_FORMAT)
     try:
         asyncio.run(serve(build_worker(settings, index), parent_pid=parent_pid))
     except SettingsError as exc:
@@ -100,10 +101,10 @@ class _Supervisor:
         self.stop = threading.Event()
         self.procs: dict[int, BaseProcess] = {}
         self.started_s: dict[int, float] = {}
-        self.delay_s: dict[int, float] = {}
+        self.deaths: dict[int, int] = {}  # quick deaths in a row, per worker
         self.restart_at: dict[int, float] = {}
 
-    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+    def _on_signal(self, signum: int) -> None:
         logger.info("signal %d: stopping %d workers", signum, self.workers)
         self.stop.set()
 
@@ -126,12 +127,14 @@ class _Supervisor:
             proc.join()
             del self.procs[index]
             ran_s = now - self.started_s[index]
-            previous = self.delay_s.get(index)
-            if previous is None or ran_s >= HEALTHY_RUN_S:
-                delay = RESTART_MIN_S
-            else:
-                delay = min(RESTART_MAX_S, previous * 2)
-            self.delay_s[index] = delay
+            deaths = 1 if ran_s >= HEALTHY_RUN_S else self.deaths.get(index, 0) + 1
+            self.deaths[index] = deaths
+            delay = backoff_delay_s(
+                deaths,
+                min_s=RESTART_MIN_S,
+                max_s=RESTART_MAX_S,
+                draw=random.random(),  # noqa: S311 - jitter, not security
+            )
             self.restart_at[index] = now + delay
             logger.warning(
                 "worker %d (pid %s) exited with code %s after %.0f s; restarting in %.0f s",
@@ -147,21 +150,17 @@ class _Supervisor:
                 self._start(index)
 
     def run(self) -> None:
-        previous = {
-            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
-        }
-        try:
-            for index in range(self.workers):
-                self._start(index)
-            while not self.stop.is_set():
-                sentinels = [p.sentinel for p in self.procs.values()]
-                multiprocessing.connection.wait(sentinels, timeout=POLL_S)
-                if not self.stop.is_set():
-                    self._reap()
-        finally:
-            self._stop_all()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        with stop_signals(self._on_signal):
+            try:
+                for index in range(self.workers):
+                    self._start(index)
+                while not self.stop.is_set():
+                    sentinels = [p.sentinel for p in self.procs.values()]
+                    multiprocessing.connection.wait(sentinels, timeout=POLL_S)
+                    if not self.stop.is_set():
+                        self._reap()
+            finally:
+                self._stop_all()
 
     def _stop_all(self) -> None:
         for proc in self.procs.values():

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from adapters.backoff import backoff_delay_s
 from contracts.catalog import DEVICE_TYPES
 from contracts.errors import InputError
 from contracts.ids import batch_id
@@ -27,7 +28,6 @@ from contracts.messages import (
     encode_batch,
     payload_digest,
 )
-from ingest.backoff import backoff_delay_s
 from ingest.copyformat import HEADER, PG_EPOCH_MS, TRAILER, CopyColumn, encode_copy_binary
 from ingest.rows import NOT_OWNED, DeviceSummary, build_rows, concat_rows, merge_summaries
 from ingest.service import GATEWAY_MISMATCH, ack_id, prepare_item

@@ -1,14 +1,17 @@
-"""Retry delays: exponential backoff with full jitter, capped.
+"""Retry delays: exponential backoff with full jitter, capped; the one formula of every retry loop.
 
-While the database is down every worker retries; without jitter they would
-retry in lockstep and hit a recovering server together. "Full jitter" (a
-delay drawn uniformly from [0, cap]) spreads them best for the fewest
-retries (the AWS architecture blog's comparison of jitter schemes). A floor
-of half the minimum keeps a worker from retrying in a tight loop when the
-draw is near zero.
+While a broker, a database or a serial port is away, every client retries;
+without jitter they would retry in lockstep and hit a recovering server
+together. "Full jitter" (a delay drawn uniformly from [0, cap]) spreads them
+best for the fewest retries (the AWS architecture blog's comparison of
+jitter schemes). A floor of half the minimum keeps a loop from retrying in a
+tight loop when the draw is near zero.
 
-Pure: the caller passes the attempt number and a random draw in [0, 1);
-sleeping and counting attempts are the service's business.
+Pure: the caller passes the attempt number and a random draw in [0, 1)
+(``random.random()``, or a fixed number where a loop must be
+deterministic); sleeping, counting attempts and resetting them after a
+healthy spell are the caller's business, as are each loop's ``min_s`` and
+``max_s``.
 """
 
 from __future__ import annotations
