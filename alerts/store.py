@@ -424,6 +424,10 @@ class AlertStore:
         return _alert(updated)
 
 
+# One alert_transitions row: alert id, time, from state, to state, severity, value, note.
+_Transition = tuple[int, int, str | None, str, str, float | None, str]
+
+
 class Evaluation:
     """Inside one evaluation's transaction: open alerts, changes, AQI rows."""
 
@@ -450,112 +454,131 @@ class Evaluation:
 
     def apply(self, changes: Sequence[Change]) -> dict[tuple[str, str], int]:
         """Store the changes and their transitions; returns (rule, device) -> id of new alerts."""
-        raises = [c for c in changes if isinstance(c, Raise)]
-        escalations = [c for c in changes if isinstance(c, Escalate)]
-        clears = [c for c in changes if isinstance(c, Clear)]
-        transitions: list[tuple[int, int, str | None, str, str, float | None, str]] = []
-        raised: dict[tuple[str, str], int] = {}
-        if raises:
-            rows = self._conn.execute(
-                f"""INSERT INTO {self._s}.alerts (rule_id, device_id, site_id, severity, state,
-                    value, message, raised_at)
-                SELECT u.rule_id, u.device_id, u.site_id, u.severity, 'active_unack', u.value,
-                    u.message, {_MS.format("u.ts_ms")}
-                FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::float8[],
-                    %s::text[], %s::int8[])
-                    AS u (rule_id, device_id, site_id, severity, value, message, ts_ms)
-                ON CONFLICT (rule_id, device_id) WHERE state IN ('active_unack', 'active_ack')
-                DO NOTHING
-                RETURNING alert_id, rule_id, device_id""",
+        raised, transitions = self._raise([c for c in changes if isinstance(c, Raise)])
+        transitions += self._escalate([c for c in changes if isinstance(c, Escalate)])
+        transitions += self._clear([c for c in changes if isinstance(c, Clear)])
+        self._record(transitions)
+        return raised
+
+    def _raise(
+        self, raises: Sequence[Raise]
+    ) -> tuple[dict[tuple[str, str], int], list[_Transition]]:
+        """New alerts; one already active for the (rule, device) makes its raise a no-op."""
+        if not raises:
+            return {}, []
+        rows = self._conn.execute(
+            f"""INSERT INTO {self._s}.alerts (rule_id, device_id, site_id, severity, state,
+                value, message, raised_at)
+            SELECT u.rule_id, u.device_id, u.site_id, u.severity, 'active_unack', u.value,
+                u.message, {_MS.format("u.ts_ms")}
+            FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::float8[],
+                %s::text[], %s::int8[])
+                AS u (rule_id, device_id, site_id, severity, value, message, ts_ms)
+            ON CONFLICT (rule_id, device_id) WHERE state IN ('active_unack', 'active_ack')
+            DO NOTHING
+            RETURNING alert_id, rule_id, device_id""",
+            (
+                [c.rule_id for c in raises],
+                [c.device_id for c in raises],
+                [c.site_id for c in raises],
+                [c.severity for c in raises],
+                [c.value for c in raises],
+                [c.message for c in raises],
+                [c.ts_ms for c in raises],
+            ),
+        ).fetchall()
+        raised = {(r[1], r[2]): int(r[0]) for r in rows}
+        transitions: list[_Transition] = []
+        for c in raises:
+            alert_id = raised.get((c.rule_id, c.device_id))
+            if alert_id is not None:
+                transitions.append(
+                    (alert_id, c.ts_ms, None, "active_unack", c.severity, c.value, "raised")
+                )
+        return raised, transitions
+
+    def _escalate(self, escalations: Sequence[Escalate]) -> list[_Transition]:
+        """Severity changes, each only if the alert is still in the state it was planned from."""
+        if not escalations:
+            return []
+        done = {
+            int(r[0])
+            for r in self._conn.execute(
+                f"""UPDATE {self._s}.alerts a SET severity = u.severity, state = u.to_state,
+                    value = u.value, message = u.message, acked_at = NULL, acked_by = NULL,
+                    updated_at = now()
+                FROM unnest(%s::int8[], %s::text[], %s::text[], %s::text[], %s::float8[],
+                    %s::text[]) AS u (alert_id, from_state, to_state, severity, value, message)
+                WHERE a.alert_id = u.alert_id AND a.state = u.from_state
+                RETURNING a.alert_id""",
                 (
-                    [c.rule_id for c in raises],
-                    [c.device_id for c in raises],
-                    [c.site_id for c in raises],
-                    [c.severity for c in raises],
-                    [c.value for c in raises],
-                    [c.message for c in raises],
-                    [c.ts_ms for c in raises],
+                    [c.alert_id for c in escalations],
+                    [c.from_state for c in escalations],
+                    [c.to_state for c in escalations],
+                    [c.severity for c in escalations],
+                    [c.value for c in escalations],
+                    [c.message for c in escalations],
                 ),
             ).fetchall()
-            raised = {(r[1], r[2]): int(r[0]) for r in rows}
-            for c in raises:
-                alert_id = raised.get((c.rule_id, c.device_id))
-                if alert_id is not None:
-                    transitions.append(
-                        (alert_id, c.ts_ms, None, "active_unack", c.severity, c.value, "raised")
-                    )
-        if escalations:
-            done = {
-                int(r[0])
-                for r in self._conn.execute(
-                    f"""UPDATE {self._s}.alerts a SET severity = u.severity, state = u.to_state,
-                        value = u.value, message = u.message, acked_at = NULL, acked_by = NULL,
-                        updated_at = now()
-                    FROM unnest(%s::int8[], %s::text[], %s::text[], %s::text[], %s::float8[],
-                        %s::text[]) AS u (alert_id, from_state, to_state, severity, value, message)
-                    WHERE a.alert_id = u.alert_id AND a.state = u.from_state
-                    RETURNING a.alert_id""",
-                    (
-                        [c.alert_id for c in escalations],
-                        [c.from_state for c in escalations],
-                        [c.to_state for c in escalations],
-                        [c.severity for c in escalations],
-                        [c.value for c in escalations],
-                        [c.message for c in escalations],
-                    ),
-                ).fetchall()
-            }
-            transitions += [
-                (
-                    c.alert_id,
-                    c.ts_ms,
-                    c.from_state,
-                    c.to_state,
-                    c.severity,
-                    c.value,
-                    f"escalated {c.from_severity} -> {c.severity}",
-                )
-                for c in escalations
-                if c.alert_id in done
-            ]
-        if clears:
-            done = {
-                int(r[0])
-                for r in self._conn.execute(
-                    f"""UPDATE {self._s}.alerts a SET state = u.to_state,
-                        cleared_at = {_MS.format("u.ts_ms")}, value = u.value, updated_at = now()
-                    FROM unnest(%s::int8[], %s::text[], %s::text[], %s::float8[], %s::int8[])
-                        AS u (alert_id, from_state, to_state, value, ts_ms)
-                    WHERE a.alert_id = u.alert_id AND a.state = u.from_state
-                    RETURNING a.alert_id""",
-                    (
-                        [c.alert_id for c in clears],
-                        [c.from_state for c in clears],
-                        [c.to_state for c in clears],
-                        [c.value for c in clears],
-                        [c.ts_ms for c in clears],
-                    ),
-                ).fetchall()
-            }
-            transitions += [
-                (c.alert_id, c.ts_ms, c.from_state, c.to_state, c.severity, c.value, "cleared")
-                for c in clears
-                if c.alert_id in done
-            ]
-        if transitions:
-            columns = list(zip(*transitions, strict=True))
-            self._conn.execute(
-                f"""INSERT INTO {self._s}.alert_transitions
-                (alert_id, ts, from_state, to_state, severity, value, note)
-                SELECT u.alert_id, {_MS.format("u.ts_ms")}, u.from_state, u.to_state,
-                    u.severity, u.value, u.note
-                FROM unnest(%s::int8[], %s::int8[], %s::text[], %s::text[], %s::text[],
-                    %s::float8[], %s::text[])
-                    AS u (alert_id, ts_ms, from_state, to_state, severity, value, note)
-                ON CONFLICT DO NOTHING""",
-                [list(c) for c in columns],
+        }
+        return [
+            (
+                c.alert_id,
+                c.ts_ms,
+                c.from_state,
+                c.to_state,
+                c.severity,
+                c.value,
+                f"escalated {c.from_severity} -> {c.severity}",
             )
-        return raised
+            for c in escalations
+            if c.alert_id in done
+        ]
+
+    def _clear(self, clears: Sequence[Clear]) -> list[_Transition]:
+        """Clears, each only if the alert is still in the state it was planned from."""
+        if not clears:
+            return []
+        done = {
+            int(r[0])
+            for r in self._conn.execute(
+                f"""UPDATE {self._s}.alerts a SET state = u.to_state,
+                    cleared_at = {_MS.format("u.ts_ms")}, value = u.value, updated_at = now()
+                FROM unnest(%s::int8[], %s::text[], %s::text[], %s::float8[], %s::int8[])
+                    AS u (alert_id, from_state, to_state, value, ts_ms)
+                WHERE a.alert_id = u.alert_id AND a.state = u.from_state
+                RETURNING a.alert_id""",
+                (
+                    [c.alert_id for c in clears],
+                    [c.from_state for c in clears],
+                    [c.to_state for c in clears],
+                    [c.value for c in clears],
+                    [c.ts_ms for c in clears],
+                ),
+            ).fetchall()
+        }
+        return [
+            (c.alert_id, c.ts_ms, c.from_state, c.to_state, c.severity, c.value, "cleared")
+            for c in clears
+            if c.alert_id in done
+        ]
+
+    def _record(self, transitions: Sequence[_Transition]) -> None:
+        """A transition row for each change that applied (a repeated one is stored once)."""
+        if not transitions:
+            return
+        columns = list(zip(*transitions, strict=True))
+        self._conn.execute(
+            f"""INSERT INTO {self._s}.alert_transitions
+            (alert_id, ts, from_state, to_state, severity, value, note)
+            SELECT u.alert_id, {_MS.format("u.ts_ms")}, u.from_state, u.to_state,
+                u.severity, u.value, u.note
+            FROM unnest(%s::int8[], %s::int8[], %s::text[], %s::text[], %s::text[],
+                %s::float8[], %s::text[])
+                AS u (alert_id, ts_ms, from_state, to_state, severity, value, note)
+            ON CONFLICT DO NOTHING""",
+            [list(c) for c in columns],
+        )
 
     def write_aqi(self, hourly: Sequence[HourlyRow], daily: Sequence[DailyRow]) -> None:
         """Upsert hourly and daily AQI rows (recomputed hours replace what was there)."""
