@@ -29,6 +29,11 @@ from tests.ingestharness import TcpProxy, proxied_url
 Statement = Callable[[psycopg.Connection, str], object]
 
 
+def _sql(template: str, *params: object) -> Statement:
+    """A statement with ``{s}`` standing for the test's schema."""
+    return lambda conn, schema: conn.execute(template.format(s=schema), params or None)
+
+
 def _read_only_write(conn: psycopg.Connection, schema: str) -> None:
     with conn.transaction():
         conn.execute("SET TRANSACTION READ ONLY")
@@ -41,58 +46,23 @@ def _cancelled(conn: psycopg.Connection, schema: str) -> None:
         conn.execute("SELECT pg_sleep(5)")
 
 
+REFUSED, NOT_MIGRATED = "refused the data", "is not migrated (run `cityhub db migrate`)"
 # (statement, the error it must become, a piece of its message)
 CASES: dict[str, tuple[Statement, type[HubError], str]] = {
-    "unique key": (
-        lambda c, s: c.execute(f"INSERT INTO {s}.t (k) VALUES (1)"),
-        RefusedByDatabaseError,
-        "refused the data",
-    ),
-    "not null": (
-        lambda c, s: c.execute(f"INSERT INTO {s}.t (k) VALUES (NULL)"),
-        RefusedByDatabaseError,
-        "refused the data",
-    ),
-    "check constraint": (
-        lambda c, s: c.execute(f"INSERT INTO {s}.t (k) VALUES (-1)"),
-        RefusedByDatabaseError,
-        "refused the data",
-    ),
-    "bad text for a number": (
-        lambda c, _s: c.execute("SELECT 'x'::int"),
-        RefusedByDatabaseError,
-        "refused the data",
-    ),
+    "unique key": (_sql("INSERT INTO {s}.t (k) VALUES (1)"), RefusedByDatabaseError, REFUSED),
+    "not null": (_sql("INSERT INTO {s}.t (k) VALUES (NULL)"), RefusedByDatabaseError, REFUSED),
+    "check": (_sql("INSERT INTO {s}.t (k) VALUES (-1)"), RefusedByDatabaseError, REFUSED),
+    "not a number": (_sql("SELECT 'x'::int"), RefusedByDatabaseError, REFUSED),
     "NUL in text": (
-        lambda c, s: c.execute(f"INSERT INTO {s}.t (k, note) VALUES (5, %s)", ("a\x00b",)),
+        _sql("INSERT INTO {s}.t (k, note) VALUES (5, %s)", "a\x00b"),
         RefusedByDatabaseError,
-        "refused the data",
+        REFUSED,
     ),
-    "missing table": (
-        lambda c, s: c.execute(f"SELECT * FROM {s}.absent"),
-        SchemaError,
-        "is not migrated (run `cityhub db migrate`)",
-    ),
-    "missing column": (
-        lambda c, s: c.execute(f"SELECT absent FROM {s}.t"),
-        SchemaError,
-        "is not migrated",
-    ),
-    "missing function": (
-        lambda c, s: c.execute(f"SELECT {s}.absent()"),
-        SchemaError,
-        "is not migrated",
-    ),
-    "missing schema": (
-        lambda c, s: c.execute(f"CREATE TABLE {s}_absent.t ()"),
-        SchemaError,
-        "is not migrated",
-    ),
-    "syntax": (
-        lambda c, _s: c.execute("SELEC 1"),
-        SchemaError,
-        "refused the statement",
-    ),
+    "missing table": (_sql("SELECT * FROM {s}.absent"), SchemaError, NOT_MIGRATED),
+    "missing column": (_sql("SELECT absent FROM {s}.t"), SchemaError, NOT_MIGRATED),
+    "missing function": (_sql("SELECT {s}.absent()"), SchemaError, NOT_MIGRATED),
+    "missing schema": (_sql("CREATE TABLE {s}_absent.t ()"), SchemaError, NOT_MIGRATED),
+    "syntax": (_sql("SELEC 1"), SchemaError, "refused the statement"),
     "statement timeout": (_cancelled, DatabaseUnavailableError, "statement timeout"),
     "read-only transaction": (_read_only_write, DatabaseUnavailableError, "read-only"),
 }
