@@ -1,4 +1,4 @@
-"""Database adapter of the alerts job and of the `cityhub alerts` commands (psycopg 3).
+"""Database adapter of the alerts job and of the `cityhub alerts` commands.
 
 What it reads:
 
@@ -22,18 +22,17 @@ NOTHING`` on (alert_id, ts, to_state)), AQI rows (upserts) and the
 evaluation time itself. A crash before the commit leaves nothing of that
 evaluation, so the restarted job runs it again.
 
-Errors are translated here: an unreachable or failing server is
-``DatabaseUnavailableError`` (retry), a missing table ``SchemaError``, a
-refused row ``RefusedByDatabaseError``; unknown or already acknowledged
-alerts are ``AlertNotFoundError`` / ``AlreadyAcknowledgedError``. One job id
-holds an advisory lock for as long as its connection lives: a second job of
-the same id gets ``JobLockedError`` (retryable: it waits as a standby).
+The connection and its error map are ``adapters.database``'s: an
+unreachable or failing server is ``DatabaseUnavailableError`` (retry), a
+missing table ``SchemaError``, a refused row ``RefusedByDatabaseError``.
+Unknown or already acknowledged alerts are ``AlertNotFoundError`` /
+``AlreadyAcknowledgedError``. One job id holds an advisory lock for as long
+as its connection lives: a second job of the same id gets ``JobLockedError``
+(retryable: it waits as a standby).
 """
 
 from __future__ import annotations
 
-import logging
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -41,9 +40,8 @@ from typing import Any, Final
 
 import msgspec
 import numpy as np
-import psycopg
-from psycopg import errors as pg_errors
 
+from adapters.database import Connection, Database
 from alerts.aqijob import DailyRow, HourlyRow
 from alerts.lifecycle import (
     Change,
@@ -55,16 +53,8 @@ from alerts.lifecycle import (
 )
 from alerts.window import NO_TS, DeviceSet, FloatArray, IntArray, Samples
 from contracts.catalog import DEVICE_TYPES, MetricKind
-from contracts.errors import (
-    AlertNotFoundError,
-    DatabaseUnavailableError,
-    JobLockedError,
-    RefusedByDatabaseError,
-    SchemaError,
-)
+from contracts.errors import AlertNotFoundError, JobLockedError, SchemaError
 from contracts.schema import check_schema_name, readings_table
-
-logger = logging.getLogger(__name__)
 
 # PostgreSQL's binary timestamptz: microseconds since 2000-01-01 UTC.
 PG_EPOCH_MS: Final = 946_684_800_000
@@ -177,74 +167,32 @@ class AlertStore:
         self.schema = check_schema_name(schema)
         self.job_id = job_id
         self.connect_timeout_s = connect_timeout_s
-        self._conn: psycopg.Connection[Any] | None = None
-        self._lock = threading.RLock()
+        self._db = Database(
+            url=url,
+            schema=self.schema,
+            application_name="cityhub-alerts",
+            connect_timeout_s=connect_timeout_s,
+            on_connect=None if job_id is None else self._lock_job,
+        )
 
     # -- connection ------------------------------------------------------------
 
-    @contextmanager
-    def _errors(self, what: str) -> Iterator[None]:
-        try:
-            yield
-        except (pg_errors.IntegrityError, pg_errors.DataError) as exc:
-            raise RefusedByDatabaseError(f"{what}: the database refused the data: {exc}") from exc
-        except (
-            pg_errors.UndefinedTable,
-            pg_errors.UndefinedColumn,
-            pg_errors.UndefinedFunction,
-            pg_errors.InvalidSchemaName,
-        ) as exc:
-            raise SchemaError(
-                f"{what}: schema {self.schema!r} is not migrated (run `cityhub db migrate`): {exc}"
-            ) from exc
-        except psycopg.Error as exc:
-            self._drop()
-            raise DatabaseUnavailableError(f"{what}: {exc}") from exc
-        except OSError as exc:
-            self._drop()
-            raise DatabaseUnavailableError(f"{what}: {exc}") from exc
-
-    def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except (psycopg.Error, OSError) as exc:
-                logger.debug("closing a broken connection: %s", exc)
-
-    def _connection(self) -> psycopg.Connection[Any]:
-        conn = self._conn
-        if conn is not None and not conn.closed:
-            return conn
-        try:
-            conn = psycopg.connect(
-                self.url,
-                autocommit=True,
-                connect_timeout=max(1, round(self.connect_timeout_s)),
-                application_name="cityhub-alerts",
+    def _lock_job(self, conn: Connection[Any]) -> None:
+        """Hold the job id's advisory lock for as long as the connection lives."""
+        row = conn.execute(
+            "SELECT pg_try_advisory_lock(hashtext('cityhub.alerts.' || %s || '.' || %s))",
+            (self.schema, self.job_id),
+        ).fetchone()
+        if not (row and row[0]):
+            raise JobLockedError(
+                f"another alerts job {self.job_id!r} is running on schema {self.schema!r}"
             )
-        except psycopg.OperationalError as exc:
-            raise DatabaseUnavailableError(f"cannot connect to the database: {exc}") from exc
-        if self.job_id is not None:
-            row = conn.execute(
-                "SELECT pg_try_advisory_lock(hashtext('cityhub.alerts.' || %s || '.' || %s))",
-                (self.schema, self.job_id),
-            ).fetchone()
-            if not (row and row[0]):
-                conn.close()
-                raise JobLockedError(
-                    f"another alerts job {self.job_id!r} is running on schema {self.schema!r}"
-                )
-        self._conn = conn
-        return conn
 
     def connect(self) -> None:
-        with self._lock, self._errors("connect"):
-            self._connection()
+        self._db.connect()
 
     def close(self) -> None:
-        with self._lock:
-            self._drop()
+        self._db.close()
 
     def __enter__(self) -> AlertStore:
         return self
@@ -256,16 +204,12 @@ class AlertStore:
 
     def devices(self) -> dict[str, DeviceSet]:
         """Active devices by type, ordered by id, with their site and the site's district."""
-        with self._lock, self._errors("devices"):
-            rows = (
-                self._connection()
-                .execute(
-                    f"""SELECT d.device_type, d.device_id, d.site_id, s.district
-                    FROM {self.schema}.devices d JOIN {self.schema}.sites s USING (site_id)
-                    WHERE d.status = 'active' ORDER BY d.device_type, d.device_id"""
-                )
-                .fetchall()
-            )
+        with self._db.session("devices") as conn:
+            rows = conn.execute(
+                f"""SELECT d.device_type, d.device_id, d.site_id, s.district
+                FROM {self.schema}.devices d JOIN {self.schema}.sites s USING (site_id)
+                WHERE d.status = 'active' ORDER BY d.device_type, d.device_id"""
+            ).fetchall()
         grouped: dict[str, list[tuple[str, str, str]]] = {t: [] for t in DEVICE_TYPES}
         for device_type, device_id, site_id, district in rows:
             grouped.setdefault(device_type, []).append((device_id, site_id, district))
@@ -323,8 +267,8 @@ class AlertStore:
         ]
         if newest is not None:
             params.append(newest)
-        with self._lock, self._errors("fetch samples"):
-            row = self._connection().execute(sql, params, binary=True).fetchone()
+        with self._db.session("fetch samples") as conn:
+            row = conn.execute(sql, params, binary=True).fetchone()
         return parse_samples(row[0] if row and row[0] is not None else b"", metrics)
 
     def hourly_sums(
@@ -340,20 +284,16 @@ class AlertStore:
         Hour number: whole hours since the Unix epoch; rows with from_ms <= ts <= upto_ms.
         """
         columns = "".join(f", count({m}), coalesce(sum({m}), 0)" for m in metrics)
-        with self._lock, self._errors("hourly sums"):
-            rows = (
-                self._connection()
-                .execute(
-                    f"""SELECT c.i, floor(extract(epoch FROM r.ts) / 3600)::int8 AS hour{columns}
+        with self._db.session("hourly sums") as conn:
+            rows = conn.execute(
+                f"""SELECT c.i, floor(extract(epoch FROM r.ts) / 3600)::int8 AS hour{columns}
                     FROM unnest(%s::int4[], %s::text[]) AS c (i, device_id)
                     JOIN {self.schema}.{readings_table("air_quality")} r
                         ON r.device_id = c.device_id
                     WHERE r.ts >= {_MS.format("%s")} AND r.ts <= {_MS.format("%s")}
                     GROUP BY 1, 2""",
-                    (list(range(len(device_ids))), list(device_ids), from_ms, upto_ms),
-                )
-                .fetchall()
-            )
+                (list(range(len(device_ids))), list(device_ids), from_ms, upto_ms),
+            ).fetchall()
         m = len(metrics)
         if not rows:
             empty = np.empty((0, m), np.float64)
@@ -366,16 +306,12 @@ class AlertStore:
     def last_evaluation_ms(self) -> int | None:
         if self.job_id is None:
             raise ValueError("no job id")
-        with self._lock, self._errors("job state"):
-            row = (
-                self._connection()
-                .execute(
-                    f"SELECT {_MS_OF.format('last_eval_at')} FROM {self.schema}.alert_jobs "
-                    "WHERE job_id = %s",
-                    (self.job_id,),
-                )
-                .fetchone()
-            )
+        with self._db.session("job state") as conn:
+            row = conn.execute(
+                f"SELECT {_MS_OF.format('last_eval_at')} FROM {self.schema}.alert_jobs "
+                "WHERE job_id = %s",
+                (self.job_id,),
+            ).fetchone()
         return None if row is None else int(row[0])
 
     # -- one evaluation ------------------------------------------------------------
@@ -385,18 +321,16 @@ class AlertStore:
         """One evaluation time's transaction: committed with the job's state, or not at all."""
         if self.job_id is None:
             raise ValueError("no job id")
-        with self._lock, self._errors("evaluation"):
-            conn = self._connection()
-            with conn.transaction():
-                yield Evaluation(conn, self.schema)
-                conn.execute(
-                    f"""INSERT INTO {self.schema}.alert_jobs (job_id, last_eval_at)
+        with self._db.session("evaluation") as conn, conn.transaction():
+            yield Evaluation(conn, self.schema)
+            conn.execute(
+                f"""INSERT INTO {self.schema}.alert_jobs (job_id, last_eval_at)
                     VALUES (%s, {_MS.format("%s")})
                     ON CONFLICT (job_id) DO UPDATE SET
                         last_eval_at = greatest(alert_jobs.last_eval_at, EXCLUDED.last_eval_at),
                         updated_at = now()""",
-                    (self.job_id, ts_ms),
-                )
+                (self.job_id, ts_ms),
+            )
 
     # -- operators' side ------------------------------------------------------------
 
@@ -422,22 +356,17 @@ class AlertStore:
             params += [where.since, where.since]
         condition = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         params.append(where.limit)
-        with self._lock, self._errors("list alerts"):
-            rows = (
-                self._connection()
-                .execute(
-                    f"SELECT {_ALERT_COLUMNS} FROM {self.schema}.alerts {condition} "
-                    "ORDER BY raised_at DESC, alert_id DESC LIMIT %s",
-                    params,
-                )
-                .fetchall()
-            )
+        with self._db.session("list alerts") as conn:
+            rows = conn.execute(
+                f"SELECT {_ALERT_COLUMNS} FROM {self.schema}.alerts {condition} "
+                "ORDER BY raised_at DESC, alert_id DESC LIMIT %s",
+                params,
+            ).fetchall()
         return [_alert(r) for r in rows]
 
     def alert(self, alert_id: int) -> tuple[AlertRow, list[TransitionRow]]:
         """An alert and its transitions, oldest first; AlertNotFoundError if there is none."""
-        with self._lock, self._errors("show alert"):
-            conn = self._connection()
+        with self._db.session("show alert") as conn:
             row = conn.execute(
                 f"SELECT {_ALERT_COLUMNS} FROM {self.schema}.alerts WHERE alert_id = %s",
                 (alert_id,),
@@ -459,48 +388,50 @@ class AlertStore:
 
     def ack(self, alert_id: int, *, by: str, now_ms: int) -> AlertRow:
         """Acknowledge one alert; AlertNotFoundError / AlreadyAcknowledgedError otherwise."""
-        with self._lock, self._errors("ack"):
-            conn = self._connection()
-            with conn.transaction():
-                row = conn.execute(
-                    f"SELECT state, severity, value FROM {self.schema}.alerts "
-                    "WHERE alert_id = %s FOR UPDATE",
-                    (alert_id,),
-                ).fetchone()
-                if row is None:
-                    raise AlertNotFoundError(f"no alert with id {alert_id}")
-                state, severity, value = row
-                new_state = ack_state(alert_id, state)
-                updated = conn.execute(
-                    f"""UPDATE {self.schema}.alerts SET state = %s,
+        with self._db.session("ack") as conn, conn.transaction():
+            row = conn.execute(
+                f"SELECT state, severity, value FROM {self.schema}.alerts "
+                "WHERE alert_id = %s FOR UPDATE",
+                (alert_id,),
+            ).fetchone()
+            if row is None:
+                raise AlertNotFoundError(f"no alert with id {alert_id}")
+            state, severity, value = row
+            new_state = ack_state(alert_id, state)
+            updated = conn.execute(
+                f"""UPDATE {self.schema}.alerts SET state = %s,
                         acked_at = {_MS.format("%s")}, acked_by = %s, updated_at = now()
                     WHERE alert_id = %s RETURNING {_ALERT_COLUMNS}""",
-                    (new_state, now_ms, by, alert_id),
-                ).fetchone()
-                conn.execute(
-                    f"""INSERT INTO {self.schema}.alert_transitions
+                (new_state, now_ms, by, alert_id),
+            ).fetchone()
+            conn.execute(
+                f"""INSERT INTO {self.schema}.alert_transitions
                     (alert_id, ts, from_state, to_state, severity, value, note)
                     VALUES (%s, {_MS.format("%s")}, %s, %s, %s, %s, %s)
                     ON CONFLICT DO NOTHING""",
-                    (
-                        alert_id,
-                        now_ms,
-                        state,
-                        new_state,
-                        severity,
-                        value,
-                        f"acknowledged by {by}" if by else "acknowledged",
-                    ),
-                )
+                (
+                    alert_id,
+                    now_ms,
+                    state,
+                    new_state,
+                    severity,
+                    value,
+                    f"acknowledged by {by}" if by else "acknowledged",
+                ),
+            )
         if updated is None:  # pragma: no cover - the row is locked above
             raise AlertNotFoundError(f"no alert with id {alert_id}")
         return _alert(updated)
 
 
+# One alert_transitions row: alert id, time, from state, to state, severity, value, note.
+_Transition = tuple[int, int, str | None, str, str, float | None, str]
+
+
 class Evaluation:
     """Inside one evaluation's transaction: open alerts, changes, AQI rows."""
 
-    def __init__(self, conn: psycopg.Connection[Any], schema: str) -> None:
+    def __init__(self, conn: Connection[Any], schema: str) -> None:
         self._conn = conn
         self._s = schema
 
@@ -523,112 +454,131 @@ class Evaluation:
 
     def apply(self, changes: Sequence[Change]) -> dict[tuple[str, str], int]:
         """Store the changes and their transitions; returns (rule, device) -> id of new alerts."""
-        raises = [c for c in changes if isinstance(c, Raise)]
-        escalations = [c for c in changes if isinstance(c, Escalate)]
-        clears = [c for c in changes if isinstance(c, Clear)]
-        transitions: list[tuple[int, int, str | None, str, str, float | None, str]] = []
-        raised: dict[tuple[str, str], int] = {}
-        if raises:
-            rows = self._conn.execute(
-                f"""INSERT INTO {self._s}.alerts (rule_id, device_id, site_id, severity, state,
-                    value, message, raised_at)
-                SELECT u.rule_id, u.device_id, u.site_id, u.severity, 'active_unack', u.value,
-                    u.message, {_MS.format("u.ts_ms")}
-                FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::float8[],
-                    %s::text[], %s::int8[])
-                    AS u (rule_id, device_id, site_id, severity, value, message, ts_ms)
-                ON CONFLICT (rule_id, device_id) WHERE state IN ('active_unack', 'active_ack')
-                DO NOTHING
-                RETURNING alert_id, rule_id, device_id""",
+        raised, transitions = self._raise([c for c in changes if isinstance(c, Raise)])
+        transitions += self._escalate([c for c in changes if isinstance(c, Escalate)])
+        transitions += self._clear([c for c in changes if isinstance(c, Clear)])
+        self._record(transitions)
+        return raised
+
+    def _raise(
+        self, raises: Sequence[Raise]
+    ) -> tuple[dict[tuple[str, str], int], list[_Transition]]:
+        """New alerts; one already active for the (rule, device) makes its raise a no-op."""
+        if not raises:
+            return {}, []
+        rows = self._conn.execute(
+            f"""INSERT INTO {self._s}.alerts (rule_id, device_id, site_id, severity, state,
+                value, message, raised_at)
+            SELECT u.rule_id, u.device_id, u.site_id, u.severity, 'active_unack', u.value,
+                u.message, {_MS.format("u.ts_ms")}
+            FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::float8[],
+                %s::text[], %s::int8[])
+                AS u (rule_id, device_id, site_id, severity, value, message, ts_ms)
+            ON CONFLICT (rule_id, device_id) WHERE state IN ('active_unack', 'active_ack')
+            DO NOTHING
+            RETURNING alert_id, rule_id, device_id""",
+            (
+                [c.rule_id for c in raises],
+                [c.device_id for c in raises],
+                [c.site_id for c in raises],
+                [c.severity for c in raises],
+                [c.value for c in raises],
+                [c.message for c in raises],
+                [c.ts_ms for c in raises],
+            ),
+        ).fetchall()
+        raised = {(r[1], r[2]): int(r[0]) for r in rows}
+        transitions: list[_Transition] = []
+        for c in raises:
+            alert_id = raised.get((c.rule_id, c.device_id))
+            if alert_id is not None:
+                transitions.append(
+                    (alert_id, c.ts_ms, None, "active_unack", c.severity, c.value, "raised")
+                )
+        return raised, transitions
+
+    def _escalate(self, escalations: Sequence[Escalate]) -> list[_Transition]:
+        """Severity changes, each only if the alert is still in the state it was planned from."""
+        if not escalations:
+            return []
+        done = {
+            int(r[0])
+            for r in self._conn.execute(
+                f"""UPDATE {self._s}.alerts a SET severity = u.severity, state = u.to_state,
+                    value = u.value, message = u.message, acked_at = NULL, acked_by = NULL,
+                    updated_at = now()
+                FROM unnest(%s::int8[], %s::text[], %s::text[], %s::text[], %s::float8[],
+                    %s::text[]) AS u (alert_id, from_state, to_state, severity, value, message)
+                WHERE a.alert_id = u.alert_id AND a.state = u.from_state
+                RETURNING a.alert_id""",
                 (
-                    [c.rule_id for c in raises],
-                    [c.device_id for c in raises],
-                    [c.site_id for c in raises],
-                    [c.severity for c in raises],
-                    [c.value for c in raises],
-                    [c.message for c in raises],
-                    [c.ts_ms for c in raises],
+                    [c.alert_id for c in escalations],
+                    [c.from_state for c in escalations],
+                    [c.to_state for c in escalations],
+                    [c.severity for c in escalations],
+                    [c.value for c in escalations],
+                    [c.message for c in escalations],
                 ),
             ).fetchall()
-            raised = {(r[1], r[2]): int(r[0]) for r in rows}
-            for c in raises:
-                alert_id = raised.get((c.rule_id, c.device_id))
-                if alert_id is not None:
-                    transitions.append(
-                        (alert_id, c.ts_ms, None, "active_unack", c.severity, c.value, "raised")
-                    )
-        if escalations:
-            done = {
-                int(r[0])
-                for r in self._conn.execute(
-                    f"""UPDATE {self._s}.alerts a SET severity = u.severity, state = u.to_state,
-                        value = u.value, message = u.message, acked_at = NULL, acked_by = NULL,
-                        updated_at = now()
-                    FROM unnest(%s::int8[], %s::text[], %s::text[], %s::text[], %s::float8[],
-                        %s::text[]) AS u (alert_id, from_state, to_state, severity, value, message)
-                    WHERE a.alert_id = u.alert_id AND a.state = u.from_state
-                    RETURNING a.alert_id""",
-                    (
-                        [c.alert_id for c in escalations],
-                        [c.from_state for c in escalations],
-                        [c.to_state for c in escalations],
-                        [c.severity for c in escalations],
-                        [c.value for c in escalations],
-                        [c.message for c in escalations],
-                    ),
-                ).fetchall()
-            }
-            transitions += [
-                (
-                    c.alert_id,
-                    c.ts_ms,
-                    c.from_state,
-                    c.to_state,
-                    c.severity,
-                    c.value,
-                    f"escalated {c.from_severity} -> {c.severity}",
-                )
-                for c in escalations
-                if c.alert_id in done
-            ]
-        if clears:
-            done = {
-                int(r[0])
-                for r in self._conn.execute(
-                    f"""UPDATE {self._s}.alerts a SET state = u.to_state,
-                        cleared_at = {_MS.format("u.ts_ms")}, value = u.value, updated_at = now()
-                    FROM unnest(%s::int8[], %s::text[], %s::text[], %s::float8[], %s::int8[])
-                        AS u (alert_id, from_state, to_state, value, ts_ms)
-                    WHERE a.alert_id = u.alert_id AND a.state = u.from_state
-                    RETURNING a.alert_id""",
-                    (
-                        [c.alert_id for c in clears],
-                        [c.from_state for c in clears],
-                        [c.to_state for c in clears],
-                        [c.value for c in clears],
-                        [c.ts_ms for c in clears],
-                    ),
-                ).fetchall()
-            }
-            transitions += [
-                (c.alert_id, c.ts_ms, c.from_state, c.to_state, c.severity, c.value, "cleared")
-                for c in clears
-                if c.alert_id in done
-            ]
-        if transitions:
-            columns = list(zip(*transitions, strict=True))
-            self._conn.execute(
-                f"""INSERT INTO {self._s}.alert_transitions
-                (alert_id, ts, from_state, to_state, severity, value, note)
-                SELECT u.alert_id, {_MS.format("u.ts_ms")}, u.from_state, u.to_state,
-                    u.severity, u.value, u.note
-                FROM unnest(%s::int8[], %s::int8[], %s::text[], %s::text[], %s::text[],
-                    %s::float8[], %s::text[])
-                    AS u (alert_id, ts_ms, from_state, to_state, severity, value, note)
-                ON CONFLICT DO NOTHING""",
-                [list(c) for c in columns],
+        }
+        return [
+            (
+                c.alert_id,
+                c.ts_ms,
+                c.from_state,
+                c.to_state,
+                c.severity,
+                c.value,
+                f"escalated {c.from_severity} -> {c.severity}",
             )
-        return raised
+            for c in escalations
+            if c.alert_id in done
+        ]
+
+    def _clear(self, clears: Sequence[Clear]) -> list[_Transition]:
+        """Clears, each only if the alert is still in the state it was planned from."""
+        if not clears:
+            return []
+        done = {
+            int(r[0])
+            for r in self._conn.execute(
+                f"""UPDATE {self._s}.alerts a SET state = u.to_state,
+                    cleared_at = {_MS.format("u.ts_ms")}, value = u.value, updated_at = now()
+                FROM unnest(%s::int8[], %s::text[], %s::text[], %s::float8[], %s::int8[])
+                    AS u (alert_id, from_state, to_state, value, ts_ms)
+                WHERE a.alert_id = u.alert_id AND a.state = u.from_state
+                RETURNING a.alert_id""",
+                (
+                    [c.alert_id for c in clears],
+                    [c.from_state for c in clears],
+                    [c.to_state for c in clears],
+                    [c.value for c in clears],
+                    [c.ts_ms for c in clears],
+                ),
+            ).fetchall()
+        }
+        return [
+            (c.alert_id, c.ts_ms, c.from_state, c.to_state, c.severity, c.value, "cleared")
+            for c in clears
+            if c.alert_id in done
+        ]
+
+    def _record(self, transitions: Sequence[_Transition]) -> None:
+        """A transition row for each change that applied (a repeated one is stored once)."""
+        if not transitions:
+            return
+        columns = list(zip(*transitions, strict=True))
+        self._conn.execute(
+            f"""INSERT INTO {self._s}.alert_transitions
+            (alert_id, ts, from_state, to_state, severity, value, note)
+            SELECT u.alert_id, {_MS.format("u.ts_ms")}, u.from_state, u.to_state,
+                u.severity, u.value, u.note
+            FROM unnest(%s::int8[], %s::int8[], %s::text[], %s::text[], %s::text[],
+                %s::float8[], %s::text[])
+                AS u (alert_id, ts_ms, from_state, to_state, severity, value, note)
+            ON CONFLICT DO NOTHING""",
+            [list(c) for c in columns],
+        )
 
     def write_aqi(self, hourly: Sequence[HourlyRow], daily: Sequence[DailyRow]) -> None:
         """Upsert hourly and daily AQI rows (recomputed hours replace what was there)."""

@@ -2,26 +2,28 @@
 
 Applies the migrations that ``contracts.schema`` generates, once each, under
 an advisory lock so two `cityhub db migrate` runs cannot interleave, and
-records each in ``{schema}.schema_migrations``. Translates psycopg errors into
-the project's own: an unreachable server is ``DatabaseUnavailableError``
-(retryable), a failing statement is ``MigrationError``.
+records each in ``{schema}.schema_migrations``. Connections and the error map
+are ``adapters.database``'s: an unreachable server is
+``DatabaseUnavailableError`` (retryable); while migrating, any statement the
+server refuses is ``MigrationError``; elsewhere a schema that is not
+migrated is ``SchemaError``.
 """
 
 from __future__ import annotations
 
 import logging
 import tomllib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from importlib import resources
+from typing import Any
 
 import msgspec
-import psycopg
 
+from adapters.database import Connection, database_errors
+from adapters.database import connect as connect_database
 from contracts.catalog import DEVICE_TYPES
-from contracts.errors import DatabaseUnavailableError, MigrationError, SchemaError
+from contracts.errors import MigrationError, SchemaError
 from contracts.ids import check_id
 from contracts.schema import SITE_KINDS, Edition, Migration, check_schema_name, migrations
 from contracts.settings import StorageSettings
@@ -29,28 +31,26 @@ from contracts.settings import StorageSettings
 logger = logging.getLogger(__name__)
 
 
-@contextmanager
-def connect(url: str, *, timeout_s: float = 5.0) -> Iterator[psycopg.Connection]:
-    """A connection, with an unreachable server reported as DatabaseUnavailableError."""
-    try:
-        conn = psycopg.connect(url, connect_timeout=max(1, round(timeout_s)), autocommit=True)
-    except psycopg.OperationalError as exc:
-        raise DatabaseUnavailableError(f"cannot connect to the database: {exc}") from exc
-    with conn:
-        yield conn
+def connect(url: str, *, timeout_s: float = 5.0) -> Connection[Any]:
+    """A connection of the `cityhub` command (autocommit; a ``with`` block closes it).
+
+    An unreachable server is DatabaseUnavailableError.
+    """
+    return connect_database(url, timeout_s=timeout_s, application_name="cityhub")
 
 
-def detect_edition(conn: psycopg.Connection) -> Edition:
+def detect_edition(conn: Connection[Any]) -> Edition:
     """Which TimescaleDB edition the server runs; fails if the extension is not available."""
-    row = conn.execute(
-        "SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'"
-    ).fetchone()
-    if row is None:
-        raise SchemaError(
-            "the TimescaleDB extension is not installed on this server "
-            "(scripts/install-system-deps builds it; docker-compose uses the timescale image)"
-        )
-    license_row = conn.execute("SELECT current_setting('timescaledb.license', true)").fetchone()
+    with database_errors("detecting the TimescaleDB edition"):
+        row = conn.execute(
+            "SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'"
+        ).fetchone()
+        if row is None:
+            raise SchemaError(
+                "the TimescaleDB extension is not installed on this server "
+                "(scripts/install-system-deps builds it; docker-compose uses the timescale image)"
+            )
+        license_row = conn.execute("SELECT current_setting('timescaledb.license', true)").fetchone()
     return Edition.from_license(license_row[0] if license_row else None)
 
 
@@ -65,14 +65,20 @@ _LOCK_SQL = "SELECT pg_advisory_lock(hashtext('cityhub.migrate.' || %s))"
 _UNLOCK_SQL = "SELECT pg_advisory_unlock(hashtext('cityhub.migrate.' || %s))"
 
 
-def migrate(conn: psycopg.Connection, *, schema: str, storage: StorageSettings) -> MigrationReport:
+def migrate(conn: Connection[Any], *, schema: str, storage: StorageSettings) -> MigrationReport:
     """Apply pending migrations, each in its own transaction; sync the catalog tables."""
     s = check_schema_name(schema)
-    try:
+    with database_errors("cannot create the timescaledb extension", refused_as=MigrationError):
         conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-    except psycopg.Error as exc:
-        raise MigrationError(f"cannot create the timescaledb extension: {exc}") from exc
     edition = detect_edition(conn)
+    with database_errors(f"migrating schema {s!r}", refused_as=MigrationError):
+        return _migrate_locked(conn, s, edition, storage)
+
+
+def _migrate_locked(
+    conn: Connection[Any], s: str, edition: Edition, storage: StorageSettings
+) -> MigrationReport:
+    """``migrate`` under the schema's advisory lock."""
     conn.execute(_LOCK_SQL, (s,))
     try:
         conn.execute(f"CREATE SCHEMA IF NOT EXISTS {s}")
@@ -106,26 +112,24 @@ def migrate(conn: psycopg.Connection, *, schema: str, storage: StorageSettings) 
     return MigrationReport(edition=edition, applied=applied, already=len(done))
 
 
-def _apply(conn: psycopg.Connection, s: str, migration: Migration, edition: Edition) -> None:
+def _apply(conn: Connection[Any], s: str, migration: Migration, edition: Edition) -> None:
     logger.info("applying migration %d: %s", migration.version, migration.name)
-    try:
-        with conn.transaction():
-            for statement in migration.statements:
-                conn.execute(statement)
-            conn.execute(
-                f"INSERT INTO {s}.schema_migrations (version, name, checksum, edition) "
-                "VALUES (%s, %s, %s, %s)",
-                (migration.version, migration.name, migration.checksum, edition.value),
-            )
-    except psycopg.OperationalError as exc:
-        raise DatabaseUnavailableError(f"migration {migration.version}: {exc}") from exc
-    except psycopg.Error as exc:
-        raise MigrationError(
-            f"migration {migration.version} ({migration.name}) failed: {exc}"
-        ) from exc
+    with (
+        database_errors(
+            f"migration {migration.version} ({migration.name}) failed", refused_as=MigrationError
+        ),
+        conn.transaction(),
+    ):
+        for statement in migration.statements:
+            conn.execute(statement)
+        conn.execute(
+            f"INSERT INTO {s}.schema_migrations (version, name, checksum, edition) "
+            "VALUES (%s, %s, %s, %s)",
+            (migration.version, migration.name, migration.checksum, edition.value),
+        )
 
 
-def _sync_catalog(conn: psycopg.Connection, s: str) -> None:
+def _sync_catalog(conn: Connection[Any], s: str) -> None:
     """Make device_types / metrics match the catalog this code was built with."""
     with conn.transaction(), conn.cursor() as cur:
         cur.executemany(
@@ -149,14 +153,15 @@ def _sync_catalog(conn: psycopg.Connection, s: str) -> None:
         )
 
 
-def applied_versions(conn: psycopg.Connection, *, schema: str) -> list[tuple[int, str, datetime]]:
+def applied_versions(conn: Connection[Any], *, schema: str) -> list[tuple[int, str, datetime]]:
     s = check_schema_name(schema)
-    exists = conn.execute("SELECT to_regclass(%s)", (f"{s}.schema_migrations",)).fetchone()
-    if exists is None or exists[0] is None:
-        return []
-    rows = conn.execute(
-        f"SELECT version, name, applied_at FROM {s}.schema_migrations ORDER BY version"
-    ).fetchall()
+    with database_errors("reading the applied migrations", schema=s):
+        exists = conn.execute("SELECT to_regclass(%s)", (f"{s}.schema_migrations",)).fetchone()
+        if exists is None or exists[0] is None:
+            return []
+        rows = conn.execute(
+            f"SELECT version, name, applied_at FROM {s}.schema_migrations ORDER BY version"
+        ).fetchall()
     return [(int(v), str(n), at) for v, n, at in rows]
 
 
@@ -186,13 +191,12 @@ def load_hanoi_sites() -> list[Site]:
     return sites
 
 
-def seed_sites(conn: psycopg.Connection, *, schema: str, sites: list[Site]) -> int:
+def seed_sites(conn: Connection[Any], *, schema: str, sites: list[Site]) -> int:
     """Insert or update the sites; returns how many rows were written."""
     s = check_schema_name(schema)
-    try:
-        with conn.transaction(), conn.cursor() as cur:
-            cur.executemany(
-                f"""INSERT INTO {s}.sites (site_id, name, district, kind, address,
+    with database_errors("seeding sites", schema=s), conn.transaction(), conn.cursor() as cur:
+        cur.executemany(
+            f"""INSERT INTO {s}.sites (site_id, name, district, kind, address,
                     latitude, longitude, opening_hours)
                     VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
                     ON CONFLICT (site_id) DO UPDATE SET name = EXCLUDED.name,
@@ -200,22 +204,20 @@ def seed_sites(conn: psycopg.Connection, *, schema: str, sites: list[Site]) -> i
                     address = EXCLUDED.address, latitude = EXCLUDED.latitude,
                     longitude = EXCLUDED.longitude, opening_hours = EXCLUDED.opening_hours,
                     updated_at = now()""",
-                [
-                    (
-                        x.id,
-                        x.name,
-                        x.district,
-                        x.kind,
-                        x.address,
-                        x.latitude,
-                        x.longitude,
-                        x.opening_hours,
-                    )
-                    for x in sites
-                ],
-            )
-    except psycopg.errors.UndefinedTable as exc:
-        raise SchemaError(f"schema {s!r} is not migrated: run `cityhub db migrate`") from exc
+            [
+                (
+                    x.id,
+                    x.name,
+                    x.district,
+                    x.kind,
+                    x.address,
+                    x.latitude,
+                    x.longitude,
+                    x.opening_hours,
+                )
+                for x in sites
+            ],
+        )
     return len(sites)
 
 
@@ -227,7 +229,7 @@ class MaintenanceReport:
 
 
 def maintain(
-    conn: psycopg.Connection, *, schema: str, now: datetime, lookback: timedelta
+    conn: Connection[Any], *, schema: str, now: datetime, lookback: timedelta
 ) -> MaintenanceReport:
     """Refresh hourly rollups over ``lookback`` and apply retention (Apache edition).
 
@@ -238,14 +240,9 @@ def maintain(
     edition = detect_edition(conn)
     if edition is Edition.COMMUNITY:
         return MaintenanceReport(edition=edition, rollup_rows=0, dropped_chunks=0)
-    try:
-        with conn.transaction():
-            rows = conn.execute(
-                f"SELECT {s}.refresh_rollups(%s, %s)", (now - lookback, now)
-            ).fetchone()
-            dropped = conn.execute(f"SELECT {s}.apply_retention(%s)", (now,)).fetchone()
-    except psycopg.errors.UndefinedFunction as exc:
-        raise SchemaError(f"schema {s!r} is not migrated: run `cityhub db migrate`") from exc
+    with database_errors("maintenance", schema=s), conn.transaction():
+        rows = conn.execute(f"SELECT {s}.refresh_rollups(%s, %s)", (now - lookback, now)).fetchone()
+        dropped = conn.execute(f"SELECT {s}.apply_retention(%s)", (now,)).fetchone()
     return MaintenanceReport(
         edition=edition,
         rollup_rows=int(rows[0]) if rows else 0,
@@ -266,7 +263,7 @@ class DeviceRecord:
 
 
 def register_fleet(
-    conn: psycopg.Connection,
+    conn: Connection[Any],
     *,
     schema: str,
     gateways: list[tuple[str, str]],
@@ -279,16 +276,19 @@ def register_fleet(
     stack uses for its simulated fleet.
     """
     s = check_schema_name(schema)
-    try:
-        with conn.transaction(), conn.cursor() as cur:
-            cur.executemany(
-                f"""INSERT INTO {s}.gateways (gateway_id, site_id, label) VALUES (%s, %s, %s)
+    with (
+        database_errors("registering the fleet", schema=s),
+        conn.transaction(),
+        conn.cursor() as cur,
+    ):
+        cur.executemany(
+            f"""INSERT INTO {s}.gateways (gateway_id, site_id, label) VALUES (%s, %s, %s)
                     ON CONFLICT (gateway_id) DO UPDATE SET site_id = EXCLUDED.site_id,
                     status = 'active', revoked_at = NULL""",
-                [(g, site, f"gateway of {site}") for g, site in gateways],
-            )
-            cur.executemany(
-                f"""INSERT INTO {s}.devices (device_id, device_type, site_id, gateway_id,
+            [(g, site, f"gateway of {site}") for g, site in gateways],
+        )
+        cur.executemany(
+            f"""INSERT INTO {s}.devices (device_id, device_type, site_id, gateway_id,
                     transport, port, protocol, label)
                     VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
                     ON CONFLICT (device_id) DO UPDATE SET device_type = EXCLUDED.device_type,
@@ -296,19 +296,17 @@ def register_fleet(
                     transport = EXCLUDED.transport, port = EXCLUDED.port,
                     protocol = EXCLUDED.protocol, label = EXCLUDED.label,
                     status = 'active', revoked_at = NULL""",
-                [
-                    (
-                        d.device_id,
-                        d.device_type,
-                        d.site_id,
-                        d.gateway_id,
-                        d.transport,
-                        d.port,
-                        d.protocol,
-                        d.label,
-                    )
-                    for d in devices
-                ],
-            )
-    except psycopg.errors.UndefinedTable as exc:
-        raise SchemaError(f"schema {s!r} is not migrated: run `cityhub db migrate`") from exc
+            [
+                (
+                    d.device_id,
+                    d.device_type,
+                    d.site_id,
+                    d.gateway_id,
+                    d.transport,
+                    d.port,
+                    d.protocol,
+                    d.label,
+                )
+                for d in devices
+            ],
+        )

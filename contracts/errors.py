@@ -43,8 +43,9 @@ move on) versus *unavailable* (retryable: back off and try again).
      +-- OutboxFullError               a gateway outbox at its size bound refuses new readings
      +-- OutboxUnusableError           the outbox file cannot be used (read-only, no access)
      |    +-- OutboxCorruptError       the outbox file is not an intact SQLite database
-     +-- SchemaError                   the database schema is not what the code expects
-     |    +-- MigrationError
+     +-- SchemaError                   the database is not what the code expects: a schema not
+     |    |                            migrated, a statement refused (grants, server version)
+     |    +-- MigrationError           a migration's statement failed
      +-- LocalServiceError             the private broker / database of the embedded default
           +-- MissingDependencyError   a program or extension is not installed
           +-- PortInUseError
@@ -241,11 +242,16 @@ class OutboxCorruptError(OutboxUnusableError):
 
 
 class SchemaError(HubError):
-    """The database schema is not what this code expects."""
+    """The database is not what this code expects; a person must act.
+
+    A missing table, column, function or schema (run `cityhub db migrate`), or
+    a statement the server refuses for a reason other than the data: missing
+    grants, a server or extension version the code does not support.
+    """
 
 
 class MigrationError(SchemaError):
-    pass
+    """A migration's statement failed; the migration was rolled back."""
 
 
 class LocalServiceError(HubError):

@@ -3,9 +3,10 @@
 Every provisioning command runs in one ``Registry.transaction()``: it reads
 and locks the rows it changes, writes them and its audit row, and commits
 only when the broker side has succeeded too, so a refused request changes
-nothing. psycopg errors are translated here: an unreachable server is
-DatabaseUnavailableError, a schema without the provisioning tables
-SchemaError, a constraint the checks above missed RefusedByDatabaseError.
+nothing. Database errors are translated by ``adapters.database``: an
+unreachable server is DatabaseUnavailableError, a schema without the
+provisioning tables SchemaError, a constraint the checks above missed
+RefusedByDatabaseError. Opening the connection is the caller's.
 """
 
 from __future__ import annotations
@@ -17,15 +18,9 @@ from datetime import datetime
 from typing import Any, Literal
 
 import msgspec
-import psycopg
-from psycopg.rows import dict_row
 
-from contracts.errors import (
-    DatabaseUnavailableError,
-    NotFoundError,
-    RefusedByDatabaseError,
-    SchemaError,
-)
+from adapters.database import Connection, Cursor, database_errors, dict_row
+from contracts.errors import NotFoundError
 from contracts.messages import DeviceConfig, GatewayConfig
 from contracts.schema import check_schema_name
 
@@ -85,20 +80,6 @@ class AuditEntry(msgspec.Struct, frozen=True, kw_only=True):
     detail: dict[str, Any]
 
 
-@contextmanager
-def _translated(schema: str) -> Iterator[None]:
-    try:
-        yield
-    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:
-        raise SchemaError(
-            f"schema {schema!r} lacks the registry tables: run `cityhub db migrate` ({exc})"
-        ) from exc
-    except psycopg.errors.IntegrityError as exc:
-        raise RefusedByDatabaseError(f"the registry refused the change: {exc}") from exc
-    except psycopg.OperationalError as exc:
-        raise DatabaseUnavailableError(f"registry database: {exc}") from exc
-
-
 _GATEWAY_COLUMNS = (
     "g.gateway_id, g.site_id, g.label, g.location, g.status, g.config_version, "
     "g.created_at, g.revoked_at"
@@ -115,7 +96,7 @@ _CREDENTIAL_COLUMNS = (
 class RegistryTx:
     """The operations of one transaction (``Registry.transaction``)."""
 
-    def __init__(self, cur: psycopg.Cursor[dict[str, Any]], schema: str) -> None:
+    def __init__(self, cur: Cursor[dict[str, Any]], schema: str) -> None:
         self.cur = cur
         self.s = schema
 
@@ -312,21 +293,24 @@ class RegistryTx:
 class Registry:
     """The registry tables in ``schema`` over one connection (autocommit outside transactions)."""
 
-    def __init__(self, conn: psycopg.Connection, *, schema: str) -> None:
+    def __init__(self, conn: Connection[Any], *, schema: str) -> None:
         self.conn = conn
         self.schema = check_schema_name(schema)
 
     @contextmanager
     def transaction(self) -> Iterator[RegistryTx]:
         with (
-            _translated(self.schema),
+            database_errors("registry", schema=self.schema),
             self.conn.transaction(),
             self.conn.cursor(row_factory=dict_row) as cur,
         ):
             yield RegistryTx(cur, self.schema)
 
     def _query(self, sql: str, params: tuple[object, ...]) -> list[dict[str, Any]]:
-        with _translated(self.schema), self.conn.cursor(row_factory=dict_row) as cur:
+        with (
+            database_errors("registry", schema=self.schema),
+            self.conn.cursor(row_factory=dict_row) as cur,
+        ):
             cur.execute(sql, params)
             return list(cur.fetchall())
 

@@ -5,8 +5,8 @@ boards overwritten by uid) and posts annotations; grafana-client's and the
 HTTP library's errors become ``GrafanaUnavailableError`` (no answer, 5xx:
 retry later) or ``GrafanaRefusedError`` (4xx: bad token, bad board).
 ``read_transitions`` reads alert transitions with their alert's rule and
-device from the database. Which annotations to post is
-``grafana.annotations``'.
+device from the database (errors translated by ``adapters.database``). Which
+annotations to post is ``grafana.annotations``'.
 """
 
 from __future__ import annotations
@@ -18,16 +18,11 @@ from datetime import datetime
 from typing import Any, Final
 
 import niquests
-import psycopg
 from grafana_client.api import GrafanaApi
 from grafana_client.client import GrafanaClientError, GrafanaException
 
-from contracts.errors import (
-    DatabaseUnavailableError,
-    GrafanaRefusedError,
-    GrafanaUnavailableError,
-    SchemaError,
-)
+from adapters.database import Connection, database_errors
+from contracts.errors import GrafanaRefusedError, GrafanaUnavailableError
 from contracts.schema import check_schema_name
 from grafana.annotations import ALERT_TAG, Annotation, Transition, existing_keys
 
@@ -113,11 +108,11 @@ class GrafanaPush:
 
 
 def read_transitions(
-    conn: psycopg.Connection[Any], *, schema: str, start: datetime, end: datetime
+    conn: Connection[Any], *, schema: str, start: datetime, end: datetime
 ) -> list[Transition]:
     """Alert transitions in [start, end), oldest first, with their alert's rule and device."""
     s = check_schema_name(schema)
-    try:
+    with database_errors("reading alert transitions", schema=s):
         rows = conn.execute(
             f"""SELECT t.alert_id, t.ts, t.from_state, t.to_state, t.severity, t.value,
                 a.rule_id, a.device_id, a.site_id, d.device_type, a.message
@@ -128,10 +123,6 @@ def read_transitions(
             ORDER BY t.ts, t.alert_id""",
             (start, end),
         ).fetchall()
-    except psycopg.errors.UndefinedTable as exc:
-        raise SchemaError(f"schema {s!r} is not migrated: run `cityhub db migrate`") from exc
-    except psycopg.OperationalError as exc:
-        raise DatabaseUnavailableError(f"reading alert transitions: {exc}") from exc
     return [
         Transition(
             alert_id=int(r[0]),

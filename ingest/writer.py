@@ -1,4 +1,4 @@
-"""Database adapter of ingest: commits groups of batches exactly once (psycopg 3).
+"""Database adapter of ingest: commits groups of batches exactly once.
 
 ``BatchWriter.commit`` writes a group of batches in ONE transaction:
 
@@ -37,11 +37,12 @@ It also keeps the device -> gateway ownership map (reloaded every
 ``ownership_refresh_s``, and at once for devices it does not know), writes
 worker stats rows and prunes old batch ids.
 
-Errors are translated once, here: an unreachable, failing or interrupted
-server is ``DatabaseUnavailableError`` (retry later); a group the server
-refuses for its data (constraint or data errors) is ``RefusedByDatabaseError``
-(an InputError: poison); a missing table is ``SchemaError``. ``interrupt``
-(from another thread) cuts a hung connection so the blocked call fails fast.
+The connection and its error map are ``adapters.database``'s: an
+unreachable, failing or interrupted server is ``DatabaseUnavailableError``
+(retry later); a group the server refuses for its data (constraint or data
+errors) is ``RefusedByDatabaseError`` (an InputError: poison); a missing
+table is ``SchemaError``. ``interrupt`` (from another thread) cuts a hung
+connection so the blocked call fails fast.
 
 Which batches to group, retry timing, acks and metrics are the service's
 business; rows are built by ``ingest.rows``.
@@ -51,34 +52,21 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import logging
-import os
-import socket
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
-import psycopg
-from psycopg import errors as pg_errors
 
+from adapters.database import Connection, Cursor, Database, insert_unless_duplicate
 from contracts.catalog import DEVICE_TYPES, DeviceType
-from contracts.errors import (
-    DatabaseUnavailableError,
-    RefusedByDatabaseError,
-    SchemaError,
-)
 from contracts.messages import Batch, payload_digest
 from contracts.schema import SQL_TYPES, check_schema_name, readings_table
 from ingest.copyformat import CopyColumn, encode_copy_binary
 from ingest.rows import BatchRows, DeviceSummary, TypeRows, concat_rows, merge_summaries
 from ingest.states import StateRow, in_lock_order
-
-logger = logging.getLogger(__name__)
 
 POISON_KEY_PREFIX: Final = "poison:"
 # After a plain INSERT of a type's rows hit a duplicate, that type's rows go
@@ -251,6 +239,17 @@ def _metric_types(dtype: DeviceType) -> list[tuple[str, str]]:
     return [(m.name, SQL_TYPES[m.kind]) for m in dtype.metrics]
 
 
+def _create_stage_tables(conn: Connection[Any]) -> None:
+    """The temporary stage tables of a new connection (emptied at each commit)."""
+    for dtype in DEVICE_TYPES.values():
+        columns = ", ".join(f"{n} {t}" for n, t in _metric_types(dtype))
+        conn.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS {_stage_table(dtype)} (ts timestamptz, "
+            f"device_id text, seq bigint, recv_ts timestamptz, {columns}) "
+            "ON COMMIT DELETE ROWS"
+        )
+
+
 def copy_columns(rows: TypeRows) -> list[CopyColumn]:
     """The stage table's columns, in its order, with its exact types."""
     columns = [
@@ -285,9 +284,13 @@ class BatchWriter:
         self.connect_timeout_s = connect_timeout_s
         self.ownership_refresh_s = ownership_refresh_s
         self.clock = clock
-        self.connects = 0  # successful connections, for metrics and tests
-        self._conn: psycopg.Connection[Any] | None = None
-        self._lock = threading.Lock()
+        self._db = Database(
+            url=url,
+            schema=self.schema,
+            application_name=f"cityhub-ingest-{worker_id}",
+            connect_timeout_s=connect_timeout_s,
+            on_connect=_create_stage_tables,
+        )
         # Replaced, never mutated: readers in other threads keep a consistent snapshot.
         self._owners: Mapping[str, str | None] = {}
         self._owners_loaded_s: float | None = None
@@ -296,94 +299,21 @@ class BatchWriter:
 
     # -- connection ------------------------------------------------------------
 
-    @contextmanager
-    def _errors(self, what: str) -> Iterator[None]:
-        """Translate psycopg errors into the project's; drop a broken connection."""
-        try:
-            yield
-        except (pg_errors.IntegrityError, pg_errors.DataError) as exc:
-            raise RefusedByDatabaseError(f"{what}: the database refused the data: {exc}") from exc
-        except (
-            pg_errors.UndefinedTable,
-            pg_errors.UndefinedColumn,
-            pg_errors.UndefinedFunction,
-            pg_errors.InvalidSchemaName,
-        ) as exc:
-            raise SchemaError(
-                f"{what}: schema {self.schema!r} is not migrated (run `cityhub db migrate`): {exc}"
-            ) from exc
-        except psycopg.Error as exc:
-            # OperationalError (server gone, cancelled, deadlock, disk full),
-            # InterfaceError (connection closed) and the rest: retry later.
-            self._drop()
-            raise DatabaseUnavailableError(f"{what}: {exc}") from exc
-        except OSError as exc:
-            self._drop()
-            raise DatabaseUnavailableError(f"{what}: {exc}") from exc
-
-    def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except (psycopg.Error, OSError) as exc:
-                logger.debug("closing a broken connection: %s", exc)
-
-    def _connection(self) -> psycopg.Connection[Any]:
-        conn = self._conn
-        if conn is not None and not conn.closed:
-            return conn
-        conn = psycopg.connect(
-            self.url,
-            autocommit=True,
-            connect_timeout=max(1, round(self.connect_timeout_s)),
-            application_name=f"cityhub-ingest-{self.worker_id}"[:63],
-        )
-        try:
-            for dtype in DEVICE_TYPES.values():
-                columns = ", ".join(f"{n} {t}" for n, t in _metric_types(dtype))
-                conn.execute(
-                    f"CREATE TEMP TABLE IF NOT EXISTS {_stage_table(dtype)} (ts timestamptz, "
-                    f"device_id text, seq bigint, recv_ts timestamptz, {columns}) "
-                    "ON COMMIT DELETE ROWS"
-                )
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
-        self.connects += 1
-        logger.info("connected to the database (schema %s)", self.schema)
-        return conn
+    @property
+    def connects(self) -> int:
+        """Successful connections so far, for metrics and tests."""
+        return self._db.connects
 
     def connect(self) -> None:
         """Connect now (otherwise the first call does); DatabaseUnavailableError if it can't."""
-        with self._lock, self._errors("connect"):
-            self._connection()
+        self._db.connect()
 
     def close(self) -> None:
-        with self._lock:
-            self._drop()
+        self._db.close()
 
     def interrupt(self) -> None:
-        """Cut the connection under a call that hangs; safe from any thread.
-
-        Shuts the socket down (through a duplicate of its descriptor, so
-        libpq's own stays valid): the blocked call fails at once with a
-        connection error, which becomes DatabaseUnavailableError.
-        """
-        conn = self._conn
-        if conn is None:
-            return
-        try:
-            fd = os.dup(conn.fileno())
-        except (psycopg.Error, OSError) as exc:
-            logger.debug("interrupt: no socket to cut: %s", exc)
-            return
-        with socket.socket(fileno=fd) as sock:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError as exc:
-                logger.debug("interrupt: shutdown failed: %s", exc)
+        """Cut the connection under a call that hangs; safe from any thread."""
+        self._db.interrupt()
 
     # -- ownership -------------------------------------------------------------
 
@@ -399,9 +329,8 @@ class BatchWriter:
         in the map, or unknown for more than UNKNOWN_RETRY_S, are looked up.
         Returns whether the map changed.
         """
-        with self._lock, self._errors("ownership"):
+        with self._db.session("ownership") as conn:
             now = self.clock()
-            conn = self._connection()
             owned = (
                 f"SELECT d.device_id, d.gateway_id FROM {self.schema}.devices d "
                 f"JOIN {self.schema}.gateways g ON g.gateway_id = d.gateway_id "
@@ -448,21 +377,19 @@ class BatchWriter:
                 outcome.replayed.append(item)  # the same message twice in one group
             else:
                 unique[item.key] = item
-        with self._lock, self._errors("commit"):
-            conn = self._connection()
-            with conn.transaction(), conn.cursor() as cur:
-                new = self._claim_keys(cur, unique)
-                for key in sorted(unique):
-                    (outcome.written if key in new else outcome.replayed).append(unique[key])
-                goods = [i for i in outcome.written if isinstance(i, GoodBatch)]
-                self._write_readings(cur, goods, outcome)
-                self._write_rejects(cur, outcome.written, outcome.rejects)
-                self._upsert_device_state(
-                    cur, merge_summaries(s for g in goods for s in g.rows.devices)
-                )
+        with self._db.session("commit") as conn, conn.transaction(), conn.cursor() as cur:
+            new = self._claim_keys(cur, unique)
+            for key in sorted(unique):
+                (outcome.written if key in new else outcome.replayed).append(unique[key])
+            goods = [i for i in outcome.written if isinstance(i, GoodBatch)]
+            self._write_readings(cur, goods, outcome)
+            self._write_rejects(cur, outcome.written, outcome.rejects)
+            self._upsert_device_state(
+                cur, merge_summaries(s for g in goods for s in g.rows.devices)
+            )
         return outcome
 
-    def _claim_keys(self, cur: psycopg.Cursor[Any], unique: Mapping[str, WriteItem]) -> set[str]:
+    def _claim_keys(self, cur: Cursor[Any], unique: Mapping[str, WriteItem]) -> set[str]:
         """Record the items in ``ingested_batches``; returns the keys not recorded before."""
         keys = sorted(unique)
         records = [unique[k].record for k in keys]
@@ -480,7 +407,7 @@ class BatchWriter:
         return {f"{row[0]}\0{row[1]}" for row in cur.fetchall()}
 
     def _write_readings(
-        self, cur: psycopg.Cursor[Any], goods: Sequence[GoodBatch], outcome: CommitOutcome
+        self, cur: Cursor[Any], goods: Sequence[GoodBatch], outcome: CommitOutcome
     ) -> None:
         parts: dict[str, list[TypeRows]] = {}
         for good in goods:
@@ -503,22 +430,20 @@ class BatchWriter:
             outcome.readings += inserted
             outcome.duplicates += rows.row_count - inserted
 
-    def _insert_staged(self, cur: psycopg.Cursor[Any], device_type: str, insert: str) -> int:
+    def _insert_staged(self, cur: Cursor[Any], device_type: str, insert: str) -> int:
         """Plain INSERT in a savepoint; on a duplicate key, again with ON CONFLICT DO NOTHING."""
         now = self.clock()
         seen = self._conflict_seen_s.get(device_type)
         if seen is None or now - seen >= CONFLICT_MEMORY_S:
-            try:
-                with cur.connection.transaction():  # a savepoint
-                    cur.execute(insert)
-                return max(cur.rowcount, 0)
-            except pg_errors.UniqueViolation:
-                self._conflict_seen_s[device_type] = now
+            inserted = insert_unless_duplicate(cur, insert)
+            if inserted is not None:
+                return inserted
+            self._conflict_seen_s[device_type] = now
         cur.execute(f"{insert} ON CONFLICT DO NOTHING")
         return max(cur.rowcount, 0)
 
     def _write_rejects(
-        self, cur: psycopg.Cursor[Any], fresh: Sequence[WriteItem], rejects: Counter[str]
+        self, cur: Cursor[Any], fresh: Sequence[WriteItem], rejects: Counter[str]
     ) -> None:
         records: list[
             tuple[str | None, str | None, str | None, str, str, bytes | None, int | None]
@@ -555,9 +480,7 @@ class BatchWriter:
                 copy.write_row(record)
         rejects.update(r[3] for r in records)
 
-    def _upsert_device_state(
-        self, cur: psycopg.Cursor[Any], summaries: Sequence[DeviceSummary]
-    ) -> None:
+    def _upsert_device_state(self, cur: Cursor[Any], summaries: Sequence[DeviceSummary]) -> None:
         if not summaries:
             return
         s = self.schema
@@ -612,45 +535,43 @@ class BatchWriter:
         poison = {i.key: i for i in items if isinstance(i, PoisonBatch)}
         rows = in_lock_order(g.row for g in goods)
         s = self.schema
-        with self._lock, self._errors("states"):
-            conn = self._connection()
-            with conn.transaction(), conn.cursor() as cur:
-                history: list[StateRow] = []
-                for row in rows:
-                    if not row.will:
-                        cur.execute(_UPSERT_STATE.format(s=s), _state_params(row))
-                        history.append(row)
-                        continue
-                    cur.execute(_UPSERT_WILL.format(s=s), (*_state_params(row), row.retained))
-                    applied = cur.fetchone()
-                    if applied is not None:  # its death, at the time stored
-                        history.append(dataclasses.replace(row, ts_ms=int(applied[0])))
-                if history:
-                    cur.execute(
-                        _INSERT_STATE_HISTORY.format(s=s),
-                        (
-                            [r.ts_ms for r in history],
-                            [r.gateway_id for r in history],
-                            [r.status for r in history],
-                            [r.outbox_depth for r in history],
-                            [r.outbox_readings for r in history],
-                            [r.readings_per_s for r in history],
-                            [r.devices_online for r in history],
-                        ),
-                    )
-                    outcome.history = max(cur.rowcount, 0)
-                if poison:
-                    new = self._claim_keys(cur, poison)
-                    outcome.refused = [poison[k] for k in sorted(poison) if k in new]
-                    self._write_rejects(cur, outcome.refused, outcome.rejects)
+        with self._db.session("states") as conn, conn.transaction(), conn.cursor() as cur:
+            history: list[StateRow] = []
+            for row in rows:
+                if not row.will:
+                    cur.execute(_UPSERT_STATE.format(s=s), _state_params(row))
+                    history.append(row)
+                    continue
+                cur.execute(_UPSERT_WILL.format(s=s), (*_state_params(row), row.retained))
+                applied = cur.fetchone()
+                if applied is not None:  # its death, at the time stored
+                    history.append(dataclasses.replace(row, ts_ms=int(applied[0])))
+            if history:
+                cur.execute(
+                    _INSERT_STATE_HISTORY.format(s=s),
+                    (
+                        [r.ts_ms for r in history],
+                        [r.gateway_id for r in history],
+                        [r.status for r in history],
+                        [r.outbox_depth for r in history],
+                        [r.outbox_readings for r in history],
+                        [r.readings_per_s for r in history],
+                        [r.devices_online for r in history],
+                    ),
+                )
+                outcome.history = max(cur.rowcount, 0)
+            if poison:
+                new = self._claim_keys(cur, poison)
+                outcome.refused = [poison[k] for k in sorted(poison) if k in new]
+                self._write_rejects(cur, outcome.refused, outcome.rejects)
         outcome.stored = goods
         return outcome
 
     # -- housekeeping ----------------------------------------------------------
 
     def write_stats(self, row: StatsRow) -> None:
-        with self._lock, self._errors("stats"):
-            self._connection().execute(
+        with self._db.session("stats") as conn:
+            conn.execute(
                 f"""INSERT INTO {self.schema}.ingest_stats (ts, worker_id, interval_s, readings,
                     duplicates, batches, replayed, poison, rejects, commits, commit_p50_ms,
                     commit_p95_ms, lag_p95_ms, queue_depth)
@@ -677,8 +598,8 @@ class BatchWriter:
 
     def prune_ingested(self, older_than_s: float) -> int:
         """Forget batch ids committed more than ``older_than_s`` ago; returns how many."""
-        with self._lock, self._errors("prune"):
-            cur = self._connection().execute(
+        with self._db.session("prune") as conn:
+            cur = conn.execute(
                 f"DELETE FROM {self.schema}.ingested_batches "
                 "WHERE committed_at < now() - make_interval(secs => %s)",
                 (older_than_s,),

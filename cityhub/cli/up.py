@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
-import psycopg
 import typer
 from rich.live import Live
 from rich.table import Table
 
+from adapters.database import Connection, connect
 from cityhub import database
 from cityhub.cli.context import CliState, reported_errors, state_of
 from cityhub.cli.sim import (
@@ -204,7 +204,7 @@ def run_rows(
     since = "timestamptz 'epoch' + %s * interval '1 millisecond'"
     stored: list[StoredRow] = []
     rejected: list[RejectedRow] = []
-    with psycopg.connect(url) as conn:
+    with connect(url, autocommit=False) as conn:
         for name in DEVICE_TYPES:
             rows = conn.execute(
                 f"SELECT device_id, seq, (extract(epoch FROM ts) * 1000)::bigint "
@@ -237,13 +237,13 @@ def reconcile_run(url: str, schema: str, ledger: Ledger, since_ms: int) -> Recon
     return reconcile(ledger.entries, stored, rejected)
 
 
-def live_stored(conn: psycopg.Connection, schema: str) -> int:
+def live_stored(conn: Connection[Any], schema: str) -> int:
     row = conn.execute(f"SELECT coalesce(sum(readings), 0) FROM {schema}.device_state")
     value = row.fetchone()
     return int(value[0]) if value else 0
 
 
-def open_alerts(conn: psycopg.Connection, schema: str) -> dict[str, int]:
+def open_alerts(conn: Connection[Any], schema: str) -> dict[str, int]:
     """Active alerts by severity."""
     rows = conn.execute(
         f"SELECT severity, count(*) FROM {schema}.alerts "
@@ -599,7 +599,7 @@ async def _run(
     sim_task = asyncio.create_task(sim.run(stop), name="simulator")
     # One connection for the whole live view, not one per refresh.
     with (
-        psycopg.connect(url, autocommit=True) as conn,
+        database.connect(url) as conn,
         Live(console=state.console, refresh_per_second=2, transient=False) as live,
     ):
         while not stop.is_set():

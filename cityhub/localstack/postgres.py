@@ -20,9 +20,7 @@ import subprocess
 import time
 from pathlib import Path
 
-import psycopg
-from psycopg import sql
-
+from adapters.database import connect, sql
 from cityhub.localstack.procs import (
     LOOPBACK,
     RunAs,
@@ -37,7 +35,7 @@ from cityhub.localstack.procs import (
     with_log_tail,
     write_owned_file,
 )
-from contracts.errors import MissingDependencyError, ServiceStartError
+from contracts.errors import DatabaseUnavailableError, MissingDependencyError, ServiceStartError
 
 logger = logging.getLogger(__name__)
 
@@ -259,9 +257,9 @@ class PostgresServer:
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             try:
-                with psycopg.connect(self.url("postgres"), connect_timeout=2):
+                with connect(self.url("postgres"), timeout_s=2):
                     return
-            except psycopg.OperationalError:
+            except DatabaseUnavailableError:
                 if not pid_alive(spawned_pid):
                     raise ServiceStartError(
                         self._failure("PostgreSQL exited during start")
@@ -270,7 +268,7 @@ class PostgresServer:
         raise ServiceStartError(self._failure(f"PostgreSQL did not answer on port {self.port}"))
 
     def create_database(self, dbname: str = DB_NAME) -> None:
-        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+        with connect(self.url("postgres")) as conn:
             exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,))
             if exists.fetchone() is None:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
