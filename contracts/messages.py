@@ -584,6 +584,25 @@ def check_block_rows(
     UnknownMetricError rather than report every row.
     """
     dtype = _check_block_columns(block, "block")
+    return check_sound_block_rows(
+        block, dtype, now_ms=now_ms, max_past_ms=max_past_ms, max_future_ms=max_future_ms
+    )
+
+
+def check_sound_block_rows(
+    block: ReadingBlock,
+    dtype: DeviceType,
+    *,
+    now_ms: int,
+    max_past_ms: int = DEFAULT_MAX_PAST_MS,
+    max_future_ms: int = DEFAULT_MAX_FUTURE_MS,
+) -> list[tuple[int, InputError]]:
+    """``check_block_rows`` of a block that ``check_batch`` already passed.
+
+    ``dtype`` is the block's device type. The shape is not checked again:
+    a block whose columns ``check_batch`` did not pass may raise anything.
+    Ingest calls this once per block of a decoded batch.
+    """
     metrics = [(dtype.metric(name), values) for name, values in block.values.items()]
     earliest_ms = now_ms - max_past_ms
     latest_ms = now_ms + max_future_ms
