@@ -14,9 +14,8 @@ from contracts.messages import (
     encode_gateway_state,
 )
 from contracts.topics import batch_topic, state_topic
-from ingest.service import GATEWAY_MISMATCH, prepare_state
+from ingest.prepare import GATEWAY_MISMATCH, GoodState, PoisonBatch, prepare_state
 from ingest.states import StateRow, in_lock_order, state_row
-from ingest.writer import GoodState, PoisonBatch
 
 STATE = GatewayState(
     gateway_id="gw-hk-1",
