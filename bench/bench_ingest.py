@@ -54,8 +54,9 @@ from contracts.messages import Batch, ReadingBlock, decode_ack, encode_batch
 from contracts.settings import IngestSettings, StorageSettings
 from contracts.topics import batch_topic, gateway_filter
 from ingest.copyformat import encode_copy_binary
+from ingest.prepare import GoodBatch
 from ingest.rows import build_rows, concat_rows
-from ingest.writer import BatchWriter, GoodBatch, copy_columns
+from ingest.writer import BatchWriter, copy_columns
 
 ROWS_PER_BATCH = 500
 DEVICES_PER_GATEWAY = 50  # 10 readings per device per batch

@@ -95,6 +95,14 @@ _DIGEST_RE: Final = re.compile(f"[0-9a-f]{{{DIGEST_HEX_CHARS}}}")
 # Sequence numbers end up in PostgreSQL bigint columns (contracts.schema).
 SEQ_MAX: Final = 2**63 - 1
 
+# 9999-12-31T23:59:59.999Z: PostgreSQL's timestamptz goes further (year
+# 294276), but no clock that reads past this is telling the time.
+TS_MAX_MS: Final = 253_402_300_799_999
+
+# A software version such as "1.4.0+git.0123abcd" is ~20 characters; 64 leaves
+# room for a longer build tag and keeps a board's table column readable.
+VERSION_MAX_CHARS: Final = 64
+
 # Serial frame protocols the gateway can decode (contracts frame codecs).
 SERIAL_PROTOCOLS: Final = ("pms5003", "sds011")
 
@@ -576,6 +584,25 @@ def check_block_rows(
     UnknownMetricError rather than report every row.
     """
     dtype = _check_block_columns(block, "block")
+    return check_sound_block_rows(
+        block, dtype, now_ms=now_ms, max_past_ms=max_past_ms, max_future_ms=max_future_ms
+    )
+
+
+def check_sound_block_rows(
+    block: ReadingBlock,
+    dtype: DeviceType,
+    *,
+    now_ms: int,
+    max_past_ms: int = DEFAULT_MAX_PAST_MS,
+    max_future_ms: int = DEFAULT_MAX_FUTURE_MS,
+) -> list[tuple[int, InputError]]:
+    """``check_block_rows`` of a block that ``check_batch`` already passed.
+
+    ``dtype`` is the block's device type. The shape is not checked again:
+    a block whose columns ``check_batch`` did not pass may raise anything.
+    Ingest calls this once per block of a decoded batch.
+    """
     metrics = [(dtype.metric(name), values) for name, values in block.values.items()]
     earliest_ms = now_ms - max_past_ms
     latest_ms = now_ms + max_future_ms
@@ -640,13 +667,46 @@ class GatewayState(msgspec.Struct, frozen=True, kw_only=True):
 _STATE_DECODER: Final = msgspec.json.Decoder(GatewayState)
 
 
+# The health counters of a state; each fits a bigint column, like a seq.
+_STATE_COUNTERS: Final = (
+    "outbox_readings",
+    "received",
+    "accepted",
+    "rejected",
+    "rate_limited",
+    "serial_errors",
+    "devices_online",
+)
+
+
 def check_gateway_state(state: GatewayState) -> GatewayState:
-    """Ids allow-listed (InvalidIdError); birth, outbox_depth, ts_ms >= 0 (OutOfRangeError)."""
+    """The one check of a gateway state; return ``state`` or raise.
+
+    Ids allow-listed (InvalidIdError); birth, outbox_depth, ts_ms and the
+    health counters in [0, SEQ_MAX] and ts_ms at most TS_MAX_MS
+    (OutOfRangeError); a version of at most VERSION_MAX_CHARS printable
+    characters (FieldTypeError); readings_per_s a finite
+    (NonFiniteValueError), non-negative (OutOfRangeError) number. A state
+    that passes can be stored as it is.
+    """
     check_id(state.gateway_id, "gateway_id")
     check_id(state.boot_id, "boot_id")
     _check_non_negative(state.birth, "birth")
     _check_non_negative(state.outbox_depth, "outbox_depth")
     _check_non_negative(state.ts_ms, "ts_ms")
+    if len(state.version) > VERSION_MAX_CHARS or not state.version.isprintable():
+        raise FieldTypeError(
+            f"version {state.version[:VERSION_MAX_CHARS]!r}: at most {VERSION_MAX_CHARS} "
+            "printable characters"
+        )
+    for name in _STATE_COUNTERS:
+        _check_non_negative(getattr(state, name), name)
+    if state.ts_ms > TS_MAX_MS:
+        raise OutOfRangeError(f"ts_ms {state.ts_ms} is after the year 9999")
+    if not math.isfinite(state.readings_per_s):
+        raise NonFiniteValueError(f"readings_per_s: {state.readings_per_s!r}")
+    if state.readings_per_s < 0:
+        raise OutOfRangeError(f"readings_per_s {state.readings_per_s!r} is negative")
     return state
 
 
@@ -655,6 +715,11 @@ def encode_gateway_state(state: GatewayState) -> bytes:
 
 
 def decode_gateway_state(payload: bytes, *, max_bytes: int = CONTROL_MAX_BYTES) -> GatewayState:
+    """Decode a state and run ``check_gateway_state``.
+
+    Raises PayloadTooLargeError, MalformedPayloadError, FieldTypeError and
+    whatever ``check_gateway_state`` raises.
+    """
     _check_size(payload, max_bytes, "gateway state")
     return check_gateway_state(_decode(_STATE_DECODER, payload, "gateway state"))
 

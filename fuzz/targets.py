@@ -80,8 +80,8 @@ from contracts.topics import (
     parse_gateway_topic,
 )
 from ingest.copyformat import encode_copy_binary
-from ingest.service import prepare_item, prepare_state
-from ingest.writer import GoodBatch, GoodState, copy_columns
+from ingest.prepare import GoodBatch, GoodState, prepare_item, prepare_state
+from ingest.writer import copy_columns
 
 # 2026-01-01T00:00:00Z: every target decodes as if it were now, so that the
 # seeds (stamped around it) stay inside the time windows on any day.

@@ -4,7 +4,7 @@
 and the device -> gateway ownership map, and returns, per device type, the
 rows to store as numpy columns (``TypeRows``), the readings that must not be
 stored (``RejectedRow``: not owned by the sending gateway, or refused by
-``check_block_rows``: NaN, out of range, out of the time window, no value),
+``check_sound_block_rows``: NaN, out of range, out of the time window, no value),
 and one ``DeviceSummary`` per device for ``device_state``.
 
 Conventions of ``TypeRows``: timestamps stay integer Unix milliseconds (the
@@ -29,7 +29,7 @@ from numpy.typing import NDArray
 
 from contracts.catalog import device_type
 from contracts.ids import DEFAULT_MAX_FUTURE_MS, DEFAULT_MAX_PAST_MS
-from contracts.messages import Batch, ReadingBlock, check_block_rows
+from contracts.messages import Batch, ReadingBlock, check_sound_block_rows
 
 NOT_OWNED: Final = "not_owned"
 
@@ -116,8 +116,9 @@ def _block_rows(
                 detail=_owner_detail(device_id, batch.gateway_id, owners.get(device_id)),
             )
         )
-    report = check_block_rows(
-        block, now_ms=now_ms, max_past_ms=max_past_ms, max_future_ms=max_future_ms
+    # decode_batch checked the block's columns: only its rows are checked here.
+    report = check_sound_block_rows(
+        block, dtype, now_ms=now_ms, max_past_ms=max_past_ms, max_future_ms=max_future_ms
     )
     for row, error in report:
         if keep[row]:
@@ -201,9 +202,9 @@ def build_rows(
     ``owners`` maps a device id to the gateway it is registered to (None or
     absent: unknown or revoked); readings of a device that ``batch.gateway_id``
     does not own are rejects with reason ``not_owned``. Every other reading
-    goes through ``check_block_rows``; the first problem of a row is its
-    reject reason. The batch's shape must have passed ``decode_batch`` (an
-    unsound shape raises InconsistentBatchError and friends).
+    goes through ``check_sound_block_rows``; the first problem of a row is
+    its reject reason. The batch's shape must have passed ``decode_batch``,
+    which checked every block's columns; they are not checked again here.
     """
     owned = np.fromiter(
         (owners.get(d) == batch.gateway_id for d in batch.devices),

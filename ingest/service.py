@@ -9,14 +9,17 @@ Wiring (DESIGN.md sections 1, 4, 9):
   backlog: at most that queue plus three commit groups of messages;
 - ``collector`` task (in a worker thread): takes messages off the queue until
   ``max_batches_per_commit`` / ``max_rows_per_commit`` or ``max_delay_ms``
-  after the first, and prepares each one: topic -> gateway, ``decode_batch``,
-  the payload's gateway must be the topic's, rows built against the
-  ownership map (``ingest.rows``); anything refused is a ``PoisonBatch``;
-- ``committer`` task: ``BatchWriter.commit`` of the group in one transaction
-  (retried with jittered, capped backoff while the database is unavailable;
-  a call that hangs past ``commit_timeout_s`` is cut); THEN an ``Ack`` with
-  the group's batch ids, each with its payload's digest, to each gateway's ack
-  topic; THEN the MQTT PUBACKs.
+  after the first, and prepares each one (``ingest.prepare``): topic ->
+  gateway, ``decode_batch``, the payload's gateway must be the topic's, rows
+  built against the ownership map (``ingest.rows``); anything refused is a
+  ``PoisonBatch``;
+- ``committer`` task: the ownership map brought up to date and the batches
+  it changes prepared again (``ingest.ownership``), ``BatchWriter.commit``
+  of the group in one transaction (retried with jittered, capped backoff
+  while the database is unavailable; a call that hangs past
+  ``commit_timeout_s`` is cut); THEN an ``Ack`` with the group's batch ids,
+  each with its payload's digest, to each gateway's ack topic
+  (``ingest.acks``); THEN the MQTT PUBACKs.
   While the database is down nothing is acked: the broker holds the rest,
   and the gateways keep every batch in their outboxes until acked;
 - ``stats`` task: a row in ``{schema}.ingest_stats`` every
@@ -60,6 +63,10 @@ on group N: decoding overlaps the database's work.
 
 Bad input is never a crash: a WARNING (rate-limited per reason), a rejects
 row, a counter, and an ack so the gateway stops resending it.
+
+This module is the shell: threads, tasks, queues, retries, logging and
+counters. What a message becomes, which acks a group earns and when a batch
+is built again are computed by the pure modules named above.
 """
 
 from __future__ import annotations
@@ -71,11 +78,10 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
-import msgspec
 import numpy as np
 
 from adapters.backoff import backoff_delay_s
@@ -85,16 +91,14 @@ from adapters.serve import serve as run_service
 from contracts.errors import (
     BrokerUnavailableError,
     DatabaseUnavailableError,
-    InputError,
-    InvalidTopicError,
     RefusedByDatabaseError,
     SchemaError,
     SettingsError,
 )
-from contracts.ids import parse_batch_id
-from contracts.messages import Ack, decode_batch, decode_gateway_state, encode_ack
+from contracts.messages import encode_ack
 from contracts.settings import BrokerSettings, DatabaseSettings, IngestSettings
-from contracts.topics import ack_topic, gateway_filter, ingest_batch_filter, parse_gateway_topic
+from contracts.topics import ack_topic, gateway_filter, ingest_batch_filter
+from ingest.acks import build_acks
 from ingest.metrics import IngestCounters, IngestMetrics, serve_metrics
 from ingest.mqtt import (
     BatchSubscriber,
@@ -103,26 +107,24 @@ from ingest.mqtt import (
     StateSubscriber,
     client_id_for,
 )
-from ingest.rows import NOT_OWNED, build_rows
-from ingest.states import state_row
-from ingest.writer import (
-    BatchWriter,
-    CommitOutcome,
+from ingest.ownership import rebuild_if_changed, suspect_devices
+from ingest.prepare import (
     GoodBatch,
-    GoodState,
     PoisonBatch,
     StateItem,
-    StateOutcome,
-    StatsRow,
     WriteItem,
+    internal_error,
+    prepare_item,
+    prepare_state,
+    readings_of,
+    refused,
 )
+from ingest.writer import BatchWriter, CommitOutcome, StateOutcome, StatsRow
 
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-GATEWAY_MISMATCH: Final = "gateway_mismatch"
-INTERNAL_ERROR: Final = "internal_error"
 # How long the collector waits for a first message before looking at the stop
 # flag again: shutdown reacts within this.
 IDLE_POLL_S: Final = 0.2
@@ -130,10 +132,6 @@ IDLE_POLL_S: Final = 0.2
 REJECT_LOG_PER_MINUTE: Final = 5
 # Log a continuing database outage once, then every this many retries.
 RETRY_LOG_EVERY: Final = 10
-# An ack carries at most this many batch ids: 1,000 ids of at most 149
-# characters and their 32-character digests (~190 KB of JSON) stay under
-# contracts' 1 MiB limit for control messages.
-ACK_MAX_IDS: Final = 1000
 # On stop, how long to wait for prepared groups to commit and be acked
 # (bounded further by commit_timeout_s): a commit takes well under a second,
 # and what is not committed by then is redelivered (broker, gateway resend).
@@ -151,149 +149,6 @@ STATE_DELAY_S: Final = 0.5
 
 def wall_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-class _BatchIdOnly(msgspec.Struct):
-    batch_id: str
-
-
-_BATCH_ID_DECODER: Final = msgspec.msgpack.Decoder(_BatchIdOnly)
-
-
-def _readable_batch_id(payload: bytes, gateway_id: str) -> str | None:
-    """The batch id of a refused batch, if readable and the sender's own (then it can be acked)."""
-    try:
-        value = _BATCH_ID_DECODER.decode(payload).batch_id
-        owner, _, _ = parse_batch_id(value)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, InputError):
-        return None
-    return value if owner == gateway_id else None
-
-
-def _topic_gateway(topic: str, prefix: str, kind: str) -> str:
-    """The gateway id of ``[prefix/]hub/v1/gw/{id}/{kind}``; InputError for any other topic."""
-    gateway_id, found = parse_gateway_topic(topic, prefix)
-    if found != kind:
-        raise InvalidTopicError(f"topic {topic!r} is not a {kind} topic")
-    return gateway_id
-
-
-def _poison_topic(topic: str, payload: bytes, exc: InputError) -> PoisonBatch:
-    return PoisonBatch(
-        topic=topic,
-        gateway_id=None,
-        batch_id=None,
-        reason=exc.reason,
-        detail=str(exc),
-        payload=payload,
-    )
-
-
-def prepare_item(
-    topic: str, payload: bytes, *, prefix: str, now_ms: int, owners: Mapping[str, str | None]
-) -> WriteItem:
-    """Classify one batch message: a GoodBatch with its rows, or a PoisonBatch with the reason.
-
-    Poison: a topic that is not ``[prefix/]hub/v1/gw/{id}/batch``, a payload
-    ``decode_batch`` refuses, or a batch whose gateway is not the topic's.
-    """
-    try:
-        gateway_id = _topic_gateway(topic, prefix, "batch")
-    except InputError as exc:
-        return _poison_topic(topic, payload, exc)
-    try:
-        batch = decode_batch(payload, now_ms=now_ms)
-    except InputError as exc:
-        return PoisonBatch(
-            topic=topic,
-            gateway_id=gateway_id,
-            batch_id=_readable_batch_id(payload, gateway_id),
-            reason=exc.reason,
-            detail=str(exc),
-            payload=payload,
-        )
-    if batch.gateway_id != gateway_id:
-        # Its batch id names the other gateway: not ours to ack, nor to record.
-        return PoisonBatch(
-            topic=topic,
-            gateway_id=gateway_id,
-            batch_id=None,
-            reason=GATEWAY_MISMATCH,
-            detail=f"batch {batch.batch_id!r} claims gateway {batch.gateway_id!r}, "
-            f"published by {gateway_id!r}",
-            payload=payload,
-        )
-    return GoodBatch.build(
-        topic=topic,
-        batch=batch,
-        rows=build_rows(batch, owners=owners, now_ms=now_ms),
-        payload=payload,
-        owners=owners,
-    )
-
-
-def prepare_state(
-    topic: str,
-    payload: bytes,
-    *,
-    prefix: str,
-    received_ms: int | None = None,
-    retained: bool = False,
-) -> StateItem:
-    """Classify one state message: a GoodState with its row, or a PoisonBatch with the reason.
-
-    A Will's row carries ``received_ms`` as its time (``ingest.states.state_row``).
-
-    Poison: a topic that is not ``[prefix/]hub/v1/gw/{id}/state``, a payload
-    ``decode_gateway_state`` or ``ingest.states.state_row`` refuses, or a
-    state whose gateway is not the topic's.
-    """
-    try:
-        gateway_id = _topic_gateway(topic, prefix, "state")
-    except InputError as exc:
-        return _poison_topic(topic, payload, exc)
-    try:
-        row = state_row(decode_gateway_state(payload), received_ms=received_ms, retained=retained)
-    except InputError as exc:
-        return PoisonBatch(
-            topic=topic,
-            gateway_id=gateway_id,
-            batch_id=None,
-            reason=exc.reason,
-            detail=f"gateway state: {exc}",
-            payload=payload,
-        )
-    if row.gateway_id != gateway_id:
-        return PoisonBatch(
-            topic=topic,
-            gateway_id=gateway_id,
-            batch_id=None,
-            reason=GATEWAY_MISMATCH,
-            detail=f"state of gateway {row.gateway_id!r} published by {gateway_id!r}",
-            payload=payload,
-        )
-    return GoodState(topic=topic, row=row, payload=payload)
-
-
-def ack_id(item: WriteItem) -> tuple[str, str, str] | None:
-    """(gateway, batch id, payload digest) to put in an Ack once ``item`` is committed, if any.
-
-    The digest is of the payload committed or refused, so the gateway drops
-    its batch only if that is the payload it holds: a refused or spoofed
-    message that reuses a held batch id acks nothing the gateway keeps.
-    """
-    if isinstance(item, GoodBatch):
-        return item.gateway_id, item.batch_id, item.digest
-    if item.gateway_id is not None and item.batch_id is not None:
-        return item.gateway_id, item.batch_id, item.digest
-    return None
-
-
-def _ownership_changed(item: GoodBatch, owners: Mapping[str, str | None]) -> bool:
-    if item.owners is owners:
-        return False
-    gw = item.gateway_id
-    return any((item.owners.get(d) == gw) != (owners.get(d) == gw) for d in item.devices)
 
 
 @dataclass
@@ -393,14 +248,7 @@ class Ingest:
             # rejects (whole up to REJECT_RAW_MAX_BYTES, so a batch of the
             # default size can be replayed from there once fixed) and acked.
             logger.exception("internal error preparing a message on %s", delivery.topic)
-            item = PoisonBatch(
-                topic=delivery.topic,
-                gateway_id=None,
-                batch_id=None,
-                reason=INTERNAL_ERROR,
-                detail=f"{type(exc).__name__}: {exc}",
-                payload=delivery.payload,
-            )
+            item = internal_error(delivery.topic, delivery.payload, exc)
         return Pending(delivery=delivery, item=item)
 
     def collect(self) -> list[Pending] | None:
@@ -412,7 +260,7 @@ class Ingest:
             return None
         deadline = first.received_s + s.max_delay_ms / 1000
         group = [self._prepare(first)]
-        rows = _rows_of(group[0].item)
+        rows = readings_of(group[0].item)
         while len(group) < s.max_batches_per_commit and rows < s.max_rows_per_commit:
             timeout = deadline - time.monotonic()
             try:
@@ -425,7 +273,7 @@ class Ingest:
             except queue.Empty:
                 break
             group.append(self._prepare(delivery))
-            rows += _rows_of(group[-1].item)
+            rows += readings_of(group[-1].item)
         return group
 
     async def _collector(self, groups: asyncio.Queue[list[Pending]]) -> None:
@@ -438,28 +286,25 @@ class Ingest:
 
     def commit_group(self, group: list[Pending]) -> CommitOutcome:
         """Refresh ownership if needed, rebuild affected rows, commit (runs in a thread)."""
-        suspects = {
-            r.device_id
-            for p in group
-            if isinstance(p.item, GoodBatch)
-            for r in p.item.rows.rejects
-            if r.reason == NOT_OWNED
-        }
-        self.writer.refresh_owners(suspects)
-        owners = self.writer.owners
-        for p in group:
-            item = p.item
-            if isinstance(item, GoodBatch) and _ownership_changed(item, owners):
-                # Decoded again from the kept payload (GoodBatch keeps no Batch).
-                p.item = prepare_item(
-                    item.topic, item.payload, prefix=self.prefix, now_ms=self.clock(), owners=owners
-                )
+        self._rebuild_for_ownership(group)
         try:
             return self.writer.commit([p.item for p in group])
         except RefusedByDatabaseError as exc:
             logger.warning(
                 "database refused a group of %d batches (%s); one by one", len(group), exc
             )
+        return self._commit_one_by_one(group)
+
+    def _rebuild_for_ownership(self, group: list[Pending]) -> None:
+        """Bring the ownership map up to date for the group, and rebuild what it changes."""
+        self.writer.refresh_owners(suspect_devices(p.item for p in group))
+        owners = self.writer.owners
+        now_ms = self.clock()
+        for p in group:
+            p.item = rebuild_if_changed(p.item, owners, prefix=self.prefix, now_ms=now_ms)
+
+    def _commit_one_by_one(self, group: list[Pending]) -> CommitOutcome:
+        """Each item in a transaction of its own; one the database refuses becomes poison."""
         total = CommitOutcome()
         for p in group:
             try:
@@ -470,14 +315,7 @@ class Ingest:
                     # input. Retried with backoff (logged as an ERROR) rather
                     # than crashing on every redelivery.
                     raise SchemaError(f"the rejects table refused a row: {exc}") from exc
-                p.item = PoisonBatch(
-                    topic=p.item.topic,
-                    gateway_id=p.item.gateway_id,
-                    batch_id=p.item.batch_id,
-                    reason=exc.reason,
-                    detail=str(exc),
-                    payload=p.item.payload,
-                )
+                p.item = refused(p.item, exc)
                 outcome = self.writer.commit([p.item])
             total.written += outcome.written
             total.replayed += outcome.replayed
@@ -556,27 +394,14 @@ class Ingest:
 
     def _acknowledge(self, group: list[Pending]) -> None:
         """Committed: the app acks to the gateways first, then the broker's PUBACKs."""
-        # gateway -> (batch id, digest), ordered, unique
-        ids: dict[str, dict[tuple[str, str], None]] = {}
-        for p in group:
-            found = ack_id(p.item)
-            if found is not None:
-                ids.setdefault(found[0], {})[found[1], found[2]] = None
-        now_ms = self.clock()
-        for gateway_id, acked_ids in ids.items():
-            listed = list(acked_ids)
-            for start in range(0, len(listed), ACK_MAX_IDS):
-                part = listed[start : start + ACK_MAX_IDS]
-                ack = Ack(
-                    batch_ids=[b for b, _ in part], digests=[d for _, d in part], ts_ms=now_ms
-                )
-                try:
-                    self.subscriber.publish(ack_topic(gateway_id, self.prefix), encode_ack(ack))
-                except BrokerUnavailableError as exc:
-                    # Committed all the same: the gateway resends and is acked then.
-                    logger.warning("ack to %s not sent: %s", gateway_id, exc)
-                    continue
-                self.counters.acks_published += 1
+        for gateway_id, ack in build_acks((p.item for p in group), now_ms=self.clock()):
+            try:
+                self.subscriber.publish(ack_topic(gateway_id, self.prefix), encode_ack(ack))
+            except BrokerUnavailableError as exc:
+                # Committed all the same: the gateway resends and is acked then.
+                logger.warning("ack to %s not sent: %s", gateway_id, exc)
+                continue
+            self.counters.acks_published += 1
         acked = self.subscriber.ack(p.delivery for p in group)
         self.counters.mqtt_acks += acked
         self.counters.mqtt_acks_skipped += len(group) - acked
@@ -605,14 +430,7 @@ class Ingest:
         except Exception as exc:
             # As for batches: a decoding bug must not crash the worker.
             logger.exception("internal error preparing a state on %s", message.topic)
-            return PoisonBatch(
-                topic=message.topic,
-                gateway_id=None,
-                batch_id=None,
-                reason=INTERNAL_ERROR,
-                detail=f"{type(exc).__name__}: {exc}",
-                payload=message.payload,
-            )
+            return internal_error(message.topic, message.payload, exc)
 
     def collect_states(self) -> list[StateItem]:
         """The states of one transaction: blocks up to IDLE_POLL_S for a first one (a thread)."""
@@ -645,6 +463,10 @@ class Ingest:
             logger.warning(
                 "database refused a group of %d states (%s); one by one", len(items), exc
             )
+        return self._write_states_one_by_one(items)
+
+    def _write_states_one_by_one(self, items: list[StateItem]) -> StateOutcome:
+        """Each state in a transaction of its own; one the database refuses becomes poison."""
         total = StateOutcome()
         for item in items:
             try:
@@ -652,15 +474,7 @@ class Ingest:
             except RefusedByDatabaseError as exc:
                 if isinstance(item, PoisonBatch):
                     raise SchemaError(f"the rejects table refused a row: {exc}") from exc
-                poison = PoisonBatch(
-                    topic=item.topic,
-                    gateway_id=item.row.gateway_id,
-                    batch_id=None,
-                    reason=exc.reason,
-                    detail=str(exc),
-                    payload=item.payload,
-                )
-                outcome = self.writer.write_states([poison])
+                outcome = self.writer.write_states([refused(item, exc)])
             total.stored += outcome.stored
             total.history += outcome.history
             total.refused += outcome.refused
@@ -853,10 +667,6 @@ class Ingest:
             if metrics_server is not None:
                 metrics_server.close()
             logger.info("ingest worker %s stopped", self.worker_id)
-
-
-def _rows_of(item: WriteItem) -> int:
-    return item.rows.readings if isinstance(item, GoodBatch) else 0
 
 
 async def serve(ingest: Ingest, *, parent_pid: int | None = None) -> None:

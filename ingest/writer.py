@@ -51,7 +51,6 @@ business; rows are built by ``ingest.rows``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -62,13 +61,12 @@ import numpy as np
 
 from adapters.database import Connection, Cursor, Database, insert_unless_duplicate
 from contracts.catalog import DEVICE_TYPES, DeviceType
-from contracts.messages import Batch, payload_digest
 from contracts.schema import SQL_TYPES, check_schema_name, readings_table
 from ingest.copyformat import CopyColumn, encode_copy_binary
-from ingest.rows import BatchRows, DeviceSummary, TypeRows, concat_rows, merge_summaries
+from ingest.prepare import GoodBatch, GoodState, PoisonBatch, StateItem, WriteItem, readings_of
+from ingest.rows import DeviceSummary, TypeRows, concat_rows, merge_summaries
 from ingest.states import StateRow, in_lock_order
 
-POISON_KEY_PREFIX: Final = "poison:"
 # After a plain INSERT of a type's rows hit a duplicate, that type's rows go
 # straight to INSERT ... ON CONFLICT for this long: a fleet that really sends
 # duplicates pays the slower statement once, not both statements every commit.
@@ -86,108 +84,6 @@ UNKNOWN_RETRY_S: Final = 5.0
 # bound one 8 MiB message made an 8 MiB row, and a flood of them filled the
 # disk at the broker's rate.
 REJECT_RAW_MAX_BYTES: Final = 64 * 1024
-
-
-def poison_key(topic: str, payload: bytes) -> str:
-    """The ingested_batches key of a poison message: a redelivery is stored once.
-
-    Not the payload's batch id: a message that lies about its gateway must
-    not be able to claim another gateway's batch id.
-    """
-    digest = hashlib.sha256(topic.encode() + b"\0" + payload).hexdigest()
-    return f"{POISON_KEY_PREFIX}{digest}"
-
-
-@dataclass(frozen=True, slots=True)
-class GoodBatch:
-    """A decoded, checked batch with its rows built.
-
-    The decoded Batch itself is not kept: as Python lists it is ~4x its wire
-    size, and a worker holds up to three commit groups of these. The payload
-    is kept (for a rebuild after an ownership change, and for the poison path
-    if the database refuses the batch).
-    """
-
-    topic: str
-    gateway_id: str
-    batch_id: str
-    sent_ms: int
-    devices: tuple[str, ...]
-    rows: BatchRows
-    payload: bytes
-    owners: Mapping[str, str | None]  # the ownership map the rows were built with
-    digest: str  # payload_digest(payload): what the ack names the batch by
-
-    @classmethod
-    def build(
-        cls,
-        *,
-        topic: str,
-        batch: Batch,
-        rows: BatchRows,
-        payload: bytes,
-        owners: Mapping[str, str | None],
-    ) -> GoodBatch:
-        return cls(
-            topic=topic,
-            gateway_id=batch.gateway_id,
-            batch_id=batch.batch_id,
-            sent_ms=batch.sent_ms,
-            devices=tuple(batch.devices),
-            rows=rows,
-            payload=payload,
-            owners=owners,
-            digest=payload_digest(payload),
-        )
-
-    @property
-    def record(self) -> tuple[str, str]:
-        """Its ``ingested_batches`` key: the batch id and the payload's digest."""
-        return self.batch_id, self.digest
-
-    @property
-    def key(self) -> str:
-        return "\0".join(self.record)
-
-
-@dataclass(frozen=True, slots=True)
-class PoisonBatch:
-    """A message refused as a whole: stored as one rejects row with its raw payload."""
-
-    topic: str
-    gateway_id: str | None  # from the topic, when it parses
-    batch_id: str | None  # from the payload, when readable
-    reason: str
-    detail: str
-    payload: bytes
-
-    @property
-    def digest(self) -> str:
-        return payload_digest(self.payload)
-
-    @property
-    def record(self) -> tuple[str, str]:
-        """Its ``ingested_batches`` key: the poison key and the payload's digest."""
-        return poison_key(self.topic, self.payload), self.digest
-
-    @property
-    def key(self) -> str:
-        return "\0".join(self.record)
-
-
-WriteItem = GoodBatch | PoisonBatch
-
-
-@dataclass(frozen=True, slots=True)
-class GoodState:
-    """A decoded, checked gateway state message and its row."""
-
-    topic: str
-    row: StateRow
-    payload: bytes
-
-
-StateItem = GoodState | PoisonBatch
 
 
 @dataclass
@@ -401,7 +297,7 @@ class BatchWriter:
                 [r[0] for r in records],
                 [r[1] for r in records],
                 [unique[k].gateway_id for k in keys],
-                [_readings_of(unique[k]) for k in keys],
+                [readings_of(unique[k]) for k in keys],
             ),
         )
         return {f"{row[0]}\0{row[1]}" for row in cur.fetchall()}
@@ -695,10 +591,6 @@ def _state_params(row: StateRow) -> tuple[object, ...]:
         row.devices_online,
         row.site_ready,
     )
-
-
-def _readings_of(item: WriteItem) -> int:
-    return item.rows.readings if isinstance(item, GoodBatch) else 0
 
 
 def _text(detail: str) -> str:

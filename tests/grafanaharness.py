@@ -5,10 +5,10 @@ simulated fleet (firmware_sim: every site's default devices, one gateway
 per site) and plays ``hours`` of its readings, in accelerated time, through
 the real path after the broker: gateway batch building
 (``gateway.batching``), the batch codec, ingest's classification
-(``ingest.service.prepare_item``) and its writer (``ingest.writer``), one
+(``ingest.prepare.prepare_item``) and its writer (``ingest.writer``), one
 commit per simulated minute plus a stats row. Each gateway reports its
 state every simulated minute through ingest's state path
-(``ingest.service.prepare_state``, ``BatchWriter.write_states``). Then the hourly rollups are
+(``ingest.prepare.prepare_state``, ``BatchWriter.write_states``). Then the hourly rollups are
 refreshed (``cityhub.database.maintain``) and the alerts job
 (``alerts.service.AlertsJob``, the shipped rules) replays every evaluation
 time, which fills alerts, transitions and hourly/daily VN_AQI.
@@ -39,8 +39,8 @@ from contracts.settings import AlertsSettings, DatabaseSettings, StorageSettings
 from contracts.topics import batch_topic, state_topic
 from firmware_sim.fleet import FleetDescription, build_fleet, parse_sites
 from gateway.batching import BatchBuilder
-from ingest.service import prepare_item, prepare_state
-from ingest.writer import BatchWriter, GoodBatch, GoodState, StatsRow
+from ingest.prepare import GoodBatch, GoodState, prepare_item, prepare_state
+from ingest.writer import BatchWriter, StatsRow
 
 MINUTE_MS = 60_000
 HOUR_MS = 3_600_000

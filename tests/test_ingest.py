@@ -16,7 +16,7 @@ from contracts.catalog import DEVICE_TYPES
 from contracts.messages import GatewayState, encode_batch, encode_gateway_state
 from contracts.settings import DatabaseSettings
 from contracts.topics import state_topic
-from ingest.writer import poison_key
+from ingest.prepare import poison_key
 from tests.gatewayharness import broker_settings, client, now_ms, wait_for
 from tests.ingestharness import (
     GatewayPlayer,

@@ -28,10 +28,10 @@ from contracts.messages import (
     encode_batch,
     payload_digest,
 )
+from ingest.acks import ack_id
 from ingest.copyformat import HEADER, PG_EPOCH_MS, TRAILER, CopyColumn, encode_copy_binary
+from ingest.prepare import GATEWAY_MISMATCH, GoodBatch, PoisonBatch, prepare_item
 from ingest.rows import NOT_OWNED, DeviceSummary, build_rows, concat_rows, merge_summaries
-from ingest.service import GATEWAY_MISMATCH, ack_id, prepare_item
-from ingest.writer import GoodBatch, PoisonBatch
 
 NOW_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 

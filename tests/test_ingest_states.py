@@ -6,11 +6,16 @@ import msgspec
 import pytest
 
 from contracts.errors import FieldTypeError, NonFiniteValueError, OutOfRangeError
-from contracts.messages import SEQ_MAX, GatewayState, encode_gateway_state
+from contracts.messages import (
+    SEQ_MAX,
+    TS_MAX_MS,
+    GatewayState,
+    check_gateway_state,
+    encode_gateway_state,
+)
 from contracts.topics import batch_topic, state_topic
-from ingest.service import GATEWAY_MISMATCH, prepare_state
-from ingest.states import TS_MAX_MS, StateRow, in_lock_order, state_row
-from ingest.writer import GoodState, PoisonBatch
+from ingest.prepare import GATEWAY_MISMATCH, GoodState, PoisonBatch, prepare_state
+from ingest.states import StateRow, in_lock_order, state_row
 
 STATE = GatewayState(
     gateway_id="gw-hk-1",
@@ -69,13 +74,15 @@ def test_a_good_state_becomes_its_row() -> None:
 )
 def test_values_the_database_cannot_hold_are_refused(change, error) -> None:
     with pytest.raises(error):
-        state_row(msgspec.structs.replace(STATE, **change))
+        check_gateway_state(msgspec.structs.replace(STATE, **change))
 
 
 def test_limits_themselves_are_accepted() -> None:
     row = state_row(
-        msgspec.structs.replace(
-            STATE, received=SEQ_MAX, ts_ms=TS_MAX_MS, readings_per_s=0.0, version="v" * 64
+        check_gateway_state(
+            msgspec.structs.replace(
+                STATE, received=SEQ_MAX, ts_ms=TS_MAX_MS, readings_per_s=0.0, version="v" * 64
+            )
         )
     )
     assert (row.received, row.ts_ms) == (SEQ_MAX, TS_MAX_MS)

@@ -183,9 +183,10 @@ states = st.builds(
     status=st.sampled_from(["online", "offline"]),
     birth=st.integers(0, 2**63 - 1),
     boot_id=ids,
-    version=st.text(max_size=20),
+    # A valid state's version is printable and its time at most TS_MAX_MS.
+    version=st.text(max_size=20).filter(str.isprintable),
     outbox_depth=st.integers(0, 10**9),
-    ts_ms=st.integers(0, 2**63 - 1),
+    ts_ms=st.integers(0, messages.TS_MAX_MS),
 )
 acks = st.lists(st.builds(batch_id, ids, ids, st.integers(0, 2**63 - 1)), max_size=5).flatmap(
     lambda batch_ids: st.builds(
