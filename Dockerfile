@@ -2,15 +2,24 @@
 # Two stages: the first builds a virtual environment with the project and its
 # dependencies (wheels only, no compiler needed), the second copies it into a
 # slim runtime image that runs as an unprivileged user.
+# The dependencies come from a lock file, pinned and hash-checked (scripts/lock):
+# requirements/all.txt by default, since docker-compose.yml runs every role from
+# this image (the gateway and the simulated fleet too); a hub-only image takes
+#   docker build --build-arg CITYHUB_LOCK=central .
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
+ARG CITYHUB_LOCK=all
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 RUN python -m venv /opt/cityhub
+# Dependencies first: this layer is rebuilt only when a lock file changes.
+COPY requirements ./requirements
+RUN /opt/cityhub/bin/pip install --require-hashes -r "requirements/${CITYHUB_LOCK}.txt"
 COPY pyproject.toml README.md ./
 COPY contracts ./contracts
+COPY adapters ./adapters
 COPY devices ./devices
 COPY firmware_sim ./firmware_sim
 COPY gateway ./gateway
@@ -18,7 +27,7 @@ COPY ingest ./ingest
 COPY alerts ./alerts
 COPY grafana ./grafana
 COPY cityhub ./cityhub
-RUN /opt/cityhub/bin/pip install . \
+RUN /opt/cityhub/bin/pip install --no-deps . \
     && /opt/cityhub/bin/python -c "import cityhub.cli.main, grafana.render"
 
 FROM ${PYTHON_IMAGE} AS runtime

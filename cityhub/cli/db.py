@@ -8,9 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cityhub import database
 from cityhub.cli.context import CliState, reported_errors, state_of
-from cityhub.localstack.stack import LocalStack
 
 app = typer.Typer(
     help="Database schema migrations, seed data and maintenance.", no_args_is_help=True
@@ -21,6 +19,9 @@ def database_url(state: CliState) -> str:
     """database.url if set, else the embedded default's running server."""
     if state.settings.database.url:
         return state.settings.database.url
+    # Imported here, as psycopg: installed with the central extra, not with the gateway one.
+    from cityhub.localstack.stack import LocalStack
+
     stack = LocalStack(state_dir=state.state_dir, local=state.settings.local, is_root=state.is_root)
     return stack.database_url()
 
@@ -34,6 +35,8 @@ def migrate(ctx: typer.Context) -> None:
     continuous aggregates with policies on the community edition, the
     project's own rollup tables and jobs on the Apache edition.
     """
+    from cityhub import database
+
     state = state_of(ctx)
     settings = state.settings
     with reported_errors(state):
@@ -56,6 +59,8 @@ def seed(ctx: typer.Context) -> None:
 
     Idempotent: existing sites are updated in place.
     """
+    from cityhub import database
+
     state = state_of(ctx)
     settings = state.settings
     with reported_errors(state):
@@ -82,6 +87,8 @@ def maintain(
     On the community edition the server's own policies do this and the command
     only says so.
     """
+    from cityhub import database
+
     state = state_of(ctx)
     settings = state.settings
     with reported_errors(state):
@@ -104,6 +111,8 @@ def maintain(
 @app.command()
 def status(ctx: typer.Context) -> None:
     """Show the TimescaleDB edition and the applied migrations."""
+    from cityhub import database
+
     state = state_of(ctx)
     settings = state.settings
     with reported_errors(state):

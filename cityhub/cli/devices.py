@@ -18,15 +18,14 @@ import msgspec
 import typer
 from rich.table import Table
 
-from cityhub import database
 from cityhub.cli.context import CliState, reported_errors, state_of
 from cityhub.cli.db import database_url
 from cityhub.cli.gateway import embedded_broker
 from contracts.errors import NotFoundError, SettingsError
-from devices.registry import DeviceRow, Registry
 
 if TYPE_CHECKING:
     from devices.provisioning import Outcome, Provisioner
+    from devices.registry import DeviceRow, Registry
 
 app = typer.Typer(
     help="Register and manage devices: credentials, config bundles, QR codes.",
@@ -46,6 +45,10 @@ def pki_dir(state: CliState) -> Path:
 
 @contextmanager
 def registry_of(state: CliState) -> Iterator[Registry]:
+    # Imported here: psycopg is installed with the central extra, not with the gateway one.
+    from cityhub import database
+    from devices.registry import Registry
+
     settings = state.settings
     url = database_url(state)
     with database.connect(url, timeout_s=settings.database.connect_timeout_s) as conn:

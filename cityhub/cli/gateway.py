@@ -12,7 +12,6 @@ import typer
 
 from cityhub.cli.context import CliState, reported_errors, state_of
 from cityhub.localstack.mosquitto import ADMIN_USER
-from cityhub.localstack.stack import LocalStack
 from contracts.settings import BrokerSettings, describe_settings, load_settings
 
 app = typer.Typer(
@@ -24,6 +23,9 @@ def embedded_broker(state: CliState, configured: BrokerSettings) -> BrokerSettin
     """``configured`` if it names a host, else the embedded broker with its admin account."""
     if configured.host is not None:
         return configured
+    # Imported here: a gateway that names its brokers needs no psycopg (central extra).
+    from cityhub.localstack.stack import LocalStack
+
     stack = LocalStack(state_dir=state.state_dir, local=state.settings.local, is_root=state.is_root)
     stack.broker_url()  # raises with the fix if the embedded broker is not running
     mq = stack.mosquitto()

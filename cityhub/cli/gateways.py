@@ -8,7 +8,7 @@ devices' topics), a bundle with both and a settings file for
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import msgspec
 import typer
@@ -17,7 +17,9 @@ from rich.table import Table
 from cityhub.cli.context import reported_errors, state_of
 from cityhub.cli.devices import JsonOption, QrOption, provisioner, registry_of, show_outcome
 from contracts.errors import NotFoundError
-from devices.registry import GatewayRow
+
+if TYPE_CHECKING:
+    from devices.registry import GatewayRow
 
 app = typer.Typer(
     help="Register and manage site gateways: broker accounts, bundles, configs.",

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
 
 from cityhub.cli.context import CliState, reported_errors, state_of
-from cityhub.localstack.stack import LocalStack, ServiceStatus
+
+if TYPE_CHECKING:
+    from cityhub.localstack.stack import LocalStack, ServiceStatus
 
 app = typer.Typer(
     help="Private Mosquitto and PostgreSQL/TimescaleDB for the embedded default.",
@@ -14,6 +18,9 @@ app = typer.Typer(
 
 
 def stack_of(state: CliState) -> LocalStack:
+    # Imported here: the embedded database needs psycopg, installed with the central extra.
+    from cityhub.localstack.stack import LocalStack
+
     return LocalStack(state_dir=state.state_dir, local=state.settings.local, is_root=state.is_root)
 
 

@@ -9,13 +9,12 @@ import signal
 import time
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 import typer
 from rich.table import Table
 
-from cityhub import database
 from cityhub.cli.context import CliState, reported_errors, state_of
 from cityhub.cli.db import database_url
 from cityhub.cli.gateway import embedded_broker
@@ -23,14 +22,12 @@ from contracts.errors import SettingsError
 from contracts.messages import GatewayConfig, encode_gateway_config
 from contracts.settings import BrokerSettings
 from contracts.topics import config_topic
-from firmware_sim.fleet import (
-    DeviceSpec,
-    FleetDescription,
-    SiteInfo,
-    build_fleet,
-    parse_fleet_description,
-)
-from firmware_sim.service import Simulator
+
+# numpy, aiomqtt and psycopg are imported where used, so that `cityhub --help` and
+# `cityhub gateway` run with the gateway extra alone.
+if TYPE_CHECKING:
+    from firmware_sim.fleet import DeviceSpec, FleetDescription, SiteInfo
+    from firmware_sim.service import Simulator
 
 app = typer.Typer(
     help="Simulated devices speaking the real serial and MQTT protocols.", no_args_is_help=True
@@ -57,6 +54,9 @@ def gateway_id_for(site_id: str) -> str:
 
 
 def seed_sites() -> list[SiteInfo]:
+    from cityhub import database
+    from firmware_sim.fleet import SiteInfo
+
     return [
         SiteInfo(id=s.id, kind=s.kind, opening_hours=s.opening_hours)  # type: ignore[arg-type]
         for s in database.load_hanoi_sites()
@@ -71,6 +71,8 @@ def load_fleet(
     default_sites: tuple[str, ...] = (),
 ) -> tuple[FleetDescription, list[DeviceSpec]]:
     """The fleet file (if any) with the command line's sites and seed applied, built."""
+    from firmware_sim.fleet import build_fleet, parse_fleet_description
+
     document: dict[str, Any] = {}
     if fleet is not None:
         try:
@@ -134,6 +136,8 @@ def register_simulated_fleet(
     url: str, schema: str, specs: list[DeviceSpec], ports: dict[str, str]
 ) -> None:
     """Register the fleet's gateways (gw-{site}) and devices, so ingest accepts their readings."""
+    from cityhub import database
+
     with database.connect(url) as conn:
         database.register_fleet(
             conn,
@@ -198,6 +202,8 @@ def run(
     Deterministic for a seed. Prints progress every 5 s and a summary at the
     end (messages by device type, injected faults).
     """
+    from firmware_sim.service import Simulator
+
     state = state_of(ctx)
     with reported_errors(state):
         description, specs = load_fleet(fleet, sites=sites, seed=seed)

@@ -36,8 +36,6 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from adapters.database import Connection, connect
-from cityhub import database
 from cityhub.cli.context import CliState, reported_errors, state_of
 from cityhub.cli.sim import (
     gateway_configs,
@@ -47,18 +45,21 @@ from cityhub.cli.sim import (
     register_simulated_fleet,
 )
 from cityhub.localstack.mosquitto import ADMIN_USER
-from cityhub.localstack.stack import LocalStack
 from contracts.catalog import DEVICE_TYPES
 from contracts.errors import HubError, LocalServiceError
 from contracts.messages import GatewayState, decode_gateway_state
 from contracts.schema import SEVERITIES, readings_table
 from contracts.settings import BrokerSettings
-from firmware_sim.fleet import DeviceSpec
 from firmware_sim.ledger import Ledger, Reconciliation, RejectedRow, StoredRow, reconcile
-from firmware_sim.service import Simulator
 
+# psycopg, numpy and aiomqtt are imported where used, so that `cityhub --help` and
+# `cityhub gateway` run with the gateway extra alone.
 if TYPE_CHECKING:
+    from adapters.database import Connection
     from adapters.mqtt import IncomingMessage
+    from cityhub.localstack.stack import LocalStack
+    from firmware_sim.fleet import DeviceSpec
+    from firmware_sim.service import Simulator
 
 # Sites the default run simulates: a ward office, service halls of four
 # districts and two street stations, so every device type and both serial sensors
@@ -200,6 +201,8 @@ def run_rows(
     on the same state directory (earlier times) are not counted as this
     run's.
     """
+    from adapters.database import connect
+
     device_list = sorted(devices)
     since = "timestamptz 'epoch' + %s * interval '1 millisecond'"
     stored: list[StoredRow] = []
@@ -353,6 +356,8 @@ class System:
         gateway_settings: Callable[[str], dict[str, Any]] | None = None,
         central_port: Callable[[str], int | None] | None = None,
     ) -> None:
+        from cityhub.localstack.stack import LocalStack
+
         self.state = state
         settings = state.settings
         self.stack = LocalStack(
@@ -369,6 +374,8 @@ class System:
         self._central_port = central_port or (lambda _id: None)
 
     def start(self) -> None:
+        from cityhub import database
+
         settings = self.state.settings
         self.stack.up()
         self.url = settings.database.url or self.stack.database_url()
@@ -545,6 +552,8 @@ def _prepare_fleet(
     stack: LocalStack, url: str, schema: str, *, fleet: Path | None, sites: str | None, seed: int
 ) -> tuple[list[DeviceSpec], Simulator, BrokerSettings]:
     """Build the simulated fleet and register its gateways and devices."""
+    from firmware_sim.service import Simulator
+
     description, specs = load_fleet(fleet, sites=sites, seed=seed, default_sites=DEFAULT_SITES)
     mq = stack.mosquitto()
     broker = BrokerSettings(
@@ -590,6 +599,8 @@ async def _run(
     started: float,
     first_stored: list[float],
 ) -> None:
+    from cityhub import database
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
