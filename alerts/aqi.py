@@ -1,7 +1,7 @@
 """Air-quality indices: Vietnam's VN_AQI (Decision 1459/QD-TCMT, 2019) and the US EPA PM2.5 AQI.
 
 Pure functions of concentrations (ug/m3, CO included) and hourly means; the
-tables are the ones in ``shared/reference/aqi.md``:
+tables are the decision's and the EPA's:
 
 - ``sub_index(pollutant, c)``: AQI_x by linear interpolation inside the
   breakpoint segment holding ``c``, rounded half up to an integer;

@@ -4,11 +4,11 @@
 migrations for one schema (tests give each test its own). Each migration is a
 version number, a name and SQL statements; applying them, recording them and
 locking against concurrent runs is the database adapter's job
-(``cityhub.dbmigrate``). Statements are written to be harmless when re-run
+(``cityhub.database``). Statements are written to be harmless when re-run
 (IF NOT EXISTS), so a migration interrupted between its statements and its
 record is safe to apply again.
 
-Storage shape (DESIGN.md section 5):
+Storage shape (docs/architecture.md, section 6):
 
 - metadata: sites, gateways, device types and metrics (synced from the
   catalog), devices, device state;

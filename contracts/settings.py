@@ -130,8 +130,8 @@ class IngestSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # one worker keeps the database backend busy about half the time (bench/).
     workers: int = 1
     # A commit groups batches until one of these limits or the delay is hit.
-    # 64 gateway batches of 500 rows (32k rows) commit in ~0.15 s at the
-    # ~200k rows/s of staged COPY + INSERT (DESIGN.md section 5): large enough
+    # 64 gateway batches of 500 rows (32k rows) commit in ~0.2 s at the
+    # ~150k rows/s of staged COPY + INSERT (bench/RESULTS.md): large enough
     # to amortise the transaction, small enough to ack within a second.
     max_batches_per_commit: int = 64
     max_rows_per_commit: int = 32_000

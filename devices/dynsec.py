@@ -5,7 +5,7 @@ Pure: this module builds the JSON commands published to
 the plugin's initial configuration document (the admin account) that the
 embedded broker starts from. Sending commands is ``devices.brokerctl``'s job.
 
-Accounts and what they may do (DESIGN.md section 8)::
+Accounts and what they may do (docs/architecture.md, section 8)::
 
     broker   username           client id     may
     site     device.{id}        {id}          publish {prefix/}d/{id}/#

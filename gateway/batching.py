@@ -1,7 +1,7 @@
 """Batch building: accepted readings in, columnar ``Batch`` structs out.
 
 Pure: the caller passes the time and decides when to flush (``due``); this
-module owns the layout of DESIGN.md section 3 (devices referenced by index,
+module owns the layout of ``contracts.messages.Batch`` (devices referenced by index,
 one block per device type, one column per metric present) and the batch id
 counter of one gateway boot. Writing batches to the outbox is the caller's.
 """

@@ -1,6 +1,6 @@
 """What the boards show people: VN_AQI bands and colours, severities, labels, time zone.
 
-The VN_AQI bands are Decision 1459/QD-TCMT's (shared/reference/aqi.md), with
+The VN_AQI bands are Decision 1459/QD-TCMT's (as in ``alerts.aqi``), with
 the Vietnamese names shown on every AQI panel; the alerts job computes the
 index itself and stores the band's Vietnamese name with each result. A test
 checks this table against the alerts job's own.

@@ -4,7 +4,7 @@
 milliseconds, text as codes into a small label list) into one
 ``COPY ... FROM STDIN (FORMAT BINARY)`` stream: header, tuples, trailer.
 Building a Python object per value (``datetime`` above all) costs as much as
-decoding the batch (DESIGN.md section 5); here each column is converted with
+decoding the batch; here each column is converted with
 one numpy cast.
 
 How: a binary tuple is a field count, then per field a 4-byte length (-1 for

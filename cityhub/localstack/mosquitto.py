@@ -5,7 +5,7 @@ dynamic-security plugin (a generated ``cityhub-admin`` account with full
 access, including the plugin's control API), persistence on with a snapshot
 every second (AUTOSAVE_INTERVAL below), raises the
 queue limits that would otherwise drop QoS 1 messages for a slow subscriber
-(DESIGN.md section 4), and listens on 127.0.0.1 only, optionally with a
+(MAX_QUEUED_MESSAGES below), and listens on 127.0.0.1 only, optionally with a
 second, TLS listener that requires a client certificate. Dev mode
 (``local.dev_mode``) additionally lets anonymous local clients connect; it is
 explicit in the config file so nobody mistakes it for production.
