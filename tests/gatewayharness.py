@@ -1,5 +1,8 @@
 """Test helpers for the gateway: run it in a thread or a process, play devices and ingest.
 
+Loaded as a pytest plugin (tests/conftest.py): its fixtures (``ids``) reach
+every test by name; its helpers are imported by name.
+
 Until ingest exists the tests play its part: ``FakeIngest`` subscribes to the
 gateway's batch topic on the real broker, decodes every batch, records the
 readings and (when told to) publishes acks, exactly as ingest will.
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cityhub.localstack.mosquitto import ADMIN_USER, MosquittoServer
@@ -42,6 +46,13 @@ from contracts.topics import (
     state_topic,
 )
 from gateway.service import Gateway
+
+
+@pytest.fixture
+def ids() -> tuple[str, str]:
+    """A gateway id and a topic prefix of this test's own."""
+    tag = uuid.uuid4().hex[:6]
+    return f"gw-{tag}", f"t{tag}"
 
 
 def now_ms() -> int:

@@ -41,7 +41,7 @@ from devices.provisioning import Endpoint, Provisioner
 from devices.registry import Registry
 from gateway.mqtt import MqttLink, client_ssl_context
 from gateway.sitelink import SiteLink
-from tests.conftest import IS_ROOT
+from tests.plugins.servers import IS_ROOT
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -55,12 +55,13 @@ def pki(tmp_path) -> Pki:
 
 
 @pytest.fixture
-def tls_broker(servers_dir, pki):
+def tls_broker(servers_dir, pki, mosquitto_bin):
     server = MosquittoServer(
         base_dir=servers_dir / f"mosquitto-tls-{uuid.uuid4().hex[:6]}",
         port=free_port(),
         run_as=run_as_for("mosquitto", is_root=IS_ROOT),
         dev_mode=False,
+        binary=mosquitto_bin,
         tls=TlsListener(
             port=free_port(),
             ca_file=pki.ca.cert,

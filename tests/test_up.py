@@ -26,7 +26,8 @@ SITES = "hk-ward-trang-tien,lb-hall-quan,hk-aq-hang-dau"
 
 
 @pytest.fixture
-def up_dir() -> Iterator[tuple[Path, dict[str, str]]]:
+def up_dir(pg_bindir: Path, mosquitto_bin: str) -> Iterator[tuple[Path, dict[str, str]]]:
+    """A state directory and environment for `cityhub up` (skipped without the servers)."""
     state_dir = Path(tempfile.mkdtemp(prefix="cityhub-up-"))
     state_dir.chmod(0o755)
     env = {
