@@ -72,7 +72,7 @@ def client(server: MosquittoServer, name: str | None = None) -> mqtt.Client:
         protocol=mqtt.MQTTv5,
     )
     c.username_pw_set(ADMIN_USER, server.admin_password)
-    c.reconnect_delay_set(0.2, 1)
+    c.reconnect_delay_set(0.2, 1)  # type: ignore[arg-type]  # paho takes float seconds
     c.connect("127.0.0.1", server.port)
     c.loop_start()
     return c
@@ -106,7 +106,7 @@ class FakeIngest:
             protocol=mqtt.MQTTv5,
         )
         self.client.username_pw_set(ADMIN_USER, server.admin_password)
-        self.client.reconnect_delay_set(0.2, 1)
+        self.client.reconnect_delay_set(0.2, 1)  # type: ignore[arg-type]  # float seconds
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *_: self.subscribed.set()
@@ -152,7 +152,7 @@ def watch_states(c: mqtt.Client, *, gateway_id: str, prefix: str) -> list[Gatewa
 
     def on_message(_c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
         if message.payload:  # an empty retained message clears the topic
-            states.append(decode_gateway_state(message.payload))
+            states.append(decode_gateway_state(bytes(message.payload)))
 
     c.on_message = on_message
     c.subscribe(state_topic(gateway_id, prefix), qos=1)

@@ -18,6 +18,7 @@ import sys
 import threading
 import uuid
 from pathlib import Path
+from typing import cast
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -204,11 +205,11 @@ def test_gateway_connects_over_tls_with_its_bundle(
     central = settings.broker
     assert (central.tls, central.port) == (True, tls_broker.tls.port)
     for path in (outcome.files.settings, central.key_file, outcome.files.json):
-        assert stat.S_IMODE(Path(path).stat().st_mode) == 0o600, path
+        assert stat.S_IMODE(Path(cast(str, path)).stat().st_mode) == 0o600, path
     connected = threading.Event()
     link = MqttLink(
         name="uplink",
-        host=central.host,
+        host=cast(str, central.host),
         port=central.port,
         client_id=bundle.central.client_id,
         username=central.username,

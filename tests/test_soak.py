@@ -23,6 +23,7 @@ from cityhub.soak.schedule import (
     schedule_toml,
 )
 from contracts.errors import SettingsError
+from contracts.messages import Transport
 from firmware_sim.ledger import Ledger, LedgerEntry, StoredRow, reconcile
 from tests.test_localstack import _kill_everything_under, _processes_under
 
@@ -118,7 +119,7 @@ def test_a_short_soak_applies_every_fault_and_loses_nothing():
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
-def _entry(device_id: str, transport: str, seq: int, acked_ms: int) -> LedgerEntry:
+def _entry(device_id: str, transport: Transport, seq: int, acked_ms: int) -> LedgerEntry:
     return LedgerEntry(
         device_id=device_id, transport=transport, seq=seq, ts_ms=seq, acked_ms=acked_ms
     )

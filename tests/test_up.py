@@ -116,7 +116,8 @@ def test_a_reading_lost_in_a_second_run_on_the_same_state_dir_fails_the_run(up_d
     state_dir, env = up_dir
     first = _up(env, 8)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    done, deleted = threading.Event(), []
+    done = threading.Event()
+    deleted: list[tuple] = []
     deleter = threading.Thread(
         target=_delete_one_reading,
         args=(state_dir, int(env["CITYHUB_LOCAL__PG_PORT"]), time.time(), done, deleted),
