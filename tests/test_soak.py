@@ -84,6 +84,7 @@ def test_a_bad_schedule_file_names_the_fault_and_the_problem(fault, message):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+@pytest.mark.usefixtures("pg_bindir", "mosquitto_bin")  # skipped without the servers
 def test_a_short_soak_applies_every_fault_and_loses_nothing():
     state_dir = Path(tempfile.mkdtemp(prefix="cityhub-soak-"))
     state_dir.chmod(0o755)
