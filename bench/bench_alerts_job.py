@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -101,7 +102,9 @@ def register(conn: psycopg.Connection, devices: dict[str, list[str]]) -> None:
         )
 
 
-def values_for(device_type: str, n: int, cycle: int, rng: np.random.Generator) -> dict:
+def values_for(
+    device_type: str, n: int, cycle: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     """One reading per device: calm, plausible values; a rotating tenth of kiosks busy."""
     out: dict[str, np.ndarray] = {}
     for m in DEVICE_TYPES[device_type].metrics:
@@ -185,7 +188,7 @@ def _delta_select(job: AlertsJob, device_type: str) -> str:
             AND r.ts > {_MS.format("c.since_ms")} AND r.ts <= {_MS.format("%s")}) r"""
 
 
-def _delta_params(job: AlertsJob, device_type: str, upto_ms: int) -> list:
+def _delta_params(job: AlertsJob, device_type: str, upto_ms: int) -> list[object]:
     buffer = job.buffers[device_type]
     since = buffer.cursors - PERIOD_MS
     return [list(range(len(buffer))), list(buffer.devices.device_ids), since.tolist(), upto_ms]
@@ -353,7 +356,7 @@ def print_table(
     devices: dict[str, list[str]],
     open_alerts: int,
     startup_s: float,
-    series: dict[str, list],
+    series: dict[str, list[Any]],
 ) -> None:
     med = statistics.median
     totals, aqi, changes = series["totals"], series["aqi"], series["changes"]

@@ -84,7 +84,7 @@ class Gateway:
 
     def _connect(self, clean_start: bool) -> mqtt.Client:
         client = _client(self.server, GATEWAY_ID)
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 3600  # as the gateway (site_session_expiry_s)
         client.on_connect = lambda *_a: self.ready.set()
         client.on_subscribe = lambda *_a: self.ready.set()

@@ -117,7 +117,7 @@ def make_batches(fleet: dict[str, list[str]], count: int, boot: str, base_ms: in
             round_ * per_device + k for _ in range(DEVICES_PER_GATEWAY) for k in range(per_device)
         ]
         ts = [base_ms + s * 1000 for s in seq]
-        values = {
+        values: dict[str, list[float | None]] = {
             name: [float(v) for v in np.round(rng.uniform(lo, hi, ROWS_PER_BATCH), 1)]
             for name, lo, hi in (
                 ("pm1", 5, 80),
@@ -247,7 +247,7 @@ class AckCounter:
             raise SystemExit("ack subscription failed")
 
     def _on_message(self, _c: object, _u: object, message: mqtt.MQTTMessage) -> None:
-        ack = decode_ack(message.payload)
+        ack = decode_ack(bytes(message.payload))
         with self.lock:
             self.ids.update(ack.batch_ids)
             self.last_s = time.perf_counter()

@@ -1,5 +1,8 @@
 """Test helpers for the gateway: run it in a thread or a process, play devices and ingest.
 
+Loaded as a pytest plugin (tests/conftest.py): its fixtures (``ids``) reach
+every test by name; its helpers are imported by name.
+
 Until ingest exists the tests play its part: ``FakeIngest`` subscribes to the
 gateway's batch topic on the real broker, decodes every batch, records the
 readings and (when told to) publishes acks, exactly as ingest will.
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cityhub.localstack.mosquitto import ADMIN_USER, MosquittoServer
@@ -44,6 +48,13 @@ from contracts.topics import (
 from gateway.service import Gateway
 
 
+@pytest.fixture
+def ids() -> tuple[str, str]:
+    """A gateway id and a topic prefix of this test's own."""
+    tag = uuid.uuid4().hex[:6]
+    return f"gw-{tag}", f"t{tag}"
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -61,7 +72,7 @@ def client(server: MosquittoServer, name: str | None = None) -> mqtt.Client:
         protocol=mqtt.MQTTv5,
     )
     c.username_pw_set(ADMIN_USER, server.admin_password)
-    c.reconnect_delay_set(0.2, 1)
+    c.reconnect_delay_set(0.2, 1)  # type: ignore[arg-type]  # paho takes float seconds
     c.connect("127.0.0.1", server.port)
     c.loop_start()
     return c
@@ -95,7 +106,7 @@ class FakeIngest:
             protocol=mqtt.MQTTv5,
         )
         self.client.username_pw_set(ADMIN_USER, server.admin_password)
-        self.client.reconnect_delay_set(0.2, 1)
+        self.client.reconnect_delay_set(0.2, 1)  # type: ignore[arg-type]  # float seconds
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *_: self.subscribed.set()
@@ -141,7 +152,7 @@ def watch_states(c: mqtt.Client, *, gateway_id: str, prefix: str) -> list[Gatewa
 
     def on_message(_c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
         if message.payload:  # an empty retained message clears the topic
-            states.append(decode_gateway_state(message.payload))
+            states.append(decode_gateway_state(bytes(message.payload)))
 
     c.on_message = on_message
     c.subscribe(state_topic(gateway_id, prefix), qos=1)

@@ -34,7 +34,7 @@ import psycopg
 from alerts.rules import load_rules
 from alerts.service import AlertsJob
 from cityhub import database
-from contracts.messages import GatewayState, encode_batch, encode_gateway_state
+from contracts.messages import GatewayState, GatewayStatus, encode_batch, encode_gateway_state
 from contracts.settings import AlertsSettings, DatabaseSettings, StorageSettings
 from contracts.topics import batch_topic, state_topic
 from firmware_sim.fleet import FleetDescription, build_fleet, parse_sites
@@ -219,7 +219,7 @@ def _outbox_depth(gateway_id: str, *, end_ms: int, at_ms: int) -> int:
     return max(0, (down_to - down_from - 4 * (at_ms - down_to)) // MINUTE_MS)
 
 
-def _states(gateway_ids, items, *, start_ms: int, end_ms: int, at_ms: int) -> list:
+def _states(gateway_ids, items, *, start_ms: int, end_ms: int, at_ms: int) -> list[GoodState]:
     """Each gateway's state at ``at_ms``, through ingest's state path; the silent one's Will."""
     goods = [i for i in items if isinstance(i, GoodBatch)]
     readings = {i.gateway_id: i.rows.readings for i in goods}
@@ -227,6 +227,7 @@ def _states(gateway_ids, items, *, start_ms: int, end_ms: int, at_ms: int) -> li
     silent_gateway = f"gw-{SILENT_SITE}"
     silent_from = end_ms - SILENT_FOR_MS
     states = []
+    status: GatewayStatus
     for gateway_id in sorted(gateway_ids):
         if gateway_id == silent_gateway and at_ms > silent_from:
             if at_ms - MINUTE_MS > silent_from:

@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -197,10 +198,13 @@ def assert_table_equals_ledger(conn: psycopg.Connection, schema: str, ledger: Le
         expected = ledger.rows.get(device_type, {})
         keys = [k for k, _ in rows]
         assert len(keys) == len(set(keys)), f"{device_type}: duplicate rows"
-        count, distinct = conn.execute(
-            f"SELECT count(*), count(DISTINCT (device_id, ts, seq)) "
-            f"FROM {schema}.{readings_table(device_type)}"
-        ).fetchone()
+        count, distinct = cast(
+            tuple[int, int],
+            conn.execute(
+                f"SELECT count(*), count(DISTINCT (device_id, ts, seq)) "
+                f"FROM {schema}.{readings_table(device_type)}"
+            ).fetchone(),
+        )
         assert count == distinct == len(expected), (device_type, count, distinct, len(expected))
         assert dict(rows) == expected, device_type
 
@@ -236,7 +240,7 @@ class GatewayPlayer:
             protocol=mqtt.MQTTv5,
         )
         self.client.username_pw_set(ADMIN_USER, server.admin_password)
-        self.client.reconnect_delay_set(0.2, 1)
+        self.client.reconnect_delay_set(0.2, 1)  # type: ignore[arg-type]  # float seconds
         self.client.max_inflight_messages_set(1000)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -100,7 +101,7 @@ def rule_of(
         severity=severity,
         condition=condition,
         escalate=escalate,
-        **scope,
+        **cast(dict[str, Any], scope),
     )
 
 
@@ -185,7 +186,7 @@ def test_threshold_below_with_hold_and_escalation():
         severity="warning",
         escalate=(Escalation(severity="minor", threshold=3),),
     )
-    kw = {"device_type": "kiosk", "metric": "paper_level"}
+    kw: dict[str, Any] = {"device_type": "kiosk", "metric": "paper_level"}
     # For "<" the held level is the highest value in the span.
     assert one(rule, [(-200, 5), (-60, 9), (0, 8)], **kw) == (True, 9, SEVERITIES.index("warning"))
     assert one(rule, [(-200, 2), (0, 2.5)], **kw) == (True, 2.5, SEVERITIES.index("minor"))
@@ -209,7 +210,7 @@ RISING = rule_of(
     RateOfChange(metric="cpu_temperature", op=">", threshold_per_min=1.0, window_s=600),
     device_type="kiosk",
 )
-KIOSK_CPU = {"device_type": "kiosk", "metric": "cpu_temperature"}
+KIOSK_CPU: dict[str, Any] = {"device_type": "kiosk", "metric": "cpu_temperature"}
 
 
 @pytest.mark.parametrize(
@@ -252,7 +253,7 @@ def test_rate_of_change_falling():
 STUCK = rule_of(
     Flatline(metric="occupancy", window_s=600, min_samples=3), device_type="camera_counter"
 )
-CAMERA = {"device_type": "camera_counter", "metric": "occupancy"}
+CAMERA: dict[str, Any] = {"device_type": "camera_counter", "metric": "occupancy"}
 
 
 @pytest.mark.parametrize(
@@ -321,7 +322,7 @@ SPIKE = rule_of(
     ZScore(metric="pm25", op=">", threshold=3, window_s=3600, min_samples=5),
     device_type="air_quality",
 )
-AIR = {"device_type": "air_quality", "metric": "pm25"}
+AIR: dict[str, Any] = {"device_type": "air_quality", "metric": "pm25"}
 BASELINE = [(-3000, 10), (-2400, 11), (-1800, 9), (-1200, 10), (-600, 10)]  # mean 10, s 0.707
 
 
@@ -374,7 +375,7 @@ AQI_BAD = rule_of(
         Escalation(severity="critical", band="hazardous"),
     ),
 )
-AQI = {"device_type": "air_quality", "metric": VN_AQI_METRIC}
+AQI: dict[str, Any] = {"device_type": "air_quality", "metric": VN_AQI_METRIC}
 
 
 @pytest.mark.parametrize(

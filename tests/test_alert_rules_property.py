@@ -23,10 +23,12 @@ from alerts.rules import (
     AllOf,
     AnyOf,
     AqiBand,
+    BandName,
     Condition,
     Escalation,
     Flatline,
     NoData,
+    Op,
     RateOfChange,
     Rule,
     Threshold,
@@ -37,7 +39,7 @@ from contracts.schema import SEVERITIES
 
 NOW_MS = 1_764_000_000_000
 METRICS = ("pm25", "pm10")
-OPS = (">", ">=", "<", "<=")
+OPS: tuple[Op, ...] = (">", ">=", "<", "<=")
 SECONDS = st.integers(1, 12).map(float)
 LEVELS = st.integers(0, 6).map(float)
 
@@ -115,7 +117,9 @@ def rules(draw: st.DrawFn, conditions: st.SearchStrategy[Condition] = CONDITIONS
     cond = draw(conditions)
     escalate: tuple[Escalation, ...] = ()
     if isinstance(cond, AqiBand) and draw(st.booleans()):
-        later = [b for b in BAND_NAMES if BAND_NAMES.index(b) > BAND_NAMES.index(cond.band)]
+        later: list[BandName] = [
+            b for b in BAND_NAMES if BAND_NAMES.index(b) > BAND_NAMES.index(cond.band)
+        ]
         escalate = tuple(
             Escalation(severity=sev, band=band)
             for sev, band in zip(("major", "critical"), later[:2], strict=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import cast
 
 import psycopg
 import pytest
@@ -159,11 +160,11 @@ def test_raise_escalate_ack_and_auto_clear(db_conn, db_url, kiosks, tmp_path):
         assert report.evaluated == [T0 + k * 10 * S for k in (1, 2, 3, 4)]
         assert report.escalated == 1
         # k3 has been silent since T0 - 60 s: over 60 s at T0 + 10 s.
-        rows = {r[1]: r for r in alerts_of(db_conn, schema)}
-        assert rows["t-offline"][2] == "k3"
-        assert rows["t-offline"][6] == ts(T0 + 10 * S)
-        assert rows["t-offline"][5] == 70.0
-        assert rows["t-queue"][3:6] == ("active_unack", "major", 90.0)
+        by_rule = {r[1]: r for r in alerts_of(db_conn, schema)}
+        assert by_rule["t-offline"][2] == "k3"
+        assert by_rule["t-offline"][6] == ts(T0 + 10 * S)
+        assert by_rule["t-offline"][5] == 70.0
+        assert by_rule["t-queue"][3:6] == ("active_unack", "major", 90.0)
 
         with AlertStore(url=db_url, schema=schema) as store:
             acked = store.ack(queue_id, by="Nguyễn Văn An", now_ms=T0 + 45 * S)
@@ -174,16 +175,16 @@ def test_raise_escalate_ack_and_auto_clear(db_conn, db_url, kiosks, tmp_path):
         put_series(db_conn, schema, "kiosk", "k1", T0 + 50 * S, T0 + 90 * S, queue_length=10)
         report = job.run_cycle(T0 + 90 * S)
         assert report.cleared == 1
-        rows = {r[1]: r for r in alerts_of(db_conn, schema)}
-        assert rows["t-queue"][3] == "cleared_ack"
-        assert rows["t-queue"][7] == ts(T0 + 50 * S)
+        by_rule = {r[1]: r for r in alerts_of(db_conn, schema)}
+        assert by_rule["t-queue"][3] == "cleared_ack"
+        assert by_rule["t-queue"][7] == ts(T0 + 50 * S)
         assert transitions_of(db_conn, schema, queue_id) == [
             (ts(T0), None, "active_unack", "minor", 50.0),
             (ts(T0 + 40 * S), "active_unack", "active_unack", "major", 90.0),
             (ts(T0 + 45 * S), "active_unack", "active_ack", "major", 90.0),
             (ts(T0 + 50 * S), "active_ack", "cleared_ack", "major", 10.0),
         ]
-        assert rows["t-offline"][3] == "active_unack"  # k3 is still silent
+        assert by_rule["t-offline"][3] == "active_unack"  # k3 is still silent
     finally:
         job.close()
 
@@ -432,7 +433,7 @@ def test_aqi_hourly_and_daily_rows_for_known_inputs(db_conn, db_url, migrated, t
         )
         assert row[9] == pytest.approx(nowcast(c), rel=1e-6)
         assert row[10] == pytest.approx(60.0)
-        assert row[11] == us_pm25_aqi(nowcast(c))[0]
+        assert row[11] == us_pm25_aqi(cast(float, nowcast(c)))[0]
     # The NowCast of 50, 40, 30: w = 0.6, (50 + 24 + 10.8) / 1.96 = 43.27 -> AQI 87.
     assert rows[-1][2] == 87
     assert rows[-1][4] == "Trung bình"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import cast
 
 import pytest
 import typer.main
@@ -37,7 +38,7 @@ def test_every_command_and_group_has_help(path):
     assert "Usage:" in result.output
     command = typer.main.get_command(app)
     for name in path:
-        command = command.commands[name]
+        command = cast(typer.core.TyperGroup, command).commands[name]
     assert (command.help or "").strip(), f"{' '.join(path)} has no help text"
 
 

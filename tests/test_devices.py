@@ -15,6 +15,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -103,7 +104,7 @@ def test_device_requests_are_checked_against_the_catalog():
         label="",
     )
     assert mqtt.port is None
-    cases = [
+    cases: list[tuple[dict[str, Any], type[Exception], str]] = [
         ({"device_type": "toaster"}, UnknownDeviceTypeError, "not one of"),
         ({"device_type": "kiosk", "transport": "serial"}, ConflictError, "does not speak serial"),
         ({"protocol": None}, ConflictError, "needs one of"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import urllib.request
+from typing import cast
 
 import pytest
 
@@ -227,7 +228,7 @@ def test_serial_pms5003_sensor_over_a_real_pty(mqtt_server, tmp_path, ids):
             wait_for(lambda: ingest.count() == 19, 15, "19 good frames delivered")
             assert gw.counters.serial_checksum_errors == 1
             assert gw.counters.serial_frames == 19
-            pm25 = sorted(v["pm25"] for v in ingest.values[device.device_id])
+            pm25 = sorted(cast(float, v["pm25"]) for v in ingest.values[device.device_id])
             assert pm25 == [10.0 + i for i in range(20) if i != 5]
     finally:
         os.close(master)

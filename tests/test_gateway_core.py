@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -23,7 +24,12 @@ NOW = 1_790_000_000_000
 
 
 def builder(**kw) -> BatchBuilder:
-    args = {"gateway_id": "gw-hk", "boot_id": "b00t", "max_rows": 3, "max_age_ms": 200}
+    args: dict[str, Any] = {
+        "gateway_id": "gw-hk",
+        "boot_id": "b00t",
+        "max_rows": 3,
+        "max_age_ms": 200,
+    }
     return BatchBuilder(**(args | kw))
 
 

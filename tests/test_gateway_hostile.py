@@ -7,6 +7,8 @@ subscription the broker has not confirmed yet).
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import pytest
 
 from contracts.topics import ack_topic, config_topic, device_status_topic, device_uplink_topic
@@ -161,7 +163,11 @@ def test_a_device_added_live_is_served_only_once_its_subscription_is_granted(
             publish_config(
                 pub, gateway_id=gateway_id, prefix=prefix, devices=devices[:n], version=n + 1
             )
-            wait_for(lambda d=device: d.device_id in gw.served_devices(), 10, "served")
+
+            def served(device_id: str = device.device_id) -> bool:
+                return device_id in gw.served_devices()
+
+            wait_for(served, 10, "served")
             ts = now_ms()
             pub.publish(device_uplink_topic(device.device_id, prefix), kiosk_uplink(n, ts), qos=1)
             sent.add((device.device_id, n, ts))
@@ -199,7 +205,7 @@ def test_refused_subscriptions_are_not_served_and_are_logged_by_device(tmp_path,
         assert gw.served_devices() == set()
         (pid,) = gw.site._pending
         # a's two topics granted, b's uplink refused (0x87: not authorized).
-        gw.site.on_control(None, Suback(pid, (1, 1, 0x87, 1)))
+        gw.site.on_control(cast(Any, None), Suback(pid, (1, 1, 0x87, 1)))
         assert not gw.site.subscriptions_pending()
         assert gw.served_devices() == {a.device_id}
         refusals = [
@@ -209,7 +215,7 @@ def test_refused_subscriptions_are_not_served_and_are_logged_by_device(tmp_path,
         assert b.device_id in refusals[0]
         assert "0x87" in refusals[0]
         # A SUBACK for a packet id never sent is logged and changes nothing.
-        gw.site.on_control(None, Suback(4242, (1,)))
+        gw.site.on_control(cast(Any, None), Suback(4242, (1,)))
         assert gw.served_devices() == {a.device_id}
     finally:
         gw.site.connected.clear()

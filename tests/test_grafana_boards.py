@@ -190,7 +190,7 @@ def test_planning_skips_transitions_grafana_already_has() -> None:
     ]
     first = plan_annotations(transitions, set())
     assert [a.time_ms for a in first] == [1_000, 2_000, 3_000]
-    returned = [{"tags": list(a.tags), "text": a.text} for a in first[:2]]
+    returned: list[dict[str, object]] = [{"tags": list(a.tags), "text": a.text} for a in first[:2]]
     have = existing_keys(returned)
     again = plan_annotations(transitions, have)
     assert [a.time_ms for a in again] == [3_000]

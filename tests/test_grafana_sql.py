@@ -230,7 +230,7 @@ def test_push_reads_the_transitions_and_plans_each_once(filled: Filled) -> None:
     assert all(t.device_type for t in transitions)
     planned = plan_annotations(transitions, set())
     assert len(planned) == len(transitions)
-    returned = [{"tags": list(a.tags)} for a in planned]
+    returned: list[dict[str, object]] = [{"tags": list(a.tags)} for a in planned]
     assert plan_annotations(transitions, existing_keys(returned)) == []
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 import msgspec
 import pytest
@@ -435,7 +436,7 @@ def test_a_real_gateway_drains_its_outbox_into_the_database(
 # --- gateway states -------------------------------------------------------------------
 
 
-def latest_state(db_conn, schema: str, gateway_id: str) -> dict[str, object] | None:
+def latest_state(db_conn, schema: str, gateway_id: str) -> dict[str, Any] | None:
     cur = db_conn.execute(
         "SELECT status, birth, boot_id, version, (extract(epoch FROM ts) * 1000)::bigint AS ts_ms,"
         " outbox_depth, outbox_readings, readings_per_s, received, accepted, rejected,"
@@ -463,7 +464,7 @@ def publish_state(pub, prefix: str, payload: bytes, gateway_id: str, *, retain=F
 
 
 def a_state(gateway_id: str, **fields) -> GatewayState:
-    values = {
+    values: dict[str, Any] = {
         "gateway_id": gateway_id,
         "status": "online",
         "birth": 2,
@@ -570,7 +571,7 @@ def test_a_state_replaces_the_stored_one_only_when_newer(mqtt_server, db_conn, d
             wait_for(lambda: worker.counters.states == 1, 10, "the retained state")
             assert latest_state(db_conn, migrated, gw)["outbox_depth"] == 1
 
-            def send(expected: int, **fields) -> dict[str, object]:
+            def send(expected: int, **fields) -> Any:  # a row as latest_state returns it
                 publish_state(pub, prefix, encode_gateway_state(a_state(gw, **fields)), gw)
                 wait_for(lambda: worker.counters.states == expected, 10, f"state {expected}")
                 return latest_state(db_conn, migrated, gw)

@@ -13,6 +13,7 @@ import queue
 import signal
 import time
 import uuid
+from typing import Any
 
 import msgspec
 import paho.mqtt.client as mqtt
@@ -101,7 +102,11 @@ def test_two_ingest_processes_on_one_host_share_the_stream_without_takeovers(
             logs.append(tmp_path / f"ingest-{index}.log")
             procs.append(start_ingest_process(config, logs[-1]))
         for log in logs:
-            wait_for(lambda log=log: "subscribed to" in log.read_text(), 20, "worker subscribed")
+
+            def subscribed(log=log) -> bool:
+                return "subscribed to" in log.read_text()
+
+            wait_for(subscribed, 20, "worker subscribed")
         ledger = Ledger()
         batches = [
             make_batch(gw, n, devices, rows_per_device=2, start_seq=2 * n, ledger=ledger)
@@ -516,7 +521,7 @@ def test_wills_late_repeated_and_stale_keep_the_first_noticed_death(
             database=db(db_url, migrated),
         ) as worker:
 
-            def send(payload: bytes, expected: int) -> dict[str, object]:
+            def send(payload: bytes, expected: int) -> Any:  # a row as latest_state returns it
                 pub.publish(state_topic(gw, prefix), payload, qos=1)
                 wait_for(lambda: worker.counters.states == expected, 10, f"state {expected}")
                 return latest_state(db_conn, migrated, gw)

@@ -78,6 +78,7 @@ def cityhub(state_dir: Path, *args: str, pg_port: int, mqtt_port: int, dev: bool
     )
 
 
+@pytest.mark.usefixtures("pg_bindir", "mosquitto_bin")  # skipped without the servers
 def test_up_status_down_round_trip(state_dir):
     pg_port, mqtt_port = free_port(), free_port()
     up = cityhub(state_dir, "up", pg_port=pg_port, mqtt_port=mqtt_port)
@@ -120,6 +121,7 @@ def test_up_status_down_round_trip(state_dir):
     assert stopped.stdout.count("stopped") == 2
 
 
+@pytest.mark.usefixtures("pg_bindir", "mosquitto_bin")  # skipped without the servers
 def test_port_already_taken_is_a_clear_error_and_leaves_nothing_running(state_dir):
     pg_port, mqtt_port = free_port(), free_port()
     with socket.socket() as squatter:
@@ -134,6 +136,7 @@ def test_port_already_taken_is_a_clear_error_and_leaves_nothing_running(state_di
     assert port_is_free(pg_port)
 
 
+@pytest.mark.usefixtures("pg_bindir", "mosquitto_bin")  # skipped without the servers
 def test_stale_state_dir_after_kill_is_recovered(state_dir):
     pg_port, mqtt_port = free_port(), free_port()
     assert cityhub(state_dir, "up", pg_port=pg_port, mqtt_port=mqtt_port).returncode == 0

@@ -20,11 +20,10 @@ import psycopg
 import pytest
 
 from cityhub import database
-from cityhub.localstack.postgres import PostgresServer, find_pg_bindir
+from cityhub.localstack.postgres import PostgresServer
 from cityhub.localstack.procs import free_port, run_as_for
 from contracts.schema import readings_table
 from contracts.settings import StorageSettings
-from tests.conftest import IS_ROOT
 from tests.gatewayharness import (
     broker_settings,
     client,
@@ -36,6 +35,7 @@ from tests.gatewayharness import (
     wait_for,
 )
 from tests.ingestharness import ingest_settings, seed_registry, start_ingest_process, write_config
+from tests.plugins.servers import IS_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -64,11 +64,11 @@ def signal_server(postmaster: int, sig: signal.Signals) -> list[int]:
 
 
 @pytest.fixture
-def own_pg(servers_dir: Path) -> Iterator[PostgresServer]:
+def own_pg(servers_dir: Path, pg_bindir: Path) -> Iterator[PostgresServer]:
     server = PostgresServer(
         base_dir=servers_dir / f"postgres-own-{uuid.uuid4().hex[:6]}",
         port=free_port(),
-        bindir=find_pg_bindir(),
+        bindir=pg_bindir,
         run_as=run_as_for("postgres", is_root=IS_ROOT),
         password_file=servers_dir / "postgres-own.password",
         durable=False,

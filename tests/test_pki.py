@@ -18,6 +18,7 @@ import sys
 import threading
 import uuid
 from pathlib import Path
+from typing import cast
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -41,7 +42,7 @@ from devices.pki import Pki
 from devices.provisioning import Endpoint, Provisioner
 from devices.registry import Registry
 from gateway.sitelink import SiteLink
-from tests.conftest import IS_ROOT
+from tests.plugins.servers import IS_ROOT
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -55,12 +56,13 @@ def pki(tmp_path) -> Pki:
 
 
 @pytest.fixture
-def tls_broker(servers_dir, pki):
+def tls_broker(servers_dir, pki, mosquitto_bin):
     server = MosquittoServer(
         base_dir=servers_dir / f"mosquitto-tls-{uuid.uuid4().hex[:6]}",
         port=free_port(),
         run_as=run_as_for("mosquitto", is_root=IS_ROOT),
         dev_mode=False,
+        binary=mosquitto_bin,
         tls=TlsListener(
             port=free_port(),
             ca_file=pki.ca.cert,
@@ -203,11 +205,11 @@ def test_gateway_connects_over_tls_with_its_bundle(
     central = settings.broker
     assert (central.tls, central.port) == (True, tls_broker.tls.port)
     for path in (outcome.files.settings, central.key_file, outcome.files.json):
-        assert stat.S_IMODE(Path(path).stat().st_mode) == 0o600, path
+        assert stat.S_IMODE(Path(cast(str, path)).stat().st_mode) == 0o600, path
     connected = threading.Event()
     link = MqttLink(
         name="uplink",
-        host=central.host,
+        host=cast(str, central.host),
         port=central.port,
         client_id=bundle.central.client_id,
         username=central.username,

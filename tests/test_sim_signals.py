@@ -104,7 +104,7 @@ def test_ou_step_is_stationary_with_the_given_sigma() -> None:
 # --- climate ----------------------------------------------------------------------
 
 
-def climate_mean(fn, month: int, hour: int) -> float:  # type: ignore[no-untyped-def]
+def climate_mean(fn, month: int, hour: int) -> float:
     return float(
         np.mean(
             [

@@ -23,6 +23,7 @@ from cityhub.soak.schedule import (
     schedule_toml,
 )
 from contracts.errors import SettingsError
+from contracts.messages import Transport
 from firmware_sim.ledger import Ledger, LedgerEntry, StoredRow, reconcile
 from tests.test_localstack import _kill_everything_under, _processes_under
 
@@ -83,6 +84,7 @@ def test_a_bad_schedule_file_names_the_fault_and_the_problem(fault, message):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+@pytest.mark.usefixtures("pg_bindir", "mosquitto_bin")  # skipped without the servers
 def test_a_short_soak_applies_every_fault_and_loses_nothing():
     state_dir = Path(tempfile.mkdtemp(prefix="cityhub-soak-"))
     state_dir.chmod(0o755)
@@ -118,7 +120,7 @@ def test_a_short_soak_applies_every_fault_and_loses_nothing():
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
-def _entry(device_id: str, transport: str, seq: int, acked_ms: int) -> LedgerEntry:
+def _entry(device_id: str, transport: Transport, seq: int, acked_ms: int) -> LedgerEntry:
     return LedgerEntry(
         device_id=device_id, transport=transport, seq=seq, ts_ms=seq, acked_ms=acked_ms
     )

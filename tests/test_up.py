@@ -26,7 +26,8 @@ SITES = "hk-ward-trang-tien,lb-hall-quan,hk-aq-hang-dau"
 
 
 @pytest.fixture
-def up_dir() -> Iterator[tuple[Path, dict[str, str]]]:
+def up_dir(pg_bindir: Path, mosquitto_bin: str) -> Iterator[tuple[Path, dict[str, str]]]:
+    """A state directory and environment for `cityhub up` (skipped without the servers)."""
     state_dir = Path(tempfile.mkdtemp(prefix="cityhub-up-"))
     state_dir.chmod(0o755)
     env = {
@@ -115,7 +116,8 @@ def test_a_reading_lost_in_a_second_run_on_the_same_state_dir_fails_the_run(up_d
     state_dir, env = up_dir
     first = _up(env, 8)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    done, deleted = threading.Event(), []
+    done = threading.Event()
+    deleted: list[tuple] = []
     deleter = threading.Thread(
         target=_delete_one_reading,
         args=(state_dir, int(env["CITYHUB_LOCAL__PG_PORT"]), time.time(), done, deleted),
