@@ -37,7 +37,9 @@ TOPIC = "p/hub/v1/gw/gw-a/batch"
 
 
 def good_item(owners, devices=("dev-a", "dev-b"), topic=TOPIC) -> GoodBatch:
-    rows = [(i, i + 1, NOW_MS - 5, 1.0) for i in range(len(devices))]
+    rows: list[tuple[int, int, int, float | None]] = [
+        (i, i + 1, NOW_MS - 5, 1.0) for i in range(len(devices))
+    ]
     payload = encode_batch(batch_of([aq_block(rows)], list(devices)))
     item = prepare_item(topic, payload, prefix="p", now_ms=NOW_MS, owners=owners)
     assert isinstance(item, GoodBatch)

@@ -24,7 +24,7 @@ from gateway.outbox import Outbox
 
 def _error(code: int) -> sqlite3.Error:
     exc = sqlite3.OperationalError("boom")
-    exc.sqlite_errorcode = code  # type: ignore[attr-defined]
+    exc.sqlite_errorcode = code
     return exc
 
 

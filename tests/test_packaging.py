@@ -150,7 +150,7 @@ def test_lock_pins_what_pyproject_declares_and_nothing_else(lock: str):
     direct = {pin.name for pin in pins if SELF in {_via_name(v) for v in pin.via}}
     assert direct == {canonicalize_name(r.name) for r in declared}, f"{lock}: run scripts/lock"
     # Everything else: wanted by something pinned here, back to the project.
-    wanted = {SELF}
+    wanted: set[str] = {SELF}
     changed = True
     while changed:
         changed = False
@@ -170,7 +170,7 @@ def _declared() -> set[str]:
     texts = [*PROJECT["dependencies"]]
     for extra in PROJECT["optional-dependencies"].values():
         texts.extend(extra)
-    return {canonicalize_name(Requirement(text).name) for text in texts} - {SELF}
+    return {str(canonicalize_name(Requirement(text).name)) for text in texts} - {SELF}
 
 
 def _imported_top_names(path: Path) -> Iterator[str]:
