@@ -12,9 +12,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contracts.errors import OutboxFullError
+from contracts.errors import FieldTypeError, InvalidPortError, OutboxFullError
 from contracts.ids import parse_batch_id
-from contracts.messages import decode_batch, encode_batch, payload_digest
+from contracts.messages import (
+    DeviceConfig,
+    GatewayConfig,
+    check_gateway_config,
+    decode_batch,
+    encode_batch,
+    payload_digest,
+)
+from contracts.serialurl import check_port_url
+from devices.validation import device_config
 from gateway.batching import BatchBuilder
 from gateway.outbox import Outbox
 from gateway.ratelimit import TokenBuckets
@@ -207,3 +216,72 @@ def test_outbox_survives_kill_9_mid_write(tmp_path):
     assert len(stored) == len(set(stored))
     assert box.depth().batches == len(stored)
     box.close()
+
+
+# --- one device-config check: provisioning and the gateway agree --------------------
+
+PORTS = [
+    ("/dev/ttyUSB0", True),
+    ("/dev/serial/by-id/usb-FTDI_FT232R_USB_UART_A50285BI-if00-port0", True),
+    ("/dev/pts/7", True),
+    ("socket://127.0.0.1:7001", True),
+    ("socket://gw-hk.local:4001", True),
+    ("rfc2217://192.168.1.10:2217", True),
+    ("", False),
+    ("ttyUSB0", False),
+    ("COM3", False),
+    ("/dev/", False),
+    ("//dev/ttyUSB0", False),
+    ("/dev/tty USB0", False),
+    ("/dev/ttyUSB0\n", False),
+    ("socket://", False),
+    ("socket://10.0.0.1", False),
+    ("socket://:4001", False),
+    ("socket://host:0", False),
+    ("socket://host:65536", False),
+    ("loop://", False),
+    ("loop://x", False),
+    ("spy:///dev/ttyUSB0", False),
+    ("http://10.0.0.1:80", False),
+]
+
+
+@pytest.mark.parametrize(("port", "good"), PORTS)
+def test_one_port_rule_for_provisioning_and_the_gateway(port, good):
+    device = DeviceConfig(
+        device_id="aq-1",
+        device_type="air_quality",
+        transport="serial",
+        port=port,
+        protocol="pms5003",
+    )
+    config = GatewayConfig(gateway_id="gw-hk", version=1, site_id="s-1", devices=[device])
+    if good:
+        assert check_port_url(port) == port
+        assert check_gateway_config(config) == config
+        assert (
+            device_config(
+                device_id="aq-1",
+                device_type="air_quality",
+                transport="serial",
+                port=port,
+                protocol="pms5003",
+                label="",
+            )
+            == device
+        )
+        return
+    with pytest.raises(InvalidPortError):
+        check_port_url(port)
+    with pytest.raises(FieldTypeError, match=r"devices\[0\]\.port") as info:
+        check_gateway_config(config)
+    assert isinstance(info.value.__cause__, InvalidPortError)
+    with pytest.raises(InvalidPortError):
+        device_config(
+            device_id="aq-1",
+            device_type="air_quality",
+            transport="serial",
+            port=port,
+            protocol="pms5003",
+            label="",
+        )
