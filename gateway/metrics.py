@@ -1,8 +1,12 @@
-"""Prometheus /metrics for the gateway: the service's counters, read at scrape time."""
+"""Prometheus /metrics for the gateway: the service's counters, read at scrape time.
+
+It reads a ``GatewayCounters`` record and a ``gauges`` callback passed in,
+and knows nothing else of the gateway.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
@@ -11,11 +15,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from contracts.errors import SettingsError
+from gateway.counters import GatewayCounters
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
-
-    from gateway.service import Gateway
 
 _COUNTERS = {
     "received": "Device messages and serial frames received",
@@ -42,14 +45,31 @@ _COUNTERS = {
 }
 
 
+_GAUGES = {
+    "outbox_readings": "Readings waiting in the outbox",
+    "outbox_batches": "Batches waiting in the outbox",
+    "outbox_bytes": "Payload bytes in the outbox",
+    "devices_online": "Devices online",
+    "uplink_connected": "Uplink up",
+}
+
+
 class GatewayCollector(Collector):
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+    def __init__(
+        self,
+        *,
+        gateway_id: str,
+        counters: GatewayCounters,
+        gauges: Callable[[], Mapping[str, int]],
+    ) -> None:
+        self.gateway_id = gateway_id
+        self.counters = counters
+        self.gauges = gauges
 
     def collect(self) -> Iterator[Metric]:
-        counters = self.gateway.counters
+        counters = self.counters
         labels = ["gateway"]
-        gw = [self.gateway.gateway_id]
+        gw = [self.gateway_id]
         for name, help_text in _COUNTERS.items():
             family = CounterMetricFamily(f"cityhub_gateway_{name}", help_text, labels=labels)
             family.add_metric(gw, getattr(counters, name))
@@ -68,27 +88,27 @@ class GatewayCollector(Collector):
         for (device, reason), count in sorted(counters.device_rejects.items()):
             by_device.add_metric([*gw, device, reason], count)
         yield by_device
-        depth = self.gateway.outbox.depth()
-        for name, value, help_text in (
-            ("outbox_readings", depth.readings, "Readings waiting in the outbox"),
-            ("outbox_batches", depth.batches, "Batches waiting in the outbox"),
-            ("outbox_bytes", depth.bytes, "Payload bytes in the outbox"),
-            ("devices_online", self.gateway.tracker.online_count(), "Devices online"),
-            ("uplink_connected", int(self.gateway.central.connected.is_set()), "Uplink up"),
-        ):
+        values = self.gauges()
+        for name, help_text in _GAUGES.items():
             gauge = GaugeMetricFamily(f"cityhub_gateway_{name}", help_text, labels=labels)
-            gauge.add_metric(gw, value)
+            gauge.add_metric(gw, values[name])
             yield gauge
 
 
-def serve_metrics(gateway: Gateway, port: int) -> WSGIServer:
+def serve_metrics(
+    port: int,
+    *,
+    gateway_id: str,
+    counters: GatewayCounters,
+    gauges: Callable[[], Mapping[str, int]],
+) -> WSGIServer:
     """Serve /metrics on 127.0.0.1:``port`` in a daemon thread.
 
     A port that cannot be bound (taken, or privileged) is a SettingsError
     naming the setting: the service checks it before it connects anywhere.
     """
     registry = CollectorRegistry()
-    registry.register(GatewayCollector(gateway))
+    registry.register(GatewayCollector(gateway_id=gateway_id, counters=counters, gauges=gauges))
     try:
         server, _thread = start_http_server(port, addr="127.0.0.1", registry=registry)
     except OSError as exc:
