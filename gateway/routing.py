@@ -24,6 +24,7 @@ from contracts.messages import (
     GatewayConfig,
     decode_device_status,
     decode_device_uplink,
+    encode_batch,
 )
 from contracts.mqttcodec import Publish
 from contracts.settings import GatewaySettings
@@ -53,6 +54,42 @@ class StatusChanged:
 
 
 Event = Rejected | StatusChanged
+
+
+@dataclass(frozen=True, slots=True)
+class Fitting:
+    """Ready entries split by what the outbox can take now."""
+
+    done: list[Ready]  # stored now (their acks released after the store)
+    held: list[Ready]  # wait, their device messages unacknowledged
+    items: list[tuple[str, bytes, int]]  # (batch id, payload, readings) to store
+    too_large: list[tuple[str, int, int]]  # (batch id, bytes, readings): larger than it all
+
+
+def fit_ready(ready: list[Ready], *, room_bytes: int | None, outbox_empty: bool) -> Fitting:
+    """Split ``ready`` into the leading entries the outbox takes now and the rest.
+
+    ``room_bytes`` is what the outbox has left under the ``refuse`` policy
+    (None: ``drop_oldest``, which always takes them). A batch larger than
+    the whole, empty outbox can never fit, and holding it would stop the
+    site for good: it goes to ``too_large``, to be refused and counted.
+    """
+    items: list[tuple[str, bytes, int]] = []
+    too_large: list[tuple[str, int, int]] = []
+    incoming = 0
+    for i, (batch, _acks, _generation) in enumerate(ready):
+        if batch is None:
+            continue
+        payload = encode_batch(batch)
+        rows = sum(b.row_count for b in batch.blocks)
+        if room_bytes is not None and incoming + len(payload) > room_bytes:
+            if items or not outbox_empty:
+                return Fitting(ready[:i], ready[i:], items, too_large)
+            too_large.append((batch.batch_id, len(payload), rows))
+            continue
+        items.append((batch.batch_id, payload, rows))
+        incoming += len(payload)
+    return Fitting(ready, [], items, too_large)
 
 
 class Router:

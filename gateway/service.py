@@ -59,7 +59,6 @@ from contracts.messages import (
     check_device_config,
     decode_ack,
     decode_gateway_config,
-    encode_batch,
     encode_gateway_config,
     encode_gateway_state,
 )
@@ -75,7 +74,6 @@ from contracts.topics import (
 from gateway.batching import BatchBuilder
 from gateway.configdiff import (
     ConfigDiff,
-    Routes,
     device_topics,
     mqtt_device_ids,
     serial_changes,
@@ -84,7 +82,7 @@ from gateway.configdiff import (
 from gateway.counters import GatewayCounters
 from gateway.mqtt import MqttLink, Will, client_ssl_context
 from gateway.outbox import Outbox
-from gateway.routing import Ready, Rejected, Router
+from gateway.routing import Fitting, Ready, Rejected, Router, fit_ready
 from gateway.sitelink import SITE_MAX_PACKET_BYTES, SiteLink
 from gateway.tracking import DeviceTracker
 
@@ -244,14 +242,6 @@ class Gateway:
     @property
     def devices(self) -> dict[str, DeviceConfig]:
         return self.router.devices
-
-    @property
-    def _site_routes(self) -> Routes:
-        return self.router.routes
-
-    @property
-    def _ready(self) -> list[Ready]:
-        return self.router.ready
 
     # -- state -----------------------------------------------------------------
 
@@ -562,7 +552,8 @@ class Gateway:
             ready = self.router.take_ready(now, force=force)
         if not ready:
             return
-        done, held, items = self._fitting(ready)
+        fitting = self._fitting(ready)
+        done, held, items = fitting.done, fitting.held, fitting.items
         if items:
             try:
                 await self._store(items, now)
@@ -578,37 +569,23 @@ class Gateway:
             # site broker's in-flight window.
             self.site.ack(generation, acks)
 
-    def _fitting(
-        self, ready: list[Ready]
-    ) -> tuple[list[Ready], list[Ready], list[tuple[str, bytes, int]]]:
-        """Split ``ready`` into the leading entries the outbox takes now and the rest."""
+    def _fitting(self, ready: list[Ready]) -> Fitting:
+        """What of ``ready`` the outbox takes now; batches larger than all of it are refused."""
         outbox = self.outbox
-        refuse = outbox.full_policy == "refuse"
-        items: list[tuple[str, bytes, int]] = []
-        incoming = 0
-        for i, (batch, _acks, _generation) in enumerate(ready):
-            if batch is None:
-                continue
-            payload = encode_batch(batch)
-            rows = sum(b.row_count for b in batch.blocks)
-            if refuse and not outbox.fits(incoming + len(payload)):
-                if items or outbox.depth().batches:
-                    return ready[:i], ready[i:], items
-                # Larger than the whole outbox: it can never fit, and holding
-                # it would stop the site for good. Refused and counted.
-                self.counters.outbox_refused_readings += rows
-                logger.error(
-                    "batch %s of %d bytes exceeds the whole outbox (%d bytes): "
-                    "%d readings refused; raise gateway.outbox_max_bytes",
-                    batch.batch_id,
-                    len(payload),
-                    outbox.max_bytes,
-                    rows,
-                )
-                continue
-            items.append((batch.batch_id, payload, rows))
-            incoming += len(payload)
-        return ready, [], items
+        depth = outbox.depth()
+        room = outbox.max_bytes - depth.bytes if outbox.full_policy == "refuse" else None
+        fitting = fit_ready(ready, room_bytes=room, outbox_empty=not depth.batches)
+        for batch_id, size_bytes, rows in fitting.too_large:
+            self.counters.outbox_refused_readings += rows
+            logger.error(
+                "batch %s of %d bytes exceeds the whole outbox (%d bytes): "
+                "%d readings refused; raise gateway.outbox_max_bytes",
+                batch_id,
+                size_bytes,
+                outbox.max_bytes,
+                rows,
+            )
+        return fitting
 
     def _outbox_episode(self, *, full: bool, held: list[Ready], now: int) -> None:
         """Log a full outbox once when it starts (WARNING) and once when it ends (INFO)."""

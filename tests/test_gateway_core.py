@@ -41,7 +41,7 @@ from gateway.configdiff import (
 from gateway.counters import GatewayCounters
 from gateway.outbox import Outbox
 from gateway.ratelimit import TokenBuckets
-from gateway.routing import Rejected, Router, StatusChanged
+from gateway.routing import Rejected, Router, StatusChanged, fit_ready
 
 NOW = 1_790_000_000_000
 
@@ -530,3 +530,54 @@ def test_router_applies_only_newer_configs_and_forgets_removed_devices():
     assert "k-2" not in r.tracker.devices
     assert set(r.devices) == {"k-1"}
     assert r.counters.configs_applied == 2
+
+
+def ready_batches(*rows: int) -> list:
+    """One ready entry per count of rows (0: an entry with acks only)."""
+    b = builder(max_rows=1000)
+    ready = []
+    for i, n in enumerate(rows):
+        for seq in range(n):
+            b.add(
+                device_id="aq-1",
+                device_type="air_quality",
+                seq=seq,
+                ts_ms=NOW,
+                recv_ms=NOW,
+                values={"pm25": 1.0},
+            )
+        ready.append((b.take(NOW), [i], 1))
+    return ready
+
+
+def payload_sizes(ready) -> list[int]:
+    return [len(encode_batch(batch)) for batch, _, _ in ready if batch is not None]
+
+
+@pytest.mark.parametrize(
+    ("rows", "room", "empty", "done", "too_large"),
+    [
+        ((3, 0, 3), None, False, 3, 0),  # drop_oldest takes everything
+        ((3, 0, 3), "all", False, 3, 0),
+        # The second batch waits, with all after it; the acks-only entry
+        # between them goes with the first.
+        ((3, 0, 3), "first", False, 2, 0),
+        ((3, 3), "none", False, 0, 0),  # not empty: acks will make room
+        ((3, 3), "none", True, 2, 2),  # empty: they can never fit
+    ],
+)
+def test_fit_ready(rows, room, empty, done, too_large):
+    ready = ready_batches(*rows)
+    sizes = payload_sizes(ready)
+    room_bytes = {None: None, "all": sum(sizes), "first": sizes[0], "none": 10}[room]
+    fitting = fit_ready(ready, room_bytes=room_bytes, outbox_empty=empty)
+    assert len(fitting.done) == done
+    assert fitting.done + fitting.held == ready
+    assert len(fitting.too_large) == too_large
+    refused = {batch_id for batch_id, _, _ in fitting.too_large}
+    assert [item[0] for item in fitting.items] == [
+        batch.batch_id
+        for batch, _, _ in fitting.done
+        if batch is not None and batch.batch_id not in refused
+    ]
+    assert sum(len(payload) for _, payload, _ in fitting.items) <= (room_bytes or 1 << 30)
