@@ -384,7 +384,7 @@ def logic_cost(tmp: Path, messages: int = 100_000, ndev: int = 100) -> float:
     start = time.perf_counter()
     for part in chunks:
         gateway._on_site_messages(part)  # the hot path itself, without the socket
-        gateway._ready.clear()  # drop the cut batches: no outbox here
+        gateway.router.ready.clear()  # drop the cut batches: no outbox here
     elapsed = time.perf_counter() - start
     gateway.outbox.close()
     return elapsed / messages

@@ -46,6 +46,7 @@ from contracts.errors import (
     InconsistentBatchError,
     InputError,
     InvalidIdError,
+    InvalidPortError,
     MalformedPayloadError,
     NonFiniteValueError,
     OutOfRangeError,
@@ -61,6 +62,7 @@ from contracts.ids import (
     is_valid_id,
     parse_batch_id,
 )
+from contracts.serialurl import check_port_url
 
 # A device uplink carries at most the 8 metrics of the widest catalog type:
 # 200-400 bytes of JSON (a float spelled with 17 digits is 22 bytes). 4 KiB
@@ -824,48 +826,66 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
 _CONFIG_DECODER: Final = msgspec.json.Decoder(GatewayConfig)
 
 
-def _check_port(port: str, where: str) -> None:
-    # A device path, or a pyserial URL with a scheme (socket://, rfc2217://, loop://).
-    scheme, sep, rest = port.partition("://")
-    url_like = bool(sep and rest and scheme.isascii() and scheme.isalnum())
-    path_like = port.startswith("/") and len(port) > 1
-    if not (url_like or path_like) or any(c.isspace() or not c.isprintable() for c in port):
-        raise FieldTypeError(f"{where}: {port!r} is neither a device path nor a serial URL")
-
-
-def _check_device_config(device: DeviceConfig, where: str) -> None:
-    check_id(device.device_id, f"{where}.device_id")
-    dtype = _lookup_type(device.device_type, f"{where}.device_type")
-    if device.transport not in dtype.transports:
-        raise FieldTypeError(
-            f"{where}.transport: {device.transport!r} is not offered by device type"
-            f" {dtype.name!r} ({', '.join(dtype.transports)})"
-        )
+def _check_device_port(device: DeviceConfig) -> None:
     if device.transport == "serial":
         if device.port is None:
-            raise FieldTypeError(f"{where}.port: a serial device needs a port")
-        _check_port(device.port, f"{where}.port")
+            raise InvalidPortError("a serial device needs a port (a /dev path or a URL)")
+        check_port_url(device.port)
+    elif device.port is not None:
+        raise InvalidPortError(f"port {device.port!r}: only serial devices have a port")
+
+
+def check_device_config(device: DeviceConfig, where: str = "device") -> DeviceConfig:
+    """The one check of a device's config, for provisioning and the gateway alike.
+
+    The id allow-listed (InvalidIdError), the type known
+    (UnknownDeviceTypeError), the transport one its type offers, a serial
+    device with a port (``contracts.serialurl``'s rule; the error's cause is
+    the InvalidPortError) and a known protocol, an MQTT device with neither
+    (FieldTypeError), the rate limit finite (NonFiniteValueError) and
+    positive (OutOfRangeError). Messages start with ``where`` and the field.
+    """
+    check_id(device.device_id, f"{where}.device_id")
+    try:
+        dtype = catalog.device_type(device.device_type)
+    except UnknownDeviceTypeError:
+        known = ", ".join(sorted(catalog.DEVICE_TYPES))
+        raise UnknownDeviceTypeError(
+            f"{where}.device_type: device type {device.device_type!r} is not one of {known}"
+        ) from None
+    if device.transport not in ("serial", "mqtt"):
+        raise FieldTypeError(f"{where}.transport: {device.transport!r} is not 'serial' or 'mqtt'")
+    if device.transport not in dtype.transports:
+        raise FieldTypeError(
+            f"{where}.transport: a {dtype.name} device does not speak {device.transport}"
+            f" (its transports: {', '.join(dtype.transports)})"
+        )
+    try:
+        _check_device_port(device)
+    except InvalidPortError as exc:
+        raise FieldTypeError(f"{where}.port: {exc}") from exc
+    if device.transport == "serial":
         if device.protocol not in SERIAL_PROTOCOLS:
             raise FieldTypeError(
-                f"{where}.protocol: {device.protocol!r} is not one of {', '.join(SERIAL_PROTOCOLS)}"
+                f"{where}.protocol: {device.protocol!r}: a serial device needs one of"
+                f" {', '.join(SERIAL_PROTOCOLS)}"
             )
-    else:
-        for name, value in (("port", device.port), ("protocol", device.protocol)):
-            if value is not None:
-                raise FieldTypeError(f"{where}.{name}: {value!r} is only for serial devices")
+    elif device.protocol is not None:
+        raise FieldTypeError(
+            f"{where}.protocol: {device.protocol!r}: only serial devices have a protocol"
+        )
     if not math.isfinite(device.rate_limit_per_s):
         raise NonFiniteValueError(f"{where}.rate_limit_per_s: {device.rate_limit_per_s!r}")
     if device.rate_limit_per_s <= 0:
         raise OutOfRangeError(
             f"{where}.rate_limit_per_s: {device.rate_limit_per_s!r} must be positive"
         )
+    return device
 
 
 def check_gateway_config(config: GatewayConfig) -> GatewayConfig:
     """Ids allow-listed and device ids unique (InvalidIdError), version >= 0
-    (OutOfRangeError), device types known, each transport offered by its type,
-    serial devices with a port and a known protocol, MQTT devices with neither
-    (FieldTypeError), rate limits finite and positive.
+    (OutOfRangeError), and every device as ``check_device_config`` checks it.
     """
     check_id(config.gateway_id, "gateway_id")
     check_id(config.site_id, "site_id")
@@ -873,7 +893,7 @@ def check_gateway_config(config: GatewayConfig) -> GatewayConfig:
     seen: dict[str, int] = {}
     for index, device in enumerate(config.devices):
         where = f"devices[{index}]"
-        _check_device_config(device, where)
+        check_device_config(device, where)
         if device.device_id in seen:
             raise InvalidIdError(
                 f"{where}.device_id {device.device_id!r} repeats devices[{seen[device.device_id]}]"

@@ -1,18 +1,16 @@
 """Prometheus /metrics for the gateway: the service's counters, read at scrape time.
 
-The names and labels here are what Grafana boards read; serving them is
-``adapters.metrics``'s business.
+It reads a ``GatewayCounters`` record and a ``gauges`` callback passed in,
+and knows nothing else of the gateway. The names and labels here are what
+Grafana boards read; serving them is ``adapters.metrics``'s business.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Mapping
 
 from adapters.metrics import Family, MetricsExporter, MetricsServer, counter, gauge
-
-if TYPE_CHECKING:
-    from gateway.service import Gateway
+from gateway.counters import GatewayCounters
 
 _COUNTERS = {
     "received": "Device messages and serial frames received",
@@ -39,8 +37,18 @@ _COUNTERS = {
 }
 
 
-def gateway_families(gateway: Gateway) -> Iterator[Family]:
-    counters = gateway.counters
+_GAUGES = {
+    "outbox_readings": "Readings waiting in the outbox",
+    "outbox_batches": "Batches waiting in the outbox",
+    "outbox_bytes": "Payload bytes in the outbox",
+    "devices_online": "Devices online",
+    "uplink_connected": "Uplink up",
+}
+
+
+def gateway_families(
+    counters: GatewayCounters, gauges: Callable[[], Mapping[str, int]]
+) -> Iterator[Family]:
     for name, help_text in _COUNTERS.items():
         yield counter(name, help_text, getattr(counters, name))
     yield Family(
@@ -57,15 +65,18 @@ def gateway_families(gateway: Gateway) -> Iterator[Family]:
         [((device, reason), n) for (device, reason), n in sorted(counters.device_rejects.items())],
         labels=("device", "reason"),
     )
-    depth = gateway.outbox.depth()
-    yield gauge("outbox_readings", "Readings waiting in the outbox", depth.readings)
-    yield gauge("outbox_batches", "Batches waiting in the outbox", depth.batches)
-    yield gauge("outbox_bytes", "Payload bytes in the outbox", depth.bytes)
-    yield gauge("devices_online", "Devices online", gateway.tracker.online_count())
-    yield gauge("uplink_connected", "Uplink up", int(gateway.central.connected.is_set()))
+    values = gauges()
+    for name, help_text in _GAUGES.items():
+        yield gauge(name, help_text, values[name])
 
 
-def serve_metrics(gateway: Gateway, port: int) -> MetricsServer:
+def serve_metrics(
+    port: int,
+    *,
+    gateway_id: str,
+    counters: GatewayCounters,
+    gauges: Callable[[], Mapping[str, int]],
+) -> MetricsServer:
     """Serve /metrics on 127.0.0.1:``port`` in a daemon thread.
 
     A port that cannot be bound (taken, or privileged) is a SettingsError
@@ -74,7 +85,7 @@ def serve_metrics(gateway: Gateway, port: int) -> MetricsServer:
     exporter = MetricsExporter(
         prefix="cityhub_gateway",
         instance_label="gateway",
-        instance=gateway.gateway_id,
-        collect=lambda: gateway_families(gateway),
+        instance=gateway_id,
+        collect=lambda: gateway_families(counters, gauges),
     )
     return exporter.serve(port, setting="gateway.metrics_port")

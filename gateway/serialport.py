@@ -3,8 +3,11 @@
 Opens the port with pyserial-asyncio-fast (a device path, a pty, or
 ``socket://host:port``) at the sensors' 9600 baud, feeds what arrives into the
 sans-IO ``FrameDecoder`` of ``contracts.frames`` and hands each frame's
-metrics to the gateway. A port that fails or closes is reopened with backoff;
-decoder error counts go into the gateway's counters.
+metrics to the ``on_metrics`` callback. A port that fails or closes is
+reopened with backoff. What it saw is reported through callbacks too
+(``on_decoded``: frames and decoder errors per read; ``on_reopen``), so the
+adapter knows nothing of the gateway; checking the device's config (the port
+rule of ``contracts.serialurl``) and counting are the caller's.
 """
 
 from __future__ import annotations
@@ -12,17 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import serial
 import serial_asyncio_fast
 
 from adapters.backoff import backoff_delay_s
-from contracts.frames import SERIAL_BAUD, FrameDecoder, to_metrics
-
-if TYPE_CHECKING:
-    from contracts.messages import DeviceConfig
-    from gateway.service import Gateway
+from contracts.frames import SERIAL_BAUD, FrameDecoder, SensorKind, to_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +32,27 @@ REOPEN_MAX_S = 30.0
 READ_BYTES = 512
 
 
+# frames, checksum errors, length errors, garbage bytes: of one read.
+OnDecoded = Callable[[int, int, int, int], None]
+
+
 class SerialSource:
-    def __init__(self, *, device: DeviceConfig, gateway: Gateway) -> None:
-        if device.port is None or device.protocol not in ("pms5003", "sds011"):
-            raise ValueError(f"{device.device_id}: serial device needs a port and a protocol")
-        self.device = device
-        self.port: str = device.port
-        self.gateway = gateway
-        self.decoder = FrameDecoder(device.protocol)  # type: ignore[arg-type]
+    def __init__(
+        self,
+        *,
+        port: str,
+        protocol: SensorKind,
+        name: str,
+        on_metrics: Callable[[dict[str, float]], None],
+        on_decoded: OnDecoded,
+        on_reopen: Callable[[], None],
+    ) -> None:
+        self.port = port
+        self.name = name  # the device id, for the log
+        self.decoder = FrameDecoder(protocol)
+        self._on_metrics = on_metrics
+        self._on_decoded = on_decoded
+        self._on_reopen = on_reopen
 
     async def run(self) -> None:
         failures = 0
@@ -55,28 +67,28 @@ class SerialSource:
                 logger.warning(
                     "serial %s (%s): %s; retry in %.1f s",
                     self.port,
-                    self.device.device_id,
+                    self.name,
                     exc,
                     delay,
                 )
                 await asyncio.sleep(delay)
                 continue
-            logger.info("serial %s open for %s", self.port, self.device.device_id)
+            logger.info("serial %s open for %s", self.port, self.name)
             # A partial frame from before the reopen would only cost a false error.
             self.decoder.reset()
             failures = 0
             try:
                 await self._read(reader)
             except (OSError, serial.SerialException) as exc:
-                logger.warning("serial %s (%s) failed: %s", self.port, self.device.device_id, exc)
+                logger.warning("serial %s (%s) failed: %s", self.port, self.name, exc)
             finally:
                 writer.close()
-            self.gateway.counters.serial_reconnects += 1
+            self._on_reopen()
             await asyncio.sleep(_reopen_delay_s(1))
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
-        counters = self.gateway.counters
         decoder = self.decoder
+        on_metrics = self._on_metrics
         while True:
             data = await reader.read(READ_BYTES)
             if not data:
@@ -84,12 +96,14 @@ class SerialSource:
                 return
             before = (decoder.checksum_errors, decoder.length_errors, decoder.garbage_bytes)
             frames = decoder.feed(data)
-            counters.serial_checksum_errors += decoder.checksum_errors - before[0]
-            counters.serial_length_errors += decoder.length_errors - before[1]
-            counters.serial_garbage_bytes += decoder.garbage_bytes - before[2]
-            counters.serial_frames += len(frames)
+            self._on_decoded(
+                len(frames),
+                decoder.checksum_errors - before[0],
+                decoder.length_errors - before[1],
+                decoder.garbage_bytes - before[2],
+            )
             for frame in frames:
-                self.gateway.accept_serial_reading(self.device, to_metrics(frame))
+                on_metrics(to_metrics(frame))
 
 
 def _reopen_delay_s(attempt: int) -> float:

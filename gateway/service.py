@@ -1,6 +1,6 @@
 """The site gateway service: devices in, durable outbox, batches up, acks back.
 
-Wiring (DESIGN.md sections 1, 3, 4):
+Wiring (docs/architecture.md, sections 1, 3 and 5):
 
 - site broker (``SiteLink``): ``d/{id}/up`` and ``d/{id}/status`` of each
   configured MQTT device, handed over a socket read at a time on the event
@@ -19,10 +19,16 @@ Wiring (DESIGN.md sections 1, 3, 4):
   ``ack_timeout_s``) at QoS 1 to the central broker, at most
   ``max_inflight_batches`` without PUBACK; a PUBACK reason code >= 0x80
   keeps the batch and is counted;
-- ack and config messages from the central broker: acks delete batches from
+- ack and config messages from the central broker, handed from paho's
+  network thread to the event loop (``uplink-inbox`` task), so the outbox is
+  written by the event loop's worker threads only: acks delete batches from
   the outbox; a newer config replaces the device list live;
 - ``state`` task: the retained birth/state message (its Will is the death);
 - ``expiry`` task: devices silent past ``no_data_timeout_s`` go offline.
+
+The decisions are the pure ``gateway.routing.Router`` (routing, per-device
+state, ack generations, the ready queue) and ``gateway.configdiff`` (what a
+new config changes); this shell does the I/O around them and logs.
 
 Bad device input is never a crash: it is a WARNING (rate-limited), a counter
 by reason, and dropped.
@@ -36,28 +42,25 @@ import logging
 import secrets
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from adapters.loglimit import LogLimiter
 from adapters.mqtt import MqttLink, Will, client_ssl_context
 from adapters.serve import serve as run_service
-from contracts.catalog import device_type
 from contracts.errors import HubError, InputError, OutboxFullError
+from contracts.frames import SensorKind
 from contracts.messages import (
     Ack,
-    Batch,
     DeviceConfig,
     GatewayConfig,
     GatewayState,
     GatewayStatus,
+    check_device_config,
     decode_ack,
-    decode_device_status,
-    decode_device_uplink,
     decode_gateway_config,
-    encode_batch,
     encode_gateway_config,
     encode_gateway_state,
 )
@@ -67,16 +70,24 @@ from contracts.topics import (
     ack_topic,
     batch_topic,
     config_topic,
-    device_status_topic,
-    device_uplink_topic,
     parse_device_topic,
     state_topic,
 )
 from gateway.batching import BatchBuilder
+from gateway.configdiff import (
+    ConfigDiff,
+    device_topics,
+    mqtt_device_ids,
+    serial_changes,
+    served_device_ids,
+)
+from gateway.counters import GatewayCounters
 from gateway.outbox import Outbox
-from gateway.ratelimit import TokenBuckets
+from gateway.routing import Fitting, Ready, Rejected, Router, fit_ready
 from gateway.sitelink import SITE_MAX_PACKET_BYTES, SiteLink
 from gateway.tracking import DeviceTracker
+
+__all__ = ["Gateway", "GatewayCounters", "outbox_path", "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,35 +126,12 @@ def wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-@dataclass
-class GatewayCounters:
-    """Monotonic counters for the state message and /metrics."""
+@dataclass(frozen=True, slots=True)
+class _CentralMessage:
+    """What paho's network thread hands to the event loop (None topic: a new connection)."""
 
-    received: int = 0
-    accepted: int = 0
-    rate_limited: int = 0
-    rejects: Counter[str] = field(default_factory=Counter)
-    # (device, reason) for configured devices; other ids count as "other", so
-    # a stream of made-up ids cannot grow it without bound.
-    device_rejects: Counter[tuple[str, str]] = field(default_factory=Counter)
-    seq_gaps: int = 0
-    duplicates: int = 0
-    reboots: int = 0
-    serial_frames: int = 0
-    serial_checksum_errors: int = 0
-    serial_length_errors: int = 0
-    serial_garbage_bytes: int = 0
-    serial_reconnects: int = 0
-    batches_stored: int = 0
-    readings_stored: int = 0
-    batches_published: int = 0
-    batches_resent: int = 0
-    puback_refused: int = 0
-    batches_acked: int = 0
-    readings_acked: int = 0
-    outbox_refused_readings: int = 0
-    outbox_dropped_readings: int = 0
-    configs_applied: int = 0
+    topic: str | None
+    payload: bytes = b""
 
 
 class Gateway:
@@ -171,48 +159,29 @@ class Gateway:
         )
         self.birth = self.outbox.next_birth()
         self.connected_ms = clock()
-        # One lock guards builder, buckets, tracker and the device map: the
-        # site network thread, serial tasks and the flusher all touch them.
+        self.router = Router(settings=settings, boot_id=self.boot_id, counters=self.counters)
+        # One lock guards the router: the event loop and callers in other
+        # threads (a test feeding serial readings, /metrics) both reach it.
         self.lock = threading.Lock()
-        self.builder = BatchBuilder(
-            gateway_id=self.gateway_id,
-            boot_id=self.boot_id,
-            max_rows=settings.batch_max_rows,
-            max_age_ms=settings.batch_max_ms,
-        )
-        self.buckets = TokenBuckets(
-            default_rate_per_s=settings.device_rate_per_s, burst=settings.device_burst
-        )
-        self.tracker = DeviceTracker()
-        self.config: GatewayConfig | None = None
-        self.devices: dict[str, DeviceConfig] = {}
-        self.serial_seq: dict[str, int] = {}
         self._inflight: dict[int, str] = {}
-        # topic -> (device, is the status topic), for enabled MQTT devices.
-        self._site_routes: dict[str, tuple[DeviceConfig, bool]] = {}
-        # Packet ids of site messages handled but not yet acknowledged, and the
-        # connection they arrived on; batches cut from the builder wait in
-        # _ready with the acks they release, until the flusher stores them.
-        # Under the refuse policy a full outbox keeps them there (and their
-        # device messages unacknowledged) until acks from ingest make room.
-        self._site_acks: list[int] = []
-        self._acks_generation = 0
-        self._ready: list[tuple[Batch | None, list[int], int]] = []
-        # Cut a batch early when this many messages wait for their ack, so the
-        # broker's in-flight window (Receive Maximum) never runs dry.
-        self._ack_threshold = max(1, settings.site_receive_maximum // 2)
-        # Since when (ms) the outbox has been too full to take the next ready
-        # batch, and the serial readings refused since; None: not full.
-        self._outbox_full_since_ms: int | None = None
-        self._refused_this_episode = 0
+        self._reject_log = LogLimiter(limit=REJECT_LOG_PER_MINUTE, span=60_000)
+        self._init_tasks()
+        self.central = self._uplink(central)
+        self.site = self._site_link(site)
+        self._restore_config()
+
+    def _init_tasks(self) -> None:
+        """Event-loop objects, created by ``run`` once the loop exists."""
         self._site_started = False
         self._site_task: asyncio.Task[None] | None = None
-        self._flush_now: asyncio.Event | None = None
-        self._reject_log = LogLimiter(limit=REJECT_LOG_PER_MINUTE, span=60_000)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._flush_now: asyncio.Event | None = None
         self._wake_sender: asyncio.Event | None = None
         self._config_changed: asyncio.Event | None = None
-        self.central = MqttLink(
+        self._central_inbox: asyncio.Queue[_CentralMessage] | None = None
+
+    def _uplink(self, central: BrokerSettings) -> MqttLink:
+        return MqttLink(
             name="uplink",
             host=central.host or "127.0.0.1",
             port=central.port,
@@ -240,7 +209,9 @@ class Gateway:
             on_disconnect=self._on_central_disconnect,
             on_publish=self._on_puback,
         )
-        self.site = SiteLink(
+
+    def _site_link(self, site: BrokerSettings) -> SiteLink:
+        return SiteLink(
             host=site.host or "127.0.0.1",
             port=site.port,
             client_id=f"gw-{self.gateway_id}-site",
@@ -251,20 +222,41 @@ class Gateway:
             )
             if site.tls
             else None,
-            session_expiry_s=settings.site_session_expiry_s,
-            receive_maximum=settings.site_receive_maximum,
+            session_expiry_s=self.settings.site_session_expiry_s,
+            receive_maximum=self.settings.site_receive_maximum,
             on_messages=self._on_site_messages,
             on_connect=self._on_site_connect,
             on_subscribed=self.publish_state,
             on_refused=self._on_site_refused,
             on_too_large=self._on_site_too_large,
         )
+
+    def _restore_config(self) -> None:
+        """Serve the devices of the config kept in the outbox file, before any broker."""
         saved = self.outbox.load_document(CONFIG_DOCUMENT)
         if saved is not None:
             try:
                 self.apply_config(decode_gateway_config(saved), persist=False)
             except InputError as exc:
                 logger.warning("saved config unreadable, waiting for a new one: %s", exc)
+
+    # -- the core's state, for callers and tests ----------------------------------
+
+    @property
+    def builder(self) -> BatchBuilder:
+        return self.router.builder
+
+    @property
+    def tracker(self) -> DeviceTracker:
+        return self.router.tracker
+
+    @property
+    def config(self) -> GatewayConfig | None:
+        return self.router.config
+
+    @property
+    def devices(self) -> dict[str, DeviceConfig]:
+        return self.router.devices
 
     # -- state -----------------------------------------------------------------
 
@@ -313,14 +305,7 @@ class Gateway:
         A device is served only from then on: a message it publishes earlier
         reaches no subscription and no session, and is lost at the broker.
         """
-        granted = self.site.granted_topics()
-        with self.lock:
-            routes = list(self._site_routes.items())
-        topics_of: dict[str, int] = {}
-        for topic, (device, _is_status) in routes:
-            if topic in granted:
-                topics_of[device.device_id] = topics_of.get(device.device_id, 0) + 1
-        return {device_id for device_id, n in topics_of.items() if n == 2}
+        return served_device_ids(self.router.routes, self.site.granted_topics())
 
     def publish_state(self, readings_per_s: float = 0.0) -> None:
         if self.central.connected.is_set():
@@ -330,33 +315,37 @@ class Gateway:
                 retain=True,
             )
 
-    # -- rejects -----------------------------------------------------------------
+    # -- the core's events --------------------------------------------------------
 
-    def _reject(self, reason: str, device_id: str, detail: str) -> None:
-        self.counters.rejects[reason] += 1
-        known = device_id if device_id in self.devices else "other"
-        self.counters.device_rejects[known, reason] += 1
-        if self._reject_log.allow(reason, self.clock()):
-            logger.warning("rejected reading from %s (%s): %s", device_id, reason, detail)
+    def _log_events(self) -> None:
+        """Log what the router queued: rejects (at most REJECT_LOG_PER_MINUTE per reason)."""
+        with self.lock:
+            events = self.router.take_events()
+        if not events:
+            return
+        now = self.clock()
+        for event in events:
+            if isinstance(event, Rejected):
+                if self._reject_log.allow(event.reason, now):
+                    logger.warning(
+                        "rejected reading from %s (%s): %s",
+                        event.device_id,
+                        event.reason,
+                        event.detail,
+                    )
+            else:
+                logger.info(
+                    "device %s is %s", event.device_id, "online" if event.online else "offline"
+                )
 
     # -- site side (event loop thread) --------------------------------------------
-
-    def _device_topics(self, device_ids: set[str]) -> list[str]:
-        topics = []
-        for device_id in sorted(device_ids):
-            topics.append(device_uplink_topic(device_id, self.prefix))
-            topics.append(device_status_topic(device_id, self.prefix))
-        return topics
-
-    def _mqtt_device_ids(self) -> set[str]:
-        return {d.device_id for d in self.devices.values() if d.transport == "mqtt"}
 
     def _on_site_connect(self) -> None:
         # One subscription per configured device, not d/+/up: sites may share a
         # broker, and a gateway must not see (or reject) its neighbours' devices.
         with self.lock:
-            ids = self._mqtt_device_ids()
-        self.site.subscribe(self._device_topics(ids))
+            ids = mqtt_device_ids(self.router.devices.values())
+        self.site.subscribe(device_topics(ids, self.prefix))
 
     def _on_site_refused(self, refused: list[tuple[str, int]]) -> None:
         """A SUBACK refused some topics (event loop): log them by device."""
@@ -379,165 +368,56 @@ class Gateway:
         any other refused message; unacknowledged, the broker would send it
         again after every reconnect and hold up everything behind it.
         """
-        generation = self.site.generation
-        route = self._site_routes.get(message.topic)
-        if route is not None:
-            device_id = route[0].device_id
-        else:
-            try:
-                device_id, _kind = parse_device_topic(message.topic, self.prefix)
-            except InputError:
-                device_id = "?"
         with self.lock:
-            if generation != self._acks_generation:
-                self._site_acks = []
-                self._acks_generation = generation
-            self.counters.received += 1
-            if message.qos:
-                self._site_acks.append(message.packet_id)
-            self._reject(
-                "too_large",
-                device_id,
-                f"{message.size_bytes} bytes on {message.topic[:100]!r}, "
+            self.router.site_refused(
+                topic=message.topic,
+                qos=message.qos,
+                packet_id=message.packet_id,
+                generation=self.site.generation,
+                detail=f"{message.size_bytes} bytes on {message.topic[:100]!r}, "
                 f"over the limit of {SITE_MAX_PACKET_BYTES}",
             )
+        self._log_events()
         if self._flush_now is not None:
             self._flush_now.set()
 
     def _on_site_messages(self, publishes: list[Publish]) -> None:
         """Messages of one socket read, in order, on the event loop."""
         now = self.clock()
-        generation = self.site.generation
         with self.lock:
-            if generation != self._acks_generation:
-                # Unacknowledged messages of a lost connection come again on
-                # the new one; their packet ids mean nothing there.
-                self._site_acks = []
-                self._acks_generation = generation
-            acks = self._site_acks
-            max_rows = self.builder.max_rows
-            self.counters.received += len(publishes)
-            for topic, payload, qos, packet_id, _retain in publishes:
-                if qos:
-                    acks.append(packet_id)
-                self._handle_site_message(topic, payload, now)
-                if self.builder.rows >= max_rows or len(acks) >= self._ack_threshold:
-                    self._cut(now)
-                    acks = self._site_acks
-            ready = bool(self._ready)
+            ready = self.router.site_messages(publishes, generation=self.site.generation, now=now)
+        if self.router.events:
+            self._log_events()
         if ready and self._flush_now is not None:
             self._flush_now.set()
-
-    def _handle_site_message(self, topic: str, payload: bytes, now: int) -> None:
-        """One device message (lock held): reject, count or add it to the builder."""
-        route = self._site_routes.get(topic)
-        if route is None:
-            try:
-                device_id, _kind = parse_device_topic(topic, self.prefix)
-            except InputError as exc:
-                self._reject(exc.reason, "?", str(exc))
-                return
-            self._reject("unknown_device", device_id, "not in this gateway's config")
-            return
-        device, is_status = route
-        device_id = device.device_id
-        if is_status:
-            try:
-                online = decode_device_status(payload) == "online"
-            except InputError as exc:
-                self._reject(exc.reason, device_id, str(exc))
-                return
-            if self.tracker.set_status(device_id, online=online, now_ms=now):
-                logger.info("device %s is %s", device_id, "online" if online else "offline")
-            return
-        if not self.buckets.allow(device_id, now):
-            self.counters.rate_limited += 1
-            return
-        try:
-            uplink = decode_device_uplink(payload, device_type=device.device_type, now_ms=now)
-        except InputError as exc:
-            self._reject(exc.reason, device_id, str(exc))
-            return
-        self._accept(
-            device,
-            seq=uplink.seq,
-            ts_ms=uplink.ts_ms,
-            recv_ms=now,
-            values=uplink.metrics,
-            boot=uplink.boot,
-        )
-
-    def _cut(self, now: int) -> None:
-        """Move the builder's rows and the acks they release to the flusher (lock held)."""
-        batch = self.builder.take(now)
-        if batch is not None or self._site_acks:
-            self._ready.append((batch, self._site_acks, self._acks_generation))
-            self._site_acks = []
-
-    def _accept(
-        self,
-        device: DeviceConfig,
-        *,
-        seq: int,
-        ts_ms: int,
-        recv_ms: int,
-        values: dict[str, float],
-        boot: str | None,
-    ) -> None:
-        """Track and add one checked reading (lock held)."""
-        obs = self.tracker.observe(device.device_id, seq=seq, boot=boot, now_ms=recv_ms)
-        self.counters.seq_gaps += obs.gap
-        self.counters.duplicates += obs.duplicate
-        self.counters.reboots += obs.reboot
-        # Duplicates still go up: ingest's unique key drops them, and the
-        # seq alone cannot prove a repeat without a boot id.
-        self.builder.add(
-            device_id=device.device_id,
-            device_type=device.device_type,
-            seq=seq,
-            ts_ms=ts_ms,
-            recv_ms=recv_ms,
-            values=values,
-            boot=boot,
-        )
-        self.counters.accepted += 1
 
     def accept_serial_reading(self, device: DeviceConfig, values: dict[str, float]) -> None:
         """A decoded serial frame: seq and time are the gateway's (sensors have neither)."""
         now = self.clock()
-        self.counters.received += 1
-        dtype = device_type(device.device_type)
-        try:
-            checked = {name: dtype.metric(name).check(v) for name, v in values.items()}
-        except InputError as exc:
-            self._reject(exc.reason, device.device_id, str(exc))
-            return
         with self.lock:
-            if self._outbox_full_since_ms is not None:
-                # A sensor cannot be asked to send again later: while the
-                # outbox is full its readings are refused and counted.
-                self.counters.outbox_refused_readings += 1
-                self._refused_this_episode += 1
-                return
-            if not self.buckets.allow(device.device_id, now):
-                self.counters.rate_limited += 1
-                return
-            seq = self.serial_seq.get(device.device_id, 0)
-            self.serial_seq[device.device_id] = seq + 1
-            self._accept(device, seq=seq, ts_ms=now, recv_ms=now, values=checked, boot=self.boot_id)
-            if self.builder.rows >= self.builder.max_rows:
-                self._cut(now)
+            self.router.serial_reading(device, values, now)
+        if self.router.events:
+            self._log_events()
 
-    # -- central side (paho network thread) ---------------------------------------
+    # -- central side: paho's network thread hands over to the event loop -----------
+
+    def _hand_over(self, message: _CentralMessage) -> None:
+        """Queue ``message`` for the event loop (paho thread); dropped once the loop is gone.
+
+        A dropped ack costs a resend that ingest's unique key absorbs; a
+        dropped config comes again, retained, on the next connection.
+        """
+        loop, inbox = self._loop, self._central_inbox
+        if loop is None or inbox is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has closed
+            loop.call_soon_threadsafe(inbox.put_nowait, message)
 
     def _on_central_connect(self) -> None:
         self.connected_ms = self.clock()
-        # Everything unacked is due again: what was in flight may be lost.
-        self.outbox.reset_sent()
         self._inflight.clear()
         logger.info("uplink: connected to %s:%d", self.central.host, self.central.port)
-        self.publish_state()
-        self._wake()
+        self._hand_over(_CentralMessage(None))
 
     def _on_central_disconnect(self) -> None:
         self._inflight.clear()
@@ -553,80 +433,88 @@ class Gateway:
         self._wake()
 
     def _on_central_message(self, topic: str, payload: bytes) -> None:
-        if topic == ack_topic(self.gateway_id, self.prefix):
+        self._hand_over(_CentralMessage(topic, payload))
+
+    async def _central(self, inbox: asyncio.Queue[_CentralMessage]) -> None:
+        """Apply what the uplink received, in order, writing the outbox in a worker thread."""
+        while True:
+            message = await inbox.get()
+            await self._central_message(message)
+
+    async def _central_message(self, message: _CentralMessage) -> None:
+        if message.topic is None:
+            # Everything unacked is due again: what was in flight may be lost.
+            # (The link subscribes to the ack and config topics itself on every connect.)
+            await asyncio.to_thread(self.outbox.reset_sent)
+            self.publish_state()
+            self._wake()
+        elif message.topic == ack_topic(self.gateway_id, self.prefix):
             try:
-                ack: Ack = decode_ack(payload, gateway_id=self.gateway_id)
+                ack = decode_ack(message.payload, gateway_id=self.gateway_id)
             except InputError as exc:
                 logger.warning("malformed ack ignored: %s", exc)
                 return
-            acked = self.outbox.ack(ack.batch_ids, ack.digests)
-            self.counters.batches_acked += acked.removed_batches
-            self.counters.readings_acked += acked.removed_readings
-            if acked.mismatched:
-                # A refused or spoofed payload under a held batch id, or an
-                # ingest that sends no digests: the held batches stay.
-                logger.warning(
-                    "ack names %d held batch ids with another payload%s: kept",
-                    acked.mismatched,
-                    "" if ack.digests else " (no digests: upgrade ingest first)",
-                )
-            self._wake()
-        elif topic == config_topic(self.gateway_id, self.prefix):
-            if not payload:
+            await asyncio.to_thread(self._apply_ack, ack)
+        elif message.topic == config_topic(self.gateway_id, self.prefix):
+            if not message.payload:
                 return  # a cleared retained config
             try:
-                config = decode_gateway_config(payload)
+                config = decode_gateway_config(message.payload)
             except InputError as exc:
                 logger.warning("malformed config ignored: %s", exc)
                 return
-            self.apply_config(config)
+            if self.apply_config(config, persist=False):
+                await asyncio.to_thread(
+                    self.outbox.save_document, CONFIG_DOCUMENT, encode_gateway_config(config)
+                )
 
-    def apply_config(self, config: GatewayConfig, *, persist: bool = True) -> None:
-        """Replace the device list live; an older or foreign config is ignored.
+    def _apply_ack(self, ack: Ack) -> None:
+        """Delete the acked batches from the outbox (blocking: a worker thread)."""
+        acked = self.outbox.ack(ack.batch_ids, ack.digests)
+        self.counters.batches_acked += acked.removed_batches
+        self.counters.readings_acked += acked.removed_readings
+        if acked.mismatched:
+            # A refused or spoofed payload under a held batch id, or an
+            # ingest that sends no digests: the held batches stay.
+            logger.warning(
+                "ack names %d held batch ids with another payload%s: kept",
+                acked.mismatched,
+                "" if ack.digests else " (no digests: upgrade ingest first)",
+            )
+        self._wake()
+
+    def apply_config(self, config: GatewayConfig, *, persist: bool = True) -> bool:
+        """Replace the device list live; an older or foreign config is ignored (False).
 
         The applied config is kept in the outbox file, so a restarted gateway
         serves its devices before (or without) the central broker.
         """
         if config.gateway_id != self.gateway_id:
             logger.warning("config for gateway %s ignored", config.gateway_id)
-            return
-        if self.config is not None and config.version <= self.config.version:
-            return
+            return False
         with self.lock:
-            removed = set(self.devices) - {d.device_id for d in config.devices}
-            before = self._mqtt_device_ids()
-            self.devices = {d.device_id: d for d in config.devices}
-            after = self._mqtt_device_ids()
-            for device_id in removed:
-                self.buckets.forget(device_id)
-                self.tracker.forget(device_id)
-            for device in config.devices:
-                self.buckets.set_rate(device.device_id, device.rate_limit_per_s)
-            self._site_routes = self._routes(config.devices)
-            self.config = config
-            self.counters.configs_applied += 1
+            diff = self.router.apply_config(config)
+        if diff is None:
+            return False
         if persist:
             self.outbox.save_document(CONFIG_DOCUMENT, encode_gateway_config(config))
+        self._follow_config(config, diff)
+        return True
+
+    def _follow_config(self, config: GatewayConfig, diff: ConfigDiff) -> None:
+        """Subscriptions and serial readers follow an applied config."""
         if self.site.connected.is_set():
-            self.site.unsubscribe(self._device_topics(before - after))
-            self.site.subscribe(self._device_topics(after - before))
+            self.site.unsubscribe(device_topics(diff.unsubscribe, self.prefix))
+            self.site.subscribe(device_topics(diff.subscribe, self.prefix))
         logger.info(
             "config version %d applied: %d devices (%d removed)",
             config.version,
             len(config.devices),
-            len(removed),
+            len(diff.removed),
         )
         if self._loop is not None and self._config_changed is not None:
             self._loop.call_soon_threadsafe(self._config_changed.set)
         self._start_site()
-
-    def _routes(self, devices: list[DeviceConfig]) -> dict[str, tuple[DeviceConfig, bool]]:
-        routes: dict[str, tuple[DeviceConfig, bool]] = {}
-        for device in devices:
-            if device.transport == "mqtt" and device.enabled:
-                routes[device_uplink_topic(device.device_id, self.prefix)] = (device, False)
-                routes[device_status_topic(device.device_id, self.prefix)] = (device, True)
-        return routes
 
     def _start_site(self) -> None:
         """Connect to the site broker once a config says which devices are ours.
@@ -635,7 +523,7 @@ class Gateway:
         persistent session instead of the gateway refusing them as unknown.
         """
         with self.lock:
-            if self._site_started or self.config is None or self._loop is None:
+            if self._site_started or self.router.config is None or self._loop is None:
                 return
             self._site_started = True
             loop = self._loop
@@ -670,12 +558,11 @@ class Gateway:
         """
         now = self.clock()
         with self.lock:
-            if force or self.builder.due(now) or (self._site_acks and not self.builder.rows):
-                self._cut(now)
-            ready, self._ready = self._ready, []
+            ready = self.router.take_ready(now, force=force)
         if not ready:
             return
-        done, held, items = self._fitting(ready)
+        fitting = self._fitting(ready)
+        done, held, items = fitting.done, fitting.held, fitting.items
         if items:
             try:
                 await self._store(items, now)
@@ -683,7 +570,7 @@ class Gateway:
                 done, held = [], ready  # cannot happen with one writer; hold all
         if held:
             with self.lock:
-                self._ready[:0] = held
+                self.router.hold(held)
         self._outbox_episode(full=bool(held), held=held, now=now)
         for _batch, acks, generation in done:
             # Rejected device messages are acknowledged with the batch cut
@@ -691,49 +578,30 @@ class Gateway:
             # site broker's in-flight window.
             self.site.ack(generation, acks)
 
-    def _fitting(
-        self, ready: list[tuple[Batch | None, list[int], int]]
-    ) -> tuple[
-        list[tuple[Batch | None, list[int], int]],
-        list[tuple[Batch | None, list[int], int]],
-        list[tuple[str, bytes, int]],
-    ]:
-        """Split ``ready`` into the leading entries the outbox takes now and the rest."""
+    def _fitting(self, ready: list[Ready]) -> Fitting:
+        """What of ``ready`` the outbox takes now; batches larger than all of it are refused."""
         outbox = self.outbox
-        refuse = outbox.full_policy == "refuse"
-        items: list[tuple[str, bytes, int]] = []
-        incoming = 0
-        for i, (batch, _acks, _generation) in enumerate(ready):
-            if batch is None:
-                continue
-            payload = encode_batch(batch)
-            rows = sum(b.row_count for b in batch.blocks)
-            if refuse and not outbox.fits(incoming + len(payload)):
-                if items or outbox.depth().batches:
-                    return ready[:i], ready[i:], items
-                # Larger than the whole outbox: it can never fit, and holding
-                # it would stop the site for good. Refused and counted.
-                self.counters.outbox_refused_readings += rows
-                logger.error(
-                    "batch %s of %d bytes exceeds the whole outbox (%d bytes): "
-                    "%d readings refused; raise gateway.outbox_max_bytes",
-                    batch.batch_id,
-                    len(payload),
-                    outbox.max_bytes,
-                    rows,
-                )
-                continue
-            items.append((batch.batch_id, payload, rows))
-            incoming += len(payload)
-        return ready, [], items
+        depth = outbox.depth()
+        room = outbox.max_bytes - depth.bytes if outbox.full_policy == "refuse" else None
+        fitting = fit_ready(ready, room_bytes=room, outbox_empty=not depth.batches)
+        for batch_id, size_bytes, rows in fitting.too_large:
+            self.counters.outbox_refused_readings += rows
+            logger.error(
+                "batch %s of %d bytes exceeds the whole outbox (%d bytes): "
+                "%d readings refused; raise gateway.outbox_max_bytes",
+                batch_id,
+                size_bytes,
+                outbox.max_bytes,
+                rows,
+            )
+        return fitting
 
-    def _outbox_episode(
-        self, *, full: bool, held: list[tuple[Batch | None, list[int], int]], now: int
-    ) -> None:
+    def _outbox_episode(self, *, full: bool, held: list[Ready], now: int) -> None:
         """Log a full outbox once when it starts (WARNING) and once when it ends (INFO)."""
-        since = self._outbox_full_since_ms
-        if full and since is None:
-            self._outbox_full_since_ms = now
+        with self.lock:
+            started = self.router.outbox_full(now) if full else False
+            ended = None if full else self.router.outbox_has_room()
+        if started:
             depth = self.outbox.depth()
             logger.warning(
                 "outbox full (%d of %d bytes): holding %d device messages unacknowledged "
@@ -742,10 +610,8 @@ class Gateway:
                 self.outbox.max_bytes,
                 sum(len(acks) for _b, acks, _g in held),
             )
-        elif not full and since is not None:
-            with self.lock:
-                self._outbox_full_since_ms = None
-                refused, self._refused_this_episode = self._refused_this_episode, 0
+        elif ended is not None:
+            since, refused = ended
             logger.info(
                 "outbox has room again after %.1f s: held device messages stored and "
                 "acknowledged; %d serial readings were refused meanwhile",
@@ -814,7 +680,7 @@ class Gateway:
         while True:
             await asyncio.sleep(1.0)
             with self.lock:
-                gone = self.tracker.expire(self.clock(), timeout_ms=timeout_ms)
+                gone = self.router.expire(self.clock(), timeout_ms=timeout_ms)
             for device_id in gone:
                 logger.info("device %s offline: no data for %.0f s", device_id, timeout_ms / 1000)
 
@@ -823,28 +689,48 @@ class Gateway:
         tasks: dict[str, tuple[DeviceConfig, asyncio.Task[None]]] = {}
         async with asyncio.TaskGroup() as group:
             while True:
-                wanted = {
-                    d.device_id: d
-                    for d in self.devices.values()
-                    if d.transport == "serial" and d.enabled
-                }
-                for device_id, (device, task) in list(tasks.items()):
-                    if wanted.get(device_id) != device:
-                        task.cancel()
-                        del tasks[device_id]
-                for device_id, device in wanted.items():
-                    if device_id not in tasks:
-                        # Imported on first use: a site without serial sensors
-                        # needs neither pyserial nor the frame codecs.
-                        from gateway.serialport import SerialSource
-
-                        source = SerialSource(device=device, gateway=self)
-                        tasks[device_id] = (
-                            device,
-                            group.create_task(source.run(), name=f"serial[{device.port}]"),
-                        )
+                running = {device_id: device for device_id, (device, _t) in tasks.items()}
+                stop, start = serial_changes(running, self.router.devices.values())
+                for device_id in stop:
+                    tasks.pop(device_id)[1].cancel()
+                for device in start:
+                    tasks[device.device_id] = (
+                        device,
+                        group.create_task(
+                            self._serial_source(device), name=f"serial[{device.port}]"
+                        ),
+                    )
                 await changed.wait()
                 changed.clear()
+
+    async def _serial_source(self, device: DeviceConfig) -> None:
+        """Read one serial device; its frames and decoder counts come back through callbacks."""
+        # Imported on first use: a site without serial sensors needs neither
+        # pyserial nor the frame codecs.
+        from gateway.serialport import SerialSource
+
+        # The config was checked on receipt; a serial device has a port and a protocol.
+        check_device_config(device)
+        counters = self.counters
+
+        def decoded(frames: int, checksum_errors: int, length_errors: int, garbage: int) -> None:
+            counters.serial_frames += frames
+            counters.serial_checksum_errors += checksum_errors
+            counters.serial_length_errors += length_errors
+            counters.serial_garbage_bytes += garbage
+
+        def reopened() -> None:
+            counters.serial_reconnects += 1
+
+        source = SerialSource(
+            port=cast("str", device.port),
+            protocol=cast("SensorKind", device.protocol),
+            name=device.device_id,
+            on_metrics=lambda values: self.accept_serial_reading(device, values),
+            on_decoded=decoded,
+            on_reopen=reopened,
+        )
+        await source.run()
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set (or cancelled); flush the builder on the way out."""
@@ -852,6 +738,8 @@ class Gateway:
         self._wake_sender = wake = asyncio.Event()
         self._config_changed = changed = asyncio.Event()
         self._flush_now = flush_now = asyncio.Event()
+        inbox: asyncio.Queue[_CentralMessage] = asyncio.Queue()
+        self._central_inbox = inbox
         logger.info(
             "gateway %s starting: boot %s, birth %d, outbox %d readings",
             self.gateway_id,
@@ -865,13 +753,19 @@ class Gateway:
         if self.settings.metrics_port:
             from gateway.metrics import serve_metrics
 
-            metrics_server = serve_metrics(self, self.settings.metrics_port)
+            metrics_server = serve_metrics(
+                self.settings.metrics_port,
+                gateway_id=self.gateway_id,
+                counters=self.counters,
+                gauges=self._gauges,
+            )
         self.central.start()
         self._start_site()
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._flusher(flush_now), name="flusher")
                 group.create_task(self._sender(wake), name="sender")
+                group.create_task(self._central(inbox), name="uplink-inbox")
                 group.create_task(self._state(), name="state")
                 group.create_task(self._expiry(), name="expiry")
                 group.create_task(self._serial(changed), name="serial")
@@ -890,10 +784,31 @@ class Gateway:
                 retain=True,
             )
             self.central.stop()
+            await self._drain_central(inbox)
             if metrics_server is not None:
                 metrics_server.close()
             self.outbox.close()
             logger.info("gateway %s stopped", self.gateway_id)
+
+    async def _drain_central(self, inbox: asyncio.Queue[_CentralMessage]) -> None:
+        """Apply the acks and config the uplink handed over before it stopped."""
+        await asyncio.sleep(0)  # let hand-overs already scheduled reach the queue
+        self._central_inbox = None
+        while not inbox.empty():
+            message = inbox.get_nowait()
+            if message.topic is not None:
+                await self._central_message(message)
+
+    def _gauges(self) -> dict[str, int]:
+        """Values for /metrics, read at scrape time (metrics thread)."""
+        depth = self.outbox.depth()
+        return {
+            "outbox_readings": depth.readings,
+            "outbox_batches": depth.batches,
+            "outbox_bytes": depth.bytes,
+            "devices_online": self.tracker.online_count(),
+            "uplink_connected": int(self.central.connected.is_set()),
+        }
 
     async def _stop_site(self) -> None:
         self.site.stop()

@@ -1,7 +1,7 @@
 """Ingest's two broker subscriptions: the shared batch stream with manual acks, and states.
 
 Both are built on ``adapters.mqtt.MqttLink`` (paho-mqtt's network thread,
-the fastest Python MQTT path measured here, DESIGN.md section 5, and the
+the fastest Python MQTT path measured here, bench/RESULTS.md, and the
 one that keeps MQTT v5 reason codes; it reconnects with backoff by itself).
 What is ingest's own is here: what to subscribe to, the client ids, the
 queues that hand messages to the service, and the lines logged when a

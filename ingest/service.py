@@ -1,6 +1,6 @@
 """The ingest worker: shared batch subscription in, one transaction per group, acks out.
 
-Wiring (DESIGN.md sections 1, 4, 9):
+Wiring (docs/architecture.md, sections 1, 3 and 5):
 
 - ``BatchSubscriber`` (paho network thread): batch messages from the shared
   subscription go onto a hand-over queue of ``queue_max_messages``, unacked;

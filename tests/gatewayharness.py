@@ -274,6 +274,6 @@ def gateway_in_thread(
         wait_for(gateway.site.connected.is_set, 10, "gateway site connection")
         # A reading published before the subscriptions exist has no session to
         # wait in: wait until the broker has granted every configured device's.
-        if gateway._site_routes:
+        if gateway.router.routes:
             wait_for(gateway.site_ready, 10, "gateway site subscriptions")
         yield gateway

@@ -29,6 +29,7 @@ from contracts.errors import (
     MalformedPayloadError,
     UnknownDeviceTypeError,
 )
+from contracts.serialurl import check_port_url
 from contracts.settings import load_settings
 from devices import credentials, dynsec
 from devices.brokerctl import BrokerControl
@@ -41,7 +42,7 @@ from devices.bundle import (
     gateway_settings_toml,
     qr_payload,
 )
-from devices.validation import check_port_url, device_config
+from devices.validation import device_config
 
 # --- pure: ports, requests, ACLs, commands, secrets, bundles -------------------------
 

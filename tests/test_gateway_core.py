@@ -1,4 +1,5 @@
-"""Gateway pure core (batching, rate limits) and the SQLite outbox, including kill -9."""
+"""Gateway pure core (routing, config diffs, batching, rate limits, the one device-config
+check) and the SQLite outbox, including kill -9."""
 
 from __future__ import annotations
 
@@ -9,16 +10,39 @@ import sys
 import textwrap
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contracts.errors import OutboxFullError
+from contracts.errors import FieldTypeError, InvalidPortError, OutboxFullError
 from contracts.ids import parse_batch_id
-from contracts.messages import decode_batch, encode_batch, payload_digest
+from contracts.messages import (
+    DeviceConfig,
+    DeviceUplink,
+    GatewayConfig,
+    check_gateway_config,
+    decode_batch,
+    encode_batch,
+    encode_device_uplink,
+    payload_digest,
+)
+from contracts.serialurl import check_port_url
+from contracts.settings import GatewaySettings
+from contracts.topics import device_status_topic, device_uplink_topic
+from devices.validation import device_config
 from gateway.batching import BatchBuilder
+from gateway.configdiff import (
+    device_topics,
+    diff_config,
+    serial_changes,
+    served_device_ids,
+    site_routes,
+)
+from gateway.counters import GatewayCounters
 from gateway.outbox import Outbox
 from gateway.ratelimit import TokenBuckets
+from gateway.routing import Rejected, Router, StatusChanged, fit_ready
 
 NOW = 1_790_000_000_000
 
@@ -213,3 +237,353 @@ def test_outbox_survives_kill_9_mid_write(tmp_path):
     assert len(stored) == len(set(stored))
     assert box.depth().batches == len(stored)
     box.close()
+
+
+# --- one device-config check: provisioning and the gateway agree --------------------
+
+PORTS = [
+    ("/dev/ttyUSB0", True),
+    ("/dev/serial/by-id/usb-FTDI_FT232R_USB_UART_A50285BI-if00-port0", True),
+    ("/dev/pts/7", True),
+    ("socket://127.0.0.1:7001", True),
+    ("socket://gw-hk.local:4001", True),
+    ("rfc2217://192.168.1.10:2217", True),
+    ("", False),
+    ("ttyUSB0", False),
+    ("COM3", False),
+    ("/dev/", False),
+    ("//dev/ttyUSB0", False),
+    ("/dev/tty USB0", False),
+    ("/dev/ttyUSB0\n", False),
+    ("socket://", False),
+    ("socket://10.0.0.1", False),
+    ("socket://:4001", False),
+    ("socket://host:0", False),
+    ("socket://host:65536", False),
+    ("loop://", False),
+    ("loop://x", False),
+    ("spy:///dev/ttyUSB0", False),
+    ("http://10.0.0.1:80", False),
+]
+
+
+@pytest.mark.parametrize(("port", "good"), PORTS)
+def test_one_port_rule_for_provisioning_and_the_gateway(port, good):
+    device = DeviceConfig(
+        device_id="aq-1",
+        device_type="air_quality",
+        transport="serial",
+        port=port,
+        protocol="pms5003",
+    )
+    config = GatewayConfig(gateway_id="gw-hk", version=1, site_id="s-1", devices=[device])
+    if good:
+        assert check_port_url(port) == port
+        assert check_gateway_config(config) == config
+        assert (
+            device_config(
+                device_id="aq-1",
+                device_type="air_quality",
+                transport="serial",
+                port=port,
+                protocol="pms5003",
+                label="",
+            )
+            == device
+        )
+        return
+    with pytest.raises(InvalidPortError):
+        check_port_url(port)
+    with pytest.raises(FieldTypeError, match=r"devices\[0\]\.port") as info:
+        check_gateway_config(config)
+    assert isinstance(info.value.__cause__, InvalidPortError)
+    with pytest.raises(InvalidPortError):
+        device_config(
+            device_id="aq-1",
+            device_type="air_quality",
+            transport="serial",
+            port=port,
+            protocol="pms5003",
+            label="",
+        )
+
+
+# --- config diffs -------------------------------------------------------------------
+
+
+def mqtt(device_id: str, *, enabled: bool = True, rate: float = 5.0) -> DeviceConfig:
+    return DeviceConfig(
+        device_id=device_id,
+        device_type="kiosk",
+        transport="mqtt",
+        enabled=enabled,
+        rate_limit_per_s=rate,
+    )
+
+
+def serial_dev(device_id: str, port: str = "/dev/ttyUSB0", *, enabled: bool = True):
+    return DeviceConfig(
+        device_id=device_id,
+        device_type="air_quality",
+        transport="serial",
+        port=port,
+        protocol="pms5003",
+        enabled=enabled,
+    )
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "removed", "subscribe", "unsubscribe"),
+    [
+        ([], [mqtt("k-1")], set(), {"k-1"}, set()),
+        ([mqtt("k-1")], [], {"k-1"}, set(), {"k-1"}),
+        ([mqtt("k-1")], [mqtt("k-1", rate=9.0)], set(), set(), set()),
+        ([mqtt("k-1")], [mqtt("k-2")], {"k-1"}, {"k-2"}, {"k-1"}),
+        # A disabled MQTT device keeps its subscription: its messages are
+        # answered (as unknown) instead of piling up in the session.
+        ([mqtt("k-1")], [mqtt("k-1", enabled=False)], set(), set(), set()),
+        ([serial_dev("aq-1")], [serial_dev("aq-1", "/dev/ttyUSB1")], set(), set(), set()),
+        ([serial_dev("aq-1"), mqtt("k-1")], [mqtt("k-1")], {"aq-1"}, set(), set()),
+    ],
+)
+def test_diff_config(old, new, removed, subscribe, unsubscribe):
+    diff = diff_config({d.device_id: d for d in old}, new)
+    assert (diff.removed, diff.subscribe, diff.unsubscribe) == (removed, subscribe, unsubscribe)
+
+
+@pytest.mark.parametrize(
+    ("running", "devices", "stop", "start"),
+    [
+        ([], [serial_dev("aq-1"), mqtt("k-1")], [], ["aq-1"]),
+        ([serial_dev("aq-1")], [serial_dev("aq-1")], [], []),
+        ([serial_dev("aq-1")], [serial_dev("aq-1", "/dev/ttyUSB1")], ["aq-1"], ["aq-1"]),
+        ([serial_dev("aq-1")], [serial_dev("aq-1", enabled=False)], ["aq-1"], []),
+        ([serial_dev("aq-1")], [], ["aq-1"], []),
+    ],
+)
+def test_serial_changes(running, devices, stop, start):
+    stopped, started = serial_changes({d.device_id: d for d in running}, devices)
+    assert stopped == stop
+    assert [d.device_id for d in started] == start
+    assert all(d in devices for d in started)
+
+
+def test_routes_and_served_devices():
+    routes = site_routes([mqtt("k-1"), mqtt("k-2", enabled=False), serial_dev("aq-1")], "t1")
+    assert sorted(routes) == sorted(device_topics({"k-1"}, "t1"))
+    assert all(device.device_id == "k-1" for device, _ in routes.values())
+    assert sorted(is_status for _, is_status in routes.values()) == [False, True]
+    uplink, status = device_topics({"k-1"}, "t1")
+    assert served_device_ids(routes, frozenset({uplink})) == set()
+    assert served_device_ids(routes, frozenset({uplink, status})) == {"k-1"}
+
+
+# --- routing core -------------------------------------------------------------------
+
+PREFIX = "t1"
+ROUTER_SETTINGS = GatewaySettings(
+    gateway_id="gw-hk",
+    topic_prefix=PREFIX,
+    batch_max_rows=4,
+    batch_max_ms=200,
+    site_receive_maximum=6,  # a batch is cut when 3 messages wait for their ack
+    device_rate_per_s=1e6,
+    device_burst=1e6,
+)
+
+
+def router(*devices: DeviceConfig, settings: GatewaySettings = ROUTER_SETTINGS) -> Router:
+    r = Router(settings=settings, boot_id="b00t", counters=GatewayCounters())
+    config = GatewayConfig(
+        gateway_id="gw-hk", version=1, site_id="s-1", devices=list(devices) or [mqtt("k-1")]
+    )
+    assert r.apply_config(config) is not None
+    return r
+
+
+def uplink(seq: int, **metrics: float) -> bytes:
+    return encode_device_uplink(
+        DeviceUplink(seq=seq, ts_ms=NOW, metrics=metrics or {"queue_length": 3.0})
+    )
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "reason"),
+    [
+        (device_uplink_topic("k-9", PREFIX), uplink(1), "unknown_device"),
+        ("t1/x/k-1/up", uplink(1), "bad_topic"),
+        (device_uplink_topic("k-1", PREFIX), b"{]", "malformed"),
+        (device_uplink_topic("k-1", PREFIX), uplink(1, paper_level=-5.0), "out_of_range"),
+        (device_uplink_topic("k-1", PREFIX), uplink(1, pm25=1.0), "unknown_metric"),
+        (device_status_topic("k-1", PREFIX), b"maybe", "malformed"),
+        (device_status_topic("k-1", PREFIX), b"online", None),
+        (device_uplink_topic("k-1", PREFIX), uplink(1), None),
+    ],
+)
+def test_router_rejects_by_reason(topic, payload, reason):
+    r = router()
+    r.site_messages([(topic, payload, 1, 7, False)], generation=1, now=NOW)
+    events = r.take_events()
+    if reason is None:
+        assert not r.counters.rejects
+        assert r.counters.accepted == topic.endswith("/up")
+        return
+    assert [type(e) for e in events] == [Rejected]
+    assert events[0].reason == reason
+    assert r.counters.rejects == {reason: 1}
+    assert r.counters.accepted == 0
+    assert r.site_acks == [7]  # a rejected message is acknowledged with the next batch
+
+
+def test_router_status_changes_are_events_once():
+    r = router()
+    status = device_status_topic("k-1", PREFIX)
+    msgs = [(status, b"online", 1, 1, False), (status, b"online", 1, 2, False)]
+    r.site_messages(msgs, generation=1, now=NOW)
+    assert r.take_events() == [StatusChanged("k-1", online=True)]
+    r.site_messages([(status, b"offline", 1, 3, False)], generation=1, now=NOW)
+    assert r.take_events() == [StatusChanged("k-1", online=False)]
+
+
+def test_router_rate_limit_is_counted_not_rejected():
+    settings = msgspec.structs.replace(ROUTER_SETTINGS, device_rate_per_s=1.0, device_burst=1.0)
+    r = router(mqtt("k-1", rate=1.0), settings=settings)
+    topic = device_uplink_topic("k-1", PREFIX)
+    r.site_messages([(topic, uplink(i), 1, i + 1, False) for i in range(3)], generation=1, now=NOW)
+    assert (r.counters.accepted, r.counters.rate_limited) == (1, 2)
+    assert not r.counters.rejects
+
+
+# One socket read: (device index, qos) per message; a list of reads per connection.
+reads = st.lists(
+    st.lists(st.tuples(st.integers(0, 2), st.sampled_from([0, 1])), max_size=12), max_size=6
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(reads, min_size=1, max_size=3))
+def test_router_releases_each_packet_id_once_on_its_connection(connections):
+    r = router(mqtt("k-0"), mqtt("k-1"), mqtt("k-2"))
+    released: list[tuple[int, int]] = []
+    expected: list[tuple[int, int]] = []
+    seq = 0
+    rows = 0
+    for generation, socket_reads in enumerate(connections, start=1):
+        packet_id = 0
+        for read in socket_reads:
+            publishes = []
+            for device, qos in read:
+                packet_id += 1
+                seq += 1
+                topic = device_uplink_topic(f"k-{device}", PREFIX)
+                publishes.append((topic, uplink(seq), qos, packet_id, False))
+                if qos:
+                    expected.append((generation, packet_id))
+            r.site_messages(publishes, generation=generation, now=NOW)
+        # The connection is lost: what it has not released is gone with it.
+        for batch, acks, gen in r.take_ready(NOW, force=True):
+            assert gen == generation
+            released += [(gen, a) for a in acks]
+            rows += sum(b.row_count for b in batch.blocks) if batch else 0
+        expected = [(g, p) for g, p in expected if (g, p) in released or g != generation]
+    assert released == expected
+    assert rows == r.counters.accepted == seq
+    assert r.counters.received == seq
+
+
+def test_router_ready_queue_cut_hold_and_due():
+    r = router()
+    topic = device_uplink_topic("k-1", PREFIX)
+    r.site_messages([(topic, uplink(1), 1, 1, False)], generation=1, now=NOW)
+    assert r.take_ready(NOW + 10, force=False) == []  # neither full nor due
+    ready = r.take_ready(NOW + 200, force=False)  # due: batch_max_ms
+    assert [(len(acks), gen) for _b, acks, gen in ready] == [(1, 1)]
+    r.hold(ready)
+    r.site_messages([(topic, uplink(2), 1, 2, False)], generation=1, now=NOW)
+    again = r.take_ready(NOW, force=True)
+    assert again[0] is ready[0]  # held entries stay first
+    assert [acks for _b, acks, _g in again] == [[1], [2]]
+
+
+def test_router_refuses_serial_readings_while_the_outbox_is_full():
+    sensor = serial_dev("aq-1")
+    r = router(sensor)
+    assert r.outbox_full(NOW) is True
+    assert r.outbox_full(NOW + 1) is False  # the episode has started already
+    r.serial_reading(sensor, {"pm25": 12.0}, NOW)
+    r.serial_reading(sensor, {"pm25": 12.0}, NOW)
+    assert (r.counters.outbox_refused_readings, r.counters.accepted) == (2, 0)
+    assert r.outbox_has_room() == (NOW, 2)
+    assert r.outbox_has_room() is None
+    r.serial_reading(sensor, {"pm25": 12.0}, NOW)
+    r.serial_reading(sensor, {"pm25": -1.0}, NOW)
+    assert r.counters.accepted == 1
+    assert r.counters.rejects == {"out_of_range": 1}
+
+
+def test_router_applies_only_newer_configs_and_forgets_removed_devices():
+    r = router(mqtt("k-1"), mqtt("k-2"))
+    r.site_messages(
+        [(device_uplink_topic("k-2", PREFIX), uplink(1), 0, 0, False)], generation=1, now=NOW
+    )
+    assert "k-2" in r.tracker.devices
+    same = GatewayConfig(gateway_id="gw-hk", version=1, site_id="s-1", devices=[])
+    assert r.apply_config(same) is None
+    newer = GatewayConfig(gateway_id="gw-hk", version=2, site_id="s-1", devices=[mqtt("k-1")])
+    diff = r.apply_config(newer)
+    assert diff is not None
+    assert diff.removed == {"k-2"}
+    assert "k-2" not in r.tracker.devices
+    assert set(r.devices) == {"k-1"}
+    assert r.counters.configs_applied == 2
+
+
+def ready_batches(*rows: int) -> list:
+    """One ready entry per count of rows (0: an entry with acks only)."""
+    b = builder(max_rows=1000)
+    ready = []
+    for i, n in enumerate(rows):
+        for seq in range(n):
+            b.add(
+                device_id="aq-1",
+                device_type="air_quality",
+                seq=seq,
+                ts_ms=NOW,
+                recv_ms=NOW,
+                values={"pm25": 1.0},
+            )
+        ready.append((b.take(NOW), [i], 1))
+    return ready
+
+
+def payload_sizes(ready) -> list[int]:
+    return [len(encode_batch(batch)) for batch, _, _ in ready if batch is not None]
+
+
+@pytest.mark.parametrize(
+    ("rows", "room", "empty", "done", "too_large"),
+    [
+        ((3, 0, 3), None, False, 3, 0),  # drop_oldest takes everything
+        ((3, 0, 3), "all", False, 3, 0),
+        # The second batch waits, with all after it; the acks-only entry
+        # between them goes with the first.
+        ((3, 0, 3), "first", False, 2, 0),
+        ((3, 3), "none", False, 0, 0),  # not empty: acks will make room
+        ((3, 3), "none", True, 2, 2),  # empty: they can never fit
+    ],
+)
+def test_fit_ready(rows, room, empty, done, too_large):
+    ready = ready_batches(*rows)
+    sizes = payload_sizes(ready)
+    room_bytes = {None: None, "all": sum(sizes), "first": sizes[0], "none": 10}[room]
+    fitting = fit_ready(ready, room_bytes=room_bytes, outbox_empty=empty)
+    assert len(fitting.done) == done
+    assert fitting.done + fitting.held == ready
+    assert len(fitting.too_large) == too_large
+    refused = {batch_id for batch_id, _, _ in fitting.too_large}
+    assert [item[0] for item in fitting.items] == [
+        batch.batch_id
+        for batch, _, _ in fitting.done
+        if batch is not None and batch.batch_id not in refused
+    ]
+    assert sum(len(payload) for _, payload, _ in fitting.items) <= (room_bytes or 1 << 30)

@@ -12,6 +12,7 @@ from typing import Any, cast
 import pytest
 
 from contracts.topics import ack_topic, config_topic, device_status_topic, device_uplink_topic
+from gateway.configdiff import device_topics
 from tests.gatewayharness import (
     FakeIngest,
     broker_settings,
@@ -200,7 +201,8 @@ def test_refused_subscriptions_are_not_served_and_are_logged_by_device(tmp_path,
             persist=False,
         )
         gw.site.connected.set()  # as after a CONNACK; nothing is written without a transport
-        gw.site._send_filters(gw._device_topics({a.device_id, b.device_id}), subscribe=True)
+        topics = device_topics({a.device_id, b.device_id}, gw.prefix)
+        gw.site._send_filters(topics, subscribe=True)
         assert gw.site.subscriptions_pending()
         assert gw.served_devices() == set()
         (pid,) = gw.site._pending

@@ -1,0 +1,41 @@
+"""The gateway's monotonic counters: one plain record the core and adapters add to.
+
+The routing core, the serial and outbox callbacks add to it; the state
+message and the metrics adapter read it. Deciding what to count is theirs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GatewayCounters:
+    """Monotonic counters for the state message and /metrics."""
+
+    received: int = 0
+    accepted: int = 0
+    rate_limited: int = 0
+    rejects: Counter[str] = field(default_factory=Counter)
+    # (device, reason) for configured devices; other ids count as "other", so
+    # a stream of made-up ids cannot grow it without bound.
+    device_rejects: Counter[tuple[str, str]] = field(default_factory=Counter)
+    seq_gaps: int = 0
+    duplicates: int = 0
+    reboots: int = 0
+    serial_frames: int = 0
+    serial_checksum_errors: int = 0
+    serial_length_errors: int = 0
+    serial_garbage_bytes: int = 0
+    serial_reconnects: int = 0
+    batches_stored: int = 0
+    readings_stored: int = 0
+    batches_published: int = 0
+    batches_resent: int = 0
+    puback_refused: int = 0
+    batches_acked: int = 0
+    readings_acked: int = 0
+    outbox_refused_readings: int = 0
+    outbox_dropped_readings: int = 0
+    configs_applied: int = 0

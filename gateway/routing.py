@@ -1,0 +1,351 @@
+"""The gateway's routing core: device messages in, batches and the acks they release out.
+
+Pure: the caller passes the time, the site connection's generation and the
+settings; nothing here does I/O, logs, or knows about threads. It decides
+which device a site message belongs to (routes from the applied config),
+applies the per-device rate limit, decodes and checks it against the catalog,
+tracks seq and liveness per device, and adds it to the ``BatchBuilder``. It
+keeps the site packet ids awaiting their ack per connection generation, and
+the ready queue: batches cut from the builder, each with the packet ids it
+releases, waiting for the shell to store them in the outbox. Rejects and
+device status changes are counted and queued in ``events`` for the shell to
+log; storing, acknowledging, subscribing and logging are the shell's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from contracts.catalog import device_type
+from contracts.errors import InputError
+from contracts.messages import (
+    Batch,
+    DeviceConfig,
+    GatewayConfig,
+    decode_device_status,
+    decode_device_uplink,
+    encode_batch,
+)
+from contracts.mqttcodec import Publish
+from contracts.settings import GatewaySettings
+from contracts.topics import parse_device_topic
+from gateway.batching import BatchBuilder
+from gateway.configdiff import ConfigDiff, Routes, diff_config, is_newer, site_routes
+from gateway.counters import GatewayCounters
+from gateway.ratelimit import TokenBuckets
+from gateway.tracking import DeviceTracker
+
+# A cut batch (None: only acks), the site packet ids it releases, and the
+# site connection generation they arrived on.
+Ready = tuple[Batch | None, list[int], int]
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    reason: str
+    device_id: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class StatusChanged:
+    device_id: str
+    online: bool
+
+
+Event = Rejected | StatusChanged
+
+
+@dataclass(frozen=True, slots=True)
+class Fitting:
+    """Ready entries split by what the outbox can take now."""
+
+    done: list[Ready]  # stored now (their acks released after the store)
+    held: list[Ready]  # wait, their device messages unacknowledged
+    items: list[tuple[str, bytes, int]]  # (batch id, payload, readings) to store
+    too_large: list[tuple[str, int, int]]  # (batch id, bytes, readings): larger than it all
+
+
+def fit_ready(ready: list[Ready], *, room_bytes: int | None, outbox_empty: bool) -> Fitting:
+    """Split ``ready`` into the leading entries the outbox takes now and the rest.
+
+    ``room_bytes`` is what the outbox has left under the ``refuse`` policy
+    (None: ``drop_oldest``, which always takes them). A batch larger than
+    the whole, empty outbox can never fit, and holding it would stop the
+    site for good: it goes to ``too_large``, to be refused and counted.
+    """
+    items: list[tuple[str, bytes, int]] = []
+    too_large: list[tuple[str, int, int]] = []
+    incoming = 0
+    for i, (batch, _acks, _generation) in enumerate(ready):
+        if batch is None:
+            continue
+        payload = encode_batch(batch)
+        rows = sum(b.row_count for b in batch.blocks)
+        if room_bytes is not None and incoming + len(payload) > room_bytes:
+            if items or not outbox_empty:
+                return Fitting(ready[:i], ready[i:], items, too_large)
+            too_large.append((batch.batch_id, len(payload), rows))
+            continue
+        items.append((batch.batch_id, payload, rows))
+        incoming += len(payload)
+    return Fitting(ready, [], items, too_large)
+
+
+class Router:
+    """Routing, per-device state, ack generations and the ready queue of one gateway boot."""
+
+    def __init__(
+        self,
+        *,
+        settings: GatewaySettings,
+        boot_id: str,
+        counters: GatewayCounters,
+    ) -> None:
+        self.gateway_id = settings.gateway_id
+        self.prefix = settings.topic_prefix
+        self.boot_id = boot_id
+        self.counters = counters
+        self.builder = BatchBuilder(
+            gateway_id=settings.gateway_id,
+            boot_id=boot_id,
+            max_rows=settings.batch_max_rows,
+            max_age_ms=settings.batch_max_ms,
+        )
+        self.buckets = TokenBuckets(
+            default_rate_per_s=settings.device_rate_per_s, burst=settings.device_burst
+        )
+        self.tracker = DeviceTracker()
+        self.config: GatewayConfig | None = None
+        self.devices: dict[str, DeviceConfig] = {}
+        self.routes: Routes = {}
+        self.serial_seq: dict[str, int] = {}
+        # Packet ids of site messages handled but not yet acknowledged, and the
+        # connection they arrived on; batches cut from the builder wait in
+        # ready with the acks they release, until the shell stores them.
+        # Under the refuse policy a full outbox keeps them there (and their
+        # device messages unacknowledged) until acks from ingest make room.
+        self.site_acks: list[int] = []
+        self.acks_generation = 0
+        self.ready: list[Ready] = []
+        # Cut a batch early when this many messages wait for their ack, so the
+        # broker's in-flight window (Receive Maximum) never runs dry.
+        self.ack_threshold = max(1, settings.site_receive_maximum // 2)
+        # Since when (ms) the outbox has been too full to take the next ready
+        # batch, and the serial readings refused since; None: not full.
+        self.outbox_full_since_ms: int | None = None
+        self.refused_this_episode = 0
+        self.events: list[Event] = []
+
+    # -- config --------------------------------------------------------------------
+
+    def apply_config(self, config: GatewayConfig) -> ConfigDiff | None:
+        """Take a newer config's devices; None if ``config`` is not newer."""
+        if not is_newer(self.config, config):
+            return None
+        diff = diff_config(self.devices, config.devices)
+        self.devices = {d.device_id: d for d in config.devices}
+        for device_id in diff.removed:
+            self.buckets.forget(device_id)
+            self.tracker.forget(device_id)
+        for device in config.devices:
+            self.buckets.set_rate(device.device_id, device.rate_limit_per_s)
+        self.routes = site_routes(config.devices, self.prefix)
+        self.config = config
+        self.counters.configs_applied += 1
+        return diff
+
+    # -- rejects -----------------------------------------------------------------
+
+    def reject(self, reason: str, device_id: str, detail: str) -> None:
+        self.counters.rejects[reason] += 1
+        known = device_id if device_id in self.devices else "other"
+        self.counters.device_rejects[known, reason] += 1
+        self.events.append(Rejected(reason, device_id, detail))
+
+    def take_events(self) -> list[Event]:
+        events, self.events = self.events, []
+        return events
+
+    # -- site messages ---------------------------------------------------------------
+
+    def _generation(self, generation: int) -> list[int]:
+        if generation != self.acks_generation:
+            # Unacknowledged messages of a lost connection come again on
+            # the new one; their packet ids mean nothing there.
+            self.site_acks = []
+            self.acks_generation = generation
+        return self.site_acks
+
+    def device_of(self, topic: str) -> str:
+        """The device id a site topic names ("?" if none)."""
+        route = self.routes.get(topic)
+        if route is not None:
+            return route[0].device_id
+        try:
+            device_id, _kind = parse_device_topic(topic, self.prefix)
+        except InputError:
+            return "?"
+        return device_id
+
+    def site_refused(
+        self, *, topic: str, qos: int, packet_id: int, generation: int, detail: str
+    ) -> None:
+        """A site message refused unread (too large): counted, acked with the next batch."""
+        acks = self._generation(generation)
+        self.counters.received += 1
+        if qos:
+            acks.append(packet_id)
+        self.reject("too_large", self.device_of(topic), detail)
+
+    def site_messages(self, publishes: list[Publish], *, generation: int, now: int) -> bool:
+        """Messages of one socket read, in order; True if a batch is ready to store."""
+        acks = self._generation(generation)
+        builder = self.builder
+        max_rows = builder.max_rows
+        ack_threshold = self.ack_threshold
+        self.counters.received += len(publishes)
+        for topic, payload, qos, packet_id, _retain in publishes:
+            if qos:
+                acks.append(packet_id)
+            self._site_message(topic, payload, now)
+            if builder.rows >= max_rows or len(acks) >= ack_threshold:
+                self.cut(now)
+                acks = self.site_acks
+        return bool(self.ready)
+
+    def _site_message(self, topic: str, payload: bytes, now: int) -> None:
+        """One device message: reject, count or add it to the builder."""
+        route = self.routes.get(topic)
+        if route is None:
+            try:
+                device_id, _kind = parse_device_topic(topic, self.prefix)
+            except InputError as exc:
+                self.reject(exc.reason, "?", str(exc))
+                return
+            self.reject("unknown_device", device_id, "not in this gateway's config")
+            return
+        device, is_status = route
+        device_id = device.device_id
+        if is_status:
+            try:
+                online = decode_device_status(payload) == "online"
+            except InputError as exc:
+                self.reject(exc.reason, device_id, str(exc))
+                return
+            if self.tracker.set_status(device_id, online=online, now_ms=now):
+                self.events.append(StatusChanged(device_id, online))
+            return
+        if not self.buckets.allow(device_id, now):
+            self.counters.rate_limited += 1
+            return
+        try:
+            uplink = decode_device_uplink(payload, device_type=device.device_type, now_ms=now)
+        except InputError as exc:
+            self.reject(exc.reason, device_id, str(exc))
+            return
+        self._accept(
+            device,
+            seq=uplink.seq,
+            ts_ms=uplink.ts_ms,
+            recv_ms=now,
+            values=uplink.metrics,
+            boot=uplink.boot,
+        )
+
+    def _accept(
+        self,
+        device: DeviceConfig,
+        *,
+        seq: int,
+        ts_ms: int,
+        recv_ms: int,
+        values: dict[str, float],
+        boot: str | None,
+    ) -> None:
+        """Track and add one checked reading."""
+        obs = self.tracker.observe(device.device_id, seq=seq, boot=boot, now_ms=recv_ms)
+        counters = self.counters
+        counters.seq_gaps += obs.gap
+        counters.duplicates += obs.duplicate
+        counters.reboots += obs.reboot
+        # Duplicates still go up: ingest's unique key drops them, and the
+        # seq alone cannot prove a repeat without a boot id.
+        self.builder.add(
+            device_id=device.device_id,
+            device_type=device.device_type,
+            seq=seq,
+            ts_ms=ts_ms,
+            recv_ms=recv_ms,
+            values=values,
+            boot=boot,
+        )
+        counters.accepted += 1
+
+    # -- serial readings ---------------------------------------------------------------
+
+    def serial_reading(self, device: DeviceConfig, values: dict[str, float], now: int) -> None:
+        """A decoded serial frame: seq and time are the gateway's (sensors have neither)."""
+        self.counters.received += 1
+        dtype = device_type(device.device_type)
+        try:
+            checked = {name: dtype.metric(name).check(v) for name, v in values.items()}
+        except InputError as exc:
+            self.reject(exc.reason, device.device_id, str(exc))
+            return
+        if self.outbox_full_since_ms is not None:
+            # A sensor cannot be asked to send again later: while the
+            # outbox is full its readings are refused and counted.
+            self.counters.outbox_refused_readings += 1
+            self.refused_this_episode += 1
+            return
+        if not self.buckets.allow(device.device_id, now):
+            self.counters.rate_limited += 1
+            return
+        seq = self.serial_seq.get(device.device_id, 0)
+        self.serial_seq[device.device_id] = seq + 1
+        self._accept(device, seq=seq, ts_ms=now, recv_ms=now, values=checked, boot=self.boot_id)
+        if self.builder.rows >= self.builder.max_rows:
+            self.cut(now)
+
+    # -- ready queue -----------------------------------------------------------------
+
+    def cut(self, now: int) -> None:
+        """Move the builder's rows and the acks they release to the ready queue."""
+        batch = self.builder.take(now)
+        if batch is not None or self.site_acks:
+            self.ready.append((batch, self.site_acks, self.acks_generation))
+            self.site_acks = []
+
+    def take_ready(self, now: int, *, force: bool) -> list[Ready]:
+        """The ready queue, after cutting the builder if it is due (or ``force``)."""
+        if force or self.builder.due(now) or (self.site_acks and not self.builder.rows):
+            self.cut(now)
+        ready, self.ready = self.ready, []
+        return ready
+
+    def hold(self, held: list[Ready]) -> None:
+        """Put entries the outbox could not take back at the head of the queue."""
+        self.ready[:0] = held
+
+    def outbox_full(self, now: int) -> bool:
+        """The outbox refused a ready batch; True if that starts a full episode."""
+        if self.outbox_full_since_ms is not None:
+            return False
+        self.outbox_full_since_ms = now
+        return True
+
+    def outbox_has_room(self) -> tuple[int, int] | None:
+        """The outbox took everything: (full since ms, readings refused) if an episode ends."""
+        since = self.outbox_full_since_ms
+        if since is None:
+            return None
+        refused = self.refused_this_episode
+        self.outbox_full_since_ms = None
+        self.refused_this_episode = 0
+        return since, refused
+
+    # -- liveness ----------------------------------------------------------------------
+
+    def expire(self, now: int, *, timeout_ms: int) -> list[str]:
+        return self.tracker.expire(now, timeout_ms=timeout_ms)
