@@ -21,7 +21,7 @@ import pytest
 
 SITES_PATH = Path(__file__).parents[1] / "cityhub" / "data" / "hanoi_sites.toml"
 
-ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")  # DESIGN.md section 3
+ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")  # the id allow-list of contracts/ids.py
 KINDS = ("service_hall", "ward_office", "street_monitor")
 MIN_SITES_PER_KIND = 8
 FIELD_TYPES: dict[str, type] = {

@@ -28,7 +28,7 @@ def test_migrations_apply_twice_cleanly(db_conn, db_schema, storage):
 
 
 def test_edition_detection_takes_the_apache_path_here(db_conn, migrated):
-    # The test machines build TimescaleDB with APACHE_ONLY (DESIGN.md section 5).
+    # The test machines build TimescaleDB with APACHE_ONLY (scripts/install-system-deps; docs/architecture.md, section 6).
     assert database.detect_edition(db_conn) is Edition.APACHE
     editions = db_conn.execute(f"SELECT DISTINCT edition FROM {migrated}.schema_migrations")
     assert [row[0] for row in editions] == ["apache"]
