@@ -56,7 +56,7 @@ from contracts.settings import BrokerSettings
 from contracts.topics import device_uplink_topic
 from gateway.outbox import Outbox
 from gateway.service import Gateway
-from tests.gatewayharness import (
+from tests.plugins.gateway import (
     client,
     gateway_settings,
     mqtt_devices,

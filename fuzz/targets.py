@@ -496,7 +496,7 @@ TARGETS: Final[dict[str, Target]] = {
 
 # libFuzzer's -max_len per target: a few times the largest seed, so inputs
 # can grow past what real encoders produce without each run parsing
-# megabytes (the size limits themselves are tested in tests/test_messages.py).
+# megabytes (the size limits themselves are tested in tests/contracts/test_messages.py).
 MAX_LEN: Final[dict[str, int]] = {
     "frames": 512,
     "mqtt": 4096,

@@ -9,7 +9,7 @@ cityhub's schema (deploy/timescaledb/init), and tests set it to theirs.
 The queries name their tables through constants checked against the
 schema's migrations (``grafana.tables``) and their metric columns through
 the device catalog, so renaming a table or a metric fails this module's
-import; ``tests/test_grafana_schema.py`` checks every other column a query
+import; ``tests/grafana/test_schema.py`` checks every other column a query
 names against the schema.
 
 Conventions every query follows, so the SQL can be checked outside Grafana

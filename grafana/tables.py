@@ -10,7 +10,7 @@ them (and metric columns through the device catalog), so a table or column
 renamed in ``contracts.schema`` fails the boards' import, not a panel.
 
 This reads the SQL text ``contracts.schema`` generates; it does not check
-queries (``tests/test_grafana_schema.py`` checks every board query's
+queries (``tests/grafana/test_schema.py`` checks every board query's
 qualified and unqualified column names against this map).
 """
 

@@ -1,15 +1,18 @@
 """The test suite's fixtures, loaded as plugins so that tests in any folder get them by name.
 
-``tests/plugins`` holds the fixtures (private servers, database schemas,
-broker accounts); the harness modules hold the helpers tests call and are
-registered too, so a fixture added to a harness reaches every test.
+``tests/plugins`` holds them: ``servers``, ``database`` and ``broker`` the
+fixtures (private servers, database schemas, broker accounts); ``gateway``,
+``ingest`` and ``grafana`` the harnesses, with the helpers tests call and
+their own fixtures. The tests are grouped by the package they test
+(``tests/gateway/``, ``tests/ingest/``, ...); ``tests/system/`` runs the whole
+pipeline and ``tests/project/`` checks the repository itself.
 """
 
 pytest_plugins = [
     "tests.plugins.servers",
     "tests.plugins.database",
     "tests.plugins.broker",
-    "tests.gatewayharness",
-    "tests.ingestharness",
-    "tests.grafanaharness",
+    "tests.plugins.gateway",
+    "tests.plugins.ingest",
+    "tests.plugins.grafana",
 ]

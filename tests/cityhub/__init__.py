@@ -1,0 +1,1 @@
+"""Tests of the `cityhub` command, its local servers and the database migrations."""

@@ -1,0 +1,277 @@
+"""Every panel's SQL, expanded as Grafana's PostgreSQL datasource does, on a filled database.
+
+One schema is filled once per session (tests/plugins/grafana.py: the simulated
+Hanoi fleet through ingest's writer, rollups, the alerts job) and every
+panel query of every board runs on it over the boards' default range (the
+last 6 hours), read-only, with the template variables at "All": it must
+return rows, and columns of the shape its panel type needs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+
+from grafana.macros import TimeRange, Variable, render_sql
+from grafana.render import board_files
+from grafana.sqlquery import POSTGRES_TYPE
+from tests.plugins.grafana import FillReport, fill_schema
+
+# psycopg type OIDs
+TIMESTAMPTZ, TIMESTAMP, DATE = 1184, 1114, 1082
+NUMERIC_TYPES = {20, 21, 23, 700, 701, 1700}  # int8, int2, int4, float4, float8, numeric
+TEXT_TYPES = {25, 1043, 19}  # text, varchar, name
+
+
+@dataclass(frozen=True)
+class Filled:
+    url: str
+    schema: str
+    report: FillReport
+
+
+@pytest.fixture(scope="session")
+def filled(pg_server) -> Iterator[Filled]:
+    url = pg_server.url()
+    schema = f"g_{uuid.uuid4().hex[:10]}"
+    end_ms = int(time.time()) // 60 * 60_000
+    with psycopg.connect(url, autocommit=True) as conn:
+        report = fill_schema(conn, url, schema, end_ms=end_ms)
+        yield Filled(url=url, schema=schema, report=report)
+        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+@dataclass(frozen=True)
+class PanelQuery:
+    board: str
+    panel_id: int
+    panel_type: str
+    title: str
+    ref_id: str
+    sql: str
+    fmt: str
+
+    def __str__(self) -> str:
+        return f"{self.board}:{self.panel_id}{self.ref_id}"
+
+
+def _panel_queries() -> list[PanelQuery]:
+    queries = []
+    for name, text in board_files().items():
+        for panel in json.loads(text)["panels"]:
+            for target in panel.get("targets", []):
+                assert target["datasource"]["type"] == POSTGRES_TYPE
+                queries.append(
+                    PanelQuery(
+                        board=name.removesuffix(".json"),
+                        panel_id=panel["id"],
+                        panel_type=panel["type"],
+                        title=panel["title"],
+                        ref_id=target["refId"],
+                        sql=target["rawSql"],
+                        fmt=target["format"],
+                    )
+                )
+    return queries
+
+
+def _variable_queries() -> dict[str, str]:
+    found: dict[str, str] = {}
+    for text in board_files().values():
+        for variable in json.loads(text)["templating"]["list"]:
+            found.setdefault(variable["name"], variable["query"])
+    return found
+
+
+PANEL_QUERIES = _panel_queries()
+VARIABLES = _variable_queries()
+
+
+def _time_range(report: FillReport) -> TimeRange:
+    del report  # the boards' default range, up to now
+    now = datetime.now(UTC)
+    return TimeRange(now - timedelta(hours=6), now)
+
+
+@pytest.fixture
+def conn(filled: Filled) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(filled.url) as connection:
+        connection.execute(f"SET search_path TO {filled.schema}, public")
+        connection.execute("SET TRANSACTION READ ONLY")
+        yield connection
+        connection.rollback()
+
+
+def _run(conn: psycopg.Connection, sql: str) -> tuple[list[tuple[str, int]], list[tuple]]:
+    cur = conn.execute(sql)
+    assert cur.description is not None
+    columns = [(c.name, c.type_code) for c in cur.description]
+    return columns, cur.fetchall()
+
+
+def _all_values(conn: psycopg.Connection, name: str, variables: list[Variable], tr) -> Variable:
+    """A variable at "All": every value its own query returns."""
+    sql = render_sql(VARIABLES[name], time_range=tr, variables=variables)
+    columns, rows = _run(conn, sql)
+    names = [c for c, _ in columns]
+    index = names.index("__value") if "__value" in names else 0
+    values = tuple(str(row[index]) for row in rows)
+    assert values, f"variable {name} has no values"
+    return Variable(name=name, values=values, multi=True, include_all=True)
+
+
+@pytest.fixture
+def all_variables(conn, filled) -> list[Variable]:
+    tr = _time_range(filled.report)
+    variables: list[Variable] = []
+    for name in ("district", "site", "device_type"):
+        variables.append(_all_values(conn, name, variables, tr))
+    return variables
+
+
+def test_the_fill_has_what_the_boards_show(filled: Filled) -> None:
+    counts = filled.report.counts
+    assert filled.report.readings > 10_000
+    for table in (
+        "alerts",
+        "alert_transitions",
+        "aqi_hourly",
+        "aqi_daily",
+        "rejects",
+        "gateway_status",
+        "gateway_status_history",
+    ):
+        assert counts[table] > 0, f"{table} is empty: {counts}"
+    assert counts["gateway_status"] == 30  # one row per gateway, each site's
+
+
+def test_variables_list_the_seeded_districts_sites_and_types(conn, all_variables) -> None:
+    by_name = {v.name: v for v in all_variables}
+    assert "Hoàn Kiếm" in by_name["district"].values
+    assert len(by_name["site"].values) == 30
+    assert set(by_name["device_type"].values) >= {"air_quality", "kiosk", "camera_counter"}
+
+
+def _check_shape(query: PanelQuery, columns: list[tuple[str, int]]) -> None:
+    names = [n for n, _ in columns]
+    types = dict(columns)
+    if query.fmt == "time_series":
+        assert names[0] == "time", f"{query}: time series must start with time, got {names}"
+        assert types["time"] in {TIMESTAMPTZ, TIMESTAMP}
+        rest = columns[1:]
+        texts = [n for n, t in rest if t in TEXT_TYPES]
+        numbers = [n for n, t in rest if t in NUMERIC_TYPES]
+        assert texts in ([], ["metric"]), f"{query}: text columns {texts}"
+        assert numbers, f"{query}: no numeric column"
+        assert len(texts) + len(numbers) == len(rest), f"{query}: odd columns {rest}"
+        if texts:
+            assert len(numbers) == 1, f"{query}: long format has one value column"
+    if query.panel_type == "geomap":
+        assert {"latitude", "longitude"} <= set(names), f"{query}: {names}"
+        assert types["latitude"] in NUMERIC_TYPES
+        assert types["longitude"] in NUMERIC_TYPES
+    if query.panel_type in {"stat", "bargauge", "piechart"}:
+        assert any(t in NUMERIC_TYPES for _, t in columns), f"{query}: nothing numeric"
+    if query.panel_type in {"bargauge", "piechart"} and query.fmt == "table":
+        assert any(t in TEXT_TYPES for _, t in columns), f"{query}: rows need a name column"
+
+
+@pytest.mark.parametrize("query", PANEL_QUERIES, ids=str)
+def test_panel_query_returns_rows_of_its_shape(conn, filled, all_variables, query) -> None:
+    sql = render_sql(query.sql, time_range=_time_range(filled.report), variables=all_variables)
+    assert "$" not in sql.replace("$fn$", ""), f"{query}: unexpanded: {sql}"
+    columns, rows = _run(conn, sql)
+    assert rows, f"{query} ({query.title}) returned no rows:\n{sql}"
+    _check_shape(query, columns)
+    if query.fmt == "time_series":
+        times = [row[0] for row in rows]
+        assert times == sorted(times), f"{query}: time series rows must be in time order"
+
+
+def test_district_variable_filters_the_site_map(conn, filled, all_variables) -> None:
+    """One district selected: the map shows that district's sites only."""
+    site_map = next(q for q in PANEL_QUERIES if q.panel_type == "geomap" and q.ref_id == "A")
+    district = Variable(name="district", values=("Ba Đình",), multi=True, include_all=True)
+    variables = [district, *(v for v in all_variables if v.name != "district")]
+    sql = render_sql(site_map.sql, time_range=_time_range(filled.report), variables=variables)
+    columns, rows = _run(conn, sql)
+    names = [n for n, _ in columns]
+    districts = {row[names.index("district")] for row in rows}
+    assert districts == {"Ba Đình"}
+
+
+def test_the_silent_site_shows_offline_on_the_map(conn, filled, all_variables) -> None:
+    site_map = next(q for q in PANEL_QUERIES if q.panel_type == "geomap" and q.ref_id == "A")
+    sql = render_sql(site_map.sql, time_range=_time_range(filled.report), variables=all_variables)
+    columns, rows = _run(conn, sql)
+    names = [n for n, _ in columns]
+    status = {row[names.index("site_id")]: row[names.index("status")] for row in rows}
+    assert status["hk-ward-hang-bac"] == 2
+    assert 0 in status.values()
+
+
+def test_push_reads_the_transitions_and_plans_each_once(filled: Filled) -> None:
+    from grafana.annotations import existing_keys, plan_annotations
+    from grafana.push import read_transitions
+
+    end = datetime.now(UTC) + timedelta(minutes=1)
+    with psycopg.connect(filled.url, autocommit=True) as connection:
+        transitions = read_transitions(
+            connection, schema=filled.schema, start=end - timedelta(hours=8), end=end
+        )
+    assert len(transitions) == filled.report.counts["alert_transitions"]
+    assert all(t.device_type for t in transitions)
+    planned = plan_annotations(transitions, set())
+    assert len(planned) == len(transitions)
+    returned: list[dict[str, object]] = [{"tags": list(a.tags)} for a in planned]
+    assert plan_annotations(transitions, existing_keys(returned)) == []
+
+
+def _panel(title_part: str) -> PanelQuery:
+    (query,) = [q for q in PANEL_QUERIES if title_part in q.title]
+    return query
+
+
+def test_gateway_status_shows_the_silent_gateway_offline_and_the_backlog(
+    conn, filled, all_variables
+) -> None:
+    from tests.plugins.grafana import BACKLOG_GATEWAY, SILENT_SITE
+
+    tr = _time_range(filled.report)
+    status = _panel("latest gateway status")
+    columns, rows = _run(conn, render_sql(status.sql, time_range=tr, variables=all_variables))
+    names = [n for n, _ in columns]
+    by_gateway = {row[0]: dict(zip(names, row, strict=True)) for row in rows}
+    assert len(by_gateway) == 30
+    assert by_gateway[f"gw-{SILENT_SITE}"]["Trạng thái (status)"] == 2  # its Will: offline
+    assert rows[0][0] == f"gw-{SILENT_SITE}"  # the worst first
+    live = [g for g in by_gateway.values() if g["Trạng thái (status)"] in (0, 1)]
+    assert len(live) == 29
+    assert all(g["Bản tin/giây (readings/s)"] > 0 for g in live)
+
+    depth = _panel("gateway outbox depth")
+    _, series = _run(conn, render_sql(depth.sql, time_range=tr, variables=all_variables))
+    peaks: dict[str, int] = {}
+    for _, gateway_id, value in series:
+        peaks[gateway_id] = max(peaks.get(gateway_id, 0), value)
+    assert peaks[BACKLOG_GATEWAY] >= 29
+    assert {g for g, peak in peaks.items() if peak > 0} == {BACKLOG_GATEWAY}
+
+
+def test_gateway_panels_follow_the_district_variable(conn, filled, all_variables) -> None:
+    district = Variable(name="district", values=("Ba Đình",), multi=True, include_all=True)
+    variables = [district, *(v for v in all_variables if v.name != "district")]
+    tr = _time_range(filled.report)
+    sites = {r[0] for r in conn.execute("SELECT site_id FROM sites WHERE district = 'Ba Đình'")}
+    for title in ("latest gateway status", "gateway outbox depth"):
+        query = _panel(title)
+        _, rows = _run(conn, render_sql(query.sql, time_range=tr, variables=variables))
+        index = 1 if query.fmt == "time_series" else 0
+        assert {row[index] for row in rows} == {f"gw-{site}" for site in sites}, title

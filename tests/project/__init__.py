@@ -1,0 +1,1 @@
+"""Tests of the repository itself: packaging, locks, compose, scripts, docs, test fixtures."""
