@@ -15,7 +15,7 @@ them), are the services' business.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -56,6 +56,17 @@ def counter(name: str, help_text: str, value: float) -> Family:
 def gauge(name: str, help_text: str, value: float) -> Family:
     """A current value with only the instance label."""
     return Family("gauge", name, help_text, [((), value)])
+
+
+def counters_by(name: str, help_text: str, totals: Mapping[str, float], *, label: str) -> Family:
+    """Totals keyed by one label's value (a reject reason), in a stable order."""
+    return Family(
+        "counter",
+        name,
+        help_text,
+        [((value,), total) for value, total in sorted(totals.items())],
+        labels=(label,),
+    )
 
 
 class Observer(Protocol):

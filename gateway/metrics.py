@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 
-from adapters.metrics import Family, MetricsExporter, MetricsServer, counter, gauge
+from adapters.metrics import Family, MetricsExporter, MetricsServer, counter, counters_by, gauge
 from gateway.counters import GatewayCounters
 
 _COUNTERS = {
@@ -51,12 +51,8 @@ def gateway_families(
 ) -> Iterator[Family]:
     for name, help_text in _COUNTERS.items():
         yield counter(name, help_text, getattr(counters, name))
-    yield Family(
-        "counter",
-        "rejects",
-        "Rejected device input by reason",
-        [((reason,), count) for reason, count in sorted(counters.rejects.items())],
-        labels=("reason",),
+    yield counters_by(
+        "rejects", "Rejected device input by reason", counters.rejects, label="reason"
     )
     yield Family(
         "counter",

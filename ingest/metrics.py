@@ -21,6 +21,7 @@ from adapters.metrics import (
     MetricsServer,
     check_ports,
     counter,
+    counters_by,
     gauge,
 )
 
@@ -116,13 +117,7 @@ class IngestMetrics:
         c = self.counters
         for name, help_text in _TOTALS.items():
             yield counter(name, help_text, getattr(c, name))
-        yield Family(
-            "counter",
-            "rejects",
-            "Rejects rows stored, by reason",
-            [((reason,), count) for reason, count in sorted(c.rejects.items())],
-            labels=("reason",),
-        )
+        yield counters_by("rejects", "Rejects rows stored, by reason", c.rejects, label="reason")
         yield gauge("queue_messages", "Batch messages received, not acked", self.queue_depth())
         yield gauge("db_connected", "Last database call succeeded", int(self.db_connected))
         yield gauge("broker_connected", "Broker connection up", int(self.broker_connected()))
