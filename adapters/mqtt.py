@@ -139,6 +139,32 @@ def _ignore(_message: IncomingMessage) -> None:
     pass
 
 
+def _paho_client(
+    *,
+    client_id: str,
+    username: str | None,
+    password: str | None,
+    tls: ssl.SSLContext | None,
+    will: Will | None,
+    max_inflight: int,
+    manual_ack: bool,
+) -> mqtt.Client:
+    """A paho MQTT v5 client with the link's options; callbacks are the link's to set."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    if username is not None:
+        client.username_pw_set(username, password)
+    if tls is not None:
+        client.tls_set_context(tls)
+    if will is not None:
+        client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
+    client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+    # Unbounded: callers bound what they have in flight (batches, acks).
+    client.max_queued_messages_set(0)
+    client.max_inflight_messages_set(max_inflight)
+    client.manual_ack_set(manual_ack)
+    return client
+
+
 class MqttLink:
     """One broker connection; paho reconnects it until ``stop``.
 
@@ -208,20 +234,17 @@ class MqttLink:
         # Counts connections: a delivery acks only on the connection it came on.
         self.generation = 0
         self._ack_lock = threading.Lock()
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-        if username is not None:
-            client.username_pw_set(username, password)
-        if tls:
-            client.tls_set_context(
-                client_ssl_context(name, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
-            )
-        if will is not None:
-            client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
-        client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
-        # Unbounded: callers bound what they have in flight (batches, acks).
-        client.max_queued_messages_set(0)
-        client.max_inflight_messages_set(max_inflight)
-        client.manual_ack_set(manual_ack)
+        client = _paho_client(
+            client_id=client_id,
+            username=username,
+            password=password,
+            tls=client_ssl_context(name, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+            if tls
+            else None,
+            will=will,
+            max_inflight=max_inflight,
+            manual_ack=manual_ack,
+        )
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
