@@ -8,7 +8,11 @@ tests may run as root, whom file modes do not stop).
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import sqlite3
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -82,18 +86,51 @@ def test_a_read_only_database_is_unusable(tmp_path):
     box.close()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to files whatever their mode")
-def test_a_read_only_file_is_unusable(tmp_path):
-    path = tmp_path / "o.sqlite3"
-    Outbox(path, max_bytes=1 << 20, full_policy="refuse").close()
-    for file in tmp_path.iterdir():
-        file.chmod(0o444)
-    tmp_path.chmod(0o555)
-    try:
-        with pytest.raises(OutboxUnusableError):
+def _outcome_as(uid: int, gid: int, path: Path) -> str:
+    """Open the outbox and put a batch in a forked child running as ``uid``: what happened."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        outcome = b"written"
+        try:
+            os.setgid(gid)
+            os.setuid(uid)
             _open_and_put(path)
+        except OutboxCorruptError:
+            outcome = b"corrupt"
+        except OutboxUnusableError:
+            outcome = b"unusable"
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent, which asserts
+            outcome = repr(exc).encode()
+        os.write(write_end, outcome)
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        outcome_bytes = reader.read()
+    os.waitpid(pid, 0)
+    return outcome_bytes.decode()
+
+
+def test_a_read_only_file_is_unusable():
+    # Root writes to files whatever their mode, so as root the outbox is
+    # opened by `nobody`, who may read the directory but not write to it.
+    base = Path(tempfile.mkdtemp(prefix="cityhub-ro-", dir="/tmp"))
+    try:
+        path = base / "o.sqlite3"
+        Outbox(path, max_bytes=1 << 20, full_policy="refuse").close()
+        for file in base.iterdir():
+            file.chmod(0o444)
+        base.chmod(0o555)
+        if os.geteuid() == 0:
+            nobody = pwd.getpwnam("nobody")
+            assert _outcome_as(nobody.pw_uid, nobody.pw_gid, path) == "unusable"
+        else:
+            with pytest.raises(OutboxUnusableError) as info:
+                _open_and_put(path)
+            assert not isinstance(info.value, OutboxCorruptError)
     finally:
-        tmp_path.chmod(0o755)
+        base.chmod(0o755)
+        shutil.rmtree(base)
 
 
 def test_a_file_that_is_not_sqlite_is_corrupt(tmp_path):
