@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import re
+from collections.abc import Mapping
 
 import msgspec
 
@@ -235,7 +237,8 @@ def _alerts_and_aqi(s: str) -> tuple[str, ...]:
     )
 
 
-def _readings(s: str, dtype: DeviceType, storage: StorageSettings) -> tuple[str, ...]:
+def readings_statements(s: str, dtype: DeviceType, storage: StorageSettings) -> tuple[str, ...]:
+    """A device type's wide hypertable, a column per metric, chunks of the setting's size."""
     table = readings_table(dtype.name)
     columns = ",\n            ".join(f"{m.name} {SQL_TYPES[m.kind]}" for m in dtype.metrics)
     return (
@@ -294,6 +297,20 @@ def _rollup_community(s: str, dtype: DeviceType, storage: StorageSettings) -> tu
     )
 
 
+def rollup_statements(
+    s: str, dtype: DeviceType, edition: Edition, storage: StorageSettings
+) -> tuple[str, ...]:
+    """A device type's hourly rollup with its policies, as ``edition`` allows.
+
+    Community edition: a continuous aggregate with refresh, compression and
+    retention policies. Apache edition: the project's own rollup hypertable
+    (``refresh_rollups`` fills it; ``apply_retention`` covers it).
+    """
+    if edition is Edition.COMMUNITY:
+        return _rollup_community(s, dtype, storage)
+    return _rollup_apache(s, dtype)
+
+
 def _rollup_apache(s: str, dtype: DeviceType) -> tuple[str, ...]:
     rollup = rollup_table(dtype.name)
     columns = ", ".join(
@@ -312,10 +329,25 @@ def _rollup_apache(s: str, dtype: DeviceType) -> tuple[str, ...]:
     )
 
 
-def _apache_jobs(s: str, storage: StorageSettings) -> tuple[str, ...]:
+def _apache_jobs(
+    s: str, storage: StorageSettings, catalog: Mapping[str, DeviceType]
+) -> tuple[str, ...]:
     """SQL functions standing in for continuous aggregates and retention policies."""
+    days_of: dict[str, int] = {}
+    for t in catalog:
+        days_of[readings_table(t)] = storage.raw_retention_days
+        days_of[rollup_table(t)] = storage.rollup_retention_days
+    return (refresh_rollups_function(s, catalog), retention_function(s, days_of))
+
+
+def refresh_rollups_body(s: str, catalog: Mapping[str, DeviceType]) -> str:
+    """The body of ``refresh_rollups`` (Apache edition): one upsert per type of ``catalog``.
+
+    Returned alone so the reconcile step (``contracts.evolve``) can compare it
+    with the body stored in the database (``pg_proc.prosrc``).
+    """
     refresh_parts = []
-    for dtype in DEVICE_TYPES.values():
+    for dtype in catalog.values():
         rollup = rollup_table(dtype.name)
         updates = ", ".join(
             f"{m.name}_{a} = EXCLUDED.{m.name}_{a}"
@@ -329,14 +361,7 @@ def _apache_jobs(s: str, storage: StorageSettings) -> tuple[str, ...]:
         GET DIAGNOSTICS rows = ROW_COUNT; total := total + rows;"""
         )
     refresh_body = "\n        ".join(refresh_parts)
-    tables = ", ".join(
-        f"('{readings_table(t)}', {storage.raw_retention_days}), "
-        f"('{rollup_table(t)}', {storage.rollup_retention_days})"
-        for t in DEVICE_TYPES
-    )
-    return (
-        f"""CREATE OR REPLACE FUNCTION {s}.refresh_rollups(p_from timestamptz, p_to timestamptz)
-        RETURNS bigint LANGUAGE plpgsql AS $fn$
+    return f"""
         DECLARE
             lo timestamptz := time_bucket(INTERVAL '1 hour', p_from);
             hi timestamptz := time_bucket(INTERVAL '1 hour', p_to);
@@ -347,13 +372,22 @@ def _apache_jobs(s: str, storage: StorageSettings) -> tuple[str, ...]:
         {refresh_body}
         RETURN total;
         END
-        $fn$""",
-        _retention_function(s, tables),
-    )
+        """
 
 
-def _retention_function(s: str, tables: str) -> str:
-    """``apply_retention``: drop_chunks on each (table, days) of ``tables`` (SQL VALUES rows)."""
+def refresh_rollups_function(s: str, catalog: Mapping[str, DeviceType]) -> str:
+    """``CREATE OR REPLACE FUNCTION refresh_rollups`` over the rollups of ``catalog``."""
+    return f"""CREATE OR REPLACE FUNCTION {s}.refresh_rollups(p_from timestamptz, p_to timestamptz)
+        RETURNS bigint LANGUAGE plpgsql AS $fn${refresh_rollups_body(s, catalog)}$fn$"""
+
+
+def retention_function(s: str, days_of: Mapping[str, int]) -> str:
+    """``apply_retention``: drop_chunks on each table of ``days_of``, older than its days.
+
+    The Apache edition's stand-in for retention policies; ``parse_retention``
+    reads the (table, days) pairs back from the stored body.
+    """
+    tables = ", ".join(f"('{table}', {days})" for table, days in days_of.items())
     return f"""CREATE OR REPLACE FUNCTION {s}.apply_retention(p_now timestamptz)
         RETURNS bigint LANGUAGE plpgsql AS $fn$
         DECLARE
@@ -370,7 +404,18 @@ def _retention_function(s: str, tables: str) -> str:
         $fn$"""
 
 
-def _retention_of_the_rest(s: str, edition: Edition, storage: StorageSettings) -> tuple[str, ...]:
+_RETENTION_ROW = re.compile(r"\('([a-z0-9_]+)', (\d+)\)")
+
+
+def parse_retention(body: str) -> dict[str, int]:
+    """The (table, days) pairs of a stored ``apply_retention`` body, in its order."""
+    values = body.partition("(VALUES ")[2].partition(") AS t (tbl, days)")[0]
+    return {table: int(days) for table, days in _RETENTION_ROW.findall(values)}
+
+
+def _retention_of_the_rest(
+    s: str, edition: Edition, storage: StorageSettings, catalog: Mapping[str, DeviceType]
+) -> tuple[str, ...]:
     """Retention for the hypertables migration 4 left out: rejects, ingest stats, AQI.
 
     Rejects and ingest stats are kept as long as raw readings; hourly AQI as
@@ -379,7 +424,7 @@ def _retention_of_the_rest(s: str, edition: Edition, storage: StorageSettings) -
     extra = _auxiliary_retention_days(storage)
     if edition is Edition.COMMUNITY:
         return _retention_policies(s, extra)
-    return (_retention_function(s, _apache_retention_tables(storage, extra)),)
+    return (retention_function(s, _apache_retention_days(storage, extra, catalog)),)
 
 
 def _auxiliary_retention_days(storage: StorageSettings) -> dict[str, int]:
@@ -400,16 +445,30 @@ def _retention_policies(s: str, days_of: dict[str, int]) -> tuple[str, ...]:
     )
 
 
-def _apache_retention_tables(storage: StorageSettings, extra: dict[str, int]) -> str:
-    """Apache edition: the (table, days) VALUES rows of ``apply_retention``."""
-    return ", ".join(
-        [
-            f"('{readings_table(t)}', {storage.raw_retention_days}), "
-            f"('{rollup_table(t)}', {storage.rollup_retention_days})"
-            for t in DEVICE_TYPES
-        ]
-        + [f"('{table}', {days})" for table, days in extra.items()]
-    )
+def _apache_retention_days(
+    storage: StorageSettings, extra: Mapping[str, int], catalog: Mapping[str, DeviceType]
+) -> dict[str, int]:
+    """Apache edition: the (table, days) rows of ``apply_retention``."""
+    days_of: dict[str, int] = {}
+    for t in catalog:
+        days_of[readings_table(t)] = storage.raw_retention_days
+        days_of[rollup_table(t)] = storage.rollup_retention_days
+    return {**days_of, **extra}
+
+
+def retention_days(storage: StorageSettings, catalog: Mapping[str, DeviceType]) -> dict[str, int]:
+    """Days kept of every table under retention, from the settings (both editions).
+
+    Raw readings, rejects, ingest stats and gateway history as long as
+    ``raw_retention_days``; hourly rollups and hourly AQI as long as
+    ``rollup_retention_days``. The order is ``apply_retention``'s.
+    """
+    extra = {**_auxiliary_retention_days(storage), **_history_retention_days(storage)}
+    return _apache_retention_days(storage, extra, catalog)
+
+
+def _history_retention_days(storage: StorageSettings) -> dict[str, int]:
+    return {"gateway_status_history": storage.raw_retention_days}
 
 
 def _ingest(s: str) -> tuple[str, ...]:
@@ -513,7 +572,9 @@ def _provisioning(s: str) -> tuple[str, ...]:
     )
 
 
-def _gateway_status(s: str, edition: Edition, storage: StorageSettings) -> tuple[str, ...]:
+def _gateway_status(
+    s: str, edition: Edition, storage: StorageSettings, catalog: Mapping[str, DeviceType]
+) -> tuple[str, ...]:
     """The gateways' own reports (their retained state messages), stored by ingest.
 
     ``gateway_status`` holds the latest state of each gateway: outbox depth,
@@ -561,11 +622,10 @@ def _gateway_status(s: str, edition: Edition, storage: StorageSettings) -> tuple
             by_range('ts', INTERVAL '1 day'),
             create_default_indexes => false, if_not_exists => true)""",
     )
-    history = {"gateway_status_history": storage.raw_retention_days}
+    history = _history_retention_days(storage)
     if edition is Edition.COMMUNITY:
         return tables + _retention_policies(s, history)
-    extra = {**_auxiliary_retention_days(storage), **history}
-    return (*tables, _retention_function(s, _apache_retention_tables(storage, extra)))
+    return (*tables, retention_function(s, retention_days(storage, catalog)))
 
 
 def _ingest_hardening(s: str) -> tuple[str, ...]:
@@ -593,20 +653,27 @@ def _ingest_hardening(s: str) -> tuple[str, ...]:
     )
 
 
-def migrations(schema: str, edition: Edition, storage: StorageSettings) -> list[Migration]:
-    """Every migration for ``schema`` on a server of ``edition``, oldest first."""
+def migrations(
+    schema: str,
+    edition: Edition,
+    storage: StorageSettings,
+    catalog: Mapping[str, DeviceType] = DEVICE_TYPES,
+) -> list[Migration]:
+    """Every migration for ``schema`` on a server of ``edition``, oldest first.
+
+    Generated from ``catalog`` and ``storage`` as they are now: on a database
+    migrated before either changed, the applied ones differ from these, and
+    the reconcile step (``contracts.evolve``) brings the database up to date.
+    """
     s = check_schema_name(schema)
     readings: list[str] = []
-    for dtype in DEVICE_TYPES.values():
-        readings.extend(_readings(s, dtype, storage))
+    for dtype in catalog.values():
+        readings.extend(readings_statements(s, dtype, storage))
     rollups: list[str] = []
-    for dtype in DEVICE_TYPES.values():
-        if edition is Edition.COMMUNITY:
-            rollups.extend(_rollup_community(s, dtype, storage))
-        else:
-            rollups.extend(_rollup_apache(s, dtype))
+    for dtype in catalog.values():
+        rollups.extend(rollup_statements(s, dtype, edition, storage))
     if edition is Edition.APACHE:
-        rollups.extend(_apache_jobs(s, storage))
+        rollups.extend(_apache_jobs(s, storage, catalog))
     return [
         Migration(1, "core metadata, device state and rejects", _core(s)),
         Migration(2, "wide readings hypertables from the catalog", tuple(readings)),
@@ -616,14 +683,14 @@ def migrations(schema: str, edition: Edition, storage: StorageSettings) -> list[
         Migration(
             6,
             "retention for rejects, ingest stats and hourly AQI",
-            _retention_of_the_rest(s, edition, storage),
+            _retention_of_the_rest(s, edition, storage, catalog),
         ),
         Migration(7, "alerts job state", _alert_jobs(s)),
         Migration(8, "provisioning: credentials and audit log", _provisioning(s)),
         Migration(
             9,
             "gateway status: latest state per gateway and its history",
-            _gateway_status(s, edition, storage),
+            _gateway_status(s, edition, storage, catalog),
         ),
         Migration(
             10,
