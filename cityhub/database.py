@@ -2,7 +2,12 @@
 
 Applies the migrations that ``contracts.schema`` generates, once each, under
 an advisory lock so two `cityhub db migrate` runs cannot interleave, and
-records each in ``{schema}.schema_migrations``. Connections and the error map
+records each in ``{schema}.schema_migrations``. Then, under the same lock,
+it reads what the schema holds (``inspect_schema``) and runs the reconcile
+steps that ``contracts.evolve.plan`` computes from it, the catalog and the
+storage settings (new types' tables, new metrics' columns, policies), each
+in its own transaction; ``plan_migration`` computes the same without
+changing anything (``db migrate --dry-run``). Connections and the error map
 are ``adapters.database``'s: an unreachable server is
 ``DatabaseUnavailableError`` (retryable); while migrating, any statement the
 server refuses is ``MigrationError``; elsewhere a schema that is not
@@ -13,7 +18,8 @@ from __future__ import annotations
 
 import logging
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from importlib import resources
 from typing import Any
@@ -22,10 +28,18 @@ import msgspec
 
 from adapters.database import Connection, database_errors
 from adapters.database import connect as connect_database
-from contracts.catalog import DEVICE_TYPES
+from contracts.catalog import DEVICE_TYPES, DeviceType
 from contracts.errors import MigrationError, SchemaError
+from contracts.evolve import Policy, SchemaState, Step, notes, plan, policies
 from contracts.ids import check_id
-from contracts.schema import SITE_KINDS, Edition, Migration, check_schema_name, migrations
+from contracts.schema import (
+    SITE_KINDS,
+    Edition,
+    Migration,
+    check_schema_name,
+    migrations,
+    parse_retention,
+)
 from contracts.settings import StorageSettings
 
 logger = logging.getLogger(__name__)
@@ -56,27 +70,58 @@ def detect_edition(conn: Connection[Any]) -> Edition:
 
 @dataclass(frozen=True)
 class MigrationReport:
+    """Numbered migrations applied now (and how many were already), reconcile steps run."""
+
     edition: Edition
     applied: list[Migration]
     already: int
+    steps: list[Step] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class MigrationPlan:
+    """What `db migrate` would do: pending migrations, then reconcile steps.
+
+    The reconcile steps are planned against the schema as it is, so only when
+    no numbered migration is pending (``steps`` is empty otherwise).
+    """
+
+    edition: Edition
+    pending: list[Migration]
+    steps: list[Step]
+    notes: list[str]
 
 
 _LOCK_SQL = "SELECT pg_advisory_lock(hashtext('cityhub.migrate.' || %s))"
 _UNLOCK_SQL = "SELECT pg_advisory_unlock(hashtext('cityhub.migrate.' || %s))"
 
 
-def migrate(conn: Connection[Any], *, schema: str, storage: StorageSettings) -> MigrationReport:
-    """Apply pending migrations, each in its own transaction; sync the catalog tables."""
+def migrate(
+    conn: Connection[Any],
+    *,
+    schema: str,
+    storage: StorageSettings,
+    catalog: Mapping[str, DeviceType] = DEVICE_TYPES,
+) -> MigrationReport:
+    """Apply pending migrations, reconcile the schema with ``catalog`` and ``storage``; sync.
+
+    Each migration and each reconcile step runs in its own transaction.
+    """
     s = check_schema_name(schema)
     with database_errors("cannot create the timescaledb extension", refused_as=MigrationError):
         conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
     edition = detect_edition(conn)
     with database_errors(f"migrating schema {s!r}", refused_as=MigrationError):
-        return _migrate_locked(conn, s, edition, storage)
+        return _migrate_locked(conn, s, edition, storage, catalog)
 
 
 def _migrate_locked(
-    conn: Connection[Any], s: str, edition: Edition, storage: StorageSettings
+    conn: Connection[Any],
+    s: str,
+    edition: Edition,
+    storage: StorageSettings,
+    catalog: Mapping[str, DeviceType],
 ) -> MigrationReport:
     """``migrate`` under the schema's advisory lock."""
     conn.execute(_LOCK_SQL, (s,))
@@ -94,22 +139,32 @@ def _migrate_locked(
             conn.execute(f"SELECT version, checksum FROM {s}.schema_migrations").fetchall()
         )
         applied: list[Migration] = []
-        for migration in migrations(s, edition, storage):
+        for migration in migrations(s, edition, storage, catalog):
             if migration.version in done:
                 if done[migration.version] != migration.checksum:
-                    logger.warning(
-                        "migration %d (%s) was applied with different SQL (settings changed?); "
-                        "not re-applied",
+                    logger.debug(
+                        "migration %d (%s) was applied with another catalog or other settings; "
+                        "the reconcile steps bring the schema up to date",
                         migration.version,
                         migration.name,
                     )
                 continue
             _apply(conn, s, migration, edition)
             applied.append(migration)
-        _sync_catalog(conn, s)
+        current = inspect_schema(conn, schema=s, edition=edition)
+        steps = plan(s, current, catalog, storage)
+        for step in steps:
+            _apply_step(conn, s, step)
+        _sync_catalog(conn, s, catalog)
     finally:
         conn.execute(_UNLOCK_SQL, (s,))
-    return MigrationReport(edition=edition, applied=applied, already=len(done))
+    return MigrationReport(
+        edition=edition,
+        applied=applied,
+        already=len(done),
+        steps=steps,
+        notes=notes(current, catalog, storage),
+    )
 
 
 def _apply(conn: Connection[Any], s: str, migration: Migration, edition: Edition) -> None:
@@ -129,13 +184,134 @@ def _apply(conn: Connection[Any], s: str, migration: Migration, edition: Edition
         )
 
 
-def _sync_catalog(conn: Connection[Any], s: str) -> None:
-    """Make device_types / metrics match the catalog this code was built with."""
+def _apply_step(conn: Connection[Any], s: str, step: Step) -> None:
+    logger.info("schema %s: %s", s, step.summary)
+    with (
+        database_errors(f"reconcile step failed ({step.summary})", refused_as=MigrationError),
+        conn.transaction(),
+    ):
+        for statement in step.statements:
+            conn.execute(statement)
+
+
+def plan_migration(
+    conn: Connection[Any],
+    *,
+    schema: str,
+    storage: StorageSettings,
+    catalog: Mapping[str, DeviceType] = DEVICE_TYPES,
+) -> MigrationPlan:
+    """What ``migrate`` would do now, changing nothing (``db migrate --dry-run``)."""
+    s = check_schema_name(schema)
+    edition = detect_edition(conn)
+    done = {v for v, _, _ in applied_versions(conn, schema=s)}
+    pending = [m for m in migrations(s, edition, storage, catalog) if m.version not in done]
+    if pending:
+        return MigrationPlan(edition=edition, pending=pending, steps=[], notes=[])
+    current = inspect_schema(conn, schema=s, edition=edition)
+    return MigrationPlan(
+        edition=edition,
+        pending=[],
+        steps=plan(s, current, catalog, storage),
+        notes=notes(current, catalog, storage),
+    )
+
+
+def policies_in_force(
+    conn: Connection[Any],
+    *,
+    schema: str,
+    storage: StorageSettings,
+    catalog: Mapping[str, DeviceType] = DEVICE_TYPES,
+) -> tuple[list[Policy], list[str]]:
+    """The policies on each table beside the settings, and what the server cannot do."""
+    s = check_schema_name(schema)
+    current = inspect_schema(conn, schema=s, edition=detect_edition(conn))
+    return policies(current, catalog, storage), notes(current, catalog, storage)
+
+
+def inspect_schema(conn: Connection[Any], *, schema: str, edition: Edition) -> SchemaState:
+    """Read what ``contracts.evolve.plan`` compares: tables, columns, chunk sizes, policies."""
+    s = check_schema_name(schema)
+    columns: dict[str, set[str]] = {}
+    retention: dict[str, int] = {}
+    compression: dict[str, int] = {}
+    refresh = ""
+    with database_errors(f"reading schema {s!r}", schema=s):
+        for table, column in conn.execute(
+            """SELECT c.relname, a.attname FROM pg_attribute a
+                JOIN pg_class c ON c.oid = a.attrelid
+                JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE n.nspname = %s AND c.relkind IN ('r', 'p', 'v', 'm')
+                AND a.attnum > 0 AND NOT a.attisdropped""",
+            (s,),
+        ):
+            columns.setdefault(table, set()).add(column)
+        chunk_hours = {
+            str(table): interval / timedelta(hours=1)
+            for table, interval in conn.execute(
+                """SELECT hypertable_name, time_interval FROM timescaledb_information.dimensions
+                    WHERE hypertable_schema = %s AND time_interval IS NOT NULL""",
+                (s,),
+            )
+        }
+        functions = dict(
+            conn.execute(
+                """SELECT p.proname, p.prosrc FROM pg_proc p
+                    JOIN pg_namespace n ON n.oid = p.pronamespace
+                    WHERE n.nspname = %s AND p.proname IN ('apply_retention', 'refresh_rollups')""",
+                (s,),
+            ).fetchall()
+        )
+        if edition is Edition.COMMUNITY:
+            retention, compression = _server_policies(conn, s)
+        else:
+            retention = parse_retention(functions.get("apply_retention", ""))
+            refresh = functions.get("refresh_rollups", "")
+    return SchemaState(
+        edition=edition,
+        columns={t: frozenset(c) for t, c in columns.items()},
+        chunk_hours=chunk_hours,
+        retention_days=retention,
+        compress_after_days=compression,
+        refresh_rollups=refresh,
+    )
+
+
+def _server_policies(conn: Connection[Any], s: str) -> tuple[dict[str, int], dict[str, int]]:
+    """Community edition: days of each retention and compression policy, by table or view.
+
+    A continuous aggregate's policies are on its materialization hypertable
+    (in TimescaleDB's own schema): they are reported under the view's name.
+    """
+    retention: dict[str, int] = {}
+    compression: dict[str, int] = {}
+    rows = conn.execute(
+        """SELECT coalesce(ca.view_name, j.hypertable_name), j.proc_name,
+                (j.config ->> 'drop_after')::interval, (j.config ->> 'compress_after')::interval
+            FROM timescaledb_information.jobs j
+            LEFT JOIN timescaledb_information.continuous_aggregates ca
+                ON ca.materialization_hypertable_schema = j.hypertable_schema
+                AND ca.materialization_hypertable_name = j.hypertable_name
+            WHERE coalesce(ca.view_schema, j.hypertable_schema) = %s
+            AND j.proc_name IN ('policy_retention', 'policy_compression')""",
+        (s,),
+    ).fetchall()
+    for table, proc, drop_after, compress_after in rows:
+        if proc == "policy_retention" and drop_after is not None:
+            retention[str(table)] = drop_after.days
+        elif compress_after is not None:
+            compression[str(table)] = compress_after.days
+    return retention, compression
+
+
+def _sync_catalog(conn: Connection[Any], s: str, catalog: Mapping[str, DeviceType]) -> None:
+    """Make device_types / metrics hold ``catalog`` (rows of removed types or metrics stay)."""
     with conn.transaction(), conn.cursor() as cur:
         cur.executemany(
             f"""INSERT INTO {s}.device_types (device_type, description) VALUES (%s, %s)
                 ON CONFLICT (device_type) DO UPDATE SET description = EXCLUDED.description""",
-            [(t.name, t.description) for t in DEVICE_TYPES.values()],
+            [(t.name, t.description) for t in catalog.values()],
         )
         cur.executemany(
             f"""INSERT INTO {s}.metrics
@@ -147,7 +323,7 @@ def _sync_catalog(conn: Connection[Any], s: str) -> None:
                 labels = EXCLUDED.labels""",
             [
                 (t.name, m.name, m.unit, m.kind.value, m.min, m.max, m.description, list(m.labels))
-                for t in DEVICE_TYPES.values()
+                for t in catalog.values()
                 for m in t.metrics
             ],
         )

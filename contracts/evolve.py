@@ -1,0 +1,316 @@
+"""Schema evolution: the steps that bring a migrated database to the catalog and settings.
+
+The numbered migrations (``contracts.schema.migrations``) run once each; a
+device type or metric added to the catalog later, or a storage setting
+changed later, is not in the ones already applied. ``plan(current, catalog,
+storage)`` compares a description of the database as it is (``SchemaState``,
+read by ``cityhub.database.inspect_schema``) with what the catalog and the
+settings ask for, and returns the steps that close the gap:
+
+- a new device type: its wide hypertable and its hourly rollup with its
+  policies, as the edition allows (``contracts.schema.rollup_statements``);
+- a new metric: its column in the raw table (``ADD COLUMN IF NOT EXISTS``),
+  and in the project's own rollup table on the Apache edition. A continuous
+  aggregate (community edition) cannot be altered: the metric is stored
+  raw only and ``notes`` says so; recreating the aggregate would drop the
+  hours already rolled up past raw retention, so it is left to an operator;
+- a removed metric or type: nothing; its columns and tables stay (a catalog
+  edit never drops data);
+- policies from ``StorageSettings``: the chunk interval of new chunks of
+  each readings hypertable (``set_chunk_time_interval``, both editions);
+  retention of raw readings, rollups and the auxiliary hypertables (server
+  policies on the community edition, the ``apply_retention`` function on
+  the Apache edition); compression after N days (community edition).
+
+Each step is idempotent (IF NOT EXISTS, CREATE OR REPLACE, remove then add a
+policy), so a plan interrupted half-way is planned again from what is left;
+a database already at the catalog and settings plans nothing. ``notes`` are
+what the settings or catalog ask for that this server cannot do: they are
+shown on every migrate and by ``cityhub db status``, never silently dropped.
+``policies`` lists the policies in force beside the settings for ``db
+status``. Reading the database and running the steps is
+``cityhub.database``'s business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import msgspec
+
+from contracts.catalog import DeviceType
+from contracts.schema import (
+    SQL_TYPES,
+    Edition,
+    readings_statements,
+    readings_table,
+    refresh_rollups_body,
+    refresh_rollups_function,
+    retention_days,
+    retention_function,
+    rollup_statements,
+    rollup_table,
+)
+from contracts.settings import StorageSettings
+
+ROLLUP_AGGREGATES = ("avg", "min", "max")
+
+
+class SchemaState(msgspec.Struct, frozen=True, kw_only=True):
+    """What the reconcile step needs to know of a migrated schema.
+
+    ``columns``: every table and view of the schema with its column names
+    (a continuous aggregate is a view). ``chunk_hours``: the interval of new
+    chunks of each hypertable, in hours. ``retention_days``: the days kept of
+    each table under retention (server policies, or ``apply_retention``'s
+    rows). ``compress_after_days``: the compression policy of each table
+    (community edition; empty on the Apache edition). ``refresh_rollups``: the
+    stored body of that function ('' where there is none).
+    """
+
+    edition: Edition
+    columns: dict[str, frozenset[str]]
+    chunk_hours: dict[str, float] = msgspec.field(default_factory=dict)
+    retention_days: dict[str, int] = msgspec.field(default_factory=dict)
+    compress_after_days: dict[str, int] = msgspec.field(default_factory=dict)
+    refresh_rollups: str = ""
+
+
+class Step(msgspec.Struct, frozen=True):
+    """One idempotent change: what it does, in words, and its statements (one transaction)."""
+
+    summary: str
+    statements: tuple[str, ...]
+
+
+class Policy(msgspec.Struct, frozen=True):
+    """A policy on one table: what is in force (None: none) and what the settings ask."""
+
+    table: str
+    policy: str
+    in_force: str | None
+    setting: str
+
+
+def _rollup_columns(metric: str) -> tuple[str, ...]:
+    return tuple(f"{metric}_{a}" for a in ROLLUP_AGGREGATES)
+
+
+def _type_steps(
+    s: str, current: SchemaState, dtype: DeviceType, storage: StorageSettings
+) -> list[Step]:
+    raw, rollup = readings_table(dtype.name), rollup_table(dtype.name)
+    if raw not in current.columns:
+        return [
+            Step(
+                f"create {raw} (hypertable, {len(dtype.metrics)} metrics) and its hourly "
+                f"rollup {rollup} for new device type {dtype.name!r}",
+                readings_statements(s, dtype, storage)
+                + rollup_statements(s, dtype, current.edition, storage),
+            )
+        ]
+    steps = []
+    missing = [m for m in dtype.metrics if m.name not in current.columns[raw]]
+    if missing:
+        steps.append(
+            Step(
+                f"add column(s) {', '.join(m.name for m in missing)} to {raw}",
+                tuple(
+                    f"ALTER TABLE {s}.{raw} ADD COLUMN IF NOT EXISTS {m.name} {SQL_TYPES[m.kind]}"
+                    for m in missing
+                ),
+            )
+        )
+    rolled = current.columns.get(rollup, frozenset())
+    if current.edition is Edition.APACHE:
+        absent = [c for m in dtype.metrics for c in _rollup_columns(m.name) if c not in rolled]
+        if absent:
+            steps.append(
+                Step(
+                    f"add column(s) {', '.join(absent)} to {rollup}",
+                    tuple(
+                        f"ALTER TABLE {s}.{rollup} ADD COLUMN IF NOT EXISTS {c} real"
+                        for c in absent
+                    ),
+                )
+            )
+    return steps
+
+
+def _retention_steps(s: str, current: SchemaState, want: dict[str, int]) -> list[Step]:
+    if current.edition is Edition.APACHE:
+        if current.retention_days == want:
+            return []
+        changed = sorted(t for t in want if current.retention_days.get(t) != want[t])
+        return [
+            Step(
+                f"redefine apply_retention: {_days_list(want, changed)}",
+                (retention_function(s, want),),
+            )
+        ]
+    steps = []
+    for table, days in want.items():
+        if current.retention_days.get(table) == days:
+            continue
+        steps.append(
+            Step(
+                f"retention of {table}: {_days(current.retention_days.get(table))} -> {days} days",
+                (
+                    f"SELECT remove_retention_policy('{s}.{table}', if_exists => true)",
+                    f"""SELECT add_retention_policy('{s}.{table}',
+            drop_after => INTERVAL '{days} days', if_not_exists => true)""",
+                ),
+            )
+        )
+    return steps
+
+
+def _days(days: int | None) -> str:
+    return "none" if days is None else f"{days} days"
+
+
+def _days_list(want: Mapping[str, int], tables: list[str]) -> str:
+    return ", ".join(f"{t} {want[t]} days" for t in tables) or f"{len(want)} tables"
+
+
+def _compression_steps(
+    s: str, current: SchemaState, catalog: Mapping[str, DeviceType], storage: StorageSettings
+) -> list[Step]:
+    if current.edition is Edition.APACHE:
+        return []
+    days = storage.compress_after_days
+    steps = []
+    for name in catalog:
+        raw = readings_table(name)
+        if current.compress_after_days.get(raw) == days:
+            continue
+        steps.append(
+            Step(
+                f"compression of {raw}: after {_days(current.compress_after_days.get(raw))} "
+                f"-> after {days} days",
+                (
+                    f"SELECT remove_compression_policy('{s}.{raw}', if_exists => true)",
+                    f"""SELECT add_compression_policy('{s}.{raw}',
+            compress_after => INTERVAL '{days} days', if_not_exists => true)""",
+                ),
+            )
+        )
+    return steps
+
+
+def plan(
+    s: str, current: SchemaState, catalog: Mapping[str, DeviceType], storage: StorageSettings
+) -> list[Step]:
+    """The steps that bring schema ``s`` (as ``current``) to ``catalog`` and ``storage``.
+
+    New tables and columns first, then the rollup job, chunk intervals,
+    retention and compression (a new type's policies come with its tables).
+    """
+    steps: list[Step] = []
+    for dtype in catalog.values():
+        steps.extend(_type_steps(s, current, dtype, storage))
+    if current.edition is Edition.APACHE and current.refresh_rollups != refresh_rollups_body(
+        s, catalog
+    ):
+        steps.append(
+            Step(
+                f"redefine refresh_rollups over the rollups of {len(catalog)} device types",
+                (refresh_rollups_function(s, catalog),),
+            )
+        )
+    hours = storage.chunk_interval_hours
+    for name in catalog:
+        raw = readings_table(name)
+        if raw in current.columns and current.chunk_hours.get(raw, hours) != hours:
+            steps.append(
+                Step(
+                    f"chunk interval of {raw}: {current.chunk_hours[raw]:g} -> {hours} hours "
+                    "(new chunks; existing chunks keep theirs)",
+                    (f"SELECT set_chunk_time_interval('{s}.{raw}', INTERVAL '{hours} hours')",),
+                )
+            )
+    want = retention_days(storage, catalog)
+    for table in current.retention_days:
+        # A type removed from the catalog keeps its tables, and their retention.
+        if table not in want and table in current.columns:
+            rollup = table.endswith("_1h")
+            want[table] = storage.rollup_retention_days if rollup else storage.raw_retention_days
+    if current.edition is Edition.COMMUNITY:
+        # A new type's policies come with its tables (rollup_statements).
+        want = {t: d for t, d in want.items() if t in current.columns}
+    steps.extend(_retention_steps(s, current, want))
+    steps.extend(
+        _compression_steps(
+            s,
+            current,
+            {n: t for n, t in catalog.items() if readings_table(n) in current.columns},
+            storage,
+        )
+    )
+    return steps
+
+
+def notes(
+    current: SchemaState, catalog: Mapping[str, DeviceType], storage: StorageSettings
+) -> list[str]:
+    """What the catalog or settings ask for that this server cannot do, in words."""
+    said = []
+    if current.edition is Edition.APACHE:
+        said.append(
+            f"storage.compress_after_days = {storage.compress_after_days}: not applied, the "
+            "Apache edition of TimescaleDB has no compression (the community edition "
+            "compresses raw readings after that many days)"
+        )
+        said.append(
+            "rollups and retention run as `cityhub db maintain` (Apache edition: no "
+            "server policies); schedule it, e.g. hourly"
+        )
+        return said
+    for dtype in catalog.values():
+        rollup = rollup_table(dtype.name)
+        rolled = current.columns.get(rollup)
+        if rolled is None:
+            continue
+        absent = [m.name for m in dtype.metrics if f"{m.name}_avg" not in rolled]
+        if absent:
+            said.append(
+                f"{rollup} is a continuous aggregate, which cannot be altered: "
+                f"{', '.join(absent)} stored in {readings_table(dtype.name)} only, not rolled "
+                "up hourly (recreating the aggregate would drop the hours past raw retention; "
+                "not done)"
+            )
+    return said
+
+
+def policies(
+    current: SchemaState, catalog: Mapping[str, DeviceType], storage: StorageSettings
+) -> list[Policy]:
+    """The policies in force on each table beside what the settings ask (``db status``)."""
+    rows = []
+    hours = storage.chunk_interval_hours
+    for name in catalog:
+        raw = readings_table(name)
+        in_force = current.chunk_hours.get(raw)
+        rows.append(
+            Policy(
+                raw, "chunk interval", None if in_force is None else f"{in_force:g} h", f"{hours} h"
+            )
+        )
+    for table, days in retention_days(storage, catalog).items():
+        rows.append(
+            Policy(table, "retention", _maybe_days(current.retention_days.get(table)), f"{days} d")
+        )
+    for name in catalog:
+        raw = readings_table(name)
+        setting = f"after {storage.compress_after_days} d"
+        if current.edition is Edition.APACHE:
+            setting += " (none on Apache edition)"
+        after = current.compress_after_days.get(raw)
+        rows.append(
+            Policy(raw, "compression", None if after is None else f"after {after} d", setting)
+        )
+    return rows
+
+
+def _maybe_days(days: int | None) -> str | None:
+    return None if days is None else f"{days} d"
