@@ -11,10 +11,11 @@
    inserted sorted so two groups never lock in opposite orders;
 2. per device type, a binary COPY (``ingest.copyformat``, with the stage
    columns' exact types) into a temporary stage table (created once per
-   connection, ``ON COMMIT DELETE ROWS``), then ``INSERT INTO
-   readings_{type} SELECT ... FROM stage``. The key (device_id, ts, seq)
-   includes the time column, so a reading stored before (by another batch,
-   or a batch whose id was pruned) is never stored twice: the plain INSERT,
+   connection, again when the type's metrics change; ``ON COMMIT DELETE
+   ROWS``), then ``INSERT INTO readings_{type} SELECT ... FROM stage``.
+   The key (device_id, ts, seq) includes the time column, so a reading
+   stored before (by another batch, or a batch whose id was pruned) is
+   never stored twice: the plain INSERT,
    tried first inside a savepoint, fails on it as a whole, and the rows go
    in again with ``ON CONFLICT DO NOTHING``. Resent batches are caught by
    step 1, so duplicates are rare here, and the plain statement is about
@@ -53,7 +54,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -135,15 +136,19 @@ def _metric_types(dtype: DeviceType) -> list[tuple[str, str]]:
     return [(m.name, SQL_TYPES[m.kind]) for m in dtype.metrics]
 
 
-def _create_stage_tables(conn: Connection[Any]) -> None:
-    """The temporary stage tables of a new connection (emptied at each commit)."""
-    for dtype in DEVICE_TYPES.values():
-        columns = ", ".join(f"{n} {t}" for n, t in _metric_types(dtype))
-        conn.execute(
-            f"CREATE TEMP TABLE IF NOT EXISTS {_stage_table(dtype)} (ts timestamptz, "
-            f"device_id text, seq bigint, recv_ts timestamptz, {columns}) "
-            "ON COMMIT DELETE ROWS"
-        )
+def _create_stage_table(conn: Connection[Any], dtype: DeviceType) -> None:
+    """The temporary stage table of ``dtype`` on this connection (emptied at each commit).
+
+    Dropped first: a metric added to the catalog while the connection was
+    open (``cityhub db migrate`` added its column) needs a new stage table.
+    """
+    columns = ", ".join(f"{n} {t}" for n, t in _metric_types(dtype))
+    conn.execute(f"DROP TABLE IF EXISTS pg_temp.{_stage_table(dtype)}")
+    conn.execute(
+        f"CREATE TEMP TABLE {_stage_table(dtype)} (ts timestamptz, "
+        f"device_id text, seq bigint, recv_ts timestamptz, {columns}) "
+        "ON COMMIT DELETE ROWS"
+    )
 
 
 def copy_columns(rows: TypeRows) -> list[CopyColumn]:
@@ -185,8 +190,10 @@ class BatchWriter:
             schema=self.schema,
             application_name=f"cityhub-ingest-{worker_id}",
             connect_timeout_s=connect_timeout_s,
-            on_connect=_create_stage_tables,
+            on_connect=self._stage_catalog,
         )
+        # Device type -> the metrics of its stage table on the current connection.
+        self._staged: dict[str, tuple[str, ...]] = {}
         # Replaced, never mutated: readers in other threads keep a consistent snapshot.
         self._owners: Mapping[str, str | None] = {}
         self._owners_loaded_s: float | None = None
@@ -210,6 +217,30 @@ class BatchWriter:
     def interrupt(self) -> None:
         """Cut the connection under a call that hangs; safe from any thread."""
         self._db.interrupt()
+
+    def _stage_catalog(self, conn: Connection[Any]) -> None:
+        """A new connection: a stage table per device type of the catalog."""
+        self._staged = {}
+        for dtype in DEVICE_TYPES.values():
+            _create_stage_table(conn, dtype)
+            self._staged[dtype.name] = dtype.metric_names
+
+    def _stage_new_shapes(self, conn: Connection[Any], items: Iterable[WriteItem]) -> None:
+        """Stage tables for types added, or given metrics, since the connection was opened.
+
+        The catalog may grow while ingest runs (a type or metric added, then
+        ``cityhub db migrate``); a dictionary lookup per type per commit
+        notices it, so readings of the new type or metric are stored without
+        a restart.
+        """
+        for item in items:
+            if not isinstance(item, GoodBatch):
+                continue
+            for name in item.rows.tables:
+                dtype = DEVICE_TYPES[name]
+                if self._staged.get(name) != dtype.metric_names:
+                    _create_stage_table(conn, dtype)
+                    self._staged[name] = dtype.metric_names
 
     # -- ownership -------------------------------------------------------------
 
@@ -273,16 +304,18 @@ class BatchWriter:
                 outcome.replayed.append(item)  # the same message twice in one group
             else:
                 unique[item.key] = item
-        with self._db.session("commit") as conn, conn.transaction(), conn.cursor() as cur:
-            new = self._claim_keys(cur, unique)
-            for key in sorted(unique):
-                (outcome.written if key in new else outcome.replayed).append(unique[key])
-            goods = [i for i in outcome.written if isinstance(i, GoodBatch)]
-            self._write_readings(cur, goods, outcome)
-            self._write_rejects(cur, outcome.written, outcome.rejects)
-            self._upsert_device_state(
-                cur, merge_summaries(s for g in goods for s in g.rows.devices)
-            )
+        with self._db.session("commit") as conn:
+            self._stage_new_shapes(conn, unique.values())
+            with conn.transaction(), conn.cursor() as cur:
+                new = self._claim_keys(cur, unique)
+                for key in sorted(unique):
+                    (outcome.written if key in new else outcome.replayed).append(unique[key])
+                goods = [i for i in outcome.written if isinstance(i, GoodBatch)]
+                self._write_readings(cur, goods, outcome)
+                self._write_rejects(cur, outcome.written, outcome.rejects)
+                self._upsert_device_state(
+                    cur, merge_summaries(s for g in goods for s in g.rows.devices)
+                )
         return outcome
 
     def _claim_keys(self, cur: Cursor[Any], unique: Mapping[str, WriteItem]) -> set[str]:
