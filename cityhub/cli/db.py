@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from cityhub.cli.context import CliState, reported_errors, state_of
+from contracts.schema import Edition
 
 app = typer.Typer(
     help="Database schema migrations, seed data and maintenance.", no_args_is_help=True
@@ -27,29 +28,69 @@ def database_url(state: CliState) -> str:
 
 
 @app.command()
-def migrate(ctx: typer.Context) -> None:
-    """Apply pending schema migrations (safe to run any number of times).
+def migrate(
+    ctx: typer.Context,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Print the pending migrations and reconcile steps; change nothing. "
+            "(In kê các bước sẽ chạy, không thay đổi gì.)",
+        ),
+    ] = False,
+) -> None:
+    """Bring the database to the catalog and settings (safe to run any number of times).
 
-    Creates the TimescaleDB extension, the metadata tables, one wide hypertable
-    per device type, rejects, alerts and AQI tables, and hourly rollups:
-    continuous aggregates with policies on the community edition, the
-    project's own rollup tables and jobs on the Apache edition.
+    First the numbered migrations not yet applied: the TimescaleDB extension,
+    the metadata tables, one wide hypertable per device type, rejects, alerts
+    and AQI tables, and hourly rollups (continuous aggregates with policies on
+    the community edition, the project's own rollup tables and jobs on the
+    Apache edition). Then the reconcile steps: a device type new in the
+    catalog gets its hypertable, rollup and policies; a new metric its column
+    (never dropped when a metric is removed); retention, compression and the
+    chunk interval of new chunks follow the [storage] settings. Each step is
+    printed; what this server cannot do is said.
+
+    (Đưa cơ sở dữ liệu về đúng danh mục thiết bị và cấu hình: thêm bảng cho
+    loại thiết bị mới, cột cho chỉ số mới, áp dụng chính sách lưu trữ.)
     """
     from cityhub import database
 
     state = state_of(ctx)
     settings = state.settings
+    schema = settings.database.schema
     with reported_errors(state):
         url = database_url(state)
         with database.connect(url, timeout_s=settings.database.connect_timeout_s) as conn:
-            report = database.migrate(
-                conn, schema=settings.database.schema, storage=settings.storage
-            )
+            if dry_run:
+                plan = database.plan_migration(conn, schema=schema, storage=settings.storage)
+            else:
+                report = database.migrate(conn, schema=schema, storage=settings.storage)
+    if dry_run:
+        for m in plan.pending:
+            state.console.print(f"would apply {m.version:>3}  {m.name}", markup=False)
+        if plan.pending:
+            state.console.print("reconcile steps are planned once these are applied")
+        for step in plan.steps:
+            state.console.print(f"would run  {step.summary}", markup=False)
+        for note in plan.notes:
+            state.console.print(f"note: {note}", markup=False)
+        state.console.print(
+            f"schema {schema!r} (dry run, nothing changed): {len(plan.pending)} migrations "
+            f"pending, {len(plan.steps)} reconcile steps; TimescaleDB edition: "
+            f"{plan.edition.value}"
+        )
+        return
     for m in report.applied:
-        state.console.print(f"applied {m.version:>3}  {m.name}")
+        state.console.print(f"applied {m.version:>3}  {m.name}", markup=False)
+    for step in report.steps:
+        state.console.print(f"done     {step.summary}", markup=False)
+    for note in report.notes:
+        state.console.print(f"note: {note}", markup=False)
     state.console.print(
-        f"schema {settings.database.schema!r}: {len(report.applied)} applied, "
-        f"{report.already} already present; TimescaleDB edition: {report.edition.value}"
+        f"schema {schema!r}: {len(report.applied)} applied, "
+        f"{report.already} already present, {len(report.steps)} reconcile steps; "
+        f"TimescaleDB edition: {report.edition.value}"
     )
 
 
@@ -110,7 +151,12 @@ def maintain(
 
 @app.command()
 def status(ctx: typer.Context) -> None:
-    """Show the TimescaleDB edition and the applied migrations."""
+    """Show the TimescaleDB edition, the applied migrations and the policies in force.
+
+    Each policy (chunk interval, retention, compression) is shown as the
+    database has it beside the [storage] setting; `cityhub db migrate` makes
+    them match. (Chính sách đang áp dụng so với cấu hình.)
+    """
     from cityhub import database
 
     state = state_of(ctx)
@@ -120,6 +166,10 @@ def status(ctx: typer.Context) -> None:
         with database.connect(url, timeout_s=settings.database.connect_timeout_s) as conn:
             edition = database.detect_edition(conn)
             rows = database.applied_versions(conn, schema=settings.database.schema)
+            if rows:
+                policies, notes = database.policies_in_force(
+                    conn, schema=settings.database.schema, storage=settings.storage
+                )
     table = Table(title=f"schema {settings.database.schema!r} (TimescaleDB {edition.value})")
     for column in ("version", "migration", "applied at"):
         table.add_column(column)
@@ -128,3 +178,15 @@ def status(ctx: typer.Context) -> None:
     state.console.print(table)
     if not rows:
         state.console.print("no migrations applied: run `cityhub db migrate`")
+        return
+    table = Table(title="policies: in force / setting (\\[storage])")
+    for column in ("table", "policy", "in force", "setting", ""):
+        table.add_column(column)
+    for p in policies:
+        differs = p.in_force is not None and p.in_force != p.setting.split(" (")[0]
+        missing = p.in_force is None and edition is not Edition.APACHE
+        flag = "differs: run `cityhub db migrate`" if differs or missing else ""
+        table.add_row(p.table, p.policy, p.in_force or "none", p.setting, flag)
+    state.console.print(table)
+    for note in notes:
+        state.console.print(f"note: {note}", markup=False)
