@@ -285,46 +285,27 @@ def _merge_metric(old: Metric, new: Metric, where: _Where) -> Metric:
     return new
 
 
-def _merge_type(  # noqa: PLR0912 - one check per rule, each with its own message
-    name: str, raw: object, catalog: Catalog, where: _Where
-) -> DeviceType:
-    table = _table(raw, where, None)
-    _unknown_keys(table, _TYPE_KEYS, where, "")
-    old = catalog.types.get(name)
-    if old is None:
-        for key in ("description", "transports", "metrics"):
-            if key not in table:
-                raise where.error(key, "missing (a new device type needs it)")
-    description = _text(table, "description", where) if "description" in table else ""
-    transports = list(old.transports) if old else []
-    if "transports" in table:
-        for transport in _names(table["transports"], where, "transports"):
-            if transport not in catalog.transports:
-                known = ", ".join(catalog.transports)
-                raise where.error("transports", f"{transport!r} is not a transport ({known})")
-            if transport not in transports:
-                transports.append(transport)
-    protocols = list(old.serial_protocols) if old else []
-    if "serial_protocols" in table:
-        for protocol in _names(table["serial_protocols"], where, "serial_protocols"):
-            if protocol not in catalog.serial_protocols:
-                known = ", ".join(catalog.serial_protocols)
-                raise where.error(
-                    "serial_protocols", f"{protocol!r} is not a serial protocol ({known})"
-                )
-            if protocol not in protocols:
-                protocols.append(protocol)
-    if ("serial" in transports) != bool(protocols):
-        raise where.error(
-            "serial_protocols",
-            "a type has serial protocols if and only if it has the serial transport",
-        )
+def _extend_names(
+    given: object, have: tuple[str, ...], known: Mapping[str, object], where: _Where, key: str
+) -> list[str]:
+    """A type's transports or serial protocols: the known ones plus those given, each declared."""
+    names = list(have)
+    for name in _names(given, where, key) if given is not None else ():
+        if name not in known:
+            what = key.rstrip("s").replace("_", " ")
+            raise where.error(key, f"{name!r} is not a {what} ({', '.join(known)})")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _merge_metrics(raw: object, old: DeviceType | None, where: _Where) -> dict[str, Metric]:
+    """A type's metrics: the known ones in order (restated ones merged), then the new ones."""
     metrics = {m.name: m for m in old.metrics} if old else {}
-    raw_metrics = table.get("metrics", [])
-    if not isinstance(raw_metrics, list) or (old is None and not raw_metrics):
+    if not isinstance(raw, list) or (old is None and not raw):
         raise where.error("metrics", "expected a non-empty list of metric tables")
     seen: set[str] = set()
-    for index, raw_metric in enumerate(raw_metrics):
+    for index, raw_metric in enumerate(raw):
         metric = _metric(raw_metric, index, where)
         if metric.name in seen:
             raise where.error(f"metrics.{metric.name}", "duplicate: the file defines it twice")
@@ -333,6 +314,39 @@ def _merge_type(  # noqa: PLR0912 - one check per rule, each with its own messag
         metrics[metric.name] = (
             metric if previous is None else _merge_metric(previous, metric, where)
         )
+    return metrics
+
+
+def _merge_type(name: str, raw: object, catalog: Catalog, where: _Where) -> DeviceType:
+    table = _table(raw, where, None)
+    _unknown_keys(table, _TYPE_KEYS, where, "")
+    old = catalog.types.get(name)
+    if old is None:
+        for key in ("description", "transports", "metrics"):
+            if key not in table:
+                raise where.error(key, "missing (a new device type needs it)")
+    description = _text(table, "description", where) if "description" in table else ""
+    transports = _extend_names(
+        table.get("transports"), old.transports if old else (), catalog.transports, where,
+        "transports",
+    )  # fmt: skip
+    protocols = _extend_names(
+        table.get("serial_protocols"), old.serial_protocols if old else (),
+        catalog.serial_protocols, where, "serial_protocols",
+    )  # fmt: skip
+    if ("serial" in transports) != bool(protocols):
+        raise where.error(
+            "serial_protocols",
+            "a type has serial protocols if and only if it has the serial transport",
+        )
+    metrics = _merge_metrics(table.get("metrics", []), old, where)
+    for protocol in protocols:
+        missing = [m for m in catalog.serial_protocols[protocol].metrics if m not in metrics]
+        if missing:
+            raise where.error(
+                "serial_protocols",
+                f"{protocol} frames carry {', '.join(missing)}, which the type lacks",
+            )
     return DeviceType(
         name=name,
         description=description or (old.description if old else ""),
@@ -413,7 +427,7 @@ def load_catalog(sources: Iterable[tuple[str, str]], *, base: Catalog = SHIPPED_
     return catalog
 
 
-def catalog_files(paths: Sequence[str | Path]) -> list[Path]:
+def find_catalog_files(paths: Sequence[str | Path]) -> list[Path]:
     """The files ``paths`` names: each a TOML file, or a directory's ``*.toml`` in name order."""
     files: list[Path] = []
     for entry in paths:
@@ -430,7 +444,7 @@ def catalog_files(paths: Sequence[str | Path]) -> list[Path]:
 def read_catalog(paths: Sequence[str | Path], *, base: Catalog = SHIPPED_CATALOG) -> Catalog:
     """Read the catalog files that ``paths`` names and merge them onto ``base``."""
     sources = []
-    for file in catalog_files(paths):
+    for file in find_catalog_files(paths):
         try:
             sources.append((str(file), file.read_text(encoding="utf-8")))
         except (OSError, UnicodeDecodeError) as exc:
@@ -438,7 +452,7 @@ def read_catalog(paths: Sequence[str | Path], *, base: Catalog = SHIPPED_CATALOG
     return load_catalog(sources, base=base)
 
 
-def metric_differences(base: Catalog, catalog: Catalog) -> list[str]:
+def describe_changes(base: Catalog, catalog: Catalog) -> list[str]:
     """What ``catalog`` adds to or changes in ``base``, one line each (for people)."""
     lines = []
     for name, dtype in catalog.types.items():

@@ -18,7 +18,7 @@ import typer
 from rich.table import Table
 
 from cityhub.cli.context import CliState, reported_errors, state_of
-from contracts.catalog import Catalog, DeviceType, metric_differences, read_catalog
+from contracts.catalog import Catalog, DeviceType, describe_changes, read_catalog
 from contracts.errors import UnknownDeviceTypeError
 from contracts.jsonschema import uplink_schema
 
@@ -117,7 +117,7 @@ def check(
             highlight=False,
         )
         return
-    changes = metric_differences(configured, catalog)
+    changes = describe_changes(configured, catalog)
     state.console.print(f"ok: {file}: {len(changes) or 'no'} additions or changes", highlight=False)
     for line in changes:
         state.console.print(f"  {line}", highlight=False)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -141,3 +143,17 @@ def test_help(command):
     result = _run("catalog", *command, "--help")
     assert result.exit_code == 0, result.output
     assert "Usage:" in result.output
+
+
+def test_readme_example_file_is_accepted(tmp_path):
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    example = re.search(
+        r"```toml\n(# /etc/cityhub/catalog\.d/noise\.toml\n.*?)```", readme, re.DOTALL
+    )
+    assert example is not None, "README lost its Device catalog example"
+    file = tmp_path / "noise.toml"
+    file.write_text(example.group(1), encoding="utf-8")
+    result = _run("catalog", "check", str(file))
+    assert result.exit_code == 0, result.output
+    assert "new type noise_meter" in result.output
+    assert "kiosk: new metric door_open" in result.output

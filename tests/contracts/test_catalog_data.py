@@ -18,9 +18,9 @@ from contracts.catalog import (
     Metric,
     MetricKind,
     current_catalog,
+    describe_changes,
     device_type,
     load_catalog,
-    metric_differences,
     read_catalog,
     use_catalog,
 )
@@ -127,7 +127,7 @@ def test_operator_file_adds_a_type_and_a_metric():
     assert kiosk.metric_names == (*catalog.KIOSK.metric_names, "door_open")
     assert kiosk.description == catalog.KIOSK.description
     assert merged.sources == (SHIPPED_SOURCE, "/etc/cityhub/catalog.d/noise.toml")
-    assert metric_differences(SHIPPED_CATALOG, merged) == [
+    assert describe_changes(SHIPPED_CATALOG, merged) == [
         "kiosk: new metric door_open (bool, '')",
         "new type noise_meter: 1 metrics",
     ]
@@ -239,6 +239,23 @@ REFUSALS = [
         "siren",
         "transports",
         "not a transport",
+    ),
+    (
+        (
+            '[types.dust]\ndescription = "x"\ntransports = ["serial"]\n'
+            'serial_protocols = ["sds011"]\nmetrics = [{ name = "pm25", unit = "ug/m3", '
+            'kind = "float", min = 0, max = 1, description = "x" }]'
+        ),
+        "dust",
+        "serial_protocols",
+        "sds011 frames carry pm10",
+    ),
+    ('[types.kiosk]\ntransports = ["serial"]\n', "kiosk", "serial_protocols", "if and only if"),
+    (
+        '[types.air_quality]\nserial_protocols = ["modbus"]\n',
+        "air_quality",
+        "serial_protocols",
+        "not a serial protocol",
     ),
     ('[types."Bad-Name"]\ndescription = "x"\n', "Bad-Name", None, "type name"),
     ('[transports.lora]\ndescription = "LoRaWAN"\n', None, "transports", "shipped catalog"),
