@@ -484,8 +484,14 @@ _installed: Catalog = SHIPPED_CATALOG
 def use_catalog(catalog: Catalog) -> None:
     """Install ``catalog`` as the process-wide one: ``DEVICE_TYPES`` is updated in place."""
     global _installed  # noqa: PLW0603 - the one process-wide catalog, set at start-up
-    DEVICE_TYPES.clear()
+    # Types stay in place while others are added or removed: a thread reading
+    # DEVICE_TYPES meanwhile never misses one that both catalogs have.
+    for name in [name for name in DEVICE_TYPES if name not in catalog.types]:
+        del DEVICE_TYPES[name]
     DEVICE_TYPES.update(catalog.types)
+    if list(DEVICE_TYPES) != list(catalog.types):  # the order is the migrations' order
+        DEVICE_TYPES.clear()
+        DEVICE_TYPES.update(catalog.types)
     _installed = catalog
 
 

@@ -405,3 +405,14 @@ def test_schema_without_now_describes_the_window():
     assert "maximum" not in ts
     assert "milliseconds" in ts["description"]
     assert "30 days" in ts["description"]
+
+
+def test_use_catalog_keeps_the_shipped_order_and_objects(restore_catalog):
+    merged = load_catalog([("noise.toml", NOISE)])
+    use_catalog(merged)
+    assert list(DEVICE_TYPES) == [*SHIPPED_CATALOG.types, "noise_meter"]
+    assert DEVICE_TYPES["kiosk"] is merged.types["kiosk"]
+    use_catalog(SHIPPED_CATALOG)
+    assert list(DEVICE_TYPES) == list(SHIPPED_CATALOG.types)
+    assert all(DEVICE_TYPES[n] is t for n, t in SHIPPED_CATALOG.types.items())
+    assert current_catalog() is SHIPPED_CATALOG
