@@ -179,7 +179,7 @@ def _names(value: object, where: _Where, key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _unknown_keys(
+def _refuse_unknown_keys(
     table: Mapping[str, Any], allowed: frozenset[str], where: _Where, prefix: str
 ) -> None:
     for key in table:
@@ -240,7 +240,7 @@ def _metric(raw: object, index: int, where: _Where) -> Metric:
     prefix = f"metrics.{name}."
     if name in RESERVED_METRIC_NAMES:
         raise where.error(prefix + "name", "is a column every readings table has already")
-    _unknown_keys(table, _METRIC_KEYS, where, prefix)
+    _refuse_unknown_keys(table, _METRIC_KEYS, where, prefix)
     try:
         kind = MetricKind(str(table.get("kind")))
     except ValueError:
@@ -319,7 +319,7 @@ def _merge_metrics(raw: object, old: DeviceType | None, where: _Where) -> dict[s
 
 def _merge_type(name: str, raw: object, catalog: Catalog, where: _Where) -> DeviceType:
     table = _table(raw, where, None)
-    _unknown_keys(table, _TYPE_KEYS, where, "")
+    _refuse_unknown_keys(table, _TYPE_KEYS, where, "")
     old = catalog.types.get(name)
     if old is None:
         for key in ("description", "transports", "metrics"):
@@ -362,7 +362,7 @@ def _merge_shipped_only(document: Mapping[str, Any], catalog: Catalog, source: s
     for name, raw in _table(document.get("transports", {}), _Where(source), "transports").items():
         where = _Where(source)
         table = _table(raw, where, f"transports.{name}")
-        _unknown_keys(table, frozenset({"description"}), where, f"transports.{name}.")
+        _refuse_unknown_keys(table, frozenset({"description"}), where, f"transports.{name}.")
         text = _text(table, "description", where, f"transports.{name}.")
         transports[name] = Transport(name=name, description=text)
     protocols = dict(catalog.serial_protocols)
@@ -370,7 +370,7 @@ def _merge_shipped_only(document: Mapping[str, Any], catalog: Catalog, source: s
     for name, raw in tables.items():
         where, prefix = _Where(source), f"serial_protocols.{name}."
         table = _table(raw, where, prefix.rstrip("."))
-        _unknown_keys(table, frozenset({"description", "metrics"}), where, prefix)
+        _refuse_unknown_keys(table, frozenset({"description", "metrics"}), where, prefix)
         protocols[name] = SerialProtocol(
             name=name,
             description=_text(table, "description", where, prefix),
