@@ -1,23 +1,58 @@
-"""The device catalog: device types, their metrics, units and valid ranges.
+"""The device catalog: device types, their metrics, units and valid ranges, as data.
 
 The catalog is the single description of what devices measure. The gateway
 validates readings against it, ingest checks them again, the schema module
 generates one wide hypertable per device type from it (a column per metric)
 and the simulator draws its signals inside its ranges.
 
+Where it comes from: the shipped catalog is TOML package data
+(``contracts/data/catalog.toml``); operators' files (the ``catalog.paths``
+setting: a file, or a directory whose ``*.toml`` files are read in name order)
+add device types and metrics on top. ``load_catalog`` merges texts and is
+pure; ``read_catalog`` reads the files. An operator's file may add a type, add
+metrics to a type, add transports to a type and extend an enum's labels; it may
+change a metric's description or valid range. It may not change a known
+metric's kind or unit, reorder an enum's labels, declare transports or serial
+protocols (they need gateway code) or use a key the catalog does not know:
+each is a ``CatalogError`` naming the file, the type and the key. A catalog is
+made only of msgspec structs, so it can be encoded and sent (to a gateway with
+its config, for instance) and decoded as it was.
+
+How a process uses it: ``DEVICE_TYPES`` is the process-wide catalog that every
+module reads (``from contracts.catalog import DEVICE_TYPES``); it holds the
+shipped types when this module is imported. ``contracts.settings.load_settings``
+(the one start-up step of every ``__main__`` and of the ``cityhub`` command)
+reads the files of ``catalog.paths`` and installs the result with
+``use_catalog``, which updates ``DEVICE_TYPES`` in place, so that names imported
+earlier see it. Nothing else installs a catalog; a process that receives its
+settings without loading them (a spawned worker) calls ``use_catalog`` itself.
+Tables a module builds from ``DEVICE_TYPES`` at import time keep the shipped
+types. The module constants ``AIR_QUALITY``, ``KIOSK``, ``CAMERA_COUNTER``,
+``CONFERENCE_ENDPOINT`` and ``PRINTER_STATUS_LABELS`` are the shipped
+definitions, whatever an operator adds.
+
 Valid ranges are *physical* ranges: what the sensor can report at all
 (datasheet limits), not what is plausible on a given day; plausibility is the
 alert rules' business. A value outside its range is a reject, not an alert.
+Migrating a database to a catalog (columns, tables) is ``contracts.schema``'s
+and the ``cityhub db`` command's business, not this module's.
 """
 
 from __future__ import annotations
 
 import enum
 import math
+import re
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any, Final
 
 import msgspec
 
 from contracts.errors import (
+    CatalogError,
     NonFiniteValueError,
     OutOfRangeError,
     UnknownDeviceTypeError,
@@ -59,6 +94,8 @@ class DeviceType(msgspec.Struct, frozen=True, kw_only=True):
     description: str
     transports: tuple[str, ...]  # "serial", "mqtt"
     metrics: tuple[Metric, ...]
+    # Appended: the frame protocols a serial device of this type may speak.
+    serial_protocols: tuple[str, ...] = ()
 
     def metric(self, name: str) -> Metric:
         for metric in self.metrics:
@@ -71,100 +108,396 @@ class DeviceType(msgspec.Struct, frozen=True, kw_only=True):
         return tuple(m.name for m in self.metrics)
 
 
-def _m(  # noqa: PLR0917 - one catalog row; positional keeps the table readable
-    name: str,
-    unit: str,
-    kind: MetricKind,
-    lo: float,
-    hi: float,
-    description: str,
-    labels: tuple[str, ...] = (),
-) -> Metric:
+class Transport(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    description: str
+
+
+class SerialProtocol(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    description: str
+    metrics: tuple[str, ...]  # what its frames carry
+
+
+class Catalog(msgspec.Struct, frozen=True, kw_only=True):
+    """A loaded catalog: what ``use_catalog`` installs and what may be sent to a gateway."""
+
+    types: dict[str, DeviceType]
+    transports: dict[str, Transport]
+    serial_protocols: dict[str, SerialProtocol]
+    # The files it was merged from, in order (the shipped one first).
+    sources: tuple[str, ...] = ()
+
+
+SHIPPED_SOURCE: Final = "<shipped: contracts/data/catalog.toml>"
+
+# Type names become table names (readings_{type}_1h, at most 63 bytes in
+# PostgreSQL); metric names become columns (and {metric}_avg in rollups).
+_TYPE_NAME_RE: Final = re.compile(r"[a-z][a-z0-9_]{0,39}")
+_METRIC_NAME_RE: Final = re.compile(r"[a-z][a-z0-9_]{0,54}")
+_LABEL_RE: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+# Columns every readings table and rollup already has.
+RESERVED_METRIC_NAMES: Final = frozenset({"ts", "device_id", "seq", "recv_ts", "bucket", "n"})
+# A unit is a short symbol ("ug/m3", "degC", "people").
+_UNIT_MAX_CHARS: Final = 32
+
+_FILE_KEYS: Final = frozenset({"types", "transports", "serial_protocols"})
+_SHIPPED_ONLY_KEYS: Final = frozenset({"transports", "serial_protocols"})
+_TYPE_KEYS: Final = frozenset({"description", "transports", "serial_protocols", "metrics"})
+_METRIC_KEYS: Final = frozenset({"name", "unit", "kind", "min", "max", "description", "labels"})
+
+
+class _Where:
+    """Where a problem is, for CatalogError: the file, the type, the key."""
+
+    def __init__(self, source: str, type_name: str | None = None) -> None:
+        self.source = source
+        self.type_name = type_name
+
+    def error(self, key: str | None, problem: str) -> CatalogError:
+        return CatalogError(self.source, self.type_name, key, problem)
+
+
+def _table(value: object, where: _Where, key: str | None) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise where.error(key, f"expected a table, got {type(value).__name__}")
+    return value
+
+
+def _text(table: Mapping[str, Any], key: str, where: _Where, prefix: str = "") -> str:
+    value = table.get(key)
+    if not isinstance(value, str) or (key != "unit" and not value.strip()):
+        raise where.error(prefix + key, "expected a non-empty string")
+    return value
+
+
+def _names(value: object, where: _Where, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise where.error(key, "expected a non-empty list of strings")
+    if len(set(value)) != len(value):
+        raise where.error(key, "lists a name twice")
+    return tuple(value)
+
+
+def _refuse_unknown_keys(
+    table: Mapping[str, Any], allowed: frozenset[str], where: _Where, prefix: str
+) -> None:
+    for key in table:
+        if key not in allowed:
+            raise where.error(
+                f"{prefix}{key}", f"unknown key (known: {', '.join(sorted(allowed))})"
+            )
+
+
+def _number(table: Mapping[str, Any], key: str, where: _Where, prefix: str) -> float | None:
+    if key not in table:
+        return None
+    value = table[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise where.error(prefix + key, f"expected a finite number, got {value!r}")
+    return value
+
+
+def _labels(table: Mapping[str, Any], where: _Where, prefix: str) -> tuple[str, ...]:
+    labels = _names(table.get("labels"), where, prefix + "labels")
+    for label in labels:
+        if _LABEL_RE.fullmatch(label) is None:
+            raise where.error(prefix + "labels", f"label {label!r} must match {_LABEL_RE.pattern}")
+    return labels
+
+
+def _range(
+    table: Mapping[str, Any], kind: MetricKind, labels: tuple[str, ...], where: _Where, prefix: str
+) -> tuple[float, float]:
+    """The valid range: given for float and int; implied (and checked if given) for bool, enum."""
+    lo, hi = _number(table, "min", where, prefix), _number(table, "max", where, prefix)
+    implied = {MetricKind.BOOL: (0, 1), MetricKind.ENUM: (0, len(labels) - 1)}.get(kind)
+    if implied is not None:
+        for key, given, value in (("min", lo, implied[0]), ("max", hi, implied[1])):
+            if given is not None and given != value:
+                raise where.error(
+                    prefix + key, f"a {kind} metric's {key} is {value}, not {given!r}"
+                )
+        return implied
+    if lo is None or hi is None:
+        raise where.error(prefix + ("min" if lo is None else "max"), "missing (the valid range)")
+    if not lo < hi:
+        raise where.error(
+            prefix + "max", f"the range [{lo!r}, {hi!r}] is empty: max must exceed min"
+        )
+    if kind is MetricKind.INT and (lo != int(lo) or hi != int(hi)):
+        raise where.error(prefix + "min", f"an int metric's range [{lo!r}, {hi!r}] must be whole")
+    return lo, hi
+
+
+def _metric(raw: object, index: int, where: _Where) -> Metric:
+    table = _table(raw, where, f"metrics[{index}]")
+    name = table.get("name")
+    if not isinstance(name, str) or _METRIC_NAME_RE.fullmatch(name) is None:
+        raise where.error(
+            f"metrics[{index}].name", f"{name!r} must match {_METRIC_NAME_RE.pattern}"
+        )
+    prefix = f"metrics.{name}."
+    if name in RESERVED_METRIC_NAMES:
+        raise where.error(prefix + "name", "is a column every readings table has already")
+    _refuse_unknown_keys(table, _METRIC_KEYS, where, prefix)
+    try:
+        kind = MetricKind(str(table.get("kind")))
+    except ValueError:
+        known = ", ".join(k.value for k in MetricKind)
+        raise where.error(prefix + "kind", f"{table.get('kind')!r} is not one of {known}") from None
+    unit = _text(table, "unit", where, prefix)
+    if len(unit) > _UNIT_MAX_CHARS:
+        raise where.error(prefix + "unit", f"longer than {_UNIT_MAX_CHARS} characters")
+    labels: tuple[str, ...] = ()
+    if kind is MetricKind.ENUM:
+        labels = _labels(table, where, prefix)
+    elif "labels" in table:
+        raise where.error(prefix + "labels", f"only an enum metric has labels, not a {kind} one")
+    lo, hi = _range(table, kind, labels, where, prefix)
     return Metric(
-        name=name, unit=unit, kind=kind, min=lo, max=hi, description=description, labels=labels
+        name=name,
+        unit=unit,
+        kind=kind,
+        min=lo,
+        max=hi,
+        description=_text(table, "description", where, prefix),
+        labels=labels,
     )
 
 
-FLT, INT, BOOL, ENUM = MetricKind.FLOAT, MetricKind.INT, MetricKind.BOOL, MetricKind.ENUM
+def _merge_metric(old: Metric, new: Metric, where: _Where) -> Metric:
+    """An operator's entry for a known metric: same kind and unit, labels only appended."""
+    prefix = f"metrics.{old.name}."
+    if new.kind is not old.kind:
+        raise where.error(
+            prefix + "kind", f"is {old.kind!r}; a metric's kind cannot change (got {new.kind!r})"
+        )
+    if new.unit != old.unit:
+        raise where.error(
+            prefix + "unit", f"is {old.unit!r}; a metric's unit cannot change (got {new.unit!r})"
+        )
+    if new.labels[: len(old.labels)] != old.labels:
+        raise where.error(
+            prefix + "labels",
+            f"must start with the known labels {list(old.labels)} (codes keep their meaning)",
+        )
+    return new
 
-PRINTER_STATUS_LABELS = ("ok", "paper_low", "paper_out", "jam", "offline")
 
-# Ranges, with their sources:
-# - PM: Plantower PMS5003 effective range 0-500 ug/m3, maximum 1000 ug/m3;
-#   Nova SDS011 0-999.9 ug/m3. PM10 is allowed to 2000 for heavier monitors.
-# - CO2: NDIR sensors (SenseAir S8, SCD30) report 0-10000 ppm.
-# - NO2 / O3: electrochemical cells on street monitors, 0-4000 / 0-2000 ug/m3.
-# - Temperature / humidity: SHT3x/BME280-class, -40..85 degC, 0..100 %RH.
-AIR_QUALITY = DeviceType(
-    name="air_quality",
-    description="Street or ward-office air-quality monitor (PMS5003 / SDS011 + gas cells)",
-    transports=("serial", "mqtt"),
-    metrics=(
-        _m("pm1", "ug/m3", FLT, 0, 1000, "PM1.0 mass concentration"),
-        _m("pm25", "ug/m3", FLT, 0, 1000, "PM2.5 mass concentration"),
-        _m("pm10", "ug/m3", FLT, 0, 2000, "PM10 mass concentration"),
-        _m("co2", "ppm", FLT, 0, 10000, "Carbon dioxide"),
-        _m("no2", "ug/m3", FLT, 0, 4000, "Nitrogen dioxide"),
-        _m("o3", "ug/m3", FLT, 0, 2000, "Ozone"),
-        _m("temperature", "degC", FLT, -40, 85, "Air temperature"),
-        _m("humidity", "%", FLT, 0, 100, "Relative humidity"),
-    ),
-)
+def _extend_names(
+    given: object, have: tuple[str, ...], known: Mapping[str, object], where: _Where, key: str
+) -> list[str]:
+    """A type's transports or serial protocols: the known ones plus those given, each declared."""
+    names = list(have)
+    for name in _names(given, where, key) if given is not None else ():
+        if name not in known:
+            what = key.rstrip("s").replace("_", " ")
+            raise where.error(key, f"{name!r} is not a {what} ({', '.join(known)})")
+        if name not in names:
+            names.append(name)
+    return names
 
-# Kiosk: queue length bounded by a hall's capacity with margin; uptime up to
-# ten years in seconds; CPU temperature within the SoC's junction limits.
-KIOSK = DeviceType(
-    name="kiosk",
-    description="Queue-ticket kiosk in a one-stop-shop service hall",
-    transports=("mqtt",),
-    metrics=(
-        _m("queue_length", "people", INT, 0, 5000, "Citizens waiting for a counter"),
-        _m("tickets_issued", "tickets", INT, 0, 100000, "Tickets printed since the last reading"),
-        _m("paper_level", "%", FLT, 0, 100, "Ticket paper roll remaining"),
-        _m(
-            "printer_status",
-            "",
-            ENUM,
-            0,
-            len(PRINTER_STATUS_LABELS) - 1,
-            "Ticket printer state",
-            PRINTER_STATUS_LABELS,
-        ),
-        _m("cpu_temperature", "degC", FLT, -20, 125, "Kiosk computer CPU temperature"),
-        _m("uptime", "s", INT, 0, 10 * 365 * 86400, "Seconds since the kiosk booted"),
-    ),
-)
 
-# Camera counter: counts per reporting interval; a street camera on a busy
-# Hanoi road sees a few thousand motorbikes a minute at most.
-CAMERA_COUNTER = DeviceType(
-    name="camera_counter",
-    description="Camera people/vehicle counter at a hall entrance or a street",
-    transports=("mqtt",),
-    metrics=(
-        _m("people_in", "people", INT, 0, 100000, "People entering during the interval"),
-        _m("people_out", "people", INT, 0, 100000, "People leaving during the interval"),
-        _m("vehicles_in", "vehicles", INT, 0, 100000, "Vehicles inbound during the interval"),
-        _m("vehicles_out", "vehicles", INT, 0, 100000, "Vehicles outbound during the interval"),
-        _m("occupancy", "people", INT, 0, 100000, "People inside the counted area now"),
-    ),
-)
+def _merge_metrics(raw: object, old: DeviceType | None, where: _Where) -> dict[str, Metric]:
+    """A type's metrics: the known ones in order (restated ones merged), then the new ones."""
+    metrics = {m.name: m for m in old.metrics} if old else {}
+    if not isinstance(raw, list) or (old is None and not raw):
+        raise where.error("metrics", "expected a non-empty list of metric tables")
+    seen: set[str] = set()
+    for index, raw_metric in enumerate(raw):
+        metric = _metric(raw_metric, index, where)
+        if metric.name in seen:
+            raise where.error(f"metrics.{metric.name}", "duplicate: the file defines it twice")
+        seen.add(metric.name)
+        previous = metrics.get(metric.name)
+        metrics[metric.name] = (
+            metric if previous is None else _merge_metric(previous, metric, where)
+        )
+    return metrics
 
-CONFERENCE_ENDPOINT = DeviceType(
-    name="conference_endpoint",
-    description="Video-conference endpoint connecting a commune office to the city",
-    transports=("mqtt",),
-    metrics=(
-        _m("online", "", BOOL, 0, 1, "Endpoint registered with the conference service"),
-        _m("packet_loss", "%", FLT, 0, 100, "Media packet loss"),
-        _m("jitter", "ms", FLT, 0, 10000, "Media jitter"),
-        _m("cpu", "%", FLT, 0, 100, "Endpoint CPU load"),
-    ),
-)
 
-DEVICE_TYPES: dict[str, DeviceType] = {
-    t.name: t for t in (AIR_QUALITY, KIOSK, CAMERA_COUNTER, CONFERENCE_ENDPOINT)
-}
+def _merge_type(name: str, raw: object, catalog: Catalog, where: _Where) -> DeviceType:
+    table = _table(raw, where, None)
+    _refuse_unknown_keys(table, _TYPE_KEYS, where, "")
+    old = catalog.types.get(name)
+    if old is None:
+        for key in ("description", "transports", "metrics"):
+            if key not in table:
+                raise where.error(key, "missing (a new device type needs it)")
+    description = _text(table, "description", where) if "description" in table else ""
+    transports = _extend_names(
+        table.get("transports"), old.transports if old else (), catalog.transports, where,
+        "transports",
+    )  # fmt: skip
+    protocols = _extend_names(
+        table.get("serial_protocols"), old.serial_protocols if old else (),
+        catalog.serial_protocols, where, "serial_protocols",
+    )  # fmt: skip
+    if ("serial" in transports) != bool(protocols):
+        raise where.error(
+            "serial_protocols",
+            "a type has serial protocols if and only if it has the serial transport",
+        )
+    metrics = _merge_metrics(table.get("metrics", []), old, where)
+    for protocol in protocols:
+        missing = [m for m in catalog.serial_protocols[protocol].metrics if m not in metrics]
+        if missing:
+            raise where.error(
+                "serial_protocols",
+                f"{protocol} frames carry {', '.join(missing)}, which the type lacks",
+            )
+    return DeviceType(
+        name=name,
+        description=description or (old.description if old else ""),
+        transports=tuple(transports),
+        metrics=tuple(metrics.values()),
+        serial_protocols=tuple(protocols),
+    )
+
+
+def _merge_shipped_only(document: Mapping[str, Any], catalog: Catalog, source: str) -> Catalog:
+    """The transports and serial protocols tables, which only the shipped file declares."""
+    transports = dict(catalog.transports)
+    for name, raw in _table(document.get("transports", {}), _Where(source), "transports").items():
+        where = _Where(source)
+        table = _table(raw, where, f"transports.{name}")
+        _refuse_unknown_keys(table, frozenset({"description"}), where, f"transports.{name}.")
+        text = _text(table, "description", where, f"transports.{name}.")
+        transports[name] = Transport(name=name, description=text)
+    protocols = dict(catalog.serial_protocols)
+    tables = _table(document.get("serial_protocols", {}), _Where(source), "serial_protocols")
+    for name, raw in tables.items():
+        where, prefix = _Where(source), f"serial_protocols.{name}."
+        table = _table(raw, where, prefix.rstrip("."))
+        _refuse_unknown_keys(table, frozenset({"description", "metrics"}), where, prefix)
+        protocols[name] = SerialProtocol(
+            name=name,
+            description=_text(table, "description", where, prefix),
+            metrics=_names(table.get("metrics"), where, prefix + "metrics"),
+        )
+    return msgspec.structs.replace(catalog, transports=transports, serial_protocols=protocols)
+
+
+def _merge_file(catalog: Catalog, source: str, text: str, *, shipped: bool) -> Catalog:
+    where = _Where(source)
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise where.error(None, f"not valid TOML: {exc}") from None
+    for key in document:
+        if key not in _FILE_KEYS:
+            raise where.error(key, f"unknown key (known: {', '.join(sorted(_FILE_KEYS))})")
+        if key in _SHIPPED_ONLY_KEYS and not shipped:
+            raise where.error(
+                key, f"only the shipped catalog declares {key} (they need gateway code)"
+            )
+    if shipped:
+        catalog = _merge_shipped_only(document, catalog, source)
+    types = dict(catalog.types)
+    for name, raw in _table(document.get("types", {}), where, "types").items():
+        if _TYPE_NAME_RE.fullmatch(name) is None:
+            raise CatalogError(
+                source, name, None, f"a type name must match {_TYPE_NAME_RE.pattern}"
+            )
+        types[name] = _merge_type(name, raw, catalog, _Where(source, name))
+    return msgspec.structs.replace(catalog, types=types, sources=(*catalog.sources, source))
+
+
+_EMPTY: Final = Catalog(types={}, transports={}, serial_protocols={})
+
+
+def _load_shipped() -> Catalog:
+    text = resources.files("contracts").joinpath("data/catalog.toml").read_text(encoding="utf-8")
+    return _merge_file(_EMPTY, SHIPPED_SOURCE, text, shipped=True)
+
+
+SHIPPED_CATALOG: Final = _load_shipped()
+
+
+def load_catalog(sources: Iterable[tuple[str, str]], *, base: Catalog = SHIPPED_CATALOG) -> Catalog:
+    """Merge operators' catalog texts, ``(file name, TOML text)`` in order, onto ``base``.
+
+    Pure. Raises CatalogError naming the file, the type and the key of the
+    first problem.
+    """
+    catalog = base
+    for source, text in sources:
+        catalog = _merge_file(catalog, source, text, shipped=False)
+    return catalog
+
+
+def find_catalog_files(paths: Sequence[str | Path]) -> list[Path]:
+    """The files ``paths`` names: each a TOML file, or a directory's ``*.toml`` in name order."""
+    files: list[Path] = []
+    for entry in paths:
+        path = Path(entry).expanduser()
+        if path.is_dir():
+            files.extend(sorted(path.glob("*.toml")))
+        elif path.exists():
+            files.append(path)
+        else:
+            raise CatalogError(str(path), None, None, "no such file or directory")
+    return files
+
+
+def read_catalog(paths: Sequence[str | Path], *, base: Catalog = SHIPPED_CATALOG) -> Catalog:
+    """Read the catalog files that ``paths`` names and merge them onto ``base``."""
+    sources = []
+    for file in find_catalog_files(paths):
+        try:
+            sources.append((str(file), file.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CatalogError(str(file), None, None, f"cannot be read: {exc}") from None
+    return load_catalog(sources, base=base)
+
+
+def describe_changes(base: Catalog, catalog: Catalog) -> list[str]:
+    """What ``catalog`` adds to or changes in ``base``, one line each (for people)."""
+    lines = []
+    for name, dtype in catalog.types.items():
+        old = base.types.get(name)
+        if old is None:
+            lines.append(f"new type {name}: {len(dtype.metrics)} metrics")
+            continue
+        lines.extend(
+            f"{name}: new transport {transport}"
+            for transport in dtype.transports
+            if transport not in old.transports
+        )
+        for metric in dtype.metrics:
+            if metric.name not in old.metric_names:
+                lines.append(f"{name}: new metric {metric.name} ({metric.kind}, {metric.unit!r})")
+            elif metric != old.metric(metric.name):
+                lines.append(f"{name}: metric {metric.name} changed (range, description or labels)")
+        if dtype.description != old.description:
+            lines.append(f"{name}: description changed")
+    return lines
+
+
+# --- the process-wide catalog ---------------------------------------------------
+
+DEVICE_TYPES: dict[str, DeviceType] = dict(SHIPPED_CATALOG.types)
+_installed: Catalog = SHIPPED_CATALOG
+
+
+def use_catalog(catalog: Catalog) -> None:
+    """Install ``catalog`` as the process-wide one: ``DEVICE_TYPES`` is updated in place."""
+    global _installed  # noqa: PLW0603 - the one process-wide catalog, set at start-up
+    # Types stay in place while others are added or removed: a thread reading
+    # DEVICE_TYPES meanwhile never misses one that both catalogs have.
+    for name in [name for name in DEVICE_TYPES if name not in catalog.types]:
+        del DEVICE_TYPES[name]
+    DEVICE_TYPES.update(catalog.types)
+    if list(DEVICE_TYPES) != list(catalog.types):  # the order is the migrations' order
+        DEVICE_TYPES.clear()
+        DEVICE_TYPES.update(catalog.types)
+    _installed = catalog
+
+
+def current_catalog() -> Catalog:
+    """The catalog ``use_catalog`` installed last (the shipped one until then)."""
+    return _installed
 
 
 def device_type(name: str) -> DeviceType:
@@ -174,3 +507,12 @@ def device_type(name: str) -> DeviceType:
     except KeyError:
         known = ", ".join(sorted(DEVICE_TYPES))
         raise UnknownDeviceTypeError(f"unknown device type {name!r} (known: {known})") from None
+
+
+# The shipped definitions, for the modules written for them (the simulator's
+# models, the boards).
+AIR_QUALITY: Final = SHIPPED_CATALOG.types["air_quality"]
+KIOSK: Final = SHIPPED_CATALOG.types["kiosk"]
+CAMERA_COUNTER: Final = SHIPPED_CATALOG.types["camera_counter"]
+CONFERENCE_ENDPOINT: Final = SHIPPED_CATALOG.types["conference_endpoint"]
+PRINTER_STATUS_LABELS: Final = KIOSK.metric("printer_status").labels

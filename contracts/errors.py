@@ -9,6 +9,8 @@ move on) versus *unavailable* (retryable: back off and try again).
     HubError
      +-- SettingsError                 bad or missing configuration (names the key)
      +-- RuleError                     a bad alert rule file (names the file, the rule and the key)
+     +-- CatalogError                  a bad or refused device catalog file (names the file,
+     |                                 the type and the key)
      +-- InputError                    bad input; carries a short ``reason`` code
      |    +-- MalformedPayloadError    not decodable (JSON / msgpack syntax)
      |    |    +-- FieldTypeError      decodable, but a field has the wrong type or is missing
@@ -85,6 +87,27 @@ class RuleError(HubError):
         super().__init__(f"{where}: {problem}")
         self.source = source
         self.rule_id = rule_id
+        self.key = key
+        self.problem = problem
+
+
+class CatalogError(HubError):
+    """A device catalog file is unreadable, or an entry in it is invalid or refused.
+
+    ``source`` is the file (or the shipped catalog), ``type_name`` the device
+    type (None for a file-level problem), ``key`` the key inside the type,
+    such as ``metrics.pm25.unit`` (None when the whole entry is at fault).
+    """
+
+    def __init__(self, source: str, type_name: str | None, key: str | None, problem: str) -> None:
+        where = source
+        if type_name is not None:
+            where += f": type {type_name!r}"
+        if key is not None:
+            where += f": key {key!r}"
+        super().__init__(f"{where}: {problem}")
+        self.source = source
+        self.type_name = type_name
         self.key = key
         self.problem = problem
 

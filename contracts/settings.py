@@ -9,6 +9,12 @@ the file when the caller passes none.
 
 Secrets (passwords, tokens, passwords inside URLs) are masked by
 ``describe_settings``, which is what may be logged or printed.
+
+``load_settings`` is also where a process gets its device catalog: it reads
+the operators' catalog files of ``catalog.paths`` (once, with the settings)
+and installs the result with ``contracts.catalog.use_catalog``; a bad file
+stops the start-up with a ``CatalogError`` naming the file, type and key.
+``parse_settings`` stays pure and installs nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from contracts.catalog import read_catalog, use_catalog
 from contracts.errors import SettingsError
 
 ENV_PREFIX = "CITYHUB_"
@@ -250,6 +257,20 @@ class ProvisioningSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unk
     topic_prefix: str = ""
 
 
+class CatalogSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Operators' device catalog files, read once at start-up on top of the shipped catalog."""
+
+    # A TOML file or a directory whose *.toml files are all read (in name
+    # order), or a list of them; "" means none (the shipped types only).
+    paths: str | list[str] = ""
+
+    @property
+    def path_list(self) -> list[str]:
+        """``paths`` as a list, without empty entries."""
+        entries = [self.paths] if isinstance(self.paths, str) else self.paths
+        return [entry for entry in entries if entry]
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     database: DatabaseSettings = msgspec.field(default_factory=DatabaseSettings)
     broker: BrokerSettings = msgspec.field(default_factory=BrokerSettings)
@@ -259,6 +280,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     ingest: IngestSettings = msgspec.field(default_factory=IngestSettings)
     provisioning: ProvisioningSettings = msgspec.field(default_factory=ProvisioningSettings)
     alerts: AlertsSettings = msgspec.field(default_factory=AlertsSettings)
+    catalog: CatalogSettings = msgspec.field(default_factory=CatalogSettings)
     # Who is acting, for audit records ("technician name").
     operator: str = ""
     # Long-running services log lifecycle events at INFO; commands for people stay quiet.
@@ -336,8 +358,16 @@ def parse_settings(document: Mapping[str, Any], environ: Mapping[str, str]) -> S
         raise SettingsError(key or "<root>", problem) from None
 
 
-def load_settings(path: Path | None, environ: Mapping[str, str]) -> Settings:
-    """Read the TOML file (``path``, else ``$CITYHUB_CONFIG``, else none) and the environment."""
+def load_settings(
+    path: Path | None, environ: Mapping[str, str], *, install_catalog: bool = True
+) -> Settings:
+    """Read the TOML file (``path``, else ``$CITYHUB_CONFIG``, else none) and the environment.
+
+    Then read the catalog files of ``catalog.paths`` and install the catalog
+    (module docstring); CatalogError when one of them is refused. A command
+    that examines catalog files itself (``cityhub catalog``) passes
+    ``install_catalog=False``.
+    """
     if path is None and environ.get(CONFIG_ENV):
         path = Path(environ[CONFIG_ENV])
     document: dict[str, Any] = {}
@@ -348,7 +378,10 @@ def load_settings(path: Path | None, environ: Mapping[str, str]) -> Settings:
             raise SettingsError("config", f"file {str(path)!r} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError("config", f"{path}: not valid TOML: {exc}") from None
-    return parse_settings(document, environ)
+    settings = parse_settings(document, environ)
+    if install_catalog:
+        use_catalog(read_catalog(settings.catalog.path_list))
+    return settings
 
 
 def default_state_dir(environ: Mapping[str, str], *, is_root: bool) -> Path:

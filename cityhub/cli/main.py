@@ -16,6 +16,7 @@ from rich.console import Console
 
 from cityhub.cli import alerts as alerts_cli
 from cityhub.cli import audit as audit_cli
+from cityhub.cli import catalog as catalog_cli
 from cityhub.cli import db as db_cli
 from cityhub.cli import devices as devices_cli
 from cityhub.cli import gateway as gateway_cli
@@ -51,6 +52,7 @@ app.add_typer(gateways_cli.app, name="gateways")
 app.add_typer(pki_cli.app, name="pki")
 app.add_typer(grafana_cli.app, name="grafana")
 app.command(name="audit")(audit_cli.audit)
+app.add_typer(catalog_cli.app, name="catalog")
 
 
 @app.callback()
@@ -72,7 +74,9 @@ def root(
     """Load settings once and configure logging for every command."""
     err = Console(stderr=True)
     try:
-        settings = load_settings(config, os.environ)
+        # `cityhub catalog` reads the catalog files itself, to report on them.
+        examines_catalog = ctx.invoked_subcommand == "catalog"
+        settings = load_settings(config, os.environ, install_catalog=not examines_catalog)
     except HubError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None

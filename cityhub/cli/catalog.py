@@ -1,0 +1,135 @@
+"""`cityhub catalog`: list, show and check the device catalog; print a type's uplink schema.
+
+The catalog is the shipped one (contracts/data/catalog.toml) plus the files
+of the ``catalog.paths`` setting. These commands read those files themselves
+(the root callback leaves them to it), so that a refused file is reported
+here as a one-line error with exit status 1 rather than stopping start-up.
+Loading and checking are ``contracts.catalog``'s; the schema is
+``contracts.jsonschema``'s.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from cityhub.cli.context import CliState, reported_errors, state_of
+from contracts.catalog import Catalog, DeviceType, describe_changes, read_catalog
+from contracts.errors import UnknownDeviceTypeError
+from contracts.jsonschema import uplink_schema
+
+app = typer.Typer(
+    help=(
+        "The device catalog (device types, metrics, units, valid ranges): list, show, "
+        "check operators' files, print a type's uplink JSON Schema."
+    ),
+    no_args_is_help=True,
+)
+
+
+def _configured(state: CliState) -> Catalog:
+    """The shipped catalog plus the files of ``catalog.paths``."""
+    return read_catalog(state.settings.catalog.path_list)
+
+
+def _type_of(catalog: Catalog, name: str) -> DeviceType:
+    try:
+        return catalog.types[name]
+    except KeyError:
+        known = ", ".join(sorted(catalog.types))
+        raise UnknownDeviceTypeError(f"unknown device type {name!r} (known: {known})") from None
+
+
+def _number(value: float) -> str:
+    """A range bound as written in the catalog: 315360000, not 3.1536e+08."""
+    return str(int(value)) if value == int(value) else f"{value:g}"
+
+
+@app.command(name="list")
+def list_types(ctx: typer.Context) -> None:
+    """List the device types: metrics, transports, serial protocols, description."""
+    state = state_of(ctx)
+    with reported_errors(state):
+        catalog = _configured(state)
+    table = Table(title=f"Device types ({len(catalog.types)})")
+    table.add_column("type", no_wrap=True)
+    for column in ("metrics", "transports", "serial protocols", "description"):
+        table.add_column(column)
+    for dtype in catalog.types.values():
+        table.add_row(
+            dtype.name,
+            str(len(dtype.metrics)),
+            ", ".join(dtype.transports),
+            ", ".join(dtype.serial_protocols),
+            dtype.description,
+        )
+    state.console.print(table)
+    state.console.print(f"sources: {', '.join(catalog.sources)}", highlight=False)
+
+
+@app.command()
+def show(
+    ctx: typer.Context,
+    device_type: Annotated[str, typer.Argument(help="Device type, e.g. air_quality.")],
+) -> None:
+    """Show a device type's metrics: unit, kind, valid range, labels, description."""
+    state = state_of(ctx)
+    with reported_errors(state):
+        dtype = _type_of(_configured(state), device_type)
+    title = f"{dtype.name}: {dtype.description}"
+    table = Table(title=title, caption=f"transports: {', '.join(dtype.transports)}")
+    table.add_column("metric", no_wrap=True)
+    for column in ("unit", "kind", "min", "max", "description"):
+        table.add_column(column)
+    for m in dtype.metrics:
+        description = m.description
+        if m.labels:
+            codes = ", ".join(f"{code}={label}" for code, label in enumerate(m.labels))
+            description += f" ({codes})"
+        table.add_row(m.name, m.unit, m.kind.value, _number(m.min), _number(m.max), description)
+    state.console.print(table)
+
+
+@app.command()
+def check(
+    ctx: typer.Context,
+    file: Annotated[
+        Path | None,
+        typer.Argument(help="A catalog file (TOML) to check on top of the configured ones."),
+    ] = None,
+) -> None:
+    """Check the shipped catalog, the configured files and FILE; print what FILE adds.
+
+    Exit status 0 when everything is accepted, 1 with a one-line reason
+    (file, type, key) when something is refused.
+    """
+    state = state_of(ctx)
+    with reported_errors(state):
+        configured = _configured(state)
+        catalog = read_catalog([file], base=configured) if file is not None else configured
+    if file is None:
+        state.console.print(
+            f"ok: {len(catalog.types)} device types from {', '.join(catalog.sources)}",
+            highlight=False,
+        )
+        return
+    changes = describe_changes(configured, catalog)
+    state.console.print(f"ok: {file}: {len(changes) or 'no'} additions or changes", highlight=False)
+    for line in changes:
+        state.console.print(f"  {line}", highlight=False)
+
+
+@app.command()
+def schema(
+    ctx: typer.Context,
+    device_type: Annotated[str, typer.Argument(help="Device type, e.g. air_quality.")],
+) -> None:
+    """Print the JSON Schema (draft 2020-12) of the type's uplink on d/{device}/up."""
+    state = state_of(ctx)
+    with reported_errors(state):
+        dtype = _type_of(_configured(state), device_type)
+    typer.echo(json.dumps(uplink_schema(dtype), indent=2, ensure_ascii=False))

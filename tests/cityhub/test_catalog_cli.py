@@ -1,0 +1,159 @@
+"""`cityhub catalog list | show | check | schema` through typer's CliRunner."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+from typer.testing import CliRunner
+
+from cityhub.cli.main import app
+from contracts.catalog import DEVICE_TYPES, SHIPPED_CATALOG, use_catalog
+
+NOISE = """
+[types.noise_meter]
+description = "Street noise meter"
+transports = ["mqtt"]
+metrics = [
+    { name = "laeq", unit = "dBA", kind = "float", min = 20, max = 140, description = "LAeq" },
+]
+"""
+
+REFUSED = """
+[types.air_quality]
+metrics = [
+    { name = "pm25", unit = "mg/m3", kind = "float", min = 0, max = 1, description = "PM2.5" },
+]
+"""
+
+
+@pytest.fixture(autouse=True)
+def shipped_catalog():
+    use_catalog(SHIPPED_CATALOG)
+    yield
+    use_catalog(SHIPPED_CATALOG)
+
+
+def _run(*args, env=None):
+    environ = {"COLUMNS": "200", "CITYHUB_CONFIG": ""} | (env or {})
+    return CliRunner().invoke(app, list(args), env=environ)
+
+
+def test_list_shows_every_type_with_metrics_and_transports():
+    result = _run("catalog", "list")
+    assert result.exit_code == 0, result.output
+    assert "Device types (4)" in result.output
+    for name, dtype in SHIPPED_CATALOG.types.items():
+        line = next(line for line in result.output.splitlines() if f" {name} " in line)
+        assert f" {len(dtype.metrics)} " in line
+        assert ", ".join(dtype.transports) in line
+
+
+def test_list_includes_configured_files(tmp_path):
+    (tmp_path / "noise.toml").write_text(NOISE, encoding="utf-8")
+    result = _run("catalog", "list", env={"CITYHUB_CATALOG__PATHS": str(tmp_path)})
+    assert result.exit_code == 0, result.output
+    assert "Device types (5)" in result.output
+    assert "noise_meter" in result.output
+    # The catalog commands examine files; they do not install them.
+    assert "noise_meter" not in DEVICE_TYPES
+
+
+def test_show_prints_metrics_with_unit_kind_range_and_labels():
+    result = _run("catalog", "show", "kiosk")
+    assert result.exit_code == 0, result.output
+    uptime = next(line for line in result.output.splitlines() if " uptime " in line)
+    for cell in (" s ", " int ", " 0 ", " 315360000 ", "Seconds since the kiosk booted"):
+        assert cell in uptime
+    assert "4=offline" in result.output
+
+
+def test_show_unknown_type_is_one_line_exit_1():
+    result = _run("catalog", "show", "siren")
+    assert result.exit_code == 1
+    assert "unknown device type 'siren'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_check_without_file():
+    result = _run("catalog", "check")
+    assert result.exit_code == 0, result.output
+    assert "ok: 4 device types" in result.output
+
+
+def test_check_file_prints_what_it_adds(tmp_path):
+    file = tmp_path / "noise.toml"
+    file.write_text(NOISE, encoding="utf-8")
+    result = _run("catalog", "check", str(file))
+    assert result.exit_code == 0, result.output
+    assert "new type noise_meter: 1 metrics" in result.output
+
+
+def test_check_refuses_with_one_line_naming_file_type_and_key(tmp_path):
+    file = tmp_path / "bad.toml"
+    file.write_text(REFUSED, encoding="utf-8")
+    result = _run("catalog", "check", str(file))
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert str(file) in lines[0]
+    assert "type 'air_quality'" in lines[0]
+    assert "key 'metrics.pm25.unit'" in lines[0]
+
+
+def test_check_reports_a_refused_configured_file(tmp_path):
+    file = tmp_path / "bad.toml"
+    file.write_text(REFUSED, encoding="utf-8")
+    result = _run("catalog", "check", env={"CITYHUB_CATALOG__PATHS": str(file)})
+    assert result.exit_code == 1
+    assert "unit cannot change" in result.output
+    # Every other command refuses to start with it (status 2, as for bad settings).
+    started = _run("devices", "list", env={"CITYHUB_CATALOG__PATHS": str(file)})
+    assert started.exit_code == 2
+    assert "unit cannot change" in started.output
+
+
+def test_schema_prints_a_valid_draft_2020_12_schema():
+    result = _run("catalog", "schema", "air_quality")
+    assert result.exit_code == 0, result.output
+    schema = json.loads(result.output)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert list(schema["properties"]["m"]["properties"]) == list(
+        SHIPPED_CATALOG.types["air_quality"].metric_names
+    )
+    validator = jsonschema.Draft202012Validator(schema)
+    assert validator.is_valid({"seq": 3, "ts": 1_767_225_600_000, "m": {"pm25": 12.5}})
+    assert not validator.is_valid({"seq": 3, "ts": 1_767_225_600_000, "m": {"pm25": 1e4}})
+
+
+def test_schema_of_an_operator_type(tmp_path):
+    (tmp_path / "noise.toml").write_text(NOISE, encoding="utf-8")
+    result = _run("catalog", "schema", "noise_meter", env={"CITYHUB_CATALOG__PATHS": str(tmp_path)})
+    assert result.exit_code == 0, result.output
+    laeq = json.loads(result.output)["properties"]["m"]["properties"]["laeq"]
+    assert (laeq["minimum"], laeq["maximum"]) == (20, 140)
+
+
+@pytest.mark.parametrize("command", [[], ["list"], ["show"], ["check"], ["schema"]])
+def test_help(command):
+    result = _run("catalog", *command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
+
+
+def test_readme_example_file_is_accepted(tmp_path):
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    example = re.search(
+        r"```toml\n(# /etc/cityhub/catalog\.d/noise\.toml\n.*?)```", readme, re.DOTALL
+    )
+    assert example is not None, "README lost its Device catalog example"
+    file = tmp_path / "noise.toml"
+    file.write_text(example.group(1), encoding="utf-8")
+    result = _run("catalog", "check", str(file))
+    assert result.exit_code == 0, result.output
+    assert "new type noise_meter" in result.output
+    assert "kiosk: new metric door_open" in result.output
