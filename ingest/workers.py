@@ -31,7 +31,8 @@ from typing import Final
 
 from adapters.backoff import backoff_delay_s
 from adapters.serve import configure_logging, stop_signals
-from contracts.errors import SettingsError
+from contracts.catalog import read_catalog, use_catalog
+from contracts.errors import CatalogError, SettingsError
 from contracts.settings import Settings
 from ingest.metrics import check_metrics_ports
 from ingest.service import Ingest, serve
@@ -71,12 +72,18 @@ def build_worker(settings: Settings, index: int) -> Ingest:
 
 
 def _worker_process(settings: Settings, index: int, log_level: int, parent_pid: int) -> None:
-    """Entry point of a spawned worker: a fresh interpreter, so it sets up its own logging."""
+    """Entry point of a spawned worker: a fresh interpreter, so it sets up its own logging.
+
+    It installs the operators' catalog files itself too: a spawned interpreter
+    starts with the shipped catalog only.
+    """
     configure_logging(log_level, log_format=LOG_FORMAT)
     try:
+        use_catalog(read_catalog(settings.catalog.path_list))
         asyncio.run(serve(build_worker(settings, index), parent_pid=parent_pid))
-    except SettingsError as exc:
-        # Its metrics port was taken after the supervisor checked it.
+    except (SettingsError, CatalogError) as exc:
+        # Its metrics port was taken, or a catalog file changed, after the
+        # supervisor checked them.
         logger.error("worker %d: %s", index, exc)  # noqa: TRY400 - one line, not a traceback
         sys.exit(2)
 
