@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import math
+from typing import Literal
 
 import msgspec
 
@@ -59,6 +60,10 @@ class DeviceType(msgspec.Struct, frozen=True, kw_only=True):
     description: str
     transports: tuple[str, ...]  # "serial", "mqtt"
     metrics: tuple[Metric, ...]
+    # An uplink naming a metric this type lacks (newer firmware, a vendor's
+    # extra field): "report" stores the known metrics and reports each unknown
+    # one (reason unknown_metric); "reject" refuses the whole reading.
+    unknown_metrics: Literal["report", "reject"] = "report"
 
     def metric(self, name: str) -> Metric:
         for metric in self.metrics:
