@@ -47,7 +47,7 @@ import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import msgspec
 
@@ -96,6 +96,10 @@ class DeviceType(msgspec.Struct, frozen=True, kw_only=True):
     metrics: tuple[Metric, ...]
     # Appended: the frame protocols a serial device of this type may speak.
     serial_protocols: tuple[str, ...] = ()
+    # An uplink naming a metric this type lacks (newer firmware, a vendor's
+    # extra field): "report" stores the known metrics and reports each unknown
+    # one (reason unknown_metric); "reject" refuses the whole reading.
+    unknown_metrics: Literal["report", "reject"] = "report"
 
     def metric(self, name: str) -> Metric:
         for metric in self.metrics:
@@ -143,7 +147,10 @@ _UNIT_MAX_CHARS: Final = 32
 
 _FILE_KEYS: Final = frozenset({"types", "transports", "serial_protocols"})
 _SHIPPED_ONLY_KEYS: Final = frozenset({"transports", "serial_protocols"})
-_TYPE_KEYS: Final = frozenset({"description", "transports", "serial_protocols", "metrics"})
+_TYPE_KEYS: Final = frozenset(
+    {"description", "transports", "serial_protocols", "metrics", "unknown_metrics"}
+)
+_UNKNOWN_METRICS_POLICIES: Final = ("report", "reject")
 _METRIC_KEYS: Final = frozenset({"name", "unit", "kind", "min", "max", "description", "labels"})
 
 
@@ -347,12 +354,16 @@ def _merge_type(name: str, raw: object, catalog: Catalog, where: _Where) -> Devi
                 "serial_protocols",
                 f"{protocol} frames carry {', '.join(missing)}, which the type lacks",
             )
+    unknown_metrics = table.get("unknown_metrics", old.unknown_metrics if old else "report")
+    if unknown_metrics not in _UNKNOWN_METRICS_POLICIES:
+        raise where.error("unknown_metrics", f"{unknown_metrics!r} is not one of: report, reject")
     return DeviceType(
         name=name,
         description=description or (old.description if old else ""),
         transports=tuple(transports),
         metrics=tuple(metrics.values()),
         serial_protocols=tuple(protocols),
+        unknown_metrics=unknown_metrics,
     )
 
 

@@ -51,6 +51,7 @@ from contracts.errors import (
     NonFiniteValueError,
     OutOfRangeError,
     PayloadTooLargeError,
+    TimestampWindowError,
     UnknownDeviceTypeError,
     UnknownMetricError,
 )
@@ -280,14 +281,65 @@ def decode_device_uplink(
 
     Raises PayloadTooLargeError, MalformedPayloadError, FieldTypeError (also
     for a bool metric value or an empty ``m``), OutOfRangeError (negative
-    seq, value outside the metric's range), TimestampWindowError,
-    UnknownDeviceTypeError, UnknownMetricError, NonFiniteValueError,
-    InvalidIdError (``boot``).
+    seq, value outside the metric's range), TimestampWindowError (its
+    message says so when ``ts`` looks like seconds), UnknownDeviceTypeError,
+    UnknownMetricError (any metric the type lacks; see
+    ``decode_device_uplink_tolerant``), NonFiniteValueError, InvalidIdError
+    (``boot``).
     """
     fast = _accept_uplink(payload, device_type, now_ms, max_bytes, max_past_ms, max_future_ms)
     if fast is not None:
         return fast
     return _check_uplink(payload, device_type, now_ms, max_bytes, max_past_ms, max_future_ms)
+
+
+def decode_device_uplink_tolerant(
+    payload: bytes,
+    *,
+    device_type: str,
+    now_ms: int,
+    max_bytes: int = DEVICE_PAYLOAD_MAX_BYTES,
+    max_past_ms: int = DEFAULT_MAX_PAST_MS,
+    max_future_ms: int = DEFAULT_MAX_FUTURE_MS,
+) -> tuple[DeviceUplink, list[str]]:
+    """``decode_device_uplink`` that keeps the known metrics of a reading with unknown ones.
+
+    Returns the uplink with the metrics of ``device_type`` only, and the
+    names of the metrics it dropped (in payload order; empty if none). A
+    device type whose ``unknown_metrics`` is "reject", or a reading with no
+    known metric at all, raises UnknownMetricError as ``decode_device_uplink``
+    does; every other check is the same. The gateway calls this only after
+    ``decode_device_uplink`` raised UnknownMetricError, so the fast path of
+    good readings is not touched.
+    """
+    unknown: list[str] = []
+    uplink = _check_uplink(
+        payload, device_type, now_ms, max_bytes, max_past_ms, max_future_ms, unknown=unknown
+    )
+    return uplink, unknown
+
+
+# Milliseconds since 1970 passed 10**11 in March 1973 and seconds will not
+# reach it for another 3,000 years: a ts below it is a clock in seconds.
+SECONDS_LIKE_BELOW_MS: Final = 10**11
+
+# Longest metric name quoted back in an error about it (names are identifiers
+# of a few characters; a payload of up to 4 KiB could carry a longer key).
+_NAME_QUOTE_CHARS: Final = 64
+
+
+def _check_uplink_ts(ts_ms: int, now_ms: int, max_past_ms: int, max_future_ms: int) -> None:
+    try:
+        check_timestamp(
+            ts_ms, now_ms, max_past_ms=max_past_ms, max_future_ms=max_future_ms, what="ts"
+        )
+    except TimestampWindowError as exc:
+        if 0 <= ts_ms < SECONDS_LIKE_BELOW_MS:
+            raise TimestampWindowError(
+                f"{exc}: {ts_ms} looks like seconds; ts is integer milliseconds since "
+                "1970-01-01 UTC (seconds x 1000)"
+            ) from None
+        raise
 
 
 def _check_uplink(  # noqa: PLR0917 - the arguments of decode_device_uplink, passed on
@@ -297,20 +349,34 @@ def _check_uplink(  # noqa: PLR0917 - the arguments of decode_device_uplink, pas
     max_bytes: int,
     max_past_ms: int,
     max_future_ms: int,
+    *,
+    unknown: list[str] | None = None,
 ) -> DeviceUplink:
-    """The detailed path: every check in turn, raising the first failure's error."""
+    """The detailed path: every check in turn, raising the first failure's error.
+
+    With ``unknown`` given and the type's ``unknown_metrics`` "report",
+    metrics the type lacks are appended to it and left out of the result.
+    """
     _check_size(payload, max_bytes, "device uplink")
     dtype = _lookup_type(device_type, "device_type")
     wire = _decode(_UPLINK_DECODER, payload, "device uplink")
     _check_non_negative(wire.seq, "seq")
-    check_timestamp(
-        wire.ts_ms, now_ms, max_past_ms=max_past_ms, max_future_ms=max_future_ms, what="ts"
-    )
+    _check_uplink_ts(wire.ts_ms, now_ms, max_past_ms, max_future_ms)
     if wire.boot is not None:
         check_id(wire.boot, "boot")
     if not wire.metrics:
         raise FieldTypeError("m: a device uplink needs at least one metric")
-    metrics = {name: _metric_value(dtype, name, value) for name, value in wire.metrics.items()}
+    values = wire.metrics
+    if unknown is not None and dtype.unknown_metrics == "report":
+        known = dtype.metric_names
+        unknown.extend(name[:_NAME_QUOTE_CHARS] for name in values if name not in known)
+        if unknown:
+            values = {name: value for name, value in values.items() if name in known}
+            if not values:
+                raise UnknownMetricError(
+                    f"m: device type {dtype.name!r} has none of the metrics {unknown!r}"
+                )
+    metrics = {name: _metric_value(dtype, name, value) for name, value in values.items()}
     return DeviceUplink(seq=wire.seq, ts_ms=wire.ts_ms, metrics=metrics, boot=wire.boot)
 
 

@@ -297,7 +297,9 @@ def malformed_payload(uplink: DeviceUplink, kind: MalformedKind, rng: np.random.
             metrics[name] = [metrics[name]]  # an array instead of a number
         return _JSON.encode(document)
     if kind == "unknown_metric":
-        metrics[UNKNOWN_METRIC_NAME] = metrics[name]
+        # Alone: the gateway keeps a reading's known metrics and refuses only
+        # a reading with none (docs/devices.md), and this one must be refused.
+        document["m"] = {UNKNOWN_METRIC_NAME: metrics[name]}
         return _JSON.encode(document)
     if kind == "nan_token":
         # A C firmware printing a float with %f writes NaN / nan bare.

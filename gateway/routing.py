@@ -4,7 +4,10 @@ Pure: the caller passes the time, the site connection's generation and the
 settings; nothing here does I/O, logs, or knows about threads. It decides
 which device a site message belongs to (routes from the applied config),
 applies the per-device rate limit, decodes and checks it against the catalog,
-tracks seq and liveness per device, and adds it to the ``BatchBuilder``. It
+tracks seq and liveness per device, and adds it to the ``BatchBuilder``; an
+uplink that names metrics its type lacks keeps its known metrics and counts
+each unknown one as an ``unknown_metric`` reject (unless the type's
+``unknown_metrics`` is "reject": then the reading is rejected). It
 keeps the site packet ids awaiting their ack per connection generation, and
 the ready queue: batches cut from the builder, each with the packet ids it
 releases, waiting for the shell to store them in the outbox. Rejects and
@@ -17,13 +20,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from contracts.catalog import device_type
-from contracts.errors import InputError
+from contracts.errors import InputError, UnknownMetricError
 from contracts.messages import (
     Batch,
     DeviceConfig,
+    DeviceUplink,
     GatewayConfig,
     decode_device_status,
     decode_device_uplink,
+    decode_device_uplink_tolerant,
     encode_batch,
 )
 from contracts.mqttcodec import Publish
@@ -239,19 +244,46 @@ class Router:
         if not self.buckets.allow(device_id, now):
             self.counters.rate_limited += 1
             return
+        uplink: DeviceUplink | None
         try:
             uplink = decode_device_uplink(payload, device_type=device.device_type, now_ms=now)
+        except UnknownMetricError:
+            uplink = self._tolerate_unknown(device_id, device.device_type, payload, now)
         except InputError as exc:
             self.reject(exc.reason, device_id, str(exc))
-            return
-        self._accept(
-            device,
-            seq=uplink.seq,
-            ts_ms=uplink.ts_ms,
-            recv_ms=now,
-            values=uplink.metrics,
-            boot=uplink.boot,
-        )
+            uplink = None
+        if uplink is not None:
+            self._accept(
+                device,
+                seq=uplink.seq,
+                ts_ms=uplink.ts_ms,
+                recv_ms=now,
+                values=uplink.metrics,
+                boot=uplink.boot,
+            )
+
+    def _tolerate_unknown(
+        self, device_id: str, device_type: str, payload: bytes, now: int
+    ) -> DeviceUplink | None:
+        """An uplink naming metrics its type lacks: its known metrics, each unknown one reported.
+
+        None (and the reading rejected) if the type rejects such readings,
+        none of its metrics is known, or another check fails.
+        """
+        try:
+            uplink, unknown = decode_device_uplink_tolerant(
+                payload, device_type=device_type, now_ms=now
+            )
+        except InputError as exc:
+            self.reject(exc.reason, device_id, str(exc))
+            return None
+        for name in unknown:
+            self.reject(
+                "unknown_metric",
+                device_id,
+                f"m.{name!r}: not a metric of {device_type}; the reading's known metrics are kept",
+            )
+        return uplink
 
     def _accept(
         self,

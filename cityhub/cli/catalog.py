@@ -4,8 +4,9 @@ The catalog is the shipped one (contracts/data/catalog.toml) plus the files
 of the ``catalog.paths`` setting. These commands read those files themselves
 (the root callback leaves them to it), so that a refused file is reported
 here as a one-line error with exit status 1 rather than stopping start-up.
-Loading and checking are ``contracts.catalog``'s; the schema is
-``contracts.jsonschema``'s.
+Loading and checking are ``contracts.catalog``'s; the schemas are
+``contracts.uplinkschema``'s, and ``schemas`` writes them as the files of
+docs/schemas/ (or, with ``--check``, says which are not current).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from rich.table import Table
 from cityhub.cli.context import CliState, reported_errors, state_of
 from contracts.catalog import Catalog, DeviceType, describe_changes, read_catalog
 from contracts.errors import UnknownDeviceTypeError
-from contracts.jsonschema import uplink_schema
+from contracts.uplinkschema import SCHEMA_DIR, schema_files, uplink_json_schema
 
 app = typer.Typer(
     help=(
@@ -132,4 +133,47 @@ def schema(
     state = state_of(ctx)
     with reported_errors(state):
         dtype = _type_of(_configured(state), device_type)
-    typer.echo(json.dumps(uplink_schema(dtype), indent=2, ensure_ascii=False))
+    typer.echo(json.dumps(uplink_json_schema(dtype), indent=2, ensure_ascii=False))
+
+
+@app.command()
+def schemas(
+    ctx: typer.Context,
+    directory: Annotated[
+        Path, typer.Option("--dir", help="Where to write them.", file_okay=False)
+    ] = SCHEMA_DIR,
+    check: Annotated[
+        bool, typer.Option("--check", help="Write nothing; exit 1 if a file is not current.")
+    ] = False,
+) -> None:
+    """Write every type's uplink JSON Schema into a directory (docs/schemas/ by default).
+
+    Ghi JSON Schema của bản tin mỗi loại thiết bị vào thư mục (mặc định docs/schemas/).
+    """
+    state = state_of(ctx)
+    with reported_errors(state):
+        _configured(state)  # a refused operator file is reported, not written out
+    wanted = schema_files()
+    present = {p.name for p in directory.glob("*.schema.json")} if directory.is_dir() else set()
+    stale = sorted(
+        name
+        for name, text in wanted.items()
+        if not (directory / name).is_file() or (directory / name).read_text("utf-8") != text
+    )
+    extra = sorted(present - set(wanted))
+    if check:
+        for name in [*stale, *extra]:
+            state.console.print(f"{directory / name}: not current", highlight=False)
+        if stale or extra:
+            raise typer.Exit(1)
+        state.console.print(f"ok: {directory}: {len(wanted)} schemas current", highlight=False)
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in stale:
+        (directory / name).write_text(wanted[name], "utf-8")
+    for name in extra:
+        (directory / name).unlink()
+    state.console.print(
+        f"{directory}: {len(stale)} written, {len(extra)} removed, {len(wanted)} in all",
+        highlight=False,
+    )

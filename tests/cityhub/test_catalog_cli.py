@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from cityhub.cli.main import app
 from contracts.catalog import DEVICE_TYPES, SHIPPED_CATALOG, use_catalog
+from contracts.uplinkschema import schema_file_name, schema_files
 
 NOISE = """
 [types.noise_meter]
@@ -138,7 +139,24 @@ def test_schema_of_an_operator_type(tmp_path):
     assert (laeq["minimum"], laeq["maximum"]) == (20, 140)
 
 
-@pytest.mark.parametrize("command", [[], ["list"], ["show"], ["check"], ["schema"]])
+def test_schemas_writes_checks_and_removes_files(tmp_path):
+    target = tmp_path / "schemas"
+    assert _run("catalog", "schemas", "--dir", str(target), "--check").exit_code == 1
+    written = _run("catalog", "schemas", "--dir", str(target))
+    assert written.exit_code == 0, written.output
+    assert {p.name for p in target.iterdir()} == set(schema_files())
+    assert _run("catalog", "schemas", "--dir", str(target), "--check").exit_code == 0
+    (target / schema_file_name("kiosk")).write_text("{}\n", encoding="utf-8")
+    (target / "toaster.uplink.schema.json").write_text("{}\n", encoding="utf-8")
+    stale = _run("catalog", "schemas", "--dir", str(target), "--check")
+    assert stale.exit_code == 1
+    assert "kiosk.uplink.schema.json: not current" in stale.output
+    assert "toaster.uplink.schema.json: not current" in stale.output
+    assert _run("catalog", "schemas", "--dir", str(target)).exit_code == 0
+    assert {p.name: p.read_text("utf-8") for p in target.iterdir()} == schema_files()
+
+
+@pytest.mark.parametrize("command", [[], ["list"], ["show"], ["check"], ["schema"], ["schemas"]])
 def test_help(command):
     result = _run("catalog", *command, "--help")
     assert result.exit_code == 0, result.output

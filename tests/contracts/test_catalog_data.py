@@ -25,14 +25,16 @@ from contracts.catalog import (
     use_catalog,
 )
 from contracts.errors import CatalogError, InputError, UnknownDeviceTypeError
-from contracts.jsonschema import uplink_schema
 from contracts.messages import (
+    SECONDS_LIKE_BELOW_MS,
     SERIAL_PROTOCOLS,
+    TS_MAX_MS,
     DeviceUplink,
     decode_device_uplink,
     encode_device_uplink,
 )
 from contracts.settings import load_settings
+from contracts.uplinkschema import uplink_json_schema as uplink_schema
 
 NOW_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 
@@ -375,7 +377,7 @@ BAD_UPLINKS = [
     {"seq": 1, "ts": NOW_MS, "m": {"pm25": -0.5}},
     {"seq": 1, "ts": NOW_MS, "m": {"pm25": "12"}},
     {"seq": 1, "ts": NOW_MS, "m": {"pm25": True}},
-    {"seq": 1, "ts": NOW_MS, "m": {"noise": 1}},
+    {"seq": 1, "ts": NOW_MS, "m": {"noise": 1}},  # no known metric left
     {"seq": 1, "ts": NOW_MS, "m": {"pm25": 1}, "boot": "Boot 1"},
 ]
 
@@ -386,6 +388,15 @@ def test_schema_rejects_what_the_decoder_rejects(body):
     with pytest.raises(InputError):
         decode_device_uplink(payload, device_type="air_quality", now_ms=NOW_MS)
     assert list(_validator(catalog.AIR_QUALITY, now_ms=NOW_MS).iter_errors(body))
+
+
+def test_schema_follows_the_types_unknown_metric_policy():
+    # "report" (the default): the gateway stores the known metrics and reports
+    # the unknown one, so the schema allows it beside a known one.
+    body = {"seq": 1, "ts": NOW_MS, "m": {"pm25": 1, "noise": 1}}
+    assert _validator(catalog.AIR_QUALITY, now_ms=NOW_MS).is_valid(body)
+    strict = msgspec.structs.replace(catalog.AIR_QUALITY, unknown_metrics="reject")
+    assert not _validator(strict, now_ms=NOW_MS).is_valid(body)
 
 
 def test_schema_of_whole_number_kinds():
@@ -401,10 +412,11 @@ def test_schema_of_whole_number_kinds():
 
 
 def test_schema_without_now_describes_the_window():
-    ts = uplink_schema(catalog.AIR_QUALITY)["properties"]["ts"]
-    assert "maximum" not in ts
+    schema = uplink_schema(catalog.AIR_QUALITY)
+    ts = schema["properties"]["ts"]
+    assert (ts["minimum"], ts["maximum"]) == (SECONDS_LIKE_BELOW_MS, TS_MAX_MS)
     assert "milliseconds" in ts["description"]
-    assert "30 days" in ts["description"]
+    assert "30 days" in schema["description"]
 
 
 def test_use_catalog_keeps_the_shipped_order_and_objects(restore_catalog):
