@@ -11,6 +11,10 @@ Ack                 hub/v1/gw/{gw}/ack          JSON     ingest -> gateway
 GatewayConfig       hub/v1/gw/{gw}/config       JSON     registry -> gateway
 ==================  ==========================  =======  ==========================
 
+A GatewayState that is not a Will also carries the gateway's rejects since
+the previous one that did (``RejectCount`` per device and reason), so that
+what a gateway refuses reaches the central ``rejects`` table.
+
 Every ``decode_*`` function checks the payload size first, then the syntax
 (MalformedPayloadError), the types (FieldTypeError), then the meaning against
 the device catalog and the id allow-list, and raises the most specific
@@ -693,6 +697,38 @@ def check_sound_block_rows(
 # --- gateway state (retained birth / death, JSON) -------------------------------
 
 
+# Rejects a gateway reports with a state: at most this many (device, reason)
+# entries per state (the gateway's aggregation caps it lower, at 64 + 16), each
+# with a sample of at most REJECT_SAMPLE_MAX_BYTES of the first refused payload
+# (base64 in JSON: ~350 bytes) and a detail of at most REJECT_DETAIL_MAX_CHARS.
+# 128 entries of ~1 KB stay far under CONTROL_MAX_BYTES.
+REJECTS_PER_STATE_MAX: Final = 128
+REJECT_SAMPLE_MAX_BYTES: Final = 256
+REJECT_DETAIL_MAX_CHARS: Final = 300
+# Reject reasons are short snake_case names (contracts.errors ``reason``).
+_REASON_RE: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+
+class RejectCount(msgspec.Struct, frozen=True, kw_only=True):
+    """Rejects of one device and reason that a gateway counted over one state interval.
+
+    ``device_id`` is the id the uplink's topic names, served by the gateway
+    or not, or "" when the topic names no valid id. ``first_ms`` and
+    ``last_ms`` are the gateway's clock at the first and last of them;
+    ``detail`` and ``sample`` (the head of the payload, when the gateway had
+    one) are the first one's.
+    """
+
+    device_id: str
+    reason: str
+    count: int
+    first_ms: int
+    last_ms: int
+    detail: str = ""
+    sample: bytes = b""
+    sample_of_bytes: int = 0  # the sampled payload's whole size
+
+
 class GatewayState(msgspec.Struct, frozen=True, kw_only=True):
     """Retained on ``hub/v1/gw/{gateway_id}/state``: birth (online) or death (offline).
 
@@ -730,6 +766,11 @@ class GatewayState(msgspec.Struct, frozen=True, kw_only=True):
     # Appended: this is the Will, built at connect: ts_ms and the figures are
     # the connect time's, and the broker publishes it when the link dies.
     will: bool = False
+    # Appended: the rejects counted since the previous state that carried
+    # some, per (device, reason), and how many more the gateway counted but
+    # could not itemise (over its cap of distinct keys per interval).
+    rejects: tuple[RejectCount, ...] = ()
+    rejects_dropped: int = 0
 
 
 _STATE_DECODER: Final = msgspec.json.Decoder(GatewayState)
@@ -775,7 +816,34 @@ def check_gateway_state(state: GatewayState) -> GatewayState:
         raise NonFiniteValueError(f"readings_per_s: {state.readings_per_s!r}")
     if state.readings_per_s < 0:
         raise OutOfRangeError(f"readings_per_s {state.readings_per_s!r} is negative")
+    _check_non_negative(state.rejects_dropped, "rejects_dropped")
+    if len(state.rejects) > REJECTS_PER_STATE_MAX:
+        raise OutOfRangeError(
+            f"{len(state.rejects)} reject entries, at most {REJECTS_PER_STATE_MAX}"
+        )
+    for entry in state.rejects:
+        _check_reject_count(entry)
     return state
+
+
+def _check_reject_count(entry: RejectCount) -> None:
+    """One reported reject entry: an id (or ""), a reason name, bounded counts and text."""
+    if entry.device_id:
+        check_id(entry.device_id, "rejects.device_id")
+    if not _REASON_RE.fullmatch(entry.reason):
+        raise FieldTypeError(f"rejects.reason {entry.reason[:64]!r}: not a reason name")
+    if _check_non_negative(entry.count, "rejects.count") == 0:
+        raise OutOfRangeError("rejects.count is 0")
+    for name, ts in (("rejects.first_ms", entry.first_ms), ("rejects.last_ms", entry.last_ms)):
+        if _check_non_negative(ts, name) > TS_MAX_MS:
+            raise OutOfRangeError(f"{name} {ts} is after the year 9999")
+    if entry.first_ms > entry.last_ms:
+        raise OutOfRangeError(f"rejects.first_ms {entry.first_ms} after last_ms {entry.last_ms}")
+    if len(entry.detail) > REJECT_DETAIL_MAX_CHARS:
+        raise FieldTypeError(f"rejects.detail: more than {REJECT_DETAIL_MAX_CHARS} characters")
+    if len(entry.sample) > REJECT_SAMPLE_MAX_BYTES:
+        raise FieldTypeError(f"rejects.sample: more than {REJECT_SAMPLE_MAX_BYTES} bytes")
+    _check_non_negative(entry.sample_of_bytes, "rejects.sample_of_bytes")
 
 
 def encode_gateway_state(state: GatewayState) -> bytes:

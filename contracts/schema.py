@@ -653,6 +653,24 @@ def _ingest_hardening(s: str) -> tuple[str, ...]:
     )
 
 
+def _gateway_rejects(s: str) -> tuple[str, ...]:
+    """Rejects that gateways report, aggregated per device and reason over a period.
+
+    A gateway's report row counts ``count`` rejects of one (device, reason)
+    between ``first_at`` and ``last_at`` (the gateway's clock); its
+    ``received_at`` is the time of the state message that carried it, so a
+    state received twice finds its rows already there. Rows stored before
+    (one per reject, by ingest) keep ``count`` 1 and no first/last time.
+    """
+    return (
+        f"ALTER TABLE {s}.rejects ADD COLUMN IF NOT EXISTS count bigint NOT NULL DEFAULT 1",
+        f"ALTER TABLE {s}.rejects ADD COLUMN IF NOT EXISTS first_at timestamptz",
+        f"ALTER TABLE {s}.rejects ADD COLUMN IF NOT EXISTS last_at timestamptz",
+        f"""CREATE INDEX IF NOT EXISTS rejects_device_idx
+            ON {s}.rejects (device_id, received_at DESC)""",
+    )
+
+
 def migrations(
     schema: str,
     edition: Edition,
@@ -696,5 +714,10 @@ def migrations(
             10,
             "ingest: bounded reject payloads, batch ids keyed with their payload digest",
             _ingest_hardening(s),
+        ),
+        Migration(
+            11,
+            "rejects: gateway reports per device and reason, with count and first/last time",
+            _gateway_rejects(s),
         ),
     ]

@@ -8,7 +8,8 @@ Site broker (device -> gateway)::
 Central broker (gateway <-> central)::
 
     hub/v1/gw/{gateway_id}/batch    gateway -> ingest, QoS 1, msgpack batch
-    hub/v1/gw/{gateway_id}/state    retained birth / death (the gateway's Will)
+    hub/v1/gw/{gateway_id}/state    retained birth / death (the gateway's Will); periodic
+                                    states also carry the gateway's rejects
     hub/v1/gw/{gateway_id}/ack      ingest -> gateway, committed batch ids
     hub/v1/gw/{gateway_id}/config   retained, registry -> gateway
 

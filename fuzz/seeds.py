@@ -26,6 +26,7 @@ from contracts.messages import (
     GatewayConfig,
     GatewayState,
     ReadingBlock,
+    RejectCount,
     encode_ack,
     encode_batch,
     encode_device_status,
@@ -134,6 +135,22 @@ def _state(status: str = "online") -> GatewayState:
         accepted=990,
         rejected=10,
         site_ready=True,
+        # The periodic (online) state reports its rejects; the last one too.
+        rejects=(
+            RejectCount(
+                device_id="aq-hk-01",
+                reason="malformed",
+                count=10,
+                first_ms=NOW_MS - 9_000,
+                last_ms=NOW_MS - 1_000,
+                detail="expected ',' or '}'",
+                sample=b'{"seq": 7, "ts": ',
+                sample_of_bytes=17,
+            ),
+        )
+        if status == "online"
+        else (),
+        rejects_dropped=1 if status == "online" else 0,
     )
 
 

@@ -12,7 +12,9 @@ keeps the site packet ids awaiting their ack per connection generation, and
 the ready queue: batches cut from the builder, each with the packet ids it
 releases, waiting for the shell to store them in the outbox. Rejects and
 device status changes are counted and queued in ``events`` for the shell to
-log; storing, acknowledging, subscribing and logging are the shell's.
+log, and aggregated per device and reason (``gateway.rejects``) for the
+shell to report with the next state; storing, acknowledging, subscribing,
+publishing and logging are the shell's.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from gateway.batching import BatchBuilder
 from gateway.configdiff import ConfigDiff, Routes, diff_config, is_newer, site_routes
 from gateway.counters import GatewayCounters
 from gateway.ratelimit import TokenBuckets
+from gateway.rejects import RejectAggregator
 from gateway.tracking import DeviceTracker
 
 # A cut batch (None: only acks), the site packet ids it releases, and the
@@ -121,6 +124,8 @@ class Router:
             default_rate_per_s=settings.device_rate_per_s, burst=settings.device_burst
         )
         self.tracker = DeviceTracker()
+        # Rejects per (device, reason) since the last state that carried them.
+        self.report = RejectAggregator()
         self.config: GatewayConfig | None = None
         self.devices: dict[str, DeviceConfig] = {}
         self.routes: Routes = {}
@@ -162,10 +167,17 @@ class Router:
 
     # -- rejects -----------------------------------------------------------------
 
-    def reject(self, reason: str, device_id: str, detail: str) -> None:
+    def reject(self, reason: str, device_id: str, detail: str, payload: bytes, now: int) -> None:
+        """Count a reject, queue it for the log and add it to the period's report.
+
+        ``device_id`` is "?" when the topic names no valid id; an id the
+        gateway does not serve counts as "other" in the counters, by its id
+        (within the report's cap) in the report.
+        """
         self.counters.rejects[reason] += 1
-        known = device_id if device_id in self.devices else "other"
-        self.counters.device_rejects[known, reason] += 1
+        served = device_id in self.devices
+        self.counters.device_rejects[device_id if served else "other", reason] += 1
+        self.report.add("" if device_id == "?" else device_id, reason, detail, payload, now, served)
         self.events.append(Rejected(reason, device_id, detail))
 
     def take_events(self) -> list[Event]:
@@ -194,14 +206,14 @@ class Router:
         return device_id
 
     def site_refused(
-        self, *, topic: str, qos: int, packet_id: int, generation: int, detail: str
+        self, *, topic: str, qos: int, packet_id: int, generation: int, detail: str, now: int
     ) -> None:
         """A site message refused unread (too large): counted, acked with the next batch."""
         acks = self._generation(generation)
         self.counters.received += 1
         if qos:
             acks.append(packet_id)
-        self.reject("too_large", self.device_of(topic), detail)
+        self.reject("too_large", self.device_of(topic), detail, b"", now)
 
     def site_messages(self, publishes: list[Publish], *, generation: int, now: int) -> bool:
         """Messages of one socket read, in order; True if a batch is ready to store."""
@@ -226,9 +238,9 @@ class Router:
             try:
                 device_id, _kind = parse_device_topic(topic, self.prefix)
             except InputError as exc:
-                self.reject(exc.reason, "?", str(exc))
+                self.reject(exc.reason, "?", str(exc), payload, now)
                 return
-            self.reject("unknown_device", device_id, "not in this gateway's config")
+            self.reject("unknown_device", device_id, "not in this gateway's config", payload, now)
             return
         device, is_status = route
         device_id = device.device_id
@@ -236,7 +248,7 @@ class Router:
             try:
                 online = decode_device_status(payload) == "online"
             except InputError as exc:
-                self.reject(exc.reason, device_id, str(exc))
+                self.reject(exc.reason, device_id, str(exc), payload, now)
                 return
             if self.tracker.set_status(device_id, online=online, now_ms=now):
                 self.events.append(StatusChanged(device_id, online))
@@ -250,7 +262,7 @@ class Router:
         except UnknownMetricError:
             uplink = self._tolerate_unknown(device_id, device.device_type, payload, now)
         except InputError as exc:
-            self.reject(exc.reason, device_id, str(exc))
+            self.reject(exc.reason, device_id, str(exc), payload, now)
             uplink = None
         if uplink is not None:
             self._accept(
@@ -275,13 +287,15 @@ class Router:
                 payload, device_type=device_type, now_ms=now
             )
         except InputError as exc:
-            self.reject(exc.reason, device_id, str(exc))
+            self.reject(exc.reason, device_id, str(exc), payload, now)
             return None
         for name in unknown:
             self.reject(
                 "unknown_metric",
                 device_id,
                 f"m.{name!r}: not a metric of {device_type}; the reading's known metrics are kept",
+                payload,
+                now,
             )
         return uplink
 
@@ -323,7 +337,7 @@ class Router:
         try:
             checked = {name: dtype.metric(name).check(v) for name, v in values.items()}
         except InputError as exc:
-            self.reject(exc.reason, device.device_id, str(exc))
+            self.reject(exc.reason, device.device_id, str(exc), b"", now)
             return
         if self.outbox_full_since_ms is not None:
             # A sensor cannot be asked to send again later: while the

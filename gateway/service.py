@@ -23,7 +23,8 @@ Wiring (docs/architecture.md, sections 1, 3 and 5):
   network thread to the event loop (``uplink-inbox`` task), so the outbox is
   written by the event loop's worker threads only: acks delete batches from
   the outbox; a newer config replaces the device list live;
-- ``state`` task: the retained birth/state message (its Will is the death);
+- ``state`` task: the retained birth/state message (its Will is the death),
+  each periodic one carrying the rejects counted since the previous one;
 - ``expiry`` task: devices silent past ``no_data_timeout_s`` go offline.
 
 The decisions are the pure ``gateway.routing.Router`` (routing, per-device
@@ -58,6 +59,7 @@ from contracts.messages import (
     GatewayConfig,
     GatewayState,
     GatewayStatus,
+    RejectCount,
     check_device_config,
     decode_ack,
     decode_gateway_config,
@@ -261,10 +263,21 @@ class Gateway:
     # -- state -----------------------------------------------------------------
 
     def _state_payload(
-        self, status: GatewayStatus, readings_per_s: float = 0.0, *, will: bool = False
+        self,
+        status: GatewayStatus,
+        readings_per_s: float = 0.0,
+        *,
+        will: bool = False,
+        report: bool = False,
     ) -> bytes:
+        """The state message; with ``report``, it carries (and takes) the period's rejects."""
         depth = self.outbox.depth()
         c = self.counters
+        rejects: tuple[RejectCount, ...] = ()
+        dropped = 0
+        if report:
+            with self.lock:
+                rejects, dropped = self.router.report.take()
         return encode_gateway_state(
             GatewayState(
                 gateway_id=self.gateway_id,
@@ -287,6 +300,8 @@ class Gateway:
                 # The Will (offline) is built before the site link exists.
                 site_ready=status == "online" and self.site_ready(),
                 will=will,
+                rejects=rejects,
+                rejects_dropped=dropped,
             )
         )
 
@@ -307,11 +322,17 @@ class Gateway:
         """
         return served_device_ids(self.router.routes, self.site.granted_topics())
 
-    def publish_state(self, readings_per_s: float = 0.0) -> None:
+    def publish_state(self, readings_per_s: float = 0.0, *, report: bool = False) -> None:
+        """Publish the retained state if connected; ``report``: with the period's rejects.
+
+        Only the periodic state (and the last one at a stop) reports rejects,
+        so states that carry them are at least ``state_interval_s`` apart:
+        ingest recognises a state it has already stored by its time.
+        """
         if self.central.connected.is_set():
             self.central.publish(
                 state_topic(self.gateway_id, self.prefix),
-                self._state_payload("online", readings_per_s),
+                self._state_payload("online", readings_per_s, report=report),
                 retain=True,
             )
 
@@ -376,6 +397,7 @@ class Gateway:
                 generation=self.site.generation,
                 detail=f"{message.size_bytes} bytes on {message.topic[:100]!r}, "
                 f"over the limit of {SITE_MAX_PACKET_BYTES}",
+                now=self.clock(),
             )
         self._log_events()
         if self._flush_now is not None:
@@ -673,7 +695,7 @@ class Gateway:
             now, accepted = self.clock(), self.counters.accepted
             rate = (accepted - last_accepted) * 1000 / max(1, now - last_ms)
             last_ms, last_accepted = now, accepted
-            self.publish_state(rate)
+            self.publish_state(rate, report=True)
 
     async def _expiry(self) -> None:
         timeout_ms = int(self.settings.no_data_timeout_s * 1000)
@@ -780,7 +802,7 @@ class Gateway:
             await self._stop_site()
             self.central.publish(
                 state_topic(self.gateway_id, self.prefix),
-                self._state_payload("offline"),
+                self._state_payload("offline", report=True),
                 retain=True,
             )
             self.central.stop()

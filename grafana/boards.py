@@ -863,7 +863,7 @@ GROUP BY g.gateway_id, s.name
 ORDER BY 3 ASC NULLS FIRST"""
 
 _REJECTS_SQL: Final = f"""SELECT $__timeGroupAlias(r.received_at, $__interval), r.reason AS metric,
-  count(*) AS value
+  sum(r.count) AS value
 FROM {REJECTS} r
 LEFT JOIN {GATEWAYS} g ON g.gateway_id = r.gateway_id
 LEFT JOIN {SITES} s ON s.site_id = g.site_id
@@ -920,11 +920,33 @@ LEFT JOIN {SITES} s ON s.site_id = g.site_id
 WHERE (g.status IS NULL OR g.status = 'active') AND {_GATEWAY_SITE_FILTER}
 ORDER BY 3 DESC, 4 DESC NULLS LAST, 1"""
 
-_REJECT_REASONS_SQL: Final = f"""SELECT r.reason AS metric, count(*) AS rejects
+_REJECT_REASONS_SQL: Final = f"""SELECT r.reason AS metric, sum(r.count) AS rejects
 FROM {REJECTS} r
 WHERE $__timeFilter(r.received_at)
 GROUP BY 1
 ORDER BY 2 DESC"""
+
+# What the gateways refused (their reports, a row per device and reason with a
+# count) and what ingest refused (a row each), by device and reason. Ids no
+# gateway serves (not registered, or registered elsewhere) are shown whatever
+# the site filter, like the gateways without a site; rows without an id (a
+# topic naming none, a gateway's overflow count) under "(không rõ / none)".
+_REJECTS_BY_DEVICE_SQL: Final = f"""SELECT coalesce(r.device_id, '(không rõ / none)')
+    AS "Thiết bị (device)",
+  r.reason AS "Lý do (reason)", sum(r.count) AS "Số lần (count)",
+  max(coalesce(r.last_at, r.received_at)) AS "Lần cuối (last seen)",
+  coalesce(d.device_type, 'chưa đăng ký (not registered)') AS "Loại (type)",
+  string_agg(DISTINCT coalesce(r.gateway_id, '-'), ', ') AS "Gateway",
+  (array_agg(r.detail ORDER BY r.received_at DESC))[1] AS "Chi tiết (detail)"
+FROM {REJECTS} r
+LEFT JOIN {DEVICES} d ON d.device_id = r.device_id
+LEFT JOIN {SITES} s ON s.site_id = d.site_id
+WHERE $__timeFilter(r.received_at)
+  AND (s.site_id IS NULL
+    OR ({SITE_FILTER}))
+GROUP BY 1, 2, 5
+ORDER BY 3 DESC, 4 DESC
+LIMIT 200"""
 
 
 def _gateway_status(width: int = 24, height: int = 9) -> table.Panel:
@@ -990,6 +1012,12 @@ def fleet_health() -> board.Dashboard:
                 width=16,
             ).draw_style(common.GraphDrawStyle.BARS),
             _reject_reasons(),
+            _table(
+                "Bản tin bị loại theo thiết bị và lý do (rejects by device and reason)",
+                _REJECTS_BY_DEVICE_SQL,
+                width=24,
+                height=10,
+            ),
             _gateway_status(),
             _series(
                 "Hàng đợi gửi của gateway (gateway outbox depth, batches)",

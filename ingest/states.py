@@ -1,9 +1,10 @@
 """From a checked GatewayState to the row ingest stores in ``gateway_status``.
 
-``state_row`` builds the row of a state that ``contracts.messages``
-``decode_gateway_state`` accepted (its check already bounds every value to
-what the columns hold) and times a Will by its arrival. ``in_lock_order``
-orders a group of rows for the upserts.
+``state_row`` builds the row (with the rejects the gateway reported) of a
+state that ``contracts.messages`` ``decode_gateway_state`` accepted (its
+check already bounds every value to what the columns hold) and times a
+Will by its arrival. ``in_lock_order`` orders a group of rows for the
+upserts.
 
 Which stored row a state replaces (the newest by birth, then time, with a
 death ending its session's "online") is decided in SQL by the writer, where
@@ -16,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from contracts.messages import GatewayState
+from contracts.messages import GatewayState, RejectCount
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,10 @@ class StateRow:
     # seen again (after a restart) must not move a stored death.
     will: bool = False
     retained: bool = False
+    # The rejects the gateway counted over the interval before this state,
+    # stored in ``rejects`` at the state's time, and those it could not itemise.
+    rejects: tuple[RejectCount, ...] = ()
+    rejects_dropped: int = 0
 
 
 def state_row(
@@ -75,6 +80,8 @@ def state_row(
         site_ready=state.site_ready,
         will=state.will,
         retained=retained,
+        rejects=state.rejects,
+        rejects_dropped=state.rejects_dropped,
     )
 
 

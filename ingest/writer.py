@@ -32,7 +32,10 @@ transaction of their own: for each state, in arrival order per gateway, an
 upsert of ``gateway_status`` that replaces the stored row only with a newer
 state (see ``write_states``), a ``gateway_status_history`` row (``ON
 CONFLICT DO NOTHING``: a retained state received again is stored once), and
-the refused ones as rejects, recorded under poison keys like refused batches.
+the refused ones as rejects, recorded under poison keys like refused batches;
+the rejects a gateway reported with a state go into ``rejects`` too, one
+row per (device, reason) with its count, at the state's time, once however
+often the state comes.
 
 It also keeps the device -> gateway ownership map (reloaded every
 ``ownership_refresh_s``, and at once for devices it does not know), writes
@@ -93,6 +96,7 @@ class StateOutcome:
 
     stored: list[GoodState] = field(default_factory=list)
     history: int = 0  # history rows inserted (a repeated state adds none)
+    gateway_rejects: int = 0  # reported reject rows inserted (a repeated state adds none)
     refused: list[PoisonBatch] = field(default_factory=list)  # new rejects, not repeats
     rejects: Counter[str] = field(default_factory=Counter)  # rejects rows by reason
 
@@ -489,6 +493,10 @@ class BatchWriter:
                     ),
                 )
                 outcome.history = max(cur.rowcount, 0)
+            reported = _reported_rejects(r for r in rows if not r.will)
+            if reported:
+                cur.execute(_INSERT_REPORTED_REJECTS.format(s=s), reported)
+                outcome.gateway_rejects = max(cur.rowcount, 0)
             if poison:
                 new = self._claim_keys(cur, poison)
                 outcome.refused = [poison[k] for k in sorted(poison) if k in new]
@@ -603,6 +611,76 @@ _INSERT_STATE_HISTORY: Final = """INSERT INTO {s}.gateway_status_history
         AS u (ts_ms, gateway_id, status, outbox_depth, outbox_readings, readings_per_s,
             devices_online)
     ON CONFLICT DO NOTHING"""
+
+
+# The rejects a gateway reported with a state, at the state's time. A state
+# received again (its retained copy after a resubscribe, or on another host)
+# finds its rows there and adds none: its gateway_status row, upserted first in
+# the same transaction, is locked until the commit, so a second writer of the
+# same gateway waits and then sees them. Ingest's own rows have a batch id or
+# other times; at most ~80 rows per gateway per state interval.
+_INSERT_REPORTED_REJECTS: Final = """INSERT INTO {s}.rejects
+        (received_at, gateway_id, device_id, reason, detail, raw, raw_bytes, count,
+            first_at, last_at)
+    SELECT r.at, r.gateway_id, r.device_id, r.reason, r.detail, r.raw, r.raw_bytes, r.count,
+        timestamptz 'epoch' + r.first_ms * interval '1 millisecond',
+        timestamptz 'epoch' + r.last_ms * interval '1 millisecond'
+    FROM (SELECT timestamptz 'epoch' + u.ts_ms * interval '1 millisecond' AS at, u.*
+        FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[],
+            %s::bytea[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[])
+        AS u (ts_ms, gateway_id, device_id, reason, detail, raw, raw_bytes, count,
+            first_ms, last_ms)) AS r
+    WHERE NOT EXISTS (SELECT 1 FROM {s}.rejects AS x
+        WHERE x.received_at = r.at AND x.gateway_id = r.gateway_id
+            AND x.device_id IS NOT DISTINCT FROM r.device_id AND x.reason = r.reason
+            AND x.batch_id IS NULL)"""
+# The row that counts what a gateway could not itemise (over its per-interval cap).
+REPORT_OVERFLOW_REASON: Final = "report_overflow"
+_REPORT_OVERFLOW_DETAIL: Final = (
+    "rejects over the gateway's cap of distinct devices and reasons in one state interval"
+)
+
+
+def _reported_rejects(rows: Iterable[StateRow]) -> tuple[list[Any], ...] | None:
+    """The unnest columns of ``_INSERT_REPORTED_REJECTS`` for ``rows``; None if none."""
+    columns: tuple[list[Any], ...] = tuple([] for _ in range(10))
+    seen: set[tuple[str, int]] = set()
+    for row in rows:
+        # The same state twice in one group (live and its retained copy):
+        # the statement cannot see its own rows, so the second is left out here.
+        if (row.gateway_id, row.ts_ms) in seen:
+            continue
+        seen.add((row.gateway_id, row.ts_ms))
+        entries = [
+            (
+                e.device_id or None,
+                e.reason,
+                _text(e.detail),
+                e.sample or None,
+                e.sample_of_bytes if e.sample else None,
+                e.count,
+                e.first_ms,
+                e.last_ms,
+            )
+            for e in row.rejects
+        ]
+        if row.rejects_dropped:
+            entries.append(
+                (
+                    None,
+                    REPORT_OVERFLOW_REASON,
+                    _REPORT_OVERFLOW_DETAIL,
+                    None,
+                    None,
+                    row.rejects_dropped,
+                    row.ts_ms,
+                    row.ts_ms,
+                )
+            )
+        for entry in entries:
+            for column, value in zip(columns, (row.ts_ms, row.gateway_id, *entry), strict=True):
+                column.append(value)
+    return columns if columns[0] else None
 
 
 def _state_params(row: StateRow) -> tuple[object, ...]:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Final
 
 import msgspec
 import typer
@@ -31,6 +32,74 @@ app = typer.Typer(
     help="Register and manage devices: credentials, config bundles, QR codes.",
     no_args_is_help=True,
 )
+
+
+# Vietnam has kept UTC+07:00, without daylight saving, since 1975: this is
+# Asia/Ho_Chi_Minh without needing the tz database on the host.
+HANOI_TZ: Final = timezone(timedelta(hours=7), "ICT")
+# `devices show` lists the reject reasons of this many days, at most this many.
+REJECTS_SHOWN_DAYS: Final = 7
+REJECTS_SHOWN_MAX: Final = 10
+
+
+class RejectSummary(msgspec.Struct, frozen=True, kw_only=True):
+    """One reject reason of a device over the last REJECTS_SHOWN_DAYS days."""
+
+    reason: str
+    count: int
+    last_seen: datetime
+    gateways: str  # the gateways (or ingest) that refused, comma-separated
+    detail: str  # the newest row's
+
+
+def recent_rejects(registry: Registry, device_id: str) -> list[RejectSummary]:
+    """A device's reject reasons, newest first: what its gateway and ingest refused.
+
+    A gateway's report row counts many rejects (``count``, up to ``last_at``);
+    ingest's own rows count one each, at ``received_at``.
+    """
+    from adapters.database import database_errors
+
+    with database_errors("rejects", schema=registry.schema), registry.conn.cursor() as cur:
+        cur.execute(
+            f"""SELECT reason, sum(count)::bigint,
+                    max(coalesce(last_at, received_at)) AS last_seen,
+                    string_agg(DISTINCT coalesce(gateway_id, '-'), ','),
+                    (array_agg(detail ORDER BY received_at DESC))[1]
+                FROM {registry.schema}.rejects
+                WHERE device_id = %s AND received_at > now() - make_interval(days => %s)
+                GROUP BY reason ORDER BY last_seen DESC, reason LIMIT %s""",
+            (device_id, REJECTS_SHOWN_DAYS, REJECTS_SHOWN_MAX),
+        )
+        rows = cur.fetchall()
+    return [
+        RejectSummary(reason=r[0], count=r[1], last_seen=r[2], gateways=r[3], detail=r[4])
+        for r in rows
+    ]
+
+
+def rejects_table(rejects: list[RejectSummary]) -> Table:
+    """Vietnamese labels first, English after, times in Hanoi's (the boards' convention)."""
+    table = Table(
+        title=f"Lỗi bị từ chối gần đây / recent rejects ({REJECTS_SHOWN_DAYS} ngày / days)"
+    )
+    for column, justify in (
+        ("lý do / reason", "left"),
+        ("số lần / count", "right"),
+        ("lần cuối (giờ Hà Nội) / last seen (Asia/Ho_Chi_Minh)", "left"),
+        ("nơi từ chối / refused by", "left"),
+        ("chi tiết / detail", "left"),
+    ):
+        table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for r in rejects:
+        table.add_row(
+            r.reason,
+            str(r.count),
+            r.last_seen.astimezone(HANOI_TZ).strftime("%d/%m/%Y %H:%M:%S"),
+            r.gateways,
+            r.detail,
+        )
+    return table
 
 
 def bundle_dir(state: CliState) -> Path:
@@ -232,7 +301,12 @@ def show(
     device_id: Annotated[str, typer.Argument(help="Device id.")],
     as_json: JsonOption = False,
 ) -> None:
-    """Show one device, its broker account's state and its recent audit entries."""
+    """Show one device, its broker accounts, recent audit entries and recent reject reasons.
+
+    Rejects are what its gateway (malformed uplinks, out-of-range values,
+    messages over the limits) and ingest refused over the last 7 days, by
+    reason: how many, when last (Hanoi time) and the newest detail.
+    """
     state = state_of(ctx)
     with reported_errors(state), registry_of(state) as registry:
         rows = registry.devices(device_id=device_id)
@@ -240,8 +314,14 @@ def show(
             raise NotFoundError(f"device {device_id!r} is not registered")
         accounts = registry.credentials(device_id)
         audit = registry.audit_entries(subject_id=device_id, limit=10)
+        rejects = recent_rejects(registry, device_id)
     if as_json:
-        document = {"device": rows[0], "credentials": accounts, "audit": audit}
+        document = {
+            "device": rows[0],
+            "credentials": accounts,
+            "audit": audit,
+            "rejects": rejects,
+        }
         state.console.print_json(msgspec.json.encode(document).decode())
         return
     state.console.print(_device_table(rows, f"device {device_id}"))
@@ -254,6 +334,14 @@ def show(
     for e in audit:
         state.console.print(
             f"  {e.ts.isoformat(timespec='seconds')}  {e.action:<16} by {e.operator}",
+            highlight=False,
+        )
+    if rejects:
+        state.console.print(rejects_table(rejects))
+    else:
+        state.console.print(
+            f"  không có lỗi bị từ chối trong {REJECTS_SHOWN_DAYS} ngày qua / "
+            f"no rejects in the last {REJECTS_SHOWN_DAYS} days",
             highlight=False,
         )
 

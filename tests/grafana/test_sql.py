@@ -275,3 +275,42 @@ def test_gateway_panels_follow_the_district_variable(conn, filled, all_variables
         _, rows = _run(conn, render_sql(query.sql, time_range=tr, variables=variables))
         index = 1 if query.fmt == "time_series" else 0
         assert {row[index] for row in rows} == {f"gw-{site}" for site in sites}, title
+
+
+def test_rejects_by_device_sums_gateway_reports_with_ingest_rows(filled, all_variables) -> None:
+    """A gateway's report row counts many rejects; unserved ids show whatever the site filter."""
+    district = Variable(name="district", values=("Ba Đình",), multi=True, include_all=True)
+    variables = [district, *(v for v in all_variables if v.name != "district")]
+    tr = _time_range(filled.report)
+    query = _panel("rejects by device and reason")
+    with psycopg.connect(filled.url) as writable:
+        writable.execute(f"SET search_path TO {filled.schema}, public")
+        device_id = writable.execute(
+            "SELECT d.device_id FROM devices d JOIN sites s USING (site_id) "
+            "WHERE s.district = 'Ba Đình' ORDER BY 1 LIMIT 1"
+        ).fetchone()[0]
+        gateway_id = writable.execute(
+            "SELECT gateway_id FROM devices WHERE device_id = %s", (device_id,)
+        ).fetchone()[0]
+        writable.execute(
+            """INSERT INTO rejects (received_at, gateway_id, device_id, reason, detail, count,
+                first_at, last_at)
+            VALUES (now() - interval '20 minutes', %(g)s, %(d)s, 'malformed_json', 'a', 4000,
+                    now() - interval '30 minutes', now() - interval '21 minutes'),
+                (now() - interval '10 minutes', %(g)s, %(d)s, 'malformed_json', 'b', 2,
+                    now() - interval '19 minutes', now() - interval '11 minutes'),
+                (now() - interval '10 minutes', %(g)s, 'stranger-1', 'unknown_device', 'c', 5,
+                    now() - interval '15 minutes', now() - interval '12 minutes')""",
+            {"g": gateway_id, "d": device_id},
+        )
+        columns, rows = _run(writable, render_sql(query.sql, time_range=tr, variables=variables))
+        writable.rollback()
+    names = [n for n, _ in columns]
+    found = {(row[0], row[1]): dict(zip(names, row, strict=True)) for row in rows}
+    mine = found[device_id, "malformed_json"]
+    assert mine["Số lần (count)"] == 4002
+    assert mine["Chi tiết (detail)"] == "b"  # the newest
+    stranger = found["stranger-1", "unknown_device"]
+    assert stranger["Số lần (count)"] == 5
+    assert stranger["Loại (type)"] == "chưa đăng ký (not registered)"
+    assert rows[0][0] == device_id  # the most rejects first
