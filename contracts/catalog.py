@@ -24,10 +24,15 @@ shipped types when this module is imported. ``contracts.settings.load_settings``
 (the one start-up step of every ``__main__`` and of the ``cityhub`` command)
 reads the files of ``catalog.paths`` and installs the result with
 ``use_catalog``, which updates ``DEVICE_TYPES`` in place, so that names imported
-earlier see it. Nothing else installs a catalog; a process that receives its
-settings without loading them (a spawned worker) calls ``use_catalog`` itself.
-Tables a module builds from ``DEVICE_TYPES`` at import time keep the shipped
-types. The module constants ``AIR_QUALITY``, ``KIOSK``, ``CAMERA_COUNTER``,
+earlier see it. A process that receives its settings without loading them (a
+spawned worker) calls ``use_catalog`` itself. Later, a running process may
+learn types from elsewhere: ``merge_types`` merges received entries (a
+gateway's config carries the entries of its devices' types; ``cityhub db
+migrate`` records every entry in the database, where ingest reads them) onto
+the installed catalog with an operator's file's checks, and the service
+installs the result. Tables a module builds from ``DEVICE_TYPES`` at import
+time keep the shipped types, unless it rebuilds them through ``follow_catalog``.
+The module constants ``AIR_QUALITY``, ``KIOSK``, ``CAMERA_COUNTER``,
 ``CONFERENCE_ENDPOINT`` and ``PRINTER_STATUS_LABELS`` are the shipped
 definitions, whatever an operator adds.
 
@@ -44,7 +49,7 @@ import enum
 import math
 import re
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -486,6 +491,81 @@ def describe_changes(base: Catalog, catalog: Catalog) -> list[str]:
     return lines
 
 
+# --- catalog entries received from elsewhere --------------------------------------
+
+_TYPE_DECODER: Final = msgspec.json.Decoder(DeviceType)
+_TYPE_ENCODER: Final = msgspec.json.Encoder()
+
+
+def encode_device_type(dtype: DeviceType) -> bytes:
+    """A type's catalog entry as JSON (what ``cityhub db migrate`` records in device_types)."""
+    return _TYPE_ENCODER.encode(dtype)
+
+
+def decode_device_type(text: bytes | str, source: str) -> DeviceType:
+    """A catalog entry that ``encode_device_type`` wrote; CatalogError naming ``source`` if not."""
+    try:
+        return _TYPE_DECODER.decode(text)
+    except msgspec.DecodeError as exc:
+        raise CatalogError(source, None, None, f"not a device type entry: {exc}") from None
+
+
+def _entry_table(dtype: DeviceType) -> dict[str, Any]:
+    """A type as the table an operator's file would hold, so the file checks apply to it."""
+    metrics = []
+    for m in dtype.metrics:
+        table: dict[str, Any] = {
+            "name": m.name, "unit": m.unit, "kind": m.kind.value, "min": m.min, "max": m.max,
+            "description": m.description,
+        }  # fmt: skip
+        if m.labels:
+            table["labels"] = list(m.labels)
+        metrics.append(table)
+    entry: dict[str, Any] = {
+        "description": dtype.description,
+        "transports": list(dtype.transports),
+        "metrics": metrics,
+        "unknown_metrics": dtype.unknown_metrics,
+    }
+    if dtype.serial_protocols:
+        entry["serial_protocols"] = list(dtype.serial_protocols)
+    return entry
+
+
+def merge_types(
+    base: Catalog, types: Iterable[DeviceType], *, source: str
+) -> tuple[Catalog, dict[str, CatalogError]]:
+    """Merge received type entries (a gateway's config, the database) onto ``base``.
+
+    Pure. Each entry is checked as an operator's file would be and merged the
+    same way: a type ``base`` lacks is added; a known type gains the entry's
+    new metrics (its own metrics stay, so a shipped type keeps what it ships).
+    An entry that contradicts ``base`` (a metric's kind or unit, an enum's
+    labels, a transport or serial protocol ``base`` does not declare) or is
+    malformed is left out: the result maps its name to the CatalogError. The
+    catalog returned is ``base`` itself when nothing changed.
+    """
+    merged = dict(base.types)
+    refused: dict[str, CatalogError] = {}
+    for dtype in types:
+        if _TYPE_NAME_RE.fullmatch(dtype.name) is None:
+            refused[dtype.name] = CatalogError(
+                source, dtype.name, None, f"a type name must match {_TYPE_NAME_RE.pattern}"
+            )
+            continue
+        if merged.get(dtype.name) == dtype:
+            continue
+        try:
+            merged[dtype.name] = _merge_type(
+                dtype.name, _entry_table(dtype), base, _Where(source, dtype.name)
+            )
+        except CatalogError as exc:
+            refused[dtype.name] = exc
+    if merged == base.types:
+        return base, refused
+    return msgspec.structs.replace(base, types=merged, sources=(*base.sources, source)), refused
+
+
 # --- the process-wide catalog ---------------------------------------------------
 
 DEVICE_TYPES: dict[str, DeviceType] = dict(SHIPPED_CATALOG.types)
@@ -504,6 +584,21 @@ def use_catalog(catalog: Catalog) -> None:
         DEVICE_TYPES.clear()
         DEVICE_TYPES.update(catalog.types)
     _installed = catalog
+    for follower in _followers:
+        follower(catalog)
+
+
+_followers: list[Callable[[Catalog], None]] = []
+
+
+def follow_catalog(follower: Callable[[Catalog], None]) -> None:
+    """Call ``follower`` with the installed catalog now and after each ``use_catalog``.
+
+    For tables built from the catalog that a hot path reads (a decoder's
+    metric bounds): rebuilt once per installed catalog, not checked per message.
+    """
+    _followers.append(follower)
+    follower(_installed)
 
 
 def current_catalog() -> Catalog:

@@ -231,13 +231,22 @@ def _metric_value(dtype: DeviceType, name: str, value: object) -> float:
 # detailed path to be rejected with its precise reason: a gateway receives tens
 # of thousands of good readings a second and very few bad ones.
 _FAST_UPLINK_DECODER: Final = msgspec.json.Decoder(DeviceUplink)
-# device type -> metric -> (min, max, whole number required)
-_METRIC_BOUNDS: Final = {
-    dtype.name: {
-        m.name: (m.min, m.max, m.kind is not catalog.MetricKind.FLOAT) for m in dtype.metrics
-    }
-    for dtype in catalog.DEVICE_TYPES.values()
-}
+# device type -> metric -> (min, max, whole number required); rebuilt in place
+# for each installed catalog (a type a gateway receives with its config).
+_METRIC_BOUNDS: Final[dict[str, dict[str, tuple[float, float, bool]]]] = {}
+
+
+def _follow_bounds(installed: catalog.Catalog) -> None:
+    # Key by key: a reader in another thread sees each type's old or new bounds.
+    for name, dtype in installed.types.items():
+        _METRIC_BOUNDS[name] = {
+            m.name: (m.min, m.max, m.kind is not catalog.MetricKind.FLOAT) for m in dtype.metrics
+        }
+    for name in [name for name in _METRIC_BOUNDS if name not in installed.types]:
+        _METRIC_BOUNDS.pop(name, None)
+
+
+catalog.follow_catalog(_follow_bounds)
 
 
 def _accept_uplink(  # noqa: PLR0917 - the arguments of decode_device_uplink, passed on
@@ -955,6 +964,9 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
     version: int
     site_id: str
     devices: list[DeviceConfig]
+    # Appended: the catalog entries of the devices' types, so that a gateway
+    # serves a type defined after it was installed (``contracts.catalog.merge_types``).
+    types: tuple[DeviceType, ...] = ()
 
 
 _CONFIG_DECODER: Final = msgspec.json.Decoder(GatewayConfig)
@@ -1040,6 +1052,14 @@ def encode_gateway_config(config: GatewayConfig) -> bytes:
     return _JSON_ENCODER.encode(config)
 
 
-def decode_gateway_config(payload: bytes, *, max_bytes: int = CONTROL_MAX_BYTES) -> GatewayConfig:
+def decode_gateway_config(
+    payload: bytes, *, max_bytes: int = CONTROL_MAX_BYTES, check: bool = True
+) -> GatewayConfig:
+    """Decode a gateway config and run ``check_gateway_config``.
+
+    ``check=False`` decodes its shape only: a gateway installs the config's
+    ``types`` first, then checks the devices against them.
+    """
     _check_size(payload, max_bytes, "gateway config")
-    return check_gateway_config(_decode(_CONFIG_DECODER, payload, "gateway config"))
+    config = _decode(_CONFIG_DECODER, payload, "gateway config")
+    return check_gateway_config(config) if check else config
