@@ -20,6 +20,7 @@ from typing import Any, Literal
 import msgspec
 
 from adapters.database import Connection, Cursor, database_errors, dict_row
+from contracts.catalog import DEVICE_TYPES
 from contracts.errors import NotFoundError
 from contracts.messages import DeviceConfig, GatewayConfig
 from contracts.schema import check_schema_name
@@ -267,11 +268,15 @@ class RegistryTx:
             )
             for d in self.cur.fetchall()
         ]
+        # The catalog entries of the devices' types travel with the config: a
+        # gateway installed before a type was defined learns it from here.
+        used = {d.device_type for d in devices}
         return GatewayConfig(
             gateway_id=gateway_id,
             version=int(row["config_version"]),
             site_id=str(row["site_id"]),
             devices=devices,
+            types=tuple(t for name, t in DEVICE_TYPES.items() if name in used),
         )
 
     def audit(

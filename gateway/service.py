@@ -22,7 +22,9 @@ Wiring (docs/architecture.md, sections 1, 3 and 5):
 - ack and config messages from the central broker, handed from paho's
   network thread to the event loop (``uplink-inbox`` task), so the outbox is
   written by the event loop's worker threads only: acks delete batches from
-  the outbox; a newer config replaces the device list live;
+  the outbox; a newer config replaces the device list live, after the
+  device types it carries are installed (a type defined after the gateway
+  was installed needs no upgrade);
 - ``state`` task: the retained birth/state message (its Will is the death),
   each periodic one carrying the rejects counted since the previous one;
 - ``expiry`` task: devices silent past ``no_data_timeout_s`` go offline.
@@ -48,9 +50,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
+import msgspec
+
 from adapters.loglimit import LogLimiter
 from adapters.mqtt import MqttLink, Will, client_ssl_context
 from adapters.serve import serve as run_service
+from contracts.catalog import current_catalog, merge_types, use_catalog
 from contracts.errors import HubError, InputError, OutboxFullError
 from contracts.frames import SensorKind
 from contracts.messages import (
@@ -61,6 +66,7 @@ from contracts.messages import (
     GatewayStatus,
     RejectCount,
     check_device_config,
+    check_gateway_config,
     decode_ack,
     decode_gateway_config,
     encode_gateway_config,
@@ -238,7 +244,7 @@ class Gateway:
         saved = self.outbox.load_document(CONFIG_DOCUMENT)
         if saved is not None:
             try:
-                self.apply_config(decode_gateway_config(saved), persist=False)
+                self.apply_config(self.receive_config(saved), persist=False)
             except InputError as exc:
                 logger.warning("saved config unreadable, waiting for a new one: %s", exc)
 
@@ -481,7 +487,7 @@ class Gateway:
             if not message.payload:
                 return  # a cleared retained config
             try:
-                config = decode_gateway_config(message.payload)
+                config = self.receive_config(message.payload)
             except InputError as exc:
                 logger.warning("malformed config ignored: %s", exc)
                 return
@@ -504,6 +510,39 @@ class Gateway:
                 "" if ack.digests else " (no digests: upgrade ingest first)",
             )
         self._wake()
+
+    def receive_config(self, payload: bytes) -> GatewayConfig:
+        """Decode a config, install the device types it carries, then check its devices.
+
+        A type this gateway lacks, or knows with fewer metrics, is taken from
+        the config (``contracts.catalog.merge_types``); one that contradicts
+        what the gateway knows (a metric's kind or unit, a serial protocol it
+        has no code for) is refused with a WARNING, and the config's devices
+        of that type are left out. InputError if the rest is malformed.
+        """
+        config = decode_gateway_config(payload, check=False)
+        installed = current_catalog()
+        merged, refused = merge_types(
+            installed, config.types, source=f"gateway config version {config.version}"
+        )
+        if merged is not installed:
+            use_catalog(merged)
+            learned = [n for n, t in merged.types.items() if installed.types.get(n) is not t]
+            logger.info(
+                "config version %d: device types installed: %s", config.version, ", ".join(learned)
+            )
+        for name, exc in refused.items():
+            logger.warning(
+                "config version %d: device type %s refused, its %d devices left out: %s",
+                config.version,
+                name,
+                sum(d.device_type == name for d in config.devices),
+                exc,
+            )
+        if refused:
+            kept = [d for d in config.devices if d.device_type not in refused]
+            config = msgspec.structs.replace(config, devices=kept)
+        return check_gateway_config(config)
 
     def apply_config(self, config: GatewayConfig, *, persist: bool = True) -> bool:
         """Replace the device list live; an older or foreign config is ignored (False).
