@@ -28,7 +28,7 @@ import msgspec
 
 from adapters.database import Connection, database_errors
 from adapters.database import connect as connect_database
-from contracts.catalog import DEVICE_TYPES, DeviceType
+from contracts.catalog import DEVICE_TYPES, DeviceType, encode_device_type
 from contracts.errors import MigrationError, SchemaError
 from contracts.evolve import Policy, SchemaState, Step, notes, plan, policies
 from contracts.ids import check_id
@@ -306,12 +306,18 @@ def _server_policies(conn: Connection[Any], s: str) -> tuple[dict[str, int], dic
 
 
 def _sync_catalog(conn: Connection[Any], s: str, catalog: Mapping[str, DeviceType]) -> None:
-    """Make device_types / metrics hold ``catalog`` (rows of removed types or metrics stay)."""
+    """Make device_types / metrics hold ``catalog`` (rows of removed types or metrics stay).
+
+    Each type's whole entry goes to ``device_types.entry``: running ingest
+    workers read it there when a batch carries a type they do not know yet.
+    """
     with conn.transaction(), conn.cursor() as cur:
         cur.executemany(
-            f"""INSERT INTO {s}.device_types (device_type, description) VALUES (%s, %s)
-                ON CONFLICT (device_type) DO UPDATE SET description = EXCLUDED.description""",
-            [(t.name, t.description) for t in catalog.values()],
+            f"""INSERT INTO {s}.device_types (device_type, description, entry)
+                VALUES (%s, %s, %s::jsonb)
+                ON CONFLICT (device_type) DO UPDATE SET description = EXCLUDED.description,
+                entry = EXCLUDED.entry""",
+            [(t.name, t.description, encode_device_type(t).decode()) for t in catalog.values()],
         )
         cur.executemany(
             f"""INSERT INTO {s}.metrics

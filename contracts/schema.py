@@ -671,6 +671,16 @@ def _gateway_rejects(s: str) -> tuple[str, ...]:
     )
 
 
+def _catalog_entries(s: str) -> tuple[str, ...]:
+    """Each type's whole catalog entry, as JSON, beside the columns that describe it.
+
+    ``cityhub db migrate`` writes it (``contracts.catalog.encode_device_type``);
+    ingest reads it to learn a type defined after it started. NULL until the
+    next migrate on a database from before.
+    """
+    return (f"ALTER TABLE {s}.device_types ADD COLUMN IF NOT EXISTS entry jsonb",)
+
+
 def migrations(
     schema: str,
     edition: Edition,
@@ -719,5 +729,8 @@ def migrations(
             11,
             "rejects: gateway reports per device and reason, with count and first/last time",
             _gateway_rejects(s),
+        ),
+        Migration(
+            12, "device types: the whole catalog entry, for running services", _catalog_entries(s)
         ),
     ]

@@ -13,8 +13,11 @@ Wiring (docs/architecture.md, sections 1, 3 and 5):
   gateway, ``decode_batch``, the payload's gateway must be the topic's, rows
   built against the ownership map (``ingest.rows``); anything refused is a
   ``PoisonBatch``;
-- ``committer`` task: the ownership map brought up to date and the batches
-  it changes prepared again (``ingest.ownership``), ``BatchWriter.commit``
+- ``committer`` task: batches refused for a device type or metric the
+  worker lacks prepared again after it reads the types' catalog entries
+  from the database (at most every TYPES_RELOAD_S: a type added by `cityhub
+  db migrate` needs no restart), the ownership map brought up to date and
+  the batches it changes prepared again (``ingest.ownership``), ``BatchWriter.commit``
   of the group in one transaction (retried with jittered, capped backoff
   while the database is unavailable; a call that hangs past
   ``commit_timeout_s`` is cut); THEN an ``Ack`` with the group's batch ids,
@@ -88,12 +91,16 @@ from adapters.backoff import backoff_delay_s
 from adapters.loglimit import LogLimiter, should_log_attempt
 from adapters.metrics import MetricsServer
 from adapters.serve import serve as run_service
+from contracts.catalog import current_catalog, decode_device_type, merge_types, use_catalog
 from contracts.errors import (
     BrokerUnavailableError,
+    CatalogError,
     DatabaseUnavailableError,
     RefusedByDatabaseError,
     SchemaError,
     SettingsError,
+    UnknownDeviceTypeError,
+    UnknownMetricError,
 )
 from contracts.messages import encode_ack
 from contracts.settings import BrokerSettings, DatabaseSettings, IngestSettings
@@ -145,6 +152,14 @@ STATE_QUEUE_MAX: Final = 10_000
 # States arriving within this of the first one are stored in one
 # transaction: at most two small transactions a second, whatever the fleet.
 STATE_DELAY_S: Final = 0.5
+# A batch of a device type (or with a metric) this worker does not know reads
+# the types' catalog entries from the database, at most this often: a type
+# added by `cityhub db migrate` is learnt on its first batch, and a gateway
+# sending an undefined type costs one small query per 5 s, not one per batch.
+TYPES_RELOAD_S: Final = 5.0
+_UNKNOWN_SHAPE_REASONS: Final = frozenset(
+    {UnknownDeviceTypeError.reason, UnknownMetricError.reason}
+)
 
 
 def wall_ms() -> int:
@@ -229,11 +244,15 @@ class Ingest:
         self._stopping = threading.Event()
         self._reject_log = LogLimiter(limit=REJECT_LOG_PER_MINUTE, span=60.0)
         self._random = random.Random()  # noqa: S311 - jitter, not security
+        self._types_loaded_s: float | None = None  # monotonic; see _learn_types
 
     # -- collector (runs in a worker thread) ---------------------------------------
 
     def _prepare(self, delivery: Delivery) -> Pending:
         self.counters.received += 1
+        return Pending(delivery=delivery, item=self._prepare_item(delivery))
+
+    def _prepare_item(self, delivery: Delivery) -> WriteItem:
         try:
             item = prepare_item(
                 delivery.topic,
@@ -249,7 +268,7 @@ class Ingest:
             # default size can be replayed from there once fixed) and acked.
             logger.exception("internal error preparing a message on %s", delivery.topic)
             item = internal_error(delivery.topic, delivery.payload, exc)
-        return Pending(delivery=delivery, item=item)
+        return item
 
     def collect(self) -> list[Pending] | None:
         """One group: blocks up to IDLE_POLL_S for a first message, then fills to the limits."""
@@ -286,6 +305,7 @@ class Ingest:
 
     def commit_group(self, group: list[Pending]) -> CommitOutcome:
         """Refresh ownership if needed, rebuild affected rows, commit (runs in a thread)."""
+        self._learn_types(group)
         self._rebuild_for_ownership(group)
         try:
             return self.writer.commit([p.item for p in group])
@@ -294,6 +314,47 @@ class Ingest:
                 "database refused a group of %d batches (%s); one by one", len(group), exc
             )
         return self._commit_one_by_one(group)
+
+    def _learn_types(self, group: list[Pending]) -> None:
+        """Batches refused for a type or metric this worker lacks: learn it, prepare them again.
+
+        The entries come from the database (``cityhub db migrate`` records
+        them), at most once per TYPES_RELOAD_S, merged onto the installed
+        catalog by ``contracts.catalog.merge_types``. A type still unknown
+        after that stays a reject.
+        """
+        unknown = [
+            index
+            for index, pending in enumerate(group)
+            if isinstance(pending.item, PoisonBatch)
+            and pending.item.reason in _UNKNOWN_SHAPE_REASONS
+        ]
+        now = time.monotonic()
+        if not unknown or (
+            self._types_loaded_s is not None and now - self._types_loaded_s < TYPES_RELOAD_S
+        ):
+            return
+        rows = self.writer.read_type_entries()
+        self._types_loaded_s = now
+        entries = []
+        for name, text in rows:
+            try:
+                entries.append(decode_device_type(text, f"device_types.entry of {name}"))
+            except CatalogError as exc:
+                logger.warning("device type %s not learnt: %s", name, exc)
+        installed = current_catalog()
+        merged, refused_types = merge_types(installed, entries, source="the database's catalog")
+        for name, problem in refused_types.items():
+            logger.warning("device type %s not learnt: %s", name, problem)
+        if merged is installed:
+            return
+        use_catalog(merged)
+        learned = [n for n, t in merged.types.items() if installed.types.get(n) is not t]
+        logger.info("device types learnt from the database: %s", ", ".join(learned))
+        for index in unknown:
+            group[index] = Pending(
+                delivery=group[index].delivery, item=self._prepare_item(group[index].delivery)
+            )
 
     def _rebuild_for_ownership(self, group: list[Pending]) -> None:
         """Bring the ownership map up to date for the group, and rebuild what it changes."""

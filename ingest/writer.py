@@ -253,6 +253,15 @@ class BatchWriter:
         """The current device -> gateway map (None: unknown or revoked); a snapshot."""
         return self._owners
 
+    def read_type_entries(self) -> list[tuple[str, str]]:
+        """``(device type, its catalog entry as JSON)`` as ``cityhub db migrate`` recorded them."""
+        with self._db.session("reading the device types' catalog entries") as conn:
+            rows = conn.execute(
+                f"SELECT device_type, entry::text FROM {self.schema}.device_types"
+                " WHERE entry IS NOT NULL ORDER BY device_type"
+            ).fetchall()
+        return [(str(name), str(entry)) for name, entry in rows]
+
     def refresh_owners(self, devices: Collection[str] = ()) -> bool:
         """Reload the map if it is older than the refresh interval; else look up unknown devices.
 
