@@ -957,7 +957,7 @@ class DeviceConfig(msgspec.Struct, frozen=True, kw_only=True):
     enabled: bool = True
 
 
-class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
+class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Retained on ``hub/v1/gw/{gateway_id}/config``; ``version`` only ever increases."""
 
     gateway_id: str
@@ -966,6 +966,7 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True):
     devices: list[DeviceConfig]
     # Appended: the catalog entries of the devices' types, so that a gateway
     # serves a type defined after it was installed (``contracts.catalog.merge_types``).
+    # Left out of the JSON when empty: such a config is encoded as before.
     types: tuple[DeviceType, ...] = ()
 
 

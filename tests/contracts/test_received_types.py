@@ -147,6 +147,10 @@ def test_a_config_carries_its_types_and_old_configs_still_decode():
         decode_gateway_config(payload)
     old = b'{"gateway_id": "gw-1", "version": 1, "site_id": "s-1", "devices": []}'
     assert decode_gateway_config(old).types == ()
+    # Without types a config is encoded as before the field existed.
+    assert encode_gateway_config(
+        msgspec.structs.replace(config, version=1, devices=[], types=())
+    ) == old.replace(b" ", b"")
     # Every shipped type, with a thousand devices, stays far below the control bound.
     many = [
         DeviceConfig(device_id=f"dev-{i:04d}", device_type="kiosk", transport="mqtt")
