@@ -6,7 +6,8 @@ A ``FleetDescription`` (msgspec, loadable from TOML with
 devices of each type each kind of site gets, and the fault plan (defaults
 plus per-device overrides). ``build_fleet`` turns it into ``DeviceSpec``s:
 deterministic, allow-listed device ids (``aq-{site}-01``,
-``kiosk-{site}-01``, ``cam-{site}-01``, ``conf-{site}-01``), type, site,
+``kiosk-{site}-01``, ``cam-{site}-01``, ``conf-{site}-01``, ``noise-{site}-01``,
+``water-{site}-01``, ``rating-{site}-01``), type, site,
 transport (air quality over serial, PMS5003 or SDS011; the rest MQTT), fault
 plan and a ready device model. ``send_phases_ms`` and ``schedule`` spread
 2,000 devices' sends over the period instead of firing all in the same
@@ -42,6 +43,10 @@ from firmware_sim.models import (
     DeviceModel,
     KioskModel,
     KioskParams,
+    NoiseMeterModel,
+    SatisfactionParams,
+    SatisfactionTerminalModel,
+    WaterLevelModel,
 )
 from firmware_sim.signals import AirQualityParams, parse_opening_hours
 
@@ -55,6 +60,9 @@ ID_PREFIX: Final = {
     "kiosk": "kiosk",
     "camera_counter": "cam",
     "conference_endpoint": "conf",
+    "noise_meter": "noise",
+    "water_level": "water",
+    "satisfaction_terminal": "rating",
 }
 
 
@@ -80,16 +88,19 @@ class DeviceCounts(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     kiosk: Count = 0
     camera_counter: Count = 0
     conference_endpoint: Count = 0
+    noise_meter: Count = 0
+    water_level: Count = 0
+    satisfaction_terminal: Count = 0
 
 
-# A one-stop shop: two ticket kiosks and a door counter. A ward office: an
-# air monitor in the yard, one kiosk, a door counter and the conference
-# endpoint for city meetings. A street station: the monitor and a traffic
-# camera.
+# A one-stop shop: two ticket kiosks, a door counter and rating terminals at
+# two of its counters. A ward office: an air monitor in the yard, one kiosk,
+# a door counter and the conference endpoint for city meetings. A street
+# station: the monitor, a traffic camera, a noise meter and a flood sensor.
 DEFAULT_DEVICES: Final[dict[SiteKind, DeviceCounts]] = {
-    "service_hall": DeviceCounts(kiosk=2, camera_counter=1),
+    "service_hall": DeviceCounts(kiosk=2, camera_counter=1, satisfaction_terminal=2),
     "ward_office": DeviceCounts(air_quality=1, kiosk=1, camera_counter=1, conference_endpoint=1),
-    "street_monitor": DeviceCounts(air_quality=1, camera_counter=1),
+    "street_monitor": DeviceCounts(air_quality=1, camera_counter=1, noise_meter=1, water_level=1),
 }
 
 
@@ -209,7 +220,9 @@ def _stable_hash(*parts: str | int) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
-def _make_model(device_type: str, device_id: str, seed: int, site: SiteInfo) -> DeviceModel:
+def _make_model(
+    device_type: str, device_id: str, seed: int, site: SiteInfo, number: int
+) -> DeviceModel:
     hours = parse_opening_hours(site.opening_hours)
     street = site.kind == "street_monitor"
     if device_type == "air_quality":
@@ -229,6 +242,14 @@ def _make_model(device_type: str, device_id: str, seed: int, site: SiteInfo) -> 
         return ConferenceEndpointModel(
             device_id=device_id, seed=seed, params=ConferenceEndpointParams(office_hours=office)
         )
+    if device_type in {"noise_meter", "water_level"}:
+        # One street is like another to them: the city's traffic and rain.
+        plain = NoiseMeterModel if device_type == "noise_meter" else WaterLevelModel
+        return plain(device_id=device_id, seed=seed)
+    if device_type == "satisfaction_terminal":
+        # The terminal's number is its counter's (quầy 1, 2, ...).
+        rating = SatisfactionParams(hours=hours, counter=number)
+        return SatisfactionTerminalModel(device_id=device_id, seed=seed, params=rating)
     raise SettingsError("fleet.devices", f"no model for device type {device_type!r}")
 
 
@@ -276,7 +297,7 @@ def build_fleet(description: FleetDescription, sites: Sequence[SiteInfo]) -> lis
                         transport="serial" if serial else "mqtt",
                         protocol=protocol,
                         faults=description.fault_plan(device_id),
-                        model=_make_model(device_type, device_id, description.seed, site),
+                        model=_make_model(device_type, device_id, description.seed, site, number),
                     )
                 )
     unused = set(description.overrides) - {spec.device_id for spec in specs}

@@ -1,12 +1,15 @@
 """Device models: the state and readings of one simulated device of each catalog type.
 
 One small class per device type in ``contracts.catalog`` (``AirQualityModel``,
-``KioskModel``, ``CameraCounterModel``, ``ConferenceEndpointModel``). A model
+``KioskModel``, ``CameraCounterModel``, ``ConferenceEndpointModel``,
+``NoiseMeterModel``, ``WaterLevelModel``, ``SatisfactionTerminalModel``). A model
 keeps what the firmware would keep (seq counter, boot id, boot time, paper
 roll, printer state, queue, occupancy, ...), advances it to a ``now_ms`` it
 is given with ``step(now_ms)`` and returns metric values named exactly as in
 the catalog and always inside the catalog's valid ranges (clipped, whole
-numbers for integer metrics, rounded to the sensor's resolution).
+numbers for integer metrics, rounded to the sensor's resolution). A reading
+may leave out a metric the device has no value for (a satisfaction
+terminal's rating when nobody rated, a level sensor's depth without an echo).
 ``make_uplink(now_ms)`` wraps the next reading in a
 ``contracts.messages.DeviceUplink`` (seq +1 per message, ``boot`` = boot id).
 
@@ -43,7 +46,10 @@ from firmware_sim.signals import (
     AirQualityParams,
     ConferenceParams,
     ConferenceState,
+    FloodParams,
+    FloodState,
     HallParams,
+    NoiseParams,
     OpeningHours,
     QueueState,
     StreetParams,
@@ -419,7 +425,127 @@ class ConferenceEndpointModel(DeviceModel):
         return values
 
 
+# --- noise meter ----------------------------------------------------------------------
+
+
+class NoiseMeterModel(DeviceModel):
+    """Street noise meter: LAeq, LAmax and LA90 of each reporting interval."""
+
+    device_type = catalog.SHIPPED_CATALOG.types["noise_meter"]
+    # Class-2 meters display 0.1 dB.
+    decimals: ClassVar[dict[str, int]] = {"laeq": 1, "lamax": 1, "la90": 1}
+
+    def __init__(self, *, device_id: str, seed: int, params: NoiseParams | None = None) -> None:
+        super().__init__(device_id=device_id, seed=seed)
+        self.params = params or NoiseParams()
+
+    def _advance(self, now_ms: int, dt_s: float) -> dict[str, float]:
+        return signals.noise_levels(now_ms, dt_s, self.params, self.rng)
+
+
+# --- water level ----------------------------------------------------------------------
+
+WATER_TYPE: Final = catalog.SHIPPED_CATALOG.types["water_level"]
+SENSOR_OK: Final = WATER_TYPE.metric("sensor_status").labels.index("ok")
+SENSOR_NO_ECHO: Final = WATER_TYPE.metric("sensor_status").labels.index("no_echo")
+
+
+class WaterLevelParams(msgspec.Struct, frozen=True, kw_only=True):
+    flood: FloodParams = FloodParams()
+    # Below this the road is wet, not flooded: the sensor's zero band.
+    zero_band_cm: float = 0.5
+    # Ultrasonic sensors lose their echo in heavy rain (drops scatter the
+    # pulse): in rain above this intensity, this share of readings has none.
+    no_echo_rain_mm_h: float = 40.0
+    no_echo_share: float = 0.05
+    # A lithium pack lasts about two years at one reading a minute: 0.14 %
+    # a day. Charge at the first reading; None: drawn from [40, 100) %.
+    battery_drain_pct_per_day: float = 0.14
+    initial_battery_pct: float | None = None
+
+
+class WaterLevelModel(DeviceModel):
+    """Street flood sensor: water depth above the road, sensor state, battery."""
+
+    device_type = WATER_TYPE
+    # 1 mm resolution (ultrasonic / radar level sensors).
+    decimals: ClassVar[dict[str, int]] = {"water_depth": 1, "battery": 1}
+
+    def __init__(
+        self, *, device_id: str, seed: int, params: WaterLevelParams | None = None
+    ) -> None:
+        super().__init__(device_id=device_id, seed=seed)
+        self.params = params or WaterLevelParams()
+        first_pct = self.params.initial_battery_pct
+        if first_pct is None:
+            first_pct = 40.0 + 60.0 * float(self.rng.random())
+        self.battery_pct = first_pct
+        self.flood = FloodState()
+
+    def _advance(self, now_ms: int, dt_s: float) -> dict[str, float]:
+        p = self.params
+        self.flood = signals.step_flood(self.flood, now_ms, dt_s, params=p.flood, rng=self.rng)
+        self.battery_pct = max(0.0, self.battery_pct - p.battery_drain_pct_per_day * dt_s / 86_400)
+        z, u = self.rng.standard_normal(), self.rng.random()
+        values: dict[str, float] = {"battery": self.battery_pct}
+        if self.flood.intensity_mm_h > p.no_echo_rain_mm_h and u < p.no_echo_share:
+            values["sensor_status"] = SENSOR_NO_ECHO
+            return values
+        depth = self.flood.depth_cm
+        # +-0.3 cm of ripple and sensor noise on standing water; a dry or
+        # merely wet road reads 0.
+        values["water_depth"] = depth + 0.3 * float(z) if depth >= p.zero_band_cm else 0.0
+        values["sensor_status"] = SENSOR_OK
+        return values
+
+
+# --- satisfaction terminal ------------------------------------------------------------
+
+
+class SatisfactionParams(msgspec.Struct, frozen=True, kw_only=True):
+    hours: OpeningHours = ALWAYS_OPEN
+    hall: HallParams = HallParams()
+    counter: int = 1
+
+
+class SatisfactionTerminalModel(DeviceModel):
+    """Rating buttons at one counter: the counter number, and a rating when a citizen rated.
+
+    The counter serves its share (1 / ``hall.counters``) of a kiosk queue's
+    citizens; a reading carries the rating of the last citizen who rated
+    since the previous reading, or only the counter when nobody did. At a
+    period of a few seconds a counter (~10 citizens an hour) rarely has two.
+    """
+
+    device_type = catalog.SHIPPED_CATALOG.types["satisfaction_terminal"]
+
+    def __init__(
+        self, *, device_id: str, seed: int, params: SatisfactionParams | None = None
+    ) -> None:
+        super().__init__(device_id=device_id, seed=seed)
+        self.params = params or SatisfactionParams()
+        self.ratings = [0, 0, 0]  # by code, for tests and the curious
+
+    def _advance(self, now_ms: int, dt_s: float) -> dict[str, float]:
+        p = self.params
+        lt = signals.hanoi_time(now_ms)
+        rate = signals.arrival_rate_per_h(lt, p.hours, p.hall) / p.hall.counters
+        rating = signals.draw_rating(rate, dt_s, self.rng)
+        if rating is None:
+            return {"counter": p.counter}
+        self.ratings[rating] += 1
+        return {"counter": p.counter, "rating": rating}
+
+
 MODEL_CLASSES: Final[dict[str, type[DeviceModel]]] = {
     cls.device_type.name: cls
-    for cls in (AirQualityModel, KioskModel, CameraCounterModel, ConferenceEndpointModel)
+    for cls in (
+        AirQualityModel,
+        KioskModel,
+        CameraCounterModel,
+        ConferenceEndpointModel,
+        NoiseMeterModel,
+        WaterLevelModel,
+        SatisfactionTerminalModel,
+    )
 }

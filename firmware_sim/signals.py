@@ -14,7 +14,11 @@ What this computes:
   multi-counter queue, hall occupancy from a camera at the door;
 - street cameras: vehicles in / out following the traffic peaks;
 - conference endpoints: online state, meetings in office hours, packet loss
-  and jitter with bursts and spikes, CPU load.
+  and jitter with bursts and spikes, CPU load;
+- street noise: LAeq / LAmax / LA90 following the traffic, horns;
+- street flooding: rain events by month and the water depth they leave on a
+  low-lying street, draining over hours;
+- satisfaction terminals: the ratings of the citizens a counter serves.
 
 Every function takes the time (``now_ms``), its parameters, the previous
 state where there is one, and a ``numpy.random.Generator``; it returns new
@@ -726,3 +730,158 @@ def step_conference(
     # Video encoding dominates CPU in a meeting; idle is the UI and keepalives.
     cpu = 55.0 + 8.0 * z[2] if in_meeting else 10.0 + 3.0 * z[2]
     return new_state, {"online": 1, "packet_loss": loss, "jitter": jitter, "cpu": cpu}
+
+
+# --- street noise -------------------------------------------------------------------
+
+
+class NoiseParams(msgspec.Struct, frozen=True, kw_only=True):
+    # LAeq beside a big Hanoi road at a weekday rush hour. Published Hanoi
+    # surveys put daytime LAeq on main roads at ~72-80 dBA, mostly above the
+    # 70 dBA of QCVN 26:2010/BTNMT.
+    peak_laeq_dba: float = 77.0
+    # Horns: Hanoi's motorbike traffic honks constantly; a horn close to the
+    # meter sets LAmax to ~85-95 dBA. Events an hour at the rush-hour peak.
+    horns_per_h: float = 120.0
+
+
+# Road traffic noise grows as 10 log10 of the flow (each doubling of the
+# vehicles adds ~3 dB); below this share of the peak flow the road's own
+# noise stops falling (distant traffic, the city's hum). 0.04 of the peak
+# puts the small hours ~14 dB under the rush hour: ~63 dBA LAeq, which is
+# what a Hanoi kerbside sees at 03:00.
+NOISE_TRAFFIC_FLOOR: Final = 0.04
+
+
+def noise_levels(
+    now_ms: int, dt_s: float, params: NoiseParams, rng: np.random.Generator
+) -> dict[str, float]:
+    """LAeq, LAmax and LA90 (dBA) of the interval ``dt_s`` before ``now_ms``, by catalog name.
+
+    LAeq follows the traffic (``traffic_index``) on a log scale. The gap to
+    LAmax and to LA90 widens as traffic thins: dense traffic is a steady
+    roar, a night road is quiet between single passing vehicles.
+    """
+    z = rng.standard_normal(3).tolist()
+    u = rng.random(2).tolist()
+    traffic = traffic_index(hanoi_time(now_ms))
+    sparse = 1.0 - min(traffic, 1.0)
+    laeq = params.peak_laeq_dba + 10.0 * math.log10(max(traffic, NOISE_TRAFFIC_FLOOR)) + 1.0 * z[0]
+    lamax = laeq + 6.0 + 6.0 * sparse + 1.5 * abs(z[1])
+    if u[0] < switch_probability(params.horns_per_h * traffic / 3600.0, dt_s):
+        lamax = max(lamax, 85.0 + 10.0 * u[1])
+    la90 = laeq - 5.0 - 7.0 * sparse - 0.8 * abs(z[2])
+    return {"laeq": laeq, "lamax": lamax, "la90": la90}
+
+
+# --- street flooding ----------------------------------------------------------------
+
+# Hanoi monthly rainfall (mm; approximate climate normals, Lang station):
+# a dry winter and a rainy season from May to September with July-August
+# above 280 mm.
+RAIN_MONTHLY_MM: Final = (
+    19.0, 26.0, 44.0, 90.0, 188.0, 240.0, 288.0, 318.0, 265.0, 130.0, 43.0, 23.0,
+)  # fmt: skip
+# Rain events a day: winter drizzle is frequent but light, summer storms
+# come most afternoons. With the mean event length below, the mean
+# intensity of an event follows from the monthly total (~1-2 mm/h in
+# January, ~10-12 mm/h in July-August).
+RAIN_EVENTS_PER_DAY: Final = (
+    0.40,
+    0.50,
+    0.55,
+    0.45,
+    0.50,
+    0.55,
+    0.60,
+    0.60,
+    0.50,
+    0.35,
+    0.25,
+    0.25,
+)
+
+
+class FloodParams(msgspec.Struct, frozen=True, kw_only=True):
+    mean_rain_s: float = 5400.0
+    # Rain beyond what the street's drains take runs off and collects: a
+    # low-lying street (Nguyen Khuyen, Thuy Khue) gathers the run-off of
+    # the blocks around it, ~1 cm of depth an hour per mm/h of excess.
+    drain_capacity_mm_h: float = 20.0
+    depth_cm_per_excess_mm: float = 1.0
+    # Once the rain eases, the pumps and the drains take the water away over
+    # hours: an exponential decay with this time constant.
+    drain_tau_s: float = 2.0 * 3600.0
+
+
+class FloodState(NamedTuple):
+    raining: bool = False
+    intensity_mm_h: float = 0.0  # of the current rain event
+    depth_cm: float = 0.0
+
+
+def step_flood(
+    state: FloodState,
+    now_ms: int,
+    dt_s: float,
+    *,
+    params: FloodParams,
+    rng: np.random.Generator,
+) -> FloodState:
+    """Advance rain and water depth by ``dt_s`` ending at ``now_ms``.
+
+    Rain events start at the month's rate and last ``mean_rain_s`` on
+    average, with an exponentially distributed intensity around the
+    month's mean. The depth relaxes towards ``excess x gain x tau``
+    (exactly, for any step): it rises while the rain exceeds the drains and
+    drains away over hours after.
+    """
+    if dt_s <= 0.0:
+        return state
+    u = rng.random(3).tolist()
+    month = hanoi_time(now_ms).month
+    events_per_day = _monthly(RAIN_EVENTS_PER_DAY, month)
+    raining = _flip(
+        state.raining,
+        1.0 / params.mean_rain_s if state.raining else events_per_day / 86_400.0,
+        dt_s,
+        u[0],
+    )
+    intensity = state.intensity_mm_h
+    if raining and not state.raining:
+        days = 30.4
+        mean_mm_h = _monthly(RAIN_MONTHLY_MM, month) / (
+            days * events_per_day * params.mean_rain_s / 3600.0
+        )
+        intensity = -mean_mm_h * math.log1p(-u[1])  # exponential, mean mean_mm_h
+    elif not raining:
+        intensity = 0.0
+    excess = max(0.0, intensity - params.drain_capacity_mm_h)
+    target = excess * params.depth_cm_per_excess_mm * params.drain_tau_s / 3600.0
+    a = math.exp(-dt_s / params.drain_tau_s)
+    depth = target + (state.depth_cm - target) * a
+    return FloodState(raining=raining, intensity_mm_h=intensity, depth_cm=depth)
+
+
+# --- satisfaction ratings -----------------------------------------------------------
+
+# Shares of very satisfied / satisfied / not satisfied among the citizens
+# who press a button. Hanoi's published satisfaction index for its
+# one-stop shops is above 90 %; most ratings are "satisfied" or better.
+RATING_SHARES: Final = (0.55, 0.38, 0.07)
+# Not every citizen rates: about two in three press a button.
+RATING_PARTICIPATION: Final = 0.65
+
+
+def draw_rating(rate_per_h: float, dt_s: float, rng: np.random.Generator) -> int | None:
+    """The rating (code into RATING_SHARES) of the last citizen who rated within ``dt_s``, or None.
+
+    ``rate_per_h`` is the counter's service rate (citizens served an hour).
+    """
+    rated = poisson_count(rate_per_h * RATING_PARTICIPATION, dt_s, rng)
+    if not rated:
+        return None
+    u = float(rng.random())
+    if u < RATING_SHARES[0]:
+        return 0
+    return 1 if u < RATING_SHARES[0] + RATING_SHARES[1] else 2

@@ -39,7 +39,7 @@ from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models import dashboard as model
 from grafana_foundation_sdk.models import geomap as geomap_model
 
-from contracts.catalog import AIR_QUALITY, CAMERA_COUNTER, KIOSK, DeviceType
+from contracts.catalog import AIR_QUALITY, CAMERA_COUNTER, KIOSK, SHIPPED_CATALOG, DeviceType
 from contracts.schema import ALERT_STATES, SEVERITIES, readings_table, rollup_table
 from grafana import tables
 from grafana.annotations import ALERT_TAG
@@ -73,6 +73,13 @@ AIR_QUALITY_READINGS: Final = tables.table(readings_table(AIR_QUALITY.name))
 AIR_QUALITY_ROLLUP: Final = tables.table(rollup_table(AIR_QUALITY.name))
 KIOSK_READINGS: Final = tables.table(readings_table(KIOSK.name))
 CAMERA_READINGS: Final = tables.table(readings_table(CAMERA_COUNTER.name))
+# Types defined only as catalog data: the boards name them through the shipped catalog.
+NOISE_METER: Final = SHIPPED_CATALOG.types["noise_meter"]
+WATER_LEVEL: Final = SHIPPED_CATALOG.types["water_level"]
+SATISFACTION_TERMINAL: Final = SHIPPED_CATALOG.types["satisfaction_terminal"]
+NOISE_READINGS: Final = tables.table(readings_table(NOISE_METER.name))
+WATER_READINGS: Final = tables.table(readings_table(WATER_LEVEL.name))
+RATING_READINGS: Final = tables.table(readings_table(SATISFACTION_TERMINAL.name))
 
 
 def _metric(device_type: DeviceType, name: str) -> str:
@@ -95,6 +102,10 @@ PAPER_LEVEL: Final = _metric(KIOSK, "paper_level")
 PRINTER_STATUS_CODE: Final = _metric(KIOSK, "printer_status")
 PEOPLE_IN: Final = _metric(CAMERA_COUNTER, "people_in")
 OCCUPANCY: Final = _metric(CAMERA_COUNTER, "occupancy")
+LAEQ: Final = _metric(NOISE_METER, "laeq")
+WATER_DEPTH: Final = _metric(WATER_LEVEL, "water_depth")
+RATING: Final = _metric(SATISFACTION_TERMINAL, "rating")
+RATING_LABELS: Final = SATISFACTION_TERMINAL.metric("rating").labels
 
 ONLINE_WINDOW: Final = "interval '5 minutes'"
 ACTIVE_STATES: Final = "({})".format(
@@ -645,13 +656,47 @@ def _aqi_daily() -> table.Panel:
     )
 
 
+# Street stations also carry a noise meter and a flood sensor. LAeq values
+# are energy levels: the mean of an interval is 10 log10 of the mean power,
+# not the mean of the decibels.
+_NOISE_SQL: Final = f"""SELECT $__timeGroupAlias(r.ts, $__interval), s.name AS metric,
+  10 * log(avg(power(10, r.{LAEQ} / 10))) AS value
+FROM {NOISE_READINGS} r
+{_AQ_JOIN}
+GROUP BY 1, 2
+ORDER BY 1"""
+
+_WATER_SQL: Final = f"""SELECT $__timeGroupAlias(r.ts, $__interval), s.name AS metric,
+  max(r.{WATER_DEPTH}) AS value
+FROM {WATER_READINGS} r
+{_AQ_JOIN}
+GROUP BY 1, 2
+ORDER BY 1"""
+
+
+def _noise() -> ts.Panel:
+    # QCVN 26:2010/BTNMT: 70 dBA by day in ordinary areas.
+    return _series("Tiếng ồn LAeq (street noise, dBA)", _NOISE_SQL, unit="suffix: dBA").thresholds(
+        _thresholds([(None, "green"), (70, "orange"), (80, "red")])
+    )
+
+
+def _water() -> ts.Panel:
+    # The flooding rule's levels (alerts/data/rules.toml): 20, 50 and 80 cm.
+    return (
+        _series("Mức ngập (street flooding, cm)", _WATER_SQL, unit="suffix: cm")
+        .min(0)
+        .thresholds(_thresholds([(None, "green"), (20, "orange"), (50, "red"), (80, "purple")]))
+    )
+
+
 def air_quality() -> board.Dashboard:
     dashboard = _board(
         "cityhub-air-quality",
         "Chất lượng không khí · Air quality (VN_AQI)",
         ["air-quality", "vn-aqi"],
         "VN_AQI theo Quyết định 1459/QĐ-TCMT: giờ (NowCast) và ngày, PM2.5/PM10, "
-        "chất ô nhiễm chủ đạo.",
+        "chất ô nhiễm chủ đạo; tiếng ồn và mức ngập tại trạm đường phố.",
         with_type=False,
     ).annotation(_alert_annotations("air_quality"))
     return _numbered(
@@ -669,6 +714,8 @@ def air_quality() -> board.Dashboard:
                 unit="conμgm3",
                 width=24,
             ),
+            _noise(),
+            _water(),
         ],
     )
 
@@ -767,12 +814,31 @@ def _printer_states() -> statetimeline.Panel:
     )
 
 
+# Every reading of a terminal carries its counter; only some carry a
+# rating, so every terminal has a row even when nobody rated.
+_RATINGS_SQL: Final = f"""SELECT s.name AS "Điểm (site)", r.device_id AS "Thiết bị (terminal)",
+  count(r.{RATING}) AS "Lượt đánh giá (ratings)",
+  count(*) FILTER (WHERE r.{RATING} = {RATING_LABELS.index("very_satisfied")})
+    AS "Rất hài lòng (very satisfied)",
+  count(*) FILTER (WHERE r.{RATING} = {RATING_LABELS.index("satisfied")})
+    AS "Hài lòng (satisfied)",
+  count(*) FILTER (WHERE r.{RATING} = {RATING_LABELS.index("not_satisfied")})
+    AS "Không hài lòng (not satisfied)",
+  round(100.0 * count(*) FILTER (WHERE r.{RATING} < {RATING_LABELS.index("not_satisfied")})
+    / nullif(count(r.{RATING}), 0), 1) AS "Hài lòng trở lên (% satisfied)"
+FROM {RATING_READINGS} r
+{_KIOSK_JOIN}
+GROUP BY 1, 2
+ORDER BY 1, 2"""
+
+
 def service_halls() -> board.Dashboard:
     dashboard = _board(
         "cityhub-service-halls",
         "Bộ phận một cửa · Service halls",
         ["service-halls", "kiosk"],
-        "Hàng đợi, vé phát, lượt người vào, giấy in và máy in của ki-ốt lấy số.",
+        "Hàng đợi, vé phát, lượt người vào, giấy in và máy in của ki-ốt lấy số; "
+        "đánh giá mức độ hài lòng tại quầy.",
         with_type=False,
     ).annotation(_alert_annotations("kiosk"))
     tickets = _series("Vé phát mỗi giờ (tickets per hour)", _TICKETS_SQL, unit="none").draw_style(
@@ -787,6 +853,7 @@ def service_halls() -> board.Dashboard:
             _series("Số người trong sảnh (occupancy)", _OCCUPANCY_SQL, unit="none"),
             _paper_levels(),
             _printer_states(),
+            _table("Đánh giá mức độ hài lòng (citizen ratings)", _RATINGS_SQL, width=24),
         ],
     )
 

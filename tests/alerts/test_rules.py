@@ -607,6 +607,16 @@ def defaults() -> dict[str, Rule]:
         ("aq-vn-aqi-band", VN_AQI_METRIC, [(-60, 220)], "major"),
         ("aq-vn-aqi-band", VN_AQI_METRIC, [(-60, 120)], None),
         ("conference-packet-loss", "packet_loss", [(-300, 20), (0, 16)], "major"),
+        ("noise-laeq-high", "laeq", [(-1900, 82), (-900, 81), (0, 83)], "warning"),
+        ("noise-laeq-high", "laeq", [(-1900, 88), (-900, 87), (0, 86)], "minor"),
+        ("noise-laeq-high", "laeq", [(-1900, 82), (-900, 77), (0, 83)], None),  # rush hour dip
+        ("water-street-flooded", "water_depth", [(-360, 25), (-120, 30), (0, 28)], "warning"),
+        ("water-street-flooded", "water_depth", [(-360, 60), (0, 55)], "major"),
+        ("water-street-flooded", "water_depth", [(-360, 95), (0, 90)], "critical"),
+        ("water-street-flooded", "water_depth", [(-360, 0), (-60, 0), (0, 0)], None),
+        ("water-street-flooded", "water_depth", [(-120, 40), (0, 45)], None),  # not 5 min yet
+        ("rating-not-satisfied", "rating", [(-2000, 2), (-900, 2), (0, 2)], "warning"),
+        ("rating-not-satisfied", "rating", [(-2000, 2), (-900, 1), (0, 2)], None),
     ],
 )
 def test_default_rules(rule_id, metric, row, severity):
@@ -614,6 +624,36 @@ def test_default_rules(rule_id, metric, row, severity):
     out = run(rule, window_of([row], device_type=rule.device_type, metric=metric))
     assert bool(out.active[0]) is (severity is not None)
     assert int(out.severity[0]) == (-1 if severity is None else SEVERITIES.index(severity))
+
+
+def test_default_rating_rule_skips_readings_without_a_rating():
+    # A terminal reports its counter every period; only some readings carry
+    # a rating. The rule looks at the ratings alone.
+    rule = defaults()["rating-not-satisfied"]
+    minutes = range(-40, 1, 5)
+    ratings = [2.0 if m in {-40, -20, 0} else NAN for m in minutes]
+    window = window_of(
+        [[(m * 60, r) for m, r in zip(minutes, ratings, strict=True)]],
+        device_type="satisfaction_terminal",
+        metric="rating",
+    )
+    assert run(rule, window).active.tolist() == [True]
+    ratings[4] = 0.0  # one "very satisfied" in between (minute -20)
+    window = window_of(
+        [[(m * 60, r) for m, r in zip(minutes, ratings, strict=True)]],
+        device_type="satisfaction_terminal",
+        metric="rating",
+    )
+    assert run(rule, window).active.tolist() == [False]
+
+
+def test_default_water_rule_clears_only_below_10_cm():
+    rule = defaults()["water-street-flooded"]
+    row = [(-360, 25), (-120, 15), (0, 12)]
+    window = window_of([row], device_type="water_level", metric="water_depth")
+    assert run(rule, window).active.tolist() == [False]
+    still = run(rule, window, was=True)
+    assert still.active.tolist() == [True]
 
 
 def test_default_camera_rule_ignores_an_empty_hall_but_not_a_stuck_street():

@@ -15,7 +15,7 @@ from contracts.catalog import DEVICE_TYPES, SHIPPED_CATALOG, use_catalog
 from contracts.uplinkschema import schema_file_name, schema_files
 
 NOISE = """
-[types.noise_meter]
+[types.noise_probe]
 description = "Street noise meter"
 transports = ["mqtt"]
 metrics = [
@@ -46,7 +46,7 @@ def _run(*args, env=None):
 def test_list_shows_every_type_with_metrics_and_transports():
     result = _run("catalog", "list")
     assert result.exit_code == 0, result.output
-    assert "Device types (4)" in result.output
+    assert "Device types (7)" in result.output
     for name, dtype in SHIPPED_CATALOG.types.items():
         line = next(line for line in result.output.splitlines() if f" {name} " in line)
         assert f" {len(dtype.metrics)} " in line
@@ -57,10 +57,10 @@ def test_list_includes_configured_files(tmp_path):
     (tmp_path / "noise.toml").write_text(NOISE, encoding="utf-8")
     result = _run("catalog", "list", env={"CITYHUB_CATALOG__PATHS": str(tmp_path)})
     assert result.exit_code == 0, result.output
-    assert "Device types (5)" in result.output
-    assert "noise_meter" in result.output
+    assert "Device types (8)" in result.output
+    assert "noise_probe" in result.output
     # The catalog commands examine files; they do not install them.
-    assert "noise_meter" not in DEVICE_TYPES
+    assert "noise_probe" not in DEVICE_TYPES
 
 
 def test_show_prints_metrics_with_unit_kind_range_and_labels():
@@ -82,7 +82,7 @@ def test_show_unknown_type_is_one_line_exit_1():
 def test_check_without_file():
     result = _run("catalog", "check")
     assert result.exit_code == 0, result.output
-    assert "ok: 4 device types" in result.output
+    assert "ok: 7 device types" in result.output
 
 
 def test_check_file_prints_what_it_adds(tmp_path):
@@ -90,7 +90,7 @@ def test_check_file_prints_what_it_adds(tmp_path):
     file.write_text(NOISE, encoding="utf-8")
     result = _run("catalog", "check", str(file))
     assert result.exit_code == 0, result.output
-    assert "new type noise_meter: 1 metrics" in result.output
+    assert "new type noise_probe: 1 metrics" in result.output
 
 
 def test_check_refuses_with_one_line_naming_file_type_and_key(tmp_path):
@@ -133,7 +133,7 @@ def test_schema_prints_a_valid_draft_2020_12_schema():
 
 def test_schema_of_an_operator_type(tmp_path):
     (tmp_path / "noise.toml").write_text(NOISE, encoding="utf-8")
-    result = _run("catalog", "schema", "noise_meter", env={"CITYHUB_CATALOG__PATHS": str(tmp_path)})
+    result = _run("catalog", "schema", "noise_probe", env={"CITYHUB_CATALOG__PATHS": str(tmp_path)})
     assert result.exit_code == 0, result.output
     laeq = json.loads(result.output)["properties"]["m"]["properties"]["laeq"]
     assert (laeq["minimum"], laeq["maximum"]) == (20, 140)
@@ -166,12 +166,12 @@ def test_help(command):
 def test_readme_example_file_is_accepted(tmp_path):
     readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
     example = re.search(
-        r"```toml\n(# /etc/cityhub/catalog\.d/noise\.toml\n.*?)```", readme, re.DOTALL
+        r"```toml\n(# /etc/cityhub/catalog\.d/rain\.toml\n.*?)```", readme, re.DOTALL
     )
     assert example is not None, "README lost its Device catalog example"
-    file = tmp_path / "noise.toml"
+    file = tmp_path / "rain.toml"
     file.write_text(example.group(1), encoding="utf-8")
     result = _run("catalog", "check", str(file))
     assert result.exit_code == 0, result.output
-    assert "new type noise_meter" in result.output
+    assert "new type rain_gauge" in result.output
     assert "kiosk: new metric door_open" in result.output

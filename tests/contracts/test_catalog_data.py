@@ -50,10 +50,18 @@ def restore_catalog():
 
 
 def test_shipped_types_counts_and_order():
-    assert list(DEVICE_TYPES) == ["air_quality", "kiosk", "camera_counter", "conference_endpoint"]
+    # The types the code used to define come first, in their order; the
+    # types added as data only are appended after them.
+    assert list(DEVICE_TYPES) == [
+        "air_quality", "kiosk", "camera_counter", "conference_endpoint",
+        "noise_meter", "water_level", "satisfaction_terminal",
+    ]  # fmt: skip
     counts = {name: len(t.metrics) for name, t in DEVICE_TYPES.items()}
-    assert counts == {"air_quality": 8, "kiosk": 6, "camera_counter": 5, "conference_endpoint": 4}
-    assert sum(counts.values()) == 23
+    assert counts == {
+        "air_quality": 8, "kiosk": 6, "camera_counter": 5, "conference_endpoint": 4,
+        "noise_meter": 3, "water_level": 3, "satisfaction_terminal": 2,
+    }  # fmt: skip
+    assert sum(counts[name] for name in list(counts)[:4]) == 23
 
 
 def test_shipped_entries_exactly():
@@ -106,7 +114,7 @@ def test_catalog_round_trips_through_msgpack_and_json():
 # --- operators' files ------------------------------------------------------------
 
 NOISE = """
-[types.noise_meter]
+[types.noise_probe]
 description = "Street noise meter"
 transports = ["mqtt"]
 metrics = [
@@ -122,7 +130,7 @@ metrics = [
 
 def test_operator_file_adds_a_type_and_a_metric():
     merged = load_catalog([("/etc/cityhub/catalog.d/noise.toml", NOISE)])
-    noise = merged.types["noise_meter"]
+    noise = merged.types["noise_probe"]
     assert noise.metric("laeq").unit == "dBA"
     assert noise.transports == ("mqtt",)
     kiosk = merged.types["kiosk"]
@@ -131,11 +139,11 @@ def test_operator_file_adds_a_type_and_a_metric():
     assert merged.sources == (SHIPPED_SOURCE, "/etc/cityhub/catalog.d/noise.toml")
     assert describe_changes(SHIPPED_CATALOG, merged) == [
         "kiosk: new metric door_open (bool, '')",
-        "new type noise_meter: 1 metrics",
+        "new type noise_probe: 1 metrics",
     ]
     # The shipped definitions stay as they were.
     assert SHIPPED_CATALOG.types["kiosk"] == catalog.KIOSK
-    assert "noise_meter" not in SHIPPED_CATALOG.types
+    assert "noise_probe" not in SHIPPED_CATALOG.types
 
 
 def test_restating_a_metric_may_change_range_and_description_and_append_labels():
@@ -166,14 +174,14 @@ description = "Printer"
 
 def test_directory_files_read_in_name_order(tmp_path):
     (tmp_path / "b.toml").write_text(
-        '[types.noise_meter]\nmetrics = [{ name = "lmax", unit = "dBA", kind = "float", '
+        '[types.noise_probe]\nmetrics = [{ name = "lmax", unit = "dBA", kind = "float", '
         'min = 20, max = 140, description = "Lmax" }]\n',
         encoding="utf-8",
     )
     (tmp_path / "a.toml").write_text(NOISE, encoding="utf-8")
     (tmp_path / "notes.txt").write_text("not a catalog", encoding="utf-8")
     merged = read_catalog([tmp_path])
-    assert merged.types["noise_meter"].metric_names == ("laeq", "lmax")
+    assert merged.types["noise_probe"].metric_names == ("laeq", "lmax")
     assert merged.sources[1:] == (str(tmp_path / "a.toml"), str(tmp_path / "b.toml"))
 
 
@@ -284,7 +292,7 @@ def test_refusals_name_file_type_and_key(text, type_name, key, words):
 
 def test_an_already_loaded_metric_keeps_its_kind_too():
     again = NOISE.replace('kind = "float"', 'kind = "int"').replace("kiosk", "camera_counter")
-    with pytest.raises(CatalogError, match=r"type 'noise_meter': key 'metrics.laeq.kind'"):
+    with pytest.raises(CatalogError, match=r"type 'noise_probe': key 'metrics.laeq.kind'"):
         load_catalog([("a.toml", NOISE), ("b.toml", again)])
 
 
@@ -300,28 +308,28 @@ def test_load_settings_installs_the_configured_catalog(tmp_path, restore_catalog
     settings = load_settings(config, {})
     assert settings.catalog.path_list == [str(directory)]
     # Names imported before the installation see it: the dict is updated in place.
-    assert device_type("noise_meter") is DEVICE_TYPES["noise_meter"]
+    assert device_type("noise_probe") is DEVICE_TYPES["noise_probe"]
     assert catalog.DEVICE_TYPES is DEVICE_TYPES
     assert "door_open" in DEVICE_TYPES["kiosk"].metric_names
     assert current_catalog().sources[-1] == str(directory / "noise.toml")
     uplink = decode_device_uplink(
         b'{"seq": 1, "ts": %d, "m": {"laeq": 61.5}}' % NOW_MS,
-        device_type="noise_meter",
+        device_type="noise_probe",
         now_ms=NOW_MS,
     )
     assert uplink.metrics == {"laeq": 61.5}
     # Settings without catalog files put the shipped catalog back.
     load_settings(None, {})
-    assert "noise_meter" not in DEVICE_TYPES
+    assert "noise_probe" not in DEVICE_TYPES
     with pytest.raises(UnknownDeviceTypeError):
-        device_type("noise_meter")
+        device_type("noise_probe")
 
 
 def test_environment_names_catalog_paths(tmp_path, restore_catalog):
     (tmp_path / "noise.toml").write_text(NOISE, encoding="utf-8")
     settings = load_settings(None, {"CITYHUB_CATALOG__PATHS": str(tmp_path / "noise.toml")})
     assert settings.catalog.path_list == [str(tmp_path / "noise.toml")]
-    assert "noise_meter" in DEVICE_TYPES
+    assert "noise_probe" in DEVICE_TYPES
 
 
 def test_a_refused_catalog_file_stops_load_settings(tmp_path, restore_catalog):
@@ -353,9 +361,12 @@ def test_schema_accepts_what_the_encoder_builds_and_the_decoder_accepts(name):
     dtype = SHIPPED_CATALOG.types[name]
     validator = _validator(dtype, now_ms=NOW_MS)
     first = dtype.metrics[0].name
+    # The first metric alone at its lowest valid value (0.0 for most types;
+    # a sound level meter reads no lower than 30 dBA).
+    lowest = float(dtype.metrics[0].min)
     uplinks = [
         DeviceUplink(seq=0, ts_ms=NOW_MS, metrics={m.name: _good_value(m) for m in dtype.metrics}),
-        DeviceUplink(seq=2**63 - 1, ts_ms=NOW_MS - 1000, metrics={first: 0.0}, boot="b-1"),
+        DeviceUplink(seq=2**63 - 1, ts_ms=NOW_MS - 1000, metrics={first: lowest}, boot="b-1"),
     ]
     for uplink in uplinks:
         payload = encode_device_uplink(uplink)
@@ -422,7 +433,7 @@ def test_schema_without_now_describes_the_window():
 def test_use_catalog_keeps_the_shipped_order_and_objects(restore_catalog):
     merged = load_catalog([("noise.toml", NOISE)])
     use_catalog(merged)
-    assert list(DEVICE_TYPES) == [*SHIPPED_CATALOG.types, "noise_meter"]
+    assert list(DEVICE_TYPES) == [*SHIPPED_CATALOG.types, "noise_probe"]
     assert DEVICE_TYPES["kiosk"] is merged.types["kiosk"]
     use_catalog(SHIPPED_CATALOG)
     assert list(DEVICE_TYPES) == list(SHIPPED_CATALOG.types)

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from contracts.errors import SettingsError
 from contracts.ids import check_id
 from contracts.messages import GatewayConfig, check_gateway_config
-from firmware_sim import fleet
+from firmware_sim import fleet, signals
 from firmware_sim.faults import FaultPlan
 from firmware_sim.fleet import FleetDescription, SiteInfo
-from firmware_sim.models import CameraCounterModel, KioskModel
+from firmware_sim.models import CameraCounterModel, KioskModel, SatisfactionTerminalModel
 
 SITES_PATH = Path(__file__).parents[2] / "cityhub" / "data" / "hanoi_sites.toml"
 SEED_SITES = fleet.parse_sites(tomllib.loads(SITES_PATH.read_text("utf-8")))
@@ -235,3 +235,25 @@ def test_time_acceleration_round_trip() -> None:
     assert sim(2_000) == NOW_MS + 60_000
     assert wall(NOW_MS + 60_000) == 2_000
     assert wall(sim(123_456)) == 123_456
+
+
+def test_streets_get_noise_and_flood_sensors_and_halls_rating_terminals() -> None:
+    specs = fleet.build_fleet(FleetDescription(seed=7), SEED_SITES)
+    kinds = {site.id: site.kind for site in SEED_SITES}
+    by_type: dict[str, set[str]] = {}
+    for spec in specs:
+        by_type.setdefault(spec.device_type, set()).add(kinds[spec.site_id])
+    assert by_type["noise_meter"] == {"street_monitor"}
+    assert by_type["water_level"] == {"street_monitor"}
+    assert by_type["satisfaction_terminal"] == {"service_hall"}
+    streets = [s for s in SEED_SITES if s.kind == "street_monitor"]
+    assert sum(spec.device_type == "water_level" for spec in specs) == len(streets)
+    # A terminal's counter is its number at the hall: rating-{site}-02 stands at counter 2.
+    terminals = [s for s in specs if isinstance(s.model, SatisfactionTerminalModel)]
+    assert terminals
+    for spec in terminals:
+        model = spec.model
+        assert isinstance(model, SatisfactionTerminalModel)
+        assert model.params.counter == int(spec.device_id.rsplit("-", 1)[1])
+        hall = next(s for s in SEED_SITES if s.id == spec.site_id)
+        assert model.params.hours == signals.parse_opening_hours(hall.opening_hours)

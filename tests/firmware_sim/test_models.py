@@ -27,6 +27,10 @@ from firmware_sim.models import (
     DeviceModel,
     KioskModel,
     KioskParams,
+    NoiseMeterModel,
+    SatisfactionParams,
+    SatisfactionTerminalModel,
+    WaterLevelModel,
 )
 from firmware_sim.signals import HallParams
 
@@ -55,6 +59,11 @@ def make(device_type: str, seed: int, device_id: str = "dev-test-01") -> DeviceM
         return CameraCounterModel(
             device_id=device_id, seed=seed, params=CameraParams(mode=mode, hours=HALL_HOURS)
         )
+    if device_type in {"noise_meter", "water_level"}:
+        return models.MODEL_CLASSES[device_type](device_id=device_id, seed=seed)
+    if device_type == "satisfaction_terminal":
+        params = SatisfactionParams(hours=HALL_HOURS, counter=3)
+        return SatisfactionTerminalModel(device_id=device_id, seed=seed, params=params)
     return ConferenceEndpointModel(device_id=device_id, seed=seed)
 
 
@@ -356,3 +365,64 @@ def test_hall_params_are_used() -> None:
         device_id="kiosk-test-01", seed=1, params=KioskParams(hours=HALL_HOURS, hall=quiet)
     )
     assert all(r["tickets_issued"] == 0 for r in run_kiosk(model, local_ms(2025, 3, 3, 8), hours=9))
+
+
+# --- the types defined as catalog data only -------------------------------------------
+
+
+def test_noise_meter_reads_loud_rush_hours_and_quiet_nights() -> None:
+    model = NoiseMeterModel(device_id="noise-test-01", seed=3)
+    rush = [
+        model.step(t)["laeq"]
+        for t in range(local_ms(2025, 3, 5, 8), local_ms(2025, 3, 5, 9), 60_000)
+    ]
+    night = [
+        model.step(t)["laeq"]
+        for t in range(local_ms(2025, 3, 6, 3), local_ms(2025, 3, 6, 4), 60_000)
+    ]
+    assert sum(night) / len(night) < sum(rush) / len(rush) - 10.0
+    assert all(round(x, 1) == x for x in rush)  # 0.1 dB resolution
+
+
+def test_water_level_reads_zero_on_a_dry_day_and_the_flood_in_a_storm() -> None:
+    model = WaterLevelModel(device_id="water-test-01", seed=2)
+    t = local_ms(2025, 7, 10, 14)
+    model.step(t)
+    model.flood = signals.FloodState(raining=True, intensity_mm_h=35.0, depth_cm=0.0)
+    model.params = models.WaterLevelParams(
+        flood=signals.FloodParams(mean_rain_s=1e12), no_echo_share=0.0
+    )
+    first = model.step(t + 1000)
+    first_battery_pct = model.battery_pct
+    assert first["water_depth"] == 0.0
+    readings = [model.step(t + i * 60_000) for i in range(1, 91)]
+    assert readings[-1]["water_depth"] > 15.0
+    assert all(r["sensor_status"] == models.SENSOR_OK for r in readings)
+    assert model.battery_pct < first_battery_pct  # 0.14 % a day, below the 0.1 % shown
+
+
+def test_water_level_without_an_echo_leaves_the_depth_out() -> None:
+    params = models.WaterLevelParams(flood=signals.FloodParams(mean_rain_s=1e12), no_echo_share=1.0)
+    model = WaterLevelModel(device_id="water-test-02", seed=2, params=params)
+    model.flood = signals.FloodState(raining=True, intensity_mm_h=60.0, depth_cm=30.0)
+    reading = model.step(local_ms(2025, 7, 10, 14))
+    assert reading["sensor_status"] == models.SENSOR_NO_ECHO
+    assert "water_depth" not in reading
+
+
+def test_satisfaction_terminal_rates_in_opening_hours_only() -> None:
+    params = SatisfactionParams(hours=HALL_HOURS, counter=4)
+    model = SatisfactionTerminalModel(device_id="rating-test-01", seed=6, params=params)
+    week = range(local_ms(2025, 3, 3), local_ms(2025, 3, 10), 5_000)
+    rated = []
+    for t in week:
+        reading = model.step(t)
+        assert reading["counter"] == 4  # every reading names its counter
+        if "rating" in reading:
+            rated.append((t, reading["rating"]))
+    assert all(HALL_HOURS.is_open(t) for t, _ in rated)
+    # ~10 citizens an hour at a counter around the peak, two in three rate.
+    assert 100 < len(rated) < 400
+    codes = [code for _, code in rated]
+    assert codes.count(2) < 0.15 * len(codes)
+    assert model.ratings == [codes.count(c) for c in range(3)]

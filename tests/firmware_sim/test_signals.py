@@ -461,3 +461,125 @@ def test_conference_endpoint_behaviour() -> None:
     assert not meetings_at_night
     offline = [v for _, s, v in run if not s.online]
     assert all(v["online"] == 0 and v["packet_loss"] == 0 for v in offline)
+
+
+# --- street noise ---------------------------------------------------------------------
+
+
+def mean_laeq(hour: int, day: int = 5) -> float:
+    """Energy mean of an hour's 1 s LAeq on 2025-03-{day} (the 5th is a Wednesday)."""
+    rng = np.random.default_rng(4)
+    start = local_ms(2025, 3, day, hour)
+    levels = [
+        signals.noise_levels(t, 1.0, signals.NoiseParams(), rng)["laeq"]
+        for t in range(start, start + HOUR_MS, 10_000)
+    ]
+    return 10.0 * math.log10(sum(10.0 ** (x / 10.0) for x in levels) / len(levels))
+
+
+def test_noise_follows_traffic_loud_rush_hours_and_quiet_nights() -> None:
+    rush, midday, night = mean_laeq(8), mean_laeq(13), mean_laeq(3)
+    assert 74.0 < rush < 80.0  # a busy Hanoi road, above QCVN 26's 70 dBA
+    assert night < rush - 10.0
+    assert 58.0 < night < 68.0
+    assert night < midday < rush + 0.5
+    assert mean_laeq(8, day=9) < rush  # Sunday morning
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    now_ms=st.integers(min_value=1_600_000_000_000, max_value=1_900_000_000_000),
+    dt_s=st.floats(min_value=0.0, max_value=3600.0),
+    seed=st.integers(min_value=0, max_value=2**32),
+)
+def test_noise_levels_are_ordered(now_ms: int, dt_s: float, seed: int) -> None:
+    levels = signals.noise_levels(now_ms, dt_s, signals.NoiseParams(), np.random.default_rng(seed))
+    assert levels["la90"] < levels["laeq"] < levels["lamax"]
+
+
+def test_horns_set_lamax_at_the_rush_hour() -> None:
+    rng = np.random.default_rng(8)
+    start = local_ms(2025, 3, 5, 8)
+    lamax = [
+        signals.noise_levels(t, 60.0, signals.NoiseParams(), rng)["lamax"]
+        for t in range(start, start + HOUR_MS, 60_000)
+    ]
+    assert sum(x >= 85.0 for x in lamax) > 40  # most minutes have a horn
+
+
+# --- street flooding ------------------------------------------------------------------
+
+
+def run_flood(year: int, month: int, days: int, seed: int) -> list[signals.FloodState]:
+    rng = np.random.default_rng(seed)
+    state = signals.FloodState()
+    out = []
+    start = local_ms(year, month, 1)
+    for t in range(start, start + days * DAY_MS, 60_000):
+        state = signals.step_flood(state, t, 60.0, params=signals.FloodParams(), rng=rng)
+        out.append(state)
+    return out
+
+
+def test_water_is_mostly_zero_with_floods_in_the_rainy_season() -> None:
+    summer = [s.depth_cm for seed in range(4) for s in run_flood(2025, 7, 31, seed)]
+    winter = [s.depth_cm for seed in range(4) for s in run_flood(2025, 1, 31, seed)]
+    dry_share = sum(d < 0.5 for d in summer) / len(summer)
+    assert dry_share > 0.85  # mostly a dry (or merely wet) road
+    assert max(summer) > 20.0  # but storms flood the street
+    assert max(summer) < 300.0
+    assert max(winter) < 5.0  # winter drizzle does not beat the drains
+
+
+def test_a_flood_rises_in_the_rain_and_drains_over_hours() -> None:
+    rng = np.random.default_rng(0)
+    params = signals.FloodParams(mean_rain_s=1e12)  # the storm does not stop by chance
+    state = signals.FloodState(raining=True, intensity_mm_h=50.0)
+    t = local_ms(2025, 7, 10, 15)
+    for _ in range(60):  # an hour of 50 mm/h
+        state = signals.step_flood(state, t, 60.0, params=params, rng=rng)
+        t += 60_000
+    # 30 mm/h beyond the drains for an hour: ~26 cm with draining meanwhile.
+    assert 20.0 < state.depth_cm < 30.0
+    peak = state.depth_cm
+    state = state._replace(raining=False, intensity_mm_h=0.0)
+    drained = signals.FloodParams()
+    for _ in range(120):  # two hours after the rain
+        state = signals.step_flood(state, t, 60.0, params=drained, rng=rng)
+        t += 60_000
+        if state.raining:  # a new storm by chance: start again from dry
+            break
+    else:
+        assert 0.25 * peak < state.depth_cm < 0.5 * peak  # exp(-1) of it after one tau
+
+
+def test_flood_step_is_exact_for_any_step_length() -> None:
+    params = signals.FloodParams(mean_rain_s=1e12)
+    t = local_ms(2025, 7, 10, 15)
+    one = signals.FloodState(raining=True, intensity_mm_h=40.0)
+    sixty = one
+    rng = np.random.default_rng(1)
+    one = signals.step_flood(one, t, 3600.0, params=params, rng=rng)
+    for i in range(60):
+        sixty = signals.step_flood(sixty, t + i * 60_000, 60.0, params=params, rng=rng)
+    assert one.depth_cm == pytest.approx(sixty.depth_cm, rel=1e-9)
+
+
+# --- satisfaction ratings -------------------------------------------------------------
+
+
+def test_ratings_are_mostly_satisfied() -> None:
+    rng = np.random.default_rng(5)
+    # 360 citizens an hour, one-second steps: 0.1 served a step, of whom
+    # about two in three rate (P(at least one) = 1 - exp(-0.065) = 0.063).
+    ratings = [signals.draw_rating(360.0, 1.0, rng) for _ in range(20_000)]
+    rated = [r for r in ratings if r is not None]
+    assert 0.055 < len(rated) / len(ratings) < 0.071
+    shares = [rated.count(code) / len(rated) for code in range(3)]
+    assert shares[0] + shares[1] > 0.9
+    assert 0.03 < shares[2] < 0.12
+
+
+def test_no_ratings_without_citizens() -> None:
+    rng = np.random.default_rng(5)
+    assert {signals.draw_rating(0.0, 60.0, rng) for _ in range(100)} == {None}

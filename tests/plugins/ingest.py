@@ -73,13 +73,13 @@ def seed_registry(
 # --- batches and the ledger ---------------------------------------------------------
 
 
-def value_for(kind: MetricKind, hi: float, seq: int, index: int) -> float:
-    """A valid value for a metric, exact in float32 (multiples of 1/4), varying with seq."""
+def value_for(kind: MetricKind, lo: float, hi: float, seq: int, index: int) -> float:
+    """A valid value in [lo, hi], exact in float32 (multiples of 1/4), varying with seq."""
     if kind is MetricKind.BOOL:
         return float((seq + index) % 2)
     if kind in (MetricKind.INT, MetricKind.ENUM):
-        return float((seq * 7 + index) % (int(hi) + 1))
-    return ((seq * 13 + index * 5) % int(min(hi, 100) * 4)) / 4
+        return lo + float((seq * 7 + index) % (int(hi - lo) + 1))
+    return lo + ((seq * 13 + index * 5) % int(min(hi - lo, 100) * 4)) / 4
 
 
 def stored_value(kind: MetricKind, value: float | None) -> object:
@@ -151,7 +151,7 @@ def make_batch(
                     value = (
                         None
                         if m_index == 0 and seq % 3 == 2
-                        else value_for(metric.kind, metric.max, seq, m_index)
+                        else value_for(metric.kind, metric.min, metric.max, seq, m_index)
                     )
                     columns[metric.name].append(value)
                     values[metric.name] = value
