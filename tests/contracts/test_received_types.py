@@ -32,11 +32,11 @@ from contracts.messages import (
 NOW_MS = 1_767_225_600_000
 
 WATER_LEVEL_TOML = """
-[types.water_level]
+[types.river_gauge]
 description = "Water level under a low-lying street"
 transports = ["mqtt"]
 
-[[types.water_level.metrics]]
+[[types.river_gauge.metrics]]
 name = "level_cm"
 unit = "cm"
 kind = "float"
@@ -44,7 +44,7 @@ min = 0
 max = 500
 description = "Water above the road surface"
 
-[[types.water_level.metrics]]
+[[types.river_gauge.metrics]]
 name = "battery_pct"
 unit = "%"
 kind = "int"
@@ -53,7 +53,7 @@ max = 100
 description = "Battery charge"
 """
 
-WATER_LEVEL = load_catalog([("water.toml", WATER_LEVEL_TOML)]).types["water_level"]
+WATER_LEVEL = load_catalog([("water.toml", WATER_LEVEL_TOML)]).types["river_gauge"]
 
 
 @pytest.fixture
@@ -67,8 +67,8 @@ def test_a_new_type_is_added_and_a_known_one_is_no_change():
         SHIPPED_CATALOG, [WATER_LEVEL, SHIPPED_CATALOG.types["kiosk"]], source="config v3"
     )
     assert refused == {}
-    assert merged.types["water_level"] == WATER_LEVEL
-    assert list(merged.types) == [*SHIPPED_CATALOG.types, "water_level"]
+    assert merged.types["river_gauge"] == WATER_LEVEL
+    assert list(merged.types) == [*SHIPPED_CATALOG.types, "river_gauge"]
     assert merged.sources[-1] == "config v3"
     # Only what is already known: the very same catalog comes back.
     again, refused = merge_types(merged, [WATER_LEVEL], source="config v4")
@@ -107,7 +107,7 @@ def test_an_entry_contradicting_a_shipped_metric_is_refused(change, key):
     assert (error.source, error.type_name, error.key) == ("config v3", "air_quality", key)
     # The shipped entry stays; the other received type is still taken.
     assert merged.types["air_quality"] is shipped
-    assert "water_level" in merged.types
+    assert "river_gauge" in merged.types
 
 
 def test_a_serial_protocol_without_gateway_code_and_a_bad_name_are_refused():
@@ -136,7 +136,7 @@ def test_an_entry_round_trips_as_json_and_garbage_names_its_source():
 
 
 def test_a_config_carries_its_types_and_old_configs_still_decode():
-    device = DeviceConfig(device_id="wl-001", device_type="water_level", transport="mqtt")
+    device = DeviceConfig(device_id="wl-001", device_type="river_gauge", transport="mqtt")
     config = GatewayConfig(
         gateway_id="gw-1", version=3, site_id="s-1", devices=[device], types=(WATER_LEVEL,)
     )
@@ -171,20 +171,20 @@ def test_the_uplink_fast_path_follows_the_installed_catalog(restore_catalog):
 
     uplink = b'{"seq": 1, "ts": %d, "m": {"level_cm": 12.5, "battery_pct": 90}}' % NOW_MS
     with pytest.raises(UnknownDeviceTypeError):
-        decode_device_uplink(uplink, device_type="water_level", now_ms=NOW_MS)
+        decode_device_uplink(uplink, device_type="river_gauge", now_ms=NOW_MS)
     merged, _ = merge_types(current_catalog(), [WATER_LEVEL], source="config v3")
     use_catalog(merged)
-    assert "water_level" in DEVICE_TYPES
-    assert messages._METRIC_BOUNDS["water_level"] == {
+    assert "river_gauge" in DEVICE_TYPES
+    assert messages._METRIC_BOUNDS["river_gauge"] == {
         "level_cm": (0, 500, False),
         "battery_pct": (0, 100, True),
     }
     # Accepted by the fast path itself, not only by the detailed one.
-    fast = messages._accept_uplink(uplink, "water_level", NOW_MS, 4096, 10**9, 10**9)
+    fast = messages._accept_uplink(uplink, "river_gauge", NOW_MS, 4096, 10**9, 10**9)
     assert fast is not None
     assert fast.metrics == {"level_cm": 12.5, "battery_pct": 90}
     use_catalog(SHIPPED_CATALOG)
-    assert "water_level" not in messages._METRIC_BOUNDS
+    assert "river_gauge" not in messages._METRIC_BOUNDS
 
 
 def test_a_follower_sees_the_installed_catalog_now_and_after_each_install(restore_catalog):
@@ -192,6 +192,6 @@ def test_a_follower_sees_the_installed_catalog_now_and_after_each_install(restor
     follow_catalog(lambda installed: seen.append(tuple(installed.types)))
     try:
         use_catalog(merge_types(SHIPPED_CATALOG, [WATER_LEVEL], source="x")[0])
-        assert seen == [tuple(SHIPPED_CATALOG.types), (*SHIPPED_CATALOG.types, "water_level")]
+        assert seen == [tuple(SHIPPED_CATALOG.types), (*SHIPPED_CATALOG.types, "river_gauge")]
     finally:
         catalog._followers.pop()

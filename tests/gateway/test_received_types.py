@@ -30,7 +30,7 @@ from tests.plugins.gateway import (
 
 pytestmark = pytest.mark.slow
 
-WATER_LEVEL = load_catalog([("water.toml", WATER_LEVEL_TOML)]).types["water_level"]
+WATER_LEVEL = load_catalog([("water.toml", WATER_LEVEL_TOML)]).types["river_gauge"]
 
 
 @pytest.fixture
@@ -53,10 +53,10 @@ def test_a_type_received_with_the_config_is_served_live(
     mqtt_server, tmp_path, ids, restore_catalog, caplog
 ):
     gateway_id, prefix = ids
-    level = DeviceConfig(device_id=f"{prefix}-wl-001", device_type="water_level", transport="mqtt")
+    level = DeviceConfig(device_id=f"{prefix}-wl-001", device_type="river_gauge", transport="mqtt")
     air = DeviceConfig(device_id=f"{prefix}-aq-001", device_type="air_quality", transport="mqtt")
     kiosk = DeviceConfig(device_id=f"{prefix}-k-001", device_type="kiosk", transport="mqtt")
-    assert "water_level" not in DEVICE_TYPES
+    assert "river_gauge" not in DEVICE_TYPES
     config = GatewayConfig(
         gateway_id=gateway_id,
         version=5,
@@ -80,7 +80,7 @@ def test_a_type_received_with_the_config_is_served_live(
         wait_for(lambda: gw.config is not None and gw.config.version == 5, 10, "config v5")
         # The new type is installed; the contradicting entry is refused and
         # its device left out, the shipped air_quality kept as it was.
-        assert DEVICE_TYPES["water_level"] == WATER_LEVEL
+        assert DEVICE_TYPES["river_gauge"] == WATER_LEVEL
         assert DEVICE_TYPES["air_quality"] == SHIPPED_CATALOG.types["air_quality"]
         assert set(gw.devices) == {level.device_id, kiosk.device_id}
         assert "device type air_quality refused, its 1 devices left out" in caplog.text
@@ -111,5 +111,5 @@ def test_a_type_received_with_the_config_is_served_live(
     )
     assert saved is not None
     assert set(restarted.devices) == {level.device_id, kiosk.device_id}
-    assert DEVICE_TYPES["water_level"] == WATER_LEVEL
+    assert DEVICE_TYPES["river_gauge"] == WATER_LEVEL
     restarted.outbox.close()

@@ -72,15 +72,15 @@ def test_a_type_migrated_after_start_is_learnt_and_an_undefined_one_stays_a_reje
             database.migrate(
                 db_conn, schema=migrated, storage=StorageSettings(), catalog=extended.types
             )
-            seed_registry(db_conn, migrated, {gw: [(gauge, "water_level"), (rogue, "kiosk")]})
-            assert "water_level" not in DEVICE_TYPES
+            seed_registry(db_conn, migrated, {gw: [(gauge, "river_gauge"), (rogue, "kiosk")]})
+            assert "river_gauge" not in DEVICE_TYPES
 
-            first = one_reading(gw, 1, gauge, "water_level", {"level_cm": 31.5, "battery_pct": 90})
+            first = one_reading(gw, 1, gauge, "river_gauge", {"level_cm": 31.5, "battery_pct": 90})
             player.send(first)
             wait_for(lambda: first.batch_id in player.acked, 20, "the water level batch acked")
-            assert DEVICE_TYPES["water_level"] == extended.types["water_level"]
+            assert DEVICE_TYPES["river_gauge"] == extended.types["river_gauge"]
             stored = db_conn.execute(
-                f"SELECT device_id, level_cm, battery_pct FROM {migrated}.readings_water_level"
+                f"SELECT device_id, level_cm, battery_pct FROM {migrated}.readings_river_gauge"
             ).fetchall()
             assert stored == [(gauge, 31.5, 90)]
 
