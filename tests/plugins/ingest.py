@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -376,6 +377,29 @@ def start_ingest_process(config: Path, log: Path, *extra: str) -> subprocess.Pop
             stderr=subprocess.STDOUT,
             env={k: v for k, v in os.environ.items() if not k.startswith("CITYHUB_")},
         )
+
+
+@contextmanager
+def ingest_subscribed(
+    workdir: Path, *, server: MosquittoServer, db_url: str, schema: str, prefix: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m ingest` on ``schema``, yielded once it has subscribed; SIGTERM at the end."""
+    config = write_config(
+        workdir / "ingest.toml",
+        server=server,
+        db_url=db_url,
+        schema=schema,
+        settings=ingest_settings(prefix),
+    )
+    log = workdir / "ingest.log"
+    proc = start_ingest_process(config, log)
+    try:
+        wait_for(lambda: "subscribed to" in log.read_text(), 20, "ingest subscribed")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
 
 
 def cpu_seconds(pid: int) -> float:

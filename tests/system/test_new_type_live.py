@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import uuid
@@ -24,7 +23,7 @@ from contracts.catalog import DEVICE_TYPES, SHIPPED_CATALOG, use_catalog
 from contracts.schema import readings_table
 from devices.bundle import decode_bundle
 from tests.plugins.gateway import gateway_in_thread, gateway_settings, wait_for
-from tests.plugins.ingest import ingest_settings, start_ingest_process, write_config
+from tests.plugins.ingest import ingest_subscribed
 from tests.system.test_vendor_device import DOC, _broker, doc_blocks, run_example
 
 pytestmark = [
@@ -88,17 +87,10 @@ def test_a_new_type_from_a_file_is_stored_without_a_restart(
         env=env,
     )  # fmt: skip
     gw = decode_bundle((bundles / f"gateway-{gateway_id}.json").read_bytes())
-    ingest_config = write_config(
-        tmp_path / "ingest.toml",
-        server=mqtt_server,
-        db_url=db_url,
-        schema=seeded,
-        settings=ingest_settings(topic_prefix),
-    )
     log = tmp_path / "ingest.log"
-    ingest = start_ingest_process(ingest_config, log)
-    try:
-        wait_for(lambda: "subscribed to" in log.read_text(), 20, "ingest subscribed")
+    with ingest_subscribed(
+        tmp_path, server=mqtt_server, db_url=db_url, schema=seeded, prefix=topic_prefix
+    ) as ingest:
         with gateway_in_thread(
             settings=gateway_settings(gateway_id, topic_prefix, site_id=SITE),
             central=_broker(gw.central),
@@ -153,7 +145,3 @@ def test_a_new_type_from_a_file_is_stored_without_a_restart(
             (gauge_id, gateway_id),
         ).fetchone()[0]
         assert rejects == 0
-    finally:
-        if ingest.poll() is None:
-            ingest.send_signal(signal.SIGTERM)
-            ingest.wait(30)

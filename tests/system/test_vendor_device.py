@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-import signal
 import subprocess
 import uuid
 from pathlib import Path
@@ -29,7 +28,7 @@ from contracts.schema import readings_table
 from contracts.settings import BrokerSettings
 from devices.bundle import decode_bundle
 from tests.plugins.gateway import gateway_in_thread, gateway_settings, wait_for
-from tests.plugins.ingest import ingest_settings, start_ingest_process, write_config
+from tests.plugins.ingest import ingest_subscribed
 
 pytestmark = [
     pytest.mark.slow,
@@ -100,17 +99,9 @@ def test_a_device_built_from_the_docs_is_stored(
     tag = uuid.uuid4().hex[:6]
     gateway_id = f"gw-{tag}"
     gw = decode_bundle(provisioner.add_gateway(gateway_id, site_id=SITE).files.json.read_bytes())
-    ingest_config = write_config(
-        tmp_path / "ingest.toml",
-        server=mqtt_server,
-        db_url=db_url,
-        schema=seeded,
-        settings=ingest_settings(topic_prefix),
-    )
-    log = tmp_path / "ingest.log"
-    ingest = start_ingest_process(ingest_config, log)
-    try:
-        wait_for(lambda: "subscribed to" in log.read_text(), 20, "ingest subscribed")
+    with ingest_subscribed(
+        tmp_path, server=mqtt_server, db_url=db_url, schema=seeded, prefix=topic_prefix
+    ):
         with gateway_in_thread(
             settings=gateway_settings(gateway_id, topic_prefix, site_id=SITE),
             central=_broker(gw.central),
@@ -181,7 +172,3 @@ def test_a_device_built_from_the_docs_is_stored(
         kiosk_rows = rows(db_conn, seeded, "kiosk", kiosk_id)
         assert kiosk_rows[2]["queue_length"] == 7
         assert [k for k, v in kiosk_rows[2].items() if v is not None] == ["queue_length"]
-    finally:
-        if ingest.poll() is None:
-            ingest.send_signal(signal.SIGTERM)
-            ingest.wait(30)
