@@ -206,7 +206,7 @@ class AlertStore:
         """Active devices by type, ordered by id, with their site and the site's district."""
         with self._db.session("devices") as conn:
             rows = conn.execute(
-                f"""SELECT d.device_type, d.device_id, d.site_id, s.district
+                f"""SELECT d.device_type, d.device_id, d.site_id, coalesce(s.district, '')
                 FROM {self.schema}.devices d JOIN {self.schema}.sites s USING (site_id)
                 WHERE d.status = 'active' ORDER BY d.device_type, d.device_id"""
             ).fetchall()

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from importlib import resources
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
@@ -31,9 +31,8 @@ from adapters.database import connect as connect_database
 from contracts.catalog import DEVICE_TYPES, DeviceType, encode_device_type
 from contracts.errors import MigrationError, SchemaError
 from contracts.evolve import Policy, SchemaState, Step, notes, plan, policies
-from contracts.ids import check_id
+from contracts.geography import UNITS
 from contracts.schema import (
-    SITE_KINDS,
     Edition,
     Migration,
     check_schema_name,
@@ -41,6 +40,7 @@ from contracts.schema import (
     parse_retention,
 )
 from contracts.settings import StorageSettings
+from contracts.sites import Site, site_from_fields
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +156,7 @@ def _migrate_locked(
         for step in steps:
             _apply_step(conn, s, step)
         _sync_catalog(conn, s, catalog)
+        _sync_units(conn, s)
     finally:
         conn.execute(_UNLOCK_SQL, (s,))
     return MigrationReport(
@@ -335,6 +336,16 @@ def _sync_catalog(conn: Connection[Any], s: str, catalog: Mapping[str, DeviceTyp
         )
 
 
+def _sync_units(conn: Connection[Any], s: str) -> None:
+    """Make admin_units hold Hanoi's wards and communes (``contracts.geography``)."""
+    with conn.transaction(), conn.cursor() as cur:
+        cur.executemany(
+            f"""INSERT INTO {s}.admin_units (unit_code, name, kind) VALUES (%s, %s, %s)
+                ON CONFLICT (unit_code) DO UPDATE SET name = EXCLUDED.name, kind = EXCLUDED.kind""",
+            [(u.code, u.name, u.kind) for u in UNITS],
+        )
+
+
 def applied_versions(conn: Connection[Any], *, schema: str) -> list[tuple[int, str, datetime]]:
     s = check_schema_name(schema)
     with database_errors("reading the applied migrations", schema=s):
@@ -347,10 +358,11 @@ def applied_versions(conn: Connection[Any], *, schema: str) -> list[tuple[int, s
     return [(int(v), str(n), at) for v, n, at in rows]
 
 
-class Site(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class _SeedSite(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     id: str
     name: str
-    district: str
+    ward: str
+    former_district: str
     kind: str
     address: str
     latitude: float
@@ -359,18 +371,40 @@ class Site(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
 
 
 class _SiteFile(msgspec.Struct, frozen=True):
-    site: list[Site]
+    site: list[_SeedSite]
 
 
 def load_hanoi_sites() -> list[Site]:
     """The shipped seed: real Hanoi service halls, ward offices and monitoring points."""
+    source = "cityhub/data/hanoi_sites.toml"
     text = resources.files("cityhub").joinpath("data/hanoi_sites.toml").read_text("utf-8")
-    sites = msgspec.convert(tomllib.loads(text), _SiteFile).site
-    for site in sites:
-        check_id(site.id, "site id")
-        if site.kind not in SITE_KINDS:
-            raise SchemaError(f"seed site {site.id}: unknown kind {site.kind!r}")
-    return sites
+    seeds = msgspec.convert(tomllib.loads(text), _SiteFile).site
+    return [
+        site_from_fields(
+            {**msgspec.structs.asdict(seed), "site_id": seed.id}, source=source, row=index
+        )
+        for index, seed in enumerate(seeds, start=1)
+    ]
+
+
+_SITE_COLUMNS: Final = (
+    "site_id, name, kind, unit_code, district, address, latitude, longitude, opening_hours"
+)
+
+
+def site_values(site: Site) -> tuple[object, ...]:
+    """A site's values in the order of ``_SITE_COLUMNS``."""
+    return (
+        site.site_id,
+        site.name,
+        site.kind,
+        site.unit_code,
+        site.former_district,
+        site.address,
+        site.latitude,
+        site.longitude,
+        site.opening_hours,
+    )
 
 
 def seed_sites(conn: Connection[Any], *, schema: str, sites: list[Site]) -> int:
@@ -378,27 +412,14 @@ def seed_sites(conn: Connection[Any], *, schema: str, sites: list[Site]) -> int:
     s = check_schema_name(schema)
     with database_errors("seeding sites", schema=s), conn.transaction(), conn.cursor() as cur:
         cur.executemany(
-            f"""INSERT INTO {s}.sites (site_id, name, district, kind, address,
-                    latitude, longitude, opening_hours)
-                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+            f"""INSERT INTO {s}.sites ({_SITE_COLUMNS})
+                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
                     ON CONFLICT (site_id) DO UPDATE SET name = EXCLUDED.name,
-                    district = EXCLUDED.district, kind = EXCLUDED.kind,
-                    address = EXCLUDED.address, latitude = EXCLUDED.latitude,
-                    longitude = EXCLUDED.longitude, opening_hours = EXCLUDED.opening_hours,
-                    updated_at = now()""",
-            [
-                (
-                    x.id,
-                    x.name,
-                    x.district,
-                    x.kind,
-                    x.address,
-                    x.latitude,
-                    x.longitude,
-                    x.opening_hours,
-                )
-                for x in sites
-            ],
+                    kind = EXCLUDED.kind, unit_code = EXCLUDED.unit_code,
+                    district = EXCLUDED.district, address = EXCLUDED.address,
+                    latitude = EXCLUDED.latitude, longitude = EXCLUDED.longitude,
+                    opening_hours = EXCLUDED.opening_hours, updated_at = now()""",
+            [site_values(x) for x in sites],
         )
     return len(sites)
 

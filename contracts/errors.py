@@ -32,6 +32,8 @@ move on) versus *unavailable* (retryable: back off and try again).
      |         +-- NotFoundError       unknown site, gateway or device
      |         +-- AlreadyExistsError  the id is taken (also by a revoked device)
      |         +-- ConflictError       contradicts the registry (revoked, other site, ...)
+     |         +-- GeographyError      no such ward/commune or former district of Hanoi
+     |         +-- SiteFileError       a site import file is malformed (names the file and row)
      +-- UnavailableError              retryable: a dependency does not answer
      |    +-- BrokerUnavailableError
      |    +-- DatabaseUnavailableError
@@ -204,6 +206,25 @@ class AlreadyExistsError(ProvisioningError):
 
 class ConflictError(ProvisioningError):
     reason = "conflict"
+
+
+class GeographyError(ProvisioningError):
+    """A ward/commune or former district that is not Hanoi's (``contracts.geography``)."""
+
+    reason = "unknown_place"
+
+
+class SiteFileError(ProvisioningError):
+    """A site import file (CSV or GeoJSON) that cannot be read; names the file and the row."""
+
+    reason = "bad_file"
+
+    def __init__(self, source: str, row: int | None, problem: str) -> None:
+        where = source if row is None else f"{source}, row {row}"
+        super().__init__(f"{where}: {problem}")
+        self.source = source
+        self.row = row
+        self.problem = problem
 
 
 class BrokerControlError(HubError):

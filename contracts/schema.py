@@ -38,6 +38,7 @@ import msgspec
 from contracts.catalog import DEVICE_TYPES, DeviceType, MetricKind
 from contracts.errors import InvalidIdError
 from contracts.settings import StorageSettings
+from contracts.sites import SITE_KINDS
 
 SQL_TYPES: dict[MetricKind, str] = {
     # real (4 bytes, ~7 significant digits) is finer than any sensor here.
@@ -47,7 +48,6 @@ SQL_TYPES: dict[MetricKind, str] = {
     MetricKind.ENUM: "smallint",
 }
 
-SITE_KINDS = ("service_hall", "ward_office", "street_monitor")
 SEVERITIES = ("critical", "major", "minor", "warning")
 ALERT_STATES = ("active_unack", "active_ack", "cleared_unack", "cleared_ack")
 ID_CHECK = "~ '^[a-z0-9][a-z0-9-]{0,63}$'"
@@ -681,6 +681,29 @@ def _catalog_entries(s: str) -> tuple[str, ...]:
     return (f"ALTER TABLE {s}.device_types ADD COLUMN IF NOT EXISTS entry jsonb",)
 
 
+def _two_tier_geography(s: str) -> tuple[str, ...]:
+    """Sites in Hanoi's wards and communes since 1 July 2025 (``contracts.geography``).
+
+    ``admin_units`` lists the 126 commune-level units; ``cityhub db migrate``
+    fills it from the package data on every run (``cityhub.database``), so a
+    corrected list arrives with an upgrade. A site's ``unit_code`` is the unit
+    it is in now; ``district`` becomes the optional former district, kept for
+    history (NULL for a site added without one). Sites from before keep their
+    former district and have no unit until seeded again or edited.
+    """
+    return (
+        f"""CREATE TABLE IF NOT EXISTS {s}.admin_units (
+            unit_code text PRIMARY KEY CHECK (unit_code ~ '^[0-9]{{5}}$'),
+            name text NOT NULL UNIQUE,
+            kind text NOT NULL CHECK (kind IN ('ward', 'commune'))
+        )""",
+        f"""ALTER TABLE {s}.sites
+            ADD COLUMN IF NOT EXISTS unit_code text REFERENCES {s}.admin_units (unit_code)""",
+        f"ALTER TABLE {s}.sites ALTER COLUMN district DROP NOT NULL",
+        f"CREATE INDEX IF NOT EXISTS sites_unit_idx ON {s}.sites (unit_code)",
+    )
+
+
 def migrations(
     schema: str,
     edition: Edition,
@@ -732,5 +755,10 @@ def migrations(
         ),
         Migration(
             12, "device types: the whole catalog entry, for running services", _catalog_entries(s)
+        ),
+        Migration(
+            13,
+            "sites: current ward/commune (two-tier Hanoi since 2025-07), former district optional",
+            _two_tier_geography(s),
         ),
     ]
