@@ -689,7 +689,8 @@ def _two_tier_geography(s: str) -> tuple[str, ...]:
     corrected list arrives with an upgrade. A site's ``unit_code`` is the unit
     it is in now; ``district`` becomes the optional former district, kept for
     history (NULL for a site added without one). Sites from before keep their
-    former district and have no unit until seeded again or edited.
+    former district and have no unit until seeded again or imported with one.
+    The audit log learns the subject kind ``site``.
     """
     return (
         f"""CREATE TABLE IF NOT EXISTS {s}.admin_units (
@@ -701,6 +702,10 @@ def _two_tier_geography(s: str) -> tuple[str, ...]:
             ADD COLUMN IF NOT EXISTS unit_code text REFERENCES {s}.admin_units (unit_code)""",
         f"ALTER TABLE {s}.sites ALTER COLUMN district DROP NOT NULL",
         f"CREATE INDEX IF NOT EXISTS sites_unit_idx ON {s}.sites (unit_code)",
+        # `cityhub sites` audits its changes like the device commands.
+        f"""ALTER TABLE {s}.audit_log DROP CONSTRAINT IF EXISTS audit_log_subject_kind_check,
+            ADD CONSTRAINT audit_log_subject_kind_check
+            CHECK (subject_kind IN ('device', 'gateway', 'pki', 'site'))""",
     )
 
 

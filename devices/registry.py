@@ -21,9 +21,10 @@ import msgspec
 
 from adapters.database import Connection, Cursor, database_errors, dict_row
 from contracts.catalog import DEVICE_TYPES
-from contracts.errors import NotFoundError
+from contracts.errors import AlreadyExistsError, NotFoundError
 from contracts.messages import DeviceConfig, GatewayConfig
 from contracts.schema import check_schema_name
+from contracts.sites import Site
 
 Status = Literal["active", "revoked"]
 CredentialStatus = Literal["active", "disabled", "revoked"]
@@ -58,6 +59,23 @@ class DeviceRow(msgspec.Struct, frozen=True, kw_only=True):
     revoked_at: datetime | None
 
 
+class SiteRow(msgspec.Struct, frozen=True, kw_only=True):
+    """A site as stored, with its ward/commune's name and what is installed there."""
+
+    site: Site
+    ward: str  # the unit's name, '' when the site has none recorded
+    created_at: datetime
+    updated_at: datetime
+    gateways: int = 0
+    devices: int = 0  # active ones
+
+
+class ImportResult(msgspec.Struct, frozen=True, kw_only=True):
+    added: list[str]
+    updated: list[str]
+    unchanged: list[str]
+
+
 class CredentialRow(msgspec.Struct, frozen=True, kw_only=True):
     """A broker account as the registry knows it: never its secret, nor the secret's hash."""
 
@@ -89,6 +107,26 @@ _DEVICE_COLUMNS = (
     "device_id, device_type, site_id, gateway_id, transport, port, protocol, label, "
     "location, hardware_id, enabled, status, created_at, revoked_at"
 )
+_SITE_COLUMNS = (
+    "s.site_id, s.name, s.kind, s.unit_code, s.district, s.address, s.latitude, s.longitude,"
+    " s.opening_hours"
+)
+
+
+def _site(row: dict[str, Any]) -> Site:
+    return Site(
+        site_id=row["site_id"],
+        name=row["name"],
+        kind=row["kind"],
+        unit_code=row["unit_code"],
+        former_district=row["district"],
+        address=row["address"],
+        latitude=row["latitude"],
+        longitude=row["longitude"],
+        opening_hours=row["opening_hours"],
+    )
+
+
 _CREDENTIAL_COLUMNS = (
     "broker, username, owner_kind, owner_id, status, created_at, rotated_at, revoked_at"
 )
@@ -107,8 +145,44 @@ class RegistryTx:
         self.cur.execute(f"SELECT 1 FROM {self.s}.sites WHERE site_id = %s", (site_id,))
         if self.cur.fetchone() is None:
             raise NotFoundError(
-                f"site {site_id!r} is not registered (list them: `cityhub db seed` loads the"
-                " Hanoi sites)"
+                f"site {site_id!r} is not registered (`cityhub sites list` lists them,"
+                " `cityhub sites add` adds one)"
+            )
+
+    def sites(self, site_ids: list[str], *, lock: bool = False) -> dict[str, Site]:
+        """The stored sites among ``site_ids``, by id."""
+        self.cur.execute(
+            f"SELECT {_SITE_COLUMNS} FROM {self.s}.sites s WHERE s.site_id = ANY(%s)"
+            + (" FOR UPDATE" if lock else ""),
+            (site_ids,),
+        )
+        return {r["site_id"]: _site(r) for r in self.cur.fetchall()}
+
+    def write_site(self, site: Site, *, new: bool) -> None:
+        values = (
+            site.name,
+            site.kind,
+            site.unit_code,
+            site.former_district,
+            site.address,
+            site.latitude,
+            site.longitude,
+            site.opening_hours,
+            site.site_id,
+        )
+        if new:
+            self.cur.execute(
+                f"""INSERT INTO {self.s}.sites (name, kind, unit_code, district, address,
+                    latitude, longitude, opening_hours, site_id)
+                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)""",
+                values,
+            )
+        else:
+            self.cur.execute(
+                f"""UPDATE {self.s}.sites SET name = %s, kind = %s, unit_code = %s,
+                    district = %s, address = %s, latitude = %s, longitude = %s,
+                    opening_hours = %s, updated_at = now() WHERE site_id = %s""",
+                values,
             )
 
     def gateway(self, gateway_id: str, *, lock: bool = False) -> GatewayRow | None:
@@ -311,13 +385,86 @@ class Registry:
         ):
             yield RegistryTx(cur, self.schema)
 
-    def _query(self, sql: str, params: tuple[object, ...]) -> list[dict[str, Any]]:
+    def _query(
+        self, sql: str, params: tuple[object, ...] | dict[str, object]
+    ) -> list[dict[str, Any]]:
         with (
             database_errors("registry", schema=self.schema),
             self.conn.cursor(row_factory=dict_row) as cur,
         ):
             cur.execute(sql, params)
             return list(cur.fetchall())
+
+    def site_rows(
+        self, *, site_id: str | None = None, unit_code: str | None = None, kind: str | None = None
+    ) -> list[SiteRow]:
+        """Sites ordered by ward and id, with their numbers of gateways and active devices."""
+        rows = self._query(
+            f"""SELECT {_SITE_COLUMNS}, coalesce(u.name, '') AS ward, s.created_at, s.updated_at,
+                    (SELECT count(*) FROM {self.schema}.gateways g
+                        WHERE g.site_id = s.site_id AND g.status = 'active') AS gateways,
+                    (SELECT count(*) FROM {self.schema}.devices d
+                        WHERE d.site_id = s.site_id AND d.status = 'active') AS devices
+                FROM {self.schema}.sites s
+                LEFT JOIN {self.schema}.admin_units u USING (unit_code)
+                WHERE (%(site)s::text IS NULL OR s.site_id = %(site)s)
+                  AND (%(unit)s::text IS NULL OR s.unit_code = %(unit)s)
+                  AND (%(kind)s::text IS NULL OR s.kind = %(kind)s)
+                ORDER BY coalesce(u.name, ''), s.site_id""",
+            {"site": site_id, "unit": unit_code, "kind": kind},
+        )
+        return [
+            SiteRow(
+                site=_site(r),
+                ward=r["ward"],
+                created_at=r["created_at"],
+                updated_at=r["updated_at"],
+                gateways=r["gateways"],
+                devices=r["devices"],
+            )
+            for r in rows
+        ]
+
+    def store_sites(
+        self, sites: list[Site], *, operator: str, update: bool, action: str
+    ) -> ImportResult:
+        """Add ``sites`` (and change the stored ones if ``update``) in one transaction.
+
+        A site already stored with other values is refused, naming it, unless
+        ``update``; one stored with the same values is left alone. Each site
+        added or changed gets an audit row (``action``, the values before and
+        after). Either every site is stored or none is.
+        """
+        added: list[str] = []
+        updated: list[str] = []
+        unchanged: list[str] = []
+        with self.transaction() as tx:
+            stored = tx.sites([x.site_id for x in sites], lock=True)
+            for site in sites:
+                before = stored.get(site.site_id)
+                if before == site:
+                    unchanged.append(site.site_id)
+                    continue
+                if before is not None and not update:
+                    raise AlreadyExistsError(
+                        f"site {site.site_id!r} is already registered with other values"
+                        " (add --update to change it; `cityhub sites show` shows it)"
+                    )
+                tx.write_site(site, new=before is None)
+                (added if before is None else updated).append(site.site_id)
+                after: dict[str, Any] = msgspec.to_builtins(site)
+                detail = after
+                if before is not None:
+                    was: dict[str, Any] = msgspec.to_builtins(before)
+                    detail = {k: f"{was[k]} -> {v}" for k, v in after.items() if was[k] != v}
+                tx.audit(
+                    operator=operator,
+                    action=action,
+                    subject_kind="site",
+                    subject_id=site.site_id,
+                    detail=detail,
+                )
+        return ImportResult(added=added, updated=updated, unchanged=unchanged)
 
     def devices(
         self,

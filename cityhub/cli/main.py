@@ -26,6 +26,7 @@ from cityhub.cli import ingest as ingest_cli
 from cityhub.cli import pki as pki_cli
 from cityhub.cli import services as services_cli
 from cityhub.cli import sim as sim_cli
+from cityhub.cli import sites as sites_cli
 from cityhub.cli import soak as soak_cli
 from cityhub.cli import up as up_cli
 from cityhub.cli.context import CliState
@@ -47,6 +48,7 @@ app.add_typer(sim_cli.app, name="sim")
 app.add_typer(alerts_cli.app, name="alerts")
 app.command(name="up")(up_cli.up)
 app.command(name="soak")(soak_cli.soak)
+app.add_typer(sites_cli.app, name="sites")
 app.add_typer(devices_cli.app, name="devices")
 app.add_typer(gateways_cli.app, name="gateways")
 app.add_typer(pki_cli.app, name="pki")
