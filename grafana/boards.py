@@ -18,8 +18,16 @@ Conventions every query follows, so the SQL can be checked outside Grafana
 - time series queries return ``time`` first, then either numeric columns
   (wide) or ``metric`` text plus one numeric ``value`` (long);
 - the Geomap's queries return ``latitude`` and ``longitude``;
-- the template variables ``district``, ``site`` and ``device_type`` are
+- the template variables ``ward``, ``site`` and ``device_type`` are
   multi-value with "All" and are used as ``IN (${var:sqlstring})``.
+
+The location filter is the current ward or commune (``ward``: Hanoi's
+two-tier geography since 1 July 2025, ``contracts.geography``), its values
+unit codes, its texts unit names, listing only units that have a site. A
+site stored before the geography has no unit: it is listed under
+``UNASSIGNED_TEXT`` with the value ``UNASSIGNED_UNIT``, so "All" keeps it.
+The former district is history, not a filter: tables show it next to the
+ward ("Quận cũ (former district)"), and it may be NULL.
 
 "Online" means a reading newer than five minutes: every device type reports
 at least every minute, and the shortest no-data alert (kiosks) is 5 minutes.
@@ -56,6 +64,7 @@ from grafana.sqlquery import Sql, datasource_ref
 
 # The tables the boards read, checked against the schema's migrations on import.
 SITES: Final = tables.table("sites")
+ADMIN_UNITS: Final = tables.table("admin_units")
 DEVICES: Final = tables.table("devices")
 DEVICE_TYPES_TABLE: Final = tables.table("device_types")
 DEVICE_STATE: Final = tables.table("device_state")
@@ -112,8 +121,19 @@ ACTIVE_STATES: Final = "({})".format(
     ", ".join(f"'{state}'" for state in ALERT_STATES if state.startswith("active_"))
 )
 
+# The ward variable's value and text for sites with no unit: unit codes are
+# five digits (the admin_units check), so this value is never a unit's.
+UNASSIGNED_UNIT: Final = "none"
+UNASSIGNED_TEXT: Final = "(chưa gán / unassigned)"
+_UNIT_VALUE: Final = f"coalesce(s.unit_code, '{UNASSIGNED_UNIT}')"
+# The current ward/commune's name, on a sites alias `s` joined to admin_units `u`.
+WARD_NAME: Final = f"coalesce(u.name, '{UNASSIGNED_TEXT}')"
+_UNIT_JOIN: Final = f"LEFT JOIN {ADMIN_UNITS} u ON u.unit_code = s.unit_code"
+
 # Filters on a sites alias `s` and a devices alias `d`.
-SITE_FILTER: Final = "s.district IN (${district:sqlstring}) AND s.site_id IN (${site:sqlstring})"
+SITE_FILTER: Final = (
+    f"{_UNIT_VALUE} IN (${{ward:sqlstring}}) AND s.site_id IN (${{site:sqlstring}})"
+)
 TYPE_FILTER: Final = "d.device_type IN (${device_type:sqlstring})"
 
 Panel = cogbuilder.Builder[model.Panel]
@@ -126,7 +146,12 @@ def _variables(*, with_type: bool = True) -> list[board.QueryVariable]:
     ds = datasource_ref()
     everything = model.VariableOption(selected=True, text="All", value="$__all")
 
-    def variable(name: str, label: str, sql: str) -> board.QueryVariable:
+    def variable(
+        name: str,
+        label: str,
+        sql: str,
+        sort: model.VariableSort = model.VariableSort.ALPHABETICAL_CASE_INSENSITIVE_ASC,
+    ) -> board.QueryVariable:
         return (
             board.QueryVariable(name)
             .label(label)
@@ -136,16 +161,26 @@ def _variables(*, with_type: bool = True) -> list[board.QueryVariable]:
             .include_all(True)
             .current(everything)
             .refresh(model.VariableRefresh.ON_DASHBOARD_LOAD)
-            .sort(model.VariableSort.ALPHABETICAL_CASE_INSENSITIVE_ASC)
+            .sort(sort)
         )
 
     variables = [
-        variable("district", "Quận/Huyện (district)", f"SELECT DISTINCT district FROM {SITES}"),
+        # Units with a site, by name in the database's collation (Grafana's
+        # sort off, so it keeps that order), then the sites without a unit.
+        variable(
+            "ward",
+            "Phường/Xã (ward/commune)",
+            f"SELECT {WARD_NAME} AS __text, {_UNIT_VALUE} AS __value\n"
+            f"FROM {SITES} s\n{_UNIT_JOIN}\n"
+            "GROUP BY u.name, s.unit_code\n"
+            "ORDER BY s.unit_code IS NULL, u.name",
+            model.VariableSort.DISABLED,
+        ),
         variable(
             "site",
             "Điểm (site)",
-            f"SELECT name AS __text, site_id AS __value FROM {SITES} "
-            "WHERE district IN (${district:sqlstring})",
+            f"SELECT s.name AS __text, s.site_id AS __value FROM {SITES} s "
+            f"WHERE {_UNIT_VALUE} IN (${{ward:sqlstring}})",
         ),
     ]
     if with_type:
@@ -315,7 +350,8 @@ class _Built(cogbuilder.Builder[model.Panel]):
 
 # --- city overview -----------------------------------------------------------------
 
-_SITE_STATUS_SQL: Final = f"""SELECT s.site_id, s.name, s.district, s.kind,
+_SITE_STATUS_SQL: Final = f"""SELECT s.site_id, s.name, {WARD_NAME} AS ward,
+  s.district AS former_district, s.kind,
   s.latitude, s.longitude,
   count(d.device_id) AS devices,
   count(d.device_id) FILTER (WHERE ds.last_seen > now() - {ONLINE_WINDOW}) AS online,
@@ -327,6 +363,7 @@ _SITE_STATUS_SQL: Final = f"""SELECT s.site_id, s.name, s.district, s.kind,
     ELSE 0
   END AS status
 FROM {SITES} s
+{_UNIT_JOIN}
 LEFT JOIN {DEVICES} d ON d.site_id = s.site_id AND d.status = 'active' AND {TYPE_FILTER}
 LEFT JOIN {DEVICE_STATE} ds ON ds.device_id = d.device_id
 LEFT JOIN (
@@ -334,14 +371,15 @@ LEFT JOIN (
   WHERE state IN {ACTIVE_STATES} GROUP BY site_id
 ) a ON a.site_id = s.site_id
 WHERE {SITE_FILTER}
-GROUP BY s.site_id
+GROUP BY s.site_id, u.name
 ORDER BY status DESC, s.name"""
 
 _LATEST_AQI_SQL: Final = f"""SELECT DISTINCT ON (h.site_id)
-  h.ts AS "time", s.name, s.district, s.latitude, s.longitude,
-  h.vn_aqi, h.band, h.dominant
+  h.ts AS "time", s.name, {WARD_NAME} AS ward, s.district AS former_district,
+  s.latitude, s.longitude, h.vn_aqi, h.band, h.dominant
 FROM {AQI_HOURLY} h
 JOIN {SITES} s ON s.site_id = h.site_id
+{_UNIT_JOIN}
 WHERE $__timeFilter(h.ts) AND {SITE_FILTER}
 ORDER BY h.site_id, h.ts DESC"""
 
@@ -496,18 +534,20 @@ def _open_alerts(width: int = 8, height: int = 11) -> bargauge.Panel:
     )
 
 
-_ATTENTION_SQL: Final = f"""SELECT s.name AS "Điểm (site)", s.district AS "Quận (district)",
+_ATTENTION_SQL: Final = f"""SELECT s.name AS "Điểm (site)",
+  {WARD_NAME} AS "Phường/Xã (ward/commune)", s.district AS "Quận cũ (former district)",
   count(d.device_id) FILTER (WHERE ds.last_seen IS NULL OR ds.last_seen <= now() - {ONLINE_WINDOW})
     AS "Mất kết nối (offline)",
   (SELECT count(*) FROM {ALERTS} a WHERE a.site_id = s.site_id AND a.state IN {ACTIVE_STATES})
     AS "Cảnh báo (alerts)",
   max(ds.last_seen) AS "Lần cuối (last seen)"
 FROM {SITES} s
+{_UNIT_JOIN}
 JOIN {DEVICES} d ON d.site_id = s.site_id AND d.status = 'active' AND {TYPE_FILTER}
 LEFT JOIN {DEVICE_STATE} ds ON ds.device_id = d.device_id
 WHERE {SITE_FILTER}
-GROUP BY s.site_id
-ORDER BY 3 DESC, 4 DESC, s.name"""
+GROUP BY s.site_id, u.name
+ORDER BY 4 DESC, 5 DESC, s.name"""
 
 
 def city_overview() -> board.Dashboard:
@@ -863,7 +903,8 @@ def service_halls() -> board.Dashboard:
 _OFFLINE_COUNT_SQL: Final = _DEVICES_ONLINE_SQL
 
 _DEVICES_SQL: Final = f"""SELECT d.device_id AS "Thiết bị (device)", d.device_type AS "Loại (type)",
-  s.name AS "Điểm (site)", s.district AS "Quận (district)", d.gateway_id AS "Gateway",
+  s.name AS "Điểm (site)", {WARD_NAME} AS "Phường/Xã (ward/commune)",
+  s.district AS "Quận cũ (former district)", d.gateway_id AS "Gateway",
   ds.last_seen AS "Lần cuối (last seen)",
   extract(epoch FROM now() - ds.last_seen) AS "Im lặng (silent, s)",
   CASE
@@ -874,6 +915,7 @@ _DEVICES_SQL: Final = f"""SELECT d.device_id AS "Thiết bị (device)", d.devic
   ds.seq_gaps AS "Mất gói (seq gaps)"
 FROM {DEVICES} d
 JOIN {SITES} s ON s.site_id = d.site_id
+{_UNIT_JOIN}
 LEFT JOIN {DEVICE_STATE} ds ON ds.device_id = d.device_id
 WHERE d.status = 'active' AND {SITE_FILTER} AND {TYPE_FILTER}
 ORDER BY ds.last_seen ASC NULLS FIRST"""

@@ -99,7 +99,11 @@ def test_five_boards_in_vietnamese_in_hanoi_time() -> None:
         assert board["timezone"] == "Asia/Ho_Chi_Minh", name
         assert "·" in board["title"], name  # "Vietnamese · English"
         variables = {v["name"]: v for v in board["templating"]["list"]}
-        assert {"district", "site"} <= set(variables), name
+        assert [v["name"] for v in board["templating"]["list"]][:2] == ["ward", "site"], name
+        assert variables["ward"]["label"] == "Phường/Xã (ward/commune)"
+        assert variables["ward"]["sort"] == 0, name  # the query orders the names
+        assert "${ward:sqlstring}" in variables["site"]["query"], name  # sites follow the ward
+        assert "district" not in variables, name  # the former district is shown, not a filter
         for variable in variables.values():
             assert variable["multi"] is True
             assert variable["includeAll"] is True

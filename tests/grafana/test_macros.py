@@ -61,31 +61,33 @@ def test_bad_macros_raise(sql: str) -> None:
         expand_macros(sql, RANGE)
 
 
-DISTRICTS = Variable(name="district", values=("Ba Đình", "Hoàn Kiếm"), multi=True, include_all=True)
+# The boards' location variable: unit codes, and the value of sites with no unit.
+WARDS = Variable(name="ward", values=("00070", "none"), multi=True, include_all=True)
 ONE = Variable(name="site", values=("hk-hall-quan",))
-QUOTED = Variable(name="q", values=("O'Brien",), multi=True)
+QUOTED = Variable(name="q", values=("O'Brien", "Đống Đa"), multi=True)
 
 
 @pytest.mark.parametrize(
     ("sql", "expected"),
     [
-        ("IN ($district)", "IN ('Ba Đình','Hoàn Kiếm')"),
-        ("IN (${district})", "IN ('Ba Đình','Hoàn Kiếm')"),
-        ("IN (${district:sqlstring})", "IN ('Ba Đình','Hoàn Kiếm')"),
-        ("${district:csv}", "Ba Đình,Hoàn Kiếm"),
-        ("${district:pipe}", "Ba Đình|Hoàn Kiếm"),
-        ("${district:singlequote}", "'Ba Đình','Hoàn Kiếm'"),
-        ("[[district]]", "'Ba Đình','Hoàn Kiếm'"),
+        ("IN ($ward)", "IN ('00070','none')"),
+        ("IN (${ward})", "IN ('00070','none')"),
+        ("IN (${ward:sqlstring})", "IN ('00070','none')"),
+        ("${ward:csv}", "00070,none"),
+        ("${ward:pipe}", "00070|none"),
+        ("${ward:singlequote}", "'00070','none'"),
+        ("[[ward]]", "'00070','none'"),
         # A single-value variable is escaped but not quoted: the SQL quotes it.
         ("site_id = '$site'", "site_id = 'hk-hall-quan'"),
         ("${site:sqlstring}", "'hk-hall-quan'"),
-        ("IN ($q)", "IN ('O''Brien')"),
+        ("IN ($q)", "IN ('O''Brien','Đống Đa')"),
+        ("${q:csv}", "O'Brien,Đống Đa"),
         ("$unknown stays", "$unknown stays"),
         ("$__timeFilter(ts)", "$__timeFilter(ts)"),
     ],
 )
 def test_template_variables(sql: str, expected: str) -> None:
-    assert interpolate_variables(sql, [DISTRICTS, ONE, QUOTED]) == expected
+    assert interpolate_variables(sql, [WARDS, ONE, QUOTED]) == expected
 
 
 def test_builtins_then_macros_in_grafanas_order() -> None:

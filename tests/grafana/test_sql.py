@@ -4,7 +4,9 @@ One schema is filled once per session (tests/plugins/grafana.py: the simulated
 Hanoi fleet through ingest's writer, rollups, the alerts job) and every
 panel query of every board runs on it over the boards' default range (the
 last 6 hours), read-only, with the template variables at "All": it must
-return rows, and columns of the shape its panel type needs.
+return rows, and columns of the shape its panel type needs. A variable at
+"All" takes every value its own query returns on that database, as Grafana
+does, so a site added later (one without a ward, say) is in "All" too.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
+from cityhub.database import load_hanoi_sites
+from contracts.geography import UNITS
+from grafana.boards import UNASSIGNED_TEXT, UNASSIGNED_UNIT
 from grafana.macros import TimeRange, Variable, render_sql
 from grafana.render import board_files
 from grafana.sqlquery import POSTGRES_TYPE
@@ -127,13 +132,27 @@ def _all_values(conn: psycopg.Connection, name: str, variables: list[Variable], 
     return Variable(name=name, values=values, multi=True, include_all=True)
 
 
+# Every variable, in dashboard order: each one's query sees those before it.
+VARIABLE_ORDER = ("ward", "site", "device_type")
+HOAN_KIEM = next(u for u in UNITS if u.name == "Phường Hoàn Kiếm")
+
+
+def _variables_at_all(conn: psycopg.Connection, tr: TimeRange, **chosen: str) -> list[Variable]:
+    """Every variable at "All", except those in ``chosen`` (name -> one value)."""
+    variables: list[Variable] = []
+    for name in VARIABLE_ORDER:
+        if name in chosen:
+            variables.append(
+                Variable(name=name, values=(chosen[name],), multi=True, include_all=True)
+            )
+        else:
+            variables.append(_all_values(conn, name, variables, tr))
+    return variables
+
+
 @pytest.fixture
 def all_variables(conn, filled) -> list[Variable]:
-    tr = _time_range(filled.report)
-    variables: list[Variable] = []
-    for name in ("district", "site", "device_type"):
-        variables.append(_all_values(conn, name, variables, tr))
-    return variables
+    return _variables_at_all(conn, _time_range(filled.report))
 
 
 def test_the_fill_has_what_the_boards_show(filled: Filled) -> None:
@@ -152,9 +171,19 @@ def test_the_fill_has_what_the_boards_show(filled: Filled) -> None:
     assert counts["gateway_status"] == 30  # one row per gateway, each site's
 
 
-def test_variables_list_the_seeded_districts_sites_and_types(conn, all_variables) -> None:
+def test_variables_list_the_seeded_wards_sites_and_types(conn, filled, all_variables) -> None:
     by_name = {v.name: v for v in all_variables}
-    assert "Hoàn Kiếm" in by_name["district"].values
+    seeded = {site.unit_code for site in load_hanoi_sites()}
+    assert set(by_name["ward"].values) == seeded  # only units with a site, every site's unit
+    assert HOAN_KIEM.code in seeded
+    # Texts are the units' names, ordered by name (Grafana keeps the query's order).
+    _, rows = _run(conn, render_sql(VARIABLES["ward"], time_range=_time_range(filled.report)))
+    names = {u.code: u.name for u in UNITS}
+    assert [text for text, _ in rows] == [names[code] for _, code in rows]
+    ordered = conn.execute(
+        "SELECT name FROM admin_units WHERE unit_code = ANY(%s) ORDER BY name", (list(seeded),)
+    ).fetchall()
+    assert [text for text, _ in rows] == [name for (name,) in ordered]
     assert len(by_name["site"].values) == 30
     assert set(by_name["device_type"].values) >= {"air_quality", "kiosk", "camera_counter"}
 
@@ -195,16 +224,71 @@ def test_panel_query_returns_rows_of_its_shape(conn, filled, all_variables, quer
         assert times == sorted(times), f"{query}: time series rows must be in time order"
 
 
-def test_district_variable_filters_the_site_map(conn, filled, all_variables) -> None:
-    """One district selected: the map shows that district's sites only."""
-    site_map = next(q for q in PANEL_QUERIES if q.panel_type == "geomap" and q.ref_id == "A")
-    district = Variable(name="district", values=("Ba Đình",), multi=True, include_all=True)
-    variables = [district, *(v for v in all_variables if v.name != "district")]
-    sql = render_sql(site_map.sql, time_range=_time_range(filled.report), variables=variables)
-    columns, rows = _run(conn, sql)
+def _rows(conn, query: PanelQuery, tr: TimeRange, variables) -> list[dict[str, object]]:
+    columns, rows = _run(conn, render_sql(query.sql, time_range=tr, variables=variables))
     names = [n for n, _ in columns]
-    districts = {row[names.index("district")] for row in rows}
-    assert districts == {"Ba Đình"}
+    return [dict(zip(names, row, strict=True)) for row in rows]
+
+
+def test_ward_variable_filters_the_sites_and_their_panels(conn, filled) -> None:
+    """One ward selected: its sites only, in the site variable, the map and the tables."""
+    tr = _time_range(filled.report)
+    variables = _variables_at_all(conn, tr, ward=HOAN_KIEM.code)
+    mine = {s.site_id for s in load_hanoi_sites() if s.unit_code == HOAN_KIEM.code}
+    assert len(mine) > 1
+    site = next(v for v in variables if v.name == "site")
+    assert set(site.values) == mine  # the site variable follows the ward
+
+    site_map = next(q for q in PANEL_QUERIES if q.panel_type == "geomap" and q.ref_id == "A")
+    rows = _rows(conn, site_map, tr, variables)
+    assert {r["site_id"] for r in rows} == mine
+    assert {r["ward"] for r in rows} == {HOAN_KIEM.name}
+    assert {r["former_district"] for r in rows} == {"Hoàn Kiếm"}
+    devices = _rows(conn, _panel("devices, last seen"), tr, variables)
+    assert devices
+    assert {r["Phường/Xã (ward/commune)"] for r in devices} == {HOAN_KIEM.name}
+    attention = _rows(conn, _panel("sites needing attention"), tr, variables)
+    assert {r["Phường/Xã (ward/commune)"] for r in attention} == {HOAN_KIEM.name}
+
+
+def test_a_site_without_ward_or_district_is_in_all(filled) -> None:
+    """A site stored before the geography (no unit, no former district) is not filtered out."""
+    tr = _time_range(filled.report)
+    with psycopg.connect(filled.url) as writable:
+        writable.execute(f"SET search_path TO {filled.schema}, public")
+        writable.execute(
+            """INSERT INTO sites (site_id, name, kind, unit_code, district, latitude, longitude)
+            VALUES ('old-site', 'Điểm cũ', 'ward_office', NULL, NULL, 21.03, 105.85)"""
+        )
+        writable.execute(
+            """INSERT INTO devices (device_id, device_type, site_id, transport)
+            VALUES ('kiosk-old-site-01', 'kiosk', 'old-site', 'mqtt')"""
+        )
+        variables = _variables_at_all(writable, tr)
+        by_name = {v.name: v for v in variables}
+        assert UNASSIGNED_UNIT in by_name["ward"].values
+        assert "old-site" in by_name["site"].values
+        _, ward_rows = _run(writable, render_sql(VARIABLES["ward"], time_range=tr))
+        assert ward_rows[-1] == (UNASSIGNED_TEXT, UNASSIGNED_UNIT)  # listed last
+
+        site_map = next(q for q in PANEL_QUERIES if q.panel_type == "geomap" and q.ref_id == "A")
+        status = {r["site_id"]: r for r in _rows(writable, site_map, tr, variables)}
+        assert status["old-site"]["ward"] == UNASSIGNED_TEXT
+        assert status["old-site"]["former_district"] is None
+        assert status["old-site"]["status"] == 2  # its kiosk never reported
+        attention = _rows(writable, _panel("sites needing attention"), tr, variables)
+        (old,) = [r for r in attention if r["Điểm (site)"] == "Điểm cũ"]
+        assert old["Phường/Xã (ward/commune)"] == UNASSIGNED_TEXT
+        assert old["Quận cũ (former district)"] is None
+        assert old["Mất kết nối (offline)"] == 1
+        assert len(attention) == 31  # every seeded site has devices too
+
+        # Choosing a ward leaves it out; choosing "unassigned" shows it alone.
+        one_ward = _variables_at_all(writable, tr, ward=HOAN_KIEM.code)
+        assert "old-site" not in {r["site_id"] for r in _rows(writable, site_map, tr, one_ward)}
+        unassigned = _variables_at_all(writable, tr, ward=UNASSIGNED_UNIT)
+        assert [r["site_id"] for r in _rows(writable, site_map, tr, unassigned)] == ["old-site"]
+        writable.rollback()
 
 
 def test_the_silent_site_shows_offline_on_the_map(conn, filled, all_variables) -> None:
@@ -265,11 +349,10 @@ def test_gateway_status_shows_the_silent_gateway_offline_and_the_backlog(
     assert {g for g, peak in peaks.items() if peak > 0} == {BACKLOG_GATEWAY}
 
 
-def test_gateway_panels_follow_the_district_variable(conn, filled, all_variables) -> None:
-    district = Variable(name="district", values=("Ba Đình",), multi=True, include_all=True)
-    variables = [district, *(v for v in all_variables if v.name != "district")]
+def test_gateway_panels_follow_the_ward_variable(conn, filled) -> None:
     tr = _time_range(filled.report)
-    sites = {r[0] for r in conn.execute("SELECT site_id FROM sites WHERE district = 'Ba Đình'")}
+    variables = _variables_at_all(conn, tr, ward=HOAN_KIEM.code)
+    sites = {s.site_id for s in load_hanoi_sites() if s.unit_code == HOAN_KIEM.code}
     for title in ("latest gateway status", "gateway outbox depth"):
         query = _panel(title)
         _, rows = _run(conn, render_sql(query.sql, time_range=tr, variables=variables))
@@ -277,17 +360,17 @@ def test_gateway_panels_follow_the_district_variable(conn, filled, all_variables
         assert {row[index] for row in rows} == {f"gw-{site}" for site in sites}, title
 
 
-def test_rejects_by_device_sums_gateway_reports_with_ingest_rows(filled, all_variables) -> None:
+def test_rejects_by_device_sums_gateway_reports_with_ingest_rows(conn, filled) -> None:
     """A gateway's report row counts many rejects; unserved ids show whatever the site filter."""
-    district = Variable(name="district", values=("Ba Đình",), multi=True, include_all=True)
-    variables = [district, *(v for v in all_variables if v.name != "district")]
     tr = _time_range(filled.report)
+    variables = _variables_at_all(conn, tr, ward=HOAN_KIEM.code)
     query = _panel("rejects by device and reason")
     with psycopg.connect(filled.url) as writable:
         writable.execute(f"SET search_path TO {filled.schema}, public")
         device_id = writable.execute(
             "SELECT d.device_id FROM devices d JOIN sites s USING (site_id) "
-            "WHERE s.district = 'Ba Đình' ORDER BY 1 LIMIT 1"
+            "WHERE s.unit_code = %s ORDER BY 1 LIMIT 1",
+            (HOAN_KIEM.code,),
         ).fetchone()[0]
         gateway_id = writable.execute(
             "SELECT gateway_id FROM devices WHERE device_id = %s", (device_id,)
