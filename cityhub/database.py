@@ -314,11 +314,14 @@ def _sync_catalog(conn: Connection[Any], s: str, catalog: Mapping[str, DeviceTyp
     """
     with conn.transaction(), conn.cursor() as cur:
         cur.executemany(
-            f"""INSERT INTO {s}.device_types (device_type, description, entry)
-                VALUES (%s, %s, %s::jsonb)
+            f"""INSERT INTO {s}.device_types (device_type, description, entry, offline_after_s)
+                VALUES (%s, %s, %s::jsonb, %s)
                 ON CONFLICT (device_type) DO UPDATE SET description = EXCLUDED.description,
-                entry = EXCLUDED.entry""",
-            [(t.name, t.description, encode_device_type(t).decode()) for t in catalog.values()],
+                entry = EXCLUDED.entry, offline_after_s = EXCLUDED.offline_after_s""",
+            [
+                (t.name, t.description, encode_device_type(t).decode(), t.offline_after_s)
+                for t in catalog.values()
+            ],
         )
         cur.executemany(
             f"""INSERT INTO {s}.metrics

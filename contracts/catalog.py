@@ -94,6 +94,13 @@ class Metric(msgspec.Struct, frozen=True, kw_only=True):
         return value
 
 
+# Devices report every 10-60 s; five minutes without a reading is several
+# missed reports, not jitter, for a type that says nothing of its own.
+DEFAULT_OFFLINE_AFTER_S: Final = 300.0
+# A type may not wait longer than a day to call a device offline.
+MAX_OFFLINE_AFTER_S: Final = 86_400.0
+
+
 class DeviceType(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     description: str
@@ -105,6 +112,10 @@ class DeviceType(msgspec.Struct, frozen=True, kw_only=True):
     # extra field): "report" stores the known metrics and reports each unknown
     # one (reason unknown_metric); "reject" refuses the whole reading.
     unknown_metrics: Literal["report", "reject"] = "report"
+    # Appended: a device of this type that has sent nothing for this long is
+    # offline. The one definition of "online" (boards, `cityhub status`, the
+    # CLI lists, the no_data rules' default silence).
+    offline_after_s: float = DEFAULT_OFFLINE_AFTER_S
 
     def metric(self, name: str) -> Metric:
         for metric in self.metrics:
@@ -153,7 +164,14 @@ _UNIT_MAX_CHARS: Final = 32
 _FILE_KEYS: Final = frozenset({"types", "transports", "serial_protocols"})
 _SHIPPED_ONLY_KEYS: Final = frozenset({"transports", "serial_protocols"})
 _TYPE_KEYS: Final = frozenset(
-    {"description", "transports", "serial_protocols", "metrics", "unknown_metrics"}
+    {
+        "description",
+        "transports",
+        "serial_protocols",
+        "metrics",
+        "unknown_metrics",
+        "offline_after_s",
+    }
 )
 _UNKNOWN_METRICS_POLICIES: Final = ("report", "reject")
 _METRIC_KEYS: Final = frozenset({"name", "unit", "kind", "min", "max", "description", "labels"})
@@ -362,6 +380,18 @@ def _merge_type(name: str, raw: object, catalog: Catalog, where: _Where) -> Devi
     unknown_metrics = table.get("unknown_metrics", old.unknown_metrics if old else "report")
     if unknown_metrics not in _UNKNOWN_METRICS_POLICIES:
         raise where.error("unknown_metrics", f"{unknown_metrics!r} is not one of: report, reject")
+    offline_after_s = table.get(
+        "offline_after_s", old.offline_after_s if old else DEFAULT_OFFLINE_AFTER_S
+    )
+    if (
+        isinstance(offline_after_s, bool)
+        or not isinstance(offline_after_s, int | float)
+        or not 0 < offline_after_s <= MAX_OFFLINE_AFTER_S
+    ):
+        raise where.error(
+            "offline_after_s",
+            f"{offline_after_s!r} is not a number of seconds in (0, {MAX_OFFLINE_AFTER_S:.0f}]",
+        )
     return DeviceType(
         name=name,
         description=description or (old.description if old else ""),
@@ -369,6 +399,7 @@ def _merge_type(name: str, raw: object, catalog: Catalog, where: _Where) -> Devi
         metrics=tuple(metrics.values()),
         serial_protocols=tuple(protocols),
         unknown_metrics=unknown_metrics,
+        offline_after_s=float(offline_after_s),
     )
 
 
@@ -526,6 +557,7 @@ def _entry_table(dtype: DeviceType) -> dict[str, Any]:
         "transports": list(dtype.transports),
         "metrics": metrics,
         "unknown_metrics": dtype.unknown_metrics,
+        "offline_after_s": dtype.offline_after_s,
     }
     if dtype.serial_protocols:
         entry["serial_protocols"] = list(dtype.serial_protocols)

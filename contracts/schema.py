@@ -709,6 +709,27 @@ def _two_tier_geography(s: str) -> tuple[str, ...]:
     )
 
 
+def _offline_after(s: str) -> tuple[str, ...]:
+    """Each type's ``offline_after_s`` (the catalog's), beside its description.
+
+    ``cityhub db migrate`` writes it with the rest of the type; SQL that asks
+    whether a device is online reads it here (``online_sql``).
+    """
+    return (
+        f"""ALTER TABLE {s}.device_types
+            ADD COLUMN IF NOT EXISTS offline_after_s double precision NOT NULL DEFAULT 300""",
+    )
+
+
+def online_sql(last_seen: str, offline_after_s: str, now: str = "now()") -> str:
+    """The one SQL test of "online": seen within the type's ``offline_after_s``.
+
+    ``last_seen`` and ``offline_after_s`` are column expressions (a device
+    never seen has a NULL ``last_seen`` and is not online).
+    """
+    return f"({last_seen} > {now} - make_interval(secs => {offline_after_s}))"
+
+
 def migrations(
     schema: str,
     edition: Edition,
@@ -766,4 +787,5 @@ def migrations(
             "sites: current ward/commune (two-tier Hanoi since 2025-07), former district optional",
             _two_tier_geography(s),
         ),
+        Migration(16, "device types: the catalog's offline_after_s", _offline_after(s)),
     ]
