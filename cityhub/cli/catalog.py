@@ -82,7 +82,11 @@ def show(
     with reported_errors(state):
         dtype = _type_of(_configured(state), device_type)
     title = f"{dtype.name}: {dtype.description}"
-    table = Table(title=title, caption=f"transports: {', '.join(dtype.transports)}")
+    caption = (
+        f"transports: {', '.join(dtype.transports)}; offline after"
+        f" {_number(dtype.offline_after_s)} s without a reading"
+    )
+    table = Table(title=title, caption=caption)
     table.add_column("metric", no_wrap=True)
     for column in ("unit", "kind", "min", "max", "description"):
         table.add_column(column)
