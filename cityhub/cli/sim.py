@@ -58,7 +58,7 @@ def seed_sites() -> list[SiteInfo]:
     from firmware_sim.fleet import SiteInfo
 
     return [
-        SiteInfo(id=s.id, kind=s.kind, opening_hours=s.opening_hours)  # type: ignore[arg-type]
+        SiteInfo(id=s.site_id, kind=s.kind, opening_hours=s.opening_hours)  # type: ignore[arg-type]
         for s in database.load_hanoi_sites()
     ]
 
