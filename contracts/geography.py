@@ -17,7 +17,9 @@ pure: storing units and sites is the database's business.
 
 from __future__ import annotations
 
+import difflib
 import re
+import reprlib
 import tomllib
 import unicodedata
 from importlib import resources
@@ -32,7 +34,15 @@ UnitKind = Literal["ward", "commune"]
 # A unit's name starts with its kind; a former district's with one of these.
 _UNIT_PREFIXES: Final = ("phường ", "xã ")
 _DISTRICT_PREFIXES: Final = ("quận ", "huyện ", "thị xã ")
+# The same prefixes once folded ("Quan Ba Dinh", "thi xa Son Tay").
+_FOLDED_DISTRICT_PREFIXES: Final = ("quan ", "huyen ", "thi xa ")
 UNIT_CODE_PATTERN: Final = re.compile(r"^[0-9]{5}$")
+# The longest name, "Phường Văn Miếu - Quốc Tử Giám", has 30 characters; a
+# query several times that long names nothing and is refused before any work.
+MAX_QUERY_CHARS: Final = 100
+
+_REPR: Final = reprlib.Repr()
+_REPR.maxstring = 60
 
 
 class AdminUnit(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -96,6 +106,48 @@ def _unit_keys(unit: AdminUnit) -> tuple[str, ...]:
     return (fold(unit.name), fold(unit.short_name))
 
 
+# Folded name and folded short name -> the units they name, built once: a site
+# file resolves a ward for each of its (up to 20,000) rows.
+def _index_units() -> dict[str, list[AdminUnit]]:
+    index: dict[str, list[AdminUnit]] = {}
+    for unit in UNITS:
+        for key in dict.fromkeys(_unit_keys(unit)):
+            index.setdefault(key, []).append(unit)
+    return index
+
+
+_UNITS_BY_KEY: Final = _index_units()
+_FOLDED_NAMES: Final[dict[str, str]] = {fold(u.name): u.name for u in UNITS}
+_FOLDED_SHORT_NAMES: Final[dict[str, str]] = {fold(u.short_name): u.name for u in UNITS}
+_FOLDED_DISTRICTS: Final[dict[str, str]] = {fold(d): d for d in FORMER_DISTRICTS}
+
+
+def _checked_query(query: str, what: str) -> str:
+    if len(query) > MAX_QUERY_CHARS:
+        raise GeographyError(
+            f"{_REPR.repr(query)} is too long ({len(query)} characters) to be {what}"
+        )
+    return unicodedata.normalize("NFC", query.strip())
+
+
+def _close_names(key: str) -> list[str]:
+    """Up to five unit names that ``key`` (folded) may have meant: those containing it,
+    then those spelled nearly alike ("hoan kim" for "Hoàn Kiếm").
+    """
+    bare = key.removeprefix("phuong ").removeprefix("xa ")  # "Phường Sóc Sơn" for "Xã Sóc Sơn"
+    close = [_FOLDED_SHORT_NAMES[bare]] if bare in _FOLDED_SHORT_NAMES else []
+    close.extend(name for folded, name in _FOLDED_NAMES.items() if key and key in folded)
+    close.extend(
+        _FOLDED_SHORT_NAMES[near]
+        for near in difflib.get_close_matches(key, _FOLDED_SHORT_NAMES, n=5, cutoff=0.75)
+    )
+    close.extend(
+        _FOLDED_NAMES[near]
+        for near in difflib.get_close_matches(key, _FOLDED_NAMES, n=5, cutoff=0.75)
+    )
+    return list(dict.fromkeys(close))[:5]
+
+
 def find_unit(query: str) -> AdminUnit:
     """The ward or commune that ``query`` names: its code, its name with or without its
     prefix, diacritics optional ("00070", "Phường Hoàn Kiếm", "hoan kiem").
@@ -103,7 +155,7 @@ def find_unit(query: str) -> AdminUnit:
     A name that two units share once the prefix is dropped must be given whole;
     that, no match, or a code that is not Hanoi's raises GeographyError.
     """
-    text = unicodedata.normalize("NFC", query.strip())
+    text = _checked_query(query, "a ward or commune")
     if not text:
         raise GeographyError("no ward or commune given (a name such as 'Hoàn Kiếm' or a code)")
     if text.isdigit():
@@ -112,13 +164,13 @@ def find_unit(query: str) -> AdminUnit:
             raise GeographyError(f"{query!r} is not the code of one of Hanoi's 126 wards/communes")
         return unit
     key = fold(text)
-    matches = [u for u in UNITS if key in _unit_keys(u)]
+    matches = _UNITS_BY_KEY.get(key, [])
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
         names = ", ".join(f"{u.name} ({u.code})" for u in matches)
         raise GeographyError(f"{query!r} names more than one unit: {names}; give the full name")
-    close = [u.name for u in UNITS if key and key in fold(u.name)][:5]
+    close = _close_names(key)
     hint = f" (did you mean: {', '.join(close)}?)" if close else ""
     raise GeographyError(
         f"{query!r} is not one of Hanoi's 126 wards/communes since 1 July 2025{hint};"
@@ -128,12 +180,22 @@ def find_unit(query: str) -> AdminUnit:
 
 def former_district(query: str) -> str:
     """The former district ``query`` names, as stored ("Ba Đình"), prefix and diacritics
-    optional; GeographyError if it names none of the 30.
+    optional ("Quận Ba Đình", "quan ba dinh"); GeographyError if it names none of the 30.
     """
-    key = fold(_strip_prefix(unicodedata.normalize("NFC", query.strip()), _DISTRICT_PREFIXES))
-    for name in FORMER_DISTRICTS:
-        if fold(name) == key:
-            return name
+    key = fold(_checked_query(query, "a former district"))
+    for prefix in _FOLDED_DISTRICT_PREFIXES:
+        if key.startswith(prefix):
+            key = key.removeprefix(prefix)
+            break
+    name = _FOLDED_DISTRICTS.get(key)
+    if name is not None:
+        return name
+    unit = _UNITS_BY_KEY.get(fold(query))
+    hint = (
+        f"; {unit[0].name} is a {unit[0].kind} since 1 July 2025: give it as the site's ward"
+        if unit is not None and len(unit) == 1
+        else ""
+    )
     raise GeographyError(
-        f"{query!r} is not one of Hanoi's 30 former districts ({', '.join(FORMER_DISTRICTS)})"
+        f"{query!r} is not one of Hanoi's 30 former districts ({', '.join(FORMER_DISTRICTS)}){hint}"
     )

@@ -20,6 +20,8 @@ import csv
 import io
 import json
 import math
+import re
+import reprlib
 import unicodedata
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
@@ -59,6 +61,14 @@ CSV_COLUMNS: Final = (
     "opening_hours",
 )
 _REQUIRED: Final = ("site_id", "name", "kind", "latitude", "longitude")
+# A code as a spreadsheet may leave it: "00070" or, leading zeros lost, "70".
+_WARD_CODE_RE: Final = re.compile(r"[0-9]{1,5}")
+
+# Values quoted in a refusal are shortened: a refusal names the problem, it
+# does not echo a pasted blob (or a deeply nested list) back into the log.
+_REPR: Final = reprlib.Repr()
+_REPR.maxstring = 40
+_REPR.maxother = 40
 
 
 class Site(msgspec.Struct, frozen=True, kw_only=True):
@@ -88,31 +98,50 @@ def _text(fields: Mapping[str, Any], key: str) -> str:
     text = unicodedata.normalize("NFC", value.strip())
     if len(text) > MAX_TEXT_CHARS:
         raise ValueError(f"{key}: longer than {MAX_TEXT_CHARS} characters")
-    if any(unicodedata.category(c) == "Cc" for c in text):
+    # Cc: control characters (tabs, line breaks, NUL); Cs: lone surrogates, which
+    # no UTF-8 file can hold, so a site with one could not be exported.
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in text):
         raise ValueError(f"{key}: contains control characters")
     return text
 
 
-def _degrees(fields: Mapping[str, Any], key: str, bounds: tuple[float, float]) -> float:
+def _degrees(fields: Mapping[str, Any], key: str) -> float:
     value = fields.get(key)
     if isinstance(value, bool) or value is None or value == "":
-        raise ValueError(f"{key}: missing")
+        raise TypeError(f"{key}: {_REPR.repr(value)} is not a number of degrees")
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{key}: {value!r} is not a number of degrees") from None
+    # OverflowError: a JSON integer too large for a float (1 followed by 400 zeros).
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{key}: {_REPR.repr(value)} is not a number of degrees") from None
     if not math.isfinite(number):
-        raise ValueError(f"{key}: {value!r} is not a finite number")
-    if not bounds[0] <= number <= bounds[1]:
-        hint = " (latitude and longitude swapped?)" if key in ("latitude", "longitude") else ""
-        raise ValueError(f"{key}: {number} is outside Hanoi ({bounds[0]}..{bounds[1]}){hint}")
+        raise ValueError(f"{key}: {_REPR.repr(value)} is not a finite number")
     return number
+
+
+def _coordinates(fields: Mapping[str, Any]) -> tuple[float, float]:
+    latitude, longitude = _degrees(fields, "latitude"), _degrees(fields, "longitude")
+    inside = _inside(latitude, HANOI_LAT) and _inside(longitude, HANOI_LON)
+    if not inside:
+        swapped = _inside(longitude, HANOI_LAT) and _inside(latitude, HANOI_LON)
+        hint = " (latitude and longitude swapped?)" if swapped else ""
+        raise ValueError(
+            f"latitude {latitude}, longitude {longitude} is outside Hanoi"
+            f" ({HANOI_LAT[0]}..{HANOI_LAT[1]} N, {HANOI_LON[0]}..{HANOI_LON[1]} E){hint}"
+        )
+    return latitude, longitude
+
+
+def _inside(number: float, bounds: tuple[float, float]) -> bool:
+    return bounds[0] <= number <= bounds[1]
 
 
 def _unit_code(fields: Mapping[str, Any]) -> str:
     code, name = _text(fields, "ward_code"), _text(fields, "ward")
     if not code and not name:
         raise ValueError("ward: missing (the current ward or commune, name or ward_code)")
+    if code and not _WARD_CODE_RE.fullmatch(code):
+        raise ValueError(f"ward_code: {code!r} is not a code of five digits (00070); use ward")
     by_code = find_unit(code) if code else None
     by_name = find_unit(name) if name else None
     if by_code is not None and by_name is not None and by_code != by_name:
@@ -129,7 +158,12 @@ def site_from_fields(fields: Mapping[str, Any], *, source: str, row: int | None)
 
 
 def _site(fields: Mapping[str, Any]) -> Site:
-    missing = [k for k in _REQUIRED if fields.get(k) in (None, "")]
+    # Blank (only spaces) is missing too: the text fields are stored stripped.
+    missing = [
+        k
+        for k in _REQUIRED
+        if fields.get(k) is None or (isinstance(fields[k], str) and not fields[k].strip())
+    ]
     if missing:
         raise ValueError(f"missing {', '.join(missing)}")
     site_id = _text(fields, "site_id")
@@ -138,6 +172,7 @@ def _site(fields: Mapping[str, Any]) -> Site:
     if kind not in SITE_KINDS:
         raise ValueError(f"kind: {kind!r} is not one of {', '.join(SITE_KINDS)}")
     district = _text(fields, "former_district")
+    latitude, longitude = _coordinates(fields)
     return Site(
         site_id=site_id,
         name=_text(fields, "name"),
@@ -145,14 +180,16 @@ def _site(fields: Mapping[str, Any]) -> Site:
         unit_code=_unit_code(fields),
         former_district=former_district(district) if district else None,
         address=_text(fields, "address"),
-        latitude=_degrees(fields, "latitude", HANOI_LAT),
-        longitude=_degrees(fields, "longitude", HANOI_LON),
+        latitude=latitude,
+        longitude=longitude,
         opening_hours=_text(fields, "opening_hours") or "24/7",
     )
 
 
 def _check_size(text: str, source: str) -> None:
-    if len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
+    # Every character takes at least one byte: a text longer than the limit in
+    # characters is refused without encoding it.
+    if len(text) > MAX_FILE_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
         raise SiteFileError(source, None, f"larger than {MAX_FILE_BYTES // 2**20} MiB")
 
 
@@ -170,12 +207,16 @@ def _checked_unique(sites: list[Site], rows: list[int], source: str) -> list[Sit
 def read_csv(text: str, *, source: str) -> list[Site]:
     """The sites of a CSV file (UTF-8, a header row of CSV_COLUMNS names, any order).
 
-    Rows are numbered as a spreadsheet shows them: the header is row 1.
+    Rows are numbered as a spreadsheet shows them: the header is row 1, and a
+    quoted value that spans lines is still one row.
     """
     _check_size(text, source)
-    reader = csv.DictReader(io.StringIO(text.removeprefix("\ufeff"), newline=""), strict=True)
+    reader = csv.reader(io.StringIO(text.removeprefix("\ufeff"), newline=""), strict=True)
+    sites: list[Site] = []
+    rows: list[int] = []
+    row = 1  # the row being read; a blank line is a row, as a spreadsheet shows it
     try:
-        header = reader.fieldnames
+        header = next(reader, [])
         if not header:
             raise SiteFileError(source, None, "empty file: expected a header row")
         unknown = [h for h in header if h not in CSV_COLUMNS]
@@ -183,22 +224,27 @@ def read_csv(text: str, *, source: str) -> list[Site]:
             raise SiteFileError(
                 source, 1, f"unknown columns {unknown} (known: {', '.join(CSV_COLUMNS)})"
             )
-        if len(set(header)) != len(header):
-            raise SiteFileError(source, 1, "a column is named twice")
-        sites: list[Site] = []
-        rows: list[int] = []
-        for record in reader:
-            row = reader.line_num
-            if len(sites) >= MAX_SITES:
-                raise SiteFileError(source, row, f"more than {MAX_SITES} sites")
-            if None in record:
-                raise SiteFileError(source, row, "more values than columns")
-            if any(v is None for v in record.values()):
-                raise SiteFileError(source, row, "fewer values than columns")
-            sites.append(site_from_fields(record, source=source, row=row))
-            rows.append(row)
+        repeated = sorted({h for h in header if header.count(h) > 1})
+        if repeated:
+            raise SiteFileError(source, 1, f"columns named twice: {', '.join(repeated)}")
+        row += 1
+        for values in reader:
+            if values:
+                if len(sites) >= MAX_SITES:
+                    raise SiteFileError(source, row, f"more than {MAX_SITES} sites")
+                if len(values) != len(header):
+                    more = "more" if len(values) > len(header) else "fewer"
+                    raise SiteFileError(
+                        source,
+                        row,
+                        f"{more} values ({len(values)}) than columns ({len(header)})",
+                    )
+                record = dict(zip(header, values, strict=True))
+                sites.append(site_from_fields(record, source=source, row=row))
+                rows.append(row)
+            row += 1
     except csv.Error as exc:
-        raise SiteFileError(source, reader.line_num, f"not valid CSV: {exc}") from None
+        raise SiteFileError(source, row, f"not valid CSV: {exc}") from None
     return _checked_unique(sites, rows, source)
 
 

@@ -1,10 +1,14 @@
 """The Hanoi seed sites (cityhub/data/hanoi_sites.toml) are well-formed and plausible.
 
-Checks the file's own contract (ids, kinds, required districts, opening-hours
-grammar, NFC Vietnamese text) and cheap plausibility limits on the
-coordinates: inside Hanoi, central districts inside the urban core, and no two
-sites on top of each other. It does not check that a coordinate matches its
-address; the file's header says how the coordinates were estimated.
+Checks the file's own contract (ids, kinds, each site's current ward among
+Hanoi's 126 and its former district among the 30, addresses written in the
+new form, service halls in the required former districts, opening-hours
+grammar, NFC Vietnamese text), that ``cityhub.database.load_hanoi_sites``
+reads it whole, and cheap plausibility limits on the coordinates: inside
+Hanoi, the central former districts inside the urban core, and no two sites
+on top of each other. It does not check that a coordinate matches its address
+or that a split ward was placed right; the file's header says how both were
+estimated.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from typing import Any
 
 import pytest
 
+from cityhub import database
+from contracts.geography import FORMER_DISTRICTS, UNITS
+
 SITES_PATH = Path(__file__).parents[2] / "cityhub" / "data" / "hanoi_sites.toml"
 
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")  # the id allow-list of contracts/ids.py
@@ -27,31 +34,24 @@ MIN_SITES_PER_KIND = 8
 FIELD_TYPES: dict[str, type] = {
     "id": str,
     "name": str,
-    "district": str,
+    "ward": str,
+    "former_district": str,
     "kind": str,
     "address": str,
     "latitude": float,
     "longitude": float,
     "opening_hours": str,
 }
-TEXT_FIELDS = ("name", "district", "address")
+TEXT_FIELDS = ("name", "ward", "former_district", "address")
 
 # (lat_min, lat_max, lon_min, lon_max), degrees WGS84.
 HANOI_BOX = (20.53, 21.39, 105.28, 106.02)  # whole city after the 2008 expansion
 CORE_BOX = (20.98, 21.06, 105.80, 105.88)  # the inner urban districts
 CENTRAL_DISTRICTS = frozenset({"Hoàn Kiếm", "Ba Đình", "Đống Đa", "Hai Bà Trưng"})
 REQUIRED_HALL_DISTRICTS = ("Long Biên", "Hoàn Kiếm", "Ba Đình", "Cầu Giấy", "Đống Đa", "Hà Đông")
-# Hanoi's 30 district-level units before 1 July 2025: a spelling allow-list.
-FORMER_DISTRICTS = frozenset(
-    {
-        "Ba Đình", "Hoàn Kiếm", "Tây Hồ", "Long Biên", "Cầu Giấy", "Đống Đa",
-        "Hai Bà Trưng", "Hoàng Mai", "Thanh Xuân", "Nam Từ Liêm", "Bắc Từ Liêm",
-        "Hà Đông", "Sơn Tây", "Ba Vì", "Chương Mỹ", "Đan Phượng", "Đông Anh",
-        "Gia Lâm", "Hoài Đức", "Mê Linh", "Mỹ Đức", "Phú Xuyên", "Phúc Thọ",
-        "Quốc Oai", "Sóc Sơn", "Thạch Thất", "Thanh Oai", "Thanh Trì",
-        "Thường Tín", "Ứng Hòa",
-    }
-)  # fmt: skip
+# Hanoi's 126 wards and communes since 1 July 2025, by full name.
+UNITS_BY_NAME = {unit.name: unit for unit in UNITS}
+EXPECTED_SITES = 30
 
 # Two real sites can share a street, not a spot: closer than this betrays a
 # copied or made-up coordinate.
@@ -138,7 +138,7 @@ def _load_sites() -> list[dict[str, Any]]:
 
 
 SITES = _load_sites()
-CENTRAL_SITES = [site for site in SITES if site.get("district") in CENTRAL_DISTRICTS]
+CENTRAL_SITES = [site for site in SITES if site.get("former_district") in CENTRAL_DISTRICTS]
 
 
 def _site_id(site: dict[str, Any]) -> str:
@@ -198,8 +198,8 @@ def test_parser_rejects(text: str) -> None:
 # --- the file -------------------------------------------------------------------
 
 
-def test_file_holds_about_thirty_sites() -> None:
-    assert 3 * MIN_SITES_PER_KIND <= len(SITES) <= 60
+def test_file_holds_thirty_sites() -> None:
+    assert len(SITES) == EXPECTED_SITES
 
 
 @per_site
@@ -234,13 +234,45 @@ def test_each_kind_has_enough_sites(kind: str) -> None:
 
 
 @per_site
-def test_district_is_a_former_hanoi_district(site: dict[str, Any]) -> None:
-    assert site["district"] in FORMER_DISTRICTS
+def test_ward_is_one_of_the_126_by_its_full_name(site: dict[str, Any]) -> None:
+    assert site["ward"] in UNITS_BY_NAME
+
+
+@per_site
+def test_former_district_is_one_of_the_30_without_prefix(site: dict[str, Any]) -> None:
+    assert site["former_district"] in FORMER_DISTRICTS
+
+
+@per_site
+def test_address_ends_with_the_sites_ward(site: dict[str, Any]) -> None:
+    # The new form: "<street>, phường <ward>, Hà Nội" or "..., xã <commune>, Hà Nội";
+    # no district, which no longer exists.
+    unit = UNITS_BY_NAME[site["ward"]]
+    assert site["address"].endswith(f", {unit.kind_vi} {unit.short_name}, Hà Nội")
+    assert not re.search(r"\b(quận|huyện|thị xã)\b", site["address"], re.IGNORECASE)
 
 
 @pytest.mark.parametrize("district", REQUIRED_HALL_DISTRICTS)
-def test_required_district_has_a_service_hall(district: str) -> None:
-    assert any(site["district"] == district and site["kind"] == "service_hall" for site in SITES)
+def test_required_former_district_has_a_service_hall(district: str) -> None:
+    assert any(
+        site["former_district"] == district and site["kind"] == "service_hall" for site in SITES
+    )
+
+
+def test_required_hall_districts_are_former_districts() -> None:
+    assert set(REQUIRED_HALL_DISTRICTS) <= set(FORMER_DISTRICTS)
+    assert set(FORMER_DISTRICTS) >= CENTRAL_DISTRICTS
+
+
+def test_load_hanoi_sites_reads_every_site_with_its_unit() -> None:
+    sites = database.load_hanoi_sites()
+    assert len(sites) == EXPECTED_SITES
+    assert [site.site_id for site in sites] == [site["id"] for site in SITES]
+    for site, seed in zip(sites, SITES, strict=True):
+        assert site.unit_code == UNITS_BY_NAME[seed["ward"]].code
+        assert site.ward == seed["ward"]
+        assert site.former_district == seed["former_district"]
+        assert (site.latitude, site.longitude) == (seed["latitude"], seed["longitude"])
 
 
 def test_city_service_centre_is_listed() -> None:
