@@ -60,6 +60,7 @@ CSV_COLUMNS: Final = (
     "longitude",
     "opening_hours",
 )
+_BIDI_CONTROLS: Final = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 _REQUIRED: Final = ("site_id", "name", "kind", "latitude", "longitude")
 # A code as a spreadsheet may leave it: "00070" or, leading zeros lost, "70".
 _WARD_CODE_RE: Final = re.compile(r"[0-9]{1,5}")
@@ -99,8 +100,9 @@ def _text(fields: Mapping[str, Any], key: str) -> str:
     if len(text) > MAX_TEXT_CHARS:
         raise ValueError(f"{key}: longer than {MAX_TEXT_CHARS} characters")
     # Cc: control characters (tabs, line breaks, NUL); Cs: lone surrogates, which
-    # no UTF-8 file can hold, so a site with one could not be exported.
-    if any(unicodedata.category(c) in ("Cc", "Cs") for c in text):
+    # no UTF-8 file can hold, so a site with one could not be exported; the
+    # bidirectional overrides and isolates make a name display as another.
+    if any(unicodedata.category(c) in ("Cc", "Cs") or c in _BIDI_CONTROLS for c in text):
         raise ValueError(f"{key}: contains control characters")
     return text
 

@@ -491,3 +491,17 @@ def test_written_geojson_is_rfc7946_longitude_first() -> None:
     assert feature["geometry"] == {"type": "Point", "coordinates": [105.8473, 21.0427]}
     assert feature["properties"]["ward"] == "Phường Hoàn Kiếm"
     assert "latitude" not in feature["properties"]
+
+
+@pytest.mark.parametrize("mark", ["\u202e", "\u2066", "\u202a"])
+def test_a_name_with_bidirectional_overrides_is_refused(mark: str) -> None:
+    fields = {
+        "site_id": "s1",
+        "name": f"UBND {mark}gnoC hnahT",
+        "kind": "ward_office",
+        "ward": "Giảng Võ",
+        "latitude": 21.03,
+        "longitude": 105.82,
+    }
+    with pytest.raises(SiteFileError, match="control characters"):
+        site_from_fields(fields, source="f.csv", row=2)
