@@ -1,12 +1,15 @@
-"""Prometheus /metrics on 127.0.0.1: the one place that imports prometheus_client.
+"""Prometheus /metrics on a configured address: the one place that imports prometheus_client.
 
 A service describes what it exposes as ``Family`` values read at scrape time
 (its counters and gauges, each labelled with the service's own instance
 label, e.g. ``gateway`` or ``worker``) and may add histograms it observes
-itself. ``MetricsExporter.serve`` binds the port in a daemon thread; a port
-that cannot be bound (taken, or privileged) is a SettingsError naming the
-setting, which services check before they connect anywhere.
-``check_ports`` checks a range of ports before a supervisor starts workers.
+itself. ``MetricsExporter.serve`` binds host and port in a daemon thread; an
+address that cannot be bound is a SettingsError naming the setting (the host
+key when the address is not one of this machine's, else the port key), which
+services check before they connect anywhere. ``check_ports`` checks a range
+of ports before a supervisor starts workers. Each service's settings section
+has ``metrics_host`` next to ``metrics_port`` (checked to be an IP literal at
+settings load); ``MetricsAddress`` carries the pair and their keys here.
 
 What is counted, and the metric names (Grafana boards and alerts read
 them), are the services' business.
@@ -14,6 +17,7 @@ them), are the services' business.
 
 from __future__ import annotations
 
+import errno
 import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -73,6 +77,27 @@ class Observer(Protocol):
     def observe(self, amount: float) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class MetricsAddress:
+    """Where an exporter listens, and the settings section that said so.
+
+    ``section`` names the keys in errors: ``{section}.metrics_host`` and
+    ``{section}.metrics_port``.
+    """
+
+    host: str
+    port: int
+    section: str
+
+    def at_port(self, port: int) -> MetricsAddress:
+        """The same host and keys on another port (a worker's ``metrics_port + index``)."""
+        return MetricsAddress(self.host, port, self.section)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
 class MetricsServer:
     """The HTTP server of one exporter; ``close`` stops it and frees the port."""
 
@@ -105,12 +130,14 @@ class MetricsExporter:
             f"{self.prefix}_{name}", help_text, buckets=buckets, registry=self.registry
         )
 
-    def serve(self, port: int, *, setting: str) -> MetricsServer:
-        """Serve /metrics on 127.0.0.1:``port`` in a daemon thread; SettingsError if unbindable."""
+    def serve(self, address: MetricsAddress) -> MetricsServer:
+        """Serve /metrics on ``address`` in a daemon thread; SettingsError if unbindable."""
         try:
-            server, _thread = start_http_server(port, addr="127.0.0.1", registry=self.registry)
+            server, _thread = start_http_server(
+                address.port, addr=address.host, registry=self.registry
+            )
         except OSError as exc:
-            raise port_error(setting, port, exc) from exc
+            raise bind_error(address, exc) from exc
         return MetricsServer(server)
 
 
@@ -140,22 +167,30 @@ class _FamilyCollector(Collector):
             yield metric
 
 
-def port_error(setting: str, port: int, exc: OSError) -> SettingsError:
+def bind_error(address: MetricsAddress, exc: OSError) -> SettingsError:
+    """The SettingsError for an address that cannot be bound, naming the key at fault."""
     reason = exc.strerror or str(exc)
-    return SettingsError(setting, f"cannot listen on 127.0.0.1:{port}: {reason}")
+    # EADDRNOTAVAIL: no interface of this machine has that address.
+    field = "metrics_host" if exc.errno == errno.EADDRNOTAVAIL else "metrics_port"
+    return SettingsError(f"{address.section}.{field}", f"cannot listen on {address}: {reason}")
 
 
-def check_ports(first_port: int, count: int, *, setting: str) -> None:
-    """Raise SettingsError unless ``first_port`` .. ``first_port + count - 1`` can be bound now.
+def check_ports(first: MetricsAddress, count: int) -> None:
+    """Raise SettingsError unless ``first`` .. ``count - 1`` ports above it can be bound now.
 
     A port taken between this check and a worker's start is still that
     worker's SettingsError.
     """
-    for port in range(first_port, first_port + count):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            # What the HTTP server sets too: a port in TIME_WAIT is not taken.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError as exc:
-                raise port_error(setting, port, exc) from exc
+    for port in range(first.port, first.port + count):
+        address = first.at_port(port)
+        try:
+            # The address family and socket address as the HTTP server picks them.
+            family, _, _, _, sockaddr = socket.getaddrinfo(
+                address.host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                # What the HTTP server sets too: a port in TIME_WAIT is not taken.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(sockaddr)
+        except OSError as exc:
+            raise bind_error(address, exc) from exc

@@ -19,6 +19,7 @@ stops the start-up with a ``CatalogError`` naming the file, type and key.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from collections.abc import Mapping
@@ -32,6 +33,11 @@ from contracts.errors import SettingsError
 
 ENV_PREFIX = "CITYHUB_"
 CONFIG_ENV = "CITYHUB_CONFIG"
+# Where the services' own listeners bind unless a setting says otherwise.
+LOOPBACK = "127.0.0.1"
+# Fields that name a local address to bind, in whichever section declares one
+# (each listener's host sits next to its port); check_bind_hosts checks them.
+BIND_HOST_FIELDS = frozenset({"metrics_host"})
 
 
 class DatabaseSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -120,7 +126,10 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     device_burst: float = 20.0
     no_data_timeout_s: float = 90.0
     state_interval_s: float = 10.0
-    # Prometheus /metrics on 127.0.0.1; 0 turns it off.
+    # Prometheus /metrics on metrics_host:metrics_port; port 0 turns it off.
+    # Loopback by default; "0.0.0.0" (or "::") lets a Prometheus server on
+    # another host scrape it. An IP literal (check_bind_hosts says why).
+    metrics_host: str = LOOPBACK
     metrics_port: int = 0
     # Prefix for every topic (tests give each test its own).
     topic_prefix: str = ""
@@ -172,7 +181,9 @@ class IngestSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # older than this is still written only once (ON CONFLICT), just not
     # recognised as a replay. Two days cover a weekend outage of a worker.
     ingested_retention_h: float = 48.0
-    # Prometheus /metrics on 127.0.0.1:metrics_port + worker index; 0: off.
+    # Prometheus /metrics on metrics_host:metrics_port + worker index; port 0:
+    # off. Host as for the gateway: loopback unless set to "0.0.0.0" or "::".
+    metrics_host: str = LOOPBACK
     metrics_port: int = 0
     # Prefix for every topic (tests give each test its own).
     topic_prefix: str = ""
@@ -352,10 +363,42 @@ def parse_settings(document: Mapping[str, Any], environ: Mapping[str, str]) -> S
     """Build Settings from an already-parsed TOML document and an environment."""
     merged = _merge(dict(document), _env_overrides(environ))
     try:
-        return msgspec.convert(merged, Settings)
+        settings = msgspec.convert(merged, Settings)
     except msgspec.ValidationError as exc:
         key, problem = _msgspec_key(exc)
         raise SettingsError(key or "<root>", problem) from None
+    check_bind_hosts(settings)
+    return settings
+
+
+def check_bind_hosts(settings: Settings) -> None:
+    """Raise SettingsError naming the key unless every bind host is an IP literal.
+
+    Host names are refused: a name resolves through DNS or /etc/hosts at
+    start-up, may give several addresses (``localhost`` is 127.0.0.1 or ::1
+    depending on the machine) of which the server would bind one, and fails
+    only when the service starts, not when settings load. What a listener
+    binds is an address of this machine's own interfaces, which the operator
+    can write down: "0.0.0.0" / "::" for all of them, 127.0.0.1 for loopback.
+    """
+
+    def walk(node: msgspec.Struct, path: str) -> None:
+        for name in node.__struct_fields__:
+            value = getattr(node, name)
+            key = f"{path}.{name}" if path else name
+            if isinstance(value, msgspec.Struct):
+                walk(value, key)
+            elif name in BIND_HOST_FIELDS:
+                try:
+                    ipaddress.ip_address(value)
+                except ValueError:
+                    raise SettingsError(
+                        key,
+                        f"{value!r} is not an IP address: use one of this machine's addresses, "
+                        '"0.0.0.0" or "::" (all interfaces) or "127.0.0.1" (this host only)',
+                    ) from None
+
+    walk(settings, "")
 
 
 def load_settings(

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 
-from adapters.metrics import Family, MetricsExporter, MetricsServer, counter, counters_by, gauge
+from adapters.metrics import (
+    Family,
+    MetricsAddress,
+    MetricsExporter,
+    MetricsServer,
+    counter,
+    counters_by,
+    gauge,
+)
 from gateway.counters import GatewayCounters
 
 _COUNTERS = {
@@ -67,16 +75,18 @@ def gateway_families(
 
 
 def serve_metrics(
+    host: str,
     port: int,
     *,
     gateway_id: str,
     counters: GatewayCounters,
     gauges: Callable[[], Mapping[str, int]],
 ) -> MetricsServer:
-    """Serve /metrics on 127.0.0.1:``port`` in a daemon thread.
+    """Serve /metrics on ``host``:``port`` in a daemon thread.
 
-    A port that cannot be bound (taken, or privileged) is a SettingsError
-    naming the setting: the service checks it before it connects anywhere.
+    An address that cannot be bound (port taken or privileged, host not this
+    machine's) is a SettingsError naming the setting: the service checks it
+    before it connects anywhere.
     """
     exporter = MetricsExporter(
         prefix="cityhub_gateway",
@@ -84,4 +94,4 @@ def serve_metrics(
         instance=gateway_id,
         collect=lambda: gateway_families(counters, gauges),
     )
-    return exporter.serve(port, setting="gateway.metrics_port")
+    return exporter.serve(MetricsAddress(host, port, section="gateway"))

@@ -808,13 +808,14 @@ class Gateway:
             self.birth,
             self.outbox.depth().readings,
         )
-        # The metrics port first: a port that cannot be bound is a settings
+        # The metrics address first: one that cannot be bound is a settings
         # error, raised before any broker connection (and so any birth or Will).
         metrics_server = None
         if self.settings.metrics_port:
             from gateway.metrics import serve_metrics
 
             metrics_server = serve_metrics(
+                self.settings.metrics_host,
                 self.settings.metrics_port,
                 gateway_id=self.gateway_id,
                 counters=self.counters,

@@ -2,7 +2,8 @@
 
 ``IngestCounters`` is what the service counts (monotonic totals) plus the
 latency samples of the current stats interval; ``serve_metrics`` exposes the
-totals, commit latency and lag histograms on 127.0.0.1. Readings per second
+totals, commit latency and lag histograms on ``ingest.metrics_host`` (loopback
+by default). Readings per second
 is ``rate(cityhub_ingest_readings_total[1m])`` in Prometheus. Writing the
 stats rows for Grafana is the service's business (it reads these counters).
 """
@@ -17,6 +18,7 @@ from typing import Final
 
 from adapters.metrics import (
     Family,
+    MetricsAddress,
     MetricsExporter,
     MetricsServer,
     check_ports,
@@ -123,16 +125,17 @@ class IngestMetrics:
         yield gauge("broker_connected", "Broker connection up", int(self.broker_connected()))
 
 
-def serve_metrics(metrics: IngestMetrics, port: int) -> MetricsServer:
-    """Serve /metrics on 127.0.0.1:``port`` in a daemon thread.
+def serve_metrics(metrics: IngestMetrics, host: str, port: int) -> MetricsServer:
+    """Serve /metrics on ``host``:``port`` in a daemon thread.
 
-    A port that cannot be bound (taken, or privileged) is a SettingsError
-    naming the setting: the worker checks it before it connects anywhere.
+    An address that cannot be bound (port taken or privileged, host not this
+    machine's) is a SettingsError naming the setting: the worker checks it
+    before it connects anywhere.
     """
-    return metrics.exporter.serve(port, setting="ingest.metrics_port")
+    return metrics.exporter.serve(MetricsAddress(host, port, section="ingest"))
 
 
-def check_metrics_ports(first_port: int, count: int) -> None:
+def check_metrics_ports(host: str, first_port: int, count: int) -> None:
     """Raise SettingsError unless ``first_port`` .. ``first_port + count - 1`` can be bound now.
 
     The supervisor of several workers checks their ports before it starts
@@ -140,4 +143,4 @@ def check_metrics_ports(first_port: int, count: int) -> None:
     A port taken between this check and the worker's start is still that
     worker's SettingsError.
     """
-    check_ports(first_port, count, setting="ingest.metrics_port")
+    check_ports(MetricsAddress(host, first_port, section="ingest"), count)

@@ -689,11 +689,13 @@ class Ingest:
             self.subscriber.topic_filter,
             self.writer.schema,
         )
-        # The metrics port first: a port that cannot be bound is a settings
+        # The metrics address first: one that cannot be bound is a settings
         # error, raised before any broker connection.
         metrics_server: MetricsServer | None = None
         if self.metrics_port:
-            metrics_server = serve_metrics(self.metrics, self.metrics_port)
+            metrics_server = serve_metrics(
+                self.metrics, self.settings.metrics_host, self.metrics_port
+            )
         self.subscriber.start()
         if self.state_subscriber is not None:
             self.state_subscriber.start()

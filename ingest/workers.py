@@ -5,8 +5,9 @@
 calling process; more run as child processes (``spawn``: each gets a fresh
 interpreter, its own MQTT client ids (``ingest.mqtt.client_id_for``: worker id, process
 id and a random token, so two supervisors on one host never share one), its own
-database connection and, if enabled, /metrics on ``metrics_port + index``);
-worker 0 also stores the gateways' states (``ingest.service`` says why one).
+database connection and, if enabled, /metrics on ``metrics_host`` port
+``metrics_port + index``); worker 0 also stores the gateways' states
+(``ingest.service`` says why one).
 The supervisor restarts a worker that dies (kill -9, a crash) with a capped
 backoff, forwards SIGTERM/SIGINT as SIGTERM to the workers and waits for them;
 a worker whose supervisor is gone stops by itself. What a worker does is
@@ -96,7 +97,7 @@ def run_workers(settings: Settings, *, workers: int) -> None:
         asyncio.run(serve(build_worker(settings, 0)))
         return
     if settings.ingest.metrics_port:
-        check_metrics_ports(settings.ingest.metrics_port, workers)
+        check_metrics_ports(settings.ingest.metrics_host, settings.ingest.metrics_port, workers)
     _Supervisor(settings, workers).run()
 
 

@@ -108,3 +108,31 @@ def test_default_state_dir():
         "/home/an/.local/state/cityhub"
     )
     assert default_state_dir({"XDG_STATE_HOME": "/x"}, is_root=False) == Path("/x/cityhub")
+
+
+def test_metrics_hosts_default_to_loopback_and_take_ip_literals(tmp_path):
+    assert Settings().gateway.metrics_host == "127.0.0.1"
+    assert Settings().ingest.metrics_host == "127.0.0.1"
+    path = write(tmp_path, '[gateway]\nmetrics_host = "0.0.0.0"\n[ingest]\nmetrics_host = "::"\n')
+    settings = load_settings(path, {"CITYHUB_INGEST__METRICS_HOST": "fd00::2"})
+    assert settings.gateway.metrics_host == "0.0.0.0"  # noqa: S104 - the value under test
+    assert settings.ingest.metrics_host == "fd00::2"
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "key"),
+    [
+        ('[gateway]\nmetrics_host = "prometheus.local"\n', {}, "gateway.metrics_host"),
+        ('[ingest]\nmetrics_host = "localhost"\n', {}, "ingest.metrics_host"),
+        ('[ingest]\nmetrics_host = ""\n', {}, "ingest.metrics_host"),
+        ("", {"CITYHUB_GATEWAY__METRICS_HOST": "10.0.0.300"}, "gateway.metrics_host"),
+        ("", {"CITYHUB_INGEST__METRICS_HOST": "0.0.0.0:9101"}, "ingest.metrics_host"),
+    ],
+)
+def test_a_metrics_host_that_is_not_an_ip_address_is_refused_naming_the_key(
+    tmp_path, toml, env, key
+):
+    with pytest.raises(SettingsError) as info:
+        load_settings(write(tmp_path, toml), env)
+    assert info.value.key == key
+    assert "not an IP address" in info.value.problem

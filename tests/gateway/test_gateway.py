@@ -26,7 +26,9 @@ from tests.plugins.gateway import (
 pytestmark = pytest.mark.slow
 
 
-def test_readings_reach_ingest_and_leave_the_outbox_on_ack(mqtt_server, tmp_path, ids):
+def test_readings_reach_ingest_and_leave_the_outbox_on_ack(
+    mqtt_server, tmp_path, ids, other_address
+):
     gateway_id, prefix = ids
     devices = mqtt_devices(prefix, 10)
     ingest = FakeIngest(mqtt_server, gateway_id=gateway_id, prefix=prefix)
@@ -35,7 +37,10 @@ def test_readings_reach_ingest_and_leave_the_outbox_on_ack(mqtt_server, tmp_path
     publish_config(pub, gateway_id=gateway_id, prefix=prefix, devices=devices, version=1)
     broker = broker_settings(mqtt_server)
     with gateway_in_thread(
-        settings=gateway_settings(gateway_id, prefix, metrics_port=free_port()),
+        # /metrics on gateway.metrics_host: an address of this machine, not 127.0.0.1.
+        settings=gateway_settings(
+            gateway_id, prefix, metrics_host=other_address, metrics_port=free_port()
+        ),
         central=broker,
         site=broker,
         outbox=tmp_path / "outbox.sqlite3",
@@ -52,7 +57,7 @@ def test_readings_reach_ingest_and_leave_the_outbox_on_ack(mqtt_server, tmp_path
         assert first["queue_length"] == 0.0
         metrics = (
             urllib.request.urlopen(
-                f"http://127.0.0.1:{gw.settings.metrics_port}/metrics", timeout=5
+                f"http://{other_address}:{gw.settings.metrics_port}/metrics", timeout=5
             )
             .read()
             .decode()

@@ -1,10 +1,18 @@
-"""The gateway's /metrics text: names, labels and values read from its counters and gauges."""
+"""The gateway's /metrics text: names, labels and values read from its counters and gauges.
+
+And where it listens: ``gateway.metrics_host``, loopback unless set.
+"""
 
 from __future__ import annotations
 
+import errno
 import socket
+import urllib.error
 import urllib.request
 
+import pytest
+
+from contracts.errors import SettingsError
 from gateway.counters import GatewayCounters
 from gateway.metrics import serve_metrics
 
@@ -30,7 +38,9 @@ def test_counters_rejects_and_gauges_are_served_under_their_names():
     counters.rejects["bad_payload"] += 1
     counters.device_rejects["aq-1", "bad_payload"] += 1
     port = _free_port()
-    server = serve_metrics(port, gateway_id="gw-a", counters=counters, gauges=lambda: GAUGES)
+    server = serve_metrics(
+        "127.0.0.1", port, gateway_id="gw-a", counters=counters, gauges=lambda: GAUGES
+    )
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
             samples = {
@@ -47,3 +57,40 @@ def test_counters_rejects_and_gauges_are_served_under_their_names():
     assert samples[key] == 1
     for name, value in GAUGES.items():
         assert samples[f'cityhub_gateway_{name}{{gateway="gw-a"}}'] == value
+
+
+def scrape(host: str, port: int) -> str:
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as reply:
+        return str(reply.read().decode())
+
+
+def test_bound_to_another_address_it_answers_there_and_not_on_loopback(other_address):
+    counters = GatewayCounters()
+    counters.received = 5
+    port = _free_port()
+    server = serve_metrics(
+        other_address, port, gateway_id="gw-b", counters=counters, gauges=lambda: GAUGES
+    )
+    try:
+        assert 'cityhub_gateway_received_total{gateway="gw-b"} 5.0' in scrape(other_address, port)
+        with pytest.raises(urllib.error.URLError) as refused:
+            scrape("127.0.0.1", port)
+    finally:
+        server.close()
+    assert isinstance(refused.value.reason, ConnectionRefusedError)
+
+
+def test_an_address_not_of_this_machine_is_an_error_naming_the_host_key():
+    # 198.51.100.0/24 (TEST-NET-2) is documentation space, on no interface.
+    with pytest.raises(SettingsError) as info:
+        serve_metrics(
+            "198.51.100.254",
+            _free_port(),
+            gateway_id="gw-c",
+            counters=GatewayCounters(),
+            gauges=lambda: GAUGES,
+        )
+    assert info.value.key == "gateway.metrics_host"
+    assert "198.51.100.254:" in info.value.problem
+    assert isinstance(info.value.__cause__, OSError)
+    assert info.value.__cause__.errno == errno.EADDRNOTAVAIL

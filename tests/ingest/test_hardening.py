@@ -598,3 +598,50 @@ def test_a_busy_metrics_port_is_a_one_line_error_before_any_connection(
     # Not one connection reached the broker.
     assert proxy.accepted == 0
     proxy.close()
+
+
+def test_workers_serve_metrics_on_the_configured_host_and_not_on_loopback(
+    mqtt_server, db_url, migrated, tmp_path, other_address
+):
+    import urllib.error
+
+    first = free_port()
+    config = write_config(
+        tmp_path / "ingest.toml",
+        server=mqtt_server,
+        db_url=db_url,
+        schema=migrated,
+        settings=ingest_settings(f"t{tag()}", metrics_host=other_address, metrics_port=first),
+    )
+    log = tmp_path / "ingest.log"
+    proc = start_ingest_process(config, log, "--workers", "2")
+    try:
+        for index in (0, 1):
+            port = first + index
+            wait_for(
+                lambda port=port: _answers(other_address, port), 30, f"worker {index} /metrics"
+            )
+            assert f'cityhub_ingest_received_total{{worker="{_worker(index)}"}}' in scrape(
+                port, host=other_address
+            )
+            with pytest.raises(urllib.error.URLError) as refused:
+                scrape(port)
+            assert isinstance(refused.value.reason, ConnectionRefusedError)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+
+
+def _worker(index: int) -> str:
+    from ingest.workers import worker_id_for
+
+    return worker_id_for(index)
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        scrape(port, host=host)
+    except OSError:
+        return False
+    return True
