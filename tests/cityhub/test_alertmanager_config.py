@@ -474,6 +474,6 @@ def test_a_ward_route_accepts_a_code_or_a_bare_name():
         assert plan.ward_routes[0].ward == "Phường Hoàn Kiếm"
 
 
-def test_an_ambiguous_or_empty_file_is_refused():
+def test_a_file_without_receivers_is_refused():
     with pytest.raises(ReceiversError, match="at least one"):
         parse_receivers("", source="r.toml")
