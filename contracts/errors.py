@@ -9,6 +9,7 @@ move on) versus *unavailable* (retryable: back off and try again).
     HubError
      +-- SettingsError                 bad or missing configuration (names the key)
      +-- RuleError                     a bad alert rule file (names the file, the rule and the key)
+     +-- ReceiversError                a bad Alertmanager receivers file (names the file, the key)
      +-- CatalogError                  a bad or refused device catalog file (names the file,
      |                                 the type and the key)
      +-- InputError                    bad input; carries a short ``reason`` code
@@ -89,6 +90,20 @@ class RuleError(HubError):
         super().__init__(f"{where}: {problem}")
         self.source = source
         self.rule_id = rule_id
+        self.key = key
+        self.problem = problem
+
+
+class ReceiversError(HubError):
+    """An Alertmanager receivers file is unreadable or invalid.
+
+    ``source`` is the file, ``key`` the dotted key in it (None for the whole file).
+    """
+
+    def __init__(self, source: str, key: str | None, problem: str) -> None:
+        where = source if key is None else f"{source}: key {key!r}"
+        super().__init__(f"{where}: {problem}")
+        self.source = source
         self.key = key
         self.problem = problem
 

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from cityhub.cli import alertmanager as alertmanager_cli
 from cityhub.cli import alerts as alerts_cli
 from cityhub.cli import audit as audit_cli
 from cityhub.cli import catalog as catalog_cli
@@ -46,6 +47,7 @@ app.add_typer(gateway_cli.app, name="gateway")
 app.add_typer(ingest_cli.app, name="ingest")
 app.add_typer(sim_cli.app, name="sim")
 app.add_typer(alerts_cli.app, name="alerts")
+app.add_typer(alertmanager_cli.app, name="alertmanager")
 app.command(name="up")(up_cli.up)
 app.command(name="soak")(soak_cli.soak)
 app.add_typer(sites_cli.app, name="sites")
