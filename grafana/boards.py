@@ -1,6 +1,9 @@
-"""The five operator boards, built with grafana-foundation-sdk builders.
+"""The seven operator boards, built with grafana-foundation-sdk builders.
 
-``build_boards()`` returns them by file name (``city-overview`` ...). Every
+``build_boards()`` returns them by file name (``city-overview`` ...), five
+city boards and two drill-down boards, ``site`` (uid ``cityhub-site``) and
+``device`` (uid ``cityhub-device``; notifications link to
+``/d/cityhub-device/?var-device=<id>``). Every
 panel reads cityhub's TimescaleDB through the provisioned PostgreSQL
 datasource with raw SQL (``grafana.sqlquery``). Table names are not
 schema-qualified: the datasource's database role has ``search_path`` set to
@@ -19,7 +22,21 @@ Conventions every query follows, so the SQL can be checked outside Grafana
   (wide) or ``metric`` text plus one numeric ``value`` (long);
 - the Geomap's queries return ``latitude`` and ``longitude``;
 - the template variables ``ward``, ``site`` and ``device_type`` are
-  multi-value with "All" and are used as ``IN (${var:sqlstring})``.
+  multi-value with "All" and are used as ``IN (${var:sqlstring})``; the
+  drill-down boards' ``site`` and ``device`` hold one value, used the same way.
+
+Links: every board links to every other (dashboard links keeping the time
+range and passing, as ``${var:queryparam}``, each variable both boards
+define, except several sites to the site board's one). Device id cells link
+to the device board and site cells to the site board (the map's site names
+too), with ``${__url_time_range}``; a site cell's link reads the row's
+``site_id``, a column its table returns and hides.
+
+The device board shows every metric of the device's type in one long-format
+panel: the type is known only when the query runs, so its SQL is a UNION
+ALL of every catalog type's metrics, each branch filtered by the device (the
+other types' branches return nothing). One query, so the tests run it for
+devices of two types and check the metrics it returns.
 
 The location filter is the current ward or commune (``ward``: Hanoi's
 two-tier geography since 1 July 2025, ``contracts.geography``), its values
@@ -29,8 +46,11 @@ site stored before the geography has no unit: it is listed under
 The former district is history, not a filter: tables show it next to the
 ward ("Quận cũ (former district)"), and it may be NULL.
 
-"Online" means a reading newer than five minutes: every device type reports
-at least every minute, and the shortest no-data alert (kiosks) is 5 minutes.
+"Online" means a reading newer than the device type's ``offline_after_s``
+(the catalog's, stored in ``device_types``), tested by
+``contracts.schema.online_sql``: the same test as ``cityhub status`` and the
+no-data rules. Gateways, which are no device type, are silent after
+``GATEWAY_SILENT_AFTER_S``.
 """
 
 from __future__ import annotations
