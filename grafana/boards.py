@@ -1,6 +1,9 @@
-"""The five operator boards, built with grafana-foundation-sdk builders.
+"""The seven operator boards, built with grafana-foundation-sdk builders.
 
-``build_boards()`` returns them by file name (``city-overview`` ...). Every
+``build_boards()`` returns them by file name (``city-overview`` ...), five
+city boards and two drill-down boards, ``site`` (uid ``cityhub-site``) and
+``device`` (uid ``cityhub-device``; notifications link to
+``/d/cityhub-device/?var-device=<id>``). Every
 panel reads cityhub's TimescaleDB through the provisioned PostgreSQL
 datasource with raw SQL (``grafana.sqlquery``). Table names are not
 schema-qualified: the datasource's database role has ``search_path`` set to
@@ -19,7 +22,21 @@ Conventions every query follows, so the SQL can be checked outside Grafana
   (wide) or ``metric`` text plus one numeric ``value`` (long);
 - the Geomap's queries return ``latitude`` and ``longitude``;
 - the template variables ``ward``, ``site`` and ``device_type`` are
-  multi-value with "All" and are used as ``IN (${var:sqlstring})``.
+  multi-value with "All" and are used as ``IN (${var:sqlstring})``; the
+  drill-down boards' ``site`` and ``device`` hold one value, used the same way.
+
+Links: every board links to every other (dashboard links keeping the time
+range and passing, as ``${var:queryparam}``, each variable both boards
+define, except several sites to the site board's one). Device id cells link
+to the device board and site cells to the site board (the map's site names
+too), with ``${__url_time_range}``; a site cell's link reads the row's
+``site_id``, a column its table returns and hides.
+
+The device board shows every metric of the device's type in one long-format
+panel: the type is known only when the query runs, so its SQL is a UNION
+ALL of every catalog type's metrics, each branch filtered by the device (the
+other types' branches return nothing). One query, so the tests run it for
+devices of two types and check the metrics it returns.
 
 The location filter is the current ward or commune (``ward``: Hanoi's
 two-tier geography since 1 July 2025, ``contracts.geography``), its values
@@ -29,14 +46,17 @@ site stored before the geography has no unit: it is listed under
 The former district is history, not a filter: tables show it next to the
 ward ("Quận cũ (former district)"), and it may be NULL.
 
-"Online" means a reading newer than five minutes: every device type reports
-at least every minute, and the shortest no-data alert (kiosks) is 5 minutes.
+"Online" means a reading newer than the device type's ``offline_after_s``
+(the catalog's, stored in ``device_types``), tested by
+``contracts.schema.online_sql``: the same test as ``cityhub status`` and the
+no-data rules. Gateways, which are no device type, are silent after
+``GATEWAY_SILENT_AFTER_S``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Final, TypeVar
 
 from grafana_foundation_sdk.builders import bargauge, geomap, piechart, stat, statetimeline, table
 from grafana_foundation_sdk.builders import common as common_builders
@@ -47,8 +67,15 @@ from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models import dashboard as model
 from grafana_foundation_sdk.models import geomap as geomap_model
 
-from contracts.catalog import AIR_QUALITY, CAMERA_COUNTER, KIOSK, SHIPPED_CATALOG, DeviceType
-from contracts.schema import ALERT_STATES, SEVERITIES, readings_table, rollup_table
+from contracts.catalog import (
+    AIR_QUALITY,
+    CAMERA_COUNTER,
+    KIOSK,
+    SHIPPED_CATALOG,
+    DeviceType,
+    MetricKind,
+)
+from contracts.schema import ALERT_STATES, SEVERITIES, online_sql, readings_table, rollup_table
 from grafana import tables
 from grafana.annotations import ALERT_TAG
 from grafana.palette import (
@@ -116,7 +143,19 @@ WATER_DEPTH: Final = _metric(WATER_LEVEL, "water_depth")
 RATING: Final = _metric(SATISFACTION_TERMINAL, "rating")
 RATING_LABELS: Final = SATISFACTION_TERMINAL.metric("rating").labels
 
-ONLINE_WINDOW: Final = "interval '5 minutes'"
+# "Online" on every board: seen within the device type's offline_after_s, on
+# a device_state alias `ds` and a device_types alias `dt` joined by type.
+ONLINE: Final = online_sql("ds.last_seen", "dt.offline_after_s")
+OFFLINE: Final = f"(ds.last_seen IS NULL OR NOT {ONLINE})"
+DEVICE_STATUS: Final = f"""CASE
+    WHEN ds.last_seen IS NULL THEN 'Chưa gửi (never)'
+    WHEN {ONLINE} THEN 'Trực tuyến (online)'
+    ELSE 'Mất kết nối (offline)'
+  END"""
+_TYPE_JOIN: Final = f"LEFT JOIN {DEVICE_TYPES_TABLE} dt ON dt.device_type = d.device_type"
+# Gateways are no device type: they report their state every 10 s
+# (state_interval_s), so five minutes without one is thirty missed reports.
+GATEWAY_SILENT_AFTER_S: Final = 300
 ACTIVE_STATES: Final = "({})".format(
     ", ".join(f"'{state}'" for state in ALERT_STATES if state.startswith("active_"))
 )
@@ -142,32 +181,34 @@ Panel = cogbuilder.Builder[model.Panel]
 # --- shared pieces -----------------------------------------------------------------
 
 
-def _variables(*, with_type: bool = True) -> list[board.QueryVariable]:
-    ds = datasource_ref()
+def _variable(
+    name: str,
+    label: str,
+    sql: str,
+    sort: model.VariableSort = model.VariableSort.ALPHABETICAL_CASE_INSENSITIVE_ASC,
+    *,
+    single: bool = False,
+) -> board.QueryVariable:
+    """A query variable: multi-value with "All", or ``single`` (Grafana starts on the first)."""
+    variable = (
+        board.QueryVariable(name)
+        .label(label)
+        .datasource(datasource_ref())
+        .query(sql)
+        .refresh(model.VariableRefresh.ON_DASHBOARD_LOAD)
+        .sort(sort)
+    )
+    if single:
+        return variable.multi(False).include_all(False)
     everything = model.VariableOption(selected=True, text="All", value="$__all")
+    return variable.multi(True).include_all(True).current(everything)
 
-    def variable(
-        name: str,
-        label: str,
-        sql: str,
-        sort: model.VariableSort = model.VariableSort.ALPHABETICAL_CASE_INSENSITIVE_ASC,
-    ) -> board.QueryVariable:
-        return (
-            board.QueryVariable(name)
-            .label(label)
-            .datasource(ds)
-            .query(sql)
-            .multi(True)
-            .include_all(True)
-            .current(everything)
-            .refresh(model.VariableRefresh.ON_DASHBOARD_LOAD)
-            .sort(sort)
-        )
 
+def _variables(*, with_type: bool = True, single_site: bool = False) -> list[board.QueryVariable]:
     variables = [
         # Units with a site, by name in the database's collation (Grafana's
         # sort off, so it keeps that order), then the sites without a unit.
-        variable(
+        _variable(
             "ward",
             "Phường/Xã (ward/commune)",
             f"SELECT {WARD_NAME} AS __text, {_UNIT_VALUE} AS __value\n"
@@ -176,16 +217,17 @@ def _variables(*, with_type: bool = True) -> list[board.QueryVariable]:
             "ORDER BY s.unit_code IS NULL, u.name",
             model.VariableSort.DISABLED,
         ),
-        variable(
+        _variable(
             "site",
             "Điểm (site)",
             f"SELECT s.name AS __text, s.site_id AS __value FROM {SITES} s "
             f"WHERE {_UNIT_VALUE} IN (${{ward:sqlstring}})",
+            single=single_site,
         ),
     ]
     if with_type:
         variables.append(
-            variable(
+            _variable(
                 "device_type",
                 "Loại thiết bị (device type)",
                 f"SELECT device_type FROM {DEVICE_TYPES_TABLE}",
@@ -296,8 +338,16 @@ def _table(title: str, sql: str, *, height: int = 9, width: int = 12) -> table.P
 
 
 def _board(
-    uid: str, title: str, tags: list[str], description: str, *, with_type: bool = True
+    uid: str,
+    title: str,
+    tags: list[str],
+    description: str,
+    *,
+    variables: Sequence[board.QueryVariable] | None = None,
+    with_type: bool = True,
 ) -> board.Dashboard:
+    if variables is None:
+        variables = _variables(with_type=with_type)
     return (
         board.Dashboard(title)
         .uid(uid)
@@ -308,7 +358,7 @@ def _board(
         .refresh("1m")
         .editable()
         .tooltip(model.DashboardCursorSync.CROSSHAIR)
-        .variables(list(_variables(with_type=with_type)))
+        .variables(list(variables))
     )
 
 
@@ -340,6 +390,105 @@ def _numbered(dashboard: board.Dashboard, panels: Sequence[Panel]) -> board.Dash
     return dashboard
 
 
+# --- links between the boards ------------------------------------------------------
+
+SITE_BOARD_UID: Final = "cityhub-site"
+# Notifications link to /d/cityhub-device/?var-device=<id>: keep the uid and the variable.
+DEVICE_BOARD_UID: Final = "cityhub-device"
+# The column every table with a site cell returns (hidden), for the site board's link.
+SITE_ID_FIELD: Final = "site_id"
+DEVICE_FIELD: Final = "Thiết bị (device)"
+SITE_FIELD: Final = "Điểm (site)"
+
+
+def _data_link(title: str, uid: str, variable: str, value: str) -> dict[str, object]:
+    """A cell's link to another board, for ``value``, in the dashboard's time range."""
+    return {
+        "title": title,
+        "url": f"/d/{uid}/?var-{variable}={value}&${{__url_time_range}}",
+        "targetBlank": False,
+    }
+
+
+def _device_link() -> model.DynamicConfigValue:
+    return model.DynamicConfigValue(
+        id_val="links",
+        value=[
+            _data_link("Xem thiết bị (device board)", DEVICE_BOARD_UID, "device", "${__value.raw}")
+        ],
+    )
+
+
+def _site_link() -> model.DynamicConfigValue:
+    return model.DynamicConfigValue(
+        id_val="links",
+        value=[
+            _data_link(
+                "Xem điểm (site board)",
+                SITE_BOARD_UID,
+                "site",
+                f"${{__data.fields.{SITE_ID_FIELD}}}",
+            )
+        ],
+    )
+
+
+_P = TypeVar("_P", table.Panel, geomap.Panel)
+
+
+def _linked(panel: _P, *, device: str | None = DEVICE_FIELD, site: str | None = SITE_FIELD) -> _P:
+    """Device id cells link to the device board, site cells to the site board.
+
+    A site cell's link reads the row's ``site_id``, which a table returns and
+    hides (the map shows it in its tooltip).
+    """
+    if device is not None:
+        panel.override_by_name(device, [_device_link()])
+    if site is not None:
+        panel.override_by_name(site, [_site_link()])
+        if isinstance(panel, table.Panel):
+            panel.override_by_name(
+                SITE_ID_FIELD, [model.DynamicConfigValue(id_val="custom.hidden", value=True)]
+            )
+    return panel
+
+
+def _variable_kinds(dashboard: model.Dashboard) -> dict[str, bool]:
+    """A board's variables: name -> multi-value."""
+    templating = dashboard.templating.list_val if dashboard.templating else None
+    return {v.name: bool(v.multi) for v in templating or []}
+
+
+def _link_boards(boards: Sequence[model.Dashboard]) -> None:
+    """Every board links to every other, keeping the time range.
+
+    A link carries each variable both boards define, unless it would pass
+    several values to a single-value variable (a city board's sites to the
+    site board). Grafana's ``includeVars`` passes every variable, even those
+    the other board lacks, so the links name theirs (``${var:queryparam}``).
+    """
+    for source in boards:
+        mine = _variable_kinds(source)
+        links = []
+        for target in boards:
+            if target.uid == source.uid:
+                continue
+            theirs = _variable_kinds(target)
+            shared = [n for n, multi in mine.items() if n in theirs and (theirs[n] or not multi)]
+            query = "&".join(f"${{{name}:queryparam}}" for name in shared)
+            links.append(
+                model.DashboardLink(
+                    title=target.title or "",
+                    type_val=model.DashboardLinkType.LINK,
+                    icon="dashboard",
+                    tooltip=target.description or "",
+                    url=f"/d/{target.uid}/" + (f"?{query}" if query else ""),
+                    keep_time=True,
+                )
+            )
+        source.links = links
+
+
 class _Built(cogbuilder.Builder[model.Panel]):
     def __init__(self, panel: model.Panel) -> None:
         self._panel = panel
@@ -354,17 +503,17 @@ _SITE_STATUS_SQL: Final = f"""SELECT s.site_id, s.name, {WARD_NAME} AS ward,
   s.district AS former_district, s.kind,
   s.latitude, s.longitude,
   count(d.device_id) AS devices,
-  count(d.device_id) FILTER (WHERE ds.last_seen > now() - {ONLINE_WINDOW}) AS online,
+  count(d.device_id) FILTER (WHERE {ONLINE}) AS online,
   coalesce(max(a.open_alerts), 0) AS open_alerts,
   CASE
-    WHEN count(d.device_id) FILTER (WHERE ds.last_seen > now() - {ONLINE_WINDOW})
-      < count(d.device_id) THEN 2
+    WHEN count(d.device_id) FILTER (WHERE {ONLINE}) < count(d.device_id) THEN 2
     WHEN coalesce(max(a.open_alerts), 0) > 0 THEN 1
     ELSE 0
   END AS status
 FROM {SITES} s
 {_UNIT_JOIN}
 LEFT JOIN {DEVICES} d ON d.site_id = s.site_id AND d.status = 'active' AND {TYPE_FILTER}
+{_TYPE_JOIN}
 LEFT JOIN {DEVICE_STATE} ds ON ds.device_id = d.device_id
 LEFT JOIN (
   SELECT site_id, count(*) AS open_alerts FROM {ALERTS}
@@ -375,7 +524,7 @@ GROUP BY s.site_id, u.name
 ORDER BY status DESC, s.name"""
 
 _LATEST_AQI_SQL: Final = f"""SELECT DISTINCT ON (h.site_id)
-  h.ts AS "time", s.name, {WARD_NAME} AS ward, s.district AS former_district,
+  h.ts AS "time", h.site_id, s.name, {WARD_NAME} AS ward, s.district AS former_district,
   s.latitude, s.longitude, h.vn_aqi, h.band, h.dominant
 FROM {AQI_HOURLY} h
 JOIN {SITES} s ON s.site_id = h.site_id
@@ -414,7 +563,7 @@ def _marker_layer(
 
 
 def _site_map() -> geomap.Panel:
-    return (
+    return _linked(
         geomap.Panel()
         .title("Bản đồ điểm giám sát Hà Nội (sites: status and VN_AQI)")
         .description(
@@ -443,7 +592,9 @@ def _site_map() -> geomap.Panel:
                 model.DynamicConfigValue(id_val="thresholds", value=_aqi_thresholds().build()),
                 model.DynamicConfigValue(id_val="color", value={"mode": "thresholds"}),
             ],
-        )
+        ),
+        device=None,
+        site="name",
     )
 
 
@@ -474,12 +625,12 @@ def _site_status_colours() -> list[model.DynamicConfigValue]:
 
 
 _DEVICES_ONLINE_SQL: Final = f"""SELECT
-  count(*) FILTER (WHERE ds.last_seen > now() - {ONLINE_WINDOW}) AS "Trực tuyến (online)",
-  count(*) FILTER (WHERE ds.last_seen IS NULL OR ds.last_seen <= now() - {ONLINE_WINDOW})
-    AS "Mất kết nối (offline)",
+  count(*) FILTER (WHERE {ONLINE}) AS "Trực tuyến (online)",
+  count(*) FILTER (WHERE {OFFLINE}) AS "Mất kết nối (offline)",
   count(*) AS "Tổng (total)"
 FROM {DEVICES} d
 JOIN {SITES} s ON s.site_id = d.site_id
+{_TYPE_JOIN}
 LEFT JOIN {DEVICE_STATE} ds ON ds.device_id = d.device_id
 WHERE d.status = 'active' AND {SITE_FILTER} AND {TYPE_FILTER}"""
 
@@ -536,14 +687,14 @@ def _open_alerts(width: int = 8, height: int = 11) -> bargauge.Panel:
 
 _ATTENTION_SQL: Final = f"""SELECT s.name AS "Điểm (site)",
   {WARD_NAME} AS "Phường/Xã (ward/commune)", s.district AS "Quận cũ (former district)",
-  count(d.device_id) FILTER (WHERE ds.last_seen IS NULL OR ds.last_seen <= now() - {ONLINE_WINDOW})
-    AS "Mất kết nối (offline)",
+  count(d.device_id) FILTER (WHERE {OFFLINE}) AS "Mất kết nối (offline)",
   (SELECT count(*) FROM {ALERTS} a WHERE a.site_id = s.site_id AND a.state IN {ACTIVE_STATES})
     AS "Cảnh báo (alerts)",
-  max(ds.last_seen) AS "Lần cuối (last seen)"
+  max(ds.last_seen) AS "Lần cuối (last seen)", s.site_id
 FROM {SITES} s
 {_UNIT_JOIN}
 JOIN {DEVICES} d ON d.site_id = s.site_id AND d.status = 'active' AND {TYPE_FILTER}
+{_TYPE_JOIN}
 LEFT JOIN {DEVICE_STATE} ds ON ds.device_id = d.device_id
 WHERE {SITE_FILTER}
 GROUP BY s.site_id, u.name
@@ -563,7 +714,10 @@ def city_overview() -> board.Dashboard:
             _site_map(),
             _devices_online(),
             _open_alerts(),
-            _table("Điểm cần chú ý (sites needing attention)", _ATTENTION_SQL, width=24),
+            _linked(
+                _table("Điểm cần chú ý (sites needing attention)", _ATTENTION_SQL, width=24),
+                device=None,
+            ),
         ],
     )
 
@@ -907,15 +1061,12 @@ _DEVICES_SQL: Final = f"""SELECT d.device_id AS "Thiết bị (device)", d.devic
   s.district AS "Quận cũ (former district)", d.gateway_id AS "Gateway",
   ds.last_seen AS "Lần cuối (last seen)",
   extract(epoch FROM now() - ds.last_seen) AS "Im lặng (silent, s)",
-  CASE
-    WHEN ds.last_seen IS NULL THEN 'Chưa gửi (never)'
-    WHEN ds.last_seen > now() - {ONLINE_WINDOW} THEN 'Trực tuyến (online)'
-    ELSE 'Mất kết nối (offline)'
-  END AS "Trạng thái (status)",
-  ds.seq_gaps AS "Mất gói (seq gaps)"
+  {DEVICE_STATUS} AS "Trạng thái (status)",
+  ds.seq_gaps AS "Mất gói (seq gaps)", s.site_id
 FROM {DEVICES} d
 JOIN {SITES} s ON s.site_id = d.site_id
 {_UNIT_JOIN}
+{_TYPE_JOIN}
 LEFT JOIN {DEVICE_STATE} ds ON ds.device_id = d.device_id
 WHERE d.status = 'active' AND {SITE_FILTER} AND {TYPE_FILTER}
 ORDER BY ds.last_seen ASC NULLS FIRST"""
@@ -999,12 +1150,12 @@ WHERE $__timeFilter(h.ts) AND {_GATEWAY_SITE_FILTER}
 GROUP BY 1, 2
 ORDER BY 1"""
 
-# A gateway that reported "online" but nothing for five minutes is silent
+# A gateway that reported "online" but nothing for GATEWAY_SILENT_AFTER_S is silent
 # (killed without its Will reaching ingest, or ingest's state worker away).
 _GATEWAY_STATE: Final = f"""CASE
     WHEN gs.gateway_id IS NULL THEN 3
     WHEN gs.status = 'offline' THEN 2
-    WHEN gs.ts <= now() - {ONLINE_WINDOW} THEN 1
+    WHEN NOT {online_sql("gs.ts", str(GATEWAY_SILENT_AFTER_S))} THEN 1
     ELSE 0
   END"""
 _GATEWAY_STATES: Final[dict[str, tuple[str, str | None]]] = {
@@ -1058,10 +1209,12 @@ ORDER BY 3 DESC, 4 DESC
 LIMIT 200"""
 
 
-def _gateway_status(width: int = 24, height: int = 9) -> table.Panel:
+def _gateway_status(
+    width: int = 24, height: int = 9, sql: str = _GATEWAY_STATUS_SQL
+) -> table.Panel:
     return _table(
         "Trạng thái gateway (latest gateway status)",
-        _GATEWAY_STATUS_SQL,
+        sql,
         width=width,
         height=height,
     ).override_by_name(
@@ -1103,8 +1256,13 @@ def fleet_health() -> board.Dashboard:
                 height=6,
                 width=16,
             ),
-            _table(
-                "Thiết bị và lần cuối gửi (devices, last seen)", _DEVICES_SQL, width=24, height=10
+            _linked(
+                _table(
+                    "Thiết bị và lần cuối gửi (devices, last seen)",
+                    _DEVICES_SQL,
+                    width=24,
+                    height=10,
+                )
             ),
             _series("Tốc độ ghi (ingest rate)", _INGEST_RATE_SQL, unit="none"),
             _series("Độ trễ ghi (ingest lag and commit time)", _INGEST_LAG_SQL, unit="ms"),
@@ -1144,7 +1302,7 @@ _ACTIVE_ALERTS_SQL: Final = f"""SELECT a.raised_at AS "Bắt đầu (raised)",
   a.severity AS "Mức độ (severity)",
   a.rule_id AS "Quy tắc (rule)", a.device_id AS "Thiết bị (device)", s.name AS "Điểm (site)",
   a.value AS "Giá trị (value)", a.message AS "Nội dung (message)", a.state AS "Trạng thái (state)",
-  a.acked_by AS "Xác nhận bởi (acked by)"
+  a.acked_by AS "Xác nhận bởi (acked by)", s.site_id
 FROM {ALERTS} a
 JOIN {DEVICES} d ON d.device_id = a.device_id
 JOIN {SITES} s ON s.site_id = d.site_id
@@ -1179,7 +1337,7 @@ _HISTORY_SQL: Final = f"""SELECT a.raised_at AS "Bắt đầu (raised)",
   extract(epoch FROM coalesce(a.cleared_at, now()) - a.raised_at) AS "Thời lượng (duration)",
   a.severity AS "Mức độ (severity)", a.rule_id AS "Quy tắc (rule)",
   a.device_id AS "Thiết bị (device)", s.name AS "Điểm (site)", a.message AS "Nội dung (message)",
-  a.state AS "Trạng thái (state)"
+  a.state AS "Trạng thái (state)", s.site_id
 FROM {ALERTS} a
 JOIN {DEVICES} d ON d.device_id = a.device_id
 JOIN {SITES} s ON s.site_id = d.site_id
@@ -1192,7 +1350,8 @@ LIMIT 500"""
 _TRANSITIONS_SQL: Final = f"""SELECT t.ts AS "Thời điểm (time)", t.alert_id AS "Cảnh báo (alert)",
   a.rule_id AS "Quy tắc (rule)", a.device_id AS "Thiết bị (device)",
   coalesce(t.from_state, '') AS "Từ (from)", t.to_state AS "Sang (to)",
-  t.severity AS "Mức độ (severity)", t.value AS "Giá trị (value)", t.note AS "Ghi chú (note)"
+  t.severity AS "Mức độ (severity)", t.value AS "Giá trị (value)", t.note AS "Ghi chú (note)",
+  s.name AS "Điểm (site)", s.site_id
 FROM {ALERT_TRANSITIONS} t
 JOIN {ALERTS} a ON a.alert_id = t.alert_id
 JOIN {DEVICES} d ON d.device_id = a.device_id
@@ -1239,7 +1398,7 @@ def _active_by_severity() -> stat.Panel:
 
 
 def _active_alerts() -> table.Panel:
-    return (
+    return _linked(
         _table("Cảnh báo đang mở (active alerts)", _ACTIVE_ALERTS_SQL, width=24, height=9)
         .override_by_name("Mức độ (severity)", _severity_cells())
         .override_by_name(
@@ -1250,7 +1409,7 @@ def _active_alerts() -> table.Panel:
 
 
 def _alert_history() -> table.Panel:
-    return (
+    return _linked(
         _table("Lịch sử cảnh báo (alert history)", _HISTORY_SQL, width=24, height=10)
         .override_by_name("Mức độ (severity)", _severity_cells())
         .override_by_name(
@@ -1283,7 +1442,294 @@ def alerts() -> board.Dashboard:
             ),
             _active_alerts(),
             _alert_history(),
-            _table("Chuyển trạng thái (alert transitions)", _TRANSITIONS_SQL, width=24, height=10),
+            _linked(
+                _table(
+                    "Chuyển trạng thái (alert transitions)", _TRANSITIONS_SQL, width=24, height=10
+                )
+            ),
+        ],
+    )
+
+
+# --- site --------------------------------------------------------------------------
+
+# One site, chosen in the single-value `site` variable (`IN` all the same, so
+# a link or a test may pass several).
+ONE_SITE: Final = "IN (${site:sqlstring})"
+
+_SITE_DEVICES_SQL: Final = f"""SELECT d.device_id AS "{DEVICE_FIELD}",
+  d.device_type AS "Loại (type)", d.label AS "Nhãn (label)", d.gateway_id AS "Gateway",
+  {DEVICE_STATUS} AS "Trạng thái (status)",
+  ds.last_seen AS "Lần cuối (last seen)",
+  extract(epoch FROM now() - ds.last_seen) AS "Im lặng (silent, s)",
+  dt.offline_after_s AS "Mất kết nối sau (offline after, s)",
+  d.status AS "Đăng ký (registration)"
+FROM {DEVICES} d
+{_TYPE_JOIN}
+LEFT JOIN {DEVICE_STATE} ds ON ds.device_id = d.device_id
+WHERE d.site_id {ONE_SITE}
+ORDER BY d.status, {ONLINE} NULLS FIRST, d.device_id"""
+
+_SITE_ALERTS_SQL: Final = f"""SELECT a.raised_at AS "Bắt đầu (raised)",
+  a.severity AS "Mức độ (severity)", a.rule_id AS "Quy tắc (rule)",
+  a.device_id AS "{DEVICE_FIELD}", a.value AS "Giá trị (value)",
+  a.message AS "Nội dung (message)", a.state AS "Trạng thái (state)"
+FROM {ALERTS} a
+WHERE a.site_id {ONE_SITE} AND a.state IN {ACTIVE_STATES}
+ORDER BY array_position(ARRAY{list(SEVERITIES)}::text[], a.severity), a.raised_at DESC"""
+
+_SITE_GATEWAYS_SQL: Final = f"""SELECT g.gateway_id AS "Gateway",
+  {_GATEWAY_STATE} AS "Trạng thái (status)",
+  gs.outbox_depth AS "Hàng đợi gửi (outbox, batches)",
+  gs.readings_per_s AS "Bản tin/giây (readings/s)",
+  gs.devices_online AS "Thiết bị trực tuyến (devices online)",
+  gs.version AS "Phiên bản (version)",
+  gs.ts AS "Cập nhật (last update)"
+FROM {GATEWAYS} g
+LEFT JOIN {GATEWAY_STATUS} gs ON gs.gateway_id = g.gateway_id
+WHERE g.site_id {ONE_SITE} AND g.status = 'active'
+ORDER BY 2 DESC, 1"""
+
+# What ingest and the site's gateways refused: rows of its devices, and the
+# gateways' own rows (ids no gateway serves, overflow counts).
+_SITE_REJECTS_SQL: Final = f"""SELECT r.received_at AS "Nhận lúc (received)",
+  coalesce(r.device_id, '(không rõ / none)') AS "{DEVICE_FIELD}",
+  r.gateway_id AS "Gateway", r.reason AS "Lý do (reason)", r.count AS "Số lần (count)",
+  r.detail AS "Chi tiết (detail)"
+FROM {REJECTS} r
+LEFT JOIN {DEVICES} d ON d.device_id = r.device_id
+LEFT JOIN {GATEWAYS} g ON g.gateway_id = r.gateway_id
+WHERE $__timeFilter(r.received_at) AND (d.site_id {ONE_SITE} OR g.site_id {ONE_SITE})
+ORDER BY r.received_at DESC
+LIMIT 200"""
+
+
+def _site_readings_sql(readings: str, value: str) -> str:
+    """One series per device of the site: ``value`` aggregates readings alias ``r``."""
+    return f"""SELECT $__timeGroupAlias(r.ts, $__interval), r.device_id AS metric,
+  {value} AS value
+FROM {readings} r
+JOIN {DEVICES} d ON d.device_id = r.device_id
+WHERE $__timeFilter(r.ts) AND d.site_id {ONE_SITE}
+GROUP BY 1, 2
+ORDER BY 1"""
+
+
+def site() -> board.Dashboard:
+    dashboard = _board(
+        SITE_BOARD_UID,
+        "Điểm giám sát · Site",
+        ["site", "drill-down"],
+        "Một điểm: thiết bị (trực tuyến, lần cuối gửi), cảnh báo đang mở, gateway, "
+        "bản tin gần đây theo loại thiết bị, bản tin bị loại.",
+        variables=_variables(with_type=False, single_site=True),
+    ).annotation(_alert_annotations())
+    devices = _linked(
+        _table("Thiết bị của điểm (devices)", _SITE_DEVICES_SQL, width=24, height=9), site=None
+    )
+    open_alerts = _linked(
+        _table("Cảnh báo đang mở (open alerts)", _SITE_ALERTS_SQL, width=24, height=7)
+        .override_by_name("Mức độ (severity)", _severity_cells())
+        .override_by_name(
+            "Trạng thái (state)",
+            [model.DynamicConfigValue(id_val="mappings", value=_state_mappings())],
+        ),
+        site=None,
+    )
+    # Each type's headline metric, a series per device; a panel stays empty
+    # at a site without devices of its type.
+    readings = [
+        _series(
+            "PM2.5 (µg/m³)",
+            _site_readings_sql(AIR_QUALITY_READINGS, f"avg(r.{PM25})"),
+            unit="conμgm3",
+            width=8,
+        ),
+        _series(
+            "Số người chờ (queue length)",
+            _site_readings_sql(KIOSK_READINGS, f"avg(r.{QUEUE_LENGTH})"),
+            unit="none",
+            width=8,
+        ),
+        _series(
+            "Số người trong sảnh (occupancy)",
+            _site_readings_sql(CAMERA_READINGS, f"max(r.{OCCUPANCY})"),
+            unit="none",
+            width=8,
+        ),
+        _series(
+            "Tiếng ồn LAeq (noise, dBA)",
+            _site_readings_sql(NOISE_READINGS, f"10 * log(avg(power(10, r.{LAEQ} / 10)))"),
+            unit="suffix: dBA",
+        ),
+        _series(
+            "Mức ngập (flooding, cm)",
+            _site_readings_sql(WATER_READINGS, f"max(r.{WATER_DEPTH})"),
+            unit="suffix: cm",
+        ),
+    ]
+    return _numbered(
+        dashboard,
+        [
+            devices,
+            open_alerts,
+            _gateway_status(height=6, sql=_SITE_GATEWAYS_SQL),
+            *readings,
+            _linked(
+                _table("Bản tin bị loại (recent rejects)", _SITE_REJECTS_SQL, width=24),
+                site=None,
+            ),
+        ],
+    )
+
+
+# --- device ------------------------------------------------------------------------
+
+# One device, chosen in the single-value `device` variable.
+ONE_DEVICE: Final = "IN (${device:sqlstring})"
+
+_DEVICE_VARIABLE_SQL: Final = f"""SELECT d.device_id || ' — '
+    || coalesce(nullif(d.label, ''), d.device_type) || ' (' || s.name || ')' AS __text,
+  d.device_id AS __value
+FROM {DEVICES} d
+JOIN {SITES} s ON s.site_id = d.site_id
+ORDER BY d.device_id"""
+
+_DEVICE_SQL: Final = f"""SELECT d.device_id AS "{DEVICE_FIELD}", d.device_type AS "Loại (type)",
+  d.label AS "Nhãn (label)", s.name AS "{SITE_FIELD}",
+  {WARD_NAME} AS "Phường/Xã (ward/commune)", d.gateway_id AS "Gateway",
+  d.status AS "Đăng ký (registration)", {DEVICE_STATUS} AS "Trạng thái (status)",
+  ds.last_seen AS "Lần cuối (last seen)",
+  extract(epoch FROM now() - ds.last_seen) AS "Im lặng (silent, s)",
+  dt.offline_after_s AS "Mất kết nối sau (offline after, s)",
+  ds.seq_gaps AS "Mất gói (seq gaps)", s.site_id
+FROM {DEVICES} d
+JOIN {SITES} s ON s.site_id = d.site_id
+{_UNIT_JOIN}
+{_TYPE_JOIN}
+LEFT JOIN {DEVICE_STATE} ds ON ds.device_id = d.device_id
+WHERE d.device_id {ONE_DEVICE}"""
+
+
+def _metric_label(device_type: DeviceType, name: str) -> str:
+    metric = device_type.metric(name)
+    label = f"{metric.name} ({metric.unit})" if metric.unit else metric.name
+    return label.replace("'", "''")
+
+
+def _device_metrics_sql() -> str:
+    """Every metric of the device's type, whatever the type: one branch per catalog type.
+
+    The device's type is known only when the query runs, so the query reads
+    every type's readings table for the device (its index on device_id and
+    ts makes the other types' branches empty and cheap) and returns the long
+    format, a series per metric. Booleans are 0 / 1, enums their codes.
+    """
+    branches = []
+    for index, device_type in enumerate(SHIPPED_CATALOG.types.values()):
+        readings = tables.table(readings_table(device_type.name))
+        alias = f"t{index}"
+        for metric in device_type.metrics:
+            column = _metric(device_type, metric.name)
+            value = (
+                f"{alias}.{column}::int" if metric.kind is MetricKind.BOOL else f"{alias}.{column}"
+            )
+            branches.append(
+                f"SELECT {alias}.ts, '{_metric_label(device_type, metric.name)}', "
+                f"{value}::float8\n  FROM {readings} {alias}\n"
+                f"  WHERE {alias}.device_id {ONE_DEVICE} AND $__timeFilter({alias}.ts)"
+            )
+    union = "\n  UNION ALL ".join(branches)
+    return f"""SELECT $__timeGroupAlias(r.ts, $__interval), r.metric, avg(r.value) AS value
+FROM (
+  {union}
+) AS r (ts, metric, value)
+WHERE r.value IS NOT NULL
+GROUP BY 1, 2
+ORDER BY 1"""
+
+
+_DEVICE_ALERTS_SQL: Final = f"""SELECT a.raised_at AS "Bắt đầu (raised)",
+  a.cleared_at AS "Kết thúc (cleared)",
+  extract(epoch FROM coalesce(a.cleared_at, now()) - a.raised_at) AS "Thời lượng (duration)",
+  a.severity AS "Mức độ (severity)", a.rule_id AS "Quy tắc (rule)",
+  a.value AS "Giá trị (value)", a.message AS "Nội dung (message)",
+  a.state AS "Trạng thái (state)"
+FROM {ALERTS} a
+WHERE a.device_id {ONE_DEVICE}
+  AND (a.raised_at <= $__timeTo()::timestamptz)
+  AND (a.cleared_at IS NULL OR a.cleared_at >= $__timeFrom()::timestamptz)
+ORDER BY a.raised_at DESC
+LIMIT 500"""
+
+_DEVICE_TRANSITIONS_SQL: Final = f"""SELECT t.ts AS "Thời điểm (time)",
+  t.alert_id AS "Cảnh báo (alert)",
+  a.rule_id AS "Quy tắc (rule)", coalesce(t.from_state, '') AS "Từ (from)",
+  t.to_state AS "Sang (to)", t.severity AS "Mức độ (severity)", t.value AS "Giá trị (value)",
+  t.note AS "Ghi chú (note)"
+FROM {ALERT_TRANSITIONS} t
+JOIN {ALERTS} a ON a.alert_id = t.alert_id
+WHERE $__timeFilter(t.ts) AND a.device_id {ONE_DEVICE}
+ORDER BY t.ts DESC
+LIMIT 500"""
+
+_DEVICE_REJECTS_SQL: Final = f"""SELECT r.received_at AS "Nhận lúc (received)",
+  r.gateway_id AS "Gateway", r.reason AS "Lý do (reason)", r.count AS "Số lần (count)",
+  coalesce(r.last_at, r.received_at) AS "Lần cuối (last seen)", r.detail AS "Chi tiết (detail)"
+FROM {REJECTS} r
+WHERE $__timeFilter(r.received_at) AND r.device_id {ONE_DEVICE}
+ORDER BY r.received_at DESC
+LIMIT 200"""
+
+
+def device() -> board.Dashboard:
+    variable = _variable(
+        "device",
+        "Thiết bị (device)",
+        _DEVICE_VARIABLE_SQL,
+        model.VariableSort.DISABLED,
+        single=True,
+    )
+    dashboard = _board(
+        DEVICE_BOARD_UID,
+        "Thiết bị · Device",
+        ["device", "drill-down"],
+        "Một thiết bị: loại, điểm, gateway, trực tuyến, mọi chỉ số theo thời gian, "
+        "cảnh báo và các lần chuyển trạng thái, bản tin bị loại.",
+        variables=[variable],
+    )
+    identity = _linked(
+        _table("Thiết bị (identity and state)", _DEVICE_SQL, width=24, height=5), device=None
+    )
+    history = (
+        _table("Cảnh báo của thiết bị (alerts)", _DEVICE_ALERTS_SQL, width=24, height=8)
+        .override_by_name("Mức độ (severity)", _severity_cells())
+        .override_by_name(
+            "Thời lượng (duration)", [model.DynamicConfigValue(id_val="unit", value="s")]
+        )
+        .override_by_name(
+            "Trạng thái (state)",
+            [model.DynamicConfigValue(id_val="mappings", value=_state_mappings())],
+        )
+    )
+    return _numbered(
+        dashboard,
+        [
+            identity,
+            _series(
+                "Mọi chỉ số của thiết bị (every metric of its type)",
+                _device_metrics_sql(),
+                width=24,
+                height=12,
+            ),
+            history,
+            _table(
+                "Chuyển trạng thái (alert transitions)",
+                _DEVICE_TRANSITIONS_SQL,
+                width=24,
+                height=8,
+            ),
+            _table("Bản tin bị loại (rejects)", _DEVICE_REJECTS_SQL, width=24, height=8),
         ],
     )
 
@@ -1294,9 +1740,13 @@ BOARDS: Final[dict[str, Callable[[], board.Dashboard]]] = {
     "service-halls": service_halls,
     "fleet-health": fleet_health,
     "alerts": alerts,
+    "site": site,
+    "device": device,
 }
 
 
 def build_boards() -> dict[str, model.Dashboard]:
-    """Every board, built, by file stem."""
-    return {name: make().build() for name, make in BOARDS.items()}
+    """Every board, built and linked to the others, by file stem."""
+    built = {name: make().build() for name, make in BOARDS.items()}
+    _link_boards(list(built.values()))
+    return built

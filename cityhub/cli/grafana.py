@@ -34,7 +34,7 @@ def build(
         typer.Option("--check", help="Write nothing; exit 1 if any file differs from the code."),
     ] = False,
 ) -> None:
-    """Generate the five boards from code (grafana-foundation-sdk) into JSON files."""
+    """Generate the seven boards from code (grafana-foundation-sdk) into JSON files."""
     from grafana.render import DASHBOARDS_DIR, stale_files, write_boards
 
     state = state_of(ctx)

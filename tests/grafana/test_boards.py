@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -84,7 +86,11 @@ def test_the_sql_query_type_refuses_keys_it_does_not_know() -> None:
         SqlQuery.from_json({"refId": "A", "rawSql": "SELECT 1", "rawsql": "typo"})
 
 
-def test_five_boards_in_vietnamese_in_hanoi_time() -> None:
+# Variables that hold one value: the drill-down boards' subjects.
+SINGLE = {("site.json", "site"), ("device.json", "device")}
+
+
+def test_seven_boards_in_vietnamese_in_hanoi_time() -> None:
     boards = {name: json.loads(text) for name, text in FILES.items()}
     assert set(boards) == {
         "city-overview.json",
@@ -92,21 +98,29 @@ def test_five_boards_in_vietnamese_in_hanoi_time() -> None:
         "service-halls.json",
         "fleet-health.json",
         "alerts.json",
+        "site.json",
+        "device.json",
     }
     uids = [b["uid"] for b in boards.values()]
-    assert len(set(uids)) == 5
+    assert len(set(uids)) == 7
+    assert boards["site.json"]["uid"] == "cityhub-site"
+    assert boards["device.json"]["uid"] == "cityhub-device"  # notifications link to it
     for name, board in boards.items():
         assert board["timezone"] == "Asia/Ho_Chi_Minh", name
         assert "·" in board["title"], name  # "Vietnamese · English"
         variables = {v["name"]: v for v in board["templating"]["list"]}
-        assert [v["name"] for v in board["templating"]["list"]][:2] == ["ward", "site"], name
-        assert variables["ward"]["label"] == "Phường/Xã (ward/commune)"
-        assert variables["ward"]["sort"] == 0, name  # the query orders the names
-        assert "${ward:sqlstring}" in variables["site"]["query"], name  # sites follow the ward
+        if name == "device.json":
+            assert list(variables) == ["device"]
+        else:
+            assert [v["name"] for v in board["templating"]["list"]][:2] == ["ward", "site"], name
+            assert variables["ward"]["label"] == "Phường/Xã (ward/commune)"
+            assert variables["ward"]["sort"] == 0, name  # the query orders the names
+            assert "${ward:sqlstring}" in variables["site"]["query"], name  # sites follow ward
         assert "district" not in variables, name  # the former district is shown, not a filter
         for variable in variables.values():
-            assert variable["multi"] is True
-            assert variable["includeAll"] is True
+            single = (name, variable["name"]) in SINGLE
+            assert variable["multi"] is not single, (name, variable["name"])
+            assert variable["includeAll"] is not single, (name, variable["name"])
             assert variable["datasource"]["uid"] == DATASOURCE_UID
         ids = [p["id"] for p in board["panels"]]
         assert ids == list(range(1, len(ids) + 1)), name
@@ -115,6 +129,92 @@ def test_five_boards_in_vietnamese_in_hanoi_time() -> None:
     assert "device_type" in {v["name"] for v in boards["fleet-health.json"]["templating"]["list"]}
     overview_types = {p["type"] for p in boards["city-overview.json"]["panels"]}
     assert "geomap" in overview_types
+
+
+def _data_links(node: object) -> Iterator[dict[str, str]]:
+    """Every data link in a panel's field config (defaults and overrides)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if (key == "links" and isinstance(value, list)) or (
+                key == "value" and node.get("id") == "links"
+            ):
+                yield from value
+            else:
+                yield from _data_links(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _data_links(item)
+
+
+_URL = re.compile(r"^/d/(?P<uid>[\w-]+)/(?:\?(?P<query>.*))?$")
+_QUERY_VARIABLE = re.compile(r"var-(\w+)=|\$\{(\w+):queryparam\}")
+
+
+def _link_target(url: str, uids: dict[str, dict]) -> tuple[str, set[str]]:
+    """The board a link opens and the variables it passes; both must exist there."""
+    match = _URL.match(url)
+    assert match, url
+    uid = match["uid"]
+    assert uid in uids, f"{url}: no board {uid}"
+    names = {a or b for a, b in _QUERY_VARIABLE.findall(match["query"] or "")}
+    defined = {v["name"] for v in uids[uid]["templating"]["list"]}
+    assert names <= defined, f"{url}: {uid} has no variable {names - defined}"
+    return uid, names
+
+
+def test_every_link_opens_a_board_with_the_variables_it_passes() -> None:
+    boards = [json.loads(text) for text in FILES.values()]
+    uids = {b["uid"]: b for b in boards}
+    for board in boards:
+        # Dashboard links: every other board, keeping the time range.
+        assert not any(link["includeVars"] for link in board["links"])  # they name their vars
+        assert all(link["keepTime"] for link in board["links"])
+        targets = {_link_target(link["url"], uids)[0] for link in board["links"]}
+        assert targets == set(uids) - {board["uid"]}, board["uid"]
+        for link in board["links"]:  # and passes only variables the board has
+            own = {v["name"] for v in board["templating"]["list"]}
+            assert _link_target(link["url"], {board["uid"]: board, **uids})[1] <= own
+        # Data links: to the site and device boards, with the time range.
+        for panel in board["panels"]:
+            for link in _data_links(panel.get("fieldConfig", {})):
+                uid, names = _link_target(link["url"], uids)
+                assert uid in {"cityhub-site", "cityhub-device"}
+                assert names == ({"site"} if uid == "cityhub-site" else {"device"})
+                assert link["url"].endswith("&${__url_time_range}"), link["url"]
+
+
+def test_the_boards_drill_down_from_the_map_the_alerts_and_the_fleet() -> None:
+    boards = {name: json.loads(text) for name, text in FILES.items()}
+
+    def linked(name: str) -> set[str]:
+        return {
+            link["url"].split("?")[0]
+            for panel in boards[name]["panels"]
+            for link in _data_links(panel.get("fieldConfig", {}))
+        }
+
+    assert linked("city-overview.json") == {"/d/cityhub-site/"}
+    assert linked("fleet-health.json") == {"/d/cityhub-site/", "/d/cityhub-device/"}
+    assert linked("alerts.json") == {"/d/cityhub-site/", "/d/cityhub-device/"}
+    assert linked("site.json") == {"/d/cityhub-device/"}
+    assert linked("device.json") == {"/d/cityhub-site/"}
+    # The notifications' form: /d/cityhub-device/?var-device=<id>
+    device_links = [
+        link["url"]
+        for board in boards.values()
+        for panel in board["panels"]
+        for link in _data_links(panel.get("fieldConfig", {}))
+        if "cityhub-device" in link["url"]
+    ]
+    assert device_links
+    assert all(u.startswith("/d/cityhub-device/?var-device=${__value.raw}") for u in device_links)
+    # A multi-value site goes to the site board as its ward only.
+    overview = boards["city-overview.json"]
+    (to_site,) = [link for link in overview["links"] if "cityhub-site" in link["url"]]
+    assert to_site["url"] == "/d/cityhub-site/?${ward:queryparam}"
+    site = boards["site.json"]
+    (to_fleet,) = [link for link in site["links"] if "cityhub-fleet-health" in link["url"]]
+    assert to_fleet["url"] == "/d/cityhub-fleet-health/?${ward:queryparam}&${site:queryparam}"
 
 
 def test_aqi_bands_match_the_alerts_job() -> None:

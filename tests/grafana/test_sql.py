@@ -12,6 +12,7 @@ does, so a site added later (one without a ward, say) is in "All" too.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,7 +23,9 @@ import psycopg
 import pytest
 
 from cityhub.database import load_hanoi_sites
+from contracts.catalog import SHIPPED_CATALOG
 from contracts.geography import UNITS
+from contracts.schema import online_sql
 from grafana.boards import UNASSIGNED_TEXT, UNASSIGNED_UNIT
 from grafana.macros import TimeRange, Variable, render_sql
 from grafana.render import board_files
@@ -133,7 +136,7 @@ def _all_values(conn: psycopg.Connection, name: str, variables: list[Variable], 
 
 
 # Every variable, in dashboard order: each one's query sees those before it.
-VARIABLE_ORDER = ("ward", "site", "device_type")
+VARIABLE_ORDER = ("ward", "site", "device_type", "device")
 HOAN_KIEM = next(u for u in UNITS if u.name == "Phường Hoàn Kiếm")
 
 
@@ -319,7 +322,10 @@ def test_push_reads_the_transitions_and_plans_each_once(filled: Filled) -> None:
 
 
 def _panel(title_part: str) -> PanelQuery:
-    (query,) = [q for q in PANEL_QUERIES if title_part in q.title]
+    """A panel of the city boards (the drill-down boards repeat some titles)."""
+    (query,) = [
+        q for q in PANEL_QUERIES if title_part in q.title and q.board not in {"site", "device"}
+    ]
     return query
 
 
@@ -397,3 +403,166 @@ def test_rejects_by_device_sums_gateway_reports_with_ingest_rows(conn, filled) -
     assert stranger["Số lần (count)"] == 5
     assert stranger["Loại (type)"] == "chưa đăng ký (not registered)"
     assert rows[0][0] == device_id  # the most rejects first
+
+
+# --- the drill-down boards ----------------------------------------------------------
+
+HALL = "hk-hall-quan"  # a service hall: kiosks, cameras, terminals, its gateway's backlog
+
+
+def _board_panel(board: str, title_part: str) -> PanelQuery:
+    (query,) = [q for q in PANEL_QUERIES if q.board == board and title_part in q.title]
+    return query
+
+
+def _drill_variables(conn, tr: TimeRange, *, site: str, device: str) -> list[Variable]:
+    """As a link opens the boards: one site, one device (single values)."""
+    variables = [v for v in _variables_at_all(conn, tr) if v.name not in {"site", "device"}]
+    return [
+        *variables,
+        Variable(name="site", values=(site,)),
+        Variable(name="device", values=(device,)),
+    ]
+
+
+def test_site_board_shows_one_site(conn, filled) -> None:
+    tr = _time_range(filled.report)
+    mine = dict(
+        conn.execute(
+            "SELECT device_id, device_type FROM devices WHERE site_id = %s", (HALL,)
+        ).fetchall()
+    )
+    assert "kiosk" in mine.values()
+    variables = _drill_variables(conn, tr, site=HALL, device="-")
+    devices = _rows(conn, _board_panel("site", "devices"), tr, variables)
+    assert {r["Thiết bị (device)"]: r["Loại (type)"] for r in devices} == mine
+    assert {r["Trạng thái (status)"] for r in devices} == {"Trực tuyến (online)"}
+    gateways = _rows(conn, _board_panel("site", "gateway status"), tr, variables)
+    assert [r["Gateway"] for r in gateways] == [f"gw-{HALL}"]
+    alerts = _rows(conn, _board_panel("site", "open alerts"), tr, variables)
+    assert {r["Thiết bị (device)"] for r in alerts} <= set(mine)
+    queue = _rows(conn, _board_panel("site", "queue length"), tr, variables)
+    kiosks = {d for d, t in mine.items() if t == "kiosk"}
+    assert {r["metric"] for r in queue} == kiosks
+    assert _rows(conn, _board_panel("site", "PM2.5"), tr, variables) == []  # no monitor here
+    rejects = _rows(conn, _board_panel("site", "rejects"), tr, variables)
+    assert rejects  # its camera's out-of-range spikes (tests/plugins/grafana.py)
+    assert {r["Thiết bị (device)"] for r in rejects} <= set(mine) | {"(không rõ / none)"}
+    # The silent site: every device offline.
+    silent = _drill_variables(conn, tr, site="hk-ward-hang-bac", device="-")
+    statuses = _rows(conn, _board_panel("site", "devices"), tr, silent)
+    assert statuses
+    assert {r["Trạng thái (status)"] for r in statuses} == {"Mất kết nối (offline)"}
+
+
+def test_device_board_shows_one_device_and_every_metric_of_its_type(conn, filled) -> None:
+    tr = _time_range(filled.report)
+    flaky = "kiosk-bd-hall-quan-01"  # drops out: no-data alerts
+    variables = _drill_variables(conn, tr, site="-", device=flaky)
+    (identity,) = _rows(conn, _board_panel("device", "identity"), tr, variables)
+    assert identity["Loại (type)"] == "kiosk"
+    assert identity["site_id"] == "bd-hall-quan"
+    assert identity["Gateway"] == "gw-bd-hall-quan"
+    assert identity["Mất kết nối sau (offline after, s)"] == 300
+    metrics = {
+        r["metric"] for r in _rows(conn, _board_panel("device", "every metric"), tr, variables)
+    }
+    kiosk = SHIPPED_CATALOG.types["kiosk"]
+    assert {m.split(" (")[0] for m in metrics} == {m.name for m in kiosk.metrics}
+    alerts = _rows(conn, _board_panel("device", "alerts"), tr, variables)
+    assert alerts
+    expected = conn.execute(
+        "SELECT count(*) FROM alerts WHERE device_id = %s AND raised_at <= now()", (flaky,)
+    ).fetchone()[0]
+    assert len(alerts) == expected
+    transitions = _rows(conn, _board_panel("device", "alert transitions"), tr, variables)
+    assert len(transitions) >= len(alerts)
+    # A monitor: the air-quality metrics, none of a kiosk's.
+    monitor = "aq-cg-aq-luu-quang-vu-01"  # out-of-range spikes: rejects
+    variables = _drill_variables(conn, tr, site="-", device=monitor)
+    metrics = {
+        r["metric"] for r in _rows(conn, _board_panel("device", "every metric"), tr, variables)
+    }
+    assert "pm25 (ug/m3)" in metrics
+    assert not {m.split(" (")[0] for m in metrics} & {m.name for m in kiosk.metrics}
+    rejects = _rows(conn, _board_panel("device", "rejects"), tr, variables)
+    assert rejects
+    assert {r["Gateway"] for r in rejects} == {"gw-cg-aq-luu-quang-vu"}
+
+
+def test_online_is_the_types_offline_after_s_on_every_board(filled) -> None:
+    """Seen 10 s inside a type's offline_after_s: online; 10 s outside: offline."""
+    tr = _time_range(filled.report)
+    kiosk, water = SHIPPED_CATALOG.types["kiosk"], SHIPPED_CATALOG.types["water_level"]
+    assert kiosk.offline_after_s != water.offline_after_s
+    with psycopg.connect(filled.url) as writable:
+        writable.execute(f"SET search_path TO {filled.schema}, public")
+        chosen = {}
+        for device_type in (kiosk, water):
+            ids = [
+                row[0]
+                for row in writable.execute(
+                    "SELECT device_id FROM devices WHERE device_type = %s AND site_id <> %s "
+                    "ORDER BY 1 LIMIT 2",
+                    (device_type.name, "hk-ward-hang-bac"),
+                ).fetchall()
+            ]
+            inside, outside = ids
+            for device_id, age_s in (
+                (inside, device_type.offline_after_s - 10),
+                (outside, device_type.offline_after_s + 10),
+            ):
+                writable.execute(
+                    "UPDATE device_state SET last_seen = now() - make_interval(secs => %s) "
+                    "WHERE device_id = %s",
+                    (age_s, device_id),
+                )
+            chosen[inside], chosen[outside] = True, False
+        # online_sql itself, on those rows
+        rows = writable.execute(
+            f"SELECT ds.device_id, {online_sql('ds.last_seen', 'dt.offline_after_s')} "
+            "FROM device_state ds JOIN devices d USING (device_id) "
+            "JOIN device_types dt USING (device_type) WHERE ds.device_id = ANY(%s)",
+            (list(chosen),),
+        ).fetchall()
+        assert dict(rows) == chosen
+        words = {True: "Trực tuyến (online)", False: "Mất kết nối (offline)"}
+        fleet = {
+            r["Thiết bị (device)"]: r["Trạng thái (status)"]
+            for r in _rows(
+                writable, _panel("devices, last seen"), tr, _variables_at_all(writable, tr)
+            )
+        }
+        for device_id, online in chosen.items():
+            assert fleet[device_id] == words[online], device_id
+            variables = _drill_variables(writable, tr, site="-", device=device_id)
+            (identity,) = _rows(writable, _board_panel("device", "identity"), tr, variables)
+            assert identity["Trạng thái (status)"] == words[online], device_id
+            site_id = identity["site_id"]
+            on_site = _rows(
+                writable,
+                _board_panel("site", "devices"),
+                tr,
+                _drill_variables(writable, tr, site=site_id, device="-"),
+            )
+            (row,) = [r for r in on_site if r["Thiết bị (device)"] == device_id]
+            assert row["Trạng thái (status)"] == words[online], device_id
+        writable.rollback()
+
+
+def test_data_links_read_fields_their_queries_return(conn, filled, all_variables) -> None:
+    """${__data.fields.x} in a link names a column of its panel's query."""
+    tr = _time_range(filled.report)
+    fields = re.compile(r"\$\{__data\.fields\.(\w+)\}")
+    checked = 0
+    for name, text in board_files().items():
+        for panel in json.loads(text)["panels"]:
+            referenced = set(fields.findall(json.dumps(panel.get("fieldConfig", {}))))
+            if not referenced:
+                continue
+            for target in panel["targets"]:
+                sql = render_sql(target["rawSql"], time_range=tr, variables=all_variables)
+                columns, _ = _run(conn, sql)
+                assert referenced <= {c for c, _ in columns}, (name, panel["title"])
+                checked += 1
+    assert checked >= 6  # the map's two layers, attention, fleet devices, alerts x3, device
