@@ -77,6 +77,9 @@ class MigrationReport:
     already: int
     steps: list[Step] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Types whose catalog entry is new or changed in the database: gateways
+    # serving such devices hold the old entry until their config is published.
+    changed_types: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -155,7 +158,7 @@ def _migrate_locked(
         steps = plan(s, current, catalog, storage)
         for step in steps:
             _apply_step(conn, s, step)
-        _sync_catalog(conn, s, catalog)
+        changed_types = _sync_catalog(conn, s, catalog)
         _sync_units(conn, s)
     finally:
         conn.execute(_UNLOCK_SQL, (s,))
@@ -165,6 +168,7 @@ def _migrate_locked(
         already=len(done),
         steps=steps,
         notes=notes(current, catalog, storage),
+        changed_types=changed_types,
     )
 
 
@@ -306,22 +310,27 @@ def _server_policies(conn: Connection[Any], s: str) -> tuple[dict[str, int], dic
     return retention, compression
 
 
-def _sync_catalog(conn: Connection[Any], s: str, catalog: Mapping[str, DeviceType]) -> None:
+def _sync_catalog(conn: Connection[Any], s: str, catalog: Mapping[str, DeviceType]) -> list[str]:
     """Make device_types / metrics hold ``catalog`` (rows of removed types or metrics stay).
 
     Each type's whole entry goes to ``device_types.entry``: running ingest
     workers read it there when a batch carries a type they do not know yet.
     """
+    stored = dict(conn.execute(f"SELECT device_type, entry::text FROM {s}.device_types").fetchall())
+    entries = {t.name: encode_device_type(t).decode() for t in catalog.values()}
+    changed = [
+        name
+        for name, entry in entries.items()
+        if stored.get(name) is None
+        or msgspec.json.decode(stored[name]) != msgspec.json.decode(entry)
+    ]
     with conn.transaction(), conn.cursor() as cur:
         cur.executemany(
             f"""INSERT INTO {s}.device_types (device_type, description, entry, offline_after_s)
                 VALUES (%s, %s, %s::jsonb, %s)
                 ON CONFLICT (device_type) DO UPDATE SET description = EXCLUDED.description,
                 entry = EXCLUDED.entry, offline_after_s = EXCLUDED.offline_after_s""",
-            [
-                (t.name, t.description, encode_device_type(t).decode(), t.offline_after_s)
-                for t in catalog.values()
-            ],
+            [(t.name, t.description, entries[t.name], t.offline_after_s) for t in catalog.values()],
         )
         cur.executemany(
             f"""INSERT INTO {s}.metrics
@@ -337,6 +346,7 @@ def _sync_catalog(conn: Connection[Any], s: str, catalog: Mapping[str, DeviceTyp
                 for m in t.metrics
             ],
         )
+    return changed
 
 
 def _sync_units(conn: Connection[Any], s: str) -> None:

@@ -203,6 +203,24 @@ class Provisioner:
                     self._audit(tx, "device.sync", "device", device_id)
         return out
 
+    def publish_configs(self, gateway_ids: list[str] | None = None) -> Outcome:
+        """Publish a new config version to the gateways (every active one by default).
+
+        A config carries the catalog entries of its devices' types: after
+        ``cityhub db migrate`` with a catalog that changed a type (a metric
+        added, a range widened), this is how running gateways learn it.
+        """
+        out = Outcome()
+        with self._command() as (tx, _undo):
+            active = tx.active_gateway_ids()
+            wanted = active if gateway_ids is None else gateway_ids
+            for gateway_id in wanted:
+                self._active_gateway(tx, gateway_id)
+            self._publish_configs(tx, list(wanted), out)
+            for gateway_id in wanted:
+                self._audit(tx, "gateway.publish", "gateway", gateway_id)
+        return out
+
     def _audit(self, tx: RegistryTx, action: str, kind: str, subject: str, **detail: Any) -> None:
         tx.audit(
             operator=self.operator,

@@ -155,8 +155,10 @@ STATE_DELAY_S: Final = 0.5
 # A batch of a device type (or with a metric) this worker does not know reads
 # the types' catalog entries from the database, at most this often: a type
 # added by `cityhub db migrate` is learnt on its first batch, and a gateway
-# sending an undefined type costs one small query per 5 s, not one per batch.
-TYPES_RELOAD_S: Final = 5.0
+# sending an undefined type costs one small query a second, not one per batch.
+# Short, because a batch refused meanwhile is a reject: a second type changed
+# by a migrate just after another type was learnt must not wait long.
+TYPES_RELOAD_S: Final = 1.0
 _UNKNOWN_SHAPE_REASONS: Final = frozenset(
     {UnknownDeviceTypeError.reason, UnknownMetricError.reason}
 )

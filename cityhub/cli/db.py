@@ -87,6 +87,12 @@ def migrate(
         state.console.print(f"done     {step.summary}", markup=False)
     for note in report.notes:
         state.console.print(f"note: {note}", markup=False)
+    if report.changed_types and report.already:
+        state.console.print(
+            f"note: device types new or changed: {', '.join(report.changed_types)}; running"
+            " gateways learn them with their next config: `cityhub gateways publish-configs`",
+            markup=False,
+        )
     state.console.print(
         f"schema {schema!r}: {len(report.applied)} applied, "
         f"{report.already} already present, {len(report.steps)} reconcile steps; "

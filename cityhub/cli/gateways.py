@@ -157,3 +157,25 @@ def sync_broker(ctx: typer.Context) -> None:
         state.console.print("broker accounts already up to date; nothing changed")
         return
     show_outcome(state, outcome, qr=False)
+
+
+@app.command(name="publish-configs")
+def publish_configs(
+    ctx: typer.Context,
+    gateway_ids: Annotated[
+        list[str] | None, typer.Argument(help="Gateway ids (default: every active gateway).")
+    ] = None,
+) -> None:
+    """Publish a new config version to gateways, with the catalog entries of their devices' types.
+
+    Run it after `cityhub db migrate` has taken a catalog that changed a
+    type a gateway serves (a metric added, a range changed): the gateways
+    apply the new config live and validate readings against the new entries.
+    """
+    state = state_of(ctx)
+    with reported_errors(state), provisioner(state) as p:
+        outcome = p.publish_configs(gateway_ids or None)
+    if not outcome.changes:
+        state.console.print("no active gateways; nothing published")
+        return
+    show_outcome(state, outcome, qr=False)

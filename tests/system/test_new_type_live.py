@@ -16,6 +16,8 @@ import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -136,6 +138,17 @@ def test_a_new_type_from_a_file_is_stored_without_a_restart(
                 f"SELECT device_id, seq, rain_mm, battery_pct FROM {gauge_table}"
             ).fetchone()
             assert row == (gauge_id, 1, 4.2, 87)
+            assert gateway.counters.rejects.total() == 0
+
+            _a_metric_added_to_a_served_type_is_stored(
+                env=env,
+                catalog_file=catalog_file,
+                gateway_id=gateway_id,
+                kiosk_bundle=bundles / f"device-{kiosk_id}.json",
+                blocks=blocks,
+                query=lambda sql: db_conn.execute(sql).fetchall(),
+                kiosk_table=kiosk_table,
+            )
             assert gateway.boot_id == boot_id
             assert gateway.counters.rejects.total() == 0
         assert ingest.poll() is None, "ingest kept running"
@@ -145,3 +158,52 @@ def test_a_new_type_from_a_file_is_stored_without_a_restart(
             (gauge_id, gateway_id),
         ).fetchone()[0]
         assert rejects == 0
+
+
+def _a_metric_added_to_a_served_type_is_stored(
+    *,
+    env: dict[str, str],
+    catalog_file: Path,
+    gateway_id: str,
+    kiosk_bundle: Path,
+    blocks: dict[str, str],
+    query: Callable[[str], list[tuple[object, ...]]],
+    kiosk_table: str,
+) -> None:
+    """A metric added to a type the gateway already serves: migrate says gateways hold
+    the old entry, `gateways publish-configs` gives them the new one, and ingest learns
+    it from the database.
+    """
+    catalog_dir = catalog_file.parent / "catalog.d"
+    catalog_dir.mkdir()
+    shutil.copy(catalog_file, catalog_dir / catalog_file.name)
+    door_file = catalog_dir / "kiosk-door.toml"
+    door_file.write_text(
+        '[types.kiosk]\nmetrics = [{ name = "door_open", unit = "", kind = "bool",'
+        ' description = "Service door open" }]\n',
+        encoding="utf-8",
+    )
+    with_both = {**env, "CITYHUB_CATALOG__PATHS": str(catalog_dir)}
+    migrated = cityhub("db", "migrate", env=with_both)
+    assert "device types new or changed: kiosk;" in migrated
+    assert "gateways publish-configs" in migrated
+    assert "door_open" not in DEVICE_TYPES["kiosk"].metric_names
+    published = cityhub("gateways", "publish-configs", gateway_id, env=with_both)
+    assert f"gateway {gateway_id}: config version" in published
+    wait_for(
+        lambda: "door_open" in DEVICE_TYPES["kiosk"].metric_names,
+        15,
+        "the gateway learnt kiosk's new metric",
+    )
+    with_door = {
+        **blocks,
+        "kiosk": blocks["kiosk"]
+        .replace('"seq":1', '"seq":2')
+        .replace('"uptime":86400', '"uptime":86410,"door_open":1'),
+    }
+    run_example(with_door, "kiosk", kiosk_bundle)
+    wait_for(
+        lambda: query(f"SELECT door_open FROM {kiosk_table} WHERE seq = 2") == [(True,)],
+        30,
+        "the kiosk reading with its new metric stored",
+    )
