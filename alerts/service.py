@@ -279,6 +279,8 @@ class Notifier:
             return 0
         if full:
             self._full_due_ms = now_ms + round(s.resend_s * 1000)
+        if not alerts:  # nothing sent: Alertmanager's state is as unknown as before
+            return 0
         if self._attempt:
             logger.info("Alertmanager took a post again after %d failures", self._attempt)
         self._attempt = 0
