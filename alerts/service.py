@@ -28,7 +28,16 @@ samples (cursors only move forward). A restarted job rebuilds them from the
 database and continues after the last stored evaluation time.
 
 ``serve`` runs cycles until SIGINT/SIGTERM, backing off while the database
-is unavailable.
+is unavailable, and, with ``alerts.notify.alertmanager_url`` set, a
+notifier task beside them (``Notifier``): after a cycle that changed alerts
+it posts those alerts to Alertmanager at once, and every ``resend_s`` it
+posts every active alert and those cleared in the last ``resolved_for_s``
+(read from the database, so a restarted job or Alertmanager loses nothing;
+``alerts.notify`` builds the payload). Posting runs in its own task and
+thread: an Alertmanager that is down or hangs never holds up evaluation. Its
+failures are counted, logged sparingly and answered with backoff; the last
+successful post and the last error are stored in ``alert_jobs``. With
+``metrics_port`` set, /metrics serves the job's counters (``alerts.metrics``).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import contextlib
 import logging
 import math
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,8 +56,9 @@ from typing import Final
 import msgspec
 import numpy as np
 
+from adapters.alertmanager import post_alerts
 from adapters.backoff import backoff_delay_s
-from adapters.loglimit import should_log_attempt
+from adapters.loglimit import LogLimiter, should_log_attempt
 from adapters.serve import serve as run_service
 from alerts.aqijob import (
     HOUR_MS,
@@ -70,6 +81,7 @@ from alerts.lifecycle import (
     plan_changes,
     was_active,
 )
+from alerts.notify import postable_alerts
 from alerts.rules import (
     VN_AQI_METRIC,
     NoData,
@@ -82,15 +94,25 @@ from alerts.rules import (
 )
 from alerts.store import AlertStore
 from alerts.window import NO_TS, DeviceSet, SampleBuffer, Samples, evaluation_times
-from contracts.errors import SchemaError, SettingsError, UnavailableError
+from contracts.errors import (
+    AlertmanagerRefusedError,
+    HubError,
+    SchemaError,
+    SettingsError,
+    UnavailableError,
+)
 from contracts.schema import SEVERITIES
-from contracts.settings import AlertsSettings, DatabaseSettings
+from contracts.settings import AlertsSettings, DatabaseSettings, NotifySettings
 
 logger = logging.getLogger(__name__)
 
 AQI_TYPE: Final = "air_quality"
 # Log a continuing database outage once, then every this many retries.
 RETRY_LOG_EVERY: Final = 10
+# Firing alerts are posted with endsAt this many resend intervals ahead (Prometheus's factor).
+ENDS_AFTER_RESENDS: Final = 4
+# A failing notifier logs one line per kind of failure per 5 minutes; its counters keep all.
+NOTIFY_LOG_SPAN_S: Final = 300.0
 
 
 def wall_ms() -> int:
@@ -153,6 +175,7 @@ class CycleReport(msgspec.Struct, kw_only=True):
     fetch_s: float = 0.0
     evaluate_s: float = 0.0  # buffers, rules, lifecycle and AQI arithmetic
     write_s: float = 0.0
+    changed: list[int] = msgspec.field(default_factory=list)  # ids of alerts changed
 
     def count(self, changes: Sequence[Change]) -> None:
         for change in changes:
@@ -162,6 +185,143 @@ class CycleReport(msgspec.Struct, kw_only=True):
                 self.escalated += 1
             elif isinstance(change, Clear):
                 self.cleared += 1
+
+
+class JobCounters(msgspec.Struct, kw_only=True):
+    """What the job did since it started, for /metrics (``alerts.metrics``)."""
+
+    cycles: int = 0
+    evaluations: int = 0
+    rule_evaluations: int = 0
+    raised: int = 0
+    escalated: int = 0
+    cleared: int = 0
+    last_cycle_s: float = 0.0
+    # (state, severity) -> alerts, counted after each cycle that evaluated.
+    alerts: dict[tuple[str, str], int] = msgspec.field(default_factory=dict)
+    posts: int = 0  # successful posts to Alertmanager
+    alerts_posted: int = 0  # alerts in them
+    notify_failures: int = 0
+    last_post_ms: int | None = None
+
+
+class Notifier:
+    """Posts alerts to Alertmanager: the changed ones at once, all of them every ``resend_s``.
+
+    ``add`` (from the cycle) queues changed alert ids; ``run`` (in a thread,
+    one at a time) posts what is due. After a failed post nothing is posted
+    until the backoff has passed, and the next post is a full one: it covers
+    whatever changed meanwhile and an Alertmanager that restarted empty.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: AlertStore,
+        settings: NotifySettings,
+        counters: JobCounters,
+        rng: random.Random | None = None,
+    ) -> None:
+        if settings.resend_s <= 0 or settings.timeout_s <= 0:
+            raise SettingsError("alerts.notify", "resend_s and timeout_s must be positive")
+        self.store = store
+        self.settings = settings
+        self.counters = counters
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
+        self._lock = threading.Lock()  # the queue, shared with the cycles
+        self._run_lock = threading.Lock()  # one run at a time
+        self._pending: set[int] = set()
+        self._full_due_ms = 0  # the first run posts everything
+        self._retry_at_ms = 0
+        self._attempt = 0
+        self._limiter = LogLimiter(limit=1, span=NOTIFY_LOG_SPAN_S)
+
+    def add(self, alert_ids: Sequence[int]) -> None:
+        with self._lock:
+            self._pending.update(alert_ids)
+
+    def next_run_s(self, now_ms: int) -> float:
+        """Seconds until a post is due with nothing new queued."""
+        due = max(self._full_due_ms, self._retry_at_ms)
+        return max(0.0, (due - now_ms) / 1000)
+
+    def run(self, now_ms: int) -> int:
+        """Post what is due at ``now_ms``; returns the alerts posted. Never raises a HubError."""
+        with self._run_lock:
+            return self._run(now_ms)
+
+    def _run(self, now_ms: int) -> int:
+        if now_ms < self._retry_at_ms:
+            return 0
+        s = self.settings
+        full = now_ms >= self._full_due_ms
+        with self._lock:
+            pending = sorted(self._pending)
+            self._pending.clear()
+        if not full and not pending:
+            return 0
+        try:
+            if full:
+                since = now_ms - round(s.resolved_for_s * 1000)
+                rows = self.store.notify_rows(cleared_since_ms=since)
+            else:
+                rows = self.store.notify_rows(alert_ids=pending)
+            alerts = postable_alerts(
+                rows,
+                now_ms,
+                ends_after_s=ENDS_AFTER_RESENDS * s.resend_s,
+                boards_url=s.boards_url,
+            )
+            if alerts:
+                post_alerts(s.alertmanager_url, alerts, s.timeout_s)
+        except HubError as exc:
+            self._failed(now_ms, exc, pending)
+            return 0
+        if full:
+            self._full_due_ms = now_ms + round(s.resend_s * 1000)
+        if not alerts:  # nothing sent: Alertmanager's state is as unknown as before
+            return 0
+        if self._attempt:
+            logger.info("Alertmanager took a post again after %d failures", self._attempt)
+        self._attempt = 0
+        self.counters.posts += 1
+        self.counters.alerts_posted += len(alerts)
+        self.counters.last_post_ms = now_ms
+        try:
+            self.store.record_notified(now_ms)
+        except HubError as exc:  # the database's own retry loop reports it
+            logger.debug("could not record the post: %s", exc)
+        return len(alerts)
+
+    def _failed(self, now_ms: int, exc: HubError, pending: Sequence[int]) -> None:
+        s = self.settings
+        self.counters.notify_failures += 1
+        self._attempt += 1
+        if isinstance(exc, AlertmanagerRefusedError):
+            # The same alerts would be refused again: wait for the next full post.
+            self._retry_at_ms = now_ms + round(s.resend_s * 1000)
+        else:
+            delay_s = backoff_delay_s(
+                self._attempt, min_s=s.retry_min_s, max_s=s.retry_max_s, draw=self._rng.random()
+            )
+            self._retry_at_ms = now_ms + round(delay_s * 1000)
+        self._full_due_ms = self._retry_at_ms
+        with self._lock:
+            self._pending.update(pending)
+        kind = type(exc).__name__
+        if self._limiter.allow(kind, time.monotonic()):
+            level = logging.ERROR if isinstance(exc, AlertmanagerRefusedError) else logging.WARNING
+            logger.log(
+                level,
+                "notification failed (%d so far, next try in %.1f s): %s",
+                self.counters.notify_failures,
+                (self._retry_at_ms - now_ms) / 1000,
+                exc,
+            )
+        try:
+            self.store.record_notify_error(now_ms, str(exc))
+        except HubError as db_exc:
+            logger.debug("could not record the notification error: %s", db_exc)
 
 
 class AlertsJob:
@@ -204,6 +364,12 @@ class AlertsJob:
             )
         self._pending_aqi: set[tuple[str, int]] = set()  # (device id, hour)
         self._devices_at_ms: int | None = None
+        self.counters = JobCounters()
+        self.notifier: Notifier | None = None
+        if settings.notify.alertmanager_url:
+            self.notifier = Notifier(
+                store=self.store, settings=settings.notify, counters=self.counters
+            )
 
     def close(self) -> None:
         self.store.close()
@@ -273,6 +439,21 @@ class AlertsJob:
 
     def run_cycle(self, now_ms: int) -> CycleReport:
         """Evaluate every due evaluation time up to ``now_ms`` (see the module docstring)."""
+        started = time.perf_counter()
+        report = self._run_cycle(now_ms)
+        c = self.counters
+        c.cycles += 1
+        c.last_cycle_s = time.perf_counter() - started
+        if report.evaluated:
+            c.evaluations += len(report.evaluated)
+            c.rule_evaluations += len(report.evaluated) * len(self.rules)
+            c.raised += report.raised
+            c.escalated += report.escalated
+            c.cleared += report.cleared
+            c.alerts = self.store.alert_counts()
+        return report
+
+    def _run_cycle(self, now_ms: int) -> CycleReport:
         report = CycleReport()
         started = time.perf_counter()
         s = self.settings
@@ -364,13 +545,15 @@ class AlertsJob:
             t0 = time.perf_counter()
             changes = self._plan(now_ms, windows, open_alerts)
             t1 = time.perf_counter()
-            tx.apply(changes)
+            raised = tx.apply(changes)
             tx.write_aqi(hourly, daily)
         report.evaluate_s += t1 - t0
         report.write_s += time.perf_counter() - started - (t1 - t0)
         self._pending_aqi -= aqi_due
         report.evaluated.append(now_ms)
         report.count(changes)
+        report.changed += raised.values()
+        report.changed += [c.alert_id for c in changes if isinstance(c, Escalate | Clear)]
         report.aqi_hourly += len(hourly)
         report.aqi_daily += len(daily)
 
@@ -463,9 +646,6 @@ async def run_job(
 ) -> CycleReport | None:
     """Run cycles until ``stop`` is set (or one cycle with ``once``); returns the last report."""
     s = job.settings
-    rng = random.Random()  # noqa: S311 - jitter, not security
-    attempt = 0
-    report: CycleReport | None = None
     logger.info(
         "alerts job %s: %d rules, every %.1f s, schema %s",
         s.job_id,
@@ -473,6 +653,47 @@ async def run_job(
         s.interval_s,
         job.store.schema,
     )
+    notifier = job.notifier
+    wake = asyncio.Event()
+    notify_task = None
+    if notifier is not None:
+        logger.info("notifying Alertmanager at %s", s.notify.alertmanager_url)
+        notify_task = asyncio.create_task(_notify_loop(notifier, stop, wake, clock), name="notify")
+    try:
+        report = await _cycles(job, stop, wake, once=once, clock=clock)
+    finally:
+        if notify_task is not None:
+            notify_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await notify_task
+    if once and notifier is not None:  # this cycle's changes, before returning
+        await asyncio.to_thread(notifier.run, clock())
+    return report
+
+
+async def _notify_loop(
+    notifier: Notifier, stop: asyncio.Event, wake: asyncio.Event, clock: Callable[[], int]
+) -> None:
+    """Post when a cycle changed alerts (``wake``) or when a resend or retry is due."""
+    while not stop.is_set():
+        await asyncio.to_thread(notifier.run, clock())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), timeout=max(0.05, notifier.next_run_s(clock())))
+        wake.clear()
+
+
+async def _cycles(
+    job: AlertsJob,
+    stop: asyncio.Event,
+    wake: asyncio.Event,
+    *,
+    once: bool,
+    clock: Callable[[], int],
+) -> CycleReport | None:
+    s = job.settings
+    rng = random.Random()  # noqa: S311 - jitter, not security
+    attempt = 0
+    report: CycleReport | None = None
     while not stop.is_set():
         try:
             report = await asyncio.to_thread(job.run_cycle, clock())
@@ -493,6 +714,9 @@ async def run_job(
         if attempt:
             logger.info("database back after %d retries", attempt)
         attempt = 0
+        if report.changed and job.notifier is not None:
+            job.notifier.add(report.changed)
+            wake.set()
         if report.evaluated:
             logger.info(
                 "evaluated %d time(s) up to %d: %d rows, %d raised, %d escalated, %d cleared, "
@@ -528,11 +752,25 @@ async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
 async def serve(job: AlertsJob, *, once: bool = False) -> CycleReport | None:
     """Run until SIGINT or SIGTERM, then close the job's connection."""
 
+    # The metrics port first: one that cannot be bound is a settings error at start.
+    metrics_server = None
+    if job.settings.metrics_port:
+        from alerts.metrics import serve_metrics
+
+        metrics_server = serve_metrics(
+            job.settings.metrics_host,
+            job.settings.metrics_port,
+            job_id=job.settings.job_id,
+            counters=job.counters,
+        )
+
     async def main(stop: asyncio.Event) -> CycleReport | None:
         try:
             return await run_job(job, stop, once=once)
         finally:
             await asyncio.to_thread(job.close)
+            if metrics_server is not None:
+                metrics_server.close()
             logger.info("alerts job stopped")
 
     return await run_service(main)

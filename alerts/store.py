@@ -10,7 +10,13 @@ What it reads:
   metric with NaN for NULL) that numpy reads in one call (bench/RESULTS.md
   compares this with COPY TO STDOUT and with row fetching);
 - hourly sums of the AQI pollutants, to rebuild the AQI job's state;
-- the job's state (``alert_jobs``) and the open alerts.
+- the job's state (``alert_jobs``) and the open alerts;
+- the alerts to notify (``notify_rows``): given ones, or the active and the
+  recently cleared, with their device, site, ward and former severities.
+
+Outside the evaluations it records the notifier's last successful post and
+last error in ``alert_jobs`` (``record_notified``, ``record_notify_error``)
+for ``job_status``.
 
 What it writes, in one transaction per evaluation time (``evaluation``): the
 open alerts are read ``FOR UPDATE`` first (an operator's ack waits for the
@@ -51,6 +57,7 @@ from alerts.lifecycle import (
     Raise,
     ack_state,
 )
+from alerts.notify import NotifyRow
 from alerts.window import NO_TS, DeviceSet, FloatArray, IntArray, Samples
 from contracts.catalog import DEVICE_TYPES, MetricKind
 from contracts.errors import AlertNotFoundError, JobLockedError, SchemaError
@@ -76,6 +83,23 @@ class AlertRow(msgspec.Struct, frozen=True, kw_only=True):
     acked_at: datetime | None
     acked_by: str | None
     updated_at: datetime
+
+
+class JobStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """The job's stored state: its last evaluation and its notifier's last post and error."""
+
+    job_id: str
+    last_eval_at: datetime
+    notified_at: datetime | None
+    notify_error: str | None
+    notify_error_at: datetime | None
+
+    @property
+    def alertmanager_reachable(self) -> bool | None:
+        """Whether the last post succeeded; None before any post or error."""
+        if self.notify_error_at is None:
+            return None if self.notified_at is None else True
+        return self.notified_at is not None and self.notified_at > self.notify_error_at
 
 
 class TransitionRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -313,6 +337,123 @@ class AlertStore:
                 (self.job_id,),
             ).fetchone()
         return None if row is None else int(row[0])
+
+    # -- notifications ---------------------------------------------------------------
+
+    def notify_rows(
+        self, *, alert_ids: Sequence[int] | None = None, cleared_since_ms: int = 0
+    ) -> list[NotifyRow]:
+        """The alerts ``alert_ids``, or (None) every active one and those cleared since then.
+
+        Each with its device's type and label, its site's name, ward/commune
+        and former district, and the severities it held before its current
+        one with the time each was left (an escalation's ``superseded``).
+        """
+        params: list[Any]
+        if alert_ids is not None:
+            if not alert_ids:
+                return []
+            condition, params = "a.alert_id = ANY(%s)", [list(alert_ids)]
+        else:
+            condition = (
+                f"a.state IN ('active_unack', 'active_ack') OR a.cleared_at >= {_MS.format('%s')}"
+            )
+            params = [cleared_since_ms]
+        with self._db.session("alerts to notify") as conn:
+            rows = conn.execute(
+                f"""SELECT a.alert_id, a.rule_id, a.device_id, a.severity, a.state, a.value,
+                    a.message, {_MS_OF.format("a.raised_at")}, {_MS_OF.format("a.cleared_at")},
+                    coalesce(d.device_type, ''), coalesce(d.label, ''), a.site_id,
+                    coalesce(s.name, ''), s.unit_code, u.name, s.district
+                FROM {self.schema}.alerts a
+                LEFT JOIN {self.schema}.devices d ON d.device_id = a.device_id
+                LEFT JOIN {self.schema}.sites s ON s.site_id = a.site_id
+                LEFT JOIN {self.schema}.admin_units u ON u.unit_code = s.unit_code
+                WHERE {condition} ORDER BY a.alert_id""",
+                params,
+            ).fetchall()
+            ids = [r[0] for r in rows]
+            # A severity ends where the next transition has another one.
+            left = conn.execute(
+                f"""SELECT alert_id, severity, {_MS_OF.format("max(next_ts)")} FROM (
+                    SELECT alert_id, severity, lead(severity) OVER w AS next_severity,
+                        lead(ts) OVER w AS next_ts
+                    FROM {self.schema}.alert_transitions WHERE alert_id = ANY(%s)
+                    WINDOW w AS (PARTITION BY alert_id
+                        ORDER BY ts, CASE WHEN from_state IS NULL THEN 0 ELSE 1 END)) t
+                WHERE next_severity IS NOT NULL AND next_severity <> severity
+                GROUP BY alert_id, severity ORDER BY 1, 3""",
+                (ids,),
+            ).fetchall()
+        superseded: dict[int, list[tuple[str, int]]] = {}
+        for alert_id, severity, left_ms in left:
+            superseded.setdefault(alert_id, []).append((severity, int(left_ms)))
+        return [
+            NotifyRow(
+                alert_id=r[0],
+                rule_id=r[1],
+                device_id=r[2],
+                severity=r[3],
+                state=r[4],
+                value=r[5],
+                message=r[6],
+                raised_at_ms=int(r[7]),
+                cleared_at_ms=None if r[8] is None else int(r[8]),
+                device_type=r[9],
+                device_label=r[10],
+                site_id=r[11],
+                site_name=r[12],
+                ward_code=r[13],
+                ward=r[14],
+                district=r[15],
+                superseded=tuple((sev, ms) for sev, ms in superseded.get(r[0], ()) if sev != r[3]),
+            )
+            for r in rows
+        ]
+
+    def alert_counts(self) -> dict[tuple[str, str], int]:
+        """Alerts by (state, severity)."""
+        with self._db.session("alert counts") as conn:
+            rows = conn.execute(
+                f"SELECT state, severity, count(*) FROM {self.schema}.alerts GROUP BY 1, 2"
+            ).fetchall()
+        return {(r[0], r[1]): int(r[2]) for r in rows}
+
+    def record_notified(self, at_ms: int) -> None:
+        """Alertmanager took a post at ``at_ms`` (no-op before the job's first evaluation)."""
+        with self._db.session("notified") as conn:
+            conn.execute(
+                f"UPDATE {self.schema}.alert_jobs SET notified_at = {_MS.format('%s')} "
+                "WHERE job_id = %s",
+                (at_ms, self.job_id),
+            )
+
+    def record_notify_error(self, at_ms: int, error: str) -> None:
+        """A post failed at ``at_ms`` with ``error`` (no-op before the first evaluation)."""
+        with self._db.session("notify error") as conn:
+            conn.execute(
+                f"UPDATE {self.schema}.alert_jobs SET notify_error = %s, "
+                f"notify_error_at = {_MS.format('%s')} WHERE job_id = %s",
+                (error[:500], at_ms, self.job_id),
+            )
+
+    def job_status(self, job_id: str) -> JobStatus | None:
+        """The stored state of job ``job_id``; None if it never completed an evaluation."""
+        with self._db.session("job status") as conn:
+            row = conn.execute(
+                f"""SELECT job_id, last_eval_at, notified_at, notify_error, notify_error_at
+                FROM {self.schema}.alert_jobs WHERE job_id = %s""",
+                (job_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        return JobStatus(
+            job_id=row[0],
+            last_eval_at=row[1],
+            notified_at=row[2],
+            notify_error=row[3],
+            notify_error_at=row[4],
+        )
 
     # -- one evaluation ------------------------------------------------------------
 

@@ -521,8 +521,7 @@ def describe_changes(base: Catalog, catalog: Catalog) -> list[str]:
             lines.append(f"{name}: description changed")
         if dtype.offline_after_s != old.offline_after_s:
             lines.append(
-                f"{name}: offline after {dtype.offline_after_s:g} s"
-                f" (was {old.offline_after_s:g} s)"
+                f"{name}: offline after {dtype.offline_after_s:g} s (was {old.offline_after_s:g} s)"
             )
     return lines
 

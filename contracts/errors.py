@@ -41,9 +41,12 @@ move on) versus *unavailable* (retryable: back off and try again).
      |    +-- JobLockedError           another alerts job with the same id holds the lock
      |    +-- GrafanaUnavailableError  Grafana did not answer, or answered with a server error
      |    +-- OutboxUnavailableError   the outbox cannot be written now (disk full, I/O, locked)
+     |    +-- AlertmanagerUnavailableError  Alertmanager did not answer, or answered with a
+     |                                 server error
      +-- BrokerControlError            a broker refused a control (dynamic-security) command
      +-- BrokerRefusedError            a broker refused a connection (credentials, client id)
      +-- GrafanaRefusedError           Grafana refused a request (credentials, permissions)
+     +-- AlertmanagerRefusedError      Alertmanager refused a post (4xx: a malformed alert)
      +-- PkiError                      missing or unusable CA, certificate or key
      +-- OutboxFullError               a gateway outbox at its size bound refuses new readings
      +-- OutboxUnusableError           the outbox file cannot be used (read-only, no access)
@@ -282,6 +285,14 @@ class GrafanaUnavailableError(UnavailableError):
 
 class GrafanaRefusedError(HubError):
     """Grafana refused a request (authentication, permissions, a bad board)."""
+
+
+class AlertmanagerUnavailableError(UnavailableError):
+    """Alertmanager did not answer, or answered with a server error; post again later."""
+
+
+class AlertmanagerRefusedError(HubError):
+    """Alertmanager refused a post (4xx); the message holds the start of its answer."""
 
 
 class OutboxFullError(HubError):

@@ -730,6 +730,21 @@ def online_sql(last_seen: str, offline_after_s: str, now: str = "now()") -> str:
     return f"({last_seen} > {now} - make_interval(secs => {offline_after_s}))"
 
 
+def _alert_notifications(s: str) -> tuple[str, ...]:
+    """The alerts job's notifier state beside its evaluation state (``alert_jobs``).
+
+    The last time Alertmanager took a post, and the last failure with its
+    time, so that `cityhub alerts status` can say whether it is reachable. A
+    success clears nothing: the times say which came last.
+    """
+    return (
+        f"""ALTER TABLE {s}.alert_jobs
+            ADD COLUMN IF NOT EXISTS notified_at timestamptz,
+            ADD COLUMN IF NOT EXISTS notify_error text,
+            ADD COLUMN IF NOT EXISTS notify_error_at timestamptz""",
+    )
+
+
 def migrations(
     schema: str,
     edition: Edition,
@@ -786,6 +801,11 @@ def migrations(
             13,
             "sites: current ward/commune (two-tier Hanoi since 2025-07), former district optional",
             _two_tier_geography(s),
+        ),
+        Migration(
+            15,
+            "alerts job: last Alertmanager post and last notification error",
+            _alert_notifications(s),
         ),
         Migration(16, "device types: the catalog's offline_after_s", _offline_after(s)),
     ]

@@ -191,6 +191,31 @@ class IngestSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     share_group: str = "ingest"
 
 
+class NotifySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Where the alerts job sends alert changes: Prometheus Alertmanager's v2 API."""
+
+    # Alertmanager's base URL (http://127.0.0.1:9093); "" turns notifications off.
+    alertmanager_url: str = ""
+    # Firing alerts are posted again this often with endsAt 4 intervals ahead,
+    # as Prometheus does (its resend delay is 1 min): an Alertmanager that
+    # restarted without its storage has them back within a minute, and one
+    # that hears nothing for 4 min (the job gone) lets them end by themselves.
+    resend_s: float = 60.0
+    # Alertmanager answers a post in milliseconds; 2 s (a fifth of the 10 s
+    # evaluation interval) bounds what a hung one costs the notifier.
+    timeout_s: float = 2.0
+    # A cleared alert is posted as resolved with every resend for this long,
+    # so an Alertmanager that was down at the clear still learns it: 15 min
+    # covers a restart or an upgrade, and 15 resends stay a small post.
+    resolved_for_s: float = 900.0
+    # Backoff between posts while Alertmanager is unavailable (evaluation
+    # goes on): from 1 s, doubling up to one resend interval.
+    retry_min_s: float = 1.0
+    retry_max_s: float = 60.0
+    # The boards as people reach them; notifications link to a device's board.
+    boards_url: str = "http://127.0.0.1:3000"
+
+
 class AlertsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The alerts job (`cityhub alerts run`, `python -m alerts`): rules, AQI, alert lifecycle.
 
@@ -238,6 +263,11 @@ class AlertsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # Names the job's stored state (last evaluation time) and its advisory
     # lock: a second job with the same id waits as a standby.
     job_id: str = "alerts"
+    # Prometheus /metrics on metrics_host:metrics_port; port 0 turns it off.
+    metrics_host: str = LOOPBACK
+    metrics_port: int = 0
+    # Notifications through Alertmanager (off unless its URL is set).
+    notify: NotifySettings = msgspec.field(default_factory=NotifySettings)
 
 
 class ProvisioningSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -3,7 +3,8 @@
 ``tests/plugins`` holds them: ``servers``, ``database`` and ``broker`` the
 fixtures (private servers, database schemas, broker accounts); ``gateway``,
 ``ingest`` and ``grafana`` the harnesses, with the helpers tests call and
-their own fixtures; ``network`` this machine's own addresses. The tests are
+their own fixtures; ``network`` this machine's own addresses; ``alertmanager``
+a private Alertmanager with a webhook receiver and an SMTP sink. The tests are
 grouped by the package they test (``tests/gateway/``, ``tests/ingest/``, ...);
 ``tests/system/`` runs the whole pipeline and ``tests/project/`` checks the
 repository itself.
@@ -17,4 +18,5 @@ pytest_plugins = [
     "tests.plugins.ingest",
     "tests.plugins.grafana",
     "tests.plugins.network",
+    "tests.plugins.alertmanager",
 ]
