@@ -48,7 +48,13 @@ from grafana_foundation_sdk.models import dashboard as model
 from grafana_foundation_sdk.models import geomap as geomap_model
 
 from contracts.catalog import AIR_QUALITY, CAMERA_COUNTER, KIOSK, SHIPPED_CATALOG, DeviceType
-from contracts.schema import ALERT_STATES, SEVERITIES, readings_table, rollup_table
+from contracts.schema import (
+    ALERT_STATES,
+    SEVERITIES,
+    gateway_online_sql,
+    readings_table,
+    rollup_table,
+)
 from grafana import tables
 from grafana.annotations import ALERT_TAG
 from grafana.palette import (
@@ -999,12 +1005,12 @@ WHERE $__timeFilter(h.ts) AND {_GATEWAY_SITE_FILTER}
 GROUP BY 1, 2
 ORDER BY 1"""
 
-# A gateway that reported "online" but nothing for five minutes is silent
-# (killed without its Will reaching ingest, or ingest's state worker away).
+# A gateway that reported "online" but nothing for a while is silent
+# (contracts.schema.gateway_online_sql, the rule `cityhub status` uses too).
 _GATEWAY_STATE: Final = f"""CASE
     WHEN gs.gateway_id IS NULL THEN 3
     WHEN gs.status = 'offline' THEN 2
-    WHEN gs.ts <= now() - {ONLINE_WINDOW} THEN 1
+    WHEN NOT {gateway_online_sql("gs.status", "gs.ts")} THEN 1
     ELSE 0
   END"""
 _GATEWAY_STATES: Final[dict[str, tuple[str, str | None]]] = {
