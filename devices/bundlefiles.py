@@ -32,8 +32,8 @@ from devices.bundle import (
 # PNG modules of 4 pixels: ~300 px for a device bundle, readable by a phone
 # camera at arm's length from a laptop screen or an A6 print.
 QR_SCALE = 4
-# The terminal drawing fits the narrowest terminal a technician's laptop
-# opens (80 columns), one module per column.
+# The terminal drawing, one module per column, fits at least the narrowest
+# terminal a technician's laptop opens (80 columns).
 QR_TERMINAL_COLUMNS = 80
 
 
@@ -80,20 +80,21 @@ def half_blocks(matrix: Sequence[Sequence[int]], border: int) -> str:
     )
 
 
-def qr_terminal(bundle: Bundle) -> str:
-    """The QR code drawn with half blocks, ``QR_TERMINAL_COLUMNS`` wide at most.
+def qr_terminal(bundle: Bundle, *, columns: int = QR_TERMINAL_COLUMNS) -> str:
+    """The QR code drawn with half blocks, ``columns`` wide at most.
 
-    The quiet zone is the recommended 4 modules when it fits, down to 1; a
-    code too wide even so (a gateway bundle with certificates) is not drawn,
-    and the line says to scan the PNG instead.
+    The quiet zone is the recommended 4 modules when it fits, down to 1. A
+    code too wide even so is not drawn (it would wrap into noise): the line
+    says to widen the terminal or scan the PNG. A device bundle (~600 bytes,
+    version 16-18, 81-89 modules) needs 83 columns or more.
     """
     qr = _qr(bundle)
     size = len(qr.matrix)
-    border = min(4, (QR_TERMINAL_COLUMNS - size) // 2)
+    border = min(4, (columns - size) // 2)
     if border < 1:
         return (
-            f"QR code of {size}x{size} modules: too wide for {QR_TERMINAL_COLUMNS} columns;"
-            " scan its PNG file instead\n"
+            f"QR code of {size}x{size} modules: too wide for {columns} columns"
+            f" (it needs {size + 2}); widen the terminal or scan its PNG file\n"
         )
     return half_blocks(qr.matrix, border)
 

@@ -191,7 +191,10 @@ def show_outcome(state: CliState, outcome: Outcome, *, qr: bool) -> None:
             )
     if qr and outcome.bundle is not None:
         state.console.print(
-            qr_terminal(outcome.bundle), highlight=False, markup=False, soft_wrap=True
+            qr_terminal(outcome.bundle, columns=state.console.width),
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
         )
 
 
@@ -551,5 +554,5 @@ def qr(
             raise NotFoundError(
                 f"no bundle for {device_id!r} in {path.parent}: `rotate-credentials` makes one"
             ) from None
-        drawing = qr_terminal(bundle)
+        drawing = qr_terminal(bundle, columns=state.console.width)
     state.console.print(drawing, highlight=False, markup=False, soft_wrap=True)
