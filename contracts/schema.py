@@ -32,6 +32,7 @@ import enum
 import hashlib
 import re
 from collections.abc import Mapping
+from typing import Final
 
 import msgspec
 
@@ -742,6 +743,26 @@ def _alert_notifications(s: str) -> tuple[str, ...]:
             ADD COLUMN IF NOT EXISTS notified_at timestamptz,
             ADD COLUMN IF NOT EXISTS notify_error text,
             ADD COLUMN IF NOT EXISTS notify_error_at timestamptz""",
+    )
+
+
+# A gateway sends its state every 10 s (``GatewaySettings.state_interval_s``):
+# 30 missed states in a row is not a hiccup but a gateway killed without its
+# Will reaching ingest, or ingest's state worker away (the fleet board's
+# "silent").
+GATEWAY_SILENT_AFTER_S: Final = 300
+
+
+def gateway_online_sql(status: str, ts: str, now: str = "now()") -> str:
+    """The one SQL test of a gateway "online": its latest state says so, and is recent.
+
+    ``status`` and ``ts`` are ``gateway_status`` column expressions (NULL for
+    a gateway that never reported: not online). ``ts`` is the time of its
+    newest state; older than ``GATEWAY_SILENT_AFTER_S``, the gateway is
+    silent, which counts as not online.
+    """
+    return (
+        f"({status} = 'online' AND {ts} > {now} - make_interval(secs => {GATEWAY_SILENT_AFTER_S}))"
     )
 
 

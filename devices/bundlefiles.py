@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,9 @@ from devices.bundle import (
 # PNG modules of 4 pixels: ~300 px for a device bundle, readable by a phone
 # camera at arm's length from a laptop screen or an A6 print.
 QR_SCALE = 4
+# The terminal drawing, one module per column, fits at least the narrowest
+# terminal a technician's laptop opens (80 columns).
+QR_TERMINAL_COLUMNS = 80
 
 
 @dataclass(frozen=True)
@@ -55,11 +59,44 @@ def _qr(bundle: Bundle) -> segno.QRCode:
     return segno.make(qr_payload(bundle), error="l", micro=False)
 
 
-def qr_terminal(bundle: Bundle) -> str:
-    """The QR code drawn with block characters, for a terminal."""
-    out = io.StringIO()
-    _qr(bundle).terminal(out=out, compact=True, border=2)
-    return out.getvalue()
+def half_blocks(matrix: Sequence[Sequence[int]], border: int) -> str:
+    """A module matrix (1 dark) as text, two module rows per line, one module per column.
+
+    Light modules are drawn (``█ ▀ ▄``) and dark ones left blank, for the
+    light-on-dark terminals technicians use; phone scanners read the inverted
+    code. An odd last row is paired with the light quiet zone below.
+    """
+    size = len(matrix[0]) if matrix else 0
+    light = [1] * (size + 2 * border)  # 1: a light module, drawn
+    rows = [light] * border
+    rows += [[1] * border + [1 - m for m in row] + [1] * border for row in matrix]
+    rows += [light] * border
+    if len(rows) % 2:
+        rows.append(light)
+    glyphs = {(0, 0): " ", (1, 0): "\u2580", (0, 1): "\u2584", (1, 1): "\u2588"}
+    return "".join(
+        "".join(glyphs[pair] for pair in zip(top, bottom, strict=True)) + "\n"
+        for top, bottom in zip(rows[::2], rows[1::2], strict=True)
+    )
+
+
+def qr_terminal(bundle: Bundle, *, columns: int = QR_TERMINAL_COLUMNS) -> str:
+    """The QR code drawn with half blocks, ``columns`` wide at most.
+
+    The quiet zone is the recommended 4 modules when it fits, down to 1. A
+    code too wide even so is not drawn (it would wrap into noise): the line
+    says to widen the terminal or scan the PNG. A device bundle (~600 bytes,
+    version 16-18, 81-89 modules) needs 83 columns or more.
+    """
+    qr = _qr(bundle)
+    size = len(qr.matrix)
+    border = min(4, (columns - size) // 2)
+    if border < 1:
+        return (
+            f"QR code of {size}x{size} modules: too wide for {columns} columns"
+            f" (it needs {size + 2}); widen the terminal or scan its PNG file\n"
+        )
+    return half_blocks(qr.matrix, border)
 
 
 def write_bundle(directory: Path, bundle: Bundle) -> BundleFiles:

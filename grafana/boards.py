@@ -49,8 +49,9 @@ ward ("Quận cũ (former district)"), and it may be NULL.
 "Online" means a reading newer than the device type's ``offline_after_s``
 (the catalog's, stored in ``device_types``), tested by
 ``contracts.schema.online_sql``: the same test as ``cityhub status`` and the
-no-data rules. Gateways, which are no device type, are silent after
-``GATEWAY_SILENT_AFTER_S``.
+no-data rules. Gateways, which are no device type, are online by
+``contracts.schema.gateway_online_sql`` (their last state says so and is
+newer than ``GATEWAY_SILENT_AFTER_S``), the rule ``cityhub status`` uses.
 """
 
 from __future__ import annotations
@@ -75,7 +76,14 @@ from contracts.catalog import (
     DeviceType,
     MetricKind,
 )
-from contracts.schema import ALERT_STATES, SEVERITIES, online_sql, readings_table, rollup_table
+from contracts.schema import (
+    ALERT_STATES,
+    SEVERITIES,
+    gateway_online_sql,
+    online_sql,
+    readings_table,
+    rollup_table,
+)
 from grafana import tables
 from grafana.annotations import ALERT_TAG
 from grafana.palette import (
@@ -153,9 +161,6 @@ DEVICE_STATUS: Final = f"""CASE
     ELSE 'Mất kết nối (offline)'
   END"""
 _TYPE_JOIN: Final = f"LEFT JOIN {DEVICE_TYPES_TABLE} dt ON dt.device_type = d.device_type"
-# Gateways are no device type: they report their state every 10 s
-# (state_interval_s), so five minutes without one is thirty missed reports.
-GATEWAY_SILENT_AFTER_S: Final = 300
 ACTIVE_STATES: Final = "({})".format(
     ", ".join(f"'{state}'" for state in ALERT_STATES if state.startswith("active_"))
 )
@@ -1150,12 +1155,12 @@ WHERE $__timeFilter(h.ts) AND {_GATEWAY_SITE_FILTER}
 GROUP BY 1, 2
 ORDER BY 1"""
 
-# A gateway that reported "online" but nothing for GATEWAY_SILENT_AFTER_S is silent
-# (killed without its Will reaching ingest, or ingest's state worker away).
+# A gateway that reported "online" but nothing for a while is silent
+# (contracts.schema.gateway_online_sql, the rule `cityhub status` uses too).
 _GATEWAY_STATE: Final = f"""CASE
     WHEN gs.gateway_id IS NULL THEN 3
     WHEN gs.status = 'offline' THEN 2
-    WHEN NOT {online_sql("gs.ts", str(GATEWAY_SILENT_AFTER_S))} THEN 1
+    WHEN NOT {gateway_online_sql("gs.status", "gs.ts")} THEN 1
     ELSE 0
   END"""
 _GATEWAY_STATES: Final[dict[str, tuple[str, str | None]]] = {

@@ -15,7 +15,7 @@ import msgspec
 import typer
 from rich.table import Table
 
-from cityhub.cli.context import CliState, reported_errors, state_of
+from cityhub.cli.context import CliState, error_line, reported_errors, state_of
 from cityhub.cli.db import database_url
 from contracts.errors import InputError, SettingsError
 from contracts.schema import ALERT_STATES, SEVERITIES
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from alerts.store import AlertRow, AlertStore
 
 app = typer.Typer(
+    # Help is printed as written: ids, patterns and TOML sections have [ ] in them.
+    rich_markup_mode=None,
     help="Alert rules over the readings (numpy jobs), VN_AQI, and the operators' alert list.",
     no_args_is_help=True,
 )
@@ -316,7 +318,7 @@ def ack(
                 try:
                     row = store.ack(alert_id, by=who, now_ms=time.time_ns() // 1_000_000)
                 except InputError as exc:  # unknown, or acknowledged before
-                    state.err.print(f"[red]error:[/red] {exc}", highlight=False)
+                    state.err.print(error_line(exc), highlight=False, soft_wrap=True)
                     failed += 1
                     continue
                 state.console.print(f"alert {row.alert_id}: {row.state} (by {row.acked_by})")

@@ -24,6 +24,8 @@ from contracts.errors import UnknownDeviceTypeError
 from contracts.uplinkschema import SCHEMA_DIR, schema_files, uplink_json_schema
 
 app = typer.Typer(
+    # Help is printed as written: ids, patterns and TOML sections have [ ] in them.
+    rich_markup_mode=None,
     help=(
         "The device catalog (device types, metrics, units, valid ranges): list, show, "
         "check operators' files, print a type's uplink JSON Schema."

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from contracts.errors import HubError
 from contracts.settings import Settings, default_state_dir
@@ -36,11 +37,20 @@ def state_of(ctx: typer.Context) -> CliState:
     return state
 
 
+def error_line(exc: BaseException) -> str:
+    """``error: {exc}`` as rich markup, the error's own text printed as it is.
+
+    Ids, patterns and TOML sections have [ ] in them, which rich would
+    otherwise take for tags and drop.
+    """
+    return f"[red]error:[/red] {escape(str(exc))}"
+
+
 @contextmanager
 def reported_errors(state: CliState, exit_code: int = 1) -> Iterator[None]:
     """Turn a HubError into a one-line message and a non-zero exit, without a traceback."""
     try:
         yield
     except HubError as exc:
-        state.err.print(f"[red]error:[/red] {exc}", highlight=False)
+        state.err.print(error_line(exc), highlight=False, soft_wrap=True)
         raise typer.Exit(exit_code) from None

@@ -12,7 +12,10 @@ from cityhub.cli.context import CliState, reported_errors, state_of
 from contracts.schema import Edition
 
 app = typer.Typer(
-    help="Database schema migrations, seed data and maintenance.", no_args_is_help=True
+    # Help is printed as written: ids, patterns and TOML sections have [ ] in them.
+    rich_markup_mode=None,
+    help="Database schema migrations, seed data and maintenance.",
+    no_args_is_help=True,
 )
 
 

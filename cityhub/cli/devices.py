@@ -9,7 +9,7 @@ database and the brokers (the embedded ones unless settings name others).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -22,13 +22,17 @@ from rich.table import Table
 from cityhub.cli.context import CliState, reported_errors, state_of
 from cityhub.cli.db import database_url
 from cityhub.cli.gateway import embedded_broker
-from contracts.errors import NotFoundError, SettingsError
+from contracts.errors import ConflictError, NotFoundError, SettingsError
+from contracts.ids import ID_PATTERN
 
 if TYPE_CHECKING:
+    from cityhub.cli.presence import DevicePresence
     from devices.provisioning import Outcome, Provisioner
     from devices.registry import DeviceRow, Registry
 
 app = typer.Typer(
+    # Help is printed as written: ids, patterns and TOML sections have [ ] in them.
+    rich_markup_mode=None,
     help="Register and manage devices: credentials, config bundles, QR codes.",
     no_args_is_help=True,
 )
@@ -186,7 +190,12 @@ def show_outcome(state: CliState, outcome: Outcome, *, qr: bool) -> None:
                 f"  gateway settings (mode 0600): {outcome.files.settings}", highlight=False
             )
     if qr and outcome.bundle is not None:
-        state.console.print(qr_terminal(outcome.bundle), highlight=False, markup=False)
+        state.console.print(
+            qr_terminal(outcome.bundle, columns=state.console.width),
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 QrOption = Annotated[
@@ -198,7 +207,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of 
 @app.command()
 def add(
     ctx: typer.Context,
-    device_id: Annotated[str, typer.Argument(help="New device id (a-z, 0-9, -).")],
+    device_id: Annotated[str, typer.Argument(help=f"New device id, {ID_PATTERN} (a-z, 0-9, -).")],
     device_type: Annotated[
         str, typer.Option("--type", help="Device type: air_quality, kiosk, camera_counter, ...")
     ],
@@ -242,22 +251,73 @@ def add(
     show_outcome(state, outcome, qr=qr)
 
 
-def _device_table(rows: list[DeviceRow], title: str) -> Table:
+# What a device or gateway's status filter may say (the registry's CHECK).
+STATUSES: Final = ("active", "revoked")
+NEVER: Final = "chưa bao giờ / never"
+
+
+def hanoi_time(ts: datetime | None) -> str:
+    """A time as printed by the command line: Hanoi's wall clock."""
+    if ts is None:
+        return NEVER
+    return ts.astimezone(HANOI_TZ).strftime("%d/%m/%Y %H:%M:%S")
+
+
+def online_label(online: bool) -> str:
+    return "trực tuyến / online" if online else "ngoại tuyến / offline"
+
+
+def check_choice(option: str, value: str | None, valid: Iterable[str]) -> None:
+    """An unknown filter value is a mistake to report, not an empty result."""
+    choices = sorted(valid)
+    if value is not None and value not in choices:
+        raise SettingsError(option, f"{value!r} is not one of {', '.join(choices)}")
+
+
+def new_table(title: str, columns: Iterable[str]) -> Table:
+    """A list table whose cells fold rather than lose characters: ids are never cut."""
     table = Table(title=title)
-    for column in (
-        "device",
-        "type",
-        "site",
-        "gateway",
-        "transport",
-        "port",
-        "label",
-        "location",
-        "status",
-    ):
-        table.add_column(column)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
+
+
+def print_table(state: CliState, table: Table, *, wide: bool) -> None:
+    """``wide``: the table at its natural width, each id on one line, wider than the terminal."""
+    if not wide:
+        state.console.print(table)
+        return
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    # Wide enough for any row of ours; rich measures the table's natural width in it.
+    roomy = Console(width=100_000)
+    natural = Measurement.get(roomy, roomy.options, table).maximum
+    Console(width=max(natural, state.console.width), no_color=state.console.no_color).print(table)
+
+
+def _device_table(
+    rows: list[DeviceRow], presence: Mapping[str, DevicePresence], title: str
+) -> Table:
+    table = new_table(
+        title,
+        (
+            "thiết bị / device",
+            "loại / type",
+            "điểm / site",
+            "gateway",
+            "transport",
+            "port",
+            "nhãn / label",
+            "vị trí / location",
+            "trạng thái / status",
+            "kết nối / online",
+            "lần cuối (giờ Hà Nội) / last seen",
+        ),
+    )
     for r in rows:
         status = r.status if r.enabled or r.status != "active" else "disabled"
+        seen = presence.get(r.device_id)
         table.add_row(
             r.device_id,
             r.device_type,
@@ -268,8 +328,32 @@ def _device_table(rows: list[DeviceRow], title: str) -> Table:
             r.label,
             r.location,
             status,
+            online_label(seen is not None and seen.online),
+            hanoi_time(seen.last_seen if seen else None),
         )
     return table
+
+
+def device_documents(
+    rows: list[DeviceRow], presence: Mapping[str, DevicePresence]
+) -> list[dict[str, object]]:
+    """The rows as JSON objects with their ``online`` and ``last_seen`` (UTC, ISO 8601)."""
+    documents: list[dict[str, object]] = []
+    for r in rows:
+        seen = presence.get(r.device_id)
+        document: dict[str, object] = msgspec.to_builtins(r)
+        document["online"] = seen is not None and seen.online
+        document["last_seen"] = seen.last_seen.isoformat() if seen and seen.last_seen else None
+        documents.append(document)
+    return documents
+
+
+WideOption = Annotated[
+    bool,
+    typer.Option(
+        "--wide", help="Print the table at its full width, each id on one line (may overflow)."
+    ),
+]
 
 
 @app.command(name="list")
@@ -277,22 +361,36 @@ def list_(
     ctx: typer.Context,
     site: Annotated[str | None, typer.Option(help="Only this site.")] = None,
     gateway: Annotated[str | None, typer.Option(help="Only this gateway.")] = None,
-    device_type: Annotated[str | None, typer.Option("--type", help="Only this type.")] = None,
+    device_type: Annotated[
+        str | None, typer.Option("--type", help="Only this type (one of the catalog's).")
+    ] = None,
     status: Annotated[
         str | None, typer.Option(help="Only devices in this status: active or revoked.")
     ] = None,
     as_json: JsonOption = False,
+    wide: WideOption = False,
 ) -> None:
-    """List devices (never their credentials)."""
+    """List devices with whether each is online and when last seen (never their credentials).
+
+    Online: seen within its type's offline_after_s (the catalog's). Last
+    seen is Hanoi time (Asia/Ho_Chi_Minh) in the table, UTC in --json. An
+    unknown --type or --status is an error naming the valid values.
+    """
+    from cityhub.cli.presence import device_presence, device_type_names
+
     state = state_of(ctx)
     with reported_errors(state), registry_of(state) as registry:
+        check_choice("--status", status, STATUSES)
+        if device_type is not None:
+            check_choice("--type", device_type, device_type_names(registry.conn, registry.schema))
         rows = registry.devices(
             site_id=site, gateway_id=gateway, device_type=device_type, status=status
         )
+        presence = device_presence(registry.conn, registry.schema)
     if as_json:
-        state.console.print_json(msgspec.json.encode(rows).decode())
+        state.console.print_json(msgspec.json.encode(device_documents(rows, presence)).decode())
         return
-    state.console.print(_device_table(rows, f"{len(rows)} devices"))
+    print_table(state, _device_table(rows, presence, f"{len(rows)} devices"), wide=wide)
 
 
 @app.command()
@@ -307,6 +405,8 @@ def show(
     messages over the limits) and ingest refused over the last 7 days, by
     reason: how many, when last (Hanoi time) and the newest detail.
     """
+    from cityhub.cli.presence import device_presence
+
     state = state_of(ctx)
     with reported_errors(state), registry_of(state) as registry:
         rows = registry.devices(device_id=device_id)
@@ -315,16 +415,17 @@ def show(
         accounts = registry.credentials(device_id)
         audit = registry.audit_entries(subject_id=device_id, limit=10)
         rejects = recent_rejects(registry, device_id)
+        presence = device_presence(registry.conn, registry.schema)
     if as_json:
         document = {
-            "device": rows[0],
+            "device": device_documents(rows, presence)[0],
             "credentials": accounts,
             "audit": audit,
             "rejects": rejects,
         }
         state.console.print_json(msgspec.json.encode(document).decode())
         return
-    state.console.print(_device_table(rows, f"device {device_id}"))
+    state.console.print(_device_table(rows, presence, f"device {device_id}"))
     for a in accounts:
         rotated = a.rotated_at.isoformat(timespec="seconds") if a.rotated_at else "never"
         state.console.print(
@@ -430,12 +531,22 @@ def qr(
     ctx: typer.Context,
     device_id: Annotated[str, typer.Argument(help="Device id.")],
 ) -> None:
-    """Draw the QR code of a device's current bundle in the terminal."""
+    """Draw the QR code of a device's current bundle in the terminal (80 columns at most).
+
+    A revoked device has no working bundle: asking for its QR code is an error.
+    """
     from devices.bundle import decode_bundle
     from devices.bundlefiles import qr_terminal
 
     state = state_of(ctx)
     with reported_errors(state):
+        with registry_of(state) as registry:
+            rows = registry.devices(device_id=device_id)
+        if rows and rows[0].status == "revoked":
+            raise ConflictError(
+                f"device {device_id!r} is revoked: its credentials no longer work, so it has"
+                " no QR code"
+            )
         path = bundle_dir(state) / f"device-{device_id}.json"
         try:
             bundle = decode_bundle(path.read_bytes())
@@ -443,4 +554,5 @@ def qr(
             raise NotFoundError(
                 f"no bundle for {device_id!r} in {path.parent}: `rotate-credentials` makes one"
             ) from None
-    state.console.print(qr_terminal(bundle), highlight=False, markup=False)
+        drawing = qr_terminal(bundle, columns=state.console.width)
+    state.console.print(drawing, highlight=False, markup=False, soft_wrap=True)

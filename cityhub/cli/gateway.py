@@ -15,7 +15,10 @@ from cityhub.localstack.mosquitto import ADMIN_USER
 from contracts.settings import BrokerSettings, describe_settings, load_settings
 
 app = typer.Typer(
-    help="Site gateway: devices in, durable outbox, batches to the hub.", no_args_is_help=True
+    # Help is printed as written: ids, patterns and TOML sections have [ ] in them.
+    rich_markup_mode=None,
+    help="Site gateway: devices in, durable outbox, batches to the hub.",
+    no_args_is_help=True,
 )
 
 

@@ -8,6 +8,7 @@ devices' topics), a bundle with both and a settings file for
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated
 
 import msgspec
@@ -15,23 +16,54 @@ import typer
 from rich.table import Table
 
 from cityhub.cli.context import reported_errors, state_of
-from cityhub.cli.devices import JsonOption, QrOption, provisioner, registry_of, show_outcome
+from cityhub.cli.devices import (
+    STATUSES,
+    JsonOption,
+    QrOption,
+    WideOption,
+    check_choice,
+    hanoi_time,
+    new_table,
+    online_label,
+    print_table,
+    provisioner,
+    registry_of,
+    show_outcome,
+)
 from contracts.errors import NotFoundError
+from contracts.ids import ID_PATTERN
 
 if TYPE_CHECKING:
+    from cityhub.cli.presence import GatewayPresence
     from devices.registry import GatewayRow
 
 app = typer.Typer(
+    # Help is printed as written: ids, patterns and TOML sections have [ ] in them.
+    rich_markup_mode=None,
     help="Register and manage site gateways: broker accounts, bundles, configs.",
     no_args_is_help=True,
 )
 
 
-def _table(rows: list[GatewayRow], title: str) -> Table:
-    table = Table(title=title)
-    for column in ("gateway", "site", "label", "location", "devices", "config", "status"):
-        table.add_column(column)
+def _table(rows: list[GatewayRow], presence: Mapping[str, GatewayPresence], title: str) -> Table:
+    table = new_table(
+        title,
+        (
+            "gateway",
+            "điểm / site",
+            "nhãn / label",
+            "vị trí / location",
+            "thiết bị / devices",
+            "config",
+            "trạng thái / status",
+            "kết nối / online",
+            "hàng đợi / outbox",
+            "trạng thái cuối (giờ Hà Nội) / last state",
+        ),
+    )
     for r in rows:
+        p = presence.get(r.gateway_id)
+        depth = p.outbox_depth if p else None
         table.add_row(
             r.gateway_id,
             r.site_id,
@@ -40,14 +72,32 @@ def _table(rows: list[GatewayRow], title: str) -> Table:
             str(r.devices),
             str(r.config_version),
             r.status,
+            online_label(p is not None and p.online),
+            "-" if depth is None else str(depth),
+            hanoi_time(p.last_state if p else None),
         )
     return table
+
+
+def gateway_documents(
+    rows: list[GatewayRow], presence: Mapping[str, GatewayPresence]
+) -> list[dict[str, object]]:
+    """The rows as JSON objects with ``online``, ``last_seen`` (UTC) and ``outbox_depth``."""
+    documents: list[dict[str, object]] = []
+    for r in rows:
+        p = presence.get(r.gateway_id)
+        document: dict[str, object] = msgspec.to_builtins(r)
+        document["online"] = p is not None and p.online
+        document["last_seen"] = p.last_state.isoformat() if p and p.last_state else None
+        document["outbox_depth"] = p.outbox_depth if p else None
+        documents.append(document)
+    return documents
 
 
 @app.command()
 def add(
     ctx: typer.Context,
-    gateway_id: Annotated[str, typer.Argument(help="New gateway id (a-z, 0-9, -).")],
+    gateway_id: Annotated[str, typer.Argument(help=f"New gateway id, {ID_PATTERN} (a-z, 0-9, -).")],
     site: Annotated[str, typer.Option(help="Site id the gateway serves.")],
     label: Annotated[str, typer.Option(help="Free text.")] = "",
     location: Annotated[str, typer.Option(help="Where it is mounted.")] = "",
@@ -66,15 +116,25 @@ def list_(
     site: Annotated[str | None, typer.Option(help="Only this site.")] = None,
     status: Annotated[str | None, typer.Option(help="Only active or revoked.")] = None,
     as_json: JsonOption = False,
+    wide: WideOption = False,
 ) -> None:
-    """List gateways with their number of active devices (never their credentials)."""
+    """List gateways: active devices, online or not, outbox and last state (no credentials).
+
+    Online: its latest state says online and is under 5 minutes old. The
+    last state's time is Hanoi time (Asia/Ho_Chi_Minh) in the table, UTC in
+    --json. An unknown --status is an error naming the valid values.
+    """
+    from cityhub.cli.presence import gateway_presence
+
     state = state_of(ctx)
     with reported_errors(state), registry_of(state) as registry:
+        check_choice("--status", status, STATUSES)
         rows = registry.gateways(site_id=site, status=status)
+        presence = gateway_presence(registry.conn, registry.schema)
     if as_json:
-        state.console.print_json(msgspec.json.encode(rows).decode())
+        state.console.print_json(msgspec.json.encode(gateway_documents(rows, presence)).decode())
         return
-    state.console.print(_table(rows, f"{len(rows)} gateways"))
+    print_table(state, _table(rows, presence, f"{len(rows)} gateways"), wide=wide)
 
 
 @app.command()
@@ -84,6 +144,8 @@ def show(
     as_json: JsonOption = False,
 ) -> None:
     """Show one gateway, its devices, its broker accounts and recent audit entries."""
+    from cityhub.cli.presence import gateway_presence
+
     state = state_of(ctx)
     with reported_errors(state), registry_of(state) as registry:
         rows = registry.gateways(gateway_id=gateway_id)
@@ -92,16 +154,17 @@ def show(
         devices = registry.devices(gateway_id=gateway_id, status="active")
         accounts = registry.credentials(gateway_id)
         audit = registry.audit_entries(subject_id=gateway_id, limit=10)
+        presence = gateway_presence(registry.conn, registry.schema)
     if as_json:
         document = {
-            "gateway": rows[0],
+            "gateway": gateway_documents(rows, presence)[0],
             "devices": [d.device_id for d in devices],
             "credentials": accounts,
             "audit": audit,
         }
         state.console.print_json(msgspec.json.encode(document).decode())
         return
-    state.console.print(_table(rows, f"gateway {gateway_id}"))
+    state.console.print(_table(rows, presence, f"gateway {gateway_id}"))
     state.console.print(
         f"  devices: {', '.join(d.device_id for d in devices) or '(none)'}",
         highlight=False,

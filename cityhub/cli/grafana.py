@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     from grafana.push import GrafanaPush
 
 app = typer.Typer(
+    # Help is printed as written: ids, patterns and TOML sections have [ ] in them.
+    rich_markup_mode=None,
     help="Grafana boards as code: generate grafana/dashboards/*.json, push boards and annotations.",
     no_args_is_help=True,
 )

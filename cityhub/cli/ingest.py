@@ -15,6 +15,8 @@ from cityhub.cli.gateway import embedded_broker
 from contracts.settings import describe_settings, load_settings
 
 app = typer.Typer(
+    # Help is printed as written: ids, patterns and TOML sections have [ ] in them.
+    rich_markup_mode=None,
     help="Central ingest: batches from the gateways into TimescaleDB, exactly once.",
     no_args_is_help=True,
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Final
 
 import typer
 from rich.console import Console
@@ -29,16 +29,21 @@ from cityhub.cli import services as services_cli
 from cityhub.cli import sim as sim_cli
 from cityhub.cli import sites as sites_cli
 from cityhub.cli import soak as soak_cli
+from cityhub.cli import status as status_cli
 from cityhub.cli import up as up_cli
-from cityhub.cli.context import CliState
-from contracts.errors import HubError
+from cityhub.cli.context import CliState, error_line
+from contracts.errors import HubError, SettingsError
 from contracts.settings import load_settings
 
+# The levels `--log-level` and the settings' log_level may name.
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 app = typer.Typer(
+    # Help is printed as written: ids, patterns and TOML sections have [ ] in them.
+    rich_markup_mode=None,
     name="cityhub",
     help="Smart-city sensor and device telemetry hub: services, storage and tools.",
     no_args_is_help=True,
-    rich_markup_mode="rich",
     pretty_exceptions_enable=False,
 )
 app.add_typer(services_cli.app, name="services")
@@ -57,6 +62,7 @@ app.add_typer(pki_cli.app, name="pki")
 app.add_typer(grafana_cli.app, name="grafana")
 app.command(name="audit")(audit_cli.audit)
 app.add_typer(catalog_cli.app, name="catalog")
+app.command(name="status")(status_cli.status)
 
 
 @app.callback()
@@ -72,7 +78,8 @@ def root(
         ),
     ] = None,
     log_level: Annotated[
-        str | None, typer.Option(help="Log level (DEBUG, INFO, WARNING, ERROR).")
+        str | None,
+        typer.Option(help=f"Log level: {', '.join(LOG_LEVELS)} (any case). Default: settings'."),
     ] = None,
 ) -> None:
     """Load settings once and configure logging for every command."""
@@ -81,12 +88,15 @@ def root(
         # `cityhub catalog` reads the catalog files itself, to report on them.
         examines_catalog = ctx.invoked_subcommand == "catalog"
         settings = load_settings(config, os.environ, install_catalog=not examines_catalog)
+        level = (log_level or settings.log_level).upper()
+        if level not in LOG_LEVELS:
+            key = "--log-level" if log_level else "log_level"
+            raise SettingsError(key, f"{level!r} is not one of {', '.join(LOG_LEVELS)}")
     except HubError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        err.print(error_line(exc), highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    level = (log_level or settings.log_level).upper()
     logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
+        level=getattr(logging, level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     ctx.obj = CliState(settings=settings, environ=dict(os.environ), is_root=os.geteuid() == 0)

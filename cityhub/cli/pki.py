@@ -17,6 +17,8 @@ from cityhub.cli.context import reported_errors, state_of
 from cityhub.cli.devices import pki_dir
 
 app = typer.Typer(
+    # Help is printed as written: ids, patterns and TOML sections have [ ] in them.
+    rich_markup_mode=None,
     help="Certificates: a CA, the broker's server certificate, client certificates.",
     no_args_is_help=True,
 )

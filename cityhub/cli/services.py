@@ -12,6 +12,8 @@ if TYPE_CHECKING:
     from cityhub.localstack.stack import LocalStack, ServiceStatus
 
 app = typer.Typer(
+    # Help is printed as written: ids, patterns and TOML sections have [ ] in them.
+    rich_markup_mode=None,
     help="Private Mosquitto and PostgreSQL/TimescaleDB for the embedded default.",
     no_args_is_help=True,
 )

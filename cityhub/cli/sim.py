@@ -30,7 +30,10 @@ if TYPE_CHECKING:
     from firmware_sim.service import Simulator
 
 app = typer.Typer(
-    help="Simulated devices speaking the real serial and MQTT protocols.", no_args_is_help=True
+    # Help is printed as written: ids, patterns and TOML sections have [ ] in them.
+    rich_markup_mode=None,
+    help="Simulated devices speaking the real serial and MQTT protocols.",
+    no_args_is_help=True,
 )
 
 _DURATION = re.compile(r"^(?P<n>\d+(?:\.\d+)?)(?P<unit>ms|s|m|h)?$")

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from devices.registry import ImportResult, SiteRow
 
 app = typer.Typer(
+    # Help is printed as written: ids, patterns and TOML sections have [ ] in them.
+    rich_markup_mode=None,
     help=(
         "Sites (service halls, ward offices, street monitors) in Hanoi's wards and communes: "
         "add, list, show, import and export (CSV, GeoJSON)."

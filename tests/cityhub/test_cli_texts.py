@@ -1,0 +1,140 @@
+"""Help and error texts printed as written, and the terminal QR code within 80 columns."""
+
+from __future__ import annotations
+
+import pytest
+import segno
+import typer
+from typer.testing import CliRunner
+
+from cityhub.cli.main import app
+from devices.bundle import MqttAccess, device_bundle, qr_payload
+from devices.bundlefiles import QR_TERMINAL_COLUMNS, qr_terminal, write_bundle
+from devices.validation import device_config
+from tests.alerts.test_job import seed_devices
+
+
+def _commands(command, path: tuple[str, ...] = ()):
+    yield path, command
+    # typer's groups (its own copy of click's) have their subcommands by name.
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _commands(sub, (*path, name))
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _bracketed_texts(command) -> list[str]:
+    """Every help text of a command (its own first paragraph, its parameters') with [ ] in it."""
+    texts = [(command.help or "").split("\n\n")[0]]
+    texts += [getattr(p, "help", None) or "" for p in command.params]
+    return [_flat(t) for t in texts if "[" in t]
+
+
+def test_help_of_every_command_prints_brackets_whole():
+    root = typer.main.get_command(app)
+    checked: list[str] = []
+    for path, command in _commands(root):
+        result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "250"})
+        assert result.exit_code == 0, (path, result.output)
+        for text in _bracketed_texts(command):
+            assert text in _flat(result.output), (path, text)
+            checked.append(text)
+    # The ones that rich markup used to swallow are among them.
+    assert any("^[a-z0-9][a-z0-9-]{0,63}$" in t for t in checked)
+    assert any("[broker]" in t for t in checked)
+
+
+def _bundle(device_id: str, host: str):
+    config = device_config(
+        device_id=device_id,
+        device_type="kiosk",
+        transport="mqtt",
+        port=None,
+        protocol=None,
+        label="",
+    )
+    return device_bundle(
+        config,
+        site_id="hk-hall",
+        gateway_id="gw-" + "g" * 61,
+        location="Tầng 1, quầy 3",
+        hardware_id="SN-0042",
+        broker=MqttAccess(
+            host=host,
+            port=8883,
+            tls=True,
+            username=f"device.{device_id}",
+            password="x" * 43,  # a generated secret's length
+            client_id=f"device.{device_id}",
+        ),
+        prefix="hn",
+        issued_at="2026-01-01T00:00:00+00:00",
+        issued_by="Phạm Thu Hà",
+    )
+
+
+def _decode(drawing: str) -> list[list[int]]:
+    """Module rows (1 dark) back from the half-block text: blank is dark, drawn is light."""
+    top = {" ": 1, "\u2580": 0, "\u2584": 1, "\u2588": 0}
+    bottom = {" ": 1, "\u2580": 1, "\u2584": 0, "\u2588": 0}
+    rows: list[list[int]] = []
+    for line in drawing.splitlines():
+        rows.append([top[c] for c in line])
+        rows.append([bottom[c] for c in line])
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("device_id", "host", "columns"),
+    [
+        ("kiosk-07", "10.1.2.3", 100),
+        ("k" * 64, "site-broker.hoan-kiem.hanoi.example.vn", 120),
+    ],
+)
+def test_terminal_qr_fits_its_columns_and_decodes_to_the_code(device_id, host, columns):
+    bundle = _bundle(device_id, host)
+    narrow = qr_terminal(bundle, columns=QR_TERMINAL_COLUMNS)
+    assert narrow.count("\n") == 1
+    assert "too wide for 80 columns" in narrow
+    drawing = qr_terminal(bundle, columns=columns)
+    lines = drawing.splitlines()
+    assert max(len(line) for line in lines) <= columns
+    matrix = [list(row) for row in segno.make(qr_payload(bundle), error="l").matrix]
+    size = len(matrix)
+    rows = _decode(drawing)
+    border = (len(lines[0]) - size) // 2
+    assert border >= 1
+    decoded = [row[border : border + size] for row in rows[border : border + size]]
+    assert decoded == matrix
+    # The quiet zone is light all round.
+    assert all(set(row) == {0} for row in rows[:border])
+    assert all(set(row[:border]) == {0} for row in rows)
+
+
+def test_qr_of_a_revoked_device_is_an_error(db_conn, db_url, migrated, tmp_path):
+    schema = migrated
+    seed_devices(db_conn, schema, [("k-live", "kiosk", "hk-hall"), ("k-gone", "kiosk", "hk-hall")])
+    db_conn.execute(
+        f"UPDATE {schema}.devices SET status = 'revoked', revoked_at = now()"
+        " WHERE device_id = 'k-gone'"
+    )
+    bundles = tmp_path / "bundles"
+    for device_id in ("k-live", "k-gone"):
+        write_bundle(bundles, _bundle(device_id, "10.1.2.3"))
+    env = {
+        "CITYHUB_DATABASE__URL": db_url,
+        "CITYHUB_DATABASE__SCHEMA": schema,
+        "CITYHUB_PROVISIONING__BUNDLE_DIR": str(bundles),
+        "COLUMNS": "100",
+    }
+    live = CliRunner().invoke(app, ["devices", "qr", "k-live"], env=env)
+    assert live.exit_code == 0, live.output
+    assert max(len(line) for line in live.output.splitlines()) <= 100
+    assert "\u2588" in live.output
+    gone = CliRunner().invoke(app, ["devices", "qr", "k-gone"], env=env)
+    assert gone.exit_code == 1
+    assert gone.output.strip().splitlines() == [
+        "error: device 'k-gone' is revoked: its credentials no longer work, so it has no QR code"
+    ]
