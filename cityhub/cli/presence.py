@@ -12,9 +12,8 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
-from psycopg import Connection
 
-from adapters.database import database_errors
+from adapters.database import Connection, database_errors
 from contracts.schema import gateway_online_sql, online_sql
 
 

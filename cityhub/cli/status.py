@@ -11,17 +11,20 @@ themselves are not contacted.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 import typer
-from psycopg import Connection
 from rich.markup import escape
 
-from adapters.database import database_errors
 from cityhub.cli.context import CliState, reported_errors, state_of
 from cityhub.cli.devices import JsonOption, hanoi_time, new_table, registry_of
 from contracts.schema import SEVERITIES
+
+if TYPE_CHECKING:
+    # psycopg comes with the central extra; a gateway-only install runs `cityhub`
+    # too, so the database adapter is imported where a query runs.
+    from adapters.database import Connection
 
 # Ingest's workers write a stats row every 10 s (stats_interval_s): five
 # minutes is 30 rows per worker, enough to smooth a quiet spell, short
@@ -132,6 +135,8 @@ def problems(status: FleetStatus) -> list[str]:
 
 
 def _ingest(conn: Connection[Any], schema: str, gateways_rate: float) -> Ingest:
+    from adapters.database import database_errors
+
     with database_errors("ingest stats", schema=schema), conn.cursor() as cur:
         cur.execute(
             f"""SELECT coalesce(sum(readings), 0)::bigint, max(lag_p95_ms)::float8
@@ -163,6 +168,8 @@ def _ingest(conn: Connection[Any], schema: str, gateways_rate: float) -> Ingest:
 
 
 def _alert_jobs(conn: Connection[Any], schema: str) -> list[AlertJob]:
+    from adapters.database import database_errors
+
     with database_errors("alerts job state", schema=schema), conn.cursor() as cur:
         cur.execute(
             f"""SELECT job_id, last_eval_at, updated_at,
@@ -176,6 +183,8 @@ def _alert_jobs(conn: Connection[Any], schema: str) -> list[AlertJob]:
 
 
 def _open_alerts(conn: Connection[Any], schema: str) -> dict[str, int]:
+    from adapters.database import database_errors
+
     with database_errors("open alerts", schema=schema), conn.cursor() as cur:
         cur.execute(
             f"""SELECT severity, count(*) FROM {schema}.alerts
@@ -191,6 +200,8 @@ _NOTIFIER_COLUMNS: Final = ("notified_at", "notify_error", "notify_error_at")
 
 
 def _alertmanager(conn: Connection[Any], schema: str) -> Alertmanager:
+    from adapters.database import database_errors
+
     with database_errors("Alertmanager state", schema=schema), conn.cursor() as cur:
         cur.execute(
             """SELECT count(*) FROM information_schema.columns
@@ -220,6 +231,7 @@ def _alertmanager(conn: Connection[Any], schema: str) -> Alertmanager:
 
 def collect(conn: Connection[Any], schema: str, *, alerts_interval_s: float) -> FleetStatus:
     """Everything the status screen shows, read now, judged by ``problems``."""
+    from adapters.database import database_errors
     from cityhub.cli.presence import device_presence, gateway_presence
 
     gateways = [

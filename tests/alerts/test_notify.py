@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from alerts.metrics import alerts_families
@@ -13,7 +15,7 @@ BOARDS = "http://boards.example:3000/"
 
 
 def row(**changes) -> NotifyRow:
-    fields = {
+    fields: dict[str, Any] = {
         "alert_id": 7,
         "rule_id": "t-queue",
         "device_id": "k1",

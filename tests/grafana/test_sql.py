@@ -468,7 +468,7 @@ def test_device_board_shows_one_device_and_every_metric_of_its_type(conn, filled
         r["metric"] for r in _rows(conn, _board_panel("device", "every metric"), tr, variables)
     }
     kiosk = SHIPPED_CATALOG.types["kiosk"]
-    assert {m.split(" (")[0] for m in metrics} == {m.name for m in kiosk.metrics}
+    assert {str(m).split(" (")[0] for m in metrics} == {m.name for m in kiosk.metrics}
     alerts = _rows(conn, _board_panel("device", "alerts"), tr, variables)
     assert alerts
     expected = conn.execute(
@@ -484,7 +484,7 @@ def test_device_board_shows_one_device_and_every_metric_of_its_type(conn, filled
         r["metric"] for r in _rows(conn, _board_panel("device", "every metric"), tr, variables)
     }
     assert "pm25 (ug/m3)" in metrics
-    assert not {m.split(" (")[0] for m in metrics} & {m.name for m in kiosk.metrics}
+    assert not {str(m).split(" (")[0] for m in metrics} & {m.name for m in kiosk.metrics}
     rejects = _rows(conn, _board_panel("device", "rejects"), tr, variables)
     assert rejects
     assert {r["Gateway"] for r in rejects} == {"gw-cg-aq-luu-quang-vu"}
@@ -538,7 +538,7 @@ def test_online_is_the_types_offline_after_s_on_every_board(filled) -> None:
             variables = _drill_variables(writable, tr, site="-", device=device_id)
             (identity,) = _rows(writable, _board_panel("device", "identity"), tr, variables)
             assert identity["Trạng thái (status)"] == words[online], device_id
-            site_id = identity["site_id"]
+            site_id = str(identity["site_id"])
             on_site = _rows(
                 writable,
                 _board_panel("site", "devices"),

@@ -7,6 +7,7 @@ and a gateway's death stored at the time it was noticed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -619,7 +620,7 @@ def test_workers_serve_metrics_on_the_configured_host_and_not_on_loopback(
         for index in (0, 1):
             port = first + index
             wait_for(
-                lambda port=port: _answers(other_address, port), 30, f"worker {index} /metrics"
+                functools.partial(_answers, other_address, port), 30, f"worker {index} /metrics"
             )
             assert f'cityhub_ingest_received_total{{worker="{_worker(index)}"}}' in scrape(
                 port, host=other_address
