@@ -35,11 +35,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -72,15 +73,16 @@ from alerts.lifecycle import (
 )
 from alerts.rules import (
     VN_AQI_METRIC,
+    AlertTexts,
     NoData,
     Rule,
     Window,
     leaves,
     load_rules,
     lookback_ms,
-    render_message,
+    render_texts,
 )
-from alerts.store import AlertStore
+from alerts.store import AlertStore, SitePlace
 from alerts.window import NO_TS, DeviceSet, SampleBuffer, Samples, evaluation_times
 from contracts.errors import SchemaError, SettingsError, UnavailableError
 from contracts.schema import SEVERITIES
@@ -204,6 +206,7 @@ class AlertsJob:
             )
         self._pending_aqi: set[tuple[str, int]] = set()  # (device id, hour)
         self._devices_at_ms: int | None = None
+        self.places: dict[str, SitePlace] = {}
 
     def close(self) -> None:
         self.store.close()
@@ -223,6 +226,7 @@ class AlertsJob:
         if not due:
             return
         devices = self.store.devices()
+        self.places = self.store.site_places()
         for device_type, buffer in self.buffers.items():
             current = devices.get(device_type, DeviceSet((), (), ()))
             if current != buffer.devices:
@@ -414,6 +418,9 @@ class AlertsJob:
             if outcome is None:
                 continue
             window = windows[rule.device_type]
+            summary, description = _texts(
+                rule, window, outcome.value, outcome.severity, self.places
+            )
             changes += plan_changes(
                 rule_id=rule.rule_id,
                 device_ids=window.device_ids,
@@ -423,7 +430,8 @@ class AlertsJob:
                 value=outcome.value,
                 severity=outcome.severity,
                 now_ms=now_ms,
-                message=_messenger(rule, window, outcome.value, outcome.severity),
+                message=summary,
+                description=description,
             )
         return changes
 
@@ -437,21 +445,32 @@ class AlertsJob:
         return hourly, daily
 
 
-def _messenger(
-    rule: Rule, window: Window, values: np.ndarray, severities: np.ndarray
-) -> Callable[[int], str]:
-    def message(i: int) -> str:
+def _texts(
+    rule: Rule,
+    window: Window,
+    values: np.ndarray,
+    severities: np.ndarray,
+    places: Mapping[str, SitePlace],
+) -> tuple[Callable[[int], str], Callable[[int], str]]:
+    """``plan_changes``' renderers of the summary and description, at each device's severity."""
+
+    @functools.cache
+    def texts(i: int) -> AlertTexts:
         severity = int(severities[i])
-        return render_message(
+        site_id = window.site_ids[i]
+        place = places.get(site_id)
+        return render_texts(
             rule,
             device_id=window.device_ids[i],
-            site_id=window.site_ids[i],
+            site_id=site_id,
             district=window.districts[i],
             value=float(values[i]),
             severity=SEVERITIES[severity] if severity >= 0 else rule.severity,
+            site_name=place.name if place else None,
+            ward=place.ward if place else None,
         )
 
-    return message
+    return (lambda i: texts(i).summary), (lambda i: texts(i).description)
 
 
 async def run_job(
