@@ -59,6 +59,7 @@ class Raise(msgspec.Struct, frozen=True, kw_only=True):
     value: float | None
     message: str
     ts_ms: int
+    description: str = ""
 
 
 class Escalate(msgspec.Struct, frozen=True, kw_only=True):
@@ -70,6 +71,7 @@ class Escalate(msgspec.Struct, frozen=True, kw_only=True):
     value: float | None
     message: str
     ts_ms: int
+    description: str = ""
 
 
 class Clear(msgspec.Struct, frozen=True, kw_only=True):
@@ -113,14 +115,21 @@ def plan_changes(
     severity: npt.NDArray[np.int8],
     now_ms: int,
     message: Callable[[int], str],
+    description: Callable[[int], str] | None = None,
 ) -> list[Change]:
     """One rule's changes at ``now_ms`` from its outcome (arrays over ``device_ids``).
 
     ``open_by_device``: the rule's active alerts by device id. ``message(i)``
-    renders the rule's message for device ``i``. Devices absent from
-    ``device_ids`` (revoked, or of another type) keep their alerts as they are.
+    and ``description(i)`` render the rule's summary and description for
+    device ``i`` (at the severity of that moment: an escalation re-renders
+    both). Devices absent from ``device_ids`` (revoked, or of another type)
+    keep their alerts as they are.
     """
     opened = was_active(device_ids, open_by_device)
+
+    def describe(i: int) -> str:
+        return "" if description is None else description(i)
+
     changes: list[Change] = [
         Raise(
             rule_id=rule_id,
@@ -130,6 +139,7 @@ def plan_changes(
             value=_value(float(value[i])),
             message=message(i),
             ts_ms=now_ms,
+            description=describe(i),
         )
         for i in np.flatnonzero(active & ~opened).tolist()
     ]
@@ -147,6 +157,7 @@ def plan_changes(
                     value=_value(float(value[i])),
                     message=message(i),
                     ts_ms=now_ms,
+                    description=describe(i),
                 )
             )
     for i in np.flatnonzero(~active & opened).tolist():

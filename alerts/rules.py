@@ -7,7 +7,10 @@ A rule file is TOML with an array of ``[[rule]]`` tables::
     name = "Queue too long"
     device_type = "kiosk"                 # a catalog device type
     severity = "minor"                    # one of contracts.schema.SEVERITIES
-    message = "{value:.0f} waiting at {site_id}"
+    summary_vi = "Hàng chờ dài: {value:.0f} người tại {site_name}"
+    summary_en = "Long queue: {value:.0f} waiting at {site_name}"
+    description_vi = "..."                # a sentence with context (optional)
+    description_en = "..."
     sites = []                            # scope; empty = all (also districts, device_ids)
     condition = { kind = "threshold", metric = "queue_length", op = ">", threshold = 40,
                   clear = 25, for_s = 900 }   # (one line in a real file: TOML 1.0)
@@ -34,6 +37,15 @@ the key. Metric names are checked against the catalog for the rule's device
 type; ``vn_aqi`` is the derived hourly VN_AQI that the job adds to
 air-quality windows and only ``aqi_band`` reads it.
 
+Texts. A rule's texts are templates (``str.format``) over ``MESSAGE_FIELDS``:
+``summary_vi`` / ``summary_en`` (short, a title) and ``description_vi`` /
+``description_en`` (a sentence with context). Each alert stores them as
+"<vi> / <en>" (``AlertTexts``). ``message``, the only text before, is still
+read as the English summary; a missing Vietnamese text (or description) is a
+generic one built from the severity, the device type and the rule's name, so
+an operator's old file keeps working. Every template is checked at load: an
+unknown field is a ``RuleError`` naming the key.
+
 ``Window`` is the numpy view of one device type's recent readings that the
 job builds; ``scope_mask`` picks a rule's devices out of it. Reading rule
 files from disk is the only I/O here; the job decides when to do it.
@@ -59,6 +71,7 @@ from contracts.catalog import DEVICE_TYPES
 from contracts.errors import InvalidIdError, RuleError
 from contracts.ids import check_id
 from contracts.schema import SEVERITIES
+from contracts.severity import SEVERITY_NAMES
 
 NO_TS: Final[int] = int(np.iinfo(np.int64).min)
 VN_AQI_METRIC: Final = "vn_aqi"
@@ -73,7 +86,41 @@ BAND_LOW_AQI: Final[dict[str, int]] = {
     name: band.low for name, band in zip(BAND_NAMES, VN_BANDS, strict=True)
 }
 MESSAGE_FIELDS: Final = frozenset(
-    {"rule_id", "name", "device_id", "device_type", "site_id", "district", "severity", "value"}
+    {
+        "rule_id",
+        "name",
+        "device_id",
+        "device_type",
+        "site_id",
+        "site_name",  # the site's name (its id if unknown)
+        "ward",  # the site's current ward/commune (its former district if it has none)
+        "district",  # the site's former district ("" if none)
+        "severity",  # critical, major, minor, warning
+        "severity_vi",  # contracts.severity: "Cao"
+        "severity_en",  # "Major"
+        "value",
+    }
+)
+TEXT_KEYS: Final = ("message", "summary_vi", "summary_en", "description_vi", "description_en")
+# What a device of each shipped type is called in the generic Vietnamese texts.
+DEVICE_TYPE_VI: Final = {
+    "air_quality": "trạm quan trắc không khí",
+    "kiosk": "ki-ốt lấy số",
+    "camera_counter": "camera đếm",
+    "conference_endpoint": "thiết bị hội nghị truyền hình",
+    "noise_meter": "máy đo tiếng ồn",
+    "water_level": "cảm biến mực nước",
+    "satisfaction_terminal": "thiết bị đánh giá hài lòng",
+}
+_GENERIC_SUMMARY_VI: Final = "{severity_vi}: {name} ({device_kind_vi} {device_id} tại {site_name})"
+_GENERIC_SUMMARY_EN: Final = "{name}: {device_id} at {site_name} ({value:g})"
+_GENERIC_DESCRIPTION_VI: Final = (
+    "Quy tắc {rule_id} ({name}), mức {severity_vi}: {device_kind_vi} {device_id} "
+    "tại {site_name} ({ward}), giá trị {value:g}."
+)
+_GENERIC_DESCRIPTION_EN: Final = (
+    "Rule {rule_id} ({name}), severity {severity_en}: {device_type} {device_id} "
+    "at {site_name} ({ward}), value {value:g}."
 )
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -213,7 +260,11 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     device_type: str
     severity: str
     condition: Condition
-    message: str = "{name}: {device_id} at {site_id} ({value:g})"
+    message: str | None = None  # the English summary of rule files from before summary_en
+    summary_vi: str | None = None
+    summary_en: str | None = None
+    description_vi: str | None = None
+    description_en: str | None = None
     sites: tuple[str, ...] = ()
     districts: tuple[str, ...] = ()
     device_ids: tuple[str, ...] = ()
@@ -277,6 +328,77 @@ def escalation_levels(rule: Rule) -> tuple[Op, tuple[tuple[int, float], ...]]:
     return op, tuple(steps)
 
 
+class AlertTexts(msgspec.Struct, frozen=True, kw_only=True):
+    """One alert's rendered texts, in both languages."""
+
+    summary_vi: str
+    summary_en: str
+    description_vi: str
+    description_en: str
+
+    @property
+    def summary(self) -> str:
+        """What ``alerts.message`` stores: "<vi> / <en>"."""
+        return f"{self.summary_vi} / {self.summary_en}"
+
+    @property
+    def description(self) -> str:
+        """What ``alerts.description`` stores: "<vi> / <en>"."""
+        return f"{self.description_vi} / {self.description_en}"
+
+
+def templates(rule: Rule) -> tuple[str, str, str, str]:
+    """The rule's (summary_vi, summary_en, description_vi, description_en) templates.
+
+    Missing ones are the generic texts; ``message`` stands in for ``summary_en``.
+    """
+    kind_vi = DEVICE_TYPE_VI.get(rule.device_type, rule.device_type)
+    generic_summary_vi = _GENERIC_SUMMARY_VI.replace("{device_kind_vi}", kind_vi)
+    generic_description_vi = _GENERIC_DESCRIPTION_VI.replace("{device_kind_vi}", kind_vi)
+    return (
+        rule.summary_vi if rule.summary_vi is not None else generic_summary_vi,
+        rule.summary_en or rule.message or _GENERIC_SUMMARY_EN,
+        rule.description_vi if rule.description_vi is not None else generic_description_vi,
+        rule.description_en if rule.description_en is not None else _GENERIC_DESCRIPTION_EN,
+    )
+
+
+def render_texts(
+    rule: Rule,
+    *,
+    device_id: str,
+    site_id: str,
+    district: str,
+    value: float,
+    severity: str,
+    site_name: str | None = None,
+    ward: str | None = None,
+) -> AlertTexts:
+    """The rule's texts for one device (fields: ``MESSAGE_FIELDS``)."""
+    name = SEVERITY_NAMES.get(severity)
+    fields = {
+        "rule_id": rule.rule_id,
+        "name": rule.name,
+        "device_type": rule.device_type,
+        "device_id": device_id,
+        "site_id": site_id,
+        "site_name": site_name or site_id,
+        "ward": ward or district or "-",
+        "district": district,
+        "severity": severity,
+        "severity_vi": name.vi if name else severity,
+        "severity_en": name.en if name else severity,
+        "value": value,
+    }
+    summary_vi, summary_en, description_vi, description_en = templates(rule)
+    return AlertTexts(
+        summary_vi=summary_vi.format(**fields),
+        summary_en=summary_en.format(**fields),
+        description_vi=description_vi.format(**fields),
+        description_en=description_en.format(**fields),
+    )
+
+
 def render_message(
     rule: Rule,
     *,
@@ -286,17 +408,15 @@ def render_message(
     value: float,
     severity: str,
 ) -> str:
-    """The rule's message for one device (fields: ``MESSAGE_FIELDS``)."""
-    return rule.message.format(
-        rule_id=rule.rule_id,
-        name=rule.name,
-        device_type=rule.device_type,
+    """The rule's bilingual summary for one device ("<vi> / <en>")."""
+    return render_texts(
+        rule,
         device_id=device_id,
         site_id=site_id,
         district=district,
-        severity=severity,
         value=value,
-    )
+        severity=severity,
+    ).summary
 
 
 def scope_mask(rule: Rule, window: Window) -> NDArray[np.bool_]:
@@ -415,6 +535,32 @@ def _check_escalation(rule: Rule) -> None:
         previous_severity, previous_level = severity, level
 
 
+# A sample value for each field, to try a template's format specs at load.
+_SAMPLE_FIELDS: Final = {f: 1.5 if f == "value" else f for f in MESSAGE_FIELDS}
+
+
+def _check_template(rule: Rule, key: str) -> None:
+    template = getattr(rule, key)
+    if template is None:
+        return
+    if not template.strip():
+        raise _RuleProblemError(key, "must not be empty (leave the key out instead)")
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as exc:
+        raise _RuleProblemError(key, f"not a valid template: {exc}") from None
+    unknown = fields - MESSAGE_FIELDS
+    if unknown:
+        raise _RuleProblemError(
+            key,
+            f"unknown fields {sorted(unknown)} (known: {', '.join(sorted(MESSAGE_FIELDS))})",
+        )
+    try:
+        template.format(**_SAMPLE_FIELDS)
+    except (ValueError, KeyError, IndexError, AttributeError) as exc:
+        raise _RuleProblemError(key, f"does not render: {exc}") from None
+
+
 def _check_rule(rule: Rule) -> None:
     try:
         check_id(rule.rule_id, "rule_id")
@@ -434,16 +580,8 @@ def _check_rule(rule: Rule) -> None:
                 raise _RuleProblemError(f"{key}[{i}]", str(exc)) from None
     if any(not d.strip() for d in rule.districts):
         raise _RuleProblemError("districts", "district names must not be empty")
-    try:
-        fields = {f for _, f, _, _ in string.Formatter().parse(rule.message) if f is not None}
-    except ValueError as exc:
-        raise _RuleProblemError("message", f"not a valid template: {exc}") from None
-    unknown = fields - MESSAGE_FIELDS
-    if unknown:
-        raise _RuleProblemError(
-            "message",
-            f"unknown fields {sorted(unknown)} (known: {', '.join(sorted(MESSAGE_FIELDS))})",
-        )
+    for key in TEXT_KEYS:
+        _check_template(rule, key)
     _check_tree(rule.condition, rule.device_type, "condition")
     if rule.escalate:
         _check_escalation(rule)

@@ -44,12 +44,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -84,15 +85,16 @@ from alerts.lifecycle import (
 from alerts.notify import postable_alerts
 from alerts.rules import (
     VN_AQI_METRIC,
+    AlertTexts,
     NoData,
     Rule,
     Window,
     leaves,
     load_rules,
     lookback_ms,
-    render_message,
+    render_texts,
 )
-from alerts.store import AlertStore
+from alerts.store import AlertStore, SitePlace
 from alerts.window import NO_TS, DeviceSet, SampleBuffer, Samples, evaluation_times
 from contracts.errors import (
     AlertmanagerRefusedError,
@@ -370,6 +372,7 @@ class AlertsJob:
             self.notifier = Notifier(
                 store=self.store, settings=settings.notify, counters=self.counters
             )
+        self.places: dict[str, SitePlace] = {}
 
     def close(self) -> None:
         self.store.close()
@@ -389,6 +392,7 @@ class AlertsJob:
         if not due:
             return
         devices = self.store.devices()
+        self.places = self.store.site_places()
         for device_type, buffer in self.buffers.items():
             current = devices.get(device_type, DeviceSet((), (), ()))
             if current != buffer.devices:
@@ -597,6 +601,9 @@ class AlertsJob:
             if outcome is None:
                 continue
             window = windows[rule.device_type]
+            summary, description = _texts(
+                rule, window, outcome.value, outcome.severity, self.places
+            )
             changes += plan_changes(
                 rule_id=rule.rule_id,
                 device_ids=window.device_ids,
@@ -606,7 +613,8 @@ class AlertsJob:
                 value=outcome.value,
                 severity=outcome.severity,
                 now_ms=now_ms,
-                message=_messenger(rule, window, outcome.value, outcome.severity),
+                message=summary,
+                description=description,
             )
         return changes
 
@@ -620,21 +628,32 @@ class AlertsJob:
         return hourly, daily
 
 
-def _messenger(
-    rule: Rule, window: Window, values: np.ndarray, severities: np.ndarray
-) -> Callable[[int], str]:
-    def message(i: int) -> str:
+def _texts(
+    rule: Rule,
+    window: Window,
+    values: np.ndarray,
+    severities: np.ndarray,
+    places: Mapping[str, SitePlace],
+) -> tuple[Callable[[int], str], Callable[[int], str]]:
+    """``plan_changes``' renderers of the summary and description, at each device's severity."""
+
+    @functools.cache
+    def texts(i: int) -> AlertTexts:
         severity = int(severities[i])
-        return render_message(
+        site_id = window.site_ids[i]
+        place = places.get(site_id)
+        return render_texts(
             rule,
             device_id=window.device_ids[i],
-            site_id=window.site_ids[i],
+            site_id=site_id,
             district=window.districts[i],
             value=float(values[i]),
             severity=SEVERITIES[severity] if severity >= 0 else rule.severity,
+            site_name=place.name if place else None,
+            ward=place.ward if place else None,
         )
 
-    return message
+    return (lambda i: texts(i).summary), (lambda i: texts(i).description)
 
 
 async def run_job(

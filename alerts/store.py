@@ -2,7 +2,8 @@
 
 What it reads:
 
-- the active devices of each type with their site and district;
+- the active devices of each type with their site and district, and each
+  site's name and current ward/commune (for the alerts' texts);
 - samples from ``readings_{type}``: per device, the rows after its cursor up
   to an evaluation time (optionally only the newest N): a LATERAL index scan
   of the key (device_id, ts, seq) per device, the rows packed by the server
@@ -83,6 +84,14 @@ class AlertRow(msgspec.Struct, frozen=True, kw_only=True):
     acked_at: datetime | None
     acked_by: str | None
     updated_at: datetime
+    description: str = ""
+
+
+class SitePlace(msgspec.Struct, frozen=True, kw_only=True):
+    """What the rules' texts say about a site: its name and its current ward/commune."""
+
+    name: str
+    ward: str  # "" when the site has no unit yet
 
 
 class JobStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -123,7 +132,7 @@ class AlertFilter(msgspec.Struct, frozen=True, kw_only=True):
 
 _ALERT_COLUMNS: Final = (
     "alert_id, rule_id, device_id, site_id, severity, state, value, message, "
-    "raised_at, cleared_at, acked_at, acked_by, updated_at"
+    "raised_at, cleared_at, acked_at, acked_by, updated_at, description"
 )
 
 
@@ -142,6 +151,7 @@ def _alert(row: Sequence[Any]) -> AlertRow:
         acked_at=row[10],
         acked_by=row[11],
         updated_at=row[12],
+        description=row[13],
     )
 
 
@@ -243,6 +253,16 @@ class AlertStore:
             )
             for t, items in grouped.items()
         }
+
+    def site_places(self) -> dict[str, SitePlace]:
+        """Every site's name and current ward/commune name, by site id."""
+        with self._db.session("sites") as conn:
+            rows = conn.execute(
+                f"""SELECT s.site_id, s.name, coalesce(u.name, '')
+                FROM {self.schema}.sites s
+                LEFT JOIN {self.schema}.admin_units u USING (unit_code)"""
+            ).fetchall()
+        return {site_id: SitePlace(name=name, ward=ward) for site_id, name, ward in rows}
 
     def fetch_samples(
         self,
@@ -609,12 +629,12 @@ class Evaluation:
             return {}, []
         rows = self._conn.execute(
             f"""INSERT INTO {self._s}.alerts (rule_id, device_id, site_id, severity, state,
-                value, message, raised_at)
+                value, message, description, raised_at)
             SELECT u.rule_id, u.device_id, u.site_id, u.severity, 'active_unack', u.value,
-                u.message, {_MS.format("u.ts_ms")}
+                u.message, u.description, {_MS.format("u.ts_ms")}
             FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::float8[],
-                %s::text[], %s::int8[])
-                AS u (rule_id, device_id, site_id, severity, value, message, ts_ms)
+                %s::text[], %s::text[], %s::int8[])
+                AS u (rule_id, device_id, site_id, severity, value, message, description, ts_ms)
             ON CONFLICT (rule_id, device_id) WHERE state IN ('active_unack', 'active_ack')
             DO NOTHING
             RETURNING alert_id, rule_id, device_id""",
@@ -625,6 +645,7 @@ class Evaluation:
                 [c.severity for c in raises],
                 [c.value for c in raises],
                 [c.message for c in raises],
+                [c.description for c in raises],
                 [c.ts_ms for c in raises],
             ),
         ).fetchall()
@@ -646,10 +667,11 @@ class Evaluation:
             int(r[0])
             for r in self._conn.execute(
                 f"""UPDATE {self._s}.alerts a SET severity = u.severity, state = u.to_state,
-                    value = u.value, message = u.message, acked_at = NULL, acked_by = NULL,
-                    updated_at = now()
+                    value = u.value, message = u.message, description = u.description,
+                    acked_at = NULL, acked_by = NULL, updated_at = now()
                 FROM unnest(%s::int8[], %s::text[], %s::text[], %s::text[], %s::float8[],
-                    %s::text[]) AS u (alert_id, from_state, to_state, severity, value, message)
+                    %s::text[], %s::text[])
+                    AS u (alert_id, from_state, to_state, severity, value, message, description)
                 WHERE a.alert_id = u.alert_id AND a.state = u.from_state
                 RETURNING a.alert_id""",
                 (
@@ -659,6 +681,7 @@ class Evaluation:
                     [c.severity for c in escalations],
                     [c.value for c in escalations],
                     [c.message for c in escalations],
+                    [c.description for c in escalations],
                 ),
             ).fetchall()
         }

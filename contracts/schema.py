@@ -710,6 +710,18 @@ def _two_tier_geography(s: str) -> tuple[str, ...]:
     )
 
 
+def _alert_texts(s: str) -> tuple[str, ...]:
+    """Alerts in Vietnamese and English: ``message`` and the new ``description``.
+
+    ``message`` keeps the rendered summary, now "<vi> / <en>"; ``description``
+    is the rule's sentence with context, rendered the same way (``alerts.rules``);
+    an alert raised before has an empty one.
+    """
+    return (
+        f"ALTER TABLE {s}.alerts ADD COLUMN IF NOT EXISTS description text NOT NULL DEFAULT ''",
+    )
+
+
 def _offline_after(s: str) -> tuple[str, ...]:
     """Each type's ``offline_after_s`` (the catalog's), beside its description.
 
@@ -823,6 +835,7 @@ def migrations(
             "sites: current ward/commune (two-tier Hanoi since 2025-07), former district optional",
             _two_tier_geography(s),
         ),
+        Migration(14, "alerts: bilingual texts, a description beside the summary", _alert_texts(s)),
         Migration(
             15,
             "alerts job: last Alertmanager post and last notification error",

@@ -17,7 +17,7 @@ from typing import Final
 
 import msgspec
 
-from grafana.palette import ALERT_STATE_LABELS
+from grafana.palette import ALERT_STATE_LABELS, SEVERITY_LABELS
 
 ALERT_TAG: Final = "cityhub-alert"
 KEY_PREFIX: Final = "transition-"
@@ -54,7 +54,8 @@ def annotation_for(t: Transition) -> Annotation:
     state = ALERT_STATE_LABELS.get(t.to_state, t.to_state)
     value = "" if t.value is None else f" = {t.value:g}"
     where = f" @ {t.site_id}" if t.site_id else ""
-    text = f"[{t.severity}] {t.rule_id} · {t.device_id}{where}{value}: {state}"
+    severity = SEVERITY_LABELS.get(t.severity, t.severity)
+    text = f"[{severity}] {t.rule_id} · {t.device_id}{where}{value}: {state}"
     if t.message:
         text += f"<br>{t.message}"
     return Annotation(time_ms=t.ts_ms, tags=tuple(tags), text=text)

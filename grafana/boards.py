@@ -1380,7 +1380,13 @@ def _state_mappings() -> list[model.ValueMapping]:
 def _severity_series(title: str, sql: str) -> ts.Panel:
     panel = _series(title, sql, unit="none")
     for severity in SEVERITIES:
-        panel = panel.override_by_name(severity, _colour_override(SEVERITY_COLOURS[severity]))
+        panel = panel.override_by_name(
+            severity,
+            [
+                *_colour_override(SEVERITY_COLOURS[severity]),
+                model.DynamicConfigValue(id_val="displayName", value=SEVERITY_LABELS[severity]),
+            ],
+        )
     return panel
 
 

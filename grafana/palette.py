@@ -14,6 +14,7 @@ import msgspec
 
 from contracts.catalog import PRINTER_STATUS_LABELS
 from contracts.schema import SEVERITIES
+from contracts.severity import severity_label
 
 TIMEZONE: Final = "Asia/Ho_Chi_Minh"
 
@@ -42,12 +43,8 @@ VN_AQI_BANDS: Final = (
 SEVERITY_COLOURS: Final = dict(
     zip(SEVERITIES, ("dark-red", "red", "orange", "yellow"), strict=True)
 )
-SEVERITY_LABELS: Final = {
-    "critical": "Nghiêm trọng (critical)",
-    "major": "Cao (major)",
-    "minor": "Trung bình (minor)",
-    "warning": "Cảnh báo (warning)",
-}
+# The shared vocabulary (contracts.severity): "Cảnh báo" is the alert, never a severity.
+SEVERITY_LABELS: Final = {s: severity_label(s) for s in SEVERITIES}
 ALERT_STATE_LABELS: Final = {
     "active_unack": "Đang xảy ra, chưa xác nhận",
     "active_ack": "Đang xảy ra, đã xác nhận",

@@ -1,4 +1,10 @@
-"""`cityhub alerts`: run the alerts job; list, show and acknowledge alerts."""
+"""`cityhub alerts`: run the alerts job; list, show and acknowledge alerts.
+
+Tables speak the operators' language: severities in the shared vocabulary
+(``contracts.severity``: "Cao / Major"), the alerts' bilingual texts as
+stored, and times on Hanoi's clock (``cityhub.cli.context.local_time``).
+``--json`` keeps the raw values (severity names, UTC times).
+"""
 
 from __future__ import annotations
 
@@ -9,17 +15,25 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Final
 
 import msgspec
 import typer
 from rich.table import Table
 
-from cityhub.cli.context import CliState, error_line, reported_errors, state_of
+from cityhub.cli.context import (
+    TIME_ZONE_NOTE,
+    CliState,
+    error_line,
+    local_time,
+    reported_errors,
+    state_of,
+)
 from cityhub.cli.db import database_url
 from contracts.errors import InputError, SettingsError
 from contracts.schema import ALERT_STATES, SEVERITIES
 from contracts.settings import describe_settings, load_settings
+from contracts.severity import ALERT_EN, ALERT_VI, severity_label
 
 if TYPE_CHECKING:
     from alerts.store import AlertRow, AlertStore
@@ -95,10 +109,6 @@ def _severities(values: list[str]) -> tuple[str, ...]:
                 raise SettingsError("--severity", f"{name!r} is not one of {', '.join(SEVERITIES)}")
             result[name] = None
     return tuple(result)
-
-
-def _when(moment: datetime | None) -> str:
-    return "" if moment is None else moment.astimezone().isoformat(sep=" ", timespec="seconds")
 
 
 def _value(value: float | None) -> str:
@@ -208,21 +218,25 @@ def list_alerts(
     state.console.print(_alerts_table(rows))
 
 
+# Column labels of the alert tables: Vietnamese first, English after.
+_COLUMNS: Final = (
+    "mã / id",
+    "trạng thái / state",
+    "mức độ / severity",
+    "quy tắc / rule",
+    "thiết bị / device",
+    "điểm / site",
+    "giá trị / value",
+    f"phát sinh / raised ({TIME_ZONE_NOTE})",
+    "kết thúc / cleared",
+    "xác nhận bởi / acked by",
+    "nội dung / summary",
+)
+
+
 def _alerts_table(rows: Sequence[AlertRow]) -> Table:
-    table = Table(title=f"{len(rows)} alert(s)")
-    for column in (
-        "id",
-        "state",
-        "severity",
-        "rule",
-        "device",
-        "site",
-        "value",
-        "raised",
-        "cleared",
-        "acked by",
-        "message",
-    ):
+    table = Table(title=f"{len(rows)} {ALERT_VI.lower()} / {ALERT_EN.lower()}(s)")
+    for column in _COLUMNS:
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*_cells(row))
@@ -234,13 +248,13 @@ def _cells(row: AlertRow) -> list[str]:
     return [
         str(row.alert_id),
         row.state,
-        f"[{style}]{row.severity}[/]" if style else row.severity,
+        f"[{style}]{severity_label(row.severity)}[/]" if style else severity_label(row.severity),
         row.rule_id,
         row.device_id,
         row.site_id or "",
         _value(row.value),
-        _when(row.raised_at),
-        _when(row.cleared_at),
+        local_time(row.raised_at),
+        local_time(row.cleared_at),
         row.acked_by or "",
         row.message,
     ]
@@ -259,36 +273,33 @@ def show(
     if as_json:
         typer.echo(msgspec.json.encode({"alert": alert, "transitions": transitions}).decode())
         return
-    table = Table(title=f"alert {alert.alert_id}", show_header=False)
+    table = Table(title=f"{ALERT_VI} / {ALERT_EN} {alert.alert_id}", show_header=False)
     table.add_column("field")
     table.add_column("value", overflow="fold")
-    for name, cell in zip(
-        (
-            "id",
-            "state",
-            "severity",
-            "rule",
-            "device",
-            "site",
-            "value",
-            "raised",
-            "cleared",
-            "acked by",
-            "message",
-        ),
-        _cells(alert),
-        strict=True,
-    ):
+    for name, cell in zip(_COLUMNS, _cells(alert), strict=True):
         table.add_row(name, cell)
-    table.add_row("acked at", _when(alert.acked_at))
-    table.add_row("updated", _when(alert.updated_at))
+    table.add_row("mô tả / description", alert.description)
+    table.add_row("xác nhận lúc / acked at", local_time(alert.acked_at))
+    table.add_row("cập nhật / updated", local_time(alert.updated_at))
     state.console.print(table)
-    history = Table(title="transitions")
-    for column in ("time", "from", "to", "severity", "value", "note"):
+    history = Table(title="chuyển trạng thái / transitions")
+    for column in (
+        f"thời điểm / time ({TIME_ZONE_NOTE})",
+        "từ / from",
+        "sang / to",
+        "mức độ / severity",
+        "giá trị / value",
+        "ghi chú / note",
+    ):
         history.add_column(column)
     for t in transitions:
         history.add_row(
-            _when(t.ts), t.from_state or "", t.to_state, t.severity, _value(t.value), t.note
+            local_time(t.ts),
+            t.from_state or "",
+            t.to_state,
+            severity_label(t.severity),
+            _value(t.value),
+            t.note,
         )
     state.console.print(history)
 

@@ -8,7 +8,7 @@ import msgspec
 import typer
 from rich.table import Table
 
-from cityhub.cli.context import reported_errors, state_of
+from cityhub.cli.context import TIME_ZONE_NOTE, local_time, reported_errors, state_of
 from cityhub.cli.devices import JsonOption, registry_of
 
 
@@ -31,12 +31,12 @@ def audit(
         state.console.print_json(msgspec.json.encode(entries).decode())
         return
     table = Table(title=f"audit log ({len(entries)} entries, newest first)")
-    for column in ("when", "operator", "action", "subject", "detail"):
+    for column in (f"when ({TIME_ZONE_NOTE})", "operator", "action", "subject", "detail"):
         table.add_column(column)
     for e in entries:
         detail = ", ".join(f"{k}={v}" for k, v in sorted(e.detail.items()) if v not in (None, ""))
         table.add_row(
-            e.ts.isoformat(timespec="seconds"),
+            local_time(e.ts),
             e.operator,
             e.action,
             f"{e.subject_kind} {e.subject_id}",

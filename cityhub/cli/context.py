@@ -1,11 +1,17 @@
-"""What the root callback hands to every command: settings and the start-up environment."""
+"""What the root callback hands to every command: settings, start-up environment, clock.
+
+Every time a command shows a person (tables, not ``--json``) is Hanoi's,
+with the zone shown: ``local_time`` formats it, from ``HANOI_TZ``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Final
 
 import typer
 from rich.console import Console
@@ -13,6 +19,25 @@ from rich.markup import escape
 
 from contracts.errors import HubError
 from contracts.settings import Settings, default_state_dir
+
+# Vietnam has kept UTC+07:00, without daylight saving, since 1975: this is
+# Asia/Ho_Chi_Minh without needing the tz database on the host.
+HANOI_TZ: Final = timezone(timedelta(hours=7), "ICT")
+TIME_FORMAT: Final = "%d/%m/%Y %H:%M:%S"
+# Column headers say which clock the times are on.
+TIME_ZONE_NOTE: Final = "giờ Hà Nội / Asia/Ho_Chi_Minh"
+
+
+def local_time(moment: datetime | None, fmt: str = TIME_FORMAT) -> str:
+    """``moment`` on Hanoi's clock, zone shown: "06/12/2026 14:05:09 +07"; "" for None.
+
+    A naive ``moment`` is taken as UTC (what the database and the services store).
+    """
+    if moment is None:
+        return ""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return f"{moment.astimezone(HANOI_TZ).strftime(fmt)} +07"
 
 
 @dataclass(frozen=True)

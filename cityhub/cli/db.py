@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cityhub.cli.context import CliState, reported_errors, state_of
+from cityhub.cli.context import TIME_ZONE_NOTE, CliState, local_time, reported_errors, state_of
 from contracts.schema import Edition
 
 app = typer.Typer(
@@ -180,10 +180,10 @@ def status(ctx: typer.Context) -> None:
                     conn, schema=settings.database.schema, storage=settings.storage
                 )
     table = Table(title=f"schema {settings.database.schema!r} (TimescaleDB {edition.value})")
-    for column in ("version", "migration", "applied at"):
+    for column in ("version", "migration", f"applied at ({TIME_ZONE_NOTE})"):
         table.add_column(column)
     for version, name, at in rows:
-        table.add_row(str(version), name, at.isoformat(timespec="seconds"))
+        table.add_row(str(version), name, local_time(at))
     state.console.print(table)
     if not rows:
         state.console.print("no migrations applied: run `cityhub db migrate`")

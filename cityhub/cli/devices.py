@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Final
 
@@ -19,7 +19,7 @@ import msgspec
 import typer
 from rich.table import Table
 
-from cityhub.cli.context import CliState, reported_errors, state_of
+from cityhub.cli.context import TIME_ZONE_NOTE, CliState, local_time, reported_errors, state_of
 from cityhub.cli.db import database_url
 from cityhub.cli.gateway import embedded_broker
 from contracts.errors import ConflictError, NotFoundError, SettingsError
@@ -38,9 +38,6 @@ app = typer.Typer(
 )
 
 
-# Vietnam has kept UTC+07:00, without daylight saving, since 1975: this is
-# Asia/Ho_Chi_Minh without needing the tz database on the host.
-HANOI_TZ: Final = timezone(timedelta(hours=7), "ICT")
 # `devices show` lists the reject reasons of this many days, at most this many.
 REJECTS_SHOWN_DAYS: Final = 7
 REJECTS_SHOWN_MAX: Final = 10
@@ -90,7 +87,7 @@ def rejects_table(rejects: list[RejectSummary]) -> Table:
     for column, justify in (
         ("lý do / reason", "left"),
         ("số lần / count", "right"),
-        ("lần cuối (giờ Hà Nội) / last seen (Asia/Ho_Chi_Minh)", "left"),
+        (f"lần cuối / last seen ({TIME_ZONE_NOTE})", "left"),
         ("nơi từ chối / refused by", "left"),
         ("chi tiết / detail", "left"),
     ):
@@ -99,7 +96,7 @@ def rejects_table(rejects: list[RejectSummary]) -> Table:
         table.add_row(
             r.reason,
             str(r.count),
-            r.last_seen.astimezone(HANOI_TZ).strftime("%d/%m/%Y %H:%M:%S"),
+            local_time(r.last_seen),
             r.gateways,
             r.detail,
         )
@@ -257,10 +254,10 @@ NEVER: Final = "chưa bao giờ / never"
 
 
 def hanoi_time(ts: datetime | None) -> str:
-    """A time as printed by the command line: Hanoi's wall clock."""
+    """A time as printed by the command line: Hanoi's wall clock, zone shown."""
     if ts is None:
         return NEVER
-    return ts.astimezone(HANOI_TZ).strftime("%d/%m/%Y %H:%M:%S")
+    return local_time(ts)
 
 
 def online_label(online: bool) -> str:
@@ -427,14 +424,14 @@ def show(
         return
     state.console.print(_device_table(rows, presence, f"device {device_id}"))
     for a in accounts:
-        rotated = a.rotated_at.isoformat(timespec="seconds") if a.rotated_at else "never"
+        rotated = local_time(a.rotated_at) if a.rotated_at else "never"
         state.console.print(
             f"  {a.broker} broker account {a.username}: {a.status}, rotated {rotated}",
             highlight=False,
         )
     for e in audit:
         state.console.print(
-            f"  {e.ts.isoformat(timespec='seconds')}  {e.action:<16} by {e.operator}",
+            f"  {local_time(e.ts)}  {e.action:<16} by {e.operator}",
             highlight=False,
         )
     if rejects:

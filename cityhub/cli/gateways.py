@@ -15,7 +15,7 @@ import msgspec
 import typer
 from rich.table import Table
 
-from cityhub.cli.context import reported_errors, state_of
+from cityhub.cli.context import local_time, reported_errors, state_of
 from cityhub.cli.devices import (
     STATUSES,
     JsonOption,
@@ -174,7 +174,7 @@ def show(
         state.console.print(f"  {a.broker} broker account {a.username}: {a.status}")
     for e in audit:
         state.console.print(
-            f"  {e.ts.isoformat(timespec='seconds')}  {e.action:<16} by {e.operator}",
+            f"  {local_time(e.ts)}  {e.action:<16} by {e.operator}",
             highlight=False,
         )
 

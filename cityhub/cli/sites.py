@@ -19,8 +19,8 @@ import msgspec
 import typer
 from rich.table import Table
 
-from cityhub.cli.context import CliState, reported_errors, state_of
-from cityhub.cli.devices import HANOI_TZ, JsonOption, registry_of
+from cityhub.cli.context import CliState, local_time, reported_errors, state_of
+from cityhub.cli.devices import JsonOption, registry_of
 from contracts.errors import NotFoundError, SettingsError, SiteFileError
 from contracts.geography import UNITS, find_unit, fold
 from contracts.sites import (
@@ -248,7 +248,7 @@ def show(
         ("toạ độ / coordinates", f"{site.latitude}, {site.longitude}"),
         ("giờ mở cửa / opening hours", site.opening_hours),
         ("gateways / devices", f"{row.gateways} / {row.devices}"),
-        ("cập nhật / updated", row.updated_at.astimezone(HANOI_TZ).strftime("%d/%m/%Y %H:%M")),
+        ("cập nhật / updated", local_time(row.updated_at)),
     ):
         table.add_row(label, value)
     state.console.print(table)

@@ -50,6 +50,7 @@ from contracts.errors import HubError, LocalServiceError
 from contracts.messages import GatewayState, decode_gateway_state
 from contracts.schema import SEVERITIES, readings_table
 from contracts.settings import BrokerSettings
+from contracts.severity import severity_label
 from firmware_sim.ledger import Ledger, Reconciliation, RejectedRow, StoredRow, reconcile
 
 # psycopg, numpy and aiomqtt are imported where used, so that `cityhub --help` and
@@ -258,7 +259,7 @@ def open_alerts(conn: Connection[Any], schema: str) -> dict[str, int]:
 def _alerts_line(alerts: dict[str, int]) -> str:
     if not alerts:
         return "open alerts: none"
-    parts = [f"{alerts[s]} {s}" for s in SEVERITIES if s in alerts]
+    parts = [f"{alerts[s]} {severity_label(s)}" for s in SEVERITIES if s in alerts]
     return f"open alerts: {sum(alerts.values())} ({', '.join(parts)})"
 
 

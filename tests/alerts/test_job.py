@@ -33,7 +33,10 @@ rule_id = "t-queue"
 name = "Queue long"
 device_type = "kiosk"
 severity = "minor"
-message = "{value:.0f} waiting at {site_id} ({district})"
+summary_vi = "Hàng chờ dài: {value:.0f} người tại {site_name}"
+summary_en = "Long queue: {value:.0f} waiting at {site_name}"
+description_vi = "Mức {severity_vi}: {value:.0f} người chờ tại {site_name} ({ward}, {district})"
+description_en = "{severity_en}: {value:.0f} waiting at {site_id} ({ward})"
 escalate = [{ severity = "major", threshold = 80 }]
 condition.kind = "threshold"
 condition.metric = "queue_length"
@@ -61,9 +64,10 @@ def seed_devices(
 ) -> None:
     """Sites (two districts) and devices: ``[(device_id, device_type, site_id)]``."""
     conn.execute(
-        f"""INSERT INTO {schema}.sites (site_id, name, district, kind, latitude, longitude)
-        VALUES ('hk-hall', 'Hoan Kiem hall', 'Hoàn Kiếm', 'service_hall', 21.03, 105.85),
-               ('cg-aq', 'Cau Giay station', 'Cầu Giấy', 'street_monitor', 21.03, 105.80)
+        f"""INSERT INTO {schema}.sites (site_id, name, district, kind, latitude, longitude,
+            unit_code)
+        VALUES ('hk-hall', 'Hoan Kiem hall', 'Hoàn Kiếm', 'service_hall', 21.03, 105.85, '00070'),
+               ('cg-aq', 'Cau Giay station', 'Cầu Giấy', 'street_monitor', 21.03, 105.80, NULL)
         ON CONFLICT DO NOTHING"""
     )
     for device_id, device_type, site_id in devices:
@@ -107,7 +111,7 @@ def make_job(db_url: str, schema: str, rules_text: str, tmp_path: Path, **settin
 def alerts_of(conn, schema) -> list[tuple]:
     return conn.execute(
         f"SELECT alert_id, rule_id, device_id, state, severity, value, raised_at, cleared_at, "
-        f"site_id, message FROM {schema}.alerts ORDER BY alert_id"
+        f"site_id, message, description FROM {schema}.alerts ORDER BY alert_id"
     ).fetchall()
 
 
@@ -150,7 +154,14 @@ def test_raise_escalate_ack_and_auto_clear(db_conn, db_url, kiosks, tmp_path):
         ]
         assert rows[0][6] == ts(T0)
         assert rows[0][8] == "hk-hall"
-        assert rows[0][9] == "50 waiting at hk-hall (Hoàn Kiếm)"
+        # Bilingual texts, with the site's name and its ward (admin_units, code 00070).
+        assert rows[0][9] == (
+            "Hàng chờ dài: 50 người tại Hoan Kiem hall / Long queue: 50 waiting at Hoan Kiem hall"
+        )
+        assert rows[0][10] == (
+            "Mức Trung bình: 50 người chờ tại Hoan Kiem hall (Phường Hoàn Kiếm, Hoàn Kiếm) / "
+            "Minor: 50 waiting at hk-hall (Phường Hoàn Kiếm)"
+        )
         queue_id = rows[0][0]
 
         # k1 climbs to 90: the held level passes 80 once the 30 s span is all 90.
@@ -165,6 +176,14 @@ def test_raise_escalate_ack_and_auto_clear(db_conn, db_url, kiosks, tmp_path):
         assert by_rule["t-offline"][6] == ts(T0 + 10 * S)
         assert by_rule["t-offline"][5] == 70.0
         assert by_rule["t-queue"][3:6] == ("active_unack", "major", 90.0)
+        # The escalation re-rendered both texts at the new severity and value.
+        assert by_rule["t-queue"][9].startswith("Hàng chờ dài: 90 người")
+        assert by_rule["t-queue"][10].startswith("Mức Cao: 90 người")
+        assert "Major: 90 waiting" in by_rule["t-queue"][10]
+        # A rule with only `message` (operators' older files): generic Vietnamese first.
+        assert by_rule["t-offline"][9] == (
+            "Thấp: Kiosk offline (ki-ốt lấy số k3 tại Hoan Kiem hall) / k3 silent for 70 s"
+        )
 
         with AlertStore(url=db_url, schema=schema) as store:
             acked = store.ack(queue_id, by="Nguyễn Văn An", now_ms=T0 + 45 * S)

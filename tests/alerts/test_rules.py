@@ -32,10 +32,12 @@ from alerts.rules import (
     ZScore,
     load_rules,
     render_message,
+    render_texts,
     scope_mask,
 )
 from contracts.catalog import DEVICE_TYPES
 from contracts.schema import SEVERITIES
+from contracts.severity import SEVERITY_NAMES
 
 NOW_MS = 1_764_000_000_000
 NAN = math.nan
@@ -671,7 +673,17 @@ def test_default_camera_rule_ignores_an_empty_hall_but_not_a_stuck_street():
     assert run(rule, window).active.tolist() == [False, True, True]
 
 
-def test_render_message():
+SAMPLE_PLACE = {
+    "device_id": "dev-01",
+    "site_id": "hoan-kiem-hall",
+    "district": "Quận Hoàn Kiếm",
+    "site_name": "Trung tâm Phục vụ hành chính công Hoàn Kiếm",
+    "ward": "Phường Hoàn Kiếm",
+}
+TEXT_FIELDS = ("summary_vi", "summary_en", "description_vi", "description_en")
+
+
+def test_render_message_is_the_bilingual_summary():
     rule = defaults()["aq-pm25-high"]
     text = render_message(
         rule,
@@ -681,6 +693,90 @@ def test_render_message():
         value=162.4,
         severity="major",
     )
-    assert "162" in text
-    assert "hoan-kiem-ward" in text
-    assert "Hoàn Kiếm" in text
+    # No site name known: the id stands in for it.
+    assert text == (
+        "Bụi mịn PM2.5 cao: 162 µg/m³ tại hoan-kiem-ward / PM2.5 high: 162 ug/m3 at hoan-kiem-ward"
+    )
+
+
+@pytest.mark.parametrize("rule_id", sorted(defaults()))
+def test_every_shipped_rule_has_both_texts_and_they_render(rule_id):
+    rule = defaults()[rule_id]
+    for key in TEXT_FIELDS:
+        assert getattr(rule, key), f"{rule_id} has no {key}"
+    assert rule.message is None  # the shipped file uses the new keys only
+    texts = render_texts(rule, value=47.25, severity="major", **SAMPLE_PLACE)
+    for key in TEXT_FIELDS:
+        rendered = getattr(texts, key)
+        assert "{" not in rendered
+        assert "}" not in rendered
+    assert texts.summary == f"{texts.summary_vi} / {texts.summary_en}"
+    assert texts.description == f"{texts.description_vi} / {texts.description_en}"
+    # Vietnamese text is Vietnamese: it differs from the English and has diacritics.
+    assert texts.summary_vi != texts.summary_en
+    assert any(ord(c) > 127 for c in texts.summary_vi + texts.description_vi)
+    # The description gives the context: where (site name and ward) and which device.
+    for text in (texts.description_vi, texts.description_en):
+        assert SAMPLE_PLACE["site_name"] in text
+        assert SAMPLE_PLACE["ward"] in text
+        assert SAMPLE_PLACE["device_id"] in text
+
+
+def test_queue_rule_texts():
+    texts = render_texts(
+        defaults()["kiosk-queue-long"], value=52.0, severity="minor", **SAMPLE_PLACE
+    )
+    assert texts.summary_vi == (
+        "Hàng chờ dài: 52 người đang chờ tại Trung tâm Phục vụ hành chính công Hoàn Kiếm"
+    )
+    assert texts.summary_en == (
+        "Long queue: 52 citizens waiting at Trung tâm Phục vụ hành chính công Hoàn Kiếm"
+    )
+
+
+def test_a_rule_with_only_message_gets_a_generic_vietnamese_text(tmp_path):
+    path = tmp_path / "old.toml"
+    path.write_text(
+        """
+[[rule]]
+rule_id = "old-loss"
+name = "Loss"
+device_type = "conference_endpoint"
+severity = "minor"
+message = "Loss {value:.1f}% on {device_id} ({district})"
+condition = { kind = "threshold", metric = "packet_loss", op = ">", threshold = 5, for_s = 60 }
+""",
+        encoding="utf-8",
+    )
+    (rule,) = load_rules([path], include_defaults=False)
+    texts = render_texts(rule, value=7.0, severity="major", **SAMPLE_PLACE)
+    assert texts.summary_en == "Loss 7.0% on dev-01 (Quận Hoàn Kiếm)"
+    # Generic Vietnamese from the severity (at raise or escalation) and the device type.
+    assert texts.summary_vi == (
+        "Cao: Loss (thiết bị hội nghị truyền hình dev-01 tại "
+        "Trung tâm Phục vụ hành chính công Hoàn Kiếm)"
+    )
+    assert rendered_severity_words(texts.summary_vi) == {"Cao"}
+    assert "Phường Hoàn Kiếm" in texts.description_vi
+    assert "severity Major" in texts.description_en
+    assert render_texts(rule, value=7.0, severity="minor", **SAMPLE_PLACE).summary_vi.startswith(
+        "Trung bình: "
+    )
+
+
+def rendered_severity_words(text: str) -> set[str]:
+    return {n.vi for n in SEVERITY_NAMES.values() if n.vi in text}
+
+
+def test_unknown_site_name_and_ward_fall_back_to_the_id_and_former_district():
+    rule = defaults()["water-street-flooded"]
+    texts = render_texts(
+        rule,
+        device_id="wl-01",
+        site_id="o-cho-dua",
+        district="Đống Đa",
+        value=31,
+        severity="warning",
+    )
+    assert texts.summary_en == "Street flooded: 31 cm of water at o-cho-dua"
+    assert "o-cho-dua (Đống Đa)" in texts.description_vi

@@ -132,6 +132,26 @@ CONDITION = (
         ('name = "Loss"', 'name = "Loss"\nsites = ["Site A"]', "sites[0]", "does not match"),
         ('name = "Loss"', 'name = "Loss"\nmessage = "{temp}"', "message", "unknown fields"),
         ('name = "Loss"', 'name = "Loss"\nmessage = "{value"', "message", "not a valid template"),
+        (
+            'name = "Loss"',
+            'name = "Loss"\nsummary_vi = "{gia_tri}"',
+            "summary_vi",
+            "unknown fields",
+        ),
+        ('name = "Loss"', 'name = "Loss"\nsummary_en = "{site}"', "summary_en", "unknown fields"),
+        (
+            'name = "Loss"',
+            'name = "Loss"\ndescription_vi = "Mất {value:.1f}% tại {phuong}"',
+            "description_vi",
+            "unknown fields ['phuong']",
+        ),
+        (
+            'name = "Loss"',
+            'name = "Loss"\ndescription_en = "{site_name:.1f}"',
+            "description_en",
+            "does not render",
+        ),
+        ('name = "Loss"', 'name = "Loss"\nsummary_vi = " "', "summary_vi", "must not be empty"),
         ('name = "Loss"', 'name = "Loss"\ncolour = "red"', "colour", "unknown key"),
         ('name = "Loss"\n', "", "<rule>", "missing required field `name`"),
         (

@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cityhub.cli.main import app
+from contracts.severity import SEVERITY_NAMES
 from tests.alerts.test_job import KIOSK_RULES, T0, S, make_job, put_series, seed_devices
 
 
@@ -37,7 +38,7 @@ def with_alerts(db_conn, db_url, migrated, tmp_path):
         )
     }
     assert len(ids) == 3
-    env = {"CITYHUB_DATABASE__URL": db_url, "CITYHUB_DATABASE__SCHEMA": schema, "COLUMNS": "250"}
+    env = {"CITYHUB_DATABASE__URL": db_url, "CITYHUB_DATABASE__SCHEMA": schema, "COLUMNS": "500"}
     return env, ids
 
 
@@ -75,9 +76,17 @@ def test_list_filters(with_alerts):
 
     table = cli(env, "list")
     assert table.exit_code == 0, table.output
-    assert "3 alert(s)" in table.output
+    assert "3 cảnh báo / alert(s)" in table.output
     assert "t-offline" in table.output
-    assert "95 waiting at hk-hall (Hoàn Kiếm)" in table.output
+    assert "Hàng chờ dài: 95 người tại Hoan Kiem hall" in table.output
+    assert "Long queue: 95 waiting at Hoan Kiem hall" in table.output
+    # Severities in the shared vocabulary, "Cảnh báo" never one of them.
+    assert "Cao / Major" in table.output  # k1 escalated to major
+    assert "Thấp / Warning" in table.output  # k3 offline
+    assert_no_alert_word_for_a_severity(table.output)
+    # k1 was raised at T0 = 2030-03-17 17:46:40 UTC: 00:46:40 the next day in Hanoi.
+    assert "18/03/2030 00:46:40 +07" in table.output
+    assert "17:46:40" not in table.output
 
     bad = cli(env, "list", "--state", "open-ish")
     assert bad.exit_code == 1
@@ -101,10 +110,28 @@ def test_show_prints_the_alert_and_its_transitions(with_alerts):
     assert table.exit_code == 0, table.output
     assert "transitions" in table.output
     assert "cleared_unack" in table.output
+    assert "Trung bình / Minor" in table.output
+    assert "mô tả / description" in table.output
+    # k2's site has no ward/commune yet: its former district stands in.
+    assert "Mức Trung bình: 50 người chờ tại Cau Giay station (Cầu Giấy, Cầu Giấy)" in table.output
+    # Raised at T0, cleared at T0 + 20 s (17:47:00 UTC): Hanoi time, zone shown.
+    assert "18/03/2030 00:46:40 +07" in table.output
+    assert "18/03/2030 00:47:00 +07" in table.output
+    assert "17:47:00" not in table.output
+    assert_no_alert_word_for_a_severity(table.output)
 
     missing = cli(env, "show", "424242")
     assert missing.exit_code == 1
     assert "no alert with id 424242" in missing.output
+
+
+def assert_no_alert_word_for_a_severity(output: str) -> None:
+    """ "Cảnh báo" means an alert: no severity label is or contains it."""
+    for name in SEVERITY_NAMES.values():
+        assert "Cảnh báo" not in name.label
+    for line in output.splitlines():
+        if "Cảnh báo" in line or "cảnh báo" in line:
+            assert not any(s in line for s in ("(warning)", "/ Warning)", "Cảnh báo / Warning"))
 
 
 def test_ack_records_the_operator_and_reports_errors(with_alerts, db_conn, migrated):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from datetime import UTC, timedelta
 from typing import cast
 
 import pytest
@@ -71,6 +72,13 @@ def test_db_migrate_seed_status_maintain(db_url, db_schema, db_conn):
     status = run_cityhub("db", "status", env=env)
     assert status.returncode == 0, status.stderr
     assert "TimescaleDB apache" in status.stdout
+    # Applied-at times on Hanoi's clock (UTC+7, no daylight saving), zone shown.
+    (applied_at,) = db_conn.execute(
+        f"SELECT applied_at FROM {db_schema}.schema_migrations WHERE version = 1"
+    ).fetchone()
+    hanoi = applied_at.astimezone(UTC) + timedelta(hours=7)
+    assert f"{hanoi:%d/%m/%Y %H:%M:%S} +07" in status.stdout
+    assert "giờ Hà Nội / Asia/Ho_Chi_Minh" in status.stdout
     maintain = run_cityhub("db", "maintain", env=env)
     assert maintain.returncode == 0, maintain.stderr
     assert "rollup rows written: 0" in maintain.stdout

@@ -16,6 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from cityhub.cli.up import _alerts_line
 from cityhub.localstack.postgres import DB_NAME, DB_USER
 from cityhub.localstack.procs import free_port, port_is_free
 from contracts.schema import readings_table
@@ -203,3 +204,10 @@ def test_reconcile_matches_serial_readings_by_count():
     assert r.ok
     assert r.stored == 3
     assert dict(r.rejected) == {"out_of_range": 1}
+
+
+def test_open_alerts_line_names_severities_in_the_shared_vocabulary():
+    assert _alerts_line({"warning": 2, "major": 1}) == (
+        "open alerts: 3 (1 Cao / Major, 2 Thấp / Warning)"
+    )
+    assert _alerts_line({}) == "open alerts: none"

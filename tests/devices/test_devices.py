@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -489,6 +490,9 @@ def _move_replace_rotate_revoke(env, broker_admin, bundles, device, gw, other_gw
     table = ok("audit", "--limit", "3", env=env)
     assert "gateway.revoke" in table
     assert "Phạm Thu Hà" in table
+    # The device's revocation (among the newest three) on Hanoi's clock (UTC+7), zone shown.
+    revoked = datetime.fromisoformat(audit[0]["ts"]).astimezone(UTC) + timedelta(hours=7)
+    assert f"{revoked:%d/%m/%Y %H:%M:%S} +07" in table
 
 
 def test_serial_device_gets_no_broker_account(env, broker_admin, tmp_path):

@@ -11,6 +11,8 @@ import pytest
 import yaml
 
 from alerts.aqi import VN_BANDS
+from contracts.schema import SEVERITIES
+from contracts.severity import SEVERITY_NAMES
 from grafana.annotations import (
     ALERT_TAG,
     Transition,
@@ -19,7 +21,7 @@ from grafana.annotations import (
     plan_annotations,
     transition_key,
 )
-from grafana.palette import VN_AQI_BANDS
+from grafana.palette import SEVERITY_LABELS, VN_AQI_BANDS
 from grafana.render import (
     DASHBOARDS_DIR,
     PROVISIONING_DIR,
@@ -284,6 +286,37 @@ def test_annotation_tags_let_each_board_find_its_transitions() -> None:
     assert {ALERT_TAG, "kiosk", "major", "kiosk-offline", "active_unack"} <= set(a.tags)
     assert transition_key(_transition(7, 1_000)) in a.tags
     assert "kiosk silent" in a.text
+    assert a.text.startswith("[Cao / Major] kiosk-offline")
+
+
+# Every severity label the shared vocabulary has, and the word that must not be one.
+_SEVERITY_TEXTS = {name.label for name in SEVERITY_NAMES.values()}
+
+
+def _strings(node: object) -> list[str]:
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, dict):
+        return [s for v in node.values() for s in _strings(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in _strings(v)]
+    return []
+
+
+def test_boards_name_severities_in_the_shared_vocabulary() -> None:
+    alerts = json.loads(FILES["alerts.json"])
+    texts = _strings(alerts)
+    # Value mappings and series names use the vocabulary, for every severity...
+    assert set(texts) >= _SEVERITY_TEXTS
+    assert {s: SEVERITY_NAMES[s].label for s in SEVERITIES} == SEVERITY_LABELS
+    # ... and "Cảnh báo" (alert) is never a severity on any board.
+    for name, raw in FILES.items():
+        for text in _strings(json.loads(raw)):
+            lowered = text.lower()
+            if "cảnh báo" in lowered:
+                assert "warning" not in lowered, (name, text)
+                assert text not in _SEVERITY_TEXTS, (name, text)
+    assert all("Cảnh báo" not in label for label in _SEVERITY_TEXTS)
 
 
 def test_planning_skips_transitions_grafana_already_has() -> None:

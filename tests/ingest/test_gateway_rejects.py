@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from cityhub.cli.devices import HANOI_TZ as HANOI
+from cityhub.cli.context import HANOI_TZ as HANOI
 from contracts.messages import (
     GatewayConfig,
     GatewayState,
