@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from typer.testing import CliRunner
 
-from cityhub.cli.devices import HANOI_TZ
+from cityhub.cli.context import HANOI_TZ
 from cityhub.cli.main import app
 from tests.alerts.test_job import seed_devices
 
