@@ -18,6 +18,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import segno
 
@@ -66,13 +67,9 @@ def half_blocks(matrix: Sequence[Sequence[int]], border: int) -> str:
     light-on-dark terminals technicians use; phone scanners read the inverted
     code. An odd last row is paired with the light quiet zone below.
     """
-    size = len(matrix[0]) if matrix else 0
-    light = [1] * (size + 2 * border)  # 1: a light module, drawn
-    rows = [light] * border
-    rows += [[1] * border + [1 - m for m in row] + [1] * border for row in matrix]
-    rows += [light] * border
+    rows = _light_rows(matrix, border)
     if len(rows) % 2:
-        rows.append(light)
+        rows.append([1] * len(rows[0]))
     glyphs = {(0, 0): " ", (1, 0): "\u2580", (0, 1): "\u2584", (1, 1): "\u2588"}
     return "".join(
         "".join(glyphs[pair] for pair in zip(top, bottom, strict=True)) + "\n"
@@ -80,23 +77,70 @@ def half_blocks(matrix: Sequence[Sequence[int]], border: int) -> str:
     )
 
 
-def qr_terminal(bundle: Bundle, *, columns: int = QR_TERMINAL_COLUMNS) -> str:
-    """The QR code drawn with half blocks, ``columns`` wide at most.
+# Quadrant blocks: one character draws 2x2 modules, bits (top-left,
+# top-right, bottom-left, bottom-right) with 1 a light (drawn) module.
+QUADRANTS: Final = {
+    (0, 0, 0, 0): " ", (1, 0, 0, 0): "\u2598", (0, 1, 0, 0): "\u259d", (0, 0, 1, 0): "\u2596",
+    (0, 0, 0, 1): "\u2597", (1, 1, 0, 0): "\u2580", (0, 0, 1, 1): "\u2584", (1, 0, 1, 0): "\u258c",
+    (0, 1, 0, 1): "\u2590", (1, 0, 0, 1): "\u259a", (0, 1, 1, 0): "\u259e", (1, 1, 1, 0): "\u259b",
+    (1, 1, 0, 1): "\u259c", (1, 0, 1, 1): "\u2599", (0, 1, 1, 1): "\u259f", (1, 1, 1, 1): "\u2588",
+}  # fmt: skip
 
-    The quiet zone is the recommended 4 modules when it fits, down to 1. A
-    code too wide even so is not drawn (it would wrap into noise): the line
-    says to widen the terminal or scan the PNG. A device bundle (~600 bytes,
-    version 16-18, 81-89 modules) needs 83 columns or more.
+
+def _light_rows(matrix: Sequence[Sequence[int]], border: int) -> list[list[int]]:
+    """The code inverted (1: a light module, drawn) inside a light quiet zone."""
+    size = len(matrix[0]) if matrix else 0
+    light = [1] * (size + 2 * border)
+    rows = [light] * border
+    rows += [[1] * border + [1 - m for m in row] + [1] * border for row in matrix]
+    rows += [light] * border
+    return rows
+
+
+def quadrant_blocks(matrix: Sequence[Sequence[int]], border: int) -> str:
+    """A module matrix as text, 2x2 modules per character (half the width of half blocks).
+
+    Modules come out twice as tall as wide (a character cell is about 1:2);
+    a scanner reads the code through the same perspective correction that
+    takes a tilted phone. Odd rows and columns are padded with light modules.
+    """
+    rows = _light_rows(matrix, border)
+    width = len(rows[0]) if rows else 0
+    if width % 2:
+        rows = [[*row, 1] for row in rows]
+    if len(rows) % 2:
+        rows.append([1] * len(rows[0]))
+    return "".join(
+        "".join(
+            QUADRANTS[(top[x], top[x + 1], bottom[x], bottom[x + 1])] for x in range(0, len(top), 2)
+        )
+        + "\n"
+        for top, bottom in zip(rows[::2], rows[1::2], strict=True)
+    )
+
+
+def qr_terminal(bundle: Bundle, *, columns: int = QR_TERMINAL_COLUMNS) -> str:
+    """The QR code drawn in the terminal, ``columns`` wide at most.
+
+    Half blocks (one module per column, square modules) when they fit with
+    a quiet zone of 1 to 4 modules; else quadrant blocks (two modules per
+    column): a device bundle (~600 bytes, version 16-18, 81-89 modules)
+    needs 83 columns or more in half blocks and 45 in quadrants, so it fits
+    an 80-column terminal. Narrower than that, the line says to widen the
+    terminal or scan the PNG.
     """
     qr = _qr(bundle)
     size = len(qr.matrix)
     border = min(4, (columns - size) // 2)
-    if border < 1:
-        return (
-            f"QR code of {size}x{size} modules: too wide for {columns} columns"
-            f" (it needs {size + 2}); widen the terminal or scan its PNG file\n"
-        )
-    return half_blocks(qr.matrix, border)
+    if border >= 1:
+        return half_blocks(qr.matrix, border)
+    border = min(4, (2 * columns - size) // 2)
+    if border >= 1:
+        return quadrant_blocks(qr.matrix, border)
+    return (
+        f"QR code of {size}x{size} modules: too wide for {columns} columns"
+        f" (it needs {(size + 3) // 2}); widen the terminal or scan its PNG file\n"
+    )
 
 
 def write_bundle(directory: Path, bundle: Bundle) -> BundleFiles:

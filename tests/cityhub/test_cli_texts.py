@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from cityhub.cli.main import app
 from devices.bundle import MqttAccess, device_bundle, qr_payload
-from devices.bundlefiles import QR_TERMINAL_COLUMNS, qr_terminal, write_bundle
+from devices.bundlefiles import QR_TERMINAL_COLUMNS, QUADRANTS, qr_terminal, write_bundle
 from devices.validation import device_config
 from tests.alerts.test_job import seed_devices
 
@@ -86,6 +86,28 @@ def _decode(drawing: str) -> list[list[int]]:
     return rows
 
 
+def _decode_quadrants(drawing: str) -> list[list[int]]:
+    """Quadrant blocks back to modules (0 dark, 1 light as drawn): two rows per line."""
+    bits = {glyph: corners for corners, glyph in QUADRANTS.items()}
+    rows: list[list[int]] = []
+    for line in drawing.splitlines():
+        top: list[int] = []
+        bottom: list[int] = []
+        for c in line:
+            tl, tr, bl, br = bits[c]
+            top += [tl, tr]
+            bottom += [bl, br]
+        rows += [top, bottom]
+    # Drawn light is 1 here; the code's dark modules are the blanks.
+    return [[1 - m for m in row] for row in rows]
+
+
+def _inner(rows: list[list[int]], size: int) -> tuple[int, list[list[int]]]:
+    """The quiet zone's width and the size x size code inside it (dark = 1)."""
+    border = next(i for i, row in enumerate(rows) if any(row))
+    return border, [row[border : border + size] for row in rows[border : border + size]]
+
+
 @pytest.mark.parametrize(
     ("device_id", "host", "columns"),
     [
@@ -95,9 +117,6 @@ def _decode(drawing: str) -> list[list[int]]:
 )
 def test_terminal_qr_fits_its_columns_and_decodes_to_the_code(device_id, host, columns):
     bundle = _bundle(device_id, host)
-    narrow = qr_terminal(bundle, columns=QR_TERMINAL_COLUMNS)
-    assert narrow.count("\n") == 1
-    assert "too wide for 80 columns" in narrow
     drawing = qr_terminal(bundle, columns=columns)
     lines = drawing.splitlines()
     assert max(len(line) for line in lines) <= columns
@@ -111,6 +130,27 @@ def test_terminal_qr_fits_its_columns_and_decodes_to_the_code(device_id, host, c
     # The quiet zone is light all round.
     assert all(set(row) == {0} for row in rows[:border])
     assert all(set(row[:border]) == {0} for row in rows)
+
+
+@pytest.mark.parametrize(
+    ("device_id", "host"),
+    [("kiosk-07", "10.1.2.3"), ("k" * 64, "site-broker.hoan-kiem.hanoi.example.vn")],
+)
+def test_terminal_qr_fits_80_columns_in_quadrant_blocks(device_id, host):
+    bundle = _bundle(device_id, host)
+    matrix = [list(row) for row in segno.make(qr_payload(bundle), error="l").matrix]
+    size = len(matrix)
+    assert size > QR_TERMINAL_COLUMNS - 2, "a device bundle is too big for half blocks"
+    drawing = qr_terminal(bundle, columns=QR_TERMINAL_COLUMNS)
+    lines = drawing.splitlines()
+    assert max(len(line) for line in lines) <= QR_TERMINAL_COLUMNS
+    assert set("".join(lines)) <= set(QUADRANTS.values())
+    border, inner = _inner(_decode_quadrants(drawing), size)
+    assert border == 4
+    assert inner == matrix
+    too_narrow = qr_terminal(bundle, columns=(size + 1) // 2)
+    assert "too wide for" in too_narrow
+    assert too_narrow.count("\n") == 1
 
 
 def test_qr_of_a_revoked_device_is_an_error(db_conn, db_url, migrated, tmp_path):
