@@ -238,7 +238,7 @@ def _no_data(c: NoData, f: _Frame, was: BoolArray) -> _State:
     last = np.maximum(newest, f.window.last_seen_ms)
     seen = last != NO_TS
     silence_ms = f.now_ms - np.where(seen, last, f.now_ms)
-    raised = seen & (silence_ms > duration_ms(c.silence_s))
+    raised = seen & (silence_ms > duration_ms(c.silence))
     value = np.where(seen, silence_ms / 1000.0, np.nan)
     return _State(_hold(raised, seen & ~raised, was), value)
 

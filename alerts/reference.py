@@ -138,7 +138,7 @@ def _no_data(c: NoData, d: Device, now_ms: int, was: bool) -> tuple[bool, float]
     if last == NO_TS:
         return was, math.nan
     silence_ms = now_ms - last
-    return silence_ms > _ms(c.silence_s), silence_ms / 1000.0
+    return silence_ms > _ms(c.silence), silence_ms / 1000.0
 
 
 def _zscore(c: ZScore, d: Device, now_ms: int, was: bool) -> tuple[bool, float]:

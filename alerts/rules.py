@@ -219,7 +219,15 @@ class Flatline(_Condition, tag="flatline", frozen=True):
 
 
 class NoData(_Condition, tag="no_data", frozen=True):
-    silence_s: Seconds
+    # None in a file: the device type's offline_after_s from the catalog (the
+    # one definition of offline), filled in when the rule is loaded.
+    silence_s: Seconds | None = None
+
+    @property
+    def silence(self) -> float:
+        if self.silence_s is None:  # pragma: no cover - load_rules fills it in
+            raise ValueError("no_data silence_s not resolved from the catalog")
+        return self.silence_s
 
 
 class ZScore(_Condition, tag="zscore", frozen=True):
@@ -494,7 +502,7 @@ def _base_level(cond: Condition) -> float | None:
         case AqiBand():
             return float(BAND_LOW_AQI[cond.band])
         case NoData():
-            return cond.silence_s
+            return cond.silence
         case _:
             return None
 
@@ -598,8 +606,25 @@ def _decode_rule(entry: Any) -> Rule:
             key = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
             problem = "unknown key"
         raise _RuleProblemError(key or "<rule>", problem) from None
+    if rule.device_type in DEVICE_TYPES:
+        offline_after_s = DEVICE_TYPES[rule.device_type].offline_after_s
+        rule = msgspec.structs.replace(
+            rule, condition=_with_silence(rule.condition, offline_after_s)
+        )
     _check_rule(rule)
     return rule
+
+
+def _with_silence(condition: Condition, offline_after_s: float) -> Condition:
+    """``condition`` with every no_data silence left out set to the type's offline_after_s."""
+    match condition:
+        case NoData(silence_s=None):
+            return msgspec.structs.replace(condition, silence_s=offline_after_s)
+        case AnyOf() | AllOf():
+            children = tuple(_with_silence(c, offline_after_s) for c in condition.conditions)
+            return msgspec.structs.replace(condition, conditions=children)
+        case _:
+            return condition
 
 
 def _parse(source: str, text: str) -> list[tuple[str, Rule | None]]:

@@ -124,7 +124,11 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # burst of 20 leaves room for catch-up after a reconnect.
     device_rate_per_s: float = 5.0
     device_burst: float = 20.0
-    no_data_timeout_s: float = 90.0
+    # A device silent this long is offline in the gateway's state reports.
+    # 0: its type's offline_after_s from the catalog, the definition the
+    # boards, `cityhub status` and the rules use; a positive value overrides
+    # it for every device of this gateway.
+    no_data_timeout_s: float = 0.0
     state_interval_s: float = 10.0
     # Prometheus /metrics on metrics_host:metrics_port; port 0 turns it off.
     # Loopback by default; "0.0.0.0" (or "::") lets a Prometheus server on

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from contracts.catalog import device_type
+from contracts.catalog import DEFAULT_OFFLINE_AFTER_S, DEVICE_TYPES, device_type
 from contracts.errors import InputError, UnknownMetricError
 from contracts.messages import (
     Batch,
@@ -98,6 +98,12 @@ def fit_ready(ready: list[Ready], *, room_bytes: int | None, outbox_empty: bool)
         items.append((batch.batch_id, payload, rows))
         incoming += len(payload)
     return Fitting(ready, [], items, too_large)
+
+
+def _offline_after_s(type_name: str) -> float:
+    """A type's offline_after_s; a type this gateway has not learnt gets the default."""
+    dtype = DEVICE_TYPES.get(type_name)
+    return dtype.offline_after_s if dtype is not None else DEFAULT_OFFLINE_AFTER_S
 
 
 class Router:
@@ -393,5 +399,16 @@ class Router:
 
     # -- liveness ----------------------------------------------------------------------
 
-    def expire(self, now: int, *, timeout_ms: int) -> list[str]:
-        return self.tracker.expire(now, timeout_ms=timeout_ms)
+    def expire(self, now: int, *, override_ms: int = 0) -> list[str]:
+        """Devices silent past their type's ``offline_after_s`` go offline (all past
+        ``override_ms`` instead, when it is set): the definition the centre uses too.
+        """
+        if override_ms > 0:
+            return self.tracker.expire(now, timeout_ms=override_ms)
+        timeouts = {
+            device_id: int(_offline_after_s(device.device_type) * 1000)
+            for device_id, device in self.devices.items()
+        }
+        return self.tracker.expire(
+            now, timeout_ms=int(DEFAULT_OFFLINE_AFTER_S * 1000), timeouts_ms=timeouts
+        )

@@ -27,7 +27,8 @@ Wiring (docs/architecture.md, sections 1, 3 and 5):
   was installed needs no upgrade);
 - ``state`` task: the retained birth/state message (its Will is the death),
   each periodic one carrying the rejects counted since the previous one;
-- ``expiry`` task: devices silent past ``no_data_timeout_s`` go offline.
+- ``expiry`` task: devices silent past their type's ``offline_after_s`` (or
+  ``no_data_timeout_s`` when set) go offline.
 
 The decisions are the pure ``gateway.routing.Router`` (routing, per-device
 state, ack generations, the ready queue) and ``gateway.configdiff`` (what a
@@ -737,13 +738,13 @@ class Gateway:
             self.publish_state(rate, report=True)
 
     async def _expiry(self) -> None:
-        timeout_ms = int(self.settings.no_data_timeout_s * 1000)
+        override_ms = int(self.settings.no_data_timeout_s * 1000)
         while True:
             await asyncio.sleep(1.0)
             with self.lock:
-                gone = self.router.expire(self.clock(), timeout_ms=timeout_ms)
+                gone = self.router.expire(self.clock(), override_ms=override_ms)
             for device_id in gone:
-                logger.info("device %s offline: no data for %.0f s", device_id, timeout_ms / 1000)
+                logger.info("device %s offline: no data within its timeout", device_id)
 
     async def _serial(self, changed: asyncio.Event) -> None:
         """Keep one reader task per configured serial device, following config changes."""

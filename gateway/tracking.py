@@ -9,6 +9,7 @@ caller's.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 
@@ -83,11 +84,18 @@ class DeviceTracker:
             track.last_seen_ms = now_ms
         return changed
 
-    def expire(self, now_ms: int, *, timeout_ms: int) -> list[str]:
-        """Mark devices silent for ``timeout_ms`` offline; return the ones that just went."""
+    def expire(
+        self, now_ms: int, *, timeout_ms: int, timeouts_ms: Mapping[str, int] | None = None
+    ) -> list[str]:
+        """Mark devices silent for their timeout offline; return the ones that just went.
+
+        A device's timeout is ``timeouts_ms[device_id]`` when given, else ``timeout_ms``.
+        """
         gone = []
+        per_device = timeouts_ms or {}
         for device_id, track in self.devices.items():
-            silent = track.last_seen_ms is not None and now_ms - track.last_seen_ms >= timeout_ms
+            limit = per_device.get(device_id, timeout_ms)
+            silent = track.last_seen_ms is not None and now_ms - track.last_seen_ms >= limit
             if track.online and silent:
                 track.online = False
                 gone.append(device_id)

@@ -293,3 +293,25 @@ def test_ints_are_accepted_for_float_fields_and_lower_ops_check_clear_above(tmp_
     assert rule.condition == Threshold(
         metric="paper_level", op="<", threshold=10.0, clear=20.0, for_s=60.0
     )
+
+
+def _no_data_silences(rule) -> list[float | None]:
+    return [leaf.silence_s for leaf in leaves(rule.condition) if isinstance(leaf, NoData)]
+
+
+def test_a_no_data_condition_without_silence_waits_the_types_offline_after_s(tmp_path):
+    defaults = {r.rule_id: r for r in load_rules()}
+    for rule_id, device_type in (
+        ("kiosk-offline", "kiosk"),
+        ("aq-offline", "air_quality"),
+        ("water-sensor-offline", "water_level"),
+    ):
+        offline_after_s = DEVICE_TYPES[device_type].offline_after_s
+        assert _no_data_silences(defaults[rule_id]) == [offline_after_s], rule_id
+    text = GOOD.format(rule_id="rain-silent").replace(
+        '{ kind = "threshold", metric = "packet_loss", op = ">", threshold = 5, for_s = 60 }',
+        '{ kind = "any_of", conditions = [{ kind = "no_data" },'
+        ' { kind = "no_data", silence_s = 30 }] }',
+    )
+    (rule,) = load_rules([write(tmp_path, text)], include_defaults=False)
+    assert _no_data_silences(rule) == [DEVICE_TYPES["conference_endpoint"].offline_after_s, 30]

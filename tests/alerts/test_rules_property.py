@@ -107,7 +107,7 @@ def _direction_and_base(cond: Condition) -> tuple[bool, float] | None:
         case RateOfChange():
             return cond.op in UPPER_OPS, cond.threshold_per_min
         case NoData():
-            return True, cond.silence_s
+            return True, cond.silence
         case _:
             return None
 

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from contracts.catalog import DEVICE_TYPES
 from contracts.errors import FieldTypeError, InvalidPortError, OutboxFullError
 from contracts.ids import parse_batch_id
 from contracts.messages import (
@@ -587,3 +588,38 @@ def test_fit_ready(rows, room, empty, done, too_large):
         if batch is not None and batch.batch_id not in refused
     ]
     assert sum(len(payload) for _, payload, _ in fitting.items) <= (room_bytes or 1 << 30)
+
+
+def test_router_marks_devices_offline_after_their_type_offline_after_s():
+    kiosk = mqtt("k-1")
+    gauge = msgspec.structs.replace(mqtt("wl-1"), device_type="water_level")
+    r = router(kiosk, gauge)
+    r.site_messages(
+        [
+            (device_uplink_topic("k-1", PREFIX), uplink(1), 1, 1, False),
+            (device_uplink_topic("wl-1", PREFIX), uplink(1, water_depth=3.0), 1, 2, False),
+        ],
+        generation=1,
+        now=NOW,
+    )
+    assert r.tracker.online_count() == 2
+    kiosk_s = DEVICE_TYPES["kiosk"].offline_after_s
+    gauge_s = DEVICE_TYPES["water_level"].offline_after_s
+    assert kiosk_s < gauge_s
+    assert r.expire(NOW + int(kiosk_s * 1000) - 1) == []
+    assert r.expire(NOW + int(kiosk_s * 1000)) == ["k-1"]
+    assert r.expire(NOW + int(gauge_s * 1000) - 1) == []
+    assert r.expire(NOW + int(gauge_s * 1000)) == ["wl-1"]
+
+
+def test_router_offline_override_applies_to_every_device():
+    r = router(mqtt("k-1"), msgspec.structs.replace(mqtt("wl-1"), device_type="water_level"))
+    r.site_messages(
+        [
+            (device_uplink_topic("k-1", PREFIX), uplink(1), 1, 1, False),
+            (device_uplink_topic("wl-1", PREFIX), uplink(1, water_depth=3.0), 1, 2, False),
+        ],
+        generation=1,
+        now=NOW,
+    )
+    assert sorted(r.expire(NOW + 90_000, override_ms=90_000)) == ["k-1", "wl-1"]
