@@ -38,9 +38,10 @@ from contracts.errors import AlertmanagerRefusedError, AlertmanagerUnavailableEr
 MAX_ANSWER_BYTES: Final = 64 << 10
 # What a refusal's message keeps of the answer.
 ANSWER_PREVIEW_CHARS: Final = 200
-# Alertmanager 0.25 answers the expiry of a silence that is over with a 500
-# and this text (silence.Silences.Expire): for the caller, that is done.
-ALREADY_EXPIRED: Final = "already expired"
+# Alertmanager 0.25 answers the expiry of a silence that is over, or that it
+# does not know, with a 500 and one of these texts (silence.Silences.Expire;
+# newer versions answer 404): for the caller, that is done.
+GONE_ANSWERS: Final = ("already expired", "silence not found")
 
 
 def _read_answer(response: Any) -> str:
@@ -76,7 +77,7 @@ def _call(
     except urllib.error.HTTPError as exc:
         answer = _read_answer(exc)[:ANSWER_PREVIEW_CHARS]
         exc.close()
-        if gone_is_done and (exc.code == 404 or ALREADY_EXPIRED in answer):
+        if gone_is_done and (exc.code == 404 or any(g in answer for g in GONE_ANSWERS)):
             return ""
         if exc.code >= 500:
             raise AlertmanagerUnavailableError(
