@@ -258,3 +258,39 @@ def test_check_note(text, expected):
             check_note(text)
     else:
         assert check_note(text) == expected
+
+
+def test_escalation_expires_the_silence_and_a_new_ack_silences_the_new_severity(
+    db_conn, db_url, kiosk_site, alertmanager, tmp_path
+):
+    schema, _, _ = kiosk_site
+    job = make_job(db_url, schema, KIOSK_RULES, tmp_path, notify=notify_settings(alertmanager.url))
+    try:
+        base = past_base()
+        alert_id = raise_k1(db_conn, schema, job, base)
+        posted(job, alert_id)
+        env = cli_env(db_url, schema, alertmanager.url)
+        assert cli(env, "ack", str(alert_id)).exit_code == 0
+        minor_silence = stored(db_conn, schema, alert_id)[1]
+        assert silence(alertmanager.url, minor_silence)["comment"] == (
+            "Đã xác nhận / acknowledged in cityhub"
+        )
+
+        # Over the escalation threshold (80): major, unacknowledged, the minor silence expired.
+        put_series(db_conn, schema, "kiosk", "k1", base + 10 * S, base + 40 * S, queue_length=95)
+        report = job.run_cycle(base + 40 * S)
+        assert report.escalated == 1
+        posted(job, alert_id)
+        assert stored(db_conn, schema, alert_id)[:2] == ("active_unack", None)
+        assert silence(alertmanager.url, minor_silence)["status"]["state"] == "expired"
+        assert k1_status(alertmanager)["state"] == "active"  # the major alert notifies
+
+        result = cli(env, "ack", str(alert_id))
+        assert result.exit_code == 0, result.output
+        major_silence = stored(db_conn, schema, alert_id)[1]
+        assert major_silence not in {None, minor_silence}
+        body = silence(alertmanager.url, major_silence)
+        assert ("severity", "major", False, True) in matchers(body)
+        assert k1_status(alertmanager)["silencedBy"] == [major_silence]
+    finally:
+        job.close()
