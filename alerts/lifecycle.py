@@ -17,7 +17,11 @@ States (``contracts.schema.ALERT_STATES``)::
   clears to ``cleared_ack``, an unacknowledged one to ``cleared_unack``,
   which still waits for an operator;
 - acknowledged by an operator (``ack_state``) in either unacknowledged
-  state; acknowledging twice is an error.
+  state; acknowledging twice is an error;
+- assigned to someone (``check_assignable``) in any state but
+  ``cleared_ack``, which leaves nobody anything to do; commented on in any
+  state. Comments, ack comments and assignees are one line of at most
+  ``MAX_NOTE_CHARS`` (``check_note``).
 
 Every change carries its time and the outcome's value; storing changes (and
 their transitions) is ``alerts.store``'s job. Pure: no I/O, no clock.
@@ -26,6 +30,7 @@ their transitions) is ``alerts.store``'s job. Pure: no I/O, no clock.
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
@@ -33,12 +38,15 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from contracts.errors import AlreadyAcknowledgedError
+from contracts.errors import AlertClosedError, AlreadyAcknowledgedError, InvalidNoteError
 from contracts.schema import SEVERITIES
 
 ACTIVE_STATES: Final = ("active_unack", "active_ack")
 _CLEARED_FROM: Final = {"active_unack": "cleared_unack", "active_ack": "cleared_ack"}
 _ACKED_FROM: Final = {"active_unack": "active_ack", "cleared_unack": "cleared_ack"}
+# A comment is a line for the next shift, not a report: 1000 characters is
+# about 150 words, and what Alertmanager shows of a silence's comment whole.
+MAX_NOTE_CHARS: Final = 1000
 
 
 class OpenAlert(msgspec.Struct, frozen=True, kw_only=True):
@@ -214,3 +222,32 @@ def ack_state(alert_id: int, state: str) -> str:
                 f"alert {alert_id} is already acknowledged ({state})"
             ) from None
         raise ValueError(f"alert {alert_id}: unknown state {state!r}") from None
+
+
+def check_note(text: str, what: str = "comment") -> str:
+    """``text`` stripped, if it can be stored as an operator's ``what``; InvalidNoteError if not.
+
+    One line: no control characters (newlines, tabs, escapes), which would
+    break the command's tables and the receivers' one-line texts.
+    """
+    stripped = text.strip()
+    if not stripped:
+        raise InvalidNoteError(f"the {what} is empty")
+    if len(stripped) > MAX_NOTE_CHARS:
+        raise InvalidNoteError(
+            f"the {what} is {len(stripped)} characters long, over {MAX_NOTE_CHARS}"
+        )
+    for ch in stripped:
+        if unicodedata.category(ch) == "Cc":
+            raise InvalidNoteError(
+                f"the {what} has a control character (U+{ord(ch):04X}): write one line"
+            )
+    return stripped
+
+
+def check_assignable(alert_id: int, state: str) -> None:
+    """AlertClosedError if an alert in ``state`` cannot be assigned (cleared and acknowledged)."""
+    if state == "cleared_ack":
+        raise AlertClosedError(
+            f"alert {alert_id} is cleared and acknowledged (cleared_ack): nothing to assign"
+        )

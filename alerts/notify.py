@@ -23,7 +23,13 @@ alert: each severity it held before (``NotifyRow.superseded``, with the time
 it was left) is posted as resolved beside it, so the old one does not fire
 on until its endsAt.
 
-What to post when, and the posting itself, are the job's and
+``silence_for(...)`` is the Alertmanager silence of an acknowledged alert:
+matchers on ``rule_id``, ``device_id`` and ``severity`` (an escalation is a
+new severity, which needs a new acknowledgement: the old silence must not
+hide it), from ``now`` to the acknowledgement plus ``silence_s``, by the
+operator, with their comment or ``DEFAULT_SILENCE_COMMENT``.
+
+What to post when, and the posting itself, are the job's, the commands' and
 ``adapters.alertmanager``'s business.
 """
 
@@ -39,6 +45,7 @@ import msgspec
 # The device board (grafana) and its device variable.
 DEVICE_BOARD_UID: Final = "cityhub-device"
 ACTIVE_STATES: Final = frozenset({"active_unack", "active_ack"})
+DEFAULT_SILENCE_COMMENT: Final = "Đã xác nhận / acknowledged in cityhub"
 
 
 class NotifyRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -154,3 +161,27 @@ def postable_alerts(
                 }
             )
     return alerts
+
+
+def silence_for(
+    *,
+    rule_id: str,
+    device_id: str,
+    severity: str,
+    now_ms: int,
+    ends_ms: int,
+    created_by: str,
+    comment: str | None,
+) -> dict[str, Any]:
+    """The v2 ``postableSilence`` of one acknowledged alert (see the module docstring)."""
+    matchers = [
+        {"name": name, "value": value, "isRegex": False, "isEqual": True}
+        for name, value in (("rule_id", rule_id), ("device_id", device_id), ("severity", severity))
+    ]
+    return {
+        "matchers": matchers,
+        "startsAt": rfc3339(now_ms),
+        "endsAt": rfc3339(ends_ms),
+        "createdBy": created_by,
+        "comment": comment or DEFAULT_SILENCE_COMMENT,
+    }

@@ -36,7 +36,11 @@ posts every active alert and those cleared in the last ``resolved_for_s``
 ``alerts.notify`` builds the payload). Posting runs in its own task and
 thread: an Alertmanager that is down or hangs never holds up evaluation. Its
 failures are counted, logged sparingly and answered with backoff; the last
-successful post and the last error are stored in ``alert_jobs``. With
+successful post and the last error are stored in ``alert_jobs``. After each
+post it looks after the silences of acknowledgements (``Notifier.sync_silences``):
+it expires those of the alerts it posted that are no longer ``active_ack``
+(cleared, or escalated), and on a full post also creates the silences that
+`cityhub alerts ack` could not (Alertmanager unreachable at the time). With
 ``metrics_port`` set, /metrics serves the job's counters (``alerts.metrics``).
 """
 
@@ -57,7 +61,7 @@ from typing import Final
 import msgspec
 import numpy as np
 
-from adapters.alertmanager import post_alerts
+from adapters.alertmanager import create_silence, expire_silence, post_alerts
 from adapters.backoff import backoff_delay_s
 from adapters.loglimit import LogLimiter, should_log_attempt
 from adapters.serve import serve as run_service
@@ -82,7 +86,7 @@ from alerts.lifecycle import (
     plan_changes,
     was_active,
 )
-from alerts.notify import postable_alerts
+from alerts.notify import postable_alerts, silence_for
 from alerts.rules import (
     VN_AQI_METRIC,
     AlertTexts,
@@ -281,6 +285,7 @@ class Notifier:
             return 0
         if full:
             self._full_due_ms = now_ms + round(s.resend_s * 1000)
+        self.sync_silences(now_ms, None if full else pending)
         if not alerts:  # nothing sent: Alertmanager's state is as unknown as before
             return 0
         if self._attempt:
@@ -294,6 +299,43 @@ class Notifier:
         except HubError as exc:  # the database's own retry loop reports it
             logger.debug("could not record the post: %s", exc)
         return len(alerts)
+
+    def sync_silences(self, now_ms: int, alert_ids: Sequence[int] | None = None) -> None:
+        """Expire the silences of alerts no longer acknowledged and active; create missing ones.
+
+        Among ``alert_ids``, or every alert (None). A failure is logged and
+        left for the next full post. Never raises a HubError.
+        """
+        s = self.settings
+        url = s.alertmanager_url
+        try:
+            create, expire = self.store.silences_due(
+                now_ms=now_ms, silence_s=s.silence_s, alert_ids=alert_ids
+            )
+            for alert_id, silence_id in expire:
+                expire_silence(url, silence_id, s.timeout_s)
+                self.store.forget_silence(alert_id, silence_id)
+                logger.info("expired silence %s of alert %d", silence_id, alert_id)
+            for due in create:
+                silence = silence_for(
+                    rule_id=due.rule_id,
+                    device_id=due.device_id,
+                    severity=due.severity,
+                    now_ms=now_ms,
+                    ends_ms=due.acked_at_ms + round(s.silence_s * 1000),
+                    created_by=due.acked_by,
+                    comment=due.ack_comment,
+                )
+                silence_id = create_silence(url, silence, s.timeout_s)
+                if not self.store.set_silence(due.alert_id, silence_id):
+                    expire_silence(url, silence_id, s.timeout_s)  # changed meanwhile
+                else:
+                    logger.info(
+                        "created silence %s of acknowledged alert %d", silence_id, due.alert_id
+                    )
+        except HubError as exc:
+            if self._limiter.allow(f"silence {type(exc).__name__}", time.monotonic()):
+                logger.warning("could not sync the silences of acknowledged alerts: %s", exc)
 
     def _failed(self, now_ms: int, exc: HubError, pending: Sequence[int]) -> None:
         s = self.settings

@@ -17,7 +17,14 @@ What it reads:
 
 Outside the evaluations it records the notifier's last successful post and
 last error in ``alert_jobs`` (``record_notified``, ``record_notify_error``)
-for ``job_status``.
+for ``job_status``, and the Alertmanager silences of acknowledged alerts:
+which to create or expire (``silences_due``), each id once it exists
+(``set_silence``, conditional, so a command and the job racing keep one) and
+gone once expired (``forget_silence``).
+
+Operators' changes (``ack``, ``assign``, ``comment``) each write, in one
+transaction, the alert, a transition or an ``alert_notes`` row, and an
+``audit_log`` row (subject kind ``alert``).
 
 What it writes, in one transaction per evaluation time (``evaluation``): the
 open alerts are read ``FOR UPDATE`` first (an operator's ack waits for the
@@ -33,13 +40,15 @@ The connection and its error map are ``adapters.database``'s: an
 unreachable or failing server is ``DatabaseUnavailableError`` (retry), a
 missing table ``SchemaError``, a refused row ``RefusedByDatabaseError``.
 Unknown or already acknowledged alerts are ``AlertNotFoundError`` /
-``AlreadyAcknowledgedError``. One job id holds an advisory lock for as long
+``AlreadyAcknowledgedError``; assigning a cleared and acknowledged one
+``AlertClosedError``. One job id holds an advisory lock for as long
 as its connection lives: a second job of the same id gets ``JobLockedError``
 (retryable: it waits as a standby).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -57,6 +66,7 @@ from alerts.lifecycle import (
     OpenAlert,
     Raise,
     ack_state,
+    check_assignable,
 )
 from alerts.notify import NotifyRow
 from alerts.window import NO_TS, DeviceSet, FloatArray, IntArray, Samples
@@ -85,6 +95,30 @@ class AlertRow(msgspec.Struct, frozen=True, kw_only=True):
     acked_by: str | None
     updated_at: datetime
     description: str = ""
+    assignee: str | None = None
+    silence_id: str | None = None  # the Alertmanager silence of its acknowledgement
+    ack_comment: str | None = None
+
+
+class NoteRow(msgspec.Struct, frozen=True, kw_only=True):
+    """An operator's comment on an alert, or an assignment (``text``: the assignee)."""
+
+    ts: datetime
+    operator: str
+    kind: str  # comment | assign
+    text: str
+
+
+class SilenceDue(msgspec.Struct, frozen=True, kw_only=True):
+    """An acknowledged active alert whose silence is missing, with what the silence says."""
+
+    alert_id: int
+    rule_id: str
+    device_id: str
+    severity: str
+    acked_by: str
+    ack_comment: str | None
+    acked_at_ms: int
 
 
 class SitePlace(msgspec.Struct, frozen=True, kw_only=True):
@@ -132,7 +166,8 @@ class AlertFilter(msgspec.Struct, frozen=True, kw_only=True):
 
 _ALERT_COLUMNS: Final = (
     "alert_id, rule_id, device_id, site_id, severity, state, value, message, "
-    "raised_at, cleared_at, acked_at, acked_by, updated_at, description"
+    "raised_at, cleared_at, acked_at, acked_by, updated_at, description, assignee, silence_id,"
+    " ack_comment"
 )
 
 
@@ -152,6 +187,9 @@ def _alert(row: Sequence[Any]) -> AlertRow:
         acked_by=row[11],
         updated_at=row[12],
         description=row[13],
+        assignee=row[14],
+        silence_id=row[15],
+        ack_comment=row[16],
     )
 
 
@@ -547,8 +585,13 @@ class AlertStore:
             for t in transitions
         ]
 
-    def ack(self, alert_id: int, *, by: str, now_ms: int) -> AlertRow:
-        """Acknowledge one alert; AlertNotFoundError / AlreadyAcknowledgedError otherwise."""
+    def ack(self, alert_id: int, *, by: str, now_ms: int, comment: str | None = None) -> AlertRow:
+        """Acknowledge one alert; AlertNotFoundError / AlreadyAcknowledgedError otherwise.
+
+        ``comment`` (checked by the caller) goes into the transition's note and
+        ``ack_comment``, for the silence. The row returned keeps the silence of
+        an earlier acknowledgement, if the job has not expired it yet.
+        """
         with self._db.session("ack") as conn, conn.transaction():
             row = conn.execute(
                 f"SELECT state, severity, value FROM {self.schema}.alerts "
@@ -561,10 +604,12 @@ class AlertStore:
             new_state = ack_state(alert_id, state)
             updated = conn.execute(
                 f"""UPDATE {self.schema}.alerts SET state = %s,
-                        acked_at = {_MS.format("%s")}, acked_by = %s, updated_at = now()
+                        acked_at = {_MS.format("%s")}, acked_by = %s, ack_comment = %s,
+                        updated_at = now()
                     WHERE alert_id = %s RETURNING {_ALERT_COLUMNS}""",
-                (new_state, now_ms, by, alert_id),
+                (new_state, now_ms, by, comment, alert_id),
             ).fetchone()
+            note = f"acknowledged by {by}" if by else "acknowledged"
             conn.execute(
                 f"""INSERT INTO {self.schema}.alert_transitions
                     (alert_id, ts, from_state, to_state, severity, value, note)
@@ -577,12 +622,152 @@ class AlertStore:
                     new_state,
                     severity,
                     value,
-                    f"acknowledged by {by}" if by else "acknowledged",
+                    f"{note}: {comment}" if comment else note,
                 ),
+            )
+            _audit(
+                conn,
+                self.schema,
+                by,
+                "alert.ack",
+                alert_id=alert_id,
+                detail={"state": new_state, "comment": comment},
             )
         if updated is None:  # pragma: no cover - the row is locked above
             raise AlertNotFoundError(f"no alert with id {alert_id}")
         return _alert(updated)
+
+    def _note(
+        self, alert_id: int, *, by: str, now_ms: int, kind: str, text: str, assign: bool
+    ) -> AlertRow:
+        with self._db.session(kind) as conn, conn.transaction():
+            row = conn.execute(
+                f"SELECT state FROM {self.schema}.alerts WHERE alert_id = %s FOR UPDATE",
+                (alert_id,),
+            ).fetchone()
+            if row is None:
+                raise AlertNotFoundError(f"no alert with id {alert_id}")
+            if assign:
+                check_assignable(alert_id, row[0])
+                conn.execute(
+                    f"""UPDATE {self.schema}.alerts SET assignee = %s, updated_at = now()
+                    WHERE alert_id = %s""",
+                    (text, alert_id),
+                )
+            conn.execute(
+                f"""INSERT INTO {self.schema}.alert_notes (alert_id, ts, operator, kind, text)
+                VALUES (%s, {_MS.format("%s")}, %s, %s, %s)""",
+                (alert_id, now_ms, by, kind, text),
+            )
+            _audit(conn, self.schema, by, f"alert.{kind}", alert_id=alert_id, detail={kind: text})
+            updated = conn.execute(
+                f"SELECT {_ALERT_COLUMNS} FROM {self.schema}.alerts WHERE alert_id = %s",
+                (alert_id,),
+            ).fetchone()
+        if updated is None:  # pragma: no cover - the row is locked above
+            raise AlertNotFoundError(f"no alert with id {alert_id}")
+        return _alert(updated)
+
+    def assign(self, alert_id: int, *, to: str, by: str, now_ms: int) -> AlertRow:
+        """Assign the alert to ``to`` (checked by the caller); AlertClosedError if cleared_ack."""
+        return self._note(alert_id, by=by, now_ms=now_ms, kind="assign", text=to, assign=True)
+
+    def comment(self, alert_id: int, *, text: str, by: str, now_ms: int) -> AlertRow:
+        """Add ``by``'s comment ``text`` (checked by the caller) to the alert."""
+        return self._note(alert_id, by=by, now_ms=now_ms, kind="comment", text=text, assign=False)
+
+    def notes(self, alert_id: int) -> list[NoteRow]:
+        """The alert's comments and assignments, oldest first."""
+        with self._db.session("alert notes") as conn:
+            rows = conn.execute(
+                f"""SELECT ts, operator, kind, text FROM {self.schema}.alert_notes
+                WHERE alert_id = %s ORDER BY ts, note_id""",
+                (alert_id,),
+            ).fetchall()
+        return [NoteRow(ts=r[0], operator=r[1], kind=r[2], text=r[3]) for r in rows]
+
+    # -- silences -------------------------------------------------------------------
+
+    def silences_due(
+        self, *, now_ms: int, silence_s: float, alert_ids: Sequence[int] | None = None
+    ) -> tuple[list[SilenceDue], list[tuple[int, str]]]:
+        """(silences to create, (alert id, silence id) to expire), among ``alert_ids`` or all.
+
+        To create: ``active_ack`` alerts without a silence, acknowledged less
+        than ``silence_s`` ago (an older one's silence would be over already).
+        To expire: silences of alerts no longer ``active_ack`` (cleared, or
+        escalated and waiting for a new acknowledgement).
+        """
+        condition, params = "TRUE", []
+        if alert_ids is not None:
+            if not alert_ids:
+                return [], []
+            condition, params = "alert_id = ANY(%s)", [list(alert_ids)]
+        with self._db.session("silences due") as conn:
+            missing = conn.execute(
+                f"""SELECT alert_id, rule_id, device_id, severity, coalesce(acked_by, ''),
+                    ack_comment, {_MS_OF.format("acked_at")}
+                FROM {self.schema}.alerts
+                WHERE {condition} AND state = 'active_ack' AND silence_id IS NULL
+                    AND acked_at > {_MS.format("%s")}
+                ORDER BY alert_id""",
+                [*params, now_ms - round(silence_s * 1000)],
+            ).fetchall()
+            stale = conn.execute(
+                f"""SELECT alert_id, silence_id FROM {self.schema}.alerts
+                WHERE {condition} AND silence_id IS NOT NULL AND state <> 'active_ack'
+                ORDER BY alert_id""",
+                params,
+            ).fetchall()
+        create = [
+            SilenceDue(
+                alert_id=r[0],
+                rule_id=r[1],
+                device_id=r[2],
+                severity=r[3],
+                acked_by=r[4],
+                ack_comment=r[5],
+                acked_at_ms=int(r[6]),
+            )
+            for r in missing
+        ]
+        return create, [(int(r[0]), str(r[1])) for r in stale]
+
+    def set_silence(self, alert_id: int, silence_id: str, *, replacing: str | None = None) -> bool:
+        """Record the alert's silence if it is still ``active_ack`` with silence ``replacing``.
+
+        False (nothing stored) when another silence was recorded meanwhile or
+        the alert changed state: the caller expires the one it created.
+        """
+        with self._db.session("set silence") as conn:
+            row = conn.execute(
+                f"""UPDATE {self.schema}.alerts SET silence_id = %s
+                WHERE alert_id = %s AND state = 'active_ack'
+                    AND silence_id IS NOT DISTINCT FROM %s
+                RETURNING alert_id""",
+                (silence_id, alert_id, replacing),
+            ).fetchone()
+        return row is not None
+
+    def forget_silence(self, alert_id: int, silence_id: str) -> None:
+        """The alert's silence ``silence_id`` is expired: no silence is recorded any more."""
+        with self._db.session("forget silence") as conn:
+            conn.execute(
+                f"""UPDATE {self.schema}.alerts SET silence_id = NULL
+                WHERE alert_id = %s AND silence_id = %s""",
+                (alert_id, silence_id),
+            )
+
+
+def _audit(
+    conn: Connection[Any], schema: str, by: str, action: str, *, alert_id: int, detail: Any
+) -> None:
+    """An ``audit_log`` row for an operator's change to an alert (in the caller's transaction)."""
+    conn.execute(
+        f"""INSERT INTO {schema}.audit_log (operator, action, subject_kind, subject_id, detail)
+        VALUES (%s, %s, 'alert', %s, %s::jsonb)""",
+        (by, action, str(alert_id), json.dumps(detail, sort_keys=True, ensure_ascii=False)),
+    )
 
 
 # One alert_transitions row: alert id, time, from state, to state, severity, value, note.
@@ -668,7 +853,7 @@ class Evaluation:
             for r in self._conn.execute(
                 f"""UPDATE {self._s}.alerts a SET severity = u.severity, state = u.to_state,
                     value = u.value, message = u.message, description = u.description,
-                    acked_at = NULL, acked_by = NULL, updated_at = now()
+                    acked_at = NULL, acked_by = NULL, ack_comment = NULL, updated_at = now()
                 FROM unnest(%s::int8[], %s::text[], %s::text[], %s::text[], %s::float8[],
                     %s::text[], %s::text[])
                     AS u (alert_id, from_state, to_state, severity, value, message, description)

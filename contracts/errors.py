@@ -29,6 +29,9 @@ move on) versus *unavailable* (retryable: back off and try again).
      |    +-- InvalidPortError         not a serial device path or pyserial URL
      |    +-- AlertNotFoundError       no alert has the id an operator gave
      |    +-- AlreadyAcknowledgedError the alert was acknowledged before
+     |    +-- InvalidNoteError         an operator's comment or assignee that cannot be stored
+     |    |                            (empty, too long, control characters)
+     |    +-- AlertClosedError         the alert is cleared and acknowledged: nothing to assign
      |    +-- ProvisioningError        a technician's request the registry refuses
      |         +-- NotFoundError       unknown site, gateway or device
      |         +-- AlreadyExistsError  the id is taken (also by a revoked device)
@@ -206,6 +209,14 @@ class AlertNotFoundError(InputError):
 
 class AlreadyAcknowledgedError(InputError):
     reason = "already_acked"
+
+
+class InvalidNoteError(InputError):
+    reason = "invalid_note"
+
+
+class AlertClosedError(InputError):
+    reason = "alert_closed"
 
 
 class ProvisioningError(InputError):

@@ -758,6 +758,42 @@ def _alert_notifications(s: str) -> tuple[str, ...]:
     )
 
 
+def _alert_follow_up(s: str) -> tuple[str, ...]:
+    """What operators add to an alert: its Alertmanager silence, an assignee, comments.
+
+    ``alerts.silence_id`` is the silence an acknowledgement created in
+    Alertmanager (NULL: none, or not yet: the job creates it), expired by the
+    job when the alert stops being ``active_ack``; ``ack_comment`` is the
+    acknowledgement's comment, which that silence carries. ``assignee`` is
+    who the alert is assigned to. ``alert_notes`` keeps comments and
+    assignments with their operator and time, apart from
+    ``alert_transitions``, whose key (alert_id, ts, to_state) is for state
+    changes: a comment made in the same millisecond as a transition must not
+    collide with it. The audit log learns the subject kind ``alert``.
+    """
+    return (
+        f"""ALTER TABLE {s}.alerts
+            ADD COLUMN IF NOT EXISTS silence_id text,
+            ADD COLUMN IF NOT EXISTS ack_comment text,
+            ADD COLUMN IF NOT EXISTS assignee text""",
+        # The job looks for silences to create or expire on every full post.
+        f"""CREATE INDEX IF NOT EXISTS alerts_silence_idx ON {s}.alerts (alert_id)
+            WHERE silence_id IS NOT NULL OR state = 'active_ack'""",
+        f"""CREATE TABLE IF NOT EXISTS {s}.alert_notes (
+            note_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            alert_id bigint NOT NULL REFERENCES {s}.alerts (alert_id),
+            ts timestamptz NOT NULL,
+            operator text NOT NULL,
+            kind text NOT NULL CHECK (kind IN ('comment', 'assign')),
+            text text NOT NULL
+        )""",
+        f"CREATE INDEX IF NOT EXISTS alert_notes_alert_idx ON {s}.alert_notes (alert_id, ts)",
+        f"""ALTER TABLE {s}.audit_log DROP CONSTRAINT IF EXISTS audit_log_subject_kind_check,
+            ADD CONSTRAINT audit_log_subject_kind_check
+            CHECK (subject_kind IN ('device', 'gateway', 'pki', 'site', 'alert'))""",
+    )
+
+
 # A gateway sends its state every 10 s (``GatewaySettings.state_interval_s``):
 # 30 missed states in a row is not a hiccup but a gateway killed without its
 # Will reaching ingest, or ingest's state worker away (the fleet board's
@@ -842,4 +878,9 @@ def migrations(
             _alert_notifications(s),
         ),
         Migration(16, "device types: the catalog's offline_after_s", _offline_after(s)),
+        Migration(
+            17,
+            "alerts: Alertmanager silence of an ack, assignee, operators' comments",
+            _alert_follow_up(s),
+        ),
     ]

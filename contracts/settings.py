@@ -218,6 +218,12 @@ class NotifySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     retry_max_s: float = 60.0
     # The boards as people reach them; notifications link to a device's board.
     boards_url: str = "http://127.0.0.1:3000"
+    # An acknowledgement silences its alert in Alertmanager for at most this
+    # long (the job expires the silence sooner, at the clear). A day covers a
+    # shift and its handover; bounded, so an alert acknowledged and then
+    # forgotten notifies again as a reminder, and a silence the job could not
+    # expire (the job gone) does not hide a recurrence for ever.
+    silence_s: float = 86400.0
 
 
 class AlertsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -1,9 +1,14 @@
-"""`cityhub alerts`: run the alerts job; list, show and acknowledge alerts.
+"""`cityhub alerts`: run the alerts job; list, show, acknowledge, assign and comment on alerts.
 
 Tables speak the operators' language: severities in the shared vocabulary
 (``contracts.severity``: "Cao / Major"), the alerts' bilingual texts as
 stored, and times on Hanoi's clock (``cityhub.cli.context.local_time``).
 ``--json`` keeps the raw values (severity names, UTC times).
+
+With ``alerts.notify.alertmanager_url`` set, an acknowledgement also
+silences the alert in Alertmanager (``alerts.notify.silence_for``); when
+Alertmanager cannot be reached the acknowledgement stands, the command warns,
+and the alerts job creates the silence at its next full post.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Final
 
 import msgspec
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from cityhub.cli.context import (
@@ -30,13 +36,13 @@ from cityhub.cli.context import (
     state_of,
 )
 from cityhub.cli.db import database_url
-from contracts.errors import InputError, SettingsError
+from contracts.errors import AlertmanagerRefusedError, HubError, InputError, SettingsError
 from contracts.schema import ALERT_STATES, SEVERITIES
 from contracts.settings import describe_settings, load_settings
 from contracts.severity import ALERT_EN, ALERT_VI, severity_label
 
 if TYPE_CHECKING:
-    from alerts.store import AlertRow, AlertStore
+    from alerts.store import AlertRow, AlertStore, NoteRow
 
 app = typer.Typer(
     # Help is printed as written: ids, patterns and TOML sections have [ ] in them.
@@ -231,6 +237,7 @@ _COLUMNS: Final = (
     "kết thúc / cleared",
     "xác nhận bởi / acked by",
     "nội dung / summary",
+    "người xử lý / assignee",
 )
 
 
@@ -257,6 +264,7 @@ def _cells(row: AlertRow) -> list[str]:
         local_time(row.cleared_at),
         row.acked_by or "",
         row.message,
+        row.assignee or "",
     ]
 
 
@@ -270,8 +278,10 @@ def show(
     state = state_of(ctx)
     with reported_errors(state), _store(state) as store:
         alert, transitions = store.alert(alert_id)
+        notes = store.notes(alert_id)
     if as_json:
-        typer.echo(msgspec.json.encode({"alert": alert, "transitions": transitions}).decode())
+        shown = {"alert": alert, "transitions": transitions, "notes": notes}
+        typer.echo(msgspec.json.encode(shown).decode())
         return
     table = Table(title=f"{ALERT_VI} / {ALERT_EN} {alert.alert_id}", show_header=False)
     table.add_column("field")
@@ -281,6 +291,7 @@ def show(
     table.add_row("mô tả / description", alert.description)
     table.add_row("xác nhận lúc / acked at", local_time(alert.acked_at))
     table.add_row("cập nhật / updated", local_time(alert.updated_at))
+    table.add_row("im lặng / silence", alert.silence_id or "")
     state.console.print(table)
     history = Table(title="chuyển trạng thái / transitions")
     for column in (
@@ -302,6 +313,22 @@ def show(
             t.note,
         )
     state.console.print(history)
+    if notes:
+        state.console.print(_notes_table(notes))
+
+
+def _notes_table(notes: Sequence[NoteRow]) -> Table:
+    table = Table(title="ghi chú / notes")
+    for column in (
+        f"lúc / time ({TIME_ZONE_NOTE})",
+        "bởi / by",
+        "loại / kind",
+        "nội dung / text",
+    ):
+        table.add_column(column, overflow="fold")
+    for n in notes:
+        table.add_row(local_time(n.ts), n.operator, n.kind, n.text)
+    return table
 
 
 @app.command()
@@ -312,26 +339,123 @@ def ack(
         str | None,
         typer.Option(help="Who acknowledges (default: the `operator` setting)."),
     ] = None,
+    comment: Annotated[
+        str | None,
+        typer.Option(help="Why, or what is being done (one line); the silence's comment too."),
+    ] = None,
 ) -> None:
     """Acknowledge alerts: active ones become active_ack, cleared ones cleared_ack.
 
     Each id is handled on its own; an unknown or already acknowledged id is
-    reported and the command exits 1 after handling the others.
+    reported and the command exits 1 after handling the others. With
+    Alertmanager configured, an active alert is also silenced there; if
+    that fails the acknowledgement stands and a warning says so.
     """
+    from alerts.lifecycle import check_note
+
     state = state_of(ctx)
     who = (by if by is not None else state.settings.operator).strip()
     failed = 0
     with reported_errors(state):
         if not who:
             raise SettingsError("operator", "say who acknowledges: --by NAME or set `operator`")
+        text = None if comment is None else check_note(comment)
         with _store(state) as store:
             for alert_id in alert_ids:
+                now_ms = time.time_ns() // 1_000_000
                 try:
-                    row = store.ack(alert_id, by=who, now_ms=time.time_ns() // 1_000_000)
+                    row = store.ack(alert_id, by=who, now_ms=now_ms, comment=text)
                 except InputError as exc:  # unknown, or acknowledged before
                     state.err.print(error_line(exc), highlight=False, soft_wrap=True)
                     failed += 1
                     continue
                 state.console.print(f"alert {row.alert_id}: {row.state} (by {row.acked_by})")
+                _silence(state, store, row, now_ms)
     if failed:
         raise typer.Exit(1)
+
+
+def _silence(state: CliState, store: AlertStore, row: AlertRow, now_ms: int) -> None:
+    """Silence the acknowledged ``row`` in Alertmanager, if configured; warn if that fails."""
+    from adapters.alertmanager import create_silence, expire_silence
+    from alerts.notify import silence_for
+
+    notify = state.settings.alerts.notify
+    if not notify.alertmanager_url or row.state != "active_ack":
+        return
+    url, timeout_s = notify.alertmanager_url, notify.timeout_s
+    try:
+        if row.silence_id:  # an earlier acknowledgement's, of the severity before an escalation
+            expire_silence(url, row.silence_id, timeout_s)
+        silence = silence_for(
+            rule_id=row.rule_id,
+            device_id=row.device_id,
+            severity=row.severity,
+            now_ms=now_ms,
+            ends_ms=now_ms + round(notify.silence_s * 1000),
+            created_by=row.acked_by or "",
+            comment=row.ack_comment,
+        )
+        silence_id = create_silence(url, silence, timeout_s)
+        if not store.set_silence(row.alert_id, silence_id, replacing=row.silence_id):
+            expire_silence(url, silence_id, timeout_s)  # the job made one meanwhile, or a clear
+            return
+    except HubError as exc:
+        later = "" if isinstance(exc, AlertmanagerRefusedError) else "; the alerts job retries"
+        state.err.print(
+            f"[yellow]warning:[/yellow] alert {row.alert_id} is acknowledged, but its "
+            f"Alertmanager silence could not be created{later}: {escape(str(exc))}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
+    state.console.print(f"alert {row.alert_id}: silenced in Alertmanager ({silence_id})")
+
+
+@app.command()
+def assign(
+    ctx: typer.Context,
+    alert_id: Annotated[int, typer.Argument(help="The alert's id.")],
+    to: Annotated[str, typer.Option("--to", help="Who the alert is assigned to.")],
+    by: Annotated[
+        str | None, typer.Option(help="Who assigns (default: the `operator` setting).")
+    ] = None,
+) -> None:
+    """Assign an alert to someone (any state but cleared_ack); shown by list and show."""
+    from alerts.lifecycle import check_note
+
+    state = state_of(ctx)
+    with reported_errors(state):
+        who = _operator(state, by, "assigns")
+        name = check_note(to, "assignee")
+        with _store(state) as store:
+            row = store.assign(alert_id, to=name, by=who, now_ms=time.time_ns() // 1_000_000)
+    state.console.print(f"alert {row.alert_id}: assigned to {row.assignee} (by {who})")
+
+
+@app.command(name="comment")
+def comment_on(
+    ctx: typer.Context,
+    alert_id: Annotated[int, typer.Argument(help="The alert's id.")],
+    text: Annotated[str, typer.Argument(help="The comment: one line, at most 1000 characters.")],
+    by: Annotated[
+        str | None, typer.Option(help="Who comments (default: the `operator` setting).")
+    ] = None,
+) -> None:
+    """Add a comment to an alert (any state); shown by show."""
+    from alerts.lifecycle import check_note
+
+    state = state_of(ctx)
+    with reported_errors(state):
+        who = _operator(state, by, "comments")
+        note = check_note(text)
+        with _store(state) as store:
+            row = store.comment(alert_id, text=note, by=who, now_ms=time.time_ns() // 1_000_000)
+    state.console.print(f"alert {row.alert_id}: comment added (by {who})")
+
+
+def _operator(state: CliState, by: str | None, does: str) -> str:
+    who = (by if by is not None else state.settings.operator).strip()
+    if not who:
+        raise SettingsError("operator", f"say who {does}: --by NAME or set `operator`")
+    return who
