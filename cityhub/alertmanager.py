@@ -35,6 +35,11 @@ The receivers file::
     ward = "Phường Hoàn Kiếm"               # name or 5-digit code
     receivers = ["hk-zalo"]
     severities = ["critical", "major"]      # optional, default all four
+
+    [timing.major]                          # optional, any severity, any key
+    group_wait = "30s"                      # Alertmanager durations: 30s, 5m, 4h
+    group_interval = "5m"
+    repeat_interval = "4h"
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ import json
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -59,6 +64,10 @@ TEMPLATE_NAME = TEMPLATE_PATH.name
 # one, and a receiver with no integrations drops what reaches it. Only an alert
 # whose severity is none of the four gets there (every severity has a route).
 UNROUTED = "cityhub-unrouted"
+
+# The only receiver of a configuration that sends nothing (`cityhub up` without
+# a receivers file): alerts are in Alertmanager's UI and API, told to nobody.
+NULL_RECEIVER = "cityhub-null"
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 _SMARTHOST_RE = re.compile(r"^[^\s:]+:[0-9]{1,5}$")
@@ -109,7 +118,10 @@ _KIND_KEYS: Mapping[str, frozenset[str]] = {
     "telegram": frozenset({"bot_token", "chat_id"}),
 }
 _COMMON_KEYS = frozenset({"name", "kind", "send_resolved"})
-_TOP_KEYS = frozenset({"default_receiver", "receiver", "severity", "route"})
+_TOP_KEYS = frozenset({"default_receiver", "receiver", "severity", "route", "timing"})
+_TIMING_KEYS = frozenset({"group_wait", "group_interval", "repeat_interval"})
+# Alertmanager's durations as people write them: a number and a unit, or several (1h30m).
+_DURATION_RE = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
 _ROUTE_KEYS = frozenset({"ward", "receivers", "severities"})
 _LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -138,6 +150,8 @@ class Receivers:
     by_severity: Mapping[str, tuple[str, ...]]
     ward_routes: tuple[WardRoute, ...]
     default_receiver: str | None
+    # TIMINGS with the file's [timing.<severity>] keys applied.
+    timings: Mapping[str, Timing] = field(default_factory=lambda: dict(TIMINGS))
 
 
 class _Refusal:
@@ -271,6 +285,23 @@ def _known(value: object, names: frozenset[str], where: str, refuse: _Refusal) -
     return listed
 
 
+def _parse_timings(value: object, refuse: _Refusal) -> dict[str, Timing]:
+    """TIMINGS with the [timing.<severity>] tables' keys in their place."""
+    if not isinstance(value, dict):
+        raise refuse("timing", "must be a table of severities ([timing.major])")
+    _unknown(value, frozenset(SEVERITIES), "timing.", refuse)
+    timings = dict(TIMINGS)
+    for level, table in value.items():
+        if not isinstance(table, dict):
+            raise refuse(f"timing.{level}", "must be a table ([timing.major])")
+        _unknown(table, _TIMING_KEYS, f"timing.{level}.", refuse)
+        for key, duration in table.items():
+            if not isinstance(duration, str) or not _DURATION_RE.match(duration):
+                raise refuse(f"timing.{level}.{key}", 'must be a duration such as "30s" or "5m"')
+        timings[level] = replace(TIMINGS[level], **{str(k): str(v) for k, v in table.items()})
+    return timings
+
+
 def parse_receivers(text: str, *, source: str) -> Receivers:
     """Check a receivers file's text; ReceiversError naming ``source`` and the key if bad."""
     refuse = _Refusal(source)
@@ -302,11 +333,13 @@ def parse_receivers(text: str, *, source: str) -> Receivers:
     default = data.get("default_receiver")
     if default is not None:
         (default,) = _known([default], names, "default_receiver", refuse)
+    timings = _parse_timings(data.get("timing", {}), refuse)
     return Receivers(
         receivers=receivers,
         by_severity=by_severity,
         ward_routes=ward_routes,
         default_receiver=default,
+        timings=timings,
     )
 
 
@@ -334,11 +367,13 @@ def _integration(receiver: Receiver) -> tuple[str, dict[str, Any]]:
     }
 
 
-def _severity_route(level: str, receiver: str, matchers: Sequence[str]) -> dict[str, Any]:
+def _severity_route(
+    level: str, receiver: str, matchers: Sequence[str], timings: Mapping[str, Timing]
+) -> dict[str, Any]:
     """A route for one receiver and severity, paced for that severity; `continue` so
     the routes after it (other receivers, the severity routes) see the alert too.
     """
-    timing = TIMINGS[level]
+    timing = timings[level]
     return {
         "receiver": receiver,
         "matchers": [*matchers, f'severity="{level}"'],
@@ -361,12 +396,14 @@ def build_config(plan: Receivers) -> dict[str, Any]:
     for ward_route in plan.ward_routes:
         matcher = f'ward_code="{ward_route.ward_code}"'
         routes.extend(
-            _severity_route(level, name, [matcher])
+            _severity_route(level, name, [matcher], plan.timings)
             for name in ward_route.receivers
             for level in ward_route.severities
         )
     for level in SEVERITIES:
-        routes.extend(_severity_route(level, name, []) for name in plan.by_severity[level])
+        routes.extend(
+            _severity_route(level, name, [], plan.timings) for name in plan.by_severity[level]
+        )
     receivers: list[dict[str, Any]] = [] if plan.default_receiver else [{"name": UNROUTED}]
     for receiver in plan.receivers:
         key, block = _integration(receiver)
@@ -399,6 +436,16 @@ def build_config(plan: Receivers) -> dict[str, Any]:
             },
         ],
         "receivers": receivers,
+    }
+
+
+def null_config() -> dict[str, Any]:
+    """A configuration whose only receiver has no integrations: alerts are kept and shown
+    (Alertmanager's UI and API, grouped as the real routes group them), sent nowhere.
+    """
+    return {
+        "route": {"receiver": NULL_RECEIVER, "group_by": list(GROUP_BY)},
+        "receivers": [{"name": NULL_RECEIVER}],
     }
 
 

@@ -71,12 +71,17 @@ class LocalSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     # High, unregistered ports so the machine's own 5432/1883 stay untouched.
     pg_port: int = 55432
     mqtt_port: int = 51883
+    # `cityhub up`'s private Alertmanager: its usual 9093, moved up like the others.
+    alertmanager_port: int = 59093
     # Dev mode lets local clients connect to the private broker without a
     # password; off, the broker requires the generated credentials.
     dev_mode: bool = True
     # Directory holding postgres/initdb; "" finds the newest PostgreSQL >= 15.
     pg_bindir: str = ""
     mosquitto_bin: str = "mosquitto"
+    # Debian's name for it (package prometheus-alertmanager); missing: `up` runs
+    # without notifications.
+    alertmanager_bin: str = "prometheus-alertmanager"
     # A TLS listener (client certificate required) on this port besides the
     # plain one; 0: none. Its CA, certificate and key come from `cityhub pki`.
     mqtt_tls_port: int = 0

@@ -104,12 +104,37 @@ DEFAULT_DEVICES: Final[dict[SiteKind, DeviceCounts]] = {
 }
 
 
+Percent = Annotated[float, msgspec.Meta(ge=0.0, le=100.0)]
+NonNegativeSeconds = Annotated[float, msgspec.Meta(ge=0.0)]
+
+
+class KioskOverride(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A kiosk's own paper and printer (``KioskParams`` fields; unset: the defaults)."""
+
+    initial_paper_pct: Percent | None = None
+    paper_low_pct: Percent | None = None
+    refill_after_out_mean_s: NonNegativeSeconds | None = None
+    refill_after_low_mean_s: NonNegativeSeconds | None = None
+    refill_after_out_s: NonNegativeSeconds | None = None
+    jam_probability_per_ticket: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
+
+    def apply(self, params: KioskParams) -> KioskParams:
+        changes = {
+            name: getattr(self, name)
+            for name in self.__struct_fields__
+            if getattr(self, name) is not None
+        }
+        return msgspec.structs.replace(params, **changes)
+
+
 class FleetDescription(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A simulated fleet, as written in TOML (every key optional).
 
     ``devices`` replaces the defaults as a whole: a site kind it does not name
     gets no devices. ``overrides`` maps a device id to FaultPlan fields that
-    replace the default plan's for that device.
+    replace the default plan's for that device; ``kiosks`` maps a kiosk's id
+    to its paper and printer (``KioskOverride``), e.g. a roll that is empty
+    from the start.
     """
 
     seed: Annotated[int, msgspec.Meta(ge=0)] = 0
@@ -126,6 +151,7 @@ class FleetDescription(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     )
     faults: FaultPlan = FaultPlan()
     overrides: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    kiosks: dict[str, KioskOverride] = msgspec.field(default_factory=dict)
 
     def fault_plan(self, device_id: str) -> FaultPlan:
         """The default plan with ``device_id``'s overrides applied; SettingsError if invalid."""
@@ -171,6 +197,8 @@ def parse_fleet_description(document: Mapping[str, Any]) -> FleetDescription:
     for device_id in description.overrides:
         _check_id(device_id, f"fleet.overrides.{device_id}")
         description.fault_plan(device_id)
+    for device_id in description.kiosks:
+        _check_id(device_id, f"fleet.kiosks.{device_id}")
     return description
 
 
@@ -221,7 +249,13 @@ def _stable_hash(*parts: str | int) -> int:
 
 
 def _make_model(
-    device_type: str, device_id: str, seed: int, site: SiteInfo, number: int
+    device_type: str,
+    device_id: str,
+    seed: int,
+    site: SiteInfo,
+    number: int,
+    *,
+    kiosk: KioskOverride | None = None,
 ) -> DeviceModel:
     hours = parse_opening_hours(site.opening_hours)
     street = site.kind == "street_monitor"
@@ -233,7 +267,10 @@ def _make_model(
         )
         return AirQualityModel(device_id=device_id, seed=seed, params=params)
     if device_type == "kiosk":
-        return KioskModel(device_id=device_id, seed=seed, params=KioskParams(hours=hours))
+        paper = KioskParams(hours=hours)
+        return KioskModel(
+            device_id=device_id, seed=seed, params=kiosk.apply(paper) if kiosk else paper
+        )
     if device_type == "camera_counter":
         camera = CameraParams(mode="street" if street else "hall", hours=hours)
         return CameraCounterModel(device_id=device_id, seed=seed, params=camera)
@@ -297,12 +334,22 @@ def build_fleet(description: FleetDescription, sites: Sequence[SiteInfo]) -> lis
                         transport="serial" if serial else "mqtt",
                         protocol=protocol,
                         faults=description.fault_plan(device_id),
-                        model=_make_model(device_type, device_id, description.seed, site, number),
+                        model=_make_model(
+                            device_type,
+                            device_id,
+                            description.seed,
+                            site,
+                            number,
+                            kiosk=description.kiosks.get(device_id),
+                        ),
                     )
                 )
     unused = set(description.overrides) - {spec.device_id for spec in specs}
     if unused:
         raise SettingsError("fleet.overrides", f"no such devices: {', '.join(sorted(unused))}")
+    kiosks = {spec.device_id for spec in specs if spec.device_type == "kiosk"}
+    if unknown := set(description.kiosks) - kiosks:
+        raise SettingsError("fleet.kiosks", f"no such kiosks: {', '.join(sorted(unknown))}")
     return specs
 
 

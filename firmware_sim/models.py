@@ -232,6 +232,10 @@ class KioskParams(msgspec.Struct, frozen=True, kw_only=True):
     # wait for the next morning. math.inf: never.
     refill_after_out_mean_s: float = 1200.0
     refill_after_low_mean_s: float = 7200.0
+    # The roll is changed exactly this long (open-hours time) after "paper out",
+    # instead of at a random time: a run that must see the printer alert both
+    # raised and cleared (`cityhub up`'s notification test). None: random.
+    refill_after_out_s: float | None = None
     # Thermal kiosk printers jam rarely: about once every few thousand tickets;
     # staff clear it in ~10 minutes while the hall is open.
     jam_probability_per_ticket: float = 1.0 / 3000.0
@@ -256,6 +260,7 @@ class KioskModel(DeviceModel):
             first_pct = 20.0 + 80.0 * float(self.rng.random())
         self.paper_tickets = round(first_pct / 100.0 * self.params.tickets_per_roll)
         self.jammed = False
+        self.out_for_s = 0.0  # open-hours time out of paper (refill_after_out_s)
         self.queue = QueueState()
         self.tickets_total = 0
         self.refills = 0
@@ -287,6 +292,13 @@ class KioskModel(DeviceModel):
                 _rate(p.jam_clear_mean_s), dt_s
             ):
                 self.jammed = False
+            return
+        if status == PRINTER_PAPER_OUT and p.refill_after_out_s is not None:
+            self.out_for_s += dt_s
+            if self.out_for_s >= p.refill_after_out_s:
+                self.paper_tickets = p.tickets_per_roll
+                self.refills += 1
+                self.out_for_s = 0.0
             return
         if status == PRINTER_PAPER_OUT:
             refill_rate = _rate(p.refill_after_out_mean_s)

@@ -24,7 +24,8 @@ app = typer.Typer(
 MAX_RECEIVERS_BYTES = 1_000_000
 
 
-def _read(path: Path) -> str:
+def read_receivers(path: Path) -> str:
+    """The receivers file's text; ReceiversError naming it if unreadable or too large."""
     try:
         if path.stat().st_size > MAX_RECEIVERS_BYTES:
             raise ReceiversError(str(path), None, f"larger than {MAX_RECEIVERS_BYTES} bytes")
@@ -70,7 +71,7 @@ def config(
 
     state = state_of(ctx)
     with reported_errors(state):
-        plan = parse_receivers(_read(receivers), source=str(receivers))
+        plan = parse_receivers(read_receivers(receivers), source=str(receivers))
         files = {
             out: render_yaml(build_config(plan), source=receivers.name),
             out.with_name(TEMPLATE_NAME): TEMPLATE_PATH.read_text(encoding="utf-8"),

@@ -2,8 +2,10 @@
 
 Starts the private broker and database (unless running), migrates, seeds
 the Hanoi sites, registers the simulated fleet (one gateway per site), and
-starts the ingest workers, one gateway per site and the alerts job as child
-processes and the simulator in this process. Shows a live view until Ctrl-C or ``--for``;
+starts a private Alertmanager (configured from ``--receivers``, or sending
+nowhere), the ingest workers, one gateway per site and the alerts job as child
+processes and the simulator in this process. Without the Alertmanager program
+it runs without notifications and says so. Shows a live view until Ctrl-C or ``--for``;
 then stops the simulator, lets the gateways deliver their backlog, stops
 every child (SIGTERM, SIGKILL after a timeout: no orphans) and prints a
 summary. Exits 1 if any reading of this run that the
@@ -46,7 +48,7 @@ from cityhub.cli.sim import (
 )
 from cityhub.localstack.mosquitto import ADMIN_USER
 from contracts.catalog import DEVICE_TYPES
-from contracts.errors import HubError, LocalServiceError
+from contracts.errors import HubError, LocalServiceError, MissingDependencyError
 from contracts.messages import GatewayState, decode_gateway_state
 from contracts.schema import SEVERITIES, readings_table
 from contracts.settings import BrokerSettings
@@ -58,6 +60,7 @@ from firmware_sim.ledger import Ledger, Reconciliation, RejectedRow, StoredRow, 
 if TYPE_CHECKING:
     from adapters.database import Connection
     from adapters.mqtt import IncomingMessage
+    from cityhub.localstack.alertmanager import AlertmanagerServer
     from cityhub.localstack.stack import LocalStack
     from firmware_sim.fleet import DeviceSpec
     from firmware_sim.service import Simulator
@@ -322,6 +325,16 @@ def up(
     ] = None,
     workers: Annotated[int, typer.Option(min=1, help="Ingest worker processes.")] = 1,
     seed: Annotated[int, typer.Option(help="Simulator seed.")] = 0,
+    receivers: Annotated[
+        Path | None,
+        typer.Option(
+            "--receivers",
+            help="Who the private Alertmanager notifies (TOML, as for `cityhub alertmanager "
+            "config`); without it alerts reach Alertmanager and are sent nowhere.",
+            dir_okay=False,
+            exists=True,
+        ),
+    ] = None,
 ) -> None:
     """Run the whole system here: broker, TimescaleDB, simulated fleet, gateways, ingest, alerts.
 
@@ -331,7 +344,15 @@ def up(
     """
     state = state_of(ctx)
     with reported_errors(state):
-        lost = _up(state, duration=duration, sites=sites, fleet=fleet, workers=workers, seed=seed)
+        lost = _up(
+            state,
+            duration=duration,
+            sites=sites,
+            fleet=fleet,
+            workers=workers,
+            seed=seed,
+            receivers=receivers,
+        )
     if lost:
         raise typer.Exit(1)
 
@@ -356,6 +377,8 @@ class System:
         run_name: str = "run",
         gateway_settings: Callable[[str], dict[str, Any]] | None = None,
         central_port: Callable[[str], int | None] | None = None,
+        alertmanager: bool = False,
+        receivers: Path | None = None,
     ) -> None:
         from cityhub.localstack.stack import LocalStack
 
@@ -373,11 +396,18 @@ class System:
         self._fleet = (fleet, sites, seed)
         self._gateway_settings = gateway_settings or (lambda _id: {})
         self._central_port = central_port or (lambda _id: None)
+        self._alertmanager = alertmanager
+        self.receivers = receivers
+        self.alertmanager: AlertmanagerServer | None = None
+        # What `up` says about notifications in its startup lines.
+        self.notices: list[str] = []
 
     def start(self) -> None:
         from cityhub import database
 
         settings = self.state.settings
+        # A bad receivers file fails before any server starts.
+        am_files = self._alertmanager_files() if self._alertmanager else None
         self.stack.up()
         self.url = settings.database.url or self.stack.database_url()
         with database.connect(self.url) as conn:
@@ -390,9 +420,71 @@ class System:
         self.configs = gateway_configs(self.specs, self.sim.ports)
         self.gateway_ids = {c.gateway_id for c in self.configs}
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if am_files is not None:
+            self._start_alertmanager(am_files)
         self._start_children()
         self.watcher = StateWatcher(self.broker)
         _wait_ready(self.watcher, self.children, self.gateway_ids)
+
+    def _alertmanager_files(self) -> dict[str, str]:
+        """alertmanager.yml (from the receivers file, or the null configuration) and templates."""
+        from cityhub.alertmanager import (
+            TEMPLATE_NAME,
+            TEMPLATE_PATH,
+            build_config,
+            null_config,
+            parse_receivers,
+            render_yaml,
+        )
+        from cityhub.cli.alertmanager import read_receivers
+
+        if self.receivers is None:
+            config = render_yaml(null_config(), source="no receivers file (cityhub up)")
+        else:
+            plan = parse_receivers(read_receivers(self.receivers), source=str(self.receivers))
+            config = render_yaml(build_config(plan), source=self.receivers.name)
+        return {
+            "alertmanager.yml": config,
+            TEMPLATE_NAME: TEMPLATE_PATH.read_text(encoding="utf-8"),
+        }
+
+    def _start_alertmanager(self, files: dict[str, str]) -> None:
+        """Start the private Alertmanager as a child; without its program, say so and go on
+        (unless a receivers file asked for notifications)."""
+        from cityhub.localstack.alertmanager import AlertmanagerServer, find_alertmanager
+
+        local = self.state.settings.local
+        binary = find_alertmanager(local.alertmanager_bin)
+        if binary is None:
+            if self.receivers is not None:
+                raise MissingDependencyError(
+                    f"--receivers {self.receivers}: Alertmanager ({local.alertmanager_bin!r}) "
+                    "is not installed: run scripts/install-system-deps"
+                )
+            self.notices.append(
+                f"Alertmanager ({local.alertmanager_bin}) not installed: no notifications, "
+                "alerts stay in the database and on the boards (scripts/install-system-deps "
+                "installs it)"
+            )
+            return
+        server = AlertmanagerServer(
+            base_dir=self.state.state_dir / "alertmanager",
+            port=local.alertmanager_port,
+            binary=binary,
+            start_timeout_s=local.start_timeout_s,
+        )
+        server.write_config(files)
+        self.children.start("alertmanager", server.argv(), server.log_path)
+        proc = self.children.get("alertmanager")
+        server.wait_ready(lambda: proc.poll() is None)
+        self.alertmanager = server
+        sent_to = (
+            f"notifications to the receivers of {self.receivers}"
+            if self.receivers is not None
+            else "no receivers file: alerts are shown there and sent nowhere "
+            "(--receivers FILE to send them)"
+        )
+        self.notices.append(f"Alertmanager: {server.url} ({sent_to})")
 
     def _start_children(self) -> None:
         run_dir, broker_toml = self.run_dir, msgspec.to_builtins(self.broker)
@@ -437,10 +529,13 @@ class System:
                 [sys.executable, "-m", "gateway", "--config", str(path)],
                 run_dir / f"{gateway_id}.log",
             )
-        write_toml(
-            run_dir / "alerts.toml",
-            {"database": {"url": self.url, "schema": self.schema}, "alerts": {"interval_s": 10.0}},
-        )
+        alerts_toml: dict[str, dict[str, Any]] = {
+            "database": {"url": self.url, "schema": self.schema},
+            "alerts": {"interval_s": 10.0},
+        }
+        if self.alertmanager is not None:
+            alerts_toml["alerts.notify"] = {"alertmanager_url": self.alertmanager.url}
+        write_toml(run_dir / "alerts.toml", alerts_toml)
         self.children.start(
             "alerts",
             [sys.executable, "-m", "alerts", "--config", str(run_dir / "alerts.toml")],
@@ -491,10 +586,19 @@ def _up(
     fleet: Path | None,
     workers: int,
     seed: int,
+    receivers: Path | None = None,
 ) -> int:
     seconds = parse_duration(duration) if duration else None
     command_start = time.monotonic()
-    system = System(state, sites=sites, fleet=fleet, workers=workers, seed=seed)
+    system = System(
+        state,
+        sites=sites,
+        fleet=fleet,
+        workers=workers,
+        seed=seed,
+        alertmanager=True,
+        receivers=receivers,
+    )
     first_stored: list[float] = []
     result: Reconciliation | None = None
     try:
@@ -529,6 +633,8 @@ def _run_system(
         f"{system.run_dir}; Ctrl-C to stop",
         highlight=False,
     )
+    for notice in system.notices:
+        state.console.print(notice, highlight=False)
     asyncio.run(
         _run(
             state,

@@ -7,6 +7,8 @@ Layout of the state directory (``local.state_dir``)::
     postgres/             the cluster, owned by the user PostgreSQL runs as
     mosquitto/            broker config, dynamic-security accounts, persistence, log
     pki/                  CA and certificates from `cityhub pki` (the TLS listener's)
+    alertmanager/         `cityhub up`'s Alertmanager: config, templates, storage, log
+                          (cityhub/localstack/alertmanager.py; `up` starts and stops it)
 
 ``up`` is idempotent (a running server is left alone, a stale pid file from a
 killed server is ignored), ``down`` stops both and leaves no process behind.

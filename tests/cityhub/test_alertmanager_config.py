@@ -29,6 +29,7 @@ from typer.testing import CliRunner
 from cityhub.alertmanager import (
     OFFLINE_RULES_RE,
     build_config,
+    null_config,
     parse_receivers,
     render_yaml,
 )
@@ -477,3 +478,38 @@ def test_a_ward_route_accepts_a_code_or_a_bare_name():
 def test_a_file_without_receivers_is_refused():
     with pytest.raises(ReceiversError, match="at least one"):
         parse_receivers("", source="r.toml")
+
+
+def test_timing_tables_override_one_severitys_pacing_and_are_checked():
+    text = EXAMPLE.read_text("utf-8") + '\n[timing.major]\ngroup_wait = "5s"\n'
+    config = build_config(parse_receivers(text, source="r.toml"))
+    major = [r for r in config["route"]["routes"] if 'severity="major"' in r["matchers"]]
+    assert major
+    # The key given replaces the shipped one; the others keep theirs.
+    assert {(r["group_wait"], r["group_interval"], r["repeat_interval"]) for r in major} == {
+        ("5s", "5m", "4h")
+    }
+    critical = [r for r in config["route"]["routes"] if 'severity="critical"' in r["matchers"]]
+    assert {r["group_wait"] for r in critical} == {"10s"}
+    for bad, key in (
+        ('[timing.major]\ngroup_wait = "soon"\n', "timing.major.group_wait"),
+        ("[timing.major]\ngroup_wait = 5\n", "timing.major.group_wait"),
+        ('[timing.major]\nwait = "5s"\n', "timing.major.wait"),
+        ('[timing.urgent]\ngroup_wait = "5s"\n', "timing.urgent"),
+        ('timing = "fast"\n', "timing"),
+    ):
+        # A table goes after the example's tables, a bare key before them.
+        example = EXAMPLE.read_text("utf-8")
+        text = f"{example}\n{bad}" if bad.startswith("[") else bad + example
+        with pytest.raises(ReceiversError) as info:
+            parse_receivers(text, source="r.toml")
+        assert info.value.key == key, info.value
+
+
+@needs_amtool
+def test_null_configuration_passes_amtool(tmp_path):
+    path = tmp_path / "alertmanager.yml"
+    path.write_text(render_yaml(null_config(), source="none"), encoding="utf-8")
+    result = amtool("check-config", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 receivers" in result.stdout

@@ -27,7 +27,9 @@ SITES = "hk-ward-trang-tien,lb-hall-quan,hk-aq-hang-dau"
 
 
 @pytest.fixture
-def up_dir(pg_bindir: Path, mosquitto_bin: str) -> Iterator[tuple[Path, dict[str, str]]]:
+def up_dir(
+    pg_bindir: Path, mosquitto_bin: str, alertmanager_bin: str
+) -> Iterator[tuple[Path, dict[str, str]]]:
     """A state directory and environment for `cityhub up` (skipped without the servers)."""
     state_dir = Path(tempfile.mkdtemp(prefix="cityhub-up-"))
     state_dir.chmod(0o755)
@@ -36,6 +38,8 @@ def up_dir(pg_bindir: Path, mosquitto_bin: str) -> Iterator[tuple[Path, dict[str
         "CITYHUB_LOCAL__STATE_DIR": str(state_dir),
         "CITYHUB_LOCAL__PG_PORT": str(free_port()),
         "CITYHUB_LOCAL__MQTT_PORT": str(free_port()),
+        "CITYHUB_LOCAL__ALERTMANAGER_PORT": str(free_port()),
+        "CITYHUB_LOCAL__ALERTMANAGER_BIN": alertmanager_bin,
         "COLUMNS": "150",
     }
     try:
@@ -79,10 +83,19 @@ def test_up_for_a_fixed_time_stores_every_reading_and_leaves_nothing_running(up_
     alerts_log = (state_dir / "run" / "alerts.log").read_text()
     assert re.search(r"alerts job alerts: \d+ rules", alerts_log), alerts_log[-2000:]
     assert "evaluated " in alerts_log, alerts_log[-2000:]
-    # Every child and both servers are gone; their ports are free again.
+    # A private Alertmanager ran with the null receiver, the alerts job posting to it.
+    am_url = f"http://127.0.0.1:{env['CITYHUB_LOCAL__ALERTMANAGER_PORT']}"
+    assert f"Alertmanager: {am_url} (no receivers file: alerts are shown there and sent " in out
+    assert f'alertmanager_url = "{am_url}"' in (state_dir / "run" / "alerts.toml").read_text()
+    assert (
+        "receiver: 'cityhub-null'" in (state_dir / "alertmanager" / "alertmanager.yml").read_text()
+    )
+    assert (state_dir / "alertmanager" / "data").is_dir()
+    # Every child and the servers are gone; their ports are free again.
     assert _processes_under(state_dir) == []
     assert port_is_free(int(env["CITYHUB_LOCAL__PG_PORT"]))
     assert port_is_free(int(env["CITYHUB_LOCAL__MQTT_PORT"]))
+    assert port_is_free(int(env["CITYHUB_LOCAL__ALERTMANAGER_PORT"]))
 
 
 def _delete_one_reading(
@@ -115,8 +128,11 @@ def _delete_one_reading(
 def test_a_reading_lost_in_a_second_run_on_the_same_state_dir_fails_the_run(up_dir):
     """Earlier rows in the tables cannot hide a loss: the check is by reading, not by count."""
     state_dir, env = up_dir
-    first = _up(env, 8)
+    # Without the Alertmanager program the run goes on without notifications, saying so.
+    first = _up({**env, "CITYHUB_LOCAL__ALERTMANAGER_BIN": str(state_dir / "no-such-program")}, 8)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "no-such-program) not installed: no notifications" in first.stdout, first.stdout[-3000:]
+    assert "alertmanager_url" not in (state_dir / "run" / "alerts.toml").read_text()
     done = threading.Event()
     deleted: list[tuple] = []
     deleter = threading.Thread(

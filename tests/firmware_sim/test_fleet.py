@@ -11,13 +11,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from contracts.catalog import PRINTER_STATUS_LABELS
 from contracts.errors import SettingsError
 from contracts.ids import check_id
 from contracts.messages import GatewayConfig, check_gateway_config
 from firmware_sim import fleet, signals
 from firmware_sim.faults import FaultPlan
 from firmware_sim.fleet import FleetDescription, SiteInfo
-from firmware_sim.models import CameraCounterModel, KioskModel, SatisfactionTerminalModel
+from firmware_sim.models import (
+    FIRST_STEP_S,
+    CameraCounterModel,
+    KioskModel,
+    SatisfactionTerminalModel,
+)
 
 SITES_PATH = Path(__file__).parents[2] / "cityhub" / "data" / "hanoi_sites.toml"
 SEED_SITES = fleet.parse_sites(tomllib.loads(SITES_PATH.read_text("utf-8")))
@@ -159,6 +165,8 @@ def test_explicit_sites_get_devices() -> None:
             "fleet.site[0].opening_hours",
         ),
         ({"site": [{"id": "X!", "kind": "ward_office"}]}, "fleet.site[0].id"),
+        ({"kiosks": {"kiosk-x-01": {"initial_paper_pct": 101}}}, "fleet.kiosks"),
+        ({"kiosks": {"kiosk-x-01": {"paper": 1}}}, "fleet.kiosks"),
     ],
 )  # fmt: skip
 def test_bad_descriptions_name_the_key(document: dict[str, object], key: str) -> None:
@@ -174,6 +182,10 @@ def test_build_refuses_unknown_sites_repeats_overrides_and_long_ids() -> None:
         fleet.build_fleet(FleetDescription(site=[SEED_SITES[0]]), SEED_SITES)
     with pytest.raises(SettingsError, match="kiosk-typo-01"):
         fleet.build_fleet(FleetDescription(overrides={"kiosk-typo-01": {}}), SEED_SITES)
+    with pytest.raises(SettingsError, match="kiosk-typo-01"):
+        fleet.build_fleet(
+            fleet.parse_fleet_description({"kiosks": {"kiosk-typo-01": {}}}), SEED_SITES
+        )
     long_site = SiteInfo(id="x" * 60, kind="service_hall")
     with pytest.raises(SettingsError):
         fleet.build_fleet(FleetDescription(), [long_site])
@@ -257,3 +269,25 @@ def test_streets_get_noise_and_flood_sensors_and_halls_rating_terminals() -> Non
         assert model.params.counter == int(spec.device_id.rsplit("-", 1)[1])
         hall = next(s for s in SEED_SITES if s.id == spec.site_id)
         assert model.params.hours == signals.parse_opening_hours(hall.opening_hours)
+
+
+def test_a_kiosk_out_of_paper_from_the_start_gets_its_roll_at_the_fixed_delay() -> None:
+    description = fleet.parse_fleet_description(
+        {
+            "sites": ["hk-aq-hang-dau"],  # open 24/7: staff on duty at any hour
+            "devices": {"street_monitor": {"kiosk": 1}},
+            "kiosks": {
+                "kiosk-hk-aq-hang-dau-01": {"initial_paper_pct": 0, "refill_after_out_s": 30}
+            },
+        }
+    )
+    (spec,) = fleet.build_fleet(description, SEED_SITES)
+    model = spec.model
+    assert isinstance(model, KioskModel)
+    statuses = [model.step(NOW_MS + i * 1000)["printer_status"] for i in range(40)]
+    out = PRINTER_STATUS_LABELS.index("paper_out")
+    # Out for 30 s (the first step counts as FIRST_STEP_S), then a full roll for good.
+    refilled = next(i for i, status in enumerate(statuses) if status != out)
+    assert 30 - FIRST_STEP_S <= refilled <= 30
+    assert out not in statuses[refilled:]
+    assert model.refills == 1
