@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -25,6 +24,7 @@ from paho.mqtt.properties import Properties
 
 from cityhub.localstack.mosquitto import ADMIN_USER, MosquittoServer, mqtt_connect_probe
 from cityhub.localstack.procs import free_port, port_is_free
+from tests.plugins.servers import kill_everything_under, processes_under
 
 pytestmark = pytest.mark.slow
 
@@ -35,28 +35,8 @@ def state_dir() -> Iterator[Path]:
     path.chmod(0o755)
     yield path
     # Whatever a failed test left running must not outlive it.
-    _kill_everything_under(path)
+    kill_everything_under(path)
     shutil.rmtree(path, ignore_errors=True)
-
-
-def _processes_under(path: Path) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if str(path) in cmdline:
-            pids.append(int(entry.name))
-    return pids
-
-
-def _kill_everything_under(path: Path) -> None:
-    for pid in _processes_under(path):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def cityhub(state_dir: Path, *args: str, pg_port: int, mqtt_port: int, dev: bool = True):
@@ -113,7 +93,7 @@ def test_up_status_down_round_trip(state_dir):
 
     down = cityhub(state_dir, "down", pg_port=pg_port, mqtt_port=mqtt_port)
     assert down.returncode == 0, down.stderr
-    assert _processes_under(state_dir) == []
+    assert processes_under(state_dir) == []
     assert port_is_free(pg_port)
     assert port_is_free(mqtt_port)
     stopped = cityhub(state_dir, "status", pg_port=pg_port, mqtt_port=mqtt_port)
@@ -132,7 +112,7 @@ def test_port_already_taken_is_a_clear_error_and_leaves_nothing_running(state_di
     assert f"port {mqtt_port} for Mosquitto is already in use" in up.stderr
     assert "Traceback" not in up.stderr
     # PostgreSQL had started first; the failed `up` stopped it again.
-    assert _processes_under(state_dir) == []
+    assert processes_under(state_dir) == []
     assert port_is_free(pg_port)
 
 
@@ -147,7 +127,7 @@ def test_stale_state_dir_after_kill_is_recovered(state_dir):
         conn.execute("INSERT INTO survivor VALUES (42)")
 
     # kill -9 everything: postmaster.pid and mosquitto.pid are left behind, stale.
-    _kill_everything_under(state_dir)
+    kill_everything_under(state_dir)
     assert (state_dir / "postgres" / "data" / "postmaster.pid").exists()
     assert (state_dir / "mosquitto" / "mosquitto.pid").exists()
     stopped = cityhub(state_dir, "status", pg_port=pg_port, mqtt_port=mqtt_port)
@@ -158,7 +138,7 @@ def test_stale_state_dir_after_kill_is_recovered(state_dir):
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT x FROM survivor").fetchall() == [(42,)]
     assert cityhub(state_dir, "down", pg_port=pg_port, mqtt_port=mqtt_port).returncode == 0
-    assert _processes_under(state_dir) == []
+    assert processes_under(state_dir) == []
 
 
 def test_database_commands_without_a_running_database_say_what_to_do(state_dir):

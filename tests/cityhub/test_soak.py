@@ -25,7 +25,7 @@ from cityhub.soak.schedule import (
 from contracts.errors import SettingsError
 from contracts.messages import Transport
 from firmware_sim.ledger import Ledger, LedgerEntry, StoredRow, reconcile
-from tests.cityhub.test_localstack import _kill_everything_under, _processes_under
+from tests.plugins.servers import kill_everything_under, processes_under
 
 GATEWAYS = ["gw-a", "gw-b", "gw-c", "gw-d"]
 
@@ -114,9 +114,9 @@ def test_a_short_soak_applies_every_fault_and_loses_nothing():
         assert report["broker_crash_window"] == [], out[-4000:]
         assert report["lost"] == [], out[-4000:]
         assert result.returncode == 0, out[-4000:]
-        assert _processes_under(state_dir) == []
+        assert processes_under(state_dir) == []
     finally:
-        _kill_everything_under(state_dir)
+        kill_everything_under(state_dir)
         shutil.rmtree(state_dir, ignore_errors=True)
 
 

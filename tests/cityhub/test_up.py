@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -18,35 +14,12 @@ import pytest
 
 from cityhub.cli.up import _alerts_line
 from cityhub.localstack.postgres import DB_NAME, DB_USER
-from cityhub.localstack.procs import free_port, port_is_free
+from cityhub.localstack.procs import port_is_free
 from contracts.schema import readings_table
 from firmware_sim.ledger import LedgerEntry, RejectedRow, StoredRow, reconcile
-from tests.cityhub.test_localstack import _kill_everything_under, _processes_under
+from tests.plugins.servers import processes_under
 
 SITES = "hk-ward-trang-tien,lb-hall-quan,hk-aq-hang-dau"
-
-
-@pytest.fixture
-def up_dir(
-    pg_bindir: Path, mosquitto_bin: str, alertmanager_bin: str
-) -> Iterator[tuple[Path, dict[str, str]]]:
-    """A state directory and environment for `cityhub up` (skipped without the servers)."""
-    state_dir = Path(tempfile.mkdtemp(prefix="cityhub-up-"))
-    state_dir.chmod(0o755)
-    env = {
-        **os.environ,
-        "CITYHUB_LOCAL__STATE_DIR": str(state_dir),
-        "CITYHUB_LOCAL__PG_PORT": str(free_port()),
-        "CITYHUB_LOCAL__MQTT_PORT": str(free_port()),
-        "CITYHUB_LOCAL__ALERTMANAGER_PORT": str(free_port()),
-        "CITYHUB_LOCAL__ALERTMANAGER_BIN": alertmanager_bin,
-        "COLUMNS": "150",
-    }
-    try:
-        yield state_dir, env
-    finally:
-        _kill_everything_under(state_dir)
-        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def _up(env: dict[str, str], seconds: int, sites: str = SITES) -> subprocess.CompletedProcess[str]:
@@ -92,7 +65,7 @@ def test_up_for_a_fixed_time_stores_every_reading_and_leaves_nothing_running(up_
     )
     assert (state_dir / "alertmanager" / "data").is_dir()
     # Every child and the servers are gone; their ports are free again.
-    assert _processes_under(state_dir) == []
+    assert processes_under(state_dir) == []
     assert port_is_free(int(env["CITYHUB_LOCAL__PG_PORT"]))
     assert port_is_free(int(env["CITYHUB_LOCAL__MQTT_PORT"]))
     assert port_is_free(int(env["CITYHUB_LOCAL__ALERTMANAGER_PORT"]))

@@ -15,8 +15,10 @@ newest under /usr/lib/postgresql with TimescaleDB) and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -147,3 +149,47 @@ def killable_broker(servers_dir: Path, mosquitto_bin: str) -> Iterator[Mosquitto
     start_or_skip(server, "Mosquitto's dynamic-security plugin")
     yield server
     server.stop()
+
+
+def processes_under(path: Path) -> list[int]:
+    """The pids whose command line names ``path`` (a state directory's servers and services)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if str(path) in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def kill_everything_under(path: Path) -> None:
+    for pid in processes_under(path):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def up_dir(
+    pg_bindir: Path, mosquitto_bin: str, alertmanager_bin: str
+) -> Iterator[tuple[Path, dict[str, str]]]:
+    """A state directory and environment for `cityhub up` (skipped without the servers)."""
+    state_dir = Path(tempfile.mkdtemp(prefix="cityhub-up-"))
+    state_dir.chmod(0o755)
+    env = {
+        **os.environ,
+        "CITYHUB_LOCAL__STATE_DIR": str(state_dir),
+        "CITYHUB_LOCAL__PG_PORT": str(free_port()),
+        "CITYHUB_LOCAL__MQTT_PORT": str(free_port()),
+        "CITYHUB_LOCAL__ALERTMANAGER_PORT": str(free_port()),
+        "CITYHUB_LOCAL__ALERTMANAGER_BIN": alertmanager_bin,
+        "COLUMNS": "150",
+    }
+    try:
+        yield state_dir, env
+    finally:
+        kill_everything_under(state_dir)
+        shutil.rmtree(state_dir, ignore_errors=True)

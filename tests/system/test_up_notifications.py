@@ -15,15 +15,11 @@ at the group's next interval, comes within the run.
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import tomllib
-from collections.abc import Iterator
 from email.header import decode_header, make_header
 from email.message import Message
 from pathlib import Path
@@ -33,11 +29,11 @@ import psycopg
 import pytest
 
 from cityhub.localstack.postgres import DB_NAME, DB_USER
-from cityhub.localstack.procs import free_port, port_is_free
+from cityhub.localstack.procs import port_is_free
 from contracts.schema import readings_table
 from contracts.severity import SEVERITY_NAMES
-from tests.cityhub.test_localstack import _kill_everything_under, _processes_under
 from tests.plugins.alertmanager import SmtpSink, Webhook, wait_for
+from tests.plugins.servers import processes_under
 
 SITE = "hk-aq-hang-dau"  # a street site, open 24/7: staff change the roll at any hour
 KIOSK = f"kiosk-{SITE}-01"
@@ -100,28 +96,6 @@ def _rule() -> dict[str, Any]:
     rules = tomllib.loads((Path("alerts") / "data" / "rules.toml").read_text(encoding="utf-8"))
     (rule,) = [r for r in rules["rule"] if r["rule_id"] == RULE_ID]
     return rule
-
-
-@pytest.fixture
-def up_env(
-    pg_bindir: Path, mosquitto_bin: str, alertmanager_bin: str
-) -> Iterator[tuple[Path, dict[str, str]]]:
-    state_dir = Path(tempfile.mkdtemp(prefix="cityhub-up-am-"))
-    state_dir.chmod(0o755)
-    env = {
-        **os.environ,
-        "CITYHUB_LOCAL__STATE_DIR": str(state_dir),
-        "CITYHUB_LOCAL__PG_PORT": str(free_port()),
-        "CITYHUB_LOCAL__MQTT_PORT": str(free_port()),
-        "CITYHUB_LOCAL__ALERTMANAGER_PORT": str(free_port()),
-        "CITYHUB_LOCAL__ALERTMANAGER_BIN": alertmanager_bin,
-        "COLUMNS": "150",
-    }
-    try:
-        yield state_dir, env
-    finally:
-        _kill_everything_under(state_dir)
-        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def _first_reading_s(state_dir: Path, pg_port: int) -> float | None:
@@ -191,9 +165,9 @@ def _check_mails(smtp_sink: SmtpSink, summary_vi: str) -> None:
 
 @pytest.mark.slow
 def test_a_kiosk_out_of_paper_is_notified_in_vietnamese_and_its_end_too(
-    up_env: tuple[Path, dict[str, str]], webhook: Webhook, smtp_sink: SmtpSink, tmp_path: Path
+    up_dir: tuple[Path, dict[str, str]], webhook: Webhook, smtp_sink: SmtpSink, tmp_path: Path
 ) -> None:
-    state_dir, env = up_env
+    state_dir, env = up_dir
     rule = _rule()
     assert rule["severity"] == "major"
     assert rule["condition"]["for_s"] == FOR_S
@@ -264,5 +238,5 @@ def test_a_kiosk_out_of_paper_is_notified_in_vietnamese_and_its_end_too(
     _check_mails(smtp_sink, summary_vi)
 
     # Nothing of the run is left, Alertmanager included.
-    assert _processes_under(state_dir) == []
+    assert processes_under(state_dir) == []
     assert port_is_free(int(am_port))
