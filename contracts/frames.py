@@ -57,7 +57,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Callable
-from typing import Final, Literal, TypeAlias
+from typing import Final, Generic, Literal, NamedTuple, TypeAlias, TypeVar
 
 import msgspec
 
@@ -89,6 +89,9 @@ _PMS_BODY: Final = struct.Struct(">4x13HH")
 _PMS_ENCODE: Final = struct.Struct(">2sH13H")
 
 _SDS_START: Final = b"\xaa\xc0"
+# A reply to a command: same head, length, checksum rule and tail as a data frame.
+_SDS_REPLY_START: Final = b"\xaa\xc5"
+_SDS_REPLY_DATA_BYTES: Final = 3
 _SDS_TAIL: Final = 0xAB
 # Skip head and command; PM2.5 and PM10 little-endian, the two id bytes, the
 # checksum and the tail.
@@ -122,6 +125,23 @@ class Sds011Frame(msgspec.Struct, frozen=True, kw_only=True):
     device_id: int  # 0..65535, id byte 1 high
 
 
+class Sds011Reply(msgspec.Struct, frozen=True, kw_only=True):
+    """One SDS011 reply to a command (0xAA 0xC5 ...), as the control protocol lays it out.
+
+    ``command`` is the command it answers (data byte 1: 2 reporting mode, 5
+    device id, 6 sleep/work, 7 firmware version, 8 working period); ``data``
+    is data bytes 2-4 as sent. For commands 2, 6 and 8, data byte 2 says
+    whether the command queried (0) or set (1) the setting and data byte 3
+    is the setting (2: 0 active, 1 query; 6: 0 sleep, 1 work; 8: the working
+    period in minutes, 0 continuous); for 7 they are the firmware's year,
+    month and day. ``contracts.sensorcommands`` names the commands.
+    """
+
+    command: int  # 0..255, data byte 1
+    data: bytes  # data bytes 2-4, 3 bytes
+    device_id: int  # 0..65535, id byte 1 high
+
+
 Frame: TypeAlias = Pms5003Frame | Sds011Frame
 SensorKind: TypeAlias = Literal["pms5003", "sds011"]
 
@@ -137,9 +157,12 @@ class DecodeResult(msgspec.Struct, frozen=True, kw_only=True):
     # Framing errors: a PMS5003 length field other than 28, an SDS011 byte 9
     # other than the 0xAB tail.
     length_errors: int = 0
-    # Consumed bytes that were not part of a good frame (skipped while
-    # resynchronising, false starts included).
+    # Consumed bytes that were not part of a good frame or reply (skipped
+    # while resynchronising, false starts included).
     garbage_bytes: int = 0
+    # SDS011 command replies (0xAA 0xC5 ...), in stream order; always empty
+    # for the PMS5003, whose answers the manual does not document.
+    replies: list[Sds011Reply] = []
 
 
 # --- encoding (the simulator's side) -----------------------------------------
@@ -195,6 +218,20 @@ def encode_sds011(frame: Sds011Frame) -> bytes:
     return _SDS_START + data + bytes((sum(data) & 0xFF, _SDS_TAIL))
 
 
+def encode_sds011_reply(reply: Sds011Reply) -> bytes:
+    """The 10 bytes an SDS011 sends for ``reply``.
+
+    Raises ValueError for a ``data`` other than 3 bytes or a field outside a
+    byte (the device id outside 0..65535).
+    """
+    if len(reply.data) != _SDS_REPLY_DATA_BYTES:
+        raise ValueError(f"an SDS011 reply carries 3 data bytes, not {len(reply.data)}")
+    if not 0 <= reply.command <= 0xFF or not 0 <= reply.device_id <= _WORD_MAX:
+        raise ValueError("SDS011 reply command or device id out of range")
+    body = bytes((reply.command, *reply.data, reply.device_id >> 8, reply.device_id & 0xFF))
+    return _SDS_REPLY_START + body + bytes((sum(body) & 0xFF, _SDS_TAIL))
+
+
 # --- decoding -------------------------------------------------------------------
 
 
@@ -210,74 +247,100 @@ def _garbage_end(data: bytes, pos: int, first: int) -> int:
     return end
 
 
-# What a judge says of the bytes at a start pair: a frame, a framing error,
-# or None: the frame has not fully arrived yet.
-_LENGTH_ERROR: Final = "length"
-_CHECKSUM_ERROR: Final = "checksum"
-_Verdict: TypeAlias = Frame | Literal["length", "checksum"] | None
+# What a judge says of the bytes at a start pair: a frame (or reply, or
+# command), a framing error, or None: the frame has not fully arrived yet.
+LENGTH_ERROR: Final = "length"
+CHECKSUM_ERROR: Final = "checksum"
+_T = TypeVar("_T")
 
 
-def _scan(
+class Scan(NamedTuple, Generic[_T]):
+    """What ``scan_frames`` found: the items and the byte accounting of ``DecodeResult``."""
+
+    items: list[_T]
+    consumed: int
+    checksum_errors: int
+    length_errors: int
+    garbage_bytes: int
+
+
+def scan_frames(
     buffer: bytes | bytearray | memoryview,
     *,
-    start_pair: bytes,
+    start_pairs: tuple[bytes, ...],
     frame_bytes: int,
-    judge: Callable[[bytes, int, int], _Verdict],
-) -> DecodeResult:
-    """The resynchronising scan both sensors share; ``judge`` knows one frame layout.
+    judge: Callable[[bytes, int, int], _T | Literal["length", "checksum"] | None],
+) -> Scan[_T]:
+    """The resynchronising scan every fixed-length layout here shares; ``judge`` knows one.
 
-    Garbage up to a start pair is counted and consumed; a false start (length
-    or checksum error) skips one byte and scans again; an incomplete frame or
-    a trailing first start byte is kept for the next read.
+    ``start_pairs`` are the two-byte heads that may begin a frame, all with the
+    same first byte (an SDS011 sends 0xAA 0xC0 data frames and 0xAA 0xC5
+    replies). Garbage up to a start pair is counted and consumed; a false
+    start (length or checksum error) skips one byte and scans again; an
+    incomplete frame or a trailing first start byte is kept for the next read.
+    ``consumed == len(items) * frame_bytes + garbage_bytes`` always. Also used
+    by ``contracts.sensorcommands`` for the host's commands.
     """
     data = bytes(buffer)
     end = len(data)
-    frames: list[Frame] = []
+    items: list[_T] = []
     pos = checksum_errors = length_errors = garbage = 0
     find = data.find
+    first = start_pairs[0][0]
+    # One head: find the pair itself (the common case, and the fastest);
+    # several: find the first byte and check the second.
+    single = start_pairs[0] if len(start_pairs) == 1 else None
+    seconds = frozenset(pair[1] for pair in start_pairs)
+    head = start_pairs[0][:1]
     while True:
-        start = find(start_pair, pos)
+        start = find(single if single is not None else head, pos)
         if start < 0:
-            keep = _garbage_end(data, pos, start_pair[0])
+            keep = _garbage_end(data, pos, first)
             garbage += keep - pos
             pos = keep
             break
         garbage += start - pos
         pos = start
+        if single is None:
+            if start + 1 >= end:
+                break  # a lone first byte at the end: the next read may bring a head
+            if data[start + 1] not in seconds:
+                garbage += 1
+                pos = start + 1
+                continue
         verdict = judge(data, start, end)
         if verdict is None:
             break  # the frame has not fully arrived yet
         if isinstance(verdict, str):
-            if verdict == _LENGTH_ERROR:
+            if verdict == LENGTH_ERROR:
                 length_errors += 1
             else:
                 checksum_errors += 1
             garbage += 1
             pos = start + 1
             continue
-        frames.append(verdict)
+        items.append(verdict)
         pos = start + frame_bytes
-    return DecodeResult(
-        frames=frames,
-        consumed=pos,
-        checksum_errors=checksum_errors,
-        length_errors=length_errors,
-        garbage_bytes=garbage,
-    )
+    return Scan(items, pos, checksum_errors, length_errors, garbage)
 
 
-def _judge_pms5003(data: bytes, start: int, end: int) -> _Verdict:
+_Verdict: TypeAlias = Sds011Frame | Sds011Reply | Literal["length", "checksum"] | None
+
+
+def _judge_pms5003(
+    data: bytes, start: int, end: int
+) -> Pms5003Frame | Literal["length", "checksum"] | None:
     if end - start < 4:
         return None  # the length field has not arrived yet
     # Judge the length as soon as it arrives, not 28 bytes later.
     if data[start + 2] != 0 or data[start + 3] != _PMS_LENGTH:
-        return _LENGTH_ERROR
+        return LENGTH_ERROR
     if end - start < PMS5003_FRAME_BYTES:
         return None
     w = _PMS_BODY.unpack_from(data, start)
     # At most 30 * 255 = 7650: the 16-bit mask of the manual never bites.
     if sum(data[start : start + _PMS_CHECKED_BYTES]) & 0xFFFF != w[13]:
-        return _CHECKSUM_ERROR
+        return CHECKSUM_ERROR
     return Pms5003Frame(
         pm1_cf1=w[0],
         pm25_cf1=w[1],
@@ -300,33 +363,76 @@ def _judge_sds011(data: bytes, start: int, end: int) -> _Verdict:
         return None
     pm25, pm10, id1, id2, checksum, tail = _SDS_BODY.unpack_from(data, start)
     if tail != _SDS_TAIL:
-        return _LENGTH_ERROR
+        return LENGTH_ERROR
+    # Data frames and replies alike: the checksum covers bytes 2..7.
     if sum(data[start + 2 : start + 8]) & 0xFF != checksum:
-        return _CHECKSUM_ERROR
+        return CHECKSUM_ERROR
+    if data[start + 1] == _SDS_REPLY_START[1]:
+        return Sds011Reply(
+            command=data[start + 2],
+            data=data[start + 3 : start + 6],
+            device_id=id1 << 8 | id2,
+        )
     return Sds011Frame(pm25=pm25 / 10, pm10=pm10 / 10, device_id=id1 << 8 | id2)
 
 
 def decode_pms5003(buffer: bytes | bytearray | memoryview) -> DecodeResult:
-    """Decode every complete PMS5003 frame in ``buffer``; never raises."""
-    return _scan(
-        buffer, start_pair=_PMS_START, frame_bytes=PMS5003_FRAME_BYTES, judge=_judge_pms5003
+    """Decode every complete PMS5003 frame in ``buffer``; never raises.
+
+    The 8-byte answers real sensors send to mode and sleep commands (length
+    field 4) are not in the manual and count as length errors.
+    """
+    scan: Scan[Pms5003Frame] = scan_frames(
+        buffer,
+        start_pairs=(_PMS_START,),
+        frame_bytes=PMS5003_FRAME_BYTES,
+        judge=_judge_pms5003,
+    )
+    return DecodeResult(
+        frames=list[Frame](scan.items),
+        consumed=scan.consumed,
+        checksum_errors=scan.checksum_errors,
+        length_errors=scan.length_errors,
+        garbage_bytes=scan.garbage_bytes,
     )
 
 
 def decode_sds011(buffer: bytes | bytearray | memoryview) -> DecodeResult:
-    """Decode every complete SDS011 data frame in ``buffer``; never raises.
+    """Decode every complete SDS011 data frame and command reply in ``buffer``; never raises.
 
-    A frame whose byte 9 is not the 0xAB tail counts as a length error (the
-    frame does not end where 10 bytes put it), checked before the checksum.
+    A frame or reply whose byte 9 is not the 0xAB tail counts as a length
+    error (it does not end where 10 bytes put it), checked before the checksum.
     """
-    return _scan(buffer, start_pair=_SDS_START, frame_bytes=SDS011_FRAME_BYTES, judge=_judge_sds011)
+    scan: Scan[Sds011Frame | Sds011Reply] = scan_frames(
+        buffer,
+        start_pairs=(_SDS_START, _SDS_REPLY_START),
+        frame_bytes=SDS011_FRAME_BYTES,
+        judge=_judge_sds011,
+    )
+    frames: list[Frame] = []
+    replies: list[Sds011Reply] = []
+    for item in scan.items:
+        if isinstance(item, Sds011Reply):
+            replies.append(item)
+        else:
+            frames.append(item)
+    return DecodeResult(
+        frames=frames,
+        consumed=scan.consumed,
+        checksum_errors=scan.checksum_errors,
+        length_errors=scan.length_errors,
+        garbage_bytes=scan.garbage_bytes,
+        replies=replies,
+    )
 
 
 class FrameDecoder:
     """Decode one sensor's byte stream as it arrives; pure, keeps only a short tail.
 
-    ``feed`` returns the frames completed by the new bytes, in order. The
-    counters are cumulative since construction. The kept tail is always
+    ``feed`` returns the frames completed by the new bytes, in order;
+    ``feed_all`` returns those and the SDS011 command replies completed too
+    (``feed`` counts replies in ``replies`` and drops them: the gateway sends
+    no commands yet). The counters are cumulative since construction. The kept tail is always
     shorter than one frame (the ``decode_*`` functions keep at most a
     started frame), and ``feed`` enforces that bound as well, so no input can
     grow the decoder's memory.
@@ -341,6 +447,7 @@ class FrameDecoder:
         "garbage_bytes",
         "kind",
         "length_errors",
+        "replies",
     )
 
     def __init__(self, kind: SensorKind) -> None:
@@ -358,6 +465,7 @@ class FrameDecoder:
         self.checksum_errors = 0
         self.length_errors = 0
         self.garbage_bytes = 0
+        self.replies = 0
 
     @property
     def pending_bytes(self) -> int:
@@ -365,6 +473,11 @@ class FrameDecoder:
         return len(self._tail)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        return self.feed_all(data)[0]
+
+    def feed_all(
+        self, data: bytes | bytearray | memoryview
+    ) -> tuple[list[Frame], list[Sds011Reply]]:
         buffer = self._tail + data if self._tail else bytes(data)
         result = self._decode(buffer)
         tail = buffer[result.consumed :]
@@ -378,7 +491,8 @@ class FrameDecoder:
         self.checksum_errors += result.checksum_errors
         self.length_errors += result.length_errors
         self.garbage_bytes += result.garbage_bytes
-        return result.frames
+        self.replies += len(result.replies)
+        return result.frames, result.replies
 
     def reset(self) -> None:
         """Drop the kept tail (counted as garbage), e.g. after the port was reopened."""
