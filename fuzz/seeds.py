@@ -192,6 +192,11 @@ def _frames() -> Iterator[tuple[str, bytes]]:
     yield "pms-noise", b"\x00\x05" + b"\x42\x4d\x00\x1d" + pms[:-1] + b"\x00" + b"xx\x42" + pms
     yield "sds", b"\x01\x07" + sds + sds
     yield "sds-noise", b"\x01\x03" + b"\xaa\xc0\x00" + sds[:-1] + b"\x00" + sds + b"\xaa"
+    # Command replies among data frames (the control protocol's sleep and
+    # working-period examples), one cut short.
+    sleep = bytes.fromhex("AA C5 06 01 00 00 A1 60 08 AB")
+    period = bytes.fromhex("AA C5 08 01 01 00 A1 60 0B AB")
+    yield "sds-replies", b"\x01\x0d" + sleep + sds + period[:6] + period + sds
 
 
 def _packet(first: int, body: bytes) -> bytes:

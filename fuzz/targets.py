@@ -6,9 +6,10 @@ included) pass where the decoder declares it; any other exception escapes to
 the fuzzer as a finding. On what decodes, cheap invariants are checked and a
 broken one raises ``InvariantError``:
 
-- ``frames``: ``consumed == frames * frame_bytes + garbage``, the kept tail is
-  shorter than a frame, each frame re-encodes to bytes of the stream, and
-  ``FrameDecoder`` fed in two pieces finds what one decode of the whole finds.
+- ``frames``: ``consumed == (frames + replies) * frame_bytes + garbage``, the
+  kept tail is shorter than a frame, each frame and SDS011 reply re-encodes to
+  bytes of the stream, and ``FrameDecoder`` fed in two pieces finds what one
+  decode of the whole finds.
 - ``mqtt``: a stream fed to ``PacketReader`` in two pieces, or in reads of
   1-16 bytes, yields what it yields in one; a PUBLISH built by
   ``encode_publish`` reads back unchanged.
@@ -51,6 +52,7 @@ from contracts.frames import (
     decode_sds011,
     encode_pms5003,
     encode_sds011,
+    encode_sds011_reply,
 )
 from contracts.messages import (
     DEVICE_PAYLOAD_MAX_BYTES,
@@ -131,17 +133,23 @@ def fuzz_frames(data: bytes) -> None:
     result = (decode_pms5003 if pms else decode_sds011)(stream)
     _require(0 <= result.consumed <= len(stream), "consumed outside the input")
     _require(
-        result.consumed == len(result.frames) * frame_bytes + result.garbage_bytes,
-        "consumed != frames * frame_bytes + garbage",
+        result.consumed
+        == (len(result.frames) + len(result.replies)) * frame_bytes + result.garbage_bytes,
+        "consumed != (frames + replies) * frame_bytes + garbage",
     )
+    _require(not (pms and result.replies), "a PMS5003 stream yields SDS011 replies")
     _require(len(stream) - result.consumed < frame_bytes, "kept tail as long as a frame")
     for frame in result.frames:
         raw = encode_pms5003(frame) if isinstance(frame, Pms5003Frame) else encode_sds011(frame)
         _require(raw in stream, f"{frame!r} does not re-encode to bytes of the stream")
+    for reply in result.replies:
+        raw = encode_sds011_reply(reply)
+        _require(raw in stream, f"{reply!r} does not re-encode to bytes of the stream")
     decoder = FrameDecoder("pms5003" if pms else "sds011")
     cut = min(cut, len(stream))
-    frames = decoder.feed(stream[:cut]) + decoder.feed(stream[cut:])
-    _require(frames == result.frames, "a split stream decodes to other frames")
+    first, second = decoder.feed_all(stream[:cut]), decoder.feed_all(stream[cut:])
+    _require(first[0] + second[0] == result.frames, "a split stream decodes to other frames")
+    _require(first[1] + second[1] == result.replies, "a split stream decodes to other replies")
     _require(
         (decoder.checksum_errors, decoder.length_errors, decoder.garbage_bytes)
         == (result.checksum_errors, result.length_errors, result.garbage_bytes),
