@@ -6,7 +6,10 @@
   emissions at QoS 1 on ``d/{id}/up`` at their (accelerated) times.
 - Serial devices: a pseudo-terminal per device; the gateway opens the
   slave side (``ports``) with pyserial; the simulator writes PMS5003 /
-  SDS011 frames (with line faults) into the master side, paced at 9600 baud.
+  SDS011 frames (with line faults) into the master side, paced at 9600 baud,
+  and reads the host's command frames from it: a sensor obeys them (sleep,
+  query/passive mode, SDS011 working period; ``sensorcontrol``) and answers
+  as its datasheet says.
 
 Signals, models and faults are the pure modules' (``fleet``, ``models``,
 ``faults``); this module owns sockets, ptys and the clock.
@@ -38,7 +41,8 @@ from contracts.topics import device_status_topic, device_uplink_topic
 from firmware_sim.faults import Emission, FaultCounters, FaultInjector
 from firmware_sim.fleet import DeviceSpec, send_phases_ms, wall_time_ms
 from firmware_sim.ledger import Ledger, LedgerEntry
-from firmware_sim.sensorframes import frame_for
+from firmware_sim.sensorcontrol import FRAME, SensorControl
+from firmware_sim.sensorframes import frame_for, sds011_id
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,8 @@ LINE_BYTES_PER_S = SERIAL_BAUD / 10
 # Reconnect backoff of a simulated device (firmware retries like this).
 RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 10.0
+# A host's commands are 7 or 19 bytes; a read takes several at once.
+COMMAND_READ_BYTES = 256
 
 
 def wall_ms() -> int:
@@ -99,6 +105,8 @@ class Simulator:
         self.clock = clock
         self.stats = SimStats()
         self.injectors: dict[str, FaultInjector] = {}
+        # Serial device id -> what its commands have set (sleep, modes, period).
+        self.controls: dict[str, SensorControl] = {}
         phases = send_phases_ms([d.device_id for d in devices], seed=seed, period_ms=period_ms)
         self.phases = {d.device_id: int(p) for d, p in zip(devices, phases, strict=True)}
         # Serial devices get their pty now, so the gateway configs can name them.
@@ -242,35 +250,109 @@ class Simulator:
         assert spec.protocol is not None  # noqa: S101 - build_fleet gives serial devices one
         injector = self._ticks(spec)
         master = self._pty[spec.device_id][0]
+        control = SensorControl(spec.protocol, device_id=sds011_id(spec.device_id))
+        self.controls[spec.device_id] = control
+        # One writer on the line at a time: a reply never lands inside a frame.
+        line = asyncio.Lock()
+        latest: list[dict[str, float]] = [{}]  # the metrics of the last reading
+        commands = asyncio.create_task(
+            self._serial_commands(spec, control, line, latest),
+            name=f"commands[{spec.device_id}]",
+        )
         tick = self._next_tick(spec, self._sim_now())
-        while True:
-            await self._sleep_until_sim(tick)
-            emissions = injector.emit(tick)
-            frames = [frame_for(spec.protocol, e.uplink.metrics, spec.device_id) for e in emissions]
-            complete = True
-            try:
-                for chunk in injector.serial_write(frames, spec.protocol):
-                    try:
-                        os.write(master, chunk)
-                    except BlockingIOError:
-                        self.stats.bytes_dropped += len(chunk)
-                        complete = False
-                    # Pace at the line rate: 32 bytes take 33 ms at 9600 baud.
-                    await asyncio.sleep(len(chunk) / LINE_BYTES_PER_S / self.time_acceleration)
-            except asyncio.CancelledError:
-                # Stopped between writes: some of these frames are on the line,
-                # which ones is unknown (the ledger holds them as unacknowledged).
-                for e in emissions:
-                    self._record(spec, e.uplink, e, acked=False)
-                raise
-            # Counted once on the line (stats and ``sent``).
-            self.stats.frames_written[spec.device_type] += len(frames)
-            if self.sent is not None:
-                self.sent.extend((spec.device_id, e.uplink) for e in emissions)
+        try:
+            while True:
+                await self._sleep_until_sim(tick)
+                emissions = injector.emit(tick)
+                if emissions:
+                    latest[0] = emissions[-1].uplink.metrics
+                async with line:
+                    # Asked under the lock: a command answered meanwhile applies.
+                    # No: asleep, in query/passive mode or between working periods.
+                    if control.may_report(tick):
+                        await self._write_frames(spec, injector, master, emissions)
+                tick = self._next_tick(spec, tick)
+        finally:
+            commands.cancel()
+
+    async def _write_frames(
+        self, spec: DeviceSpec, injector: FaultInjector, master: int, emissions: list[Emission]
+    ) -> None:
+        assert spec.protocol is not None  # noqa: S101 - checked by the caller
+        frames = [frame_for(spec.protocol, e.uplink.metrics, spec.device_id) for e in emissions]
+        complete = True
+        try:
+            for chunk in injector.serial_write(frames, spec.protocol):
+                try:
+                    os.write(master, chunk)
+                except BlockingIOError:
+                    self.stats.bytes_dropped += len(chunk)
+                    complete = False
+                # Pace at the line rate: 32 bytes take 33 ms at 9600 baud.
+                await asyncio.sleep(len(chunk) / LINE_BYTES_PER_S / self.time_acceleration)
+        except asyncio.CancelledError:
+            # Stopped between writes: some of these frames are on the line,
+            # which ones is unknown (the ledger holds them as unacknowledged).
             for e in emissions:
-                # A full pty buffer dropped bytes of this tick: which frame is unknown.
-                self._record(spec, e.uplink, e, acked=complete)
-            tick = self._next_tick(spec, tick)
+                self._record(spec, e.uplink, e, acked=False)
+            raise
+        # Counted once on the line (stats and ``sent``).
+        self.stats.frames_written[spec.device_type] += len(frames)
+        if self.sent is not None:
+            self.sent.extend((spec.device_id, e.uplink) for e in emissions)
+        for e in emissions:
+            # A full pty buffer dropped bytes of this tick: which frame is unknown.
+            self._record(spec, e.uplink, e, acked=complete)
+
+    async def _serial_commands(
+        self,
+        spec: DeviceSpec,
+        control: SensorControl,
+        line: asyncio.Lock,
+        latest: list[dict[str, float]],
+    ) -> None:
+        """Read the host's commands off the pty and answer them (``sensorcontrol``).
+
+        A frame answering a query (SDS011 command 4, PMS5003 0xE2) is the last
+        reading's, without line faults; it is counted in ``frames_written`` but
+        not in ``sent`` or the ledger (it repeats a reading, seq and all).
+        """
+        assert spec.protocol is not None  # noqa: S101 - checked by the caller
+        master = self._pty[spec.device_id][0]
+        loop = asyncio.get_running_loop()
+        readable = asyncio.Event()
+        loop.add_reader(master, readable.set)
+        try:
+            while True:
+                await readable.wait()
+                readable.clear()
+                try:
+                    data = os.read(master, COMMAND_READ_BYTES)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    logger.warning("device %s: pty read failed: %s", spec.device_id, exc)
+                    return
+                answers = control.feed(data)
+                if not answers:
+                    continue
+                async with line:
+                    for answer in answers:
+                        raw = (
+                            frame_for(spec.protocol, latest[0], spec.device_id)
+                            if answer == FRAME
+                            else answer
+                        )
+                        try:
+                            os.write(master, raw)
+                        except BlockingIOError:
+                            self.stats.bytes_dropped += len(raw)
+                            continue
+                        if answer == FRAME:
+                            self.stats.frames_written[spec.device_type] += 1
+                        await asyncio.sleep(len(raw) / LINE_BYTES_PER_S / self.time_acceleration)
+        finally:
+            loop.remove_reader(master)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Run every device until ``stop`` is set (or the task is cancelled).
