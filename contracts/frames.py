@@ -29,16 +29,16 @@ Frame layouts, from the manufacturers' documents:
   ``byte1 << 8 | byte2``.
 
 Decoding is sans-IO: ``decode_pms5003`` / ``decode_sds011`` take a buffer and
-return a ``DecodeResult`` with the frames found, how many bytes the caller may
-drop from the front of its buffer, and error counts. They resynchronise on
+return a ``DecodeResult`` with the frames (and SDS011 replies) found, how
+many bytes the caller may drop from the front of its buffer, and error counts. They resynchronise on
 garbage by scanning for the start bytes (``bytes.find``); after a false start
 (a PMS5003 length other than 28, an SDS011 tail other than 0xAB, a bad
 checksum) they skip ONE byte and scan again, so a real frame hidden right
 after a false start is still found. Bytes that may still begin a frame at the
 end of the buffer (a start pair with less than a frame after it, or a lone
 first start byte) are never consumed; everything else consumed that is not
-part of a good frame is counted as garbage, so ``consumed == frames *
-frame_bytes + garbage_bytes`` always holds. Nothing here raises on any input.
+part of a good frame (or reply) is counted as garbage, so ``consumed ==
+(frames + replies) * frame_bytes + garbage_bytes`` always holds. Nothing here raises on any input.
 ``FrameDecoder`` wraps this for a byte stream: it keeps the unconsumed tail
 (always shorter than one frame) and cumulative counters.
 
@@ -47,9 +47,26 @@ catalog; checking those values against the catalog's ranges (a PMS5003 word
 can say 65535 ug/m3) is the receiver's business. Opening and reading the port,
 logging the error counts and turning frames into readings with timestamps are
 the gateway's (``gateway.serialport``); producing a byte stream with faults is
-the simulator's. Only the active-mode data frames are handled: the SDS011's
-command replies (0xAA 0xC5 ...) and the PMS5003's passive-mode commands are
-outside this module, and their bytes count as garbage.
+the simulator's.
+
+Besides data frames, the SDS011 sends a 10-byte reply to a command
+("Laser Dust Sensor Control Protocol" V1.3, section 3)::
+
+    0xAA | 0xC5 | command id | data bytes 2-4 | device id byte 1, byte 2
+    | checksum = (sum of bytes 2..7) & 0xFF | 0xAB
+
+e.g. ``AA C5 06 01 00 00 A1 60 08 AB``: sensor A160 set to sleep.
+``decode_sds011`` returns replies in ``DecodeResult.replies`` (``Sds011Reply``),
+judged like data frames (tail, then checksum; a bad one is a length or
+checksum error and skips one byte), so ``consumed == (frames + replies) *
+10 + garbage_bytes``; ``FrameDecoder.feed_all`` returns them beside the
+frames, and ``feed`` (the gateway's) returns frames only and counts replies.
+The PMS5003 manual documents no answer to its host commands (appendix II:
+0xE1 mode, 0xE4 sleep; 0xE2 passive read is answered with a data frame);
+the 8 bytes ``42 4D 00 04 ...`` real sensors are seen to send count as a
+length error here. The host's command frames themselves (SDS011 0xAA 0xB4
+..., PMS5003 0x42 0x4D 0xE1/0xE2/0xE4 ...) are ``contracts.sensorcommands``',
+which shares this module's resynchronising scan (``scan_frames``).
 """
 
 from __future__ import annotations
