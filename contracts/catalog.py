@@ -140,7 +140,7 @@ def _quote(value: object) -> str:
     return text if len(text) <= 66 else text[:60] + "...'"
 
 
-def _is_control(text: str) -> bool:
+def has_control_characters(text: str) -> bool:
     """Control, format (bidi overrides, zero-width) or unassigned characters."""
     return any(unicodedata.category(ch).startswith("C") for ch in text)
 
@@ -182,7 +182,7 @@ class CommandArg(msgspec.Struct, frozen=True, kw_only=True):
             return value
         if len(value) > self.max_length:
             raise self._refuse(f"longer than {self.max_length} characters ({len(value)})")
-        if _is_control(value):
+        if has_control_characters(value):
             raise self._refuse("has control characters (line breaks, tabs, invisible marks)")
         return value
 
@@ -545,9 +545,8 @@ def _arg(raw: object, index: int, command: str, where: _Where) -> CommandArg:
         labels = _labels(table, where, prefix)
     elif "labels" in table:
         raise where.error(prefix + "labels", f"only an enum arg has labels, not a {kind} one")
-    max_length = 0
+    max_length = table.get("max_length", 0)
     if kind is ArgKind.STRING:
-        max_length = table.get("max_length")  # type: ignore[assignment]
         if (
             isinstance(max_length, bool)
             or not isinstance(max_length, int)
