@@ -72,6 +72,8 @@ def test_shipped_reporting_intervals_stay_under_a_third_of_offline_after():
             continue
         interval = command.arg("interval_s")
         assert interval is not None
+        assert interval.min is not None
+        assert interval.max is not None
         assert interval.kind is ArgKind.INT
         assert interval.max * 3 <= dtype.offline_after_s, dtype.name
         assert interval.min >= 5, dtype.name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import msgspec
 import pytest
@@ -89,7 +90,9 @@ description = "Tắt (blank)"
 
 
 def _check(dtype, name, args, **extra):
-    fields = {"command_id": "c-1", "device_id": "dev-1", "ttl_s": 600, "now_ms": NOW_MS} | extra
+    fields: dict[str, Any] = {
+        "command_id": "c-1", "device_id": "dev-1", "ttl_s": 600, "now_ms": NOW_MS,
+    } | extra  # fmt: skip
     return check_command(dtype, name, args, **fields)
 
 
