@@ -1,4 +1,4 @@
-"""The device catalog: device types, their metrics, units and valid ranges, as data.
+"""The device catalog: device types, their metrics, units and valid ranges, their commands, as data.
 
 The catalog is the single description of what devices measure. The gateway
 validates readings against it, ingest checks them again, the schema module
@@ -36,6 +36,18 @@ The module constants ``AIR_QUALITY``, ``KIOSK``, ``CAMERA_COUNTER``,
 ``CONFERENCE_ENDPOINT`` and ``PRINTER_STATUS_LABELS`` are the shipped
 definitions, whatever an operator adds.
 
+Commands (``DeviceType.commands``, operator -> device) are entries too: a
+command's name, timeout and arguments (int, float, bool, enum, string, each
+with its bounds, whether it is required and its default), and the serial
+protocols whose frames carry it (none: devices on MQTT only). An operator's
+file may add commands to a type and args with a default to a known command,
+and restate a command's description, timeout or an arg's bounds; it may not
+remove a known arg or change its kind, make an optional arg required, or say
+which serial protocols carry a command (gateway code again), so that a request
+that was valid stays valid. Checking a request against its entry and the
+message sent to the device are ``contracts.commands``'; delivering it is not
+this module's business.
+
 Valid ranges are *physical* ranges: what the sensor can report at all
 (datasheet limits), not what is plausible on a given day; plausibility is the
 alert rules' business. A value outside its range is a reject, not an alert.
@@ -49,6 +61,7 @@ import enum
 import math
 import re
 import tomllib
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -58,6 +71,7 @@ import msgspec
 
 from contracts.errors import (
     CatalogError,
+    CommandRefusedError,
     NonFiniteValueError,
     OutOfRangeError,
     UnknownDeviceTypeError,
@@ -94,6 +108,128 @@ class Metric(msgspec.Struct, frozen=True, kw_only=True):
         return value
 
 
+class ArgKind(enum.StrEnum):
+    """The kind of a command's argument (values travel as JSON: number, true/false, string)."""
+
+    INT = "int"
+    FLOAT = "float"
+    BOOL = "bool"
+    ENUM = "enum"  # one of CommandArg.labels, sent as the label
+    STRING = "string"  # at most CommandArg.max_length printable characters
+
+
+ArgValue = int | float | bool | str
+
+# A command argument is a short setting (an interval, a mode, a message shown
+# on a kiosk's screen), not a document: 200 characters hold two lines of a
+# kiosk notice in Vietnamese, and keep a command's JSON small (commands.py).
+ARG_STRING_MAX_CHARS: Final = 200
+# The widest shipped command has 1 argument; 16 leaves room for operators'
+# commands while bounding a command's size (contracts.commands.COMMAND_MAX_BYTES).
+COMMAND_ARGS_MAX: Final = 16
+# A device answers a command within its timeout or the command has failed: 30 s
+# covers a setting (a firmware writes a flag and replies); rebooting or a test
+# call say their own. An hour is the longest anything a device does may take.
+DEFAULT_COMMAND_TIMEOUT_S: Final = 30.0
+MAX_COMMAND_TIMEOUT_S: Final = 3600.0
+
+
+def _quote(value: object) -> str:
+    """A value quoted back in a refusal, cut short: a request may carry anything."""
+    text = repr(value)
+    return text if len(text) <= 66 else text[:60] + "...'"
+
+
+def has_control_characters(text: str) -> bool:
+    """Control, format (bidi overrides, zero-width) or unassigned characters."""
+    return any(unicodedata.category(ch).startswith("C") for ch in text)
+
+
+class CommandArg(msgspec.Struct, frozen=True, kw_only=True):
+    """One argument of a command: its kind, the values it accepts, whether it may be left out."""
+
+    name: str
+    kind: ArgKind
+    description: str
+    # Left out of a request: an arg with a default takes it; one without, if
+    # not required, is left out of the command (the device keeps its setting).
+    required: bool = True
+    default: ArgValue | None = None
+    min: float | None = None  # INT and FLOAT only, both given
+    max: float | None = None
+    labels: tuple[str, ...] = ()  # ENUM only
+    max_length: int = 0  # STRING only
+
+    def check(self, value: object) -> ArgValue:
+        """Return ``value`` (a float for a whole number given to a FLOAT arg) if the arg takes it.
+
+        Raise CommandRefusedError naming the arg otherwise (wrong kind, out
+        of range, a label not allowed, a string too long or with control
+        characters). The caller fills in the type and the command.
+        """
+        # bool is an int subclass: true is not a number, 1 is not a bool.
+        if self.kind is ArgKind.BOOL:
+            if not isinstance(value, bool):
+                raise self._refuse(f"expected true or false, got {_quote(value)}")
+            return value
+        if self.kind in {ArgKind.INT, ArgKind.FLOAT}:
+            return self._check_number(value)
+        if not isinstance(value, str):
+            raise self._refuse(f"expected a string, got {_quote(value)}")
+        if self.kind is ArgKind.ENUM:
+            if value not in self.labels:
+                raise self._refuse(f"{_quote(value)} is not one of {', '.join(self.labels)}")
+            return value
+        if len(value) > self.max_length:
+            raise self._refuse(f"longer than {self.max_length} characters ({len(value)})")
+        if has_control_characters(value):
+            raise self._refuse("has control characters (line breaks, tabs, invisible marks)")
+        return value
+
+    def _refuse(self, problem: str) -> CommandRefusedError:
+        return CommandRefusedError(None, None, self.name, problem)
+
+    def _check_number(self, value: object) -> int | float:
+        number: int | float
+        if self.kind is ArgKind.INT:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise self._refuse(f"expected a whole number, got {_quote(value)}")
+            number = value
+        else:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise self._refuse(f"expected a number, got {_quote(value)}")
+            number = float(value)
+            if not math.isfinite(number):
+                raise self._refuse(f"{value!r} is not a finite number")
+        lo, hi = self.min, self.max
+        if lo is not None and hi is not None and not lo <= number <= hi:
+            raise self._refuse(f"{_quote(value)} is outside [{lo:g}, {hi:g}]")
+        return number
+
+
+class CommandSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A command a device type accepts (``contracts.commands`` checks requests against it)."""
+
+    name: str
+    description: str
+    args: tuple[CommandArg, ...] = ()
+    # How long a device may take to carry it out and answer.
+    timeout_s: float = DEFAULT_COMMAND_TIMEOUT_S
+    # The serial protocols whose frames can carry it (the gateway translates);
+    # empty: only devices on MQTT accept it.
+    protocols: tuple[str, ...] = ()
+
+    def arg(self, name: str) -> CommandArg | None:
+        for arg in self.args:
+            if arg.name == name:
+                return arg
+        return None
+
+    @property
+    def arg_names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.args)
+
+
 # Devices report every 10-60 s; five minutes without a reading is several
 # missed reports, not jitter, for a type that says nothing of its own.
 DEFAULT_OFFLINE_AFTER_S: Final = 300.0
@@ -116,6 +252,8 @@ class DeviceType(msgspec.Struct, frozen=True, kw_only=True):
     # offline. The one definition of "online" (boards, `cityhub status`, the
     # CLI lists, the no_data rules' default silence).
     offline_after_s: float = DEFAULT_OFFLINE_AFTER_S
+    # Appended: the commands its devices accept (operator -> device).
+    commands: tuple[CommandSpec, ...] = ()
 
     def metric(self, name: str) -> Metric:
         for metric in self.metrics:
@@ -126,6 +264,16 @@ class DeviceType(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def metric_names(self) -> tuple[str, ...]:
         return tuple(m.name for m in self.metrics)
+
+    def command(self, name: str) -> CommandSpec | None:
+        for command in self.commands:
+            if command.name == name:
+                return command
+        return None
+
+    @property
+    def command_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.commands)
 
 
 class Transport(msgspec.Struct, frozen=True, kw_only=True):
@@ -171,10 +319,17 @@ _TYPE_KEYS: Final = frozenset(
         "metrics",
         "unknown_metrics",
         "offline_after_s",
+        "commands",
     }
 )
 _UNKNOWN_METRICS_POLICIES: Final = ("report", "reject")
 _METRIC_KEYS: Final = frozenset({"name", "unit", "kind", "min", "max", "description", "labels"})
+_COMMAND_KEYS: Final = frozenset({"name", "description", "timeout_s", "args", "protocols"})
+_ARG_KEYS: Final = frozenset(
+    {"name", "kind", "description", "required", "default", "min", "max", "labels", "max_length"}
+)
+# Command and arg names are identifiers, like metric names.
+_COMMAND_NAME_RE: Final = re.compile(r"[a-z][a-z0-9_]{0,54}")
 
 
 class _Where:
@@ -347,7 +502,201 @@ def _merge_metrics(raw: object, old: DeviceType | None, where: _Where) -> dict[s
     return metrics
 
 
-def _merge_type(name: str, raw: object, catalog: Catalog, where: _Where) -> DeviceType:
+def _arg_range(
+    table: Mapping[str, Any], kind: ArgKind, where: _Where, prefix: str
+) -> tuple[float | None, float | None]:
+    """An int or float arg's range (both bounds required); no range for the other kinds."""
+    lo, hi = _number(table, "min", where, prefix), _number(table, "max", where, prefix)
+    if kind not in {ArgKind.INT, ArgKind.FLOAT}:
+        if lo is not None or hi is not None:
+            key = "min" if lo is not None else "max"
+            raise where.error(prefix + key, f"only int and float args have a range, not a {kind}")
+        return None, None
+    if lo is None or hi is None:
+        raise where.error(prefix + ("min" if lo is None else "max"), "missing (the valid range)")
+    if not lo < hi:
+        raise where.error(
+            prefix + "max", f"the range [{lo!r}, {hi!r}] is empty: max must exceed min"
+        )
+    if kind is ArgKind.INT and (lo != int(lo) or hi != int(hi)):
+        raise where.error(prefix + "min", f"an int arg's range [{lo!r}, {hi!r}] must be whole")
+    return lo, hi
+
+
+def _arg(raw: object, index: int, command: str, where: _Where) -> CommandArg:
+    base = f"commands.{command}.args"
+    table = _table(raw, where, f"{base}[{index}]")
+    name = table.get("name")
+    if not isinstance(name, str) or _COMMAND_NAME_RE.fullmatch(name) is None:
+        raise where.error(
+            f"{base}[{index}].name", f"{name!r} must match {_COMMAND_NAME_RE.pattern}"
+        )
+    prefix = f"{base}.{name}."
+    _refuse_unknown_keys(table, _ARG_KEYS, where, prefix)
+    try:
+        kind = ArgKind(str(table.get("kind")))
+    except ValueError:
+        known = ", ".join(k.value for k in ArgKind)
+        raise where.error(prefix + "kind", f"{table.get('kind')!r} is not one of {known}") from None
+    description = _text(table, "description", where, prefix)
+    lo, hi = _arg_range(table, kind, where, prefix)
+    labels: tuple[str, ...] = ()
+    if kind is ArgKind.ENUM:
+        labels = _labels(table, where, prefix)
+    elif "labels" in table:
+        raise where.error(prefix + "labels", f"only an enum arg has labels, not a {kind} one")
+    max_length = table.get("max_length", 0)
+    if kind is ArgKind.STRING:
+        if (
+            isinstance(max_length, bool)
+            or not isinstance(max_length, int)
+            or not 1 <= max_length <= ARG_STRING_MAX_CHARS
+        ):
+            raise where.error(
+                prefix + "max_length",
+                f"{max_length!r}: a string arg needs a max_length in [1, {ARG_STRING_MAX_CHARS}]",
+            )
+    elif "max_length" in table:
+        raise where.error(prefix + "max_length", f"only a string arg has one, not a {kind} one")
+    arg = CommandArg(
+        name=name, kind=kind, description=description, min=lo, max=hi, labels=labels,
+        max_length=max_length,
+    )  # fmt: skip
+    default = table.get("default")
+    if default is not None:
+        try:
+            default = arg.check(default)
+        except CommandRefusedError as exc:
+            raise where.error(prefix + "default", exc.problem) from None
+    required = table.get("required", default is None)
+    if not isinstance(required, bool):
+        raise where.error(prefix + "required", f"expected true or false, got {required!r}")
+    if required and default is not None:
+        raise where.error(prefix + "required", "an arg with a default is not required")
+    return msgspec.structs.replace(arg, required=required, default=default)
+
+
+def _merge_args(old: CommandSpec, new: tuple[CommandArg, ...], where: _Where) -> list[CommandArg]:
+    """A known command's args restated: every known one again, same kind; new ones with a default.
+
+    A request that was valid stays valid: an arg cannot disappear, change
+    kind, or be added without a value to take when a request leaves it out.
+    """
+    prefix = f"commands.{old.name}.args."
+    given = {arg.name: arg for arg in new}
+    for arg in old.args:
+        restated = given.get(arg.name)
+        if restated is None:
+            raise where.error(
+                prefix + arg.name, "a command's arg cannot be removed (list it again)"
+            )
+        if restated.kind is not arg.kind:
+            raise where.error(
+                prefix + arg.name + ".kind",
+                f"is {arg.kind.value!r}; an arg's kind cannot change (got {restated.kind.value!r})",
+            )
+        if restated.required and not arg.required:
+            raise where.error(
+                prefix + arg.name + ".required", "an optional arg cannot become required"
+            )
+    known = old.arg_names
+    for arg in new:
+        if arg.name not in known and arg.default is None:
+            raise where.error(
+                prefix + arg.name + ".default",
+                "an arg added to a known command needs a default (requests without it stay valid)",
+            )
+    return [given[name] for name in known] + [a for a in new if a.name not in known]
+
+
+def _command(  # noqa: PLR0917 - one command table and what it is checked against
+    raw: object,
+    index: int,
+    old: CommandSpec | None,
+    type_protocols: Sequence[str],
+    where: _Where,
+    shipped: bool,
+) -> CommandSpec:
+    table = _table(raw, where, f"commands[{index}]")
+    name = table.get("name")
+    if not isinstance(name, str) or _COMMAND_NAME_RE.fullmatch(name) is None:
+        raise where.error(
+            f"commands[{index}].name", f"{name!r} must match {_COMMAND_NAME_RE.pattern}"
+        )
+    prefix = f"commands.{name}."
+    _refuse_unknown_keys(table, _COMMAND_KEYS, where, prefix)
+    if old is None or "description" in table:
+        description = _text(table, "description", where, prefix)
+    else:
+        description = old.description
+    timeout_s = table.get("timeout_s", old.timeout_s if old else DEFAULT_COMMAND_TIMEOUT_S)
+    if (
+        isinstance(timeout_s, bool)
+        or not isinstance(timeout_s, int | float)
+        or not 0 < timeout_s <= MAX_COMMAND_TIMEOUT_S
+    ):
+        raise where.error(
+            prefix + "timeout_s",
+            f"{timeout_s!r} is not a number of seconds in (0, {MAX_COMMAND_TIMEOUT_S:.0f}]",
+        )
+    raw_args = table.get("args", [])
+    if not isinstance(raw_args, list):
+        raise where.error(prefix + "args", "expected a list of arg tables")
+    if len(raw_args) > COMMAND_ARGS_MAX:
+        raise where.error(prefix + "args", f"{len(raw_args)} args, at most {COMMAND_ARGS_MAX}")
+    args: list[CommandArg] = []
+    for arg_index, raw_arg in enumerate(raw_args):
+        arg = _arg(raw_arg, arg_index, name, where)
+        if arg.name in {a.name for a in args}:
+            raise where.error(f"{prefix}args.{arg.name}", "duplicate: the command lists it twice")
+        args.append(arg)
+    if old is not None:
+        args = _merge_args(old, tuple(args), where) if "args" in table else list(old.args)
+    have = old.protocols if old else ()
+    protocols = (
+        _names(table["protocols"], where, prefix + "protocols") if "protocols" in table else have
+    )
+    if not shipped and protocols != have:
+        raise where.error(
+            prefix + "protocols",
+            "only the shipped catalog says which serial protocols carry a command"
+            " (it needs gateway code)",
+        )
+    for protocol in protocols:
+        if protocol not in type_protocols:
+            raise where.error(
+                prefix + "protocols",
+                f"{protocol!r} is not one of the type's serial protocols"
+                f" ({', '.join(type_protocols) or 'none'})",
+            )
+    return CommandSpec(
+        name=name, description=description, args=tuple(args), timeout_s=float(timeout_s),
+        protocols=tuple(protocols),
+    )  # fmt: skip
+
+
+def _merge_commands(
+    raw: object, old: DeviceType | None, protocols: Sequence[str], where: _Where, shipped: bool
+) -> tuple[CommandSpec, ...]:
+    """A type's commands: the known ones in order (restated ones merged), then the new ones."""
+    commands = {c.name: c for c in old.commands} if old else {}
+    if not isinstance(raw, list):
+        raise where.error("commands", "expected a list of command tables")
+    seen: set[str] = set()
+    for index, raw_command in enumerate(raw):
+        name = raw_command.get("name") if isinstance(raw_command, dict) else None
+        previous = commands.get(name) if isinstance(name, str) else None
+        command = _command(raw_command, index, previous, protocols, where, shipped)
+        if command.name in seen:
+            raise where.error(f"commands.{command.name}", "duplicate: the file defines it twice")
+        seen.add(command.name)
+        commands[command.name] = command
+    return tuple(commands.values())
+
+
+def _merge_type(
+    name: str, raw: object, catalog: Catalog, where: _Where, *, shipped: bool = False
+) -> DeviceType:
     table = _table(raw, where, None)
     _refuse_unknown_keys(table, _TYPE_KEYS, where, "")
     old = catalog.types.get(name)
@@ -392,6 +741,7 @@ def _merge_type(name: str, raw: object, catalog: Catalog, where: _Where) -> Devi
             "offline_after_s",
             f"{offline_after_s!r} is not a number of seconds in (0, {MAX_OFFLINE_AFTER_S:.0f}]",
         )
+    commands = _merge_commands(table.get("commands", []), old, protocols, where, shipped)
     return DeviceType(
         name=name,
         description=description or (old.description if old else ""),
@@ -400,6 +750,7 @@ def _merge_type(name: str, raw: object, catalog: Catalog, where: _Where) -> Devi
         serial_protocols=tuple(protocols),
         unknown_metrics=unknown_metrics,
         offline_after_s=float(offline_after_s),
+        commands=commands,
     )
 
 
@@ -447,7 +798,7 @@ def _merge_file(catalog: Catalog, source: str, text: str, *, shipped: bool) -> C
             raise CatalogError(
                 source, name, None, f"a type name must match {_TYPE_NAME_RE.pattern}"
             )
-        types[name] = _merge_type(name, raw, catalog, _Where(source, name))
+        types[name] = _merge_type(name, raw, catalog, _Where(source, name), shipped=shipped)
     return msgspec.structs.replace(catalog, types=types, sources=(*catalog.sources, source))
 
 
@@ -506,6 +857,7 @@ def describe_changes(base: Catalog, catalog: Catalog) -> list[str]:
         old = base.types.get(name)
         if old is None:
             lines.append(f"new type {name}: {len(dtype.metrics)} metrics")
+            lines.extend(_describe_commands(name, (), dtype.commands))
             continue
         lines.extend(
             f"{name}: new transport {transport}"
@@ -522,6 +874,31 @@ def describe_changes(base: Catalog, catalog: Catalog) -> list[str]:
         if dtype.offline_after_s != old.offline_after_s:
             lines.append(
                 f"{name}: offline after {dtype.offline_after_s:g} s (was {old.offline_after_s:g} s)"
+            )
+        lines.extend(_describe_commands(name, old.commands, dtype.commands))
+    return lines
+
+
+def _describe_commands(
+    type_name: str, old: tuple[CommandSpec, ...], new: tuple[CommandSpec, ...]
+) -> list[str]:
+    known = {c.name: c for c in old}
+    lines = []
+    for command in new:
+        previous = known.get(command.name)
+        if previous is None:
+            args = ", ".join(command.arg_names) or "no args"
+            lines.append(f"{type_name}: new command {command.name} ({args})")
+            continue
+        added = [a for a in command.args if a.name not in previous.arg_names]
+        lines.extend(
+            f"{type_name}: command {command.name}: new arg {a.name}"
+            f" ({a.kind}, default {a.default!r})"
+            for a in added
+        )
+        if not added and command != previous:
+            lines.append(
+                f"{type_name}: command {command.name} changed (timeout, description or args)"
             )
     return lines
 
@@ -565,6 +942,34 @@ def _entry_table(dtype: DeviceType) -> dict[str, Any]:
     }
     if dtype.serial_protocols:
         entry["serial_protocols"] = list(dtype.serial_protocols)
+    if dtype.commands:
+        entry["commands"] = [_command_table(c) for c in dtype.commands]
+    return entry
+
+
+def _command_table(command: CommandSpec) -> dict[str, Any]:
+    args = []
+    for a in command.args:
+        table: dict[str, Any] = {
+            "name": a.name, "kind": a.kind.value, "description": a.description,
+            "required": a.required,
+        }  # fmt: skip
+        table |= {
+            key: value
+            for key, value in (("min", a.min), ("max", a.max), ("default", a.default))
+            if value is not None
+        }
+        if a.labels:
+            table["labels"] = list(a.labels)
+        if a.kind is ArgKind.STRING:
+            table["max_length"] = a.max_length
+        args.append(table)
+    entry: dict[str, Any] = {
+        "name": command.name, "description": command.description,
+        "timeout_s": command.timeout_s, "args": args,
+    }  # fmt: skip
+    if command.protocols:
+        entry["protocols"] = list(command.protocols)
     return entry
 
 

@@ -32,6 +32,8 @@ move on) versus *unavailable* (retryable: back off and try again).
      |    +-- InvalidNoteError         an operator's comment or assignee that cannot be stored
      |    |                            (empty, too long, control characters)
      |    +-- AlertClosedError         the alert is cleared and acknowledged: nothing to assign
+     |    +-- CommandRefusedError      a command request the device type's catalog entry refuses
+     |    |                            (names the type, the command and the arg)
      |    +-- ProvisioningError        a technician's request the registry refuses
      |         +-- NotFoundError       unknown site, gateway or device
      |         +-- AlreadyExistsError  the id is taken (also by a revoked device)
@@ -217,6 +219,32 @@ class InvalidNoteError(InputError):
 
 class AlertClosedError(InputError):
     reason = "alert_closed"
+
+
+class CommandRefusedError(InputError):
+    """A command request that the device type's catalog entry refuses; nothing is sent.
+
+    ``device_type`` and ``command`` name the catalog entry (None when not known
+    yet), ``arg`` the argument at fault (None when the whole request is).
+    """
+
+    reason = "command_refused"
+
+    def __init__(
+        self, device_type: str | None, command: str | None, arg: str | None, problem: str
+    ) -> None:
+        parts = []
+        if device_type is not None:
+            parts.append(f"device type {device_type!r}")
+        if command is not None:
+            parts.append(f"command {command!r}")
+        if arg is not None:
+            parts.append(f"arg {arg!r}")
+        super().__init__(": ".join([*parts, problem]))
+        self.device_type = device_type
+        self.command = command
+        self.arg = arg
+        self.problem = problem
 
 
 class ProvisioningError(InputError):

@@ -19,7 +19,14 @@ import typer
 from rich.table import Table
 
 from cityhub.cli.context import CliState, reported_errors, state_of
-from contracts.catalog import Catalog, DeviceType, describe_changes, read_catalog
+from contracts.catalog import (
+    ArgKind,
+    Catalog,
+    CommandArg,
+    DeviceType,
+    describe_changes,
+    read_catalog,
+)
 from contracts.errors import UnknownDeviceTypeError
 from contracts.uplinkschema import SCHEMA_DIR, schema_files, uplink_json_schema
 
@@ -79,7 +86,7 @@ def show(
     ctx: typer.Context,
     device_type: Annotated[str, typer.Argument(help="Device type, e.g. air_quality.")],
 ) -> None:
-    """Show a device type's metrics: unit, kind, valid range, labels, description."""
+    """Show a device type's metrics (unit, kind, range, labels) and the commands it accepts."""
     state = state_of(ctx)
     with reported_errors(state):
         dtype = _type_of(_configured(state), device_type)
@@ -99,6 +106,43 @@ def show(
             description += f" ({codes})"
         table.add_row(m.name, m.unit, m.kind.value, _number(m.min), _number(m.max), description)
     state.console.print(table)
+    if not dtype.commands:
+        state.console.print(f"{dtype.name}: no commands", highlight=False)
+        return
+    commands = Table(title=f"{dtype.name}: commands ({len(dtype.commands)})")
+    commands.add_column("command", no_wrap=True)
+    for column in ("args", "timeout", "serial protocols", "description"):
+        commands.add_column(column)
+    for c in dtype.commands:
+        commands.add_row(
+            c.name,
+            "\n".join(_describe_arg(a) for a in c.args) or "-",
+            f"{_number(c.timeout_s)} s",
+            ", ".join(c.protocols) or ("- (MQTT only)" if dtype.serial_protocols else "-"),
+            c.description,
+        )
+    state.console.print(commands)
+
+
+def _describe_arg(arg: CommandArg) -> str:
+    """An arg in a cell: ``interval_s: int 10..200``, ``mode: enum active|query``."""
+    if arg.kind in {ArgKind.INT, ArgKind.FLOAT} and arg.min is not None and arg.max is not None:
+        bounds = f" {_number(arg.min)}..{_number(arg.max)}"
+    elif arg.kind is ArgKind.ENUM:
+        bounds = f" {'|'.join(arg.labels)}"
+    elif arg.kind is ArgKind.STRING:
+        bounds = f" <={arg.max_length} chars"
+    else:
+        bounds = ""
+    if isinstance(arg.default, bool):
+        tail = f", default {str(arg.default).lower()}"
+    elif arg.default is not None:
+        tail = f", default {arg.default}"
+    elif not arg.required:
+        tail = ", optional"
+    else:
+        tail = ""
+    return f"{arg.name}: {arg.kind.value}{bounds}{tail}"
 
 
 @app.command()

@@ -72,6 +72,30 @@ def test_show_prints_metrics_with_unit_kind_range_and_labels():
     assert "4=offline" in result.output
 
 
+def test_show_lists_commands_with_their_args():
+    result = _run("catalog", "show", "air_quality")
+    assert result.exit_code == 0, result.output
+    assert "air_quality: commands (5)" in result.output
+    period = next(line for line in result.output.splitlines() if " set_working_period " in line)
+    for cell in ("minutes: int 0..30", " 30 s ", " sds011 "):
+        assert cell in period
+    mode = next(line for line in result.output.splitlines() if " set_reporting_mode " in line)
+    assert "mode: enum active|query" in mode
+    assert "pms5003, sds011" in mode
+    interval = next(
+        line for line in result.output.splitlines() if " set_reporting_interval " in line
+    )
+    assert "- (MQTT only)" in interval
+    kiosk = _run("catalog", "show", "kiosk").output
+    assert "message: string <=120 chars, optional" in kiosk
+    call = _run("catalog", "show", "conference_endpoint").output
+    assert "duration_s: int 10..300, default 30" in call
+    assert (
+        "satisfaction_terminal: no commands"
+        in _run("catalog", "show", "satisfaction_terminal").output
+    )
+
+
 def test_show_unknown_type_is_one_line_exit_1():
     result = _run("catalog", "show", "siren")
     assert result.exit_code == 1
@@ -91,6 +115,45 @@ def test_check_file_prints_what_it_adds(tmp_path):
     result = _run("catalog", "check", str(file))
     assert result.exit_code == 0, result.output
     assert "new type noise_probe: 1 metrics" in result.output
+
+
+COMMANDS = """
+[types.kiosk]
+commands = [
+    { name = "show_notice", description = "Thông báo (notice)", args = [
+        { name = "text", kind = "string", max_length = 80, description = "Notice" },
+    ] },
+    { name = "reboot", args = [
+        { name = "delay_s", kind = "int", min = 0, max = 600, default = 0, description = "Wait" },
+    ] },
+]
+"""
+
+
+def test_check_file_prints_the_commands_it_adds(tmp_path):
+    file = tmp_path / "commands.toml"
+    file.write_text(COMMANDS, encoding="utf-8")
+    result = _run("catalog", "check", str(file))
+    assert result.exit_code == 0, result.output
+    assert "2 additions or changes" in result.output
+    assert "kiosk: command reboot: new arg delay_s (int, default 0)" in result.output
+    assert "kiosk: new command show_notice (text)" in result.output
+    shown = _run("catalog", "show", "kiosk", env={"CITYHUB_CATALOG__PATHS": str(file)})
+    assert "show_notice" in shown.output
+    assert "delay_s: int 0..600, default 0" in shown.output
+
+
+def test_check_refuses_a_changed_arg_kind_naming_the_key(tmp_path):
+    file = tmp_path / "bad.toml"
+    file.write_text(
+        '[types.air_quality]\ncommands = [{ name = "set_working_period", args = [{ name = '
+        '"minutes", kind = "float", min = 0, max = 30, description = "m" }] }]\n',
+        encoding="utf-8",
+    )
+    result = _run("catalog", "check", str(file))
+    assert result.exit_code == 1
+    assert "key 'commands.set_working_period.args.minutes.kind'" in result.output
+    assert str(file) in result.output.replace("\n", "")
 
 
 def test_check_refuses_with_one_line_naming_file_type_and_key(tmp_path):
@@ -175,3 +238,13 @@ def test_readme_example_file_is_accepted(tmp_path):
     assert result.exit_code == 0, result.output
     assert "new type rain_gauge" in result.output
     assert "kiosk: new metric door_open" in result.output
+    # The commands example is read after it.
+    example = re.search(
+        r"```toml\n(# /etc/cityhub/catalog\.d/rain-commands\.toml.*?)```", readme, re.DOTALL
+    )
+    assert example is not None, "README lost its commands example"
+    commands = tmp_path / "rain-commands.toml"
+    commands.write_text(example.group(1), encoding="utf-8")
+    result = _run("catalog", "check", str(commands), env={"CITYHUB_CATALOG__PATHS": str(file)})
+    assert result.exit_code == 0, result.output
+    assert "rain_gauge: new command show_notice (text, level, beep)" in result.output
