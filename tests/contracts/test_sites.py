@@ -441,7 +441,15 @@ def test_deeply_nested_json_is_a_site_file_error(depth: int) -> None:
 
 # --- round trips ----------------------------------------------------------------------
 
-_TEXT = st.text(st.characters(exclude_categories=("Cc", "Cs")), max_size=40)
+# Text a site may hold: no control characters, lone surrogates or bidirectional
+# overrides and isolates (which the record refuses).
+_TEXT = st.text(
+    st.characters(
+        exclude_categories=("Cc", "Cs"),
+        exclude_characters="\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069",
+    ),
+    max_size=40,
+)
 _IDS = st.from_regex(r"[a-z0-9][a-z0-9-]{0,63}", fullmatch=True)
 
 
