@@ -74,7 +74,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Callable
-from typing import Final, Generic, Literal, NamedTuple, TypeAlias, TypeVar
+from typing import Any, Final, Generic, Literal, NamedTuple, TypeAlias, TypeVar
 
 import msgspec
 
@@ -105,10 +105,14 @@ _PMS_CHECKED_BYTES: Final = PMS5003_FRAME_BYTES - 2  # all but the checksum itse
 _PMS_BODY: Final = struct.Struct(">4x13HH")
 _PMS_ENCODE: Final = struct.Struct(">2sH13H")
 
+_PMS_STARTS: Final = (_PMS_START,)
 _SDS_START: Final = b"\xaa\xc0"
 # A reply to a command: same head, length, checksum rule and tail as a data frame.
 _SDS_REPLY_START: Final = b"\xaa\xc5"
 _SDS_REPLY_DATA_BYTES: Final = 3
+_SDS_REPLY_COMMAND: Final = _SDS_REPLY_START[1]
+_SDS_BOTH_STARTS: Final = (_SDS_START, _SDS_REPLY_START)
+_SDS_DATA_START_ONLY: Final = (_SDS_START,)
 _SDS_TAIL: Final = 0xAB
 # Skip head and command; PM2.5 and PM10 little-endian, the two id bytes, the
 # checksum and the tail.
@@ -298,19 +302,33 @@ def scan_frames(
     ``consumed == len(items) * frame_bytes + garbage_bytes`` always. Also used
     by ``contracts.sensorcommands`` for the host's commands.
     """
+    return Scan(*_scan(buffer, start_pairs, frame_bytes, judge))
+
+
+# The decoders' own path: a plain tuple, not a Scan, since a serial read of a
+# few frames makes the per-call cost count (bench/bench_frames.py).
+_Scanned: TypeAlias = tuple[list[Any], int, int, int, int]
+
+
+def _scan(
+    buffer: bytes | bytearray | memoryview,
+    start_pairs: tuple[bytes, ...],
+    frame_bytes: int,
+    judge: Callable[[bytes, int, int], object],
+) -> _Scanned:
     data = bytes(buffer)
     end = len(data)
-    items: list[_T] = []
+    items: list[Any] = []
     pos = checksum_errors = length_errors = garbage = 0
     find = data.find
     first = start_pairs[0][0]
     # One head: find the pair itself (the common case, and the fastest);
     # several: find the first byte and check the second.
-    single = start_pairs[0] if len(start_pairs) == 1 else None
-    seconds = frozenset(pair[1] for pair in start_pairs)
-    head = start_pairs[0][:1]
+    single = len(start_pairs) == 1
+    needle = start_pairs[0] if single else start_pairs[0][:1]
+    seconds = b"" if single else bytes(pair[1] for pair in start_pairs)
     while True:
-        start = find(single if single is not None else head, pos)
+        start = find(needle, pos)
         if start < 0:
             keep = _garbage_end(data, pos, first)
             garbage += keep - pos
@@ -318,7 +336,7 @@ def scan_frames(
             break
         garbage += start - pos
         pos = start
-        if single is None:
+        if not single:
             if start + 1 >= end:
                 break  # a lone first byte at the end: the next read may bring a head
             if data[start + 1] not in seconds:
@@ -338,7 +356,7 @@ def scan_frames(
             continue
         items.append(verdict)
         pos = start + frame_bytes
-    return Scan(items, pos, checksum_errors, length_errors, garbage)
+    return items, pos, checksum_errors, length_errors, garbage
 
 
 _Verdict: TypeAlias = Sds011Frame | Sds011Reply | Literal["length", "checksum"] | None
@@ -384,7 +402,7 @@ def _judge_sds011(data: bytes, start: int, end: int) -> _Verdict:
     # Data frames and replies alike: the checksum covers bytes 2..7.
     if sum(data[start + 2 : start + 8]) & 0xFF != checksum:
         return CHECKSUM_ERROR
-    if data[start + 1] == _SDS_REPLY_START[1]:
+    if data[start + 1] == _SDS_REPLY_COMMAND:
         return Sds011Reply(
             command=data[start + 2],
             data=data[start + 3 : start + 6],
@@ -399,18 +417,15 @@ def decode_pms5003(buffer: bytes | bytearray | memoryview) -> DecodeResult:
     The 8-byte answers real sensors send to mode and sleep commands (length
     field 4) are not in the manual and count as length errors.
     """
-    scan: Scan[Pms5003Frame] = scan_frames(
-        buffer,
-        start_pairs=(_PMS_START,),
-        frame_bytes=PMS5003_FRAME_BYTES,
-        judge=_judge_pms5003,
+    items, consumed, checksum_errors, length_errors, garbage = _scan(
+        buffer, _PMS_STARTS, PMS5003_FRAME_BYTES, _judge_pms5003
     )
     return DecodeResult(
-        frames=list[Frame](scan.items),
-        consumed=scan.consumed,
-        checksum_errors=scan.checksum_errors,
-        length_errors=scan.length_errors,
-        garbage_bytes=scan.garbage_bytes,
+        frames=items,
+        consumed=consumed,
+        checksum_errors=checksum_errors,
+        length_errors=length_errors,
+        garbage_bytes=garbage,
     )
 
 
@@ -420,26 +435,31 @@ def decode_sds011(buffer: bytes | bytearray | memoryview) -> DecodeResult:
     A frame or reply whose byte 9 is not the 0xAB tail counts as a length
     error (it does not end where 10 bytes put it), checked before the checksum.
     """
-    scan: Scan[Sds011Frame | Sds011Reply] = scan_frames(
-        buffer,
-        start_pairs=(_SDS_START, _SDS_REPLY_START),
-        frame_bytes=SDS011_FRAME_BYTES,
-        judge=_judge_sds011,
+    data = bytes(buffer)  # the same object when it is bytes already
+    # Replies are rare (one per command sent): a buffer without a reply's head
+    # (one C-level search) is scanned for data frames alone, the fast way.
+    has_replies = _SDS_REPLY_START in data
+    items, consumed, checksum_errors, length_errors, garbage = _scan(
+        data,
+        _SDS_BOTH_STARTS if has_replies else _SDS_DATA_START_ONLY,
+        SDS011_FRAME_BYTES,
+        _judge_sds011,
     )
-    frames: list[Frame] = []
-    replies: list[Sds011Reply] = []
-    for item in scan.items:
-        if isinstance(item, Sds011Reply):
-            replies.append(item)
-        else:
-            frames.append(item)
+    if not has_replies:
+        return DecodeResult(
+            frames=items,
+            consumed=consumed,
+            checksum_errors=checksum_errors,
+            length_errors=length_errors,
+            garbage_bytes=garbage,
+        )
     return DecodeResult(
-        frames=frames,
-        consumed=scan.consumed,
-        checksum_errors=scan.checksum_errors,
-        length_errors=scan.length_errors,
-        garbage_bytes=scan.garbage_bytes,
-        replies=replies,
+        frames=[i for i in items if i.__class__ is Sds011Frame],
+        consumed=consumed,
+        checksum_errors=checksum_errors,
+        length_errors=length_errors,
+        garbage_bytes=garbage,
+        replies=[i for i in items if i.__class__ is Sds011Reply],
     )
 
 
@@ -490,11 +510,15 @@ class FrameDecoder:
         return len(self._tail)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
-        return self.feed_all(data)[0]
+        return self._feed(data).frames
 
     def feed_all(
         self, data: bytes | bytearray | memoryview
     ) -> tuple[list[Frame], list[Sds011Reply]]:
+        result = self._feed(data)
+        return result.frames, result.replies
+
+    def _feed(self, data: bytes | bytearray | memoryview) -> DecodeResult:
         buffer = self._tail + data if self._tail else bytes(data)
         result = self._decode(buffer)
         tail = buffer[result.consumed :]
@@ -508,8 +532,9 @@ class FrameDecoder:
         self.checksum_errors += result.checksum_errors
         self.length_errors += result.length_errors
         self.garbage_bytes += result.garbage_bytes
-        self.replies += len(result.replies)
-        return result.frames, result.replies
+        if result.replies:
+            self.replies += len(result.replies)
+        return result
 
     def reset(self) -> None:
         """Drop the kept tail (counted as garbage), e.g. after the port was reopened."""
