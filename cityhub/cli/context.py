@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from contracts.errors import HubError
+from contracts.errors import HubError, SettingsError
 from contracts.settings import Settings, default_state_dir
 
 # Vietnam has kept UTC+07:00, without daylight saving, since 1975: this is
@@ -69,6 +69,17 @@ def error_line(exc: BaseException) -> str:
     otherwise take for tags and drop.
     """
     return f"[red]error:[/red] {escape(str(exc))}"
+
+
+def required_operator(state: CliState, records: str) -> str:
+    """The ``operator`` setting, which a command that ``records`` who acted needs."""
+    if not state.settings.operator.strip():
+        raise SettingsError(
+            "operator",
+            f"{records} records who acted: set your name (CITYHUB_OPERATOR or"
+            " `operator` in the settings file)",
+        )
+    return state.settings.operator
 
 
 @contextmanager

@@ -19,7 +19,14 @@ import msgspec
 import typer
 from rich.table import Table
 
-from cityhub.cli.context import TIME_ZONE_NOTE, CliState, local_time, reported_errors, state_of
+from cityhub.cli.context import (
+    TIME_ZONE_NOTE,
+    CliState,
+    local_time,
+    reported_errors,
+    required_operator,
+    state_of,
+)
 from cityhub.cli.db import database_url
 from cityhub.cli.gateway import embedded_broker
 from contracts.errors import ConflictError, NotFoundError, SettingsError
@@ -134,12 +141,7 @@ def provisioner(state: CliState) -> Iterator[Provisioner]:
 
     settings = state.settings
     prov = settings.provisioning
-    if not settings.operator.strip():
-        raise SettingsError(
-            "operator",
-            "provisioning records who acted: set your name (CITYHUB_OPERATOR or"
-            " `operator` in the settings file)",
-        )
+    operator = required_operator(state, "provisioning")
     central = embedded_broker(state, settings.broker)
     site = embedded_broker(state, prov.site_broker)
     central_endpoint = Endpoint(
@@ -164,7 +166,7 @@ def provisioner(state: CliState) -> Iterator[Provisioner]:
             )
         yield Provisioner(
             registry=registry,
-            operator=settings.operator,
+            operator=operator,
             central=central_ctl,
             site=site_ctl,
             central_endpoint=central_endpoint,

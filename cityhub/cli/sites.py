@@ -19,7 +19,7 @@ import msgspec
 import typer
 from rich.table import Table
 
-from cityhub.cli.context import CliState, local_time, reported_errors, state_of
+from cityhub.cli.context import CliState, local_time, reported_errors, required_operator, state_of
 from cityhub.cli.devices import JsonOption, registry_of
 from contracts.errors import NotFoundError, SettingsError, SiteFileError
 from contracts.geography import UNITS, find_unit, fold
@@ -56,16 +56,6 @@ FormatOption = Annotated[
 ]
 
 
-def _operator(state: CliState) -> str:
-    if not state.settings.operator.strip():
-        raise SettingsError(
-            "operator",
-            "changing sites records who acted: set your name (CITYHUB_OPERATOR or"
-            " `operator` in the settings file)",
-        )
-    return state.settings.operator
-
-
 def _check_hours(sites: list[Site], source: str) -> None:
     # The simulator's parser is the one that reads the hours; it needs numpy,
     # which the central install has.
@@ -90,7 +80,7 @@ def _format_of(path: Path | None, given: str | None) -> FileFormat:
 
 
 def _store(state: CliState, sites: list[Site], *, update: bool, action: str) -> ImportResult:
-    operator = _operator(state)
+    operator = required_operator(state, "changing sites")
     with registry_of(state) as registry:
         return registry.store_sites(sites, operator=operator, update=update, action=action)
 
