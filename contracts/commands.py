@@ -17,6 +17,12 @@ FieldTypeError), then ``check_command_message``: ids, name, ttl and time, the
 args' form and, when the receiver knows the device's type, the args again
 against its catalog entry. ``encode_command`` trusts its argument.
 
+The delivery's messages are here too (the second half of the module): the
+states (``CommandState``, ``advances``), ``GatewayCommands`` (central ->
+gateway), ``CommandReports`` (gateway -> central, acked by report id in
+``contracts.messages.Ack.reports``) and ``DeviceAnswer`` (device -> gateway),
+each with its size bound and its one check.
+
 Pure: the command id, the clock and the ttl are the caller's; topics,
 delivery, retries, answers and the registry are not this module's business.
 Evolution as in ``contracts.messages``: append fields with defaults.
@@ -27,7 +33,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from typing import Final
+from typing import Final, TypeVar
 
 import msgspec
 
@@ -44,6 +50,7 @@ from contracts.catalog import (
 from contracts.errors import (
     CommandRefusedError,
     FieldTypeError,
+    InconsistentBatchError,
     MalformedPayloadError,
     OutOfRangeError,
     PayloadTooLargeError,
@@ -102,6 +109,7 @@ class Command(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _DECODER: Final = msgspec.json.Decoder(Command)
+_M = TypeVar("_M")
 _ENCODER: Final = msgspec.json.Encoder()
 
 
@@ -290,3 +298,317 @@ def decode_command(
     except UnicodeDecodeError as exc:
         raise MalformedPayloadError(f"command: invalid UTF-8: {exc}") from exc
     return check_command_message(command, catalog_type)
+
+
+# --- delivery: states, the gateway's commands, its reports, a device's answers ---
+#
+# Central -> gateway: ``GatewayCommands`` on ``hub/v1/gw/{gw}/cmd`` (JSON, QoS 1),
+# the commands to hold and the command ids to cancel. Gateway -> central:
+# ``CommandReports`` on ``hub/v1/gw/{gw}/cmdreport`` (JSON, QoS 1), each state a
+# command reached, kept in the gateway's store until ingest's ``Ack`` names
+# its ``report_id`` (``contracts.messages.Ack.reports``). Gateway -> device: the
+# ``Command`` itself on ``d/{id}/cmd`` with the MQTT v5 Response Topic
+# ``d/{id}/res`` and the command id as Correlation Data; device -> gateway:
+# ``DeviceAnswer`` on ``d/{id}/res``.
+
+
+class CommandState:
+    """The states of a command, in the order they are reached; the last four are final.
+
+    - ``queued``: stored centrally, not yet held by the gateway;
+    - ``sent``: the gateway holds it durably (its store);
+    - ``delivered``: the device has it (it said so, or the serial frame was written);
+    - ``succeeded`` / ``failed``: the device's answer (or no answer in time: failed);
+    - ``expired``: its ttl passed before it reached the device;
+    - ``cancelled``: an operator cancelled it before it reached the device.
+    """
+
+    QUEUED: Final = "queued"
+    SENT: Final = "sent"
+    DELIVERED: Final = "delivered"
+    SUCCEEDED: Final = "succeeded"
+    FAILED: Final = "failed"
+    EXPIRED: Final = "expired"
+    CANCELLED: Final = "cancelled"
+
+
+COMMAND_STATES: Final = (
+    "queued",
+    "sent",
+    "delivered",
+    "succeeded",
+    "failed",
+    "expired",
+    "cancelled",
+)
+FINAL_STATES: Final = frozenset({"succeeded", "failed", "expired", "cancelled"})
+# A state may replace another of a lower rank only; a final state is never replaced.
+STATE_RANK: Final = {
+    "queued": 0,
+    "sent": 1,
+    "delivered": 2,
+    "succeeded": 3,
+    "failed": 3,
+    "expired": 3,
+    "cancelled": 3,
+}
+STATE_LABELS: Final = {
+    "queued": ("đang chờ gửi", "queued"),
+    "sent": ("đã gửi tới gateway", "sent to the gateway"),
+    "delivered": ("thiết bị đã nhận", "delivered to the device"),
+    "succeeded": ("thành công", "succeeded"),
+    "failed": ("thất bại", "failed"),
+    "expired": ("hết hạn", "expired"),
+    "cancelled": ("đã huỷ", "cancelled"),
+}
+# The states a device may answer with (a gateway decides expired and cancelled).
+ANSWER_STATES: Final = frozenset({"delivered", "succeeded", "failed"})
+
+
+def advances(current: str, new: str) -> bool:
+    """Whether ``current`` moves to ``new``: a higher rank, never out of a final state."""
+    return current not in FINAL_STATES and STATE_RANK[new] > STATE_RANK[current]
+
+
+# Per message: a gateway's commands, a gateway's reports. A gateway with a
+# long queue gets it in several messages; 256 commands of at most 16 KiB
+# would exceed the 1 MiB control bound, but real commands are ~200 bytes.
+COMMANDS_PER_MESSAGE_MAX: Final = 256
+REPORTS_PER_MESSAGE_MAX: Final = 256
+GATEWAY_COMMANDS_MAX_BYTES: Final = 1024 * 1024
+COMMAND_REPORTS_MAX_BYTES: Final = 1024 * 1024
+# What a device or a gateway may say about a command: a short text and a few values.
+DETAIL_MAX_CHARS: Final = 500
+ANSWER_VALUES_MAX: Final = 16
+DEVICE_ANSWER_MAX_BYTES: Final = 4096
+
+
+class GatewayCommands(msgspec.Struct, frozen=True, kw_only=True):
+    """Central -> gateway on ``hub/v1/gw/{gw}/cmd``: commands to hold, command ids to cancel.
+
+    Sent again (the same commands, unchanged) until the gateway reports each
+    one ``sent``; the gateway keeps a command once by its id.
+    """
+
+    gateway_id: str
+    ts_ms: int
+    commands: list[Command] = msgspec.field(default_factory=list)
+    cancel: list[str] = msgspec.field(default_factory=list)
+
+
+class CommandReport(msgspec.Struct, frozen=True, kw_only=True):
+    """One state a command reached, as the gateway saw it.
+
+    ``report_id`` is ``{command_id}.{state}``: a command reaches a state once,
+    so a report sent twice is the same report, stored once.
+    """
+
+    report_id: str
+    command_id: str
+    device_id: str
+    state: str
+    ts_ms: int  # the gateway's clock, integer ms UTC
+    detail: str = ""  # the device's words, or why the gateway decided so
+    answer: dict[str, ArgValue] = msgspec.field(default_factory=dict)
+
+
+class CommandReports(msgspec.Struct, frozen=True, kw_only=True):
+    """Gateway -> central on ``hub/v1/gw/{gw}/cmdreport``; acked by report id."""
+
+    gateway_id: str
+    ts_ms: int
+    reports: list[CommandReport]
+
+
+class DeviceAnswer(msgspec.Struct, frozen=True, kw_only=True):
+    """Device -> gateway on ``d/{id}/res``: how a command went.
+
+    ``{"command_id": "c-0a1b", "state": "succeeded", "detail": "queue opened"}``;
+    ``delivered`` first (optional: "received, working on it"), then
+    ``succeeded`` or ``failed``. A device that gets a command id again
+    answers again with the outcome it had: it never executes it twice.
+    """
+
+    command_id: str
+    state: str
+    detail: str = ""
+    answer: dict[str, ArgValue] = msgspec.field(default_factory=dict)
+
+
+def report_id(command_id: str, state: str) -> str:
+    return f"{command_id}.{state}"
+
+
+def make_report(
+    command: Command | str,
+    device_id: str,
+    state: str,
+    ts_ms: int,
+    *,
+    detail: str = "",
+    answer: Mapping[str, ArgValue] | None = None,
+) -> CommandReport:
+    """A report of ``state``, its detail cut to DETAIL_MAX_CHARS."""
+    command_id = command if isinstance(command, str) else command.command_id
+    return CommandReport(
+        report_id=report_id(command_id, state),
+        command_id=command_id,
+        device_id=device_id,
+        state=state,
+        ts_ms=ts_ms,
+        detail=detail[:DETAIL_MAX_CHARS],
+        answer=dict(answer or {}),
+    )
+
+
+def _check_answer_values(values: Mapping[str, ArgValue], where: str) -> None:
+    if len(values) > ANSWER_VALUES_MAX:
+        raise FieldTypeError(f"{where}: {len(values)} values, at most {ANSWER_VALUES_MAX}")
+    for key, value in values.items():
+        if not _NAME_RE.fullmatch(key):
+            raise FieldTypeError(f"{where}: {key[:_QUOTE_CHARS]!r} is not a name")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FieldTypeError(f"{where}.{key}: {value!r} is not a finite number")
+        if isinstance(value, str) and (
+            len(value) > ARG_STRING_MAX_CHARS or has_control_characters(value)
+        ):
+            raise FieldTypeError(
+                f"{where}.{key}: more than {ARG_STRING_MAX_CHARS} characters, or control characters"
+            )
+
+
+def _check_detail(detail: str, where: str) -> None:
+    if len(detail) > DETAIL_MAX_CHARS:
+        raise FieldTypeError(f"{where}: more than {DETAIL_MAX_CHARS} characters")
+
+
+def check_command_report(report: CommandReport) -> CommandReport:
+    """Ids, state, report id, time, detail and answer of one report; raise an InputError."""
+    check_id(report.command_id, "command_id")
+    check_id(report.device_id, "device_id")
+    if report.state not in STATE_RANK or report.state == CommandState.QUEUED:
+        raise FieldTypeError(
+            f"state {report.state[:_QUOTE_CHARS]!r}: not a state a gateway reports"
+        )
+    if report.report_id != report_id(report.command_id, report.state):
+        raise FieldTypeError(
+            f"report_id {report.report_id[: _QUOTE_CHARS * 2]!r} is not "
+            f"{report_id(report.command_id, report.state)!r}"
+        )
+    if not 0 <= report.ts_ms <= _TS_MAX_MS:
+        raise OutOfRangeError(f"ts_ms {report.ts_ms} is outside [0, {_TS_MAX_MS}]")
+    _check_detail(report.detail, "detail")
+    _check_answer_values(report.answer, "answer")
+    return report
+
+
+_GATEWAY_COMMANDS_DECODER: Final = msgspec.json.Decoder(GatewayCommands)
+_REPORTS_DECODER: Final = msgspec.json.Decoder(CommandReports)
+_ANSWER_DECODER: Final = msgspec.json.Decoder(DeviceAnswer)
+
+
+def _decode_json(
+    decoder: msgspec.json.Decoder[_M], payload: bytes, what: str, max_bytes: int
+) -> _M:
+    if len(payload) > max_bytes:
+        raise PayloadTooLargeError(f"{what}: {len(payload)} bytes exceeds the limit of {max_bytes}")
+    try:
+        return decoder.decode(payload)
+    except msgspec.ValidationError as exc:
+        raise FieldTypeError(f"{what}: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise MalformedPayloadError(f"{what}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise MalformedPayloadError(f"{what}: invalid UTF-8: {exc}") from exc
+    except RecursionError as exc:
+        raise MalformedPayloadError(f"{what}: nested too deeply") from exc
+
+
+def _check_sender(claimed: str, gateway_id: str | None) -> None:
+    check_id(claimed, "gateway_id")
+    if gateway_id is not None and claimed != gateway_id:
+        raise InconsistentBatchError(f"gateway_id {claimed!r} is not the topic's {gateway_id!r}")
+
+
+def check_gateway_commands(
+    message: GatewayCommands, *, gateway_id: str | None = None
+) -> GatewayCommands:
+    """Sender, counts and every command's form (``check_command_message``); raise an InputError.
+
+    The args are checked against the device's catalog entry by the gateway,
+    which knows the device's type.
+    """
+    _check_sender(message.gateway_id, gateway_id)
+    if not 0 <= message.ts_ms <= _TS_MAX_MS:
+        raise OutOfRangeError(f"ts_ms {message.ts_ms} is outside [0, {_TS_MAX_MS}]")
+    if len(message.commands) + len(message.cancel) > COMMANDS_PER_MESSAGE_MAX:
+        raise FieldTypeError(
+            f"{len(message.commands)} commands and {len(message.cancel)} cancels, "
+            f"at most {COMMANDS_PER_MESSAGE_MAX} in all"
+        )
+    for command in message.commands:
+        check_command_message(command)
+    for command_id in message.cancel:
+        check_id(command_id, "cancel")
+    return message
+
+
+def encode_gateway_commands(message: GatewayCommands) -> bytes:
+    return _ENCODER.encode(message)
+
+
+def decode_gateway_commands(
+    payload: bytes, *, gateway_id: str | None = None, max_bytes: int = GATEWAY_COMMANDS_MAX_BYTES
+) -> GatewayCommands:
+    """Size, syntax, types, then ``check_gateway_commands``; raise an InputError."""
+    message = _decode_json(_GATEWAY_COMMANDS_DECODER, payload, "commands", max_bytes)
+    return check_gateway_commands(message, gateway_id=gateway_id)
+
+
+def check_command_reports(
+    message: CommandReports, *, gateway_id: str | None = None
+) -> CommandReports:
+    """Sender (InconsistentBatchError if not the topic's), count, then each report."""
+    _check_sender(message.gateway_id, gateway_id)
+    if not 0 <= message.ts_ms <= _TS_MAX_MS:
+        raise OutOfRangeError(f"ts_ms {message.ts_ms} is outside [0, {_TS_MAX_MS}]")
+    if not 1 <= len(message.reports) <= REPORTS_PER_MESSAGE_MAX:
+        raise FieldTypeError(
+            f"{len(message.reports)} reports, between 1 and {REPORTS_PER_MESSAGE_MAX} expected"
+        )
+    for report in message.reports:
+        check_command_report(report)
+    return message
+
+
+def encode_command_reports(message: CommandReports) -> bytes:
+    return _ENCODER.encode(message)
+
+
+def decode_command_reports(
+    payload: bytes, *, gateway_id: str | None = None, max_bytes: int = COMMAND_REPORTS_MAX_BYTES
+) -> CommandReports:
+    message = _decode_json(_REPORTS_DECODER, payload, "command reports", max_bytes)
+    return check_command_reports(message, gateway_id=gateway_id)
+
+
+def check_device_answer(answer: DeviceAnswer) -> DeviceAnswer:
+    check_id(answer.command_id, "command_id")
+    if answer.state not in ANSWER_STATES:
+        raise FieldTypeError(
+            f"state {answer.state[:_QUOTE_CHARS]!r}: not one of {', '.join(sorted(ANSWER_STATES))}"
+        )
+    _check_detail(answer.detail, "detail")
+    _check_answer_values(answer.answer, "answer")
+    return answer
+
+
+def encode_device_answer(answer: DeviceAnswer) -> bytes:
+    return _ENCODER.encode(answer)
+
+
+def decode_device_answer(
+    payload: bytes, *, max_bytes: int = DEVICE_ANSWER_MAX_BYTES
+) -> DeviceAnswer:
+    """A device's answer: size, syntax, types, id, state, detail, values; raise an InputError."""
+    return check_device_answer(_decode_json(_ANSWER_DECODER, payload, "answer", max_bytes))

@@ -45,6 +45,7 @@ import msgspec
 
 from contracts import catalog
 from contracts.catalog import DeviceType, Metric
+from contracts.commands import STATE_RANK
 from contracts.errors import (
     FieldTypeError,
     InconsistentBatchError,
@@ -891,6 +892,9 @@ class Ack(msgspec.Struct, frozen=True, kw_only=True):
     batch_ids: list[str]
     ts_ms: int  # ingest's commit time, informational
     digests: list[str] = msgspec.field(default_factory=list)
+    # Appended: the command reports ingest has stored (``CommandReport.report_id``),
+    # which the gateway then drops from its store. An ack may name reports only.
+    reports: list[str] = msgspec.field(default_factory=list)
 
 
 _ACK_DECODER: Final = msgspec.json.Decoder(Ack)
@@ -916,6 +920,11 @@ def check_ack(ack: Ack, *, gateway_id: str | None = None) -> Ack:
                     f"digests[{index}] {digest[: DIGEST_HEX_CHARS + 8]!r}: not "
                     f"{DIGEST_HEX_CHARS} lowercase hex characters"
                 )
+    for index, value in enumerate(ack.reports):
+        command_id, _, state = value.rpartition(".")
+        check_id(command_id, f"reports[{index}]")
+        if state not in STATE_RANK:
+            raise FieldTypeError(f"reports[{index}] {value[:80]!r}: not {{command_id}}.{{state}}")
     for index, value in enumerate(ack.batch_ids):
         owner, _, _ = parse_batch_id(value)
         if gateway_id is not None and owner != gateway_id:

@@ -1,7 +1,8 @@
 """Sans-IO MQTT v5 codec for a subscribing client: bytes in, packets out.
 
 What a reader of many small QoS 1 messages needs and nothing more: encoders
-for CONNECT, SUBSCRIBE, UNSUBSCRIBE, PUBACK, PINGREQ and DISCONNECT, and a
+for CONNECT, SUBSCRIBE, UNSUBSCRIBE, PUBLISH (with a request's Response Topic
+and Correlation Data, for commands), PUBACK, PINGREQ and DISCONNECT, and a
 ``PacketReader`` that takes whatever the socket returned and yields every
 complete packet in it, keeping the tail of a split packet for the next call.
 PUBLISH packets come out as plain tuples because a gateway receives tens of
@@ -39,6 +40,8 @@ _SESSION_EXPIRY: Final = 0x11
 _RECEIVE_MAXIMUM: Final = 0x21
 _REASON_STRING: Final = 0x1F
 _MAXIMUM_PACKET_SIZE: Final = 0x27
+_RESPONSE_TOPIC: Final = 0x08
+_CORRELATION_DATA: Final = 0x09
 
 # A Variable Byte Integer holds at most 268,435,455 (section 1.5.5).
 MAX_REMAINING_LENGTH: Final = 268_435_455
@@ -202,12 +205,29 @@ def encode_unsubscribe(packet_id: int, filters: list[str]) -> bytes:
     return _packet((UNSUBSCRIBE << 4) | 0x02, body)
 
 
-def encode_publish(topic: str, payload: bytes, *, qos: int, packet_id: int = 0) -> bytes:
-    """PUBLISH (section 3.3) without properties; tests and simulators use it."""
+def encode_publish(
+    topic: str,
+    payload: bytes,
+    *,
+    qos: int,
+    packet_id: int = 0,
+    response_topic: str | None = None,
+    correlation_data: bytes | None = None,
+) -> bytes:
+    """PUBLISH (section 3.3), with a request's Response Topic and Correlation Data if given.
+
+    A gateway sends commands to devices this way (section 4.10, request /
+    response); tests and simulators use it without properties.
+    """
     body = _utf8(topic)
     if qos:
         body += _U16.pack(packet_id)
-    body += b"\x00" + payload
+    props = b""
+    if response_topic is not None:
+        props += bytes((_RESPONSE_TOPIC,)) + _utf8(response_topic)
+    if correlation_data is not None:
+        props += bytes((_CORRELATION_DATA,)) + _binary(correlation_data)
+    body += _varint(len(props)) + props + payload
     return _packet((PUBLISH << 4) | (qos << 1), body)
 
 

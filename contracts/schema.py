@@ -37,6 +37,7 @@ from typing import Final
 import msgspec
 
 from contracts.catalog import DEVICE_TYPES, DeviceType, MetricKind
+from contracts.commands import COMMAND_STATES
 from contracts.errors import InvalidIdError
 from contracts.settings import StorageSettings
 from contracts.sites import SITE_KINDS
@@ -794,6 +795,80 @@ def _alert_follow_up(s: str) -> tuple[str, ...]:
     )
 
 
+def _commands(s: str) -> tuple[str, ...]:
+    """Commands to devices (``contracts.commands``): the queue, their states, their history.
+
+    ``commands`` holds one row per command from the moment an operator asks
+    for it: what was asked (``name``, ``args`` as checked against the
+    catalog), of which device through which gateway, who asked, its ttl, and
+    where it is now (``state``, ``state_at``, the last ``detail`` and the
+    device's ``answer``). Ingest's dispatcher sends ``queued`` ones to their
+    gateway (``sends``, ``last_sent_at``) until the gateway reports ``sent``;
+    ``cancel_requested_at`` / ``cancelled_by`` record an operator's cancel,
+    which becomes the state ``cancelled`` only when the gateway (or, for a
+    command it never got, the hub) confirms it. ``command_events`` keeps each
+    state reached once, with the reporter's time and the time it arrived.
+    The audit log learns the subject kind ``command``.
+    """
+    states = ", ".join(f"'{state}'" for state in COMMAND_STATES)
+    return (
+        f"""CREATE TABLE IF NOT EXISTS {s}.commands (
+            command_id text PRIMARY KEY CHECK (command_id {ID_CHECK}),
+            device_id text NOT NULL,
+            gateway_id text NOT NULL,
+            device_type text NOT NULL,
+            name text NOT NULL,
+            args jsonb NOT NULL,
+            ttl_s integer NOT NULL CHECK (ttl_s > 0),
+            created_at timestamptz NOT NULL,
+            expires_at timestamptz NOT NULL,
+            operator text NOT NULL,
+            state text NOT NULL CHECK (state IN ({states})),
+            state_at timestamptz NOT NULL,
+            detail text NOT NULL DEFAULT '',
+            answer jsonb,
+            sends integer NOT NULL DEFAULT 0,
+            last_sent_at timestamptz,
+            cancel_requested_at timestamptz,
+            cancelled_by text
+        )""",
+        f"""CREATE INDEX IF NOT EXISTS commands_device_idx
+            ON {s}.commands (device_id, created_at DESC)""",
+        f"CREATE INDEX IF NOT EXISTS commands_created_idx ON {s}.commands (created_at DESC)",
+        # The dispatcher's scan: commands not yet held by their gateway.
+        f"""CREATE INDEX IF NOT EXISTS commands_queued_idx ON {s}.commands (last_sent_at)
+            WHERE state = 'queued' OR (state = 'sent' AND cancel_requested_at IS NOT NULL)""",
+        f"""CREATE TABLE IF NOT EXISTS {s}.command_events (
+            command_id text NOT NULL REFERENCES {s}.commands (command_id) ON DELETE CASCADE,
+            state text NOT NULL CHECK (state IN ({states})),
+            ts timestamptz NOT NULL,
+            received_at timestamptz NOT NULL DEFAULT now(),
+            source text NOT NULL,
+            detail text NOT NULL DEFAULT '',
+            PRIMARY KEY (command_id, state)
+        )""",
+        f"""ALTER TABLE {s}.audit_log DROP CONSTRAINT IF EXISTS audit_log_subject_kind_check,
+            ADD CONSTRAINT audit_log_subject_kind_check
+            CHECK (subject_kind IN ('device', 'gateway', 'pki', 'site', 'alert', 'command'))""",
+    )
+
+
+def _channel(schema: str, suffix: str) -> str:
+    # A channel name is an identifier of at most 63 bytes (pg_notify enforces
+    # it): a schema name has at most 48 characters, so "_command_states" fits.
+    return f"{check_schema_name(schema)}_{suffix}"
+
+
+def command_channel(schema: str) -> str:
+    """The NOTIFY channel that wakes the dispatcher when a command is queued or cancelled."""
+    return _channel(schema, "commands")
+
+
+def command_state_channel(schema: str) -> str:
+    """The NOTIFY channel ingest signals when a command's state changes (payload: its id)."""
+    return _channel(schema, "command_states")
+
+
 # A gateway sends its state every 10 s (``GatewaySettings.state_interval_s``):
 # 30 missed states in a row is not a hiccup but a gateway killed without its
 # Will reaching ingest, or ingest's state worker away (the fleet board's
@@ -883,4 +958,5 @@ def migrations(
             "alerts: Alertmanager silence of an ack, assignee, operators' comments",
             _alert_follow_up(s),
         ),
+        Migration(18, "commands to devices: queue, states, history", _commands(s)),
     ]

@@ -4,6 +4,9 @@ Site broker (device -> gateway)::
 
     d/{device_id}/up        device uplink (JSON, see contracts.messages)
     d/{device_id}/status    retained ``online`` / ``offline`` (the device's Will)
+    d/{device_id}/cmd       gateway -> device, a command (MQTT v5 request: Response
+                            Topic d/{device_id}/res, the command id as Correlation Data)
+    d/{device_id}/res       device -> gateway, its answers to commands
 
 Central broker (gateway <-> central)::
 
@@ -12,8 +15,11 @@ Central broker (gateway <-> central)::
                                     states also carry the gateway's rejects
     hub/v1/gw/{gateway_id}/ack      ingest -> gateway, committed batch ids
     hub/v1/gw/{gateway_id}/config   retained, registry -> gateway
+    hub/v1/gw/{gateway_id}/cmd      central -> gateway, commands to hold and cancels
+    hub/v1/gw/{gateway_id}/cmdreport  gateway -> ingest, the states its commands reached
 
-Ingest workers share the batch stream through ``$share/{group}/hub/v1/gw/+/batch``.
+Ingest workers share the batch stream through ``$share/{group}/hub/v1/gw/+/batch``
+and the command reports through ``$share/{group}/hub/v1/gw/+/cmdreport``.
 
 Every builder and parser takes an optional ``prefix`` (one or more topic
 levels, prepended as ``{prefix}/...``) so that tests, or several hubs on one
@@ -31,15 +37,22 @@ from typing import Final, Literal
 from contracts.errors import InvalidTopicError
 from contracts.ids import check_id
 
-DeviceTopicKind = Literal["up", "status"]
-GatewayTopicKind = Literal["batch", "state", "ack", "config"]
+DeviceTopicKind = Literal["up", "status", "cmd", "res"]
+GatewayTopicKind = Literal["batch", "state", "ack", "config", "cmd", "cmdreport"]
 # str -> Literal lookups: they narrow a parsed level to the Literal type for mypy.
-_DEVICE_KINDS: Final[dict[str, DeviceTopicKind]] = {"up": "up", "status": "status"}
+_DEVICE_KINDS: Final[dict[str, DeviceTopicKind]] = {
+    "up": "up",
+    "status": "status",
+    "cmd": "cmd",
+    "res": "res",
+}
 _GATEWAY_KINDS: Final[dict[str, GatewayTopicKind]] = {
     "batch": "batch",
     "state": "state",
     "ack": "ack",
     "config": "config",
+    "cmd": "cmd",
+    "cmdreport": "cmdreport",
 }
 DEVICE_TOPIC_KINDS: Final[tuple[str, ...]] = tuple(_DEVICE_KINDS)
 GATEWAY_TOPIC_KINDS: Final[tuple[str, ...]] = tuple(_GATEWAY_KINDS)
@@ -94,6 +107,16 @@ def device_uplink_topic(device_id: str, prefix: str = "") -> str:
 def device_status_topic(device_id: str, prefix: str = "") -> str:
     """``d/{device_id}/status`` (retained; payload ``online`` / ``offline``)."""
     return _join(prefix, f"{DEVICE_ROOT}/{check_id(device_id, 'device_id')}/status")
+
+
+def device_command_topic(device_id: str, prefix: str = "") -> str:
+    """``d/{device_id}/cmd``: gateway -> device, the commands (MQTT v5 requests)."""
+    return _join(prefix, f"{DEVICE_ROOT}/{check_id(device_id, 'device_id')}/cmd")
+
+
+def device_answer_topic(device_id: str, prefix: str = "") -> str:
+    """``d/{device_id}/res``: device -> gateway, answers (the requests' Response Topic)."""
+    return _join(prefix, f"{DEVICE_ROOT}/{check_id(device_id, 'device_id')}/res")
 
 
 def device_uplink_filter(prefix: str = "") -> str:
@@ -155,6 +178,16 @@ def config_topic(gateway_id: str, prefix: str = "") -> str:
     return gateway_topic(gateway_id, "config", prefix)
 
 
+def command_topic(gateway_id: str, prefix: str = "") -> str:
+    """``hub/v1/gw/{gateway_id}/cmd``: central -> gateway, commands and cancels, QoS 1."""
+    return gateway_topic(gateway_id, "cmd", prefix)
+
+
+def command_report_topic(gateway_id: str, prefix: str = "") -> str:
+    """``hub/v1/gw/{gateway_id}/cmdreport``: gateway -> ingest, command states, QoS 1."""
+    return gateway_topic(gateway_id, "cmdreport", prefix)
+
+
 def gateway_filter(kind: GatewayTopicKind, prefix: str = "") -> str:
     """``hub/v1/gw/+/{kind}``: every gateway's topics of one kind (e.g. fleet state)."""
     if kind not in GATEWAY_TOPIC_KINDS:
@@ -173,6 +206,12 @@ def ingest_batch_filter(group: str = DEFAULT_SHARE_GROUP, prefix: str = "") -> s
     """
     check_id(group, "shared subscription group")
     return f"$share/{group}/{gateway_filter('batch', prefix)}"
+
+
+def ingest_report_filter(group: str = DEFAULT_SHARE_GROUP, prefix: str = "") -> str:
+    """``$share/{group}/[prefix/]hub/v1/gw/+/cmdreport``: command reports, shared like batches."""
+    check_id(group, "shared subscription group")
+    return f"$share/{group}/{gateway_filter('cmdreport', prefix)}"
 
 
 def parse_gateway_topic(topic: str, prefix: str = "") -> tuple[str, GatewayTopicKind]:

@@ -26,6 +26,8 @@ from contracts.topics import (
     batch_topic,
     check_prefix,
     config_topic,
+    device_answer_topic,
+    device_command_topic,
     device_status_filter,
     device_status_topic,
     device_uplink_filter,
@@ -422,15 +424,21 @@ def test_parsers_reject_empty_id_as_topic_or_id():
 # --- topics: properties ---------------------------------------------------------
 
 
+_DEVICE_BUILDERS = {
+    "up": device_uplink_topic,
+    "status": device_status_topic,
+    "cmd": device_command_topic,
+    "res": device_answer_topic,
+}
+
+
 @given(ids, st.sampled_from(DEVICE_TOPIC_KINDS), prefixes)
 def test_device_topic_round_trip(device_id, kind, prefix):
-    build = device_uplink_topic if kind == "up" else device_status_topic
-    topic = build(device_id, prefix)
+    topic = _DEVICE_BUILDERS[kind](device_id, prefix)
     assert parse_device_topic(topic, prefix) == (device_id, kind)
-    topic_filter = device_uplink_filter(prefix) if kind == "up" else device_status_filter(prefix)
-    assert _mqtt_matches(topic_filter, topic)
-    other = device_status_filter(prefix) if kind == "up" else device_uplink_filter(prefix)
-    assert not _mqtt_matches(other, topic)
+    up, status = device_uplink_filter(prefix), device_status_filter(prefix)
+    assert _mqtt_matches(up, topic) == (kind == "up")
+    assert _mqtt_matches(status, topic) == (kind == "status")
 
 
 @given(ids, st.sampled_from(GATEWAY_TOPIC_KINDS), prefixes)

@@ -1117,9 +1117,23 @@ def test_ack_wire_format():
     ack = Ack(batch_ids=[BID], ts_ms=NOW_MS, digests=[payload_digest(b"batch")])
     assert encode_ack(ack) == (
         b'{"batch_ids":["gw-hn-001:0123456789abcdef:7"],"ts_ms":1767225600000,'
-        b'"digests":["' + hashlib.sha256(b"batch").hexdigest()[:32].encode() + b'"]}'
+        b'"digests":["' + hashlib.sha256(b"batch").hexdigest()[:32].encode() + b'"],'
+        b'"reports":[]}'
     )
     assert decode_ack(encode_ack(ack), gateway_id=GW) == ack
+
+
+def test_ack_of_command_reports():
+    ack = Ack(batch_ids=[], ts_ms=NOW_MS, reports=["c-1.sent", "c-1.succeeded"])
+    assert decode_ack(encode_ack(ack), gateway_id=GW) == ack
+    # An ack from before the field existed still decodes, naming no reports.
+    assert decode_ack(b'{"batch_ids":[],"ts_ms":1}').reports == []
+
+
+@pytest.mark.parametrize("bad", ["c-1", "c-1.later", "C-1.sent", ".sent", "c-1/x.sent"])
+def test_ack_refuses_malformed_report_ids(bad):
+    with pytest.raises(InputError):
+        decode_ack(encode_ack(Ack(batch_ids=[], ts_ms=NOW_MS, reports=[bad])))
 
 
 def test_an_ack_from_an_older_ingest_decodes_without_digests():
