@@ -8,11 +8,14 @@ embedded broker starts from. Sending commands is ``devices.brokerctl``'s job.
 Accounts and what they may do (docs/architecture.md, section 8)::
 
     broker   username           client id     may
-    site     device.{id}        {id}          publish {prefix/}d/{id}/#
-    site     gateway.{id}.site  gw-{id}-site  subscribe d/{dev}/up and d/{dev}/status and
-                                              receive d/{dev}/# for each of its MQTT devices
-    central  gateway.{id}       gw-{id}       publish .../gw/{id}/batch and /state,
-                                              subscribe .../gw/{id}/ack and /config
+    site     device.{id}        {id}          publish {prefix/}d/{id}/# (uplink, status,
+                                              answers on d/{id}/res), subscribe d/{id}/cmd
+    site     gateway.{id}.site  gw-{id}-site  subscribe d/{dev}/up, d/{dev}/status and
+                                              d/{dev}/res, receive d/{dev}/# and publish
+                                              d/{dev}/cmd, for each of its MQTT devices
+    central  gateway.{id}       gw-{id}       publish .../gw/{id}/batch, /state and
+                                              /cmdreport, subscribe .../gw/{id}/ack,
+                                              /config and /cmd
 
 Each account holds a role of the same name. Each account may connect with its
 own client id only (the plugin's ``clientid``; any other id gets CONNACK 135,
@@ -49,6 +52,8 @@ from contracts.errors import BrokerControlError, InvalidIdError, MalformedPayloa
 from contracts.ids import check_id
 from contracts.topics import (
     config_topic,
+    device_answer_topic,
+    device_command_topic,
     device_status_topic,
     device_uplink_filter,
     device_uplink_topic,
@@ -137,7 +142,12 @@ def client_id_of(username: str) -> str | None:
 
 
 def device_account(device_id: str, prefix: str = "") -> Account:
-    """A device may publish under ``d/{its id}/`` only (uplink, status and its Will)."""
+    """A device publishes under ``d/{its id}/`` only and reads its own commands.
+
+    Uplink, status, its Will and its answers (``d/{id}/res``) are under its
+    own id; ``d/{id}/cmd`` is the one topic it may subscribe to, and only its
+    gateway may publish there (``site_device_acls``).
+    """
     own = device_uplink_topic(device_id, prefix).removesuffix("/up")
     username = device_username(device_id)
     return Account(
@@ -146,19 +156,24 @@ def device_account(device_id: str, prefix: str = "") -> Account:
         client_id=device_id,
         role=Role(
             rolename=username,
-            acls=(AclRule(acltype="publishClientSend", topic=f"{own}/#"),),
+            acls=(
+                AclRule(acltype="publishClientSend", topic=f"{own}/#"),
+                AclRule(acltype="subscribeLiteral", topic=device_command_topic(device_id, prefix)),
+            ),
         ),
     )
 
 
 def gateway_central_account(gateway_id: str, prefix: str = "") -> Account:
-    """A gateway publishes its batches and state and reads its own ack and config."""
+    """A gateway sends batches, state and command reports; reads its ack, config and commands."""
     username = gateway_username(gateway_id, "central")
     acls = (
         AclRule(acltype="publishClientSend", topic=gateway_topic(gateway_id, "batch", prefix)),
         AclRule(acltype="publishClientSend", topic=gateway_topic(gateway_id, "state", prefix)),
+        AclRule(acltype="publishClientSend", topic=gateway_topic(gateway_id, "cmdreport", prefix)),
         AclRule(acltype="subscribeLiteral", topic=gateway_topic(gateway_id, "ack", prefix)),
         AclRule(acltype="subscribeLiteral", topic=config_topic(gateway_id, prefix)),
+        AclRule(acltype="subscribeLiteral", topic=gateway_topic(gateway_id, "cmd", prefix)),
     )
     return Account(
         broker="central",
@@ -169,19 +184,21 @@ def gateway_central_account(gateway_id: str, prefix: str = "") -> Account:
 
 
 def site_device_acls(device_id: str, prefix: str = "") -> tuple[AclRule, ...]:
-    """What a gateway's site role holds for one of its devices."""
+    """What a gateway's site role holds for one of its devices: read it, answer-read, command it."""
     own = device_uplink_topic(device_id, prefix).removesuffix("/up")
     return (
         AclRule(acltype="subscribeLiteral", topic=device_uplink_topic(device_id, prefix)),
         AclRule(acltype="subscribeLiteral", topic=device_status_topic(device_id, prefix)),
+        AclRule(acltype="subscribeLiteral", topic=device_answer_topic(device_id, prefix)),
         AclRule(acltype="publishClientReceive", topic=f"{own}/#", priority=1),
+        AclRule(acltype="publishClientSend", topic=device_command_topic(device_id, prefix)),
     )
 
 
 def gateway_site_account(
     gateway_id: str, prefix: str = "", device_ids: Iterable[str] = ()
 ) -> Account:
-    """On the site broker a gateway reads its own devices' uplinks and status; it publishes nothing.
+    """On the site broker a gateway reads its own devices and sends them their commands.
 
     The lowest-priority rule denies receiving anything else under ``d/``.
     """

@@ -131,7 +131,8 @@ def test_acl_roles_confine_devices_and_gateways():
     device = dynsec.device_account("kiosk-07", "t1")
     assert device.username == "device.kiosk-07"
     assert [(a.acltype, a.topic) for a in device.role.acls] == [
-        ("publishClientSend", "t1/d/kiosk-07/#")
+        ("publishClientSend", "t1/d/kiosk-07/#"),
+        ("subscribeLiteral", "t1/d/kiosk-07/cmd"),
     ]
     central, site = dynsec.gateway_accounts("gw-hk", "")
     assert (central.broker, central.username, site.broker, site.username) == (
@@ -142,8 +143,10 @@ def test_acl_roles_confine_devices_and_gateways():
     )
     assert sorted((a.acltype, a.topic) for a in central.role.acls) == [
         ("publishClientSend", "hub/v1/gw/gw-hk/batch"),
+        ("publishClientSend", "hub/v1/gw/gw-hk/cmdreport"),
         ("publishClientSend", "hub/v1/gw/gw-hk/state"),
         ("subscribeLiteral", "hub/v1/gw/gw-hk/ack"),
+        ("subscribeLiteral", "hub/v1/gw/gw-hk/cmd"),
         ("subscribeLiteral", "hub/v1/gw/gw-hk/config"),
     ]
     assert (device.client_id, central.client_id, site.client_id) == (
@@ -159,6 +162,8 @@ def test_acl_roles_confine_devices_and_gateways():
     assert sorted((a.acltype, a.topic, a.allow, a.priority) for a in site.role.acls) == [
         ("publishClientReceive", "t1/d/#", False, 0),
         ("publishClientReceive", "t1/d/kiosk-07/#", True, 1),
+        ("publishClientSend", "t1/d/kiosk-07/cmd", True, 0),
+        ("subscribeLiteral", "t1/d/kiosk-07/res", True, 0),
         ("subscribeLiteral", "t1/d/kiosk-07/status", True, 0),
         ("subscribeLiteral", "t1/d/kiosk-07/up", True, 0),
     ]
@@ -183,16 +188,24 @@ def test_role_changes_bring_a_role_to_the_registry_and_undo():
         ("addRoleACL", "d/#"),
         ("addRoleACL", "d/kiosk-1/up"),
         ("addRoleACL", "d/kiosk-1/status"),
+        ("addRoleACL", "d/kiosk-1/res"),
         ("addRoleACL", "d/kiosk-1/#"),
+        ("addRoleACL", "d/kiosk-1/cmd"),
     ]
     assert forward[1]["allow"] is False
-    assert forward[4]["priority"] == 1
-    assert [c["command"] for c in undo] == ["removeRoleACL"] * 4 + ["addRoleACL"]
+    assert forward[5]["priority"] == 1
+    assert [c["command"] for c in undo] == ["removeRoleACL"] * 6 + ["addRoleACL"]
     # Already current: nothing to send (a re-run is free). A changed rule is replaced.
     assert dynsec.role_changes(one.acls, one) == ([], [])
     two = dynsec.gateway_site_account("gw-hk", "", ["kiosk-1", "kiosk-2"]).role
     forward, _ = dynsec.role_changes(one.acls, two)
-    assert {c["topic"] for c in forward} == {"d/kiosk-2/up", "d/kiosk-2/status", "d/kiosk-2/#"}
+    assert {c["topic"] for c in forward} == {
+        "d/kiosk-2/up",
+        "d/kiosk-2/status",
+        "d/kiosk-2/res",
+        "d/kiosk-2/#",
+        "d/kiosk-2/cmd",
+    }
     assert dynsec.role_acls({"role": {"acls": msgspec.to_builtins(list(one.acls))}}) == one.acls
     with pytest.raises(MalformedPayloadError):
         dynsec.role_acls({"role": {"acls": [{"acltype": "nonsense", "topic": 1}]}})

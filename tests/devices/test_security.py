@@ -457,6 +457,8 @@ def test_site_permissions_follow_move_and_revoke(provisioner, broker_admin, prob
         stay2.topics["uplink"],
         stay2.topics["status"],
         f"{stay2.topics['uplink'].removesuffix('/up')}/#",
+        f"{stay2.topics['uplink'].removesuffix('/up')}/cmd",
+        f"{stay2.topics['uplink'].removesuffix('/up')}/res",
     }
     assert sentinel2.publish(stay2.topics["uplink"], b"sentinel2") == 0
     _wait_for_message(site2, (stay2.topics["uplink"], b"sentinel2"))
