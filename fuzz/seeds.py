@@ -16,6 +16,17 @@ from pathlib import Path
 from typing import Final
 
 from contracts import catalog
+from contracts.commands import (
+    Command,
+    CommandReports,
+    DeviceAnswer,
+    GatewayCommands,
+    encode_command,
+    encode_command_reports,
+    encode_device_answer,
+    encode_gateway_commands,
+    make_report,
+)
 from contracts.frames import Pms5003Frame, Sds011Frame, encode_pms5003, encode_sds011
 from contracts.ids import batch_id
 from contracts.messages import (
@@ -214,6 +225,14 @@ def _mqtt() -> Iterator[tuple[str, bytes]]:
             _packet(PUBACK << 4, b"\x00\x05\x10"),
             publish,
             encode_publish("hub/v1/gw/gw-1/ack", b"{}", qos=0),
+            encode_publish(
+                "d/aq-1/cmd",
+                b"{}",
+                qos=1,
+                packet_id=3,
+                response_topic="d/aq-1/res",
+                correlation_data=b"c-1",
+            ),
             # A PUBLISH with properties (message expiry) and a retained flag.
             _packet(0x33, b"\x00\x01t\x00\x01\x05\x02\x00\x00\x00\x3cpayload"),
             _packet(DISCONNECT << 4, b"\x8e\x05\x1f\x00\x02hi"),
@@ -247,6 +266,53 @@ def _patterns(size: int) -> list[tuple[str, bytes]]:
     ]
 
 
+def _command_seeds() -> dict[str, list[tuple[str, bytes]]]:
+    interval = Command(
+        command_id="c-0123456789abcdef",
+        device_id="aq-1",
+        name="set_reporting_interval",
+        args={"interval_s": 60},
+        ttl_s=600,
+        created_ms=1,
+    )
+    reboot = Command(
+        command_id="c-fedcba9876543210",
+        device_id="kiosk-1",
+        name="reboot",
+        args={},
+        ttl_s=60,
+        created_ms=1,
+    )
+    reports = CommandReports(
+        gateway_id=GATEWAY_ID,
+        ts_ms=1,
+        reports=[
+            make_report(interval, "aq-1", "sent", 1),
+            make_report(interval, "aq-1", "succeeded", 2, detail="ok", answer={"interval_s": 60}),
+        ],
+    )
+    commands = GatewayCommands(
+        gateway_id=GATEWAY_ID, ts_ms=1, commands=[interval, reboot], cancel=["c-1"]
+    )
+    answer = DeviceAnswer(command_id="c-1", state="failed", detail="out of paper")
+    return {
+        "command": [
+            ("plain", b"\x00" + encode_command(interval)),
+            ("typed", b"\x80" + encode_command(interval)),
+            ("reboot", b"\x85" + encode_command(reboot)),
+        ],
+        "gateway_commands": [
+            ("plain", b"\x00" + encode_gateway_commands(commands)),
+            ("own", b"\x01" + encode_gateway_commands(commands)),
+        ],
+        "command_reports": [
+            ("plain", b"\x00" + encode_command_reports(reports)),
+            ("own", b"\x01" + encode_command_reports(reports)),
+        ],
+        "device_answer": [("failed", encode_device_answer(answer))],
+    }
+
+
 def seeds() -> dict[str, list[tuple[str, bytes]]]:
     """Target -> [(seed name, input)]."""
     batches = list(_batches())
@@ -264,6 +330,7 @@ def seeds() -> dict[str, list[tuple[str, bytes]]]:
         "state": states,
         "ack": [("plain", b"\x00" + ack), ("own", b"\x01" + ack)],
         "config": [("config", encode_gateway_config(_config()))],
+        **_command_seeds(),
         "ingest_batch": [
             (f"{name}-{t}", bytes((t,)) + payload)
             for name, payload in batches

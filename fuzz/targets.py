@@ -18,6 +18,8 @@ broken one raises ``InvariantError``:
 - ``status``, ``state``, ``ack``, ``config``, ``batch``: decode(encode(x)) ==
   x (as bytes for batches and states, which may hold NaN); every block of an
   accepted batch passes ``check_block_rows`` without raising.
+- ``command``, ``gateway_commands``, ``command_reports``, ``device_answer``:
+  the command downlink's decoders (``contracts.commands``) round-trip.
 - ``ingest_batch`` / ``ingest_state``: ingest's ``prepare_item`` /
   ``prepare_state`` classify anything without raising; every row of a good
   batch is stored or rejected, and its COPY stream encodes.
@@ -42,6 +44,16 @@ from typing import Final, TypeVar
 import msgspec
 
 from contracts import catalog
+from contracts.commands import (
+    decode_command,
+    decode_command_reports,
+    decode_device_answer,
+    decode_gateway_commands,
+    encode_command,
+    encode_command_reports,
+    encode_device_answer,
+    encode_gateway_commands,
+)
 from contracts.errors import InputError, MqttProtocolError
 from contracts.frames import (
     PMS5003_FRAME_BYTES,
@@ -284,6 +296,51 @@ def fuzz_config(data: bytes) -> None:
     _require(again == config, "config round trip")
 
 
+def fuzz_command(data: bytes) -> None:
+    """Byte 0 picks the device type whose catalog entry re-checks the args (or none)."""
+    choice, payload = _split(data)
+    names = DEVICE_TYPE_NAMES[:-1]
+    dtype = catalog.DEVICE_TYPES[names[choice % len(names)]] if choice & 0x80 else None
+    try:
+        command = decode_command(payload, catalog_type=dtype)
+    except InputError:
+        return
+    again = decode_command(encode_command(command), catalog_type=dtype)
+    _require(again == command, "command round trip")
+
+
+def fuzz_gateway_commands(data: bytes) -> None:
+    """Byte 0: odd checks the sender against the topic's gateway (as a gateway does)."""
+    choice, payload = _split(data)
+    gateway_id = GATEWAY_ID if choice & 1 else None
+    try:
+        message = decode_gateway_commands(payload, gateway_id=gateway_id)
+    except InputError:
+        return
+    again = decode_gateway_commands(encode_gateway_commands(message), gateway_id=gateway_id)
+    _require(again == message, "commands round trip")
+
+
+def fuzz_command_reports(data: bytes) -> None:
+    """Byte 0: odd checks the sender against the topic's gateway (as ingest does)."""
+    choice, payload = _split(data)
+    gateway_id = GATEWAY_ID if choice & 1 else None
+    try:
+        message = decode_command_reports(payload, gateway_id=gateway_id)
+    except InputError:
+        return
+    again = decode_command_reports(encode_command_reports(message), gateway_id=gateway_id)
+    _require(again == message, "reports round trip")
+
+
+def fuzz_device_answer(data: bytes) -> None:
+    try:
+        answer = decode_device_answer(data)
+    except InputError:
+        return
+    _require(decode_device_answer(encode_device_answer(answer)) == answer, "answer round trip")
+
+
 # --- ingest -----------------------------------------------------------------------
 
 
@@ -495,6 +552,10 @@ TARGETS: Final[dict[str, Target]] = {
     "state": fuzz_state,
     "ack": fuzz_ack,
     "config": fuzz_config,
+    "command": fuzz_command,
+    "gateway_commands": fuzz_gateway_commands,
+    "command_reports": fuzz_command_reports,
+    "device_answer": fuzz_device_answer,
     "ingest_batch": fuzz_ingest_batch,
     "ingest_state": fuzz_ingest_state,
     "topics": fuzz_topics,
@@ -514,6 +575,10 @@ MAX_LEN: Final[dict[str, int]] = {
     "state": 4096,
     "ack": 4096,
     "config": 8192,
+    "command": 4096,
+    "gateway_commands": 8192,
+    "command_reports": 8192,
+    "device_answer": 1024,
     "ingest_batch": 16384,
     "ingest_state": 4096,
     "topics": 512,
