@@ -21,6 +21,8 @@ from contracts.topics import (
     ack_topic,
     batch_topic,
     config_topic,
+    device_answer_topic,
+    device_command_topic,
     device_status_topic,
     device_uplink_topic,
     state_topic,
@@ -105,6 +107,10 @@ def device_bundle(
         topics = {
             "uplink": device_uplink_topic(device.device_id, prefix),
             "status": device_status_topic(device.device_id, prefix),
+            # Commands arrive as MQTT v5 requests on "command"; the device answers
+            # on the request's Response Topic, which is "answer".
+            "command": device_command_topic(device.device_id, prefix),
+            "answer": device_answer_topic(device.device_id, prefix),
         }
         settings |= {
             "qos": 1,
@@ -184,7 +190,7 @@ def decode_bundle(payload: bytes) -> Bundle:
 def qr_payload(bundle: Bundle) -> str:
     """Compact JSON for the QR code: everything but certificates and empty fields.
 
-    A device bundle is ~600 bytes, well inside a QR code's 2,953 (version 40,
+    A device bundle is ~650 bytes, well inside a QR code's 2,953 (version 40,
     level L); certificates would not fit and stay in the bundle file.
     """
     data = msgspec.to_builtins(bundle)

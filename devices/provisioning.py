@@ -182,23 +182,45 @@ class Provisioner:
         for gateway_account in dynsec.gateway_accounts(gateway_id, self.prefix):
             self._bind_client_id(gateway_account, out)
 
+    def _sync_role(self, undo: _Undo, account: dynsec.Account, out: Outcome) -> None:
+        """Bring an account's role to the ACLs this version gives it (a no-op once it has them)."""
+        control = self._control(account.broker)
+        data = control.run(dynsec.get_role(account.role))[0]
+        forward, back = dynsec.role_changes(dynsec.role_acls(data), account.role)
+        if not forward:
+            return
+        control.run(forward)
+        undo.steps.append((control, back))
+        topics = ", ".join(sorted({c["topic"] for c in forward if c["command"] == "addRoleACL"}))
+        out.changes.append(
+            f"{account.broker} broker: role {account.role.rolename} brought up to date"
+            f" ({topics or 'stale rules removed'})"
+        )
+
     def sync_broker(self) -> Outcome:
         """Bring every active account on the brokers to what the registry says.
 
-        For brokers whose accounts were made before client ids and per-device
-        site roles: binds each account to its client id and rewrites each
-        gateway's site role. Safe to re-run; an up-to-date broker is not changed.
+        For brokers whose accounts were made by an earlier version: binds each
+        account to its client id, rewrites each gateway's site role (its
+        devices only, their commands and answers), and gives each gateway's
+        central role and each device's role the rules they lack (commands:
+        ``hub/v1/gw/{id}/cmd`` and ``/cmdreport``, ``d/{id}/cmd``). Safe to
+        re-run; an up-to-date broker is not changed.
         """
         out = Outcome()
         with self._command() as (tx, undo):
             for gateway_id in tx.active_gateway_ids():
                 before = len(out.changes)
                 self._sync_gateway(tx, undo, gateway_id, out)
+                central = dynsec.gateway_central_account(gateway_id, self.prefix)
+                self._sync_role(undo, central, out)
                 if len(out.changes) > before:
                     self._audit(tx, "gateway.sync", "gateway", gateway_id)
             for device_id in tx.active_mqtt_devices_of():
                 before = len(out.changes)
-                self._bind_client_id(dynsec.device_account(device_id, self.prefix), out)
+                account = dynsec.device_account(device_id, self.prefix)
+                self._bind_client_id(account, out)
+                self._sync_role(undo, account, out)
                 if len(out.changes) > before:
                     self._audit(tx, "device.sync", "device", device_id)
         return out

@@ -207,11 +207,13 @@ def rotate_credentials(
 def sync_broker(ctx: typer.Context) -> None:
     """Bring every active gateway's and device's broker account to what the registry says.
 
-    For accounts made before accounts were bound to their client ids and a
-    gateway's site account listed its own devices only: binds each account to
-    its client id (its live session is cut once, and it reconnects) and
-    rewrites each gateway's site role. An up-to-date broker is not changed, so
-    it is safe to re-run.
+    For accounts made by an earlier version: binds each account to its
+    client id (its live session is cut once, and it reconnects), rewrites
+    each gateway's site role (its own devices only, their commands and
+    answers) and gives gateways' central roles and devices' roles the rules
+    commands need (hub/v1/gw/{id}/cmd and /cmdreport, d/{id}/cmd). Run it
+    once after upgrading. An up-to-date broker is not changed, so it is safe
+    to re-run.
     """
     state = state_of(ctx)
     with reported_errors(state), provisioner(state) as p:

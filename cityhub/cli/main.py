@@ -18,6 +18,7 @@ from cityhub.cli import alertmanager as alertmanager_cli
 from cityhub.cli import alerts as alerts_cli
 from cityhub.cli import audit as audit_cli
 from cityhub.cli import catalog as catalog_cli
+from cityhub.cli import commands as commands_cli
 from cityhub.cli import db as db_cli
 from cityhub.cli import devices as devices_cli
 from cityhub.cli import gateway as gateway_cli
@@ -57,6 +58,9 @@ app.command(name="up")(up_cli.up)
 app.command(name="soak")(soak_cli.soak)
 app.add_typer(sites_cli.app, name="sites")
 app.add_typer(devices_cli.app, name="devices")
+# `devices command` lives with the `commands` group it feeds.
+devices_cli.app.command(name="command")(commands_cli.command)
+app.add_typer(commands_cli.app, name="commands")
 app.add_typer(gateways_cli.app, name="gateways")
 app.add_typer(pki_cli.app, name="pki")
 app.add_typer(grafana_cli.app, name="grafana")

@@ -290,7 +290,12 @@ def test_bundles_round_trip_and_fit_a_qr_code():
         issued_by="Lan",
     )
     assert decode_bundle(encode_bundle(bundle)) == bundle
-    assert bundle.topics == {"uplink": "d/kiosk-07/up", "status": "d/kiosk-07/status"}
+    assert bundle.topics == {
+        "uplink": "d/kiosk-07/up",
+        "status": "d/kiosk-07/status",
+        "command": "d/kiosk-07/cmd",
+        "answer": "d/kiosk-07/res",
+    }
     assert bundle.settings["will_topic"] == "d/kiosk-07/status"
     payload = qr_payload(bundle)
     assert json.loads(payload)["broker"]["password"] == "pw-123"

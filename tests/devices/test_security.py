@@ -22,7 +22,10 @@ from contracts.messages import decode_gateway_config
 from contracts.topics import (
     ack_topic,
     batch_topic,
+    command_report_topic,
+    command_topic,
     config_topic,
+    device_command_topic,
     device_status_topic,
     device_uplink_topic,
 )
@@ -509,4 +512,46 @@ def test_accounts_made_before_are_brought_up_to_date_and_a_rerun_changes_nothing
     site = probes(port, gw.site.username, gw.site.password, gw.site.client_id)
     assert site.subscribe(f"{topic_prefix}/d/+/up") == NOT_AUTHORIZED
     assert site.subscribe(device.topics["uplink"]) == 1
+    assert provisioner.sync_broker().changes == []
+
+
+def test_roles_made_before_commands_learn_them_and_a_rerun_changes_nothing(
+    provisioner, broker_admin, probes, topic_prefix
+):
+    gw_id, gw = _gateway(provisioner)
+    device_id, device = _mqtt_device(provisioner, gw_id)
+    assert device.topics["command"] == device_command_topic(device_id, topic_prefix)
+    central_role = dynsec.gateway_central_account(gw_id, topic_prefix).role
+    device_role = dynsec.device_account(device_id, topic_prefix).role
+    # Roll the broker back to the roles made before commands: a device that may not
+    # read d/{id}/cmd, a gateway that may neither read its commands nor report on them.
+    made_before = [
+        (central_role.rolename, "subscribeLiteral", command_topic(gw_id, topic_prefix)),
+        (central_role.rolename, "publishClientSend", command_report_topic(gw_id, topic_prefix)),
+        (device_role.rolename, "subscribeLiteral", device.topics["command"]),
+    ]
+    with BrokerControl(name="site", broker=broker_admin) as control:
+        control.run(
+            [
+                {"command": "removeRoleACL", "rolename": name, "acltype": kind, "topic": topic}
+                for name, kind, topic in made_before
+            ]
+        )
+    port = broker_admin.port
+    before = probes(port, device.broker.username, device.broker.password, device_id)
+    assert before.subscribe(device.topics["command"]) == NOT_AUTHORIZED
+    before.close()
+
+    outcome = provisioner.sync_broker()
+    changed = [c for c in outcome.changes if "brought up to date" in c]
+    assert len(changed) == 2, outcome.changes
+    assert any(central_role.rolename in c and "/cmdreport" in c for c in changed)
+    assert any(device_role.rolename in c and device.topics["command"] in c for c in changed)
+    after = probes(port, device.broker.username, device.broker.password, device_id)
+    assert after.subscribe(device.topics["command"]) == 1
+    central = probes(port, gw.central.username, gw.central.password, gw.central.client_id)
+    assert central.subscribe(command_topic(gw_id, topic_prefix)) == 1
+    assert central.publish(command_report_topic(gw_id, topic_prefix)) in (0, 16)
+    audited = provisioner.registry.audit_entries(action="device.sync")
+    assert [e.subject_id for e in audited] == [device_id]
     assert provisioner.sync_broker().changes == []
