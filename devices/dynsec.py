@@ -415,6 +415,42 @@ def _with_client_id(client: dict[str, Any]) -> dict[str, Any]:
     return {**client, "clientid": client_id}
 
 
+def _with_command_acls(role: dict[str, Any]) -> dict[str, Any]:
+    """A device's or gateway's role from before commands, with the rules commands need.
+
+    Found by the rules such roles always held: a device's publish under
+    ``…/d/{id}/#`` (-> subscribe ``…/d/{id}/cmd``), a site role's receive of
+    ``…/d/{dev}/#`` (-> subscribe ``…/d/{dev}/res``, publish ``…/d/{dev}/cmd``),
+    a central role's subscription to ``…/gw/{id}/config`` (-> subscribe
+    ``…/cmd``, publish ``…/cmdreport``). A role that has them is unchanged.
+    """
+    name = str(role.get("rolename", ""))
+    if client_id_of(name) is None:
+        return role
+    acls = list(role.get("acls", []))
+    have = {(a.get("acltype"), a.get("topic")) for a in acls}
+    wanted: list[tuple[str, str]] = []
+    for acl in acls:
+        kind, topic = acl.get("acltype"), str(acl.get("topic", ""))
+        if not acl.get("allow", True) or not topic:
+            continue
+        if name.startswith("device.") and kind == "publishClientSend" and topic.endswith("/#"):
+            wanted.append(("subscribeLiteral", topic[:-1] + "cmd"))
+        elif name.endswith(".site") and kind == "publishClientReceive" and topic.endswith("/#"):
+            wanted.append(("subscribeLiteral", topic[:-1] + "res"))
+            wanted.append(("publishClientSend", topic[:-1] + "cmd"))
+        elif kind == "subscribeLiteral" and topic.endswith("/config"):
+            base = topic.removesuffix("config")
+            wanted.append(("subscribeLiteral", base + "cmd"))
+            wanted.append(("publishClientSend", base + "cmdreport"))
+    added = [
+        {"acltype": kind, "topic": topic, "priority": 0, "allow": True}
+        for kind, topic in dict.fromkeys(wanted)
+        if (kind, topic) not in have
+    ]
+    return {**role, "acls": acls + added} if added else role
+
+
 def base_document(
     existing: dict[str, Any] | None,
     *,
@@ -431,7 +467,8 @@ def base_document(
     clients get full access through the anonymous group; otherwise the group
     is removed (and the broker's ``allow_anonymous false`` keeps them out).
     Device and gateway accounts made before accounts were bound to their
-    client ids get theirs (``client_id_of``).
+    client ids get theirs (``client_id_of``), and roles made before commands
+    get the rules commands need (``_with_command_acls``).
     """
     document = dict(existing or {})
     clients = [
@@ -448,7 +485,11 @@ def base_document(
         }
     )
     base_roles = {ADMIN_ROLE, DEV_ANONYMOUS_ROLE}
-    roles = [r for r in document.get("roles", []) if r.get("rolename") not in base_roles]
+    roles = [
+        _with_command_acls(r)
+        for r in document.get("roles", [])
+        if r.get("rolename") not in base_roles
+    ]
     roles.append({"rolename": ADMIN_ROLE, "acls": _full_access_acls()})
     groups = [g for g in document.get("groups", []) if g.get("groupname") != DEV_ANONYMOUS_GROUP]
     document.pop("anonymousGroup", None)

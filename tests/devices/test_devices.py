@@ -253,6 +253,42 @@ def test_base_document_keeps_provisioned_accounts_and_sets_dev_mode():
     assert clients == {"device.kiosk-1": "kiosk-1", "adm": None}
 
 
+def _pre_command_role(account: dynsec.Account) -> dict[str, object]:
+    """The role as versions before commands wrote it: the same rules minus the command ones."""
+    old = [
+        msgspec.to_builtins(acl)
+        for acl in account.role.acls
+        if not acl.topic.endswith(("/cmd", "/res", "/cmdreport"))
+    ]
+    return {"rolename": account.role.rolename, "acls": old}
+
+
+def _rules(role: dict[str, object]) -> set[tuple[str, str, bool]]:
+    acls = role["acls"]
+    assert isinstance(acls, list)
+    return {(a["acltype"], a["topic"], a.get("allow", True)) for a in acls}
+
+
+@pytest.mark.parametrize("prefix", ["", "t1"])
+def test_base_document_gives_roles_from_before_commands_their_command_rules(prefix):
+    accounts = [
+        dynsec.device_account("kiosk-07", prefix),
+        dynsec.gateway_central_account("gw-hk", prefix),
+        dynsec.gateway_site_account("gw-hk", prefix, ["kiosk-07", "aq-01"]),
+    ]
+    existing = {"roles": [_pre_command_role(a) for a in accounts], "clients": []}
+    document = dynsec.base_document(
+        existing, admin_username="adm", admin_password="a", dev_mode=False
+    )
+    roles = {r["rolename"]: r for r in document["roles"]}
+    for account in accounts:
+        expected = {(a.acltype, a.topic, a.allow) for a in account.role.acls}
+        assert _rules(roles[account.role.rolename]) == expected, account.username
+    # Current roles are left as they are: a second start changes nothing.
+    again = dynsec.base_document(document, admin_username="adm", admin_password="a", dev_mode=False)
+    assert again["roles"] == document["roles"]
+
+
 def test_secret_hashes_verify_and_never_contain_the_secret():
     secret = credentials.new_secret()
     assert len(secret) == 32
