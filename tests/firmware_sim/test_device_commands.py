@@ -25,7 +25,10 @@ from contracts.commands import (
     encode_command,
 )
 from contracts.messages import DeviceUplink
+from contracts.settings import BrokerSettings
 from contracts.topics import device_answer_topic, device_command_topic
+from devices import dynsec
+from devices.brokerctl import BrokerControl
 from firmware_sim.faults import FaultPlan
 from firmware_sim.fleet import DeviceSpec
 from firmware_sim.models import (
@@ -35,7 +38,7 @@ from firmware_sim.models import (
     DeviceModel,
     KioskModel,
 )
-from firmware_sim.service import Simulator
+from firmware_sim.service import Credentials, Simulator
 from tests.plugins.gateway import broker_settings, client, service_in_thread, wait_for
 
 pytestmark = pytest.mark.slow
@@ -148,8 +151,14 @@ def spec(device_id: str, model: DeviceModel, plan: FaultPlan | None = None) -> D
 
 
 @contextlib.contextmanager
-def bench(mqtt_server: MosquittoServer, specs: list[DeviceSpec]) -> Iterator[Bench]:
-    prefix = f"c{uuid.uuid4().hex[:8]}"
+def bench(
+    mqtt_server: MosquittoServer,
+    specs: list[DeviceSpec],
+    *,
+    prefix: str | None = None,
+    credentials: Credentials | None = None,
+) -> Iterator[Bench]:
+    prefix = prefix or f"c{uuid.uuid4().hex[:8]}"
     seen = Seen()
     watcher = client(mqtt_server)
     watcher.on_message = seen.on_message
@@ -159,6 +168,7 @@ def bench(mqtt_server: MosquittoServer, specs: list[DeviceSpec]) -> Iterator[Ben
         devices=specs,
         site_broker=broker_settings(mqtt_server),
         topic_prefix=prefix,
+        credentials=credentials,
         seed=3,
         time_acceleration=ACCELERATION,
         record=True,
@@ -324,3 +334,28 @@ def test_expired_and_malformed_commands_fail(mqtt_server: MosquittoServer) -> No
         assert kiosk.queue_open
         mark = len(b.seen.ups("kiosk-hk-04"))
         wait_for(lambda: len(b.seen.ups("kiosk-hk-04")) > mark, 5, "readings go on")
+
+
+def test_a_device_on_its_own_broker_account_takes_commands(
+    mqtt_server: MosquittoServer, broker_admin: BrokerSettings
+) -> None:
+    """The dynamic-security ACLs a provisioned device gets let it read d/{id}/cmd and answer."""
+    prefix = f"c{uuid.uuid4().hex[:8]}"
+    device_id = f"kiosk-{uuid.uuid4().hex[:6]}"
+    account = dynsec.device_account(device_id, prefix)
+    password = uuid.uuid4().hex
+    with BrokerControl(name="site", broker=broker_admin) as control:
+        control.run(dynsec.create_account(account, password))
+        try:
+            kiosk = KioskModel(device_id=device_id, seed=3)
+            with bench(
+                mqtt_server,
+                [spec(device_id, kiosk)],
+                prefix=prefix,
+                credentials=lambda _id: (account.username, password),
+            ) as b:
+                command_id = b.command(device_id, "set_reporting_interval", {"interval_s": 5})
+                b.wait_answers(command_id, ["delivered", "succeeded"])
+                assert b.seen.answers[command_id][0][1] == command_id.encode()
+        finally:
+            control.run(dynsec.delete_account(account))
