@@ -3,7 +3,12 @@
 - MQTT devices: one aiomqtt connection per device (its own client id and
   credential, a retained ``offline`` Will on ``d/{id}/status``, ``online``
   published at connect), all in one event loop; each device publishes its
-  emissions at QoS 1 on ``d/{id}/up`` at their (accelerated) times.
+  emissions at QoS 1 on ``d/{id}/up`` at their (accelerated) times. It
+  subscribes ``d/{id}/cmd`` and obeys commands (``devicecontrol`` decides):
+  answers on the request's Response Topic with its Correlation Data, the
+  work in a task of its own; a new reporting interval reschedules the next
+  reading at once; a reboot leaves the broker between readings and comes
+  back with a new boot id and seq from 0 before it answers.
 - Serial devices: a pseudo-terminal per device; the gateway opens the
   slave side (``ports``) with pyserial; the simulator writes PMS5003 /
   SDS011 frames (with line faults) into the master side, paced at 9600 baud,
@@ -399,7 +404,7 @@ class Simulator:
                 logger.warning("device %s: command refused: %s", spec.device_id, decision.problem)
             for answer in decision.answers:
                 await self._answer(spec, link, reply, answer)
-            if control.period_ms != injector.period_ms or control.sleeping:
+            if control.period_ms != injector.period_ms:
                 link.wake.set()
             if decision.work is not None:
                 job = asyncio.create_task(
