@@ -79,6 +79,18 @@ def unique_client_id(*parts: str) -> str:
     return "-".join([*(p for p in parts if p), str(os.getpid()), token])
 
 
+def answer_properties(correlation_data: bytes | None) -> Properties:
+    """MQTT v5 PUBLISH properties of an answer to a request: its Correlation Data echoed.
+
+    For aiomqtt clients (``publish(..., properties=...)``), whose property
+    type is paho's.
+    """
+    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    if correlation_data is not None:
+        properties.CorrelationData = correlation_data
+    return properties
+
+
 def client_ssl_context(name: str, *, ca_file: str, cert_file: str, key_file: str) -> ssl.SSLContext:
     """A TLS client context: the broker is verified against ``ca_file`` (else the
     system's CAs); a client certificate is presented when the listener requires one.

@@ -124,6 +124,13 @@ class FaultPlan(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     garbage_max_bytes: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 16
     split_probability: Probability = 0.0
     checksum_error_probability: Probability = 0.0
+    # Commands (MQTT devices, ``firmware_sim.devicecontrol``), per command:
+    # it fails with what such a device says ("printer out of paper", "flash
+    # write failed"), or its final answer comes late, command_late_s after
+    # the command's catalog timeout_s, when the gateway has given up on it.
+    command_failure_probability: Probability = 0.0
+    command_late_probability: Probability = 0.0
+    command_late_s: Seconds = 10.0
 
 
 class FaultCounters(msgspec.Struct, kw_only=True):
@@ -408,6 +415,13 @@ class FaultInjector:
                     self.rng.integers(-plan.clock_jump_max_ms, plan.clock_jump_max_ms + 1)
                 )
                 counters.clock_jumps += 1
+
+    def note_reboot(self) -> None:
+        """The model was rebooted from outside (a command): tag its next reading "reboot".
+
+        Not counted in ``counters.reboots``, which counts injected reboots.
+        """
+        self._rebooted = True
 
     def _pick_stuck_metric(self, metrics: dict[str, float]) -> str:
         # A frozen float reading is the classic stuck sensor; a device that

@@ -127,14 +127,25 @@ class KioskOverride(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         return msgspec.structs.replace(params, **changes)
 
 
+# The standard fleet's faults: readings clean, but a field device now and
+# then fails a command (a kiosk out of paper, a flash write that fails) or
+# answers after the gateway has given up: 2 % each, which a week of
+# operation at a few commands a day per site shows. A fleet file's
+# ``[faults]`` table replaces this plan as a whole (its unnamed keys are 0).
+STANDARD_FAULTS: Final = FaultPlan(command_failure_probability=0.02, command_late_probability=0.02)
+
+
 class FleetDescription(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A simulated fleet, as written in TOML (every key optional).
 
     ``devices`` replaces the defaults as a whole: a site kind it does not name
-    gets no devices. ``overrides`` maps a device id to FaultPlan fields that
-    replace the default plan's for that device; ``kiosks`` maps a kiosk's id
-    to its paper and printer (``KioskOverride``), e.g. a roll that is empty
-    from the start.
+    gets no devices. ``faults`` is every device's ``FaultPlan`` (default:
+    ``STANDARD_FAULTS``; a ``[faults]`` table starts from all-off), including
+    the command knobs ``command_failure_probability``,
+    ``command_late_probability`` and ``command_late_s``. ``overrides`` maps
+    a device id to FaultPlan fields that replace the default plan's for that
+    device; ``kiosks`` maps a kiosk's id to its paper and printer
+    (``KioskOverride``), e.g. a roll that is empty from the start.
     """
 
     seed: Annotated[int, msgspec.Meta(ge=0)] = 0
@@ -149,7 +160,7 @@ class FleetDescription(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     devices: dict[SiteKind, DeviceCounts] = msgspec.field(
         default_factory=lambda: dict(DEFAULT_DEVICES)
     )
-    faults: FaultPlan = FaultPlan()
+    faults: FaultPlan = STANDARD_FAULTS
     overrides: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     kiosks: dict[str, KioskOverride] = msgspec.field(default_factory=dict)
 

@@ -55,7 +55,7 @@ from firmware_sim.signals import (
     StreetParams,
 )
 
-RngStream = Literal["signal", "boot", "faults", "schedule"]
+RngStream = Literal["signal", "boot", "faults", "schedule", "commands"]
 
 
 def device_rng(seed: int, device_id: str, stream: RngStream) -> np.random.Generator:
@@ -262,6 +262,10 @@ class KioskModel(DeviceModel):
         self.jammed = False
         self.out_for_s = 0.0  # open-hours time out of paper (refill_after_out_s)
         self.queue = QueueState()
+        # Staff (or the open_queue / close_queue commands) open and close the
+        # ticket queue; closed, the kiosk shows ``notice`` and issues nothing.
+        self.queue_open = True
+        self.notice = ""
         self.tickets_total = 0
         self.refills = 0
         self.jams = 0
@@ -318,9 +322,11 @@ class KioskModel(DeviceModel):
         arrivals = signals.poisson_count(
             signals.arrival_rate_per_h(lt, p.hours, p.hall), dt_s, self.rng
         )
-        # Citizens who find the printer down get a number from the desk
-        # instead: they are not this kiosk's tickets or queue.
-        tickets = 0 if self.jammed else min(arrivals, self.paper_tickets)
+        # Citizens who find the printer down or the queue closed get a number
+        # from the desk instead (or come back tomorrow): they are not this
+        # kiosk's tickets or queue. The queue already waiting is still served.
+        issuing = self.queue_open and not self.jammed
+        tickets = min(arrivals, self.paper_tickets) if issuing else 0
         if tickets:
             self.paper_tickets -= tickets
             self.tickets_total += tickets
@@ -377,6 +383,8 @@ class CameraCounterModel(DeviceModel):
     def __init__(self, *, device_id: str, seed: int, params: CameraParams | None = None) -> None:
         super().__init__(device_id=device_id, seed=seed)
         self.params = params or CameraParams()
+        # Hall mode: people inside now, by counting in and out since the last
+        # reset (the reset_count command sets it).
         self.occupancy = 0
 
     def _advance(self, now_ms: int, dt_s: float) -> dict[str, float]:

@@ -3,7 +3,12 @@
 - MQTT devices: one aiomqtt connection per device (its own client id and
   credential, a retained ``offline`` Will on ``d/{id}/status``, ``online``
   published at connect), all in one event loop; each device publishes its
-  emissions at QoS 1 on ``d/{id}/up`` at their (accelerated) times.
+  emissions at QoS 1 on ``d/{id}/up`` at their (accelerated) times. It
+  subscribes ``d/{id}/cmd`` and obeys commands (``devicecontrol`` decides):
+  answers on the request's Response Topic with its Correlation Data, the
+  work in a task of its own; a new reporting interval reschedules the next
+  reading at once; a reboot leaves the broker between readings and comes
+  back with a new boot id and seq from 0 before it answers.
 - Serial devices: a pseudo-terminal per device; the gateway opens the
   slave side (``ports``) with pyserial; the simulator writes PMS5003 /
   SDS011 frames (with line faults) into the master side, paced at 9600 baud,
@@ -33,14 +38,23 @@ from dataclasses import dataclass, field
 import aiomqtt
 
 from adapters.backoff import backoff_delay_s
+from adapters.mqtt import answer_properties
+from contracts.commands import DeviceAnswer, encode_device_answer
 from contracts.errors import BrokerUnavailableError
 from contracts.frames import SERIAL_BAUD
 from contracts.messages import DEVICE_OFFLINE, DEVICE_ONLINE, DeviceUplink
 from contracts.settings import BrokerSettings
-from contracts.topics import device_status_topic, device_uplink_topic
+from contracts.topics import (
+    device_answer_topic,
+    device_command_topic,
+    device_status_topic,
+    device_uplink_topic,
+)
+from firmware_sim.devicecontrol import DeviceControl, Work
 from firmware_sim.faults import Emission, FaultCounters, FaultInjector
 from firmware_sim.fleet import DeviceSpec, send_phases_ms, wall_time_ms
 from firmware_sim.ledger import Ledger, LedgerEntry
+from firmware_sim.models import device_rng
 from firmware_sim.sensorcontrol import FRAME, SensorControl
 from firmware_sim.sensorframes import frame_for, sds011_id
 
@@ -62,6 +76,29 @@ def wall_ms() -> int:
 Credentials = Callable[[str], tuple[str | None, str | None]]
 
 
+@dataclass(frozen=True)
+class _Reply:
+    """Where a command's answers go: its Response Topic and Correlation Data."""
+
+    topic: str
+    correlation: bytes | None
+
+
+@dataclass
+class _Link:
+    """An MQTT device's connection state, shared by its readings, commands and jobs."""
+
+    tick_ms: int  # the next reading's scheduled (simulated) time
+    client: aiomqtt.Client | None = None
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set by a command that changed the schedule or is rebooting the device.
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    reboot: Work | None = None  # a commanded reboot in progress
+    rebooted: bool = False  # ... and done: the model has its new boot
+    back: asyncio.Event = field(default_factory=asyncio.Event)  # up again after it
+    jobs: set[asyncio.Task[None]] = field(default_factory=set)
+
+
 @dataclass
 class SimStats:
     """What the simulator did, by device type; the fault counters summed."""
@@ -72,6 +109,8 @@ class SimStats:
     publish_failures: int = 0
     connected: int = 0
     late_ms_max: int = 0  # worst lateness of a send against its schedule
+    commands: Counter[str] = field(default_factory=Counter)  # command messages by type
+    answers: Counter[str] = field(default_factory=Counter)  # answers published by state
 
     def total(self) -> int:
         return sum(self.published.values()) + sum(self.frames_written.values())
@@ -107,6 +146,8 @@ class Simulator:
         self.injectors: dict[str, FaultInjector] = {}
         # Serial device id -> what its commands have set (sleep, modes, period).
         self.controls: dict[str, SensorControl] = {}
+        # MQTT device id -> its commands' side (schedule, answers kept).
+        self.commanded: dict[str, DeviceControl] = {}
         phases = send_phases_ms([d.device_id for d in devices], seed=seed, period_ms=period_ms)
         self.phases = {d.device_id: int(p) for d, p in zip(devices, phases, strict=True)}
         # Serial devices get their pty now, so the gateway configs can name them.
@@ -169,65 +210,252 @@ class Simulator:
         return injector
 
     def _next_tick(self, spec: DeviceSpec, after_sim_ms: int) -> int:
+        """The next point of the device's grid (its phase + k periods) after ``after_sim_ms``."""
         phase = self.phases[spec.device_id]
-        steps = (after_sim_ms - phase) // self.period_ms + 1
-        return phase + steps * self.period_ms
+        control = self.commanded.get(spec.device_id)
+        period_ms = control.period_ms if control is not None else self.period_ms
+        steps = (after_sim_ms - phase) // period_ms + 1
+        return phase + steps * period_ms
+
+    def _sim_delay_s(self, sim_s: float) -> float:
+        """Wall-clock seconds that ``sim_s`` simulated seconds take."""
+        return sim_s / self.time_acceleration
 
     async def _mqtt_device(self, spec: DeviceSpec) -> None:
         injector = self._ticks(spec)
+        control = DeviceControl(
+            spec.model,
+            period_ms=self.period_ms,
+            plan=spec.faults,
+            rng=device_rng(spec.model.seed, spec.device_id, "commands"),
+        )
+        self.commanded[spec.device_id] = control
+        link = _Link(tick_ms=self._next_tick(spec, self._sim_now()))
         username, password = self.credentials(spec.device_id)
         status = device_status_topic(spec.device_id, self.prefix)
-        uplink = device_uplink_topic(spec.device_id, self.prefix)
         failures = 0
-        tick = self._next_tick(spec, self._sim_now())
-        while True:
-            try:
-                async with aiomqtt.Client(
-                    self.broker.host or "127.0.0.1",
-                    self.broker.port,
-                    identifier=spec.device_id,
-                    username=username,
-                    password=password,
-                    protocol=aiomqtt.ProtocolVersion.V5,
-                    will=aiomqtt.Will(status, DEVICE_OFFLINE, qos=1, retain=True),
-                    keepalive=30,
-                ) as client:
-                    self.stats.connected += 1
-                    failures = 0
+        try:
+            while True:
+                try:
+                    async with aiomqtt.Client(
+                        self.broker.host or "127.0.0.1",
+                        self.broker.port,
+                        identifier=spec.device_id,
+                        username=username,
+                        password=password,
+                        protocol=aiomqtt.ProtocolVersion.V5,
+                        will=aiomqtt.Will(status, DEVICE_OFFLINE, qos=1, retain=True),
+                        keepalive=30,
+                    ) as client:
+                        self.stats.connected += 1
+                        failures = 0
+                        try:
+                            await client.subscribe(
+                                device_command_topic(spec.device_id, self.prefix), qos=1
+                            )
+                            await client.publish(status, DEVICE_ONLINE, qos=1, retain=True)
+                            link.client = client
+                            link.connected.set()
+                            if link.reboot is not None and link.rebooted:
+                                # Back from a commanded reboot: its job answers now.
+                                link.reboot = None
+                                link.rebooted = False
+                                link.back.set()
+                            await self._connected(spec, client, injector, control, link)
+                        finally:
+                            link.connected.clear()
+                            link.client = None
+                            self.stats.connected -= 1
+                            with contextlib.suppress(aiomqtt.MqttError):
+                                await client.publish(status, DEVICE_OFFLINE, qos=1, retain=True)
+                except aiomqtt.MqttError as exc:
+                    self.stats.publish_failures += 1
+                    failures += 1
+                    delay = backoff_delay_s(
+                        failures,
+                        min_s=RECONNECT_MIN_S,
+                        max_s=RECONNECT_MAX_S,
+                        draw=random.random(),  # noqa: S311 - jitter, not security
+                    )
+                    logger.warning(
+                        "device %s: %s; reconnecting in %.1f s", spec.device_id, exc, delay
+                    )
+                    await asyncio.sleep(delay)
+                    link.tick_ms = self._next_tick(spec, self._sim_now())
+                # Off the broker with a commanded reboot due (the connection was
+                # left for it, or broke meanwhile): off for a while, then up
+                # again with a new boot id and seq from 0.
+                work = link.reboot
+                if work is not None and not link.rebooted:
+                    await asyncio.sleep(self._sim_delay_s(work.duration_s))
+                    spec.model.reboot(self._sim_now())
+                    injector.note_reboot()
+                    link.rebooted = True
+                    link.tick_ms = self._next_tick(spec, self._sim_now())
+        finally:
+            for job in list(link.jobs):
+                job.cancel()
+
+    async def _connected(
+        self,
+        spec: DeviceSpec,
+        client: aiomqtt.Client,
+        injector: FaultInjector,
+        control: DeviceControl,
+        link: _Link,
+    ) -> None:
+        """Readings and commands on one connection; returns when a reboot takes the device down.
+
+        Raises MqttError when the connection breaks (either side sees it).
+        """
+        readings = asyncio.create_task(
+            self._readings(spec, client, injector, control, link),
+            name=f"readings[{spec.device_id}]",
+        )
+        commands = asyncio.create_task(
+            self._commands(spec, client, injector, control, link),
+            name=f"commands[{spec.device_id}]",
+        )
+        try:
+            done, _pending = await asyncio.wait(
+                {readings, commands}, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done:
+                task.result()  # raises what ended it
+        finally:
+            for task in (readings, commands):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await task
+
+    async def _wait_tick(self, sim_ms: int, wake: asyncio.Event) -> bool:
+        """Sleep until simulated ``sim_ms``; False if ``wake`` was set first."""
+        delay_ms = self._sim_to_wall(sim_ms) - self.clock()
+        if delay_ms <= 0:
+            self.stats.late_ms_max = max(self.stats.late_ms_max, -delay_ms)
+            return not wake.is_set()
+        try:
+            await asyncio.wait_for(wake.wait(), delay_ms / 1000)
+        except TimeoutError:
+            return True
+        return False
+
+    async def _readings(
+        self,
+        spec: DeviceSpec,
+        client: aiomqtt.Client,
+        injector: FaultInjector,
+        control: DeviceControl,
+        link: _Link,
+    ) -> None:
+        """Publish readings at the device's ticks until a reboot is due (then return)."""
+        uplink = device_uplink_topic(spec.device_id, self.prefix)
+        last_tick = link.tick_ms - control.period_ms
+        while link.reboot is None:
+            if not await self._wait_tick(link.tick_ms, link.wake):
+                # A command changed the schedule (or a reboot is due): the new
+                # period applies from the last reading; if that point is
+                # past, from now.
+                link.wake.clear()
+                injector.period_ms = control.period_ms
+                tick = self._next_tick(spec, last_tick)
+                now = self._sim_now()
+                link.tick_ms = tick if tick >= now else self._next_tick(spec, now)
+                continue
+            tick = link.tick_ms
+            if control.may_report():
+                for emission in injector.emit(tick):
+                    if emission.payload is None:
+                        continue
+                    await self._sleep_until_sim(emission.at_ms)
                     try:
-                        await client.publish(status, DEVICE_ONLINE, qos=1, retain=True)
-                        while True:
-                            await self._sleep_until_sim(tick)
-                            for emission in injector.emit(tick):
-                                if emission.payload is None:
-                                    continue
-                                await self._sleep_until_sim(emission.at_ms)
-                                try:
-                                    await client.publish(uplink, emission.payload, qos=1)
-                                except aiomqtt.MqttError:
-                                    self._record(spec, emission.uplink, emission, acked=False)
-                                    raise
-                                self.stats.published[spec.device_type] += 1
-                                self._record(spec, emission.uplink, emission, acked=True)
-                                if self.sent is not None and emission.malformed is None:
-                                    self.sent.append((spec.device_id, emission.uplink))
-                            tick = self._next_tick(spec, tick)
-                    finally:
-                        self.stats.connected -= 1
-                        with contextlib.suppress(aiomqtt.MqttError):
-                            await client.publish(status, DEVICE_OFFLINE, qos=1, retain=True)
-            except aiomqtt.MqttError as exc:
-                self.stats.publish_failures += 1
-                failures += 1
-                delay = backoff_delay_s(
-                    failures,
-                    min_s=RECONNECT_MIN_S,
-                    max_s=RECONNECT_MAX_S,
-                    draw=random.random(),  # noqa: S311 - jitter, not security
+                        await client.publish(uplink, emission.payload, qos=1)
+                    except aiomqtt.MqttError:
+                        self._record(spec, emission.uplink, emission, acked=False)
+                        raise
+                    self.stats.published[spec.device_type] += 1
+                    self._record(spec, emission.uplink, emission, acked=True)
+                    if self.sent is not None and emission.malformed is None:
+                        self.sent.append((spec.device_id, emission.uplink))
+            last_tick = tick
+            link.tick_ms = self._next_tick(spec, tick)
+
+    async def _commands(
+        self,
+        spec: DeviceSpec,
+        client: aiomqtt.Client,
+        injector: FaultInjector,
+        control: DeviceControl,
+        link: _Link,
+    ) -> None:
+        """Take the commands on ``d/{id}/cmd``: answer at once, carry out the work in a task."""
+        async for message in client.messages:
+            payload = message.payload
+            raw = bytes(payload) if isinstance(payload, bytes | bytearray) else b""
+            properties = message.properties
+            reply = _Reply(
+                topic=getattr(properties, "ResponseTopic", None)
+                or device_answer_topic(spec.device_id, self.prefix),
+                correlation=getattr(properties, "CorrelationData", None),
+            )
+            self.stats.commands[spec.device_type] += 1
+            decision = control.receive(raw, now_ms=self.clock())
+            if decision.problem:
+                logger.warning("device %s: command refused: %s", spec.device_id, decision.problem)
+            for answer in decision.answers:
+                await self._answer(spec, link, reply, answer)
+            if control.period_ms != injector.period_ms:
+                link.wake.set()
+            if decision.work is not None:
+                job = asyncio.create_task(
+                    self._carry_out(spec, control, link, reply, decision.work),
+                    name=f"command[{spec.device_id}:{decision.work.command.command_id}]",
                 )
-                logger.warning("device %s: %s; reconnecting in %.1f s", spec.device_id, exc, delay)
-                await asyncio.sleep(delay)
-                tick = self._next_tick(spec, self._sim_now())
+                link.jobs.add(job)
+                job.add_done_callback(link.jobs.discard)
+
+    async def _carry_out(
+        self, spec: DeviceSpec, control: DeviceControl, link: _Link, reply: _Reply, work: Work
+    ) -> None:
+        """Do a delivered command's work (a reboot included), then give its final answer."""
+        if work.reboot:
+            link.back.clear()
+            link.reboot = work
+            link.wake.set()
+            await link.back.wait()
+        else:
+            await asyncio.sleep(self._sim_delay_s(work.duration_s))
+        if work.late_s:
+            await asyncio.sleep(self._sim_delay_s(work.late_s))
+        await self._answer(spec, link, reply, control.complete(work))
+
+    async def _answer(
+        self, spec: DeviceSpec, link: _Link, reply: _Reply, answer: DeviceAnswer
+    ) -> None:
+        """Publish an answer on the request's Response Topic, once connected (again)."""
+        properties = answer_properties(reply.correlation)
+        payload = encode_device_answer(answer)
+        while True:
+            await link.connected.wait()
+            client = link.client
+            if client is None:
+                await asyncio.sleep(RECONNECT_MIN_S)
+                continue
+            try:
+                await client.publish(reply.topic, payload, qos=1, properties=properties)
+            except aiomqtt.MqttError as exc:
+                logger.warning("device %s: answer not sent (%s); retrying", spec.device_id, exc)
+                await asyncio.sleep(RECONNECT_MIN_S)
+                continue
+            self.stats.answers[answer.state] += 1
+            logger.debug(
+                "device %s: %s %s %s",
+                spec.device_id,
+                answer.command_id,
+                answer.state,
+                answer.detail,
+            )
+            return
 
     def _record(
         self, spec: DeviceSpec, uplink: DeviceUplink, emission: Emission, *, acked: bool

@@ -279,3 +279,9 @@ def _summary(state: CliState, sim: Simulator) -> None:
         k: v for k, v in msgspec.to_builtins(sim.fault_counters()).items() if v not in (0, {})
     }
     state.console.print(f"injected: {faults}", highlight=False)
+    if sim.stats.commands:
+        state.console.print(
+            f"lệnh đã nhận / commands received: {dict(sim.stats.commands)}  "
+            f"trả lời / answers: {dict(sim.stats.answers)}",
+            highlight=False,
+        )

@@ -77,7 +77,7 @@ def test_default_fleet_from_the_seed_sites() -> None:
         else:
             assert spec.transport == "mqtt"
             assert spec.protocol is None
-        assert spec.faults == FaultPlan()
+        assert spec.faults == fleet.STANDARD_FAULTS
     assert {spec.protocol for spec in specs if spec.protocol} == {"pms5003", "sds011"}
     halls = [s for s in SEED_SITES if s.kind == "service_hall"]
     assert sum(spec.device_type == "kiosk" for spec in specs) >= 2 * len(halls)
