@@ -2,9 +2,11 @@
 
 Pure: ``plan_serial_command`` turns a ``contracts.commands.Command`` into a
 ``SerialPlan`` (the bytes of ``contracts.sensorcommands`` to write, in order,
-and what confirms them); ``judge_written``, ``judge_reply`` and
-``judge_timeout`` turn what then happens on the line into a ``SerialOutcome``
-(a final state, a detail and an answer for the command's report). Writing to
+and what confirms them); ``judge_written``, ``judge_reply``, ``judge_timeout``
+and, after a restart, ``judge_interrupted`` turn what then happens on the
+line into a ``SerialOutcome`` (a final state, a detail and an answer for the
+command's report). The service runs one command at a time per port: a reply
+says which command and setting it answers, not which command id. Writing to
 the port, the clock, the reply timer and the reports themselves are the
 gateway service's (``gateway.serialport.SerialSource.send`` and its
 ``on_replies`` callback).
@@ -70,6 +72,7 @@ from contracts.sensorcommands import (
 SDS011_REPLY_TIMEOUT_S: Final = 3.0
 PMS5003_UNCONFIRMED: Final = "the PMS5003 does not confirm commands"
 NO_REPLY: Final = "no reply"
+INTERRUPTED: Final = "interrupted: the gateway restarted before the sensor answered"
 
 SerialState = Literal["succeeded", "failed"]
 _REPORTING_MODES: Final = ("active", "query")
@@ -231,9 +234,7 @@ def judge_written(plan: SerialPlan) -> SerialOutcome | None:
     if plan.confirms:
         return None
     return SerialOutcome(
-        state=CommandState.SUCCEEDED,
-        detail=f"written; {PMS5003_UNCONFIRMED}",
-        answer=dict(plan.answer),
+        state=CommandState.SUCCEEDED, detail=PMS5003_UNCONFIRMED, answer=dict(plan.answer)
     )
 
 
@@ -277,3 +278,12 @@ def judge_timeout(plan: SerialPlan, seen: Sequence[Sds011Reply] = ()) -> SerialO
             detail += f" (it last said: {_says(plan, reply.data[1])})"
             break
     return SerialOutcome(state=CommandState.FAILED, detail=detail)
+
+
+def judge_interrupted() -> SerialOutcome:
+    """'failed': a command found half done after a restart (written or not, unconfirmed).
+
+    It is not written again: the sensor may have obeyed it, and its ttl may
+    be long past the operator's intent.
+    """
+    return SerialOutcome(state=CommandState.FAILED, detail=INTERRUPTED)

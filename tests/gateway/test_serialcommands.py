@@ -28,6 +28,7 @@ from gateway.serialcommands import (
     PMS5003_UNCONFIRMED,
     SDS011_REPLY_TIMEOUT_S,
     SerialPlan,
+    judge_interrupted,
     judge_reply,
     judge_timeout,
     judge_written,
@@ -247,13 +248,19 @@ def test_pms5003_succeeds_once_written_and_never_takes_a_reply() -> None:
     outcome = judge_written(plan)
     assert outcome is not None
     assert outcome.state == "succeeded"
-    assert PMS5003_UNCONFIRMED in outcome.detail
+    assert outcome.detail == PMS5003_UNCONFIRMED == "the PMS5003 does not confirm commands"
     assert outcome.answer == {"working": False}
     assert judge_reply(plan, reply(6, 1, 0)) is None
 
 
 def test_sds011_waits_for_its_reply_once_written() -> None:
     assert judge_written(period_plan()) is None
+
+
+def test_a_command_interrupted_by_a_restart_fails() -> None:
+    outcome = judge_interrupted()
+    assert outcome.state == "failed"
+    assert outcome.detail == "interrupted: the gateway restarted before the sensor answered"
 
 
 @pytest.mark.parametrize(

@@ -240,7 +240,7 @@ def test_pms5003_sleeps_wakes_and_switches_mode_unconfirmed() -> None:
     run_sensor("pms5003", script)
     for outcome in outcomes.values():
         assert outcome.state == "succeeded"
-        assert "the PMS5003 does not confirm commands" in outcome.detail
+        assert outcome.detail == "the PMS5003 does not confirm commands"
     assert seen["active"] >= 20
     assert seen["asleep"] == 0
     assert seen["woken"] >= 20
