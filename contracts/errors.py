@@ -47,7 +47,8 @@ move on) versus *unavailable* (retryable: back off and try again).
      |    +-- GrafanaUnavailableError  Grafana did not answer, or answered with a server error
      |    +-- OutboxUnavailableError   the outbox cannot be written now (disk full, I/O, locked)
      |    +-- AlertmanagerUnavailableError  Alertmanager did not answer, or answered with a
-     |                                 server error
+     |    |                            server error
+     |    +-- SerialUnavailableError   a serial port is not open now, or a write to it failed
      +-- BrokerControlError            a broker refused a control (dynamic-security) command
      +-- BrokerRefusedError            a broker refused a connection (credentials, client id)
      +-- GrafanaRefusedError           Grafana refused a request (credentials, permissions)
@@ -328,6 +329,13 @@ class GrafanaRefusedError(HubError):
 
 class AlertmanagerUnavailableError(UnavailableError):
     """Alertmanager did not answer, or answered with a server error; post again later."""
+
+
+class SerialUnavailableError(UnavailableError):
+    """A serial port is not open now, or writing to it failed; try again later.
+
+    Nothing, or not all of it, was written. The port is reopened with backoff.
+    """
 
 
 class AlertmanagerRefusedError(HubError):

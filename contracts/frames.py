@@ -60,7 +60,8 @@ e.g. ``AA C5 06 01 00 00 A1 60 08 AB``: sensor A160 set to sleep.
 judged like data frames (tail, then checksum; a bad one is a length or
 checksum error and skips one byte), so ``consumed == (frames + replies) *
 10 + garbage_bytes``; ``FrameDecoder.feed_all`` returns them beside the
-frames, and ``feed`` (the gateway's) returns frames only and counts replies.
+frames (the gateway's serial source uses it when it wants replies), and
+``feed`` returns frames only and counts replies.
 The PMS5003 manual documents no answer to its host commands (appendix II:
 0xE1 mode, 0xE4 sleep; 0xE2 passive read is answered with a data frame);
 the 8 bytes ``42 4D 00 04 ...`` real sensors are seen to send count as a
@@ -468,8 +469,8 @@ class FrameDecoder:
 
     ``feed`` returns the frames completed by the new bytes, in order;
     ``feed_all`` returns those and the SDS011 command replies completed too
-    (``feed`` counts replies in ``replies`` and drops them: the gateway sends
-    no commands yet). The counters are cumulative since construction. The kept tail is always
+    (``feed`` counts replies in ``replies`` and drops them: for a reader that
+    sends no commands). The counters are cumulative since construction. The kept tail is always
     shorter than one frame (the ``decode_*`` functions keep at most a
     started frame), and ``feed`` enforces that bound as well, so no input can
     grow the decoder's memory.

@@ -51,7 +51,8 @@ Encoders raise ValueError on arguments outside the documents' ranges; the
 decoders resynchronise the way ``contracts.frames`` does (its ``scan_frames``)
 and never raise: a malformed command is counted and skipped, as a sensor
 ignores it. Acting on a command is the simulator's (``firmware_sim``);
-delivering commands from the centre is not done yet.
+choosing the frames for a catalog command and judging the reply are the
+gateway's (``gateway.serialcommands``).
 """
 
 from __future__ import annotations
