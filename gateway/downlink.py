@@ -206,10 +206,11 @@ class CommandDownlink:
         await asyncio.to_thread(self.outbox.apply_changes, changes, self.clock())
         counters = self.counters
         for change in changes:
+            before = self.held.get(change.held.command_id)
             self.held[change.held.command_id] = change.held
             report = change.report
-            if report is None:
-                continue
+            if report is None or (before is not None and before.state == change.held.state):
+                continue  # a report due again changes nothing
             state = report.state
             if state == CommandState.SUCCEEDED:
                 counters.commands_succeeded += 1
