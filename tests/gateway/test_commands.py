@@ -41,6 +41,8 @@ from contracts.topics import (
     device_command_topic,
     device_status_topic,
 )
+from devices import dynsec
+from devices.brokerctl import BrokerControl
 from tests.gateway.test_faults import gateway_config_file, start_gateway_process
 from tests.plugins.gateway import (
     broker_settings,
@@ -295,36 +297,68 @@ def test_commands_wait_for_an_offline_device_expire_or_are_cancelled_meanwhile(
     pub.disconnect()
 
 
-def test_an_answer_naming_another_devices_command_is_rejected(mqtt_server, tmp_path, ids):
-    """A device may only publish under d/{its id}/ (broker ACL); the gateway refuses the rest."""
+def _device_account_client(mqtt_server: MosquittoServer, device_id: str, prefix: str, published):
+    """Device ``device_id`` with its own broker account (dynamic security: its ACL applies)."""
+    account = dynsec.device_account(device_id, prefix)
+    password = uuid.uuid4().hex
+    with BrokerControl(name="site", broker=broker_settings(mqtt_server)) as control:
+        control.run(dynsec.create_account(account, password))
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=account.client_id, protocol=mqtt.MQTTv5)
+    c.username_pw_set(account.username, password)
+    c.on_publish = lambda _c, _u, mid, reason, _p: published.append((mid, reason.value))
+    c.connect("127.0.0.1", mqtt_server.port)
+    c.loop_start()
+    return c, account
+
+
+def test_an_answer_naming_another_devices_command_is_refused_or_rejected(
+    mqtt_server, tmp_path, ids
+):
+    """Device b may publish under d/b/ only (broker ACL); an answer there naming a's command
+    is rejected by the gateway."""
     gateway_id, prefix, devices, pub = _setup(mqtt_server, ids, n_devices=2)
     a, b = devices[0].device_id, devices[1].device_id
     centre = Centre(mqtt_server, gateway_id=gateway_id, prefix=prefix)
     device = Device(mqtt_server, a, prefix)
     device.answering = False
     device.online()
+    published: list[tuple[int, int]] = []
+    other, account = _device_account_client(mqtt_server, b, prefix, published)
     server = broker_settings(mqtt_server)
-    with gateway_in_thread(
-        settings=gateway_settings(gateway_id, prefix),
-        central=server,
-        site=server,
-        outbox=tmp_path / "outbox.sqlite3",
-    ) as gw:
-        cmd = kiosk_command(a)
-        centre.send([cmd], [])
-        wait_for(lambda: device.got(cmd.command_id) == 1, 10, "the command at its device")
-        forged = DeviceAnswer(command_id=cmd.command_id, state="succeeded")
-        pub.publish(device_answer_topic(b, prefix), encode_device_answer(forged), qos=1)
-        pub.publish(device_answer_topic(a, prefix), b"{not json", qos=1)
-        wait_for(lambda: gw.counters.rejects["unknown_command"] == 1, 10, "the forged answer")
-        wait_for(lambda: gw.counters.rejects["malformed"] == 1, 10, "the malformed answer")
-        assert gw.counters.device_rejects[b, "unknown_command"] == 1
-        time.sleep(0.5)
-        assert centre.states(cmd.command_id) == ["sent"]
-        assert gw.downlink.held[cmd.command_id].state == "delivering"
-    centre.close()
-    device.close()
-    pub.disconnect()
+    try:
+        with gateway_in_thread(
+            settings=gateway_settings(gateway_id, prefix),
+            central=server,
+            site=server,
+            outbox=tmp_path / "outbox.sqlite3",
+        ) as gw:
+            cmd = kiosk_command(a)
+            centre.send([cmd], [])
+            wait_for(lambda: device.got(cmd.command_id) == 1, 10, "the command at its device")
+            forged = encode_device_answer(
+                DeviceAnswer(command_id=cmd.command_id, state="succeeded")
+            )
+            # On a's answer topic: the broker's ACL keeps it from the gateway.
+            other.publish(device_answer_topic(a, prefix), forged, qos=1)
+            wait_for(lambda: len(published) == 1, 10, "the broker's PUBACK")
+            # On its own: the gateway refuses an answer for a command b was not given.
+            other.publish(device_answer_topic(b, prefix), forged, qos=1)
+            pub.publish(device_answer_topic(a, prefix), b"{not json", qos=1)
+            wait_for(lambda: gw.counters.rejects["unknown_command"] == 1, 10, "the forged answer")
+            wait_for(lambda: gw.counters.rejects["malformed"] == 1, 10, "the malformed answer")
+            assert gw.counters.device_rejects[b, "unknown_command"] == 1
+            time.sleep(0.5)
+            assert gw.counters.rejects["unknown_command"] == 1  # the one on a's topic never came
+            assert centre.states(cmd.command_id) == ["sent"]
+            assert gw.downlink.held[cmd.command_id].state == "delivering"
+    finally:
+        other.disconnect()
+        other.loop_stop()
+        with BrokerControl(name="site", broker=broker_settings(mqtt_server)) as control:
+            control.run(dynsec.delete_account(account))
+        centre.close()
+        device.close()
+        pub.disconnect()
 
 
 def test_gateway_kill_9_while_a_command_is_at_its_device_publishes_it_again(mqtt_server, tmp_path):
