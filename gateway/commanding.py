@@ -156,14 +156,16 @@ def _admit(
     return Change(held, make_report(checked, checked.device_id, CommandState.SENT, now_ms))
 
 
-def again(held: Held, now_ms: int) -> Change:
+def again(held: Held, now_ms: int, device_id: str | None = None) -> Change:
     """A copy of a held command: nothing changes; its current state's report is due again.
 
     The store keeps one report per id, so a report not yet acked is not
     doubled; one acked long ago is sent again, for a centre that lost it.
+    ``device_id``: the copy's, for a cancel tombstone that did not know it.
     """
     state = public_state(held.state)
-    return Change(held, make_report(held.command_id, held.device_id, state, now_ms))
+    device = device_id or held.device_id
+    return Change(held, make_report(held.command_id, device, state, now_ms))
 
 
 def receive_commands(
@@ -189,7 +191,8 @@ def receive_commands(
     for command in message.commands:
         current = seen.get(command.command_id)
         if current is not None:
-            change = again(current, now_ms)
+            # A cancel tombstone learns the device from the late command.
+            change = again(current, now_ms, command.device_id)
         else:
             change = _admit(
                 command, devices=devices, types=types, gateway_id=gateway_id, now_ms=now_ms

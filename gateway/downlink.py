@@ -17,7 +17,7 @@ broker has granted the gateway its answer topic, the command is stored as
 ``delivering``, then published on ``d/{id}/cmd`` with the Response Topic
 ``d/{id}/res`` and the command id as Correlation Data. After a restart (or a
 site reconnect before the PUBACK), a command handed over but not answered is
-published again unchanged. Serial sensors: ``deliver_serial`` is the hook
+published again unchanged. Serial sensors: ``_deliver_serial`` is the hook
 that carries a command to a serial port; until the serial command frames are
 wired it fails the command, saying so.
 
@@ -330,8 +330,11 @@ class CommandDownlink:
             d.transport == "serial" for d in devices.values()
         ):
             return
+        waiting = {h.device_id for h in self.held.values() if is_active(h)}
+        if not waiting:
+            return
         now = self.clock()
-        online = {d for d, dev in devices.items() if self._reachable(dev)}
+        online = {d for d in waiting if self._reachable(devices.get(d))}
         todo = deliverable(self.held.values(), online=online, now_ms=now)
         generation = self.site.generation
         # Handed over on an earlier run, or on a connection that dropped before its PUBACK.
@@ -346,7 +349,7 @@ class CommandDownlink:
         for held in [*todo, *again]:
             device = devices[held.device_id]
             if device.transport == "serial":
-                await self.deliver_serial(held, device)
+                await self._deliver_serial(held, device)
                 continue
             await self._publish(held, device)
 
@@ -378,7 +381,7 @@ class CommandDownlink:
             device.device_id,
         )
 
-    async def deliver_serial(self, held: Held, device: DeviceConfig) -> None:
+    async def _deliver_serial(self, held: Held, device: DeviceConfig) -> None:
         """Carry a command to a serial sensor: not wired yet, so it fails, saying so."""
         change = fail(held, SERIAL_NOT_WIRED, self.clock())
         if change is not None:

@@ -416,10 +416,14 @@ class Gateway:
             return track is not None and track.online
 
     def _reject(self, reason: str, device_id: str, detail: str, payload: bytes) -> None:
-        """Count a reject of the command path as the reading path counts its own."""
+        """Count a reject of the command path as the reading path counts its own.
+
+        It reaches the counters, /metrics and the state message's rejects.
+        """
         with self.lock:
             self.router.reject(reason, device_id, detail, payload, self.clock())
-        self._log_events()
+            # The downlink logged it in its own words (an answer, not a reading).
+            self.router.events.pop()
 
     def _on_site_refused(self, refused: list[tuple[str, int]]) -> None:
         """A SUBACK refused some topics (event loop): log them by device."""

@@ -133,6 +133,7 @@ def test_a_cancel_for_an_unknown_id_leaves_a_tombstone_that_refuses_the_late_com
     assert late.held.state == "cancelled"
     assert late.report is not None
     assert late.report.report_id == "c-late.cancelled"
+    assert late.report.device_id == "k-1"
 
 
 def test_a_command_and_its_cancel_in_one_message_end_cancelled():

@@ -249,6 +249,11 @@ def test_a_command_reaches_its_device_once_and_its_reports_stay_until_acked(
         assert gw.counters.commands_received == 2
         assert gw.counters.commands_delivered == 1
         assert gw.counters.commands_succeeded == 1
+
+        # A malformed message from the centre is a counted reject, and nothing else.
+        pub.publish(command_topic(gateway_id, prefix), b"{not json", qos=1)
+        wait_for(lambda: gw.counters.rejects["malformed"] == 1, 10, "the malformed commands")
+        assert gw.counters.commands_received == 2
     centre.close()
     device.close()
     pub.disconnect()
