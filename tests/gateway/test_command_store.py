@@ -56,3 +56,70 @@ def test_a_command_and_its_report_survive_a_reopen_and_leave_only_on_ack(tmp_pat
     outbox.prune_commands(["c-2"])
     assert {h.command_id for h in outbox.load_commands()} == {"c-1"}
     outbox.close()
+
+
+def test_a_command_the_site_broker_refuses_fails_with_the_reason_code(tmp_path):
+    """The PUBACK bookkeeping without a broker: packet id -> command -> failed, reported."""
+    import asyncio
+    from typing import Any, cast
+
+    from contracts.messages import GatewayConfig
+    from contracts.mqttcodec import Puback
+    from contracts.settings import BrokerSettings
+    from gateway.service import Gateway
+    from tests.plugins.gateway import gateway_settings, mqtt_devices
+
+    (device,) = mqtt_devices("tpub", 1)
+    nowhere = BrokerSettings(host="127.0.0.1", port=1)
+    gw = Gateway(
+        settings=gateway_settings("gw-pub", "tpub"),
+        central=nowhere,
+        site=nowhere,
+        outbox_path=tmp_path / "o.sqlite3",
+    )
+    try:
+        gw.apply_config(
+            GatewayConfig(gateway_id="gw-pub", version=1, site_id="s", devices=[device]),
+            persist=False,
+        )
+        held = start_delivery(
+            Held(
+                "c-1",
+                device.device_id,
+                Command(
+                    command_id="c-1",
+                    device_id=device.device_id,
+                    name="open_queue",
+                    args={},
+                    ttl_s=600,
+                    created_ms=gw.clock(),
+                ),
+                "sent",
+                gw.clock() + 600_000,
+            ),
+            timeout_s=30,
+            now_ms=gw.clock(),
+        ).held
+        downlink = gw.downlink
+        downlink.held["c-1"] = held
+
+        async def refused() -> None:
+            task = asyncio.create_task(downlink.run())
+            while downlink._events is None:
+                await asyncio.sleep(0.01)
+            downlink._inflight = {7: "c-1"}
+            downlink._inflight_generation = gw.site.generation
+            # As the site link hands over a PUBACK with reason code 0x87.
+            gw.site.on_control(cast(Any, None), Puback(7, 0x87))
+            while downlink.held["c-1"].state == DELIVERING:
+                await asyncio.sleep(0.01)
+            task.cancel()
+
+        asyncio.run(asyncio.wait_for(refused(), 10))
+        assert downlink.held["c-1"].state == "failed"
+        (due,) = gw.outbox.due_reports(gw.clock(), resend_after_ms=0, limit=10)
+        assert due.report.report_id == "c-1.failed"
+        assert "0x87 (not authorized)" in due.report.detail
+        assert gw.counters.commands_failed == 1
+    finally:
+        gw.outbox.close()
