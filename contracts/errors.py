@@ -34,6 +34,7 @@ move on) versus *unavailable* (retryable: back off and try again).
      |    +-- AlertClosedError         the alert is cleared and acknowledged: nothing to assign
      |    +-- CommandRefusedError      a command request the device type's catalog entry refuses
      |    |                            (names the type, the command and the arg)
+     |    +-- UnknownCommandError      an answer or report for a command id not held for its sender
      |    +-- ProvisioningError        a technician's request the registry refuses
      |         +-- NotFoundError       unknown site, gateway or device
      |         +-- AlreadyExistsError  the id is taken (also by a revoked device)
@@ -246,6 +247,12 @@ class CommandRefusedError(InputError):
         self.command = command
         self.arg = arg
         self.problem = problem
+
+
+class UnknownCommandError(InputError):
+    """An answer or report naming a command its sender was never given."""
+
+    reason = "unknown_command"
 
 
 class ProvisioningError(InputError):

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from contracts.messages import DeviceConfig, GatewayConfig
-from contracts.topics import device_status_topic, device_uplink_topic
+from contracts.topics import device_answer_topic, device_status_topic, device_uplink_topic
 
 # topic -> (device, is the status topic), for enabled MQTT devices.
 Routes = dict[str, tuple[DeviceConfig, bool]]
@@ -61,6 +61,11 @@ def device_topics(device_ids: Iterable[str], prefix: str) -> list[str]:
         topics.append(device_uplink_topic(device_id, prefix))
         topics.append(device_status_topic(device_id, prefix))
     return topics
+
+
+def answer_topics(device_ids: Iterable[str], prefix: str) -> list[str]:
+    """One answer subscription (commands' responses) per device, in id order."""
+    return [device_answer_topic(device_id, prefix) for device_id in sorted(device_ids)]
 
 
 def served_device_ids(routes: Routes, granted: frozenset[str]) -> set[str]:

@@ -39,3 +39,12 @@ class GatewayCounters:
     outbox_refused_readings: int = 0
     outbox_dropped_readings: int = 0
     configs_applied: int = 0
+    commands_received: int = 0
+    commands_delivered: int = 0
+    commands_succeeded: int = 0
+    commands_failed: int = 0
+    commands_expired: int = 0
+    commands_cancelled: int = 0
+    command_reports_published: int = 0
+    command_reports_resent: int = 0
+    command_reports_acked: int = 0

@@ -42,6 +42,15 @@ _COUNTERS = {
     "outbox_refused_readings": "Serial readings refused while the outbox was full",
     "outbox_dropped_readings": "Oldest readings dropped because the outbox was full",
     "configs_applied": "Config versions applied",
+    "commands_received": "Commands received from the centre (copies included)",
+    "commands_delivered": "Commands handed to their device (first publish or frame)",
+    "commands_succeeded": "Commands their device carried out",
+    "commands_failed": "Commands failed (refused, no answer, the device said so)",
+    "commands_expired": "Commands whose ttl passed before they reached the device",
+    "commands_cancelled": "Commands cancelled before they reached the device",
+    "command_reports_published": "Command reports published (first sends and resends)",
+    "command_reports_resent": "Command report resends after a missing ack",
+    "command_reports_acked": "Command reports acked by ingest",
 }
 
 
@@ -51,6 +60,8 @@ _GAUGES = {
     "outbox_bytes": "Payload bytes in the outbox",
     "devices_online": "Devices online",
     "uplink_connected": "Uplink up",
+    "command_reports_pending": "Command reports waiting for ingest's ack",
+    "commands_held": "Commands held and not yet final",
 }
 
 

@@ -16,6 +16,12 @@ deletes the oldest batches to make room and counts their readings as
 dropped. The counters are kept in the database, so they survive restarts
 and are reported, never silent.
 
+The same file holds the commands the gateway was given (``commands``) and
+the reports it owes the centre (``reports``): a command's new state and its
+report are written in one fsynced transaction (``apply_changes``); a report
+leaves when an ack names its report id (``ack_reports``). What the states
+mean is ``gateway.commanding``'s business.
+
 Blocking calls (fsync): the service runs them in a worker thread. Opening
 the file and translating SQLite's errors (disk full, read-only, corrupt)
 into ``contracts.errors`` is ``adapters.sqlite``'s business.
@@ -30,9 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import msgspec
+
 from adapters.sqlite import SqliteErrors, open_outbox_database
+from contracts.commands import CommandReport, decode_command, encode_command
 from contracts.errors import OutboxFullError
 from contracts.messages import payload_digest
+from gateway.commanding import Change, Held
 
 FullPolicy = Literal["refuse", "drop_oldest"]
 
@@ -54,6 +64,22 @@ CREATE TABLE IF NOT EXISTS counters (
 CREATE TABLE IF NOT EXISTS documents (
     name TEXT PRIMARY KEY,
     body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS commands (
+    command_id TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    body BLOB NOT NULL,              -- the Command's JSON; empty for a cancel tombstone
+    state TEXT NOT NULL,             -- gateway.commanding: a command state or 'delivering'
+    expires_ms INTEGER NOT NULL,
+    delivered_ms INTEGER,            -- last handed to the device
+    deadline_ms INTEGER              -- no final answer by then: failed
+);
+CREATE TABLE IF NOT EXISTS reports (
+    id INTEGER PRIMARY KEY,          -- insertion order: oldest first
+    report_id TEXT NOT NULL UNIQUE,
+    body BLOB NOT NULL,              -- the CommandReport's JSON
+    created_ms INTEGER NOT NULL,
+    sent_ms INTEGER                  -- last publish, NULL if never sent
 );
 """
 
@@ -88,6 +114,16 @@ class PutResult:
     dropped_readings: int
 
 
+@dataclass(frozen=True)
+class DueReport:
+    report: CommandReport
+    resend: bool  # sent before and not acked
+
+
+_REPORT_ENCODER = msgspec.json.Encoder()
+_REPORT_DECODER = msgspec.json.Decoder(CommandReport)
+
+
 class Outbox:
     """One SQLite file; safe to call from several threads (one lock, one connection)."""
 
@@ -106,7 +142,9 @@ class Outbox:
                 "SELECT count(*), coalesce(sum(readings), 0), coalesce(sum(length(payload)), 0) "
                 "FROM batches"
             ).fetchone()
+            reports = self._db.execute("SELECT count(*) FROM reports").fetchone()[0]
         self._depth = OutboxDepth(batches=row[0], readings=row[1], bytes=row[2])
+        self._reports_pending = int(reports)
 
     def close(self) -> None:
         with self._lock, self._errors:
@@ -291,3 +329,131 @@ class Outbox:
                 bytes=depth.bytes - removed_bytes,
             )
         return AckResult(removed_batches, removed_readings, mismatched)
+
+    # -- commands and their reports ---------------------------------------------------
+
+    def reports_pending(self) -> int:
+        """Reports stored and not yet acked (no I/O)."""
+        return self._reports_pending
+
+    def load_commands(self) -> list[Held]:
+        """Every command held or remembered, as stored."""
+        with self._lock, self._errors:
+            rows = self._db.execute(
+                "SELECT command_id, device_id, body, state, expires_ms, delivered_ms, deadline_ms "
+                "FROM commands"
+            ).fetchall()
+        held = []
+        for command_id, device_id, body, state, expires_ms, delivered_ms, deadline_ms in rows:
+            # Written by this gateway after its own check: decoding cannot refuse it.
+            command = decode_command(bytes(body)) if body else None
+            held.append(
+                Held(
+                    command_id=command_id,
+                    device_id=device_id,
+                    command=command,
+                    state=state,
+                    expires_ms=expires_ms,
+                    delivered_ms=delivered_ms,
+                    deadline_ms=deadline_ms,
+                )
+            )
+        return held
+
+    def apply_changes(self, changes: list[Change], now_ms: int) -> int:
+        """Store each command's new record and its report in one fsynced transaction.
+
+        A report already stored (by report id) is kept as it is. Returns the
+        reports added.
+        """
+        if not changes:
+            return 0
+        added = 0
+        with self._lock, self._errors:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for change in changes:
+                    h = change.held
+                    self._db.execute(
+                        "INSERT INTO commands (command_id, device_id, body, state, expires_ms, "
+                        "delivered_ms, deadline_ms) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                        "ON CONFLICT (command_id) DO UPDATE SET state = excluded.state, "
+                        "delivered_ms = excluded.delivered_ms, deadline_ms = excluded.deadline_ms",
+                        (
+                            h.command_id,
+                            h.device_id,
+                            encode_command(h.command) if h.command is not None else b"",
+                            h.state,
+                            h.expires_ms,
+                            h.delivered_ms,
+                            h.deadline_ms,
+                        ),
+                    )
+                    if change.report is not None:
+                        cursor = self._db.execute(
+                            "INSERT INTO reports (report_id, body, created_ms) VALUES (?, ?, ?) "
+                            "ON CONFLICT (report_id) DO NOTHING",
+                            (
+                                change.report.report_id,
+                                _REPORT_ENCODER.encode(change.report),
+                                now_ms,
+                            ),
+                        )
+                        added += cursor.rowcount
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            self._reports_pending += added
+        return added
+
+    def prune_commands(self, command_ids: list[str]) -> None:
+        """Forget final commands (not fsynced: a pruned tombstone coming back is harmless)."""
+        if not command_ids:
+            return
+        with self._lock, self._errors, self._relaxed():
+            self._db.executemany(
+                "DELETE FROM commands WHERE command_id = ?", [(cid,) for cid in command_ids]
+            )
+
+    def due_reports(self, now_ms: int, *, resend_after_ms: int, limit: int) -> list[DueReport]:
+        """Oldest reports never sent, or sent longer than ``resend_after_ms`` ago."""
+        with self._lock, self._errors:
+            rows = self._db.execute(
+                "SELECT body, sent_ms FROM reports WHERE sent_ms IS NULL OR sent_ms <= ? "
+                "ORDER BY id LIMIT ?",
+                (now_ms - resend_after_ms, limit),
+            ).fetchall()
+        return [DueReport(_REPORT_DECODER.decode(body), sent is not None) for body, sent in rows]
+
+    def mark_reports_sent(self, report_ids: list[str], now_ms: int) -> None:
+        """Record a publish, without an fsync: after a crash everything is resent anyway."""
+        if not report_ids:
+            return
+        with self._lock, self._errors, self._relaxed():
+            self._db.executemany(
+                "UPDATE reports SET sent_ms = ? WHERE report_id = ?",
+                [(now_ms, rid) for rid in report_ids],
+            )
+
+    def reset_reports_sent(self) -> None:
+        """After a reconnect: every unacked report is due again at once."""
+        with self._lock, self._errors:
+            self._db.execute("UPDATE reports SET sent_ms = NULL WHERE sent_ms IS NOT NULL")
+
+    def ack_reports(self, report_ids: list[str]) -> int:
+        """Delete the acked reports; an id not held is ignored. Returns how many left."""
+        if not report_ids:
+            return 0
+        # Not fsynced: an ack lost to a power cut means a resend, stored once by ingest.
+        with self._lock, self._errors, self._relaxed():
+            self._db.execute("BEGIN IMMEDIATE")
+            removed = 0
+            for rid in dict.fromkeys(report_ids):
+                removed += self._db.execute(
+                    "DELETE FROM reports WHERE report_id = ?", (rid,)
+                ).rowcount
+            self._db.execute("COMMIT")
+            self._reports_pending -= removed
+        return removed

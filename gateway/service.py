@@ -28,7 +28,12 @@ Wiring (docs/architecture.md, sections 1, 3 and 5):
 - ``state`` task: the retained birth/state message (its Will is the death),
   each periodic one carrying the rejects counted since the previous one;
 - ``expiry`` task: devices silent past their type's ``offline_after_s`` (or
-  ``no_data_timeout_s`` when set) go offline.
+  ``no_data_timeout_s`` when set) go offline;
+- ``commands`` and ``command-reports`` tasks (``gateway.downlink``): commands
+  from the central broker's command topic are held in the outbox file,
+  published to their MQTT devices when online (each device's answers come on
+  ``d/{id}/res``, routed off the reading path by topic), and the states they
+  reach reported back until ingest's acks name them.
 
 The decisions are the pure ``gateway.routing.Router`` (routing, per-device
 state, ack generations, the ready queue) and ``gateway.configdiff`` (what a
@@ -78,6 +83,7 @@ from contracts.settings import BrokerSettings, GatewaySettings
 from contracts.topics import (
     ack_topic,
     batch_topic,
+    command_topic,
     config_topic,
     parse_device_topic,
     state_topic,
@@ -85,14 +91,16 @@ from contracts.topics import (
 from gateway.batching import BatchBuilder
 from gateway.configdiff import (
     ConfigDiff,
+    answer_topics,
     device_topics,
     mqtt_device_ids,
     serial_changes,
     served_device_ids,
 )
 from gateway.counters import GatewayCounters
+from gateway.downlink import CommandDownlink
 from gateway.outbox import Outbox
-from gateway.routing import Fitting, Ready, Rejected, Router, fit_ready
+from gateway.routing import Fitting, Ready, Rejected, Router, StatusChanged, fit_ready
 from gateway.sitelink import SITE_MAX_PACKET_BYTES, SiteLink
 from gateway.tracking import DeviceTracker
 
@@ -117,6 +125,8 @@ UPLINK_MAX_PACKET_BYTES = 1024 * 1024 + 64 * 1024
 # Batches the uplink may have in flight without a PUBACK, as far as paho is
 # concerned: max_inflight_batches bounds them first.
 UPLINK_MAX_INFLIGHT = 1000
+# Device answers to commands arrive on d/{id}/res (contracts.topics).
+_ANSWER_SUFFIX = "/res"
 
 
 def outbox_path(settings: GatewaySettings, state_dir: Path) -> Path:
@@ -177,6 +187,20 @@ class Gateway:
         self._init_tasks()
         self.central = self._uplink(central)
         self.site = self._site_link(site)
+        self.downlink = CommandDownlink(
+            gateway_id=self.gateway_id,
+            prefix=self.prefix,
+            outbox=self.outbox,
+            site=self.site,
+            central=self.central,
+            counters=self.counters,
+            clock=clock,
+            devices=lambda: self.router.devices,
+            configured=lambda: self.router.config is not None,
+            online=self._online,
+            reject=self._reject,
+            ack_timeout_s=settings.ack_timeout_s,
+        )
         self._restore_config()
 
     def _init_tasks(self) -> None:
@@ -208,6 +232,7 @@ class Gateway:
             subscriptions=[
                 ack_topic(self.gateway_id, self.prefix),
                 config_topic(self.gateway_id, self.prefix),
+                command_topic(self.gateway_id, self.prefix),
             ],
             max_packet_bytes=UPLINK_MAX_PACKET_BYTES,
             max_inflight=UPLINK_MAX_INFLIGHT,
@@ -238,6 +263,7 @@ class Gateway:
             on_subscribed=self.publish_state,
             on_refused=self._on_site_refused,
             on_too_large=self._on_site_too_large,
+            on_puback=self._on_site_puback,
         )
 
     def _restore_config(self) -> None:
@@ -373,7 +399,31 @@ class Gateway:
         # broker, and a gateway must not see (or reject) its neighbours' devices.
         with self.lock:
             ids = mqtt_device_ids(self.router.devices.values())
-        self.site.subscribe(device_topics(ids, self.prefix))
+        self.site.subscribe(self._site_topics(ids))
+
+    def _on_site_puback(self, packet_id: int, reason_code: int) -> None:
+        # Only commands are published on the site link.
+        self.downlink.on_puback(packet_id, reason_code)
+
+    def _site_topics(self, device_ids: set[str] | frozenset[str]) -> list[str]:
+        """Each MQTT device's uplink, status and (commands') answer topics."""
+        return device_topics(device_ids, self.prefix) + answer_topics(device_ids, self.prefix)
+
+    def _online(self, device_id: str) -> bool:
+        """The tracker's view: its status says online, or a reading within its timeout."""
+        with self.lock:
+            track = self.router.tracker.devices.get(device_id)
+            return track is not None and track.online
+
+    def _reject(self, reason: str, device_id: str, detail: str, payload: bytes) -> None:
+        """Count a reject of the command path as the reading path counts its own.
+
+        It reaches the counters, /metrics and the state message's rejects.
+        """
+        with self.lock:
+            self.router.reject(reason, device_id, detail, payload, self.clock())
+            # The downlink logged it in its own words (an answer, not a reading).
+            self.router.events.pop()
 
     def _on_site_refused(self, refused: list[tuple[str, int]]) -> None:
         """A SUBACK refused some topics (event loop): log them by device."""
@@ -411,11 +461,22 @@ class Gateway:
             self._flush_now.set()
 
     def _on_site_messages(self, publishes: list[Publish]) -> None:
-        """Messages of one socket read, in order, on the event loop."""
+        """Messages of one socket read, in order, on the event loop.
+
+        Answers to commands (``.../res``) go to the downlink, the rest to the router.
+        """
+        answers = [p for p in publishes if p[0].endswith(_ANSWER_SUFFIX)]
+        if answers:
+            self.downlink.on_answers(answers, self.site.generation)
+            publishes = [p for p in publishes if not p[0].endswith(_ANSWER_SUFFIX)]
+            if not publishes:
+                return
         now = self.clock()
         with self.lock:
             ready = self.router.site_messages(publishes, generation=self.site.generation, now=now)
         if self.router.events:
+            if any(isinstance(e, StatusChanged) and e.online for e in self.router.events):
+                self.downlink.wake()
             self._log_events()
         if ready and self._flush_now is not None:
             self._flush_now.set()
@@ -475,6 +536,8 @@ class Gateway:
             # Everything unacked is due again: what was in flight may be lost.
             # (The link subscribes to the ack and config topics itself on every connect.)
             await asyncio.to_thread(self.outbox.reset_sent)
+            await asyncio.to_thread(self.outbox.reset_reports_sent)
+            self.downlink.wake_reports()
             self.publish_state()
             self._wake()
         elif message.topic == ack_topic(self.gateway_id, self.prefix):
@@ -484,6 +547,8 @@ class Gateway:
                 logger.warning("malformed ack ignored: %s", exc)
                 return
             await asyncio.to_thread(self._apply_ack, ack)
+        elif message.topic == command_topic(self.gateway_id, self.prefix):
+            self.downlink.on_commands(message.payload)
         elif message.topic == config_topic(self.gateway_id, self.prefix):
             if not message.payload:
                 return  # a cleared retained config
@@ -500,6 +565,7 @@ class Gateway:
     def _apply_ack(self, ack: Ack) -> None:
         """Delete the acked batches from the outbox (blocking: a worker thread)."""
         acked = self.outbox.ack(ack.batch_ids, ack.digests)
+        self.counters.command_reports_acked += self.outbox.ack_reports(ack.reports)
         self.counters.batches_acked += acked.removed_batches
         self.counters.readings_acked += acked.removed_readings
         if acked.mismatched:
@@ -566,8 +632,8 @@ class Gateway:
     def _follow_config(self, config: GatewayConfig, diff: ConfigDiff) -> None:
         """Subscriptions and serial readers follow an applied config."""
         if self.site.connected.is_set():
-            self.site.unsubscribe(device_topics(diff.unsubscribe, self.prefix))
-            self.site.subscribe(device_topics(diff.subscribe, self.prefix))
+            self.site.unsubscribe(self._site_topics(diff.unsubscribe))
+            self.site.subscribe(self._site_topics(diff.subscribe))
         logger.info(
             "config version %d applied: %d devices (%d removed)",
             config.version,
@@ -832,6 +898,8 @@ class Gateway:
                 group.create_task(self._state(), name="state")
                 group.create_task(self._expiry(), name="expiry")
                 group.create_task(self._serial(changed), name="serial")
+                group.create_task(self.downlink.run(), name="commands")
+                group.create_task(self.downlink.send_reports(), name="command-reports")
                 if stop is not None:
                     group.create_task(_raise_on(stop), name="stop")
         except* _Stop:
@@ -871,6 +939,8 @@ class Gateway:
             "outbox_bytes": depth.bytes,
             "devices_online": self.tracker.online_count(),
             "uplink_connected": int(self.central.connected.is_set()),
+            "command_reports_pending": self.outbox.reports_pending(),
+            "commands_held": sum(not h.final for h in list(self.downlink.held.values())),
         }
 
     async def _stop_site(self) -> None:

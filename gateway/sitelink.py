@@ -21,7 +21,10 @@ is skipped as it streams in, never buffered whole, and handed over as a
 stops the broker from sending it again after every reconnect. Subscriptions
 are tracked per SUBSCRIBE packet id until the broker's SUBACK grants or
 refuses each topic (``granted``, ``pending``). ``subscribe``, ``unsubscribe`` and ``ack`` may be
-called from any thread. Library errors become log lines and reconnects with
+called from any thread. ``publish`` (the event loop's thread only) sends a
+QoS 1 request (a command to a device, with its Response Topic and
+Correlation Data) and returns its packet id; the broker's PUBACK comes back
+through ``on_puback`` with its reason code. Library errors become log lines and reconnects with
 backoff; nothing here raises into the caller's loop.
 """
 
@@ -43,12 +46,14 @@ from contracts.mqttcodec import (
     Connack,
     Disconnect,
     PacketReader,
+    Puback,
     Publish,
     Suback,
     TooLarge,
     encode_connect,
     encode_disconnect,
     encode_pubacks,
+    encode_publish,
     encode_subscribe,
     encode_unsubscribe,
 )
@@ -131,6 +136,7 @@ class SiteLink:
         on_subscribed: Callable[[], None] = lambda: None,
         on_refused: Callable[[list[tuple[str, int]]], None] = lambda _refused: None,
         on_too_large: Callable[[TooLarge], None] = lambda _message: None,
+        on_puback: Callable[[int, int], None] = lambda _pid, _code: None,
     ) -> None:
         self.host = host
         self.port = port
@@ -145,6 +151,7 @@ class SiteLink:
         self._on_subscribed = on_subscribed
         self._on_refused = on_refused
         self._on_too_large = on_too_large
+        self._on_puback = on_puback
         self.connected = threading.Event()
         # SUBACKs received, over all connections.
         self.subacks = 0
@@ -212,6 +219,34 @@ class SiteLink:
         if proto is not None and proto.transport is not None and self.connected.is_set():
             proto.transport.write(data)
 
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+    ) -> int | None:
+        """Publish at QoS 1 on the current connection; its packet id, or None if not connected.
+
+        A publish whose PUBACK never comes (the connection drops) is the
+        caller's to send again on the next connection.
+        """
+        if not self.connected.is_set() or self._proto is None:
+            return None
+        pid = self._next_packet_id()
+        self._write(
+            encode_publish(
+                topic,
+                payload,
+                qos=1,
+                packet_id=pid,
+                response_topic=response_topic,
+                correlation_data=correlation_data,
+            )
+        )
+        return pid
+
     def _send_filters(self, topics: list[str], *, subscribe: bool) -> None:
         for start in range(0, len(topics), SUBSCRIBE_CHUNK):
             chunk = topics[start : start + SUBSCRIBE_CHUNK]
@@ -240,6 +275,8 @@ class SiteLink:
             self._on_suback(control)
         elif isinstance(control, TooLarge):
             self._on_too_large(control)
+        elif isinstance(control, Puback):
+            self._on_puback(control.packet_id, control.reason_code)
         elif isinstance(control, Disconnect):
             logger.warning(
                 "%s: disconnected by the broker: reason 0x%02x %s",

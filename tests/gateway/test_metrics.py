@@ -22,6 +22,8 @@ GAUGES = {
     "outbox_bytes": 900,
     "devices_online": 3,
     "uplink_connected": 1,
+    "command_reports_pending": 4,
+    "commands_held": 2,
 }
 
 

@@ -1,0 +1,433 @@
+"""The gateway's command downlink: commands from the centre, to devices, reports back.
+
+The shell around ``gateway.commanding``. One task (``run``) takes every
+event in order from one queue, so a command's record is changed by one
+writer: a GatewayCommands message from the central link, a device's answer
+from the site link, a site PUBACK, and a tick (every TICK_S) that delivers
+what can be delivered and applies the clock (expiry, answer deadlines,
+pruning). Each change is stored with its report in one fsynced transaction
+(``Outbox.apply_changes``) before anything is published, and before a
+device's answer is acknowledged to the site broker. A second task
+(``send_reports``) publishes the stored reports on the central link at QoS 1,
+at most REPORTS_PER_MESSAGE_MAX per message, again after ``ack_timeout_s``
+until an ack names them, like batches.
+
+Delivery to an MQTT device: when the tracker says it is online and the site
+broker has granted the gateway its answer topic, the command is stored as
+``delivering``, then published on ``d/{id}/cmd`` with the Response Topic
+``d/{id}/res`` and the command id as Correlation Data. After a restart (or a
+site reconnect before the PUBACK), a command handed over but not answered is
+published again unchanged. Serial sensors: ``_deliver_serial`` is the hook
+that carries a command to a serial port; until the serial command frames are
+wired it fails the command, saying so.
+
+Bad input (a malformed message, an answer for a command the device was not
+given) is a WARNING, a reject counted by reason, and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from adapters.loglimit import LogLimiter
+from adapters.mqtt import MqttLink
+from contracts.catalog import DEFAULT_COMMAND_TIMEOUT_S, current_catalog
+from contracts.commands import (
+    REPORTS_PER_MESSAGE_MAX,
+    CommandReports,
+    CommandState,
+    decode_device_answer,
+    decode_gateway_commands,
+    encode_command,
+    encode_command_reports,
+)
+from contracts.errors import InputError
+from contracts.messages import DeviceConfig
+from contracts.mqttcodec import Publish
+from contracts.topics import (
+    command_report_topic,
+    device_answer_topic,
+    device_command_topic,
+    parse_device_topic,
+)
+from gateway.commanding import (
+    Change,
+    Held,
+    deliverable,
+    fail,
+    interrupted,
+    is_active,
+    prunable,
+    receive_answer,
+    receive_commands,
+    redeliverable,
+    refused_by_broker,
+    start_delivery,
+    sweep,
+)
+from gateway.counters import GatewayCounters
+from gateway.outbox import Outbox
+from gateway.sitelink import SiteLink
+
+logger = logging.getLogger(__name__)
+
+# Delivery and the clock are looked at this often: a device that comes online
+# gets its waiting commands within a quarter second.
+TICK_S: Final = 0.25
+SERIAL_NOT_WIRED: Final = "serial commands are not wired yet"
+_LOG_PER_MINUTE: Final = 5
+# Command messages kept while no config says which devices are served.
+_DEFERRED_MAX: Final = 64
+
+
+@dataclass(frozen=True, slots=True)
+class _Commands:
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Answers:
+    publishes: list[Publish]
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Puback:
+    packet_id: int
+    reason_code: int
+
+
+_Event = _Commands | _Answers | _Puback | None
+
+
+class CommandDownlink:
+    """Held commands, their delivery and their reports, for one gateway."""
+
+    def __init__(
+        self,
+        *,
+        gateway_id: str,
+        prefix: str,
+        outbox: Outbox,
+        site: SiteLink,
+        central: MqttLink,
+        counters: GatewayCounters,
+        clock: Callable[[], int],
+        devices: Callable[[], Mapping[str, DeviceConfig]],
+        configured: Callable[[], bool],
+        online: Callable[[str], bool],
+        reject: Callable[[str, str, str, bytes], None],
+        ack_timeout_s: float,
+    ) -> None:
+        self.gateway_id = gateway_id
+        self.prefix = prefix
+        self.outbox = outbox
+        self.site = site
+        self.central = central
+        self.counters = counters
+        self.clock = clock
+        self._devices = devices
+        self._configured = configured
+        # Messages that came before any config: the devices they name are not known yet.
+        self._deferred: list[bytes] = []
+        self._online = online
+        self._reject = reject
+        self.resend_after_ms = int(ack_timeout_s * 1000)
+        self.held: dict[str, Held] = {h.command_id: h for h in outbox.load_commands()}
+        # Command id -> the site connection it was last published on, this run.
+        self.published: dict[str, int] = {}
+        # Site packet id -> command id, for PUBACKs of the current connection.
+        self._inflight: dict[int, str] = {}
+        self._inflight_generation = 0
+        self._events: asyncio.Queue[_Event] | None = None
+        self._wake_reports: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._restarted = True
+        self._log = LogLimiter(limit=_LOG_PER_MINUTE, span=60_000)
+
+    # -- event sources (event loop thread) -------------------------------------------
+
+    def _put(self, event: _Event) -> None:
+        if self._events is not None:
+            self._events.put_nowait(event)
+
+    def on_commands(self, payload: bytes) -> None:
+        """A message on the gateway's command topic."""
+        self._put(_Commands(payload))
+
+    def on_answers(self, publishes: list[Publish], generation: int) -> None:
+        """Device messages on answer topics; acknowledged once their change is stored."""
+        self._put(_Answers(publishes, generation))
+
+    def on_puback(self, packet_id: int, reason_code: int) -> None:
+        self._put(_Puback(packet_id, reason_code))
+
+    def wake(self) -> None:
+        """Look at delivery now (a device came online); any thread."""
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                loop.call_soon_threadsafe(self._put, None)
+
+    def wake_reports(self) -> None:
+        if self._loop is not None and self._wake_reports is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._wake_reports.set)
+
+    # -- the one writer --------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        events: asyncio.Queue[_Event] = asyncio.Queue()
+        self._events = events
+        self._wake_reports = asyncio.Event()
+        while True:
+            event: _Event = None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(TICK_S):
+                    event = await events.get()
+            if isinstance(event, _Commands):
+                await self._commands(event.payload)
+            elif isinstance(event, _Answers):
+                await self._answers(event)
+            elif isinstance(event, _Puback):
+                await self._puback(event)
+            await self._tick()
+
+    async def _store(self, changes: list[Change]) -> None:
+        """Store changes (fsynced, a worker thread), then take them into memory and count."""
+        if not changes:
+            return
+        await asyncio.to_thread(self.outbox.apply_changes, changes, self.clock())
+        counters = self.counters
+        for change in changes:
+            before = self.held.get(change.held.command_id)
+            self.held[change.held.command_id] = change.held
+            report = change.report
+            if report is None or (before is not None and before.state == change.held.state):
+                continue  # a report due again changes nothing
+            state = report.state
+            if state == CommandState.SUCCEEDED:
+                counters.commands_succeeded += 1
+            elif state == CommandState.FAILED:
+                counters.commands_failed += 1
+            elif state == CommandState.EXPIRED:
+                counters.commands_expired += 1
+            elif state == CommandState.CANCELLED:
+                counters.commands_cancelled += 1
+            if state != CommandState.SENT:
+                logger.info(
+                    "command %s for %s: %s%s",
+                    report.command_id,
+                    report.device_id,
+                    state,
+                    f" ({report.detail})" if report.detail else "",
+                )
+        self.wake_reports()
+
+    async def _commands(self, payload: bytes) -> None:
+        if not self._configured():
+            # The centre sends them again while they are queued; keep a few meanwhile.
+            self._deferred = [*self._deferred[-(_DEFERRED_MAX - 1) :], payload]
+            return
+        try:
+            message = decode_gateway_commands(payload, gateway_id=self.gateway_id)
+        except InputError as exc:
+            if self._log.allow(exc.reason, self.clock()):
+                logger.warning("commands from the centre refused (%s): %s", exc.reason, exc)
+            self._reject(exc.reason, "?", str(exc), payload)
+            return
+        self.counters.commands_received += len(message.commands)
+        changes = receive_commands(
+            message,
+            held=self.held,
+            devices=self._devices(),
+            types=current_catalog().types,
+            gateway_id=self.gateway_id,
+            now_ms=self.clock(),
+        )
+        await self._store(changes)
+
+    async def _answers(self, event: _Answers) -> None:
+        changes: list[Change] = []
+        acks = []
+        now = self.clock()
+        for topic, payload, qos, packet_id, _retain in event.publishes:
+            if qos:
+                acks.append(packet_id)
+            try:
+                device_id, _kind = parse_device_topic(topic, self.prefix)
+            except InputError as exc:
+                self._reject(exc.reason, "?", str(exc), payload)
+                continue
+            try:
+                answer = decode_device_answer(payload)
+                current = self.held.get(answer.command_id)
+                for earlier in changes:  # an earlier answer of this read
+                    if earlier.held.command_id == answer.command_id:
+                        current = earlier.held
+                change = receive_answer(current, device_id=device_id, answer=answer, now_ms=now)
+            except InputError as exc:
+                if self._log.allow(exc.reason, now):
+                    logger.warning("answer from %s refused (%s): %s", device_id, exc.reason, exc)
+                self._reject(exc.reason, device_id, str(exc), payload)
+                continue
+            if change is not None:
+                changes.append(change)
+        await self._store(changes)
+        # Stored: the broker may forget the answers now.
+        self.site.ack(event.generation, acks)
+
+    async def _puback(self, event: _Puback) -> None:
+        if self._inflight_generation != self.site.generation:
+            return
+        command_id = self._inflight.pop(event.packet_id, None)
+        if command_id is None or event.reason_code < 0x80:
+            return
+        change = refused_by_broker(self.held.get(command_id), event.reason_code, self.clock())
+        if change is not None:
+            logger.warning("site broker refused command %s: %s", command_id, change.report)
+            await self._store([change])
+
+    async def _tick(self) -> None:
+        if self._deferred and self._configured():
+            deferred, self._deferred = self._deferred, []
+            for payload in deferred:
+                await self._commands(payload)
+        now = self.clock()
+        devices = self._devices()
+        if self._restarted and self._configured():
+            self._restarted = False
+            serial = {d for d, dev in devices.items() if dev.transport == "serial"}
+            await self._store(interrupted(self.held.values(), serial=serial, now_ms=now))
+        active = [h for h in self.held.values() if is_active(h)]
+        await self._store(sweep(active, devices=devices, gateway_id=self.gateway_id, now_ms=now))
+        gone = prunable(self.held.values(), now)
+        if gone:
+            await asyncio.to_thread(self.outbox.prune_commands, gone)
+            for command_id in gone:
+                self.held.pop(command_id, None)
+        await self._deliver(devices)
+
+    def _reachable(self, device: DeviceConfig | None) -> bool:
+        """Online, and (MQTT) the gateway's subscription to its answers granted."""
+        if device is None or not device.enabled or not self._online(device.device_id):
+            return False
+        if device.transport == "serial":
+            return True
+        return device_answer_topic(device.device_id, self.prefix) in self.site.granted_topics()
+
+    async def _deliver(self, devices: Mapping[str, DeviceConfig]) -> None:
+        if self._inflight_generation != self.site.generation:
+            self._inflight = {}
+            self._inflight_generation = self.site.generation
+        if not self.site.connected.is_set() and not any(
+            d.transport == "serial" for d in devices.values()
+        ):
+            return
+        waiting = {h.device_id for h in self.held.values() if is_active(h)}
+        if not waiting:
+            return
+        now = self.clock()
+        online = {d for d in waiting if self._reachable(devices.get(d))}
+        todo = deliverable(self.held.values(), online=online, now_ms=now)
+        generation = self.site.generation
+        # Handed over on an earlier run, or on a connection that dropped before its PUBACK.
+        again = [
+            h
+            for h in redeliverable(
+                self.held.values(),
+                published={c for c, g in self.published.items() if g == generation},
+            )
+            if h.device_id in online and devices[h.device_id].transport == "mqtt"
+        ]
+        for held in [*todo, *again]:
+            device = devices[held.device_id]
+            if device.transport == "serial":
+                await self._deliver_serial(held, device)
+                continue
+            await self._publish(held, device)
+
+    async def _publish(self, held: Held, device: DeviceConfig) -> None:
+        command = held.command
+        if command is None or not self.site.connected.is_set():
+            return
+        first = held.state == CommandState.SENT
+        change = start_delivery(
+            held, timeout_s=self._timeout_s(device, command.name), now_ms=self.clock()
+        )
+        await self._store([change])  # 'delivering' is on disk before the device can have it
+        pid = self.site.publish(
+            device_command_topic(device.device_id, self.prefix),
+            encode_command(command),
+            response_topic=device_answer_topic(device.device_id, self.prefix),
+            correlation_data=command.command_id.encode(),
+        )
+        if pid is None:
+            return  # the connection dropped: published again on the next one
+        self._inflight[pid] = command.command_id
+        self.published[command.command_id] = self.site.generation
+        self.counters.commands_delivered += first
+        logger.info(
+            "command %s (%s) %s to %s",
+            command.command_id,
+            command.name,
+            "published" if first else "published again",
+            device.device_id,
+        )
+
+    async def _deliver_serial(self, held: Held, device: DeviceConfig) -> None:
+        """Carry a command to a serial sensor: not wired yet, so it fails, saying so."""
+        change = fail(held, SERIAL_NOT_WIRED, self.clock())
+        if change is not None:
+            logger.warning(
+                "command %s for %s: %s", held.command_id, device.device_id, SERIAL_NOT_WIRED
+            )
+            await self._store([change])
+
+    @staticmethod
+    def _timeout_s(device: DeviceConfig, name: str) -> float:
+        dtype = current_catalog().types.get(device.device_type)
+        spec = dtype.command(name) if dtype is not None else None
+        return spec.timeout_s if spec is not None else DEFAULT_COMMAND_TIMEOUT_S
+
+    # -- reports to the centre ---------------------------------------------------------
+
+    async def send_reports(self) -> None:
+        """Publish due reports, REPORTS_PER_MESSAGE_MAX a message, until acked."""
+        while self._wake_reports is None:
+            await asyncio.sleep(0.01)
+        wake = self._wake_reports
+        topic = command_report_topic(self.gateway_id, self.prefix)
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await wake.wait()
+            wake.clear()
+            if not self.central.connected.is_set():
+                continue
+            due = await asyncio.to_thread(
+                self.outbox.due_reports,
+                self.clock(),
+                resend_after_ms=self.resend_after_ms,
+                limit=REPORTS_PER_MESSAGE_MAX,
+            )
+            if not due:
+                continue
+            now = self.clock()
+            message = CommandReports(
+                gateway_id=self.gateway_id, ts_ms=now, reports=[d.report for d in due]
+            )
+            self.central.publish(topic, encode_command_reports(message), qos=1)
+            self.counters.command_reports_published += len(due)
+            self.counters.command_reports_resent += sum(d.resend for d in due)
+            await asyncio.to_thread(
+                self.outbox.mark_reports_sent, [d.report.report_id for d in due], now
+            )
+            if len(due) == REPORTS_PER_MESSAGE_MAX:
+                wake.set()
