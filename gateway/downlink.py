@@ -17,9 +17,18 @@ broker has granted the gateway its answer topic, the command is stored as
 ``delivering``, then published on ``d/{id}/cmd`` with the Response Topic
 ``d/{id}/res`` and the command id as Correlation Data. After a restart (or a
 site reconnect before the PUBACK), a command handed over but not answered is
-published again unchanged. Serial sensors: ``_deliver_serial`` is the hook
-that carries a command to a serial port; until the serial command frames are
-wired it fails the command, saying so.
+published again unchanged.
+
+Delivery to a serial sensor (``gateway.serialcommands``): when its port is
+open (a sensor asleep sends nothing, yet must be reachable to be woken),
+one command at a time per port: the command is stored as ``delivering``,
+its frames are written (``SerialPort.send``), then ``delivered`` and the
+outcome come back as the sensor's answers would (an SDS011's 0xC5 reply
+within 3 s confirms it; a PMS5003 never answers, so writing it is success).
+The exchange runs in a task of its own and hands its answers to the one
+writer through the queue, so a sensor's 3 s never hold up other commands.
+A serial command found ``delivering`` after a restart fails ("interrupted"):
+it is never written twice.
 
 Bad input (a malformed message, an answer for a command the device was not
 given) is a WARNING, a reject counted by reason, and dropped.
@@ -32,7 +41,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 from adapters.loglimit import LogLimiter
 from adapters.mqtt import MqttLink
@@ -41,12 +50,13 @@ from contracts.commands import (
     REPORTS_PER_MESSAGE_MAX,
     CommandReports,
     CommandState,
+    DeviceAnswer,
     decode_device_answer,
     decode_gateway_commands,
     encode_command,
     encode_command_reports,
 )
-from contracts.errors import InputError
+from contracts.errors import CommandRefusedError, InputError, SerialUnavailableError
 from contracts.messages import DeviceConfig
 from contracts.mqttcodec import Publish
 from contracts.topics import (
@@ -74,12 +84,18 @@ from gateway.counters import GatewayCounters
 from gateway.outbox import Outbox
 from gateway.sitelink import SiteLink
 
+if TYPE_CHECKING:
+    from contracts.frames import Sds011Reply
+    from gateway.serialcommands import SerialPlan
+
 logger = logging.getLogger(__name__)
 
 # Delivery and the clock are looked at this often: a device that comes online
 # gets its waiting commands within a quarter second.
 TICK_S: Final = 0.25
-SERIAL_NOT_WIRED: Final = "serial commands are not wired yet"
+# A serial exchange's deadline past its reply timeout: the exchange reports
+# first; the deadline only ends one whose task died.
+_SERIAL_DEADLINE_MARGIN_S: Final = 5.0
 _LOG_PER_MINUTE: Final = 5
 # Command messages kept while no config says which devices are served.
 _DEFERRED_MAX: Final = 64
@@ -102,7 +118,24 @@ class _Puback:
     reason_code: int
 
 
-_Event = _Commands | _Answers | _Puback | None
+@dataclass(frozen=True, slots=True)
+class _SerialAnswers:
+    """What a serial exchange found, as the answers a device would have sent."""
+
+    device_id: str
+    answers: list[DeviceAnswer]
+
+
+_Event = _Commands | _Answers | _Puback | _SerialAnswers | None
+
+
+class SerialPort(Protocol):
+    """What the downlink needs of a serial source (``gateway.serialport.SerialSource``)."""
+
+    @property
+    def is_open(self) -> bool: ...
+
+    async def send(self, data: bytes) -> None: ...
 
 
 class CommandDownlink:
@@ -149,6 +182,11 @@ class CommandDownlink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._restarted = True
         self._log = LogLimiter(limit=_LOG_PER_MINUTE, span=60_000)
+        # Serial devices: their open sources, the replies an exchange waits for,
+        # and the devices with an exchange under way (one at a time per port).
+        self._ports: dict[str, SerialPort] = {}
+        self._replies: dict[str, asyncio.Queue[Sds011Reply]] = {}
+        self._exchanges: dict[str, asyncio.Task[None]] = {}
 
     # -- event sources (event loop thread) -------------------------------------------
 
@@ -166,6 +204,21 @@ class CommandDownlink:
 
     def on_puback(self, packet_id: int, reason_code: int) -> None:
         self._put(_Puback(packet_id, reason_code))
+
+    def attach_serial(self, device_id: str, port: SerialPort) -> None:
+        """A serial device's source is running: commands can be written to it."""
+        self._ports[device_id] = port
+
+    def detach_serial(self, device_id: str, port: SerialPort) -> None:
+        if self._ports.get(device_id) is port:
+            del self._ports[device_id]
+
+    def on_serial_replies(self, device_id: str, replies: list[Sds011Reply]) -> None:
+        """SDS011 replies read from a device's port (event loop): to the exchange waiting."""
+        queue = self._replies.get(device_id)
+        if queue is not None:
+            for reply in replies:
+                queue.put_nowait(reply)
 
     def wake(self) -> None:
         """Look at delivery now (a device came online); any thread."""
@@ -197,6 +250,8 @@ class CommandDownlink:
                 await self._answers(event)
             elif isinstance(event, _Puback):
                 await self._puback(event)
+            elif isinstance(event, _SerialAnswers):
+                await self._serial_answers(event)
             await self._tick()
 
     async def _store(self, changes: list[Change]) -> None:
@@ -283,6 +338,24 @@ class CommandDownlink:
         # Stored: the broker may forget the answers now.
         self.site.ack(event.generation, acks)
 
+    async def _serial_answers(self, event: _SerialAnswers) -> None:
+        changes: list[Change] = []
+        now = self.clock()
+        for answer in event.answers:
+            current = self.held.get(answer.command_id)
+            for earlier in changes:
+                if earlier.held.command_id == answer.command_id:
+                    current = earlier.held
+            try:
+                change = receive_answer(
+                    current, device_id=event.device_id, answer=answer, now_ms=now
+                )
+            except InputError:
+                continue  # pruned meanwhile: nothing left to report
+            if change is not None:
+                changes.append(change)
+        await self._store(changes)
+
     async def _puback(self, event: _Puback) -> None:
         if self._inflight_generation != self.site.generation:
             return
@@ -315,11 +388,18 @@ class CommandDownlink:
         await self._deliver(devices)
 
     def _reachable(self, device: DeviceConfig | None) -> bool:
-        """Online, and (MQTT) the gateway's subscription to its answers granted."""
-        if device is None or not device.enabled or not self._online(device.device_id):
+        """MQTT: online, and the gateway's subscription to its answers granted.
+
+        Serial: its port open and no exchange under way on it (a sleeping
+        sensor sends nothing, so "online" would never let it be woken).
+        """
+        if device is None or not device.enabled:
             return False
         if device.transport == "serial":
-            return True
+            port = self._ports.get(device.device_id)
+            return port is not None and port.is_open and device.device_id not in self._exchanges
+        if not self._online(device.device_id):
+            return False
         return device_answer_topic(device.device_id, self.prefix) in self.site.granted_topics()
 
     async def _deliver(self, devices: Mapping[str, DeviceConfig]) -> None:
@@ -349,7 +429,8 @@ class CommandDownlink:
         for held in [*todo, *again]:
             device = devices[held.device_id]
             if device.transport == "serial":
-                await self._deliver_serial(held, device)
+                if held.device_id not in self._exchanges:  # one at a time per port
+                    await self._deliver_serial(held, device)
                 continue
             await self._publish(held, device)
 
@@ -382,13 +463,85 @@ class CommandDownlink:
         )
 
     async def _deliver_serial(self, held: Held, device: DeviceConfig) -> None:
-        """Carry a command to a serial sensor: not wired yet, so it fails, saying so."""
-        change = fail(held, SERIAL_NOT_WIRED, self.clock())
-        if change is not None:
-            logger.warning(
-                "command %s for %s: %s", held.command_id, device.device_id, SERIAL_NOT_WIRED
+        """Start one command's exchange with a serial sensor (its task reports back)."""
+        # Imported on first use, like the serial source: a site without serial
+        # sensors needs no frame codecs.
+        from gateway.serialcommands import plan_serial_command
+
+        command = held.command
+        port = self._ports.get(device.device_id)
+        if command is None or port is None:
+            return
+        try:
+            plan = plan_serial_command(command, str(device.protocol))
+        except CommandRefusedError as exc:
+            change = fail(held, f"{device.protocol} cannot take it: {exc.problem}", self.clock())
+            if change is not None:
+                await self._store([change])
+            return
+        timeout_s = plan.reply_timeout_s + _SERIAL_DEADLINE_MARGIN_S
+        await self._store([start_delivery(held, timeout_s=timeout_s, now_ms=self.clock())])
+        self.counters.commands_delivered += 1
+        replies: asyncio.Queue[Sds011Reply] = asyncio.Queue()
+        self._replies[device.device_id] = replies
+        task = asyncio.create_task(
+            self._serial_exchange(device.device_id, port, plan, replies),
+            name=f"serial-command[{device.device_id}]",
+        )
+        self._exchanges[device.device_id] = task
+
+    async def _serial_exchange(
+        self,
+        device_id: str,
+        port: SerialPort,
+        plan: SerialPlan,
+        replies: asyncio.Queue[Sds011Reply],
+    ) -> None:
+        """Write the plan's frames, wait for its reply; hand the outcome to the writer."""
+        from gateway.serialcommands import judge_reply, judge_timeout, judge_written
+
+        command_id = plan.command_id
+        answers: list[DeviceAnswer] = []
+        try:
+            try:
+                for frame in plan.frames:
+                    await port.send(frame)
+            except SerialUnavailableError as exc:
+                # Some frames may be out: it is not written again (at most once).
+                answers.append(
+                    DeviceAnswer(
+                        command_id=command_id,
+                        state=CommandState.FAILED,
+                        detail=f"the port failed while the command was written: {exc}"[:500],
+                    )
+                )
+                return
+            answers.append(DeviceAnswer(command_id=command_id, state=CommandState.DELIVERED))
+            outcome = judge_written(plan)
+            seen: list[Sds011Reply] = []
+            if outcome is None:
+                deadline = asyncio.get_running_loop().time() + plan.reply_timeout_s
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(deadline):
+                        while outcome is None:
+                            reply = await replies.get()
+                            seen.append(reply)
+                            outcome = judge_reply(plan, reply)
+                if outcome is None:
+                    outcome = judge_timeout(plan, seen)
+            answers.append(
+                DeviceAnswer(
+                    command_id=command_id,
+                    state=outcome.state,
+                    detail=outcome.detail,
+                    answer=dict(outcome.answer),
+                )
             )
-            await self._store([change])
+        finally:
+            if self._replies.get(device_id) is replies:
+                del self._replies[device_id]
+            self._exchanges.pop(device_id, None)
+            self._put(_SerialAnswers(device_id, answers))
 
     @staticmethod
     def _timeout_s(device: DeviceConfig, name: str) -> float:

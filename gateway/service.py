@@ -850,15 +850,22 @@ class Gateway:
         def reopened() -> None:
             counters.serial_reconnects += 1
 
+        device_id = device.device_id
         source = SerialSource(
             port=cast("str", device.port),
             protocol=cast("SensorKind", device.protocol),
-            name=device.device_id,
+            name=device_id,
             on_metrics=lambda values: self.accept_serial_reading(device, values),
             on_decoded=decoded,
             on_reopen=reopened,
+            on_replies=lambda replies: self.downlink.on_serial_replies(device_id, replies),
         )
-        await source.run()
+        # Commands are written to the port while its source runs.
+        self.downlink.attach_serial(device_id, source)
+        try:
+            await source.run()
+        finally:
+            self.downlink.detach_serial(device_id, source)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set (or cancelled); flush the builder on the way out."""

@@ -412,3 +412,119 @@ def test_gateway_kill_9_while_a_command_is_at_its_device_publishes_it_again(mqtt
         device.close()
         pub.disconnect()
     assert proc.returncode == 0, log.read_text()[-2000:]
+
+
+class _SimulatedSensor:
+    """A simulated SDS011 on a pty, run by firmware_sim in a thread of its own."""
+
+    def __init__(self, protocol: str) -> None:
+        from contracts.settings import BrokerSettings
+        from firmware_sim.service import Simulator
+        from tests.gateway.test_serialsend import ACCELERATION, serial_spec
+
+        self.spec = serial_spec(protocol)
+        self.sim = Simulator(
+            devices=[self.spec], site_broker=BrokerSettings(port=0), time_acceleration=ACCELERATION
+        )
+        self.port = self.sim.ports[self.spec.device_id]
+        self._ready = threading.Event()
+        self._loop: Any = None
+        self._stop: Any = None
+        self._thread = threading.Thread(target=self._run, name="sim", daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10)
+
+    def _run(self) -> None:
+        import asyncio
+
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            self._ready.set()
+            await self.sim.run(self._stop)
+
+        asyncio.run(main())
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+        self.sim.close()
+
+
+def test_a_serial_sensor_put_to_sleep_stops_its_frames_and_wakes_on_command(
+    mqtt_server, tmp_path, ids
+):
+    """Centre -> gateway -> SDS011 frames on a pty -> its 0xC5 replies -> reports."""
+    from contracts.messages import DeviceConfig
+
+    gateway_id, prefix = ids
+    sensor = _SimulatedSensor("sds011")
+    device_id = sensor.spec.device_id
+    device = DeviceConfig(
+        device_id=device_id,
+        device_type="air_quality",
+        transport="serial",
+        port=sensor.port,
+        protocol="sds011",
+    )
+    pub = client(mqtt_server)
+    publish_config(pub, gateway_id=gateway_id, prefix=prefix, devices=[device], version=1)
+    centre = Centre(mqtt_server, gateway_id=gateway_id, prefix=prefix)
+    centre.acking = True
+    server = broker_settings(mqtt_server)
+
+    def command(name: str, **args: int | str) -> Command:
+        return Command(
+            command_id=command_id(),
+            device_id=device_id,
+            name=name,
+            args=dict(args),
+            ttl_s=600,
+            created_ms=now_ms(),
+        )
+
+    def run(cmd: Command, *, delivered: bool = True) -> CommandReport:
+        centre.send([cmd], [])
+        wait_for(
+            lambda: any(s in centre.states(cmd.command_id) for s in ("succeeded", "failed")),
+            15,
+            f"{cmd.name}'s final report",
+        )
+        states = centre.states(cmd.command_id)
+        assert states[:-1] == (["sent", "delivered"] if delivered else ["sent"]), states
+        return centre.report(cmd.command_id, states[-1])
+
+    def frames_within(gw: Any, seconds: float) -> int:
+        before = gw.counters.serial_frames
+        time.sleep(seconds)
+        return gw.counters.serial_frames - before
+
+    try:
+        with gateway_in_thread(
+            settings=gateway_settings(gateway_id, prefix),
+            central=server,
+            site=server,
+            outbox=tmp_path / "outbox.sqlite3",
+        ) as gw:
+            wait_for(lambda: gw.counters.serial_frames >= 10, 15, "frames from the sensor")
+            sleep = run(command("sleep"))
+            assert (sleep.state, sleep.answer) == ("succeeded", {"working": False})
+            assert "confirmed" in sleep.detail
+            time.sleep(0.3)  # frames already on the line when it fell asleep
+            assert frames_within(gw, 1.5) == 0
+            # Asleep, it sends nothing, and still takes the command that wakes it.
+            wake = run(command("wake"))
+            assert (wake.state, wake.answer) == ("succeeded", {"working": True})
+            assert frames_within(gw, 1.0) >= 20
+            period = run(command("set_working_period", minutes=5))
+            assert (period.state, period.answer) == ("succeeded", {"working_period_min": 5})
+            # A command the catalog gives the type but not the SDS011's frames.
+            refused = run(command("set_reporting_interval", interval_s=60), delivered=False)
+            assert refused.state == "failed"
+            assert "sds011 cannot take it" in refused.detail
+            assert gw.counters.commands_succeeded == 3
+            assert gw.counters.commands_failed == 1
+    finally:
+        sensor.close()
+        centre.close()
+        pub.disconnect()
