@@ -32,6 +32,7 @@ from contracts.commands import (
     encode_device_answer,
     encode_gateway_commands,
 )
+from contracts.frames import SensorKind
 from contracts.messages import DEVICE_ONLINE, Ack, encode_ack
 from contracts.topics import (
     ack_topic,
@@ -417,7 +418,7 @@ def test_gateway_kill_9_while_a_command_is_at_its_device_publishes_it_again(mqtt
 class _SimulatedSensor:
     """A simulated SDS011 on a pty, run by firmware_sim in a thread of its own."""
 
-    def __init__(self, protocol: str) -> None:
+    def __init__(self, protocol: SensorKind) -> None:
         from contracts.settings import BrokerSettings
         from firmware_sim.service import Simulator
         from tests.gateway.test_serialsend import ACCELERATION, serial_spec
