@@ -69,6 +69,7 @@ def build_worker(settings: Settings, index: int) -> Ingest:
         worker_id=worker_id_for(index),
         metrics_port=port + index if port else 0,
         store_states=index == 0,
+        handle_commands=index == 0,
     )
 
 
