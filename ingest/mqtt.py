@@ -221,10 +221,20 @@ class BatchSubscriber(_Subscription):
     # -- link callbacks (network thread) -------------------------------------------
 
     def _on_connect(self) -> None:
-        logger.info("connected to broker %s:%d", self.link.host, self.link.port)
+        # The batch link's lines are the ones operators (and tests) look for
+        # to see a worker ready; another link says which it is.
+        if self.link.name == "batches":
+            logger.info("connected to broker %s:%d", self.link.host, self.link.port)
+        else:
+            logger.info(
+                "%s link connected to %s:%d", self.link.name, self.link.host, self.link.port
+            )
 
     def _on_subscribed(self) -> None:
-        logger.info("subscribed to %s", self.topic_filter)
+        if self.link.name == "batches":
+            logger.info("subscribed to %s", self.topic_filter)
+        else:
+            logger.info("listening for %s on %s", self.link.name, self.topic_filter)
 
     def _on_message(self, message: IncomingMessage) -> None:
         delivery = Delivery(
