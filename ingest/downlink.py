@@ -43,7 +43,12 @@ from typing import Final, Protocol, TypeVar
 from adapters.backoff import backoff_delay_s
 from adapters.loglimit import should_log_attempt
 from contracts.commands import GatewayCommands, encode_gateway_commands
-from contracts.errors import BrokerUnavailableError, DatabaseUnavailableError, SchemaError
+from contracts.errors import (
+    BrokerUnavailableError,
+    DatabaseUnavailableError,
+    SchemaError,
+    SettingsError,
+)
 from contracts.messages import encode_ack
 from contracts.schema import command_channel
 from contracts.settings import BrokerSettings, IngestSettings
@@ -101,7 +106,7 @@ class CommandDownlink:
         db_call: DbCall,
     ) -> None:
         if broker.host is None:
-            raise ValueError("the command downlink needs the central broker's host")
+            raise SettingsError("broker.host", "ingest needs the central broker's host")
         self.settings = settings
         self.prefix = settings.topic_prefix
         self.counters = counters

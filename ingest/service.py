@@ -31,6 +31,9 @@ Wiring (docs/architecture.md, sections 1, 3 and 5):
   state messages of every gateway (outbox depth, readings/s, counters,
   online/offline) into ``gateway_status`` (the latest per gateway) and
   ``gateway_status_history``, in small transactions of their own;
+- ``command-listener``, ``command-dispatcher`` and ``command-reports``, in
+  the same worker as ``states``: the command downlink (``ingest.downlink``):
+  queued commands out to their gateways, the states they report in;
 - optional Prometheus /metrics (``ingest.metrics``).
 
 Gateway states take a different road from batches. One worker per host
