@@ -24,7 +24,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -198,6 +198,12 @@ class IngestSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     topic_prefix: str = ""
     # The MQTT v5 shared subscription group ($share/{share_group}/...).
     share_group: str = "ingest"
+    # Commands to devices: the dispatcher (worker 0) looks for queued commands
+    # this often besides being woken by NOTIFY, and sends a command again to
+    # its gateway when no 'sent' report came this long after the last send.
+    # A lost notification or message costs at most this; 5 s is well under an
+    # operator's patience and one small indexed query per period.
+    command_resend_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
 
 
 class NotifySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -58,6 +58,9 @@ class IngestCounters:
     states: int = 0  # gateway state messages stored
     states_rejected: int = 0  # gateway state messages refused (new ones)
     states_dropped: int = 0  # gateway state messages dropped from a full queue
+    commands_dispatched: int = 0  # command ids sent to gateways (commands and cancels)
+    command_reports_stored: int = 0  # command states stored for the first time
+    command_reports_refused: int = 0  # reports (and whole report messages) refused
     commit_samples_s: deque[float] = field(default_factory=lambda: deque(maxlen=_SAMPLES_MAX))
     lag_samples_s: deque[float] = field(default_factory=lambda: deque(maxlen=_SAMPLES_MAX))
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -79,6 +82,9 @@ _TOTALS = {
     "states": "Gateway state messages stored",
     "states_rejected": "Gateway state messages refused and stored as rejects",
     "states_dropped": "Gateway state messages dropped while the database was behind",
+    "commands_dispatched": "Commands and cancels sent to gateways (each resend counts)",
+    "command_reports_stored": "Command states reported by gateways and stored",
+    "command_reports_refused": "Command reports refused and stored as rejects",
 }
 
 

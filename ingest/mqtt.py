@@ -36,7 +36,12 @@ A PUBACK belongs to the connection the message came on: message ids are
 reused by a new connection, so the link skips acks for deliveries of an
 earlier connection (the broker redelivers those, or the gateway resends them).
 
-``StateSubscriber`` is a second connection, of the worker that stores the
+The worker that handles commands (``ingest.service``) runs a second
+``BatchSubscriber`` (named "command reports", its own client id and queue) on
+``$share/{group}/[prefix/]hub/v1/gw/+/cmdreport``, acked the same way after
+the reports' commit; it also carries the commands published to gateways.
+
+``StateSubscriber`` is another connection, of the worker that stores the
 gateways' states (``ingest.service`` says which and why): a plain
 subscription to ``[prefix/]hub/v1/gw/+/state``, so the broker sends the
 retained state of every gateway at each (re)subscribe, acked by paho on
@@ -67,6 +72,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from adapters.mqtt import IncomingMessage, MqttLink, unique_client_id
+from contracts.commands import COMMAND_REPORTS_MAX_BYTES
 from contracts.messages import BATCH_MAX_BYTES, CONTROL_MAX_BYTES
 
 logger = logging.getLogger(__name__)
@@ -88,6 +94,11 @@ _MAX_OUTGOING_INFLIGHT: Final = 100
 def batch_packet_max_bytes() -> int:
     """Maximum Packet Size of a batch connection: the largest batch plus a PUBLISH's overhead."""
     return BATCH_MAX_BYTES + PACKET_HEADROOM_BYTES
+
+
+def report_packet_max_bytes() -> int:
+    """Maximum Packet Size of the command reports connection: a reports message plus overhead."""
+    return COMMAND_REPORTS_MAX_BYTES + PACKET_HEADROOM_BYTES
 
 
 def state_packet_max_bytes() -> int:
@@ -171,6 +182,8 @@ class BatchSubscriber(_Subscription):
         receive_max: int,
         deliveries: queue.Queue[Delivery],
         tls: bool = False,
+        name: str = "batches",
+        max_packet_bytes: int | None = None,
     ) -> None:
         self.receive_max = receive_max
         self._deliveries = deliveries
@@ -180,7 +193,7 @@ class BatchSubscriber(_Subscription):
         # them with a dead worker. So the client id needs no stability across
         # restarts, and a fresh, unique one per process costs no reading.
         self.link = MqttLink(
-            name="batches",
+            name=name,
             host=host,
             port=port,
             client_id=client_id,
@@ -188,7 +201,7 @@ class BatchSubscriber(_Subscription):
             password=password,
             tls=tls,
             subscriptions=[topic_filter],
-            max_packet_bytes=batch_packet_max_bytes(),
+            max_packet_bytes=max_packet_bytes or batch_packet_max_bytes(),
             receive_max=receive_max,
             manual_ack=True,
             max_inflight=_MAX_OUTGOING_INFLIGHT,
@@ -208,10 +221,20 @@ class BatchSubscriber(_Subscription):
     # -- link callbacks (network thread) -------------------------------------------
 
     def _on_connect(self) -> None:
-        logger.info("connected to broker %s:%d", self.link.host, self.link.port)
+        # The batch link's lines are the ones operators (and tests) look for
+        # to see a worker ready; another link says which it is.
+        if self.link.name == "batches":
+            logger.info("connected to broker %s:%d", self.link.host, self.link.port)
+        else:
+            logger.info(
+                "%s link connected to %s:%d", self.link.name, self.link.host, self.link.port
+            )
 
     def _on_subscribed(self) -> None:
-        logger.info("subscribed to %s", self.topic_filter)
+        if self.link.name == "batches":
+            logger.info("subscribed to %s", self.topic_filter)
+        else:
+            logger.info("listening for %s on %s", self.link.name, self.topic_filter)
 
     def _on_message(self, message: IncomingMessage) -> None:
         delivery = Delivery(

@@ -31,6 +31,9 @@ Wiring (docs/architecture.md, sections 1, 3 and 5):
   state messages of every gateway (outbox depth, readings/s, counters,
   online/offline) into ``gateway_status`` (the latest per gateway) and
   ``gateway_status_history``, in small transactions of their own;
+- ``command-listener``, ``command-dispatcher`` and ``command-reports``, in
+  the same worker as ``states``: the command downlink (``ingest.downlink``):
+  queued commands out to their gateways, the states they report in;
 - optional Prometheus /metrics (``ingest.metrics``).
 
 Gateway states take a different road from batches. One worker per host
@@ -106,6 +109,7 @@ from contracts.messages import encode_ack
 from contracts.settings import BrokerSettings, DatabaseSettings, IngestSettings
 from contracts.topics import ack_topic, gateway_filter, ingest_batch_filter
 from ingest.acks import build_acks
+from ingest.downlink import CommandDownlink
 from ingest.metrics import IngestCounters, IngestMetrics, serve_metrics
 from ingest.mqtt import (
     BatchSubscriber,
@@ -192,6 +196,7 @@ class Ingest:
         worker_id: str,
         metrics_port: int = 0,
         store_states: bool = True,
+        handle_commands: bool = True,
         clock: Callable[[], int] = wall_ms,
     ) -> None:
         if database.url is None:
@@ -241,6 +246,21 @@ class Ingest:
             connect_timeout_s=database.connect_timeout_s,
             ownership_refresh_s=settings.ownership_refresh_s,
         )
+        # Commands to devices, in the worker that stores states (one per host).
+        self.downlink: CommandDownlink | None = None
+        if handle_commands:
+            self.downlink = CommandDownlink(
+                settings=settings,
+                broker=broker,
+                url=database.url,
+                schema=database.schema,
+                worker_id=worker_id,
+                connect_timeout_s=database.connect_timeout_s,
+                counters=self.counters,
+                clock=clock,
+                warn_reject=self._warn_reject,
+                db_call=self.db_call,
+            )
         self.metrics.queue_depth = self._outstanding
         self.metrics.broker_connected = self.subscriber.connected.is_set
         self._stopping = threading.Event()
@@ -387,8 +407,13 @@ class Ingest:
             total.rejects.update(outcome.rejects)
         return total
 
-    async def db_call(self, what: str, fn: Callable[[], _T]) -> _T:
-        """Run a blocking database call in a thread; cut the connection if it hangs."""
+    async def db_call(
+        self, what: str, fn: Callable[[], _T], *, interrupt: Callable[[], None] | None = None
+    ) -> _T:
+        """Run a blocking database call in a thread; cut the connection if it hangs.
+
+        ``interrupt`` cuts the connection ``fn`` uses (the batch writer's by default).
+        """
         task = asyncio.create_task(asyncio.to_thread(fn), name=f"db[{what}]")
         done, _ = await asyncio.wait({task}, timeout=self.settings.commit_timeout_s)
         if not done:
@@ -398,7 +423,7 @@ class Ingest:
                 what,
                 self.settings.commit_timeout_s,
             )
-            self.writer.interrupt()
+            (interrupt or self.writer.interrupt)()
         return await task
 
     async def _commit_until_done(self, group: list[Pending]) -> CommitOutcome:
@@ -701,6 +726,8 @@ class Ingest:
         self.subscriber.start()
         if self.state_subscriber is not None:
             self.state_subscriber.start()
+        if self.downlink is not None:
+            self.downlink.start()
         try:
             # The ownership map before the first batch, if the database answers.
             await self.db_call("ownership", self.writer.refresh_owners)
@@ -716,6 +743,8 @@ class Ingest:
                 group.create_task(self._prune(), name="prune")
                 if self.state_subscriber is not None:
                     group.create_task(self._states(), name="states")
+                if self.downlink is not None:
+                    self.downlink.create_tasks(group)
                 if stop is not None:
                     group.create_task(self._stop_when(stop, collector, groups), name="stop")
         except* _Stop:
@@ -725,6 +754,8 @@ class Ingest:
             self.subscriber.stop()
             if self.state_subscriber is not None:
                 self.state_subscriber.stop()
+            if self.downlink is not None:
+                await self.downlink.stop()
             # A call still hung on the database (its task was cancelled, its
             # thread was not) would hold the writer's lock forever.
             self.writer.interrupt()

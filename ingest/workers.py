@@ -7,7 +7,8 @@ interpreter, its own MQTT client ids (``ingest.mqtt.client_id_for``: worker id, 
 id and a random token, so two supervisors on one host never share one), its own
 database connection and, if enabled, /metrics on ``metrics_host`` port
 ``metrics_port + index``); worker 0 also stores the gateways' states
-(``ingest.service`` says why one).
+(``ingest.service`` says why one) and runs the command downlink
+(``ingest.downlink``).
 The supervisor restarts a worker that dies (kill -9, a crash) with a capped
 backoff, forwards SIGTERM/SIGINT as SIGTERM to the workers and waits for them;
 a worker whose supervisor is gone stops by itself. What a worker does is
@@ -69,6 +70,7 @@ def build_worker(settings: Settings, index: int) -> Ingest:
         worker_id=worker_id_for(index),
         metrics_port=port + index if port else 0,
         store_states=index == 0,
+        handle_commands=index == 0,
     )
 
 

@@ -27,6 +27,7 @@ def test_defaults_without_file_or_environment():
     assert settings == Settings()
     assert settings.database.schema == "cityhub"
     assert settings.local.dev_mode is True
+    assert settings.ingest.command_resend_s == 5.0
 
 
 def test_file_and_environment_merge_with_environment_winning(tmp_path):
@@ -65,6 +66,9 @@ def test_config_file_named_by_environment(tmp_path):
         ("", {"CITYHUB_LOCAL__DEV_MODE": "perhaps"}, "CITYHUB_LOCAL__DEV_MODE"),
         ("", {"CITYHUB_DATABSE__URL": "x"}, "CITYHUB_DATABSE__URL"),
         ("", {"CITYHUB_LOCAL": "x"}, "CITYHUB_LOCAL"),
+        ("[ingest]\ncommand_resend_s = 0\n", {}, "ingest.command_resend_s"),
+        ("[ingest]\ncommand_resend_s = -1.5\n", {}, "ingest.command_resend_s"),
+        ("", {"CITYHUB_INGEST__COMMAND_RESEND_S": "0"}, "CITYHUB_INGEST__COMMAND_RESEND_S"),
     ],
 )
 def test_errors_name_the_key(tmp_path, toml, env, key):

@@ -338,6 +338,8 @@ def ingest_in_thread(
         wait_for(worker.subscriber.subscribed.is_set, 10, "ingest subscription")
         if worker.state_subscriber is not None:
             wait_for(worker.state_subscriber.subscribed.is_set, 10, "state subscription")
+        if worker.downlink is not None:
+            wait_for(worker.downlink.subscriber.subscribed.is_set, 10, "report subscription")
         yield worker
 
 
