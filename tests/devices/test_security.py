@@ -25,6 +25,7 @@ from contracts.topics import (
     command_report_topic,
     command_topic,
     config_topic,
+    device_answer_topic,
     device_command_topic,
     device_status_topic,
     device_uplink_topic,
@@ -191,6 +192,49 @@ def test_gateway_is_confined_to_its_own_topics(provisioner, broker_admin, probes
     assert site.subscribe(f"{topic_prefix}/d/+/up") == NOT_AUTHORIZED
     assert site.publish(f"{topic_prefix}/d/someone/up") == NOT_AUTHORIZED
     assert site.subscribe(f"{topic_prefix}/hub/v1/gw/+/batch") == NOT_AUTHORIZED
+
+
+def test_only_the_device_reads_its_commands_and_only_its_gateway_sends_them(
+    provisioner, broker_admin, probes, topic_prefix
+):
+    gw_id, gw = _gateway(provisioner)
+    other_gw_id, other_gw = _gateway(provisioner)
+    a_id, a = _mqtt_device(provisioner, gw_id)
+    _b_id, b = _mqtt_device(provisioner, gw_id)
+    port = broker_admin.port
+    assert (a.topics["command"], a.topics["answer"]) == (
+        device_command_topic(a_id, topic_prefix),
+        device_answer_topic(a_id, topic_prefix),
+    )
+    device_a = probes(port, a.broker.username, a.broker.password, a.broker.client_id)
+    device_b = probes(port, b.broker.username, b.broker.password, b.broker.client_id)
+    # A device reads its own commands, not another's, nor every device's.
+    assert device_a.subscribe(a.topics["command"]) == 1
+    assert device_a.subscribe(b.topics["command"]) == NOT_AUTHORIZED
+    assert device_a.subscribe(f"{topic_prefix}/d/+/cmd") == NOT_AUTHORIZED
+    # A device cannot command another device, nor answer for it.
+    assert device_b.publish(a.topics["command"], b"{}") == NOT_AUTHORIZED
+    assert device_b.publish(a.topics["answer"], b"{}") == NOT_AUTHORIZED
+    # Its gateway sends its commands and reads its answers; another gateway does neither.
+    site = probes(port, gw.site.username, gw.site.password, gw.site.client_id)
+    assert site.subscribe(a.topics["answer"]) == 1
+    assert site.publish(a.topics["command"], b'{"probe":1}') == 0
+    deadline = time.monotonic() + 5
+    while not device_a.messages and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert device_a.messages == [(a.topics["command"], b'{"probe":1}')]
+    assert site.publish(a.topics["answer"], b"{}") == NOT_AUTHORIZED
+    stranger = probes(port, other_gw.site.username, other_gw.site.password, other_gw.site.client_id)
+    assert stranger.publish(a.topics["command"], b"{}") == NOT_AUTHORIZED
+    assert stranger.subscribe(a.topics["answer"]) == NOT_AUTHORIZED
+    # On the central broker a gateway reads only its own commands and reports only its own.
+    central = probes(port, gw.central.username, gw.central.password, gw.central.client_id)
+    assert central.subscribe(command_topic(gw_id, topic_prefix)) == 1
+    assert central.subscribe(command_topic(other_gw_id, topic_prefix)) == NOT_AUTHORIZED
+    assert central.publish(command_report_topic(gw_id, topic_prefix)) in (0, 16)
+    assert central.publish(command_report_topic(other_gw_id, topic_prefix)) == NOT_AUTHORIZED
+    # It may not forge its own commands: those come from ingest.
+    assert central.publish(command_topic(gw_id, topic_prefix)) == NOT_AUTHORIZED
 
 
 def test_wrong_password_and_unknown_and_anonymous_are_refused(provisioner, broker_admin, probes):
