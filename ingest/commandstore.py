@@ -5,7 +5,8 @@ with a large commit):
 
 - ``dispatch`` runs one pass of the dispatcher in ONE transaction: the
   commands due (``queued`` ones, and ``sent`` ones with a cancel requested,
-  not sent within ``resend_s``) ``FOR UPDATE SKIP LOCKED``, so two hosts'
+  not sent within ``resend_s``, doubling per send up to RESEND_MAX_S)
+  ``FOR UPDATE SKIP LOCKED``, so two hosts'
   dispatchers never send the same row at once; the plan of
   ``ingest.commanding.plan_dispatch``; the states the hub decides
   (``expired``, ``failed``) with their ``command_events`` rows (source
@@ -57,6 +58,10 @@ from ingest.writer import REJECT_RAW_MAX_BYTES
 # Rows one dispatch pass takes: 4,096 commands of ~200 bytes are 16 messages
 # of 256; a longer queue is taken in further passes right away.
 DISPATCH_ROWS_MAX: Final = 4096
+# The longest wait between two sends of a command its gateway has not
+# reported 'sent' (doubling from ingest.command_resend_s): a gateway back from
+# an outage whose broker session lost the copies waits at most this long.
+RESEND_MAX_S: Final = 60.0
 # Characters of a refused report's device id kept in ``rejects.device_id``.
 _DEVICE_ID_MAX_CHARS: Final = 64
 
@@ -121,6 +126,11 @@ class CommandStore:
         self._db.interrupt()
 
     # -- dispatch ------------------------------------------------------------------
+    #
+    # A command is sent again after resend_s, then after twice as long each
+    # time, up to RESEND_MAX_S: a gateway away for a day gets ~1,440 copies
+    # queued in its broker session per command, not one every resend_s
+    # (17,280 at 5 s); the gateway keeps each command once whatever arrives.
 
     def dispatch(
         self,
@@ -151,11 +161,12 @@ class CommandStore:
                 WHERE (state = 'queued'
                         OR (state = 'sent' AND cancel_requested_at IS NOT NULL))
                     AND (last_sent_at IS NULL OR last_sent_at <= {_EPOCH_MS}
-                        - make_interval(secs => %s))
+                        - make_interval(secs => least(
+                            %s * power(2, least(greatest(sends - 1, 0), 16)), %s)))
                 ORDER BY created_at, command_id
                 LIMIT %s
                 FOR UPDATE SKIP LOCKED""",
-                (now_ms, resend_s, limit),
+                (now_ms, resend_s, max(resend_s, RESEND_MAX_S), limit),
             )
             rows = [
                 CommandRow(

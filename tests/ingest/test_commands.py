@@ -228,6 +228,11 @@ def test_a_notified_command_reaches_its_gateway_at_once_and_is_resent_until_sent
             second_at, second = gateway.received[1]
             assert second.commands == [command]
             assert second_at - first_at >= 1.9
+            # Then after twice as long: a gateway that is away is not flooded with copies.
+            wait_for(lambda: gateway.sent_ids().count(command_id) >= 3, 8, "a second resend")
+            third_at, third = gateway.received[2]
+            assert third.commands == [command]
+            assert third_at - second_at >= 3.8
             sent = make_report(command, command.device_id, "sent", now_ms())
             gateway.publish(sent)
             wait_for(lambda: sent.report_id in gateway.acked(), 5, "the report acked")
