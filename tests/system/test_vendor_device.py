@@ -18,6 +18,7 @@ import logging
 import re
 import shutil
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -172,3 +173,62 @@ def test_a_device_built_from_the_docs_is_stored(
         kiosk_rows = rows(db_conn, seeded, "kiosk", kiosk_id)
         assert kiosk_rows[2]["queue_length"] == 7
         assert [k for k, v in kiosk_rows[2].items() if v is not None] == ["queue_length"]
+
+
+def test_a_device_built_from_the_docs_answers_a_command(
+    provisioner, mqtt_server, db_conn, db_url, seeded, topic_prefix, tmp_path
+):
+    """The doc's command block (mosquitto_sub for one request, mosquitto_pub for its answer)
+    takes a command an operator queued, through ingest's dispatcher and a real gateway."""
+    from devices.commands import CommandRegistry
+
+    blocks = doc_blocks()
+    tag = uuid.uuid4().hex[:6]
+    gateway_id, device_id = f"gw-{tag}", f"kiosk-{tag}"
+    gw = decode_bundle(provisioner.add_gateway(gateway_id, site_id=SITE).files.json.read_bytes())
+    bundle = provisioner.add_device(
+        device_id, device_type="kiosk", site_id=SITE, gateway_id=gateway_id, transport="mqtt"
+    ).files.json
+    with (
+        ingest_subscribed(
+            tmp_path, server=mqtt_server, db_url=db_url, schema=seeded, prefix=topic_prefix
+        ),
+        gateway_in_thread(
+            settings=gateway_settings(gateway_id, topic_prefix, site_id=SITE),
+            central=_broker(gw.central),
+            site=_broker(gw.site),
+            outbox=tmp_path / "outbox.sqlite3",
+        ) as gateway,
+    ):
+        wait_for(lambda: device_id in gateway.served_devices(), 15, "the device served")
+        run_example(blocks, "status", bundle)  # online: the gateway may send it commands
+        wait_for(lambda: gateway.tracker.devices[device_id].online, 15, "the device online")
+        setup = _BUNDLE_LINE.sub(f"BUNDLE={bundle.name}", blocks["setup"])
+        bash = shutil.which("bash")
+        assert bash is not None
+        device = subprocess.Popen(
+            [bash, "-euo", "pipefail", "-c", setup + blocks["command"]],
+            cwd=bundle.parent,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            time.sleep(1.5)  # mosquitto_sub connected and subscribed (a clean session)
+            registry = CommandRegistry(db_conn, schema=seeded)
+            command = registry.ask(device_id, "print_test_page", [], ttl_s=120, operator="docs")
+            _out, err = device.communicate(timeout=60)
+        finally:
+            if device.poll() is None:
+                device.kill()
+        assert device.returncode == 0, err
+
+        def final() -> tuple[str, str] | None:
+            row = db_conn.execute(
+                f"SELECT state, detail FROM {seeded}.commands WHERE command_id = %s",
+                (command.command_id,),
+            ).fetchone()
+            return (row[0], row[1]) if row is not None and row[0] == "succeeded" else None
+
+        wait_for(lambda: final() is not None, 20, "the answer stored centrally")
+    assert final() == ("succeeded", "carried out by hand")
