@@ -47,13 +47,12 @@ from contracts.catalog import (
     DeviceType,
     has_control_characters,
 )
+from contracts.decoding import check_size, decode_payload
 from contracts.errors import (
     CommandRefusedError,
     FieldTypeError,
     InconsistentBatchError,
-    MalformedPayloadError,
     OutOfRangeError,
-    PayloadTooLargeError,
 )
 from contracts.ids import check_id
 
@@ -284,19 +283,7 @@ def decode_command(
     Raises PayloadTooLargeError, MalformedPayloadError, FieldTypeError and
     whatever ``check_command_message`` raises.
     """
-    if len(payload) > max_bytes:
-        raise PayloadTooLargeError(
-            f"command: {len(payload)} bytes exceeds the limit of {max_bytes}"
-        )
-    try:
-        command = _DECODER.decode(payload)
-    # ValidationError is a subclass of DecodeError: it must come first.
-    except msgspec.ValidationError as exc:
-        raise FieldTypeError(f"command: {exc}") from exc
-    except msgspec.DecodeError as exc:
-        raise MalformedPayloadError(f"command: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise MalformedPayloadError(f"command: invalid UTF-8: {exc}") from exc
+    command = _decode_json(_DECODER, payload, "command", max_bytes)
     return check_command_message(command, catalog_type)
 
 
@@ -510,18 +497,8 @@ _ANSWER_DECODER: Final = msgspec.json.Decoder(DeviceAnswer)
 def _decode_json(
     decoder: msgspec.json.Decoder[_M], payload: bytes, what: str, max_bytes: int
 ) -> _M:
-    if len(payload) > max_bytes:
-        raise PayloadTooLargeError(f"{what}: {len(payload)} bytes exceeds the limit of {max_bytes}")
-    try:
-        return decoder.decode(payload)
-    except msgspec.ValidationError as exc:
-        raise FieldTypeError(f"{what}: {exc}") from exc
-    except msgspec.DecodeError as exc:
-        raise MalformedPayloadError(f"{what}: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise MalformedPayloadError(f"{what}: invalid UTF-8: {exc}") from exc
-    except RecursionError as exc:
-        raise MalformedPayloadError(f"{what}: nested too deeply") from exc
+    check_size(payload, max_bytes, what)
+    return decode_payload(decoder, payload, what)
 
 
 def _check_sender(claimed: str, gateway_id: str | None) -> None:
@@ -569,6 +546,16 @@ def check_command_reports(
     message: CommandReports, *, gateway_id: str | None = None
 ) -> CommandReports:
     """Sender (InconsistentBatchError if not the topic's), count, then each report."""
+    check_reports_envelope(message, gateway_id=gateway_id)
+    for report in message.reports:
+        check_command_report(report)
+    return message
+
+
+def check_reports_envelope(
+    message: CommandReports, *, gateway_id: str | None = None
+) -> CommandReports:
+    """Sender, time and count of a reports message, not the reports (each is checked alone)."""
     _check_sender(message.gateway_id, gateway_id)
     if not 0 <= message.ts_ms <= _TS_MAX_MS:
         raise OutOfRangeError(f"ts_ms {message.ts_ms} is outside [0, {_TS_MAX_MS}]")
@@ -576,8 +563,6 @@ def check_command_reports(
         raise FieldTypeError(
             f"{len(message.reports)} reports, between 1 and {REPORTS_PER_MESSAGE_MAX} expected"
         )
-    for report in message.reports:
-        check_command_report(report)
     return message
 
 
@@ -586,10 +571,22 @@ def encode_command_reports(message: CommandReports) -> bytes:
 
 
 def decode_command_reports(
-    payload: bytes, *, gateway_id: str | None = None, max_bytes: int = COMMAND_REPORTS_MAX_BYTES
+    payload: bytes,
+    *,
+    gateway_id: str | None = None,
+    max_bytes: int = COMMAND_REPORTS_MAX_BYTES,
+    each: bool = True,
 ) -> CommandReports:
+    """Size, syntax, types, the envelope, and (``each``) every report; raise an InputError.
+
+    A receiver that judges the reports one by one (ingest, which stores the
+    good ones of a message and refuses the rest) passes ``each=False`` and
+    calls ``check_command_report`` itself.
+    """
     message = _decode_json(_REPORTS_DECODER, payload, "command reports", max_bytes)
-    return check_command_reports(message, gateway_id=gateway_id)
+    if each:
+        return check_command_reports(message, gateway_id=gateway_id)
+    return check_reports_envelope(message, gateway_id=gateway_id)
 
 
 def check_device_answer(answer: DeviceAnswer) -> DeviceAnswer:

@@ -46,6 +46,8 @@ import msgspec
 from contracts import catalog
 from contracts.catalog import DeviceType, Metric
 from contracts.commands import STATE_RANK
+from contracts.decoding import check_size as _check_size
+from contracts.decoding import decode_payload as _decode
 from contracts.errors import (
     FieldTypeError,
     InconsistentBatchError,
@@ -55,7 +57,6 @@ from contracts.errors import (
     MalformedPayloadError,
     NonFiniteValueError,
     OutOfRangeError,
-    PayloadTooLargeError,
     TimestampWindowError,
     UnknownDeviceTypeError,
     UnknownMetricError,
@@ -127,32 +128,6 @@ _T = TypeVar("_T")
 def payload_digest(payload: bytes) -> str:
     """The digest an ack names a payload by (DIGEST_HEX_CHARS lowercase hex characters)."""
     return hashlib.sha256(payload).hexdigest()[:DIGEST_HEX_CHARS]
-
-
-def _check_size(payload: bytes, max_bytes: int, what: str) -> None:
-    if len(payload) > max_bytes:
-        raise PayloadTooLargeError(f"{what}: {len(payload)} bytes exceeds the limit of {max_bytes}")
-
-
-def _decode(
-    decoder: msgspec.json.Decoder[_T] | msgspec.msgpack.Decoder[_T], payload: bytes, what: str
-) -> _T:
-    """Run a msgspec decoder, translating its errors into the project's."""
-    try:
-        return decoder.decode(payload)
-    # ValidationError is a subclass of DecodeError: it must come first.
-    except msgspec.ValidationError as exc:
-        raise FieldTypeError(f"{what}: {exc}") from exc
-    except msgspec.DecodeError as exc:
-        raise MalformedPayloadError(f"{what}: {exc}") from exc
-    # msgspec raises UnicodeDecodeError, not DecodeError, for invalid UTF-8
-    # inside some strings and keys.
-    except UnicodeDecodeError as exc:
-        raise MalformedPayloadError(f"{what}: invalid UTF-8: {exc}") from exc
-    # Untyped (Any) fields recurse once per nesting level: `[[[[...` in a
-    # metric value would otherwise escape as RecursionError.
-    except RecursionError as exc:
-        raise MalformedPayloadError(f"{what}: nested too deeply") from exc
 
 
 def _lookup_type(name: str, where: str) -> DeviceType:

@@ -31,18 +31,16 @@ from typing import Final
 import msgspec
 
 from contracts.commands import (
-    COMMAND_REPORTS_MAX_BYTES,
     COMMANDS_PER_MESSAGE_MAX,
     GATEWAY_COMMANDS_MAX_BYTES,
-    REPORTS_PER_MESSAGE_MAX,
     STATE_RANK,
     Command,
     CommandReport,
-    CommandReports,
     CommandState,
     GatewayCommands,
     check_command_message,
     check_command_report,
+    decode_command_reports,
     encode_command,
     report_id,
 )
@@ -50,12 +48,9 @@ from contracts.errors import (
     FieldTypeError,
     InputError,
     InvalidTopicError,
-    MalformedPayloadError,
-    OutOfRangeError,
-    PayloadTooLargeError,
 )
 from contracts.ids import check_id
-from contracts.messages import TS_MAX_MS, Ack
+from contracts.messages import Ack
 from contracts.topics import parse_gateway_topic
 from ingest.prepare import GATEWAY_MISMATCH
 
@@ -74,8 +69,6 @@ _ENVELOPE_BYTES: Final = 4096
 _ENTRY_OVERHEAD_BYTES: Final = 1
 # What a refusal quotes back of a value the sender made up.
 _QUOTE_CHARS: Final = 64
-
-_REPORTS_DECODER: Final = msgspec.json.Decoder(CommandReports)
 
 
 # --- dispatch -------------------------------------------------------------------------
@@ -253,35 +246,6 @@ def ackable(report: CommandReport) -> bool:
     )
 
 
-def _check_envelope(message: CommandReports) -> None:
-    """Sender id, time and count; the reports are checked one by one."""
-    check_id(message.gateway_id, "gateway_id")
-    if not 0 <= message.ts_ms <= TS_MAX_MS:
-        raise OutOfRangeError(f"ts_ms {message.ts_ms} is outside [0, {TS_MAX_MS}]")
-    if not 1 <= len(message.reports) <= REPORTS_PER_MESSAGE_MAX:
-        raise FieldTypeError(
-            f"{len(message.reports)} reports, between 1 and {REPORTS_PER_MESSAGE_MAX} expected"
-        )
-
-
-def _decode(payload: bytes) -> CommandReports:
-    if len(payload) > COMMAND_REPORTS_MAX_BYTES:
-        raise PayloadTooLargeError(
-            f"command reports: {len(payload)} bytes exceeds the limit of "
-            f"{COMMAND_REPORTS_MAX_BYTES}"
-        )
-    try:
-        return _REPORTS_DECODER.decode(payload)
-    except msgspec.ValidationError as exc:
-        raise FieldTypeError(f"command reports: {exc}") from exc
-    except msgspec.DecodeError as exc:
-        raise MalformedPayloadError(f"command reports: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise MalformedPayloadError(f"command reports: invalid UTF-8: {exc}") from exc
-    except RecursionError as exc:
-        raise MalformedPayloadError("command reports: nested too deeply") from exc
-
-
 def prepare_reports(topic: str, payload: bytes, *, prefix: str) -> ReportsItem:
     """Classify one message of ``[prefix/]hub/v1/gw/{id}/cmdreport``.
 
@@ -299,8 +263,8 @@ def prepare_reports(topic: str, payload: bytes, *, prefix: str) -> ReportsItem:
     except InputError as exc:
         return PoisonReports(topic, None, exc.reason, str(exc), payload)
     try:
-        message = _decode(payload)
-        _check_envelope(message)
+        # Size first, syntax, types, sender id, time and count: each report alone below.
+        message = decode_command_reports(payload, each=False)
     except InputError as exc:
         return PoisonReports(topic, gateway_id, exc.reason, str(exc), payload)
     if message.gateway_id != gateway_id:
