@@ -76,6 +76,7 @@ from contracts.catalog import (
     DeviceType,
     MetricKind,
 )
+from contracts.commands import STATE_LABELS
 from contracts.schema import (
     ALERT_STATES,
     SEVERITIES,
@@ -113,6 +114,7 @@ GATEWAY_STATUS_HISTORY: Final = tables.table("gateway_status_history")
 INGEST_STATS: Final = tables.table("ingest_stats")
 INGESTED_BATCHES: Final = tables.table("ingested_batches")
 REJECTS: Final = tables.table("rejects")
+COMMANDS: Final = tables.table("commands")
 AIR_QUALITY_READINGS: Final = tables.table(readings_table(AIR_QUALITY.name))
 AIR_QUALITY_ROLLUP: Final = tables.table(rollup_table(AIR_QUALITY.name))
 KIOSK_READINGS: Final = tables.table(readings_table(KIOSK.name))
@@ -1693,6 +1695,33 @@ ORDER BY r.received_at DESC
 LIMIT 200"""
 
 
+# A device's commands: who asked what, where each is now, and the device's words.
+_DEVICE_COMMANDS_SQL: Final = f"""SELECT c.created_at AS "Gửi lúc (asked)",
+  c.name AS "Lệnh (command)", c.args::text AS "Tham số (args)",
+  c.state AS "Trạng thái (state)", c.state_at AS "Lúc (at)",
+  c.operator AS "Người gửi (operator)", c.detail AS "Chi tiết (detail)",
+  c.command_id AS "Mã lệnh (command id)"
+FROM {COMMANDS} c
+WHERE $__timeFilter(c.created_at) AND c.device_id {ONE_DEVICE}
+ORDER BY c.created_at DESC
+LIMIT 200"""
+
+
+def _command_state_mappings() -> list[model.ValueMapping]:
+    colours = {
+        "queued": "blue",
+        "sent": "blue",
+        "delivered": "purple",
+        "succeeded": "green",
+        "failed": "red",
+        "expired": "orange",
+        "cancelled": None,
+    }
+    return _value_text(
+        {state: (f"{vi} / {en}", colours[state]) for state, (vi, en) in STATE_LABELS.items()}
+    )
+
+
 def device() -> board.Dashboard:
     variable = _variable(
         "device",
@@ -1706,7 +1735,7 @@ def device() -> board.Dashboard:
         "Thiết bị · Device",
         ["device", "drill-down"],
         "Một thiết bị: loại, điểm, gateway, trực tuyến, mọi chỉ số theo thời gian, "
-        "cảnh báo và các lần chuyển trạng thái, bản tin bị loại.",
+        "cảnh báo và các lần chuyển trạng thái, bản tin bị loại, lệnh đã gửi.",
         variables=[variable],
     )
     identity = _linked(
@@ -1741,6 +1770,12 @@ def device() -> board.Dashboard:
                 height=8,
             ),
             _table("Bản tin bị loại (rejects)", _DEVICE_REJECTS_SQL, width=24, height=8),
+            _table(
+                "Lệnh gửi tới thiết bị (commands)", _DEVICE_COMMANDS_SQL, width=24, height=8
+            ).override_by_name(
+                "Trạng thái (state)",
+                [model.DynamicConfigValue(id_val="mappings", value=_command_state_mappings())],
+            ),
         ],
     )
 

@@ -17,7 +17,8 @@ Faults make every board have something to show: spikes beyond the valid
 range (rejects), a stuck PM sensor and a kiosk dropout (alerts), and one
 site whose devices fall silent before the end (offline devices, no-data
 alerts), whose gateway's death Will arrives when they stop, and one
-gateway whose outbox backs up for a while and drains. Readings end at
+gateway whose outbox backs up for a while and drains. Kiosks and camera
+counters are sent commands (``_commands``), which succeed, fail or wait. Readings end at
 ``end_ms`` (the fixture passes the current minute), so "online in the last
 five minutes" is meaningful.
 """
@@ -34,9 +35,10 @@ import psycopg
 from alerts.rules import load_rules
 from alerts.service import AlertsJob
 from cityhub import database
+from contracts.commands import encode_command_reports
 from contracts.messages import GatewayState, GatewayStatus, encode_batch, encode_gateway_state
 from contracts.settings import AlertsSettings, DatabaseSettings, StorageSettings
-from contracts.topics import batch_topic, state_topic
+from contracts.topics import batch_topic, command_report_topic, state_topic
 from firmware_sim.fleet import FleetDescription, build_fleet, parse_sites
 from gateway.batching import BatchBuilder
 from ingest.prepare import GoodBatch, GoodState, prepare_item, prepare_state
@@ -193,6 +195,7 @@ def fill_schema(
     end = datetime.fromtimestamp(end_ms / 1000, UTC)
     database.maintain(conn, schema=schema, now=end, lookback=timedelta(hours=hours + 1))
     _run_alerts(url, schema, start_ms=start_ms, end_ms=end_ms)
+    _commands(conn, url, schema, specs, gateways, end_ms=end_ms)
     for table in (
         "alerts",
         "alert_transitions",
@@ -201,10 +204,58 @@ def fill_schema(
         "rejects",
         "gateway_status",
         "gateway_status_history",
+        "commands",
+        "command_events",
     ):
         row = conn.execute(f"SELECT count(*) FROM {schema}.{table}").fetchone()
         report.counts[table] = int(row[0]) if row else 0
     return report
+
+
+def _commands(conn, url, schema, specs, gateways, *, end_ms: int) -> None:
+    """Commands to every kiosk and camera counter, asked as an operator does
+    (``devices.commands``), then their gateways' reports stored through ingest's
+    report path: most succeed, one fails with the device's words, one is still
+    waiting. Asked "now", they are moved into the filled window, half an hour
+    before its end."""
+    from contracts.commands import CommandReports, make_report
+    from devices.commands import CommandRegistry
+    from ingest.commanding import prepare_reports
+    from ingest.commandstore import CommandStore
+
+    registry = CommandRegistry(conn, schema=schema)
+    store = CommandStore(url=url, schema=schema, worker_id="w0")
+    asked_ms = end_ms - 30 * MINUTE_MS
+    try:
+        targets = [s for s in specs if s.device_type in ("kiosk", "camera_counter")]
+        for number, spec in enumerate(targets):
+            name = "print_test_page" if spec.device_type == "kiosk" else "reset_count"
+            row = registry.ask(spec.device_id, name, [], ttl_s=600, operator="fill")
+            conn.execute(
+                f"UPDATE {schema}.commands SET created_at = to_timestamp(%s / 1000.0), "
+                "expires_at = to_timestamp(%s / 1000.0) + interval '10 minutes' "
+                "WHERE command_id = %s",
+                (asked_ms, asked_ms, row.command_id),
+            )
+            if number == 0:
+                continue  # still waiting for its gateway
+            final = "failed" if number == 1 else "succeeded"
+            detail = "printer out of paper" if final == "failed" else "done"
+            reports = [
+                make_report(row.command_id, spec.device_id, state, asked_ms + 1000 * step)
+                for step, state in enumerate(("sent", "delivered"), start=1)
+            ]
+            reports.append(
+                make_report(row.command_id, spec.device_id, final, asked_ms + 3000, detail=detail)
+            )
+            gateway_id = gateways[spec.site_id]
+            message = CommandReports(gateway_id=gateway_id, ts_ms=asked_ms + 3000, reports=reports)
+            item = prepare_reports(
+                command_report_topic(gateway_id), encode_command_reports(message), prefix=""
+            )
+            store.store_reports(item)
+    finally:
+        store.close()
 
 
 def _outbox_depth(gateway_id: str, *, end_ms: int, at_ms: int) -> int:
