@@ -31,11 +31,9 @@ to and what to log on a successful connect is the caller's business.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import secrets
-import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -153,21 +151,6 @@ def _ignore(_message: IncomingMessage) -> None:
     pass
 
 
-def _send_at_once(_client: mqtt.Client, _userdata: object, sock: object) -> None:
-    """TCP_NODELAY on each new connection (paho leaves Nagle's algorithm on).
-
-    With Nagle, a small packet written while an earlier one is unacknowledged
-    waits for the broker's TCP ACK, which the peer delays up to 40 ms: a
-    command's report published just after another one took ~40 ms to leave
-    (bench/bench_commands.py). MQTT packets are written whole, so nothing is
-    gained by coalescing them.
-    """
-    setsockopt = getattr(sock, "setsockopt", None)  # a websocket wrapper has none
-    if setsockopt is not None:
-        with contextlib.suppress(OSError):  # not TCP (a Unix socket): nothing to turn off
-            setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 def _paho_client(
     *,
     client_id: str,
@@ -191,7 +174,6 @@ def _paho_client(
     client.max_queued_messages_set(0)
     client.max_inflight_messages_set(max_inflight)
     client.manual_ack_set(manual_ack)
-    client.on_socket_open = _send_at_once
     return client
 
 

@@ -245,10 +245,6 @@ class MosquittoServer:
             # QoS 1 messages in flight to one client: the default 20 (100 before)
             # held a draining gateway to 8.3k msgs/s here; 1000 gave 8.8-10k.
             "max_inflight_messages 1000",
-            # Small packets (a command, an ack, a PUBACK) leave at once: with
-            # Nagle's algorithm one written while an earlier one awaits the
-            # client's delayed TCP ACK waited up to 40 ms (bench_commands.py).
-            "set_tcp_nodelay true",
             f"max_packet_size {MAX_PACKET_BYTES}",
             "log_dest stderr",
             "log_type error",
