@@ -74,6 +74,7 @@ from tests.plugins.gateway import (
     wait_for,
     watch_states,
 )
+from tests.plugins.ingest import cpu_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -335,6 +336,9 @@ def run_once(
     else:
         gateway = start_gateway(settings, log)
     out, _ = acker.communicate(timeout=600)
+    # The gateway's CPU over the whole run (for a drain, its second start: the drain itself).
+    gateway_cpu_s = cpu_seconds(gateway.pid)
+    responder_cpu_s = cpu_seconds(responder.proc.pid) if responder is not None else 0.0
     stop(gateway)
     if responder is not None:
         responder.close()
@@ -349,6 +353,8 @@ def run_once(
         "commands": result["commands"],
         "reports": result["reports"],
         "succeeded": result["succeeded"],
+        "gateway_cpu_s": gateway_cpu_s,
+        "responder_cpu_s": responder_cpu_s,
     }
 
 
@@ -539,18 +545,23 @@ def main() -> None:
         (lives, "start_to_last", "live: readings/s acked, publisher start to last ack"),
         (lives, "queue_rate", "live: publisher msgs/s (acked by the broker)"),
         (lives, "duplicates", "live: readings delivered twice"),
+        (drains, "gateway_cpu_s", "drain: gateway CPU s a run (user + system)"),
+        (lives, "gateway_cpu_s", "live: gateway CPU s a run (user + system)"),
     ):
         values = [r[key] for r in runs]
-        listed = ", ".join(f"{v:,.0f}" for v in values)
-        print(f"{label:<58} {statistics.median(values):>10,.0f}  {listed}")
+        digits = 2 if key.endswith("cpu_s") else 0
+        listed = ", ".join(f"{v:,.{digits}f}" for v in values)
+        print(f"{label:<58} {statistics.median(values):>10,.{digits}f}  {listed}")
     if per_s:
         for runs, name in ((drains, "drain"), (lives, "live")):
             for key, what in (
                 ("commands", "commands sent"),
                 ("succeeded", "commands reported succeeded"),
                 ("reports", "command reports acked"),
+                ("responder_cpu_s", "responder CPU s"),
             ):
-                listed = ", ".join(f"{r[key]:,.0f}" for r in runs)
+                digits = 2 if key.endswith("cpu_s") else 0
+                listed = ", ".join(f"{r[key]:,.{digits}f}" for r in runs)
                 print(f"{name + ': ' + what + ' a run':<58} {'':>10}  {listed}")
     label = "bare codec subscriber draining, no gateway logic, msgs/s"
     listed = ", ".join(f"{v:,.0f}" for v in bare)
