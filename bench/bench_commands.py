@@ -66,11 +66,12 @@ from contracts.settings import StorageSettings
 from contracts.topics import command_report_topic
 from devices.commands import CommandRegistry
 from tests.plugins.gateway import client, mqtt_devices, publish_config, watch_states
-from tests.plugins.ingest import seed_registry
+from tests.plugins.ingest import cpu_seconds, seed_registry
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND = "open_queue"  # a kiosk command without arguments, 30 s answer timeout
 WARMUP_COMMANDS = 20
+IDLE_S = 10.0  # the services' idle CPU is measured this long
 FINAL = ("succeeded", "failed", "expired", "cancelled")
 
 # The devices: online (retained status), answer every command at once.
@@ -137,6 +138,18 @@ RESPONDER = textwrap.dedent(
     c.loop_stop()
     """
 )
+
+
+def cpu_now(*procs: subprocess.Popen[bytes]) -> list[float]:
+    return [cpu_seconds(p.pid) for p in procs]
+
+
+def idle_cpu_per_s(*procs: subprocess.Popen[bytes]) -> list[float]:
+    """What the services burn with no command about, CPU s per s: the baseline."""
+    cpu0, t0 = cpu_now(*procs), time.monotonic()
+    time.sleep(IDLE_S)
+    elapsed = time.monotonic() - t0
+    return [(b - a) / elapsed for a, b in zip(cpu0, cpu_now(*procs), strict=True)]
 
 
 def write_gateway_settings(
@@ -380,15 +393,21 @@ def measure(
     }
 
 
+def registry(url: str, schema: str, gateway_id: str, devices: list[str]) -> psycopg.Connection:
+    """The schema migrated, the gateway and its kiosks registered; an autocommit connection."""
+    conn = psycopg.connect(url, autocommit=True)
+    database.migrate(conn, schema=schema, storage=StorageSettings())
+    seed_registry(conn, schema, {gateway_id: [(d, "kiosk") for d in devices]})
+    print(f"machine: {machine(conn)}")
+    return conn
+
+
 def run(args: argparse.Namespace, tmp: Path, broker: MosquittoServer, url: str) -> None:
     schema, tag = "bench", uuid.uuid4().hex[:6]
     gateway_id, prefix = f"gw-{tag}", f"c{tag}"
-    conn = psycopg.connect(url, autocommit=True)
-    database.migrate(conn, schema=schema, storage=StorageSettings())
     devices = mqtt_devices(prefix, args.devices)
     device_ids = [d.device_id for d in devices]
-    seed_registry(conn, schema, {gateway_id: [(d, "kiosk") for d in device_ids]})
-    print(f"machine: {machine(conn)}")
+    conn = registry(url, schema, gateway_id, device_ids)
 
     control = client(broker)
     publish_config(control, gateway_id=gateway_id, prefix=prefix, devices=devices, version=1)
@@ -413,11 +432,19 @@ def run(args: argparse.Namespace, tmp: Path, broker: MosquittoServer, url: str) 
         warm = ask_paced(commands, device_ids, WARMUP_COMMANDS, args.rate)
         wait(lambda: all_final(conn, schema, warm), 120, "the warm-up commands")
         responder.seen()
+        idle_per_s = idle_cpu_per_s(gateway, ingest)
         for n in range(args.runs):
+            cpu0, t0 = cpu_now(gateway, ingest), time.monotonic()
             ids = ask_paced(commands, device_ids, args.commands, args.rate)
             wait(functools.partial(all_final, conn, schema, ids), 300, "every command final")
             time.sleep(0.5)  # the last notices
+            spent = [b - a for a, b in zip(cpu0, cpu_now(gateway, ingest), strict=True)]
+            elapsed = time.monotonic() - t0
             result = measure(conn, schema, ids, seen=responder.seen(), notices=notices, watch=watch)
+            result["cpu_ms"] = [
+                (cpu - idle * elapsed) / len(ids) * 1000
+                for cpu, idle in zip(spent, idle_per_s, strict=True)
+            ]
             results.append(result)
             q = result["quantiles"]
             print(
@@ -452,6 +479,11 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
         runs = " / ".join(f"{r['quantiles'][key]['p50']:,.0f}" for r in results)
         print(f"| {label} | {' | '.join(cells)} | {runs} |")
     print(f"\ncommands a device received twice: {[r['received_twice'] for r in results]}")
+    for i, name in enumerate(("gateway", "ingest")):
+        cpu = [r["cpu_ms"][i] for r in results]
+        listed = " / ".join(f"{v:.2f}" for v in cpu)
+        label = f"{name} CPU per command, idle rate taken off (ms)"
+        print(f"{label}: {statistics.median(cpu):.2f} ({listed})")
 
 
 def main() -> None:
