@@ -31,9 +31,11 @@ to and what to log on a successful connect is the caller's business.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
+import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -151,6 +153,19 @@ def _ignore(_message: IncomingMessage) -> None:
     pass
 
 
+def _send_at_once(_client: mqtt.Client, _userdata: object, sock: object) -> None:
+    """TCP_NODELAY on each new connection: paho leaves Nagle's algorithm on.
+
+    With it, a small packet (a PUBACK, an ack, a command) written while an
+    earlier one is unacknowledged waits for the broker's delayed TCP ACK, up
+    to 40 ms. MQTT packets are written whole: there is nothing to coalesce.
+    """
+    setsockopt = getattr(sock, "setsockopt", None)  # a websocket wrapper has none
+    if setsockopt is not None:
+        with contextlib.suppress(OSError):  # not TCP: nothing to turn off
+            setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def _paho_client(
     *,
     client_id: str,
@@ -174,7 +189,28 @@ def _paho_client(
     client.max_queued_messages_set(0)
     client.max_inflight_messages_set(max_inflight)
     client.manual_ack_set(manual_ack)
+    client.on_socket_open = _send_at_once
     return client
+
+
+# Linux only; elsewhere the link does without.
+_TCP_QUICKACK: Final = getattr(socket, "TCP_QUICKACK", None)
+
+
+def ack_at_once(sock: object) -> None:
+    """Have the kernel ACK what was just read now, not up to 40 ms later (Linux).
+
+    The broker leaves Nagle's algorithm on (turning it off costs its bulk
+    sends more than half their rate, bench/RESULTS.md): a small packet it
+    writes to a client while an earlier one is unacknowledged waits for the
+    client's TCP ACK, which Linux delays up to 40 ms when the client has
+    nothing to send back. A command's answer, report or ack then waited 40 ms
+    at each hop. TCP_QUICKACK is not sticky, so it is set after each read.
+    """
+    setsockopt = getattr(sock, "setsockopt", None)  # a websocket wrapper has none
+    if _TCP_QUICKACK is not None and setsockopt is not None:
+        with contextlib.suppress(OSError):  # closed meanwhile, or not TCP
+            setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
 
 
 class MqttLink:
@@ -457,6 +493,7 @@ class MqttLink:
     def _handle_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
         # The outermost frame of paho's network thread for every incoming
         # message: one bad message is logged and skipped, the thread goes on.
+        ack_at_once(self.client.socket())
         try:
             self._on_message(message)
         except Exception:
@@ -466,6 +503,7 @@ class MqttLink:
     def _handle_publish(
         self, _c: mqtt.Client, _u: Any, mid: int, reason: ReasonCode, _p: Any
     ) -> None:
+        ack_at_once(self.client.socket())
         try:
             self._on_publish(mid, int(reason.value))
         except Exception:

@@ -18,7 +18,14 @@ no network (topic, rate limit, decode and checks, tracking, batching), and
 the outbox commit cost per batch (an fsynced put of one encoded 500-row
 batch).
 
-    .venv/bin/python bench/bench_gateway.py [--readings 300000] [--runs 3]
+With ``--commands-per-s N`` the downlink runs too, during the drain and live
+runs: the ingest stand-in is also the centre, publishing N GatewayCommands a
+second (one kiosk command each, over the devices) from the first batch on and
+acking the gateway's command reports (``Ack.reports``); a responder process
+(``bench_commands.RESPONDER``) answers each command on the device's answer
+topic. The devices are online through their readings.
+
+    .venv/bin/python bench/bench_gateway.py [--readings 300000] [--runs 3] [--commands-per-s 0]
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_commands import Responder
 
 from cityhub.localstack.mosquitto import ADMIN_USER, MosquittoServer
 from cityhub.localstack.procs import free_port, run_as_for
@@ -65,6 +74,7 @@ from tests.plugins.gateway import (
     wait_for,
     watch_states,
 )
+from tests.plugins.ingest import cpu_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,24 +131,45 @@ PUBLISHER = textwrap.dedent(
 )
 
 # The ingest stand-in: decode, record, ack; prints one JSON line when done.
+# With commands a second > 0 it is the centre too: from the first batch on it
+# publishes GatewayCommands (one kiosk command a message, round-robin over the
+# devices) and acks the gateway's command reports as ingest does.
 ACKER = textwrap.dedent(
     """
-    import json, sys, time, threading
+    import json, sys, time, threading, uuid
     sys.path.insert(0, sys.argv[1])
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
+    from contracts.commands import (Command, GatewayCommands, decode_command_reports,
+                                    encode_gateway_commands)
     from contracts.messages import Ack, decode_batch, encode_ack, payload_digest
-    from contracts.topics import ack_topic, batch_topic
-    port, user, password, prefix, gateway_id, expected = sys.argv[2:8]
-    expected = int(expected)
+    from contracts.topics import ack_topic, batch_topic, command_report_topic, command_topic
+    port, user, password, prefix, gateway_id, expected, ndev, per_s = sys.argv[2:10]
+    expected, ndev, per_s = int(expected), int(ndev), float(per_s)
     seen = set()
-    state = {"first": None, "first_rows": 0, "last": None, "deliveries": 0}
+    state = {"first": None, "first_rows": 0, "last": None, "deliveries": 0,
+             "commands": 0, "reports": 0, "succeeded": 0}
     done = threading.Event()
+    started = threading.Event()
+    reports_topic = command_report_topic(gateway_id, prefix)
     def on_connect(c, *_):
-        c.subscribe(batch_topic(gateway_id, prefix), qos=1)
+        topics = [(batch_topic(gateway_id, prefix), 1)]
+        if per_s:
+            topics.append((reports_topic, 1))
+        c.subscribe(topics)
     def on_subscribe(*_):
         print("ready", flush=True)
+    def on_reports(c, message):
+        reports = decode_command_reports(message.payload, gateway_id=gateway_id)
+        ids = [r.report_id for r in reports.reports]
+        ack = Ack(batch_ids=[], ts_ms=int(time.time() * 1000), reports=ids)
+        c.publish(ack_topic(gateway_id, prefix), encode_ack(ack), qos=1)
+        state["reports"] += len(ids)
+        state["succeeded"] += sum(r.state == "succeeded" for r in reports.reports)
     def on_message(c, _u, message):
+        if message.topic == reports_topic:
+            on_reports(c, message)
+            return
         now = time.time()
         batch = decode_batch(message.payload, now_ms=int(now * 1000))
         rows = 0
@@ -152,15 +183,33 @@ ACKER = textwrap.dedent(
         c.publish(ack_topic(gateway_id, prefix), encode_ack(ack), qos=1)
         if state["first"] is None:
             state["first"], state["first_rows"] = now, rows
+            started.set()
         if len(seen) >= expected and not done.is_set():
             state["last"] = time.time()
             done.set()
+    def centre(c):
+        started.wait()
+        t0, n = time.perf_counter(), 0
+        while not done.is_set():
+            delay = t0 + n / per_s - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            now_ms = int(time.time() * 1000)
+            command = Command(command_id=f"c-{uuid.uuid4().hex[:16]}",
+                              device_id=f"{prefix}-dev-{n % ndev:03d}", name="open_queue",
+                              args={}, ttl_s=600, created_ms=now_ms)
+            message = GatewayCommands(gateway_id=gateway_id, ts_ms=now_ms, commands=[command])
+            c.publish(command_topic(gateway_id, prefix), encode_gateway_commands(message), qos=1)
+            n += 1
+            state["commands"] = n
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"acker-{gateway_id}",
                     protocol=mqtt.MQTTv5)
     c.username_pw_set(user, password)
     c.on_connect, c.on_message, c.on_subscribe = on_connect, on_message, on_subscribe
     c.connect("127.0.0.1", int(port))
     c.loop_start()
+    if per_s:
+        threading.Thread(target=centre, args=(c,), daemon=True).start()
     if not done.wait(600):
         raise SystemExit(f"only {len(seen)} of {expected} readings arrived")
     time.sleep(0.5)  # let the last acks go out
@@ -168,7 +217,9 @@ ACKER = textwrap.dedent(
     c.loop_stop()
     print(json.dumps({"first": state["first"], "first_rows": state["first_rows"],
                       "last": state["last"], "unique": len(seen),
-                      "deliveries": state["deliveries"]}), flush=True)
+                      "deliveries": state["deliveries"], "commands": state["commands"],
+                      "reports": state["reports"], "succeeded": state["succeeded"]}),
+          flush=True)
     """
 )
 
@@ -218,10 +269,18 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def run_once(
-    server: MosquittoServer, tmp: Path, readings: int, ndev: int, *, live: bool
+    server: MosquittoServer,
+    tmp: Path,
+    readings: int,
+    ndev: int,
+    *,
+    live: bool,
+    commands_per_s: float = 0.0,
 ) -> dict[str, float]:
     """One run. drain: the backlog waits at the broker, then the gateway starts;
     live: the gateway runs and the publisher sends as fast as the broker takes.
+    With ``commands_per_s``, from the first batch on the stand-in sends that
+    many commands a second and a responder plays the devices that answer them.
     """
     tag = uuid.uuid4().hex[:6]
     gateway_id, prefix = f"gw-{tag}", f"b{tag}"
@@ -246,6 +305,7 @@ def run_once(
         subprocess.run(publisher_command(server, prefix, ndev, readings), check=True)
         queue_s = time.perf_counter() - t0
 
+    responder = Responder(server, prefix, []) if commands_per_s else None
     acker = subprocess.Popen(
         [
             sys.executable,
@@ -258,6 +318,8 @@ def run_once(
             prefix,
             gateway_id,
             str(readings),
+            str(ndev),
+            str(commands_per_s),
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -274,7 +336,12 @@ def run_once(
     else:
         gateway = start_gateway(settings, log)
     out, _ = acker.communicate(timeout=600)
+    # The gateway's CPU over the whole run (for a drain, its second start: the drain itself).
+    gateway_cpu_s = cpu_seconds(gateway.pid)
+    responder_cpu_s = cpu_seconds(responder.proc.pid) if responder is not None else 0.0
     stop(gateway)
+    if responder is not None:
+        responder.close()
     result = json.loads(out.strip().splitlines()[-1])
     if result["unique"] != readings:
         raise SystemExit(f"lost readings: {result['unique']} of {readings}")
@@ -283,6 +350,11 @@ def run_once(
         "start_to_last": readings / (result["last"] - started),
         "duplicates": result["deliveries"] - readings,
         "queue_rate": readings / queue_s,
+        "commands": result["commands"],
+        "reports": result["reports"],
+        "succeeded": result["succeeded"],
+        "gateway_cpu_s": gateway_cpu_s,
+        "responder_cpu_s": responder_cpu_s,
     }
 
 
@@ -427,7 +499,14 @@ def main() -> None:
     parser.add_argument("--readings", type=int, default=300_000)
     parser.add_argument("--devices", type=int, default=100)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--commands-per-s",
+        type=float,
+        default=0.0,
+        help="commands a second sent to the gateway during the drain and live runs",
+    )
     args = parser.parse_args()
+    per_s = args.commands_per_s
     tmp = Path(tempfile.mkdtemp(prefix="cityhub-bench-"))
     tmp.chmod(0o755)
     server = MosquittoServer(
@@ -439,10 +518,12 @@ def main() -> None:
     server.start()
     try:
         drains = [
-            run_once(server, tmp, args.readings, args.devices, live=False) for _ in range(args.runs)
+            run_once(server, tmp, args.readings, args.devices, live=False, commands_per_s=per_s)
+            for _ in range(args.runs)
         ]
         lives = [
-            run_once(server, tmp, args.readings, args.devices, live=True) for _ in range(args.runs)
+            run_once(server, tmp, args.readings, args.devices, live=True, commands_per_s=per_s)
+            for _ in range(args.runs)
         ]
         bare = [bare_drain(server, args.readings, args.devices) for _ in range(args.runs)]
         logic_s = statistics.median(logic_cost(tmp) for _ in range(3))
@@ -453,6 +534,7 @@ def main() -> None:
     machine = f"{platform.platform()}, {os.cpu_count()} cores"
     print(f"machine: {machine}, Python {platform.python_version()}")
     print(f"{args.readings:,} readings from {args.devices} devices a run, {args.runs} runs")
+    print(f"commands sent to the gateway during the runs: {per_s:g} a second")
     print(f"{'measure':<58} {'median':>10}  runs")
     for runs, key, label in (
         (drains, "first_to_last", "drain: readings/s acked, first to last ack"),
@@ -463,10 +545,24 @@ def main() -> None:
         (lives, "start_to_last", "live: readings/s acked, publisher start to last ack"),
         (lives, "queue_rate", "live: publisher msgs/s (acked by the broker)"),
         (lives, "duplicates", "live: readings delivered twice"),
+        (drains, "gateway_cpu_s", "drain: gateway CPU s a run (user + system)"),
+        (lives, "gateway_cpu_s", "live: gateway CPU s a run (user + system)"),
     ):
         values = [r[key] for r in runs]
-        listed = ", ".join(f"{v:,.0f}" for v in values)
-        print(f"{label:<58} {statistics.median(values):>10,.0f}  {listed}")
+        digits = 2 if key.endswith("cpu_s") else 0
+        listed = ", ".join(f"{v:,.{digits}f}" for v in values)
+        print(f"{label:<58} {statistics.median(values):>10,.{digits}f}  {listed}")
+    if per_s:
+        for runs, name in ((drains, "drain"), (lives, "live")):
+            for key, what in (
+                ("commands", "commands sent"),
+                ("succeeded", "commands reported succeeded"),
+                ("reports", "command reports acked"),
+                ("responder_cpu_s", "responder CPU s"),
+            ):
+                digits = 2 if key.endswith("cpu_s") else 0
+                listed = ", ".join(f"{r[key]:,.{digits}f}" for r in runs)
+                print(f"{name + ': ' + what + ' a run':<58} {'':>10}  {listed}")
     label = "bare codec subscriber draining, no gateway logic, msgs/s"
     listed = ", ".join(f"{v:,.0f}" for v in bare)
     print(f"{label:<58} {statistics.median(bare):>10,.0f}  {listed}")

@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable
 
 from adapters.backoff import backoff_delay_s
+from adapters.mqtt import ack_at_once
 from contracts.errors import MqttProtocolError
 from contracts.mqttcodec import (
     PINGREQ_PACKET,
@@ -90,14 +91,17 @@ class _Protocol(asyncio.Protocol):
         self.connack: asyncio.Future[Connack] = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.transport: asyncio.Transport | None = None
+        self.sock: object = None
         self.last_rx = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)  # noqa: S101 - a stream connection always is
         self.transport = transport
+        self.sock = transport.get_extra_info("socket")
 
     def data_received(self, data: bytes) -> None:
         self.last_rx = time.monotonic()
+        ack_at_once(self.sock)  # a device's answer must not wait on the broker's Nagle
         try:
             publishes, controls = self.reader.feed(data)
         except MqttProtocolError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import signal
+import socket
 import uuid
 from dataclasses import dataclass
 
@@ -194,3 +195,31 @@ def test_an_unreachable_broker_is_unavailable():
         BrokerUnavailableError, match=r"cannot reach the test broker 127\.0\.0\.1:1"
     ):
         link.connect(timeout_s=2)
+
+
+def _nodelay(link: MqttLink) -> int:
+    sock = link.client.socket()
+    assert isinstance(sock, socket.socket)
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_the_link_sends_small_packets_at_once_on_every_connection(killable_broker):
+    # Nagle's algorithm held a PUBACK or a command's report up to 40 ms
+    # behind the broker's delayed ACK (bench/bench_commands.py).
+    topic = f"t{uuid.uuid4().hex[:8]}/x"
+    link = link_to(killable_broker, topic, queue.Queue())
+    link.start()
+    try:
+        wait_for(link.subscribed.is_set, 10, "subscribed")
+        assert _nodelay(link) != 0
+        # A reconnect opens a new socket: it must be set again.
+        pid = killable_broker.pid()
+        assert pid is not None
+        stop_process_group(pid, first_signal=signal.SIGKILL, timeout_s=10, what="broker")
+        wait_for(lambda: not link.connected.is_set(), 10, "the link saw the broker die")
+        killable_broker.start()
+        wait_for(link.subscribed.is_set, 30, "resubscribed after the restart")
+        assert link.connects == 2
+        assert _nodelay(link) != 0
+    finally:
+        link.stop()

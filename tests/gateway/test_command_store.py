@@ -101,7 +101,7 @@ def test_a_command_the_site_broker_refuses_fails_with_the_reason_code(tmp_path):
             now_ms=gw.clock(),
         ).held
         downlink = gw.downlink
-        downlink.held["c-1"] = held
+        downlink.held["c-1"] = downlink.open["c-1"] = held
 
         async def refused() -> None:
             task = asyncio.create_task(downlink.run())
