@@ -13,12 +13,14 @@ import errno
 import logging
 import os
 import pwd
+import secrets
 import signal
 import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from contracts.errors import MissingDependencyError, PortInUseError, ServiceStopError
 
@@ -260,12 +262,36 @@ def require_free_port(port: int, service: str) -> None:
         raise PortInUseError(port, service)
 
 
+# Ports for private servers are drawn below the kernel's ephemeral range: a
+# port the kernel hands out (bind to 0) is one every outgoing connection may
+# take as its source port meanwhile, and a simulated fleet opens hundreds
+# (a test once lost its Alertmanager port that way). 12,000 ports below the
+# range's start are plenty for the servers of one machine's tests.
+_EPHEMERAL_RANGE_FILE: Final = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_DEFAULT_EPHEMERAL_LOW: Final = 32_768
+_SERVER_PORTS_SPAN: Final = 12_000
+_FREE_PORT_TRIES: Final = 100
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(_EPHEMERAL_RANGE_FILE.read_text(encoding="ascii").split()[0])
+    except (OSError, ValueError, IndexError):
+        return _DEFAULT_EPHEMERAL_LOW
+
+
 def free_port() -> int:
-    """A port the kernel says is free now (another process may take it; callers retry)."""
+    """A port free now, outside the ephemeral range (another process may take it; callers retry)."""
+    high = _ephemeral_low()
+    low = max(1024, high - _SERVER_PORTS_SPAN)
+    for _ in range(_FREE_PORT_TRIES):
+        port = secrets.randbelow(high - low) + low
+        if port_is_free(port):
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        sock.bind((LOOPBACK, 0))  # a machine that full: let the kernel choose
+        chosen: int = sock.getsockname()[1]
+        return chosen
 
 
 def tcp_answers(port: int, host: str = LOOPBACK, timeout_s: float = 0.5) -> bool:

@@ -222,6 +222,9 @@ def _third_party_imports() -> dict[str, set[str]]:
             for name in _imported_top_names(path):
                 if name in sys.stdlib_module_names or name in local or name == "__future__":
                     continue
+                # A script importing a script beside it (bench/*.py run as files).
+                if (path.parent / f"{name}.py").exists():
+                    continue
                 found.setdefault(name, set()).add(str(path.relative_to(ROOT)))
     return found
 
