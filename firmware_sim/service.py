@@ -32,8 +32,9 @@ import termios
 import time
 import tty
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, Final
 
 import aiomqtt
 
@@ -67,6 +68,31 @@ RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 10.0
 # A host's commands are 7 or 19 bytes; a read takes several at once.
 COMMAND_READ_BYTES = 256
+
+
+# How long a cancelled task gets before it is cancelled again.
+_CANCEL_AGAIN_S: Final = 1.0
+
+
+async def cancel_until_done(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` until each has ended, and collect how they ended.
+
+    Once is not always enough on Python 3.11: ``asyncio.wait_for`` (aiomqtt's
+    publish and subscribe, the reading loop's tick) returns its result and
+    drops a cancellation that lands just as its inner wait completes, and
+    the task runs on (a simulator then never stopped). ``asyncio.wait``
+    neither raises what a task raised nor swallows a cancellation of the
+    caller, which ``contextlib.suppress(CancelledError)`` around an await
+    would.
+    """
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _done, pending = await asyncio.wait(pending, timeout=_CANCEL_AGAIN_S)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller has raised or logged what mattered
 
 
 def wall_ms() -> int:
@@ -323,10 +349,7 @@ class Simulator:
             for task in done:
                 task.result()  # raises what ended it
         finally:
-            for task in (readings, commands):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                    await task
+            await cancel_until_done([readings, commands])
 
     async def _wait_tick(self, sim_ms: int, wake: asyncio.Event) -> bool:
         """Sleep until simulated ``sim_ms``; False if ``wake`` was set first."""
@@ -606,8 +629,7 @@ class Simulator:
                     tasks.append(group.create_task(runner(spec), name=f"device[{spec.device_id}]"))
                 if stop is not None:
                     await stop.wait()
-                    for task in tasks:
-                        task.cancel()
+                    await cancel_until_done(tasks)
         finally:
             logger.info("simulator stopped: %d readings sent", self.stats.total())
 
