@@ -269,6 +269,9 @@ def test_the_memory_keeps_the_last_few_hundred_ids() -> None:
         (b'{"command_id": "c-0123456789abcdef", "name": 3}', ["failed"], "command"),
         (b"not json", [], "command"),
         (b'{"command_id": "BAD ID"}', [], "command"),
+        # Over COMMAND_MAX_BYTES (16 KiB): refused before it is parsed as a command.
+        (b'{"command_id": "c-0123456789abcdee", "pad": "' + b"x" * 17_000 + b'"}', ["failed"],
+         "exceeds the limit"),
     ],
 )  # fmt: skip
 def test_refused_commands(payload: bytes, answers: list[str], problem: str) -> None:

@@ -357,6 +357,25 @@ def test_an_answer_naming_another_devices_command_is_refused_or_rejected(
             assert gw.counters.rejects["unknown_command"] == 1  # the one on a's topic never came
             assert centre.states(cmd.command_id) == ["sent"]
             assert gw.downlink.held[cmd.command_id].state == "delivering"
+
+            # Oversized: refused unread as too_large, the command untouched.
+            big = b'{"command_id":"' + cmd.command_id.encode() + b'","detail":"' + b"x" * 5000
+            pub.publish(device_answer_topic(a, prefix), big + b'","state":"succeeded"}', qos=1)
+            wait_for(lambda: gw.counters.rejects["too_large"] == 1, 10, "the oversized answer")
+            assert gw.downlink.held[cmd.command_id].state == "delivering"
+            # The real answer, then the same again and a late 'delivered': the command is
+            # final once, reported once, and the repeats are neither rejects nor reports.
+            real = DeviceAnswer(command_id=cmd.command_id, state="succeeded", detail="ok")
+            pub.publish(device_answer_topic(a, prefix), encode_device_answer(real), qos=1)
+            wait_for(lambda: "succeeded" in centre.states(cmd.command_id), 10, "the answer")
+            late = DeviceAnswer(command_id=cmd.command_id, state="delivered")
+            for answer in (real, late):
+                pub.publish(device_answer_topic(a, prefix), encode_device_answer(answer), qos=1)
+            time.sleep(1.0)
+            assert centre.states(cmd.command_id) == ["sent", "succeeded"]
+            assert gw.downlink.held[cmd.command_id].state == "succeeded"
+            assert sum(gw.counters.rejects.values()) == 3  # unknown_command, malformed, too_large
+            assert gw.counters.commands_succeeded == 1
     finally:
         other.disconnect()
         other.loop_stop()
