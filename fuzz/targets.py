@@ -119,6 +119,9 @@ STATE_TOPICS: Final = tuple((t.replace("/batch", "/state"), p) for t, p in BATCH
 PREFIXES: Final = ("", "site/a", "x")
 
 
+_M = TypeVar("_M")
+
+
 class InvariantError(AssertionError):
     """A decoder broke one of its own promises; only the fuzzer raises this."""
 
@@ -276,15 +279,25 @@ def fuzz_state(data: bytes) -> None:
     _require(encode_gateway_state(decode_gateway_state(raw)) == raw, "state round trip")
 
 
-def fuzz_ack(data: bytes) -> None:
-    """Byte 0: odd checks the batch ids' owner (as a gateway does), even does not."""
+def _sender_round_trip(
+    data: bytes,
+    decode: Callable[..., _M],
+    encode: Callable[[_M], bytes],
+    what: str,
+) -> None:
+    """Byte 0: odd checks the sender against the topic's gateway (as the receiver does)."""
     choice, payload = _split(data)
     gateway_id = GATEWAY_ID if choice & 1 else None
     try:
-        ack = decode_ack(payload, gateway_id=gateway_id)
+        message = decode(payload, gateway_id=gateway_id)
     except InputError:
         return
-    _require(decode_ack(encode_ack(ack), gateway_id=gateway_id) == ack, "ack round trip")
+    _require(decode(encode(message), gateway_id=gateway_id) == message, f"{what} round trip")
+
+
+def fuzz_ack(data: bytes) -> None:
+    """A gateway's check of the batch ids' owner, or none."""
+    _sender_round_trip(data, decode_ack, encode_ack, "ack")
 
 
 def fuzz_config(data: bytes) -> None:
@@ -310,27 +323,13 @@ def fuzz_command(data: bytes) -> None:
 
 
 def fuzz_gateway_commands(data: bytes) -> None:
-    """Byte 0: odd checks the sender against the topic's gateway (as a gateway does)."""
-    choice, payload = _split(data)
-    gateway_id = GATEWAY_ID if choice & 1 else None
-    try:
-        message = decode_gateway_commands(payload, gateway_id=gateway_id)
-    except InputError:
-        return
-    again = decode_gateway_commands(encode_gateway_commands(message), gateway_id=gateway_id)
-    _require(again == message, "commands round trip")
+    """A gateway's check of the sender, or none."""
+    _sender_round_trip(data, decode_gateway_commands, encode_gateway_commands, "commands")
 
 
 def fuzz_command_reports(data: bytes) -> None:
-    """Byte 0: odd checks the sender against the topic's gateway (as ingest does)."""
-    choice, payload = _split(data)
-    gateway_id = GATEWAY_ID if choice & 1 else None
-    try:
-        message = decode_command_reports(payload, gateway_id=gateway_id)
-    except InputError:
-        return
-    again = decode_command_reports(encode_command_reports(message), gateway_id=gateway_id)
-    _require(again == message, "reports round trip")
+    """Ingest's check of the sender, or none."""
+    _sender_round_trip(data, decode_command_reports, encode_command_reports, "reports")
 
 
 def fuzz_device_answer(data: bytes) -> None:
