@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Final
 
@@ -33,6 +33,7 @@ from cityhub.cli.context import (
     error_line,
     local_time,
     reported_errors,
+    since_time,
     state_of,
 )
 from cityhub.cli.db import database_url
@@ -84,11 +85,7 @@ def _seconds(text: str, option: str) -> float:
 
 def _since(text: str) -> datetime:
     """'2h' (that long ago) or an ISO date/time (UTC if it names no offset)."""
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        return datetime.now(UTC) - timedelta(seconds=_seconds(text, "--since"))
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return since_time(text, datetime.now(UTC), lambda t: _seconds(t, "--since"))
 
 
 def _states(values: list[str]) -> tuple[str, ...]:

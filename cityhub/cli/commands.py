@@ -22,7 +22,7 @@ import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Final
 
 import msgspec
@@ -36,6 +36,7 @@ from cityhub.cli.context import (
     local_time,
     reported_errors,
     required_operator,
+    since_time,
     state_of,
 )
 from cityhub.cli.devices import JsonOption, registry_of
@@ -93,11 +94,7 @@ def parse_ttl(text: str) -> int:
 
 def parse_since(text: str, now: datetime) -> datetime:
     """'2h' (that long before ``now``) or an ISO date/time (UTC if it names no offset)."""
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        return now - timedelta(seconds=parse_seconds(text, "--since"))
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return since_time(text, now, lambda t: parse_seconds(t, "--since"))
 
 
 def parse_states(values: Sequence[str]) -> tuple[str, ...]:

@@ -6,7 +6,7 @@ with the zone shown: ``local_time`` formats it, from ``HANOI_TZ``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
@@ -90,3 +90,13 @@ def reported_errors(state: CliState, exit_code: int = 1) -> Iterator[None]:
     except HubError as exc:
         state.err.print(error_line(exc), highlight=False, soft_wrap=True)
         raise typer.Exit(exit_code) from None
+
+
+def since_time(text: str, now: datetime, seconds: Callable[[str], float]) -> datetime:
+    """A `--since` value: a duration before ``now`` (read by ``seconds``, the option's own
+    duration rule) or an ISO date/time (UTC if it names no offset)."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return now - timedelta(seconds=seconds(text))
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
