@@ -32,12 +32,14 @@ Ack too, so the gateway stops resending it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import queue
 import random
 import threading
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Final, Protocol, TypeVar
 
 from adapters.backoff import backoff_delay_s
@@ -84,7 +86,12 @@ class DbCall(Protocol):
     """The worker's database call: ``fn`` in a thread, its connection cut if it hangs."""
 
     def __call__(
-        self, what: str, fn: Callable[[], _T], *, interrupt: Callable[[], None] | None = None
+        self,
+        what: str,
+        fn: Callable[[], _T],
+        *,
+        interrupt: Callable[[], None] | None = None,
+        executor: Executor | None = None,
     ) -> Awaitable[_T]: ...
 
 
@@ -137,6 +144,11 @@ class CommandDownlink:
         )
         self.stopping = threading.Event()
         self._db_call = db_call
+        # The store's calls run on a thread of their own, not asyncio's: a
+        # reconnect hung on the database (up to connect_timeout_s, which
+        # ``interrupt`` cannot cut) must not hold up the worker's stop, and the
+        # loop waits for its own executor's threads at the end.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="command-store")
         self._random = random.Random()  # noqa: S311 - jitter, not security
 
     def start(self) -> None:
@@ -146,7 +158,7 @@ class CommandDownlink:
         """The downlink's three tasks, in the worker's task group."""
         wake = asyncio.Event()
         loop = asyncio.get_running_loop()
-        group.create_task(asyncio.to_thread(self._listen, loop, wake), name="command-listener")
+        group.create_task(self._listener(loop, wake), name="command-listener")
         group.create_task(self._dispatcher(wake), name="command-dispatcher")
         group.create_task(self._consume_reports(), name="command-reports")
 
@@ -155,7 +167,9 @@ class CommandDownlink:
         self.stopping.set()
         self.subscriber.stop()
         self.store.interrupt()
-        await asyncio.to_thread(self.store.close)
+        # Closed after whatever call the store's thread is in; not waited for.
+        self._executor.submit(self.store.close)
+        self._executor.shutdown(wait=False)
 
     def _delay_s(self, attempt: int) -> float:
         s = self.settings
@@ -164,6 +178,37 @@ class CommandDownlink:
         )
 
     # -- listener (a thread) ------------------------------------------------------------
+
+    async def _listener(self, loop: asyncio.AbstractEventLoop, wake: asyncio.Event) -> None:
+        """``_listen`` in a daemon thread of its own, ended by the stop flag.
+
+        Not in asyncio's executor: a connect hung on the database (up to
+        ``connect_timeout_s``) would hold up the worker's stop, since the loop
+        waits for its executor's threads at the end. Left behind, the thread
+        only ever wakes a dispatcher that is gone; what it raises ends the
+        task, as it would in the executor.
+        """
+        ended: asyncio.Future[None] = loop.create_future()
+
+        def settle(exc: BaseException | None) -> None:
+            if ended.done():
+                return  # the task was cancelled meanwhile (a stop)
+            if exc is None:
+                ended.set_result(None)
+            else:
+                ended.set_exception(exc)
+
+        def run() -> None:
+            error: BaseException | None = None
+            try:
+                self._listen(loop, wake)
+            except Exception as exc:  # noqa: BLE001 - handed to the task, which raises it
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                loop.call_soon_threadsafe(settle, error)
+
+        threading.Thread(target=run, name="command-listener", daemon=True).start()
+        await ended
 
     def _listen(self, loop: asyncio.AbstractEventLoop, wake: asyncio.Event) -> None:
         """Wake the dispatcher on each NOTIFY and each new connection, until stopped."""
@@ -228,7 +273,10 @@ class CommandDownlink:
             while self.subscriber.connected.is_set():
                 try:
                     outcome = await self._db_call(
-                        "dispatch", self.dispatch, interrupt=self.store.interrupt
+                        "dispatch",
+                        self.dispatch,
+                        interrupt=self.store.interrupt,
+                        executor=self._executor,
                     )
                 except (DatabaseUnavailableError, SchemaError) as exc:
                     attempt += 1
@@ -280,6 +328,7 @@ class CommandDownlink:
                     "reports",
                     functools.partial(self.store.store_reports, item),
                     interrupt=self.store.interrupt,
+                    executor=self._executor,
                 )
             except (DatabaseUnavailableError, SchemaError) as exc:
                 attempt += 1

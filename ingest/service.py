@@ -85,6 +85,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
@@ -408,13 +409,24 @@ class Ingest:
         return total
 
     async def db_call(
-        self, what: str, fn: Callable[[], _T], *, interrupt: Callable[[], None] | None = None
+        self,
+        what: str,
+        fn: Callable[[], _T],
+        *,
+        interrupt: Callable[[], None] | None = None,
+        executor: Executor | None = None,
     ) -> _T:
         """Run a blocking database call in a thread; cut the connection if it hangs.
 
-        ``interrupt`` cuts the connection ``fn`` uses (the batch writer's by default).
+        ``interrupt`` cuts the connection ``fn`` uses (the batch writer's by
+        default); ``executor`` runs it (asyncio's own by default).
         """
-        task = asyncio.create_task(asyncio.to_thread(fn), name=f"db[{what}]")
+        loop = asyncio.get_running_loop()
+
+        async def call() -> _T:
+            return await loop.run_in_executor(executor, fn)
+
+        task = asyncio.create_task(call(), name=f"db[{what}]")
         done, _ = await asyncio.wait({task}, timeout=self.settings.commit_timeout_s)
         if not done:
             self.counters.db_timeouts += 1
