@@ -77,6 +77,8 @@ from contracts.errors import (
     UnknownDeviceTypeError,
     UnknownMetricError,
 )
+from contracts.lorawanmodels import LorawanModel, parse_lorawan_model
+from contracts.registermaps import ModbusModel, parse_modbus_model
 
 
 class MetricKind(enum.StrEnum):
@@ -295,6 +297,10 @@ class Catalog(msgspec.Struct, frozen=True, kw_only=True):
     serial_protocols: dict[str, SerialProtocol]
     # The files it was merged from, in order (the shipped one first).
     sources: tuple[str, ...] = ()
+    # Appended: Modbus and LoRaWAN device models (contracts.registermaps,
+    # contracts.lorawanmodels), by name: a device on those transports names one.
+    modbus_models: dict[str, ModbusModel] = {}
+    lorawan_models: dict[str, LorawanModel] = {}
 
 
 SHIPPED_SOURCE: Final = "<shipped: contracts/data/catalog.toml>"
@@ -309,7 +315,9 @@ RESERVED_METRIC_NAMES: Final = frozenset({"ts", "device_id", "seq", "recv_ts", "
 # A unit is a short symbol ("ug/m3", "degC", "people").
 _UNIT_MAX_CHARS: Final = 32
 
-_FILE_KEYS: Final = frozenset({"types", "transports", "serial_protocols"})
+_FILE_KEYS: Final = frozenset(
+    {"types", "transports", "serial_protocols", "modbus_models", "lorawan_models"}
+)
 _SHIPPED_ONLY_KEYS: Final = frozenset({"transports", "serial_protocols"})
 _TYPE_KEYS: Final = frozenset(
     {
@@ -799,7 +807,40 @@ def _merge_file(catalog: Catalog, source: str, text: str, *, shipped: bool) -> C
                 source, name, None, f"a type name must match {_TYPE_NAME_RE.pattern}"
             )
         types[name] = _merge_type(name, raw, catalog, _Where(source, name), shipped=shipped)
-    return msgspec.structs.replace(catalog, types=types, sources=(*catalog.sources, source))
+    catalog = msgspec.structs.replace(catalog, types=types, sources=(*catalog.sources, source))
+    return _merge_models(catalog, document, source)
+
+
+def _merge_models(catalog: Catalog, document: Mapping[str, Any], source: str) -> Catalog:
+    """The file's Modbus and LoRaWAN models, checked against the types merged so far.
+
+    A model of a name already known replaces it (a later file corrects an
+    earlier one's register table).
+    """
+    modbus = document.get("modbus_models", {})
+    lorawan = document.get("lorawan_models", {})
+    if not modbus and not lorawan:
+        return catalog
+    where = _Where(source)
+    models = dict(catalog.modbus_models)
+    for name, raw in _table(modbus, where, "modbus_models").items():
+        models[name] = parse_modbus_model(
+            name, raw, source=source, metrics=_metrics_of(catalog, "modbus"),
+            commands={
+                t.name: {c.name: c.arg_names for c in t.commands}
+                for t in catalog.types.values() if "modbus" in t.transports
+            },
+        )  # fmt: skip
+    profiles = dict(catalog.lorawan_models)
+    for name, raw in _table(lorawan, where, "lorawan_models").items():
+        profiles[name] = parse_lorawan_model(
+            name, raw, source=source, metrics=_metrics_of(catalog, "lorawan")
+        )
+    return msgspec.structs.replace(catalog, modbus_models=models, lorawan_models=profiles)
+
+
+def _metrics_of(catalog: Catalog, transport: str) -> dict[str, tuple[str, ...]]:
+    return {t.name: t.metric_names for t in catalog.types.values() if transport in t.transports}
 
 
 _EMPTY: Final = Catalog(types={}, transports={}, serial_protocols={})
@@ -1045,6 +1086,46 @@ def follow_catalog(follower: Callable[[Catalog], None]) -> None:
 def current_catalog() -> Catalog:
     """The catalog ``use_catalog`` installed last (the shipped one until then)."""
     return _installed
+
+
+def merge_models(
+    base: Catalog,
+    modbus: Iterable[ModbusModel] = (),
+    lorawan: Iterable[LorawanModel] = (),
+    *,
+    source: str,
+) -> Catalog:
+    """Install received models (a gateway's config) onto ``base``: the received ones win.
+
+    Pure. The registry's models are the ones its devices were provisioned
+    with; a gateway takes them as they come. The catalog returned is
+    ``base`` itself when nothing changed.
+    """
+    models = dict(base.modbus_models) | {m.name: m for m in modbus}
+    profiles = dict(base.lorawan_models) | {m.name: m for m in lorawan}
+    if models == base.modbus_models and profiles == base.lorawan_models:
+        return base
+    return msgspec.structs.replace(
+        base, modbus_models=models, lorawan_models=profiles, sources=(*base.sources, source)
+    )
+
+
+def modbus_model(name: str) -> ModbusModel:
+    """A Modbus model of the installed catalog; UnknownDeviceTypeError naming the known ones."""
+    try:
+        return _installed.modbus_models[name]
+    except KeyError:
+        known = ", ".join(sorted(_installed.modbus_models)) or "none"
+        raise UnknownDeviceTypeError(f"unknown Modbus model {name!r} (known: {known})") from None
+
+
+def lorawan_model(name: str) -> LorawanModel:
+    """A LoRaWAN model of the installed catalog; UnknownDeviceTypeError naming the known ones."""
+    try:
+        return _installed.lorawan_models[name]
+    except KeyError:
+        known = ", ".join(sorted(_installed.lorawan_models)) or "none"
+        raise UnknownDeviceTypeError(f"unknown LoRaWAN model {name!r} (known: {known})") from None
 
 
 def device_type(name: str) -> DeviceType:

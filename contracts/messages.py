@@ -69,6 +69,14 @@ from contracts.ids import (
     is_valid_id,
     parse_batch_id,
 )
+from contracts.lorawanmodels import LorawanModel
+from contracts.registermaps import (
+    POLL_INTERVAL_MAX_S,
+    POLL_INTERVAL_MIN_S,
+    SLAVE_ID_MAX,
+    SLAVE_ID_MIN,
+    ModbusModel,
+)
 from contracts.serialurl import check_port_url
 
 # A device uplink carries at most the 8 metrics of the widest catalog type:
@@ -117,7 +125,12 @@ SERIAL_PROTOCOLS: Final = ("pms5003", "sds011")
 
 DeviceStatus = Literal["online", "offline"]
 GatewayStatus = Literal["online", "offline"]
-Transport = Literal["serial", "mqtt"]
+Transport = Literal["serial", "mqtt", "modbus", "lorawan", "http"]
+TRANSPORTS: Final[tuple[Transport, ...]] = ("serial", "mqtt", "modbus", "lorawan", "http")
+# A LoRaWAN DevEUI: 8 bytes, written as ChirpStack's topics and events do (lower-case hex).
+DEV_EUI_RE: Final = re.compile(r"[0-9a-f]{16}")
+# An HTTP device's token is kept by the gateway only as its SHA-256 (hex).
+TOKEN_SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
 
 _T = TypeVar("_T")
 
@@ -929,7 +942,8 @@ class DeviceConfig(msgspec.Struct, frozen=True, kw_only=True):
     device_id: str
     device_type: str
     transport: Transport
-    # Serial only: a pyserial URL (/dev/ttyUSB0, a pty path, socket://host:port).
+    # Serial and Modbus: a pyserial URL (/dev/ttyUSB0, a pty path,
+    # socket://host:port). Modbus devices on one RS-485 bus share it.
     port: str | None = None
     # Serial only: the frame protocol, one of SERIAL_PROTOCOLS.
     protocol: str | None = None
@@ -939,6 +953,15 @@ class DeviceConfig(msgspec.Struct, frozen=True, kw_only=True):
     # a burst after a reconnect through and stops a runaway device.
     rate_limit_per_s: float = 5.0
     enabled: bool = True
+    # Appended. Modbus and LoRaWAN: the catalog model (its register map, its
+    # payload codec); Modbus: the slave id on the bus (1-247) and, if set,
+    # the poll interval (else the model's); LoRaWAN: the DevEUI; HTTP: the
+    # SHA-256 of the device's bearer token (the token is in its bundle only).
+    model: str | None = None
+    slave_id: int | None = None
+    poll_interval_s: float | None = None
+    dev_eui: str | None = None
+    token_sha256: str | None = None
 
 
 class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -952,28 +975,110 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
     # serves a type defined after it was installed (``contracts.catalog.merge_types``).
     # Left out of the JSON when empty: such a config is encoded as before.
     types: tuple[DeviceType, ...] = ()
+    # Appended: the Modbus and LoRaWAN models its devices name
+    # (``contracts.catalog.merge_models``), for the same reason.
+    modbus_models: tuple[ModbusModel, ...] = ()
+    lorawan_models: tuple[LorawanModel, ...] = ()
 
 
 _CONFIG_DECODER: Final = msgspec.json.Decoder(GatewayConfig)
 
 
+# The fields each transport uses; any other of them set is an error.
+_TRANSPORT_FIELDS: Final[dict[str, frozenset[str]]] = {
+    "serial": frozenset({"port", "protocol"}),
+    "mqtt": frozenset(),
+    "modbus": frozenset({"port", "model", "slave_id", "poll_interval_s"}),
+    "lorawan": frozenset({"model", "dev_eui"}),
+    "http": frozenset({"token_sha256"}),
+}
+# Left out: poll_interval_s (the model's then); protocol (its own check names the choices).
+_OPTIONAL_FIELDS: Final = frozenset({"poll_interval_s", "protocol"})
+
+
 def _check_device_port(device: DeviceConfig) -> None:
-    if device.transport == "serial":
+    if device.transport in ("serial", "modbus"):
         if device.port is None:
-            raise InvalidPortError("a serial device needs a port (a /dev path or a URL)")
+            raise InvalidPortError(
+                f"a {device.transport} device needs a port (a /dev path or a URL)"
+            )
         check_port_url(device.port)
     elif device.port is not None:
-        raise InvalidPortError(f"port {device.port!r}: only serial devices have a port")
+        raise InvalidPortError(f"port {device.port!r}: only serial and Modbus devices have a port")
+
+
+def _check_transport_fields(device: DeviceConfig, where: str) -> None:
+    """Each transport's own fields set (``poll_interval_s`` may be left out), the others not."""
+    used = _TRANSPORT_FIELDS[device.transport]
+    for name in ("protocol", "model", "slave_id", "poll_interval_s", "dev_eui", "token_sha256"):
+        value = getattr(device, name)
+        if value is not None and name not in used:
+            raise FieldTypeError(
+                f"{where}.{name}: {value!r}: a {device.transport} device has no {name}"
+            )
+        if value is None and name in used and name not in _OPTIONAL_FIELDS:
+            raise FieldTypeError(f"{where}.{name}: a {device.transport} device needs one")
+
+
+def _check_model(device: DeviceConfig, dtype: DeviceType, where: str) -> None:
+    model_name = str(device.model)
+    try:
+        model = (
+            catalog.modbus_model(model_name)
+            if device.transport == "modbus"
+            else catalog.lorawan_model(model_name)
+        )
+    except UnknownDeviceTypeError as exc:
+        raise FieldTypeError(f"{where}.model: {exc}") from None
+    if model.device_type != dtype.name:
+        raise FieldTypeError(
+            f"{where}.model: {model_name} is a {model.device_type} model, not {dtype.name}"
+        )
+
+
+def _check_transport(device: DeviceConfig, dtype: DeviceType, where: str) -> None:
+    """What each transport needs: a protocol, a model, a slave id, a DevEUI, a token hash."""
+    _check_transport_fields(device, where)
+    if device.transport == "serial" and device.protocol not in SERIAL_PROTOCOLS:
+        raise FieldTypeError(
+            f"{where}.protocol: {device.protocol!r}: a serial device needs one of"
+            f" {', '.join(SERIAL_PROTOCOLS)}"
+        )
+    if device.transport in ("modbus", "lorawan"):
+        _check_model(device, dtype, where)
+    if device.transport == "modbus":
+        slave = device.slave_id
+        if isinstance(slave, bool) or not isinstance(slave, int):
+            raise FieldTypeError(f"{where}.slave_id: {slave!r} is not a whole number")
+        if not SLAVE_ID_MIN <= slave <= SLAVE_ID_MAX:
+            raise OutOfRangeError(
+                f"{where}.slave_id: {slave} is outside [{SLAVE_ID_MIN}, {SLAVE_ID_MAX}]"
+            )
+        interval = device.poll_interval_s
+        if interval is not None and not (
+            math.isfinite(interval) and POLL_INTERVAL_MIN_S <= interval <= POLL_INTERVAL_MAX_S
+        ):
+            raise OutOfRangeError(
+                f"{where}.poll_interval_s: {interval!r} is outside"
+                f" [{POLL_INTERVAL_MIN_S:g}, {POLL_INTERVAL_MAX_S:g}] seconds"
+            )
+    if device.transport == "lorawan" and DEV_EUI_RE.fullmatch(str(device.dev_eui)) is None:
+        raise FieldTypeError(f"{where}.dev_eui: {device.dev_eui!r} is not 16 lower-case hex digits")
+    if device.transport == "http" and TOKEN_SHA256_RE.fullmatch(str(device.token_sha256)) is None:
+        raise FieldTypeError(f"{where}.token_sha256: not 64 lower-case hex digits")
 
 
 def check_device_config(device: DeviceConfig, where: str = "device") -> DeviceConfig:
     """The one check of a device's config, for provisioning and the gateway alike.
 
     The id allow-listed (InvalidIdError), the type known
-    (UnknownDeviceTypeError), the transport one its type offers, a serial
-    device with a port (``contracts.serialurl``'s rule; the error's cause is
-    the InvalidPortError) and a known protocol, an MQTT device with neither
-    (FieldTypeError), the rate limit finite (NonFiniteValueError) and
+    (UnknownDeviceTypeError), the transport one its type offers, a serial or
+    Modbus device with a port (``contracts.serialurl``'s rule; the error's
+    cause is the InvalidPortError), a serial device with a known protocol, a
+    Modbus device with a model of its type and a slave id (1-247), a LoRaWAN
+    device with a model of its type and a DevEUI, an HTTP device with its
+    token's hash, and no device with another transport's fields
+    (FieldTypeError); the rate limit finite (NonFiniteValueError) and
     positive (OutOfRangeError). Messages start with ``where`` and the field.
     """
     check_id(device.device_id, f"{where}.device_id")
@@ -984,8 +1089,10 @@ def check_device_config(device: DeviceConfig, where: str = "device") -> DeviceCo
         raise UnknownDeviceTypeError(
             f"{where}.device_type: device type {device.device_type!r} is not one of {known}"
         ) from None
-    if device.transport not in ("serial", "mqtt"):
-        raise FieldTypeError(f"{where}.transport: {device.transport!r} is not 'serial' or 'mqtt'")
+    if device.transport not in TRANSPORTS:
+        raise FieldTypeError(
+            f"{where}.transport: {device.transport!r} is not one of {', '.join(TRANSPORTS)}"
+        )
     if device.transport not in dtype.transports:
         raise FieldTypeError(
             f"{where}.transport: a {dtype.name} device does not speak {device.transport}"
@@ -995,16 +1102,7 @@ def check_device_config(device: DeviceConfig, where: str = "device") -> DeviceCo
         _check_device_port(device)
     except InvalidPortError as exc:
         raise FieldTypeError(f"{where}.port: {exc}") from exc
-    if device.transport == "serial":
-        if device.protocol not in SERIAL_PROTOCOLS:
-            raise FieldTypeError(
-                f"{where}.protocol: {device.protocol!r}: a serial device needs one of"
-                f" {', '.join(SERIAL_PROTOCOLS)}"
-            )
-    elif device.protocol is not None:
-        raise FieldTypeError(
-            f"{where}.protocol: {device.protocol!r}: only serial devices have a protocol"
-        )
+    _check_transport(device, dtype, where)
     if not math.isfinite(device.rate_limit_per_s):
         raise NonFiniteValueError(f"{where}.rate_limit_per_s: {device.rate_limit_per_s!r}")
     if device.rate_limit_per_s <= 0:
@@ -1012,6 +1110,55 @@ def check_device_config(device: DeviceConfig, where: str = "device") -> DeviceCo
             f"{where}.rate_limit_per_s: {device.rate_limit_per_s!r} must be positive"
         )
     return device
+
+
+def check_shared_ports(devices: list[DeviceConfig], where: str = "devices") -> None:
+    """Who may share what, among one gateway's devices (InvalidIdError naming both).
+
+    A serial sensor has its port to itself; Modbus devices share a bus, each
+    with its own slave id, all at the line settings of their models; a
+    DevEUI belongs to one device.
+    """
+    ports: dict[str, tuple[int, DeviceConfig]] = {}
+    slaves: dict[tuple[str, int], int] = {}
+    euis: dict[str, int] = {}
+    for index, device in enumerate(devices):
+        at = f"{where}[{index}]"
+        if device.port is not None:
+            first = ports.setdefault(device.port, (index, device))
+            other_index, other = first
+            if other_index != index:
+                if "serial" in (device.transport, other.transport):
+                    raise InvalidIdError(
+                        f"{at}.port {device.port!r} is already {where}[{other_index}]'s"
+                        f" ({other.device_id}): a serial sensor has its port to itself"
+                    )
+                line = catalog.modbus_model(str(device.model)).line
+                other_line = catalog.modbus_model(str(other.model)).line
+                if line != other_line:
+                    raise InvalidIdError(
+                        f"{at}.model {device.model}: the bus {device.port} runs at"
+                        f" {_line_text(other_line)} ({other.device_id}'s {other.model}),"
+                        f" this model at {_line_text(line)}"
+                    )
+        if device.transport == "modbus" and device.port is not None:
+            key = (device.port, int(device.slave_id or 0))
+            if key in slaves:
+                raise InvalidIdError(
+                    f"{at}.slave_id {key[1]} is already {where}[{slaves[key]}]'s on {device.port}"
+                )
+            slaves[key] = index
+        if device.dev_eui is not None:
+            if device.dev_eui in euis:
+                raise InvalidIdError(
+                    f"{at}.dev_eui {device.dev_eui} is already {where}[{euis[device.dev_eui]}]'s"
+                )
+            euis[device.dev_eui] = index
+
+
+def _line_text(line: tuple[int, str, int]) -> str:
+    baud, parity, stop = line
+    return f"{baud} baud 8{parity}{stop}"
 
 
 def check_gateway_config(config: GatewayConfig) -> GatewayConfig:
@@ -1030,6 +1177,7 @@ def check_gateway_config(config: GatewayConfig) -> GatewayConfig:
                 f"{where}.device_id {device.device_id!r} repeats devices[{seen[device.device_id]}]"
             )
         seen[device.device_id] = index
+    check_shared_ports(config.devices)
     return config
 
 

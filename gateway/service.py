@@ -61,7 +61,7 @@ import msgspec
 from adapters.loglimit import LogLimiter
 from adapters.mqtt import MqttLink, Will, client_ssl_context
 from adapters.serve import serve as run_service
-from contracts.catalog import current_catalog, merge_types, use_catalog
+from contracts.catalog import current_catalog, merge_models, merge_types, use_catalog
 from contracts.errors import HubError, InputError, OutboxFullError
 from contracts.frames import SensorKind
 from contracts.messages import (
@@ -591,6 +591,12 @@ class Gateway:
         installed = current_catalog()
         merged, refused = merge_types(
             installed, config.types, source=f"gateway config version {config.version}"
+        )
+        merged = merge_models(
+            merged,
+            config.modbus_models,
+            config.lorawan_models,
+            source=f"gateway config version {config.version}",
         )
         if merged is not installed:
             use_catalog(merged)

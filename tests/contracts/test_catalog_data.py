@@ -66,7 +66,7 @@ def test_shipped_types_counts_and_order():
 
 def test_shipped_entries_exactly():
     aq = device_type("air_quality")
-    assert aq.transports == ("serial", "mqtt")
+    assert aq.transports == ("serial", "mqtt", "lorawan", "http")
     assert aq.serial_protocols == ("pms5003", "sds011")
     assert aq.metric_names == (
         "pm1", "pm25", "pm10", "co2", "no2", "o3", "temperature", "humidity",
@@ -87,7 +87,7 @@ def test_shipped_entries_exactly():
     online = catalog.CONFERENCE_ENDPOINT.metric("online")
     assert (online.kind, online.min, online.max, online.unit) == (MetricKind.BOOL, 0, 1, "")
     assert catalog.CAMERA_COUNTER.metric("vehicles_in").max == 100000
-    assert catalog.CONFERENCE_ENDPOINT.transports == ("mqtt",)
+    assert catalog.CONFERENCE_ENDPOINT.transports == ("mqtt", "http")
 
 
 def test_whole_number_bounds_stay_ints():
@@ -100,7 +100,7 @@ def test_whole_number_bounds_stay_ints():
 
 def test_serial_protocols_match_the_gateway_decoders():
     assert tuple(SHIPPED_CATALOG.serial_protocols) == SERIAL_PROTOCOLS
-    assert tuple(SHIPPED_CATALOG.transports) == ("serial", "mqtt")
+    assert tuple(SHIPPED_CATALOG.transports) == ("serial", "mqtt", "modbus", "lorawan", "http")
     pms = SHIPPED_CATALOG.serial_protocols["pms5003"]
     assert set(pms.metrics) <= set(catalog.AIR_QUALITY.metric_names)
 

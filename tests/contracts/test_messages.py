@@ -156,7 +156,10 @@ def device_configs(draw: st.DrawFn, device_id: str) -> DeviceConfig:
         device_id=device_id,
         device_type=dtype.name,
         transport=transport,
-        port=draw(st.sampled_from(["/dev/ttyUSB0", "/dev/pts/3", "socket://127.0.0.1:7001"]))
+        # A serial sensor has its port to itself (check_shared_ports).
+        port=draw(
+            st.sampled_from([f"/dev/serial/by-id/{device_id}", f"socket://{device_id}:7001"])
+        )
         if serial
         else None,
         protocol=draw(st.sampled_from(SERIAL_PROTOCOLS)) if serial else None,

@@ -112,7 +112,7 @@ def test_device_requests_are_checked_against_the_catalog():
         ({"protocol": None}, ConflictError, "needs one of"),
         ({"port": "COM3"}, InvalidPortError, "neither a device path"),
         ({"device_id": "AQ 01"}, InvalidIdError, "does not match"),
-        ({"transport": "mqtt"}, InvalidPortError, "only serial devices"),
+        ({"transport": "mqtt"}, InvalidPortError, "only serial and Modbus devices"),
     ]
     base = {
         "device_id": "aq-01",
