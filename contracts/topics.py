@@ -146,6 +146,34 @@ def parse_device_topic(topic: str, prefix: str = "") -> tuple[str, DeviceTopicKi
     )
 
 
+# --- ChirpStack v4 MQTT integration (the broker a LoRaWAN gateway reads) ---------
+#
+# ChirpStack publishes each device's events on
+# application/{application_id}/device/{dev_eui}/event/{event} (its MQTT
+# integration's default event_topic); the application id is a UUID the
+# network server assigns, so a gateway subscribes per DevEUI across
+# applications. The topics carry no prefix: they are ChirpStack's.
+
+CHIRPSTACK_EVENTS: Final = ("up", "status", "join")
+
+
+def chirpstack_device_filter(dev_eui: str) -> str:
+    """Every event of one device, in any application."""
+    return f"application/+/device/{dev_eui}/event/+"
+
+
+def chirpstack_event_topic(application_id: str, dev_eui: str, event: str) -> str:
+    return f"application/{application_id}/device/{dev_eui}/event/{event}"
+
+
+def parse_chirpstack_topic(topic: str) -> tuple[str, str, str] | None:
+    """(application id, DevEUI, event) of a ChirpStack event topic; None if it is not one."""
+    parts = topic.split("/")
+    if len(parts) != 6 or parts[0] != "application" or parts[2] != "device" or parts[4] != "event":
+        return None
+    return parts[1], parts[3], parts[5]
+
+
 # --- gateway topics (central broker) --------------------------------------------
 
 
