@@ -65,6 +65,8 @@ from firmware_sim.models import (
     ConferenceEndpointModel,
     DeviceModel,
     KioskModel,
+    NoiseMeterModel,
+    WaterLevelModel,
 )
 
 # A few hundred answers a device keeps (ids and outcome, ~100 bytes each):
@@ -430,6 +432,32 @@ def _set_reporting_mode(control: DeviceControl, command: Command) -> Outcome:
     return Outcome(CommandState.SUCCEEDED, "reporting on its own", control.uniform(0.1, 0.3))
 
 
+def _calibrate_offset(control: DeviceControl, command: Command) -> Outcome:
+    model = control.model
+    assert isinstance(model, NoiseMeterModel)  # noqa: S101 - HANDLERS keys it by type
+    # decode_command checked it against the catalog: a float arg is a number.
+    offset = float(command.args["offset_db"])
+    model.offset_db = offset
+    return Outcome(
+        CommandState.SUCCEEDED,
+        f"levels corrected by {offset:+.1f} dB",
+        control.uniform(0.1, 0.3),
+        {"offset_db": offset},
+    )
+
+
+def _set_response_delay(control: DeviceControl, command: Command) -> Outcome:
+    model = control.model
+    assert isinstance(model, WaterLevelModel)  # noqa: S101 - HANDLERS keys it by type
+    model.response_delay_ms = _int_arg(command, "delay_ms")
+    return Outcome(
+        CommandState.SUCCEEDED,
+        f"answers after {model.response_delay_ms} ms",
+        control.uniform(0.1, 0.3),
+        {"delay_ms": model.response_delay_ms},
+    )
+
+
 # (device type | "*", command) -> handler. A catalog command of an MQTT type
 # without one is answered "failed: not implemented by this firmware".
 HANDLERS: Final[dict[tuple[str, str], Handler]] = {
@@ -444,4 +472,6 @@ HANDLERS: Final[dict[tuple[str, str], Handler]] = {
     ("air_quality", "wake"): _wake,
     ("air_quality", "set_working_period"): _set_working_period,
     ("air_quality", "set_reporting_mode"): _set_reporting_mode,
+    ("noise_meter", "calibrate_offset"): _calibrate_offset,
+    ("water_level", "set_response_delay"): _set_response_delay,
 }

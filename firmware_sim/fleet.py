@@ -8,8 +8,11 @@ plus per-device overrides). ``build_fleet`` turns it into ``DeviceSpec``s:
 deterministic, allow-listed device ids (``aq-{site}-01``,
 ``kiosk-{site}-01``, ``cam-{site}-01``, ``conf-{site}-01``, ``noise-{site}-01``,
 ``water-{site}-01``, ``rating-{site}-01``), type, site,
-transport (air quality over serial, PMS5003 or SDS011; the rest MQTT), fault
-plan and a ready device model. ``send_phases_ms`` and ``schedule`` spread
+transport (by default air quality over serial, PMS5003 or SDS011; a street
+station's noise meter and flood gauge on one Modbus RTU bus, with a second
+air monitor and flood sensor on LoRaWAN; one rating terminal per service
+hall posting over HTTP; the rest MQTT: ``FleetDescription.transports``),
+fault plan and a ready device model. ``send_phases_ms`` and ``schedule`` spread
 2,000 devices' sends over the period instead of firing all in the same
 millisecond; ``sim_time_ms`` / ``wall_time_ms`` map between wall-clock and
 accelerated simulation time.
@@ -29,6 +32,8 @@ import msgspec
 import numpy as np
 from numpy.typing import NDArray
 
+from contracts.catalog import current_catalog
+from contracts.catalog import device_type as device_type_entry
 from contracts.errors import InvalidIdError, SettingsError
 from contracts.ids import check_id
 from contracts.messages import DeviceConfig, Transport
@@ -104,6 +109,26 @@ DEFAULT_DEVICES: Final[dict[SiteKind, DeviceCounts]] = {
 }
 
 
+# Which transports a type's devices at a kind of site use: device number n
+# takes the n-th entry (the last one repeats). A type not named: serial for
+# air quality, MQTT for the rest. A street station's noise meter and flood
+# gauge share one RS-485 bus (Modbus RTU, the way roadside cabinets are
+# wired); a second air monitor and a second flood sensor further along the
+# street report over LoRaWAN (battery nodes without a cable to the cabinet);
+# a hall's second rating terminal can only POST over HTTP.
+DEFAULT_TRANSPORTS: Final[dict[SiteKind, dict[str, list[Transport]]]] = {
+    "street_monitor": {
+        "air_quality": ["serial", "lorawan"],
+        "noise_meter": ["modbus"],
+        "water_level": ["modbus", "lorawan"],
+    },
+    "service_hall": {"satisfaction_terminal": ["mqtt", "http"]},
+}
+DEFAULT_DEVICES["street_monitor"] = DeviceCounts(
+    air_quality=2, camera_counter=1, noise_meter=1, water_level=2
+)
+
+
 Percent = Annotated[float, msgspec.Meta(ge=0.0, le=100.0)]
 NonNegativeSeconds = Annotated[float, msgspec.Meta(ge=0.0)]
 
@@ -159,6 +184,11 @@ class FleetDescription(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     site: list[SiteInfo] = msgspec.field(default_factory=list)
     devices: dict[SiteKind, DeviceCounts] = msgspec.field(
         default_factory=lambda: dict(DEFAULT_DEVICES)
+    )
+    # Per site kind and type, the transports of its devices in number order
+    # (DEFAULT_TRANSPORTS); replaces the defaults as a whole.
+    transports: dict[SiteKind, dict[str, list[Transport]]] = msgspec.field(
+        default_factory=lambda: {k: dict(v) for k, v in DEFAULT_TRANSPORTS.items()}
     )
     faults: FaultPlan = STANDARD_FAULTS
     overrides: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
@@ -237,20 +267,33 @@ class DeviceSpec(msgspec.Struct, frozen=True, kw_only=True):
     protocol: SerialProtocol | None  # serial only
     faults: FaultPlan
     model: DeviceModel
+    # Modbus and LoRaWAN: the catalog model the device is (its register map,
+    # its payload codec); Modbus: its slave id on the site's bus; LoRaWAN:
+    # its DevEUI; HTTP: its bearer token (a simulator's token, derived from
+    # the seed: nothing to keep secret).
+    catalog_model: str | None = None
+    slave_id: int | None = None
+    dev_eui: str | None = None
+    http_token: str | None = None
 
     def injector(self, *, period_ms: int = 1000) -> FaultInjector:
         """The model behind its fault plan, as the transports drive it."""
         return FaultInjector(self.model, self.faults, transport=self.transport, period_ms=period_ms)
 
     def device_config(self, *, port: str | None = None) -> DeviceConfig:
-        """The gateway's view of this device (``port``: the serial URL, serial only)."""
+        """The gateway's view of this device (``port``: the serial URL or Modbus bus)."""
+        token = self.http_token
         return DeviceConfig(
             device_id=self.device_id,
             device_type=self.device_type,
             transport=self.transport,
-            port=port if self.transport == "serial" else None,
+            port=port if self.transport in ("serial", "modbus") else None,
             protocol=self.protocol,
             label=f"simulated {self.device_type} at {self.site_id}",
+            model=self.catalog_model,
+            slave_id=self.slave_id,
+            dev_eui=self.dev_eui,
+            token_sha256=hashlib.sha256(token.encode()).hexdigest() if token else None,
         )
 
 
@@ -325,25 +368,40 @@ def build_fleet(description: FleetDescription, sites: Sequence[SiteInfo]) -> lis
         seen.add(site.id)
 
     specs: list[DeviceSpec] = []
+    # Slave ids handed out on each site's Modbus bus, 1 upwards.
+    bus_slaves: dict[str, int] = {}
     for site in chosen:
         counts = description.devices.get(site.kind, DeviceCounts())
         for device_type, prefix in ID_PREFIX.items():
             for number in range(1, int(getattr(counts, device_type)) + 1):
                 device_id = f"{prefix}-{site.id}-{number:02d}"
                 _check_id(device_id, f"device id for site {site.id!r}")
-                serial = device_type == "air_quality"
+                transport = _transport(description, site.kind, device_type, number)
                 protocol = (
                     SERIAL_PROTOCOLS[_stable_hash(device_id) % len(SERIAL_PROTOCOLS)]
-                    if serial
+                    if transport == "serial"
                     else None
                 )
+                slave_id = None
+                if transport == "modbus":
+                    bus_slaves[site.id] = slave_id = bus_slaves.get(site.id, 0) + 1
                 specs.append(
                     DeviceSpec(
                         device_id=device_id,
                         device_type=device_type,
                         site_id=site.id,
-                        transport="serial" if serial else "mqtt",
+                        transport=transport,
                         protocol=protocol,
+                        catalog_model=_catalog_model(transport, device_type),
+                        slave_id=slave_id,
+                        dev_eui=f"{_stable_hash(description.seed, device_id):016x}"
+                        if transport == "lorawan"
+                        else None,
+                        http_token=hashlib.blake2b(
+                            f"{description.seed}/{device_id}".encode(), digest_size=24
+                        ).hexdigest()
+                        if transport == "http"
+                        else None,
                         faults=description.fault_plan(device_id),
                         model=_make_model(
                             device_type,
@@ -362,6 +420,38 @@ def build_fleet(description: FleetDescription, sites: Sequence[SiteInfo]) -> lis
     if unknown := set(description.kiosks) - kiosks:
         raise SettingsError("fleet.kiosks", f"no such kiosks: {', '.join(sorted(unknown))}")
     return specs
+
+
+def _transport(
+    description: FleetDescription, kind: SiteKind, device_type: str, number: int
+) -> Transport:
+    """Device ``number`` (1-based) of a type at a kind of site: its transport."""
+    choices = description.transports.get(kind, {}).get(device_type)
+    if not choices:
+        return "serial" if device_type == "air_quality" else "mqtt"
+    transport = choices[min(number, len(choices)) - 1]
+    offered = device_type_entry(device_type).transports
+    if transport not in offered:
+        raise SettingsError(
+            f"fleet.transports.{kind}.{device_type}",
+            f"a {device_type} device does not speak {transport} (its transports:"
+            f" {', '.join(offered)})",
+        )
+    return transport
+
+
+def _catalog_model(transport: Transport, device_type: str) -> str | None:
+    """The first catalog model of the type for a Modbus or LoRaWAN device; SettingsError if none."""
+    if transport not in ("modbus", "lorawan"):
+        return None
+    catalog = current_catalog()
+    models = catalog.modbus_models if transport == "modbus" else catalog.lorawan_models
+    for name, model in models.items():
+        if model.device_type == device_type:
+            return name
+    raise SettingsError(
+        "fleet.transports", f"the catalog has no {transport} model of type {device_type!r}"
+    )
 
 
 # --- timing -------------------------------------------------------------------------

@@ -458,9 +458,15 @@ class NoiseMeterModel(DeviceModel):
     def __init__(self, *, device_id: str, seed: int, params: NoiseParams | None = None) -> None:
         super().__init__(device_id=device_id, seed=seed)
         self.params = params or NoiseParams()
+        # The correction calibrate_offset set, added to every level (dB).
+        self.offset_db = 0.0
 
     def _advance(self, now_ms: int, dt_s: float) -> dict[str, float]:
-        return signals.noise_levels(now_ms, dt_s, self.params, self.rng)
+        levels = signals.noise_levels(now_ms, dt_s, self.params, self.rng)
+        if self.offset_db:
+            # A meter reports within its range whatever it is told to add.
+            levels = {k: min(130.0, max(30.0, v + self.offset_db)) for k, v in levels.items()}
+        return levels
 
 
 # --- water level ----------------------------------------------------------------------
@@ -486,6 +492,10 @@ class WaterLevelParams(msgspec.Struct, frozen=True, kw_only=True):
 
 class WaterLevelModel(DeviceModel):
     """Street flood sensor: water depth above the road, sensor state, battery."""
+
+    # Milliseconds a gauge on a bus waits before answering (set_response_delay;
+    # the VEGAPULS C 21's default is 50 ms).
+    response_delay_ms = 50
 
     device_type = WATER_TYPE
     # 1 mm resolution (ultrasonic / radar level sensors).

@@ -71,12 +71,21 @@ def test_default_fleet_from_the_seed_sites() -> None:
         assert spec.device_id.startswith(f"{prefix}-{spec.site_id}-")
         assert spec.model.device_id == spec.device_id
         assert spec.model.device_type.name == spec.device_type
-        if spec.device_type == "air_quality":
-            assert spec.transport == "serial"
+        number = int(spec.device_id.rsplit("-", 1)[1])
+        kind = next(s.kind for s in SEED_SITES if s.id == spec.site_id)
+        expected = fleet.DEFAULT_TRANSPORTS.get(kind, {}).get(spec.device_type)
+        if expected:
+            assert spec.transport == expected[min(number, len(expected)) - 1]
+        else:
+            assert spec.transport == ("serial" if spec.device_type == "air_quality" else "mqtt")
+        if spec.transport == "serial":
             assert spec.protocol in ("pms5003", "sds011")
         else:
-            assert spec.transport == "mqtt"
             assert spec.protocol is None
+        assert (spec.catalog_model is not None) == (spec.transport in ("modbus", "lorawan"))
+        assert (spec.slave_id is not None) == (spec.transport == "modbus")
+        assert (spec.dev_eui is not None) == (spec.transport == "lorawan")
+        assert (spec.http_token is not None) == (spec.transport == "http")
         assert spec.faults == fleet.STANDARD_FAULTS
     assert {spec.protocol for spec in specs if spec.protocol} == {"pms5003", "sds011"}
     halls = [s for s in SEED_SITES if s.kind == "service_hall"]
@@ -99,13 +108,21 @@ def test_fleet_is_deterministic() -> None:
 
 def test_devices_feed_a_valid_gateway_config() -> None:
     specs = fleet.build_fleet(FleetDescription(), SEED_SITES)
-    devices = [
-        spec.device_config(port=f"/dev/pts/{i}" if spec.transport == "serial" else None)
+    # A serial sensor has a port of its own; a site's Modbus devices share its bus.
+    ports = {
+        spec.device_id: f"/dev/pts/{i}"
+        if spec.transport == "serial"
+        else f"/dev/rs485-{spec.site_id}"
+        if spec.transport == "modbus"
+        else None
         for i, spec in enumerate(specs)
-    ]
+    }
+    devices = [spec.device_config(port=ports[spec.device_id]) for spec in specs]
     check_gateway_config(
         GatewayConfig(gateway_id="gw-test", version=1, site_id="hn", devices=devices)
     )
+    transports = {d.transport for d in devices}
+    assert transports == {"serial", "mqtt", "modbus", "lorawan", "http"}
 
 
 def test_fleet_description_from_toml() -> None:
@@ -259,7 +276,16 @@ def test_streets_get_noise_and_flood_sensors_and_halls_rating_terminals() -> Non
     assert by_type["water_level"] == {"street_monitor"}
     assert by_type["satisfaction_terminal"] == {"service_hall"}
     streets = [s for s in SEED_SITES if s.kind == "street_monitor"]
-    assert sum(spec.device_type == "water_level" for spec in specs) == len(streets)
+    # Each street station: a flood gauge on its Modbus bus beside the noise
+    # meter, and a LoRaWAN flood sensor further along the street.
+    water = [spec for spec in specs if spec.device_type == "water_level"]
+    assert len(water) == 2 * len(streets)
+    assert sorted(spec.transport for spec in water) == sorted(
+        ["modbus", "lorawan"] * len(streets)
+    )
+    for street in streets:
+        bus = [s for s in specs if s.site_id == street.id and s.transport == "modbus"]
+        assert sorted(s.slave_id for s in bus) == [1, 2]
     # A terminal's counter is its number at the hall: rating-{site}-02 stands at counter 2.
     terminals = [s for s in specs if isinstance(s.model, SatisfactionTerminalModel)]
     assert terminals
@@ -291,3 +317,11 @@ def test_a_kiosk_out_of_paper_from_the_start_gets_its_roll_at_the_fixed_delay() 
     assert 30 - FIRST_STEP_S <= refilled <= 30
     assert out not in statuses[refilled:]
     assert model.refills == 1
+
+
+def test_a_fleet_file_cannot_give_a_type_a_transport_it_does_not_speak() -> None:
+    description = fleet.parse_fleet_description(
+        {"sites": ["hk-hall-quan"], "transports": {"service_hall": {"kiosk": ["modbus"]}}}
+    )
+    with pytest.raises(SettingsError, match=r"kiosk device does not speak modbus"):
+        fleet.build_fleet(description, SEED_SITES)
