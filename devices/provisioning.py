@@ -312,10 +312,13 @@ class Provisioner:
             detail=detail,
         )
 
-    def _publish_configs(self, tx: RegistryTx, gateway_ids: list[str], out: Outcome) -> None:
+    def _publish_configs(
+        self, tx: RegistryTx, gateway_ids: list[str], out: Outcome, changed: str | None = None
+    ) -> None:
+        """``changed``: the device the command adds or moves (named first in a conflict)."""
         now_s = int(self.clock())
         for gateway_id in dict.fromkeys(gateway_ids):
-            config = tx.next_config(gateway_id, now_s=now_s)
+            config = tx.next_config(gateway_id, now_s=now_s, changed=changed)
             self.central.publish_retained(
                 config_topic(gateway_id, self.prefix), encode_gateway_config(config)
             )
@@ -757,7 +760,7 @@ class Provisioner:
             self._write(undo, self._device_bundle(row, secret, token), out)
             # The site role allows the new topics before the config tells the gateway to subscribe.
             self._sync_gateway(tx, undo, gateway_id, out)
-            self._publish_configs(tx, [gateway_id], out)
+            self._publish_configs(tx, [gateway_id], out, changed=device_id)
         return out
 
     def move_device(
@@ -796,7 +799,7 @@ class Provisioner:
                 # The device must learn its new gateway's address: a new bundle,
                 # and with it a new token (the registry keeps only the old one's hash).
                 token = self._new_device_token(tx, device_id, out)
-            self._publish_configs(tx, affected, out)
+            self._publish_configs(tx, affected, out, changed=device_id)
             if token is not None:
                 self._write(
                     undo, self._device_bundle(self._device(tx, device_id), None, token), out
@@ -880,7 +883,7 @@ class Provisioner:
             if "dev_eui" in changes and row.gateway_id is not None:
                 self._sync_gateway(tx, undo, row.gateway_id, out)
             if (len(changes) > 1 or token is not None) and row.gateway_id is not None:
-                self._publish_configs(tx, [row.gateway_id], out)
+                self._publish_configs(tx, [row.gateway_id], out, changed=device_id)
         return out
 
     def rotate_device(self, device_id: str) -> Outcome:

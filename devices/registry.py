@@ -376,11 +376,16 @@ class RegistryTx:
             (status, status, broker, username),
         )
 
-    def next_config(self, gateway_id: str, *, now_s: int) -> GatewayConfig:
+    def next_config(
+        self, gateway_id: str, *, now_s: int, changed: str | None = None
+    ) -> GatewayConfig:
         """Bump the gateway's config version and build its config from the active devices.
 
         The version is at least the current Unix time in seconds, so it is
         newer than a config an earlier tool published with a time-based version.
+        The config is checked as the gateway will check it: ConflictError if
+        it would be refused, naming the devices (``changed`` is the device
+        the caller's command adds or moves: named as the one that conflicts).
         """
         self.cur.execute(
             f"""UPDATE {self.s}.gateways SET config_version = greatest(config_version + 1, %s)
@@ -414,7 +419,7 @@ class RegistryTx:
         )
         # Refused here, in the transaction of the change that caused it: a
         # gateway would refuse the config as a whole and keep its old one.
-        shared_port_conflict(config)
+        shared_port_conflict(config, changed)
         try:
             return check_gateway_config(config)
         except InputError as exc:

@@ -105,18 +105,20 @@ def _dev_eui(value: str | None) -> str | None:
     return compact
 
 
-def shared_port_conflict(config: GatewayConfig) -> None:
+def shared_port_conflict(config: GatewayConfig, changed: str | None = None) -> None:
     """A gateway's devices that may not share what they share, as a ConflictError naming both.
 
     ``contracts.messages.check_shared_ports`` finds it (a serial sensor's
     port taken, a slave id twice on a bus, a bus at two line settings, a
     DevEUI twice) and names devices by their index in the config; this says
-    it with their ids.
+    it with their ids. ``changed``, the device a command adds or moves, is
+    checked last, so the message says what it takes from whom.
     """
+    devices = sorted(config.devices, key=lambda d: d.device_id == changed)
     try:
-        check_shared_ports(config.devices)
+        check_shared_ports(devices)
     except InvalidIdError as exc:
-        ids = [d.device_id for d in config.devices]
+        ids = [d.device_id for d in devices]
 
         def field(match: re.Match[str]) -> str:
             return f"device {ids[int(match[1])]}: {match[2].replace('_', ' ')}"
