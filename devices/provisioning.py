@@ -264,8 +264,9 @@ class Provisioner:
         account to its client id, rewrites each gateway's site role (its
         devices only, their commands and answers), and gives each gateway's
         central role and each device's role the rules they lack (commands:
-        ``hub/v1/gw/{id}/cmd`` and ``/cmdreport``, ``d/{id}/cmd``). Safe to
-        re-run; an up-to-date broker is not changed.
+        ``hub/v1/gw/{id}/cmd`` and ``/cmdreport``, ``d/{id}/cmd``), and a
+        gateway's ChirpStack account its one rule. Safe to re-run; an
+        up-to-date broker is not changed.
         """
         out = Outcome()
         with self._command() as (tx, undo):
@@ -274,6 +275,10 @@ class Provisioner:
                 self._sync_gateway(tx, undo, gateway_id, out)
                 central = dynsec.gateway_central_account(gateway_id, self.prefix)
                 self._sync_role(undo, central, out)
+                chirpstack = dynsec.chirpstack_account(gateway_id)
+                if tx.credential_status("site", chirpstack.username) == "active":
+                    self._sync_role(undo, chirpstack, out)
+                    self._bind_client_id(chirpstack, out)
                 if len(out.changes) > before:
                     self._audit(tx, "gateway.sync", "gateway", gateway_id)
             for device_id in tx.active_mqtt_devices_of():

@@ -692,24 +692,25 @@ def test_gateways_chirpstack_account_and_catalog_models(env, broker_admin, tmp_p
 
 
 def test_role_of_a_chirpstack_account_is_brought_up_to_date(provisioner, broker_admin):
-    """A role edited by hand (a wider topic) is put back by the next run."""
+    """A role edited by hand (a wider topic) is put back by sync-broker and by the next run."""
     gw, _ = _gateway(provisioner)
     provisioner.chirpstack_account(gw)
     account = dynsec.chirpstack_account(gw)
+    widen = [
+        {
+            "command": "addRoleACL",
+            "rolename": account.role.rolename,
+            "acltype": "publishClientSend",
+            "topic": "#",
+            "allow": True,
+        }
+    ]
     with BrokerControl(name="hand", broker=broker_admin) as control:
-        control.run(
-            [
-                {
-                    "command": "addRoleACL",
-                    "rolename": account.role.rolename,
-                    "acltype": "publishClientSend",
-                    "topic": "#",
-                    "allow": True,
-                }
-            ]
-        )
-    outcome = provisioner.chirpstack_account(gw)
-    assert f"role {account.username} brought up to date" in "\n".join(outcome.changes)
-    with BrokerControl(name="check", broker=broker_admin) as control:
-        data = control.run(dynsec.get_role(account.role))[0]
-    assert dynsec.role_acls(data) == account.role.acls
+        control.run(widen)
+    for bring_back in (provisioner.sync_broker, lambda: provisioner.chirpstack_account(gw)):
+        outcome = bring_back()
+        assert f"role {account.username} brought up to date" in "\n".join(outcome.changes)
+        with BrokerControl(name="check", broker=broker_admin) as control:
+            data = control.run(dynsec.get_role(account.role))[0]
+            assert dynsec.role_acls(data) == account.role.acls
+            control.run(widen)
