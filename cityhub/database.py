@@ -476,6 +476,12 @@ class DeviceRecord:
     port: str | None = None
     protocol: str | None = None
     label: str = ""
+    # Modbus, LoRaWAN and HTTP devices (``contracts.messages.DeviceConfig``'s fields).
+    model: str | None = None
+    slave_id: int | None = None
+    poll_interval_s: float | None = None
+    dev_eui: str | None = None
+    token_sha256: str | None = None
 
 
 def register_fleet(
@@ -505,12 +511,16 @@ def register_fleet(
         )
         cur.executemany(
             f"""INSERT INTO {s}.devices (device_id, device_type, site_id, gateway_id,
-                    transport, port, protocol, label)
-                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+                    transport, port, protocol, label, model, slave_id, poll_interval_s,
+                    dev_eui, token_sha256)
+                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
                     ON CONFLICT (device_id) DO UPDATE SET device_type = EXCLUDED.device_type,
                     site_id = EXCLUDED.site_id, gateway_id = EXCLUDED.gateway_id,
                     transport = EXCLUDED.transport, port = EXCLUDED.port,
                     protocol = EXCLUDED.protocol, label = EXCLUDED.label,
+                    model = EXCLUDED.model, slave_id = EXCLUDED.slave_id,
+                    poll_interval_s = EXCLUDED.poll_interval_s, dev_eui = EXCLUDED.dev_eui,
+                    token_sha256 = EXCLUDED.token_sha256,
                     status = 'active', revoked_at = NULL""",
             [
                 (
@@ -522,6 +532,11 @@ def register_fleet(
                     d.port,
                     d.protocol,
                     d.label,
+                    d.model,
+                    d.slave_id,
+                    d.poll_interval_s,
+                    d.dev_eui,
+                    d.token_sha256,
                 )
                 for d in devices
             ],

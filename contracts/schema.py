@@ -853,6 +853,38 @@ def _commands(s: str) -> tuple[str, ...]:
     )
 
 
+def _field_transports(s: str) -> tuple[str, ...]:
+    """Devices on Modbus RTU buses, behind a LoRaWAN network server, or posting over HTTP.
+
+    The transport CHECK takes the five of ``contracts.messages.TRANSPORTS``.
+    New nullable columns, each set only for its transport (the registry's
+    check, ``contracts.messages.check_device_config``, says which): ``model``
+    (a catalog Modbus or LoRaWAN model), ``slave_id`` (1-247 on its bus),
+    ``poll_interval_s`` (NULL: the model's), ``dev_eui`` (16 lower-case hex
+    digits; one active device each) and ``token_sha256`` (an HTTP device's
+    bearer token, hashed: the token itself is in its bundle only). Rows from
+    before are serial or MQTT devices, with NULL in every new column.
+    """
+    return (
+        f"""ALTER TABLE {s}.devices DROP CONSTRAINT IF EXISTS devices_transport_check,
+            ADD CONSTRAINT devices_transport_check
+            CHECK (transport IN ('serial', 'mqtt', 'modbus', 'lorawan', 'http'))""",
+        f"ALTER TABLE {s}.devices ADD COLUMN IF NOT EXISTS model text",
+        f"""ALTER TABLE {s}.devices ADD COLUMN IF NOT EXISTS slave_id integer
+            CHECK (slave_id BETWEEN 1 AND 247)""",
+        f"""ALTER TABLE {s}.devices ADD COLUMN IF NOT EXISTS poll_interval_s double precision
+            CHECK (poll_interval_s > 0)""",
+        f"""ALTER TABLE {s}.devices ADD COLUMN IF NOT EXISTS dev_eui text
+            CHECK (dev_eui ~ '^[0-9a-f]{{16}}$')""",
+        f"""ALTER TABLE {s}.devices ADD COLUMN IF NOT EXISTS token_sha256 text
+            CHECK (token_sha256 ~ '^[0-9a-f]{{64}}$')""",
+        # A DevEUI names one device on the network server: two active devices
+        # with one would be fed each other's uplinks. A revoked device's may be reused.
+        f"""CREATE UNIQUE INDEX IF NOT EXISTS devices_dev_eui_idx ON {s}.devices (dev_eui)
+            WHERE status = 'active' AND dev_eui IS NOT NULL""",
+    )
+
+
 def _channel(schema: str, suffix: str) -> str:
     # A channel name is an identifier of at most 63 bytes (pg_notify enforces
     # it): a schema name has at most 48 characters, so "_command_states" fits.
@@ -959,4 +991,9 @@ def migrations(
             _alert_follow_up(s),
         ),
         Migration(18, "commands to devices: queue, states, history", _commands(s)),
+        Migration(
+            19,
+            "devices: Modbus, LoRaWAN and HTTP transports (model, slave id, DevEUI, token hash)",
+            _field_transports(s),
+        ),
     ]

@@ -317,6 +317,10 @@ class ProvisioningSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unk
     control_timeout_s: float = 10.0
     # Prefix for every topic and ACL (tests give each test its own).
     topic_prefix: str = ""
+    # Where HTTP devices reach their gateway, written into their bundles with
+    # "/v1/devices/{device_id}/readings" appended; {gateway_id} is replaced by
+    # the gateway's id (a host name on the site network, or write the address).
+    gateway_http_url: str = "http://{gateway_id}:8470"
 
 
 class CatalogSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

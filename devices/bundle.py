@@ -1,9 +1,11 @@
 """Config bundles: what a technician flashes into a device or installs on a gateway.
 
 A bundle holds the broker address, the account and its secret, the topics
-and the device's settings. It is built here as a msgspec struct and encoded
-as JSON; ``qr_payload`` is the compact form for a QR code (a gateway's
-certificates stay in the file: they would not fit), and
+and the device's settings; an HTTP device's holds its endpoint and bearer
+token instead, a Modbus or LoRaWAN device's its model, slave id or DevEUI.
+It is built here as a msgspec struct and encoded as JSON; ``qr_payload``
+is the compact form for a QR code (a gateway's certificates stay in the
+file: they would not fit), and
 ``gateway_settings_toml`` is a settings file that `cityhub gateway run -c`
 reads as it is. Writing the files (mode 0600) and drawing the QR code is
 ``devices.bundlefiles``' job.
@@ -16,6 +18,8 @@ from typing import Final, Literal
 
 import msgspec
 
+from contracts.catalog import modbus_model
+from contracts.errors import SettingsError
 from contracts.messages import DeviceConfig
 from contracts.topics import (
     ack_topic,
@@ -29,6 +33,10 @@ from contracts.topics import (
 )
 
 BUNDLE_FORMAT: Final = 1
+# What an HTTP device posts: the device uplink JSON (contracts.messages.DeviceUplink).
+HTTP_FORMAT: Final = "cityhub-uplink-json/1"
+# Appended to provisioning.gateway_http_url: where one device posts its readings.
+HTTP_READINGS_PATH: Final = "/v1/devices/{device_id}/readings"
 
 
 class MqttAccess(msgspec.Struct, frozen=True, kw_only=True):
@@ -40,6 +48,18 @@ class MqttAccess(msgspec.Struct, frozen=True, kw_only=True):
     username: str
     password: str
     client_id: str
+
+
+class HttpAccess(msgspec.Struct, frozen=True, kw_only=True):
+    """How an HTTP device posts its readings: ``POST url`` with ``Authorization: Bearer token``.
+
+    The body is one reading in ``format`` (the device uplink JSON of
+    ``d/{id}/up``: ``{"seq": 7, "ts": 1767225600000, "m": {...}}``).
+    """
+
+    url: str
+    token: str
+    format: str = HTTP_FORMAT
 
 
 class DeviceBundle(msgspec.Struct, frozen=True, kw_only=True):
@@ -63,6 +83,14 @@ class DeviceBundle(msgspec.Struct, frozen=True, kw_only=True):
     settings: dict[str, str | int | float | bool] = msgspec.field(default_factory=dict)
     issued_at: str
     issued_by: str
+    # Appended. Modbus: the catalog model and the slave id (line settings and
+    # poll interval in ``settings``); LoRaWAN: the model and the DevEUI (the
+    # LoRaWAN keys are the network server's, never here); HTTP: the endpoint
+    # and the device's bearer token.
+    model: str | None = None
+    slave_id: int | None = None
+    dev_eui: str | None = None
+    http: HttpAccess | None = None
 
 
 class GatewayBundle(msgspec.Struct, frozen=True, kw_only=True):
@@ -99,10 +127,25 @@ def device_bundle(
     prefix: str,
     issued_at: str,
     issued_by: str,
+    http: HttpAccess | None = None,
 ) -> DeviceBundle:
-    """A device's bundle; ``broker`` (its site-broker account) only for MQTT devices."""
+    """A device's bundle; ``broker`` (its site-broker account) only for MQTT devices.
+
+    ``http`` (its endpoint and token) only for HTTP devices. A Modbus
+    device's bundle says how to set it up for its bus: slave id, and the
+    line settings and poll interval of its model (installed catalog).
+    """
     topics: dict[str, str] = {}
     settings: dict[str, str | int | float | bool] = {"rate_limit_per_s": device.rate_limit_per_s}
+    if device.transport == "modbus":
+        model = modbus_model(str(device.model))
+        settings |= {
+            "baudrate": model.baudrate,
+            "parity": model.parity,
+            "stopbits": model.stopbits,
+            "poll_interval_s": device.poll_interval_s or model.poll_interval_s,
+            "timeout_s": model.timeout_s,
+        }
     if broker is not None:
         topics = {
             "uplink": device_uplink_topic(device.device_id, prefix),
@@ -135,7 +178,32 @@ def device_bundle(
         settings=settings,
         issued_at=issued_at,
         issued_by=issued_by,
+        model=device.model,
+        slave_id=device.slave_id,
+        dev_eui=device.dev_eui,
+        http=http,
     )
+
+
+def http_readings_url(template: str, gateway_id: str, device_id: str) -> str:
+    """``provisioning.gateway_http_url`` for this gateway, and this device's readings path.
+
+    SettingsError naming the key when the template is not an http(s) URL or
+    has a placeholder other than ``{gateway_id}``.
+    """
+    try:
+        base = template.format(gateway_id=gateway_id)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise SettingsError(
+            "provisioning.gateway_http_url",
+            f"{template!r}: only {{gateway_id}} may be written in braces ({exc!r})",
+        ) from None
+    if not base.startswith(("http://", "https://")) or len(base.split("//", 1)[1]) == 0:
+        raise SettingsError(
+            "provisioning.gateway_http_url",
+            f"{template!r} is not an http:// or https:// URL",
+        )
+    return base.rstrip("/") + HTTP_READINGS_PATH.format(device_id=device_id)
 
 
 def gateway_bundle(
@@ -220,6 +288,32 @@ def _toml_broker(access: MqttAccess, ca_file: str, cert_file: str, key_file: str
             f"key_file = {_toml_str(key_file)}",
         ]
     return lines
+
+
+def chirpstack_settings_toml(access: MqttAccess, *, gateway_id: str, issued_at: str) -> str:
+    """The ``[integration.mqtt]`` section of ChirpStack v4's chirpstack.toml for a site broker.
+
+    JSON events on ChirpStack's default event topic, at QoS 1 so that a
+    gateway's persistent session queues what arrives while it restarts.
+    """
+    scheme = "ssl" if access.tls else "tcp"
+    lines = [
+        f"# ChirpStack -> site broker of cityhub gateway {gateway_id}, issued {issued_at}.",
+        "# Merge into chirpstack.toml (the [integration] section enables it); keep it 0600.",
+        "[integration]",
+        'enabled = ["mqtt"]',
+        "",
+        "[integration.mqtt]",
+        f"server = {_toml_str(f'{scheme}://{access.host}:{access.port}/')}",
+        "json = true",
+        'event_topic = "application/{{application_id}}/device/{{dev_eui}}/event/{{event}}"',
+        "qos = 1",
+        f"username = {_toml_str(access.username)}",
+        f"password = {_toml_str(access.password)}",
+        f"client_id = {_toml_str(access.client_id)}",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def gateway_settings_toml(

@@ -28,7 +28,7 @@ from typing import Any, Final
 import msgspec
 
 from adapters.database import Connection, database_errors, dict_row
-from contracts.catalog import DEVICE_TYPES
+from contracts.catalog import DEVICE_TYPES, modbus_model
 from contracts.commands import (
     FINAL_STATES,
     STATE_RANK,
@@ -36,7 +36,12 @@ from contracts.commands import (
     check_command,
     parse_command_request,
 )
-from contracts.errors import CommandRefusedError, ConflictError, NotFoundError
+from contracts.errors import (
+    CommandRefusedError,
+    ConflictError,
+    NotFoundError,
+    UnknownDeviceTypeError,
+)
 from contracts.ids import check_id
 from contracts.schema import command_channel, command_state_channel
 from devices.registry import Registry
@@ -141,8 +146,9 @@ class CommandRegistry:
 
         Refused before anything is stored: an unknown, revoked or disabled
         device, one without a gateway (NotFoundError, ConflictError), a
-        request its type's catalog entry refuses, or one its serial protocol
-        cannot carry (CommandRefusedError, naming the type, command and arg).
+        request its type's catalog entry refuses, or one its serial protocol,
+        its Modbus model or its transport cannot carry (CommandRefusedError,
+        naming the type, command and arg, and the model).
         """
         check_id(device_id, "device id")
         s = self.schema
@@ -169,6 +175,7 @@ class CommandRegistry:
                     device.device_type, name, None, "the type is not in the catalog"
                 )
             request = parse_command_request(device.device_type, name, arg_strings)
+            check_transport_takes(device.device_type, device.transport, device.model, request.name)
             tx.cur.execute("SELECT now() AS now")
             now = _one(tx.cur.fetchone())["now"]
             now_ms = (now - _EPOCH) // timedelta(milliseconds=1)
@@ -368,6 +375,43 @@ class CommandRegistry:
         ):
             cur.execute(sql, params)
             return list(cur.fetchall())
+
+
+# Why a device of a transport takes no commands (yet), as the operator reads it.
+_NO_COMMANDS: Final = {
+    "lorawan": "LoRaWAN downlinks are not sent by cityhub yet",
+    "http": (
+        "an HTTP device cannot be reached by the gateway (it posts its readings; nothing is"
+        " sent back to it)"
+    ),
+}
+
+
+def check_transport_takes(
+    device_type: str, transport: str, model_name: str | None, command: str
+) -> None:
+    """Whether the device's transport can carry ``command``; CommandRefusedError if not.
+
+    A Modbus device takes the commands its model writes registers for
+    (``ModbusModel.writes_for``); a LoRaWAN or an HTTP device none yet.
+    Serial and MQTT devices are ``check_command``'s to judge.
+    """
+    if transport in _NO_COMMANDS:
+        raise CommandRefusedError(device_type, command, None, _NO_COMMANDS[transport])
+    if transport != "modbus":
+        return
+    try:
+        model = modbus_model(str(model_name))
+    except UnknownDeviceTypeError as exc:
+        raise CommandRefusedError(device_type, command, None, str(exc)) from None
+    if not model.writes_for(command):
+        takes = ", ".join(model.commands) or "none"
+        raise CommandRefusedError(
+            device_type,
+            command,
+            None,
+            f"the Modbus model {model.name} has no register for it (its commands: {takes})",
+        )
 
 
 def _one(row: dict[str, Any] | None) -> dict[str, Any]:

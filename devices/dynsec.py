@@ -12,7 +12,11 @@ Accounts and what they may do (docs/architecture.md, section 8)::
                                               answers on d/{id}/res), subscribe d/{id}/cmd
     site     gateway.{id}.site  gw-{id}-site  subscribe d/{dev}/up, d/{dev}/status and
                                               d/{dev}/res, receive d/{dev}/# and publish
-                                              d/{dev}/cmd, for each of its MQTT devices
+                                              d/{dev}/cmd, for each of its MQTT devices;
+                                              subscribe application/+/device/{eui}/event/+
+                                              for each of its LoRaWAN devices
+    site     chirpstack.{gw}    chirpstack.{gw}  publish application/+/device/+/event/+
+                                              (ChirpStack's MQTT integration)
     central  gateway.{id}       gw-{id}       publish .../gw/{id}/batch, /state and
                                               /cmdreport, subscribe .../gw/{id}/ack,
                                               /config and /cmd
@@ -51,6 +55,7 @@ import msgspec
 from contracts.errors import BrokerControlError, InvalidIdError, MalformedPayloadError
 from contracts.ids import check_id
 from contracts.topics import (
+    chirpstack_device_filter,
     config_topic,
     device_answer_topic,
     device_command_topic,
@@ -61,6 +66,10 @@ from contracts.topics import (
 )
 
 CONTROL_TOPIC: Final = "$CONTROL/dynamic-security/v1"
+# ChirpStack's event topics (contracts.topics): what its account may publish,
+# and the space a gateway's site role receives nothing from but its own devices'.
+CHIRPSTACK_EVENTS_PUBLISH: Final = "application/+/device/+/event/+"
+CHIRPSTACK_EVENTS_ALL: Final = "application/#"
 RESPONSE_TOPIC: Final = f"{CONTROL_TOPIC}/response"
 
 # Mosquitto 2.0's PBKDF2-SHA512 parameters (what `mosquitto_ctrl dynsec init`
@@ -195,18 +204,43 @@ def site_device_acls(device_id: str, prefix: str = "") -> tuple[AclRule, ...]:
     )
 
 
+def site_lorawan_acls(dev_eui: str) -> tuple[AclRule, ...]:
+    """What a gateway's site role holds for one of its LoRaWAN devices: its ChirpStack events.
+
+    ``subscribeLiteral`` allows exactly the filter ``chirpstack_device_filter``
+    (its ``+`` are the application id and the event, not wildcards the
+    gateway may widen); the receive rule matches the events it covers.
+    """
+    events = chirpstack_device_filter(dev_eui)
+    return (
+        AclRule(acltype="subscribeLiteral", topic=events),
+        AclRule(acltype="publishClientReceive", topic=events, priority=1),
+    )
+
+
 def gateway_site_account(
-    gateway_id: str, prefix: str = "", device_ids: Iterable[str] = ()
+    gateway_id: str,
+    prefix: str = "",
+    device_ids: Iterable[str] = (),
+    dev_euis: Iterable[str] = (),
 ) -> Account:
     """On the site broker a gateway reads its own devices and sends them their commands.
 
-    The lowest-priority rule denies receiving anything else under ``d/``.
+    MQTT devices by id (``device_ids``), LoRaWAN devices by DevEUI
+    (``dev_euis``: their ChirpStack events, which carry no topic prefix).
+    The lowest-priority rules deny receiving anything else under ``d/`` and
+    under ``application/``.
     """
     username = gateway_username(gateway_id, "site")
     everything = device_uplink_filter(prefix).removesuffix("/+/up") + "/#"
-    acls = [AclRule(acltype="publishClientReceive", topic=everything, allow=False)]
+    acls = [
+        AclRule(acltype="publishClientReceive", topic=everything, allow=False),
+        AclRule(acltype="publishClientReceive", topic=CHIRPSTACK_EVENTS_ALL, allow=False),
+    ]
     for device_id in sorted(set(device_ids)):
         acls.extend(site_device_acls(device_id, prefix))
+    for dev_eui in sorted(set(dev_euis)):
+        acls.extend(site_lorawan_acls(dev_eui))
     return Account(
         broker="site",
         username=username,
@@ -217,6 +251,34 @@ def gateway_site_account(
 
 def gateway_accounts(gateway_id: str, prefix: str = "") -> tuple[Account, Account]:
     return gateway_central_account(gateway_id, prefix), gateway_site_account(gateway_id, prefix)
+
+
+def chirpstack_username(gateway_id: str) -> str:
+    """The account of the ChirpStack network server that feeds a gateway's site broker.
+
+    Dotted like the others, and its client id is the same name: a dot is
+    never in a device id, so it can never be a device's client id.
+    """
+    return f"chirpstack.{check_id(gateway_id, 'gateway_id')}"
+
+
+def chirpstack_account(gateway_id: str) -> Account:
+    """ChirpStack's MQTT integration publishes device events (JSON) and nothing else.
+
+    ``application/{app}/device/{devEui}/event/{event}``: ChirpStack v4's
+    default event topic, which has no room for our topic prefix. It may not
+    subscribe (it sends no downlinks for cityhub) nor publish under ``d/``.
+    """
+    username = chirpstack_username(gateway_id)
+    return Account(
+        broker="site",
+        username=username,
+        client_id=username,
+        role=Role(
+            rolename=username,
+            acls=(AclRule(acltype="publishClientSend", topic=CHIRPSTACK_EVENTS_PUBLISH),),
+        ),
+    )
 
 
 # --- control commands --------------------------------------------------------------

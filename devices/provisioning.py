@@ -21,7 +21,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from contracts.errors import (
     AlreadyExistsError,
@@ -31,17 +31,73 @@ from contracts.errors import (
     SettingsError,
 )
 from contracts.ids import check_id
-from contracts.messages import DeviceConfig, GatewayConfig, encode_gateway_config
+from contracts.messages import (
+    DeviceConfig,
+    GatewayConfig,
+    check_device_config,
+    encode_gateway_config,
+)
+from contracts.settings import ProvisioningSettings
 from contracts.topics import config_topic
 from devices import credentials, dynsec
 from devices.brokerctl import BrokerControl
-from devices.bundle import Bundle, MqttAccess, device_bundle, gateway_bundle
-from devices.bundlefiles import BundleFiles, write_bundle
+from devices.bundle import (
+    Bundle,
+    HttpAccess,
+    MqttAccess,
+    chirpstack_settings_toml,
+    device_bundle,
+    gateway_bundle,
+    http_readings_url,
+)
+from devices.bundlefiles import BundleFiles, write_bundle, write_secret_file
 from devices.pki import Pki
 from devices.registry import DeviceRow, GatewayRow, Registry, RegistryTx
 from devices.validation import check_text, device_config
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_GATEWAY_HTTP_URL: Final = ProvisioningSettings().gateway_http_url
+# Transports whose devices the gateway's site role names: MQTT devices' topics,
+# LoRaWAN devices' ChirpStack events.
+_SITE_BROKER_TRANSPORTS: Final = frozenset({"mqtt", "lorawan"})
+
+
+def _reached(config: DeviceConfig) -> str:
+    """How the gateway reaches a device, for the technician."""
+    if config.transport == "serial":
+        return f"port {config.port} ({config.protocol})"
+    if config.transport == "modbus":
+        return f"Modbus bus {config.port}, slave {config.slave_id}, model {config.model}"
+    if config.transport == "lorawan":
+        return f"LoRaWAN DevEUI {config.dev_eui}, model {config.model}"
+    if config.transport == "http":
+        return "HTTP"
+    return "MQTT"
+
+
+def _transport_detail(config: DeviceConfig) -> dict[str, object]:
+    """The audit row's fields of a transport that has more than a port (no token hash)."""
+    fields = ("model", "slave_id", "poll_interval_s", "dev_eui")
+    return {name: getattr(config, name) for name in fields if getattr(config, name) is not None}
+
+
+def _config_fields(row: DeviceRow) -> dict[str, Any]:
+    """A row's ``device_config`` arguments, to check a change to it."""
+    return {
+        "device_id": row.device_id,
+        "device_type": row.device_type,
+        "transport": row.transport,
+        "port": row.port,
+        "protocol": row.protocol,
+        "label": row.label,
+        "enabled": row.enabled,
+        "model": row.model,
+        "slave_id": row.slave_id,
+        "poll_interval_s": row.poll_interval_s,
+        "dev_eui": row.dev_eui,
+        "token_sha256": row.token_sha256,
+    }
 
 
 @dataclass(frozen=True)
@@ -108,6 +164,7 @@ class Provisioner:
         bundle_dir: Path,
         pki: Pki | None = None,
         prefix: str = "",
+        gateway_http_url: str = DEFAULT_GATEWAY_HTTP_URL,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not operator.strip():
@@ -125,6 +182,7 @@ class Provisioner:
         self.bundle_dir = bundle_dir
         self.pki = pki
         self.prefix = prefix
+        self.gateway_http_url = gateway_http_url
         self.clock = clock
 
     # -- shared steps -------------------------------------------------------------
@@ -169,15 +227,17 @@ class Provisioner:
         Idempotent: a gateway already up to date costs two reads and no change.
         """
         devices = tx.active_mqtt_devices_of(gateway_id)
-        account = dynsec.gateway_site_account(gateway_id, self.prefix, devices)
+        euis = tx.active_lorawan_euis_of(gateway_id)
+        account = dynsec.gateway_site_account(gateway_id, self.prefix, devices, euis)
         data = self.site.run(dynsec.get_role(account.role))[0]
         forward, back = dynsec.role_changes(dynsec.role_acls(data), account.role)
         if forward:
             self.site.run(forward)
             undo.steps.append((self.site, back))
+            lorawan = f" and the ChirpStack events of {len(euis)} LoRaWAN devices" if euis else ""
             out.changes.append(
                 f"site broker: {account.username} may read the topics of {len(devices)}"
-                " devices, no others"
+                f" devices{lorawan}, no others"
             )
         for gateway_account in dynsec.gateway_accounts(gateway_id, self.prefix):
             self._bind_client_id(gateway_account, out)
@@ -204,8 +264,9 @@ class Provisioner:
         account to its client id, rewrites each gateway's site role (its
         devices only, their commands and answers), and gives each gateway's
         central role and each device's role the rules they lack (commands:
-        ``hub/v1/gw/{id}/cmd`` and ``/cmdreport``, ``d/{id}/cmd``). Safe to
-        re-run; an up-to-date broker is not changed.
+        ``hub/v1/gw/{id}/cmd`` and ``/cmdreport``, ``d/{id}/cmd``), and a
+        gateway's ChirpStack account its one rule. Safe to re-run; an
+        up-to-date broker is not changed.
         """
         out = Outcome()
         with self._command() as (tx, undo):
@@ -214,6 +275,10 @@ class Provisioner:
                 self._sync_gateway(tx, undo, gateway_id, out)
                 central = dynsec.gateway_central_account(gateway_id, self.prefix)
                 self._sync_role(undo, central, out)
+                chirpstack = dynsec.chirpstack_account(gateway_id)
+                if tx.credential_status("site", chirpstack.username) == "active":
+                    self._sync_role(undo, chirpstack, out)
+                    self._bind_client_id(chirpstack, out)
                 if len(out.changes) > before:
                     self._audit(tx, "gateway.sync", "gateway", gateway_id)
             for device_id in tx.active_mqtt_devices_of():
@@ -252,10 +317,13 @@ class Provisioner:
             detail=detail,
         )
 
-    def _publish_configs(self, tx: RegistryTx, gateway_ids: list[str], out: Outcome) -> None:
+    def _publish_configs(
+        self, tx: RegistryTx, gateway_ids: list[str], out: Outcome, changed: str | None = None
+    ) -> None:
+        """``changed``: the device the command adds or moves (named first in a conflict)."""
         now_s = int(self.clock())
         for gateway_id in dict.fromkeys(gateway_ids):
-            config = tx.next_config(gateway_id, now_s=now_s)
+            config = tx.next_config(gateway_id, now_s=now_s, changed=changed)
             self.central.publish_retained(
                 config_topic(gateway_id, self.prefix), encode_gateway_config(config)
             )
@@ -427,23 +495,108 @@ class Provisioner:
                     f"{account.broker} broker: account {account.username} deleted"
                     " (its sessions disconnected)"
                 )
+            self._delete_chirpstack_account(tx, gateway_id, out)
             # An empty retained message removes the gateway's config from the broker.
             self.central.publish_retained(config_topic(gateway_id, self.prefix), b"")
             out.changes.append(f"gateway {gateway_id} revoked; its retained config cleared")
         return out
 
+    def chirpstack_account(self, gateway_id: str) -> Outcome:
+        """Create (or give a new secret to) the site-broker account of a gateway's ChirpStack.
+
+        The account (``dynsec.chirpstack_account``) may publish ChirpStack's
+        device events and nothing else. Its secret is written once, into
+        ``chirpstack-{gateway}.toml`` in the bundle directory (mode 0600):
+        the ``[integration.mqtt]`` section of ChirpStack's chirpstack.toml.
+        Re-running it rotates the secret: the old one stops at once.
+        """
+        out = Outcome()
+        with self._command() as (tx, undo):
+            self._active_gateway(tx, gateway_id)
+            account = dynsec.chirpstack_account(gateway_id)
+            secret = credentials.new_secret()
+            known = tx.credential_status("site", account.username)
+            tx.put_credential(
+                broker="site",
+                username=account.username,
+                owner_kind="gateway",
+                owner_id=gateway_id,
+                secret_hash=credentials.hash_secret(secret),
+            )
+            exists = self.site.run(
+                dynsec.get_account(account), tolerated=frozenset({"Client not found"})
+            )[0]
+            self._audit(
+                tx,
+                "gateway.chirpstack",
+                "gateway",
+                gateway_id,
+                username=account.username,
+                rotated=exists is not None,
+            )
+            path = self.bundle_dir / f"chirpstack-{gateway_id}.toml"
+            access = MqttAccess(
+                host=self.site_endpoint.host,
+                port=self.site_endpoint.port,
+                tls=self.site_endpoint.tls,
+                username=account.username,
+                password=secret,
+                client_id=account.client_id,
+            )
+            self.bundle_dir.mkdir(parents=True, exist_ok=True)
+            self.bundle_dir.chmod(0o700)
+            write_secret_file(
+                path,
+                chirpstack_settings_toml(
+                    access, gateway_id=gateway_id, issued_at=self._issued_at()
+                ).encode(),
+            )
+            if known is None:
+                undo.files.append(path)
+            if exists is None:
+                self._create(undo, account, secret)
+                out.changes.append(
+                    f"site broker: account {account.username} created (client id"
+                    f" {account.client_id}; may publish {dynsec.CHIRPSTACK_EVENTS_PUBLISH} only)"
+                )
+            else:
+                self._sync_role(undo, account, out)
+                self._bind_client_id(account, out)
+                self.site.run(dynsec.set_password(account, secret))
+                out.changes.append(
+                    f"site broker: new secret for {account.username}"
+                    " (sessions with the old one disconnected)"
+                )
+            out.changes.append(
+                f"ChirpStack settings written (mode 0600): {path} (its [integration.mqtt]"
+                " section for chirpstack.toml; the secret is written nowhere else)"
+            )
+        return out
+
+    def _delete_chirpstack_account(self, tx: RegistryTx, gateway_id: str, out: Outcome) -> None:
+        """A revoked gateway's ChirpStack account goes with it (if it had one)."""
+        account = dynsec.chirpstack_account(gateway_id)
+        if tx.credential_status("site", account.username) in (None, "revoked"):
+            return
+        tx.set_credential_status("site", account.username, "revoked")
+        self.site.run(dynsec.delete_account(account), tolerated=frozenset({"Client not found"}))
+        out.changes.append(
+            f"site broker: account {account.username} deleted (its sessions disconnected)"
+        )
+
     # -- devices --------------------------------------------------------------------
 
-    def _device_bundle(self, row: DeviceRow, secret: str | None) -> Bundle:
-        config = device_config(
-            device_id=row.device_id,
-            device_type=row.device_type,
-            transport=row.transport,
-            port=row.port,
-            protocol=row.protocol,
-            label=row.label,
-            enabled=row.enabled,
-        )
+    def _device_bundle(
+        self, row: DeviceRow, secret: str | None, token: str | None = None
+    ) -> Bundle:
+        """``secret``: an MQTT device's broker secret; ``token``: an HTTP device's bearer token."""
+        config = check_device_config(row.config())
+        http = None
+        if token is not None:
+            http = HttpAccess(
+                url=http_readings_url(self.gateway_http_url, row.gateway_id or "", row.device_id),
+                token=token,
+            )
         broker = None
         if secret is not None:
             broker = MqttAccess(
@@ -464,6 +617,7 @@ class Provisioner:
             prefix=self.prefix,
             issued_at=self._issued_at(),
             issued_by=self.operator,
+            http=http,
         )
 
     def _new_device_secret(self, tx: RegistryTx, device_id: str) -> str:
@@ -499,10 +653,9 @@ class Provisioner:
             location=location,
             hardware_id=hardware_id,
         )
-        where = f"port {config.port} ({config.protocol})" if config.port else "MQTT"
         out.changes.append(
             f"device {device_id} registered: {config.device_type} at site {site_id},"
-            f" gateway {gateway_id}, {where}"
+            f" gateway {gateway_id}, {_reached(config)}"
         )
 
     def _check_new_device(
@@ -544,11 +697,24 @@ class Provisioner:
         label: str = "",
         location: str = "",
         hardware_id: str = "",
+        model: str | None = None,
+        slave_id: int | None = None,
+        poll_interval_s: float | None = None,
+        dev_eui: str | None = None,
     ) -> Outcome:
+        """Register a device; an MQTT one gets a broker account, an HTTP one a token.
+
+        Modbus and LoRaWAN devices have no credential of ours: the bus is
+        the gateway's, and the LoRaWAN keys are the network server's. Refused
+        (ConflictError, naming both devices) when the gateway's devices may
+        not share what this one would share with them: a serial sensor's
+        port, a slave id on a bus, a bus at other line settings, a DevEUI.
+        """
         check_id(site_id, "site id")
         check_id(gateway_id, "gateway id")
         check_text(location, "location")
         check_text(hardware_id, "hardware id")
+        token = credentials.new_token() if transport == "http" else None
         config = device_config(
             device_id=device_id,
             device_type=device_type,
@@ -556,9 +722,16 @@ class Provisioner:
             port=port,
             protocol=protocol,
             label=label,
+            model=model,
+            slave_id=slave_id,
+            poll_interval_s=poll_interval_s,
+            dev_eui=dev_eui,
+            token_sha256=credentials.token_sha256(token) if token is not None else None,
         )
         out = Outcome()
         with self._command() as (tx, undo):
+            if config.dev_eui is not None:
+                self._check_dev_eui_free(tx, config.dev_eui)
             self._register_device(
                 tx,
                 config,
@@ -584,12 +757,15 @@ class Provisioner:
                 label=label,
                 location=location,
                 hardware_id=hardware_id,
+                **_transport_detail(config),
             )
+            if token is not None:
+                out.changes.append(f"device {device_id}: bearer token issued (in its bundle only)")
             row = self._device(tx, device_id)
-            self._write(undo, self._device_bundle(row, secret), out)
+            self._write(undo, self._device_bundle(row, secret, token), out)
             # The site role allows the new topics before the config tells the gateway to subscribe.
             self._sync_gateway(tx, undo, gateway_id, out)
-            self._publish_configs(tx, [gateway_id], out)
+            self._publish_configs(tx, [gateway_id], out, changed=device_id)
         return out
 
     def move_device(
@@ -620,43 +796,74 @@ class Provisioner:
                 to_gateway=gateway_id,
             )
             affected = [g for g in (row.gateway_id, gateway_id) if g is not None]
-            if row.transport == "mqtt":
+            if row.transport in _SITE_BROKER_TRANSPORTS:
                 for affected_id in affected:
                     self._sync_gateway(tx, undo, affected_id, out)
-            self._publish_configs(tx, affected, out)
+            token = None
+            if row.transport == "http":
+                # The device must learn its new gateway's address: a new bundle,
+                # and with it a new token (the registry keeps only the old one's hash).
+                token = self._new_device_token(tx, device_id, out)
+            self._publish_configs(tx, affected, out, changed=device_id)
+            if token is not None:
+                self._write(
+                    undo, self._device_bundle(self._device(tx, device_id), None, token), out
+                )
         return out
 
     def replace_device(
-        self, device_id: str, *, hardware_id: str, port: str | None = None
+        self,
+        device_id: str,
+        *,
+        hardware_id: str,
+        port: str | None = None,
+        dev_eui: str | None = None,
     ) -> Outcome:
-        """New hardware under the same logical device: its id, history and settings stay."""
+        """New hardware under the same logical device: its id, history and settings stay.
+
+        An MQTT device's old secret and an HTTP device's old token stop
+        working (new ones in the new bundle); a serial or Modbus device may
+        move to another port, a LoRaWAN device takes the new hardware's DevEUI.
+        """
         check_text(hardware_id, "hardware id")
         out = Outcome()
         with self._command() as (tx, undo):
             row = self._active_device(tx, device_id)
-            if port is not None:
-                if row.transport != "serial":
-                    raise ConflictError(f"device {device_id!r} is an MQTT device: it has no port")
-                device_config(
-                    device_id=device_id,
-                    device_type=row.device_type,
-                    transport=row.transport,
-                    port=port,
-                    protocol=row.protocol,
-                    label=row.label,
+            if port is not None and row.transport not in ("serial", "modbus"):
+                raise ConflictError(
+                    f"device {device_id!r} is a {row.transport} device: it has no port"
                 )
+            if dev_eui is not None and row.transport != "lorawan":
+                raise ConflictError(
+                    f"device {device_id!r} is a {row.transport} device: it has no DevEUI"
+                )
+            checked = device_config(
+                **{
+                    **_config_fields(row),
+                    "port": port if port is not None else row.port,
+                    "dev_eui": dev_eui if dev_eui is not None else row.dev_eui,
+                }
+            )
             changes: dict[str, object] = {"hardware_id": hardware_id}
+            said = ""
             if port is not None:
                 changes["port"] = port
+                said += f", port {row.port} -> {port}"
+            if dev_eui is not None and checked.dev_eui != row.dev_eui:
+                self._check_dev_eui_free(tx, str(checked.dev_eui))
+                changes["dev_eui"] = checked.dev_eui
+                said += f", DevEUI {row.dev_eui} -> {checked.dev_eui}"
             tx.update_device(device_id, **changes)
             out.changes.append(
                 f"device {device_id}: hardware {row.hardware_id or '(none)'} -> {hardware_id}"
-                + (f", port {row.port} -> {port}" if port is not None else "")
+                + said
                 + "; readings history kept"
             )
-            secret = None
+            secret = token = None
             if row.transport == "mqtt":
                 secret = self._new_device_secret(tx, device_id)
+            if row.transport == "http":
+                token = self._new_device_token(tx, device_id, out)
             self._audit(
                 tx,
                 "device.replace",
@@ -665,8 +872,9 @@ class Provisioner:
                 old_hardware_id=row.hardware_id,
                 new_hardware_id=hardware_id,
                 port=port,
+                **({"dev_eui": checked.dev_eui} if dev_eui is not None else {}),
             )
-            self._write(undo, self._device_bundle(self._device(tx, device_id), secret), out)
+            self._write(undo, self._device_bundle(self._device(tx, device_id), secret, token), out)
             if secret is not None:
                 account = dynsec.device_account(device_id, self.prefix)
                 self._bind_client_id(account, out)
@@ -677,17 +885,36 @@ class Provisioner:
                     f"site broker: new secret for {account.username}"
                     " (the old hardware's sessions disconnected)"
                 )
-            if port is not None and row.gateway_id is not None:
-                self._publish_configs(tx, [row.gateway_id], out)
+            if "dev_eui" in changes and row.gateway_id is not None:
+                self._sync_gateway(tx, undo, row.gateway_id, out)
+            if (len(changes) > 1 or token is not None) and row.gateway_id is not None:
+                self._publish_configs(tx, [row.gateway_id], out, changed=device_id)
         return out
 
     def rotate_device(self, device_id: str) -> Outcome:
+        """A new broker secret (MQTT) or bearer token (HTTP); the old one stops working.
+
+        An MQTT device's old secret at once (the broker cuts its sessions);
+        an HTTP device's old token when its gateway applies the config
+        published here. Serial, Modbus and LoRaWAN devices have no credential.
+        """
         out = Outcome()
         with self._command() as (tx, undo):
             row = self._active_device(tx, device_id)
+            if row.transport == "http":
+                token = self._new_device_token(tx, device_id, out)
+                self._audit(tx, "device.rotate", "device", device_id)
+                self._write(
+                    undo, self._device_bundle(self._device(tx, device_id), None, token), out
+                )
+                if row.gateway_id is not None:
+                    self._publish_configs(tx, [row.gateway_id], out)
+                return out
             if row.transport != "mqtt":
+                keys = " (its LoRaWAN keys are the network server's)"
                 raise ConflictError(
-                    f"device {device_id!r} is a serial device: it has no broker credential"
+                    f"device {device_id!r} is a {row.transport} device: it has no broker"
+                    f" credential{keys if row.transport == 'lorawan' else ''}"
                 )
             secret = self._new_device_secret(tx, device_id)
             self._audit(tx, "device.rotate", "device", device_id)
@@ -700,6 +927,24 @@ class Provisioner:
                 " (sessions with the old one disconnected)"
             )
         return out
+
+    def _new_device_token(self, tx: RegistryTx, device_id: str, out: Outcome) -> str:
+        """A new bearer token for an HTTP device; only its hash is stored (and published)."""
+        token = credentials.new_token()
+        tx.update_device(device_id, token_sha256=credentials.token_sha256(token))
+        out.changes.append(
+            f"device {device_id}: new bearer token (in its bundle only); the old one stops"
+            " working when its gateway applies the new config"
+        )
+        return token
+
+    def _check_dev_eui_free(self, tx: RegistryTx, dev_eui: str) -> None:
+        owner = tx.device_with_dev_eui(dev_eui)
+        if owner is not None:
+            raise ConflictError(
+                f"DevEUI {dev_eui} is already device {owner}'s (a DevEUI names one device on"
+                " the network server; revoke or replace that one first)"
+            )
 
     def set_device_enabled(self, device_id: str, *, enabled: bool) -> Outcome:
         """Suspend a device (its credential refused, the gateway ignores it) or resume it."""
@@ -733,7 +978,7 @@ class Provisioner:
             )
             self._audit(tx, "device.revoke", "device", device_id, gateway_id=row.gateway_id)
             if row.gateway_id is not None:
-                if row.transport == "mqtt":
+                if row.transport in _SITE_BROKER_TRANSPORTS:
                     self._sync_gateway(tx, undo, row.gateway_id, out)
                 self._publish_configs(tx, [row.gateway_id], out)
             if row.transport == "mqtt":

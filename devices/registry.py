@@ -15,16 +15,17 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import msgspec
 
 from adapters.database import Connection, Cursor, database_errors, dict_row
-from contracts.catalog import DEVICE_TYPES
-from contracts.errors import AlreadyExistsError, NotFoundError
-from contracts.messages import DeviceConfig, GatewayConfig
+from contracts.catalog import DEVICE_TYPES, current_catalog
+from contracts.errors import AlreadyExistsError, ConflictError, InputError, NotFoundError
+from contracts.messages import DeviceConfig, GatewayConfig, Transport, check_gateway_config
 from contracts.schema import check_schema_name
 from contracts.sites import Site
+from devices.validation import shared_port_conflict
 
 Status = Literal["active", "revoked"]
 CredentialStatus = Literal["active", "disabled", "revoked"]
@@ -57,6 +58,29 @@ class DeviceRow(msgspec.Struct, frozen=True, kw_only=True):
     status: str
     created_at: datetime
     revoked_at: datetime | None
+    # Modbus, LoRaWAN and HTTP devices (``DeviceConfig``'s fields of the same names).
+    model: str | None = None
+    slave_id: int | None = None
+    poll_interval_s: float | None = None
+    dev_eui: str | None = None
+    token_sha256: str | None = None
+
+    def config(self) -> DeviceConfig:
+        """What its gateway is told about it (unchecked: the row was checked when written)."""
+        return DeviceConfig(
+            device_id=self.device_id,
+            device_type=self.device_type,
+            transport=cast("Transport", self.transport),
+            port=self.port,
+            protocol=self.protocol,
+            label=self.label,
+            enabled=self.enabled,
+            model=self.model,
+            slave_id=self.slave_id,
+            poll_interval_s=self.poll_interval_s,
+            dev_eui=self.dev_eui,
+            token_sha256=self.token_sha256,
+        )
 
 
 class SiteRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -105,7 +129,8 @@ _GATEWAY_COLUMNS = (
 )
 _DEVICE_COLUMNS = (
     "device_id, device_type, site_id, gateway_id, transport, port, protocol, label, "
-    "location, hardware_id, enabled, status, created_at, revoked_at"
+    "location, hardware_id, enabled, status, created_at, revoked_at, model, slave_id, "
+    "poll_interval_s, dev_eui, token_sha256"
 )
 _SITE_COLUMNS = (
     "s.site_id, s.name, s.kind, s.unit_code, s.district, s.address, s.latitude, s.longitude,"
@@ -221,6 +246,24 @@ class RegistryTx:
         )
         return [str(r["device_id"]) for r in self.cur.fetchall()]
 
+    def active_lorawan_euis_of(self, gateway_id: str) -> list[str]:
+        """The DevEUIs of a gateway's active LoRaWAN devices: the events its site role reads."""
+        self.cur.execute(
+            f"SELECT dev_eui FROM {self.s}.devices WHERE status = 'active'"
+            " AND transport = 'lorawan' AND gateway_id = %s ORDER BY dev_eui",
+            (gateway_id,),
+        )
+        return [str(r["dev_eui"]) for r in self.cur.fetchall()]
+
+    def device_with_dev_eui(self, dev_eui: str) -> str | None:
+        """The active device that has this DevEUI, if any."""
+        self.cur.execute(
+            f"SELECT device_id FROM {self.s}.devices WHERE status = 'active' AND dev_eui = %s",
+            (dev_eui,),
+        )
+        row = self.cur.fetchone()
+        return None if row is None else str(row["device_id"])
+
     def active_gateway_ids(self) -> list[str]:
         self.cur.execute(
             f"SELECT gateway_id FROM {self.s}.gateways WHERE status = 'active' ORDER BY gateway_id"
@@ -254,8 +297,9 @@ class RegistryTx:
     ) -> None:
         self.cur.execute(
             f"""INSERT INTO {self.s}.devices (device_id, device_type, site_id, gateway_id,
-                transport, port, protocol, label, location, hardware_id, enabled)
-                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
+                transport, port, protocol, label, location, hardware_id, enabled, model,
+                slave_id, poll_interval_s, dev_eui, token_sha256)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
             (
                 device.device_id,
                 device.device_type,
@@ -268,11 +312,24 @@ class RegistryTx:
                 location,
                 hardware_id,
                 device.enabled,
+                device.model,
+                device.slave_id,
+                device.poll_interval_s,
+                device.dev_eui,
+                device.token_sha256,
             ),
         )
 
     def update_device(self, device_id: str, **fields: object) -> None:
-        allowed = {"site_id", "gateway_id", "port", "protocol", "hardware_id", "enabled"}
+        allowed = {
+            "site_id",
+            "gateway_id",
+            "port",
+            "protocol",
+            "hardware_id",
+            "enabled",
+            "token_sha256",
+        }
         unknown = set(fields) - allowed
         if unknown:
             raise ValueError(f"update_device: unknown fields {sorted(unknown)}")
@@ -302,6 +359,15 @@ class RegistryTx:
             (broker, username, owner_kind, owner_id, secret_hash),
         )
 
+    def credential_status(self, broker: str, username: str) -> str | None:
+        """An account's status in the registry; None if it was never made."""
+        self.cur.execute(
+            f"SELECT status FROM {self.s}.credentials WHERE broker = %s AND username = %s",
+            (broker, username),
+        )
+        row = self.cur.fetchone()
+        return None if row is None else str(row["status"])
+
     def set_credential_status(self, broker: str, username: str, status: CredentialStatus) -> None:
         self.cur.execute(
             f"UPDATE {self.s}.credentials SET status = %s,"
@@ -310,11 +376,16 @@ class RegistryTx:
             (status, status, broker, username),
         )
 
-    def next_config(self, gateway_id: str, *, now_s: int) -> GatewayConfig:
+    def next_config(
+        self, gateway_id: str, *, now_s: int, changed: str | None = None
+    ) -> GatewayConfig:
         """Bump the gateway's config version and build its config from the active devices.
 
         The version is at least the current Unix time in seconds, so it is
         newer than a config an earlier tool published with a time-based version.
+        The config is checked as the gateway will check it: ConflictError if
+        it would be refused, naming the devices (``changed`` is the device
+        the caller's command adds or moves: named as the one that conflicts).
         """
         self.cur.execute(
             f"""UPDATE {self.s}.gateways SET config_version = greatest(config_version + 1, %s)
@@ -325,33 +396,34 @@ class RegistryTx:
         if row is None:
             raise NotFoundError(f"gateway {gateway_id!r} is not registered")
         self.cur.execute(
-            f"""SELECT device_id, device_type, transport, port, protocol, label, enabled
-                FROM {self.s}.devices WHERE gateway_id = %s AND status = 'active'
-                ORDER BY device_id""",
+            f"""SELECT {_DEVICE_COLUMNS} FROM {self.s}.devices
+                WHERE gateway_id = %s AND status = 'active' ORDER BY device_id""",
             (gateway_id,),
         )
-        devices = [
-            DeviceConfig(
-                device_id=d["device_id"],
-                device_type=d["device_type"],
-                transport=d["transport"],
-                port=d["port"],
-                protocol=d["protocol"],
-                label=d["label"],
-                enabled=d["enabled"],
-            )
-            for d in self.cur.fetchall()
-        ]
+        devices = [msgspec.convert(d, DeviceRow).config() for d in self.cur.fetchall()]
         # The catalog entries of the devices' types travel with the config: a
-        # gateway installed before a type was defined learns it from here.
+        # gateway installed before a type was defined learns it from here; so
+        # do the Modbus and LoRaWAN models they name.
         used = {d.device_type for d in devices}
-        return GatewayConfig(
+        installed = current_catalog()
+        modbus = {d.model for d in devices if d.transport == "modbus"}
+        lorawan = {d.model for d in devices if d.transport == "lorawan"}
+        config = GatewayConfig(
             gateway_id=gateway_id,
             version=int(row["config_version"]),
             site_id=str(row["site_id"]),
             devices=devices,
             types=tuple(t for name, t in DEVICE_TYPES.items() if name in used),
+            modbus_models=tuple(m for n, m in installed.modbus_models.items() if n in modbus),
+            lorawan_models=tuple(m for n, m in installed.lorawan_models.items() if n in lorawan),
         )
+        # Refused here, in the transaction of the change that caused it: a
+        # gateway would refuse the config as a whole and keep its old one.
+        shared_port_conflict(config, changed)
+        try:
+            return check_gateway_config(config)
+        except InputError as exc:
+            raise ConflictError(f"gateway {gateway_id}'s config would be refused: {exc}") from exc
 
     def audit(
         self,

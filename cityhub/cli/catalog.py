@@ -1,4 +1,4 @@
-"""`cityhub catalog`: list, show and check the device catalog; print a type's uplink schema.
+"""`cityhub catalog`: list, show and check the device catalog and its models; uplink schemas.
 
 The catalog is the shipped one (contracts/data/catalog.toml) plus the files
 of the ``catalog.paths`` setting. These commands read those files themselves
@@ -122,6 +122,45 @@ def show(
             c.description,
         )
     state.console.print(commands)
+
+
+@app.command()
+def models(ctx: typer.Context) -> None:
+    """List the Modbus and LoRaWAN device models: type, what they speak, where they come from.
+
+    A Modbus model is a register map (line settings, poll interval, the
+    commands its writable registers carry); a LoRaWAN model a payload codec
+    (cayenne_lpp: the raw payload decoded here; object: ChirpStack's decoded
+    object). `cityhub devices add --model NAME` names one of its type.
+    """
+    state = state_of(ctx)
+    with reported_errors(state):
+        catalog = _configured(state)
+    table = Table(title=f"Modbus models ({len(catalog.modbus_models)})")
+    for column in ("model", "type", "line", "poll", "registers", "commands"):
+        table.add_column(column, overflow="fold", no_wrap=column == "model")
+    for m in catalog.modbus_models.values():
+        table.add_row(
+            m.name,
+            m.device_type,
+            f"{m.baudrate} 8{m.parity}{m.stopbits}",
+            f"{_number(m.poll_interval_s)} s",
+            str(len(m.registers)),
+            ", ".join(m.commands) or "-",
+        )
+    state.console.print(table)
+    for m in catalog.modbus_models.values():
+        state.console.print(f"  {m.name}: {m.source or '-'}", highlight=False, soft_wrap=True)
+    table = Table(title=f"LoRaWAN models ({len(catalog.lorawan_models)})")
+    for column in ("model", "type", "codec", "metrics", "description"):
+        table.add_column(column, overflow="fold", no_wrap=column == "model")
+    for p in catalog.lorawan_models.values():
+        table.add_row(
+            p.name, p.device_type, p.codec, ", ".join(f.metric for f in p.fields), p.description
+        )
+    state.console.print(table)
+    for p in catalog.lorawan_models.values():
+        state.console.print(f"  {p.name}: {p.source or '-'}", highlight=False, soft_wrap=True)
 
 
 def _describe_arg(arg: CommandArg) -> str:

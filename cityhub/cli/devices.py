@@ -1,10 +1,11 @@
 """`cityhub devices`: register, list, show, move, replace, revoke and re-key devices.
 
 Each changing command says what it changed, writes an audit row with the
-operator's name and, for MQTT devices, a config bundle (JSON and a QR code
-PNG, mode 0600). Mistakes are reported in one line and change nothing. The
-provisioning work itself is ``devices.provisioning``; this module connects the
-database and the brokers (the embedded ones unless settings name others).
+operator's name and a config bundle (JSON and a QR code PNG, mode 0600):
+an MQTT device's holds its broker account, an HTTP device's its token.
+Mistakes are reported in one line and change nothing. The provisioning work
+itself is ``devices.provisioning``; this module connects the database and
+the brokers (the embedded ones unless settings name others).
 """
 
 from __future__ import annotations
@@ -174,6 +175,7 @@ def provisioner(state: CliState) -> Iterator[Provisioner]:
             bundle_dir=bundle_dir(state),
             pki=Pki(pki_dir(state)),
             prefix=prov.topic_prefix,
+            gateway_http_url=prov.gateway_http_url,
         )
 
 
@@ -213,25 +215,63 @@ def add(
     site: Annotated[str, typer.Option(help="Site id the device is installed at.")],
     gateway: Annotated[str, typer.Option(help="Gateway id that serves it (at that site).")],
     transport: Annotated[
-        str, typer.Option(help="mqtt (the device connects to the site broker) or serial.")
+        str,
+        typer.Option(
+            help="mqtt (the device connects to the site broker), serial (a sensor on the"
+            " gateway's serial port), modbus (a slave on an RS-485 bus the gateway polls),"
+            " lorawan (through a ChirpStack network server) or http (the device posts"
+            " to the gateway)."
+        ),
     ] = "mqtt",
     port: Annotated[
         str | None,
-        typer.Option(help="Serial only: /dev/ttyUSB0, socket://host:port or rfc2217://..."),
+        typer.Option(
+            help="Serial and Modbus: /dev/ttyUSB0, socket://host:port or rfc2217://... A"
+            " serial sensor has its port to itself; Modbus devices may share a bus (each"
+            " with its own --slave-id, all at their models' line settings)."
+        ),
     ] = None,
     protocol: Annotated[
         str | None, typer.Option(help="Serial only: frame protocol, pms5003 or sds011.")
+    ] = None,
+    slave_id: Annotated[
+        int | None,
+        typer.Option(help="Modbus only: the device's address on its bus, 1-247."),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Modbus and LoRaWAN: the catalog model (its register map or payload codec),"
+            " one of its type's; `cityhub catalog models` lists them."
+        ),
+    ] = None,
+    poll_interval: Annotated[
+        float | None,
+        typer.Option(
+            "--poll-interval",
+            help="Modbus only: seconds between polls (default: the model's).",
+        ),
+    ] = None,
+    dev_eui: Annotated[
+        str | None,
+        typer.Option(
+            help="LoRaWAN only: the device's DevEUI, 16 hex digits (as registered in"
+            " ChirpStack; separators and case do not matter)."
+        ),
     ] = None,
     label: Annotated[str, typer.Option(help="Free text shown on boards.")] = "",
     location: Annotated[str, typer.Option(help="Where it is mounted (floor, counter).")] = "",
     hardware_id: Annotated[str, typer.Option(help="Serial number of the hardware.")] = "",
     qr: QrOption = False,
 ) -> None:
-    """Register a device at a site and gateway; create its broker account and bundle.
+    """Register a device at a site and gateway; create its credential and bundle.
 
     An MQTT device gets an account on the site broker that may publish only
-    under d/{its id}/; the gateway receives its new device list as its
-    retained config and applies it live.
+    under d/{its id}/; an HTTP device a bearer token and the gateway's URL
+    (in its bundle only); a serial, Modbus or LoRaWAN device no credential
+    (the LoRaWAN keys stay in ChirpStack). The gateway receives its new
+    device list as its retained config and applies it live. A port, slave
+    id or DevEUI another device of the gateway holds is refused, naming it.
     """
     state = state_of(ctx)
     with reported_errors(state), provisioner(state) as p:
@@ -246,6 +286,10 @@ def add(
             label=label,
             location=location,
             hardware_id=hardware_id,
+            model=model,
+            slave_id=slave_id,
+            poll_interval_s=poll_interval,
+            dev_eui=dev_eui,
         )
     show_outcome(state, outcome, qr=qr)
 
@@ -306,7 +350,7 @@ def _device_table(
             "điểm / site",
             "gateway",
             "transport",
-            "port",
+            "cổng / port",
             "nhãn / label",
             "vị trí / location",
             "trạng thái / status",
@@ -323,7 +367,7 @@ def _device_table(
             r.site_id,
             r.gateway_id or "-",
             r.transport,
-            r.port or "-",
+            reached(r),
             r.label,
             r.location,
             status,
@@ -331,6 +375,40 @@ def _device_table(
             hanoi_time(seen.last_seen if seen else None),
         )
     return table
+
+
+def reached(row: DeviceRow) -> str:
+    """Where its gateway reaches a device: a port, a bus and slave, a DevEUI (never a token)."""
+    if row.transport == "modbus":
+        return f"{row.port} #{row.slave_id} ({row.model})"
+    if row.transport == "lorawan":
+        return f"{row.dev_eui} ({row.model})"
+    return row.port or "-"
+
+
+def transport_lines(row: DeviceRow, gateway_http_url: str) -> list[str]:
+    """What `devices show` says of a Modbus, LoRaWAN or HTTP device beyond the table."""
+    from contracts.catalog import current_catalog
+    from devices.bundle import http_readings_url
+
+    if row.transport == "modbus":
+        model = current_catalog().modbus_models.get(str(row.model))
+        if model is None:  # a model the installed catalog lost since
+            return [f"Modbus: bus {row.port}, slave {row.slave_id}, model {row.model} (unknown)"]
+        every = row.poll_interval_s or model.poll_interval_s
+        whose = "" if row.poll_interval_s else " (the model's)"
+        line = f"{model.baudrate} baud 8{model.parity}{model.stopbits}"
+        text = (
+            f"Modbus: bus {row.port} at {line}, slave {row.slave_id}, model {row.model},"
+            f" polled every {every:g} s{whose}"
+        )
+        return [text]
+    if row.transport == "lorawan":
+        return [f"LoRaWAN: DevEUI {row.dev_eui}, model {row.model} (keys in ChirpStack)"]
+    if row.transport == "http" and row.gateway_id is not None:
+        url = http_readings_url(gateway_http_url, row.gateway_id, row.device_id)
+        return [f"HTTP: posts to {url} with the bearer token of its bundle"]
+    return []
 
 
 def device_documents(
@@ -341,6 +419,8 @@ def device_documents(
     for r in rows:
         seen = presence.get(r.device_id)
         document: dict[str, object] = msgspec.to_builtins(r)
+        # Not a secret, but nothing a person needs, and a token's only trace.
+        document.pop("token_sha256", None)
         document["online"] = seen is not None and seen.online
         document["last_seen"] = seen.last_seen.isoformat() if seen and seen.last_seen else None
         documents.append(document)
@@ -425,6 +505,8 @@ def show(
         state.console.print_json(msgspec.json.encode(document).decode())
         return
     state.console.print(_device_table(rows, presence, f"device {device_id}"))
+    for line in transport_lines(rows[0], state.settings.provisioning.gateway_http_url):
+        state.console.print(f"  {line}", highlight=False, soft_wrap=True)
     for a in accounts:
         rotated = local_time(a.rotated_at) if a.rotated_at else "never"
         state.console.print(
@@ -468,14 +550,23 @@ def replace(
     device_id: Annotated[str, typer.Argument(help="Device id (kept).")],
     hardware_id: Annotated[str, typer.Option(help="Serial number of the new hardware.")],
     port: Annotated[
-        str | None, typer.Option(help="Serial only: the new hardware's port, if it changed.")
+        str | None,
+        typer.Option(help="Serial and Modbus: the new hardware's port, if it changed."),
+    ] = None,
+    dev_eui: Annotated[
+        str | None,
+        typer.Option(help="LoRaWAN: the new hardware's DevEUI (register it in ChirpStack too)."),
     ] = None,
     qr: QrOption = False,
 ) -> None:
-    """New hardware for a device: id, readings history and settings stay; the old secret dies."""
+    """New hardware for a device: id, readings history and settings stay.
+
+    An MQTT device's old secret and an HTTP device's old token stop working
+    (the new ones are in the new bundle).
+    """
     state = state_of(ctx)
     with reported_errors(state), provisioner(state) as p:
-        outcome = p.replace_device(device_id, hardware_id=hardware_id, port=port)
+        outcome = p.replace_device(device_id, hardware_id=hardware_id, port=port, dev_eui=dev_eui)
     show_outcome(state, outcome, qr=qr)
 
 
@@ -518,7 +609,11 @@ def rotate_credentials(
     device_id: Annotated[str, typer.Argument(help="Device id.")],
     qr: QrOption = False,
 ) -> None:
-    """Give an MQTT device a new secret and bundle; the old secret stops working at once."""
+    """Give an MQTT device a new secret, an HTTP device a new token, and a new bundle.
+
+    An MQTT device's old secret stops working at once; an HTTP device's old
+    token when its gateway applies the new config (seconds).
+    """
     state = state_of(ctx)
     with reported_errors(state), provisioner(state) as p:
         outcome = p.rotate_device(device_id)

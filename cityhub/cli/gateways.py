@@ -3,7 +3,9 @@
 A gateway gets an account on the central broker (publish its batches and
 state, read its own ack and config) and one on the site broker (read its
 devices' topics), a bundle with both and a settings file for
-`cityhub gateway run -c`, and its retained config.
+`cityhub gateway run -c`, and its retained config. `chirpstack-account`
+gives the ChirpStack network server that serves its LoRaWAN devices an
+account on its site broker.
 """
 
 from __future__ import annotations
@@ -201,6 +203,30 @@ def rotate_credentials(
     with reported_errors(state), provisioner(state) as p:
         outcome = p.rotate_gateway(gateway_id)
     show_outcome(state, outcome, qr=qr)
+
+
+@app.command(name="chirpstack-account")
+def chirpstack_account(
+    ctx: typer.Context,
+    gateway_id: Annotated[
+        str, typer.Argument(help="Gateway id whose site broker ChirpStack feeds.")
+    ],
+) -> None:
+    """Create (or rotate) the site-broker account of the ChirpStack that serves a gateway.
+
+    ChirpStack v4's MQTT integration publishes its devices' events (JSON) on
+    application/{app}/device/{devEui}/event/{event}; this account
+    (chirpstack.{gateway}, client id the same) may publish there and
+    nowhere else. Its secret is written once, into chirpstack-{gateway}.toml
+    in the bundle directory (mode 0600): the [integration.mqtt] section to
+    merge into ChirpStack's chirpstack.toml. Running it again gives a new
+    secret (the old one stops at once). The gateway reads the events of its
+    LoRaWAN devices only (`cityhub devices add --transport lorawan`).
+    """
+    state = state_of(ctx)
+    with reported_errors(state), provisioner(state) as p:
+        outcome = p.chirpstack_account(gateway_id)
+    show_outcome(state, outcome, qr=False)
 
 
 @app.command(name="sync-broker")

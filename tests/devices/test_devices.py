@@ -154,21 +154,38 @@ def test_acl_roles_confine_devices_and_gateways():
         "gw-gw-hk",
         "gw-gw-hk-site",
     )
-    # Before it has devices, a gateway's site role allows nothing and denies receiving d/#.
+    # Before it has devices, a gateway's site role allows nothing and denies receiving
+    # d/# and ChirpStack's application/#.
     assert [(a.acltype, a.topic, a.allow) for a in site.role.acls] == [
-        ("publishClientReceive", "d/#", False)
+        ("publishClientReceive", "d/#", False),
+        ("publishClientReceive", "application/#", False),
     ]
-    site = dynsec.gateway_site_account("gw-hk", "t1", ["kiosk-07"])
+    site = dynsec.gateway_site_account("gw-hk", "t1", ["kiosk-07"], ["70b3d57ed005a1b2"])
+    events = "application/+/device/70b3d57ed005a1b2/event/+"
     assert sorted((a.acltype, a.topic, a.allow, a.priority) for a in site.role.acls) == [
+        ("publishClientReceive", "application/#", False, 0),
+        ("publishClientReceive", events, True, 1),
         ("publishClientReceive", "t1/d/#", False, 0),
         ("publishClientReceive", "t1/d/kiosk-07/#", True, 1),
         ("publishClientSend", "t1/d/kiosk-07/cmd", True, 0),
+        ("subscribeLiteral", events, True, 0),
         ("subscribeLiteral", "t1/d/kiosk-07/res", True, 0),
         ("subscribeLiteral", "t1/d/kiosk-07/status", True, 0),
         ("subscribeLiteral", "t1/d/kiosk-07/up", True, 0),
     ]
     with pytest.raises(InvalidIdError):
         dynsec.device_account("kiosk/#")
+    # ChirpStack's account publishes device events only; its client id is no device's.
+    chirpstack = dynsec.chirpstack_account("gw-hk")
+    assert (chirpstack.broker, chirpstack.username, chirpstack.client_id) == (
+        "site",
+        "chirpstack.gw-hk",
+        "chirpstack.gw-hk",
+    )
+    assert [(a.acltype, a.topic, a.allow) for a in chirpstack.role.acls] == [
+        ("publishClientSend", "application/+/device/+/event/+", True)
+    ]
+    assert dynsec.client_id_of(chirpstack.username) is None
 
 
 def test_client_ids_follow_from_usernames():
@@ -186,15 +203,16 @@ def test_role_changes_bring_a_role_to_the_registry_and_undo():
     assert [(c["command"], c["topic"]) for c in forward] == [
         ("removeRoleACL", "d/+/up"),
         ("addRoleACL", "d/#"),
+        ("addRoleACL", "application/#"),
         ("addRoleACL", "d/kiosk-1/up"),
         ("addRoleACL", "d/kiosk-1/status"),
         ("addRoleACL", "d/kiosk-1/res"),
         ("addRoleACL", "d/kiosk-1/#"),
         ("addRoleACL", "d/kiosk-1/cmd"),
     ]
-    assert forward[1]["allow"] is False
-    assert forward[5]["priority"] == 1
-    assert [c["command"] for c in undo] == ["removeRoleACL"] * 6 + ["addRoleACL"]
+    assert forward[1]["allow"] is forward[2]["allow"] is False
+    assert forward[6]["priority"] == 1
+    assert [c["command"] for c in undo] == ["removeRoleACL"] * 7 + ["addRoleACL"]
     # Already current: nothing to send (a re-run is free). A changed rule is replaced.
     assert dynsec.role_changes(one.acls, one) == ([], [])
     two = dynsec.gateway_site_account("gw-hk", "", ["kiosk-1", "kiosk-2"]).role
