@@ -153,11 +153,17 @@ def register_simulated_fleet(
                     site_id=s.site_id,
                     gateway_id=gateway_id_for(s.site_id),
                     transport=s.transport,
-                    port=ports.get(s.device_id),
+                    port=config.port,
                     protocol=s.protocol,
                     label=f"simulated {s.device_type}",
+                    model=config.model,
+                    slave_id=config.slave_id,
+                    poll_interval_s=config.poll_interval_s,
+                    dev_eui=config.dev_eui,
+                    token_sha256=config.token_sha256,
                 )
                 for s in specs
+                for config in [s.device_config(port=ports.get(s.device_id))]
             ],
         )
 
