@@ -19,7 +19,7 @@ and gets back what it is:
   ``DeviceTracker``, not a gap; metrics by the device's catalog model
   (``contracts.chirpstack.uplink_metrics``), checked against the catalog. An
   exact repeat of a frame seen lately (same deduplicationId, or same DevAddr
-  and fCnt) is a ``LorawanRepeat``, dropped and counted; one older than
+  and fCnt), refused or not, is a ``LorawanRepeat``, dropped and counted; one older than
   that still carries the same seq and ts, so ingest's unique key on
   (device, ts, seq) drops it. An fCnt below the session's highest that was
   not seen is counted as out of order (and stored);
@@ -190,12 +190,14 @@ class LorawanBridge:
         if (dedup_id and dedup_id in session.dedup_ids) or frame in session.frames:
             self.counters.lorawan_repeats += 1
             return LorawanRepeat(device)
-        values = self._checked(device, event)
-        ts_ms = event_time_ms(event.time)
-        ts_ms = now_ms if ts_ms is None else check_timestamp(ts_ms, now_ms, what="time")
+        # Remembered before its checks: a repeat of a refused frame is a
+        # repeat too, not a second reject.
         if dedup_id:
             session.dedup_ids.append(dedup_id)
         session.frames.append(frame)
+        values = self._checked(device, event)
+        ts_ms = event_time_ms(event.time)
+        ts_ms = now_ms if ts_ms is None else check_timestamp(ts_ms, now_ms, what="time")
         if dev_addr != session.dev_addr:
             session.dev_addr, session.top_f_cnt = dev_addr, None
         top = session.top_f_cnt
