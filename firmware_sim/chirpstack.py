@@ -60,6 +60,7 @@ from contracts.chirpstack import (
     encode_lpp,
 )
 from contracts.lorawanmodels import LPP_TYPES, LorawanModel
+from contracts.messages import DeviceUplink
 from contracts.settings import BrokerSettings
 from contracts.topics import chirpstack_event_topic
 from firmware_sim.faults import Emission, FaultInjector
@@ -180,7 +181,8 @@ class _Node:
         self.boot: str | None = None
         self.dev_addr = ""
         self.uplinks = 0
-        self.held: tuple[bytes, LedgerEntry] | None = None  # out of order: sent after the next
+        # Out of order: a frame held back, sent after the next one.
+        self.held: tuple[bytes, LedgerEntry | None, DeviceUplink | None] | None = None
 
 
 class ChirpStackIntegration:
@@ -199,6 +201,7 @@ class ChirpStackIntegration:
         sleep_until_sim: Callable[[int], Awaitable[None]],
         wall_ms: Callable[[], int],
         ledger: Ledger | None,
+        sent: list[tuple[str, DeviceUplink]] | None = None,
         published: Counter[str],
     ) -> None:
         self.broker = broker
@@ -209,6 +212,8 @@ class ChirpStackIntegration:
         self.sleep_until_sim = sleep_until_sim
         self.wall_ms = wall_ms
         self.ledger = ledger
+        # Each uplink PUBACKed, as the hub stores it (seq = fCnt, ts = the event time).
+        self.sent = sent
         self.published = published
         self.counters = ChirpStackCounters()
         models = current_catalog().lorawan_models
@@ -333,7 +338,7 @@ class ChirpStackIntegration:
         payload = encode_event(event)
         # ChirpStack's time has no device clock in it: skew tags do not apply.
         faults = tuple(f for f in emission.faults if not f.startswith("skew"))
-        entry = LedgerEntry(
+        entry: LedgerEntry | None = LedgerEntry(
             device_id=spec.device_id,
             transport="lorawan",
             seq=uplink.seq,
@@ -341,16 +346,21 @@ class ChirpStackIntegration:
             acked_ms=None,
             faults=faults,
         )
+        reading: DeviceUplink | None = DeviceUplink(
+            seq=uplink.seq, ts_ms=ts_ms, metrics=uplink.metrics, boot=node.dev_addr
+        )
         if (
             not undecodable
             and node.held is None
             and plan.lorawan_out_of_order_probability
             and rng.random() < plan.lorawan_out_of_order_probability
         ):
-            node.held = (payload, entry)
+            node.held = (payload, entry, reading)
             self.counters.out_of_order += 1
             return
-        await self._uplink(client, node, payload, None if undecodable else entry)
+        if undecodable:
+            entry = reading = None
+        await self._uplink(client, node, payload, entry, reading)
         if node.held is not None:
             held, node.held = node.held, None
             await self._uplink(client, node, *held)
@@ -365,7 +375,12 @@ class ChirpStackIntegration:
             await self._status(client, node, ts_ms + 1, uplink.metrics)
 
     async def _uplink(
-        self, client: aiomqtt.Client, node: _Node, payload: bytes, entry: LedgerEntry | None
+        self,
+        client: aiomqtt.Client,
+        node: _Node,
+        payload: bytes,
+        entry: LedgerEntry | None,
+        reading: DeviceUplink | None,
     ) -> None:
         """Publish one uplink (twice, by the plan); ledger it unless it is refused by design."""
         plan = node.spec.faults
@@ -383,6 +398,8 @@ class ChirpStackIntegration:
             self._record(entry, acked=False)
             raise
         self._record(entry, acked=True)
+        if self.sent is not None and reading is not None:
+            self.sent.append((node.spec.device_id, reading))
         self.counters.uplinks += 1
         self.published[node.spec.device_type] += 1
 

@@ -659,6 +659,7 @@ class Simulator:
             sleep_until_sim=self._sleep_until_sim,
             wall_ms=wall_ms,
             ledger=self.ledger,
+            sent=self.sent,
             published=self.stats.published,
         )
 
