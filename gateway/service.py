@@ -8,6 +8,10 @@ Wiring (docs/architecture.md, sections 1, 3 and 5):
   the catalog -> tracking -> ``BatchBuilder``, which is cut into a batch at
   ``batch_max_rows``;
 - serial ports (``SerialSource``): PMS5003 / SDS011 frames -> the same path;
+- LoRaWAN devices: ChirpStack's MQTT integration publishes their events on
+  the same site broker; the site link subscribes each configured DevEUI's
+  (``gateway.lorawan``: the bridge is part of the gateway) and they take
+  the MQTT devices' path, fCnt as seq and the session's DevAddr as boot;
 - ``flusher`` task: writes cut (or, past ``batch_max_ms``, due) batches to the
   ``Outbox`` (fsynced, in a worker thread), then acknowledges the device
   messages they hold to the site broker: a message the gateway has not yet
