@@ -166,7 +166,7 @@ def _info(app: str, dev_eui: str, spec: DeviceSpec) -> DeviceInfo:
     )
 
 
-def _parse_time(ts_ms: int) -> datetime.datetime:
+def _event_time(ts_ms: int) -> datetime.datetime:
     """An event's time: ``ts_ms`` exactly (no float on the way)."""
     return _EPOCH + datetime.timedelta(milliseconds=ts_ms)
 
@@ -304,7 +304,7 @@ class ChirpStackIntegration:
                 deduplication_id=str(
                     uuid.UUID(bytes=_digest(spec.device_id, node.dev_addr, size=16))
                 ),
-                time=_parse_time(emission.at_ms),
+                time=_event_time(emission.at_ms),
                 device_info=_info(self.apps[spec.site_id], str(spec.dev_eui), spec),
                 dev_addr=node.dev_addr,
             )
@@ -325,7 +325,7 @@ class ChirpStackIntegration:
             deduplication_id=str(
                 uuid.UUID(bytes=_digest(spec.device_id, node.dev_addr, uplink.seq, size=16))
             ),
-            time=_parse_time(ts_ms),
+            time=_event_time(ts_ms),
             device_info=_info(self.apps[spec.site_id], str(spec.dev_eui), spec),
             dev_addr=node.dev_addr,
             adr=True,
@@ -415,7 +415,7 @@ class ChirpStackIntegration:
             deduplication_id=str(
                 uuid.UUID(bytes=_digest(spec.device_id, "status", ts_ms, size=16))
             ),
-            time=_parse_time(ts_ms),
+            time=_event_time(ts_ms),
             device_info=_info(self.apps[spec.site_id], str(spec.dev_eui), spec),
             margin=7,
             battery_level=battery,
