@@ -35,6 +35,8 @@ move on) versus *unavailable* (retryable: back off and try again).
      |    +-- CommandRefusedError      a command request the device type's catalog entry refuses
      |    |                            (names the type, the command and the arg)
      |    +-- UnknownCommandError      an answer or report for a command id not held for its sender
+     |    +-- UndecodablePayloadError  a LoRaWAN payload its model's codec cannot decode
+     |    +-- ModelMismatchError       a LoRaWAN payload that decodes, without what its model says
      |    +-- ProvisioningError        a technician's request the registry refuses
      |         +-- NotFoundError       unknown site, gateway or device
      |         +-- AlreadyExistsError  the id is taken (also by a revoked device)
@@ -253,6 +255,18 @@ class UnknownCommandError(InputError):
     """An answer or report naming a command its sender was never given."""
 
     reason = "unknown_command"
+
+
+class UndecodablePayloadError(InputError):
+    """A LoRaWAN uplink's payload its model's codec cannot decode (cut short, an unknown type)."""
+
+    reason = "undecodable"
+
+
+class ModelMismatchError(InputError):
+    """A LoRaWAN payload that decodes but does not carry what the device's model says it does."""
+
+    reason = "model_mismatch"
 
 
 class ProvisioningError(InputError):

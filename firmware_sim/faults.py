@@ -21,7 +21,11 @@ scheduled tick into the messages the faulty device really emits
 - flooding: ``flood_factor`` messages per tick for a while;
 - serial line faults (``serial_chunks``): garbage bytes between frames,
   frames split across writes, corrupted checksums, as the list of byte
-  chunks the serial transport writes.
+  chunks the serial transport writes;
+- LoRaWAN faults (``lorawan_*``): drawn and applied by the simulated
+  ChirpStack integration (``firmware_sim.chirpstack``), which owns the
+  frames: repeated and out-of-order events, undecodable payloads, unknown
+  DevEUIs, re-joins.
 
 Every fault applied is counted in ``FaultCounters`` and named in the
 ``Emission``, so tests can compare what the gateway saw with what was
@@ -131,6 +135,19 @@ class FaultPlan(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     command_failure_probability: Probability = 0.0
     command_late_probability: Probability = 0.0
     command_late_s: Seconds = 10.0
+    # LoRaWAN (firmware_sim.chirpstack, the simulated ChirpStack integration),
+    # per uplink: ChirpStack publishes the event twice (same deduplicationId);
+    # the frame arrives after the next one (out-of-order fCnt); the payload
+    # does not decode (Cayenne LPP with an unknown type, or no decoded
+    # object); an extra uplink from a DevEUI no gateway has (a neighbour's
+    # device on a shared broker: the gateway, subscribed per DevEUI, never
+    # sees it). And as an episode: the node joins again (a new DevAddr, fCnt
+    # from 0), like a reboot.
+    lorawan_duplicate_probability: Probability = 0.0
+    lorawan_out_of_order_probability: Probability = 0.0
+    lorawan_undecodable_probability: Probability = 0.0
+    lorawan_unknown_eui_probability: Probability = 0.0
+    lorawan_rejoin_per_h: RatePerHour = 0.0
 
 
 class FaultCounters(msgspec.Struct, kw_only=True):

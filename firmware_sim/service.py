@@ -9,6 +9,9 @@
   work in a task of its own; a new reporting interval reschedules the next
   reading at once; a reboot leaves the broker between readings and comes
   back with a new boot id and seq from 0 before it answers.
+- LoRaWAN devices: a simulated ChirpStack MQTT integration
+  (``firmware_sim.chirpstack``), one client publishing every device's join,
+  uplink and status events to the site broker.
 - Serial devices: a pseudo-terminal per device; the gateway opens the
   slave side (``ports``) with pyserial; the simulator writes PMS5003 /
   SDS011 frames (with line faults) into the master side, paced at 9600 baud,
@@ -51,6 +54,7 @@ from contracts.topics import (
     device_status_topic,
     device_uplink_topic,
 )
+from firmware_sim.chirpstack import ChirpStackIntegration
 from firmware_sim.devicecontrol import DeviceControl, Work
 from firmware_sim.faults import Emission, FaultCounters, FaultInjector
 from firmware_sim.fleet import DeviceSpec, send_phases_ms, wall_time_ms
@@ -166,6 +170,9 @@ class Simulator:
         self.credentials = credentials or (lambda _id: (site_broker.username, site_broker.password))
         self.prefix = topic_prefix
         self.period_ms = period_ms
+        self.seed = seed
+        # The simulated ChirpStack integration of the LoRaWAN devices, once running.
+        self.chirpstack: ChirpStackIntegration | None = None
         self.time_acceleration = time_acceleration
         self.clock = clock
         self.stats = SimStats()
@@ -611,7 +618,7 @@ class Simulator:
         The ptys stay open afterwards, so a gateway can read the last frames;
         ``close`` them when done.
         """
-        if any(d.transport == "mqtt" for d in self.devices) and self.broker.port <= 0:
+        if any(d.transport in ("mqtt", "lorawan") for d in self.devices) and self.broker.port <= 0:
             raise BrokerUnavailableError("simulator: no site broker port")
         logger.info(
             "simulating %d devices (%d serial) at %gx",
@@ -622,7 +629,13 @@ class Simulator:
         tasks = []
         try:
             async with asyncio.TaskGroup() as group:
+                lorawan = [d for d in self.devices if d.transport == "lorawan"]
+                if lorawan:
+                    self.chirpstack = self._chirpstack(lorawan)
+                    tasks.append(group.create_task(self.chirpstack.run(), name="chirpstack"))
                 for spec in self.devices:
+                    if spec.transport == "lorawan":
+                        continue
                     runner = (
                         self._serial_device if spec.transport == "serial" else self._mqtt_device
                     )
@@ -632,6 +645,23 @@ class Simulator:
                     await cancel_until_done(tasks)
         finally:
             logger.info("simulator stopped: %d readings sent", self.stats.total())
+
+    def _chirpstack(self, devices: list[DeviceSpec]) -> ChirpStackIntegration:
+        """The simulated ChirpStack integration publishing the LoRaWAN devices' events."""
+        return ChirpStackIntegration(
+            devices=devices,
+            broker=self.broker,
+            credentials=self.credentials("chirpstack"),
+            seed=self.seed,
+            injector=self._ticks,
+            next_tick=self._next_tick,
+            sim_now=self._sim_now,
+            sleep_until_sim=self._sleep_until_sim,
+            wall_ms=wall_ms,
+            ledger=self.ledger,
+            sent=self.sent,
+            published=self.stats.published,
+        )
 
     def close(self) -> None:
         """Close the ptys (after the gateways have read what was written)."""

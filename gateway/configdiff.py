@@ -11,7 +11,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from contracts.messages import DeviceConfig, GatewayConfig
-from contracts.topics import device_answer_topic, device_status_topic, device_uplink_topic
+from contracts.topics import (
+    chirpstack_device_filter,
+    device_answer_topic,
+    device_status_topic,
+    device_uplink_topic,
+)
 
 # topic -> (device, is the status topic), for enabled MQTT devices.
 Routes = dict[str, tuple[DeviceConfig, bool]]
@@ -22,6 +27,9 @@ class ConfigDiff:
     removed: frozenset[str]  # device ids no longer configured
     subscribe: frozenset[str]  # MQTT device ids whose topics the site link now needs
     unsubscribe: frozenset[str]  # MQTT device ids whose topics it no longer needs
+    # ChirpStack event filters of LoRaWAN devices (``lorawan_filters``) to add and drop.
+    subscribe_filters: frozenset[str] = frozenset()
+    unsubscribe_filters: frozenset[str] = frozenset()
 
 
 def is_newer(current: GatewayConfig | None, config: GatewayConfig) -> bool:
@@ -37,10 +45,23 @@ def diff_config(old: Mapping[str, DeviceConfig], new: Iterable[DeviceConfig]) ->
     new = list(new)
     before = mqtt_device_ids(old.values())
     after = mqtt_device_ids(new)
+    filters_before = set(lorawan_filters(old.values()))
+    filters_after = set(lorawan_filters(new))
     return ConfigDiff(
         removed=frozenset(set(old) - {d.device_id for d in new}),
         subscribe=frozenset(after - before),
         unsubscribe=frozenset(before - after),
+        subscribe_filters=frozenset(filters_after - filters_before),
+        unsubscribe_filters=frozenset(filters_before - filters_after),
+    )
+
+
+def lorawan_filters(devices: Iterable[DeviceConfig]) -> list[str]:
+    """ChirpStack's events of each enabled LoRaWAN device (``gateway.lorawan``), sorted."""
+    return sorted(
+        chirpstack_device_filter(d.dev_eui)
+        for d in devices
+        if d.transport == "lorawan" and d.enabled and d.dev_eui is not None
     )
 
 

@@ -48,3 +48,10 @@ class GatewayCounters:
     command_reports_published: int = 0
     command_reports_resent: int = 0
     command_reports_acked: int = 0
+    # LoRaWAN (gateway.lorawan): uplinks accepted, exact repeats dropped,
+    # fCnts below the session's highest, status and join events.
+    lorawan_uplinks: int = 0
+    lorawan_repeats: int = 0
+    lorawan_out_of_order: int = 0
+    lorawan_status: int = 0
+    lorawan_joins: int = 0

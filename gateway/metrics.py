@@ -51,6 +51,11 @@ _COUNTERS = {
     "command_reports_published": "Command reports published (first sends and resends)",
     "command_reports_resent": "Command report resends after a missing ack",
     "command_reports_acked": "Command reports acked by ingest",
+    "lorawan_uplinks": "LoRaWAN uplinks (ChirpStack up events) accepted",
+    "lorawan_repeats": "LoRaWAN uplinks dropped as exact repeats of a recent frame",
+    "lorawan_out_of_order": "LoRaWAN uplinks whose fCnt was below the session's highest",
+    "lorawan_status": "LoRaWAN status events read",
+    "lorawan_joins": "LoRaWAN joins (a new session)",
 }
 
 

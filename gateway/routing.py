@@ -35,10 +35,19 @@ from contracts.messages import (
 )
 from contracts.mqttcodec import Publish
 from contracts.settings import GatewaySettings
-from contracts.topics import parse_device_topic
+from contracts.topics import parse_chirpstack_topic, parse_device_topic
 from gateway.batching import BatchBuilder
 from gateway.configdiff import ConfigDiff, Routes, diff_config, is_newer, site_routes
 from gateway.counters import GatewayCounters
+from gateway.lorawan import (
+    STATUS_SEQ,
+    LorawanBridge,
+    LorawanJoin,
+    LorawanStatus,
+    LorawanUplink,
+    Refused,
+    unknown_device_id,
+)
 from gateway.ratelimit import TokenBuckets
 from gateway.rejects import RejectAggregator
 from gateway.tracking import DeviceTracker
@@ -61,7 +70,15 @@ class StatusChanged:
     online: bool
 
 
-Event = Rejected | StatusChanged
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """A LoRaWAN device joined: a new session (``gateway.lorawan``)."""
+
+    device_id: str
+    dev_addr: str
+
+
+Event = Rejected | StatusChanged | Joined
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +147,7 @@ class Router:
             default_rate_per_s=settings.device_rate_per_s, burst=settings.device_burst
         )
         self.tracker = DeviceTracker()
+        self.lorawan = LorawanBridge(counters=counters)
         # Rejects per (device, reason) since the last state that carried them.
         self.report = RejectAggregator()
         self.config: GatewayConfig | None = None
@@ -167,6 +185,7 @@ class Router:
         for device in config.devices:
             self.buckets.set_rate(device.device_id, device.rate_limit_per_s)
         self.routes = site_routes(config.devices, self.prefix)
+        self.lorawan.configure(config.devices)
         self.config = config
         self.counters.configs_applied += 1
         return diff
@@ -205,6 +224,10 @@ class Router:
         route = self.routes.get(topic)
         if route is not None:
             return route[0].device_id
+        chirpstack = parse_chirpstack_topic(topic)
+        if chirpstack is not None:
+            device = self.lorawan.by_eui.get(chirpstack[1])
+            return device.device_id if device is not None else unknown_device_id(chirpstack[1])
         try:
             device_id, _kind = parse_device_topic(topic, self.prefix)
         except InputError:
@@ -241,6 +264,9 @@ class Router:
         """One device message: reject, count or add it to the builder."""
         route = self.routes.get(topic)
         if route is None:
+            if topic.startswith("application/"):
+                self._lorawan_event(topic, payload, now)
+                return
             try:
                 device_id, _kind = parse_device_topic(topic, self.prefix)
             except InputError as exc:
@@ -279,6 +305,43 @@ class Router:
                 values=uplink.metrics,
                 boot=uplink.boot,
             )
+
+    def _lorawan_event(self, topic: str, payload: bytes, now: int) -> None:
+        """A ChirpStack event: a reading, liveness, a join, a repeat or a reject."""
+        result = self.lorawan.event(topic, payload, now)
+        if isinstance(result, Refused):
+            self.reject(result.reason, result.device_id, result.detail, payload, now)
+            return
+        device = result.device
+        if isinstance(result, LorawanUplink):
+            if not self.buckets.allow(device.device_id, now):
+                self.counters.rate_limited += 1
+                return
+            self._accept(
+                device,
+                seq=result.seq,
+                ts_ms=result.ts_ms,
+                recv_ms=now,
+                values=result.values,
+                boot=result.boot,
+            )
+        elif isinstance(result, LorawanStatus):
+            if self.tracker.set_status(device.device_id, online=True, now_ms=now):
+                self.events.append(StatusChanged(device.device_id, True))
+            if result.values:
+                # Not a frame: no fCnt for the tracker to follow (gateway.lorawan).
+                self.builder.add(
+                    device_id=device.device_id,
+                    device_type=device.device_type,
+                    seq=STATUS_SEQ,
+                    ts_ms=result.ts_ms,
+                    recv_ms=now,
+                    values=result.values,
+                    boot=result.boot,
+                )
+                self.counters.accepted += 1
+        elif isinstance(result, LorawanJoin):
+            self.events.append(Joined(device.device_id, result.dev_addr))
 
     def _tolerate_unknown(
         self, device_id: str, device_type: str, payload: bytes, now: int

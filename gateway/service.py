@@ -8,6 +8,10 @@ Wiring (docs/architecture.md, sections 1, 3 and 5):
   the catalog -> tracking -> ``BatchBuilder``, which is cut into a batch at
   ``batch_max_rows``;
 - serial ports (``SerialSource``): PMS5003 / SDS011 frames -> the same path;
+- LoRaWAN devices: ChirpStack's MQTT integration publishes their events on
+  the same site broker; the site link subscribes each configured DevEUI's
+  (``gateway.lorawan``: the bridge is part of the gateway) and they take
+  the MQTT devices' path, fCnt as seq and the session's DevAddr as boot;
 - ``flusher`` task: writes cut (or, past ``batch_max_ms``, due) batches to the
   ``Outbox`` (fsynced, in a worker thread), then acknowledges the device
   messages they hold to the site broker: a message the gateway has not yet
@@ -93,6 +97,7 @@ from gateway.configdiff import (
     ConfigDiff,
     answer_topics,
     device_topics,
+    lorawan_filters,
     mqtt_device_ids,
     serial_changes,
     served_device_ids,
@@ -100,7 +105,7 @@ from gateway.configdiff import (
 from gateway.counters import GatewayCounters
 from gateway.downlink import CommandDownlink
 from gateway.outbox import Outbox
-from gateway.routing import Fitting, Ready, Rejected, Router, StatusChanged, fit_ready
+from gateway.routing import Fitting, Joined, Ready, Rejected, Router, StatusChanged, fit_ready
 from gateway.sitelink import SITE_MAX_PACKET_BYTES, SiteLink
 from gateway.tracking import DeviceTracker
 
@@ -387,6 +392,8 @@ class Gateway:
                         event.reason,
                         event.detail,
                     )
+            elif isinstance(event, Joined):
+                logger.info("LoRaWAN device %s joined: DevAddr %s", event.device_id, event.dev_addr)
             else:
                 logger.info(
                     "device %s is %s", event.device_id, "online" if event.online else "offline"
@@ -399,7 +406,8 @@ class Gateway:
         # broker, and a gateway must not see (or reject) its neighbours' devices.
         with self.lock:
             ids = mqtt_device_ids(self.router.devices.values())
-        self.site.subscribe(self._site_topics(ids))
+            filters = lorawan_filters(self.router.devices.values())
+        self.site.subscribe(self._site_topics(ids) + filters)
 
     def _on_site_puback(self, packet_id: int, reason_code: int) -> None:
         # Only commands are published on the site link.
@@ -638,8 +646,10 @@ class Gateway:
     def _follow_config(self, config: GatewayConfig, diff: ConfigDiff) -> None:
         """Subscriptions and serial readers follow an applied config."""
         if self.site.connected.is_set():
-            self.site.unsubscribe(self._site_topics(diff.unsubscribe))
-            self.site.subscribe(self._site_topics(diff.subscribe))
+            self.site.unsubscribe(
+                self._site_topics(diff.unsubscribe) + sorted(diff.unsubscribe_filters)
+            )
+            self.site.subscribe(self._site_topics(diff.subscribe) + sorted(diff.subscribe_filters))
         logger.info(
             "config version %d applied: %d devices (%d removed)",
             config.version,

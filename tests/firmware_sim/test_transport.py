@@ -121,26 +121,30 @@ def test_simulated_fleet_through_a_gateway_arrives_exactly(mqtt_server, tmp_path
         wait_for(lambda: sim.stats.total() >= 4 * len(specs), 20, "four rounds")
         runner.close()
         assert sim.sent is not None
-        mqtt_sent = {
-            (device, up.seq, up.ts_ms)
-            for device, up in sim.sent
-            if next(s for s in specs if s.device_id == device).transport == "mqtt"
+        transport = {s.device_id: s.transport for s in specs}
+        # MQTT and LoRaWAN devices: (device, seq, time) as the hub stores them
+        # (a LoRaWAN reading's seq is its fCnt, its time ChirpStack's).
+        keyed = {
+            kind: {
+                (device, up.seq, up.ts_ms) for device, up in sim.sent if transport[device] == kind
+            }
+            for kind in ("mqtt", "lorawan")
         }
+        assert keyed["lorawan"]  # a street station's second air monitor
         # What the frame can carry: PMS5003 whole ug/m3, SDS011 tenths.
         digits = {s.device_id: 0 if s.protocol == "pms5003" else 1 for s in specs}
         serial_sent = [
             (device, round(up.metrics["pm25"], digits[device]))
             for device, up in sim.sent
-            if device.startswith("aq-")
+            if transport[device] == "serial"
         ]
         wait_for(
-            lambda: ingest.count() == len(mqtt_sent) + len(serial_sent),
+            lambda: ingest.count() == len(keyed["mqtt"]) + len(keyed["lorawan"]) + len(serial_sent),
             20,
             "every simulated reading at the hub",
         )
-        # MQTT devices: the same (device, seq, device time) the simulator sent.
-        got_mqtt = {r for r in ingest.readings if not r[0].startswith("aq-")}
-        assert got_mqtt == mqtt_sent
+        for kind, sent in keyed.items():
+            assert {r for r in ingest.readings if transport[r[0]] == kind} == sent
         # Serial sensors carry no seq or time: the same values, in order, per device.
         for device in {d for d, _ in serial_sent}:
             sent_values = [v for d, v in serial_sent if d == device]
