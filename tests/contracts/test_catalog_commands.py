@@ -43,8 +43,8 @@ def test_shipped_commands_per_type():
         ),
         "camera_counter": ("reset_count", "set_reporting_interval"),
         "conference_endpoint": ("start_test_call", "set_reporting_interval"),
-        "noise_meter": ("set_reporting_interval",),
-        "water_level": ("set_reporting_interval",),
+        "noise_meter": ("set_reporting_interval", "calibrate_offset"),
+        "water_level": ("set_reporting_interval", "set_response_delay"),
         "satisfaction_terminal": (),  # one reading per rating: no interval to set
     }  # fmt: skip
 

@@ -283,7 +283,7 @@ def test_streets_get_noise_and_flood_sensors_and_halls_rating_terminals() -> Non
     assert sorted(spec.transport for spec in water) == sorted(["modbus", "lorawan"] * len(streets))
     for street in streets:
         bus = [s for s in specs if s.site_id == street.id and s.transport == "modbus"]
-        assert sorted(s.slave_id for s in bus) == [1, 2]
+        assert sorted(s.slave_id or 0 for s in bus) == [1, 2]
     # A terminal's counter is its number at the hall: rating-{site}-02 stands at counter 2.
     terminals = [s for s in specs if isinstance(s.model, SatisfactionTerminalModel)]
     assert terminals
