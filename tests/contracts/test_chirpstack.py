@@ -262,12 +262,10 @@ def test_cayenne_model_metrics():
             (9, "presence", 1.0),  # a channel the model does not read: ignored
         ]
     )
-    assert uplink_metrics(_uplink(data=data), model) == {
-        "pm25": 35.27,
-        "pm10": 61.0,
-        "temperature": 31.4,
-        "humidity": 77.5,
-    }
+    # The node sends PM in tens of ug/m3 (the model's scale 10).
+    assert uplink_metrics(_uplink(data=data), model) == pytest.approx(
+        {"pm25": 352.7, "pm10": 610.0, "temperature": 31.4, "humidity": 77.5}
+    )
     # A channel left out leaves its metric out.
     partial = encode_lpp([(3, "temperature", 30.0)])
     assert uplink_metrics(_uplink(data=partial), model) == {"temperature": 30.0}

@@ -39,8 +39,8 @@ def test_application_ids_and_dev_addrs_are_derived_from_the_seed():
 
 
 @given(
-    pm25=st.floats(0, 300),
-    pm10=st.floats(0, 320),
+    pm25=st.floats(0, 1000),
+    pm10=st.floats(0, 2000),
     temperature=st.floats(-40, 85),
     humidity=st.floats(0, 100),
 )
@@ -53,17 +53,21 @@ def test_cayenne_frames_carry_the_model_values_to_their_resolution(
     assert (obj, clamped) == (None, 0)
     back = uplink_metrics(UplinkEvent(data=data), model)
     assert back.keys() == metrics.keys()
-    for name, resolution in (("pm25", 0.01), ("pm10", 0.01), ("temperature", 0.1)):
+    # PM goes in tens of ug/m3 at 0.01 (the model's scale 10): 0.1 ug/m3 steps.
+    for name, resolution in (("pm25", 0.1), ("pm10", 0.1), ("temperature", 0.1)):
         assert back[name] == pytest.approx(metrics[name], abs=resolution / 2 + 1e-9)
     assert back["humidity"] == pytest.approx(humidity, abs=0.25 + 1e-9)
 
 
 def test_values_lpp_cannot_carry_go_at_its_limit():
     model = current_catalog().lorawan_models["lpp_air_quality"]
-    # analog_input is a signed 16-bit count of 0.01: 327.67 at most.
-    data, _obj, clamped = frame_payload(model, {"pm25": 412.0, "pm10": 20.0})
+    # analog_input is a signed 16-bit count of 0.01, 327.67 at most: with the
+    # model's scale 10, 3276.7 ug/m3, past the type's range (a sensor fault).
+    data, _obj, clamped = frame_payload(model, {"pm25": 4120.0, "pm10": 20.0})
     assert clamped == 1
-    assert uplink_metrics(UplinkEvent(data=data), model) == {"pm25": 327.67, "pm10": 20.0}
+    assert uplink_metrics(UplinkEvent(data=data), model) == pytest.approx(
+        {"pm25": 3276.7, "pm10": 20.0}
+    )
 
 
 def test_object_frames_carry_the_model_keys():
