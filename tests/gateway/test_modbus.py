@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -200,10 +199,11 @@ def test_two_slaves_on_one_bus_are_both_polled_and_stored(mqtt_server, ids, tmp_
     with running(mqtt_server, ids, tmp_path, specs) as (gw, bus, ingest):
         wait_for(lambda: stored(ingest, noise) >= 8 and stored(ingest, water) >= 8, 15,
                  "readings of both slaves at the centre")  # fmt: skip
-        assert gw.tracker.devices[noise].online and gw.tracker.devices[water].online
+        assert gw.tracker.devices[noise].online
+        assert gw.tracker.devices[water].online
         with ingest.lock:
             levels = [v["laeq"] for v in ingest.values[noise]]
-            depths = [v for v in ingest.values[water]]
+            depths = list(ingest.values[water])
         assert all(30 <= level <= 130 for level in levels)
         assert all(v["sensor_status"] in (0, 3) for v in depths)
     # Every good answer the slaves gave was stored (the last few polls may be in flight).
