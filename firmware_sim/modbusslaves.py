@@ -284,11 +284,13 @@ class ModbusBusSim:
             logger.debug("modbus bus %s: answer not written: %s", self.name, exc)
             return
         counters.modbus_answers += 1
-        await asyncio.sleep(SILENT_CHARS * self.char_s)
+        # Recorded as it is written: a stop during the silence after it must
+        # not leave a reading handed over out of the ledger.
         if emission is not None and not crc:
             good = not (slow or noisy)
             self.good_answers += good
             self.on_reading(spec, emission, good)
+        await asyncio.sleep(SILENT_CHARS * self.char_s)
 
 
 def _noise(rng: np.random.Generator, size: int) -> bytes:

@@ -635,7 +635,7 @@ class Simulator:
             len(self._pty),
             self.time_acceleration,
         )
-        tasks = []
+        tasks: list[asyncio.Task[None]] = []
         try:
             async with asyncio.TaskGroup() as group:
                 tasks.extend(

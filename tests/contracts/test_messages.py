@@ -157,9 +157,7 @@ def device_configs(draw: st.DrawFn, device_id: str) -> DeviceConfig:
         device_type=dtype.name,
         transport=transport,
         # A serial sensor has its port to itself (check_shared_ports).
-        port=draw(
-            st.sampled_from([f"/dev/serial/by-id/{device_id}", f"socket://{device_id}:7001"])
-        )
+        port=draw(st.sampled_from([f"/dev/serial/by-id/{device_id}", f"socket://{device_id}:7001"]))
         if serial
         else None,
         protocol=draw(st.sampled_from(SERIAL_PROTOCOLS)) if serial else None,

@@ -280,9 +280,7 @@ def test_streets_get_noise_and_flood_sensors_and_halls_rating_terminals() -> Non
     # meter, and a LoRaWAN flood sensor further along the street.
     water = [spec for spec in specs if spec.device_type == "water_level"]
     assert len(water) == 2 * len(streets)
-    assert sorted(spec.transport for spec in water) == sorted(
-        ["modbus", "lorawan"] * len(streets)
-    )
+    assert sorted(spec.transport for spec in water) == sorted(["modbus", "lorawan"] * len(streets))
     for street in streets:
         bus = [s for s in specs if s.site_id == street.id and s.transport == "modbus"]
         assert sorted(s.slave_id for s in bus) == [1, 2]

@@ -69,8 +69,9 @@ class SimBus:
     def __init__(self, link: Path, specs: list[DeviceSpec]) -> None:
         self.link = link
         self.specs = specs
-        self.injectors = {s.device_id: FaultInjector(s.model, s.faults, transport="modbus")
-                          for s in specs}  # fmt: skip
+        self.injectors = {
+            s.device_id: FaultInjector(s.model, s.faults, transport="modbus") for s in specs
+        }
         self.readings: list[tuple[str, bool]] = []
         self.bus: ModbusBusSim | None = None
         self._fds: tuple[int, int] | None = None
@@ -169,8 +170,9 @@ def running(mqtt_server: Any, ids: tuple[str, str], tmp_path: Path, specs: list[
     link = tmp_path / "rs485"
     bus = SimBus(link, specs)
     pub = client(mqtt_server)
-    publish_config(pub, gateway_id=gateway_id, prefix=prefix, devices=configs(specs, link),
-                   version=1)  # fmt: skip
+    publish_config(
+        pub, gateway_id=gateway_id, prefix=prefix, devices=configs(specs, link), version=1
+    )
     ingest = FakeIngest(mqtt_server, gateway_id=gateway_id, prefix=prefix)
     ingest.acking = True
     server = broker_settings(mqtt_server)
@@ -197,8 +199,11 @@ def test_two_slaves_on_one_bus_are_both_polled_and_stored(mqtt_server, ids, tmp_
     specs = bus_specs()
     noise, water = (s.device_id for s in sorted(specs, key=lambda s: s.slave_id or 0))
     with running(mqtt_server, ids, tmp_path, specs) as (gw, bus, ingest):
-        wait_for(lambda: stored(ingest, noise) >= 8 and stored(ingest, water) >= 8, 15,
-                 "readings of both slaves at the centre")  # fmt: skip
+        wait_for(
+            lambda: stored(ingest, noise) >= 8 and stored(ingest, water) >= 8,
+            15,
+            "readings of both slaves at the centre",
+        )
         assert gw.tracker.devices[noise].online
         assert gw.tracker.devices[water].online
         with ingest.lock:
@@ -216,8 +221,11 @@ def test_a_missing_slave_goes_offline_and_the_other_is_unaffected(mqtt_server, i
     specs = bus_specs(water_level=FaultPlan(modbus_silent_probability=1.0))
     noise, water = (s.device_id for s in sorted(specs, key=lambda s: s.slave_id or 0))
     with running(mqtt_server, ids, tmp_path, specs) as (gw, _bus, ingest):
-        wait_for(lambda: polls(gw, water, "no_answer") >= OFFLINE_AFTER_FAILURES + 1, 15,
-                 "the missing slave's timeouts")  # fmt: skip
+        wait_for(
+            lambda: polls(gw, water, "no_answer") >= OFFLINE_AFTER_FAILURES + 1,
+            15,
+            "the missing slave's timeouts",
+        )
         assert not gw.tracker.devices.get(water) or not gw.tracker.devices[water].online
         wait_for(lambda: stored(ingest, noise) >= 10, 15, "the other slave's readings")
         assert stored(ingest, water) == 0
@@ -234,8 +242,11 @@ def test_wrong_crcs_and_noise_are_counted_and_the_bus_keeps_going(mqtt_server, i
     noise, water = (s.device_id for s in sorted(specs, key=lambda s: s.slave_id or 0))
     with running(mqtt_server, ids, tmp_path, specs) as (gw, bus, ingest):
         wait_for(lambda: polls(gw, noise, "garbled") >= 3, 20, "answers with a wrong CRC")
-        wait_for(lambda: stored(ingest, noise) >= 10 and stored(ingest, water) >= 10, 20,
-                 "readings of both slaves despite the faults")  # fmt: skip
+        wait_for(
+            lambda: stored(ingest, noise) >= 10 and stored(ingest, water) >= 10,
+            20,
+            "readings of both slaves despite the faults",
+        )
         injected = bus.injectors[noise].counters.modbus_crc_errors
         assert injected >= polls(gw, noise, "garbled") >= 3
         # Noise in front of an answer: pymodbus' framer skips it or loses the frame.
@@ -248,8 +259,11 @@ def test_a_slow_slave_times_out(mqtt_server, ids, tmp_path):
     specs = bus_specs(noise_meter=FaultPlan(modbus_slow_probability=1.0))
     noise, water = (s.device_id for s in sorted(specs, key=lambda s: s.slave_id or 0))
     with running(mqtt_server, ids, tmp_path, specs) as (gw, bus, ingest):
-        wait_for(lambda: polls(gw, noise, "no_answer") + polls(gw, noise, "garbled") >= 4, 20,
-                 "the slow slave's timeouts")  # fmt: skip
+        wait_for(
+            lambda: polls(gw, noise, "no_answer") + polls(gw, noise, "garbled") >= 4,
+            20,
+            "the slow slave's timeouts",
+        )
         wait_for(lambda: stored(ingest, water) >= 5, 15, "the other slave's readings")
         assert bus.good(noise) == 0
         assert polls(gw, noise, "ok") <= 1  # a late answer is never taken for the next poll's
@@ -276,11 +290,20 @@ def test_a_command_writes_the_register_and_the_slave_takes_it(mqtt_server, ids, 
     centre.acking = True
 
     def run(device_id: str, name: str, **args: int | float) -> tuple[list[str], Any]:
-        cmd = Command(command_id=command_id(), device_id=device_id, name=name, args=dict(args),
-                      ttl_s=600, created_ms=now_ms())  # fmt: skip
+        cmd = Command(
+            command_id=command_id(),
+            device_id=device_id,
+            name=name,
+            args=dict(args),
+            ttl_s=600,
+            created_ms=now_ms(),
+        )
         centre.send([cmd], [])
-        wait_for(lambda: any(s in centre.states(cmd.command_id) for s in ("succeeded", "failed")),
-                 20, f"{name}'s final report")  # fmt: skip
+        wait_for(
+            lambda: any(s in centre.states(cmd.command_id) for s in ("succeeded", "failed")),
+            20,
+            f"{name}'s final report",
+        )
         states = centre.states(cmd.command_id)
         return states, centre.report(cmd.command_id, states[-1])
 
