@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 import numpy as np
@@ -186,15 +186,20 @@ class ModbusBusSim:
         injectors: dict[str, FaultInjector],
         sim_now: Callable[[], int],
         on_reading: OnReading,
+        models: Mapping[str, ModbusModel] | None = None,
     ) -> None:
+        """``models``: a device's register map and line if not its catalog model's (benchmarks)."""
         self.name = name
         self.master_fd = master_fd
         self.specs = {int(s.slave_id or 0): s for s in specs}
         self.injectors = injectors
         self.sim_now = sim_now
         self.on_reading = on_reading
+        chosen = models or {}
         self.memories = {
-            slave_id: SlaveMemory(spec, modbus_model(str(spec.catalog_model)))
+            slave_id: SlaveMemory(
+                spec, chosen.get(spec.device_id) or modbus_model(str(spec.catalog_model))
+            )
             for slave_id, spec in self.specs.items()
         }
         self.store = BusStore(self.memories)
