@@ -13,8 +13,8 @@ register and the model (``WRITE_EFFECTS``: the response delay of a level
 gauge, the offset of a noise meter).
 
 A read of a slave's first read block is a poll: the device steps (its
-``FaultInjector``: value faults, seq) and its registers take the new
-values. The line runs at the model's speed: a request takes its
+``FaultInjector``: value faults, seq; a dropout leaves the poll
+unanswered) and its registers take the new values. The line runs at the model's speed: a request takes its
 characters' time (10 or 11 bits each) and 3.5 characters of silence, the
 slave its response delay, and the answer its characters and silence.
 Line faults come from each slave's ``FaultPlan`` (noise before an answer,
@@ -256,9 +256,12 @@ class ModbusBusSim:
             block.address
         ):
             emissions = injector.emit(self.sim_now())
-            if emissions:
-                emission = emissions[-1]
-                memory.load(emission.uplink.metrics)
+            if not emissions:
+                return  # a dropout: a slave that is down does not answer
+            # A flood's extra messages have no meaning on a polled bus: one
+            # poll, one reading.
+            emission = emissions[-1]
+            memory.load(emission.uplink.metrics)
         response = await request.datastore_update(self.store, slave_id)  # type: ignore[arg-type]
         if isinstance(response, ExceptionResponse):
             emission = None
