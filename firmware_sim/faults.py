@@ -136,7 +136,7 @@ class FaultPlan(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     command_late_s: Seconds = 10.0
     # Modbus slaves only (``firmware_sim.modbusslaves``). Per answer: noise
     # bytes on the line just before it (1 to garbage_max_bytes); an answer
-    # later than the model's timeout_s (twice it, so the gateway has given
+    # later than the model's timeout_s (1.5 times it: the gateway has given
     # up); a wrong CRC. Per request: no answer at all (1.0: a slave missing
     # from the bus, never answering).
     modbus_noise_probability: Probability = 0.0

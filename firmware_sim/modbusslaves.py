@@ -14,9 +14,10 @@ gauge, the offset of a noise meter).
 
 A read of a slave's first read block is a poll: the device steps (its
 ``FaultInjector``: value faults, seq; a dropout leaves the poll
-unanswered) and its registers take the new values. The line runs at the model's speed: a request takes its
-characters' time (10 or 11 bits each) and 3.5 characters of silence, the
-slave its response delay, and the answer its characters and silence.
+unanswered) and its registers take the new values. The line runs at the
+model's speed: a request takes its characters' time (10 or 11 bits each)
+and 3.5 characters of silence, the slave its response delay, and the
+answer its characters and silence.
 Line faults come from each slave's ``FaultPlan`` (noise before an answer,
 an answer past the gateway's timeout, a wrong CRC, no answer), drawn from
 the injector's rng and counted in its ``FaultCounters``.
@@ -63,8 +64,10 @@ logger = logging.getLogger(__name__)
 # several registers at most 7 + 2 x 123.
 READ_BYTES: Final = 512
 # A slow answer comes this many times the model's timeout after the request:
-# past the gateway's timeout, within its wait before the next request.
-SLOW_FACTOR: Final = 2.0
+# past the gateway's timeout, within the timeout it then waits before using
+# the line again (gateway.modbuspoller), so it is dropped, never taken for
+# the next request's answer.
+SLOW_FACTOR: Final = 1.5
 
 
 def _set_response_delay(model: DeviceModel, value: float) -> None:

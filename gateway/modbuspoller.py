@@ -148,6 +148,10 @@ class BusPoller:
                     await self._serve(bus)
                 except BusUnavailableError as exc:
                     logger.warning("modbus %s failed: %s", self.port, exc)
+                except Exception:
+                    # The bus task's outermost loop: whatever a slave sent
+                    # must not end polling for the others; reopen.
+                    logger.exception("modbus %s: polling failed; reopening the bus", self.port)
                 finally:
                     self._bus = None
                     bus.close()

@@ -897,16 +897,20 @@ class Gateway:
                     for device in bus:
                         self.downlink.detach_modbus(device.device_id, poller)
                 for port, bus in start.items():
-                    poller = BusPoller(
-                        port=port,
-                        devices=bus,
-                        counters=self.counters,
-                        on_reading=self.accept_serial_reading,
-                        on_status=self._modbus_status,
-                        on_reject=lambda reason, device_id, detail: self._reject(
-                            reason, device_id, detail, b""
-                        ),
-                    )
+                    try:
+                        poller = BusPoller(
+                            port=port,
+                            devices=bus,
+                            counters=self.counters,
+                            on_reading=self.accept_serial_reading,
+                            on_status=self._modbus_status,
+                            on_reject=lambda reason, device_id, detail: self._reject(
+                                reason, device_id, detail, b""
+                            ),
+                        )
+                    except HubError as exc:  # a model gone from the catalog since the check
+                        logger.error("modbus %s not polled: %s", port, exc)  # noqa: TRY400 - one line
+                        continue
                     for device in bus:
                         self.downlink.attach_modbus(device.device_id, poller)
                     tasks[port] = (
