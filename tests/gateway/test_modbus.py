@@ -16,8 +16,10 @@ from typing import Any
 import msgspec
 import pytest
 
+from contracts.catalog import modbus_model
 from contracts.commands import Command
 from contracts.messages import DeviceConfig
+from contracts.registermaps import ModbusModel
 from firmware_sim.faults import FaultInjector, FaultPlan
 from firmware_sim.fleet import DeviceCounts, DeviceSpec, FleetDescription, SiteInfo, build_fleet
 from firmware_sim.modbusslaves import ModbusBusSim
@@ -66,9 +68,12 @@ def bus_specs(**faults: FaultPlan) -> list[DeviceSpec]:
 class SimBus:
     """Simulated slaves on a pty behind a symlink, in a thread with its own event loop."""
 
-    def __init__(self, link: Path, specs: list[DeviceSpec]) -> None:
+    def __init__(
+        self, link: Path, specs: list[DeviceSpec], models: dict[str, ModbusModel] | None = None
+    ) -> None:
         self.link = link
         self.specs = specs
+        self.models = models
         self.injectors = {
             s.device_id: FaultInjector(s.model, s.faults, transport="modbus") for s in specs
         }
@@ -123,6 +128,7 @@ class SimBus:
             injectors=self.injectors,
             sim_now=now_ms,
             on_reading=lambda spec, _e, good: self.readings.append((spec.device_id, good)),
+            models=self.models,
         )
         self._task = asyncio.get_running_loop().create_task(self.bus.run())
 
@@ -165,10 +171,16 @@ def polls(gw: Any, device_id: str, outcome: str) -> int:
 
 
 @contextlib.contextmanager
-def running(mqtt_server: Any, ids: tuple[str, str], tmp_path: Path, specs: list[DeviceSpec]):
+def running(
+    mqtt_server: Any,
+    ids: tuple[str, str],
+    tmp_path: Path,
+    specs: list[DeviceSpec],
+    models: dict[str, ModbusModel] | None = None,
+):
     gateway_id, prefix = ids
     link = tmp_path / "rs485"
-    bus = SimBus(link, specs)
+    bus = SimBus(link, specs, models)
     pub = client(mqtt_server)
     publish_config(
         pub, gateway_id=gateway_id, prefix=prefix, devices=configs(specs, link), version=1
@@ -253,6 +265,27 @@ def test_wrong_crcs_and_noise_are_counted_and_the_bus_keeps_going(mqtt_server, i
         assert bus.injectors[water].counters.modbus_noise >= 3
     # A frame lost to a wrong CRC is never stored; nothing stored is counted twice.
     assert stored(ingest, noise) <= polls(gw, noise, "ok")
+
+
+def test_exception_answers_are_counted_and_keep_the_slave_online(mqtt_server, ids, tmp_path):
+    """A noise meter whose firmware has its level elsewhere: exception 2 to every poll."""
+    specs = bus_specs()
+    noise, water = (s.device_id for s in sorted(specs, key=lambda s: s.slave_id or 0))
+    sonbest = modbus_model("sonbest_sm6365b")
+    elsewhere = msgspec.structs.replace(
+        sonbest, registers=(msgspec.structs.replace(sonbest.registers[0], address=100),)
+    )
+    with running(mqtt_server, ids, tmp_path, specs, {noise: elsewhere}) as (gw, _bus, ingest):
+        wait_for(
+            lambda: polls(gw, noise, "exception") >= OFFLINE_AFTER_FAILURES + 2,
+            15,
+            "exception answers",
+        )
+        wait_for(lambda: stored(ingest, water) >= 3, 15, "the other slave's readings")
+        assert stored(ingest, noise) == 0
+        # It answers, so it is there: never marked offline by the poller.
+        assert polls(gw, noise, "no_answer") == polls(gw, noise, "garbled") == 0
+        assert gw.counters.modbus_polls[(noise, "ok")] == 0
 
 
 def test_a_slow_slave_times_out(mqtt_server, ids, tmp_path):
