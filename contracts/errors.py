@@ -32,6 +32,7 @@ move on) versus *unavailable* (retryable: back off and try again).
      |    +-- InvalidNoteError         an operator's comment or assignee that cannot be stored
      |    |                            (empty, too long, control characters)
      |    +-- AlertClosedError         the alert is cleared and acknowledged: nothing to assign
+     |    +-- SlaveExceptionError      a Modbus slave answered with an exception code
      |    +-- CommandRefusedError      a command request the device type's catalog entry refuses
      |    |                            (names the type, the command and the arg)
      |    +-- UnknownCommandError      an answer or report for a command id not held for its sender
@@ -52,6 +53,9 @@ move on) versus *unavailable* (retryable: back off and try again).
      |    +-- AlertmanagerUnavailableError  Alertmanager did not answer, or answered with a
      |    |                            server error
      |    +-- SerialUnavailableError   a serial port is not open now, or a write to it failed
+     |    |    +-- BusUnavailableError  a Modbus bus's port is not open now, or failed
+     |    +-- NoAnswerError            a Modbus slave did not answer within its timeout
+     |         +-- GarbledAnswerError  ... but bytes came: a bad CRC, noise, a broken frame
      +-- BrokerControlError            a broker refused a control (dynamic-security) command
      +-- BrokerRefusedError            a broker refused a connection (credentials, client id)
      +-- GrafanaRefusedError           Grafana refused a request (credentials, permissions)
@@ -357,6 +361,31 @@ class SerialUnavailableError(UnavailableError):
 
     Nothing, or not all of it, was written. The port is reopened with backoff.
     """
+
+
+class BusUnavailableError(SerialUnavailableError):
+    """A Modbus bus's port is not open now, or it failed; it is reopened with backoff."""
+
+
+class NoAnswerError(UnavailableError):
+    """A Modbus slave did not answer a request within its timeout (nothing usable came).
+
+    Polling tries again at the next interval; a command is not written again.
+    """
+
+
+class GarbledAnswerError(NoAnswerError):
+    """Bytes came within the timeout, but no valid answer: a bad CRC, noise, a broken frame."""
+
+
+class SlaveExceptionError(InputError):
+    """A Modbus slave answered a request with an exception response (``code``)."""
+
+    reason = "modbus_exception"
+
+    def __init__(self, message: str, *, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class AlertmanagerRefusedError(HubError):

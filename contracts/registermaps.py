@@ -13,8 +13,10 @@ over and raises ``CatalogError`` naming the model and key;
 ``read_blocks`` groups a model's registers into as few read requests as
 the Modbus limit allows; ``decode_registers`` turns the 16-bit words a
 device answered into metric values (raw * scale + offset);
-``encode_write`` turns a command's argument into the words to write. Polling,
-the bus and its errors are the gateway's.
+``encode_write`` turns a command's argument into the words to write;
+``encode_register`` is ``decode_register``'s inverse (a metric's value as
+the words a device holds: what a simulated slave answers). Polling, the bus
+and its errors are the gateway's; serving registers is the simulator's.
 """
 
 from __future__ import annotations
@@ -435,29 +437,95 @@ def decode_registers(block: ReadBlock, words: list[int]) -> dict[str, float]:
     return values
 
 
+def _encode_raw(kind: str, raw: float, *, word_order: str, byte_order: str, what: str) -> list[int]:
+    """A raw value as words in the given orders; OutOfRangeError if it does not fit the type."""
+    if kind != "float32":
+        whole = round(raw)
+        bits = REGISTER_WORDS[kind] * 16
+        lo, hi = (
+            (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+            if kind.startswith("int")
+            else (0, 2**bits - 1)
+        )
+        if not lo <= whole <= hi:
+            raise OutOfRangeError(f"{raw!r} does not fit {what} ({kind})")
+        packed = struct.pack(">" + _FORMATS[kind], whole)
+    else:
+        try:
+            packed = struct.pack(">f", raw)
+        except OverflowError:
+            raise OutOfRangeError(f"{raw!r} does not fit {what} (float32)") from None
+    words = [int.from_bytes(packed[i : i + 2], "big") for i in range(0, len(packed), 2)]
+    if byte_order == "little":
+        words = [((w & 0xFF) << 8) | (w >> 8) for w in words]
+    return words if word_order == "big" else words[::-1]
+
+
 def encode_write(write: RegisterWrite, value: float) -> list[int]:
     """The words that write ``value`` (an arg's, or the write's fixed one) to the register.
 
     OutOfRangeError if the scaled value does not fit the register's type.
     """
-    raw = (value - write.offset) / write.scale
-    if write.type != "float32":
-        whole = round(raw)
-        bits = REGISTER_WORDS[write.type] * 16
-        lo, hi = (
-            (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
-            if write.type.startswith("int")
-            else (0, 2**bits - 1)
-        )
-        if not lo <= whole <= hi:
+    return _encode_raw(
+        write.type,
+        (value - write.offset) / write.scale,
+        word_order=write.word_order,
+        byte_order=write.byte_order,
+        what=f"register {write.address} (scale {write.scale:g})",
+    )
+
+
+def encode_register(reg: Register, value: float) -> list[int]:
+    """The words a device holds for a metric's ``value``: ``decode_register``'s inverse.
+
+    A status register takes the first raw code its ``values`` map to
+    ``value``. OutOfRangeError if no code maps to it, or the scaled value
+    does not fit the type. Whole types round to the nearest step, so
+    decoding gives ``value`` back to within half a ``scale``.
+    """
+    if reg.values:
+        for code, mapped in reg.values:
+            if mapped == value:
+                raw: float = code
+                break
+        else:
             raise OutOfRangeError(
-                f"{value!r} does not fit register {write.address}"
-                f" ({write.type}, scale {write.scale:g})"
+                f"{reg.metric}: {value!r} is none of register {reg.address}'s codes"
             )
-        packed = struct.pack(">" + _FORMATS[write.type], whole)
     else:
-        packed = struct.pack(">f", raw)
-    words = [int.from_bytes(packed[i : i + 2], "big") for i in range(0, len(packed), 2)]
-    if write.byte_order == "little":
-        words = [((w & 0xFF) << 8) | (w >> 8) for w in words]
-    return words if write.word_order == "big" else words[::-1]
+        raw = (value - reg.offset) / reg.scale
+    return _encode_raw(
+        reg.type,
+        raw,
+        word_order=reg.word_order,
+        byte_order=reg.byte_order,
+        what=f"register {reg.address} (scale {reg.scale:g})",
+    )
+
+
+# --- the line ---------------------------------------------------------------------------
+
+# RTU request for a read or a single write: id, function, two 16-bit fields, CRC.
+REQUEST_BYTES: Final = 8
+# Modbus over serial line V1.02, 2.5.1.1: frames are separated by at least
+# 3.5 character times of silence.
+SILENT_CHARS: Final = 3.5
+
+
+def char_bits(parity: str, stopbits: int) -> int:
+    """Bits one RTU character takes on the wire: start, 8 data, parity if any, stop bits."""
+    return 1 + 8 + (parity != "N") + stopbits
+
+
+def read_answer_bytes(count: int) -> int:
+    """An answer to a read of ``count`` registers: id, function, byte count, data, CRC."""
+    return 5 + 2 * count
+
+
+def transaction_s(baudrate: int, *, request_bytes: int, answer_bytes: int, bits: int = 10) -> float:
+    """Line time of one request and its answer, each followed by the silent interval.
+
+    The line's own limit: no slave answers faster, whatever it does inside.
+    """
+    chars = request_bytes + SILENT_CHARS + answer_bytes + SILENT_CHARS
+    return chars * bits / baudrate

@@ -26,6 +26,9 @@ scheduled tick into the messages the faulty device really emits
   ChirpStack integration (``firmware_sim.chirpstack``), which owns the
   frames: repeated and out-of-order events, undecodable payloads, unknown
   DevEUIs, re-joins.
+- Modbus line faults (drawn and applied by ``firmware_sim.modbusslaves``
+  from this plan and the injector's rng): noise before an answer, slow
+  answers past the gateway's timeout, wrong CRCs, silent (missing) slaves.
 
 Every fault applied is counted in ``FaultCounters`` and named in the
 ``Emission``, so tests can compare what the gateway saw with what was
@@ -148,6 +151,15 @@ class FaultPlan(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     lorawan_undecodable_probability: Probability = 0.0
     lorawan_unknown_eui_probability: Probability = 0.0
     lorawan_rejoin_per_h: RatePerHour = 0.0
+    # Modbus slaves only (``firmware_sim.modbusslaves``). Per answer: noise
+    # bytes on the line just before it (1 to garbage_max_bytes); an answer
+    # later than the model's timeout_s (1.5 times it: the gateway has given
+    # up); a wrong CRC. Per request: no answer at all (1.0: a slave missing
+    # from the bus, never answering).
+    modbus_noise_probability: Probability = 0.0
+    modbus_slow_probability: Probability = 0.0
+    modbus_crc_error_probability: Probability = 0.0
+    modbus_silent_probability: Probability = 0.0
 
 
 class FaultCounters(msgspec.Struct, kw_only=True):
@@ -173,6 +185,12 @@ class FaultCounters(msgspec.Struct, kw_only=True):
     garbage_bytes: int = 0
     split_frames: int = 0
     corrupted_checksums: int = 0
+    modbus_requests: int = 0  # requests addressed to the slave
+    modbus_answers: int = 0  # answers written (good, slow, noisy or with a wrong CRC)
+    modbus_noise: int = 0
+    modbus_slow: int = 0
+    modbus_crc_errors: int = 0
+    modbus_silent: int = 0  # requests left unanswered
 
     @property
     def malformed_total(self) -> int:

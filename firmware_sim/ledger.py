@@ -11,7 +11,9 @@ publish counts as acknowledged: it then shows up as lost, never hidden.
 A serial sensor has no acknowledgement and no sequence number or clock
 that reaches the database (the gateway stamps seq and time): its readings
 are recorded as written to the line, and ``reconcile`` compares them by
-count per device.
+count per device. A Modbus slave is counted the same way: a reading is a
+poll it answered with a good frame (one it answered late, or behind noise,
+may or may not have been taken: it is recorded unacknowledged).
 
 ``reconcile`` is pure: it takes the ledger and what the database holds for
 the run's devices (keys of stored rows, rejects with their reason) and
@@ -36,6 +38,8 @@ from contracts.messages import Transport
 # gateway counts it (GatewayState.rejected / rate_limited).
 # A flood's readings are partly refused by the per-device rate limit.
 GATEWAY_REFUSES: Final = ("spike_out_of_range", "skew_beyond_window", "flood")
+# Transports whose readings the gateway stamps itself: matched by count per device.
+COUNTED_TRANSPORTS: Final = ("serial", "modbus")
 
 
 class LedgerEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -151,13 +155,13 @@ def _sort(entries: Iterable[LedgerEntry], result: Reconciliation) -> _Sorted:
     for entry in entries:
         if entry.acked_ms is None:
             result.unacked_sent += 1
-            if entry.transport == "serial":
+            if entry.transport in COUNTED_TRANSPORTS:
                 book.serial_unsure[entry.device_id] += 1
             else:
                 book.unacked.add(entry.key)
             continue
         result.acknowledged += 1
-        if entry.transport == "serial":
+        if entry.transport in COUNTED_TRANSPORTS:
             book.serial_written[entry.device_id] += 1
         else:
             book.acked[entry.key] = entry

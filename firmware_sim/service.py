@@ -19,6 +19,10 @@
   query/passive mode, SDS011 working period; ``sensorcontrol``) and answers
   as its datasheet says.
 
+- Modbus devices: one pty per site bus (``ports`` names it for each of
+  its devices), its slaves answered by ``firmware_sim.modbusslaves``; a
+  poll answered with a good frame is a reading (``frames_written``, ledger).
+
 Signals, models and faults are the pure modules' (``fleet``, ``models``,
 ``faults``); this module owns sockets, ptys and the clock.
 """
@@ -188,6 +192,14 @@ class Simulator:
         for spec in devices:
             if spec.transport == "serial":
                 self._pty[spec.device_id] = self._open_pty()
+        # Modbus devices: one bus (pty) per site, shared by its slaves.
+        self._buses: dict[str, tuple[int, int, str]] = {}
+        self._bus_specs: dict[str, list[DeviceSpec]] = {}
+        for spec in devices:
+            if spec.transport == "modbus":
+                if spec.site_id not in self._buses:
+                    self._buses[spec.site_id] = self._open_pty()
+                self._bus_specs.setdefault(spec.site_id, []).append(spec)
         self.wall_start_ms = clock()
         self.sim_start_ms = self.wall_start_ms
 
@@ -201,8 +213,12 @@ class Simulator:
 
     @property
     def ports(self) -> dict[str, str]:
-        """Serial device id -> the pty path its gateway reads."""
-        return {device_id: path for device_id, (_m, _s, path) in self._pty.items()}
+        """Serial and Modbus device id -> the pty path its gateway reads (a Modbus bus's)."""
+        ports = {device_id: path for device_id, (_m, _s, path) in self._pty.items()}
+        for site_id, specs in self._bus_specs.items():
+            for spec in specs:
+                ports[spec.device_id] = self._buses[site_id][2]
+        return ports
 
     def fault_counters(self) -> FaultCounters:
         total = FaultCounters()
@@ -626,16 +642,20 @@ class Simulator:
             len(self._pty),
             self.time_acceleration,
         )
-        tasks = []
+        tasks: list[asyncio.Task[None]] = []
         try:
             async with asyncio.TaskGroup() as group:
                 lorawan = [d for d in self.devices if d.transport == "lorawan"]
                 if lorawan:
                     self.chirpstack = self._chirpstack(lorawan)
                     tasks.append(group.create_task(self.chirpstack.run(), name="chirpstack"))
+                tasks.extend(
+                    group.create_task(self._modbus_bus(site_id), name=f"modbus[{site_id}]")
+                    for site_id in self._buses
+                )
                 for spec in self.devices:
-                    if spec.transport == "lorawan":
-                        continue
+                    if spec.transport in ("lorawan", "modbus"):
+                        continue  # the ChirpStack integration / its site's bus sends for it
                     runner = (
                         self._serial_device if spec.transport == "serial" else self._mqtt_device
                     )
@@ -663,10 +683,36 @@ class Simulator:
             published=self.stats.published,
         )
 
+    async def _modbus_bus(self, site_id: str) -> None:
+        """Answer the gateway's requests to the site's slaves (``modbusslaves``)."""
+        from firmware_sim.modbusslaves import ModbusBusSim
+
+        specs = self._bus_specs[site_id]
+        for spec in specs:
+            self._ticks(spec)
+
+        def reading(spec: DeviceSpec, emission: Emission, good: bool) -> None:
+            if good:
+                self.stats.frames_written[spec.device_type] += 1
+                if self.sent is not None:
+                    self.sent.append((spec.device_id, emission.uplink))
+            self._record(spec, emission.uplink, emission, acked=good)
+
+        bus = ModbusBusSim(
+            name=site_id,
+            specs=specs,
+            master_fd=self._buses[site_id][0],
+            injectors=self.injectors,
+            sim_now=self._sim_now,
+            on_reading=reading,
+        )
+        await bus.run()
+
     def close(self) -> None:
         """Close the ptys (after the gateways have read what was written)."""
-        for master, slave, _path in self._pty.values():
+        for master, slave, _path in [*self._pty.values(), *self._buses.values()]:
             for fd in (master, slave):
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._pty.clear()
+        self._buses.clear()

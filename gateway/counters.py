@@ -1,6 +1,6 @@
 """The gateway's monotonic counters: one plain record the core and adapters add to.
 
-The routing core, the serial and outbox callbacks add to it; the state
+The routing core, the serial, Modbus and outbox callbacks add to it; the state
 message and the metrics adapter read it. Deciding what to count is theirs.
 """
 
@@ -29,6 +29,11 @@ class GatewayCounters:
     serial_length_errors: int = 0
     serial_garbage_bytes: int = 0
     serial_reconnects: int = 0
+    # (device, outcome) of each Modbus poll: ok, no_answer, garbled (bytes
+    # but no valid answer: CRC, noise, framing), exception (the slave's
+    # exception response), invalid (an answer the register map cannot decode).
+    modbus_polls: Counter[tuple[str, str]] = field(default_factory=Counter)
+    modbus_reconnects: int = 0
     batches_stored: int = 0
     readings_stored: int = 0
     batches_published: int = 0

@@ -30,6 +30,15 @@ writer through the queue, so a sensor's 3 s never hold up other commands.
 A serial command found ``delivering`` after a restart fails ("interrupted"):
 it is never written twice.
 
+Delivery to a Modbus slave: a catalog command its model writes registers
+for (``ModbusModel.writes_for``; any other fails at once, it is never
+published over MQTT), when its bus is open, one command at a time per
+device: stored as ``delivering``, its words (``encode_write``) queued on
+the bus (``BusPoller.write``) and written between polls; ``delivered`` once
+the first write is on the line, ``succeeded`` when the slave echoes every
+write, ``failed`` with the slave's exception or the timeout otherwise. Like
+a serial command, one found ``delivering`` after a restart fails.
+
 Bad input (a malformed message, an answer for a command the device was not
 given) is a WARNING, a reject counted by reason, and dropped.
 """
@@ -45,7 +54,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 from adapters.loglimit import LogLimiter
 from adapters.mqtt import MqttLink
-from contracts.catalog import DEFAULT_COMMAND_TIMEOUT_S, current_catalog
+from contracts.catalog import DEFAULT_COMMAND_TIMEOUT_S, current_catalog, modbus_model
 from contracts.commands import (
     REPORTS_PER_MESSAGE_MAX,
     CommandReports,
@@ -59,6 +68,7 @@ from contracts.commands import (
 from contracts.errors import CommandRefusedError, InputError, SerialUnavailableError
 from contracts.messages import DeviceConfig
 from contracts.mqttcodec import Publish
+from contracts.registermaps import RegisterWrite, encode_write
 from contracts.topics import (
     command_report_topic,
     device_answer_topic,
@@ -86,6 +96,7 @@ from gateway.sitelink import SiteLink
 
 if TYPE_CHECKING:
     from contracts.frames import Sds011Reply
+    from gateway.modbuspoller import BusPoller
     from gateway.serialcommands import SerialPlan
 
 logger = logging.getLogger(__name__)
@@ -102,6 +113,9 @@ PRUNE_EVERY_MS: Final = 60_000
 # first; the deadline only ends one whose task died.
 _SERIAL_DEADLINE_MARGIN_S: Final = 5.0
 _LOG_PER_MINUTE: Final = 5
+# Devices on a line the gateway drives (no broker in between): a command
+# handed over before a restart is failed, never written twice.
+_LINE_TRANSPORTS: Final = ("serial", "modbus")
 # Command messages kept while no config says which devices are served.
 _DEFERRED_MAX: Final = 64
 
@@ -195,6 +209,8 @@ class CommandDownlink:
         self._ports: dict[str, SerialPort] = {}
         self._replies: dict[str, asyncio.Queue[Sds011Reply]] = {}
         self._exchanges: dict[str, asyncio.Task[None]] = {}
+        # Modbus devices: the poller of each one's bus.
+        self._buses: dict[str, BusPoller] = {}
 
     # -- event sources (event loop thread) -------------------------------------------
 
@@ -220,6 +236,14 @@ class CommandDownlink:
     def detach_serial(self, device_id: str, port: SerialPort) -> None:
         if self._ports.get(device_id) is port:
             del self._ports[device_id]
+
+    def attach_modbus(self, device_id: str, bus: BusPoller) -> None:
+        """A Modbus device's bus is running: its commands' writes can be queued on it."""
+        self._buses[device_id] = bus
+
+    def detach_modbus(self, device_id: str, bus: BusPoller) -> None:
+        if self._buses.get(device_id) is bus:
+            del self._buses[device_id]
 
     def on_serial_replies(self, device_id: str, replies: list[Sds011Reply]) -> None:
         """SDS011 replies read from a device's port (event loop): to the exchange waiting."""
@@ -390,7 +414,7 @@ class CommandDownlink:
         devices = self._devices()
         if self._restarted and self._configured():
             self._restarted = False
-            serial = {d for d, dev in devices.items() if dev.transport == "serial"}
+            serial = {d for d, dev in devices.items() if dev.transport in _LINE_TRANSPORTS}
             await self._store(interrupted(self.held.values(), serial=serial, now_ms=now))
         active = [h for h in self.open.values() if is_active(h)]
         await self._store(sweep(active, devices=devices, gateway_id=self.gateway_id, now_ms=now))
@@ -414,6 +438,9 @@ class CommandDownlink:
         if device.transport == "serial":
             port = self._ports.get(device.device_id)
             return port is not None and port.is_open and device.device_id not in self._exchanges
+        if device.transport == "modbus":
+            bus = self._buses.get(device.device_id)
+            return bus is not None and bus.is_open and device.device_id not in self._exchanges
         if not self._online(device.device_id):
             return False
         return device_answer_topic(device.device_id, self.prefix) in self.site.granted_topics()
@@ -423,7 +450,7 @@ class CommandDownlink:
             self._inflight = {}
             self._inflight_generation = self.site.generation
         if not self.site.connected.is_set() and not any(
-            d.transport == "serial" for d in devices.values()
+            d.transport in _LINE_TRANSPORTS for d in devices.values()
         ):
             return
         opened = list(self.open.values())
@@ -450,6 +477,10 @@ class CommandDownlink:
             if device.transport == "serial":
                 if held.device_id not in self._exchanges:  # one at a time per port
                     await self._deliver_serial(held, device)
+                continue
+            if device.transport == "modbus":
+                if held.device_id not in self._exchanges:
+                    await self._deliver_modbus(held, device)
                 continue
             await self._publish(held, device)
 
@@ -559,6 +590,71 @@ class CommandDownlink:
         finally:
             if self._replies.get(device_id) is replies:
                 del self._replies[device_id]
+            self._exchanges.pop(device_id, None)
+            self._put(_SerialAnswers(device_id, answers))
+
+    async def _deliver_modbus(self, held: Held, device: DeviceConfig) -> None:
+        """Start one command's register writes on a slave's bus (its task reports back)."""
+        command = held.command
+        bus = self._buses.get(device.device_id)
+        if command is None or bus is None:
+            return
+        try:
+            model = modbus_model(str(device.model))
+            writes = model.writes_for(command.name)
+            if not writes:
+                raise CommandRefusedError(
+                    device.device_type,
+                    command.name,
+                    None,
+                    f"model {model.name} has no register for it",
+                )
+            words = [
+                (
+                    write,
+                    encode_write(
+                        write,
+                        float(command.args[write.arg]) if write.arg else float(write.value or 0.0),
+                    ),
+                )
+                for write in writes
+            ]
+        except (InputError, KeyError, TypeError, ValueError) as exc:
+            change = fail(held, f"{device.model} cannot take it: {exc}"[:500], self.clock())
+            if change is not None:
+                await self._store([change])
+            return
+        timeout_s = model.timeout_s * len(words) + _SERIAL_DEADLINE_MARGIN_S
+        await self._store([start_delivery(held, timeout_s=timeout_s, now_ms=self.clock())])
+        self.counters.commands_delivered += 1
+        task = asyncio.create_task(
+            self._modbus_exchange(device.device_id, bus, command.command_id, words),
+            name=f"modbus-command[{device.device_id}]",
+        )
+        self._exchanges[device.device_id] = task
+
+    async def _modbus_exchange(
+        self,
+        device_id: str,
+        bus: BusPoller,
+        command_id: str,
+        words: list[tuple[RegisterWrite, list[int]]],
+    ) -> None:
+        """Queue the writes on the bus, wait for the slave's echoes; hand the outcome over."""
+        answers: list[DeviceAnswer] = []
+        try:
+            request = bus.write(device_id, words)
+            problem = await request.done
+            if request.sent.is_set():
+                answers.append(DeviceAnswer(command_id=command_id, state=CommandState.DELIVERED))
+            answers.append(
+                DeviceAnswer(
+                    command_id=command_id,
+                    state=CommandState.FAILED if problem else CommandState.SUCCEEDED,
+                    detail=(problem or "written")[:500],
+                )
+            )
+        finally:
             self._exchanges.pop(device_id, None)
             self._put(_SerialAnswers(device_id, answers))
 

@@ -32,6 +32,7 @@ _COUNTERS = {
     "serial_length_errors": "Serial frames with a bad length",
     "serial_garbage_bytes": "Serial bytes skipped while resynchronising",
     "serial_reconnects": "Serial port reopenings",
+    "modbus_reconnects": "Modbus bus reopenings (after a failure, or a port that would not open)",
     "batches_stored": "Batches written to the outbox",
     "readings_stored": "Readings written to the outbox",
     "batches_published": "Batch publishes (first sends and resends)",
@@ -84,6 +85,13 @@ def gateway_families(
         "Rejected device input by configured device and reason (other: unknown ids)",
         [((device, reason), n) for (device, reason), n in sorted(counters.device_rejects.items())],
         labels=("device", "reason"),
+    )
+    yield Family(
+        "counter",
+        "modbus_polls",
+        "Modbus polls by device and outcome (ok, no_answer, garbled, exception, invalid)",
+        [((device, outcome), n) for (device, outcome), n in sorted(counters.modbus_polls.items())],
+        labels=("device", "outcome"),
     )
     values = gauges()
     for name, help_text in _GAUGES.items():

@@ -12,6 +12,8 @@ Wiring (docs/architecture.md, sections 1, 3 and 5):
   the same site broker; the site link subscribes each configured DevEUI's
   (``gateway.lorawan``: the bridge is part of the gateway) and they take
   the MQTT devices' path, fCnt as seq and the session's DevAddr as boot;
+- Modbus buses (``gateway.modbuspoller.BusPoller``, one task per port): each
+  slave polled at its interval, its registers decoded -> the same path;
 - ``flusher`` task: writes cut (or, past ``batch_max_ms``, due) batches to the
   ``Outbox`` (fsynced, in a worker thread), then acknowledges the device
   messages they hold to the site broker: a message the gateway has not yet
@@ -216,6 +218,7 @@ class Gateway:
         self._flush_now: asyncio.Event | None = None
         self._wake_sender: asyncio.Event | None = None
         self._config_changed: asyncio.Event | None = None
+        self._modbus_changed: asyncio.Event | None = None
         self._central_inbox: asyncio.Queue[_CentralMessage] | None = None
 
     def _uplink(self, central: BrokerSettings) -> MqttLink:
@@ -331,7 +334,9 @@ class Gateway:
                 accepted=c.accepted,
                 rejected=sum(c.rejects.values()),
                 rate_limited=c.rate_limited,
-                serial_errors=c.serial_checksum_errors + c.serial_length_errors,
+                serial_errors=c.serial_checksum_errors
+                + c.serial_length_errors
+                + sum(n for (_d, outcome), n in c.modbus_polls.items() if outcome != "ok"),
                 devices_online=self.tracker.online_count(),
                 batches_resent=c.batches_resent,
                 puback_refused=c.puback_refused,
@@ -658,6 +663,8 @@ class Gateway:
         )
         if self._loop is not None and self._config_changed is not None:
             self._loop.call_soon_threadsafe(self._config_changed.set)
+        if self._loop is not None and self._modbus_changed is not None:
+            self._loop.call_soon_threadsafe(self._modbus_changed.set)
         self._start_site()
 
     def _start_site(self) -> None:
@@ -883,11 +890,70 @@ class Gateway:
         finally:
             self.downlink.detach_serial(device_id, source)
 
+    async def _modbus(self, changed: asyncio.Event) -> None:
+        """Keep one poller task per Modbus bus (port), following config changes."""
+        # Imported on first use: a site without Modbus devices needs no pymodbus.
+        from gateway.modbuspoller import BusPoller
+        from gateway.polling import Bus, bus_changes
+
+        tasks: dict[str, tuple[Bus, BusPoller, asyncio.Task[None]]] = {}
+        async with asyncio.TaskGroup() as group:
+            while True:
+                running = {port: bus for port, (bus, _p, _t) in tasks.items()}
+                stop, start = bus_changes(running, self.router.devices.values())
+                for port in stop:
+                    bus, poller, task = tasks.pop(port)
+                    task.cancel()
+                    for device in bus:
+                        self.downlink.detach_modbus(device.device_id, poller)
+                for port, bus in start.items():
+                    try:
+                        poller = BusPoller(
+                            port=port,
+                            devices=bus,
+                            counters=self.counters,
+                            on_reading=self.accept_serial_reading,
+                            on_status=self._modbus_status,
+                            on_reject=lambda reason, device_id, detail: self._reject(
+                                reason, device_id, detail, b""
+                            ),
+                        )
+                    except HubError as exc:  # a model gone from the catalog since the check
+                        logger.error("modbus %s not polled: %s", port, exc)  # noqa: TRY400 - one line
+                        continue
+                    for device in bus:
+                        self.downlink.attach_modbus(device.device_id, poller)
+                    tasks[port] = (
+                        bus,
+                        poller,
+                        group.create_task(poller.run(), name=f"modbus[{port}]"),
+                    )
+                await changed.wait()
+                changed.clear()
+
+    def _modbus_status(self, device: DeviceConfig, online: bool, detail: str) -> None:
+        """A slave failed OFFLINE_AFTER_FAILURES polls in a row, or answers again: logged once."""
+        with self.lock:
+            changed = self.router.tracker.set_status(
+                device.device_id, online=online, now_ms=self.clock()
+            )
+        if changed and online:
+            logger.info("device %s online: it answers on %s again", device.device_id, device.port)
+            self.downlink.wake()
+        elif changed:
+            logger.info(
+                "device %s offline: its last polls on %s got no answer (%s)",
+                device.device_id,
+                device.port,
+                detail,
+            )
+
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set (or cancelled); flush the builder on the way out."""
         self._loop = asyncio.get_running_loop()
         self._wake_sender = wake = asyncio.Event()
         self._config_changed = changed = asyncio.Event()
+        self._modbus_changed = modbus_changed = asyncio.Event()
         self._flush_now = flush_now = asyncio.Event()
         inbox: asyncio.Queue[_CentralMessage] = asyncio.Queue()
         self._central_inbox = inbox
@@ -921,6 +987,7 @@ class Gateway:
                 group.create_task(self._state(), name="state")
                 group.create_task(self._expiry(), name="expiry")
                 group.create_task(self._serial(changed), name="serial")
+                group.create_task(self._modbus(modbus_changed), name="modbus")
                 group.create_task(self.downlink.run(), name="commands")
                 group.create_task(self.downlink.send_reports(), name="command-reports")
                 if stop is not None:

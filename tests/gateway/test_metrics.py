@@ -39,6 +39,9 @@ def test_counters_rejects_and_gauges_are_served_under_their_names():
     counters.rejects["too_large"] += 2
     counters.rejects["bad_payload"] += 1
     counters.device_rejects["aq-1", "bad_payload"] += 1
+    counters.modbus_polls["noise-1", "ok"] += 5
+    counters.modbus_polls["noise-1", "garbled"] += 2
+    counters.modbus_reconnects = 3
     port = _free_port()
     server = serve_metrics(
         "127.0.0.1", port, gateway_id="gw-a", counters=counters, gauges=lambda: GAUGES
@@ -57,6 +60,11 @@ def test_counters_rejects_and_gauges_are_served_under_their_names():
     assert samples['cityhub_gateway_rejects_total{gateway="gw-a",reason="bad_payload"}'] == 1
     key = 'cityhub_gateway_device_rejects_total{device="aq-1",gateway="gw-a",reason="bad_payload"}'
     assert samples[key] == 1
+    key = 'cityhub_gateway_modbus_polls_total{device="noise-1",gateway="gw-a",outcome="garbled"}'
+    assert samples[key] == 2
+    key = 'cityhub_gateway_modbus_polls_total{device="noise-1",gateway="gw-a",outcome="ok"}'
+    assert samples[key] == 5
+    assert samples['cityhub_gateway_modbus_reconnects_total{gateway="gw-a"}'] == 3
     for name, value in GAUGES.items():
         assert samples[f'cityhub_gateway_{name}{{gateway="gw-a"}}'] == value
 
