@@ -917,6 +917,15 @@ def describe_changes(base: Catalog, catalog: Catalog) -> list[str]:
                 f"{name}: offline after {dtype.offline_after_s:g} s (was {old.offline_after_s:g} s)"
             )
         lines.extend(_describe_commands(name, old.commands, dtype.commands))
+    for kind, new_models, old_models in (
+        ("Modbus", catalog.modbus_models, base.modbus_models),
+        ("LoRaWAN", catalog.lorawan_models, base.lorawan_models),
+    ):
+        for name, model in new_models.items():
+            if name not in old_models:
+                lines.append(f"new {kind} model {name} ({model.device_type})")
+            elif model != old_models[name]:
+                lines.append(f"{kind} model {name} replaced")
     return lines
 
 
