@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import http.client
 import os
 import signal
+import ssl
 import threading
 import uuid
 from collections.abc import Iterator
@@ -14,6 +16,7 @@ import msgspec
 import pytest
 
 from cityhub.localstack.procs import free_port
+from contracts.errors import SettingsError
 from contracts.httpapi import (
     HTTP_MAX_READINGS,
     HttpAnswer,
@@ -23,7 +26,9 @@ from contracts.httpapi import (
     token_sha256,
 )
 from contracts.messages import DeviceConfig, GatewayConfig
+from devices.pki import Pki
 from gateway.counters import GatewayCounters
+from gateway.httpserver import HttpEndpoint
 from gateway.routing import Router
 from tests.gateway.test_faults import (
     gateway_config_file,
@@ -406,3 +411,53 @@ def test_gateway_kill_9_right_after_200s_loses_no_acknowledged_reading(  # noqa:
         pub.disconnect()
         ingest.close()
     assert proc.returncode == 0, log.read_text()[-2000:]
+
+
+def test_the_endpoint_serves_tls_with_its_certificate(mqtt_server, tmp_path, ids):
+    gateway_id, prefix = ids
+    pki = Pki(tmp_path / "pki")
+    now = dt.datetime.now(dt.UTC)
+    pki.create_ca(now=now)
+    server = pki.issue_server(["127.0.0.1"], now=now)
+    devices, tokens = http_devices(prefix, 1)
+    pub = client(mqtt_server)
+    publish_config(pub, gateway_id=gateway_id, prefix=prefix, devices=devices, version=1)
+    broker = broker_settings(mqtt_server)
+    port = free_port()
+    settings = gateway_settings(
+        gateway_id,
+        prefix,
+        http_port=port,
+        http_cert_file=str(server.cert),
+        http_key_file=str(server.key),
+    )
+    with gateway_in_thread(
+        settings=settings, central=broker, site=broker, outbox=tmp_path / "o.sqlite3"
+    ) as gw:
+        wait_for(lambda: len(gw.devices) == 1, 10, "config applied")
+        context = ssl.create_default_context(cafile=str(pki.ca.cert))
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+        _OPEN.append(conn)
+        path = readings_path(devices[0].device_id)
+        reply = post(conn, path, kiosk_uplink(0, now_ms()), token=tokens[0])
+        assert reply.status == 200
+        assert conn.sock is not None
+        assert conn.sock.version() is not None  # type: ignore[attr-defined]  # an SSLSocket
+        # Closed while the gateway runs: a TLS connection it must close itself
+        # is left to the loop's end, and the test's loop closes at once.
+        conn.close()
+    pub.disconnect()
+
+
+def test_tls_needs_both_the_certificate_and_its_key(tmp_path):
+    settings = gateway_settings("gw-x", "tx", http_port=free_port(), http_cert_file="c.pem")
+    with pytest.raises(SettingsError) as info:
+        HttpEndpoint(
+            settings=settings,
+            router=Router(settings=settings, boot_id="b", counters=GatewayCounters()),
+            lock=threading.Lock(),
+            clock=now_ms,
+            flush_soon=lambda: None,
+            log_events=lambda: None,
+        )
+    assert info.value.key == "gateway.http_key_file"
