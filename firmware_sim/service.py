@@ -45,7 +45,7 @@ import aiomqtt
 from adapters.backoff import backoff_delay_s
 from adapters.mqtt import answer_properties
 from contracts.commands import DeviceAnswer, encode_device_answer
-from contracts.errors import BrokerUnavailableError, HubError
+from contracts.errors import BrokerUnavailableError
 from contracts.frames import SERIAL_BAUD
 from contracts.messages import DEVICE_OFFLINE, DEVICE_ONLINE, DeviceUplink
 from contracts.settings import BrokerSettings
@@ -515,10 +515,14 @@ class Simulator:
 
         url = self.http_endpoints.get(spec.site_id)
         if url is None or spec.http_token is None:
-            raise HubError(
-                f"simulator: HTTP device {spec.device_id} has no endpoint for site "
-                f"{spec.site_id} or no token"
+            # The rest of the fleet runs on: a run without gateway endpoints
+            # (`cityhub sim run`) simulates the other transports.
+            logger.warning(
+                "device %s: no HTTP endpoint for site %s (or no token): not simulated",
+                spec.device_id,
+                spec.site_id,
             )
+            return
         injector = self._ticks(spec)
 
         def settled(emission: Emission, acked: bool) -> None:

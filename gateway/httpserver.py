@@ -239,6 +239,7 @@ class HttpEndpoint:
             payloads = split_readings(body)
         except InputError as exc:
             with self.lock:
+                self.router.counters.received += 1
                 self.router.reject(exc.reason, device.device_id, str(exc), body, self.clock())
             self.log_events()
             status = 413 if exc.reason == "too_large" else 400

@@ -142,3 +142,17 @@ def test_http_devices_deliver_exactly_what_was_acknowledged(mqtt_server, tmp_pat
     assert sim.stats.posted["satisfaction_terminal"] == len(acked)
     pub.disconnect()
     ingest.close()
+
+
+@pytest.mark.slow
+def test_without_an_endpoint_http_devices_sit_out_and_the_rest_runs(mqtt_server, caplog):
+    tag = f"s{uuid.uuid4().hex[:5]}"
+    specs = hall_fleet(tag)
+    sim = Simulator(
+        devices=specs, site_broker=broker_settings(mqtt_server), topic_prefix=tag, seed=11
+    )
+    with service_in_thread(sim.run, name="sim"):
+        wait_for(lambda: sim.stats.total() >= 2, 10, "the MQTT terminal's readings")
+    assert set(sim.injectors) == {s.device_id for s in specs if s.transport == "mqtt"}
+    assert sum(sim.stats.posted.values()) == 0
+    assert "no HTTP endpoint for site" in caplog.text
