@@ -37,7 +37,7 @@ CONFIG_ENV = "CITYHUB_CONFIG"
 LOOPBACK = "127.0.0.1"
 # Fields that name a local address to bind, in whichever section declares one
 # (each listener's host sits next to its port); check_bind_hosts checks them.
-BIND_HOST_FIELDS = frozenset({"metrics_host"})
+BIND_HOST_FIELDS = frozenset({"metrics_host", "http_host"})
 
 
 class DatabaseSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -142,6 +142,16 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     metrics_port: int = 0
     # Prefix for every topic (tests give each test its own).
     topic_prefix: str = ""
+    # HTTP devices POST readings to http_host:http_port (contracts.httpapi);
+    # port 0 (the default) serves no endpoint. Loopback by default, like
+    # /metrics: devices on the site network need "0.0.0.0" (or this
+    # machine's address), a choice made together with TLS, since a bearer
+    # token crosses the network in clear text without it. An IP literal.
+    http_host: str = LOOPBACK
+    http_port: int = 0
+    # TLS for the endpoint: a PEM certificate (chain) and its key; both or neither.
+    http_cert_file: str = ""
+    http_key_file: str = ""
 
 
 class IngestSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -18,6 +18,10 @@
   and reads the host's command frames from it: a sensor obeys them (sleep,
   query/passive mode, SDS011 working period; ``sensorcontrol``) and answers
   as its datasheet says.
+- HTTP devices (``firmware_sim.httpdevice``): each posts its readings to
+  its site's gateway endpoint (``http_endpoints``) with its bearer token,
+  keeping a backlog of what is unanswered; a reading enters the ledger as
+  acknowledged only with a 2xx (or the ``accepted`` count of an answer).
 
 - Modbus devices: one pty per site bus (``ports`` names it for each of
   its devices), its slaves answered by ``firmware_sim.modbusslaves``; a
@@ -145,9 +149,14 @@ class SimStats:
     late_ms_max: int = 0  # worst lateness of a send against its schedule
     commands: Counter[str] = field(default_factory=Counter)  # command messages by type
     answers: Counter[str] = field(default_factory=Counter)  # answers published by state
+    posted: Counter[str] = field(default_factory=Counter)  # HTTP readings stored, by type
 
     def total(self) -> int:
-        return sum(self.published.values()) + sum(self.frames_written.values())
+        return (
+            sum(self.published.values())
+            + sum(self.frames_written.values())
+            + sum(self.posted.values())
+        )
 
 
 class Simulator:
@@ -163,8 +172,11 @@ class Simulator:
         time_acceleration: float = 1.0,
         clock: Callable[[], int] = wall_ms,
         record: bool = False,
+        http_endpoints: dict[str, str] | None = None,
     ) -> None:
         self.devices = devices
+        # Site id -> its gateway's HTTP base URL (http://127.0.0.1:port), for HTTP devices.
+        self.http_endpoints = http_endpoints or {}
         # record=True keeps every reading sent (device id, uplink): the
         # ledger end-to-end tests compare the database with.
         self.sent: list[tuple[str, DeviceUplink]] | None = [] if record else None
@@ -520,6 +532,45 @@ class Simulator:
             )
         )
 
+    async def _http_device(self, spec: DeviceSpec) -> None:
+        """Readings at the device's ticks into its backlog; its uplink posts them."""
+        from firmware_sim.httpdevice import HttpUplink
+
+        url = self.http_endpoints.get(spec.site_id)
+        if url is None or spec.http_token is None:
+            # The rest of the fleet runs on: a run without gateway endpoints
+            # (`cityhub sim run`) simulates the other transports.
+            logger.warning(
+                "device %s: no HTTP endpoint for site %s (or no token): not simulated",
+                spec.device_id,
+                spec.site_id,
+            )
+            return
+        injector = self._ticks(spec)
+
+        def settled(emission: Emission, acked: bool) -> None:
+            self._record(spec, emission.uplink, emission, acked=acked)
+            if acked:
+                self.stats.posted[spec.device_type] += 1
+                if self.sent is not None:
+                    self.sent.append((spec.device_id, emission.uplink))
+
+        uplink = HttpUplink(
+            base_url=url, device_id=spec.device_id, token=spec.http_token, on_settled=settled
+        )
+        sender = asyncio.create_task(uplink.run(), name=f"http[{spec.device_id}]")
+        tick = self._next_tick(spec, self._sim_now())
+        try:
+            while True:
+                await self._sleep_until_sim(tick)
+                for emission in injector.emit(tick):
+                    await self._sleep_until_sim(emission.at_ms)
+                    uplink.add(emission)
+                tick = self._next_tick(spec, tick)
+        finally:
+            await cancel_until_done([sender])
+            uplink.abandon()
+
     async def _serial_device(self, spec: DeviceSpec) -> None:
         assert spec.protocol is not None  # noqa: S101 - build_fleet gives serial devices one
         injector = self._ticks(spec)
@@ -657,7 +708,11 @@ class Simulator:
                     if spec.transport in ("lorawan", "modbus"):
                         continue  # the ChirpStack integration / its site's bus sends for it
                     runner = (
-                        self._serial_device if spec.transport == "serial" else self._mqtt_device
+                        self._serial_device
+                        if spec.transport == "serial"
+                        else self._http_device
+                        if spec.transport == "http"
+                        else self._mqtt_device
                     )
                     tasks.append(group.create_task(runner(spec), name=f"device[{spec.device_id}]"))
                 if stop is not None:

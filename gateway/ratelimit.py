@@ -7,6 +7,7 @@ is dropped and counted by the caller.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -48,3 +49,14 @@ class TokenBuckets:
             bucket.tokens -= 1.0
             return True
         return False
+
+    def retry_after_ms(self, device_id: str, now_ms: int) -> int:
+        """How long until ``device_id`` has a token again (0: it has one now)."""
+        bucket = self._buckets.get(device_id)
+        if bucket is None:
+            return 0
+        rate = self._rates.get(device_id, self.default_rate_per_s)
+        tokens = bucket.tokens + max(0, now_ms - bucket.last_ms) * rate / 1000.0
+        if tokens >= 1.0:
+            return 0
+        return math.ceil((1.0 - tokens) * 1000.0 / rate)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from contracts.catalog import DEFAULT_OFFLINE_AFTER_S, DEVICE_TYPES, device_type
 from contracts.errors import InputError, UnknownMetricError
+from contracts.httpapi import HTTP_MAX_READINGS
 from contracts.messages import (
     Batch,
     DeviceConfig,
@@ -62,6 +63,24 @@ class Rejected:
     reason: str
     device_id: str
     detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class HttpIntake:
+    """What became of the readings of one HTTP request, in body order."""
+
+    accepted: int = 0  # taken from the first on: added, or repeats of readings taken before
+    duplicates: int = 0  # of those, repeats (not added again)
+    rejected: tuple[tuple[int, str, str], ...] = ()  # (index, reason, detail)
+    retry_after_ms: int = 0  # > 0: the rate limit stopped it at index accepted + rejects
+    outbox_full: bool = False  # nothing looked at: the outbox takes nothing now
+    waits: bool = False  # answered once ``released`` names its request id
+
+
+# Recent (seq, ts) per HTTP device, to know a request sent again after its
+# answer was lost: a device resends at most its unanswered requests, a
+# few arrays of HTTP_MAX_READINGS, in order.
+HTTP_RECENT_KEYS = 4 * HTTP_MAX_READINGS
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +189,13 @@ class Router:
         self.outbox_full_since_ms: int | None = None
         self.refused_this_episode = 0
         self.events: list[Event] = []
+        # HTTP requests waiting for their readings' store: ids since the last
+        # cut, then by the number of the cut (ready entry) that releases them.
+        self.http_waiting: list[int] = []
+        self.http_cuts: dict[int, list[int]] = {}
+        self.cuts = 0  # ready entries appended since boot
+        self.cuts_done = 0  # ... and stored (or refused) by the shell
+        self.http_recent: dict[str, dict[tuple[int, int], None]] = {}
 
     # -- config --------------------------------------------------------------------
 
@@ -182,6 +208,7 @@ class Router:
         for device_id in diff.removed:
             self.buckets.forget(device_id)
             self.tracker.forget(device_id)
+            self.http_recent.pop(device_id, None)
         for device in config.devices:
             self.buckets.set_rate(device.device_id, device.rate_limit_per_s)
         self.routes = site_routes(config.devices, self.prefix)
@@ -428,13 +455,24 @@ class Router:
     def cut(self, now: int) -> None:
         """Move the builder's rows and the acks they release to the ready queue."""
         batch = self.builder.take(now)
-        if batch is not None or self.site_acks:
+        if batch is not None or self.site_acks or self.http_waiting:
             self.ready.append((batch, self.site_acks, self.acks_generation))
             self.site_acks = []
+            self.cuts += 1
+            if self.http_waiting:
+                self.http_cuts[self.cuts] = self.http_waiting
+                self.http_waiting = []
 
     def take_ready(self, now: int, *, force: bool) -> list[Ready]:
         """The ready queue, after cutting the builder if it is due (or ``force``)."""
-        if force or self.builder.due(now) or (self.site_acks and not self.builder.rows):
+        # HTTP requests wait for this cut: it is made at once, so their
+        # answers take one fsync, not batch_max_ms.
+        if (
+            force
+            or self.builder.due(now)
+            or (self.site_acks and not self.builder.rows)
+            or self.http_waiting
+        ):
             self.cut(now)
         ready, self.ready = self.ready, []
         return ready
@@ -475,3 +513,101 @@ class Router:
         return self.tracker.expire(
             now, timeout_ms=int(DEFAULT_OFFLINE_AFTER_S * 1000), timeouts_ms=timeouts
         )
+
+    # -- HTTP readings -------------------------------------------------------------------
+
+    def http_readings(
+        self, device: DeviceConfig, payloads: list[bytes], *, request_id: int, now: int
+    ) -> HttpIntake:
+        """The uplinks of one HTTP request of ``device`` (authenticated), in order.
+
+        Each takes a token of the device's bucket, then is decoded and checked
+        as an MQTT uplink is; the first without a token stops the request
+        (the rest are left to the device to send again). A repeat of a recent
+        reading (same seq and ts: the device did not get the answer) is not
+        added again. If any was taken, ``request_id`` waits for the next cut.
+        """
+        if self.outbox_full_since_ms is not None:
+            return HttpIntake(outbox_full=True)
+        device_id = device.device_id
+        self.counters.received += len(payloads)
+        recent = self.http_recent.setdefault(device_id, {})
+        accepted = duplicates = retry_after_ms = 0
+        rejected: list[tuple[int, str, str]] = []
+        for index, payload in enumerate(payloads):
+            if not self.buckets.allow(device_id, now):
+                self.counters.rate_limited += len(payloads) - index
+                retry_after_ms = max(1, self.buckets.retry_after_ms(device_id, now))
+                break
+            uplink = self._http_uplink(device, payload, now)
+            if uplink is None:
+                event = self.events[-1]
+                assert isinstance(event, Rejected)  # noqa: S101 - _http_uplink queued it
+                rejected.append((index, event.reason, event.detail))
+                continue
+            accepted += 1
+            key = (uplink.seq, uplink.ts_ms)
+            if key in recent:
+                duplicates += 1
+                self.counters.duplicates += 1
+                continue
+            recent[key] = None
+            if len(recent) > HTTP_RECENT_KEYS:
+                del recent[next(iter(recent))]
+            self._accept(
+                device,
+                seq=uplink.seq,
+                ts_ms=uplink.ts_ms,
+                recv_ms=now,
+                values=uplink.metrics,
+                boot=uplink.boot,
+            )
+            if self.builder.rows >= self.builder.max_rows:
+                self.cut(now)
+        if accepted:
+            self.http_waiting.append(request_id)
+        return HttpIntake(
+            accepted=accepted,
+            duplicates=duplicates,
+            rejected=tuple(rejected),
+            retry_after_ms=retry_after_ms,
+            waits=bool(accepted),
+        )
+
+    def _http_uplink(self, device: DeviceConfig, payload: bytes, now: int) -> DeviceUplink | None:
+        """One checked uplink, or None after queueing its reject (the last event)."""
+        try:
+            return decode_device_uplink(payload, device_type=device.device_type, now_ms=now)
+        except UnknownMetricError:
+            return self._tolerate_unknown(device.device_id, device.device_type, payload, now)
+        except InputError as exc:
+            self.reject(exc.reason, device.device_id, str(exc), payload, now)
+            return None
+
+    def released(self, done: list[Ready], refused: frozenset[str]) -> list[tuple[int, bool]]:
+        """The HTTP requests that ``done`` answers, each with whether its readings are stored.
+
+        ``done`` is the head of the ready queue, which the shell has just
+        stored; batches whose ids are in ``refused`` were too large for the
+        outbox. A refused batch's devices forget their recent readings, so
+        that the requests they send again are taken again.
+        """
+        answers: list[tuple[int, bool]] = []
+        for batch, _acks, _generation in done:
+            self.cuts_done += 1
+            request_ids = self.http_cuts.pop(self.cuts_done, None)
+            if not request_ids:
+                continue
+            stored = batch is None or batch.batch_id not in refused
+            if not stored and batch is not None:
+                for device_id in batch.devices:
+                    self.http_recent.pop(device_id, None)
+            answers.extend((request_id, stored) for request_id in request_ids)
+        return answers
+
+    def http_unanswered(self) -> list[int]:
+        """Every HTTP request still waiting (the gateway is stopping); none waits after this."""
+        waiting = [i for ids in self.http_cuts.values() for i in ids] + self.http_waiting
+        self.http_cuts.clear()
+        self.http_waiting = []
+        return waiting

@@ -14,6 +14,9 @@ Wiring (docs/architecture.md, sections 1, 3 and 5):
   the MQTT devices' path, fCnt as seq and the session's DevAddr as boot;
 - Modbus buses (``gateway.modbuspoller.BusPoller``, one task per port): each
   slave polled at its interval, its registers decoded -> the same path;
+- HTTP devices (``gateway.httpserver``, when ``http_port`` is set): POSTed
+  uplinks -> the same path, each request answered once the flusher has
+  stored its readings;
 - ``flusher`` task: writes cut (or, past ``batch_max_ms``, due) batches to the
   ``Outbox`` (fsynced, in a worker thread), then acknowledges the device
   messages they hold to the site broker: a message the gateway has not yet
@@ -60,7 +63,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import msgspec
 
@@ -110,6 +113,10 @@ from gateway.outbox import Outbox
 from gateway.routing import Fitting, Joined, Ready, Rejected, Router, StatusChanged, fit_ready
 from gateway.sitelink import SITE_MAX_PACKET_BYTES, SiteLink
 from gateway.tracking import DeviceTracker
+
+if TYPE_CHECKING:
+    # aiohttp is loaded only by a gateway that serves HTTP devices.
+    from gateway.httpserver import HttpEndpoint
 
 __all__ = ["Gateway", "GatewayCounters", "outbox_path", "serve"]
 
@@ -220,6 +227,7 @@ class Gateway:
         self._config_changed: asyncio.Event | None = None
         self._modbus_changed: asyncio.Event | None = None
         self._central_inbox: asyncio.Queue[_CentralMessage] | None = None
+        self.http: HttpEndpoint | None = None
 
     def _uplink(self, central: BrokerSettings) -> MqttLink:
         return MqttLink(
@@ -728,6 +736,12 @@ class Gateway:
             # after them: they are counted, and holding them would stall the
             # site broker's in-flight window.
             self.site.ack(generation, acks)
+        if self.http is not None:
+            with self.lock:
+                answers = self.router.released(
+                    done, frozenset(batch_id for batch_id, _b, _r in fitting.too_large)
+                )
+            self.http.release(answers)
 
     def _fitting(self, ready: list[Ready]) -> Fitting:
         """What of ``ready`` the outbox takes now; batches larger than all of it are refused."""
@@ -977,6 +991,8 @@ class Gateway:
                 counters=self.counters,
                 gauges=self._gauges,
             )
+        if self.settings.http_port:
+            self.http = await self._http_endpoint()
         self.central.start()
         self._start_site()
         try:
@@ -996,8 +1012,13 @@ class Gateway:
             pass
         finally:
             # Store what the builder holds and acknowledge it while the site
-            # link is still up; then leave the site session cleanly.
+            # link is still up (and answer the HTTP requests waiting for it,
+            # the others 503); then leave the site session cleanly.
+            if self.http is not None:
+                self.http.refuse_new()
             await self.flush(force=True)
+            if self.http is not None:
+                await self.http.stop()
             await self._stop_site()
             self.central.publish(
                 state_topic(self.gateway_id, self.prefix),
@@ -1010,6 +1031,25 @@ class Gateway:
                 metrics_server.close()
             self.outbox.close()
             logger.info("gateway %s stopped", self.gateway_id)
+
+    async def _http_endpoint(self) -> HttpEndpoint:
+        """Listen for HTTP devices; the address is checked before any broker connection."""
+        from gateway.httpserver import HttpEndpoint
+
+        def flush_soon() -> None:
+            if self._flush_now is not None:
+                self._flush_now.set()
+
+        endpoint = HttpEndpoint(
+            settings=self.settings,
+            router=self.router,
+            lock=self.lock,
+            clock=self.clock,
+            flush_soon=flush_soon,
+            log_events=self._log_events,
+        )
+        await endpoint.start()
+        return endpoint
 
     async def _drain_central(self, inbox: asyncio.Queue[_CentralMessage]) -> None:
         """Apply the acks and config the uplink handed over before it stopped."""

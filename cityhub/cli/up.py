@@ -41,12 +41,14 @@ from rich.table import Table
 from cityhub.cli.context import CliState, reported_errors, state_of
 from cityhub.cli.sim import (
     gateway_configs,
+    gateway_id_for,
     load_fleet,
     parse_duration,
     publish_gateway_configs,
     register_simulated_fleet,
 )
 from cityhub.localstack.mosquitto import ADMIN_USER
+from cityhub.localstack.procs import free_port
 from contracts.catalog import DEVICE_TYPES
 from contracts.errors import HubError, LocalServiceError, MissingDependencyError
 from contracts.messages import GatewayState, decode_gateway_state
@@ -417,6 +419,7 @@ class System:
         self.specs, self.sim, self.broker = _prepare_fleet(
             self.stack, self.url, self.schema, fleet=fleet, sites=sites, seed=seed
         )
+        self.http_settings = http_gateway_settings(self.sim.http_endpoints)
         self.configs = gateway_configs(self.specs, self.sim.ports)
         self.gateway_ids = {c.gateway_id for c in self.configs}
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -519,6 +522,8 @@ class System:
                         "outbox_path": str(run_dir / f"{gateway_id}.outbox.sqlite3"),
                         # Fresh state every second for the live view.
                         "state_interval_s": 1.0,
+                        # Its HTTP devices' endpoint, on loopback: the simulator is here.
+                        **self.http_settings.get(gateway_id, {}),
                         **self._gateway_settings(gateway_id),
                     },
                     "gateway.site_broker": broker_toml,
@@ -662,6 +667,7 @@ def _prepare_fleet(
     from firmware_sim.service import Simulator
 
     description, specs = load_fleet(fleet, sites=sites, seed=seed, default_sites=DEFAULT_SITES)
+    http_sites = sorted({s.site_id for s in specs if s.transport == "http"})
     mq = stack.mosquitto()
     broker = BrokerSettings(
         host="127.0.0.1", port=mq.port, username=ADMIN_USER, password=mq.admin_password
@@ -673,9 +679,19 @@ def _prepare_fleet(
         period_ms=description.period_ms,
         time_acceleration=description.time_acceleration,
         record=True,
+        http_endpoints={site: f"http://127.0.0.1:{free_port()}" for site in http_sites},
     )
     register_simulated_fleet(url, schema, specs, sim.ports)
     return specs, sim, broker
+
+
+def http_gateway_settings(endpoints: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Gateway id -> its HTTP endpoint settings, for each site whose devices post readings."""
+    settings: dict[str, dict[str, Any]] = {}
+    for site_id, url in endpoints.items():
+        port = int(url.rsplit(":", 1)[1])
+        settings[gateway_id_for(site_id)] = {"http_host": "127.0.0.1", "http_port": port}
+    return settings
 
 
 def _wait_ready(watcher: StateWatcher, children: Children, gateway_ids: set[str]) -> None:
