@@ -214,6 +214,10 @@ class ModbusBusSim:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        # Slaves powered on now do not answer what the gateway asked before:
+        # requests waiting in the pty from before the start are dropped, or
+        # each would be answered long after the gateway gave up on it.
+        self._discard_pending()
         readable = asyncio.Event()
         loop.add_reader(self.master_fd, readable.set)
         buffer = b""
@@ -240,6 +244,14 @@ class ModbusBusSim:
                     await self._answer(pdu)
         finally:
             loop.remove_reader(self.master_fd)
+
+    def _discard_pending(self) -> None:
+        while True:
+            try:
+                if not os.read(self.master_fd, READ_BYTES):
+                    return
+            except OSError:  # nothing waiting (EAGAIN), or no gateway side yet (EIO)
+                return
 
     async def _answer(self, request: ModbusPDU) -> None:
         slave_id = request.dev_id

@@ -653,7 +653,7 @@ def _print_outcome(state: CliState, outcome: Outcome, policy: CrashLoss) -> bool
     table.add_column("")
     table.add_column("readings", justify="right")
     table.add_row("sent by the simulator", f"{r.acknowledged + r.unacked_sent:,}")
-    table.add_row("acknowledged (PUBACK, or written to a serial line)", f"{r.acknowledged:,}")
+    table.add_row("acknowledged (PUBACK, HTTP 2xx, or answered on a serial line or bus)", f"{r.acknowledged:,}")
     table.add_row("stored exactly once", f"{r.stored:,}")
     table.add_row("rejected with a reason", f"{sum(r.rejected.values()):,}")
     for reason, n in sorted(r.rejected.items()):

@@ -45,7 +45,7 @@ def test_up_for_a_fixed_time_stores_every_reading_and_leaves_nothing_running(up_
     result = _up(env, 12)
     out = result.stdout
     assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
-    acknowledged = _row(out, "acknowledged (PUBACK, or written to a serial line)")
+    acknowledged = _row(out, "acknowledged (PUBACK, HTTP 2xx, or answered on a serial line or bus)")
     stored = _row(out, "│ stored")
     assert acknowledged > 50  # a dozen devices for about 12 s
     assert stored == acknowledged
