@@ -205,6 +205,15 @@ def run(
             "ingest accepts their readings (the sites must be seeded)."
         ),
     ] = False,
+    http_url: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--http-url",
+            help="SITE=URL: where the site's HTTP devices post (its gateway's endpoint, "
+            "e.g. hk-hall-quan=http://127.0.0.1:8470); repeat per site. A site without "
+            "one has its HTTP devices sit out, with a warning.",
+        ),
+    ] = None,
 ) -> None:
     """Run the simulated fleet: MQTT devices on the site broker, serial sensors on ptys.
 
@@ -216,6 +225,7 @@ def run(
     state = state_of(ctx)
     with reported_errors(state):
         description, specs = load_fleet(fleet, sites=sites, seed=seed)
+        endpoints = parse_http_urls(http_url or [], {s.site_id for s in specs})
         site_broker = embedded_broker(state, state.settings.gateway.site_broker)
         sim = Simulator(
             devices=specs,
@@ -224,6 +234,7 @@ def run(
             seed=description.seed,
             period_ms=description.period_ms,
             time_acceleration=description.time_acceleration,
+            http_endpoints=endpoints,
         )
         if register:
             register_simulated_fleet(
@@ -242,6 +253,19 @@ def run(
         finally:
             sim.close()
         _summary(state, sim)
+
+
+def parse_http_urls(values: list[str], site_ids: set[str]) -> dict[str, str]:
+    """``SITE=URL`` options as {site: base URL}; SettingsError naming the bad one."""
+    endpoints: dict[str, str] = {}
+    for value in values:
+        site_id, sep, url = value.partition("=")
+        if not sep or not url.startswith(("http://", "https://")):
+            raise SettingsError("--http-url", f"{value!r} is not SITE=http(s)://host:port")
+        if site_id not in site_ids:
+            raise SettingsError("--http-url", f"{site_id!r} is not a simulated site")
+        endpoints[site_id] = url.rstrip("/")
+    return endpoints
 
 
 async def _run(state: CliState, sim: Simulator, seconds: float | None) -> None:
@@ -277,9 +301,16 @@ def _summary(state: CliState, sim: Simulator) -> None:
     table = Table(title="simulated readings")
     table.add_column("device type")
     table.add_column("MQTT messages", justify="right")
-    table.add_column("serial frames", justify="right")
-    for dtype in sorted(set(sim.stats.published) | set(sim.stats.frames_written)):
-        table.add_row(dtype, str(sim.stats.published[dtype]), str(sim.stats.frames_written[dtype]))
+    table.add_column("serial frames / Modbus answers", justify="right")
+    table.add_column("HTTP readings", justify="right")
+    stats = sim.stats
+    for dtype in sorted(set(stats.published) | set(stats.frames_written) | set(stats.posted)):
+        table.add_row(
+            dtype,
+            str(stats.published[dtype]),
+            str(stats.frames_written[dtype]),
+            str(stats.posted[dtype]),
+        )
     state.console.print(table)
     faults = {
         k: v for k, v in msgspec.to_builtins(sim.fault_counters()).items() if v not in (0, {})

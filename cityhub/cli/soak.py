@@ -262,7 +262,10 @@ def _soak(
     )
     _print_timeline(state, runner.events)
     failed = _print_outcome(state, outcome, broker_crash_loss)
-    _write_report(system.run_dir / "report.json", schedule, runner.events, outcome, failed)
+    by_transport = Counter(str(e.transport) for e in system.ledger.acknowledged())
+    _write_report(
+        system.run_dir / "report.json", schedule, runner.events, outcome, failed, by_transport
+    )
     return failed
 
 
@@ -331,7 +334,12 @@ def _run_schedule(
 
 
 def _write_report(
-    path: Path, schedule: Schedule, events: list[Event], outcome: Outcome, failed: bool
+    path: Path,
+    schedule: Schedule,
+    events: list[Event],
+    outcome: Outcome,
+    failed: bool,
+    by_transport: Counter[str],
 ) -> None:
     """The run as JSON: schedule, timeline, counts and every lost reading."""
     r = outcome.result
@@ -345,6 +353,7 @@ def _write_report(
         "schedule": msgspec.to_builtins(schedule),
         "timeline": [msgspec.to_builtins(e) for e in events],
         "acknowledged": r.acknowledged,
+        "acknowledged_by_transport": dict(sorted(by_transport.items())),
         "stored": r.stored,
         "rejected": dict(r.rejected),
         "unacked_sent": r.unacked_sent,
@@ -653,7 +662,10 @@ def _print_outcome(state: CliState, outcome: Outcome, policy: CrashLoss) -> bool
     table.add_column("")
     table.add_column("readings", justify="right")
     table.add_row("sent by the simulator", f"{r.acknowledged + r.unacked_sent:,}")
-    table.add_row("acknowledged (PUBACK, HTTP 2xx, or answered on a serial line or bus)", f"{r.acknowledged:,}")
+    table.add_row(
+        "acknowledged (PUBACK, HTTP 2xx, or answered on a serial line or bus)",
+        f"{r.acknowledged:,}",
+    )
     table.add_row("stored exactly once", f"{r.stored:,}")
     table.add_row("rejected with a reason", f"{sum(r.rejected.values()):,}")
     for reason, n in sorted(r.rejected.items()):

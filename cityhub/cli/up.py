@@ -8,10 +8,10 @@ processes and the simulator in this process. Without the Alertmanager program
 it runs without notifications and says so. Shows a live view until Ctrl-C or ``--for``;
 then stops the simulator, lets the gateways deliver their backlog, stops
 every child (SIGTERM, SIGKILL after a timeout: no orphans) and prints a
-summary. Exits 1 if any reading of this run that the
-simulator had handed over (PUBACK from the site broker, an HTTP 2xx from
-the gateway, or answered on a serial line or Modbus bus) is missing from the database and not accounted for as a
-reject, or is there twice: the check compares the simulator's ledger, reading
+summary. Exits 1 if any reading of this run that the simulator had handed
+over (PUBACK from the site broker, an HTTP 2xx from the gateway, or
+answered on a serial line or Modbus bus) is missing from the database and
+not accounted for as a reject, or is there twice: the check compares the simulator's ledger, reading
 by reading (device, seq, ts), with the rows of this run, so a state
 directory holding earlier runs' data cannot hide a loss.
 """
@@ -813,7 +813,10 @@ def _print_summary(state: CliState, result: Reconciliation) -> int:
     table.add_column("")
     table.add_column("readings", justify="right")
     table.add_row("sent by the simulator", f"{result.acknowledged + result.unacked_sent:,}")
-    table.add_row("acknowledged (PUBACK, HTTP 2xx, or answered on a serial line or bus)", f"{result.acknowledged:,}")
+    table.add_row(
+        "acknowledged (PUBACK, HTTP 2xx, or answered on a serial line or bus)",
+        f"{result.acknowledged:,}",
+    )
     table.add_row("stored", f"{result.stored:,}")
     table.add_row("rejected (in the rejects table)", f"{sum(result.rejected.values()):,}")
     for reason, n in sorted(result.rejected.items()):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 from typer.testing import CliRunner
 
 from cityhub.cli.main import app
+from cityhub.cli.sim import parse_http_urls
 from cityhub.localstack.mosquitto import ADMIN_USER
+from contracts.errors import SettingsError
 
 
 def test_sim_run_register_puts_the_fleet_in_the_registry(mqtt_server, db_url, db_conn, seeded):
@@ -51,3 +54,20 @@ def test_sim_run_without_register_leaves_the_registry_alone(mqtt_server, db_url,
     result = CliRunner().invoke(app, args, env=env)
     assert result.exit_code == 0, result.output
     assert db_conn.execute(f"SELECT count(*) FROM {seeded}.devices").fetchone() == (0,)
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("hk-hall-quan", "not SITE="),
+        ("hk-hall-quan=ftp://x", "not SITE="),
+        ("nowhere=http://127.0.0.1:8470", "not a simulated site"),
+    ],
+)
+def test_http_urls_name_simulated_sites_and_http_addresses(value, problem):
+    sites = {"hk-hall-quan", "bd-hall-quan"}
+    assert parse_http_urls(["hk-hall-quan=http://127.0.0.1:8470/"], sites) == {
+        "hk-hall-quan": "http://127.0.0.1:8470"
+    }
+    with pytest.raises(SettingsError, match=problem):
+        parse_http_urls([value], sites)
