@@ -52,8 +52,10 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "kiosk": ("print_test_page",),
     "camera_counter": ("reset_count", "--arg", "occupancy=0"),
     "conference_endpoint": ("start_test_call", "--arg", "duration_s=10"),
-    "noise_meter": ("set_reporting_interval", "--arg", "interval_s=30"),
-    "water_level": ("set_reporting_interval", "--arg", "interval_s=30"),
+    # The street stations' meters are on a Modbus bus: these commands write
+    # registers (their models' writes).
+    "noise_meter": ("calibrate_offset", "--arg", "offset_db=1.5"),
+    "water_level": ("set_response_delay", "--arg", "delay_ms=60"),
     "sds011": ("set_working_period", "--arg", "minutes=0"),
     "pms5003": ("wake",),
 }
