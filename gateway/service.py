@@ -357,13 +357,20 @@ class Gateway:
         )
 
     def site_ready(self) -> bool:
-        """Connected to the site broker, subscribed, and every subscription asked for answered."""
+        """Connected to the site broker, subscribed, and every subscription asked for answered.
+
+        A gateway none of whose devices reach it through the site broker (a
+        street cabinet with a serial sensor and a Modbus bus) asks for no
+        subscription: connected is ready.
+        """
         site = self.site
-        return (
-            site.connected.is_set()
-            and bool(site.granted_topics())
-            and not site.subscriptions_pending()
-        )
+        if not site.connected.is_set() or site.subscriptions_pending():
+            return False
+        if site.granted_topics():
+            return True
+        with self.lock:
+            devices = list(self.router.devices.values())
+        return not mqtt_device_ids(devices) and not lorawan_filters(devices)
 
     def served_devices(self) -> set[str]:
         """MQTT devices whose uplink and status subscriptions the site broker has granted.

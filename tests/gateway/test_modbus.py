@@ -218,6 +218,9 @@ def test_two_slaves_on_one_bus_are_both_polled_and_stored(mqtt_server, ids, tmp_
         )
         assert gw.tracker.devices[noise].online
         assert gw.tracker.devices[water].online
+        # Nothing of this gateway's comes through the site broker: it asks for
+        # no subscription there, and connected is ready (cityhub up waits for it).
+        wait_for(gw.site_ready, 10, "the site link ready with nothing to subscribe")
         with ingest.lock:
             levels = [v["laeq"] for v in ingest.values[noise]]
             depths = list(ingest.values[water])
