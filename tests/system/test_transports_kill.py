@@ -69,7 +69,7 @@ def test_killing_each_gateway_loses_no_acknowledged_reading_of_any_transport():
         "COLUMNS": "200",
     }
     argv = [sys.executable, "-m", "cityhub", "soak", "--schedule", str(schedule)]
-    argv += ["--sites", f"{STREET},{HALL}", "--workers", "1", "--drain-timeout", "2m"]
+    argv += ["--sites", f"{STREET},{HALL}", "--drain-timeout", "2m"]
     try:
         result = subprocess.run(
             argv, env=env, capture_output=True, text=True, timeout=540, check=False
@@ -80,9 +80,11 @@ def test_killing_each_gateway_loses_no_acknowledged_reading_of_any_transport():
         assert len(kills) == 3, out[-4000:]
         assert all("FAILED" not in e["note"] for e in kills), out[-4000:]
         by_transport = report["acknowledged_by_transport"]
-        # Every transport handed readings over, a minute's worth at least.
-        for transport in ("mqtt", "serial", "modbus", "lorawan", "http"):
-            assert by_transport.get(transport, 0) >= 20, (transport, by_transport)
+        # Every transport handed readings over: a minute's worth, less the kills
+        # (the Modbus models are polled every 10 s: two slaves, about 12).
+        least = {"mqtt": 20, "serial": 20, "modbus": 8, "lorawan": 20, "http": 20}
+        for transport, n in least.items():
+            assert by_transport.get(transport, 0) >= n, (transport, by_transport)
         assert report["drained"], out[-4000:]
         assert report["lost"] == [], out[-4000:]
         assert report["duplicates"] == 0, out[-4000:]
