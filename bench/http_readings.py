@@ -63,7 +63,9 @@ ROOT = Path(__file__).resolve().parents[1]
 NO_LIMIT_PER_S = 1_000_000.0
 
 
-def write_settings(path: Path, server: MosquittoServer, *, gateway_id: str, prefix: str, port: int):
+def write_settings(
+    path: Path, server: MosquittoServer, *, gateway_id: str, prefix: str, port: int
+) -> None:
     broker = (
         f'host = "127.0.0.1"\nport = {server.port}\n'
         f'username = "{ADMIN_USER}"\npassword = "{server.admin_password}"\n'

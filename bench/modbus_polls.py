@@ -30,7 +30,7 @@ import msgspec
 from contracts.catalog import modbus_model
 from contracts.registermaps import REQUEST_BYTES, read_answer_bytes, read_blocks, transaction_s
 from firmware_sim.faults import FaultInjector, FaultPlan
-from firmware_sim.fleet import DeviceCounts, FleetDescription, SiteInfo, build_fleet
+from firmware_sim.fleet import DeviceCounts, DeviceSpec, FleetDescription, SiteInfo, build_fleet
 from firmware_sim.modbusslaves import ModbusBusSim
 from firmware_sim.service import Simulator
 from gateway.modbusbus import ModbusBus
@@ -38,7 +38,7 @@ from gateway.modbusbus import ModbusBus
 MODEL = "sonbest_sm6365b"
 
 
-def noise_meters(n: int):
+def noise_meters(n: int) -> list[DeviceSpec]:
     fleet = build_fleet(
         FleetDescription(
             seed=1,

@@ -35,8 +35,8 @@ def test_the_shipped_models_cite_their_sources_and_feed_their_types() -> None:
         assert "modbus" in dtype.transports
         assert {r.metric for r in model.registers} <= set(dtype.metric_names)
         assert set(model.commands) <= set(dtype.command_names)
-    for model in SHIPPED_CATALOG.lorawan_models.values():
-        assert "lorawan" in SHIPPED_CATALOG.types[model.device_type].transports
+    for profile in SHIPPED_CATALOG.lorawan_models.values():
+        assert "lorawan" in SHIPPED_CATALOG.types[profile.device_type].transports
 
 
 def test_an_operators_model_is_added_and_described() -> None:

@@ -14,6 +14,7 @@ import threading
 import time
 import tomllib
 import uuid
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -150,7 +151,7 @@ def test_modbus_lorawan_and_http_requests_are_checked():
         dev_eui="70-B3-D5-7E-D0-05-A1-B2",
     )
     assert lorawan.dev_eui == "70b3d57ed005a1b2"
-    base = {
+    base: dict[str, Any] = {
         "device_id": "wl-01",
         "device_type": "water_level",
         "transport": "modbus",
@@ -160,7 +161,7 @@ def test_modbus_lorawan_and_http_requests_are_checked():
         "model": "vegapuls_c21",
         "slave_id": 7,
     }
-    cases = [
+    cases: list[tuple[dict[str, Any], type[Exception], str]] = [
         ({"slave_id": 0}, OutOfRangeError, r"slave_id: 0 is outside \[1, 247\]"),
         ({"slave_id": 248}, OutOfRangeError, r"slave_id: 248 is outside \[1, 247\]"),
         ({"slave_id": None}, ConflictError, "a modbus device needs one"),

@@ -442,7 +442,7 @@ def test_the_endpoint_serves_tls_with_its_certificate(mqtt_server, tmp_path, ids
         reply = post(conn, path, kiosk_uplink(0, now_ms()), token=tokens[0])
         assert reply.status == 200
         assert conn.sock is not None
-        assert conn.sock.version() is not None  # type: ignore[attr-defined]  # an SSLSocket
+        assert conn.sock.version() is not None  # an SSLSocket
         # Closed while the gateway runs: a TLS connection it must close itself
         # is left to the loop's end, and the test's loop closes at once.
         conn.close()

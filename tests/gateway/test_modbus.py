@@ -59,7 +59,7 @@ def bus_specs(**faults: FaultPlan) -> list[DeviceSpec]:
         [],
     )
     specs = [s for s in fleet if s.transport == "modbus"]
-    assert sorted(s.slave_id for s in specs) == [1, 2]
+    assert sorted(s.slave_id or 0 for s in specs) == [1, 2]
     return [
         msgspec.structs.replace(s, faults=faults.get(s.device_type, FaultPlan())) for s in specs
     ]

@@ -6,6 +6,7 @@ from contracts.messages import DeviceConfig
 from gateway.polling import (
     OFFLINE_AFTER_FAILURES,
     FailureRuns,
+    PollOutcome,
     PollSchedule,
     bus_changes,
     modbus_buses,
@@ -21,8 +22,8 @@ def dev(device_id: str, port: str = "/dev/ttyUSB0", slave: int = 1, **kw: object
         port=port,
         model="sonbest_sm6365b",
         slave_id=slave,
-        **kw,
-    )  # type: ignore[arg-type]
+        **kw,  # type: ignore[arg-type]
+    )
 
 
 def test_devices_are_grouped_by_port_in_slave_order_and_disabled_ones_left_out() -> None:
@@ -65,7 +66,8 @@ def test_the_schedule_polls_each_device_at_its_interval_without_bursts() -> None
 
 def test_a_device_goes_offline_once_after_the_run_and_online_at_its_next_answer() -> None:
     runs = FailureRuns()
-    outcomes = ["no_answer", "garbled"] + ["no_answer"] * (OFFLINE_AFTER_FAILURES + 2)
+    outcomes: list[PollOutcome] = ["no_answer", "garbled"]
+    outcomes += ["no_answer"] * (OFFLINE_AFTER_FAILURES + 2)
     transitions = [runs.record("a", o) for o in outcomes]
     assert transitions.count("offline") == 1
     assert transitions.index("offline") == OFFLINE_AFTER_FAILURES - 1
