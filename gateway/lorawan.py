@@ -51,7 +51,7 @@ from contracts.chirpstack import (
     event_time_ms,
     uplink_metrics,
 )
-from contracts.errors import InputError
+from contracts.errors import InputError, InvalidIdError
 from contracts.ids import check_timestamp
 from contracts.messages import DEV_EUI_RE, DeviceConfig
 from contracts.topics import parse_chirpstack_topic
@@ -176,7 +176,7 @@ class LorawanBridge:
     def _check_eui(device: DeviceConfig, named: str) -> None:
         # The topic routes; an event naming another device would be misfiled.
         if named and named.lower() != device.dev_eui:
-            raise InputError(
+            raise InvalidIdError(
                 f"deviceInfo.devEui {named[:32]!r} is not the topic's {device.dev_eui}"
             )
 

@@ -151,6 +151,14 @@ def air_node_events(dev_eui: str, device_id: str, base: int) -> tuple[list[Event
     up(20, base + 20_000, data=air(1)[:-1])
     up(21, base + 21_000, data=encode_lpp([(3, "humidity", 50.0)]))
     up(22, base + 22_000, data=encode_lpp([(3, "temperature", 99.0)]))
+    # Refused too: an event on this device's topic naming another DevEUI
+    # (spoofed or misrouted: bad_id), a frame 40 days old (ts_window), and an
+    # event over ChirpStack's 32 KiB bound, short of the site link's 64 KiB
+    # (too_large). Each once, whatever else it carries.
+    spoofed = uplink(dev_eui, f_cnt=23, ts_ms=base + 23_000, data=air(3))
+    events.append((dev_eui, "up", spoofed.replace(dev_eui.encode(), b"70b3d57ed0000000")))
+    up(24, base - 40 * 86_400_000, data=air(4))
+    up(25, base + 25_000, obj={"pad": "x" * 33_000})
     # An air node reports no battery metric: a status only says it is alive.
     events.append((dev_eui, "status", status(dev_eui, base + 30_000, None)))
     return events, expected
@@ -202,6 +210,9 @@ def test_uplinks_are_stored_once_and_every_fault_is_counted(mqtt_server, tmp_pat
         assert c.rejects["undecodable"] == 1
         assert c.rejects["model_mismatch"] == 1
         assert c.rejects["out_of_range"] == 1
+        assert c.rejects["bad_id"] == 1
+        assert c.rejects["ts_window"] == 1
+        assert c.rejects["too_large"] == 1
         assert gw.tracker.devices[aq.device_id].online
         assert gw.tracker.devices[water.device_id].online
         first = ingest.values[aq.device_id][0]
