@@ -23,14 +23,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from adapters.backoff import backoff_delay_s
 from adapters.loglimit import LogLimiter
 from contracts.catalog import modbus_model
 from contracts.errors import (
@@ -45,13 +43,10 @@ from contracts.registermaps import ModbusModel, RegisterWrite, decode_registers,
 from gateway.counters import GatewayCounters
 from gateway.modbusbus import ModbusBus
 from gateway.polling import Bus, FailureRuns, PollOutcome, PollSchedule, poll_interval_ms
+from gateway.serialport import reopen_delay_s
 
 logger = logging.getLogger(__name__)
 
-# Reopen backoff: as for serial ports (a USB adapter re-enumerates within a
-# second or two; at most 30 s between attempts for one that is gone).
-REOPEN_MIN_S: Final = 0.5
-REOPEN_MAX_S: Final = 30.0
 _LOG_PER_MINUTE: Final = 5
 
 
@@ -130,7 +125,8 @@ class BusPoller:
                     bus.close()
                     failures += 1
                     self.counters.modbus_reconnects += 1
-                    delay = _reopen_delay_s(failures)
+                    # As a serial port's: a USB adapter re-enumerates in a second or two.
+                    delay = reopen_delay_s(failures)
                     logger.warning("%s; retry in %.1f s", exc, delay)
                     await asyncio.sleep(delay)
                     continue
@@ -156,7 +152,7 @@ class BusPoller:
                     self._bus = None
                     bus.close()
                 self.counters.modbus_reconnects += 1
-                await asyncio.sleep(_reopen_delay_s(1))
+                await asyncio.sleep(reopen_delay_s(1))
         finally:
             for request in self._writes:
                 if not request.done.done():
@@ -245,12 +241,3 @@ class BusPoller:
             request.done.set_result(problem)
             raise
         request.done.set_result(problem)
-
-
-def _reopen_delay_s(attempt: int) -> float:
-    return backoff_delay_s(
-        attempt,
-        min_s=REOPEN_MIN_S,
-        max_s=REOPEN_MAX_S,
-        draw=random.random(),  # noqa: S311 - jitter, not security
-    )

@@ -99,7 +99,7 @@ class SerialSource:
                 )
             except (OSError, serial.SerialException) as exc:
                 failures += 1
-                delay = _reopen_delay_s(failures)
+                delay = reopen_delay_s(failures)
                 logger.warning(
                     "serial %s (%s): %s; retry in %.1f s",
                     self.port,
@@ -122,7 +122,7 @@ class SerialSource:
                 self._writer = None
                 writer.close()
             self._on_reopen()
-            await asyncio.sleep(_reopen_delay_s(1))
+            await asyncio.sleep(reopen_delay_s(1))
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         decoder = self.decoder
@@ -150,7 +150,8 @@ class SerialSource:
                 on_metrics(to_metrics(frame))
 
 
-def _reopen_delay_s(attempt: int) -> float:
+def reopen_delay_s(attempt: int) -> float:
+    """Seconds before reopening a line that failed ``attempt`` times (a serial port, a bus)."""
     return backoff_delay_s(
         attempt,
         min_s=REOPEN_MIN_S,
