@@ -44,6 +44,7 @@ import tempfile
 import textwrap
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -224,31 +225,36 @@ ACKER = textwrap.dedent(
 )
 
 
-def write_settings(path: Path, server: MosquittoServer, *, gateway_id: str, prefix: str) -> None:
+def write_settings(
+    path: Path,
+    server: MosquittoServer,
+    *,
+    gateway_id: str,
+    prefix: str,
+    gateway: Mapping[str, float] | None = None,
+) -> None:
+    """The benchmarked gateway's settings file; ``gateway``: [gateway] numbers to set or add."""
     broker = (
         f'host = "127.0.0.1"\nport = {server.port}\n'
         f'username = "{ADMIN_USER}"\npassword = "{server.admin_password}"\n'
     )
+    numbers: dict[str, float] = {
+        "batch_max_rows": 500,
+        "batch_max_ms": 100,
+        "ack_timeout_s": 30.0,
+        # Per-device rate limits lifted: devices send as fast as they are answered.
+        "device_rate_per_s": 1_000_000.0,
+        "device_burst": 1_000_000.0,
+        **(gateway or {}),
+    }
+    lines = "".join(f"{key} = {value}\n" for key, value in numbers.items())
     path.write_text(
-        textwrap.dedent(
-            f"""\
-            log_level = "WARNING"
-            [broker]
-            {{broker}}
-            [gateway]
-            gateway_id = "{gateway_id}"
-            site_id = "hk-hall-ubnd"
-            topic_prefix = "{prefix}"
-            outbox_path = "{path.parent / (gateway_id + ".sqlite3")}"
-            batch_max_rows = 500
-            batch_max_ms = 100
-            ack_timeout_s = 30.0
-            device_rate_per_s = 1000000.0
-            device_burst = 1000000.0
-            [gateway.site_broker]
-            {{broker}}
-            """
-        ).replace("{broker}", broker)
+        'log_level = "WARNING"\n'
+        f"[broker]\n{broker}"
+        f'[gateway]\ngateway_id = "{gateway_id}"\nsite_id = "hk-hall-ubnd"\n'
+        f'topic_prefix = "{prefix}"\noutbox_path = "{path.parent / (gateway_id + ".sqlite3")}"\n'
+        f"{lines}"
+        f"[gateway.site_broker]\n{broker}"
     )
 
 

@@ -32,7 +32,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -41,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aiohttp
 import paho.mqtt.client as mqtt
+from bench_gateway import write_settings
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cityhub.localstack.mosquitto import ADMIN_USER, MosquittoServer
@@ -61,36 +61,6 @@ from tests.plugins.gateway import (
 ROOT = Path(__file__).resolve().parents[1]
 # Per-device rate limits lifted: the devices send as fast as they are answered.
 NO_LIMIT_PER_S = 1_000_000.0
-
-
-def write_settings(
-    path: Path, server: MosquittoServer, *, gateway_id: str, prefix: str, port: int
-) -> None:
-    broker = (
-        f'host = "127.0.0.1"\nport = {server.port}\n'
-        f'username = "{ADMIN_USER}"\npassword = "{server.admin_password}"\n'
-    )
-    path.write_text(
-        textwrap.dedent(
-            f"""\
-            log_level = "WARNING"
-            [broker]
-            {{broker}}
-            [gateway]
-            gateway_id = "{gateway_id}"
-            site_id = "hk-hall-ubnd"
-            topic_prefix = "{prefix}"
-            outbox_path = "{path.parent / (gateway_id + ".sqlite3")}"
-            batch_max_rows = 500
-            batch_max_ms = 200
-            device_rate_per_s = {NO_LIMIT_PER_S}
-            device_burst = {NO_LIMIT_PER_S}
-            http_port = {port}
-            [gateway.site_broker]
-            {{broker}}
-            """
-        ).replace("{broker}", broker)
-    )
 
 
 class Run:
@@ -123,7 +93,11 @@ class Run:
         settings = tmp / f"{self.gateway_id}.toml"
         self.outbox = tmp / f"{self.gateway_id}.sqlite3"
         write_settings(
-            settings, server, gateway_id=self.gateway_id, prefix=self.prefix, port=self.port
+            settings,
+            server,
+            gateway_id=self.gateway_id,
+            prefix=self.prefix,
+            gateway={"batch_max_ms": 200, "http_port": self.port},
         )
         self.control = client(server)
         publish_config(
