@@ -23,10 +23,14 @@ from contracts.settings import BrokerSettings
 from devices.dynsec import (
     CONTROL_TOPIC,
     RESPONSE_TOPIC,
+    Account,
     Command,
     check_responses,
     decode_responses,
+    disable_account,
+    enable_account,
     encode_commands,
+    get_account,
 )
 
 logger = logging.getLogger(__name__)
@@ -130,3 +134,21 @@ class BrokerControl:
         """Publish a retained QoS 1 message and wait for the broker's PUBACK."""
         self._check_connected()
         self.link.publish_confirmed(topic, payload, timeout_s=self.timeout_s, retain=True)
+
+    def cut_sessions(self, account: Account) -> bool:
+        """Disconnect ``account``'s live sessions, leaving it enabled; False if it doesn't exist.
+
+        The dynamic-security plugin has no "kick" command: disabling an
+        account disconnects its clients, enabling it again lets a client with
+        valid credentials (and, on a TLS listener, a certificate that passes
+        the CRL) back in. An account that was disabled stays disabled. Other
+        accounts' sessions are untouched.
+        """
+        data = self.run(get_account(account), tolerated=frozenset({"Client not found"}))[0]
+        if data is None:
+            return False
+        client = data.get("client", {})
+        if client.get("disabled"):
+            return True
+        self.run([*disable_account(account), *enable_account(account)])
+        return True

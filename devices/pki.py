@@ -5,10 +5,16 @@ Adapter over the ``cryptography`` library and the files of a PKI directory::
     ca.crt, ca.key                 the CA (its key 0600)
     server.crt, server.key         the central broker's certificate (names: hosts given)
     clients/{name}.crt, .key       client certificates (a gateway's: CN = its id)
+    certs.json                     the register of issued/revoked certificates (0600)
+    crl.pem                        the CA's signed revocation list (the brokers' crlfile)
 
 Keys are ECDSA P-256: small enough for a gateway's flash, and every TLS 1.2
 stack (Mosquitto's OpenSSL, Python's ssl) speaks it. Files holding keys are
-written 0600; certificates 0644. Library and file errors become PkiError.
+written 0600; certificates 0644; the register and the CRL are replaced
+atomically (a broker or a second command never reads half a file). Every
+certificate issued here is recorded in the register; revoking one re-signs
+the CRL. Handing the CRL to a running broker is the caller's business.
+Library and file errors become PkiError.
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+import msgspec
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -27,12 +35,21 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from contracts.errors import PkiError
 from contracts.ids import check_id
+from devices import certs
+from devices.certs import CertRecord, CertRegister
 
 # A CA outlives the devices it vouches for (10 years); leaf certificates are
 # renewed with the hardware's service interval (2 years).
 CA_DAYS: Final = 3650
 LEAF_DAYS: Final = 730
 ORGANISATION: Final = "cityhub"
+# A CRL's next_update. Only our own brokers read it, from a file we write, so
+# a short interval buys no freshness (a revocation re-signs it at once); but
+# OpenSSL refuses EVERY client certificate once next_update has passed
+# (X509_V_ERR_CRL_HAS_EXPIRED, tested in tests/devices/test_pki_revocation.py).
+# 90 days leaves two months of quiet and a month of warnings (`cityhub status`
+# warns under certs.WARN_DAYS) before `cityhub pki crl` must have re-signed it.
+CRL_DAYS: Final = 90
 
 
 @dataclass(frozen=True)
@@ -42,11 +59,65 @@ class CertFiles:
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync, rename over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    path.chmod(mode)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_REGISTER_DECODER = msgspec.json.Decoder(CertRegister)
+
+
+def _record(cert: x509.Certificate, name: str, kind: certs.Kind) -> CertRecord:
+    return CertRecord(
+        serial=certs.serial_hex(cert.serial_number),
+        name=name,
+        kind=kind,
+        not_after=cert.not_valid_after_utc,
+    )
+
+
+def build_crl(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    revoked: list[CertRecord],
+    *,
+    now: dt.datetime,
+    days: int = CRL_DAYS,
+) -> x509.CertificateRevocationList:
+    """The CA's CRL listing ``revoked`` (pure: no files), valid ``days`` from ``now``."""
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - dt.timedelta(minutes=5))
+        .next_update(now + dt.timedelta(days=days))
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+    )
+    for record in revoked:
+        if record.revoked_at is None:
+            continue
+        entry = (
+            x509.RevokedCertificateBuilder()
+            .serial_number(int(record.serial, 16))
+            .revocation_date(record.revoked_at)
+        )
+        if record.reason and record.reason != "unspecified":
+            entry = entry.add_extension(
+                x509.CRLReason(x509.ReasonFlags[record.reason]), critical=False
+            )
+        builder = builder.add_revoked_certificate(entry.build())
+    return builder.sign(ca_key, hashes.SHA256())
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -86,6 +157,14 @@ class Pki:
             self.root / "clients" / f"{name}.crt", self.root / "clients" / f"{name}.key"
         )
 
+    @property
+    def register_path(self) -> Path:
+        return self.root / "certs.json"
+
+    @property
+    def crl_path(self) -> Path:
+        return self.root / "crl.pem"
+
     def has_ca(self) -> bool:
         return self.ca.cert.exists() and self.ca.key.exists()
 
@@ -124,6 +203,8 @@ class Pki:
         self.root.chmod(0o700)
         _write(self.ca.key, _key_pem(key), 0o600)
         _write(self.ca.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        self._save(certs.record_issued(CertRegister(), _record(cert, "ca", "ca")))
+        self.write_crl(now=now)
         return self.ca
 
     def _load_ca(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -151,8 +232,13 @@ class Pki:
         common_name: str,
         now: dt.datetime,
         server_names: list[str] | None,
+        days: int = LEAF_DAYS,
     ) -> CertFiles:
+        if not 0 < days <= CA_DAYS:
+            raise PkiError(f"a certificate's validity must be 1..{CA_DAYS} days, not {days}")
         ca_cert, ca_key = self._load_ca()
+        # Never past the CA's own end: a client would fail the chain from then on.
+        not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
         key = ec.generate_private_key(ec.SECP256R1())
         builder = (
             x509.CertificateBuilder()
@@ -161,7 +247,7 @@ class Pki:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=LEAF_DAYS))
+            .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
@@ -180,19 +266,122 @@ class Pki:
             usage = ExtendedKeyUsageOID.CLIENT_AUTH
         builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         cert = builder.sign(ca_key, hashes.SHA256())
+        kind: certs.Kind = "server" if server_names is not None else "client"
+        register = certs.record_issued(
+            self.register(), _record(cert, "server" if kind == "server" else common_name, kind)
+        )
         _write(files.key, _key_pem(key), 0o600)
         _write(files.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        self._save(register)
         return files
 
-    def issue_server(self, hosts: list[str], *, now: dt.datetime) -> CertFiles:
+    def issue_server(
+        self, hosts: list[str], *, now: dt.datetime, days: int = LEAF_DAYS
+    ) -> CertFiles:
         """The broker's certificate, valid for ``hosts`` (names or IP addresses)."""
         if not hosts:
             raise PkiError("a server certificate needs at least one host name or address")
-        return self._issue(self.server, common_name=hosts[0], now=now, server_names=hosts)
+        return self._issue(
+            self.server, common_name=hosts[0], now=now, server_names=hosts, days=days
+        )
 
-    def issue_client(self, name: str, *, now: dt.datetime) -> CertFiles:
-        """A client certificate with CN ``name`` (a gateway id)."""
-        return self._issue(self.client(name), common_name=name, now=now, server_names=None)
+    def issue_client(self, name: str, *, now: dt.datetime, days: int = LEAF_DAYS) -> CertFiles:
+        """A client certificate with CN ``name`` (a gateway id); a new key pair each time.
+
+        The files of ``name`` are replaced (a bundle made next carries the new
+        one); a certificate issued before stays valid until it expires or is
+        revoked, so a gateway can switch over.
+        """
+        return self._issue(
+            self.client(name), common_name=name, now=now, server_names=None, days=days
+        )
+
+    def renew_server(self, *, now: dt.datetime, days: int = LEAF_DAYS) -> CertFiles:
+        """A new server certificate (new key) for the host names of the current one."""
+        try:
+            current = x509.load_pem_x509_certificate(self.server.cert.read_bytes())
+        except FileNotFoundError:
+            raise PkiError(
+                f"no server certificate in {self.root}: run `cityhub pki init`"
+            ) from None
+        except ValueError as exc:
+            raise PkiError(f"{self.server.cert} is unreadable: {exc}") from exc
+        alt = current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        hosts = [*alt.get_values_for_type(x509.DNSName)]
+        hosts += [str(ip) for ip in alt.get_values_for_type(x509.IPAddress)]
+        return self.issue_server(hosts, now=now, days=days)
+
+    # -- register and revocation -----------------------------------------------------
+
+    def register(self) -> CertRegister:
+        """The register; certificates issued before it existed are added from their files."""
+        try:
+            register = _REGISTER_DECODER.decode(self.register_path.read_bytes())
+        except FileNotFoundError:
+            register = CertRegister()
+        except (OSError, msgspec.DecodeError) as exc:
+            raise PkiError(f"{self.register_path} is unreadable: {exc}") from exc
+        known = {r.serial for r in register.certs}
+        found: list[tuple[Path, str, certs.Kind]] = [
+            (self.ca.cert, "ca", "ca"),
+            (self.server.cert, "server", "server"),
+        ]
+        clients = self.root / "clients"
+        if clients.is_dir():
+            found += [(p, p.stem, "client") for p in sorted(clients.glob("*.crt"))]
+        for path, name, kind in found:
+            try:
+                cert = x509.load_pem_x509_certificate(path.read_bytes())
+            except (OSError, ValueError):
+                continue
+            if certs.serial_hex(cert.serial_number) not in known:
+                register = certs.record_issued(register, _record(cert, name, kind))
+        return register
+
+    def _save(self, register: CertRegister) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        _write(self.register_path, msgspec.json.format(msgspec.json.encode(register)), 0o600)
+
+    def revoke(
+        self,
+        name: str,
+        *,
+        now: dt.datetime,
+        reason: str = "unspecified",
+        serial: str | None = None,
+    ) -> tuple[list[CertRecord], list[CertRecord]]:
+        """Revoke ``name``'s client certificates (or one serial); re-sign the CRL.
+
+        Returns ``(revoked now, revoked before)``; the CRL is written only
+        when something changed.
+        """
+        register, newly, already = certs.revoke(
+            self.register(), name, now=now, reason=reason, serial=serial
+        )
+        if newly:
+            self._save(register)
+            self.write_crl(now=now, register=register)
+        return newly, already
+
+    def write_crl(
+        self, *, now: dt.datetime, register: CertRegister | None = None, days: int = CRL_DAYS
+    ) -> Path:
+        """Sign and write ``crl.pem`` (0644: brokers read it) from the register's revocations."""
+        ca_cert, ca_key = self._load_ca()
+        register = self.register() if register is None else register
+        crl = build_crl(ca_cert, ca_key, certs.revoked(register), now=now, days=days)
+        _write(self.crl_path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+        return self.crl_path
+
+    def crl_next_update(self) -> dt.datetime | None:
+        """When the current CRL expires (None: no CRL written yet)."""
+        try:
+            crl = x509.load_pem_x509_crl(self.crl_path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:
+            raise PkiError(f"{self.crl_path} is not a PEM CRL: {exc}") from exc
+        return crl.next_update_utc
 
 
 def describe_certificate(path: Path) -> tuple[str, str, dt.datetime]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import signal
 import socket
@@ -98,6 +99,9 @@ class TlsListener:
     ca_file: Path
     cert_file: Path
     key_file: Path
+    # The CA's revocation list (``cityhub pki``'s crl.pem); the listener checks
+    # client certificates against it when the file exists. None: no check.
+    crl_file: Path | None = None
 
 
 def mqtt_connect_probe(
@@ -278,7 +282,7 @@ class MosquittoServer:
                 ) from exc
             copies[name] = tls_dir / name
             write_owned_file(copies[name], text, self.run_as)
-        return [
+        lines = [
             f"listener {self.tls.port} {LOOPBACK}",
             f"cafile {copies['ca.crt']}",
             f"certfile {copies['server.crt']}",
@@ -286,6 +290,52 @@ class MosquittoServer:
             "require_certificate true",
             "tls_version tlsv1.2",
         ]
+        if self._copy_crl():
+            lines.append(f"crlfile {self.base_dir / 'tls' / 'crl.pem'}")
+        return lines
+
+    def _copy_crl(self) -> bool:
+        """Copy the CRL beside the other TLS files; False when there is none to use."""
+        if self.tls is None or self.tls.crl_file is None:
+            return False
+        try:
+            text = self.tls.crl_file.read_text(encoding="ascii")
+        except FileNotFoundError:
+            logger.warning(
+                "TLS listener: no CRL at %s, client certificates are not checked for"
+                " revocation (`cityhub pki crl` writes one)",
+                self.tls.crl_file,
+            )
+            return False
+        except OSError as exc:
+            raise ServiceStartError(
+                f"TLS listener: cannot read {self.tls.crl_file} ({exc})"
+            ) from exc
+        write_owned_file(self.base_dir / "tls" / "crl.pem", text, self.run_as)
+        return True
+
+    def reload_crl(self) -> bool:
+        """Hand a new CRL to the running broker: copy it, then SIGHUP (no restart).
+
+        Mosquitto 2.0 reloads its listeners' certificates and CRL on SIGHUP;
+        sessions already connected stay (their certificates are not checked
+        again: the caller cuts a revoked one through the control API). Returns
+        False when the broker is not running or its listener has no CRL line
+        (that takes a restart, which writes the config anew).
+        """
+        pid = self.pid()
+        if pid is None or self.tls is None:
+            return False
+        crl_line = f"crlfile {self.base_dir / 'tls' / 'crl.pem'}"
+        try:
+            configured = crl_line in self.config_path.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return False
+        if not configured or not self._copy_crl():
+            return False
+        os.kill(pid, signal.SIGHUP)
+        logger.info("Mosquitto (pid %d): CRL reloaded", pid)
+        return True
 
     def start(self) -> int:
         if (pid := self.pid()) is not None:

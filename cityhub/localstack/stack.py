@@ -89,6 +89,7 @@ class LocalStack:
                 ca_file=self.pki_dir / "ca.crt",
                 cert_file=self.pki_dir / "server.crt",
                 key_file=self.pki_dir / "server.key",
+                crl_file=self.pki_dir / "crl.pem",
             )
         return MosquittoServer(
             tls=tls,

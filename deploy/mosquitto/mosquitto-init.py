@@ -11,7 +11,11 @@ with the volume mounted where the broker sees it (/mosquitto/security):
   ca.crt, server.crt and server.key from `cityhub pki`, they are copied into
   the volume and conf.d/tls.conf opens port MQTT_TLS_PORT (8883) requiring a
   client certificate from that CA; without them conf.d/ is left empty and the
-  broker has only its plain listener.
+  broker has only its plain listener. The CA's revocation list (crl.pem, from
+  `cityhub pki revoke` / `cityhub pki crl`) is copied too when present and
+  named by `crlfile`: a revoked client certificate is refused. After a revoke,
+  run this again and send the broker SIGHUP (Mosquitto 2.0 re-reads the CRL
+  on SIGHUP; no restart).
 
 Everything written belongs to the broker's uid (MOSQUITTO_UID, 1883 in the
 eclipse-mosquitto image), secrets with mode 0600, whoever owns the sources.
@@ -27,6 +31,7 @@ from cityhub.localstack.mosquitto import ADMIN_USER
 from devices.dynsec import base_document
 
 PKI_FILES = ("ca.crt", "server.crt", "server.key")
+CRL_FILE = "crl.pem"
 
 path = Path(sys.argv[1] if len(sys.argv) > 1 else "/mosquitto/security/dynamic-security.json")
 security = path.parent
@@ -71,6 +76,14 @@ if len(present) == len(PKI_FILES):
     for name in PKI_FILES:
         shutil.copyfile(pki / name, tls_dir / name)
         owned(tls_dir / name, 0o600)
+    crl_line = ""
+    if (pki / CRL_FILE).is_file():
+        shutil.copyfile(pki / CRL_FILE, tls_dir / CRL_FILE)
+        owned(tls_dir / CRL_FILE, 0o600)
+        crl_line = f"crlfile {tls_dir / CRL_FILE}\n"
+    else:
+        (tls_dir / CRL_FILE).unlink(missing_ok=True)
+        sys.stdout.write("mosquitto-init: no crl.pem: client certificates are not revocable\n")
     write(
         tls_conf,
         "# written by mosquitto-init from the PKI directory; remove those files to turn TLS off\n"
@@ -79,7 +92,8 @@ if len(present) == len(PKI_FILES):
         f"certfile {tls_dir / 'server.crt'}\n"
         f"keyfile {tls_dir / 'server.key'}\n"
         "require_certificate true\n"
-        "tls_version tlsv1.2\n",
+        "tls_version tlsv1.2\n"
+        f"{crl_line}",
         mode=0o644,
     )
     sys.stdout.write(f"mosquitto-init: TLS listener on {tls_port} (client certificates required)\n")
