@@ -14,9 +14,12 @@ client.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import secrets
 import socket
 import ssl
+import stat
+import subprocess
 import sys
 import threading
 import uuid
@@ -36,6 +39,8 @@ from contracts.settings import BrokerSettings
 from contracts.topics import gateway_topic
 from devices import dynsec
 from devices.brokerctl import BrokerControl
+from devices.bundle import GatewayBundle, MqttAccess, decode_bundle, gateway_bundle
+from devices.bundlefiles import write_bundle
 from devices.certs import CertRecord
 from devices.pki import Pki, build_crl
 from tests.plugins.servers import IS_ROOT
@@ -301,3 +306,141 @@ def test_crl_lists_the_revoked_serials_with_reasons(pki):
     y = next(r for r in register.certs if r.name == "gw-y")
     assert crl.get_revoked_certificate_by_serial_number(int(y.serial, 16)) is None
     assert isinstance(x, CertRecord)
+
+
+def _cityhub(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cityhub", "pki", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def _access(name: str, password: str) -> MqttAccess:
+    return MqttAccess(
+        host="localhost", port=8883, tls=True, username=name, password=password, client_id=name
+    )
+
+
+@pytest.fixture
+def cli_pki(tmp_path) -> tuple[dict[str, str], Pki, str]:
+    """A state dir with a PKI, gw-one and gw-two, and gw-one's bundle; (env, pki, old cert)."""
+    env = {**os.environ, "CITYHUB_LOCAL__STATE_DIR": str(tmp_path / "state"), "COLUMNS": "250"}
+    assert _cityhub(env, "init").returncode == 0
+    pki = Pki(tmp_path / "state" / "pki")
+    assert stat.S_IMODE(pki.register_path.stat().st_mode) == 0o600
+    assert x509.load_pem_x509_crl(pki.crl_path.read_bytes()).next_update_utc is not None
+    for name in ("gw-one", "gw-two"):
+        assert _cityhub(env, "client", name).returncode == 0
+    # A gateway bundle made earlier (as `cityhub gateways add` writes it).
+    files = pki.client("gw-one")
+    old_cert = files.cert.read_text(encoding="ascii")
+    bundle = gateway_bundle(
+        gateway_id="gw-one",
+        site_id="hk-hall",
+        label="",
+        location="",
+        central=_access("gateway.gw-one", "central-secret"),
+        site=_access("gateway.gw-one.site", "site-secret"),
+        prefix="",
+        ca_pem=pki.ca_pem(),
+        cert_pem=old_cert,
+        key_pem=files.key.read_text(encoding="ascii"),
+        issued_at="2026-12-06T08:00:00Z",
+        issued_by="Trần Văn Minh",
+    )
+    write_bundle(tmp_path / "state" / "bundles", bundle)
+    return env, pki, old_cert
+
+
+def test_pki_revoke_command(cli_pki):
+    env, pki, _ = cli_pki
+    unknown = _cityhub(env, "revoke", "gw-nobody", "--offline")
+    assert unknown.returncode == 1
+    assert "no client certificate issued to 'gw-nobody'" in unknown.stderr
+    for protected in ("ca", "server"):
+        refused = _cityhub(env, "revoke", protected, "--offline")
+        assert refused.returncode == 1
+        assert "is not a client certificate" in refused.stderr
+    bad_reason = _cityhub(env, "revoke", "gw-two", "--reason", "whim", "--offline")
+    assert bad_reason.returncode == 1
+    assert "unknown reason" in bad_reason.stderr
+    crl_before = pki.crl_path.read_bytes()
+    first = _cityhub(env, "revoke", "gw-two", "--reason", "key_compromise", "--offline")
+    assert first.returncode == 0, first.stderr
+    assert "revoked: gw-two" in first.stdout
+    crl_after = pki.crl_path.read_bytes()
+    assert crl_after != crl_before
+    again = _cityhub(env, "revoke", "gw-two", "--offline")
+    assert again.returncode == 0, again.stderr
+    assert "already revoked: gw-two" in again.stdout
+    assert pki.crl_path.read_bytes() == crl_after  # nothing to re-sign
+
+
+def test_pki_renew_and_list_commands(cli_pki, tmp_path):
+    env, pki, old_cert = cli_pki
+    assert _cityhub(env, "revoke", "gw-two", "--offline").returncode == 0
+    # Renewal: only live certificates in the window; the bundle gets the new files.
+    nothing = _cityhub(env, "renew", "--expiring-within", "30d")
+    assert "nothing to renew" in nothing.stdout
+    renewed = _cityhub(env, "renew", "--expiring-within", "800d")
+    assert renewed.returncode == 0, renewed.stderr
+    assert "renewed: gw-one" in renewed.stdout
+    assert "gw-two" not in renewed.stdout  # revoked: not brought back by a sweep
+    refreshed = decode_bundle((tmp_path / "state" / "bundles" / "gateway-gw-one.json").read_bytes())
+    assert refreshed.cert_pem == pki.client("gw-one").cert.read_text(encoding="ascii")
+    assert refreshed.cert_pem != old_cert
+    assert isinstance(refreshed, GatewayBundle)
+    assert refreshed.central.password == "central-secret"  # secrets unchanged
+    tls_copy = tmp_path / "state" / "bundles" / "gateway-gw-one" / "client.crt"
+    assert tls_copy.read_text(encoding="ascii") == refreshed.cert_pem
+    assert _cityhub(env, "renew", "gw-nobody").returncode == 1
+    server = _cityhub(env, "renew", "--server", "--days", "90")
+    assert server.returncode == 0, server.stderr
+    names = x509.load_pem_x509_certificate(pki.server.cert.read_bytes()).extensions
+    alt = names.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in alt.get_values_for_type(x509.DNSName)
+    listed = _cityhub(env, "list")
+    assert listed.returncode == 0, listed.stderr
+    rows = [line for line in listed.stdout.splitlines() if "gw-" in line]
+    assert sum("gw-one" in line for line in rows) == 2  # old and renewed
+    assert any("gw-two" in line and "revoked" in line for line in rows)
+    assert "CRL:" in listed.stdout
+    assert _cityhub(env, "renew", "--expiring-within", "soon").returncode == 1
+
+
+def test_revoke_command_cuts_the_session_of_a_real_broker(pki, broker, control):
+    a = _gateway(control, pki, broker, "gw-cli-a")
+    b = _gateway(control, pki, broker, "gw-cli-b")
+    a.start()
+    b.start()
+    env = {
+        **os.environ,
+        "CITYHUB_PROVISIONING__PKI_DIR": str(pki.root),
+        "CITYHUB_BROKER__HOST": "127.0.0.1",
+        "CITYHUB_BROKER__PORT": str(broker.port),
+        "CITYHUB_BROKER__USERNAME": ADMIN_USER,
+        "CITYHUB_BROKER__PASSWORD": broker.admin_password,
+        "COLUMNS": "250",
+    }
+    try:
+        done = _cityhub(env, "revoke", "gw-cli-a")
+        assert done.returncode == 0, done.stderr
+        assert "live sessions cut" in done.stdout
+        assert "another broker" in done.stdout  # not the embedded one: the hint
+        assert a.gone.wait(WAIT_S)
+        # The operator's part for a broker that is not embedded: the CRL and SIGHUP.
+        assert broker.reload_crl()
+        for _ in range(200):
+            if _refused(broker.tls.port, pki, "gw-cli-a"):
+                break
+            threading.Event().wait(0.05)
+        assert _refused(broker.tls.port, pki, "gw-cli-a")
+        b.publish_acked()
+        assert (b.connects, b.disconnects) == (1, 0)
+    finally:
+        a.stop()
+        b.stop()
