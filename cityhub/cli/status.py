@@ -18,8 +18,9 @@ import typer
 from rich.markup import escape
 
 from cityhub.cli.context import CliState, reported_errors, state_of
-from cityhub.cli.devices import JsonOption, hanoi_time, new_table, registry_of
+from cityhub.cli.devices import JsonOption, hanoi_time, new_table, pki_dir, registry_of
 from contracts.schema import SEVERITIES
+from devices import certs
 
 if TYPE_CHECKING:
     # psycopg comes with the central extra; a gateway-only install runs `cityhub`
@@ -38,6 +39,8 @@ ALERTS_STALE_INTERVALS: Final = 6
 OFFLINE_LISTED_MAX: Final = 20
 # Exit code when something is down (1 is a usage or database error).
 EXIT_DOWN: Final = 3
+# Client certificates listed by expiry (the rest are `cityhub pki list`'s).
+SOONEST_CERTS: Final = 3
 
 
 class GatewayLine(msgspec.Struct, frozen=True, kw_only=True):
@@ -88,6 +91,60 @@ class Alertmanager(msgspec.Struct, frozen=True, kw_only=True):
     error_at: datetime | None = None
 
 
+class CertExpiry(msgspec.Struct, frozen=True, kw_only=True):
+    name: str  # "CA", "server", "CRL" or a client's name
+    expires: datetime
+    days_left: float
+
+
+class Certificates(msgspec.Struct, frozen=True, kw_only=True):
+    """The PKI's expiry dates: CA, server, the CRL's next update, the soonest clients."""
+
+    lines: list[CertExpiry]
+    warnings: list[str]  # under certs.WARN_DAYS left
+    expired: list[str]  # past: the TLS listener refuses clients (a problem)
+
+
+def certificate_status(
+    register: certs.CertRegister, crl_next_update: datetime | None, *, now: datetime
+) -> Certificates:
+    """Expiry of the CA, the server certificate, the CRL and the soonest client certificates."""
+    lines: list[CertExpiry] = []
+    for kind, label in (("ca", "CA"), ("server", "server")):
+        newest = max(
+            (r for r in register.certs if r.kind == kind and r.revoked_at is None),
+            key=lambda r: r.not_after,
+            default=None,
+        )
+        if newest is not None:
+            lines.append(
+                CertExpiry(
+                    name=label,
+                    expires=newest.not_after,
+                    days_left=certs.days_left(newest, now),
+                )
+            )
+    if crl_next_update is not None:
+        lines.append(
+            CertExpiry(
+                name="CRL",
+                expires=crl_next_update,
+                days_left=(crl_next_update - now).total_seconds() / 86400,
+            )
+        )
+    lines += [
+        CertExpiry(name=r.name, expires=r.not_after, days_left=certs.days_left(r, now))
+        for r in certs.soonest(register, now=now, count=SOONEST_CERTS)
+    ]
+    expired = [f"{c.name}: đã hết hạn / expired" for c in lines if c.days_left <= 0]
+    warnings = [
+        f"{c.name}: còn / {c.days_left:.0f} ngày / days left"
+        for c in lines
+        if 0 < c.days_left < certs.WARN_DAYS
+    ]
+    return Certificates(lines=lines, warnings=warnings, expired=expired)
+
+
 class FleetStatus(msgspec.Struct, frozen=True, kw_only=True):
     checked_at: datetime
     gateways: list[GatewayLine]
@@ -101,6 +158,7 @@ class FleetStatus(msgspec.Struct, frozen=True, kw_only=True):
     open_alerts: dict[str, int]  # by severity, every severity present
     alertmanager: Alertmanager
     problems: list[str] = []
+    certificates: Certificates | None = None  # None: no PKI
 
 
 def problems(status: FleetStatus) -> list[str]:
@@ -131,6 +189,8 @@ def problems(status: FleetStatus) -> list[str]:
         )
     if status.alertmanager.state == "unreachable":
         found.append(f"Alertmanager unreachable: {status.alertmanager.error}")
+    if status.certificates is not None:
+        found += [f"certificate {e}" for e in status.certificates.expired]
     return found
 
 
@@ -373,12 +433,37 @@ def _print(state: CliState, status: FleetStatus) -> None:
     }
     detail = f" ({am.error})" if am.state == "unreachable" and am.error else ""
     line(f"Alertmanager: {labels[am.state]}{detail}")
+    if status.certificates is not None:
+        _print_certificates(state, status.certificates)
     if status.problems:
         state.err.print("[red]Sự cố / problems:[/red]", highlight=False)
         for p in status.problems:
             state.err.print(f"  - {escape(p)}", highlight=False, soft_wrap=True)
     else:
         line("Mọi thứ ổn / all well")
+
+
+def _print_certificates(state: CliState, certificates: Certificates) -> None:
+    expiry = ", ".join(
+        f"{c.name} {hanoi_time(c.expires)} ({c.days_left:.0f} d)" for c in certificates.lines
+    )
+    state.console.print(
+        f"Chứng chỉ / certificates: {escape(expiry)}", highlight=False, soft_wrap=True
+    )
+    for warning in certificates.warnings:
+        state.console.print(
+            f"[yellow]  sắp hết hạn / expiring: {escape(warning)}[/yellow]", highlight=False
+        )
+
+
+def _certificates(state: CliState, now: datetime) -> Certificates | None:
+    """The PKI's expiry summary; None when this host has no CA (nothing shown)."""
+    from devices.pki import Pki
+
+    pki = Pki(pki_dir(state))
+    if not pki.has_ca():
+        return None
+    return certificate_status(pki.register(), pki.crl_next_update(), now=now)
 
 
 def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
@@ -397,8 +482,13 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
     down: an active gateway offline, silent or never reported, the alerts
     job's last cycle older than 6 of its intervals (or none), ingest storing
     nothing for 5 minutes while online gateways report readings, or
-    Alertmanager's last post failed. Offline devices alone are not "down"
-    (the alert rules cover them).
+    Alertmanager's last post failed, or the CA, the server certificate or
+    the CRL has expired (the TLS listener then refuses every gateway).
+    Offline devices alone are not "down" (the alert rules cover them).
+
+    With a PKI (`cityhub pki init`), one line gives the expiry of the CA,
+    the server certificate, the CRL's next update and the 3 client
+    certificates that expire first; under 30 days left is a warning.
     """
     state = state_of(ctx)
     with reported_errors(state), registry_of(state) as registry:
@@ -407,6 +497,10 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
             registry.schema,
             alerts_interval_s=state.settings.alerts.interval_s,
         )
+        certificates = _certificates(state, report.checked_at)
+        if certificates is not None:
+            report = msgspec.structs.replace(report, certificates=certificates)
+            report = msgspec.structs.replace(report, problems=problems(report))
     if as_json:
         state.console.print_json(msgspec.json.encode(report).decode())
     else:

@@ -276,3 +276,49 @@ def test_unknown_log_level_names_the_valid_ones():
     result = run({}, "--log-level", "chatty", "catalog", "list")
     assert result.exit_code == 2
     assert "'CHATTY' is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL" in result.output
+
+
+def _pki_with(tmp_path, *, client_days: int, crl_age_days: int = 0):
+    from devices.pki import Pki
+
+    now = datetime.now(UTC)
+    pki = Pki(tmp_path / "pki")
+    pki.create_ca(now=now)
+    pki.issue_server(["localhost"], now=now)
+    pki.issue_client("gw-soon", now=now, days=client_days)
+    pki.issue_client("gw-later", now=now)
+    pki.write_crl(now=now - timedelta(days=crl_age_days))
+    return pki
+
+
+def test_status_shows_certificate_expiry(fleet, tmp_path):
+    env, _ = fleet
+    pki = _pki_with(tmp_path, client_days=10)
+    env = {**env, "CITYHUB_PROVISIONING__PKI_DIR": str(pki.root)}
+    code, doc = status_json(env)
+    assert code == 0, doc["problems"]
+    names = [c["name"] for c in doc["certificates"]["lines"]]
+    assert names == ["CA", "server", "CRL", "gw-soon", "gw-later"]
+    assert [w.split(":")[0] for w in doc["certificates"]["warnings"]] == ["gw-soon"]
+    table = run(env, "status")
+    assert table.exit_code == 0, table.output
+    assert "Chứng chỉ / certificates: CA " in table.stdout
+    assert "sắp hết hạn / expiring: gw-soon" in table.stdout
+
+
+def test_status_an_expired_crl_is_a_problem(fleet, tmp_path):
+    env, _ = fleet
+    pki = _pki_with(tmp_path, client_days=700, crl_age_days=100)
+    env = {**env, "CITYHUB_PROVISIONING__PKI_DIR": str(pki.root)}
+    code, doc = status_json(env)
+    assert code == 3
+    assert doc["problems"] == ["certificate CRL: đã hết hạn / expired"]
+
+
+def test_status_without_a_pki_shows_no_certificates(fleet, tmp_path):
+    env, _ = fleet
+    env = {**env, "CITYHUB_PROVISIONING__PKI_DIR": str(tmp_path / "no-pki")}
+    code, doc = status_json(env)
+    assert code == 0
+    assert doc["certificates"] is None
+    assert "Chứng chỉ" not in run(env, "status").stdout

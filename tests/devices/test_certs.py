@@ -157,3 +157,21 @@ def test_build_crl_lists_revoked_serials_only_and_its_window():
     empty = build_crl(cert, key, [], now=NOW)
     assert len(empty) == 0
     assert empty.is_signature_valid(key.public_key())
+
+
+@pytest.mark.parametrize(
+    ("crl_days", "warned", "expired"),
+    [
+        (60, ["gw-a", "gw-b"], []),
+        (10, ["CRL", "gw-a", "gw-b"], []),
+        (-1, ["gw-a", "gw-b"], ["CRL"]),
+    ],
+)
+def test_certificate_status(crl_days, warned, expired):
+    from cityhub.cli.status import certificate_status
+
+    # Soonest live clients only: gw-c has expired and gw-d is revoked, so they are not listed.
+    got = certificate_status(REGISTER, NOW + crl_days * DAY, now=NOW)
+    assert [c.name for c in got.lines] == ["CA", "server", "CRL", "gw-a", "gw-b", "gw-e"]
+    assert [w.split(":")[0] for w in got.warnings] == warned
+    assert [e.split(":")[0] for e in got.expired] == expired
