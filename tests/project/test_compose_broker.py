@@ -206,3 +206,55 @@ def test_the_compose_broker_saves_as_often_as_the_embedded_one(tmp_path):
     expected = ["autosave_on_changes false", "autosave_interval 1"]
     assert autosave(CONF.read_text(encoding="utf-8")) == expected
     assert autosave(embedded.config_path.read_text(encoding="utf-8")) == expected
+
+
+def _tls_refused(port: int, pki: Pki, name: str) -> bool:
+    context = ssl.create_default_context(cafile=str(pki.ca.cert))
+    files = pki.client(name)
+    context.load_cert_chain(str(files.cert), str(files.key))
+    try:
+        _tls_connect(port, context)
+    except (ssl.SSLError, ConnectionError):
+        return True
+    return False
+
+
+def test_a_revoked_certificate_is_refused_after_init_and_sighup(base, pki):
+    """The compose procedure after `cityhub pki revoke`: mosquitto-init again, then SIGHUP."""
+    pki.issue_client("gw-keep", now=NOW)
+    pki.issue_client("gw-gone", now=NOW)
+    port, tls_port = free_port(), free_port()
+    conf, password = _prepare(base, pki.root, tls_port)
+    tls_conf = (base / "security" / "conf.d" / "tls.conf").read_text(encoding="utf-8")
+    assert f"crlfile {base / 'security' / 'tls' / 'crl.pem'}" in tls_conf
+    proc = _start(base, conf, port)
+    try:
+        assert not _tls_refused(tls_port, pki, "gw-gone")
+        pki.revoke("gw-gone", now=NOW, reason="key_compromise")
+        user = _broker_user()
+        rerun = subprocess.run(
+            [sys.executable, str(INIT), str(base / "security" / "dynamic-security.json")],
+            env={
+                **os.environ,
+                "MQTT_ADMIN_PASSWORD": password,
+                "CITYHUB_PKI_DIR": str(pki.root),
+                "MQTT_TLS_PORT": str(tls_port),
+                "MOSQUITTO_UID": str(user.uid if user else os.geteuid()),
+                "MOSQUITTO_GID": str(user.gid if user else os.getegid()),
+            },
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert rerun.returncode == 0, rerun.stderr
+        os.kill(proc.pid, signal.SIGHUP)
+        for _ in range(200):
+            if _tls_refused(tls_port, pki, "gw-gone"):
+                break
+            time.sleep(0.05)
+        assert _tls_refused(tls_port, pki, "gw-gone")
+        assert not _tls_refused(tls_port, pki, "gw-keep")
+        assert proc.poll() is None  # reloaded, not restarted
+    finally:
+        _stop(proc)
