@@ -20,9 +20,12 @@ Library and file errors become PkiError.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import ipaddress
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -267,12 +270,13 @@ class Pki:
         builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         cert = builder.sign(ca_key, hashes.SHA256())
         kind: certs.Kind = "server" if server_names is not None else "client"
-        register = certs.record_issued(
-            self.register(), _record(cert, "server" if kind == "server" else common_name, kind)
-        )
-        _write(files.key, _key_pem(key), 0o600)
-        _write(files.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-        self._save(register)
+        with self._locked():
+            register = certs.record_issued(
+                self.register(), _record(cert, "server" if kind == "server" else common_name, kind)
+            )
+            _write(files.key, _key_pem(key), 0o600)
+            _write(files.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+            self._save(register)
         return files
 
     def issue_server(
@@ -338,6 +342,17 @@ class Pki:
                 register = certs.record_issued(register, _record(cert, name, kind))
         return register
 
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One writer of the register at a time (two technicians, a timer and a command)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     def _save(self, register: CertRegister) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         _write(self.register_path, msgspec.json.format(msgspec.json.encode(register)), 0o600)
@@ -355,12 +370,13 @@ class Pki:
         Returns ``(revoked now, revoked before)``; the CRL is written only
         when something changed.
         """
-        register, newly, already = certs.revoke(
-            self.register(), name, now=now, reason=reason, serial=serial
-        )
-        if newly:
-            self._save(register)
-            self.write_crl(now=now, register=register)
+        with self._locked():
+            register, newly, already = certs.revoke(
+                self.register(), name, now=now, reason=reason, serial=serial
+            )
+            if newly:
+                self._save(register)
+                self.write_crl(now=now, register=register)
         return newly, already
 
     def write_crl(
@@ -372,6 +388,11 @@ class Pki:
         crl = build_crl(ca_cert, ca_key, certs.revoked(register), now=now, days=days)
         _write(self.crl_path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
         return self.crl_path
+
+    def resign_crl(self, *, now: dt.datetime) -> Path:
+        """``write_crl`` under the register's lock (a revoke at the same time is not lost)."""
+        with self._locked():
+            return self.write_crl(now=now)
 
     def crl_next_update(self) -> dt.datetime | None:
         """When the current CRL expires (None: no CRL written yet)."""

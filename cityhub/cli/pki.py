@@ -131,8 +131,15 @@ def _hand_over(state: CliState, pki: Pki, name: str) -> None:
     from devices.brokerctl import BrokerControl
 
     out = state.console
-    if state.settings.local.mqtt_tls_port and stack_of(state).mosquitto().reload_crl():
+    embedded = stack_of(state).mosquitto() if state.settings.local.mqtt_tls_port else None
+    if embedded is not None and embedded.reload_crl():
         out.print("  broker nhúng đã nạp CRL mới / embedded broker reloaded the CRL (SIGHUP)")
+    elif embedded is not None and embedded.running():
+        out.print(
+            "  [yellow]broker nhúng chạy không có CRL / the embedded broker was started without"
+            " a CRL: restart it (`cityhub services down`, `cityhub services up`)[/yellow]",
+            highlight=False,
+        )
     else:
         out.print(
             f"  broker khác / another broker: copy {pki.crl_path} to it and send it SIGHUP"
@@ -220,7 +227,7 @@ def crl(
     state = state_of(ctx)
     pki = Pki(pki_dir(state))
     with reported_errors(state):
-        path = pki.write_crl(now=datetime.now(UTC))
+        path = pki.resign_crl(now=datetime.now(UTC))
         state.console.print(
             f"CRL: {path}, hết hạn / next update {hanoi_time(pki.crl_next_update())}",
             highlight=False,

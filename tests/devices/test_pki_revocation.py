@@ -444,3 +444,44 @@ def test_revoke_command_cuts_the_session_of_a_real_broker(pki, broker, control):
     finally:
         a.stop()
         b.stop()
+
+
+def test_concurrent_issues_and_revokes_lose_no_record(pki):
+    """The register is read, changed and written under a lock: no writer loses another's."""
+    errors: list[BaseException] = []
+
+    def issue(worker: int) -> None:
+        try:
+            for n in range(5):
+                pki.issue_client(f"gw-{worker}-{n}", now=NOW)
+                if n % 2:
+                    pki.revoke(f"gw-{worker}-{n}", now=NOW)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=issue, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT_S * 3)
+    assert not errors
+    register = pki.register_path.read_bytes()
+    records = Pki(pki.root).register().certs
+    assert len([r for r in records if r.kind == "client"]) == 40, register[:500]
+    revoked_serials = {int(r.serial, 16) for r in records if r.revoked_at is not None}
+    assert len(revoked_serials) == 16
+    crl = x509.load_pem_x509_crl(pki.crl_path.read_bytes())
+    assert {e.serial_number for e in crl} == revoked_serials
+
+
+def test_crl_command_resigns_an_expiring_crl(cli_pki):
+    env, pki, _ = cli_pki
+    pki.write_crl(now=NOW - dt.timedelta(days=100))
+    stale = pki.crl_next_update()
+    assert stale is not None
+    assert stale < NOW
+    done = _cityhub(env, "crl", "--offline")
+    assert done.returncode == 0, done.stderr
+    fresh = pki.crl_next_update()
+    assert fresh is not None
+    assert fresh > NOW + dt.timedelta(days=80)
