@@ -10,6 +10,7 @@ Alertmanager files; a private Prometheus evaluates the project's rules against a
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -519,3 +520,89 @@ def test_a_real_prometheus_scrapes_the_alerts_job_and_a_rule_fires(prometheus_on
         assert all(r["health"] == "ok" for r in by_name.values()), by_name
     finally:
         server.close()
+
+
+def test_the_compose_scripts_parse(compose) -> None:
+    for name, service in compose["services"].items():
+        entrypoint = service.get("entrypoint") or []
+        if entrypoint[:2] != ["/bin/sh", "-ec"]:
+            continue
+        script = entrypoint[2] if len(entrypoint) > 2 else service["command"][0]
+        # Compose turns $$ into $ before the shell sees it.
+        checked = subprocess.run(
+            ["/bin/sh", "-n", "-c", script.replace("$$", "$")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert checked.returncode == 0, f"{name}: {checked.stderr}"
+
+
+def test_the_demo_gateway_runs_from_its_tls_bundle_with_the_compose_settings(
+    compose, tmp_path
+) -> None:
+    """A bundle as provision-demo's `cityhub gateways add` writes it, read the way the gateway
+    service reads it (`gateway run --config BUNDLE.toml` with its compose environment)."""
+    from devices.bundle import MqttAccess, gateway_bundle
+    from devices.bundlefiles import write_bundle
+    from devices.pki import Pki
+
+    now = dt.datetime.now(dt.UTC)
+    pki = Pki(tmp_path / "pki")
+    pki.create_ca(now=now)
+    client = pki.issue_client("gw-hk-hall-quan", now=now)
+    provision = compose["services"]["provision-demo"]["environment"]
+    bundle = gateway_bundle(
+        gateway_id="gw-hk-hall-quan",
+        site_id="hk-hall-quan",
+        label="compose demo",
+        location="",
+        central=MqttAccess(
+            host=provision["CITYHUB_PROVISIONING__CENTRAL_PUBLIC_HOST"],
+            port=int(provision["CITYHUB_PROVISIONING__CENTRAL_TLS_PORT"]),
+            tls=True,
+            username="gw-hk-hall-quan.central",
+            password="s3cret-central",
+            client_id="gw-hk-hall-quan.central",
+        ),
+        site=MqttAccess(
+            host=provision["CITYHUB_PROVISIONING__SITE_PUBLIC_HOST"],
+            port=int(provision["CITYHUB_PROVISIONING__SITE_PUBLIC_PORT"]),
+            tls=False,
+            username="gw-hk-hall-quan.site",
+            password="s3cret-site",
+            client_id="gw-hk-hall-quan.site",
+        ),
+        prefix="",
+        ca_pem=pki.ca_pem(),
+        cert_pem=client.cert.read_text(),
+        key_pem=client.key.read_text(),
+        issued_at=now.isoformat(),
+        issued_by="provision-demo",
+    )
+    files = write_bundle(tmp_path / "bundles", bundle)
+    assert files.settings is not None
+    gateway = compose["services"]["gateway"]
+    # The bundle's file names are absolute: the gateway mounts the volume where they were written.
+    bundle_dir = provision["CITYHUB_PROVISIONING__BUNDLE_DIR"]
+    assert f"gateway-bundle:{bundle_dir}:ro" in gateway["volumes"]
+    assert f"gateway-bundle:{bundle_dir}" in compose["services"]["provision-demo"]["volumes"]
+    assert (
+        gateway["command"][-1] == f"{bundle_dir}/gateway-${{DEMO_GATEWAY_ID:-gw-hk-hall-quan}}.toml"
+    )
+
+    from contracts.settings import load_settings
+
+    environ = {**compose["x-cityhub-environment"], **gateway["environment"]}
+    environ = {k: str(v) for k, v in environ.items() if not isinstance(v, dict)}
+    settings = load_settings(files.settings, environ)
+    central, site = settings.broker, settings.gateway.site_broker
+    assert (central.host, central.port, central.tls) == ("mosquitto", 8883, True)
+    assert central.username == "gw-hk-hall-quan.central"
+    for path in (central.ca_file, central.cert_file, central.key_file):
+        assert Path(path).is_file(), path
+        assert Path(path).stat().st_mode & 0o077 == 0, path
+    assert (site.host, site.port, site.tls) == ("mosquitto", 1883, False)
+    assert settings.gateway.gateway_id == "gw-hk-hall-quan"
+    assert settings.gateway.outbox_path == "/var/lib/cityhub/outbox/outbox.sqlite3"
+    assert settings.gateway.metrics_port == 9102
