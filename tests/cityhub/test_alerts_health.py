@@ -9,10 +9,12 @@ against a real /metrics server holding a given last-cycle time.
 
 from __future__ import annotations
 
+import http.server
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,6 +75,33 @@ def test_nothing_listening_and_no_metrics_port_are_failures() -> None:
     result = CliRunner().invoke(app, ["alerts", "health", "--max-age", "60"], env={})
     assert result.exit_code == 1
     assert "alerts.metrics_port" in result.output
+
+
+class _Liar(http.server.BaseHTTPRequestHandler):
+    """Something else on the metrics port: it answers, but not Prometheus' text format."""
+
+    def do_GET(self) -> None:
+        body = b"cityhub_alerts_last_cycle_timestamp_seconds{job=alerts 1e9 trailing junk\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base's name
+        pass
+
+
+def test_a_listener_that_is_not_the_job_is_a_failure() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Liar)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        code, output = health(server.server_address[1], "--max-age", "60")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert code == 1
+    assert "did not answer in the metrics format" in output
 
 
 def test_a_stopped_job_fails_within_max_age(db_url, migrated, tmp_path) -> None:
