@@ -7,7 +7,11 @@
 # this image (the gateway and the simulated fleet too); a hub-only image takes
 #   docker build --build-arg CITYHUB_LOCK=central .
 
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# Pinned by tag and digest (the multi-platform index of python:3.11.16-slim-bookworm, as
+# pinned in several public repositories' Dockerfiles). To refresh:
+#   docker buildx imagetools inspect python:3.11-slim-bookworm   # its "Digest:" line
+# then change the patch version and digest together.
+ARG PYTHON_IMAGE=python:3.11.16-slim-bookworm@sha256:528257d48c1da0dcecc2e725d1ae34498d60c965f1241e39cd6a85a8859bdf84
 
 FROM ${PYTHON_IMAGE} AS build
 ARG CITYHUB_LOCK=all
@@ -40,9 +44,12 @@ ENV PATH=/opt/cityhub/bin:$PATH \
 # uid 10001 for the services; 1883 is the broker's uid in the eclipse-mosquitto
 # image: the mosquitto-init service writes the broker's account file as that
 # uid into this directory (a fresh named volume takes its ownership from here).
+# bundles/: the compose stack's provisioning jobs write gateway bundles there
+# (a named volume shared with the demo gateway), 0700 as bundles hold secrets.
 RUN groupadd --system --gid 10001 cityhub \
     && useradd --system --uid 10001 --gid cityhub --home-dir /var/lib/cityhub --create-home cityhub \
     && install -d -o cityhub -g cityhub -m 0750 /var/lib/cityhub/state /var/lib/cityhub/outbox \
+    && install -d -o cityhub -g cityhub -m 0700 /var/lib/cityhub/bundles \
     && install -d -o 1883 -g 1883 -m 0700 /mosquitto/security
 COPY --from=build /opt/cityhub /opt/cityhub
 COPY deploy/mosquitto/mosquitto-init.py /opt/cityhub/share/mosquitto-init.py

@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import errno
 import socket
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from contracts.errors import SettingsError
+from contracts.errors import SettingsError, UnavailableError
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -194,3 +197,30 @@ def check_ports(first: MetricsAddress, count: int) -> None:
                 sock.bind(sockaddr)
         except OSError as exc:
             raise bind_error(address, exc) from exc
+
+
+# Loopback addresses to scrape a service that listens on all interfaces.
+_WILDCARD_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104
+
+
+def scrape_sample(address: MetricsAddress, name: str, *, timeout_s: float) -> float | None:
+    """The first sample named ``name`` in the /metrics at ``address``, None if absent.
+
+    A listener on all interfaces is asked on loopback. UnavailableError when
+    nothing answers within ``timeout_s`` (a stopped or hung process) or the
+    answer is not the Prometheus text format.
+    """
+    host = _WILDCARD_LOOPBACK.get(address.host, address.host)
+    url = f"http://{MetricsAddress(host, address.port, address.section)}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            text = response.read().decode("utf-8")
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name:
+                    return float(sample.value)
+    except (OSError, urllib.error.URLError) as exc:
+        raise UnavailableError(f"no answer from {url} within {timeout_s:g} s: {exc}") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UnavailableError(f"{url} did not answer in the metrics format: {exc}") from exc
+    return None

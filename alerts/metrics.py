@@ -22,6 +22,12 @@ def alerts_families(counters: JobCounters, now_s: float) -> Iterator[Family]:
     c = counters
     yield counter("cycles", "Cycles run", c.cycles)
     yield gauge("cycle_seconds", "Duration of the last cycle", c.last_cycle_s)
+    if c.last_cycle_end_s is not None:
+        yield gauge(
+            "last_cycle_timestamp_seconds",
+            "When the last cycle completed (seconds since the epoch)",
+            c.last_cycle_end_s,
+        )
     yield counter("evaluations", "Evaluation times evaluated", c.evaluations)
     yield counter(
         "rules_evaluated", "Rules evaluated (rules x evaluation times)", c.rule_evaluations

@@ -209,6 +209,9 @@ class JobCounters(msgspec.Struct, kw_only=True):
     alerts_posted: int = 0  # alerts in them
     notify_failures: int = 0
     last_post_ms: int | None = None
+    # Wall-clock time (s since the epoch) the last cycle completed: a health
+    # check sees a hung job by its age (`cityhub alerts health`).
+    last_cycle_end_s: float | None = None
 
 
 class Notifier:
@@ -490,6 +493,7 @@ class AlertsJob:
         c = self.counters
         c.cycles += 1
         c.last_cycle_s = time.perf_counter() - started
+        c.last_cycle_end_s = time.time()
         if report.evaluated:
             c.evaluations += len(report.evaluated)
             c.rule_evaluations += len(report.evaluated) * len(self.rules)

@@ -58,6 +58,8 @@ STATE_GROUPS = {
     "cleared": ("cleared_unack", "cleared_ack"),
     "unacked": ("active_unack", "cleared_unack"),
 }
+# The alerts job's gauge of its last completed cycle (alerts.metrics).
+LAST_CYCLE_SAMPLE: Final = "cityhub_alerts_last_cycle_timestamp_seconds"
 _SEVERITY_STYLE = {"critical": "bold red", "major": "red", "minor": "yellow", "warning": "cyan"}
 
 
@@ -171,6 +173,66 @@ def run(
             f"evaluated {len(report.evaluated)} time(s): {report.raised} raised, "
             f"{report.escalated} escalated, {report.cleared} cleared; "
             f"{report.aqi_hourly} hourly and {report.aqi_daily} daily AQI rows"
+        )
+
+
+@app.command()
+def health(
+    ctx: typer.Context,
+    max_age: Annotated[
+        float,
+        typer.Option(
+            "--max-age",
+            help="Seconds since the job's last completed cycle above which it is unhealthy.",
+            min=0.001,
+        ),
+    ],
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="Settings file ([alerts] metrics_port).", dir_okay=False
+        ),
+    ] = None,
+    timeout: Annotated[
+        float,
+        typer.Option(help="Seconds to wait for the job's /metrics to answer.", min=0.001),
+    ] = 3.0,
+) -> None:
+    """Exit 0 if the running alerts job completed a cycle within --max-age seconds, else 1.
+
+    Reads the job's own /metrics (alerts.metrics_port, on loopback): a job
+    that is stopped, hung in a cycle or waiting on its database has no recent
+    cycle. A health check for containers and service managers.
+    """
+    from adapters.metrics import MetricsAddress, scrape_sample
+
+    state = state_of(ctx)
+    with reported_errors(state):
+        settings = load_settings(config, state.environ) if config else state.settings
+        alerts = settings.alerts
+        if not alerts.metrics_port:
+            raise SettingsError("alerts.metrics_port", "0: the job serves no /metrics to read")
+        address = MetricsAddress(alerts.metrics_host, alerts.metrics_port, section="alerts")
+        last_s = scrape_sample(address, LAST_CYCLE_SAMPLE, timeout_s=timeout)
+        now_s = time.time()
+        if last_s is None:
+            state.err.print(
+                "không khỏe / unhealthy: chưa có chu kỳ nào hoàn tất / no cycle completed yet",
+                highlight=False,
+            )
+            raise typer.Exit(1)
+        age_s = max(0.0, now_s - last_s)
+        when = local_time(datetime.fromtimestamp(last_s, UTC))
+        if age_s > max_age:
+            state.err.print(
+                f"không khỏe / unhealthy: chu kỳ cuối {age_s:.0f} s trước / last cycle"
+                f" {age_s:.0f} s ago ({when}), quá / over --max-age {max_age:g} s",
+                highlight=False,
+            )
+            raise typer.Exit(1)
+        state.console.print(
+            f"ok: chu kỳ cuối {age_s:.0f} s trước / last cycle {age_s:.0f} s ago ({when})",
+            highlight=False,
         )
 
 

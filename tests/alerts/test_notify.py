@@ -142,5 +142,9 @@ def test_metrics_families_read_the_counters():
     by_state = dict(families["alerts"].samples)
     assert by_state[("active_unack", "minor")] == 4
     assert by_state[("cleared_ack", "critical")] == 0
-    # Before the first post there is no age to report.
+    # Before the first post there is no age to report, nor a last cycle before the first.
     assert "seconds_since_last_post" not in {f.name for f in alerts_families(JobCounters(), 0)}
+    assert "last_cycle_timestamp_seconds" not in {f.name for f in alerts_families(JobCounters(), 0)}
+    ended = JobCounters(cycles=1, last_cycle_end_s=T0 / 1000)
+    families = {f.name: f for f in alerts_families(ended, T0 / 1000 + 30)}
+    assert families["last_cycle_timestamp_seconds"].samples == [((), T0 / 1000)]
