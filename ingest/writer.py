@@ -46,7 +46,10 @@ unreachable, failing or interrupted server is ``DatabaseUnavailableError``
 (retry later); a group the server refuses for its data (constraint or data
 errors) is ``RefusedByDatabaseError`` (an InputError: poison); a missing
 table is ``SchemaError``. ``interrupt`` (from another thread) cuts a hung
-connection so the blocked call fails fast.
+connection so the blocked call fails fast. Each connection also asks the
+server to end its transaction when this worker vanishes (a partition, a dead
+host: ``server_dead_client_settings``), so the row locks of a half-done
+commit never hold another worker's commit of the same resent batches.
 
 Which batches to group, retry timing, acks and metrics are the service's
 business; rows are built by ``ingest.rows``.
