@@ -246,6 +246,9 @@ class Ingest:
             worker_id=worker_id,
             connect_timeout_s=database.connect_timeout_s,
             ownership_refresh_s=settings.ownership_refresh_s,
+            # A worker that vanishes mid-commit must not hold its batches'
+            # locks longer than it would wait for a commit itself.
+            dead_client_s=settings.commit_timeout_s,
         )
         # Commands to devices, in the worker that stores states (one per host).
         self.downlink: CommandDownlink | None = None

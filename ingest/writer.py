@@ -46,7 +46,10 @@ unreachable, failing or interrupted server is ``DatabaseUnavailableError``
 (retry later); a group the server refuses for its data (constraint or data
 errors) is ``RefusedByDatabaseError`` (an InputError: poison); a missing
 table is ``SchemaError``. ``interrupt`` (from another thread) cuts a hung
-connection so the blocked call fails fast.
+connection so the blocked call fails fast. Each connection also asks the
+server to end its transaction when this worker vanishes (a partition, a dead
+host: ``server_dead_client_settings``), so the row locks of a half-done
+commit never hold another worker's commit of the same resent batches.
 
 Which batches to group, retry timing, acks and metrics are the service's
 business; rows are built by ``ingest.rows``.
@@ -55,6 +58,7 @@ business; rows are built by ``ingest.rows``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -63,7 +67,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from adapters.database import Connection, Cursor, Database, insert_unless_duplicate
+from adapters.database import Connection, Cursor, Database, insert_unless_duplicate, sql
 from contracts.catalog import DEVICE_TYPES, DeviceType
 from contracts.schema import SQL_TYPES, check_schema_name, readings_table
 from ingest.copyformat import CopyColumn, encode_copy_binary
@@ -170,6 +174,32 @@ def copy_columns(rows: TypeRows) -> list[CopyColumn]:
     return columns
 
 
+def server_dead_client_settings(dead_client_s: float) -> dict[str, str]:
+    """Session settings that make the server end this connection's transaction when we vanish.
+
+    A worker cut off from the network mid-transaction (host down, a
+    partition) leaves its backend holding the transaction's row locks, among
+    them the ``ingested_batches`` rows of its batches; another worker
+    committing the same batches, resent by their gateways, waits on those
+    locks. The server notices a silent peer only through TCP keepalives,
+    by default after two hours. With these, the backend gives up within
+    about ``dead_client_s``: waiting for our next statement inside a
+    transaction (``idle_in_transaction_session_timeout``), or waiting for
+    data (COPY) with keepalive probes unanswered (first after a third, then
+    two more a third apart), or with its own data unacknowledged
+    (``tcp_user_timeout``). The client cuts its own calls after the same
+    time (the service's commit timeout), so a healthy commit never meets them.
+    """
+    third_s = max(1, math.ceil(dead_client_s / 3))
+    return {
+        "idle_in_transaction_session_timeout": f"{max(1, round(dead_client_s * 1000))}ms",
+        "tcp_keepalives_idle": str(third_s),
+        "tcp_keepalives_interval": str(third_s),
+        "tcp_keepalives_count": "2",
+        "tcp_user_timeout": f"{max(1, round(dead_client_s * 1000))}ms",
+    }
+
+
 class BatchWriter:
     """One database connection of one ingest worker. Thread-safe (one call at a time)."""
 
@@ -182,6 +212,7 @@ class BatchWriter:
         connect_timeout_s: float = 5.0,
         ownership_refresh_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        dead_client_s: float = 0.0,
     ) -> None:
         self.url = url
         self.schema = check_schema_name(schema)
@@ -189,6 +220,7 @@ class BatchWriter:
         self.connect_timeout_s = connect_timeout_s
         self.ownership_refresh_s = ownership_refresh_s
         self.clock = clock
+        self.dead_client_s = dead_client_s
         self._db = Database(
             url=url,
             schema=self.schema,
@@ -223,7 +255,12 @@ class BatchWriter:
         self._db.interrupt()
 
     def _stage_catalog(self, conn: Connection[Any]) -> None:
-        """A new connection: a stage table per device type of the catalog."""
+        """A new connection: the server's dead-client limits, a stage table per device type."""
+        if self.dead_client_s > 0:
+            for name, value in server_dead_client_settings(self.dead_client_s).items():
+                conn.execute(
+                    sql.SQL("SET {} = {}").format(sql.Identifier(name), sql.Literal(value))
+                )
         self._staged = {}
         for dtype in DEVICE_TYPES.values():
             _create_stage_table(conn, dtype)

@@ -6,7 +6,8 @@ access, including the plugin's control API), persistence on with a snapshot
 every second (AUTOSAVE_INTERVAL below), raises the
 queue limits that would otherwise drop QoS 1 messages for a slow subscriber
 (MAX_QUEUED_MESSAGES below), and listens on 127.0.0.1 only, optionally with a
-second, TLS listener that requires a client certificate. Dev mode
+second, TLS listener that requires a client certificate, and optionally on
+further addresses of this machine (``extra_hosts``, same port). Dev mode
 (``local.dev_mode``) additionally lets anonymous local clients connect; it is
 explicit in the config file so nobody mistakes it for production.
 
@@ -162,6 +163,7 @@ class MosquittoServer:
         tls: TlsListener | None = None,
         autosave_interval: int = AUTOSAVE_INTERVAL,
         autosave_on_changes: bool = AUTOSAVE_ON_CHANGES,
+        extra_hosts: tuple[str, ...] = (),
     ) -> None:
         self.base_dir = base_dir
         self.port = port
@@ -172,6 +174,9 @@ class MosquittoServer:
         self.tls = tls
         self.autosave_interval = autosave_interval
         self.autosave_on_changes = autosave_on_changes
+        # Further addresses of this machine to listen on (plain, same port),
+        # e.g. a veth pair's host side that another network namespace reaches.
+        self.extra_hosts = extra_hosts
 
     @property
     def config_path(self) -> Path:
@@ -257,6 +262,7 @@ class MosquittoServer:
             "log_type information",
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",
             f"listener {self.port} {LOOPBACK}",
+            *(f"listener {self.port} {host}" for host in self.extra_hosts),
             *self._tls_config(),
             "",
         ]

@@ -5,13 +5,14 @@
 starts the postmaster detached, waits until it accepts connections and
 creates the application database. Migrations are left to ``cityhub db``.
 
-Clients connect over TCP on 127.0.0.1 with a generated password
-(scram-sha-256); the Unix socket inside the server's 0700 directory is trusted
-for its owner only.
+Clients connect over TCP on 127.0.0.1 (and on ``extra_listen`` addresses,
+from their networks) with a generated password (scram-sha-256); the Unix
+socket inside the server's 0700 directory is trusted for its owner only.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import secrets
@@ -42,6 +43,8 @@ logger = logging.getLogger(__name__)
 DB_USER = "cityhub"
 DB_NAME = "cityhub"
 MIN_PG_MAJOR = 15
+# Lines of pg_hba.conf below this one are cityhub's, rewritten at every start.
+_HBA_MARKER = "# cityhub: extra listeners (rewritten at every start)"
 
 
 def find_pg_bindir(configured: str = "") -> Path:
@@ -112,6 +115,7 @@ class PostgresServer:
         password_file: Path,
         durable: bool = True,
         start_timeout_s: float = 60.0,
+        extra_listen: tuple[str, ...] = (),
     ) -> None:
         self.base_dir = base_dir
         self.port = port
@@ -122,6 +126,10 @@ class PostgresServer:
         # (the OS keeps the page cache), only a machine crash would. Tests use it.
         self.durable = durable
         self.start_timeout_s = start_timeout_s
+        # Further addresses of this machine to listen on, as interfaces
+        # ("10.203.5.1/30": the address and the network whose clients may log
+        # in over it with a password), e.g. a veth pair's host side.
+        self.extra_listen = tuple(ipaddress.IPv4Interface(i) for i in extra_listen)
 
     @property
     def data_dir(self) -> Path:
@@ -194,7 +202,7 @@ class PostgresServer:
     def _write_conf(self) -> None:
         lines = {
             "port": str(self.port),
-            "listen_addresses": f"'{LOOPBACK}'",
+            "listen_addresses": "'" + ",".join([LOOPBACK, *self._extra_addresses()]) + "'",
             "unix_socket_directories": f"'{self.socket_dir}'",
             "shared_preload_libraries": "'timescaledb'",
             "timescaledb.telemetry_level": "off",
@@ -210,6 +218,23 @@ class PostgresServer:
             f"{key} = {value}\n" for key, value in lines.items()
         )
         write_owned_file(self.data_dir / "cityhub.conf", text, self.run_as)
+        self._write_hba()
+
+    def _extra_addresses(self) -> list[str]:
+        return [str(interface.ip) for interface in self.extra_listen]
+
+    def _write_hba(self) -> None:
+        """initdb's pg_hba.conf plus password logins from the extra listeners' networks.
+
+        PostgreSQL 15 has no include in pg_hba.conf, so the lines below a
+        marker are rewritten at every start.
+        """
+        path = self.data_dir / "pg_hba.conf"
+        kept = path.read_text(encoding="utf-8").split(_HBA_MARKER)[0].rstrip("\n")
+        lines = [f"host all all {i.network} scram-sha-256" for i in self.extra_listen]
+        text = kept + "\n" + (f"{_HBA_MARKER}\n" + "\n".join(lines) + "\n" if lines else "")
+        if text != path.read_text(encoding="utf-8"):
+            write_owned_file(path, text, self.run_as, mode=0o600)
 
     def start(self) -> int:
         """Start the postmaster (initdb first if needed) and wait until it answers."""

@@ -350,11 +350,12 @@ def write_config(
     db_url: str,
     schema: str,
     settings: IngestSettings,
+    host: str = "127.0.0.1",
 ) -> Path:
-    """A TOML settings file for `python -m ingest`."""
+    """A TOML settings file for `python -m ingest`, the broker at ``host``."""
     lines = [
         "[broker]",
-        'host = "127.0.0.1"',
+        f'host = "{host}"',
         f"port = {server.port}",
         f'username = "{ADMIN_USER}"',
         f'password = "{server.admin_password}"',
