@@ -69,6 +69,7 @@ import msgspec
 
 from adapters.loglimit import LogLimiter
 from adapters.mqtt import MqttLink, Will, client_ssl_context
+from adapters.sdnotify import Notifier
 from adapters.serve import serve as run_service
 from contracts.catalog import current_catalog, merge_models, merge_types, use_catalog
 from contracts.errors import HubError, InputError, OutboxFullError
@@ -176,6 +177,7 @@ class Gateway:
         site: BrokerSettings,
         outbox_path: Path,
         clock: Callable[[], int] = wall_ms,
+        notifier: Notifier | None = None,
     ) -> None:
         if not settings.gateway_id:
             raise HubError("gateway.gateway_id is not set")
@@ -183,6 +185,7 @@ class Gateway:
         self.gateway_id = settings.gateway_id
         self.prefix = settings.topic_prefix
         self.clock = clock
+        self.notifier = notifier or Notifier()
         self.boot_id = secrets.token_hex(8)
         self.counters = GatewayCounters()
         self.outbox = Outbox(
@@ -847,6 +850,32 @@ class Gateway:
             last_ms, last_accepted = now, accepted
             self.publish_state(rate, report=True)
 
+    def _status_line(self) -> str:
+        """systemd's STATUS=: one short line for `systemctl status`."""
+        uplink = "connected" if self.central.connected.is_set() else "disconnected"
+        return (
+            f"uplink {uplink}, outbox {self.outbox.depth().readings} readings, "
+            f"{self.tracker.online_count()} devices online"
+        )
+
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 every half interval, only after the loop ran the outbox probe in time.
+
+        This task runs on the event loop it vouches for: a blocked loop sends
+        nothing, and so does an outbox whose write lock cannot be taken
+        within the half interval (a hung disk, another writer holding it).
+        """
+        half_s = self.notifier.watchdog_s / 2
+        while half_s > 0:
+            await asyncio.sleep(half_s)
+            try:
+                async with asyncio.timeout(half_s):
+                    await asyncio.to_thread(self.outbox.check_writable)
+            except (TimeoutError, HubError) as exc:
+                logger.warning("watchdog: outbox not writable (%s): no ping", exc or "timeout")
+                continue
+            self.notifier.notify(WATCHDOG="1", STATUS=self._status_line())
+
     async def _expiry(self) -> None:
         override_ms = int(self.settings.no_data_timeout_s * 1000)
         while True:
@@ -1013,11 +1042,16 @@ class Gateway:
                 group.create_task(self._modbus(modbus_changed), name="modbus")
                 group.create_task(self.downlink.run(), name="commands")
                 group.create_task(self.downlink.send_reports(), name="command-reports")
+                group.create_task(self._watchdog(), name="watchdog")
+                # The outbox is open and the links started: systemd may start what
+                # comes after the gateway (Type=notify).
+                self.notifier.notify(READY="1", STATUS=self._status_line())
                 if stop is not None:
                     group.create_task(_raise_on(stop), name="stop")
         except* _Stop:
             pass
         finally:
+            self.notifier.notify(STOPPING="1", STATUS="stopping: flushing the outbox")
             # Store what the builder holds and acknowledge it while the site
             # link is still up (and answer the HTTP requests waiting for it,
             # the others 503); then leave the site session cleanly.

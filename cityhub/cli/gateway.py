@@ -10,6 +10,8 @@ from typing import Annotated
 import msgspec
 import typer
 
+from adapters.logs import add_log_fields
+from adapters.sdnotify import Notifier
 from cityhub.cli.context import CliState, reported_errors, state_of
 from cityhub.localstack.mosquitto import ADMIN_USER
 from contracts.settings import BrokerSettings, describe_settings, load_settings
@@ -65,11 +67,14 @@ def run(
         central = embedded_broker(state, settings.broker)
         site = embedded_broker(state, settings.gateway.site_broker)
         logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+        add_log_fields(service="gateway", gateway_id=settings.gateway.gateway_id)
         logging.getLogger(__name__).info("settings: %s", describe_settings(settings))
         gateway = Gateway(
             settings=settings.gateway,
             central=central,
             site=site,
             outbox_path=outbox_path(settings.gateway, state.state_dir),
+            # Read once here: systemd's NOTIFY_SOCKET and WATCHDOG_USEC (Type=notify).
+            notifier=Notifier.from_environ(state.environ),
         )
         asyncio.run(serve(gateway))
