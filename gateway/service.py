@@ -414,12 +414,21 @@ class Gateway:
                         event.device_id,
                         event.reason,
                         event.detail,
+                        extra={"device_id": event.device_id},
                     )
             elif isinstance(event, Joined):
-                logger.info("LoRaWAN device %s joined: DevAddr %s", event.device_id, event.dev_addr)
+                logger.info(
+                    "LoRaWAN device %s joined: DevAddr %s",
+                    event.device_id,
+                    event.dev_addr,
+                    extra={"device_id": event.device_id},
+                )
             else:
                 logger.info(
-                    "device %s is %s", event.device_id, "online" if event.online else "offline"
+                    "device %s is %s",
+                    event.device_id,
+                    "online" if event.online else "offline",
+                    extra={"device_id": event.device_id},
                 )
 
     # -- site side (event loop thread) --------------------------------------------
@@ -468,6 +477,7 @@ class Gateway:
                 topic,
                 device_id,
                 code,
+                extra={"device_id": device_id},
             )
 
     def _on_site_too_large(self, message: TooLarge) -> None:
@@ -550,7 +560,12 @@ class Gateway:
         if reason_code >= 0x80:
             # The batch stays in the outbox and is resent after ack_timeout_s.
             self.counters.puback_refused += 1
-            logger.warning("broker refused batch %s: reason code 0x%02x", batch_id, reason_code)
+            logger.warning(
+                "broker refused batch %s: reason code 0x%02x",
+                batch_id,
+                reason_code,
+                extra={"batch_id": batch_id},
+            )
         self._wake()
 
     def _on_central_message(self, topic: str, payload: bytes) -> None:
@@ -883,7 +898,11 @@ class Gateway:
             with self.lock:
                 gone = self.router.expire(self.clock(), override_ms=override_ms)
             for device_id in gone:
-                logger.info("device %s offline: no data within its timeout", device_id)
+                logger.info(
+                    "device %s offline: no data within its timeout",
+                    device_id,
+                    extra={"device_id": device_id},
+                )
 
     async def _serial(self, changed: asyncio.Event) -> None:
         """Keep one reader task per configured serial device, following config changes."""
@@ -988,7 +1007,12 @@ class Gateway:
                 device.device_id, online=online, now_ms=self.clock()
             )
         if changed and online:
-            logger.info("device %s online: it answers on %s again", device.device_id, device.port)
+            logger.info(
+                "device %s online: it answers on %s again",
+                device.device_id,
+                device.port,
+                extra={"device_id": device.device_id},
+            )
             self.downlink.wake()
         elif changed:
             logger.info(
@@ -996,6 +1020,7 @@ class Gateway:
                 device.device_id,
                 device.port,
                 detail,
+                extra={"device_id": device.device_id},
             )
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
