@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -78,11 +78,23 @@ def configure_logging(
     A second call (a spawned worker calls it again in its own interpreter)
     leaves an existing handler alone, as ``logging.basicConfig`` does.
     """
-    handler = logging.StreamHandler()
+    handler = log_handler(log_format=log_format, service=service, text_format=text_format)
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+def log_handler(
+    *,
+    log_format: LogFormat,
+    service: str,
+    text_format: str = TEXT_FORMAT,
+    stream: TextIO | None = None,
+) -> logging.Handler:
+    """The handler ``configure_logging`` installs: on ``stream`` (default stderr)."""
+    handler = logging.StreamHandler(stream)
     formatter = json_formatter() if log_format == "json" else logging.Formatter(text_format)
     handler.setFormatter(formatter)
     handler.addFilter(ProcessFields({"service": service}))
-    logging.basicConfig(level=level, handlers=[handler])
+    return handler
 
 
 def add_log_fields(**fields: str) -> None:

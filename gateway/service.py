@@ -874,21 +874,37 @@ class Gateway:
         )
 
     async def _watchdog(self) -> None:
-        """WATCHDOG=1 every half interval, only after the loop ran the outbox probe in time.
+        """WATCHDOG=1 every half interval, only after the outbox probe finished in time.
 
         This task runs on the event loop it vouches for: a blocked loop sends
         nothing, and so does an outbox whose write lock cannot be taken
         within the half interval (a hung disk, another writer holding it).
+        One probe at a time: a stuck one is waited for, not joined by more
+        threads.
         """
         half_s = self.notifier.watchdog_s / 2
+        probe: asyncio.Task[None] | None = None
+        healthy = True
         while half_s > 0:
             await asyncio.sleep(half_s)
+            if probe is None or probe.done():
+                probe = asyncio.create_task(
+                    asyncio.to_thread(self.outbox.check_writable), name="watchdog-probe"
+                )
             try:
                 async with asyncio.timeout(half_s):
-                    await asyncio.to_thread(self.outbox.check_writable)
+                    await asyncio.shield(probe)
             except (TimeoutError, HubError) as exc:
-                logger.warning("watchdog: outbox not writable (%s): no ping", exc or "timeout")
+                if healthy:
+                    logger.warning(
+                        "watchdog: outbox not writable (%s): no pings until it is",
+                        exc or f"no answer within {half_s:.1f} s",
+                    )
+                healthy = False
                 continue
+            if not healthy:
+                logger.info("watchdog: outbox writable again, pinging")
+                healthy = True
             self.notifier.notify(WATCHDOG="1", STATUS=self._status_line())
 
     async def _expiry(self) -> None:
