@@ -28,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Final, NoReturn, TypeVar
 
-from adapters.logs import TEXT_FORMAT, configure_logging
+from adapters.logs import TEXT_FORMAT, add_log_fields, configure_logging
 from contracts.errors import HubError
 from contracts.settings import Settings, describe_settings, load_settings
 
@@ -62,6 +62,7 @@ def start_service(
     required: Mapping[str, Callable[[Settings], object]],
     add_options: Callable[[argparse.ArgumentParser], None] | None = None,
     text_format: str = TEXT_FORMAT,
+    log_fields: Callable[[Settings], Mapping[str, str]] | None = None,
 ) -> Startup:
     """Parse the options, load settings, configure logging; exit 2 when something is missing.
 
@@ -69,7 +70,8 @@ def start_service(
     the process exits naming all of them ("set broker.host and database.url").
     The service's log lines carry ``service`` = the name of ``service_logger``
     (gateway, ingest, alerts); ``text_format`` is the line format of
-    ``log_format = "text"``.
+    ``log_format = "text"``; ``log_fields`` gives more fields every line
+    carries, from the settings (the gateway's own id), from the first line on.
     """
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", type=Path, help="settings file (TOML)")
@@ -86,6 +88,8 @@ def start_service(
         service=service_logger.name,
         text_format=text_format,
     )
+    if log_fields is not None:
+        add_log_fields(**log_fields(settings))
     startup = Startup(parser=parser, args=args, settings=settings)
     if any(get(settings) is None for get in required.values()):
         startup.fail(f"set {' and '.join(required)}")

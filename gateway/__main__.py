@@ -14,7 +14,6 @@ import logging
 import os
 from pathlib import Path
 
-from adapters.logs import add_log_fields
 from adapters.sdnotify import Notifier
 from adapters.serve import start_service
 from contracts.errors import HubError, SettingsError
@@ -33,10 +32,10 @@ def main() -> None:
             "broker.host": lambda s: s.broker.host,
             "gateway.site_broker.host": lambda s: s.gateway.site_broker.host,
         },
+        # Every line of this process names its gateway (JSON logs: a field of its own).
+        log_fields=lambda s: {"gateway_id": s.gateway.gateway_id},
     )
     settings = startup.settings
-    # Every line of this process names its gateway (JSON logs: a field of its own).
-    add_log_fields(gateway_id=settings.gateway.gateway_id)
     state_dir = (
         Path(settings.local.state_dir)
         if settings.local.state_dir
