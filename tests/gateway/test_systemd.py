@@ -72,10 +72,20 @@ class NotifyListener:
         self.sock.close()
 
 
-def start_gateway(config: Path, log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+# The service module, and the command the systemd unit runs (deploy/systemd).
+COMMANDS = {
+    "python -m gateway": ["-m", "gateway", "--config", "{config}"],
+    "cityhub gateway run": ["-m", "cityhub", "--config", "{config}", "gateway", "run"],
+}
+
+
+def start_gateway(
+    command: str, config: Path, log: Path, env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    args = [arg.format(config=config) for arg in COMMANDS[command]]
     with log.open("wb") as err:
         return subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--config", str(config)],
+            [sys.executable, *args],
             stdout=subprocess.DEVNULL,
             stderr=err,
             env=env,
@@ -99,7 +109,8 @@ def check_json_log(log: Path, *, gateway_id: str, device_id: str) -> None:
     assert any(m.startswith("watchdog: outbox writable again") for m in messages)
 
 
-def test_notify_watchdog_and_json_logs_of_a_real_gateway_process(mqtt_server, tmp_path):
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_notify_watchdog_and_json_logs_of_a_real_gateway_process(command, mqtt_server, tmp_path):
     tag = uuid.uuid4().hex[:6]
     gateway_id, prefix = f"gw-{tag}", f"t{tag}"
     devices = mqtt_devices(prefix, 1)
@@ -115,7 +126,7 @@ def test_notify_watchdog_and_json_logs_of_a_real_gateway_process(mqtt_server, tm
     }
     pub = client(mqtt_server)
     publish_config(pub, gateway_id=gateway_id, prefix=prefix, devices=devices, version=1)
-    proc = start_gateway(config, log, env)
+    proc = start_gateway(command, config, log, env)
     try:
         ready = notify.wait_for("READY", 60)
         assert ready["READY"] == "1"
