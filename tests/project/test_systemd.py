@@ -22,7 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from contracts.errors import SettingsError
+from contracts.settings import load_settings
 from devices.bundle import MqttAccess, encode_bundle, gateway_bundle
+from devices.bundlefiles import install_gateway_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "systemd"
@@ -233,3 +236,22 @@ def test_dry_run_prints_every_step_and_changes_nothing(tmp_path):
     ):
         assert expected in joined, expected
     assert not root.exists()
+
+
+def test_an_installed_bundle_is_owner_only_without_a_group_and_loads_as_settings(tmp_path):
+    bundle = write_bundle(tmp_path / "gateway-gw-hk-hall.json", tls=False)
+    config_dir = tmp_path / "etc-cityhub"
+    written = install_gateway_bundle(bundle, config_dir)
+    assert [p.name for p in written] == ["gateway.toml"]
+    assert stat.S_IMODE(written[0].stat().st_mode) == 0o600
+    assert not (config_dir / "tls").exists()
+    settings = load_settings(written[0], {})
+    assert settings.gateway.gateway_id == "gw-hk-hall"
+    assert settings.broker.password == "bí-mật-123"
+    assert settings.gateway.site_broker.host == "127.0.0.1"
+
+
+def test_a_group_that_does_not_exist_is_a_settings_error(tmp_path):
+    bundle = write_bundle(tmp_path / "gateway-gw-hk-hall.json", tls=False)
+    with pytest.raises(SettingsError, match="--group"):
+        install_gateway_bundle(bundle, tmp_path / "etc", group="no-such-group-xyz")
