@@ -42,7 +42,12 @@ Wiring (docs/architecture.md, sections 1, 3 and 5):
   from the central broker's command topic are held in the outbox file,
   published to their MQTT devices when online (each device's answers come on
   ``d/{id}/res``, routed off the reading path by topic), and the states they
-  reach reported back until ingest's acks name them.
+  reach reported back until ingest's acks name them;
+- ``watchdog`` task, under systemd (``adapters.sdnotify``; READY=1 once the
+  outbox is open and the links started, STOPPING=1 at the end): WATCHDOG=1
+  every half ``WATCHDOG_USEC``, each only after the outbox's write lock was
+  taken and let go in time, from the event loop itself, so a blocked loop
+  or a stuck outbox stops the pings and systemd restarts the gateway.
 
 The decisions are the pure ``gateway.routing.Router`` (routing, per-device
 state, ack generations, the ready queue) and ``gateway.configdiff`` (what a
