@@ -3,7 +3,8 @@
 ``start_service`` is what each service's ``__main__`` does first: parse the
 shared options (``--config`` plus the service's own), load the settings once,
 configure logging once, refuse to start without the settings the service
-needs, log the (masked) settings. ``serve`` runs a service's main coroutine
+needs, log the (masked) settings. Logging itself (text or JSON lines) is
+``adapters.logs``'. ``serve`` runs a service's main coroutine
 with an ``asyncio.Event`` that SIGINT or SIGTERM set (and, for a worker
 process, the death of its supervisor); the coroutine stops cleanly when the
 event is set. ``stop_signals`` is the same for a synchronous supervisor
@@ -27,6 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Final, NoReturn, TypeVar
 
+from adapters.logs import TEXT_FORMAT, add_log_fields, configure_logging
 from contracts.errors import HubError
 from contracts.settings import Settings, describe_settings, load_settings
 
@@ -34,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-LOG_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 # How often a worker looks whether its supervisor is still there.
 PARENT_POLL_S: Final = 1.0
@@ -60,12 +61,17 @@ def start_service(
     service_logger: logging.Logger,
     required: Mapping[str, Callable[[Settings], object]],
     add_options: Callable[[argparse.ArgumentParser], None] | None = None,
-    log_format: str = LOG_FORMAT,
+    text_format: str = TEXT_FORMAT,
+    log_fields: Callable[[Settings], Mapping[str, str]] | None = None,
 ) -> Startup:
     """Parse the options, load settings, configure logging; exit 2 when something is missing.
 
     ``required`` maps setting names to getters; when any getter returns None
     the process exits naming all of them ("set broker.host and database.url").
+    The service's log lines carry ``service`` = the name of ``service_logger``
+    (gateway, ingest, alerts); ``text_format`` is the line format of
+    ``log_format = "text"``; ``log_fields`` gives more fields every line
+    carries, from the settings (the gateway's own id), from the first line on.
     """
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", type=Path, help="settings file (TOML)")
@@ -76,7 +82,14 @@ def start_service(
         settings = load_settings(args.config, os.environ)
     except HubError as exc:
         parser.exit(2, f"error: {exc}\n")
-    configure_logging(log_level_of(settings), log_format=log_format)
+    configure_logging(
+        log_level_of(settings),
+        log_format=settings.log_format,
+        service=service_logger.name,
+        text_format=text_format,
+    )
+    if log_fields is not None:
+        add_log_fields(**log_fields(settings))
     startup = Startup(parser=parser, args=args, settings=settings)
     if any(get(settings) is None for get in required.values()):
         startup.fail(f"set {' and '.join(required)}")
@@ -87,11 +100,6 @@ def start_service(
 def log_level_of(settings: Settings) -> int:
     """The settings' log level, but at least INFO: a long-running service logs its lifecycle."""
     return min(getattr(logging, settings.log_level.upper(), logging.INFO), logging.INFO)
-
-
-def configure_logging(level: int, *, log_format: str = LOG_FORMAT) -> None:
-    """The one handler of a service process (a spawned worker calls this itself)."""
-    logging.basicConfig(level=level, format=log_format)
 
 
 async def serve(

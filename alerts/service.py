@@ -318,7 +318,12 @@ class Notifier:
             for alert_id, silence_id in expire:
                 expire_silence(url, silence_id, s.timeout_s)
                 self.store.forget_silence(alert_id, silence_id)
-                logger.info("expired silence %s of alert %d", silence_id, alert_id)
+                logger.info(
+                    "expired silence %s of alert %d",
+                    silence_id,
+                    alert_id,
+                    extra={"alert_id": alert_id},
+                )
             for due in create:
                 silence = silence_for(
                     rule_id=due.rule_id,
@@ -334,7 +339,10 @@ class Notifier:
                     expire_silence(url, silence_id, s.timeout_s)  # changed meanwhile
                 else:
                     logger.info(
-                        "created silence %s of acknowledged alert %d", silence_id, due.alert_id
+                        "created silence %s of acknowledged alert %d",
+                        silence_id,
+                        due.alert_id,
+                        extra={"alert_id": due.alert_id, "device_id": due.device_id},
                     )
         except HubError as exc:
             if self._limiter.allow(f"silence {type(exc).__name__}", time.monotonic()):

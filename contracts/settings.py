@@ -361,6 +361,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     operator: str = ""
     # Long-running services log lifecycle events at INFO; commands for people stay quiet.
     log_level: str = "WARNING"
+    # "text": lines for a person at a terminal; "json": one JSON object a line
+    # (journald, a log shipper), with the ids a line names as their own fields.
+    log_format: Literal["text", "json"] = "text"
 
 
 _PATH_RE = re.compile(r" - at `\$(?P<path>[^`]*)`$")

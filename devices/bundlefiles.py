@@ -7,6 +7,10 @@ For a bundle named ``{kind}-{id}`` in the bundle directory (0700)::
     gateway-{id}.toml    gateways only: settings for `cityhub gateway run -c`
     gateway-{id}/        gateways only: ca.crt, client.crt, client.key when TLS is set up
 
+``install_gateway_bundle`` is the other end, on the gateway's board: a
+gateway bundle becomes ``gateway.toml`` (and ``tls/``) in the directory the
+gateway's systemd unit reads (/etc/cityhub), readable by the service's group.
+
 Files are created with mode 0600 from the start (no window in which another
 user could open them). QR codes come from ``segno`` (no other dependencies).
 """
@@ -15,20 +19,24 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-import segno
-
+from contracts.errors import SettingsError
 from devices.bundle import (
     Bundle,
     GatewayBundle,
+    decode_bundle,
     encode_bundle,
     gateway_settings_toml,
     qr_payload,
 )
+
+if TYPE_CHECKING:
+    import segno
 
 # PNG modules of 4 pixels: ~300 px for a device bundle, readable by a phone
 # camera at arm's length from a laptop screen or an A6 print.
@@ -57,6 +65,9 @@ def write_secret_file(path: Path, data: bytes) -> None:
 
 
 def _qr(bundle: Bundle) -> segno.QRCode:
+    # Imported here: a gateway board installing its bundle has no segno (central extra).
+    import segno
+
     return segno.make(qr_payload(bundle), error="l", micro=False)
 
 
@@ -176,3 +187,63 @@ def write_bundle(directory: Path, bundle: Bundle) -> BundleFiles:
         )
         write_secret_file(settings, text.encode())
     return BundleFiles(json=json_path, png=png_path, settings=settings)
+
+
+def install_gateway_bundle(
+    bundle_file: Path, config_dir: Path, *, group: str = "", installed_dir: Path | None = None
+) -> list[Path]:
+    """Write ``gateway.toml`` (and ``tls/``) for the bundle's gateway into ``config_dir``.
+
+    The settings name the TLS files under ``installed_dir`` (default
+    ``config_dir``): where ``config_dir`` is on the running machine when it
+    is written into an image's root.
+
+    Files are 0600 from the first byte; with ``group`` they then become
+    0640 (directory 0750) owned by that group, so the service's user reads
+    them but cannot change them. A second install replaces the files (a
+    rotated secret). Returns the files written.
+    """
+    try:
+        bundle = decode_bundle(bundle_file.read_bytes())
+    except (OSError, ValueError) as exc:  # msgspec's errors are ValueErrors
+        raise SettingsError(str(bundle_file), f"not a readable bundle: {exc}") from exc
+    if not isinstance(bundle, GatewayBundle):
+        raise SettingsError(str(bundle_file), "a device bundle, not a gateway's")
+    config_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    ca_file = cert_file = key_file = ""
+    if bundle.ca_pem:
+        tls_dir = config_dir / "tls"
+        tls_dir.mkdir(mode=0o700, exist_ok=True)
+        _share(tls_dir, group, 0o750)
+        ca = tls_dir / "ca.crt"
+        write_secret_file(ca, bundle.ca_pem.encode())
+        written.append(ca)
+        seen = (installed_dir or config_dir) / "tls"
+        ca_file = str(seen / ca.name)
+        if bundle.cert_pem and bundle.key_pem:
+            cert, key = tls_dir / "client.crt", tls_dir / "client.key"
+            write_secret_file(cert, bundle.cert_pem.encode())
+            write_secret_file(key, bundle.key_pem.encode())
+            written += [cert, key]
+            cert_file, key_file = str(seen / cert.name), str(seen / key.name)
+    settings = config_dir / "gateway.toml"
+    text = gateway_settings_toml(bundle, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+    write_secret_file(settings, text.encode())
+    written.append(settings)
+    for path in written:
+        _share(path, group, 0o640)
+    return written
+
+
+def _share(path: Path, group: str, mode: int) -> None:
+    """Give ``path`` to ``group`` with ``mode``; no group: leave it owner-only."""
+    if not group:
+        return
+    try:
+        # A number is a gid: an image's root (install-gateway --root) has
+        # groups this machine does not know by name.
+        shutil.chown(path, group=int(group) if group.isdigit() else group)
+    except (LookupError, PermissionError) as exc:
+        raise SettingsError("--group", f"cannot give {path} to group {group!r}: {exc}") from exc
+    path.chmod(mode)

@@ -320,6 +320,7 @@ class CommandDownlink:
                     report.device_id,
                     state,
                     f" ({report.detail})" if report.detail else "",
+                    extra={"device_id": report.device_id},
                 )
         self.wake_reports()
 
@@ -367,7 +368,13 @@ class CommandDownlink:
                 change = receive_answer(current, device_id=device_id, answer=answer, now_ms=now)
             except InputError as exc:
                 if self._log.allow(exc.reason, now):
-                    logger.warning("answer from %s refused (%s): %s", device_id, exc.reason, exc)
+                    logger.warning(
+                        "answer from %s refused (%s): %s",
+                        device_id,
+                        exc.reason,
+                        exc,
+                        extra={"device_id": device_id},
+                    )
                 self._reject(exc.reason, device_id, str(exc), payload)
                 continue
             if change is not None:
@@ -510,6 +517,7 @@ class CommandDownlink:
             command.name,
             "published" if first else "published again",
             device.device_id,
+            extra={"device_id": device.device_id},
         )
 
     async def _deliver_serial(self, held: Held, device: DeviceConfig) -> None:

@@ -207,7 +207,12 @@ class BusPoller:
         self.counters.modbus_polls[(device.device_id, outcome)] += 1
         if outcome != "ok" and self._log.allow(outcome, self.clock()):
             logger.warning(
-                "modbus %s: %s poll failed (%s): %s", self.port, device.device_id, outcome, detail
+                "modbus %s: %s poll failed (%s): %s",
+                self.port,
+                device.device_id,
+                outcome,
+                detail,
+                extra={"device_id": device.device_id},
             )
         # The status first: the reading then finds the device online.
         transition = self.failures.record(device.device_id, outcome)

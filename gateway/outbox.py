@@ -188,6 +188,16 @@ class Outbox:
             self._db.execute("COMMIT")
         return int(row[0])
 
+    def check_writable(self) -> None:
+        """Take the file's write lock and let it go, writing nothing (the watchdog's probe).
+
+        Blocks while another writer holds the lock (up to SQLite's 5 s busy
+        timeout, then raises); a hung or locked outbox so stops the pings.
+        """
+        with self._lock, self._errors:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("ROLLBACK")
+
     def fits(self, incoming_bytes: int) -> bool:
         """Whether ``incoming_bytes`` more payload stay within ``max_bytes`` (no I/O)."""
         return self._depth.bytes + incoming_bytes <= self.max_bytes

@@ -106,10 +106,13 @@ class SerialSource:
                     self.name,
                     exc,
                     delay,
+                    extra={"device_id": self.name},
                 )
                 await asyncio.sleep(delay)
                 continue
-            logger.info("serial %s open for %s", self.port, self.name)
+            logger.info(
+                "serial %s open for %s", self.port, self.name, extra={"device_id": self.name}
+            )
             # A partial frame from before the reopen would only cost a false error.
             self.decoder.reset()
             failures = 0
@@ -117,7 +120,13 @@ class SerialSource:
             try:
                 await self._read(reader)
             except (OSError, serial.SerialException) as exc:
-                logger.warning("serial %s (%s) failed: %s", self.port, self.name, exc)
+                logger.warning(
+                    "serial %s (%s) failed: %s",
+                    self.port,
+                    self.name,
+                    exc,
+                    extra={"device_id": self.name},
+                )
             finally:
                 self._writer = None
                 writer.close()

@@ -42,7 +42,12 @@ Wiring (docs/architecture.md, sections 1, 3 and 5):
   from the central broker's command topic are held in the outbox file,
   published to their MQTT devices when online (each device's answers come on
   ``d/{id}/res``, routed off the reading path by topic), and the states they
-  reach reported back until ingest's acks name them.
+  reach reported back until ingest's acks name them;
+- ``watchdog`` task, under systemd (``adapters.sdnotify``; READY=1 once the
+  outbox is open and the links started, STOPPING=1 at the end): WATCHDOG=1
+  every half ``WATCHDOG_USEC``, each only after the outbox's write lock was
+  taken and let go in time, from the event loop itself, so a blocked loop
+  or a stuck outbox stops the pings and systemd restarts the gateway.
 
 The decisions are the pure ``gateway.routing.Router`` (routing, per-device
 state, ack generations, the ready queue) and ``gateway.configdiff`` (what a
@@ -69,6 +74,7 @@ import msgspec
 
 from adapters.loglimit import LogLimiter
 from adapters.mqtt import MqttLink, Will, client_ssl_context
+from adapters.sdnotify import Notifier
 from adapters.serve import serve as run_service
 from contracts.catalog import current_catalog, merge_models, merge_types, use_catalog
 from contracts.errors import HubError, InputError, OutboxFullError
@@ -176,6 +182,7 @@ class Gateway:
         site: BrokerSettings,
         outbox_path: Path,
         clock: Callable[[], int] = wall_ms,
+        notifier: Notifier | None = None,
     ) -> None:
         if not settings.gateway_id:
             raise HubError("gateway.gateway_id is not set")
@@ -183,6 +190,7 @@ class Gateway:
         self.gateway_id = settings.gateway_id
         self.prefix = settings.topic_prefix
         self.clock = clock
+        self.notifier = notifier or Notifier()
         self.boot_id = secrets.token_hex(8)
         self.counters = GatewayCounters()
         self.outbox = Outbox(
@@ -411,12 +419,21 @@ class Gateway:
                         event.device_id,
                         event.reason,
                         event.detail,
+                        extra={"device_id": event.device_id},
                     )
             elif isinstance(event, Joined):
-                logger.info("LoRaWAN device %s joined: DevAddr %s", event.device_id, event.dev_addr)
+                logger.info(
+                    "LoRaWAN device %s joined: DevAddr %s",
+                    event.device_id,
+                    event.dev_addr,
+                    extra={"device_id": event.device_id},
+                )
             else:
                 logger.info(
-                    "device %s is %s", event.device_id, "online" if event.online else "offline"
+                    "device %s is %s",
+                    event.device_id,
+                    "online" if event.online else "offline",
+                    extra={"device_id": event.device_id},
                 )
 
     # -- site side (event loop thread) --------------------------------------------
@@ -465,6 +482,7 @@ class Gateway:
                 topic,
                 device_id,
                 code,
+                extra={"device_id": device_id},
             )
 
     def _on_site_too_large(self, message: TooLarge) -> None:
@@ -547,7 +565,12 @@ class Gateway:
         if reason_code >= 0x80:
             # The batch stays in the outbox and is resent after ack_timeout_s.
             self.counters.puback_refused += 1
-            logger.warning("broker refused batch %s: reason code 0x%02x", batch_id, reason_code)
+            logger.warning(
+                "broker refused batch %s: reason code 0x%02x",
+                batch_id,
+                reason_code,
+                extra={"batch_id": batch_id},
+            )
         self._wake()
 
     def _on_central_message(self, topic: str, payload: bytes) -> None:
@@ -847,6 +870,48 @@ class Gateway:
             last_ms, last_accepted = now, accepted
             self.publish_state(rate, report=True)
 
+    def _status_line(self) -> str:
+        """systemd's STATUS=: one short line for `systemctl status`."""
+        uplink = "connected" if self.central.connected.is_set() else "disconnected"
+        return (
+            f"uplink {uplink}, outbox {self.outbox.depth().readings} readings, "
+            f"{self.tracker.online_count()} devices online"
+        )
+
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 every half interval, only after the outbox probe finished in time.
+
+        This task runs on the event loop it vouches for: a blocked loop sends
+        nothing, and so does an outbox whose write lock cannot be taken
+        within the half interval (a hung disk, another writer holding it).
+        One probe at a time: a stuck one is waited for, not joined by more
+        threads.
+        """
+        half_s = self.notifier.watchdog_s / 2
+        probe: asyncio.Task[None] | None = None
+        healthy = True
+        while half_s > 0:
+            await asyncio.sleep(half_s)
+            if probe is None or probe.done():
+                probe = asyncio.create_task(
+                    asyncio.to_thread(self.outbox.check_writable), name="watchdog-probe"
+                )
+            try:
+                async with asyncio.timeout(half_s):
+                    await asyncio.shield(probe)
+            except (TimeoutError, HubError) as exc:
+                if healthy:
+                    logger.warning(
+                        "watchdog: outbox not writable (%s): no pings until it is",
+                        exc or f"no answer within {half_s:.1f} s",
+                    )
+                healthy = False
+                continue
+            if not healthy:
+                logger.info("watchdog: outbox writable again, pinging")
+                healthy = True
+            self.notifier.notify(WATCHDOG="1", STATUS=self._status_line())
+
     async def _expiry(self) -> None:
         override_ms = int(self.settings.no_data_timeout_s * 1000)
         while True:
@@ -854,7 +919,11 @@ class Gateway:
             with self.lock:
                 gone = self.router.expire(self.clock(), override_ms=override_ms)
             for device_id in gone:
-                logger.info("device %s offline: no data within its timeout", device_id)
+                logger.info(
+                    "device %s offline: no data within its timeout",
+                    device_id,
+                    extra={"device_id": device_id},
+                )
 
     async def _serial(self, changed: asyncio.Event) -> None:
         """Keep one reader task per configured serial device, following config changes."""
@@ -959,7 +1028,12 @@ class Gateway:
                 device.device_id, online=online, now_ms=self.clock()
             )
         if changed and online:
-            logger.info("device %s online: it answers on %s again", device.device_id, device.port)
+            logger.info(
+                "device %s online: it answers on %s again",
+                device.device_id,
+                device.port,
+                extra={"device_id": device.device_id},
+            )
             self.downlink.wake()
         elif changed:
             logger.info(
@@ -967,6 +1041,7 @@ class Gateway:
                 device.device_id,
                 device.port,
                 detail,
+                extra={"device_id": device.device_id},
             )
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -1013,11 +1088,16 @@ class Gateway:
                 group.create_task(self._modbus(modbus_changed), name="modbus")
                 group.create_task(self.downlink.run(), name="commands")
                 group.create_task(self.downlink.send_reports(), name="command-reports")
+                group.create_task(self._watchdog(), name="watchdog")
+                # The outbox is open and the links started: systemd may start what
+                # comes after the gateway (Type=notify).
+                self.notifier.notify(READY="1", STATUS=self._status_line())
                 if stop is not None:
                     group.create_task(_raise_on(stop), name="stop")
         except* _Stop:
             pass
         finally:
+            self.notifier.notify(STOPPING="1", STATUS="stopping: flushing the outbox")
             # Store what the builder holds and acknowledge it while the site
             # link is still up (and answer the HTTP requests waiting for it,
             # the others 503); then leave the site session cleanly.

@@ -34,7 +34,7 @@ def main() -> None:
             "database.url": lambda s: s.database.url,
         },
         add_options=_add_options,
-        log_format=LOG_FORMAT,
+        text_format=LOG_FORMAT,
     )
     settings = startup.settings
     workers: int = settings.ingest.workers if startup.args.workers is None else startup.args.workers

@@ -248,7 +248,9 @@ class CommandDownlink:
                 command_topic(gateway_id, self.prefix), encode_gateway_commands(message)
             )
         except BrokerUnavailableError as exc:
-            logger.warning("commands to %s not sent: %s", gateway_id, exc)
+            logger.warning(
+                "commands to %s not sent: %s", gateway_id, exc, extra={"gateway_id": gateway_id}
+            )
             return False
         return True
 
@@ -374,7 +376,10 @@ class CommandDownlink:
                 except BrokerUnavailableError as exc:
                     # Stored all the same: the gateway resends and is acked then.
                     logger.warning(
-                        "ack of command reports to %s not sent: %s", item.gateway_id, exc
+                        "ack of command reports to %s not sent: %s",
+                        item.gateway_id,
+                        exc,
+                        extra={"gateway_id": item.gateway_id},
                     )
         self.subscriber.ack([delivery])
 

@@ -84,7 +84,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Final, TypeVar
@@ -485,15 +485,26 @@ class Ingest:
             if isinstance(item, GoodBatch):
                 c.batches += 1
                 self.metrics.observe_lag(max(0, now_ms - item.sent_ms) / 1000)
+                batch = {"gateway_id": item.gateway_id, "batch_id": item.batch_id}
                 for r in item.rows.rejects:
-                    self._warn_reject(r.reason, f"{r.device_id} seq {r.seq}: {r.detail}")
+                    self._warn_reject(
+                        r.reason,
+                        f"{r.device_id} seq {r.seq}: {r.detail}",
+                        {**batch, "device_id": r.device_id},
+                    )
             else:
                 c.poison += 1
-                self._warn_reject(item.reason, f"message on {item.topic}: {item.detail}")
+                ids = {"gateway_id": item.gateway_id, "batch_id": item.batch_id}
+                self._warn_reject(
+                    item.reason,
+                    f"message on {item.topic}: {item.detail}",
+                    {name: value for name, value in ids.items() if value is not None},
+                )
 
-    def _warn_reject(self, reason: str, detail: str) -> None:
+    def _warn_reject(self, reason: str, detail: str, ids: Mapping[str, str] | None = None) -> None:
+        """A rate-limited WARNING; ``ids`` (gateway, batch, device) become fields of JSON lines."""
         if self._reject_log.allow(reason, time.monotonic()):
-            logger.warning("rejected (%s): %s", reason, detail[:500])
+            logger.warning("rejected (%s): %s", reason, detail[:500], extra=ids)
 
     def _acknowledge(self, group: list[Pending]) -> None:
         """Committed: the app acks to the gateways first, then the broker's PUBACKs."""
@@ -502,7 +513,9 @@ class Ingest:
                 self.subscriber.publish(ack_topic(gateway_id, self.prefix), encode_ack(ack))
             except BrokerUnavailableError as exc:
                 # Committed all the same: the gateway resends and is acked then.
-                logger.warning("ack to %s not sent: %s", gateway_id, exc)
+                logger.warning(
+                    "ack to %s not sent: %s", gateway_id, exc, extra={"gateway_id": gateway_id}
+                )
                 continue
             self.counters.acks_published += 1
         acked = self.subscriber.ack(p.delivery for p in group)

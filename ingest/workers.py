@@ -32,7 +32,8 @@ from multiprocessing.process import BaseProcess
 from typing import Final
 
 from adapters.backoff import backoff_delay_s
-from adapters.serve import configure_logging, stop_signals
+from adapters.logs import configure_logging
+from adapters.serve import stop_signals
 from contracts.catalog import read_catalog, use_catalog
 from contracts.errors import CatalogError, SettingsError
 from contracts.settings import Settings
@@ -80,7 +81,9 @@ def _worker_process(settings: Settings, index: int, log_level: int, parent_pid: 
     It installs the operators' catalog files itself too: a spawned interpreter
     starts with the shipped catalog only.
     """
-    configure_logging(log_level, log_format=LOG_FORMAT)
+    configure_logging(
+        log_level, log_format=settings.log_format, service="ingest", text_format=LOG_FORMAT
+    )
     try:
         use_catalog(read_catalog(settings.catalog.path_list))
         asyncio.run(serve(build_worker(settings, index), parent_pid=parent_pid))

@@ -27,6 +27,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from adapters.logs import add_log_fields
 from cityhub.cli.context import (
     TIME_ZONE_NOTE,
     CliState,
@@ -164,6 +165,7 @@ def run(
             ),
         )
         logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+        add_log_fields(service="alerts")
         logging.getLogger(__name__).info("settings: %s", describe_settings(settings))
         rules = load_job_rules(settings.alerts)
         job = AlertsJob(settings=settings.alerts, database=settings.database, rules=rules)

@@ -10,6 +10,8 @@ from typing import Annotated
 import msgspec
 import typer
 
+from adapters.logs import add_log_fields
+from adapters.sdnotify import Notifier
 from cityhub.cli.context import CliState, reported_errors, state_of
 from cityhub.localstack.mosquitto import ADMIN_USER
 from contracts.settings import BrokerSettings, describe_settings, load_settings
@@ -65,11 +67,68 @@ def run(
         central = embedded_broker(state, settings.broker)
         site = embedded_broker(state, settings.gateway.site_broker)
         logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+        add_log_fields(service="gateway", gateway_id=settings.gateway.gateway_id)
         logging.getLogger(__name__).info("settings: %s", describe_settings(settings))
         gateway = Gateway(
             settings=settings.gateway,
             central=central,
             site=site,
             outbox_path=outbox_path(settings.gateway, state.state_dir),
+            # Read once here: systemd's NOTIFY_SOCKET and WATCHDOG_USEC (Type=notify).
+            notifier=Notifier.from_environ(state.environ),
         )
         asyncio.run(serve(gateway))
+
+
+@app.command(name="install-bundle")
+def install_bundle(
+    ctx: typer.Context,
+    bundle: Annotated[
+        Path,
+        typer.Argument(
+            help="Gateway bundle (gateway-ID.json) from `cityhub gateways add`.",
+            dir_okay=False,
+            exists=True,
+        ),
+    ],
+    config_dir: Annotated[
+        Path,
+        typer.Option(
+            help="Where the gateway service reads its settings (the unit's CITYHUB_CONFIG "
+            "is CONFIG_DIR/gateway.toml).",
+            file_okay=False,
+        ),
+    ] = Path("/etc/cityhub"),
+    group: Annotated[
+        str,
+        typer.Option(
+            help="Group (name or gid) that may read the files (the service's: cityhub); "
+            "empty: owner only."
+        ),
+    ] = "",
+    installed_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where CONFIG_DIR is on the running machine, when it is written into an "
+            "image's root (the settings name the TLS files there). Default: CONFIG_DIR.",
+            file_okay=False,
+        ),
+    ] = None,
+) -> None:
+    """Install a gateway bundle on this machine: gateway.toml and tls/ in CONFIG_DIR.
+
+    The settings hold the broker secrets: files are created 0600 and, with
+    --group, handed to that group read-only (0640, tls/ 0750). Run it again
+    with a new bundle after `cityhub gateways rotate-credentials`, then restart
+    the service.
+    """
+    from devices.bundlefiles import install_gateway_bundle
+
+    state = state_of(ctx)
+    with reported_errors(state):
+        written = install_gateway_bundle(
+            bundle, config_dir, group=group, installed_dir=installed_dir
+        )
+    for path in written:
+        mode = path.stat().st_mode & 0o777
+        state.console.print(f"  {path} ({mode:04o})", highlight=False, soft_wrap=True)

@@ -9,6 +9,7 @@ from typing import Annotated
 import msgspec
 import typer
 
+from adapters.logs import add_log_fields
 from cityhub.cli.context import reported_errors, state_of
 from cityhub.cli.db import database_url
 from cityhub.cli.gateway import embedded_broker
@@ -56,5 +57,6 @@ def run(
             ),
         )
         logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+        add_log_fields(service="ingest")
         logging.getLogger(__name__).info("settings: %s", describe_settings(settings))
         run_workers(settings, workers=workers or settings.ingest.workers)

@@ -14,6 +14,7 @@ from typing import Annotated, Final
 import typer
 from rich.console import Console
 
+from adapters.logs import configure_logging
 from cityhub.cli import alertmanager as alertmanager_cli
 from cityhub.cli import alerts as alerts_cli
 from cityhub.cli import audit as audit_cli
@@ -99,8 +100,7 @@ def root(
     except HubError as exc:
         err.print(error_line(exc), highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # The commands that run a service (gateway run, ingest run, ...) name it
+    # with adapters.logs.add_log_fields.
+    configure_logging(getattr(logging, level), log_format=settings.log_format, service="cityhub")
     ctx.obj = CliState(settings=settings, environ=dict(os.environ), is_root=os.geteuid() == 0)

@@ -15,6 +15,7 @@ import msgspec
 import typer
 from rich.table import Table
 
+from adapters.logs import add_log_fields
 from cityhub.cli.context import CliState, reported_errors, state_of
 from cityhub.cli.db import database_url
 from cityhub.cli.gateway import embedded_broker
@@ -223,6 +224,7 @@ def run(
     from firmware_sim.service import Simulator
 
     state = state_of(ctx)
+    add_log_fields(service="sim")
     with reported_errors(state):
         description, specs = load_fleet(fleet, sites=sites, seed=seed)
         endpoints = parse_http_urls(http_url or [], {s.site_id for s in specs})
