@@ -69,6 +69,7 @@ from cityhub.backup_manifest import (
     database_name,
     decode_manifest,
     encode_manifest,
+    split_dump_warnings,
     split_password,
     with_database,
 )
@@ -95,10 +96,6 @@ COUNTED_TABLES: Final = (
 # up to 100 times, give it 5 s to settle before the backup gives up.
 STABLE_READ_ATTEMPTS: Final = 100
 STABLE_READ_PAUSE_S: Final = 0.05
-# TimescaleDB's catalog tables reference each other; pg_dump warns about each
-# (a warning, a "detail:" naming the table, "hint:" lines). Expected: the
-# documented procedure restores them with timescaledb_pre_restore() in force.
-_CATALOG_CYCLE_TABLES: Final = frozenset({"hypertable", "chunk", "continuous_agg"})
 # Schemas that are PostgreSQL's or TimescaleDB's own: an empty target has only these.
 _SYSTEM_SCHEMA_SQL: Final = r"""n.nspname NOT IN ('pg_catalog', 'information_schema')
     AND n.nspname NOT LIKE 'pg\_%' AND n.nspname NOT LIKE '\_timescaledb%'
@@ -267,23 +264,6 @@ def _run_tool(
     return lines
 
 
-def _unexpected_dump_lines(lines: list[str]) -> list[str]:
-    """pg_dump's stderr without the circular-foreign-key warnings of TimescaleDB's catalog."""
-    other: list[str] = []
-    skipping = False
-    for index, line in enumerate(lines):
-        if "circular foreign-key constraints" in line:
-            detail = lines[index + 1] if index + 1 < len(lines) else ""
-            skipping = detail.rpartition("detail:")[2].strip() in _CATALOG_CYCLE_TABLES
-        elif not any(part in line for part in ("detail:", "hint:")):
-            skipping = False
-        if skipping:
-            logger.info("pg_dump (expected with TimescaleDB's catalog): %s", line)
-        else:
-            other.append(line)
-    return other
-
-
 # -- taking a backup -----------------------------------------------------------------
 
 
@@ -373,7 +353,10 @@ def take_backup(
     )
     dump_s = time.monotonic() - started
     dump.chmod(0o600)
-    notes += [f"pg_dump: {line}" for line in _unexpected_dump_lines(lines)]
+    expected, other = split_dump_warnings(lines)
+    for line in expected:
+        logger.info("pg_dump (expected with TimescaleDB's catalog): %s", line)
+    notes += [f"pg_dump: {line}" for line in other]
     step("sha256 of the dump")
     files[DUMP_FILE] = hash_file(dump)
 
