@@ -37,6 +37,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import time
 from collections.abc import Callable, Mapping
@@ -74,7 +75,6 @@ from cityhub.backup_manifest import (
     with_database,
 )
 from cityhub.localstack.mosquitto import MosquittoServer
-from cityhub.localstack.postgres import pg_major
 from cityhub.localstack.procs import make_owned_dir, write_owned_file
 from contracts.catalog import DEVICE_TYPES
 from contracts.errors import BackupError
@@ -243,6 +243,21 @@ def _tool(bindir: Path, name: str) -> Path:
             "postgresql-client; local.pg_bindir names another directory)"
         )
     return path
+
+
+def _tool_major(bindir: Path, name: str) -> int:
+    """The PostgreSQL major version of a client program ("pg_restore (PostgreSQL) 15.20")."""
+    path = _tool(bindir, name)
+    try:
+        out = subprocess.run(
+            [str(path), "--version"], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise BackupError(f"cannot run {path} --version: {exc}") from exc
+    match = re.search(r"\)\s*(\d+)", out)
+    if match is None:
+        raise BackupError(f"cannot read the version of {path}: {out!r}")
+    return int(match.group(1))
 
 
 def _run_tool(
@@ -672,7 +687,9 @@ def restore_backup(
     step("checking the manifest and every file's sha256")
     manifest = verify_backup(directory)
     check_client_major(
-        manifest.postgresql_major, pg_major(targets.pg_bindir), str(targets.pg_bindir)
+        manifest.postgresql_major,
+        _tool_major(targets.pg_bindir, "pg_restore"),
+        str(targets.pg_bindir / "pg_restore"),
     )
     pki_files = _decrypted_keys(directory, manifest, passphrase)
     _check_pki_target(targets.pki_dir, pki_files, force=force)

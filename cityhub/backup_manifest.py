@@ -8,7 +8,8 @@ cityhub, PostgreSQL and TimescaleDB, the schema and its last migration) and
 row counts, which a restore prints beside the counts it finds afterwards.
 
 This module encodes and decodes the manifest, checks file digests and
-versions, and compares counts; reading files, hashing them and running
+versions, compares counts, and sorts pg_dump's expected warnings from the
+others; reading files, hashing them and running
 pg_dump are ``cityhub.backup``'s.
 """
 

@@ -87,9 +87,27 @@ def dynsec_file(state: CliState, broker: MosquittoServer | None) -> Path:
 
 
 def pg_bindir(state: CliState) -> Path:
-    from cityhub.localstack.postgres import find_pg_bindir
+    """pg_dump / pg_restore: the embedded server's bindir, else the newest client programs.
 
-    return find_pg_bindir(state.settings.local.pg_bindir)
+    A machine that backs up a deployment's server needs only PostgreSQL's
+    client package (no server, no TimescaleDB), of the server's major version
+    or newer.
+    """
+    from cityhub.localstack.postgres import find_pg_bindir
+    from contracts.errors import MissingDependencyError
+
+    try:
+        return find_pg_bindir(state.settings.local.pg_bindir)
+    except MissingDependencyError:
+        if state.settings.local.pg_bindir:
+            return Path(state.settings.local.pg_bindir)
+        clients = sorted(
+            (p for p in Path("/usr/lib/postgresql").glob("*/bin") if (p / "pg_dump").exists()),
+            key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+        )
+        if not clients:
+            raise
+        return clients[-1]
 
 
 @contextmanager

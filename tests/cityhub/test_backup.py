@@ -548,3 +548,21 @@ def test_a_truncated_dump_is_a_clear_error(restored: Restored, tmp_path: Path):
     assert "pg_restore failed" in done.stderr
     assert "partly restored" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_missing_client_programs_are_a_clear_error(restored: Restored, tmp_path: Path):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    env = {"CITYHUB_LOCAL__PG_BINDIR": str(empty), "CITYHUB_DATABASE__URL": restored.target.db_url}
+    done = restored.target.run("backup", str(tmp_path / "b"), env=env)
+    assert done.returncode == 1
+    assert f"pg_dump not found in {empty}" in done.stderr
+    done = restored.target.run(
+        "restore",
+        str(restored.backup_dir),
+        "--passphrase-file",
+        str(restored.passphrase_file),
+        env=env,
+    )
+    assert done.returncode == 1
+    assert f"pg_restore not found in {empty}" in done.stderr
