@@ -332,6 +332,43 @@ def _backup_pki(
     return omitted
 
 
+def _dump_database(
+    sources: Sources, dump: Path, step: Step
+) -> tuple[DatabaseFacts, dict[str, int], list[str], float]:
+    """Versions, row counts and pg_dump, all in one snapshot; pg_dump's stderr and seconds.
+
+    The counts and the dump see one exported snapshot: rows ingest commits
+    meanwhile are in neither, so a restore's counts match exactly.
+    """
+    url, password = split_password(sources.database_url)
+    with database.connect(sources.database_url) as conn:
+        facts = database_facts(conn, sources.schema)
+        with database_errors("exporting a snapshot for pg_dump", refused_as=BackupError):
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            row = conn.execute("SELECT pg_export_snapshot()").fetchone()
+        snapshot = str(row[0]) if row else ""
+        counts = row_counts(conn, sources.schema)
+        step("pg_dump: the database (TimescaleDB's logical backup)")
+        started = time.monotonic()
+        lines = _run_tool(
+            [
+                str(_tool(sources.pg_bindir, "pg_dump")),
+                "--format=custom",
+                "--no-password",
+                f"--snapshot={snapshot}",
+                f"--file={dump}",
+                f"--dbname={url}",
+            ],
+            password=password,
+            environ=sources.environ,
+            what="pg_dump",
+        )
+        dump_s = time.monotonic() - started
+        with database_errors("ending the snapshot"):
+            conn.execute("COMMIT")
+    return facts, counts, lines, dump_s
+
+
 def take_backup(
     target: Path,
     sources: Sources,
@@ -345,28 +382,9 @@ def take_backup(
     files: dict[str, str] = {}
     notes: list[str] = []
     step("reading versions and row counts")
-    with database.connect(sources.database_url) as conn:
-        facts = database_facts(conn, sources.schema)
-        counts = row_counts(conn, sources.schema)
     accounts_before = read_stable(sources.dynsec_file)
-
-    step("pg_dump: the database (TimescaleDB's logical backup)")
-    url, password = split_password(sources.database_url)
     dump = target / DUMP_FILE
-    started = time.monotonic()
-    lines = _run_tool(
-        [
-            str(_tool(sources.pg_bindir, "pg_dump")),
-            "--format=custom",
-            "--no-password",
-            f"--file={dump}",
-            f"--dbname={url}",
-        ],
-        password=password,
-        environ=sources.environ,
-        what="pg_dump",
-    )
-    dump_s = time.monotonic() - started
+    facts, counts, lines, dump_s = _dump_database(sources, dump, step)
     dump.chmod(0o600)
     expected, other = split_dump_warnings(lines)
     for line in expected:

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -566,3 +567,82 @@ def test_missing_client_programs_are_a_clear_error(restored: Restored, tmp_path:
     )
     assert done.returncode == 1
     assert f"pg_restore not found in {empty}" in done.stderr
+
+
+def test_counts_and_dump_agree_while_ingest_keeps_writing(restored: Restored, tmp_path: Path):
+    """The manifest's counts come from the dump's own snapshot, not from a moment before it."""
+    commits = 0
+    stop_writing = threading.Event()
+
+    def keep_writing() -> None:
+        nonlocal commits
+        writer = BatchWriter(url=restored.source.db_url, schema="cityhub", worker_id="w1")
+        try:
+            writer.refresh_owners()
+            seq = 1_000_000
+            while not stop_writing.is_set():
+                builder = BatchBuilder(
+                    gateway_id=GATEWAY, boot_id=f"live{seq}", max_rows=1000, max_age_ms=60_000
+                )
+                for _ in range(50):
+                    ts_ms = START_MS + seq * 1000
+                    builder.add(
+                        device_id=DEVICE,
+                        device_type="air_quality",
+                        seq=seq,
+                        ts_ms=ts_ms,
+                        recv_ms=ts_ms,
+                        values={"pm25": 20.0},
+                    )
+                    seq += 1
+                now_ms = START_MS + seq * 1000
+                batch = builder.take(now_ms)
+                assert batch is not None
+                item = prepare_item(
+                    batch_topic(GATEWAY),
+                    encode_batch(batch),
+                    prefix="",
+                    now_ms=now_ms,
+                    owners=writer.owners,
+                )
+                assert writer.commit([item]).readings == 50
+                commits += 1
+        finally:
+            writer.close()
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="live-ingest")
+    writing = pool.submit(keep_writing)
+    try:
+        directory = tmp_path / "live"
+        done = restored.source.run(
+            "backup",
+            str(directory),
+            "--passphrase-file",
+            str(restored.passphrase_file),
+            env={"CITYHUB_CONFIG": ""},
+        )
+        assert done.returncode == 0, done.stderr
+        after_backup = commits
+        while commits < after_backup + 3 and not writing.done():
+            threading.Event().wait(0.01)
+    finally:
+        stop_writing.set()
+        pool.shutdown(wait=True)
+    writing.result()  # the writer's own failure, if any
+    counted = json.loads((directory / "manifest.json").read_text())["counts"]
+    with psycopg.connect(restored.source.db_url) as conn:
+        row = conn.execute("SELECT count(*) FROM cityhub.readings_air_quality").fetchone()
+    assert row is not None
+    assert row[0] > counted["readings.air_quality"]  # writes landed after the snapshot
+    # Restored into a scratch database: the counts must equal the manifest's exactly.
+    scratch = restored.target.db_url.rsplit("/", 1)[0] + "/live"
+    done = restored.target.run(
+        "restore",
+        str(directory),
+        "--force",
+        "--passphrase-file",
+        str(restored.passphrase_file),
+        env={"CITYHUB_DATABASE__URL": scratch},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "DIFFERS" not in done.stdout
