@@ -679,8 +679,6 @@ def _restore_settings(directory: Path, manifest: Manifest) -> list[str]:
     """Each settings file back at its path; an existing different file is kept, the copy beside."""
     notes = []
     for relative, original in sorted(manifest.settings_paths.items()):
-        if relative not in manifest.files:
-            raise BackupError(f"{MANIFEST_NAME}: settings file {relative} is not among its files")
         data = (directory / relative).read_bytes()
         path = Path(original)
         if path.exists() and path.read_bytes() != data:
@@ -722,6 +720,11 @@ def restore_backup(
     step("settings")
     notes += _restore_settings(directory, manifest)
     notes += [f"not in the backup: {what}" for what in manifest.omitted]
+    if manifest.schema != targets.schema:
+        notes.append(
+            f"the backup's schema is {manifest.schema!r}, the settings name {targets.schema!r}: "
+            f"set database.schema = {manifest.schema!r}"
+        )
     step("counting rows")
     with database.connect(targets.database_url) as conn:
         restored = row_counts(conn, manifest.schema)

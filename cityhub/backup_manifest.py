@@ -108,7 +108,27 @@ def decode_manifest(data: bytes) -> Manifest:
         check_relative_path(name)
     if DUMP_FILE not in manifest.files:
         raise BackupError(f"{MANIFEST_NAME} lists no {DUMP_FILE}: not a complete backup")
+    check_settings_paths(manifest)
     return manifest
+
+
+def check_settings_paths(manifest: Manifest) -> None:
+    """Refuse settings destinations a restore must not write.
+
+    A restore puts each settings file back at its recorded path, so the
+    manifest (which anyone who can write the backup can edit) must not make
+    it write anywhere else: only absolute ``*.toml`` paths of files the
+    backup holds under ``settings/``.
+    """
+    for relative, original in manifest.settings_paths.items():
+        if not relative.startswith(f"{SETTINGS_DIR}/") or relative not in manifest.files:
+            raise BackupError(f"{MANIFEST_NAME}: settings entry {relative!r} is not in the backup")
+        path = PurePosixPath(original)
+        if not path.is_absolute() or path.suffix != ".toml" or ".." in path.parts:
+            raise BackupError(
+                f"{MANIFEST_NAME}: settings file {relative} would be restored to {original!r}, "
+                "which is not an absolute path of a .toml file"
+            )
 
 
 def check_digests(manifest: Manifest, found: Mapping[str, str | None]) -> None:

@@ -148,3 +148,22 @@ def test_only_timescaledb_catalog_cycles_are_expected_from_pg_dump():
     expected, other = split_dump_warnings(lines)
     assert expected == lines[0:3] + lines[6:8]
     assert other == lines[3:6] + lines[8:]
+
+
+@pytest.mark.parametrize(
+    ("relative", "original"),
+    [
+        ("settings/x.toml", "/etc/cron.d/evil"),
+        ("settings/x.toml", "relative/x.toml"),
+        ("settings/x.toml", "/srv/../etc/x.toml"),
+        ("settings/other.toml", "/srv/cityhub/x.toml"),  # not among the backup's files
+        ("pki/ca.crt", "/srv/cityhub/x.toml"),
+    ],
+)
+def test_settings_are_restored_only_to_toml_files(relative: str, original: str):
+    files = {"database.dump": "aa", "pki/ca.crt": "bb", "settings/x.toml": "cc"}
+    good = manifest(files=files, settings_paths={"settings/x.toml": "/srv/cityhub/x.toml"})
+    assert decode_manifest(encode_manifest(good)) == good
+    hostile = manifest(files=files, settings_paths={relative: original})
+    with pytest.raises(BackupError, match="settings"):
+        decode_manifest(encode_manifest(hostile))
