@@ -67,6 +67,8 @@ move on) versus *unavailable* (retryable: back off and try again).
      +-- SchemaError                   the database is not what the code expects: a schema not
      |    |                            migrated, a statement refused (grants, server version)
      |    +-- MigrationError           a migration's statement failed
+     +-- BackupError                   a backup that is incomplete, altered, or cannot be
+     |                                 restored here (names the file or both versions)
      +-- LocalServiceError             the private broker / database of the embedded default
           +-- MissingDependencyError   a program or extension is not installed
           +-- PortInUseError
@@ -445,3 +447,11 @@ class ServiceStartError(LocalServiceError):
 
 class ServiceStopError(LocalServiceError):
     pass
+
+
+class BackupError(HubError):
+    """A backup directory is incomplete or altered, or cannot be restored on this target.
+
+    Names the file (missing, hash mismatch, undecryptable) or both versions
+    (TimescaleDB of the backup and of the target); a person must act.
+    """

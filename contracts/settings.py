@@ -331,6 +331,10 @@ class ProvisioningSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unk
     # "/v1/devices/{device_id}/readings" appended; {gateway_id} is replaced by
     # the gateway's id (a host name on the site network, or write the address).
     gateway_http_url: str = "http://{gateway_id}:8470"
+    # The broker's dynamic-security file (accounts, roles, password hashes),
+    # which `cityhub backup` copies and `cityhub restore` puts back; "" means
+    # the embedded broker's {local.state_dir}/mosquitto/security/dynamic-security.json.
+    dynsec_file: str = ""
 
 
 class CatalogSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -18,6 +18,7 @@ from adapters.logs import configure_logging
 from cityhub.cli import alertmanager as alertmanager_cli
 from cityhub.cli import alerts as alerts_cli
 from cityhub.cli import audit as audit_cli
+from cityhub.cli import backup as backup_cli
 from cityhub.cli import catalog as catalog_cli
 from cityhub.cli import commands as commands_cli
 from cityhub.cli import db as db_cli
@@ -68,6 +69,8 @@ app.add_typer(grafana_cli.app, name="grafana")
 app.command(name="audit")(audit_cli.audit)
 app.add_typer(catalog_cli.app, name="catalog")
 app.command(name="status")(status_cli.status)
+app.command(name="backup")(backup_cli.backup)
+app.command(name="restore")(backup_cli.restore)
 
 
 @app.callback()
