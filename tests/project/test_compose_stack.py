@@ -261,7 +261,7 @@ def test_only_tls_listeners_face_the_outside(compose) -> None:
             if target in {"1883", "5432", "9090", "9093", "9101", "9102", "9103"}:
                 assert ip == "127.0.0.1", f"{name}: {target} published on {ip or 'all'}"
     assert _published(services["mosquitto"]) == [("", "8883")]
-    assert _published(services["timescaledb"]) == []
+    assert _published(services["timescaledb"]) == [("127.0.0.1", "5432")]
     assert _published(services["prometheus"]) == [("127.0.0.1", "9090")]
     assert _published(services["alertmanager"]) == [("127.0.0.1", "9093")]
     grafana = services["grafana"]["environment"]
@@ -274,7 +274,7 @@ def test_only_tls_listeners_face_the_outside(compose) -> None:
         assert "internal" in networks, name
         if service.get("ports"):
             assert "edge" in networks, name
-    for name in ("timescaledb", "ingest", "alerts", "gateway", "migrate"):
+    for name in ("ingest", "alerts", "gateway", "migrate"):
         assert services[name]["networks"] == ["internal"], name
 
 
