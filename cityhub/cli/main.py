@@ -32,7 +32,7 @@ from cityhub.cli import sites as sites_cli
 from cityhub.cli import soak as soak_cli
 from cityhub.cli import status as status_cli
 from cityhub.cli import up as up_cli
-from cityhub.cli.context import CliState, error_line
+from cityhub.cli.context import CliState, error_line, os_user_name
 from contracts.errors import HubError, SettingsError
 from contracts.settings import load_settings
 
@@ -103,4 +103,9 @@ def root(
         level=getattr(logging, level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    ctx.obj = CliState(settings=settings, environ=dict(os.environ), is_root=os.geteuid() == 0)
+    ctx.obj = CliState(
+        settings=settings,
+        environ=dict(os.environ),
+        is_root=os.geteuid() == 0,
+        os_user=os_user_name(),
+    )
