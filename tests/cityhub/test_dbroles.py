@@ -27,6 +27,7 @@ from alerts.store import AlertStore
 from cityhub import database
 from cityhub.cli.main import app
 from contracts.catalog import DEVICE_TYPES, DeviceType, Metric, MetricKind
+from contracts.commands import make_report
 from contracts.errors import InvalidIdError, SchemaError, SettingsError
 from contracts.messages import encode_gateway_state
 from contracts.roles import ROLE_KINDS, grant_statements, privileges, role_name
@@ -34,8 +35,9 @@ from contracts.schema import readings_table
 from contracts.settings import DatabaseSettings, StorageSettings, load_settings
 from tests.alerts.test_job import KIOSK_RULES, T0, S, alerts_of, make_job, put_series, seed_devices
 from tests.devices.test_devices import SITE, env, ok  # noqa: F401 (env: a fixture)
+from tests.ingest.test_commands import CommandGateway, command_row, queue_command
 from tests.ingest.test_ingest import a_state, latest_state, publish_state
-from tests.plugins.gateway import broker_settings, client, wait_for
+from tests.plugins.gateway import broker_settings, client, now_ms, wait_for
 from tests.plugins.ingest import (
     GatewayPlayer,
     Ledger,
@@ -516,3 +518,33 @@ def test_set_password_and_roles_commands(db_url, migrated, tmp_path):
     )
     assert bad.exit_code != 0
     assert "admin" in bad.output
+
+
+@pytest.mark.slow
+def test_commands_queued_by_technicians_are_dispatched_and_reported_by_ingest_as_roles(
+    mqtt_server, db_conn, db_url, migrated
+):
+    s = migrated
+    t = uuid.uuid4().hex[:6]
+    gw, prefix = f"gw-{t}", f"t{t}"
+    seed_registry(db_conn, s, {gw: [("aq-hk-01", "air_quality")]})
+    gateway = CommandGateway(mqtt_server, gateway_id=gw, prefix=prefix)
+    try:
+        with as_role(db_conn, db_url, s, "technician") as technician:
+            command_id = queue_command(technician, s, gateway_id=gw)
+        with ingest_in_thread(
+            settings=ingest_settings(prefix, command_resend_s=30.0),
+            broker=broker_settings(mqtt_server),
+            database=DatabaseSettings(url=login(db_conn, db_url, s, "ingest"), schema=s),
+        ) as worker:
+            wait_for(lambda: command_id in gateway.sent_ids(), 10, "the command sent")
+            at = now_ms()
+            gateway.publish(
+                make_report(command_id, "aq-hk-01", "sent", at),
+                make_report(command_id, "aq-hk-01", "succeeded", at + 10, answer={"v": 1}),
+            )
+            wait_for(lambda: len(gateway.acks) >= 1, 10, "the reports acked")
+            assert worker.counters.command_reports_stored == 2
+        assert command_row(db_conn, s, command_id)[:3] == ("succeeded", "", {"v": 1})
+    finally:
+        gateway.close()
