@@ -349,11 +349,16 @@ def test_the_alerts_job_cycle_runs_as_its_role(db_conn, db_url, migrated, tmp_pa
     assert {(r[1], r[2]) for r in alerts_of(db_conn, s)} == {("t-queue", "k1"), ("t-offline", "k2")}
     # An operator's ack is the technicians' (the `cityhub alerts` commands), not the job's.
     alert_id = alerts_of(db_conn, s)[0][0]
-    with AlertStore(url=login(db_conn, db_url, s, "technician"), schema=s) as store:
+    technician = login(db_conn, db_url, s, "technician")
+    with AlertStore(url=technician, schema=s, os_user="pham") as store:
         assert store.ack(alert_id, by="Hà", now_ms=T0 + 50 * S).state in (
             "active_ack",
             "cleared_ack",
         )
+    assert db_conn.execute(
+        f"SELECT action, operator, db_user, os_user FROM {s}.audit_log WHERE subject_id = %s",
+        (str(alert_id),),
+    ).fetchall() == [("alert.ack", "Hà", f"{s}_technician", "pham")]
 
 
 def test_the_audit_log_records_who_wrote_and_cannot_be_told_otherwise(db_conn, db_url, migrated):
