@@ -247,3 +247,18 @@ class Database:
                 conn.close()
             except (psycopg.Error, OSError) as exc:
                 logger.debug("closing a broken connection: %s", exc)
+
+
+def set_login_password(conn: Connection[Any], role: str, password: str) -> None:
+    """Give ``role`` LOGIN and ``password``, sent as a SCRAM-SHA-256 verifier.
+
+    libpq computes the verifier here, so the password itself never reaches
+    the server (nor its statement log); the server stores the verifier as
+    it is.
+    """
+    verifier = conn.pgconn.encrypt_password(password.encode(), role.encode(), b"scram-sha-256")
+    conn.execute(
+        sql.SQL("ALTER ROLE {} WITH LOGIN PASSWORD {}").format(
+            sql.Identifier(role), sql.Literal(verifier.decode())
+        )
+    )

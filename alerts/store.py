@@ -234,20 +234,29 @@ class AlertStore:
         schema: str,
         job_id: str | None = None,
         connect_timeout_s: float = 5.0,
+        os_user: str = "",
     ) -> None:
         self.url = url
         self.schema = check_schema_name(schema)
         self.job_id = job_id
         self.connect_timeout_s = connect_timeout_s
+        # The OS user of the `cityhub alerts` command, for the audit log's os_user.
+        self.os_user = os_user
         self._db = Database(
             url=url,
             schema=self.schema,
             application_name="cityhub-alerts",
             connect_timeout_s=connect_timeout_s,
-            on_connect=None if job_id is None else self._lock_job,
+            on_connect=None if job_id is None and not os_user else self._on_connect,
         )
 
     # -- connection ------------------------------------------------------------
+
+    def _on_connect(self, conn: Connection[Any]) -> None:
+        if self.os_user:
+            conn.execute("SELECT set_config('cityhub.os_user', %s, false)", (self.os_user,))
+        if self.job_id is not None:
+            self._lock_job(conn)
 
     def _lock_job(self, conn: Connection[Any]) -> None:
         """Hold the job id's advisory lock for as long as the connection lives."""

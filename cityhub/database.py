@@ -6,7 +6,9 @@ records each in ``{schema}.schema_migrations``. Then, under the same lock,
 it reads what the schema holds (``inspect_schema``) and runs the reconcile
 steps that ``contracts.evolve.plan`` computes from it, the catalog and the
 storage settings (new types' tables, new metrics' columns, policies), each
-in its own transaction; ``plan_migration`` computes the same without
+in its own transaction; last, the services' roles (``contracts.roles``) are
+created if missing and given exactly their privileges on the tables there
+are now, new types' included; ``plan_migration`` computes the same without
 changing anything (``db migrate --dry-run``). Connections and the error map
 are ``adapters.database``'s: an unreachable server is
 ``DatabaseUnavailableError`` (retryable); while migrating, any statement the
@@ -26,12 +28,13 @@ from typing import Any, Final
 
 import msgspec
 
-from adapters.database import Connection, database_errors
+from adapters.database import Connection, database_errors, set_login_password
 from adapters.database import connect as connect_database
 from contracts.catalog import DEVICE_TYPES, DeviceType, encode_device_type
 from contracts.errors import MigrationError, SchemaError
 from contracts.evolve import Policy, SchemaState, Step, notes, plan, policies
 from contracts.geography import UNITS
+from contracts.roles import ROLE_KINDS, create_role_statement, grant_statements, role_name
 from contracts.schema import (
     Edition,
     Migration,
@@ -45,12 +48,18 @@ from contracts.sites import Site, site_from_fields
 logger = logging.getLogger(__name__)
 
 
-def connect(url: str, *, timeout_s: float = 5.0) -> Connection[Any]:
+def connect(url: str, *, timeout_s: float = 5.0, os_user: str = "") -> Connection[Any]:
     """A connection of the `cityhub` command (autocommit; a ``with`` block closes it).
 
-    An unreachable server is DatabaseUnavailableError.
+    ``os_user``, when given, is put in the session setting ``cityhub.os_user``,
+    which the audit log's ``os_user`` column takes by default. An
+    unreachable server is DatabaseUnavailableError.
     """
-    return connect_database(url, timeout_s=timeout_s, application_name="cityhub")
+    conn = connect_database(url, timeout_s=timeout_s, application_name="cityhub")
+    if os_user:
+        with database_errors("setting the session's OS user"):
+            conn.execute("SELECT set_config('cityhub.os_user', %s, false)", (os_user,))
+    return conn
 
 
 def detect_edition(conn: Connection[Any]) -> Edition:
@@ -160,6 +169,7 @@ def _migrate_locked(
             _apply_step(conn, s, step)
         changed_types = _sync_catalog(conn, s, catalog)
         _sync_units(conn, s)
+        role_notes = sync_roles(conn, s)
     finally:
         conn.execute(_UNLOCK_SQL, (s,))
     return MigrationReport(
@@ -167,7 +177,7 @@ def _migrate_locked(
         applied=applied,
         already=len(done),
         steps=steps,
-        notes=notes(current, catalog, storage),
+        notes=notes(current, catalog, storage) + role_notes,
         changed_types=changed_types,
     )
 
@@ -541,3 +551,79 @@ def register_fleet(
                 for d in devices
             ],
         )
+
+
+def sync_roles(conn: Connection[Any], s: str) -> list[str]:
+    """Create the schema's service roles if missing and grant their privileges (one transaction).
+
+    Returns notes: a login that may not create roles gets one saying so,
+    and the roles are left as they are.
+    """
+    row = conn.execute(
+        "SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user"
+    ).fetchone()
+    if not (row and row[0]):
+        return [
+            (
+                "the service roles were not created or updated: this login may not create "
+                "roles (CREATEROLE); run `cityhub db migrate` as the schema owner with CREATEROLE"
+            )
+        ]
+    tables: dict[str, set[str]] = {}
+    for table, column in conn.execute(
+        """SELECT c.relname, a.attname FROM pg_attribute a
+            JOIN pg_class c ON c.oid = a.attrelid
+            JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname = %s AND c.relkind IN ('r', 'p', 'v', 'm')
+            AND a.attnum > 0 AND NOT a.attisdropped""",
+        (s,),
+    ):
+        tables.setdefault(str(table), set()).add(str(column))
+    columns = {t: frozenset(c) for t, c in tables.items()}
+    with conn.transaction():
+        for kind in ROLE_KINDS:
+            conn.execute(create_role_statement(role_name(s, kind)))
+            for statement in grant_statements(s, kind, columns):
+                conn.execute(statement)
+    return []
+
+
+@dataclass(frozen=True)
+class RoleRow:
+    """A service role of a schema: whether it exists and may log in."""
+
+    kind: str
+    role: str
+    exists: bool
+    can_login: bool
+
+
+def service_roles(conn: Connection[Any], *, schema: str) -> list[RoleRow]:
+    """The schema's service roles in ``ROLE_KINDS`` order (``cityhub db roles``)."""
+    s = check_schema_name(schema)
+    names = {kind: role_name(s, kind) for kind in ROLE_KINDS}
+    with database_errors("reading the service roles", schema=s):
+        login = dict(
+            conn.execute(
+                "SELECT rolname, rolcanlogin FROM pg_roles WHERE rolname = ANY(%s)",
+                (list(names.values()),),
+            ).fetchall()
+        )
+    return [
+        RoleRow(kind=kind, role=name, exists=name in login, can_login=bool(login.get(name)))
+        for kind, name in names.items()
+    ]
+
+
+def set_role_password(conn: Connection[Any], *, schema: str, kind: str, password: str) -> str:
+    """Give the schema's ``kind`` role LOGIN and ``password`` (SCRAM); returns the role name.
+
+    SchemaError if the role does not exist yet (`cityhub db migrate` creates it).
+    """
+    role = role_name(check_schema_name(schema), kind)
+    with database_errors(f"setting the password of {role}", refused_as=MigrationError):
+        exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+        if exists is None:
+            raise SchemaError(f"role {role} does not exist: run `cityhub db migrate` first")
+        set_login_password(conn, role, password)
+    return role

@@ -885,6 +885,42 @@ def _field_transports(s: str) -> tuple[str, ...]:
     )
 
 
+def _audit_actor(s: str) -> tuple[str, ...]:
+    """Who did an audited action, as the database and the machine saw it.
+
+    ``db_user`` is the login of the session that wrote the row
+    (``session_user``: a ``SET ROLE`` does not change it), stamped by a
+    trigger so that a client cannot write another name (a DEFAULT alone can
+    be overridden by an explicit value), nor change it later. ``os_user`` is the operating-system
+    user the `cityhub` command ran as, which the command puts in the session
+    setting ``cityhub.os_user`` (NULL when the writer did not say). The
+    free-text ``operator`` stays as the operator's own comment. Rows from
+    before have NULL in both: the columns are added without a default first,
+    which would otherwise fill them with the migrating login.
+    """
+    return (
+        f"ALTER TABLE {s}.audit_log ADD COLUMN IF NOT EXISTS db_user text",
+        f"ALTER TABLE {s}.audit_log ADD COLUMN IF NOT EXISTS os_user text",
+        f"ALTER TABLE {s}.audit_log ALTER COLUMN db_user SET DEFAULT session_user",
+        f"""ALTER TABLE {s}.audit_log ALTER COLUMN os_user
+            SET DEFAULT nullif(current_setting('cityhub.os_user', true), '')""",
+        f"""CREATE OR REPLACE FUNCTION {s}.audit_log_stamp() RETURNS trigger
+            LANGUAGE plpgsql AS $fn$
+            BEGIN
+                IF TG_OP = 'INSERT' THEN
+                    NEW.db_user := session_user;
+                ELSE
+                    NEW.db_user := OLD.db_user;
+                END IF;
+                RETURN NEW;
+            END
+            $fn$""",
+        f"DROP TRIGGER IF EXISTS audit_log_stamp ON {s}.audit_log",
+        f"""CREATE TRIGGER audit_log_stamp BEFORE INSERT OR UPDATE ON {s}.audit_log
+            FOR EACH ROW EXECUTE FUNCTION {s}.audit_log_stamp()""",
+    )
+
+
 def _channel(schema: str, suffix: str) -> str:
     # A channel name is an identifier of at most 63 bytes (pg_notify enforces
     # it): a schema name has at most 48 characters, so "_command_states" fits.
@@ -995,5 +1031,10 @@ def migrations(
             19,
             "devices: Modbus, LoRaWAN and HTTP transports (model, slave id, DevEUI, token hash)",
             _field_transports(s),
+        ),
+        Migration(
+            20,
+            "audit log: the database login and the OS user of each action",
+            _audit_actor(s),
         ),
     ]

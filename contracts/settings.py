@@ -22,6 +22,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -46,6 +47,9 @@ class DatabaseSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     # Every table lives in this schema; tests give each test its own.
     schema: str = "cityhub"
     connect_timeout_s: float = 5.0
+    # A file holding the password of database.url's user ("" = none, or in the
+    # URL): read once by load_settings, which puts it into the URL.
+    password_file: str = ""
 
 
 class BrokerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -496,7 +500,7 @@ def load_settings(
     settings = parse_settings(document, environ)
     if install_catalog:
         use_catalog(read_catalog(settings.catalog.path_list))
-    return settings
+    return with_database_password(settings)
 
 
 def default_state_dir(environ: Mapping[str, str], *, is_root: bool) -> Path:
@@ -534,3 +538,44 @@ def describe_settings(settings: Settings) -> dict[str, Any]:
 
     result: dict[str, Any] = walk(msgspec.to_builtins(settings))
     return result
+
+
+def with_database_password(settings: Settings) -> Settings:
+    """Settings whose database.url carries the password of ``database.password_file``.
+
+    The password goes into the URL's user part, percent-encoded, where
+    ``mask_secrets`` hides it and where libpq takes it for every host of a
+    multi-host URL (``postgresql://u@h1:5432,h2:5432/db?...``). SettingsError
+    naming the key when the file cannot be read, when there is no
+    ``postgresql://`` URL to put it in, or when the URL has a password already.
+    """
+    database = settings.database
+    if not database.password_file:
+        return settings
+    key = "database.password_file"
+    password = read_password_file(database.password_file, key)
+    url = database.url or ""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres"):
+        raise SettingsError(key, "needs database.url as a postgresql:// URL to give it to")
+    authority = re.split(r"[/?]", rest, maxsplit=1)[0]
+    userinfo, at, hosts = authority.rpartition("@")
+    if at and ":" in userinfo:
+        raise SettingsError(key, "database.url has a password already: remove one of them")
+    secret = urllib.parse.quote(password, safe="")
+    rest = f"{userinfo}:{secret}@{hosts}{rest[len(authority) :]}"
+    return msgspec.structs.replace(
+        settings, database=msgspec.structs.replace(database, url=f"{scheme}://{rest}")
+    )
+
+
+def read_password_file(path: str, key: str) -> str:
+    """A secret file's content without its trailing newline; SettingsError naming ``key``."""
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(key, f"cannot read {path!r}: {exc}") from None
+    secret = text.rstrip("\r\n")
+    if not secret:
+        raise SettingsError(key, f"{path!r} is empty")
+    return secret

@@ -121,6 +121,10 @@ class AuditEntry(msgspec.Struct, frozen=True, kw_only=True):
     subject_kind: str
     subject_id: str
     detail: dict[str, Any]
+    # The database login that wrote the row and the OS user of the command
+    # (NULL for rows from before these were recorded, or a writer that did not say).
+    db_user: str | None = None
+    os_user: str | None = None
 
 
 _GATEWAY_COLUMNS = (
@@ -598,7 +602,8 @@ class Registry:
     ) -> list[AuditEntry]:
         """The newest ``limit`` entries, newest first."""
         rows = self._query(
-            f"""SELECT audit_id, ts, operator, action, subject_kind, subject_id, detail
+            f"""SELECT audit_id, ts, operator, action, subject_kind, subject_id, detail,
+                    db_user, os_user
                 FROM {self.schema}.audit_log
                 WHERE (%s::text IS NULL OR subject_id = %s)
                 AND (%s::text IS NULL OR action = %s)

@@ -73,6 +73,7 @@ def _store(state: CliState) -> Iterator[AlertStore]:
         url=database_url(state),
         schema=settings.database.schema,
         connect_timeout_s=settings.database.connect_timeout_s,
+        os_user=state.os_user,
     ) as store:
         yield store
 

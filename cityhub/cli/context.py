@@ -6,6 +6,8 @@ with the zone shown: ``local_time`` formats it, from ``HANOI_TZ``.
 
 from __future__ import annotations
 
+import os
+import pwd
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,6 +49,9 @@ class CliState:
     is_root: bool
     console: Console = field(default_factory=Console)
     err: Console = field(default_factory=lambda: Console(stderr=True))
+    # The operating-system user the command runs as (``os_user_name``, taken
+    # at start-up); the audit log records it beside the database login.
+    os_user: str = ""
 
     @property
     def state_dir(self) -> Path:
@@ -100,3 +105,16 @@ def since_time(text: str, now: datetime, seconds: Callable[[str], float]) -> dat
     except ValueError:
         return now - timedelta(seconds=seconds(text))
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def os_user_name() -> str:
+    """The login name of this process's real user id (the password database's, not $USER).
+
+    The environment can claim any name; the uid is the kernel's. A uid with
+    no entry (a container's arbitrary uid) is shown as the number.
+    """
+    uid = os.getuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)

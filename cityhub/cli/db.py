@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from cityhub.cli.context import TIME_ZONE_NOTE, CliState, local_time, reported_errors, state_of
+from contracts.errors import SettingsError
 from contracts.schema import Edition
 
 app = typer.Typer(
@@ -199,3 +201,80 @@ def status(ctx: typer.Context) -> None:
     state.console.print(table)
     for note in notes:
         state.console.print(f"note: {note}", markup=False)
+
+
+@app.command("set-password")
+def set_password(
+    ctx: typer.Context,
+    kind: Annotated[
+        str,
+        typer.Argument(
+            help="Which service role: ingest, alerts, reader (Grafana) or technician "
+            "(the role is {schema}_{kind})."
+        ),
+    ],
+    password_file: Annotated[
+        Path,
+        typer.Option(
+            "--password-file",
+            help="File holding the password (a trailing newline is ignored); "
+            "never given on the command line, where other users see it. "
+            "(Tệp chứa mật khẩu.)",
+            dir_okay=False,
+        ),
+    ],
+) -> None:
+    """Let a service role log in with a password (SCRAM-SHA-256).
+
+    The role must exist: `cityhub db migrate` creates the four roles of the
+    schema without login. Run it again to change the password. The password
+    is turned into a SCRAM verifier here and only that is sent to the server.
+    (Cho phép vai trò dịch vụ đăng nhập bằng mật khẩu.)
+    """
+    from cityhub import database
+    from contracts.roles import ROLE_KINDS
+    from contracts.settings import read_password_file
+
+    state = state_of(ctx)
+    settings = state.settings
+    with reported_errors(state):
+        if kind not in ROLE_KINDS:
+            raise SettingsError("KIND", f"{kind!r} is not one of {', '.join(ROLE_KINDS)}")
+        password = read_password_file(str(password_file), "--password-file")
+        url = database_url(state)
+        with database.connect(url, timeout_s=settings.database.connect_timeout_s) as conn:
+            role = database.set_role_password(
+                conn, schema=settings.database.schema, kind=kind, password=password
+            )
+    state.console.print(
+        f"role {role}: đăng nhập được bằng mật khẩu mới / can log in with the new password",
+        markup=False,
+    )
+
+
+@app.command()
+def roles(ctx: typer.Context) -> None:
+    """List the schema's service roles and whether each can log in.
+
+    (Các vai trò dịch vụ của schema và vai trò nào đăng nhập được.)
+    """
+    from cityhub import database
+
+    state = state_of(ctx)
+    settings = state.settings
+    schema = settings.database.schema
+    with reported_errors(state):
+        url = database_url(state)
+        with database.connect(url, timeout_s=settings.database.connect_timeout_s) as conn:
+            rows = database.service_roles(conn, schema=schema)
+    table = Table(title=f"service roles of schema {schema!r}")
+    for column in ("kind", "role", "exists", "login"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row.kind,
+            row.role,
+            "có / yes" if row.exists else "chưa có / missing: run `cityhub db migrate`",
+            "có / yes" if row.can_login else "không / no: `cityhub db set-password`",
+        )
+    state.console.print(table)

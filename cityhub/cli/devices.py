@@ -129,7 +129,9 @@ def registry_of(state: CliState) -> Iterator[Registry]:
 
     settings = state.settings
     url = database_url(state)
-    with database.connect(url, timeout_s=settings.database.connect_timeout_s) as conn:
+    with database.connect(
+        url, timeout_s=settings.database.connect_timeout_s, os_user=state.os_user
+    ) as conn:
         yield Registry(conn, schema=settings.database.schema)
 
 

@@ -34,7 +34,7 @@ from cityhub.cli import sites as sites_cli
 from cityhub.cli import soak as soak_cli
 from cityhub.cli import status as status_cli
 from cityhub.cli import up as up_cli
-from cityhub.cli.context import CliState, error_line
+from cityhub.cli.context import CliState, error_line, os_user_name
 from contracts.errors import HubError, SettingsError
 from contracts.settings import load_settings
 
@@ -106,4 +106,9 @@ def root(
     # The commands that run a service (gateway run, ingest run, ...) name it
     # with adapters.logs.add_log_fields.
     configure_logging(getattr(logging, level), log_format=settings.log_format, service="cityhub")
-    ctx.obj = CliState(settings=settings, environ=dict(os.environ), is_root=os.geteuid() == 0)
+    ctx.obj = CliState(
+        settings=settings,
+        environ=dict(os.environ),
+        is_root=os.geteuid() == 0,
+        os_user=os_user_name(),
+    )

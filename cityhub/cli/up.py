@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -81,6 +82,8 @@ DEFAULT_SITES = (
 )
 # How long the gateways get to deliver their backlog after the simulator stops.
 DRAIN_TIMEOUT_S = 60.0
+# The children that log in to the database as their own role (contracts.roles).
+SERVICE_ROLES = ("ingest", "alerts")
 # Gateways online, outboxes empty and counters still this long: nothing more
 # is on its way (their state comes every second in `up`).
 QUIET_S = 5.0
@@ -415,6 +418,7 @@ class System:
         with database.connect(self.url) as conn:
             database.migrate(conn, schema=self.schema, storage=settings.storage)
             database.seed_sites(conn, schema=self.schema, sites=database.load_hanoi_sites())
+            self.service_databases = self._service_logins(conn)
         fleet, sites, seed = self._fleet
         self.specs, self.sim, self.broker = _prepare_fleet(
             self.stack, self.url, self.schema, fleet=fleet, sites=sites, seed=seed
@@ -428,6 +432,38 @@ class System:
         self._start_children()
         self.watcher = StateWatcher(self.broker)
         _wait_ready(self.watcher, self.children, self.gateway_ids)
+
+    def _service_logins(self, conn: Connection[Any]) -> dict[str, dict[str, str]]:
+        """The [database] of ingest and of the alerts job: each logs in as its own role.
+
+        On the private server, as in production: the role's password is a
+        file (generated once under the state directory, owner-only), named by
+        ``database.password_file``. With database.url set, the services use
+        that URL as before: the roles' passwords there are the operator's.
+        """
+        from cityhub import database
+        from cityhub.localstack.postgres import DB_NAME
+        from cityhub.localstack.procs import write_owned_file
+        from contracts.settings import LOOPBACK, read_password_file
+
+        if self.state.settings.database.url:
+            return {kind: {"url": self.url, "schema": self.schema} for kind in SERVICE_ROLES}
+        port = self.stack.postgres().port
+        logins: dict[str, dict[str, str]] = {}
+        for kind in SERVICE_ROLES:
+            path = self.state.state_dir / f"db_{self.schema}_{kind}.password"
+            if not path.exists():
+                write_owned_file(path, secrets.token_urlsafe(24) + "\n", None)
+            password = read_password_file(str(path), f"database.password_file ({kind})")
+            role = database.set_role_password(
+                conn, schema=self.schema, kind=kind, password=password
+            )
+            logins[kind] = {
+                "url": f"postgresql://{role}@{LOOPBACK}:{port}/{DB_NAME}",
+                "password_file": str(path),
+                "schema": self.schema,
+            }
+        return logins
 
     def _alertmanager_files(self) -> dict[str, str]:
         """alertmanager.yml (from the receivers file, or the null configuration) and templates."""
@@ -494,7 +530,7 @@ class System:
         write_toml(
             run_dir / "ingest.toml",
             {
-                "database": {"url": self.url, "schema": self.schema},
+                "database": self.service_databases["ingest"],
                 "broker": broker_toml,
                 "ingest": {"workers": self.workers},
             },
@@ -535,7 +571,7 @@ class System:
                 run_dir / f"{gateway_id}.log",
             )
         alerts_toml: dict[str, dict[str, Any]] = {
-            "database": {"url": self.url, "schema": self.schema},
+            "database": self.service_databases["alerts"],
             "alerts": {"interval_s": 10.0},
         }
         if self.alertmanager is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import stat
 import subprocess
 import sys
 import threading
@@ -64,6 +65,14 @@ def test_up_for_a_fixed_time_stores_every_reading_and_leaves_nothing_running(up_
         "receiver: 'cityhub-null'" in (state_dir / "alertmanager" / "alertmanager.yml").read_text()
     )
     assert (state_dir / "alertmanager" / "data").is_dir()
+    # Ingest and the alerts job logged in as their own roles (they stored and
+    # evaluated above), each with an owner-only password file.
+    for kind in ("ingest", "alerts"):
+        config = (state_dir / "run" / f"{kind}.toml").read_text()
+        assert f'url = "postgresql://cityhub_{kind}@127.0.0.1:' in config
+        secret = state_dir / f"db_cityhub_{kind}.password"
+        assert f'password_file = "{secret}"' in config
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600
     # Every child and the servers are gone; their ports are free again.
     assert processes_under(state_dir) == []
     assert port_is_free(int(env["CITYHUB_LOCAL__PG_PORT"]))

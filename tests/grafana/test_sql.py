@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
-from cityhub.database import load_hanoi_sites
+from cityhub.database import load_hanoi_sites, set_role_password
 from contracts.catalog import SHIPPED_CATALOG
 from contracts.geography import UNITS
 from contracts.schema import online_sql
@@ -30,6 +31,7 @@ from grafana.boards import UNASSIGNED_TEXT, UNASSIGNED_UNIT
 from grafana.macros import TimeRange, Variable, render_sql
 from grafana.render import board_files
 from grafana.sqlquery import POSTGRES_TYPE
+from tests.plugins.database import drop_service_roles
 from tests.plugins.grafana import FillReport, fill_schema
 
 # psycopg type OIDs
@@ -54,6 +56,7 @@ def filled(pg_server) -> Iterator[Filled]:
         report = fill_schema(conn, url, schema, end_ms=end_ms)
         yield Filled(url=url, schema=schema, report=report)
         conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        drop_service_roles(conn, schema)
 
 
 @dataclass(frozen=True)
@@ -225,6 +228,36 @@ def test_panel_query_returns_rows_of_its_shape(conn, filled, all_variables, quer
     if query.fmt == "time_series":
         times = [row[0] for row in rows]
         assert times == sorted(times), f"{query}: time series rows must be in time order"
+
+
+@pytest.fixture
+def reader_conn(filled: Filled) -> Iterator[psycopg.Connection]:
+    """A connection as the schema's reader role (Grafana's login), with its own password."""
+    password = secrets.token_urlsafe(18)
+    with psycopg.connect(filled.url, autocommit=True) as owner:
+        role = set_role_password(owner, schema=filled.schema, kind="reader", password=password)
+    url = psycopg.conninfo.make_conninfo(filled.url, user=role, password=password)
+    with psycopg.connect(url) as connection:
+        assert connection.execute("SELECT session_user").fetchone() == (role,)
+        connection.execute(f"SET search_path TO {filled.schema}, public")
+        yield connection
+        connection.rollback()
+
+
+def test_every_panel_query_runs_as_the_reader_role_with_the_same_rows(
+    conn, reader_conn, filled, all_variables
+) -> None:
+    """Grafana logs in as the reader role: each board's SQL needs nothing more than it has."""
+    tr = _time_range(filled.report)
+    reader_variables = _variables_at_all(reader_conn, tr)
+    assert reader_variables == all_variables
+    for query in PANEL_QUERIES:
+        sql = render_sql(query.sql, time_range=tr, variables=all_variables)
+        try:
+            columns, rows = _run(reader_conn, sql)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            pytest.fail(f"{query} ({query.title}) is refused to the reader role: {exc}\n{sql}")
+        assert (columns, len(rows)) == (_run(conn, sql)[0], len(_run(conn, sql)[1])), query
 
 
 def _rows(conn, query: PanelQuery, tr: TimeRange, variables) -> list[dict[str, object]]:

@@ -15,6 +15,7 @@ import pytest
 
 from cityhub import database
 from cityhub.localstack.postgres import PostgresServer
+from contracts.roles import ROLE_KINDS, role_name
 from contracts.settings import StorageSettings
 
 
@@ -35,6 +36,16 @@ def db_schema(db_conn: psycopg.Connection) -> Iterator[str]:
     schema = f"t_{uuid.uuid4().hex[:12]}"
     yield schema
     db_conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    drop_service_roles(db_conn, schema)
+
+
+def drop_service_roles(conn: psycopg.Connection, schema: str) -> None:
+    """Drop the schema's service roles (cluster-wide: they outlive the schema otherwise)."""
+    for kind in ROLE_KINDS:
+        role = role_name(schema, kind)
+        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
 
 
 @pytest.fixture
