@@ -171,4 +171,22 @@ def grant_statements(schema: str, kind: str, tables: Mapping[str, frozenset[str]
     if writes:
         # Serial keys (audit_log's) draw from a sequence; identity columns do not need this.
         statements.append(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA {s} TO {role}")
+    statements.extend(session_defaults(s, kind))
+    return statements
+
+
+def session_defaults(schema: str, kind: str) -> list[str]:
+    """``ALTER ROLE ... SET`` lines: what a session of ``kind``'s role starts with.
+
+    Every role finds the schema's tables unqualified (the boards' SQL names
+    them so). The reader's sessions are read-only whatever a query asks, and a
+    board query is cut after 30 s: a panel that slow is a panel to fix, and it
+    must not hold a backend of the database that ingest writes to.
+    """
+    s = check_schema_name(schema)
+    role = role_name(s, kind)
+    statements = [f"ALTER ROLE {role} SET search_path = {s}, public"]
+    if kind == "reader":
+        statements.append(f"ALTER ROLE {role} SET default_transaction_read_only = on")
+        statements.append(f"ALTER ROLE {role} SET statement_timeout = '30s'")
     return statements

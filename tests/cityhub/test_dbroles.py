@@ -209,6 +209,15 @@ def test_reader_reads_everything_but_secrets_and_writes_nothing(db_conn, db_url,
         )
     ]
     with as_role(db_conn, db_url, s, "reader") as conn:
+        # What a Grafana session starts with: the schema's tables unqualified,
+        # read-only transactions, a statement timeout.
+        assert conn.execute("SHOW search_path").fetchone() == (f"{s}, public",)
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("30s",)
+        conn.execute("SELECT count(*) FROM devices").fetchone()
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            conn.execute(f"DELETE FROM {s}.rejects")
+        # The grants hold on their own, for a session that turns read-only off.
+        conn.execute("SET default_transaction_read_only = off")
         for table in tables:
             if table in ("devices", "credentials", "schema_migrations"):
                 continue
@@ -282,6 +291,7 @@ def test_a_type_added_after_migration_gets_its_grants(db_conn, db_url, migrated)
         conn.execute(f"SELECT * FROM {s}.{table}_1h").fetchall()
     with as_role(db_conn, db_url, s, "reader") as conn:
         assert conn.execute(f"SELECT count(*) FROM {s}.{table}").fetchone() == (1,)
+        conn.execute("SET default_transaction_read_only = off")
         refused(conn, f"DELETE FROM {s}.{table}")
 
 
