@@ -15,8 +15,17 @@ hangs. ``database_errors`` translates psycopg's errors into
                                                    (grants, server version, a bad query)
     OperationalError (server gone, cancelled,      DatabaseUnavailableError (retry)
       deadlock, disk full), InterfaceError
-      (connection closed), InternalError (a
-      read-only standby) and the rest
+      (connection closed), InternalError (among
+      them ReadOnlySqlTransaction: a standby, or
+      a primary demoted after a failover) and
+      the rest
+
+A multi-host URL (``postgresql://u:p@h1:5432,h2:5432/db?target_session_attrs=read-write``,
+or ``host=h1,h2 port=5432,5432 ... target_session_attrs=read-write``) is
+handed to libpq as it is: each connect tries the hosts in turn (each for
+the connect timeout) and keeps the first that takes writes. A ``Database``
+whose server went away or read-only drops its connection on the
+DatabaseUnavailableError, so the caller's retry connects to the new primary.
 
 psycopg reports socket errors as OperationalError, so an ``OSError`` inside
 the block is not the database's and passes through untranslated (a
