@@ -68,10 +68,12 @@ from typing import Any
 import psycopg
 import pytest
 
+from adapters.database import Database
 from cityhub import database
 from cityhub.localstack.mosquitto import MosquittoServer
 from cityhub.localstack.postgres import DB_NAME, DB_USER, PostgresServer
 from cityhub.localstack.procs import LOOPBACK, free_port, run_as_for
+from contracts.errors import DatabaseUnavailableError
 from contracts.schema import readings_table
 from contracts.settings import StorageSettings
 from tests.gateway.test_faults import gateway_config_file, start_gateway_process
@@ -531,3 +533,44 @@ def test_cityhub_db_and_status_find_the_primary_in_a_multi_host_url(pair):
     assert json.loads(status.stdout)["problems"] == ["the alerts job has never completed a cycle"]
     for done in (migrated, shown, status):
         assert password not in done.stdout + done.stderr
+
+
+def test_a_server_gone_read_only_is_retryable_and_the_next_connect_finds_the_primary(pair):
+    """A primary demoted under a live connection answers read_only_sql_transaction.
+
+    The adapter makes it DatabaseUnavailableError (retry), not a poison
+    error, and drops the connection; the next connect skips every server
+    that does not take writes. The demotion is played with
+    default_transaction_read_only, which the server applies to open sessions.
+    """
+    primary, replica = pair
+    db = Database(
+        url=multi_host_url(primary, replica, password=primary.password),
+        application_name="failover-test",
+    )
+    try:
+        with db.session("create") as conn:
+            conn.execute("CREATE TABLE probe (n int)")
+        with psycopg.connect(primary.url(), autocommit=True) as admin:
+            admin.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+            admin.execute("SELECT pg_reload_conf()")
+        with psycopg.connect(primary.url(), autocommit=True) as probe:
+            wait_for(
+                lambda: one(probe, "SHOW default_transaction_read_only") == "on",
+                20,
+                "the primary read-only",
+            )
+        with pytest.raises(DatabaseUnavailableError) as caught, db.session("write") as conn:
+            conn.execute("INSERT INTO probe VALUES (1)")
+        assert isinstance(caught.value.__cause__, psycopg.errors.ReadOnlySqlTransaction)
+        assert db.connects == 1
+        # Neither server takes writes now: no connection, and no write anywhere.
+        with pytest.raises(DatabaseUnavailableError, match=r"read-only|read-write"):
+            db.connect()
+        replica.promote()
+        with db.session("write") as conn:
+            conn.execute("INSERT INTO probe VALUES (2)")
+            assert one(conn, "SELECT inet_server_port()") == replica.port
+        assert db.connects == 2
+    finally:
+        db.close()
