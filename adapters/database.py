@@ -15,8 +15,17 @@ hangs. ``database_errors`` translates psycopg's errors into
                                                    (grants, server version, a bad query)
     OperationalError (server gone, cancelled,      DatabaseUnavailableError (retry)
       deadlock, disk full), InterfaceError
-      (connection closed), InternalError (a
-      read-only standby) and the rest
+      (connection closed), InternalError (among
+      them ReadOnlySqlTransaction: a standby, or
+      a primary demoted after a failover) and
+      the rest
+
+A multi-host URL (``postgresql://u:p@h1:5432,h2:5432/db?target_session_attrs=read-write``,
+or ``host=h1,h2 port=5432,5432 ... target_session_attrs=read-write``) is
+handed to libpq as it is: each connect tries the hosts in turn (each for
+the connect timeout) and keeps the first that takes writes. A ``Database``
+whose server went away or read-only drops its connection on the
+DatabaseUnavailableError, so the caller's retry connects to the new primary.
 
 psycopg reports socket errors as OperationalError, so an ``OSError`` inside
 the block is not the database's and passes through untranslated (a
@@ -42,6 +51,7 @@ from typing import Any, Final
 import psycopg
 from psycopg import Connection, Cursor, sql
 from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
 from contracts.errors import (
@@ -74,6 +84,20 @@ _NOT_MIGRATED: Final = (
 )
 # libpq counts its connect timeout in whole seconds; 0 would mean "wait forever".
 _MIN_CONNECT_TIMEOUT_S: Final = 1
+# A server that vanishes without closing its connections (a host powered off,
+# a network partition around a failover) would leave a blocked call waiting
+# for TCP to give up: ~15 min with data in flight, 2 h when idle. With these,
+# libpq finds an idle dead peer after 10 + 3 x 5 = 25 s, and drops a
+# connection whose sent data stays unacknowledged for 30 s (a live server on
+# a busy link acknowledges far sooner). Set only where the URL says nothing:
+# an operator's own values win.
+_TCP_DEFAULTS: Final = {
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "30000",  # milliseconds
+}
 
 
 @contextmanager
@@ -117,12 +141,15 @@ def connect(
 
     An unreachable or refusing server is DatabaseUnavailableError ("cannot
     connect to the database"); a URL that is not a connection string is
-    SettingsError, without the URL (it may hold a password).
+    SettingsError, without the URL (it may hold a password). TCP keepalives
+    and a TCP user timeout are added unless the URL sets them.
     """
     options: dict[str, Any] = {}
     if application_name is not None:
         options["application_name"] = application_name[:63]  # PostgreSQL's NAMEDATALEN - 1
     try:
+        given = conninfo_to_dict(url)
+        options.update({k: v for k, v in _TCP_DEFAULTS.items() if k not in given})
         return psycopg.connect(
             url,
             autocommit=autocommit,

@@ -519,9 +519,15 @@ _SECRET_KEY_RE = re.compile(r"(password|secret|token)$")
 _URL_PASSWORD_RE = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]*@")
 
 
+# A password given as a parameter: libpq's key=value form (``host=a,b port=1,2
+# password=x``, the value maybe in single quotes with backslash escapes) or a
+# URL's query (``?password=x&...``).
+_PARAM_PASSWORD_RE = re.compile(r"(?P<head>\bpassword\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|[^\s&#]+)")
+
+
 def mask_secrets(text: str) -> str:
-    """Replace the password part of any URL in ``text`` with ***."""
-    return _URL_PASSWORD_RE.sub(r"\g<head>***@", text)
+    """Replace the password part of any URL or libpq connection string in ``text`` with ***."""
+    return _PARAM_PASSWORD_RE.sub(r"\g<head>***", _URL_PASSWORD_RE.sub(r"\g<head>***@", text))
 
 
 def describe_settings(settings: Settings) -> dict[str, Any]:

@@ -308,3 +308,44 @@ class PostgresServer:
     def running(self) -> bool:
         pid = self.pid()
         return pid is not None and pid_alive(pid)
+
+    def clone_from(self, primary: PostgresServer) -> None:
+        """Make this (not yet initialised) server a streaming replica of ``primary``.
+
+        ``pg_basebackup -R`` copies the primary's data directory, with its
+        ``cityhub.conf``, which ``start`` rewrites with this server's own
+        settings, and writes ``standby.signal`` and ``primary_conninfo``.
+        initdb's pg_hba.conf already lets the superuser replicate over
+        127.0.0.1, and PostgreSQL's defaults (wal_level replica,
+        max_wal_senders 10) are enough for a replica. Both servers must share
+        ``password_file``: the copy has the primary's accounts.
+        """
+        check_reachable(self.base_dir.parent, self.run_as)
+        make_owned_dir(self.base_dir, self.run_as)
+        make_owned_dir(self.socket_dir, self.run_as)
+        if self.initialised():
+            raise ServiceStartError(f"{self.data_dir} is initialised already: not a new replica")
+        argv = [
+            str(self.bindir / "pg_basebackup"),
+            "--pgdata",
+            str(self.data_dir),
+            "--dbname",
+            primary.url("postgres"),
+            "--write-recovery-conf",
+            "--wal-method=stream",
+            "--checkpoint=fast",
+        ]
+        if not self.durable:
+            argv.append("--no-sync")
+        logger.info("pg_basebackup from port %d into %s", primary.port, self.data_dir)
+        run_checked(argv, self.run_as, what="pg_basebackup")
+
+    def promote(self, timeout_s: float = 30.0) -> None:
+        """Promote this replica to a primary and wait until it accepts writes."""
+        with connect(self.url("postgres"), timeout_s=2) as conn:
+            row = conn.execute(
+                "SELECT pg_promote(wait => true, wait_seconds => %s)", (round(timeout_s),)
+            ).fetchone()
+        if row is None or not row[0]:
+            raise ServiceStartError(self._failure(f"PostgreSQL on port {self.port} not promoted"))
+        logger.info("PostgreSQL on port %d promoted to primary", self.port)

@@ -218,3 +218,24 @@ def test_insert_unless_duplicate(db_url, table):
         # Only the refused statement was undone; the transaction goes on.
         cur.execute(f"SELECT k FROM {table}.t ORDER BY k")
         assert cur.fetchall() == [(1,), (2,), (3,)]
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        "",
+        "&keepalives_idle=3&tcp_user_timeout=1000",
+    ],
+    ids=["defaults", "the URL's own"],
+)
+def test_tcp_keepalives_and_user_timeout_unless_the_url_sets_them(db_url, given):
+    """A vanished server (no FIN, no RST) must not hold a call for TCP's 15 min or 2 h."""
+    url = db_url + ("?" + given.lstrip("&") if given else "")
+    with connect(url) as conn:
+        params = conn.info.get_parameters()
+    assert params["keepalives"] == "1"
+    assert params["keepalives_count"] == "3"
+    if given:
+        assert (params["keepalives_idle"], params["tcp_user_timeout"]) == ("3", "1000")
+    else:
+        assert (params["keepalives_idle"], params["tcp_user_timeout"]) == ("10", "30000")

@@ -140,3 +140,33 @@ def test_a_metrics_host_that_is_not_an_ip_address_is_refused_naming_the_key(
         load_settings(write(tmp_path, toml), env)
     assert info.value.key == key
     assert "not an IP address" in info.value.problem
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        (
+            "postgresql://hub:s3cr3t@db1:5432,db2:5432/cityhub?target_session_attrs=read-write",
+            "postgresql://hub:***@db1:5432,db2:5432/cityhub?target_session_attrs=read-write",
+        ),
+        (
+            "host=db1,db2 port=5432,5433 user=hub password=s3cr3t dbname=cityhub",
+            "host=db1,db2 port=5432,5433 user=hub password=*** dbname=cityhub",
+        ),
+        (
+            r"host=db1,db2 password = 'a b\' s3cr3t' dbname=cityhub",
+            "host=db1,db2 password = *** dbname=cityhub",
+        ),
+        (
+            "postgresql://db1,db2/cityhub?user=hub&password=s3cr3t&target_session_attrs=read-write",
+            "postgresql://db1,db2/cityhub?user=hub&password=***&target_session_attrs=read-write",
+        ),
+        # A key that only starts like the password's is not one.
+        ("password_file=/run/secrets/db", "password_file=/run/secrets/db"),
+    ],
+)
+def test_mask_secrets_masks_multi_host_and_key_value_passwords(text, masked):
+    assert mask_secrets(text) == masked
+    assert "s3cr3t" not in repr(
+        describe_settings(load_settings(None, {"CITYHUB_DATABASE__URL": text}))
+    )
