@@ -60,6 +60,9 @@ class BrokerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
+    # A file holding the password (its trailing newline dropped), read once by
+    # load_settings into ``password``; "" = none (``password`` as given).
+    password_file: str = ""
 
 
 class LocalSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -486,7 +489,7 @@ def load_settings(
             raise SettingsError("config", f"file {str(path)!r} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError("config", f"{path}: not valid TOML: {exc}") from None
-    settings = parse_settings(document, environ)
+    settings = read_broker_password_files(parse_settings(document, environ))
     if install_catalog:
         use_catalog(read_catalog(settings.catalog.path_list))
     return settings
@@ -527,3 +530,41 @@ def describe_settings(settings: Settings) -> dict[str, Any]:
 
     result: dict[str, Any] = walk(msgspec.to_builtins(settings))
     return result
+
+
+def read_password_file(key: str, path: str) -> str:
+    """A password file's text without its trailing newline; SettingsError naming ``key``."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(key, f"cannot read {path!r}: {exc}") from None
+    password = text.removesuffix("\n").removesuffix("\r")
+    if not password:
+        raise SettingsError(key, f"{path!r} is empty")
+    return password
+
+
+def read_broker_password_files(settings: Settings) -> Settings:
+    """Fill each broker's ``password`` from its ``password_file`` (read once, at start-up).
+
+    A missing, unreadable or empty file is a SettingsError naming the key.
+    """
+
+    def resolved(broker: BrokerSettings, key: str) -> BrokerSettings:
+        if not broker.password_file:
+            return broker
+        password = read_password_file(f"{key}.password_file", broker.password_file)
+        return msgspec.structs.replace(broker, password=password)
+
+    return msgspec.structs.replace(
+        settings,
+        broker=resolved(settings.broker, "broker"),
+        gateway=msgspec.structs.replace(
+            settings.gateway,
+            site_broker=resolved(settings.gateway.site_broker, "gateway.site_broker"),
+        ),
+        provisioning=msgspec.structs.replace(
+            settings.provisioning,
+            site_broker=resolved(settings.provisioning.site_broker, "provisioning.site_broker"),
+        ),
+    )
