@@ -77,8 +77,10 @@ class LocalSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     # `cityhub up`'s private Alertmanager: its usual 9093, moved up like the others.
     alertmanager_port: int = 59093
     # Dev mode lets local clients connect to the private broker without a
-    # password; off, the broker requires the generated credentials.
-    dev_mode: bool = True
+    # password; off (the default), the broker requires the generated
+    # credentials: the admin account for provisioning, service accounts for
+    # the services (cityhub.localstack.mosquitto).
+    dev_mode: bool = False
     # Directory holding postgres/initdb; "" finds the newest PostgreSQL >= 15.
     pg_bindir: str = ""
     mosquitto_bin: str = "mosquitto"
