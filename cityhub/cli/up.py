@@ -5,7 +5,13 @@ the Hanoi sites, registers the simulated fleet (one gateway per site), and
 starts a private Alertmanager (configured from ``--receivers``, or sending
 nowhere), the ingest workers, one gateway per site and the alerts job as child
 processes and the simulator in this process. Without the Alertmanager program
-it runs without notifications and says so. Shows a live view until Ctrl-C or ``--for``;
+it runs without notifications and says so. Each part connects to the broker
+with an account of its own (devices.dynsec's account table): ingest as
+``ingest.local``, the simulator as ``sim.local``, each gateway as
+``gateway.{id}`` and ``gateway.{id}.site`` (made at each run with new
+secrets), the live view as ``monitor.local``; the admin account only
+registers the gateways' accounts and publishes their configs. Shows a live
+view until Ctrl-C or ``--for``;
 then stops the simulator, lets the gateways deliver their backlog, stops
 every child (SIGTERM, SIGKILL after a timeout: no orphans) and prints a
 summary. Exits 1 if any reading of this run that the simulator had handed
