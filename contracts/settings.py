@@ -64,6 +64,9 @@ class BrokerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
+    # A file holding the password (its trailing newline dropped), read once by
+    # load_settings into ``password``; "" = none (``password`` as given).
+    password_file: str = ""
 
 
 class LocalSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -78,8 +81,10 @@ class LocalSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     # `cityhub up`'s private Alertmanager: its usual 9093, moved up like the others.
     alertmanager_port: int = 59093
     # Dev mode lets local clients connect to the private broker without a
-    # password; off, the broker requires the generated credentials.
-    dev_mode: bool = True
+    # password; off (the default), the broker requires the generated
+    # credentials: the admin account for provisioning, service accounts for
+    # the services (cityhub.localstack.mosquitto).
+    dev_mode: bool = False
     # Directory holding postgres/initdb; "" finds the newest PostgreSQL >= 15.
     pg_bindir: str = ""
     mosquitto_bin: str = "mosquitto"
@@ -497,7 +502,7 @@ def load_settings(
             raise SettingsError("config", f"file {str(path)!r} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError("config", f"{path}: not valid TOML: {exc}") from None
-    settings = parse_settings(document, environ)
+    settings = read_broker_password_files(parse_settings(document, environ))
     if install_catalog:
         use_catalog(read_catalog(settings.catalog.path_list))
     return with_database_password(settings)
@@ -585,3 +590,29 @@ def read_password_file(path: str, key: str) -> str:
     if not secret:
         raise SettingsError(key, f"{path!r} is empty")
     return secret
+
+
+def read_broker_password_files(settings: Settings) -> Settings:
+    """Fill each broker's ``password`` from its ``password_file`` (read once, at start-up).
+
+    A missing, unreadable or empty file is a SettingsError naming the key.
+    """
+
+    def resolved(broker: BrokerSettings, key: str) -> BrokerSettings:
+        if not broker.password_file:
+            return broker
+        password = read_password_file(broker.password_file, f"{key}.password_file")
+        return msgspec.structs.replace(broker, password=password)
+
+    return msgspec.structs.replace(
+        settings,
+        broker=resolved(settings.broker, "broker"),
+        gateway=msgspec.structs.replace(
+            settings.gateway,
+            site_broker=resolved(settings.gateway.site_broker, "gateway.site_broker"),
+        ),
+        provisioning=msgspec.structs.replace(
+            settings.provisioning,
+            site_broker=resolved(settings.provisioning.site_broker, "provisioning.site_broker"),
+        ),
+    )

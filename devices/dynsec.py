@@ -20,12 +20,35 @@ Accounts and what they may do (docs/architecture.md, section 8)::
     central  gateway.{id}       gw-{id}       publish .../gw/{id}/batch, /state and
                                               /cmdreport, subscribe .../gw/{id}/ack,
                                               /config and /cmd
+    central  ingest.{inst}      (none: see    subscribe $share/{group}/.../gw/+/batch and
+                                below)        /cmdreport (shared), .../gw/+/state; publish
+                                              .../gw/+/ack and .../gw/+/cmd
+    central  monitor.{inst}     monitor.{inst}  subscribe .../gw/+/state (read-only views:
+                                              `cityhub up`'s live view and summary)
+    site     sim.{inst}         (none: each   publish {prefix/}d/+/up, d/+/status, d/+/res
+                                device's id)  and ChirpStack's application/+/device/+/event/+,
+                                              subscribe d/+/cmd (a simulated fleet)
+    both     cityhub-admin      (any)         everything, and $CONTROL: provisioning only
 
 Each account holds a role of the same name. Each account may connect with its
 own client id only (the plugin's ``clientid``; any other id gets CONNACK 135,
 "not authorized", so no account can resume or take over another client's
-session). The admin account has no client id: the services that use it today
-(ingest, alerts, provisioning) choose their own.
+session). The admin account has no client id: provisioning chooses its own.
+
+Two service accounts are not bound to one client id, because one id cannot
+serve them. A simulated fleet connects as many devices, each with its
+device id. Ingest opens up to three connections per worker (batches, states,
+commands), N workers per host, on several hosts, each with an id of its own
+(``ingest.mqtt``: a broker closes a connection when another CONNECTs with its
+id, and two holders of one id kick each other off forever). What keeps other
+accounts off ingest's ids: every other account but the admin is bound to its
+own id, none of which can be an ingest id (ingest's ids start with its
+account's username, ``ingest.{inst}-``, and a dot is never in a device or
+gateway id, and ``chirpstack.``/``monitor.`` ids differ in their first word);
+the unbound simulated fleet lives on a site broker (it shares the central one
+only in the embedded one-broker default) and would have to guess a
+48-bit random token that ingest publishes nowhere.
+
 
 A gateway's site role lists its devices one by one and follows the registry
 (``role_changes`` computes the ``addRoleACL``/``removeRoleACL`` commands that
@@ -55,6 +78,7 @@ import msgspec
 from contracts.errors import BrokerControlError, InvalidIdError, MalformedPayloadError
 from contracts.ids import check_id
 from contracts.topics import (
+    DEFAULT_SHARE_GROUP,
     chirpstack_device_filter,
     config_topic,
     device_answer_topic,
@@ -62,7 +86,10 @@ from contracts.topics import (
     device_status_topic,
     device_uplink_filter,
     device_uplink_topic,
+    gateway_filter,
     gateway_topic,
+    ingest_batch_filter,
+    ingest_report_filter,
 )
 
 CONTROL_TOPIC: Final = "$CONTROL/dynamic-security/v1"
@@ -281,6 +308,70 @@ def chirpstack_account(gateway_id: str) -> Account:
     )
 
 
+# --- service accounts -------------------------------------------------------------
+
+ServiceKind = Literal["ingest", "sim", "monitor"]
+SERVICE_KINDS: Final[tuple[ServiceKind, ...]] = ("ingest", "sim", "monitor")
+# Kinds whose account is bound to a client id (the username); the others
+# connect with ids of their own (module docstring).
+_BOUND_KINDS: Final = frozenset({"monitor"})
+
+
+def service_username(kind: str, instance: str) -> str:
+    """``{kind}.{instance}``: a dot is never in an id, so no device or gateway account has it."""
+    if kind not in SERVICE_KINDS:
+        raise InvalidIdError(f"service kind {kind!r} is not one of {', '.join(SERVICE_KINDS)}")
+    return f"{kind}.{check_id(instance, 'service instance')}"
+
+
+def _service_acls(kind: str, prefix: str, share_group: str) -> tuple[AclRule, ...]:
+    if kind == "ingest":
+        # Exactly the filters ingest subscribes (contracts.topics), compared as
+        # strings (subscribeLiteral): the share group is part of them.
+        return (
+            AclRule(acltype="subscribeLiteral", topic=ingest_batch_filter(share_group, prefix)),
+            AclRule(acltype="subscribeLiteral", topic=ingest_report_filter(share_group, prefix)),
+            AclRule(acltype="subscribeLiteral", topic=gateway_filter("state", prefix)),
+            AclRule(acltype="publishClientSend", topic=gateway_filter("ack", prefix)),
+            AclRule(acltype="publishClientSend", topic=gateway_filter("cmd", prefix)),
+        )
+    if kind == "monitor":
+        return (AclRule(acltype="subscribeLiteral", topic=gateway_filter("state", prefix)),)
+    devices = device_uplink_filter(prefix).removesuffix("/up")
+    return (
+        AclRule(acltype="publishClientSend", topic=f"{devices}/up"),
+        AclRule(acltype="publishClientSend", topic=f"{devices}/status"),
+        AclRule(acltype="publishClientSend", topic=f"{devices}/res"),
+        # The simulated fleet's LoRaWAN devices come through its simulated
+        # ChirpStack integration (firmware_sim.chirpstack), on the same account.
+        AclRule(acltype="publishClientSend", topic=CHIRPSTACK_EVENTS_PUBLISH),
+        # Each device subscribes to its own d/{id}/cmd: a pattern, matched
+        # against the filter each device sends.
+        AclRule(acltype="subscribePattern", topic=f"{devices}/cmd"),
+    )
+
+
+def service_account(
+    kind: str, instance: str, prefix: str = "", *, share_group: str = DEFAULT_SHARE_GROUP
+) -> Account:
+    """The account of a service: ``ingest`` and ``monitor`` (central), ``sim`` (site).
+
+    ``share_group`` is ingest's ``share_group`` setting: its role allows
+    that group's shared subscriptions and no other (a second group would
+    receive a full copy of the stream, which no worker of this one should
+    open by mistake). Only ``monitor`` is bound to a client id (its
+    username); the module docstring says why the others cannot be and what
+    keeps other accounts off ingest's ids.
+    """
+    username = service_username(kind, instance)
+    return Account(
+        broker="site" if kind == "sim" else "central",
+        username=username,
+        client_id=username if kind in _BOUND_KINDS else "",
+        role=Role(rolename=username, acls=_service_acls(kind, prefix, share_group)),
+    )
+
+
 # --- control commands --------------------------------------------------------------
 
 Command = dict[str, Any]
@@ -302,7 +393,8 @@ def create_account(account: Account, password: str) -> list[Command]:
             "command": "createClient",
             "username": account.username,
             "password": password,
-            "clientid": account.client_id,
+            # An account with no client id (a service's, below) connects with any.
+            **({"clientid": account.client_id} if account.client_id else {}),
             "roles": [{"rolename": account.role.rolename}],
         },
     ]
@@ -519,13 +611,16 @@ def base_document(
     admin_username: str,
     admin_password: str,
     dev_mode: bool,
+    services: Iterable[tuple[Account, str]] = (),
     salt: bytes | None = None,
 ) -> dict[str, Any]:
-    """The plugin's file with the admin account (full access) made current.
+    """The plugin's file with the admin account (full access) and ``services`` made current.
 
     ``existing`` is the file as the broker last saved it: every provisioned
-    account, role and group in it is kept; only the admin account and role
-    and the dev-mode anonymous group are (re)written. In dev mode anonymous
+    account, role and group in it is kept; only the admin account and role,
+    each of ``services`` (an account and its password: its role and client
+    id as ``service_account`` made them) and the dev-mode anonymous group
+    are (re)written. In dev mode anonymous
     clients get full access through the anonymous group; otherwise the group
     is removed (and the broker's ``allow_anonymous false`` keeps them out).
     Device and gateway accounts made before accounts were bound to their
@@ -533,26 +628,39 @@ def base_document(
     get the rules commands need (``_with_command_acls``).
     """
     document = dict(existing or {})
+    services = list(services)
+    rewritten = {admin_username, *(account.username for account, _ in services)}
     clients = [
         _with_client_id(c)
         for c in document.get("clients", [])
-        if c.get("username") != admin_username
+        if c.get("username") not in rewritten
     ]
     clients.append(
         {
             "username": admin_username,
-            "textName": "cityhub services and provisioning",
+            "textName": "cityhub provisioning",
             **hash_password(admin_password, salt),
             "roles": [{"rolename": ADMIN_ROLE}],
         }
     )
-    base_roles = {ADMIN_ROLE, DEV_ANONYMOUS_ROLE}
+    for account, password in services:
+        clients.append(
+            {
+                "username": account.username,
+                "textName": f"cityhub service {account.username}",
+                **hash_password(password, salt),
+                **({"clientid": account.client_id} if account.client_id else {}),
+                "roles": [{"rolename": account.role.rolename}],
+            }
+        )
+    base_roles = {ADMIN_ROLE, DEV_ANONYMOUS_ROLE, *(a.role.rolename for a, _ in services)}
     roles = [
         _with_command_acls(r)
         for r in document.get("roles", [])
         if r.get("rolename") not in base_roles
     ]
     roles.append({"rolename": ADMIN_ROLE, "acls": _full_access_acls()})
+    roles.extend({"rolename": a.role.rolename, "acls": _acl_dicts(a.role)} for a, _ in services)
     groups = [g for g in document.get("groups", []) if g.get("groupname") != DEV_ANONYMOUS_GROUP]
     document.pop("anonymousGroup", None)
     if dev_mode:

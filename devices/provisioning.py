@@ -38,7 +38,7 @@ from contracts.messages import (
     encode_gateway_config,
 )
 from contracts.settings import ProvisioningSettings
-from contracts.topics import config_topic
+from contracts.topics import DEFAULT_SHARE_GROUP, config_topic
 from devices import credentials, dynsec
 from devices.brokerctl import BrokerControl
 from devices.bundle import (
@@ -151,6 +151,62 @@ def _check_serves(gateway: GatewayRow, site_id: str) -> None:
         )
 
 
+def create_account(
+    control: BrokerControl, account: dynsec.Account, secret: str, undo: _Undo | None = None
+) -> None:
+    """Create ``account`` (and its role) with ``secret``; ``undo`` deletes it again."""
+    control.run(dynsec.create_account(account, secret))
+    if undo is not None:
+        undo.steps.append((control, dynsec.delete_account(account)))
+
+
+def bind_client_id(control: BrokerControl, account: dynsec.Account) -> list[str]:
+    """Bind an account made before client ids were bound (a no-op once it is)."""
+    data = control.run(dynsec.get_account(account))[0] or {}
+    client = data.get("client")
+    if isinstance(client, dict) and client.get("clientid") == account.client_id:
+        return []
+    control.run(dynsec.set_client_id(account))
+    bound = f"{account.broker} broker: account {account.username} bound to client id"
+    return [f"{bound} {account.client_id}"]
+
+
+def sync_role(
+    control: BrokerControl, account: dynsec.Account, undo: _Undo | None = None
+) -> list[str]:
+    """Bring an account's role to the ACLs this version gives it (a no-op once it has them)."""
+    data = control.run(dynsec.get_role(account.role))[0]
+    forward, back = dynsec.role_changes(dynsec.role_acls(data), account.role)
+    if not forward:
+        return []
+    control.run(forward)
+    if undo is not None:
+        undo.steps.append((control, back))
+    topics = ", ".join(sorted({c["topic"] for c in forward if c["command"] == "addRoleACL"}))
+    role = f"{account.broker} broker: role {account.role.rolename}"
+    return [f"{role} brought up to date ({topics or 'stale rules removed'})"]
+
+
+def put_account(
+    control: BrokerControl, account: dynsec.Account, secret: str, undo: _Undo | None = None
+) -> tuple[bool, list[str]]:
+    """Create ``account``, or make an existing one current and give it ``secret``.
+
+    Current: its role's ACLs and its client id (when it has one) as this
+    version builds them. A new secret disconnects the sessions that used the
+    old one. Returns whether it was created, and what changed.
+    """
+    exists = control.run(dynsec.get_account(account), tolerated=frozenset({"Client not found"}))[0]
+    if exists is None:
+        create_account(control, account, secret, undo)
+        return True, []
+    changes = sync_role(control, account, undo)
+    if account.client_id:
+        changes += bind_client_id(control, account)
+    control.run(dynsec.set_password(account, secret))
+    return False, changes
+
+
 class Provisioner:
     def __init__(
         self,
@@ -204,22 +260,11 @@ class Provisioner:
             raise
 
     def _create(self, undo: _Undo, account: dynsec.Account, secret: str) -> None:
-        control = self._control(account.broker)
-        control.run(dynsec.create_account(account, secret))
-        undo.steps.append((control, dynsec.delete_account(account)))
+        create_account(self._control(account.broker), account, secret, undo)
 
     def _bind_client_id(self, account: dynsec.Account, out: Outcome) -> None:
         """Bind an account made before client ids were bound (a no-op once it is)."""
-        control = self._control(account.broker)
-        data = control.run(dynsec.get_account(account))[0] or {}
-        client = data.get("client")
-        if isinstance(client, dict) and client.get("clientid") == account.client_id:
-            return
-        control.run(dynsec.set_client_id(account))
-        out.changes.append(
-            f"{account.broker} broker: account {account.username} bound to client id"
-            f" {account.client_id}"
-        )
+        out.changes += bind_client_id(self._control(account.broker), account)
 
     def _sync_gateway(self, tx: RegistryTx, undo: _Undo, gateway_id: str, out: Outcome) -> None:
         """Bring a gateway's site role to the registry's devices and bind its client ids.
@@ -244,18 +289,7 @@ class Provisioner:
 
     def _sync_role(self, undo: _Undo, account: dynsec.Account, out: Outcome) -> None:
         """Bring an account's role to the ACLs this version gives it (a no-op once it has them)."""
-        control = self._control(account.broker)
-        data = control.run(dynsec.get_role(account.role))[0]
-        forward, back = dynsec.role_changes(dynsec.role_acls(data), account.role)
-        if not forward:
-            return
-        control.run(forward)
-        undo.steps.append((control, back))
-        topics = ", ".join(sorted({c["topic"] for c in forward if c["command"] == "addRoleACL"}))
-        out.changes.append(
-            f"{account.broker} broker: role {account.role.rolename} brought up to date"
-            f" ({topics or 'stale rules removed'})"
-        )
+        out.changes += sync_role(self._control(account.broker), account, undo)
 
     def sync_broker(self) -> Outcome:
         """Bring every active account on the brokers to what the registry says.
@@ -523,17 +557,6 @@ class Provisioner:
                 owner_id=gateway_id,
                 secret_hash=credentials.hash_secret(secret),
             )
-            exists = self.site.run(
-                dynsec.get_account(account), tolerated=frozenset({"Client not found"})
-            )[0]
-            self._audit(
-                tx,
-                "gateway.chirpstack",
-                "gateway",
-                gateway_id,
-                username=account.username,
-                rotated=exists is not None,
-            )
             path = self.bundle_dir / f"chirpstack-{gateway_id}.toml"
             access = MqttAccess(
                 host=self.site_endpoint.host,
@@ -553,16 +576,22 @@ class Provisioner:
             )
             if known is None:
                 undo.files.append(path)
-            if exists is None:
-                self._create(undo, account, secret)
+            created, changes = put_account(self.site, account, secret, undo)
+            self._audit(
+                tx,
+                "gateway.chirpstack",
+                "gateway",
+                gateway_id,
+                username=account.username,
+                rotated=not created,
+            )
+            out.changes += changes
+            if created:
                 out.changes.append(
                     f"site broker: account {account.username} created (client id"
                     f" {account.client_id}; may publish {dynsec.CHIRPSTACK_EVENTS_PUBLISH} only)"
                 )
             else:
-                self._sync_role(undo, account, out)
-                self._bind_client_id(account, out)
-                self.site.run(dynsec.set_password(account, secret))
                 out.changes.append(
                     f"site broker: new secret for {account.username}"
                     " (sessions with the old one disconnected)"
@@ -570,6 +599,41 @@ class Provisioner:
             out.changes.append(
                 f"ChirpStack settings written (mode 0600): {path} (its [integration.mqtt]"
                 " section for chirpstack.toml; the secret is written nowhere else)"
+            )
+        return out
+
+    def service_account(
+        self, kind: str, instance: str, secret: str, *, share_group: str = DEFAULT_SHARE_GROUP
+    ) -> Outcome:
+        """Create (or give ``secret`` to) a service's account: ``dynsec.service_account``.
+
+        ``ingest`` and ``monitor`` accounts go on the central broker, ``sim``
+        on the site broker, in this provisioner's topic prefix. The secret is
+        the caller's (a password file the service reads); it is written
+        nowhere here. Audited as ``broker.service_account`` (subject kind
+        ``pki``: broker credentials, like certificates, have no registry row).
+        """
+        account = dynsec.service_account(kind, instance, self.prefix, share_group=share_group)
+        out = Outcome()
+        with self._command() as (tx, undo):
+            created, changes = put_account(self._control(account.broker), account, secret, undo)
+            self._audit(
+                tx,
+                "broker.service_account",
+                "pki",
+                account.username,
+                service_kind=kind,
+                broker=account.broker,
+                rotated=not created,
+            )
+            out.changes += changes
+            bound = f"client id {account.client_id}" if account.client_id else "no fixed client id"
+            verb = "created" if created else "given the new password (old sessions disconnected)"
+            out.changes.append(
+                f"{account.broker} broker: account {account.username} {verb} ({bound})"
+            )
+            out.changes.extend(
+                f"  may {rule.acltype} {rule.topic}" for rule in account.role.acls if rule.allow
             )
         return out
 

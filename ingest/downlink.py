@@ -124,7 +124,7 @@ class CommandDownlink:
             name="command reports",
             host=broker.host,
             port=broker.port,
-            client_id=client_id_for(worker_id, "commands"),
+            client_id=client_id_for(worker_id, "commands", broker.username),
             username=broker.username,
             password=broker.password,
             tls=broker.tls,

@@ -23,11 +23,12 @@ subscription is up. ``BatchSubscriber``:
   here with 643 messages unacked in flight against a Receive Maximum of 256
   for 47 KB messages, and 1,132 for 100-byte ones.
 
-Client ids: every connection has its own (``client_id_for``: the worker id,
-the process id and a random token), because a broker that sees a second
-CONNECT with a client id it already holds closes the first connection with
-DISCONNECT 0x8E, "session taken over". Two processes that shared an id took
-turns kicking each other off forever. The link logs such a takeover as
+Client ids: every connection has its own (``client_id_for``: the service
+account's username, the worker id, the process id and a random token),
+because a broker that sees a second CONNECT with a client id it already
+holds closes the first connection with DISCONNECT 0x8E, "session taken
+over". Two processes that shared an id took turns kicking each other off
+forever. The link logs such a takeover as
 exactly that, once per takeover, naming the client id (when the broker says
 so: Mosquitto 2.0.11 just closes the socket, and the lost-connection line,
 which names the client id too, is what shows).
@@ -106,15 +107,21 @@ def state_packet_max_bytes() -> int:
     return CONTROL_MAX_BYTES + PACKET_HEADROOM_BYTES
 
 
-def client_id_for(worker_id: str, role: str = "") -> str:
-    """``ingest-{worker_id}[-{role}]-{pid}-{token}``: a client id no other connection uses.
+def client_id_for(worker_id: str, role: str = "", username: str | None = None) -> str:
+    """``{ingest.inst|ingest}-{worker_id}[-{role}]-{pid}-{token}``: an id no other connection uses.
+
+    With a service account (``username`` ``ingest.{instance}``) the id starts
+    with that username: a dot is never in a device or gateway id, so no
+    account bound to its own client id can ever hold one of ingest's (its
+    account is not bound to one id: devices.dynsec says why).
 
     Ingest needs no session to survive a reconnect (clean start, no session
     expiry: see ``BatchSubscriber``), so nothing is lost by a new id at
     each start: what was in flight to a gone connection is unacked, and the
     gateways resend every unacked batch, which ingest then commits once.
     """
-    return unique_client_id("ingest", worker_id, role)
+    head = username if username is not None and username.startswith("ingest.") else "ingest"
+    return unique_client_id(head, worker_id, role)
 
 
 @dataclass(frozen=True, slots=True)

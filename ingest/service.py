@@ -219,7 +219,7 @@ class Ingest:
         self.subscriber = BatchSubscriber(
             host=broker.host,
             port=broker.port,
-            client_id=client_id_for(worker_id),
+            client_id=client_id_for(worker_id, username=broker.username),
             username=broker.username,
             password=broker.password,
             tls=broker.tls,
@@ -233,7 +233,7 @@ class Ingest:
             self.state_subscriber = StateSubscriber(
                 host=broker.host,
                 port=broker.port,
-                client_id=client_id_for(worker_id, "states"),
+                client_id=client_id_for(worker_id, "states", broker.username),
                 username=broker.username,
                 password=broker.password,
                 tls=broker.tls,

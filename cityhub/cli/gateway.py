@@ -14,6 +14,7 @@ from adapters.logs import add_log_fields
 from adapters.sdnotify import Notifier
 from cityhub.cli.context import CliState, reported_errors, state_of
 from cityhub.localstack.mosquitto import ADMIN_USER
+from contracts.errors import SettingsError
 from contracts.settings import BrokerSettings, describe_settings, load_settings
 
 app = typer.Typer(
@@ -24,8 +25,16 @@ app = typer.Typer(
 )
 
 
-def embedded_broker(state: CliState, configured: BrokerSettings) -> BrokerSettings:
-    """``configured`` if it names a host, else the embedded broker with its admin account."""
+def embedded_broker(
+    state: CliState, configured: BrokerSettings, kind: str | None = None
+) -> BrokerSettings:
+    """``configured`` if it names a host, else the embedded broker.
+
+    With ``kind`` ("ingest", "sim", "monitor") the service account of that
+    kind (``MosquittoServer.service_broker``); without it the admin account,
+    which only provisioning (the dynamic-security control API, retained
+    configs) uses.
+    """
     if configured.host is not None:
         return configured
     # Imported here: a gateway that names its brokers needs no psycopg (central extra).
@@ -34,6 +43,15 @@ def embedded_broker(state: CliState, configured: BrokerSettings) -> BrokerSettin
     stack = LocalStack(state_dir=state.state_dir, local=state.settings.local, is_root=state.is_root)
     stack.broker_url()  # raises with the fix if the embedded broker is not running
     mq = stack.mosquitto()
+    if kind is not None:
+        service = mq.service_broker(kind)
+        return msgspec.structs.replace(
+            configured,
+            host=service.host,
+            port=service.port,
+            username=service.username,
+            password=service.password,
+        )
     return msgspec.structs.replace(
         configured,
         host="127.0.0.1",
@@ -41,6 +59,18 @@ def embedded_broker(state: CliState, configured: BrokerSettings) -> BrokerSettin
         username=ADMIN_USER,
         password=mq.admin_password,
     )
+
+
+def gateway_broker(configured: BrokerSettings, key: str) -> BrokerSettings:
+    """A gateway's broker as configured: it connects with its own accounts, never the admin's."""
+    if configured.host is None or not configured.username:
+        raise SettingsError(
+            key,
+            "a gateway connects with its own broker accounts: `cityhub gateways add` writes "
+            "its settings file (brokers, accounts, client ids); run `cityhub gateway run -c "
+            "<that file>`",
+        )
+    return configured
 
 
 @app.command()
@@ -57,15 +87,17 @@ def run(
 
     Reads the site's MQTT devices and serial sensors of its config, batches
     readings into a durable SQLite outbox and sends them to the central broker
-    until ingest acks them. Brokers left unset use the embedded default's.
+    until ingest acks them. Both brokers must be set with the gateway's own
+    accounts (the settings file `cityhub gateways add` writes); the admin
+    account is provisioning's, not a gateway's.
     """
     from gateway.service import Gateway, outbox_path, serve
 
     state = state_of(ctx)
     with reported_errors(state):
         settings = load_settings(config, state.environ) if config else state.settings
-        central = embedded_broker(state, settings.broker)
-        site = embedded_broker(state, settings.gateway.site_broker)
+        central = gateway_broker(settings.broker, "broker.host")
+        site = gateway_broker(settings.gateway.site_broker, "gateway.site_broker.host")
         logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
         add_log_fields(service="gateway", gateway_id=settings.gateway.gateway_id)
         logging.getLogger(__name__).info("settings: %s", describe_settings(settings))

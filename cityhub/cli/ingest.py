@@ -42,7 +42,7 @@ def run(
     $share/ingest/hub/v1/gw/+/batch, commit each group of batches in one
     transaction (COPY into staging, INSERT ... ON CONFLICT DO NOTHING), and ack
     to the gateways only after the commit. A broker or database left unset
-    uses the embedded default's.
+    uses the embedded default's (its broker with the ingest.local account).
     """
     from ingest.workers import run_workers
 
@@ -51,7 +51,7 @@ def run(
         settings = load_settings(config, state.environ) if config else state.settings
         settings = msgspec.structs.replace(
             settings,
-            broker=embedded_broker(state, settings.broker),
+            broker=embedded_broker(state, settings.broker, "ingest"),
             database=msgspec.structs.replace(
                 settings.database, url=settings.database.url or database_url(state)
             ),

@@ -19,6 +19,7 @@ from cityhub.cli import alertmanager as alertmanager_cli
 from cityhub.cli import alerts as alerts_cli
 from cityhub.cli import audit as audit_cli
 from cityhub.cli import backup as backup_cli
+from cityhub.cli import broker as broker_cli
 from cityhub.cli import catalog as catalog_cli
 from cityhub.cli import commands as commands_cli
 from cityhub.cli import db as db_cli
@@ -64,6 +65,7 @@ app.add_typer(devices_cli.app, name="devices")
 devices_cli.app.command(name="command")(commands_cli.command)
 app.add_typer(commands_cli.app, name="commands")
 app.add_typer(gateways_cli.app, name="gateways")
+app.add_typer(broker_cli.app, name="broker")
 app.add_typer(pki_cli.app, name="pki")
 app.add_typer(grafana_cli.app, name="grafana")
 app.command(name="audit")(audit_cli.audit)

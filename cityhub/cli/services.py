@@ -39,6 +39,34 @@ def _show(state: CliState, statuses: list[ServiceStatus], title: str) -> None:
         )
 
 
+def _show_accounts(state: CliState, stack: LocalStack) -> None:
+    """Which broker account each service connects with, and the file holding its password."""
+    from cityhub.localstack.mosquitto import ADMIN_USER, EMBEDDED_SERVICES
+
+    mq = stack.mosquitto()
+    state.console.print(
+        "broker accounts (password files readable by you only; services never use the admin one):",
+        highlight=False,
+    )
+    rows = [
+        (ADMIN_USER, "provisioning only (cityhub devices|gateways|broker)", mq.admin_password_path)
+    ]
+    uses = {
+        "ingest": "ingest (cityhub ingest run, cityhub up)",
+        "sim": "simulated fleet (cityhub sim run, cityhub up)",
+        "monitor": "read-only gateway states (cityhub up's live view)",
+    }
+    for kind in EMBEDDED_SERVICES:
+        username = mq.service_broker_username(kind)
+        rows.append((username, uses[kind], mq.service_password_path(kind)))
+    for username, use, path in rows:
+        state.console.print(
+            f"  {username:<15} {use}\n  {'':<15} password_file = {path}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
 @app.command()
 def up(ctx: typer.Context) -> None:
     """Start the private broker and database (initialising them on first use) and wait for them.
@@ -49,14 +77,15 @@ def up(ctx: typer.Context) -> None:
     """
     state = state_of(ctx)
     with reported_errors(state):
-        statuses = stack_of(state).up()
+        stack = stack_of(state)
+        statuses = stack.up()
     _show(state, statuses, f"cityhub services in {state.state_dir}")
     state.console.print(
-        f"passwords (readable by you only): {state.state_dir / 'postgres.password'}, "
-        f"{state.state_dir / 'mosquitto' / 'admin.password'}",
+        f"database password (readable by you only): {state.state_dir / 'postgres.password'}",
         highlight=False,
         soft_wrap=True,
     )
+    _show_accounts(state, stack)
 
 
 @app.command()
@@ -76,7 +105,9 @@ def status(ctx: typer.Context) -> None:
     """
     state = state_of(ctx)
     with reported_errors(state):
-        statuses = stack_of(state).status()
+        stack = stack_of(state)
+        statuses = stack.status()
     _show(state, statuses, f"cityhub services in {state.state_dir}")
+    _show_accounts(state, stack)
     if not all(s.running for s in statuses):
         raise typer.Exit(3)

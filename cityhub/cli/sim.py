@@ -114,12 +114,14 @@ def publish_gateway_configs(
     broker: BrokerSettings, configs: list[GatewayConfig], prefix: str = ""
 ) -> None:
     """Publish the configs as retained messages, as the registry does for real gateways."""
-    from adapters.mqtt import MqttLink
+    from adapters.mqtt import MqttLink, unique_client_id
 
     link = MqttLink(
         name="central",
         host=broker.host or "127.0.0.1",
         port=broker.port,
+        # A provisioning connection, named like BrokerControl's.
+        client_id=unique_client_id("cityhub-ctl", "configs"),
         username=broker.username or None,
         password=broker.password,
     )
@@ -228,7 +230,7 @@ def run(
     with reported_errors(state):
         description, specs = load_fleet(fleet, sites=sites, seed=seed)
         endpoints = parse_http_urls(http_url or [], {s.site_id for s in specs})
-        site_broker = embedded_broker(state, state.settings.gateway.site_broker)
+        site_broker = embedded_broker(state, state.settings.gateway.site_broker, "sim")
         sim = Simulator(
             devices=specs,
             site_broker=site_broker,

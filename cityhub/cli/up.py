@@ -5,7 +5,13 @@ the Hanoi sites, registers the simulated fleet (one gateway per site), and
 starts a private Alertmanager (configured from ``--receivers``, or sending
 nowhere), the ingest workers, one gateway per site and the alerts job as child
 processes and the simulator in this process. Without the Alertmanager program
-it runs without notifications and says so. Shows a live view until Ctrl-C or ``--for``;
+it runs without notifications and says so. Each part connects to the broker
+with an account of its own (devices.dynsec's account table): ingest as
+``ingest.local``, the simulator as ``sim.local``, each gateway as
+``gateway.{id}`` and ``gateway.{id}.site`` (made at each run with new
+secrets), the live view as ``monitor.local``; the admin account only
+registers the gateways' accounts and publishes their configs. Shows a live
+view until Ctrl-C or ``--for``;
 then stops the simulator, lets the gateways deliver their backlog, stops
 every child (SIGTERM, SIGKILL after a timeout: no orphans) and prints a
 summary. Exits 1 if any reading of this run that the simulator had handed
@@ -49,13 +55,14 @@ from cityhub.cli.sim import (
     register_simulated_fleet,
 )
 from cityhub.localstack.mosquitto import ADMIN_USER
-from cityhub.localstack.procs import free_port
+from cityhub.localstack.procs import LOOPBACK, free_port
 from contracts.catalog import DEVICE_TYPES
 from contracts.errors import HubError, LocalServiceError, MissingDependencyError
-from contracts.messages import GatewayState, decode_gateway_state
+from contracts.messages import GatewayConfig, GatewayState, decode_gateway_state
 from contracts.schema import SEVERITIES, readings_table
 from contracts.settings import BrokerSettings
 from contracts.severity import severity_label
+from devices.dynsec import gateway_username
 from firmware_sim.ledger import Ledger, Reconciliation, RejectedRow, StoredRow, reconcile
 
 # psycopg, numpy and aiomqtt are imported where used, so that `cityhub --help` and
@@ -159,7 +166,11 @@ class Children:
 
 
 class StateWatcher:
-    """Keeps the latest retained state of every gateway from the central broker."""
+    """Keeps the latest retained state of every gateway from the central broker.
+
+    It connects with the read-only monitor account (``monitor.local``:
+    subscribe to gateway states, nothing else).
+    """
 
     # Seconds to wait for the embedded broker to accept the connection and
     # the subscription: it answers within milliseconds; 10 s only fails a dead one.
@@ -174,6 +185,8 @@ class StateWatcher:
             name="central",
             host=broker.host or "127.0.0.1",
             port=broker.port,
+            # The monitor account is bound to its username as client id.
+            client_id=broker.username or "",
             username=broker.username,
             password=broker.password,
             subscriptions=["hub/v1/gw/+/state"],
@@ -426,11 +439,14 @@ class System:
         self.http_settings = http_gateway_settings(self.sim.http_endpoints)
         self.configs = gateway_configs(self.specs, self.sim.ports)
         self.gateway_ids = {c.gateway_id for c in self.configs}
+        self.gateway_secrets = provision_gateway_accounts(
+            self.broker, self.configs, settings.provisioning.control_timeout_s
+        )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if am_files is not None:
             self._start_alertmanager(am_files)
         self._start_children()
-        self.watcher = StateWatcher(self.broker)
+        self.watcher = StateWatcher(self.stack.mosquitto().service_broker("monitor"))
         _wait_ready(self.watcher, self.children, self.gateway_ids)
 
     def _service_logins(self, conn: Connection[Any]) -> dict[str, dict[str, str]]:
@@ -526,12 +542,16 @@ class System:
         self.notices.append(f"Alertmanager: {server.url} ({sent_to})")
 
     def _start_children(self) -> None:
-        run_dir, broker_toml = self.run_dir, msgspec.to_builtins(self.broker)
+        run_dir, mq = self.run_dir, self.stack.mosquitto()
+        # Ingest reads its account's password from the state directory's file.
+        ingest_broker = msgspec.to_builtins(
+            msgspec.structs.replace(mq.service_broker("ingest"), password=None)
+        )
         write_toml(
             run_dir / "ingest.toml",
             {
                 "database": self.service_databases["ingest"],
-                "broker": broker_toml,
+                "broker": ingest_broker,
                 "ingest": {"workers": self.workers},
             },
         )
@@ -544,7 +564,13 @@ class System:
         for config in self.configs:
             gateway_id = config.gateway_id
             path = run_dir / f"{gateway_id}.toml"
-            central = dict(broker_toml)
+            central_secret, site_secret = self.gateway_secrets[gateway_id]
+            central = {
+                "host": LOOPBACK,
+                "port": mq.port,
+                "username": gateway_username(gateway_id, "central"),
+                "password": central_secret,
+            }
             port = self._central_port(gateway_id)
             if port is not None:
                 central["port"] = port
@@ -562,7 +588,12 @@ class System:
                         **self.http_settings.get(gateway_id, {}),
                         **self._gateway_settings(gateway_id),
                     },
-                    "gateway.site_broker": broker_toml,
+                    "gateway.site_broker": {
+                        "host": LOOPBACK,
+                        "port": mq.port,
+                        "username": gateway_username(gateway_id, "site"),
+                        "password": site_secret,
+                    },
                 },
             )
             self.children.start(
@@ -699,7 +730,12 @@ def _run_system(
 def _prepare_fleet(
     stack: LocalStack, url: str, schema: str, *, fleet: Path | None, sites: str | None, seed: int
 ) -> tuple[list[DeviceSpec], Simulator, BrokerSettings]:
-    """Build the simulated fleet and register its gateways and devices."""
+    """Build the simulated fleet and register its gateways and devices.
+
+    Returns the fleet, its simulator (on the sim account) and the admin
+    account's settings, which only provisioning uses (gateway accounts,
+    retained configs).
+    """
     from firmware_sim.service import Simulator
 
     description, specs = load_fleet(fleet, sites=sites, seed=seed, default_sites=DEFAULT_SITES)
@@ -710,7 +746,7 @@ def _prepare_fleet(
     )
     sim = Simulator(
         devices=specs,
-        site_broker=broker,
+        site_broker=mq.service_broker("sim"),
         seed=description.seed,
         period_ms=description.period_ms,
         time_acceleration=description.time_acceleration,
@@ -719,6 +755,38 @@ def _prepare_fleet(
     )
     register_simulated_fleet(url, schema, specs, sim.ports)
     return specs, sim, broker
+
+
+def provision_gateway_accounts(
+    admin: BrokerSettings, configs: list[GatewayConfig], timeout_s: float
+) -> dict[str, tuple[str, str]]:
+    """Give each gateway of the run its two accounts, with new secrets: gateway id -> secrets.
+
+    The central account (``gateway.{id}``) and the site account
+    (``gateway.{id}.site``, its MQTT devices and LoRaWAN DevEUIs), made as
+    `cityhub gateways add` makes them (``devices.provisioning.put_account``:
+    created, or brought current with a new secret). Secrets are new at each
+    run and written only into the run's gateway settings files (0600).
+    """
+    from devices.brokerctl import BrokerControl
+    from devices.credentials import new_secret
+    from devices.dynsec import gateway_central_account, gateway_site_account
+    from devices.provisioning import put_account
+
+    secrets: dict[str, tuple[str, str]] = {}
+    with BrokerControl(name="central", broker=admin, timeout_s=timeout_s) as control:
+        for config in configs:
+            gateway_id = config.gateway_id
+            central = gateway_central_account(gateway_id)
+            site = gateway_site_account(
+                gateway_id,
+                device_ids=[d.device_id for d in config.devices if d.transport == "mqtt"],
+                dev_euis=[d.dev_eui for d in config.devices if d.dev_eui],
+            )
+            secrets[gateway_id] = (new_secret(), new_secret())
+            for account, secret in zip((central, site), secrets[gateway_id], strict=True):
+                put_account(control, account, secret)
+    return secrets
 
 
 def http_gateway_settings(endpoints: dict[str, str]) -> dict[str, dict[str, Any]]:

@@ -11,10 +11,17 @@ further addresses of this machine (``extra_hosts``, same port). Dev mode
 (``local.dev_mode``) additionally lets anonymous local clients connect; it is
 explicit in the config file so nobody mistakes it for production.
 
+The services of the embedded default connect with service accounts, never
+the admin one (``devices.dynsec``'s account table): ``ingest.local``,
+``sim.local`` and ``monitor.local`` (EMBEDDED_SERVICES), each with a password
+generated once and kept in ``{username}.password`` (0600) beside
+``admin.password``; ``service_broker`` gives a service its settings.
+
 The plugin keeps its accounts in ``security/dynamic-security.json`` (0600,
 owned by the broker's user) and rewrites it at every change; a restart keeps
 the accounts that `cityhub devices` and `cityhub gateways` made, and only
-the admin account and the dev-mode anonymous group are rewritten at start.
+the admin account, the service accounts and the dev-mode anonymous group are
+rewritten at start.
 Per-device and per-gateway accounts are ``devices``' business; this module
 only owns the broker process and its base configuration.
 """
@@ -45,12 +52,16 @@ from cityhub.localstack.procs import (
     with_log_tail,
     write_owned_file,
 )
-from contracts.errors import MissingDependencyError, ServiceStartError
-from devices.dynsec import base_document
+from contracts.errors import LocalServiceError, MissingDependencyError, ServiceStartError
+from contracts.settings import BrokerSettings
+from devices.dynsec import base_document, service_account, service_username
 
 logger = logging.getLogger(__name__)
 
 ADMIN_USER = "cityhub-admin"
+# The service accounts the embedded broker writes at start, instance "local".
+EMBEDDED_SERVICES = ("ingest", "sim", "monitor")
+EMBEDDED_INSTANCE = "local"
 
 # Where Debian, Ubuntu and a source install put the plugin.
 DYNSEC_PLUGIN_GLOBS = (
@@ -106,7 +117,12 @@ class TlsListener:
 
 
 def mqtt_connect_probe(
-    port: int, *, username: str | None, password: str | None, timeout_s: float = 2.0
+    port: int,
+    *,
+    username: str | None,
+    password: str | None,
+    timeout_s: float = 2.0,
+    client_id: str | None = None,
 ) -> int:
     """Send an MQTT 3.1.1 CONNECT and return the CONNACK return code (0 = accepted).
 
@@ -118,7 +134,7 @@ def mqtt_connect_probe(
         return struct.pack("!H", len(data)) + data
 
     flags = 0x02  # clean session
-    payload = field(b"cityhub-probe-" + secrets.token_hex(4).encode())
+    payload = field((client_id or f"cityhub-probe-{secrets.token_hex(4)}").encode())
     if username is not None:
         flags |= 0x80
         payload += field(username.encode())
@@ -202,6 +218,33 @@ class MosquittoServer:
     def admin_password(self) -> str:
         return self.admin_password_path.read_text(encoding="utf-8").strip()
 
+    def service_broker_username(self, kind: str) -> str:
+        """The username of this broker's service account of ``kind`` (EMBEDDED_SERVICES)."""
+        return service_username(kind, EMBEDDED_INSTANCE)
+
+    def service_password_path(self, kind: str) -> Path:
+        """Where the password of a service account (EMBEDDED_SERVICES) is kept (0600)."""
+        return self.base_dir / f"{self.service_broker_username(kind)}.password"
+
+    def service_broker(self, kind: str) -> BrokerSettings:
+        """Settings for a service of kind ``kind`` to reach this broker with its own account."""
+        path = self.service_password_path(kind)
+        try:
+            password = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            # A broker started by a version without service accounts.
+            raise LocalServiceError(
+                f"{path}: {exc.strerror}; restart the embedded broker (`cityhub services down`,"
+                " then `cityhub services up`) to create the service accounts"
+            ) from exc
+        return BrokerSettings(
+            host=LOOPBACK,
+            port=self.port,
+            username=service_username(kind, EMBEDDED_INSTANCE),
+            password=password,
+            password_file=str(path),
+        )
+
     def url(self, *, with_password: bool = True) -> str:
         secret = self.admin_password if with_password else "***"
         return f"mqtt://{ADMIN_USER}:{secret}@{LOOPBACK}:{self.port}"
@@ -218,8 +261,12 @@ class MosquittoServer:
         check_reachable(self.base_dir.parent, self.run_as)
         make_owned_dir(self.base_dir, None, mode=0o755 if self.run_as else 0o700)
         make_owned_dir(self.base_dir / "data", self.run_as)
-        if not self.admin_password_path.exists():
-            write_owned_file(self.admin_password_path, secrets.token_urlsafe(24) + "\n", None)
+        for path in (
+            self.admin_password_path,
+            *(self.service_password_path(kind) for kind in EMBEDDED_SERVICES),
+        ):
+            if not path.exists():
+                write_owned_file(path, secrets.token_urlsafe(24) + "\n", None)
         plugin = find_dynsec_plugin()
         make_owned_dir(self.dynsec_path.parent, self.run_as)
         existing = None
@@ -235,6 +282,13 @@ class MosquittoServer:
             admin_username=ADMIN_USER,
             admin_password=self.admin_password,
             dev_mode=self.dev_mode,
+            services=[
+                (
+                    service_account(kind, EMBEDDED_INSTANCE),
+                    self.service_password_path(kind).read_text(encoding="utf-8").strip(),
+                )
+                for kind in EMBEDDED_SERVICES
+            ],
         )
         write_owned_file(self.dynsec_path, json.dumps(document, indent=1), self.run_as)
         mode = "DEV MODE: anonymous local clients allowed" if self.dev_mode else "authenticated"

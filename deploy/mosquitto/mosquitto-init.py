@@ -3,10 +3,16 @@
 Run by docker-compose's mosquitto-init service (the cityhub image, as root)
 with the volume mounted where the broker sees it (/mosquitto/security):
 
-- the dynamic-security file with the cityhub-admin account. An existing file
-  keeps every account `cityhub gateways` and `cityhub devices` added; only the
-  admin account is made current (its password from MQTT_ADMIN_PASSWORD), as
-  the embedded broker does;
+- the dynamic-security file with the cityhub-admin account and the service
+  accounts. An existing file keeps every account `cityhub gateways` and
+  `cityhub devices` added; only the admin account (its password read from the
+  file named by MQTT_ADMIN_PASSWORD_FILE) and the service accounts are made
+  current, as the embedded broker does. MQTT_SERVICE_ACCOUNTS lists the
+  service accounts as space-separated USERNAME=PASSWORD_FILE pairs, USERNAME
+  being {kind}.{instance} (devices.dynsec.service_account: ingest, sim,
+  monitor), e.g. "ingest.compose=/run/secrets/mqtt_ingest_password
+  sim.compose=/run/secrets/mqtt_sim_password". A missing or empty password
+  file, or a malformed pair, stops it with a message naming it;
 - the TLS listener: when the PKI directory (deploy/pki, mounted at /pki) holds
   ca.crt, server.crt and server.key from `cityhub pki`, they are copied into
   the volume and conf.d/tls.conf opens port MQTT_TLS_PORT (8883) requiring a
@@ -28,7 +34,8 @@ import sys
 from pathlib import Path
 
 from cityhub.localstack.mosquitto import ADMIN_USER
-from devices.dynsec import base_document
+from contracts.errors import HubError
+from devices.dynsec import Account, base_document, service_account
 
 PKI_FILES = ("ca.crt", "server.crt", "server.key")
 CRL_FILE = "crl.pem"
@@ -54,15 +61,63 @@ def write(target: Path, text: str, mode: int = 0o600) -> None:
     tmp.replace(target)
 
 
-password = os.environ.get("MQTT_ADMIN_PASSWORD", "")
-if len(password) < 16:
-    sys.exit("mosquitto-init: MQTT_ADMIN_PASSWORD must be set (16 characters or more)")
+# Shorter passwords are refused: the secrets script writes 32 random bytes.
+MIN_PASSWORD_CHARS = 16
+
+
+def read_secret(what: str, name: str) -> str:
+    """A password file's text without its trailing newline; exit naming it if unusable."""
+    if not name:
+        sys.exit(f"mosquitto-init: {what}: no password file named")
+    try:
+        secret = Path(name).read_text(encoding="utf-8").removesuffix("\n").removesuffix("\r")
+    except (OSError, UnicodeDecodeError) as exc:
+        sys.exit(f"mosquitto-init: {what}: cannot read {name} ({exc})")
+    if len(secret) < MIN_PASSWORD_CHARS:
+        shorter = f"shorter than {MIN_PASSWORD_CHARS} characters"
+        sys.exit(f"mosquitto-init: {what}: {name} is empty or {shorter}")
+    return secret
+
+
+def service_accounts(spec: str) -> list[tuple[Account, str]]:
+    """MQTT_SERVICE_ACCOUNTS's USERNAME=PASSWORD_FILE pairs as accounts and passwords."""
+    accounts: list[tuple[Account, str]] = []
+    seen: set[str] = set()
+    for pair in spec.split():
+        username, sep, name = pair.partition("=")
+        kind, dot, instance = username.partition(".")
+        if not sep or not dot or not name:
+            sys.exit(
+                f"mosquitto-init: MQTT_SERVICE_ACCOUNTS: {pair!r} is not USERNAME=PASSWORD_FILE"
+                " with USERNAME {kind}.{instance}"
+            )
+        if username in seen:
+            sys.exit(f"mosquitto-init: MQTT_SERVICE_ACCOUNTS: {username} is listed twice")
+        seen.add(username)
+        try:
+            account = service_account(kind, instance)
+        except HubError as exc:
+            sys.exit(f"mosquitto-init: MQTT_SERVICE_ACCOUNTS: {pair!r}: {exc}")
+        accounts.append((account, read_secret(username, name)))
+    return accounts
+
+
+password = read_secret("MQTT_ADMIN_PASSWORD_FILE", os.environ.get("MQTT_ADMIN_PASSWORD_FILE", ""))
+services = service_accounts(os.environ.get("MQTT_SERVICE_ACCOUNTS", ""))
 existing = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 document = base_document(
-    existing, admin_username=ADMIN_USER, admin_password=password, dev_mode=False
+    existing,
+    admin_username=ADMIN_USER,
+    admin_password=password,
+    dev_mode=False,
+    services=services,
 )
 write(path, json.dumps(document, indent=1))
-sys.stdout.write(f"mosquitto-init: {path} ready ({len(document.get('clients', []))} accounts)\n")
+names = ", ".join(account.username for account, _ in services) or "none"
+sys.stdout.write(
+    f"mosquitto-init: {path} ready ({len(document.get('clients', []))} accounts;"
+    f" service accounts: {names})\n"
+)
 
 conf_d = security / "conf.d"
 conf_d.mkdir(exist_ok=True)

@@ -88,6 +88,22 @@ def test_up_status_down_round_trip(state_dir):
 
     for secret in ("postgres.password", "stack.json", "mosquitto/admin.password"):
         assert stat.S_IMODE((state_dir / secret).stat().st_mode) == 0o600, secret
+    # The service accounts: named with their password files, never their passwords.
+    for username in ("ingest.local", "sim.local", "monitor.local"):
+        path = state_dir / "mosquitto" / f"{username}.password"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, username
+        assert username in up.stdout
+        assert f"password_file = {path}" in up.stdout
+        assert path.read_text().strip() not in up.stdout + status.stdout
+        secret = path.read_text().strip()
+        # monitor.local is bound to its username as client id; the others take any.
+        for password, accepted in ((secret, True), (admin, False)):
+            code = mqtt_connect_probe(
+                mqtt_port, username=username, password=password, client_id=username
+            )
+            assert (code == 0) is accepted, (username, code)
+    monitor = (state_dir / "mosquitto" / "monitor.local.password").read_text().strip()
+    assert mqtt_connect_probe(mqtt_port, username="monitor.local", password=monitor) != 0
     for secret in ("mosquitto/security/dynamic-security.json",):
         assert stat.S_IMODE((state_dir / secret).stat().st_mode) == 0o600, secret
 

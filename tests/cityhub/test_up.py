@@ -73,11 +73,35 @@ def test_up_for_a_fixed_time_stores_every_reading_and_leaves_nothing_running(up_
         secret = state_dir / f"db_cityhub_{kind}.password"
         assert f'password_file = "{secret}"' in config
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    # Authenticated (dev mode off by default), and no service connected as the admin:
+    # its connections are provisioning's (control API, retained configs, start probe).
+    conf = (state_dir / "mosquitto" / "mosquitto.conf").read_text()
+    assert "allow_anonymous false" in conf
+    logins = _broker_logins(state_dir)
+    users = {user for _, user in logins}
+    gateways = {f"gw-{site}" for site in SITES.split(",")}
+    assert {"ingest.local", "sim.local", "monitor.local"} <= users, logins
+    assert {f"gateway.{g}" for g in gateways} | {f"gateway.{g}.site" for g in gateways} <= users
+    admin_ids = [client_id for client_id, user in logins if user == "cityhub-admin"]
+    assert admin_ids, logins
+    assert all(i.startswith(("cityhub-ctl-", "cityhub-probe-")) for i in admin_ids), admin_ids
+    for toml in (state_dir / "run").glob("*.toml"):
+        assert "cityhub-admin" not in toml.read_text(), toml
+    assert 'username = "ingest.local"' in (state_dir / "run" / "ingest.toml").read_text()
     # Every child and the servers are gone; their ports are free again.
     assert processes_under(state_dir) == []
     assert port_is_free(int(env["CITYHUB_LOCAL__PG_PORT"]))
     assert port_is_free(int(env["CITYHUB_LOCAL__MQTT_PORT"]))
     assert port_is_free(int(env["CITYHUB_LOCAL__ALERTMANAGER_PORT"]))
+
+
+_LOGIN = re.compile(r"New client connected from \S+ as (?P<id>\S+) \(.*u'(?P<user>[^']*)'\)")
+
+
+def _broker_logins(state_dir: Path) -> list[tuple[str, str]]:
+    """(client id, username) of every connection the broker's log records."""
+    log = (state_dir / "mosquitto" / "mosquitto.log").read_text(errors="replace")
+    return [(m["id"], m["user"]) for m in _LOGIN.finditer(log)]
 
 
 def _delete_one_reading(

@@ -26,7 +26,7 @@ def test_defaults_without_file_or_environment():
     settings = load_settings(None, {})
     assert settings == Settings()
     assert settings.database.schema == "cityhub"
-    assert settings.local.dev_mode is True
+    assert settings.local.dev_mode is False
     assert settings.ingest.command_resend_s == 5.0
 
 
@@ -37,7 +37,7 @@ def test_file_and_environment_merge_with_environment_winning(tmp_path):
     )
     env = {
         "CITYHUB_LOCAL__PG_PORT": "6001",
-        "CITYHUB_LOCAL__DEV_MODE": "false",
+        "CITYHUB_LOCAL__DEV_MODE": "true",
         "CITYHUB_BROKER__PASSWORD": "1234",  # stays a string: the field is a str
         "UNRELATED": "x",
     }
@@ -45,7 +45,7 @@ def test_file_and_environment_merge_with_environment_winning(tmp_path):
     assert settings.database.url == "postgresql://a@db/x"
     assert settings.database.schema == "hub"
     assert settings.local.pg_port == 6001
-    assert settings.local.dev_mode is False
+    assert settings.local.dev_mode is True
     assert settings.broker.password == "1234"
 
 

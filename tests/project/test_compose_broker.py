@@ -4,14 +4,17 @@ docker-compose.yml cannot run on this machine, but its broker configuration
 and its init script can: mosquitto-init.py prepares a security directory the
 way the mosquitto-init service does, and deploy/mosquitto/mosquitto.conf,
 with the container's paths replaced by that directory's, starts a real
-Mosquitto. Checked: authenticated only, the admin account works, and the TLS
-listener appears only with the certificates of `cityhub pki`, requiring a
+Mosquitto. Checked: authenticated only, the admin account works, the
+service accounts of MQTT_SERVICE_ACCOUNTS are written from their password
+files (a missing or empty file, or a malformed pair, stops the init), and the
+TLS listener appears only with the certificates of `cityhub pki`, requiring a
 client certificate signed by its CA.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import secrets
 import shutil
@@ -40,8 +43,32 @@ def _broker_user() -> RunAs | None:
     return RunAs.lookup("mosquitto") if IS_ROOT else None
 
 
+def _secret(directory: Path, name: str, text: str | None = None) -> Path:
+    """A password file as the compose secrets script writes them (0600, trailing newline)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text((text if text is not None else secrets.token_urlsafe(24)) + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def _run_init(security: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(INIT), str(security / "dynamic-security.json")],
+        env={**os.environ, "MOSQUITTO_UID": str(os.geteuid()), **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
 def _prepare(base: Path, pki_dir: Path, tls_port: int) -> tuple[str, str]:
-    """Run mosquitto-init.py into base/security; return (broker config, admin password)."""
+    """Run mosquitto-init.py into base/security; return (broker config, admin password).
+
+    With the service accounts ingest.compose and sim.compose, whose password
+    files are base/secrets/mqtt_{kind}_password.
+    """
     base.mkdir(parents=True, exist_ok=True)
     base.chmod(0o755)
     security = base / "security"
@@ -52,10 +79,17 @@ def _prepare(base: Path, pki_dir: Path, tls_port: int) -> tuple[str, str]:
     if user is not None:
         for d in (security, data):
             os.chown(d, user.uid, user.gid)
-    password = secrets.token_urlsafe(24)
+    secret_dir = base / "secrets"
+    admin_file = _secret(secret_dir, "mqtt_admin_password")
+    password = admin_file.read_text().strip()
+    services = " ".join(
+        f"{kind}.compose={_secret(secret_dir, f'mqtt_{kind}_password')}"
+        for kind in ("ingest", "sim")
+    )
     env = {
         **os.environ,
-        "MQTT_ADMIN_PASSWORD": password,
+        "MQTT_ADMIN_PASSWORD_FILE": str(admin_file),
+        "MQTT_SERVICE_ACCOUNTS": services,
         "CITYHUB_PKI_DIR": str(pki_dir),
         "MQTT_TLS_PORT": str(tls_port),
         "MOSQUITTO_UID": str(user.uid if user else os.geteuid()),
@@ -70,6 +104,7 @@ def _prepare(base: Path, pki_dir: Path, tls_port: int) -> tuple[str, str]:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+    assert "service accounts: ingest.compose, sim.compose" in result.stdout
     conf = CONF.read_text(encoding="utf-8")
     conf = conf.replace("/mosquitto/security", str(security))
     conf = conf.replace("/mosquitto/data/", f"{data}/")
@@ -146,8 +181,126 @@ def test_without_certificates_the_broker_is_plain_and_authenticated(tmp_path, ba
         assert mqtt_connect_probe(port, username=None, password=None) != 0
         assert mqtt_connect_probe(port, username=ADMIN_USER, password="wrong") != 0
         assert not tcp_answers(tls_port)
+        # The service accounts, with the passwords of their files, and only those.
+        for kind in ("ingest", "sim"):
+            secret = (base / "secrets" / f"mqtt_{kind}_password").read_text().strip()
+            username = f"{kind}.compose"
+            assert mqtt_connect_probe(port, username=username, password=secret) == 0
+            assert mqtt_connect_probe(port, username=username, password=password) != 0
+        # They can do their work and nothing else (tests/devices/test_service_accounts.py
+        # covers the roles): ingest may not publish a batch as a gateway.
+        ingest_secret = (base / "secrets" / "mqtt_ingest_password").read_text().strip()
+        assert _publish_refused(port, "ingest.compose", ingest_secret, "hub/v1/gw/gw-1/batch")
     finally:
         _stop(proc)
+
+
+def _publish_refused(port: int, username: str, password: str, topic: str) -> bool:
+    """True if the broker refuses a QoS 1 publish of ``username`` to ``topic`` (PUBACK 135)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    codes: list[int] = []
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.username_pw_set(username, password)
+    client.on_publish = lambda _c, _u, _mid, rc, _p: codes.append(rc.value)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        client.publish(topic, b"x", qos=1).wait_for_publish(10)
+        deadline = time.monotonic() + 10
+        while not codes and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return codes == [135]
+
+
+def test_service_accounts_are_written_and_kept_with_the_provisioned_ones(tmp_path):
+    security = tmp_path / "security"
+    security.mkdir()
+    admin = _secret(tmp_path, "admin")
+    ingest = _secret(tmp_path, "ingest")
+    env = {
+        "MQTT_ADMIN_PASSWORD_FILE": str(admin),
+        "MQTT_SERVICE_ACCOUNTS": f"  ingest.compose={ingest}\n monitor.compose={ingest}  ",
+    }
+    first = _run_init(security, env)
+    assert first.returncode == 0, first.stderr
+    document = json.loads((security / "dynamic-security.json").read_text())
+    clients = {c["username"]: c for c in document["clients"]}
+    assert set(clients) == {ADMIN_USER, "ingest.compose", "monitor.compose"}
+    assert ingest.read_text().strip() not in json.dumps(document)
+    assert "clientid" not in clients["ingest.compose"]
+    assert clients["monitor.compose"]["clientid"] == "monitor.compose"
+    # A provisioned account survives a re-run; a service dropped from the list stays too
+    # (removing an account is provisioning's business, not the init's).
+    document["clients"].append({"username": "gateway.gw-1", "roles": []})
+    (security / "dynamic-security.json").write_text(json.dumps(document))
+    again = _run_init(security, {**env, "MQTT_SERVICE_ACCOUNTS": f"ingest.compose={ingest}"})
+    assert again.returncode == 0, again.stderr
+    names = [
+        c["username"]
+        for c in json.loads((security / "dynamic-security.json").read_text())["clients"]
+    ]
+    assert sorted(names) == sorted(
+        [ADMIN_USER, "ingest.compose", "monitor.compose", "gateway.gw-1"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("admin_text", "problem"),
+    [(None, "cannot read"), ("", "is empty"), ("short", "shorter than 16")],
+)
+def test_a_missing_or_empty_admin_password_file_is_a_clear_error(tmp_path, admin_text, problem):
+    security = tmp_path / "security"
+    security.mkdir()
+    admin = tmp_path / "mqtt_admin_password"
+    if admin_text is not None:
+        _secret(tmp_path, admin.name, admin_text)
+    result = _run_init(security, {"MQTT_ADMIN_PASSWORD_FILE": str(admin)})
+    assert result.returncode != 0
+    assert "MQTT_ADMIN_PASSWORD_FILE" in result.stderr
+    assert problem in result.stderr
+    assert not (security / "dynamic-security.json").exists()
+    # The old variable is no longer read: a password in the environment is not enough.
+    old = _run_init(security, {"MQTT_ADMIN_PASSWORD": secrets.token_urlsafe(24)})
+    assert old.returncode != 0
+    assert "MQTT_ADMIN_PASSWORD_FILE" in old.stderr
+
+
+@pytest.mark.parametrize(
+    ("pair", "problem"),
+    [
+        ("ingest.compose", "not USERNAME=PASSWORD_FILE"),
+        ("ingest.compose=", "not USERNAME=PASSWORD_FILE"),
+        ("=/run/secrets/x", "not USERNAME=PASSWORD_FILE"),
+        ("ingest={file}", "not USERNAME=PASSWORD_FILE"),
+        ("cityhub-admin={file}", "not USERNAME=PASSWORD_FILE"),
+        ("admin.compose={file}", "not one of ingest, sim, monitor"),
+        ("ingest.a.b={file}", "does not match"),
+        ("ingest.COMPOSE={file}", "does not match"),
+        ("ingest.compose={file} ingest.compose={file}", "listed twice"),
+        ("ingest.compose={missing}", "cannot read"),
+        ("ingest.compose={empty}", "is empty"),
+    ],
+)
+def test_a_malformed_service_account_pair_is_refused(tmp_path, pair, problem):
+    security = tmp_path / "security"
+    security.mkdir()
+    admin = _secret(tmp_path, "admin")
+    spec = pair.format(
+        file=_secret(tmp_path, "ok"),
+        missing=tmp_path / "missing",
+        empty=_secret(tmp_path, "empty", ""),
+    )
+    result = _run_init(
+        security, {"MQTT_ADMIN_PASSWORD_FILE": str(admin), "MQTT_SERVICE_ACCOUNTS": spec}
+    )
+    assert result.returncode != 0
+    assert problem in result.stderr, result.stderr
+    assert not (security / "dynamic-security.json").exists()
 
 
 def test_with_certificates_the_tls_listener_requires_a_client_certificate(base, pki):
@@ -180,7 +333,7 @@ def test_an_incomplete_pki_directory_is_an_error(tmp_path, pki):
         [sys.executable, str(INIT), str(security / "dynamic-security.json")],
         env={
             **os.environ,
-            "MQTT_ADMIN_PASSWORD": secrets.token_urlsafe(24),
+            "MQTT_ADMIN_PASSWORD_FILE": str(_secret(tmp_path, "admin")),
             "CITYHUB_PKI_DIR": str(pki.root),
             "MOSQUITTO_UID": str(os.geteuid()),
         },
