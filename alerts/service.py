@@ -430,6 +430,10 @@ class AlertsJob:
     def close(self) -> None:
         self.store.close()
 
+    def interrupt(self) -> None:
+        """Cut a database call that hangs (any thread): the cycle fails and is retried."""
+        self.store.interrupt()
+
     # -- loading ---------------------------------------------------------------------
 
     def _fetch_metrics(self, device_type: str) -> tuple[str, ...]:
@@ -769,7 +773,7 @@ async def _cycles(
     report: CycleReport | None = None
     while not stop.is_set():
         try:
-            report = await asyncio.to_thread(job.run_cycle, clock())
+            report = await _bounded_cycle(job, clock())
         except (UnavailableError, SchemaError) as exc:
             if once:
                 raise
@@ -815,6 +819,25 @@ async def _cycles(
         next_ms = ((now - delay_ms) // job.interval_ms + 1) * job.interval_ms + delay_ms
         await _sleep_or_stop(stop, max(0.0, (next_ms - now) / 1000))
     return report
+
+
+async def _bounded_cycle(job: AlertsJob, now_ms: int) -> CycleReport:
+    """One cycle in a thread; past ``cycle_timeout_s`` its database connection is cut.
+
+    The cut makes the hung call fail (DatabaseUnavailableError), so the cycle
+    ends as failed and is retried with backoff; its transaction was never
+    committed, so nothing of it is stored.
+    """
+    cycle = asyncio.ensure_future(asyncio.to_thread(job.run_cycle, now_ms))
+    try:
+        return await asyncio.wait_for(asyncio.shield(cycle), timeout=job.settings.cycle_timeout_s)
+    except TimeoutError:
+        logger.warning(
+            "cycle still running after %.0f s: cutting its database connection",
+            job.settings.cycle_timeout_s,
+        )
+        job.interrupt()
+        return await cycle
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

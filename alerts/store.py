@@ -252,6 +252,10 @@ class AlertStore:
 
     # -- connection ------------------------------------------------------------
 
+    def interrupt(self) -> None:
+        """Cut the connection under a call that hangs (any thread): the call fails at once."""
+        self._db.interrupt()
+
     def _on_connect(self, conn: Connection[Any]) -> None:
         if self.os_user:
             conn.execute("SELECT set_config('cityhub.os_user', %s, false)", (self.os_user,))

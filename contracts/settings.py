@@ -308,6 +308,12 @@ class AlertsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     metrics_port: int = 0
     # Notifications through Alertmanager (off unless its URL is set).
     notify: NotifySettings = msgspec.field(default_factory=NotifySettings)
+    # A cycle still running after this long has its database connection cut
+    # and counts as failed (then retried): a server that stopped but whose
+    # host still answers (TCP keepalives pass) would hold the cycle forever.
+    # A cycle takes well under a second, a catch-up cycle of 30 steps over
+    # 10k devices a few seconds (bench/RESULTS.md): 60 s is never a busy one.
+    cycle_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
 
 
 class ProvisioningSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -534,3 +534,59 @@ def test_schema_not_migrated_is_a_schema_error(db_url, db_schema, tmp_path):
             job.run_cycle(T0)
     finally:
         job.close()
+
+
+def test_a_cycle_hung_on_the_database_is_cut_and_the_job_goes_on(db_url, kiosks, tmp_path, caplog):
+    """A server that stops answering while its host still does (the proxy holds the
+    sockets open: TCP keepalives pass) holds a cycle until ``cycle_timeout_s``; then
+    the connection is cut, the cycle counts as failed, and cycles resume once the
+    server answers again."""
+    import asyncio
+    import logging
+    import time
+
+    from alerts.service import run_job
+    from tests.plugins.ingest import TcpProxy, proxied_url
+
+    proxy = TcpProxy(int(db_url.rsplit(":", 1)[1].split("/", maxsplit=1)[0]))
+    job = make_job(
+        proxied_url(db_url, proxy),
+        kiosks,
+        KIOSK_RULES,
+        tmp_path,
+        interval_s=0.5,
+        cycle_timeout_s=1.5,
+        retry_min_s=0.1,
+        retry_max_s=0.5,
+    )
+
+    async def until(condition, timeout_s: float) -> float:
+        start = time.monotonic()
+        while not condition():
+            assert time.monotonic() - start < timeout_s, "timed out"
+            await asyncio.sleep(0.05)
+        return time.monotonic() - start
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_job(job, stop))
+        try:
+            await until(lambda: job.counters.cycles >= 2, 30)
+            proxy.hang()
+            hung_at = job.counters.cycles
+            await until(lambda: "cutting its database connection" in caplog.text, 15)
+            # Nothing completes while the server is silent.
+            assert job.counters.cycles <= hung_at + 1
+            proxy.restore()
+            await until(lambda: job.counters.cycles >= hung_at + 3, 30)
+        finally:
+            stop.set()
+            proxy.close()  # whatever still hangs fails now, so the job can stop
+            await asyncio.wait_for(task, 30)
+
+    caplog.set_level(logging.WARNING, logger="alerts.service")
+    try:
+        asyncio.run(scenario())
+    finally:
+        job.close()
+        proxy.close()
