@@ -45,11 +45,13 @@ ENV PATH=/opt/cityhub/bin:$PATH \
 # image: the mosquitto-init service writes the broker's account file as that
 # uid into this directory (a fresh named volume takes its ownership from here).
 # bundles/: the compose stack's provisioning jobs write gateway bundles there
-# (a named volume shared with the demo gateway), 0700 as bundles hold secrets.
+# (a named volume shared with the demo gateway), 0700 as bundles hold secrets;
+# state/pki/: their certificate register and CRL (a named volume mosquitto-init
+# reads the CRL from), 0700 as it holds the CA's key.
 RUN groupadd --system --gid 10001 cityhub \
     && useradd --system --uid 10001 --gid cityhub --home-dir /var/lib/cityhub --create-home cityhub \
     && install -d -o cityhub -g cityhub -m 0750 /var/lib/cityhub/state /var/lib/cityhub/outbox \
-    && install -d -o cityhub -g cityhub -m 0700 /var/lib/cityhub/bundles \
+    && install -d -o cityhub -g cityhub -m 0700 /var/lib/cityhub/bundles /var/lib/cityhub/state/pki \
     && install -d -o 1883 -g 1883 -m 0700 /mosquitto/security
 COPY --from=build /opt/cityhub /opt/cityhub
 COPY deploy/mosquitto/mosquitto-init.py /opt/cityhub/share/mosquitto-init.py

@@ -13,13 +13,16 @@ with the volume mounted where the broker sees it (/mosquitto/security):
   monitor), e.g. "ingest.compose=/run/secrets/mqtt_ingest_password
   sim.compose=/run/secrets/mqtt_sim_password". A missing or empty password
   file, or a malformed pair, stops it with a message naming it;
-- the TLS listener: when the PKI directory (deploy/pki, mounted at /pki) holds
-  ca.crt, server.crt and server.key from `cityhub pki`, they are copied into
+- the TLS listener: when the PKI directory (CITYHUB_PKI_DIR, /pki: compose
+  mounts the secrets ca.crt, mqtt_server.crt and mqtt_server.key there as
+  ca.crt, server.crt and server.key) holds all three, they are copied into
   the volume and conf.d/tls.conf opens port MQTT_TLS_PORT (8883) requiring a
   client certificate from that CA; without them conf.d/ is left empty and the
   broker has only its plain listener. The CA's revocation list (crl.pem, from
-  `cityhub pki revoke` / `cityhub pki crl`) is copied too when present and
-  named by `crlfile`: a revoked client certificate is refused. After a revoke,
+  `cityhub pki revoke` / `cityhub pki crl`; MQTT_CRL_FILE names it, default
+  crl.pem in the PKI directory: compose points it into the provisioning
+  containers' PKI volume, where those commands write it) is copied too when
+  present and named by `crlfile`: a revoked client certificate is refused. After a revoke,
   run this again and send the broker SIGHUP (Mosquitto 2.0 re-reads the CRL
   on SIGHUP; no restart).
 
@@ -43,6 +46,7 @@ CRL_FILE = "crl.pem"
 path = Path(sys.argv[1] if len(sys.argv) > 1 else "/mosquitto/security/dynamic-security.json")
 security = path.parent
 pki = Path(os.environ.get("CITYHUB_PKI_DIR", "/pki"))
+crl = Path(os.environ.get("MQTT_CRL_FILE") or pki / CRL_FILE)
 tls_port = int(os.environ.get("MQTT_TLS_PORT", "8883"))
 uid = int(os.environ.get("MOSQUITTO_UID", "1883"))
 gid = int(os.environ.get("MOSQUITTO_GID", str(uid)))
@@ -132,13 +136,13 @@ if len(present) == len(PKI_FILES):
         shutil.copyfile(pki / name, tls_dir / name)
         owned(tls_dir / name, 0o600)
     crl_line = ""
-    if (pki / CRL_FILE).is_file():
-        shutil.copyfile(pki / CRL_FILE, tls_dir / CRL_FILE)
+    if crl.is_file():
+        shutil.copyfile(crl, tls_dir / CRL_FILE)
         owned(tls_dir / CRL_FILE, 0o600)
         crl_line = f"crlfile {tls_dir / CRL_FILE}\n"
     else:
         (tls_dir / CRL_FILE).unlink(missing_ok=True)
-        sys.stdout.write("mosquitto-init: no crl.pem: client certificates are not revocable\n")
+        sys.stdout.write(f"mosquitto-init: no {crl}: client certificates are not revocable\n")
     write(
         tls_conf,
         "# written by mosquitto-init from the PKI directory; remove those files to turn TLS off\n"

@@ -63,7 +63,9 @@ def _run_init(security: Path, env: dict[str, str]) -> subprocess.CompletedProces
     )
 
 
-def _prepare(base: Path, pki_dir: Path, tls_port: int) -> tuple[str, str]:
+def _prepare(
+    base: Path, pki_dir: Path, tls_port: int, *, crl_file: Path | None = None
+) -> tuple[str, str]:
     """Run mosquitto-init.py into base/security; return (broker config, admin password).
 
     With the service accounts ingest.compose and sim.compose, whose password
@@ -91,6 +93,7 @@ def _prepare(base: Path, pki_dir: Path, tls_port: int) -> tuple[str, str]:
         "MQTT_ADMIN_PASSWORD_FILE": str(admin_file),
         "MQTT_SERVICE_ACCOUNTS": services,
         "CITYHUB_PKI_DIR": str(pki_dir),
+        "MQTT_CRL_FILE": str(crl_file) if crl_file else "",
         "MQTT_TLS_PORT": str(tls_port),
         "MOSQUITTO_UID": str(user.uid if user else os.geteuid()),
         "MOSQUITTO_GID": str(user.gid if user else os.getegid()),
@@ -373,11 +376,19 @@ def _tls_refused(port: int, pki: Pki, name: str) -> bool:
 
 
 def test_a_revoked_certificate_is_refused_after_init_and_sighup(base, pki):
-    """The compose procedure after `cityhub pki revoke`: mosquitto-init again, then SIGHUP."""
+    """The compose procedure after `cityhub pki revoke`: mosquitto-init again, then SIGHUP.
+
+    As in compose, the CRL comes from the provisioning side's PKI volume
+    (MQTT_CRL_FILE), not from the directory of the mounted certificates.
+    """
     pki.issue_client("gw-keep", now=NOW)
     pki.issue_client("gw-gone", now=NOW)
     port, tls_port = free_port(), free_port()
-    conf, password = _prepare(base, pki.root, tls_port)
+    certificates = base / "pki-secrets"
+    certificates.mkdir(parents=True)
+    for name in ("ca.crt", "server.crt", "server.key"):
+        shutil.copyfile(pki.root / name, certificates / name)
+    conf, _ = _prepare(base, certificates, tls_port, crl_file=pki.root / "crl.pem")
     tls_conf = (base / "security" / "conf.d" / "tls.conf").read_text(encoding="utf-8")
     assert f"crlfile {base / 'security' / 'tls' / 'crl.pem'}" in tls_conf
     proc = _start(base, conf, port)
@@ -389,8 +400,9 @@ def test_a_revoked_certificate_is_refused_after_init_and_sighup(base, pki):
             [sys.executable, str(INIT), str(base / "security" / "dynamic-security.json")],
             env={
                 **os.environ,
-                "MQTT_ADMIN_PASSWORD": password,
-                "CITYHUB_PKI_DIR": str(pki.root),
+                "MQTT_ADMIN_PASSWORD_FILE": str(base / "secrets" / "mqtt_admin_password"),
+                "CITYHUB_PKI_DIR": str(certificates),
+                "MQTT_CRL_FILE": str(pki.root / "crl.pem"),
                 "MQTT_TLS_PORT": str(tls_port),
                 "MOSQUITTO_UID": str(user.uid if user else os.geteuid()),
                 "MOSQUITTO_GID": str(user.gid if user else os.getegid()),

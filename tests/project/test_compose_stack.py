@@ -226,6 +226,20 @@ def test_each_service_uses_its_own_account(compose) -> None:
     assert env("provision-demo")["CITYHUB_PROVISIONING__CENTRAL_TLS_PORT"] == "8883"
 
 
+def test_the_pki_register_and_crl_outlive_the_provisioning_containers(compose) -> None:
+    """`pki revoke` in the cli container writes the register and CRL into a volume
+    that provision-demo shares and mosquitto-init reads the CRL from."""
+    services = compose["services"]
+    for name in ("provision-demo", "cli"):
+        pki_dir = services[name]["environment"]["CITYHUB_PROVISIONING__PKI_DIR"]
+        assert f"pki:{pki_dir}" in services[name]["volumes"], name
+    init = services["mosquitto-init"]
+    mounts = [v for v in init["volumes"] if v.startswith("pki:")]
+    assert mounts == ["pki:/pki-state:ro"]
+    assert init["environment"]["MQTT_CRL_FILE"] == "/pki-state/crl.pem"
+    assert "pki" in compose["volumes"]
+
+
 def test_no_password_is_written_into_the_environment(compose) -> None:
     for name, service in compose["services"].items():
         environment = service.get("environment") or {}
