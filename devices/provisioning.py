@@ -480,10 +480,42 @@ class Provisioner:
             self._publish_configs(tx, [gateway_id], out)
         return out
 
+    def _live_certificates(self, gateway_id: str) -> list[str]:
+        """Serials of the gateway's client certificates not revoked (none without a PKI)."""
+        if self.pki is None or not self.pki.has_ca():
+            return []
+        return [
+            r.serial
+            for r in self.pki.register().certs
+            if r.name == gateway_id and r.kind == "client" and r.revoked_at is None
+        ]
+
+    def _revoke_certificates(
+        self, gateway_id: str, serials: list[str], reason: str, out: Outcome
+    ) -> None:
+        """Revoke ``serials`` of the gateway's certificates and re-sign the CRL.
+
+        The brokers learn of it from the CRL (`cityhub pki crl` hands it to the
+        embedded broker; compose re-runs mosquitto-init); the gateway's accounts
+        already refuse its old secrets.
+        """
+        if self.pki is None or not serials:
+            return
+        now = datetime.fromtimestamp(self.clock(), UTC)
+        for serial in serials:
+            newly, _ = self.pki.revoke(gateway_id, now=now, reason=reason, serial=serial)
+            for record in newly:
+                out.changes.append(
+                    f"certificate serial {record.serial} of {gateway_id} revoked ({reason});"
+                    f" CRL re-signed: {self.pki.crl_path}"
+                )
+
     def rotate_gateway(self, gateway_id: str) -> Outcome:
         out = Outcome()
         with self._command() as (tx, undo):
             row = self._active_gateway(tx, gateway_id)
+            # Its certificates so far: superseded once the new bundle is made.
+            old_certificates = self._live_certificates(gateway_id)
             secrets = {}
             for account in dynsec.gateway_accounts(gateway_id, self.prefix):
                 secret = secrets[account.broker] = credentials.new_secret()
@@ -505,6 +537,8 @@ class Provisioner:
                     f"{account.broker} broker: new secret for {account.username}"
                     " (sessions with the old one disconnected)"
                 )
+            if self.central_endpoint.tls:
+                self._revoke_certificates(gateway_id, old_certificates, "superseded", out)
         return out
 
     def revoke_gateway(self, gateway_id: str) -> Outcome:
@@ -530,6 +564,9 @@ class Provisioner:
                     " (its sessions disconnected)"
                 )
             self._delete_chirpstack_account(tx, gateway_id, out)
+            self._revoke_certificates(
+                gateway_id, self._live_certificates(gateway_id), "cessation_of_operation", out
+            )
             # An empty retained message removes the gateway's config from the broker.
             self.central.publish_retained(config_topic(gateway_id, self.prefix), b"")
             out.changes.append(f"gateway {gateway_id} revoked; its retained config cleared")

@@ -228,6 +228,54 @@ def test_gateway_connects_over_tls_with_its_bundle(
         link.stop()
 
 
+def test_rotating_and_revoking_a_gateway_revoke_its_certificates(
+    tls_broker, pki, db_conn, seeded, tmp_path, topic_prefix
+):
+    """rotate-credentials supersedes the old certificate, revoke ends the last one: the
+    CRL lists them, so the broker refuses the certificates as it refuses the secrets."""
+    from cryptography import x509
+
+    pki.write_crl(now=dt.datetime.now(dt.UTC))
+    admin_settings = BrokerSettings(
+        host="127.0.0.1",
+        port=tls_broker.port,
+        username=ADMIN_USER,
+        password=tls_broker.admin_password,
+    )
+    gateway_id = f"gw-{uuid.uuid4().hex[:8]}"
+
+    def serials() -> dict[str, str | None]:
+        return {r.serial: r.reason for r in pki.register().certs if r.name == gateway_id}
+
+    def listed() -> set[str]:
+        crl = x509.load_pem_x509_crl(pki.crl_path.read_bytes())
+        return {format(r.serial_number, "x") for r in crl}
+
+    with BrokerControl(name="central", broker=admin_settings) as control:
+        provisioner = Provisioner(
+            registry=Registry(db_conn, schema=seeded),
+            operator="Trần Văn Minh",
+            central=control,
+            site=control,
+            central_endpoint=Endpoint(host="localhost", port=tls_broker.tls.port, tls=True),
+            site_endpoint=Endpoint(host="127.0.0.1", port=tls_broker.port),
+            bundle_dir=tmp_path / "bundles",
+            pki=pki,
+            prefix=topic_prefix,
+        )
+        provisioner.add_gateway(gateway_id, site_id="hk-hall-quan")
+        (first,) = serials()
+        rotated = provisioner.rotate_gateway(gateway_id)
+        assert any(f"serial {first}" in c and "superseded" in c for c in rotated.changes)
+        (second,) = set(serials()) - {first}
+        assert serials() == {first: "superseded", second: None}
+        assert listed() == {first}
+        revoked = provisioner.revoke_gateway(gateway_id)
+        assert any(f"serial {second}" in c for c in revoked.changes)
+        assert serials() == {first: "superseded", second: "cessation_of_operation"}
+        assert listed() == {first, second}
+
+
 def test_pki_commands(tmp_path):
     env = {**os.environ, "CITYHUB_LOCAL__STATE_DIR": str(tmp_path / "state"), "COLUMNS": "200"}
 
