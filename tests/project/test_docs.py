@@ -25,6 +25,8 @@ _CODE = re.compile(r"`([^`\n]+)`")
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
 # Files a user makes from a committed template: named, never committed.
 MADE_BY_USER = frozenset({"deploy/cityhub.env"})  # from deploy/cityhub.env.example
+# Directories whose files a script makes on the user's machine (git-ignored).
+MADE_BY_SCRIPT = ("deploy/secrets/",)  # deploy/make-secrets
 _PATH = re.compile(r"[A-Za-z0-9_.*-]+(?:/[A-Za-z0-9_.*-]+)+/?")
 
 
@@ -46,6 +48,7 @@ def _named_paths(doc: Path) -> set[str]:
         if path.split("/")[0] in TOP_DIRS
         and path.split("/")[0] != "adapters"
         and path not in MADE_BY_USER
+        and not path.startswith(MADE_BY_SCRIPT)
     }
 
 
