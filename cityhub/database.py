@@ -105,6 +105,12 @@ class MigrationPlan:
     notes: list[str]
 
 
+# Every column of the schema's tables, views and materialized views: (table, column).
+_SCHEMA_COLUMNS_SQL = """SELECT c.relname, a.attname FROM pg_attribute a
+    JOIN pg_class c ON c.oid = a.attrelid
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = %s AND c.relkind IN ('r', 'p', 'v', 'm')
+    AND a.attnum > 0 AND NOT a.attisdropped"""
 _LOCK_SQL = "SELECT pg_advisory_lock(hashtext('cityhub.migrate.' || %s))"
 _UNLOCK_SQL = "SELECT pg_advisory_unlock(hashtext('cityhub.migrate.' || %s))"
 
@@ -254,11 +260,7 @@ def inspect_schema(conn: Connection[Any], *, schema: str, edition: Edition) -> S
     refresh = ""
     with database_errors(f"reading schema {s!r}", schema=s):
         for table, column in conn.execute(
-            """SELECT c.relname, a.attname FROM pg_attribute a
-                JOIN pg_class c ON c.oid = a.attrelid
-                JOIN pg_namespace n ON n.oid = c.relnamespace
-                WHERE n.nspname = %s AND c.relkind IN ('r', 'p', 'v', 'm')
-                AND a.attnum > 0 AND NOT a.attisdropped""",
+            _SCHEMA_COLUMNS_SQL,
             (s,),
         ):
             columns.setdefault(table, set()).add(column)
@@ -571,11 +573,7 @@ def sync_roles(conn: Connection[Any], s: str) -> list[str]:
         ]
     tables: dict[str, set[str]] = {}
     for table, column in conn.execute(
-        """SELECT c.relname, a.attname FROM pg_attribute a
-            JOIN pg_class c ON c.oid = a.attrelid
-            JOIN pg_namespace n ON n.oid = c.relnamespace
-            WHERE n.nspname = %s AND c.relkind IN ('r', 'p', 'v', 'm')
-            AND a.attnum > 0 AND NOT a.attisdropped""",
+        _SCHEMA_COLUMNS_SQL,
         (s,),
     ):
         tables.setdefault(str(table), set()).add(str(column))

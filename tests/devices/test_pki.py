@@ -8,6 +8,7 @@ certificate are refused; a gateway with its bundle's certificate connects.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import socket
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
@@ -172,9 +174,11 @@ def test_a_server_certificate_for_another_name_is_not_trusted(tls_broker, pki):
         context.wrap_socket(raw, server_hostname="broker.example.org")
 
 
-def test_gateway_connects_over_tls_with_its_bundle(
-    tls_broker, pki, db_conn, seeded, tmp_path, topic_prefix
-):
+@contextlib.contextmanager
+def _tls_provisioner(
+    tls_broker, pki, db_conn, schema, tmp_path, topic_prefix
+) -> Iterator[Provisioner]:
+    """Provisioning with the admin account, gateway bundles for the broker's TLS listener."""
     admin_settings = BrokerSettings(
         host="127.0.0.1",
         port=tls_broker.port,
@@ -182,8 +186,8 @@ def test_gateway_connects_over_tls_with_its_bundle(
         password=tls_broker.admin_password,
     )
     with BrokerControl(name="central", broker=admin_settings) as control:
-        provisioner = Provisioner(
-            registry=Registry(db_conn, schema=seeded),
+        yield Provisioner(
+            registry=Registry(db_conn, schema=schema),
             operator="Trần Văn Minh",
             central=control,
             site=control,
@@ -193,6 +197,12 @@ def test_gateway_connects_over_tls_with_its_bundle(
             pki=pki,
             prefix=topic_prefix,
         )
+
+
+def test_gateway_connects_over_tls_with_its_bundle(
+    tls_broker, pki, db_conn, seeded, tmp_path, topic_prefix
+):
+    with _tls_provisioner(tls_broker, pki, db_conn, seeded, tmp_path, topic_prefix) as provisioner:
         gateway_id = f"gw-{uuid.uuid4().hex[:8]}"
         outcome = provisioner.add_gateway(gateway_id, site_id="hk-hall-quan")
     bundle = decode_bundle(outcome.files.json.read_bytes())
@@ -236,12 +246,6 @@ def test_rotating_and_revoking_a_gateway_revoke_its_certificates(
     from cryptography import x509
 
     pki.write_crl(now=dt.datetime.now(dt.UTC))
-    admin_settings = BrokerSettings(
-        host="127.0.0.1",
-        port=tls_broker.port,
-        username=ADMIN_USER,
-        password=tls_broker.admin_password,
-    )
     gateway_id = f"gw-{uuid.uuid4().hex[:8]}"
 
     def serials() -> dict[str, str | None]:
@@ -251,18 +255,7 @@ def test_rotating_and_revoking_a_gateway_revoke_its_certificates(
         crl = x509.load_pem_x509_crl(pki.crl_path.read_bytes())
         return {format(r.serial_number, "x") for r in crl}
 
-    with BrokerControl(name="central", broker=admin_settings) as control:
-        provisioner = Provisioner(
-            registry=Registry(db_conn, schema=seeded),
-            operator="Trần Văn Minh",
-            central=control,
-            site=control,
-            central_endpoint=Endpoint(host="localhost", port=tls_broker.tls.port, tls=True),
-            site_endpoint=Endpoint(host="127.0.0.1", port=tls_broker.port),
-            bundle_dir=tmp_path / "bundles",
-            pki=pki,
-            prefix=topic_prefix,
-        )
+    with _tls_provisioner(tls_broker, pki, db_conn, seeded, tmp_path, topic_prefix) as provisioner:
         provisioner.add_gateway(gateway_id, site_id="hk-hall-quan")
         (first,) = serials()
         rotated = provisioner.rotate_gateway(gateway_id)
