@@ -1037,4 +1037,14 @@ def migrations(
             "audit log: the database login and the OS user of each action",
             _audit_actor(s),
         ),
+        Migration(
+            21,
+            "audit log: services' broker accounts as a subject of their own",
+            (
+                f"""ALTER TABLE {s}.audit_log DROP CONSTRAINT IF EXISTS
+                    audit_log_subject_kind_check,
+                ADD CONSTRAINT audit_log_subject_kind_check CHECK (subject_kind IN
+                    ('device', 'gateway', 'pki', 'site', 'alert', 'command', 'service'))""",
+            ),
+        ),
     ]

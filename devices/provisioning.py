@@ -647,8 +647,8 @@ class Provisioner:
         ``ingest`` and ``monitor`` accounts go on the central broker, ``sim``
         on the site broker, in this provisioner's topic prefix. The secret is
         the caller's (a password file the service reads); it is written
-        nowhere here. Audited as ``broker.service_account`` (subject kind
-        ``pki``: broker credentials, like certificates, have no registry row).
+        nowhere here. Audited as ``broker.service_account``, subject kind
+        ``service`` (the account has no registry row).
         """
         account = dynsec.service_account(kind, instance, self.prefix, share_group=share_group)
         out = Outcome()
@@ -657,7 +657,7 @@ class Provisioner:
             self._audit(
                 tx,
                 "broker.service_account",
-                "pki",
+                "service",
                 account.username,
                 service_kind=kind,
                 broker=account.broker,

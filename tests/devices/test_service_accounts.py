@@ -296,6 +296,7 @@ def test_running_it_again_rotates_the_password_and_is_audited(
     )
     assert [e.detail["rotated"] for e in entries] == [True, False]
     assert {e.detail["service_kind"] for e in entries} == {"ingest"}
+    assert {e.subject_kind for e in entries} == {"service"}
     assert all(old not in str(e.detail) and new not in str(e.detail) for e in entries)
 
 
