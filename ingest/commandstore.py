@@ -53,7 +53,7 @@ from ingest.commanding import (
     refuse_report,
     sent_ids,
 )
-from ingest.writer import REJECT_RAW_MAX_BYTES
+from ingest.writer import REJECT_RAW_MAX_BYTES, server_dead_client_settings
 
 # Rows one dispatch pass takes: 4,096 commands of ~200 bytes are 16 messages
 # of 256; a longer queue is taken in further passes right away.
@@ -108,15 +108,30 @@ class CommandStore:
     """The command downlink's connection of one ingest worker. Thread-safe (one call at a time)."""
 
     def __init__(
-        self, *, url: str, schema: str, worker_id: str, connect_timeout_s: float = 5.0
+        self,
+        *,
+        url: str,
+        schema: str,
+        worker_id: str,
+        connect_timeout_s: float = 5.0,
+        dead_client_s: float = 0.0,
     ) -> None:
         self.schema = check_schema_name(schema)
+        # dead_client_s > 0: the server ends this connection's transaction (and
+        # its row locks) that long after the client fell silent, as the batch
+        # writer's (``ingest.writer.server_dead_client_settings``).
+        self.dead_client_s = dead_client_s
         self._db = Database(
             url=url,
             schema=self.schema,
             application_name=f"cityhub-ingest-{worker_id}-commands",
             connect_timeout_s=connect_timeout_s,
+            on_connect=self._set_limits if dead_client_s > 0 else None,
         )
+
+    def _set_limits(self, conn: Connection[Any]) -> None:
+        for name, value in server_dead_client_settings(self.dead_client_s).items():
+            conn.execute(sql.SQL("SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
 
     def close(self) -> None:
         self._db.close()

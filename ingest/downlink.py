@@ -133,8 +133,15 @@ class CommandDownlink:
             max_packet_bytes=report_packet_max_bytes(),
             deliveries=self.reports,
         )
+        # The same dead-client limits as the batch writer's connection: the
+        # dispatcher's transactions lock command rows, which a host that
+        # vanished mid-transaction must not keep from the others for hours.
         self.store = CommandStore(
-            url=url, schema=schema, worker_id=worker_id, connect_timeout_s=connect_timeout_s
+            url=url,
+            schema=schema,
+            worker_id=worker_id,
+            connect_timeout_s=connect_timeout_s,
+            dead_client_s=settings.commit_timeout_s,
         )
         self.listener = CommandListener(
             url=url,

@@ -133,3 +133,25 @@ def waiting_on_lock(conn: psycopg.Connection[Any], application_name: str) -> boo
         (application_name,),
     ).fetchone()
     return row is not None and row[0] > 0
+
+
+def test_the_command_stores_connection_carries_the_same_limits(db_url, migrated):
+    """The dispatcher's transactions lock command rows: its connection gets the limits too."""
+    from ingest.commandstore import CommandStore
+
+    limited = CommandStore(url=db_url, schema=migrated, worker_id="t-limits", dead_client_s=6.0)
+    plain = CommandStore(url=db_url, schema=migrated, worker_id="t-plain")
+    try:
+        with limited._db.session("reading its settings") as conn:
+            shown = conn.execute(
+                "SELECT current_setting('idle_in_transaction_session_timeout'),"
+                " current_setting('tcp_user_timeout')"
+            ).fetchone()
+        assert shown == ("6s", "6000")  # tcp_user_timeout shows plain milliseconds
+        with plain._db.session("reading its settings") as conn:
+            assert conn.execute(
+                "SELECT current_setting('idle_in_transaction_session_timeout')"
+            ).fetchone() == ("0",)
+    finally:
+        limited.close()
+        plain.close()
