@@ -274,6 +274,56 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         raise SystemExit(f"gateway exited with {proc.returncode}")
 
 
+def start_broker(prefix: str) -> tuple[Path, MosquittoServer]:
+    """A temporary directory (world-readable: the broker may run as its own user) and a
+    private authenticated broker in it, started."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    tmp.chmod(0o755)
+    server = MosquittoServer(
+        base_dir=tmp / "mosquitto",
+        port=free_port(),
+        run_as=run_as_for("mosquitto", is_root=os.geteuid() == 0),
+        dev_mode=False,
+    )
+    server.start()
+    return tmp, server
+
+
+def start_acker(
+    server: MosquittoServer,
+    prefix: str,
+    gateway_id: str,
+    *,
+    readings: int,
+    ndev: int,
+    commands_per_s: float = 0.0,
+) -> subprocess.Popen[str]:
+    """The ingest stand-in (ACKER) in its own process, once it has subscribed."""
+    acker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            ACKER,
+            str(ROOT),
+            str(server.port),
+            ADMIN_USER,
+            server.admin_password,
+            prefix,
+            gateway_id,
+            str(readings),
+            str(ndev),
+            str(commands_per_s),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    if acker.stdout is None:
+        raise SystemExit("no pipe to the acker")
+    if acker.stdout.readline().strip() != "ready":
+        raise SystemExit("acker failed to subscribe")
+    return acker
+
+
 def run_once(
     server: MosquittoServer,
     tmp: Path,
@@ -312,28 +362,9 @@ def run_once(
         queue_s = time.perf_counter() - t0
 
     responder = Responder(server, prefix, []) if commands_per_s else None
-    acker = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            ACKER,
-            str(ROOT),
-            str(server.port),
-            ADMIN_USER,
-            server.admin_password,
-            prefix,
-            gateway_id,
-            str(readings),
-            str(ndev),
-            str(commands_per_s),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
+    acker = start_acker(
+        server, prefix, gateway_id, readings=readings, ndev=ndev, commands_per_s=commands_per_s
     )
-    if acker.stdout is None:
-        raise SystemExit("no pipe to the acker")
-    if acker.stdout.readline().strip() != "ready":
-        raise SystemExit("acker failed to subscribe")
     started = time.time()
     if live:
         t0 = time.perf_counter()
@@ -513,15 +544,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     per_s = args.commands_per_s
-    tmp = Path(tempfile.mkdtemp(prefix="cityhub-bench-"))
-    tmp.chmod(0o755)
-    server = MosquittoServer(
-        base_dir=tmp / "mosquitto",
-        port=free_port(),
-        run_as=run_as_for("mosquitto", is_root=os.geteuid() == 0),
-        dev_mode=False,
-    )
-    server.start()
+    tmp, server = start_broker("cityhub-bench-")
     try:
         drains = [
             run_once(server, tmp, args.readings, args.devices, live=False, commands_per_s=per_s)

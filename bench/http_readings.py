@@ -31,7 +31,6 @@ import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -40,11 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aiohttp
 import paho.mqtt.client as mqtt
-from bench_gateway import write_settings
+from bench_gateway import start_broker, write_settings
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cityhub.localstack.mosquitto import ADMIN_USER, MosquittoServer
-from cityhub.localstack.procs import free_port, run_as_for
+from cityhub.localstack.procs import free_port
 from contracts.httpapi import CONTENT_TYPE, encode_readings, readings_path, token_sha256
 from contracts.messages import DeviceConfig
 from contracts.topics import device_uplink_topic
@@ -220,15 +219,7 @@ def main() -> None:
     parser.add_argument("--readings", type=int, default=4000, help="readings a scenario and run")
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="cityhub-bench-http-"))
-    tmp.chmod(0o755)
-    server = MosquittoServer(
-        base_dir=tmp / "mosquitto",
-        port=free_port(),
-        run_as=run_as_for("mosquitto", is_root=os.geteuid() == 0),
-        dev_mode=False,
-    )
-    server.start()
+    tmp, server = start_broker("cityhub-bench-http-")
     rows: list[tuple[str, list[float], list[float], list[float], list[float]]] = []
     try:
         for label, ndev, per_request in SCENARIOS:

@@ -34,7 +34,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 import uuid
@@ -42,10 +41,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_gateway import ACKER, logic_cost, run_once, start_gateway, stop, write_settings
+from bench_gateway import (
+    logic_cost,
+    run_once,
+    start_acker,
+    start_broker,
+    start_gateway,
+    stop,
+    write_settings,
+)
 
 from cityhub.localstack.mosquitto import ADMIN_USER, MosquittoServer
-from cityhub.localstack.procs import free_port, run_as_for
 from contracts import mqttcodec
 from contracts.chirpstack import DeviceInfo, UplinkEvent, encode_event, encode_lpp
 from contracts.messages import DeviceConfig, GatewayConfig
@@ -176,26 +182,7 @@ def lorawan_run(
         t0 = time.perf_counter()
         subprocess.run(publisher, check=True)
         queue_s = time.perf_counter() - t0
-    acker = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            ACKER,
-            str(ROOT),
-            str(server.port),
-            ADMIN_USER,
-            server.admin_password,
-            prefix,
-            gateway_id,
-            str(readings),
-            str(ndev),
-            "0",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    if acker.stdout is None or acker.stdout.readline().strip() != "ready":
-        raise SystemExit("acker failed to subscribe")
+    acker = start_acker(server, prefix, gateway_id, readings=readings, ndev=ndev)
     started = time.time()
     if live:
         t0 = time.perf_counter()
@@ -273,15 +260,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=100)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="cityhub-bench-"))
-    tmp.chmod(0o755)
-    server = MosquittoServer(
-        base_dir=tmp / "mosquitto",
-        port=free_port(),
-        run_as=run_as_for("mosquitto", is_root=os.geteuid() == 0),
-        dev_mode=False,
-    )
-    server.start()
+    tmp, server = start_broker("cityhub-bench-")
     n, ndev = args.readings, args.devices
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
     try:
