@@ -31,11 +31,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from adapters.mqtt import MqttLink, client_ssl_context
 from cityhub.localstack.mosquitto import (
     ADMIN_USER,
-    MosquittoServer,
-    TlsListener,
     mqtt_connect_probe,
 )
-from cityhub.localstack.procs import free_port, run_as_for
 from contracts.errors import PkiError
 from contracts.settings import BrokerSettings, load_settings
 from devices.brokerctl import BrokerControl
@@ -44,34 +41,19 @@ from devices.pki import Pki
 from devices.provisioning import Endpoint, Provisioner
 from devices.registry import Registry
 from gateway.sitelink import SiteLink
-from tests.plugins.servers import IS_ROOT
+from tests.plugins.broker import make_pki, tls_mosquitto
 
 NOW = dt.datetime.now(dt.UTC)
 
 
 @pytest.fixture
 def pki(tmp_path) -> Pki:
-    pki = Pki(tmp_path / "pki")
-    pki.create_ca(now=NOW)
-    pki.issue_server(["localhost", "127.0.0.1"], now=NOW)
-    return pki
+    return make_pki(tmp_path / "pki", now=NOW)
 
 
 @pytest.fixture
 def tls_broker(servers_dir, pki, mosquitto_bin):
-    server = MosquittoServer(
-        base_dir=servers_dir / f"mosquitto-tls-{uuid.uuid4().hex[:6]}",
-        port=free_port(),
-        run_as=run_as_for("mosquitto", is_root=IS_ROOT),
-        dev_mode=False,
-        binary=mosquitto_bin,
-        tls=TlsListener(
-            port=free_port(),
-            ca_file=pki.ca.cert,
-            cert_file=pki.server.cert,
-            key_file=pki.server.key,
-        ),
-    )
+    server = tls_mosquitto(servers_dir, pki, mosquitto_bin, name="tls")
     server.start()
     yield server
     server.stop()

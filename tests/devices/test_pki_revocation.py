@@ -22,7 +22,6 @@ import stat
 import subprocess
 import sys
 import threading
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -33,8 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from paho.mqtt.enums import CallbackAPIVersion
 
-from cityhub.localstack.mosquitto import ADMIN_USER, MosquittoServer, TlsListener
-from cityhub.localstack.procs import free_port, run_as_for
+from cityhub.localstack.mosquitto import ADMIN_USER, MosquittoServer
 from contracts.settings import BrokerSettings
 from contracts.topics import gateway_topic
 from devices import dynsec
@@ -43,7 +41,7 @@ from devices.bundle import GatewayBundle, MqttAccess, decode_bundle, gateway_bun
 from devices.bundlefiles import write_bundle
 from devices.certs import CertRecord
 from devices.pki import Pki, build_crl
-from tests.plugins.servers import IS_ROOT
+from tests.plugins.broker import make_pki, tls_mosquitto
 
 NOW = dt.datetime.now(dt.UTC)
 # Generous: 2 shared cores; these bound a wait, they are never asserted as durations.
@@ -52,27 +50,11 @@ WAIT_S = 20
 
 @pytest.fixture
 def pki(tmp_path) -> Pki:
-    pki = Pki(tmp_path / "pki")
-    pki.create_ca(now=NOW)
-    pki.issue_server(["localhost", "127.0.0.1"], now=NOW)
-    return pki
+    return make_pki(tmp_path / "pki", now=NOW)
 
 
 def _broker(servers_dir, pki: Pki, mosquitto_bin: str) -> MosquittoServer:
-    return MosquittoServer(
-        base_dir=servers_dir / f"mosquitto-crl-{uuid.uuid4().hex[:6]}",
-        port=free_port(),
-        run_as=run_as_for("mosquitto", is_root=IS_ROOT),
-        dev_mode=False,
-        binary=mosquitto_bin,
-        tls=TlsListener(
-            port=free_port(),
-            ca_file=pki.ca.cert,
-            cert_file=pki.server.cert,
-            key_file=pki.server.key,
-            crl_file=pki.crl_path,
-        ),
-    )
+    return tls_mosquitto(servers_dir, pki, mosquitto_bin, name="crl", crl=True)
 
 
 @pytest.fixture

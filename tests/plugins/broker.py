@@ -8,6 +8,7 @@ schema from ``database``.
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,11 +16,14 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from cityhub.localstack.mosquitto import ADMIN_USER, MosquittoServer
+from cityhub.localstack.mosquitto import ADMIN_USER, MosquittoServer, TlsListener
+from cityhub.localstack.procs import free_port, run_as_for
 from contracts.settings import BrokerSettings
 from devices.brokerctl import BrokerControl
+from devices.pki import Pki
 from devices.provisioning import Endpoint, Provisioner
 from devices.registry import Registry
+from tests.plugins.servers import IS_ROOT
 
 
 @pytest.fixture
@@ -60,3 +64,32 @@ def provisioner(
             bundle_dir=tmp_path / "bundles",
             prefix=topic_prefix,
         )
+
+
+def make_pki(root: Path, *, now: dt.datetime) -> Pki:
+    """A CA and a server certificate for localhost and 127.0.0.1 under ``root``."""
+    pki = Pki(root)
+    pki.create_ca(now=now)
+    pki.issue_server(["localhost", "127.0.0.1"], now=now)
+    return pki
+
+
+def tls_mosquitto(
+    servers_dir: Path, pki: Pki, binary: str, *, name: str, crl: bool = False
+) -> MosquittoServer:
+    """A private authenticated broker (not started) with a TLS listener of ``pki``'s
+    certificates requiring a client certificate; ``crl``: it checks ``pki``'s CRL."""
+    return MosquittoServer(
+        base_dir=servers_dir / f"mosquitto-{name}-{uuid.uuid4().hex[:6]}",
+        port=free_port(),
+        run_as=run_as_for("mosquitto", is_root=IS_ROOT),
+        dev_mode=False,
+        binary=binary,
+        tls=TlsListener(
+            port=free_port(),
+            ca_file=pki.ca.cert,
+            cert_file=pki.server.cert,
+            key_file=pki.server.key,
+            crl_file=pki.crl_path if crl else None,
+        ),
+    )

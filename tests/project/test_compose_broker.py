@@ -31,6 +31,7 @@ import pytest
 from cityhub.localstack.mosquitto import ADMIN_USER, find_dynsec_plugin, mqtt_connect_probe
 from cityhub.localstack.procs import RunAs, free_port, stop_process_group, tcp_answers
 from devices.pki import Pki
+from tests.plugins.broker import make_pki
 from tests.plugins.servers import IS_ROOT
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,10 +155,7 @@ def _tls_connect(port: int, context: ssl.SSLContext) -> bytes:
 
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:
-    pki = Pki(tmp_path / "pki")
-    pki.create_ca(now=NOW)
-    pki.issue_server(["localhost", "127.0.0.1"], now=NOW)
-    return pki
+    return make_pki(tmp_path / "pki", now=NOW)
 
 
 @pytest.fixture
