@@ -255,3 +255,23 @@ def test_a_group_that_does_not_exist_is_a_settings_error(tmp_path):
     bundle = write_bundle(tmp_path / "gateway-gw-hk-hall.json", tls=False)
     with pytest.raises(SettingsError, match="--group"):
         install_gateway_bundle(bundle, tmp_path / "etc", group="no-such-group-xyz")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b'{"kind": "gateway", "gateway_id": ',  # cut off in transit
+        b"\x89PNG\r\n\x1a\n" + b"\x00" * 64,  # the QR picture copied instead of the bundle
+        b'{"kind": "gateway", "gateway_id": "../../etc"}',  # a hostile id
+        b"{" + b" " * (2 << 20) + b"}",  # large and empty
+    ],
+    ids=["empty", "truncated", "binary", "hostile-id", "large"],
+)
+def test_a_broken_bundle_is_a_settings_error_and_writes_nothing(tmp_path, content):
+    bundle = tmp_path / "gateway-gw-hk-hall.json"
+    bundle.write_bytes(content)
+    config_dir = tmp_path / "etc-cityhub"
+    with pytest.raises(SettingsError, match=str(bundle)):
+        install_gateway_bundle(bundle, config_dir)
+    assert not config_dir.exists() or not any(config_dir.iterdir())
