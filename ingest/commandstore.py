@@ -53,7 +53,7 @@ from ingest.commanding import (
     refuse_report,
     sent_ids,
 )
-from ingest.writer import REJECT_RAW_MAX_BYTES, server_dead_client_settings
+from ingest.writer import REJECT_RAW_MAX_BYTES, set_dead_client_limits
 
 # Rows one dispatch pass takes: 4,096 commands of ~200 bytes are 16 messages
 # of 256; a longer queue is taken in further passes right away.
@@ -119,7 +119,7 @@ class CommandStore:
         self.schema = check_schema_name(schema)
         # dead_client_s > 0: the server ends this connection's transaction (and
         # its row locks) that long after the client fell silent, as the batch
-        # writer's (``ingest.writer.server_dead_client_settings``).
+        # writer's (``ingest.writer.set_dead_client_limits``).
         self.dead_client_s = dead_client_s
         self._db = Database(
             url=url,
@@ -130,8 +130,7 @@ class CommandStore:
         )
 
     def _set_limits(self, conn: Connection[Any]) -> None:
-        for name, value in server_dead_client_settings(self.dead_client_s).items():
-            conn.execute(sql.SQL("SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
+        set_dead_client_limits(conn, self.dead_client_s)
 
     def close(self) -> None:
         self._db.close()

@@ -200,6 +200,12 @@ def server_dead_client_settings(dead_client_s: float) -> dict[str, str]:
     }
 
 
+def set_dead_client_limits(conn: Connection[Any], dead_client_s: float) -> None:
+    """Give a new connection the server's limits of ``server_dead_client_settings``."""
+    for name, value in server_dead_client_settings(dead_client_s).items():
+        conn.execute(sql.SQL("SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
+
+
 class BatchWriter:
     """One database connection of one ingest worker. Thread-safe (one call at a time)."""
 
@@ -257,10 +263,7 @@ class BatchWriter:
     def _stage_catalog(self, conn: Connection[Any]) -> None:
         """A new connection: the server's dead-client limits, a stage table per device type."""
         if self.dead_client_s > 0:
-            for name, value in server_dead_client_settings(self.dead_client_s).items():
-                conn.execute(
-                    sql.SQL("SET {} = {}").format(sql.Identifier(name), sql.Literal(value))
-                )
+            set_dead_client_limits(conn, self.dead_client_s)
         self._staged = {}
         for dtype in DEVICE_TYPES.values():
             _create_stage_table(conn, dtype)
