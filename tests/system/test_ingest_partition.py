@@ -78,6 +78,7 @@ pytestmark = pytest.mark.slow
 
 SCHEMA = "cityhub"
 CUT_S = 60  # the issue's figure
+STATS_INTERVAL_S = 1.0  # a stats row a second, so the rows show the cut to the second
 ACK_TIMEOUT_S = 3.0  # gateway resend timeout; production 15 s (module docstring)
 DEVICES_PER_GATEWAY = 5
 # One reading per device every 0.2 s: 50 readings/s in all, a steady trickle
@@ -316,13 +317,25 @@ def stats(conn: psycopg.Connection, worker_id: str, since_s: float) -> tuple[int
 
 
 def stats_between(
-    conn: psycopg.Connection, worker_id: str, start_s: float, end_s: float
+    conn: psycopg.Connection,
+    worker_id: str,
+    start_s: float,
+    end_s: float,
+    *,
+    max_interval_s: float | None = None,
 ) -> tuple[int, int, int]:
+    """(rows, readings, commits) of the worker's stats rows stamped in [start, end).
+
+    ``max_interval_s``: only rows covering at most that long. A row the worker
+    could not write carries its counts over into the next one, whose
+    ``interval_s`` then reaches back to the last row written.
+    """
     row = conn.execute(
         f"SELECT count(*), coalesce(sum(readings), 0), coalesce(sum(commits), 0) "
         f"FROM {SCHEMA}.ingest_stats WHERE worker_id = %s "
-        "AND ts >= to_timestamp(%s) AND ts < to_timestamp(%s)",
-        (worker_id, start_s, end_s),
+        "AND ts >= to_timestamp(%s) AND ts < to_timestamp(%s) "
+        "AND (%s::real IS NULL OR interval_s <= %s::real)",
+        (worker_id, start_s, end_s, max_interval_s, max_interval_s),
     ).fetchone()
     assert row is not None
     return int(row[0]), int(row[1]), int(row[2])
@@ -366,7 +379,7 @@ def start_ingest_hosts(
             # A stats row a second shows each host's commits over time; a hung
             # database call is cut after 5 s (production 30 s).
             settings=ingest_settings(
-                prefix, stats_interval_s=1.0, commit_timeout_s=5.0, retry_max_s=2.0
+                prefix, stats_interval_s=STATS_INTERVAL_S, commit_timeout_s=5.0, retry_max_s=2.0
             ),
         )
         procs.append(start_ingest_on(host, config, logs[host.hostname]))
@@ -436,15 +449,23 @@ def report(
     workers: tuple[str, str],
     reconnected_after_s: float,
     committed_after_s: float,
+    a_log: Path,
 ) -> None:
     """Check both hosts' stats rows around the cut; print the figures measured."""
     worker_a, worker_b = workers
     during_b = stats_between(conn, worker_b, cut.start_wall_s, cut.end_wall_s)
     assert during_b[1] > 0, f"host B committed nothing during the cut: {during_b}"
     # A stats row covers the second before it: from 2 s into the cut on,
-    # host A cannot have committed anything (its rows may be written late).
-    during_a = stats_between(conn, worker_a, cut.start_wall_s + 2, cut.end_wall_s)
+    # host A cannot have committed anything. Its rows may be written late: a
+    # row made during the cut whose write got through at the heal carries the
+    # counts of every row it could not write, from before the cut (its
+    # interval_s says so), so only rows covering one stats interval count.
+    during_a = stats_between(
+        conn, worker_a, cut.start_wall_s + 2, cut.end_wall_s, max_interval_s=STATS_INTERVAL_S * 1.5
+    )
     assert during_a[1] == 0, f"host A committed while cut off: {during_a}"
+    # The database was cut off from A too: its calls hung until they were cut.
+    assert "cutting the connection" in a_log.read_text(), "host A's database calls went on"
 
     in_cut = [(t - cut.start_s, d) for t, d in depths.samples if cut.start_s <= t <= cut.end_s]
     peak_at_s, peak = max(in_cut, key=lambda s: s[1])
@@ -536,6 +557,7 @@ def test_one_ingest_host_cut_off_for_a_minute_loses_and_duplicates_nothing(
             workers=(worker_a, worker_b),
             reconnected_after_s=reconnected_after_s,
             committed_after_s=committed_after_s,
+            a_log=a_log,
         )
     finally:
         if feeder is not None:
