@@ -40,8 +40,12 @@ import msgspec
 
 from contracts.catalog import DeviceType
 from contracts.schema import (
+    DEVICE_KEYS,
     SQL_TYPES,
     Edition,
+    add_metric_statements,
+    keyed_readings_statements,
+    readings_data_table,
     readings_statements,
     readings_table,
     refresh_rollups_body,
@@ -96,17 +100,48 @@ def _rollup_columns(metric: str) -> tuple[str, ...]:
     return tuple(f"{metric}_{a}" for a in ROLLUP_AGGREGATES)
 
 
+def keyed_schema(current: SchemaState) -> bool:
+    """Whether readings are stored by device key here (migration 22 made ``device_keys``)."""
+    return DEVICE_KEYS in current.columns
+
+
+def raw_hypertable(current: SchemaState, device_type: str) -> str:
+    """The hypertable that stores ``device_type``'s readings in the schema ``current``.
+
+    ``readings_{type}_data`` for a type stored by device key (and for a new
+    type of a keyed schema), else ``readings_{type}`` (a type converted by no
+    migration: removed from the catalog before migration 22, or a schema
+    described before it). Policies are set on it; ``db status`` shows them
+    under ``readings_{type}``, the name readers know.
+    """
+    data = readings_data_table(device_type)
+    if data in current.columns:
+        return data
+    if readings_table(device_type) in current.columns or not keyed_schema(current):
+        return readings_table(device_type)
+    return data
+
+
+def _keyed_types(current: SchemaState, catalog: Mapping[str, DeviceType]) -> set[str]:
+    return {n for n in catalog if raw_hypertable(current, n) == readings_data_table(n)}
+
+
 def _type_steps(
     s: str, current: SchemaState, dtype: DeviceType, storage: StorageSettings
 ) -> list[Step]:
     raw, rollup = readings_table(dtype.name), rollup_table(dtype.name)
+    keyed = raw_hypertable(current, dtype.name) == readings_data_table(dtype.name)
     if raw not in current.columns:
+        tables = (
+            keyed_readings_statements(s, dtype, storage)
+            if keyed
+            else readings_statements(s, dtype, storage)
+        )
         return [
             Step(
                 f"create {raw} (hypertable, {len(dtype.metrics)} metrics) and its hourly "
                 f"rollup {rollup} for new device type {dtype.name!r}",
-                readings_statements(s, dtype, storage)
-                + rollup_statements(s, dtype, current.edition, storage),
+                tables + rollup_statements(s, dtype, current.edition, storage, keyed=keyed),
             )
         ]
     steps = []
@@ -115,7 +150,9 @@ def _type_steps(
         steps.append(
             Step(
                 f"add column(s) {', '.join(m.name for m in missing)} to {raw}",
-                tuple(
+                add_metric_statements(s, dtype, [m.name for m in missing])
+                if keyed
+                else tuple(
                     f"ALTER TABLE {s}.{raw} ADD COLUMN IF NOT EXISTS {m.name} {SQL_TYPES[m.kind]}"
                     for m in missing
                 ),
@@ -181,12 +218,13 @@ def _compression_steps(
     days = storage.compress_after_days
     steps = []
     for name in catalog:
-        raw = readings_table(name)
+        raw = raw_hypertable(current, name)
         if current.compress_after_days.get(raw) == days:
             continue
         steps.append(
             Step(
-                f"compression of {raw}: after {_days(current.compress_after_days.get(raw))} "
+                f"compression of {readings_table(name)}: after "
+                f"{_days(current.compress_after_days.get(raw))} "
                 f"-> after {days} days",
                 (
                     f"SELECT remove_compression_policy('{s}.{raw}', if_exists => true)",
@@ -209,27 +247,29 @@ def plan(
     steps: list[Step] = []
     for dtype in catalog.values():
         steps.extend(_type_steps(s, current, dtype, storage))
+    keyed = _keyed_types(current, catalog)
     if current.edition is Edition.APACHE and current.refresh_rollups != refresh_rollups_body(
-        s, catalog
+        s, catalog, keyed
     ):
         steps.append(
             Step(
                 f"redefine refresh_rollups over the rollups of {len(catalog)} device types",
-                (refresh_rollups_function(s, catalog),),
+                (refresh_rollups_function(s, catalog, keyed),),
             )
         )
     hours = storage.chunk_interval_hours
     for name in catalog:
-        raw = readings_table(name)
+        raw = raw_hypertable(current, name)
         if raw in current.columns and current.chunk_hours.get(raw, hours) != hours:
             steps.append(
                 Step(
-                    f"chunk interval of {raw}: {current.chunk_hours[raw]:g} -> {hours} hours "
-                    "(new chunks; existing chunks keep theirs)",
+                    f"chunk interval of {readings_table(name)}: {current.chunk_hours[raw]:g} -> "
+                    f"{hours} hours (new chunks; existing chunks keep theirs)",
                     (f"SELECT set_chunk_time_interval('{s}.{raw}', INTERVAL '{hours} hours')",),
                 )
             )
-    want = retention_days(storage, catalog)
+    stored_in = {readings_table(n): raw_hypertable(current, n) for n in catalog}
+    want = {stored_in.get(t, t): d for t, d in retention_days(storage, catalog).items()}
     for table in current.retention_days:
         # A type removed from the catalog keeps its tables, and their retention.
         if table not in want and table in current.columns:
@@ -243,7 +283,7 @@ def plan(
         _compression_steps(
             s,
             current,
-            {n: t for n, t in catalog.items() if readings_table(n) in current.columns},
+            {n: t for n, t in catalog.items() if raw_hypertable(current, n) in current.columns},
             storage,
         )
     )
@@ -288,24 +328,25 @@ def policies(
     """The policies in force on each table beside what the settings ask (``db status``)."""
     rows = []
     hours = storage.chunk_interval_hours
+    # Shown under readings_{type}, found on the hypertable that stores it.
+    stored_in = {readings_table(n): raw_hypertable(current, n) for n in catalog}
     for name in catalog:
         raw = readings_table(name)
-        in_force = current.chunk_hours.get(raw)
+        in_force = current.chunk_hours.get(stored_in[raw])
         rows.append(
             Policy(
                 raw, "chunk interval", None if in_force is None else f"{in_force:g} h", f"{hours} h"
             )
         )
     for table, days in retention_days(storage, catalog).items():
-        rows.append(
-            Policy(table, "retention", _maybe_days(current.retention_days.get(table)), f"{days} d")
-        )
+        in_force_days = current.retention_days.get(stored_in.get(table, table))
+        rows.append(Policy(table, "retention", _maybe_days(in_force_days), f"{days} d"))
     for name in catalog:
         raw = readings_table(name)
         setting = f"after {storage.compress_after_days} d"
         if current.edition is Edition.APACHE:
             setting += " (none on Apache edition)"
-        after = current.compress_after_days.get(raw)
+        after = current.compress_after_days.get(stored_in[raw])
         rows.append(
             Policy(raw, "compression", None if after is None else f"after {after} d", setting)
         )

@@ -36,12 +36,22 @@ SECRET_COLUMNS: Final[Mapping[str, frozenset[str]]] = {
     "devices": frozenset({"token_sha256"}),
 }
 
-# A device type's readings, and their hourly rollups (a continuous aggregate
-# or the project's own table): matched by name, so types added later match.
+# A device type's readings (the data hypertable readings_{type}_data and the
+# view readings_{type} over it), and their hourly rollups (a continuous
+# aggregate or the project's own table): matched by name, so types added later match.
 READINGS: Final = "readings_*"
 ROLLUPS: Final = "readings_*_1h"
 
-_REGISTRY_READ = ("sites", "admin_units", "gateways", "devices", "device_types", "metrics")
+# device_keys: ingest maps device ids to the readings' compact keys (migration 22).
+_REGISTRY_READ = (
+    "sites",
+    "admin_units",
+    "gateways",
+    "devices",
+    "device_keys",
+    "device_types",
+    "metrics",
+)
 
 # kind -> table (or READINGS / ROLLUPS) -> privileges. Read from the SQL each
 # service runs: ingest/writer.py, ingest/commandstore.py (ingest); alerts/store.py

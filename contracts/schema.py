@@ -31,7 +31,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Final
 
 import msgspec
@@ -91,6 +91,20 @@ def readings_table(device_type: str) -> str:
 
 def rollup_table(device_type: str) -> str:
     return f"readings_{device_type}_1h"
+
+
+def readings_data_table(device_type: str) -> str:
+    """The hypertable that stores a type's readings by device key (migration 22 on).
+
+    ``readings_{type}`` is then a view of it with the device ids, for readers.
+    """
+    return f"readings_{device_type}_data"
+
+
+# The registry's compact device keys: every device id that has readings gets one.
+DEVICE_KEYS: Final = "device_keys"
+# The data table's own columns besides the metrics, in their order.
+KEYED_COLUMNS: Final = ("ts", "seq", "device_key", "recv_delay_ms")
 
 
 def _core(s: str) -> tuple[str, ...]:
@@ -261,7 +275,253 @@ def readings_statements(s: str, dtype: DeviceType, storage: StorageSettings) -> 
     )
 
 
-def _rollup_select(s: str, dtype: DeviceType) -> str:
+def keyed_readings_statements(
+    s: str, dtype: DeviceType, storage: StorageSettings
+) -> tuple[str, ...]:
+    """A device type's readings by device key: the data hypertable and the view of it.
+
+    ``readings_{type}_data`` holds (ts, seq, device_key, recv_delay_ms,
+    metrics...), keyed by (device_key, ts, seq); ``readings_{type}`` is the
+    view with the old columns (``define_readings_view``, migration 22).
+    """
+    data = readings_data_table(dtype.name)
+    columns = "".join(f",\n            {m.name} {SQL_TYPES[m.kind]}" for m in dtype.metrics)
+    return (
+        f"""CREATE TABLE IF NOT EXISTS {s}.{data} (
+            ts timestamptz NOT NULL,
+            seq bigint NOT NULL,
+            device_key integer NOT NULL,
+            recv_delay_ms integer NOT NULL{columns},
+            PRIMARY KEY (device_key, ts, seq)
+        )""",
+        f"""SELECT create_hypertable('{s}.{data}',
+            by_range('ts', INTERVAL '{storage.chunk_interval_hours} hours'),
+            create_default_indexes => false, if_not_exists => true)""",
+        f"SELECT {s}.define_readings_view('{dtype.name}')",
+    )
+
+
+def add_metric_statements(s: str, dtype: DeviceType, metrics: Collection[str]) -> tuple[str, ...]:
+    """New metric columns of a keyed type: on its data table, then appended to its view."""
+    kinds = {m.name: SQL_TYPES[m.kind] for m in dtype.metrics}
+    data = readings_data_table(dtype.name)
+    return (
+        *(f"ALTER TABLE {s}.{data} ADD COLUMN IF NOT EXISTS {m} {kinds[m]}" for m in metrics),
+        f"SELECT {s}.define_readings_view('{dtype.name}')",
+    )
+
+
+def _key_registry(s: str) -> tuple[str, ...]:
+    """``device_keys``: a compact key per device id, given once and never reused.
+
+    Every registered device gets one when it is added (trigger), and every
+    device id found in readings (migrated rows, or rows a tool inserts through
+    a readings view) gets one too, so that no reading is lost for want of a
+    key. ``recv_delay_ms`` is the gateway's receive time as milliseconds after
+    the reading's time, clamped to the int4 range (+-24.8 days; ingest accepts
+    readings up to 30 days old, so only a reading that waited over 24.8 days
+    between device and gateway is clamped).
+    """
+    return (
+        f"""CREATE TABLE IF NOT EXISTS {s}.{DEVICE_KEYS} (
+            device_key integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            device_id text NOT NULL UNIQUE
+        )""",
+        f"""INSERT INTO {s}.{DEVICE_KEYS} (device_id)
+            SELECT device_id FROM {s}.devices ORDER BY device_id ON CONFLICT DO NOTHING""",
+        f"""CREATE OR REPLACE FUNCTION {s}.device_keys_assign() RETURNS trigger
+            LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+            BEGIN
+                INSERT INTO {s}.{DEVICE_KEYS} (device_id) VALUES (NEW.device_id)
+                    ON CONFLICT (device_id) DO NOTHING;
+                RETURN NULL;
+            END
+            $fn$""",
+        f"DROP TRIGGER IF EXISTS device_keys_assign ON {s}.devices",
+        f"""CREATE TRIGGER device_keys_assign AFTER INSERT ON {s}.devices
+            FOR EACH ROW EXECUTE FUNCTION {s}.device_keys_assign()""",
+        f"""CREATE OR REPLACE FUNCTION {s}.recv_delay_ms(ts timestamptz, recv_ts timestamptz)
+            RETURNS integer LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+            SELECT least(greatest(round(extract(epoch FROM recv_ts - ts) * 1000),
+                -2147483648), 2147483647)::integer
+            $fn$""",
+    )
+
+
+def _define_readings_view(s: str) -> str:
+    """``define_readings_view(type)``: (re)create ``readings_{type}`` over its data table.
+
+    The view has the old table's columns (ts, device_id, seq, recv_ts, then
+    every column of the data table after its own four, in order), so boards,
+    rules and tools read it unchanged; CREATE OR REPLACE keeps its grants
+    when a metric is appended. An INSTEAD OF INSERT trigger lets tools and
+    tests insert through it as before (ingest writes the data table), and
+    delete through it (privileges are checked on the view as on a table;
+    an UPDATE is refused: readings are not changed once stored): a
+    duplicate (device, ts, seq) fails a plain INSERT and is skipped under ON
+    CONFLICT DO NOTHING, which PostgreSQL does not pass to an INSTEAD OF
+    trigger, so the trigger reads it from the statement.
+    """
+    return f"""CREATE OR REPLACE FUNCTION {s}.define_readings_view(p_type text) RETURNS void
+        LANGUAGE plpgsql AS $fn$
+        DECLARE
+            data regclass := format('%I.%I', '{s}', 'readings_' || p_type || '_data')::regclass;
+            view_name text := 'readings_' || p_type;
+            picked text := ''; listed text := ''; fed text := '';
+        BEGIN
+            SELECT coalesce(string_agg(', r.' || quote_ident(a.attname), '' ORDER BY a.attnum), ''),
+                coalesce(string_agg(', ' || quote_ident(a.attname), '' ORDER BY a.attnum), ''),
+                coalesce(string_agg(', NEW.' || quote_ident(a.attname), '' ORDER BY a.attnum), '')
+                INTO picked, listed, fed
+                FROM pg_attribute a WHERE a.attrelid = data AND a.attnum > 0
+                AND NOT a.attisdropped
+                AND a.attname NOT IN ('ts', 'seq', 'device_key', 'recv_delay_ms');
+            EXECUTE format('CREATE OR REPLACE VIEW %I.%I AS SELECT r.ts, k.device_id, r.seq, '
+                'r.ts + r.recv_delay_ms * INTERVAL ''1 millisecond'' AS recv_ts%s '
+                'FROM %s r JOIN %I.{DEVICE_KEYS} k ON k.device_key = r.device_key',
+                '{s}', view_name, picked, data, '{s}');
+            EXECUTE format($def$CREATE OR REPLACE FUNCTION %I.%I() RETURNS trigger
+                LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
+                DECLARE
+                    key integer;
+                BEGIN
+                    INSERT INTO %I.{DEVICE_KEYS} (device_id) VALUES (NEW.device_id)
+                        ON CONFLICT (device_id) DO NOTHING;
+                    SELECT k.device_key INTO key FROM %I.{DEVICE_KEYS} k
+                        WHERE k.device_id = NEW.device_id;
+                    IF current_query() ~* '\\mON\\s+CONFLICT\\M' THEN
+                        INSERT INTO %s (ts, seq, device_key, recv_delay_ms%s)
+                            VALUES (NEW.ts, NEW.seq, key, %I.recv_delay_ms(NEW.ts, NEW.recv_ts)%s)
+                            ON CONFLICT DO NOTHING;
+                        IF NOT FOUND THEN
+                            RETURN NULL;
+                        END IF;
+                    ELSE
+                        INSERT INTO %s (ts, seq, device_key, recv_delay_ms%s)
+                            VALUES (NEW.ts, NEW.seq, key, %I.recv_delay_ms(NEW.ts, NEW.recv_ts)%s);
+                    END IF;
+                    RETURN NEW;
+                END
+                $body$$def$, '{s}', view_name || '_insert', '{s}', '{s}',
+                data, listed, '{s}', fed, data, listed, '{s}', fed);
+            EXECUTE format($def$CREATE OR REPLACE FUNCTION %I.%I() RETURNS trigger
+                LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
+                BEGIN
+                    IF TG_OP = 'UPDATE' THEN
+                        RAISE EXCEPTION 'readings are not changed once stored'
+                            USING ERRCODE = 'feature_not_supported';
+                    END IF;
+                    DELETE FROM %s r USING %I.{DEVICE_KEYS} k
+                        WHERE k.device_id = OLD.device_id AND r.device_key = k.device_key
+                        AND r.ts = OLD.ts AND r.seq = OLD.seq;
+                    RETURN OLD;
+                END
+                $body$$def$, '{s}', view_name || '_change', data, '{s}');
+            EXECUTE format('DROP TRIGGER IF EXISTS readings_insert ON %I.%I', '{s}', view_name);
+            EXECUTE format('CREATE TRIGGER readings_insert INSTEAD OF INSERT ON %I.%I '
+                'FOR EACH ROW EXECUTE FUNCTION %I.%I()', '{s}', view_name, '{s}',
+                view_name || '_insert');
+            EXECUTE format('DROP TRIGGER IF EXISTS readings_change ON %I.%I', '{s}', view_name);
+            EXECUTE format('CREATE TRIGGER readings_change INSTEAD OF UPDATE OR DELETE ON %I.%I '
+                'FOR EACH ROW EXECUTE FUNCTION %I.%I()', '{s}', view_name, '{s}',
+                view_name || '_change');
+        END
+        $fn$"""
+
+
+def _convert_readings(s: str) -> str:
+    """``convert_readings(type, chunk)``: move a type's wide table to the keyed layout.
+
+    Does nothing when ``readings_{type}`` is not a table (a type new to the
+    catalog, or converted already). Else, in the caller's transaction: a key
+    for every device id in it (registered or not: no row is left behind), the
+    data table with the old table's metric columns (a metric removed from the
+    catalog keeps its column and data) and chunk interval, every row copied
+    across in time order, the old table dropped, and the view in its place.
+    Returns the rows moved.
+    """
+    return f"""CREATE OR REPLACE FUNCTION {s}.convert_readings(p_type text, p_chunk interval)
+        RETURNS bigint LANGUAGE plpgsql AS $fn$
+        DECLARE
+            old_name text := 'readings_' || p_type;
+            data_name text := 'readings_' || p_type || '_data';
+            old regclass;
+            chunk interval;
+            defs text; names text; moved bigint;
+        BEGIN
+            SELECT c.oid INTO old FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE n.nspname = '{s}' AND c.relname = old_name AND c.relkind = 'r';
+            IF old IS NULL THEN
+                RETURN 0;
+            END IF;
+            SELECT coalesce(string_agg(format(', %I %s', a.attname,
+                    format_type(a.atttypid, a.atttypmod)), '' ORDER BY a.attnum), ''),
+                coalesce(string_agg(format(', r.%I', a.attname), '' ORDER BY a.attnum), '')
+                INTO defs, names
+                FROM pg_attribute a WHERE a.attrelid = old AND a.attnum > 0
+                AND NOT a.attisdropped AND a.attname NOT IN ('ts', 'device_id', 'seq', 'recv_ts');
+            SELECT coalesce(min(d.time_interval), p_chunk) INTO chunk
+                FROM timescaledb_information.dimensions d
+                WHERE d.hypertable_schema = '{s}' AND d.hypertable_name = old_name;
+            EXECUTE format('INSERT INTO %I.{DEVICE_KEYS} (device_id) SELECT DISTINCT device_id '
+                'FROM %s ORDER BY 1 ON CONFLICT (device_id) DO NOTHING', '{s}', old);
+            EXECUTE format('CREATE TABLE %I.%I (ts timestamptz NOT NULL, seq bigint NOT NULL, '
+                'device_key integer NOT NULL, recv_delay_ms integer NOT NULL%s, '
+                'PRIMARY KEY (device_key, ts, seq))', '{s}', data_name, defs);
+            PERFORM create_hypertable(format('%I.%I', '{s}', data_name)::regclass,
+                by_range('ts', chunk), create_default_indexes => false);
+            EXECUTE format('INSERT INTO %I.%I SELECT r.ts, r.seq, k.device_key, '
+                '%I.recv_delay_ms(r.ts, r.recv_ts)%s FROM %s r JOIN %I.{DEVICE_KEYS} k '
+                'ON k.device_id = r.device_id ORDER BY r.ts', '{s}', data_name, '{s}', names,
+                old, '{s}');
+            GET DIAGNOSTICS moved = ROW_COUNT;
+            EXECUTE format('DROP TABLE %s', old);
+            PERFORM {s}.define_readings_view(p_type);
+            RETURN moved;
+        END
+        $fn$"""
+
+
+def _keyed_readings(
+    s: str, edition: Edition, storage: StorageSettings, catalog: Mapping[str, DeviceType]
+) -> tuple[str, ...]:
+    """Migration 22: readings stored by compact device key, behind views of the old shape.
+
+    Per type of the catalog: (community edition) its continuous aggregate is
+    dropped first, since it depends on the old table; the rows are converted
+    (``convert_readings``) or, for a type with no table yet, the keyed tables
+    are created; then the rollup is (re)made over the data table. On the
+    Apache edition ``refresh_rollups`` and ``apply_retention`` are redefined
+    over the data tables (its rollup tables keep their rows).
+    """
+    hours = storage.chunk_interval_hours
+    statements = [*_key_registry(s), _define_readings_view(s), _convert_readings(s)]
+    for dtype in catalog.values():
+        if edition is Edition.COMMUNITY:
+            statements.append(f"DROP MATERIALIZED VIEW IF EXISTS {s}.{rollup_table(dtype.name)}")
+        statements.append(f"SELECT {s}.convert_readings('{dtype.name}', INTERVAL '{hours} hours')")
+        statements.extend(keyed_readings_statements(s, dtype, storage))
+        if edition is Edition.COMMUNITY:
+            statements.extend(_rollup_community(s, dtype, storage, keyed=True))
+    if edition is Edition.APACHE:
+        statements.append(refresh_rollups_function(s, catalog, keyed=catalog))
+        statements.append(retention_function(s, keyed_retention_days(storage, catalog)))
+    return tuple(statements)
+
+
+def keyed_retention_days(
+    storage: StorageSettings, catalog: Mapping[str, DeviceType]
+) -> dict[str, int]:
+    """``retention_days`` with each type's raw readings under its data table's name."""
+    data = {readings_table(t): readings_data_table(t) for t in catalog}
+    return {data.get(t, t): d for t, d in retention_days(storage, catalog).items()}
+
+
+def _rollup_select(s: str, dtype: DeviceType, *, keyed: bool = False) -> str:
+    """The hourly aggregates of a type; ``keyed``: from its data table joined to the keys.
+
+    Grouped by ``k.device_id`` (keyed) or ``device_id``: the rollups keep device ids.
+    """
     aggregates = []
     for m in dtype.metrics:
         value = f"{m.name}::int" if m.kind is MetricKind.BOOL else m.name
@@ -269,23 +529,37 @@ def _rollup_select(s: str, dtype: DeviceType) -> str:
             f"avg({value})::real AS {m.name}_avg, min({value})::real AS {m.name}_min, "
             f"max({value})::real AS {m.name}_max"
         )
+    if keyed:
+        return (
+            f"SELECT time_bucket(INTERVAL '1 hour', r.ts) AS bucket, k.device_id, "
+            f"count(*) AS n, {', '.join(aggregates)} FROM {s}.{readings_data_table(dtype.name)} r "
+            f"JOIN {s}.{DEVICE_KEYS} k ON k.device_key = r.device_key"
+        )
     return (
         f"SELECT time_bucket(INTERVAL '1 hour', ts) AS bucket, device_id, "
         f"count(*) AS n, {', '.join(aggregates)} FROM {s}.{readings_table(dtype.name)}"
     )
 
 
-def _rollup_community(s: str, dtype: DeviceType, storage: StorageSettings) -> tuple[str, ...]:
-    raw, rollup = readings_table(dtype.name), rollup_table(dtype.name)
+def _rollup_community(
+    s: str, dtype: DeviceType, storage: StorageSettings, *, keyed: bool = False
+) -> tuple[str, ...]:
+    rollup = rollup_table(dtype.name)
+    if keyed:
+        # A continuous aggregate over a hypertable joined to a plain table
+        # (TimescaleDB >= 2.10); the data table is compressed per device key.
+        raw, group, segment = readings_data_table(dtype.name), "bucket, k.device_id", "device_key"
+    else:
+        raw, group, segment = readings_table(dtype.name), "bucket, device_id", "device_id"
     return (
         f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {s}.{rollup}
             WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
-            {_rollup_select(s, dtype)} GROUP BY bucket, device_id WITH NO DATA""",
+            {_rollup_select(s, dtype, keyed=keyed)} GROUP BY {group} WITH NO DATA""",
         f"""SELECT add_continuous_aggregate_policy('{s}.{rollup}',
             start_offset => INTERVAL '3 days', end_offset => INTERVAL '1 hour',
             schedule_interval => INTERVAL '30 minutes', if_not_exists => true)""",
         f"""ALTER TABLE {s}.{raw} SET (timescaledb.compress,
-            timescaledb.compress_segmentby = 'device_id',
+            timescaledb.compress_segmentby = '{segment}',
             timescaledb.compress_orderby = 'ts DESC, seq DESC')""",
         f"""SELECT add_compression_policy('{s}.{raw}',
             compress_after => INTERVAL '{storage.compress_after_days} days',
@@ -300,16 +574,17 @@ def _rollup_community(s: str, dtype: DeviceType, storage: StorageSettings) -> tu
 
 
 def rollup_statements(
-    s: str, dtype: DeviceType, edition: Edition, storage: StorageSettings
+    s: str, dtype: DeviceType, edition: Edition, storage: StorageSettings, *, keyed: bool = False
 ) -> tuple[str, ...]:
     """A device type's hourly rollup with its policies, as ``edition`` allows.
 
     Community edition: a continuous aggregate with refresh, compression and
-    retention policies. Apache edition: the project's own rollup hypertable
-    (``refresh_rollups`` fills it; ``apply_retention`` covers it).
+    retention policies (over the data table when ``keyed``). Apache edition:
+    the project's own rollup hypertable (``refresh_rollups`` fills it;
+    ``apply_retention`` covers it).
     """
     if edition is Edition.COMMUNITY:
-        return _rollup_community(s, dtype, storage)
+        return _rollup_community(s, dtype, storage, keyed=keyed)
     return _rollup_apache(s, dtype)
 
 
@@ -342,14 +617,20 @@ def _apache_jobs(
     return (refresh_rollups_function(s, catalog), retention_function(s, days_of))
 
 
-def refresh_rollups_body(s: str, catalog: Mapping[str, DeviceType]) -> str:
+def refresh_rollups_body(
+    s: str, catalog: Mapping[str, DeviceType], keyed: Collection[str] = ()
+) -> str:
     """The body of ``refresh_rollups`` (Apache edition): one upsert per type of ``catalog``.
 
+    The types named in ``keyed`` are read from their data table (migration 22).
     Returned alone so the reconcile step (``contracts.evolve``) can compare it
     with the body stored in the database (``pg_proc.prosrc``).
     """
     refresh_parts = []
     for dtype in catalog.values():
+        by_key = dtype.name in keyed
+        r, k = ("r.", "k.") if by_key else ("", "")
+        where = f"WHERE {r}ts >= lo AND {r}ts < hi GROUP BY bucket, {k}device_id"
         rollup = rollup_table(dtype.name)
         updates = ", ".join(
             f"{m.name}_{a} = EXCLUDED.{m.name}_{a}"
@@ -358,7 +639,7 @@ def refresh_rollups_body(s: str, catalog: Mapping[str, DeviceType]) -> str:
         )
         refresh_parts.append(
             f"""INSERT INTO {s}.{rollup}
-            {_rollup_select(s, dtype)} WHERE ts >= lo AND ts < hi GROUP BY bucket, device_id
+            {_rollup_select(s, dtype, keyed=by_key)} {where}
             ON CONFLICT (device_id, bucket) DO UPDATE SET n = EXCLUDED.n, {updates};
         GET DIAGNOSTICS rows = ROW_COUNT; total := total + rows;"""
         )
@@ -377,10 +658,13 @@ def refresh_rollups_body(s: str, catalog: Mapping[str, DeviceType]) -> str:
         """
 
 
-def refresh_rollups_function(s: str, catalog: Mapping[str, DeviceType]) -> str:
+def refresh_rollups_function(
+    s: str, catalog: Mapping[str, DeviceType], keyed: Collection[str] = ()
+) -> str:
     """``CREATE OR REPLACE FUNCTION refresh_rollups`` over the rollups of ``catalog``."""
+    body = refresh_rollups_body(s, catalog, keyed)
     return f"""CREATE OR REPLACE FUNCTION {s}.refresh_rollups(p_from timestamptz, p_to timestamptz)
-        RETURNS bigint LANGUAGE plpgsql AS $fn${refresh_rollups_body(s, catalog)}$fn$"""
+        RETURNS bigint LANGUAGE plpgsql AS $fn${body}$fn$"""
 
 
 def retention_function(s: str, days_of: Mapping[str, int]) -> str:
@@ -1046,5 +1330,10 @@ def migrations(
                 ADD CONSTRAINT audit_log_subject_kind_check CHECK (subject_kind IN
                     ('device', 'gateway', 'pki', 'site', 'alert', 'command', 'service'))""",
             ),
+        ),
+        Migration(
+            22,
+            "readings by compact device key: data hypertables behind views of the old shape",
+            _keyed_readings(s, edition, storage, catalog),
         ),
     ]

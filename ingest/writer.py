@@ -12,8 +12,10 @@
 2. per device type, a binary COPY (``ingest.copyformat``, with the stage
    columns' exact types) into a temporary stage table (created once per
    connection, again when the type's metrics change; ``ON COMMIT DELETE
-   ROWS``), then ``INSERT INTO readings_{type} SELECT ... FROM stage``.
-   The key (device_id, ts, seq) includes the time column, so a reading
+   ROWS``), then ``INSERT INTO readings_{type}_data SELECT ... FROM stage``
+   joined to ``device_keys`` (the device id becomes its integer key, the
+   receive time a delay after ``ts``: ``keyed_insert``).
+   The key (device_key, ts, seq) includes the time column, so a reading
    stored before (by another batch, or a batch whose id was pruned) is
    never stored twice: the plain INSERT,
    tried first inside a savepoint, fails on it as a whole, and the rows go
@@ -69,7 +71,13 @@ import numpy as np
 
 from adapters.database import Connection, Cursor, Database, insert_unless_duplicate, sql
 from contracts.catalog import DEVICE_TYPES, DeviceType
-from contracts.schema import SQL_TYPES, check_schema_name, readings_table
+from contracts.schema import (
+    DEVICE_KEYS,
+    KEYED_COLUMNS,
+    SQL_TYPES,
+    check_schema_name,
+    readings_data_table,
+)
 from ingest.copyformat import CopyColumn, encode_copy_binary
 from ingest.prepare import GoodBatch, GoodState, PoisonBatch, StateItem, WriteItem, readings_of
 from ingest.rows import DeviceSummary, TypeRows, concat_rows, merge_summaries
@@ -156,6 +164,22 @@ def _create_stage_table(conn: Connection[Any], dtype: DeviceType) -> None:
         f"CREATE TEMP TABLE {_stage_table(dtype)} (ts timestamptz, "
         f"device_id text, seq bigint, recv_ts timestamptz, {columns}) "
         "ON COMMIT DELETE ROWS"
+    )
+
+
+def keyed_insert(schema: str, dtype: DeviceType, stage: str) -> str:
+    """INSERT ... SELECT from the stage table into the type's data table, ids mapped to keys.
+
+    Every registered device has a key (``device_keys``, migration 22); a LEFT
+    JOIN makes a device without one a NOT NULL violation that refuses the
+    group, never a row silently left out.
+    """
+    metrics = "".join(f", st.{n}" for n in dtype.metric_names)
+    return (
+        f"INSERT INTO {schema}.{readings_data_table(dtype.name)} "
+        f"({', '.join([*KEYED_COLUMNS, *dtype.metric_names])}) "
+        f"SELECT st.ts, st.seq, k.device_key, {schema}.recv_delay_ms(st.ts, st.recv_ts){metrics} "
+        f"FROM {stage} st LEFT JOIN {schema}.{DEVICE_KEYS} k ON k.device_id = st.device_id"
     )
 
 
@@ -404,10 +428,7 @@ class BatchWriter:
             data = encode_copy_binary(copy_columns(rows), rows.row_count)
             with cur.copy(f"COPY {stage} ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
                 copy.write(data)
-            insert = (
-                f"INSERT INTO {self.schema}.{readings_table(name)} ({columns}) "
-                f"SELECT {columns} FROM {stage}"
-            )
+            insert = keyed_insert(self.schema, dtype, stage)
             inserted = self._insert_staged(cur, name, insert)
             outcome.readings += inserted
             outcome.duplicates += rows.row_count - inserted

@@ -31,7 +31,7 @@ from contracts.commands import make_report
 from contracts.errors import InvalidIdError, SchemaError, SettingsError
 from contracts.messages import encode_gateway_state
 from contracts.roles import ROLE_KINDS, grant_statements, privileges, role_name
-from contracts.schema import readings_table
+from contracts.schema import readings_data_table, readings_table
 from contracts.settings import DatabaseSettings, StorageSettings, load_settings
 from tests.alerts.test_job import KIOSK_RULES, T0, S, alerts_of, make_job, put_series, seed_devices
 from tests.devices.test_devices import SITE, env, ok  # noqa: F401 (env: a fixture)
@@ -174,7 +174,7 @@ def test_ingest_writes_readings_and_nothing_it_must_not(db_conn, db_url, registr
     chunks = db_conn.execute(
         "SELECT count(*) FROM timescaledb_information.chunks "
         "WHERE hypertable_schema = %s AND hypertable_name = %s",
-        (s, readings_table("kiosk")),
+        (s, readings_data_table("kiosk")),
     ).fetchone()[0]
     assert chunks == 2
 

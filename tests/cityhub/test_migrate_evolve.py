@@ -27,7 +27,14 @@ from cityhub import database
 from contracts.catalog import DEVICE_TYPES, DeviceType, Metric, MetricKind
 from contracts.evolve import SchemaState, notes, plan, policies
 from contracts.messages import encode_batch
-from contracts.schema import Edition, migrations, readings_table, retention_days, rollup_table
+from contracts.schema import (
+    Edition,
+    migrations,
+    readings_data_table,
+    readings_table,
+    retention_days,
+    rollup_table,
+)
 from contracts.settings import StorageSettings
 from contracts.topics import batch_topic
 from ingest.prepare import prepare_item
@@ -172,7 +179,8 @@ def test_upgrade_adds_type_and_metric_keeping_rows(db_conn, legacy):
             (legacy,),
         )
     }
-    assert {readings_table("noise_probe"), rollup_table("noise_probe")} <= hypertables
+    # A new type gets the keyed layout at once: its data hypertable, a view of the old shape.
+    assert {readings_data_table("noise_probe"), rollup_table("noise_probe")} <= hypertables
     assert _columns(db_conn, legacy, readings_table("noise_probe")) == {
         "ts", "device_id", "seq", "recv_ts", "laeq", "overload"
     }  # fmt: skip

@@ -11,7 +11,13 @@ import pytest
 from cityhub import database
 from contracts.catalog import DEVICE_TYPES
 from contracts.errors import InvalidIdError, SchemaError
-from contracts.schema import Edition, migrations, readings_table, rollup_table
+from contracts.schema import (
+    Edition,
+    migrations,
+    readings_data_table,
+    readings_table,
+    rollup_table,
+)
 from contracts.settings import StorageSettings
 
 
@@ -42,7 +48,8 @@ def test_every_device_type_has_a_wide_hypertable(db_conn, migrated):
     ).fetchall()
     names = {r[0] for r in rows}
     for dtype in DEVICE_TYPES.values():
-        assert readings_table(dtype.name) in names
+        # Stored by device key (migration 22); readings_{type} is the view readers use.
+        assert readings_data_table(dtype.name) in names
         assert rollup_table(dtype.name) in names
         columns = {
             r[0]
