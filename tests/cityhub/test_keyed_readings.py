@@ -1,0 +1,157 @@
+"""Migration 22 on a database with readings: rows kept exactly, keyed, still stored once.
+
+The "before" database is made by the migrations up to 21 (``migrate`` given
+only those), holding readings of registered devices and of a device the
+registry never knew; then ``migrate`` runs migration 22 on it, on the real
+PostgreSQL/TimescaleDB of the fixtures (Apache edition).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from cityhub import database
+from contracts.catalog import DEVICE_TYPES
+from contracts.messages import encode_batch
+from contracts.schema import migrations, readings_data_table, readings_table, rollup_table
+from contracts.settings import StorageSettings
+from contracts.topics import batch_topic
+from ingest.prepare import prepare_item
+from ingest.writer import BatchWriter
+from tests.plugins.gateway import now_ms
+from tests.plugins.ingest import make_batch, seed_registry
+
+T0 = datetime(2026, 11, 20, 8, 0, 0, 123000, tzinfo=UTC)
+KIOSK = readings_table("kiosk")
+
+
+def _rows(conn, schema, table):
+    return conn.execute(f"SELECT * FROM {schema}.{table} ORDER BY device_id, ts, seq").fetchall()
+
+
+@pytest.fixture
+def before_22(db_conn, db_schema, monkeypatch):
+    """A schema at migration 21 with kiosk readings: two registered kiosks, one unknown id."""
+    with monkeypatch.context() as patch:
+        patch.setattr(
+            database,
+            "migrations",
+            lambda *a, **k: [m for m in migrations(*a, **k) if m.version < 22],
+        )
+        database.migrate(db_conn, schema=db_schema, storage=StorageSettings())
+    seed_registry(db_conn, db_schema, {"gw-1": [("ki-1", "kiosk"), ("ki-2", "kiosk")]})
+    for i in range(40):
+        ts = T0 + timedelta(seconds=10 * i)
+        for device in ("ki-1", "ki-2", "ki-ghost"):
+            db_conn.execute(
+                f"INSERT INTO {db_schema}.{KIOSK} (ts, device_id, seq, recv_ts, queue_length, "
+                "paper_level, printer_status) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                (ts, device, i, ts + timedelta(milliseconds=250 + i), i, None if i % 3 else 0.5, 1),
+            )
+    # Two readings of one device in the same millisecond, told apart by seq.
+    db_conn.execute(
+        f"INSERT INTO {db_schema}.{KIOSK} (ts, device_id, seq, recv_ts) "
+        "VALUES (%s, 'ki-1', 999, %s)",
+        (T0, T0 + timedelta(days=26)),  # waited 26 days: beyond an int4 of milliseconds
+    )
+    return db_schema
+
+
+def test_migration_keeps_every_row_and_keys_it(db_conn, before_22):
+    s = before_22
+    assert db_conn.execute(f"SELECT max(version) FROM {s}.schema_migrations").fetchone() == (21,)
+    old = _rows(db_conn, s, KIOSK)
+    assert len(old) == 121
+
+    report = database.migrate(db_conn, schema=s, storage=StorageSettings())
+
+    assert [m.version for m in report.applied] == [22]
+    assert report.steps == []  # the migration leaves nothing for the reconcile step
+    kinds = dict(
+        db_conn.execute(
+            "SELECT c.relname, c.relkind FROM pg_class c JOIN pg_namespace n "
+            "ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname LIKE 'readings_kiosk%%'",
+            (s,),
+        ).fetchall()
+    )
+    assert kinds[KIOSK] == "v"
+    assert kinds[readings_data_table("kiosk")] == "r"
+    new = _rows(db_conn, s, KIOSK)
+    clamped = T0 + timedelta(milliseconds=2**31 - 1)
+    # Every row as it was, but the 26-day receive delay, kept at the int4 bound.
+    assert new == [(*r[:3], clamped, *r[4:]) if r[2] == 999 else r for r in old]
+    keys = dict(db_conn.execute(f"SELECT device_id, device_key FROM {s}.device_keys").fetchall())
+    assert set(keys) == {"ki-1", "ki-2", "ki-ghost"}  # the unknown id kept its readings
+    per_key = dict(
+        db_conn.execute(
+            f"SELECT device_key, count(*) FROM {s}.{readings_data_table('kiosk')} GROUP BY 1"
+        ).fetchall()
+    )
+    assert per_key == {keys["ki-1"]: 41, keys["ki-2"]: 40, keys["ki-ghost"]: 40}
+    assert db_conn.execute(
+        f"SELECT count(*), sum(queue_length) FROM {s}.{KIOSK} WHERE device_id = 'ki-2'"
+    ).fetchone() == (40, sum(range(40)))
+    # Every other type got its data table and view too, empty.
+    for name in DEVICE_TYPES:
+        assert db_conn.execute(f"SELECT count(*) FROM {s}.{readings_table(name)}").fetchone()
+
+
+def test_a_device_registered_after_the_migration_gets_a_new_key(db_conn, before_22):
+    s = before_22
+    database.migrate(db_conn, schema=s, storage=StorageSettings())
+    top = db_conn.execute(f"SELECT max(device_key) FROM {s}.device_keys").fetchone()[0]
+    db_conn.execute(
+        f"INSERT INTO {s}.devices (device_id, device_type, site_id, gateway_id, transport) "
+        "VALUES ('ki-3', 'kiosk', 'hk-hall', 'gw-1', 'mqtt')"
+    )
+    key = db_conn.execute(f"SELECT device_key FROM {s}.device_keys WHERE device_id = 'ki-3'")
+    assert key.fetchone()[0] > top
+
+
+def test_ingest_after_the_migration_stores_each_reading_once(db_conn, db_url, before_22):
+    s = before_22
+    database.migrate(db_conn, schema=s, storage=StorageSettings())
+    writer = BatchWriter(url=db_url, schema=s, worker_id="w0")
+    try:
+        writer.refresh_owners()
+        devices = [("ki-1", "kiosk"), ("ki-2", "kiosk")]
+        batch = make_batch("gw-1", 1, devices, rows_per_device=5, start_seq=100)
+
+        def item():
+            return prepare_item(batch_topic("gw-1"), encode_batch(batch), prefix="",
+                                now_ms=now_ms(), owners=writer.owners)  # fmt: skip
+
+        first = writer.commit([item()])
+        assert (first.readings, first.duplicates) == (10, 0)
+        # The same readings again under a batch id no longer known (pruned):
+        # the key (device_key, ts, seq) drops every one of them.
+        db_conn.execute(f"DELETE FROM {s}.ingested_batches")
+        again = writer.commit([item()])
+        assert (again.readings, again.duplicates) == (0, 10)
+    finally:
+        writer.close()
+    stored = db_conn.execute(
+        f"SELECT device_id, count(*), min(recv_ts - ts) >= interval '0' FROM {s}.{KIOSK} "
+        "WHERE seq BETWEEN 100 AND 104 GROUP BY 1 ORDER BY 1"
+    ).fetchall()
+    assert stored == [("ki-1", 5, True), ("ki-2", 5, True)]
+
+
+def test_rollups_and_retention_run_over_the_migrated_rows(db_conn, before_22):
+    s = before_22
+    database.migrate(db_conn, schema=s, storage=StorageSettings())
+    report = database.maintain(
+        db_conn, schema=s, now=T0 + timedelta(hours=2), lookback=timedelta(hours=3)
+    )
+    assert report.rollup_rows == 3  # one hour, three devices
+    rolled = db_conn.execute(
+        f"SELECT device_id, n, queue_length_max FROM {s}.{rollup_table('kiosk')} ORDER BY 1"
+    ).fetchall()
+    assert rolled == [("ki-1", 41, 39.0), ("ki-2", 40, 39.0), ("ki-ghost", 40, 39.0)]
+    gone = database.maintain(
+        db_conn, schema=s, now=T0 + timedelta(days=200), lookback=timedelta(hours=1)
+    )
+    assert gone.dropped_chunks >= 1
+    assert db_conn.execute(f"SELECT count(*) FROM {s}.{KIOSK}").fetchone() == (0,)
