@@ -12,9 +12,13 @@ Storage shape (docs/architecture.md, section 6):
 
 - metadata: sites, gateways, device types and metrics (synced from the
   catalog), devices, device state;
-- one wide hypertable per device type, ``readings_{type}``, a column per
-  metric, keyed by (device_id, ts, seq) so a replayed reading is dropped by
-  ``ON CONFLICT DO NOTHING``;
+- one wide hypertable per device type, a column per metric:
+  ``readings_{type}_data`` since migration 22, keyed by (device_key, ts,
+  seq) so a replayed reading is dropped by ``ON CONFLICT DO NOTHING``, with
+  ``device_keys`` mapping device ids to compact integer keys and the view
+  ``readings_{type}`` showing the old columns (ts, device_id, seq, recv_ts,
+  metrics) to readers; before it, ``readings_{type}`` was the hypertable,
+  keyed by (device_id, ts, seq) (``readings_statements``, migration 2);
 - rejects, alerts and their transitions, AQI results;
 - ingest's processed batch ids (to recognise resends) and its workers' stats;
 - the gateways' reported state (outbox depth, throughput): the latest per
@@ -254,7 +258,11 @@ def _alerts_and_aqi(s: str) -> tuple[str, ...]:
 
 
 def readings_statements(s: str, dtype: DeviceType, storage: StorageSettings) -> tuple[str, ...]:
-    """A device type's wide hypertable, a column per metric, chunks of the setting's size."""
+    """A device type's wide hypertable as migration 2 made it (device id as text).
+
+    Kept as it was: applied migrations never change. Types are stored by
+    device key since migration 22 (``keyed_readings_statements``).
+    """
     table = readings_table(dtype.name)
     columns = ",\n            ".join(f"{m.name} {SQL_TYPES[m.kind]}" for m in dtype.metrics)
     return (

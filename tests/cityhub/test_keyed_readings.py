@@ -13,9 +13,17 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from cityhub import database
-from contracts.catalog import DEVICE_TYPES
+from contracts.catalog import DEVICE_TYPES, DeviceType, Metric, MetricKind
+from contracts.evolve import SchemaState, plan, policies
 from contracts.messages import encode_batch
-from contracts.schema import migrations, readings_data_table, readings_table, rollup_table
+from contracts.schema import (
+    Edition,
+    keyed_retention_days,
+    migrations,
+    readings_data_table,
+    readings_table,
+    rollup_table,
+)
 from contracts.settings import StorageSettings
 from contracts.topics import batch_topic
 from ingest.prepare import prepare_item
@@ -25,6 +33,14 @@ from tests.plugins.ingest import make_batch, seed_registry
 
 T0 = datetime(2026, 11, 20, 8, 0, 0, 123000, tzinfo=UTC)
 KIOSK = readings_table("kiosk")
+NOISE = DeviceType(
+    name="noise_probe",
+    description="Street noise probe",
+    transports=("mqtt",),
+    metrics=(
+        Metric(name="laeq", unit="dBA", kind=MetricKind.FLOAT, min=20, max=140, description="LAeq"),
+    ),
+)
 
 
 def _rows(conn, schema, table):
@@ -155,3 +171,59 @@ def test_rollups_and_retention_run_over_the_migrated_rows(db_conn, before_22):
     )
     assert gone.dropped_chunks >= 1
     assert db_conn.execute(f"SELECT count(*) FROM {s}.{KIOSK}").fetchone() == (0,)
+
+
+# --- the community edition's SQL, checked without a server (the test server is Apache) ---
+
+
+def test_community_migration_remakes_aggregates_over_the_data_tables():
+    (m,) = [
+        m for m in migrations("cityhub", Edition.COMMUNITY, StorageSettings()) if m.version == 22
+    ]
+    sql = "\n".join(m.statements)
+    dropped = sql.index("DROP MATERIALIZED VIEW IF EXISTS cityhub.readings_kiosk_1h")
+    # The aggregate depends on the old table: dropped before the rows move, made again after.
+    assert (
+        dropped
+        < sql.index("convert_readings('kiosk'")
+        < sql.index("CREATE MATERIALIZED VIEW IF NOT EXISTS cityhub.readings_kiosk_1h")
+    )
+    assert "FROM cityhub.readings_kiosk_data r JOIN cityhub.device_keys k" in sql
+    assert "GROUP BY bucket, k.device_id WITH NO DATA" in sql
+    assert "timescaledb.compress_segmentby = 'device_key'" in sql
+    assert "add_compression_policy('cityhub.readings_kiosk_data'" in sql
+    assert "add_retention_policy('cityhub.readings_kiosk_data'" in sql
+    assert "refresh_rollups" not in sql
+
+
+def test_community_plan_gives_a_new_type_the_keyed_layout():
+    storage = StorageSettings()
+    columns = {"device_keys": frozenset({"device_key", "device_id"})}
+    for name, dtype in DEVICE_TYPES.items():
+        columns[readings_table(name)] = frozenset({"ts", "device_id", "seq", "recv_ts"}) | set(
+            dtype.metric_names
+        )
+        columns[readings_data_table(name)] = frozenset({"ts", "seq", "device_key"})
+        columns[rollup_table(name)] = frozenset(
+            {"bucket", "device_id", "n"}
+            | {f"{m}_{a}" for m in dtype.metric_names for a in ("avg", "min", "max")}
+        )
+    state = SchemaState(
+        edition=Edition.COMMUNITY,
+        columns=columns,
+        chunk_hours={readings_data_table(t): 24.0 for t in DEVICE_TYPES},
+        retention_days=keyed_retention_days(storage, DEVICE_TYPES),
+        compress_after_days={readings_data_table(t): 7 for t in DEVICE_TYPES},
+    )
+    catalog = {**DEVICE_TYPES, "noise_probe": NOISE}
+    steps = plan("cityhub", state, catalog, storage)
+    sql = "\n".join(x for s in steps for x in s.statements)
+    assert "CREATE TABLE IF NOT EXISTS cityhub.readings_noise_probe_data" in sql
+    assert "cityhub.define_readings_view('noise_probe')" in sql
+    assert "add_compression_policy('cityhub.readings_noise_probe_data'" in sql
+    assert "add_retention_policy('cityhub.readings_noise_probe_data'" in sql
+    # The converted types' policies are where the settings want them: nothing else to do.
+    assert len(steps) == 1
+    shown = {(p.table, p.policy): p.in_force for p in policies(state, DEVICE_TYPES, storage)}
+    assert shown["readings_kiosk", "chunk interval"] == "24 h"
+    assert shown["readings_kiosk", "compression"] == "after 7 d"
