@@ -14,7 +14,9 @@ interleaved as real traffic arrives (each round in a shuffled device order),
 ``--rows`` a type. Two fills: every metric filled, and a third of the values
 empty (NULL, spread over metrics and rows). After VACUUM ANALYZE, bytes per
 row and per stored metric value are ``hypertable_detailed_size`` (heap +
-indexes + TOAST, all chunks) over the rows and the non-NULL values. The
+indexes + TOAST, all chunks) over the rows and the non-NULL values, for
+the new layout also after ``cityhub db maintain`` packed the key index of
+the chunks past their range ("packed", ``pack_closed_chunks``). The
 ``device_keys`` table (one row per device, shared by all types) is left out:
 it grows with the fleet, not with the readings.
 
@@ -31,6 +33,7 @@ import platform
 import sys
 import tempfile
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -167,6 +170,10 @@ def run_type(
         load_new(conn, dtype, query, params)
         sizes["old", third_empty] = measure(conn, old, dtype)
         sizes["new", third_empty] = measure(conn, new, dtype)
+        # `cityhub db maintain` packs the key index of chunks past their range.
+        database.pack_closed_chunks(conn, schema=NEW, now=datetime.now(UTC) + timedelta(days=3650))
+        sizes["packed", third_empty] = measure(conn, new, dtype)
+        conn.execute(f"ALTER INDEX {NEW}.{readings_data_table(dtype.name)}_pkey RESET (fillfactor)")
     return sizes
 
 
@@ -196,21 +203,22 @@ def report(results: dict[str, dict[tuple[str, bool], Size]], args: argparse.Name
     )
     print()
     print(
-        "| type | metrics | fill | old B/row (heap + index) | new B/row (heap + index) "
-        "| old B/value | new B/value |"
+        "| type | metrics | fill | B/row (heap + index): old | new | new, packed "
+        "| B/value: old | new | new, packed |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, sizes in results.items():
         for third_empty in (False, True):
-            old, new = sizes["old", third_empty], sizes["new", third_empty]
+            layouts = [sizes[k, third_empty] for k in ("old", "new", "packed")]
             fill = "a third empty" if third_empty else "all filled"
+            per_row = " | ".join(
+                f"{x.total_bytes / x.rows:.1f} ({x.heap_bytes / x.rows:.1f} + "
+                f"{x.index_bytes / x.rows:.1f})"
+                for x in layouts
+            )
+            per_value = " | ".join(f"{x.total_bytes / x.values:.1f}" for x in layouts)
             print(
-                f"| {name} | {len(DEVICE_TYPES[name].metrics)} | {fill} "
-                f"| {old.total_bytes / old.rows:.1f} ({old.heap_bytes / old.rows:.1f} + "
-                f"{old.index_bytes / old.rows:.1f}) "
-                f"| {new.total_bytes / new.rows:.1f} ({new.heap_bytes / new.rows:.1f} + "
-                f"{new.index_bytes / new.rows:.1f}) "
-                f"| {old.total_bytes / old.values:.1f} | {new.total_bytes / new.values:.1f} |"
+                f"| {name} | {len(DEVICE_TYPES[name].metrics)} | {fill} | {per_row} | {per_value} |"
             )
 
 

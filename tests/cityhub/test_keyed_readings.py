@@ -227,3 +227,27 @@ def test_community_plan_gives_a_new_type_the_keyed_layout():
     shown = {(p.table, p.policy): p.in_force for p in policies(state, DEVICE_TYPES, storage)}
     assert shown["readings_kiosk", "chunk interval"] == "24 h"
     assert shown["readings_kiosk", "compression"] == "after 7 d"
+
+
+def test_maintain_packs_the_key_index_of_closed_chunks_once(db_conn, before_22):
+    s = before_22
+    database.migrate(db_conn, schema=s, storage=StorageSettings())
+    # The kiosk rows are in one day's chunk: still open at T0, closed two days on.
+    assert database.pack_closed_chunks(db_conn, schema=s, now=T0) == 0
+    first = database.maintain(
+        db_conn, schema=s, now=T0 + timedelta(days=2), lookback=timedelta(hours=1)
+    )
+    assert first.packed_indexes == 1
+    options = db_conn.execute(
+        "SELECT x.reloptions FROM timescaledb_information.chunks c "
+        "JOIN pg_class t ON t.relname = c.chunk_name "
+        "JOIN pg_index i ON i.indrelid = t.oid JOIN pg_class x ON x.oid = i.indexrelid "
+        "WHERE c.hypertable_schema = %s AND c.hypertable_name = %s",
+        (s, readings_data_table("kiosk")),
+    ).fetchall()
+    assert options == [(["fillfactor=100"],)]
+    again = database.maintain(
+        db_conn, schema=s, now=T0 + timedelta(days=2), lookback=timedelta(hours=1)
+    )
+    assert again.packed_indexes == 0
+    assert db_conn.execute(f"SELECT count(*) FROM {s}.{KIOSK}").fetchone() == (121,)
