@@ -9,6 +9,10 @@ settings ask for, and returns the steps that close the gap:
 
 - a new device type: its wide hypertable and its hourly rollup with its
   policies, as the edition allows (``contracts.schema.rollup_statements``);
+  in a schema that stores readings by device key (migration 22), the data
+  hypertable and the view (``keyed_readings_statements``), and a new
+  metric goes to the data table and is appended to the view. Policies are
+  set on the hypertable that stores a type (``raw_hypertable``);
 - a new metric: its column in the raw table (``ADD COLUMN IF NOT EXISTS``),
   and in the project's own rollup table on the Apache edition. A continuous
   aggregate (community edition) cannot be altered: the metric is stored

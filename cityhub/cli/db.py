@@ -156,7 +156,8 @@ def maintain(
         state.console.print("community edition: rollups and retention run as server policies")
     else:
         state.console.print(
-            f"rollup rows written: {report.rollup_rows}; chunks dropped: {report.dropped_chunks}"
+            f"rollup rows written: {report.rollup_rows}; chunks dropped: {report.dropped_chunks}; "
+            f"chunk indexes packed: {report.packed_indexes}"
         )
 
 
