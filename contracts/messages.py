@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Iterable
 from typing import Any, Final, Literal, TypeVar
 
 import msgspec
@@ -676,8 +677,34 @@ def check_sound_block_rows(
     metrics = [(dtype.metric(name), values) for name, values in block.values.items()]
     earliest_ms = now_ms - max_past_ms
     latest_ms = now_ms + max_future_ms
+    return check_rows(
+        block,
+        dtype,
+        sorted(_suspect_rows(block, metrics, earliest_ms, latest_ms)),
+        now_ms=now_ms,
+        max_past_ms=max_past_ms,
+        max_future_ms=max_future_ms,
+    )
+
+
+def check_rows(
+    block: ReadingBlock,
+    dtype: DeviceType,
+    rows: Iterable[int],
+    *,
+    now_ms: int,
+    max_past_ms: int = DEFAULT_MAX_PAST_MS,
+    max_future_ms: int = DEFAULT_MAX_FUTURE_MS,
+) -> list[tuple[int, InputError]]:
+    """``check_sound_block_rows``'s report for the given ``rows`` of the block only.
+
+    For a caller that screened the block by other means (ingest does it in
+    numpy) and passes the rows that may be bad, in order: every bad row must
+    be among them; a good row among them is simply not reported.
+    """
+    metrics = [(dtype.metric(name), values) for name, values in block.values.items()]
     report: list[tuple[int, InputError]] = []
-    for row in sorted(_suspect_rows(block, metrics, earliest_ms, latest_ms)):
+    for row in rows:
         try:
             _check_row(
                 block,
