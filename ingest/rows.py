@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Final
 
 import numpy as np
@@ -220,17 +221,26 @@ def _kept_rows_python(
 
 
 def _summaries(rows: TypeRows, boots: Mapping[str, str | None]) -> list[DeviceSummary]:
-    """Per device: readings, the newest reading (by time, then seq) and its boot id."""
+    """Per device: readings, the newest reading (by time, then seq) and its boot id.
+
+    One summary per device id, also where ``rows`` joins blocks whose label
+    lists repeat a device (``concat_rows``).
+    """
     if not rows.row_count:
         return []
+    labels = rows.device_ids
+    device = rows.device
+    if len(set(labels)) != len(labels):
+        first: dict[str, int] = {}
+        code = [first.setdefault(label, i) for i, label in enumerate(labels)]
+        device = np.asarray(code, dtype=np.int64)[device]
     # lexsort sorts by the last key first: device, then time, then seq; the
     # last row of each device's run is its newest reading.
-    order = np.lexsort((rows.seq, rows.ts_ms, rows.device))
-    devices = rows.device[order]
+    order = np.lexsort((rows.seq, rows.ts_ms, device))
+    devices = device[order]
     newest = order[np.flatnonzero(np.append(devices[1:] != devices[:-1], True))]
-    index = rows.device[newest]
-    counts = np.bincount(rows.device)[index]
-    labels = rows.device_ids
+    index = device[newest]
+    counts = np.bincount(device)[index]
     return [
         DeviceSummary(
             device_id=labels[i],
@@ -289,8 +299,11 @@ def build_rows(
         parts.setdefault(rows.device_type, []).append(rows)
     tables = {name: concat_rows(found) for name, found in parts.items()}
     boots = dict(zip(batch.devices, batch.device_boot, strict=True)) if batch.device_boot else {}
+    # One summary per device already (a device has one type): merge_summaries
+    # would only sort them.
     summaries = [s for t in tables.values() for s in _summaries(t, boots)]
-    return BatchRows(tables=tables, rejects=rejects, devices=merge_summaries(summaries))
+    summaries.sort(key=attrgetter("device_id"))
+    return BatchRows(tables=tables, rejects=rejects, devices=summaries)
 
 
 def concat_rows(parts: Sequence[TypeRows]) -> TypeRows:
