@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Iterable
 from typing import Any, Final, Literal, TypeVar
 
 import msgspec
@@ -64,6 +65,7 @@ from contracts.errors import (
 from contracts.ids import (
     DEFAULT_MAX_FUTURE_MS,
     DEFAULT_MAX_PAST_MS,
+    ID_PATTERN,
     check_id,
     check_timestamp,
     is_valid_id,
@@ -474,6 +476,41 @@ def _check_block_columns(block: ReadingBlock, where: str) -> DeviceType:
     return dtype
 
 
+# The ids of a batch's devices, one a line: each line an id (ID_PATTERN without ^ and $).
+_ID_LINES_RE: Final = re.compile(f"(?:{ID_PATTERN[1:-1]}\n)*{ID_PATTERN[1:-1]}")
+
+
+def _ids_unique_and_valid(ids: list[str]) -> bool:
+    """Whether every entry is a valid id and none repeats: one regex and one set, not a loop.
+
+    False says only that the caller must look entry by entry. An id holding a
+    line break would split into two lines, so the line count must match too.
+    """
+    if not ids:
+        return True
+    try:
+        text = "\n".join(ids)
+        unique = len(set(ids)) == len(ids)
+    except TypeError:  # not all strings
+        return False
+    return unique and text.count("\n") == len(ids) - 1 and _ID_LINES_RE.fullmatch(text) is not None
+
+
+def _check_device_ids(ids: list[str]) -> None:
+    """Every device id of a batch valid (InvalidIdError), none twice (InconsistentBatchError)."""
+    if _ids_unique_and_valid(ids):
+        return
+    # Find the first bad entry and say what is wrong with it.
+    seen: dict[str, int] = {}
+    for index, device_id in enumerate(ids):
+        check_id(device_id, f"devices[{index}]")
+        if device_id in seen:
+            raise InconsistentBatchError(
+                f"devices[{index}] {device_id!r} repeats devices[{seen[device_id]}]"
+            )
+        seen[device_id] = index
+
+
 def check_batch(
     batch: Batch,
     *,
@@ -501,14 +538,7 @@ def check_batch(
     check_timestamp(
         batch.sent_ms, now_ms, max_past_ms=max_past_ms, max_future_ms=max_future_ms, what="sent_ms"
     )
-    seen: dict[str, int] = {}
-    for index, device_id in enumerate(batch.devices):
-        check_id(device_id, f"devices[{index}]")
-        if device_id in seen:
-            raise InconsistentBatchError(
-                f"devices[{index}] {device_id!r} repeats devices[{seen[device_id]}]"
-            )
-        seen[device_id] = index
+    _check_device_ids(batch.devices)
     if batch.device_boot:
         if len(batch.device_boot) != len(batch.devices):
             raise InconsistentBatchError(
@@ -532,7 +562,12 @@ def check_batch(
             raise InconsistentBatchError(
                 f"{where}.device_index[{row}] = {bad} is outside [0, {device_count})"
             )
-        for device_index in set(block.device_index):
+        indexes = set(block.device_index)
+        if type_of_device.keys().isdisjoint(indexes):
+            # No device of this block seen in an earlier one: nothing to compare.
+            type_of_device.update(dict.fromkeys(indexes, block.device_type))
+            continue
+        for device_index in indexes:
             other = type_of_device.setdefault(device_index, block.device_type)
             if other != block.device_type:
                 raise InconsistentBatchError(
@@ -676,8 +711,34 @@ def check_sound_block_rows(
     metrics = [(dtype.metric(name), values) for name, values in block.values.items()]
     earliest_ms = now_ms - max_past_ms
     latest_ms = now_ms + max_future_ms
+    return check_rows(
+        block,
+        dtype,
+        sorted(_suspect_rows(block, metrics, earliest_ms, latest_ms)),
+        now_ms=now_ms,
+        max_past_ms=max_past_ms,
+        max_future_ms=max_future_ms,
+    )
+
+
+def check_rows(
+    block: ReadingBlock,
+    dtype: DeviceType,
+    rows: Iterable[int],
+    *,
+    now_ms: int,
+    max_past_ms: int = DEFAULT_MAX_PAST_MS,
+    max_future_ms: int = DEFAULT_MAX_FUTURE_MS,
+) -> list[tuple[int, InputError]]:
+    """``check_sound_block_rows``'s report for the given ``rows`` of the block only.
+
+    For a caller that screened the block by other means (ingest does it in
+    numpy) and passes the rows that may be bad, in order: every bad row must
+    be among them; a good row among them is simply not reported.
+    """
+    metrics = [(dtype.metric(name), values) for name, values in block.values.items()]
     report: list[tuple[int, InputError]] = []
-    for row in sorted(_suspect_rows(block, metrics, earliest_ms, latest_ms)):
+    for row in rows:
         try:
             _check_row(
                 block,

@@ -3,9 +3,11 @@
 ``build_rows`` takes a batch that ``contracts.messages.decode_batch`` accepted
 and the device -> gateway ownership map, and returns, per device type, the
 rows to store as numpy columns (``TypeRows``), the readings that must not be
-stored (``RejectedRow``: not owned by the sending gateway, or refused by
-``check_sound_block_rows``: NaN, out of range, out of the time window, no value),
-and one ``DeviceSummary`` per device for ``device_state``.
+stored (``RejectedRow``: not owned by the sending gateway, or refused as
+``check_sound_block_rows`` refuses them: NaN, out of range, out of the time
+window, no value; ``ingest.screen`` finds the suspects in numpy and
+``check_rows`` names their errors), and one ``DeviceSummary`` per device for
+``device_state``.
 
 Conventions of ``TypeRows``: timestamps stay integer Unix milliseconds (the
 COPY encoder converts them); there is a column for every metric of the
@@ -22,14 +24,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Final
 
 import numpy as np
 from numpy.typing import NDArray
 
-from contracts.catalog import device_type
+from contracts.catalog import DeviceType, device_type
 from contracts.ids import DEFAULT_MAX_FUTURE_MS, DEFAULT_MAX_PAST_MS
-from contracts.messages import Batch, ReadingBlock, check_sound_block_rows
+from contracts.messages import Batch, ReadingBlock, check_rows
+from ingest.screen import Screened, screen_block
 
 NOT_OWNED: Final = "not_owned"
 
@@ -116,9 +120,18 @@ def _block_rows(
                 detail=_owner_detail(device_id, batch.gateway_id, owners.get(device_id)),
             )
         )
-    # decode_batch checked the block's columns: only its rows are checked here.
-    report = check_sound_block_rows(
-        block, dtype, now_ms=now_ms, max_past_ms=max_past_ms, max_future_ms=max_future_ms
+    # decode_batch checked the block's columns: only its rows are checked here,
+    # screened in numpy; contracts names the exact error of each suspect row.
+    screened = screen_block(
+        block, dtype, earliest_ms=now_ms - max_past_ms, latest_ms=now_ms + max_future_ms
+    )
+    report = check_rows(
+        block,
+        dtype,
+        screened.suspects.tolist(),
+        now_ms=now_ms,
+        max_past_ms=max_past_ms,
+        max_future_ms=max_future_ms,
     )
     for row, error in report:
         if keep[row]:
@@ -132,6 +145,50 @@ def _block_rows(
                     detail=str(error),
                 )
             )
+    return _kept_rows(batch, block, dtype, screened, device, keep)
+
+
+def _kept_rows(  # noqa: PLR0917 - the pieces _block_rows has in hand
+    batch: Batch,
+    block: ReadingBlock,
+    dtype: DeviceType,
+    screened: Screened,
+    device: NDArray[np.int64],
+    keep: NDArray[np.bool_],
+) -> TypeRows:
+    """The kept rows of a block as columns: the screen's arrays, masked where rows are dropped."""
+    seq, ts, recv = screened.seq, screened.ts_ms, screened.recv_ms
+    columns = {name: a for name, a in screened.values.items() if a is not None}
+    if seq is None or ts is None or recv is None or len(columns) < len(screened.values):
+        return _kept_rows_python(batch, block, dtype, device, keep)
+    if not keep.all():
+        device, seq, ts, recv = device[keep], seq[keep], ts[keep], recv[keep]
+        columns = {name: column[keep] for name, column in columns.items()}
+    count = len(seq)
+    # A kept row's NaN is a None: a NaN reading is refused (see the module docstring).
+    values = {
+        m.name: columns[m.name] if m.name in columns else np.full(count, np.nan)
+        for m in dtype.metrics
+    }
+    return TypeRows(
+        device_type=dtype.name,
+        device_ids=tuple(batch.devices),
+        device=device,
+        seq=seq,
+        ts_ms=ts,
+        recv_ms=recv,
+        values=values,
+    )
+
+
+def _kept_rows_python(
+    batch: Batch,
+    block: ReadingBlock,
+    dtype: DeviceType,
+    device: NDArray[np.int64],
+    keep: NDArray[np.bool_],
+) -> TypeRows:
+    """``_kept_rows`` of a block with a column numpy could not hold: picked in Python."""
     if keep.all():
         seq, ts, recv = block.seq, block.ts_ms, block.recv_ms
         columns = block.values
@@ -164,29 +221,42 @@ def _block_rows(
 
 
 def _summaries(rows: TypeRows, boots: Mapping[str, str | None]) -> list[DeviceSummary]:
-    """Per device: readings, the newest reading (by time, then seq) and its boot id."""
+    """Per device: readings, the newest reading (by time, then seq) and its boot id.
+
+    One summary per device id, also where ``rows`` joins blocks whose label
+    lists repeat a device (``concat_rows``).
+    """
     if not rows.row_count:
         return []
-    # lexsort sorts by the last key first: device, then time, then seq.
-    order = np.lexsort((rows.seq, rows.ts_ms, rows.device))
-    devices = rows.device[order]
-    last = np.flatnonzero(np.append(devices[1:] != devices[:-1], True))
-    counts = np.bincount(rows.device)
-    result = []
-    for position in last.tolist():
-        row = int(order[position])
-        index = int(rows.device[row])
-        device_id = rows.device_ids[index]
-        result.append(
-            DeviceSummary(
-                device_id=device_id,
-                last_ts_ms=int(rows.ts_ms[row]),
-                last_seq=int(rows.seq[row]),
-                boot_id=boots.get(device_id),
-                readings=int(counts[index]),
-            )
+    labels = rows.device_ids
+    device = rows.device
+    if len(set(labels)) != len(labels):
+        first: dict[str, int] = {}
+        code = [first.setdefault(label, i) for i, label in enumerate(labels)]
+        device = np.asarray(code, dtype=np.int64)[device]
+    # lexsort sorts by the last key first: device, then time, then seq; the
+    # last row of each device's run is its newest reading.
+    order = np.lexsort((rows.seq, rows.ts_ms, device))
+    devices = device[order]
+    newest = order[np.flatnonzero(np.append(devices[1:] != devices[:-1], True))]
+    index = device[newest]
+    counts = np.bincount(device)[index]
+    return [
+        DeviceSummary(
+            device_id=labels[i],
+            last_ts_ms=ts,
+            last_seq=seq,
+            boot_id=boots.get(labels[i]),
+            readings=n,
         )
-    return result
+        for i, ts, seq, n in zip(
+            index.tolist(),
+            rows.ts_ms[newest].tolist(),
+            rows.seq[newest].tolist(),
+            counts.tolist(),
+            strict=True,
+        )
+    ]
 
 
 def build_rows(
@@ -202,7 +272,7 @@ def build_rows(
     ``owners`` maps a device id to the gateway it is registered to (None or
     absent: unknown or revoked); readings of a device that ``batch.gateway_id``
     does not own are rejects with reason ``not_owned``. Every other reading
-    goes through ``check_sound_block_rows``; the first problem of a row is
+    is checked as ``check_sound_block_rows`` checks it; the first problem of a row is
     its reject reason. The batch's shape must have passed ``decode_batch``,
     which checked every block's columns; they are not checked again here.
     """
@@ -229,8 +299,11 @@ def build_rows(
         parts.setdefault(rows.device_type, []).append(rows)
     tables = {name: concat_rows(found) for name, found in parts.items()}
     boots = dict(zip(batch.devices, batch.device_boot, strict=True)) if batch.device_boot else {}
+    # One summary per device already (a device has one type): merge_summaries
+    # would only sort them.
     summaries = [s for t in tables.values() for s in _summaries(t, boots)]
-    return BatchRows(tables=tables, rejects=rejects, devices=merge_summaries(summaries))
+    summaries.sort(key=attrgetter("device_id"))
+    return BatchRows(tables=tables, rejects=rejects, devices=summaries)
 
 
 def concat_rows(parts: Sequence[TypeRows]) -> TypeRows:
