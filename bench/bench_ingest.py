@@ -53,7 +53,7 @@ from contracts.ids import batch_id
 from contracts.messages import Batch, ReadingBlock, decode_ack, encode_batch
 from contracts.settings import IngestSettings, StorageSettings
 from contracts.topics import batch_topic, gateway_filter
-from ingest.copyformat import CopyColumn, encode_copy_binary
+from ingest.copyformat import encode_copy_binary
 from ingest.prepare import GoodBatch
 from ingest.rows import build_rows, concat_rows
 from ingest.writer import BatchWriter, copy_columns
@@ -195,15 +195,8 @@ def copy_ceiling(
     streams = []
     for start in range(0, len(tables), per_chunk):
         rows = concat_rows(tables[start : start + per_chunk])
-        ts, _device, seq, _recv, *metrics = copy_columns(rows)
-        device_keys = np.array([keys[d] for d in rows.device_ids], dtype=np.int64)[rows.device]
-        keyed = [
-            ts,
-            seq,
-            CopyColumn("integer", device_keys),
-            CopyColumn("integer", rows.recv_ms - rows.ts_ms),
-            *metrics,
-        ]
+        device_keys = np.array([keys[d] for d in rows.device_ids], dtype=np.int64)
+        keyed = copy_columns(rows, device_keys)
         streams.append(encode_copy_binary(keyed, rows.row_count))
     total = sum(t.row_count for t in tables)
     columns = (

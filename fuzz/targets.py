@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Final, TypeVar
 
 import msgspec
+import numpy as np
 
 from contracts import catalog
 from contracts.commands import (
@@ -374,7 +375,8 @@ def fuzz_ingest_batch(data: bytes) -> None:
         item.rows.readings + len(item.rows.rejects) == rows, "rows neither stored nor rejected"
     )
     for table in item.rows.tables.values():
-        encode_copy_binary(copy_columns(table), table.row_count)
+        keys = np.arange(len(table.device_ids), dtype=np.int64)
+        encode_copy_binary(copy_columns(table, keys), table.row_count)
 
 
 def fuzz_ingest_state(data: bytes) -> None:

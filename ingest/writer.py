@@ -12,9 +12,12 @@
 2. per device type, a binary COPY (``ingest.copyformat``, with the stage
    columns' exact types) into a temporary stage table (created once per
    connection, again when the type's metrics change; ``ON COMMIT DELETE
-   ROWS``), then ``INSERT INTO readings_{type}_data SELECT ... FROM stage``
-   joined to ``device_keys`` (the device id becomes its integer key, the
-   receive time a delay after ``ts``: ``keyed_insert``).
+   ROWS``) holding the data table's own columns, then ``INSERT INTO
+   readings_{type}_data SELECT ... FROM stage`` (``keyed_insert``). Device
+   ids become their integer keys (``device_keys``, loaded with the ownership
+   map, a device missing from it looked up in the same transaction) and
+   the receive time a delay after ``ts`` in numpy before the COPY, so the
+   server maps nothing per row.
    The key (device_key, ts, seq) includes the time column, so a reading
    stored before (by another batch, or a batch whose id was pruned) is
    never stored twice: the plain INSERT,
@@ -68,9 +71,11 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
+from numpy.typing import NDArray
 
 from adapters.database import Connection, Cursor, Database, insert_unless_duplicate, sql
 from contracts.catalog import DEVICE_TYPES, DeviceType
+from contracts.errors import RefusedByDatabaseError
 from contracts.schema import (
     DEVICE_KEYS,
     KEYED_COLUMNS,
@@ -161,35 +166,41 @@ def _create_stage_table(conn: Connection[Any], dtype: DeviceType) -> None:
     columns = ", ".join(f"{n} {t}" for n, t in _metric_types(dtype))
     conn.execute(f"DROP TABLE IF EXISTS pg_temp.{_stage_table(dtype)}")
     conn.execute(
-        f"CREATE TEMP TABLE {_stage_table(dtype)} (ts timestamptz, "
-        f"device_id text, seq bigint, recv_ts timestamptz, {columns}) "
-        "ON COMMIT DELETE ROWS"
+        f"CREATE TEMP TABLE {_stage_table(dtype)} (ts timestamptz, seq bigint, "
+        f"device_key integer, recv_delay_ms integer, {columns}) ON COMMIT DELETE ROWS"
     )
 
 
 def keyed_insert(schema: str, dtype: DeviceType, stage: str) -> str:
-    """INSERT ... SELECT from the stage table into the type's data table, ids mapped to keys.
+    """INSERT ... SELECT from the stage table into the type's data table, column for column.
 
-    Every registered device has a key (``device_keys``, migration 22); a LEFT
-    JOIN makes a device without one a NOT NULL violation that refuses the
-    group, never a row silently left out.
+    The stage holds the data table's own columns: device keys and receive
+    delays are computed by ``copy_columns`` from the key map the worker
+    loads with the ownership map, so the server joins nothing per row.
     """
-    metrics = "".join(f", st.{n}" for n in dtype.metric_names)
+    columns = ", ".join([*KEYED_COLUMNS, *dtype.metric_names])
     return (
-        f"INSERT INTO {schema}.{readings_data_table(dtype.name)} "
-        f"({', '.join([*KEYED_COLUMNS, *dtype.metric_names])}) "
-        f"SELECT st.ts, st.seq, k.device_key, {schema}.recv_delay_ms(st.ts, st.recv_ts){metrics} "
-        f"FROM {stage} st LEFT JOIN {schema}.{DEVICE_KEYS} k ON k.device_id = st.device_id"
+        f"INSERT INTO {schema}.{readings_data_table(dtype.name)} ({columns}) "
+        f"SELECT {columns} FROM {stage}"
     )
 
 
-def copy_columns(rows: TypeRows) -> list[CopyColumn]:
-    """The stage table's columns, in its order, with its exact types."""
+# ``recv_delay_ms`` is an int4: a delay past its range is clamped, as the
+# schema's ``recv_delay_ms`` function does for rows written through the view.
+_INT4_MIN: Final = -(2**31)
+_INT4_MAX: Final = 2**31 - 1
+
+
+def copy_columns(rows: TypeRows, keys: NDArray[np.int64]) -> list[CopyColumn]:
+    """The stage table's columns, in its order, with its exact types.
+
+    ``keys[i]`` is the device key of ``rows.device_ids[i]``.
+    """
     columns = [
         CopyColumn("timestamptz", rows.ts_ms),
-        CopyColumn("text", rows.device, labels=rows.device_ids),
         CopyColumn("bigint", rows.seq),
-        CopyColumn("timestamptz", rows.recv_ms),
+        CopyColumn("integer", keys[rows.device]),
+        CopyColumn("integer", np.clip(rows.recv_ms - rows.ts_ms, _INT4_MIN, _INT4_MAX)),
     ]
     for name, sql_type in _metric_types(DEVICE_TYPES[rows.device_type]):
         values = rows.values[name]
@@ -263,6 +274,9 @@ class BatchWriter:
         # Replaced, never mutated: readers in other threads keep a consistent snapshot.
         self._owners: Mapping[str, str | None] = {}
         self._owners_loaded_s: float | None = None
+        # Device id -> its key in the readings tables (``device_keys``): keys
+        # never change, so entries are only ever added; loaded with the owners.
+        self._keys: Mapping[str, int] = {}
         self._unknown_since: dict[str, float] = {}
         self._conflict_seen_s: dict[str, float] = {}  # device type -> last duplicate
 
@@ -336,8 +350,9 @@ class BatchWriter:
         with self._db.session("ownership") as conn:
             now = self.clock()
             owned = (
-                f"SELECT d.device_id, d.gateway_id FROM {self.schema}.devices d "
+                f"SELECT d.device_id, d.gateway_id, k.device_key FROM {self.schema}.devices d "
                 f"JOIN {self.schema}.gateways g ON g.gateway_id = d.gateway_id "
+                f"LEFT JOIN {self.schema}.{DEVICE_KEYS} k ON k.device_id = d.device_id "
                 "WHERE d.status = 'active' AND g.status = 'active'"
             )
             if self._owners_loaded_s is None or now - self._owners_loaded_s >= (
@@ -345,7 +360,8 @@ class BatchWriter:
             ):
                 rows = conn.execute(owned).fetchall()
                 old = self._owners
-                self._owners = {str(d): str(g) for d, g in rows}
+                self._owners = {str(d): str(g) for d, g, _ in rows}
+                self._learn_keys((str(d), k) for d, _, k in rows)
                 self._owners_loaded_s = now
                 self._unknown_since = {}
                 return dict(old) != self._owners
@@ -359,7 +375,9 @@ class BatchWriter:
             ]
             if not missing:
                 return False
-            found = dict(conn.execute(f"{owned} AND d.device_id = ANY(%s)", (missing,)).fetchall())
+            rows = conn.execute(f"{owned} AND d.device_id = ANY(%s)", (missing,)).fetchall()
+            found = {str(d): g for d, g, _ in rows}
+            self._learn_keys((str(d), k) for d, _, k in rows)
             updated: dict[str, str | None] = dict(self._owners)
             for device_id in missing:
                 owner = found.get(device_id)
@@ -369,6 +387,37 @@ class BatchWriter:
             changed = any(updated[d] != self._owners.get(d) for d in missing)
             self._owners = updated
             return changed
+
+    def _learn_keys(self, pairs: Iterable[tuple[str, int | None]]) -> None:
+        new = {d: int(k) for d, k in pairs if k is not None and d not in self._keys}
+        if new:
+            self._keys = {**self._keys, **new}
+
+    def _keys_of(self, cur: Cursor[Any], rows: TypeRows) -> NDArray[np.int64]:
+        """The device key of each of ``rows.device_ids`` (-1 for a label no row uses).
+
+        A device not in the map is looked up. Every registered device has a
+        key (``device_keys``, migration 22); a row of one without is refused
+        like a constraint violation of the group, never stored under a
+        made-up key.
+        """
+        labels = rows.device_ids
+        used = [labels[i] for i in np.unique(rows.device).tolist()]
+        missing = [d for d in used if d not in self._keys]
+        if missing:
+            cur.execute(
+                f"SELECT device_id, device_key FROM {self.schema}.{DEVICE_KEYS} "
+                "WHERE device_id = ANY(%s)",
+                (missing,),
+            )
+            self._learn_keys((str(d), k) for d, k in cur.fetchall())
+            unknown = [d for d in missing if d not in self._keys]
+            if unknown:
+                raise RefusedByDatabaseError(
+                    f"device {unknown[0]!r} has no key in {DEVICE_KEYS}: not registered"
+                )
+        keys = self._keys
+        return np.fromiter((keys.get(d, -1) for d in labels), dtype=np.int64, count=len(labels))
 
     # -- commit ----------------------------------------------------------------
 
@@ -424,8 +473,9 @@ class BatchWriter:
             rows = concat_rows(parts[name])
             dtype = DEVICE_TYPES[name]
             stage = _stage_table(dtype)
-            columns = ", ".join(["ts", "device_id", "seq", "recv_ts", *dtype.metric_names])
-            data = encode_copy_binary(copy_columns(rows), rows.row_count)
+            columns = ", ".join([*KEYED_COLUMNS, *dtype.metric_names])
+            keys = self._keys_of(cur, rows)
+            data = encode_copy_binary(copy_columns(rows, keys), rows.row_count)
             with cur.copy(f"COPY {stage} ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
                 copy.write(data)
             insert = keyed_insert(self.schema, dtype, stage)
