@@ -19,7 +19,9 @@ publishing and logging are the shell's.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Final, Literal
 
 from contracts.catalog import DEFAULT_OFFLINE_AFTER_S, DEVICE_TYPES, device_type
 from contracts.errors import InputError, UnknownMetricError
@@ -29,6 +31,7 @@ from contracts.messages import (
     DeviceConfig,
     DeviceUplink,
     GatewayConfig,
+    accept_device_uplinks,
     decode_device_status,
     decode_device_uplink,
     decode_device_uplink_tolerant,
@@ -81,6 +84,16 @@ class HttpIntake:
 # answer was lost: a device resends at most its unanswered requests, a
 # few arrays of HTTP_MAX_READINGS, in order.
 HTTP_RECENT_KEYS = 4 * HTTP_MAX_READINGS
+
+# A socket read with at least this many messages has its uplinks checked
+# together (``contracts.messages.accept_device_uplinks``); a smaller one goes
+# one by one, which is faster below about 16 readings of a type (measured:
+# 8 readings 1.02x the one-by-one time, 16 readings 0.78x, 100 readings 0.57x).
+GROUP_MIN_MESSAGES: Final = 16
+# What a socket read's message is, before it is handled in order: an uplink
+# of this device that got its token, one without a token (False), or
+# anything else (None).
+Planned = DeviceConfig | Literal[False] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,14 +291,80 @@ class Router:
         max_rows = builder.max_rows
         ack_threshold = self.ack_threshold
         self.counters.received += len(publishes)
-        for topic, payload, qos, packet_id, _retain in publishes:
+        if len(publishes) < GROUP_MIN_MESSAGES:
+            for topic, payload, qos, packet_id, _retain in publishes:
+                if qos:
+                    acks.append(packet_id)
+                self._site_message(topic, payload, now)
+                if builder.rows >= max_rows or len(acks) >= ack_threshold:
+                    self.cut(now)
+                    acks = self.site_acks
+            return bool(self.ready)
+        plan, checked = self._check_uplinks(publishes, now)
+        counters = self.counters
+        for (topic, payload, qos, packet_id, _retain), device in zip(publishes, plan, strict=True):
             if qos:
                 acks.append(packet_id)
-            self._site_message(topic, payload, now)
+            if device is None:
+                self._site_message(topic, payload, now)
+            elif device is False:
+                counters.rate_limited += 1
+            else:
+                uplink = next(checked[device.device_type])
+                if uplink is None:
+                    self._device_uplink(device, payload, now)
+                else:
+                    self._accept(
+                        device,
+                        seq=uplink.seq,
+                        ts_ms=uplink.ts_ms,
+                        recv_ms=now,
+                        values=uplink.metrics,
+                        boot=uplink.boot,
+                    )
             if builder.rows >= max_rows or len(acks) >= ack_threshold:
                 self.cut(now)
                 acks = self.site_acks
         return bool(self.ready)
+
+    def _check_uplinks(
+        self, publishes: list[Publish], now: int
+    ) -> tuple[list[Planned], dict[str, Iterator[DeviceUplink | None]]]:
+        """Route and rate-limit a socket read's messages, then check its uplinks type by type.
+
+        Returns, per message, its device if it is an uplink that got a token,
+        False if its device had none, None for anything else (a status, a
+        LoRaWAN event, a topic not served: ``_site_message`` handles those);
+        and per device type, the results of ``accept_device_uplinks`` for its
+        uplinks in message order. Neither a route nor a token depends on what
+        the messages before did, and the checks are pure, so taking them
+        first changes nothing: what is accepted, rejected and counted, and in
+        which order, is decided in ``site_messages`` as one by one.
+        """
+        routes = self.routes
+        allow = self.buckets.allow
+        plan: list[Planned] = []
+        payloads: dict[str, list[bytes]] = {}
+        for topic, payload, _qos, _packet_id, _retain in publishes:
+            route = routes.get(topic)
+            if route is None or route[1]:
+                plan.append(None)
+                continue
+            device = route[0]
+            if not allow(device.device_id, now):
+                plan.append(False)
+                continue
+            plan.append(device)
+            of_type = payloads.get(device.device_type)
+            if of_type is None:
+                payloads[device.device_type] = [payload]
+            else:
+                of_type.append(payload)
+        checked = {
+            name: iter(accept_device_uplinks(of_type, device_type=name, now_ms=now))
+            for name, of_type in payloads.items()
+        }
+        return plan, checked
 
     def _site_message(self, topic: str, payload: bytes, now: int) -> None:
         """One device message: reject, count or add it to the builder."""
@@ -315,13 +394,17 @@ class Router:
         if not self.buckets.allow(device_id, now):
             self.counters.rate_limited += 1
             return
+        self._device_uplink(device, payload, now)
+
+    def _device_uplink(self, device: DeviceConfig, payload: bytes, now: int) -> None:
+        """An uplink that got its token: decoded and checked, then accepted or rejected."""
         uplink: DeviceUplink | None
         try:
             uplink = decode_device_uplink(payload, device_type=device.device_type, now_ms=now)
         except UnknownMetricError:
-            uplink = self._tolerate_unknown(device_id, device.device_type, payload, now)
+            uplink = self._tolerate_unknown(device.device_id, device.device_type, payload, now)
         except InputError as exc:
-            self.reject(exc.reason, device_id, str(exc), payload, now)
+            self.reject(exc.reason, device.device_id, str(exc), payload, now)
             uplink = None
         if uplink is not None:
             self._accept(
