@@ -318,25 +318,7 @@ class Rig:
         return proc
 
     def start_ingest(self, workers: int) -> subprocess.Popen[bytes]:
-        before = self.log.read_text().count("subscribed to") if self.log.exists() else 0
-        with self.log.open("ab") as out:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    *("-m", "ingest", "--config", str(self.config)),
-                    *("--workers", str(workers)),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=Path(__file__).resolve().parents[1],
-                env={k: v for k, v in os.environ.items() if not k.startswith("CITYHUB_")},
-            )
-        wait(
-            lambda: self.log.read_text().count("subscribed to") >= before + workers,
-            60,
-            "ingest subscribed",
-        )
-        return proc
+        return start_ingest(self.config, self.log, workers)
 
     def end_to_end(self, batches: int) -> tuple[float, float]:
         """(readings/s from the first publish to the last ack, publisher batches/s)."""
@@ -384,6 +366,29 @@ class Rig:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
         return idle, peak, rate
+
+
+def start_ingest(config: Path, log: Path, workers: int) -> subprocess.Popen[bytes]:
+    """`python -m ingest` with ``workers`` workers, once each has subscribed."""
+    before = log.read_text().count("subscribed to") if log.exists() else 0
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                *("-m", "ingest", "--config", str(config)),
+                *("--workers", str(workers)),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parents[1],
+            env={k: v for k, v in os.environ.items() if not k.startswith("CITYHUB_")},
+        )
+    wait(
+        lambda: log.read_text().count("subscribed to") >= before + workers,
+        60,
+        "ingest subscribed",
+    )
+    return proc
 
 
 def go(publisher: subprocess.Popen[str]) -> None:
