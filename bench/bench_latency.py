@@ -30,7 +30,9 @@ All clocks are this machine's. Readings timestamped in the first
 ``--warmup-s`` seconds of a run are left out. Loss is the readings the
 publisher sent minus the rows stored (0 expected; rows are unique by device,
 ts and seq). Medians over ``--runs`` runs of p50/p90/p99 and of the
-achieved rate (stored readings over the publishing time).
+achieved rate (stored readings over the publishing time), with the mean
+readings a gateway batch and batches an ingest commit (from
+``ingested_batches``: each transaction stamps its own ``committed_at``).
 
     .venv/bin/python bench/bench_latency.py [--rates 2000 20000] [--duration-s 15] [--runs 3]
 """
@@ -55,7 +57,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import psycopg
 from bench_gateway import start_gateway, stop, write_settings
-from bench_ingest import ingest_config, machine, reset, seed, start_ingest, start_servers
+from bench_ingest import (
+    batches_per_commit,
+    ingest_config,
+    machine,
+    reset,
+    seed,
+    start_ingest,
+    start_servers,
+)
 
 from cityhub import database
 from cityhub.localstack.mosquitto import ADMIN_USER, MosquittoServer
@@ -144,6 +154,8 @@ class RunResult:
     rate: float
     lost: int
     rows: int
+    rows_per_batch: float
+    batches_per_commit: float
 
 
 def visibility_query(schema: str, *, since_ms: int) -> str:
@@ -238,7 +250,17 @@ class Stack:
             rate=rows / float(elapsed_s),
             lost=int(sent) - rows,
             rows=len(data),
+            rows_per_batch=self.rows_per_batch(),
+            batches_per_commit=batches_per_commit(self.conn, self.schema),
         )
+
+    def rows_per_batch(self) -> float:
+        """Readings a gateway batch, over the run (ingest records each batch's count)."""
+        row = self.conn.execute(
+            "SELECT sum(readings)::float / greatest(count(*), 1) "
+            f"FROM {self.schema}.ingested_batches"
+        ).fetchone()
+        return 0.0 if row is None or row[0] is None else float(row[0])
 
     def close(self) -> None:
         stop(self.gateway)
@@ -296,7 +318,9 @@ def report(rate: int, devices: int, results: list[RunResult]) -> None:
         f"achieved {statistics.median(r.rate for r in results):,.0f}/s "
         f"({' / '.join(f'{r.rate:,.0f}' for r in results)}); "
         f"lost {sum(r.lost for r in results)}; "
-        f"{statistics.median(r.rows for r in results):,.0f} rows measured a run"
+        f"{statistics.median(r.rows for r in results):,.0f} rows measured a run; "
+        f"readings a gateway batch {statistics.median(r.rows_per_batch for r in results):,.1f}, "
+        f"batches a commit {statistics.median(r.batches_per_commit for r in results):,.1f}"
     )
     print("| ms, median (runs) | p50 | p90 | p99 |")
     print("|---|---|---|---|")
@@ -308,14 +332,15 @@ def report(rate: int, devices: int, results: list[RunResult]) -> None:
 def run(args: argparse.Namespace, tmp: Path, broker: MosquittoServer, pg: PostgresServer) -> None:
     enable_commit_timestamps(pg)
     with psycopg.connect(pg.url(), autocommit=True) as conn:
-        print(f"machine: {machine(conn)}")
-        print(
-            f"{args.runs} runs of {args.duration_s:.0f} s a rate, the first "
-            f"{args.warmup_s:.0f} s of each left out"
-        )
-        for rate in args.rates:
+        for n, rate in enumerate(args.rates):
             devices = max(1, rate // PER_DEVICE_PER_S)
             stack = start_stack(broker, pg, tmp, conn, devices)
+            if not n:  # TimescaleDB's version once a schema has the extension
+                print(f"machine: {machine(conn)}")
+                print(
+                    f"{args.runs} runs of {args.duration_s:.0f} s a rate, the first "
+                    f"{args.warmup_s:.0f} s of each left out"
+                )
             try:
                 results = [
                     stack.run(
