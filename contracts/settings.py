@@ -131,10 +131,10 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     outbox_full_policy: Literal["refuse", "drop_oldest"] = "refuse"
     # Caps on a batch, not timers: a batch is cut as soon as the readings
     # waiting on the site socket are handled (the next one forms while its
-    # fsync runs), so at light load a reading waits one fsync, and under load
-    # batches grow by themselves up to these. 500 rows (~47 KB) keep a batch
-    # message far below the 8 MiB limit; 200 ms bounds a batch's age when
-    # readings never stop coming.
+    # fsync runs; at most one every 5 ms), so at light load a reading waits
+    # one fsync, and under load batches grow by themselves up to these. 500
+    # rows (~47 KB) keep a batch message far below the 8 MiB limit; 200 ms
+    # bounds a batch's age when readings never stop coming.
     batch_max_rows: int = 500
     batch_max_ms: int = 200
     # Unacked batches are resent unchanged after this long.
@@ -181,9 +181,10 @@ class IngestSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     workers: int = 1
     # A group is committed as soon as no batch waits and the previous commit
     # is done; batches that arrive during a commit form the next group, up
-    # to these caps. 64 gateway batches of 500 rows (32k rows) commit in ~0.2 s at the
-    # ~150k rows/s of staged COPY + INSERT (bench/RESULTS.md): large enough
-    # to amortise the transaction, small enough to ack within a second.
+    # to these caps. 64 gateway batches of 500 rows (32k rows) commit in
+    # ~0.2 s at the ~150k rows/s of staged COPY + INSERT (bench/RESULTS.md):
+    # large enough to amortise the transaction, small enough to ack within a
+    # second.
     max_batches_per_commit: int = 64
     max_rows_per_commit: int = 32_000
     # A cap, not a timer: how long the first batch of a group may wait for a
