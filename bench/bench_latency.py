@@ -117,7 +117,8 @@ PUBLISHER = textwrap.dedent(
     start_wall = time.time()
     t0 = time.monotonic()
     while sent < total:
-        due = min(total, int((time.monotonic() - t0) * rate) + 1)
+        # Behind after a stall: catch up a window at a time.
+        due = min(total, int((time.monotonic() - t0) * rate) + 1, sent + WINDOW)
         if due > sent:
             while window + (due - sent) > WINDOW:
                 read(1.0)
@@ -263,9 +264,11 @@ class Stack:
         return 0.0 if row is None or row[0] is None else float(row[0])
 
     def close(self) -> None:
-        stop(self.gateway)
-        self.ingest.send_signal(signal.SIGTERM)
-        self.ingest.wait(60)
+        try:
+            stop(self.gateway)
+        finally:
+            self.ingest.send_signal(signal.SIGTERM)
+            self.ingest.wait(60)
 
 
 def start_stack(
