@@ -148,7 +148,7 @@ ACKER = textwrap.dedent(
     port, user, password, prefix, gateway_id, expected, ndev, per_s = sys.argv[2:10]
     expected, ndev, per_s = int(expected), int(ndev), float(per_s)
     seen = set()
-    state = {"first": None, "first_rows": 0, "last": None, "deliveries": 0,
+    state = {"first": None, "first_rows": 0, "last": None, "deliveries": 0, "batches": 0,
              "commands": 0, "reports": 0, "succeeded": 0}
     done = threading.Event()
     started = threading.Event()
@@ -179,6 +179,7 @@ ACKER = textwrap.dedent(
                 seen.add((batch.devices[i], s))
             rows += block.row_count
         state["deliveries"] += rows
+        state["batches"] += 1
         ack = Ack(batch_ids=[batch.batch_id], ts_ms=int(now * 1000),
                   digests=[payload_digest(message.payload)])
         c.publish(ack_topic(gateway_id, prefix), encode_ack(ack), qos=1)
@@ -218,7 +219,8 @@ ACKER = textwrap.dedent(
     c.loop_stop()
     print(json.dumps({"first": state["first"], "first_rows": state["first_rows"],
                       "last": state["last"], "unique": len(seen),
-                      "deliveries": state["deliveries"], "commands": state["commands"],
+                      "deliveries": state["deliveries"], "batches": state["batches"],
+                      "commands": state["commands"],
                       "reports": state["reports"], "succeeded": state["succeeded"]}),
           flush=True)
     """
@@ -386,6 +388,7 @@ def run_once(
         "first_to_last": (readings - result["first_rows"]) / (result["last"] - result["first"]),
         "start_to_last": readings / (result["last"] - started),
         "duplicates": result["deliveries"] - readings,
+        "rows_per_batch": result["deliveries"] / result["batches"],
         "queue_rate": readings / queue_s,
         "commands": result["commands"],
         "reports": result["reports"],
@@ -569,11 +572,13 @@ def main() -> None:
         (drains, "first_to_last", "drain: readings/s acked, first to last ack"),
         (drains, "start_to_last", "drain: readings/s acked, gateway start to last ack"),
         (drains, "duplicates", "drain: readings delivered twice (ingest drops them)"),
+        (drains, "rows_per_batch", "drain: readings a batch (mean)"),
         (drains, "queue_rate", "drain: backlog queued at the broker, msgs/s"),
         (lives, "first_to_last", "live: readings/s acked, first to last ack"),
         (lives, "start_to_last", "live: readings/s acked, publisher start to last ack"),
         (lives, "queue_rate", "live: publisher msgs/s (acked by the broker)"),
         (lives, "duplicates", "live: readings delivered twice"),
+        (lives, "rows_per_batch", "live: readings a batch (mean)"),
         (drains, "gateway_cpu_s", "drain: gateway CPU s a run (user + system)"),
         (lives, "gateway_cpu_s", "live: gateway CPU s a run (user + system)"),
     ):

@@ -330,28 +330,10 @@ class Rig:
         return proc
 
     def start_ingest(self, workers: int) -> subprocess.Popen[bytes]:
-        before = self.log.read_text().count("subscribed to") if self.log.exists() else 0
-        with self.log.open("ab") as out:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    *("-m", "ingest", "--config", str(self.config)),
-                    *("--workers", str(workers)),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=Path(__file__).resolve().parents[1],
-                env={k: v for k, v in os.environ.items() if not k.startswith("CITYHUB_")},
-            )
-        wait(
-            lambda: self.log.read_text().count("subscribed to") >= before + workers,
-            60,
-            "ingest subscribed",
-        )
-        return proc
+        return start_ingest(self.config, self.log, workers)
 
-    def end_to_end(self, batches: int) -> tuple[float, float]:
-        """(readings/s from the first publish to the last ack, publisher batches/s)."""
+    def end_to_end(self, batches: int) -> tuple[float, float, float]:
+        """(readings/s, first publish to last ack; publisher batches/s; batches a commit)."""
         reset(self.conn, self.schema)
         self.acks.clear()
         publisher = self.start_publisher()
@@ -367,7 +349,11 @@ class Rig:
         ).fetchone()
         if stored is None or stored[0] != batches * ROWS_PER_BATCH:
             raise SystemExit(f"stored {stored} readings, expected {batches * ROWS_PER_BATCH}")
-        return batches * ROWS_PER_BATCH / elapsed, pub_rate
+        return (
+            batches * ROWS_PER_BATCH / elapsed,
+            pub_rate,
+            batches_per_commit(self.conn, self.schema),
+        )
 
     def backlog_rss(self, batches: int) -> tuple[int, int, float]:
         """(idle RSS KiB, peak RSS KiB while draining, readings/s) of one worker.
@@ -396,6 +382,37 @@ class Rig:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
         return idle, peak, rate
+
+
+def start_ingest(config: Path, log: Path, workers: int) -> subprocess.Popen[bytes]:
+    """`python -m ingest` with ``workers`` workers, once each has subscribed."""
+    before = log.read_text().count("subscribed to") if log.exists() else 0
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                *("-m", "ingest", "--config", str(config)),
+                *("--workers", str(workers)),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parents[1],
+            env={k: v for k, v in os.environ.items() if not k.startswith("CITYHUB_")},
+        )
+    wait(
+        lambda: log.read_text().count("subscribed to") >= before + workers,
+        60,
+        "ingest subscribed",
+    )
+    return proc
+
+
+def batches_per_commit(conn: psycopg.Connection, schema: str) -> float:
+    """Batches a commit since the last reset: each transaction stamps its own committed_at."""
+    row = conn.execute(
+        f"SELECT count(*), count(DISTINCT committed_at) FROM {schema}.ingested_batches"
+    ).fetchone()
+    return 0.0 if row is None or not row[1] else row[0] / row[1]
 
 
 def go(publisher: subprocess.Popen[str]) -> None:
@@ -458,7 +475,7 @@ def fmt(values: list[float]) -> str:
 
 
 def report(
-    ceilings: list[float], writers: list[float], e2e: dict[int, list[tuple[float, float]]]
+    ceilings: list[float], writers: list[float], e2e: dict[int, list[tuple[float, float, float]]]
 ) -> None:
     ceiling = statistics.median(ceilings)
     print()
@@ -473,16 +490,22 @@ def report(
         f"| {fmt(writers)} | {statistics.median(writers) / ceiling:.2f} |"
     )
     for workers, results in e2e.items():
-        rates = [r for r, _ in results]
+        rates = [r for r, _, _ in results]
         plural = "s" if workers > 1 else ""
         print(
             f"| end to end, {workers} worker{plural} (publish -> broker -> ingest -> ack) "
             f"| {fmt(rates)} | {statistics.median(rates) / ceiling:.2f} |"
         )
-    pubs = statistics.median([p for results in e2e.values() for _, p in results])
+    print()
+    for workers, results in e2e.items():
+        groups = [g for _, _, g in results]
+        print(
+            f"batches a commit, {workers} worker(s): {statistics.median(groups):.1f} "
+            f"({' / '.join(f'{g:.1f}' for g in groups)})"
+        )
+    pubs = statistics.median([p for results in e2e.values() for _, p, _ in results])
     print(
-        f"\npublisher alone: {pubs:,.0f} batches/s "
-        f"({pubs * ROWS_PER_BATCH:,.0f} readings/s offered)"
+        f"publisher alone: {pubs:,.0f} batches/s ({pubs * ROWS_PER_BATCH:,.0f} readings/s offered)"
     )
 
 
@@ -535,7 +558,7 @@ def run(args: argparse.Namespace, tmp: Path, broker: MosquittoServer, pg: Postgr
     rig = Rig(
         broker, conn, url, schema, AckCounter(broker, prefix), config, tmp / "ingest.log", messages
     )
-    e2e: dict[int, list[tuple[float, float]]] = {}
+    e2e: dict[int, list[tuple[float, float, float]]] = {}
     for workers in (1, 2):
         proc = rig.start_ingest(workers)
         try:

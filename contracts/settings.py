@@ -129,6 +129,12 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # site broker until acks make room (serial readings are refused, counted),
     # the backlog is kept; "drop_oldest": the oldest batches make room (counted).
     outbox_full_policy: Literal["refuse", "drop_oldest"] = "refuse"
+    # Caps on a batch, not timers: a batch is cut as soon as the readings
+    # waiting on the site socket are handled (the next one forms while its
+    # fsync runs; at most one every 5 ms), so at light load a reading waits
+    # one fsync, and under load batches grow by themselves up to these. 500
+    # rows (~47 KB) keep a batch message far below the 8 MiB limit; 200 ms
+    # bounds a batch's age when readings never stop coming.
     batch_max_rows: int = 500
     batch_max_ms: int = 200
     # Unacked batches are resent unchanged after this long.
@@ -173,15 +179,19 @@ class IngestSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # sharing the batch stream through the shared subscription. Two cores here:
     # one worker keeps the database backend busy about half the time (bench/).
     workers: int = 1
-    # A commit groups batches until one of these limits or the delay is hit.
-    # 64 gateway batches of 500 rows (32k rows) commit in ~0.2 s at the
-    # ~150k rows/s of staged COPY + INSERT (bench/RESULTS.md): large enough
-    # to amortise the transaction, small enough to ack within a second.
+    # A group is committed as soon as no batch waits and the previous commit
+    # is done; batches that arrive during a commit form the next group, up
+    # to these caps. 64 gateway batches of 500 rows (32k rows) commit in
+    # ~0.2 s at the ~150k rows/s of staged COPY + INSERT (bench/RESULTS.md):
+    # large enough to amortise the transaction, small enough to ack within a
+    # second.
     max_batches_per_commit: int = 64
     max_rows_per_commit: int = 32_000
-    # How long the first batch of a group may wait for company. Gateways batch
-    # for 200 ms already; 100 ms more keeps the end-to-end ack well under the
-    # gateway's 15 s resend timeout while coalescing several gateways.
+    # A cap, not a timer: how long the first batch of a group may wait for a
+    # busy committer (a long commit, a database outage) before its group is
+    # closed and waits, prepared, for the next commit. Batches already
+    # waiting join a group regardless. 100 ms keeps the end-to-end ack well
+    # under the gateway's 15 s resend timeout.
     max_delay_ms: int = 100
     # Batch messages received and waiting for the collector; also sent as the
     # MQTT v5 Receive Maximum. It bounds the worker's memory together with the

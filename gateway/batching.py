@@ -1,6 +1,10 @@
 """Batch building: accepted readings in, columnar ``Batch`` structs out.
 
-Pure: the caller passes the time and decides when to flush (``due``); this
+Pure: the caller passes the time and whether anything more is waiting to be
+added, and ``due`` says when to flush: at once when nothing more is waiting
+(adaptive batching: under load readings pile up while the previous batch is
+fsynced, so batches grow by themselves), else at ``max_rows`` or
+``max_age_ms``, which only cap a batch under load. This
 module owns the layout of ``contracts.messages.Batch`` (devices referenced by index,
 one block per device type, one column per metric present) and the batch id
 counter of one gateway boot. Writing batches to the outbox is the caller's.
@@ -24,7 +28,7 @@ class _BlockRows:
 
 
 class BatchBuilder:
-    """Accumulates readings until ``max_rows`` or ``max_age_ms``, then yields a Batch."""
+    """Accumulates readings until nothing more waits (or a cap is hit), then yields a Batch."""
 
     def __init__(
         self, *, gateway_id: str, boot_id: str, max_rows: int, max_age_ms: int, counter: int = 0
@@ -78,11 +82,11 @@ class BatchBuilder:
             self._first_ms = recv_ms
         self._rows += 1
 
-    def due(self, now_ms: int) -> bool:
-        """Full, or holding rows older than ``max_age_ms``."""
-        if self._rows >= self.max_rows:
-            return True
-        return self._first_ms is not None and now_ms - self._first_ms >= self.max_age_ms
+    def due(self, now_ms: int, *, idle: bool = False) -> bool:
+        """Holding rows while ``idle`` (nothing more waits), full, or older than ``max_age_ms``."""
+        if self._first_ms is None:
+            return False
+        return idle or self._rows >= self.max_rows or now_ms - self._first_ms >= self.max_age_ms
 
     def take(self, now_ms: int) -> Batch | None:
         """The accumulated rows as one Batch (None if empty); starts a new batch."""

@@ -546,13 +546,17 @@ class Router:
                 self.http_cuts[self.cuts] = self.http_waiting
                 self.http_waiting = []
 
-    def take_ready(self, now: int, *, force: bool) -> list[Ready]:
-        """The ready queue, after cutting the builder if it is due (or ``force``)."""
+    def take_ready(self, now: int, *, force: bool, idle: bool = False) -> list[Ready]:
+        """The ready queue, after cutting the builder if it is due (or ``force``).
+
+        ``idle``: the shell has nothing more waiting to add (the site socket
+        reads are handled), so the builder's rows go now rather than at its caps.
+        """
         # HTTP requests wait for this cut: it is made at once, so their
         # answers take one fsync, not batch_max_ms.
         if (
             force
-            or self.builder.due(now)
+            or self.builder.due(now, idle=idle)
             or (self.site_acks and not self.builder.rows)
             or self.http_waiting
         ):

@@ -8,11 +8,12 @@ Wiring (docs/architecture.md, sections 1, 3 and 5):
   the network thread (TCP backpressure), so memory stays bounded under any
   backlog: at most that queue plus three commit groups of messages;
 - ``collector`` task (in a worker thread): takes messages off the queue until
-  ``max_batches_per_commit`` / ``max_rows_per_commit`` or ``max_delay_ms``
-  after the first, and prepares each one (``ingest.prepare``): topic ->
-  gateway, ``decode_batch``, the payload's gateway must be the topic's, rows
-  built against the ownership map (``ingest.rows``); anything refused is a
-  ``PoisonBatch``;
+  none is waiting and the committer is free (``ingest.grouping``: under load
+  the group grows while a commit runs, capped by ``max_batches_per_commit``
+  / ``max_rows_per_commit`` and ``max_delay_ms``), and prepares each one
+  (``ingest.prepare``): topic -> gateway, ``decode_batch``, the payload's
+  gateway must be the topic's, rows built against the ownership map
+  (``ingest.rows``); anything refused is a ``PoisonBatch``;
 - ``committer`` task: batches refused for a device type or metric the
   worker lacks prepared again after it reads the types' catalog entries
   from the database (at most every TYPES_RELOAD_S: a type added by `cityhub
@@ -111,6 +112,7 @@ from contracts.settings import BrokerSettings, DatabaseSettings, IngestSettings
 from contracts.topics import ack_topic, gateway_filter, ingest_batch_filter
 from ingest.acks import build_acks
 from ingest.downlink import CommandDownlink
+from ingest.grouping import group_done
 from ingest.metrics import IngestCounters, IngestMetrics, serve_metrics
 from ingest.mqtt import (
     BatchSubscriber,
@@ -140,6 +142,10 @@ _T = TypeVar("_T")
 # How long the collector waits for a first message before looking at the stop
 # flag again: shutdown reacts within this.
 IDLE_POLL_S: Final = 0.2
+# While a commit runs and no message waits, the collector looks at the queue
+# and the committer this often: a group leaves at most this long after the
+# committer is free; 2 ms is noise next to a commit's few milliseconds.
+COLLECT_POLL_S: Final = 0.002
 # Log at most this many WARNINGs per reject reason per minute; counters keep the rest.
 REJECT_LOG_PER_MINUTE: Final = 5
 # Log a continuing database outage once, then every this many retries.
@@ -268,6 +274,9 @@ class Ingest:
         self.metrics.queue_depth = self._outstanding
         self.metrics.broker_connected = self.subscriber.connected.is_set
         self._stopping = threading.Event()
+        # Set by the committer when it waits for a group with none prepared,
+        # cleared by the collector when it hands one over (ingest.grouping).
+        self._committer_free = threading.Event()
         self._reject_log = LogLimiter(limit=REJECT_LOG_PER_MINUTE, span=60.0)
         self._random = random.Random()  # noqa: S311 - jitter, not security
         self._types_loaded_s: float | None = None  # monotonic; see _learn_types
@@ -297,28 +306,45 @@ class Ingest:
         return item
 
     def collect(self) -> list[Pending] | None:
-        """One group: blocks up to IDLE_POLL_S for a first message, then fills to the limits."""
+        """One group: blocks up to IDLE_POLL_S for a first message, then fills it adaptively.
+
+        What is waiting joins the group; once nothing is, the group goes to
+        a free committer at once, or, while a commit runs, keeps taking
+        messages until the committer is free or a cap is hit
+        (``ingest.grouping.group_done``).
+        """
         s = self.settings
         try:
             first = self.deliveries.get(timeout=IDLE_POLL_S)
         except queue.Empty:
             return None
-        deadline = first.received_s + s.max_delay_ms / 1000
         group = [self._prepare(first)]
         rows = readings_of(group[0].item)
-        while len(group) < s.max_batches_per_commit and rows < s.max_rows_per_commit:
-            timeout = deadline - time.monotonic()
+        while True:
+            waiting = not self.deliveries.empty()
+            if group_done(
+                batches=len(group),
+                rows=rows,
+                age_ms=(time.monotonic() - first.received_s) * 1000,
+                waiting=waiting,
+                committer_free=self._committer_free.is_set(),
+                settings=s,
+            ):
+                break
             try:
-                # Past the deadline, take only what is already waiting.
+                # Nothing waiting and the committer busy: look again soon.
                 delivery = (
-                    self.deliveries.get(timeout=timeout)
-                    if timeout > 0
-                    else self.deliveries.get_nowait()
+                    self.deliveries.get_nowait()
+                    if waiting
+                    else self.deliveries.get(timeout=COLLECT_POLL_S)
                 )
             except queue.Empty:
-                break
+                continue
             group.append(self._prepare(delivery))
             rows += readings_of(group[-1].item)
+        # The group takes the committer's slot: the next one waits for the
+        # committer to ask again, growing meanwhile.
+        self._committer_free.clear()
         return group
 
     async def _collector(self, groups: asyncio.Queue[list[Pending]]) -> None:
@@ -524,6 +550,8 @@ class Ingest:
 
     async def _committer(self, groups: asyncio.Queue[list[Pending]]) -> None:
         while True:
+            if groups.empty():
+                self._committer_free.set()
             group = await groups.get()
             try:
                 outcome = await self._commit_until_done(group)

@@ -190,9 +190,11 @@ def test_gateway_kill_9_before_its_outbox_commit_loses_nothing(mqtt_server, tmp_
     """Readings received but not yet stored are not acknowledged at the site broker.
 
     The gateway acknowledges a device message only after the reading is in
-    its fsynced outbox. Here no batch is ever cut before the kill, so every
-    message is still unacknowledged in the gateway's persistent site session,
-    and the broker delivers it again to the restarted gateway.
+    its fsynced outbox. Here the test holds the outbox's write lock, so no
+    batch is stored before the kill (a batch is cut as soon as the site reads
+    are handled: its commit waits on the lock), every message is still
+    unacknowledged in the gateway's persistent site session, and the broker
+    delivers it again to the restarted gateway.
     """
     tag = uuid.uuid4().hex[:6]
     gateway_id, prefix = f"gw-{tag}", f"t{tag}"
@@ -219,12 +221,18 @@ def test_gateway_kill_9_before_its_outbox_commit_loses_nothing(mqtt_server, tmp_
     proc = start_gateway_process(holding, log)
     try:
         wait_for(lambda: any(s.site_ready for s in states), 15, "subscribed at the site")
+        # The gateway's commit waits on this lock (up to SQLite's 5 s busy
+        # timeout, then fails without storing anything).
+        lock = sqlite3.connect(tmp_path / "outbox.sqlite3", isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
         sent = publish_readings(pub, prefix=prefix, devices=devices, per_device=50)
         wait_for(
             lambda: any(s.accepted == len(sent) for s in states), 15, "all received, none stored"
         )
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
+        lock.rollback()
+        lock.close()
         assert outbox_readings(tmp_path / "outbox.sqlite3")[0] == set()
         assert ingest.count() == 0
 
