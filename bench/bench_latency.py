@@ -159,17 +159,25 @@ class RunResult:
     batches_per_commit: float
 
 
-def visibility_query(schema: str, *, since_ms: int) -> str:
+def visibility_query(schema: str, *, since_ms: int, keyed: bool) -> str:
     """Each reading's (ts, recv_ts, commit time) in ms since the epoch, from ``since_ms`` on.
 
-    The one place that names the physical table carrying ``xmin``: point it
-    at the table behind ``readings_table`` if that becomes a view.
+    The one place that names the physical table carrying ``xmin``: the
+    keyed data table behind the ``readings_{type}`` view (migration 22), or
+    the wide table itself on a schema from before it (``keyed`` False), so
+    the same script measures the code before the change.
     """
-    physical = f"{schema}.{readings_table(DEVICE_TYPE)}"
+    if keyed:
+        table, recv = (
+            f"{readings_table(DEVICE_TYPE)}_data",
+            "ts + recv_delay_ms * 0.001 * INTERVAL '1 s'",
+        )
+    else:
+        table, recv = readings_table(DEVICE_TYPE), "recv_ts"
     return (
-        "SELECT extract(epoch FROM ts) * 1000, extract(epoch FROM recv_ts) * 1000, "
+        f"SELECT extract(epoch FROM ts) * 1000, extract(epoch FROM {recv}) * 1000, "
         "extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1000 "
-        f"FROM {physical} WHERE ts >= to_timestamp({since_ms / 1000})"
+        f"FROM {schema}.{table} WHERE ts >= to_timestamp({since_ms / 1000})"
     )
 
 
@@ -233,7 +241,9 @@ class Stack:
         rows = stored()
         since_ms = int((float(start_wall) + warmup_s) * 1000)
         data = np.array(
-            self.conn.execute(visibility_query(self.schema, since_ms=since_ms)).fetchall(),
+            self.conn.execute(
+                visibility_query(self.schema, since_ms=since_ms, keyed=self.keyed())
+            ).fetchall(),
             dtype=np.float64,
         )
         if not len(data):
@@ -254,6 +264,14 @@ class Stack:
             rows_per_batch=self.rows_per_batch(),
             batches_per_commit=batches_per_commit(self.conn, self.schema),
         )
+
+    def keyed(self) -> bool:
+        """Whether readings are stored by device key (migration 22) under this schema."""
+        row = self.conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL",
+            (f"{self.schema}.{readings_table(DEVICE_TYPE)}_data",),
+        ).fetchone()
+        return bool(row and row[0])
 
     def rows_per_batch(self) -> float:
         """Readings a gateway batch, over the run (ingest records each batch's count)."""
