@@ -5,10 +5,9 @@ What it reads:
 - the active devices of each type with their site and district, and each
   site's name and current ward/commune (for the alerts' texts);
 - samples from ``readings_{type}``: per device, the rows after its cursor up
-  to an evaluation time (optionally only the newest N): for devices heard
-  from in the last ``RECENT_CURSOR_MS``, one set-based scan of the rows newer
-  than their oldest cursor; for the others (and the newest N at start-up) a
-  LATERAL index scan of the key (device_id, ts, seq) per device; the rows packed by the server
+  to an evaluation time (optionally only the newest N): a LATERAL index scan
+  of the key (device_id, ts, seq) per device (kept a nested loop, with a
+  constant lower bound for chunk exclusion), the rows packed by the server
   into one bytea of fixed-width records (device index, time, a float8 per
   metric with NaN for NULL) that numpy reads in one call (bench/RESULTS.md
   compares this with COPY TO STDOUT and with row fetching);
@@ -83,10 +82,6 @@ PG_EPOCH_MS: Final = 946_684_800_000
 _MS: Final = "timestamptz 'epoch' + {} * interval '1 millisecond'"
 _MS_OF: Final = "(extract(epoch FROM {}) * 1000)::int8"
 _HOUR_MS: Final = 3_600_000
-# A cursor this recent is read by the set-based delta fetch; older ones (a
-# device silent for longer, or never heard from) per device. Devices report
-# every 10 s to a few minutes.
-RECENT_CURSOR_MS: Final = 10 * 60_000
 
 
 class AlertRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -350,79 +345,21 @@ class AlertStore:
             + [f"float8send({_metric_expr(device_type, m)})" for m in metrics]
         )
         since = np.where(since_ms == NO_TS, -1, since_ms)  # NO_TS: from 1970 (no reading is older)
-        ids = np.asarray(device_ids, dtype=object)
-        # Devices heard from lately (the steady state: every one, a sample
-        # period or so back) are read set-based: one scan of the rows newer
-        # than the oldest of their cursors. The others (silent, new) are
-        # read per device along the key, so a device silent for days does
-        # not widen everyone's scan.
-        recent = (
-            since > upto_ms - RECENT_CURSOR_MS if newest is None else np.zeros(len(since), bool)
-        )
-        parts: list[bytes] = []
         with self._db.session("fetch samples") as conn:
-            if recent.any():
-                parts.append(
-                    self._fetch_recent(
-                        conn,
-                        device_type=device_type,
-                        packed=packed,
-                        device_index=device_index[recent],
-                        device_ids=ids[recent].tolist(),
-                        since=since[recent],
-                        upto_ms=upto_ms,
-                    )
-                )
-            if not recent.all():
-                parts.append(
-                    self._fetch_each(
-                        conn,
-                        device_type=device_type,
-                        packed=packed,
-                        device_index=device_index[~recent],
-                        device_ids=ids[~recent].tolist(),
-                        since=since[~recent],
-                        upto_ms=upto_ms,
-                        newest=newest,
-                    )
-                )
-        return parse_samples(b"".join(parts), metrics)
-
-    def _fetch_recent(
-        self,
-        conn: Connection[Any],
-        *,
-        device_type: str,
-        packed: str,
-        device_index: IntArray,
-        device_ids: Sequence[str],
-        since: IntArray,
-        upto_ms: int,
-    ) -> bytes:
-        """Packed rows with since[k] < ts <= upto_ms: one scan from the oldest cursor on."""
-        # OFFSET 0 keeps the device and time filters inside the scan (the
-        # planner picks the key's index or the newest chunk's rows), before
-        # the join that applies each device's own cursor.
-        sql = f"""SELECT string_agg({packed}, ''::bytea)
-            FROM unnest(string_to_array(%s, ',')::int4[], string_to_array(%s, ','),
-                string_to_array(%s, ',')::int8[]) AS c (i, device_id, since_ms)
-            JOIN (
-                SELECT * FROM {self.schema}.{readings_table(device_type)} r
-                WHERE r.device_id = ANY(string_to_array(%s, ','))
-                AND r.ts > {_MS.format("%s")} AND r.ts <= {_MS.format("%s")}
-                OFFSET 0) r
-            ON r.device_id = c.device_id AND r.ts > {_MS.format("c.since_ms")}"""
-        ids = _joined(device_ids)
-        params = [
-            _joined(device_index.tolist()),
-            ids,
-            _joined(since.tolist()),
-            ids,
-            int(since.min()),
-            upto_ms,
-        ]
-        row = conn.execute(sql, params, binary=True).fetchone()
-        return bytes(row[0]) if row and row[0] is not None else b""
+            # JIT compiling this plan (its estimated cost passes jit_above_cost
+            # once hours are stored) costs more than running it.
+            conn.execute("SET jit = off")
+            data = self._fetch_each(
+                conn,
+                device_type=device_type,
+                packed=packed,
+                device_index=device_index,
+                device_ids=device_ids,
+                since=since,
+                upto_ms=upto_ms,
+                newest=newest,
+            )
+        return parse_samples(data, metrics)
 
     def _fetch_each(
         self,
