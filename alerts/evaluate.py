@@ -117,22 +117,63 @@ class Outcome:
 
 
 class _Frame:
-    """One window at one ``now``, with the masks that several conditions share."""
+    """One window at one ``now``, with the masks that several conditions share.
 
-    __slots__ = ("_since", "_valid", "now_ms", "present", "rows", "ts", "window")
+    ``first`` drops the window's columns left of it (``recent``): rows are
+    in time order, so a span's samples all lie right of the first column
+    that any row has one in, and a condition over a span reads only those.
+    """
 
-    def __init__(self, window: Window, now_ms: int) -> None:
+    __slots__ = (
+        "_recent",
+        "_since",
+        "_valid",
+        "first",
+        "now_ms",
+        "present",
+        "rows",
+        "ts",
+        "window",
+    )
+
+    def __init__(self, window: Window, now_ms: int, first: int = 0) -> None:
         self.window = window
         self.now_ms = now_ms
-        self.ts = window.ts_ms
+        self.first = first
+        self.ts = window.ts_ms[:, first:] if first else window.ts_ms
         self.present: BoolArray = (self.ts != NO_TS) & (self.ts <= now_ms)
         self.rows = np.arange(window.n_devices)
         self._valid: dict[str, BoolArray] = {}
         self._since: dict[int, BoolArray] = {}
+        self._recent: dict[int, _Frame] = {}
+
+    def recent(self, span_ms: int) -> _Frame:
+        """This frame from the first column holding a timestamp at or after ``now - span``."""
+        start = self.now_ms - span_ms
+        ts = self.ts
+        lo, hi = 0, ts.shape[1] - 1  # keep one column: an empty one has no argmax
+        while lo < hi:  # a column holds one if any row does: monotone, as rows are sorted
+            mid = (lo + hi) // 2
+            if (ts[:, mid] >= start).any():
+                hi = mid
+            else:
+                lo = mid + 1
+        return self.columns_from(self.first + lo)
+
+    def columns_from(self, first: int) -> _Frame:
+        """This frame from the window's column ``first`` on (itself if it starts there or later)."""
+        if first <= self.first:
+            return self
+        frame = self._recent.get(first)
+        if frame is None:
+            frame = _Frame(self.window, self.now_ms, first)
+            self._recent[first] = frame
+        return frame
 
     def values(self, metric: str) -> FloatArray:
         try:
-            return self.window.values[metric]
+            values = self.window.values[metric]
+            return values[:, self.first :] if self.first else values
         except KeyError:
             if metric == VN_AQI_METRIC:
                 return np.full(self.ts.shape, np.nan)
@@ -185,6 +226,25 @@ def _hold(raised: BoolArray, cleared: BoolArray, was: BoolArray) -> BoolArray:
 
 
 def _threshold(c: Threshold, f: _Frame, was: BoolArray) -> _State:
+    """Over the columns from the one before the span's first: they hold most rows' anchors.
+
+    Rows without an anchor there are computed again over every column.
+    """
+    near = f.recent(duration_ms(c.for_s))
+    if near is f:
+        return _threshold_over(c, f, was)[0]
+    near = f.columns_from(near.first - 1)
+    state, has_anchor = _threshold_over(c, near, was)
+    rows = np.flatnonzero(~has_anchor)
+    if rows.size:
+        whole, _ = _threshold_over(c, _Frame(f.window.select(rows), f.now_ms, f.first), was[rows])
+        state.on[rows] = whole.on
+        state.value[rows] = whole.value
+    return state
+
+
+def _threshold_over(c: Threshold, f: _Frame, was: BoolArray) -> tuple[_State, BoolArray]:
+    """The threshold over the frame's columns, and whether each row has an anchor in them."""
     v = f.values(c.metric)
     valid = f.valid(c.metric)
     start = f.now_ms - duration_ms(c.for_s)
@@ -201,14 +261,15 @@ def _threshold(c: Threshold, f: _Frame, was: BoolArray) -> _State:
     held = np.where(has_anchor | has_in_range, held, np.nan)
     raised = has_anchor & has_in_range & _meets(held, c.op, c.threshold)
     if not was.any():
-        return _State(raised, held)
+        return _State(raised, held), has_anchor
     latest, _ = f.latest(v, in_range)
     clear_level = c.threshold if c.clear is None else c.clear
     cleared = has_in_range & ~_meets(latest, c.op, clear_level)
-    return _State(_hold(raised, cleared, was), held)
+    return _State(_hold(raised, cleared, was), held), has_anchor
 
 
 def _rate_of_change(c: RateOfChange, f: _Frame, was: BoolArray) -> _State:
+    f = f.recent(duration_ms(c.window_s))
     v = f.values(c.metric)
     in_range = f.in_range(c.metric, duration_ms(c.window_s))
     has = in_range.any(axis=1)
@@ -223,6 +284,7 @@ def _rate_of_change(c: RateOfChange, f: _Frame, was: BoolArray) -> _State:
 
 
 def _flatline(c: Flatline, f: _Frame, was: BoolArray) -> _State:
+    f = f.recent(duration_ms(c.window_s))
     v = f.values(c.metric)
     in_range = f.in_range(c.metric, duration_ms(c.window_s))
     count = in_range.sum(axis=1)
@@ -244,6 +306,7 @@ def _no_data(c: NoData, f: _Frame, was: BoolArray) -> _State:
 
 
 def _zscore(c: ZScore, f: _Frame, was: BoolArray) -> _State:
+    f = f.recent(duration_ms(c.window_s))
     v = f.values(c.metric)
     in_range = f.in_range(c.metric, duration_ms(c.window_s))
     current, has = f.latest(v, in_range)
@@ -262,6 +325,7 @@ def _zscore(c: ZScore, f: _Frame, was: BoolArray) -> _State:
 
 
 def _aqi_band(c: AqiBand, f: _Frame, was: BoolArray) -> _State:
+    f = f.recent(duration_ms(c.max_age_s))
     in_range = f.in_range(VN_AQI_METRIC, duration_ms(c.max_age_s))
     aqi, has = f.latest(f.values(VN_AQI_METRIC), in_range)
     raised = aqi >= BAND_LOW_AQI[c.band]

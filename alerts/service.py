@@ -10,7 +10,9 @@ Each cycle (``AlertsJob.run_cycle``):
 2. reloads the device list every ``devices_refresh_s``; a device not yet
    read (at start, or registered since) gets its newest ``window_samples``
    samples up to the time before the first evaluation (and, for air-quality
-   monitors, its hourly sums for the AQI ring);
+   monitors, the AQI ring's hours: the finished ones from the hourly
+   rollups, only those not rolled up yet and the hour in progress from raw
+   rows);
 3. fetches, per device type, only the rows after each device's newest
    sample up to the last evaluation time (``AlertStore.fetch_samples``);
 4. for each evaluation time, oldest first: shifts that time's rows into the
@@ -481,20 +483,44 @@ class AlertsJob:
             logger.info("read the history of %d %s devices", len(fresh), device_type)
 
     def _load_hourly_sums(self, fresh: np.ndarray, ids: list[str], base_ms: int) -> None:
+        """Fill the AQI ring of ``fresh`` devices with the SLOTS hours up to ``base_ms``.
+
+        Finished hours come from the hourly rollup (a mean per device-hour,
+        entered as ``n`` readings of that mean); the hours it does not hold
+        for these devices (not rolled up yet: the rollups lag, or a gap) and
+        the hour in progress are summed from raw rows, one range per run of
+        such hours.
+        """
         if self.means is None:
             return
         first_hour = base_ms // HOUR_MS - SLOTS + 1
-        index, hours, counts, sums = self.store.hourly_sums(
-            metrics=POLLUTANTS, device_ids=ids, from_ms=first_hour * HOUR_MS, upto_ms=base_ms
+        base_hour = base_ms // HOUR_MS
+        index, hours, readings, means = self.store.rollup_hourly_means(
+            metrics=POLLUTANTS, device_ids=ids, from_hour=first_hour, to_hour=base_hour
         )
-        devices = fresh[index]
-        self.means.add(devices, hours, counts, sums)
+        present = ~np.isnan(means)
+        counts = np.where(present, readings[:, None], 0.0)
+        self.means.add(fresh[index], hours, counts, np.where(present, means, 0.0) * counts)
+        devices, all_hours = [fresh[index]], [hours]
+        held = set(np.unique(hours).tolist())
+        for start, stop in _runs([h for h in range(first_hour, base_hour + 1) if h not in held]):
+            index, hours, counts, sums = self.store.hourly_sums(
+                metrics=POLLUTANTS,
+                device_ids=ids,
+                from_ms=start * HOUR_MS,
+                upto_ms=base_ms,
+                before_ms=stop * HOUR_MS if stop <= base_hour else None,
+            )
+            self.means.add(fresh[index], hours, counts, sums)
+            devices.append(fresh[index])
+            all_hours.append(hours)
         # Their newest hour is recomputed (and so known to the rules) at the next cycle.
-        newest: dict[int, int] = {}
-        for d, h in zip(devices.tolist(), hours.tolist(), strict=True):
-            newest[d] = max(newest.get(d, h), h)
+        newest = np.full(len(self.means.devices), -1, np.int64)
+        np.maximum.at(newest, np.concatenate(devices), np.concatenate(all_hours))
         ids_all = self.means.devices.device_ids
-        self._pending_aqi.update((ids_all[d], h) for d, h in newest.items())
+        self._pending_aqi.update(
+            (ids_all[d], int(newest[d])) for d in np.flatnonzero(newest >= 0).tolist()
+        )
 
     # -- one cycle ------------------------------------------------------------------
 
@@ -684,6 +710,17 @@ class AlertsJob:
         hourly = hourly_rows(self.means, pairs)
         daily = daily_rows(self.means, days_of(pairs))
         return hourly, daily
+
+
+def _runs(hours: Sequence[int]) -> list[tuple[int, int]]:
+    """Ascending hour numbers as [start, stop) runs of consecutive hours."""
+    runs: list[tuple[int, int]] = []
+    for hour in hours:
+        if runs and runs[-1][1] == hour:
+            runs[-1] = (runs[-1][0], hour + 1)
+        else:
+            runs.append((hour, hour + 1))
+    return runs
 
 
 def _texts(

@@ -6,11 +6,14 @@ What it reads:
   site's name and current ward/commune (for the alerts' texts);
 - samples from ``readings_{type}``: per device, the rows after its cursor up
   to an evaluation time (optionally only the newest N): a LATERAL index scan
-  of the key (device_id, ts, seq) per device, the rows packed by the server
+  of the key (device_id, ts, seq) per device (kept a nested loop, with a
+  constant lower bound for chunk exclusion), the rows packed by the server
   into one bytea of fixed-width records (device index, time, a float8 per
   metric with NaN for NULL) that numpy reads in one call (bench/RESULTS.md
   compares this with COPY TO STDOUT and with row fetching);
-- hourly sums of the AQI pollutants, to rebuild the AQI job's state;
+- to rebuild the AQI job's state, the AQI pollutants' hourly means of
+  finished hours from the hourly rollup ``readings_air_quality_1h``, and
+  hourly sums from raw rows only for the hours the rollup does not hold;
 - the job's state (``alert_jobs``) and the open alerts;
 - the alerts to notify (``notify_rows``): given ones, or the active and the
   recently cleared, with their device, site, ward and former severities.
@@ -72,12 +75,13 @@ from alerts.notify import NotifyRow
 from alerts.window import NO_TS, DeviceSet, FloatArray, IntArray, Samples
 from contracts.catalog import DEVICE_TYPES, MetricKind
 from contracts.errors import AlertNotFoundError, JobLockedError, SchemaError
-from contracts.schema import check_schema_name, readings_table
+from contracts.schema import check_schema_name, readings_table, rollup_table
 
 # PostgreSQL's binary timestamptz: microseconds since 2000-01-01 UTC.
 PG_EPOCH_MS: Final = 946_684_800_000
 _MS: Final = "timestamptz 'epoch' + {} * interval '1 millisecond'"
 _MS_OF: Final = "(extract(epoch FROM {}) * 1000)::int8"
+_HOUR_MS: Final = 3_600_000
 
 
 class AlertRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -340,7 +344,41 @@ class AlertStore:
             ["int4send(c.i)", "timestamptz_send(r.ts)"]
             + [f"float8send({_metric_expr(device_type, m)})" for m in metrics]
         )
-        order = "ORDER BY r.ts DESC LIMIT %s" if newest is not None else ""
+        since = np.where(since_ms == NO_TS, -1, since_ms)  # NO_TS: from 1970 (no reading is older)
+        with self._db.session("fetch samples") as conn:
+            # JIT compiling this plan (its estimated cost passes jit_above_cost
+            # once hours are stored) costs more than running it.
+            conn.execute("SET jit = off")
+            data = self._fetch_each(
+                conn,
+                device_type=device_type,
+                packed=packed,
+                device_index=device_index,
+                device_ids=device_ids,
+                since=since,
+                upto_ms=upto_ms,
+                newest=newest,
+            )
+        return parse_samples(data, metrics)
+
+    def _fetch_each(
+        self,
+        conn: Connection[Any],
+        *,
+        device_type: str,
+        packed: str,
+        device_index: IntArray,
+        device_ids: Sequence[str],
+        since: IntArray,
+        upto_ms: int,
+        newest: int | None,
+    ) -> bytes:
+        """Packed rows with since[k] < ts <= upto_ms (only the ``newest``): per device."""
+        # OFFSET 0 keeps the planner from flattening the LATERAL into a hash
+        # join over every chunk up to upto_ms (a scan of all stored history);
+        # the constant lower bound (the oldest cursor) lets it skip the
+        # chunks no device needs.
+        order = "ORDER BY r.ts DESC LIMIT %s" if newest is not None else "OFFSET 0"
         # One row holding every sample packed as fixed-width binary records:
         # numpy reads them in one call, with no Python object per row or value.
         # The per-device lists travel as single comma-separated strings, which
@@ -351,20 +389,20 @@ class AlertStore:
             CROSS JOIN LATERAL (
                 SELECT * FROM {self.schema}.{readings_table(device_type)} r
                 WHERE r.device_id = c.device_id
-                AND r.ts > {_MS.format("c.since_ms")} AND r.ts <= {_MS.format("%s")}
+                AND r.ts > {_MS.format("c.since_ms")} AND r.ts > {_MS.format("%s")}
+                AND r.ts <= {_MS.format("%s")}
                 {order}) r"""
-        since = np.where(since_ms == NO_TS, -1, since_ms)  # NO_TS: from 1970 (no reading is older)
         params: list[Any] = [
             _joined(device_index.tolist()),
             _joined(device_ids),
             _joined(since.tolist()),
+            int(since.min()),
             upto_ms,
         ]
         if newest is not None:
             params.append(newest)
-        with self._db.session("fetch samples") as conn:
-            row = conn.execute(sql, params, binary=True).fetchone()
-        return parse_samples(row[0] if row and row[0] is not None else b"", metrics)
+        row = conn.execute(sql, params, binary=True).fetchone()
+        return bytes(row[0]) if row and row[0] is not None else b""
 
     def hourly_sums(
         self,
@@ -373,21 +411,30 @@ class AlertStore:
         device_ids: Sequence[str],
         from_ms: int,
         upto_ms: int,
+        before_ms: int | None = None,
     ) -> tuple[IntArray, IntArray, FloatArray, FloatArray]:
         """Air-quality (device index, hour number, counts (k, m), sums (k, m)) in the range.
 
-        Hour number: whole hours since the Unix epoch; rows with from_ms <= ts <= upto_ms.
+        Hour number: whole hours since the Unix epoch; raw rows with
+        from_ms <= ts <= upto_ms (and ts < before_ms, if given), read per
+        device along the key (device_id, ts).
         """
         columns = "".join(f", count({m}), coalesce(sum({m}), 0)" for m in metrics)
+        before = "" if before_ms is None else f"AND r.ts < {_MS.format('%s')}"
+        params: list[Any] = [list(range(len(device_ids))), list(device_ids), from_ms, upto_ms]
+        if before_ms is not None:
+            params.append(before_ms)
         with self._db.session("hourly sums") as conn:
             rows = conn.execute(
                 f"""SELECT c.i, floor(extract(epoch FROM r.ts) / 3600)::int8 AS hour{columns}
                     FROM unnest(%s::int4[], %s::text[]) AS c (i, device_id)
-                    JOIN {self.schema}.{readings_table("air_quality")} r
-                        ON r.device_id = c.device_id
-                    WHERE r.ts >= {_MS.format("%s")} AND r.ts <= {_MS.format("%s")}
+                    CROSS JOIN LATERAL (
+                        SELECT * FROM {self.schema}.{readings_table("air_quality")} r
+                        WHERE r.device_id = c.device_id
+                        AND r.ts >= {_MS.format("%s")} AND r.ts <= {_MS.format("%s")}
+                        {before}) r
                     GROUP BY 1, 2""",
-                (list(range(len(device_ids))), list(device_ids), from_ms, upto_ms),
+                params,
             ).fetchall()
         m = len(metrics)
         if not rows:
@@ -397,6 +444,60 @@ class AlertStore:
         counts = table[:, 2::2]
         sums = table[:, 3::2]
         return table[:, 0].astype(np.int64), table[:, 1].astype(np.int64), counts, sums
+
+    def rollup_hourly_means(
+        self,
+        *,
+        metrics: Sequence[str],
+        device_ids: Sequence[str],
+        from_hour: int,
+        to_hour: int,
+    ) -> tuple[IntArray, IntArray, FloatArray, FloatArray]:
+        """Air-quality (device index, hour number, readings (k,), means (k, m)) from the rollup.
+
+        The finished hours from_hour <= hour < to_hour that ``readings_air_quality_1h``
+        holds (NaN: no value of that metric in the hour), packed by the server
+        as fixed-width records like ``fetch_samples``. An hour it does not hold
+        for a device has no row: not rolled up yet, or nothing was read.
+        """
+        m = len(metrics)
+        packed = " || ".join(
+            ["int4send(c.i)", "int8send(floor(extract(epoch FROM r.bucket) / 3600)::int8)"]
+            + ["float8send(r.n::float8)"]
+            + [f"float8send(coalesce({x}_avg::float8, 'NaN'::float8))" for x in metrics]
+        )
+        with self._db.session("hourly rollups") as conn:
+            row = conn.execute(
+                f"""SELECT string_agg({packed}, ''::bytea)
+                    FROM unnest(string_to_array(%s, ',')::int4[], string_to_array(%s, ','))
+                        AS c (i, device_id)
+                    CROSS JOIN LATERAL (
+                        SELECT * FROM {self.schema}.{rollup_table("air_quality")} r
+                        WHERE r.device_id = c.device_id
+                        AND r.bucket >= {_MS.format("%s")} AND r.bucket < {_MS.format("%s")}) r""",
+                [
+                    _joined(range(len(device_ids))),
+                    _joined(device_ids),
+                    from_hour * _HOUR_MS,
+                    to_hour * _HOUR_MS,
+                ],
+                binary=True,
+            ).fetchone()
+        data = row[0] if row and row[0] is not None else b""
+        fields = [("i", ">i4"), ("hour", ">i8"), ("n", ">f8")]
+        dtype = np.dtype(fields + [(f"m{k}", ">f8") for k in range(m)])
+        if len(data) % dtype.itemsize:
+            raise SchemaError(f"unexpected rollup records: {len(data)} bytes")
+        records = np.frombuffer(data, dtype)
+        means = np.empty((len(records), m), np.float64)
+        for k in range(m):
+            means[:, k] = records[f"m{k}"]
+        return (
+            records["i"].astype(np.int64),
+            records["hour"].astype(np.int64),
+            records["n"].astype(np.float64),
+            means,
+        )
 
     def last_evaluation_ms(self) -> int | None:
         if self.job_id is None:
