@@ -501,16 +501,19 @@ def pack_closed_chunks(conn: Connection[Any], *, schema: str, now: datetime) -> 
     """Rebuild the key index of readings chunks that ended before ``now``, packed full.
 
     Apache edition (the community edition compresses those chunks instead).
-    One index a transaction: REINDEX blocks writes to its chunk (late
-    readings) while it runs. Returns how many were packed.
+    On an autocommit connection (the `cityhub` command's) the index is
+    rebuilt CONCURRENTLY, so late readings written to its chunk and queries
+    reading it are never blocked; inside a caller's transaction a plain
+    REINDEX blocks writes to the chunk while it runs. Returns how many were
+    packed.
     """
     s = check_schema_name(schema)
+    concurrently = "CONCURRENTLY " if conn.autocommit else ""
     with database_errors("packing closed chunks' indexes", schema=s):
         names = [str(r[0]) for r in conn.execute(_UNPACKED_CLOSED_INDEXES, (s, now))]
         for name in names:
-            with conn.transaction():
-                conn.execute(f"ALTER INDEX {name} SET (fillfactor = 100)")
-                conn.execute(f"REINDEX INDEX {name}")
+            conn.execute(f"ALTER INDEX {name} SET (fillfactor = 100)")
+            conn.execute(f"REINDEX INDEX {concurrently}{name}")
     return len(names)
 
 
