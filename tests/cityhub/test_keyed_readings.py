@@ -241,7 +241,8 @@ def test_maintain_packs_the_key_index_of_closed_chunks_once(db_conn, before_22):
     options = db_conn.execute(
         "SELECT x.reloptions FROM timescaledb_information.chunks c "
         "JOIN pg_class t ON t.relname = c.chunk_name "
-        "JOIN pg_index i ON i.indrelid = t.oid AND i.indisprimary JOIN pg_class x ON x.oid = i.indexrelid "
+        "JOIN pg_index i ON i.indrelid = t.oid AND i.indisprimary "
+        "JOIN pg_class x ON x.oid = i.indexrelid "
         "WHERE c.hypertable_schema = %s AND c.hypertable_name = %s",
         (s, readings_data_table("kiosk")),
     ).fetchall()
