@@ -314,14 +314,7 @@ class Router:
                 if uplink is None:
                     self._device_uplink(device, payload, now)
                 else:
-                    self._accept(
-                        device,
-                        seq=uplink.seq,
-                        ts_ms=uplink.ts_ms,
-                        recv_ms=now,
-                        values=uplink.metrics,
-                        boot=uplink.boot,
-                    )
+                    self._accept_uplink(device, uplink, now)
             if builder.rows >= max_rows or len(acks) >= ack_threshold:
                 self.cut(now)
                 acks = self.site_acks
@@ -407,14 +400,17 @@ class Router:
             self.reject(exc.reason, device.device_id, str(exc), payload, now)
             uplink = None
         if uplink is not None:
-            self._accept(
-                device,
-                seq=uplink.seq,
-                ts_ms=uplink.ts_ms,
-                recv_ms=now,
-                values=uplink.metrics,
-                boot=uplink.boot,
-            )
+            self._accept_uplink(device, uplink, now)
+
+    def _accept_uplink(self, device: DeviceConfig, uplink: DeviceUplink, now: int) -> None:
+        self._accept(
+            device,
+            seq=uplink.seq,
+            ts_ms=uplink.ts_ms,
+            recv_ms=now,
+            values=uplink.metrics,
+            boot=uplink.boot,
+        )
 
     def _lorawan_event(self, topic: str, payload: bytes, now: int) -> None:
         """A ChirpStack event: a reading, liveness, a join, a repeat or a reject."""
