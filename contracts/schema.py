@@ -380,6 +380,10 @@ def _define_readings_view(s: str) -> str:
         LANGUAGE plpgsql AS $fn$
         DECLARE
             data regclass := format('%I.%I', '{s}', 'readings_' || p_type || '_data')::regclass;
+            -- Spelled out with its schema: a regclass prints bare when its
+            -- schema is on the search_path, and the trigger functions below
+            -- run with a search_path of their own.
+            qualified text := format('%I.%I', '{s}', 'readings_' || p_type || '_data');
             view_name text := 'readings_' || p_type;
             picked text := ''; listed text := ''; fed text := '';
         BEGIN
@@ -393,7 +397,7 @@ def _define_readings_view(s: str) -> str:
             EXECUTE format('CREATE OR REPLACE VIEW %I.%I AS SELECT r.ts, k.device_id, r.seq, '
                 'r.ts + r.recv_delay_ms * INTERVAL ''1 millisecond'' AS recv_ts%s '
                 'FROM %s r JOIN %I.{DEVICE_KEYS} k ON k.device_key = r.device_key',
-                '{s}', view_name, picked, data, '{s}');
+                '{s}', view_name, picked, qualified, '{s}');
             EXECUTE format($def$CREATE OR REPLACE FUNCTION %I.%I() RETURNS trigger
                 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
                 DECLARE
@@ -417,7 +421,7 @@ def _define_readings_view(s: str) -> str:
                     RETURN NEW;
                 END
                 $body$$def$, '{s}', view_name || '_insert', '{s}', '{s}',
-                data, listed, '{s}', fed, data, listed, '{s}', fed);
+                qualified, listed, '{s}', fed, qualified, listed, '{s}', fed);
             EXECUTE format($def$CREATE OR REPLACE FUNCTION %I.%I() RETURNS trigger
                 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
                 BEGIN
@@ -430,7 +434,7 @@ def _define_readings_view(s: str) -> str:
                         AND r.ts = OLD.ts AND r.seq = OLD.seq;
                     RETURN OLD;
                 END
-                $body$$def$, '{s}', view_name || '_change', data, '{s}');
+                $body$$def$, '{s}', view_name || '_change', qualified, '{s}');
             EXECUTE format('DROP TRIGGER IF EXISTS readings_insert ON %I.%I', '{s}', view_name);
             EXECUTE format('CREATE TRIGGER readings_insert INSTEAD OF INSERT ON %I.%I '
                 'FOR EACH ROW EXECUTE FUNCTION %I.%I()', '{s}', view_name, '{s}',

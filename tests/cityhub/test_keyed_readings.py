@@ -252,3 +252,24 @@ def test_maintain_packs_the_key_index_of_closed_chunks_once(db_conn, before_22):
     )
     assert again.packed_indexes == 0
     assert db_conn.execute(f"SELECT count(*) FROM {s}.{KIOSK}").fetchone() == (121,)
+
+
+def test_the_view_writes_with_its_schema_on_the_search_path(db_conn, migrated):
+    """A schema named like the login (``cityhub``) is on the search_path ("$user"):
+    the view's trigger functions, which run with a search_path of their own,
+    must still name the data table with its schema."""
+    s = migrated
+    db_conn.execute(f"SET search_path TO {s}, public")
+    db_conn.execute(f"SELECT {s}.define_readings_view('kiosk')")
+    db_conn.execute("RESET search_path")
+    view = f"{s}.{readings_table('kiosk')}"
+    db_conn.execute(
+        f"INSERT INTO {view} (ts, device_id, seq, recv_ts, queue_length) "
+        "VALUES (%s, 'k-1', 1, %s, 3)",
+        (T0, T0),
+    )
+    deleted = db_conn.execute(
+        f"DELETE FROM {view} WHERE device_id = 'k-1' RETURNING device_id, seq"
+    ).fetchall()
+    assert deleted == [("k-1", 1)]
+    assert db_conn.execute(f"SELECT count(*) FROM {view}").fetchone() == (0,)
