@@ -14,6 +14,7 @@ import pytest
 
 from cityhub import database
 from contracts.catalog import DEVICE_TYPES, DeviceType, Metric, MetricKind
+from contracts.errors import RefusedByDatabaseError
 from contracts.evolve import SchemaState, plan, policies
 from contracts.messages import encode_batch
 from contracts.schema import (
@@ -273,3 +274,26 @@ def test_the_view_writes_with_its_schema_on_the_search_path(db_conn, migrated):
     ).fetchall()
     assert deleted == [("k-1", 1)]
     assert db_conn.execute(f"SELECT count(*) FROM {view}").fetchone() == (0,)
+
+
+def test_a_reading_of_a_device_without_a_key_is_refused_not_stored_under_another(
+    db_conn, db_url, migrated
+):
+    """An ownership map that names a device the registry has no key for (a
+    spoofed or stale map entry) refuses the group: nothing is stored under a
+    made-up key, and the batch id is not recorded, so the service commits it
+    alone and stores it as a reject."""
+    s = migrated
+    writer = BatchWriter(url=db_url, schema=s, worker_id="w0")
+    try:
+        batch = make_batch("gw-1", 1, [("ki-unknown", "kiosk")], rows_per_device=3)
+        item = prepare_item(
+            batch_topic("gw-1"), encode_batch(batch), prefix="", now_ms=now_ms(),
+            owners={"ki-unknown": "gw-1"},
+        )  # fmt: skip
+        with pytest.raises(RefusedByDatabaseError, match="ki-unknown"):
+            writer.commit([item])
+    finally:
+        writer.close()
+    assert db_conn.execute(f"SELECT count(*) FROM {s}.{KIOSK}_data").fetchone() == (0,)
+    assert db_conn.execute(f"SELECT count(*) FROM {s}.ingested_batches").fetchone() == (0,)
