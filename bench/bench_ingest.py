@@ -429,7 +429,8 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def machine(conn: psycopg.Connection) -> str:
+def database_machine(conn: psycopg.Connection) -> str:
+    """The host, its CPU, Python and the server behind ``conn`` with its TimescaleDB edition."""
     cpu = "?"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -437,15 +438,23 @@ def machine(conn: psycopg.Connection) -> str:
             break
     pg = conn.execute("SHOW server_version").fetchone()
     ts = conn.execute(
-        "SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'"
+        "SELECT extversion, current_setting('timescaledb.license') "
+        "FROM pg_extension WHERE extname = 'timescaledb'"
     ).fetchone()
-    mosquitto = shutil.which("mosquitto") or "mosquitto"
-    mosq = subprocess.run([mosquitto, "-h"], capture_output=True, text=True, check=False)
     return (
         f"{platform.system()} {platform.release()} {platform.machine()}, "
         f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
-        f"PostgreSQL {pg[0] if pg else '?'} + TimescaleDB {ts[0] if ts else '?'} (fsync on), "
-        f"{mosq.stdout.splitlines()[0] if mosq.stdout else 'mosquitto ?'}"
+        f"PostgreSQL {pg[0] if pg else '?'} + TimescaleDB {ts[0] if ts else '?'} "
+        f"({ts[1] if ts else '?'} edition, fsync on)"
+    )
+
+
+def machine(conn: psycopg.Connection) -> str:
+    """``database_machine`` and the Mosquitto version."""
+    mosquitto = shutil.which("mosquitto") or "mosquitto"
+    mosq = subprocess.run([mosquitto, "-h"], capture_output=True, text=True, check=False)
+    return (
+        f"{database_machine(conn)}, {mosq.stdout.splitlines()[0] if mosq.stdout else 'mosquitto ?'}"
     )
 
 

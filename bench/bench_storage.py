@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import psycopg
+from bench_ingest import database_machine
 
 from cityhub import database
 from cityhub.localstack.postgres import PostgresServer, find_pg_bindir
@@ -177,24 +177,6 @@ def run_type(
     return sizes
 
 
-def machine(conn: psycopg.Connection) -> str:
-    cpu = "?"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    pg = conn.execute("SHOW server_version").fetchone()
-    ts = conn.execute(
-        "SELECT extversion, current_setting('timescaledb.license') "
-        "FROM pg_extension WHERE extname = 'timescaledb'"
-    ).fetchone()
-    return (
-        f"{platform.system()} {platform.release()} {platform.machine()}, "
-        f"{os.cpu_count()} cores ({cpu}), PostgreSQL {pg[0] if pg else '?'} + "
-        f"TimescaleDB {ts[0] if ts else '?'} ({ts[1] if ts else '?'} edition)"
-    )
-
-
 def report(results: dict[str, dict[tuple[str, bool], Size]], args: argparse.Namespace) -> None:
     print()
     print(
@@ -254,7 +236,7 @@ def main() -> None:
                     results[name] = run_type(conn, DEVICE_TYPES[name], args)
                     print(f"measured {name}", file=sys.stderr, flush=True)
                 report(results, args)
-                print(f"\nmachine: {machine(conn)}")
+                print(f"\nmachine: {database_machine(conn)}")
         finally:
             pg.stop()
 
