@@ -108,6 +108,20 @@ def make_job(db_url: str, schema: str, rules_text: str, tmp_path: Path, **settin
     )
 
 
+def make_catchup_aqi_job(db_url: str, schema: str, tmp_path: Path) -> AlertsJob:
+    """The AQI rules every 10 minutes, catching up four hours in one cycle."""
+    return make_job(
+        db_url,
+        schema,
+        AQI_RULES,
+        tmp_path,
+        interval_s=600.0,
+        aqi=True,
+        max_catchup_s=4 * 3600.0,
+        catchup_steps_per_cycle=100,
+    )
+
+
 def alerts_of(conn, schema) -> list[tuple]:
     return conn.execute(
         f"SELECT alert_id, rule_id, device_id, state, severity, value, raised_at, cleared_at, "
@@ -413,16 +427,7 @@ def test_aqi_hourly_and_daily_rows_for_known_inputs(db_conn, db_url, migrated, t
             no2=50.0,
             o3=100.0 + value,
         )
-    job = make_job(
-        db_url,
-        schema,
-        AQI_RULES,
-        tmp_path,
-        interval_s=600.0,
-        aqi=True,
-        max_catchup_s=4 * 3600.0,
-        catchup_steps_per_cycle=100,
-    )
+    job = make_catchup_aqi_job(db_url, schema, tmp_path)
     try:
         job.run_cycle(h - 2 * hour - 600 * S)  # starts before the first reading
         report = job.run_cycle(h + 50 * 60 * S)

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 import psycopg
 
 from alerts.service import AlertsJob
-from tests.alerts.test_job import AQI_RULES, S, make_job, put, seed_devices, ts
+from tests.alerts.test_job import S, make_catchup_aqi_job, put, seed_devices, ts
 
 HOUR = 3600 * S
 # 03:00 UTC on 2030-03-18 (10:00 in Hanoi): the hour in progress at start-up.
@@ -51,16 +51,7 @@ def run(
     db_url: str, schema: str, conn: psycopg.Connection, tmp_path, *, add_later: bool = False
 ) -> tuple[list, list, list]:
     """Start a job at START, (add the readings up to LATER,) run to LATER; return what it wrote."""
-    job: AlertsJob = make_job(
-        db_url,
-        schema,
-        AQI_RULES,
-        tmp_path,
-        interval_s=600.0,
-        aqi=True,
-        max_catchup_s=4 * 3600.0,
-        catchup_steps_per_cycle=100,
-    )
+    job: AlertsJob = make_catchup_aqi_job(db_url, schema, tmp_path)
     try:
         first = job.run_cycle(START)
         assert first.evaluated == [START]
