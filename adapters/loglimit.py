@@ -1,15 +1,21 @@
-"""Rate-limit repeated log lines: a few per key and window, and a retry loop's sparse lines.
+"""Rate-limit repeated log lines: a few per key and window, sparse retry lines, drop tallies.
 
 A stream of bad input from the field (the same reject reason thousands of
 times a second) must not flood the log; the services' counters keep the
 full count. ``admit`` is the pure rule (the window and ``now`` passed in);
 ``LogLimiter`` keeps one window per key for a caller that logs.
 ``should_log_attempt`` picks which retries of a long outage are logged.
+``DropTally`` sums what a caller dropped per key and hands each key's sum
+out at most once a span, so every drop is in some line and a flood makes
+one line a key and span.
 Which keys, which clock (milliseconds or seconds: ``span`` is in the
 clock's units) and what is logged are the caller's business.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Mapping
 
 # (start of the window, lines already let through in it)
 Window = tuple[float, int]
@@ -49,3 +55,59 @@ def should_log_attempt(attempt: int, *, every: int) -> bool:
     A long outage then leaves a few lines that still show it goes on.
     """
     return attempt == 1 or attempt % every == 0
+
+
+class DropTally:
+    """Drops per key since that key's last line; a key's next line at most once per ``span``.
+
+    ``add`` the drops as they are counted; ``due(now)`` returns the keys
+    whose line may be written now, each with the drops since its previous
+    line and when the first of them was added, and forgets them. A key's
+    first drops are due at once; after a line, its drops wait until
+    ``span`` has passed. ``due(now, flush=True)`` returns every key (the
+    caller is stopping).
+    """
+
+    def __init__(self, *, span: float) -> None:
+        if span <= 0:
+            raise ValueError(f"need span > 0, got {span}")
+        self.span = span
+        self._pending: dict[str, tuple[int, float]] = {}  # key: (drops, since)
+        self._logged: dict[str, float] = {}  # key: when its last line was due
+        # No pending key is due before this: ``due`` is called for every
+        # batch of input and returns at once while a flood's lines wait.
+        self._next_due = math.inf
+
+    def add(self, drops: Mapping[str, int], now: float) -> None:
+        pending, logged = self._pending, self._logged
+        for key, count in drops.items():
+            if count <= 0:
+                continue
+            before = pending.get(key)
+            if before is None:
+                pending[key] = (count, now)
+                last = logged.get(key)
+                self._next_due = min(self._next_due, now if last is None else last + self.span)
+            else:
+                pending[key] = (before[0] + count, before[1])
+
+    def due(self, now: float, *, flush: bool = False) -> list[tuple[str, int, float]]:
+        if now < self._next_due and not flush:
+            return []
+        lines: list[tuple[str, int, float]] = []
+        logged, span = self._logged, self.span
+        next_due = math.inf
+        for key, (count, since) in list(self._pending.items()):
+            last = logged.get(key)
+            if flush or last is None or now - last >= span:
+                lines.append((key, count, since))
+                logged[key] = now
+                del self._pending[key]
+            else:
+                next_due = min(next_due, last + span)
+        self._next_due = next_due
+        return lines
+
+    def forget(self, key: str) -> None:
+        self._pending.pop(key, None)
+        self._logged.pop(key, None)

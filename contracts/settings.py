@@ -141,9 +141,15 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     ack_timeout_s: float = 15.0
     max_inflight_batches: int = 64
     # Token bucket per device: a sensor sends about 1 reading/s; 5/s with a
-    # burst of 20 leaves room for catch-up after a reconnect.
+    # burst of 20 leaves room for a short reconnect's few readings. A backlog
+    # (readings older than 10 s, buffered through an outage) is limited by
+    # its own timestamps instead (gateway.ratelimit): readings spaced at the
+    # rate pass however fast they arrive, as far back as device_backlog_max_s
+    # (a day: what a sensor's flash typically holds at 1 reading/s; also the
+    # most a device with made-up timestamps can push at once).
     device_rate_per_s: float = 5.0
     device_burst: float = 20.0
+    device_backlog_max_s: Annotated[float, msgspec.Meta(ge=0)] = 86_400.0
     # A device silent this long is offline in the gateway's state reports.
     # 0: its type's offline_after_s from the catalog, the definition the
     # boards, `cityhub status` and the rules use; a positive value overrides

@@ -17,6 +17,9 @@ class GatewayCounters:
     received: int = 0
     accepted: int = 0
     rate_limited: int = 0
+    # Readings dropped by the rate limit, per configured device (only
+    # configured devices have a bucket, so the keys are bounded).
+    device_rate_limited: Counter[str] = field(default_factory=Counter)
     rejects: Counter[str] = field(default_factory=Counter)
     # (device, reason) for configured devices; other ids count as "other", so
     # a stream of made-up ids cannot grow it without bound.

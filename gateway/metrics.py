@@ -86,6 +86,12 @@ def gateway_families(
         [((device, reason), n) for (device, reason), n in sorted(counters.device_rejects.items())],
         labels=("device", "reason"),
     )
+    yield counters_by(
+        "device_rate_limited",
+        "Readings dropped by the rate limit, by configured device",
+        counters.device_rate_limited,
+        label="device",
+    )
     yield Family(
         "counter",
         "modbus_polls",

@@ -3,8 +3,10 @@
 Pure: the caller passes the time, the site connection's generation and the
 settings; nothing here does I/O, logs, or knows about threads. It decides
 which device a site message belongs to (routes from the applied config),
-applies the per-device rate limit, decodes and checks it against the catalog,
-tracks seq and liveness per device, and adds it to the ``BatchBuilder``; an
+decodes and checks it against the catalog, applies the per-device rate limit
+(``gateway.ratelimit``: by the reading's own timestamp, so a backlog is not a
+flood), tracks seq and liveness per device, and adds it to the
+``BatchBuilder``; an
 uplink that names metrics its type lacks keeps its known metrics and counts
 each unknown one as an ``unknown_metric`` reject (unless the type's
 ``unknown_metrics`` is "reject": then the reading is rejected). It
@@ -13,15 +15,17 @@ the ready queue: batches cut from the builder, each with the packet ids it
 releases, waiting for the shell to store them in the outbox. Rejects and
 device status changes are counted and queued in ``events`` for the shell to
 log, and aggregated per device and reason (``gateway.rejects``) for the
-shell to report with the next state; storing, acknowledging, subscribing,
-publishing and logging are the shell's.
+shell to report with the next state; readings the rate limit drops are
+counted per device and tallied in ``limited`` for the shell to log;
+storing, acknowledging, subscribing, publishing and logging are the shell's.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final
 
 from contracts.catalog import DEFAULT_OFFLINE_AFTER_S, DEVICE_TYPES, device_type
 from contracts.errors import InputError, UnknownMetricError
@@ -91,9 +95,8 @@ HTTP_RECENT_KEYS = 4 * HTTP_MAX_READINGS
 # 8 readings 1.02x the one-by-one time, 16 readings 0.78x, 100 readings 0.57x).
 GROUP_MIN_MESSAGES: Final = 16
 # What a socket read's message is, before it is handled in order: an uplink
-# of this device that got its token, one without a token (False), or
-# anything else (None).
-Planned = DeviceConfig | Literal[False] | None
+# of this device, or anything else (None).
+Planned = DeviceConfig | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,8 +179,12 @@ class Router:
             max_age_ms=settings.batch_max_ms,
         )
         self.buckets = TokenBuckets(
-            default_rate_per_s=settings.device_rate_per_s, burst=settings.device_burst
+            default_rate_per_s=settings.device_rate_per_s,
+            burst=settings.device_burst,
+            backlog_max_ms=int(settings.device_backlog_max_s * 1000),
         )
+        # Readings the rate limit dropped per device since the shell last took them.
+        self.limited: Counter[str] = Counter()
         self.tracker = DeviceTracker()
         self.lorawan = LorawanBridge(counters=counters)
         # Rejects per (device, reason) since the last state that carried them.
@@ -249,6 +256,18 @@ class Router:
         events, self.events = self.events, []
         return events
 
+    def rate_limited(self, device_id: str, readings: int = 1) -> None:
+        """Count readings of ``device_id`` the rate limit dropped; tally them for the log."""
+        counters = self.counters
+        counters.rate_limited += readings
+        counters.device_rate_limited[device_id] += readings
+        self.limited[device_id] += readings
+
+    def take_limited(self) -> Counter[str]:
+        """Readings dropped by the rate limit per device since the last call."""
+        limited, self.limited = self.limited, Counter()
+        return limited
+
     # -- site messages ---------------------------------------------------------------
 
     def _generation(self, generation: int) -> list[int]:
@@ -301,14 +320,11 @@ class Router:
                     acks = self.site_acks
             return bool(self.ready)
         plan, checked = self._check_uplinks(publishes, now)
-        counters = self.counters
         for (topic, payload, qos, packet_id, _retain), device in zip(publishes, plan, strict=True):
             if qos:
                 acks.append(packet_id)
             if device is None:
                 self._site_message(topic, payload, now)
-            elif device is False:
-                counters.rate_limited += 1
             else:
                 uplink = next(checked[device.device_type])
                 if uplink is None:
@@ -323,19 +339,18 @@ class Router:
     def _check_uplinks(
         self, publishes: list[Publish], now: int
     ) -> tuple[list[Planned], dict[str, Iterator[DeviceUplink | None]]]:
-        """Route and rate-limit a socket read's messages, then check its uplinks type by type.
+        """Route a socket read's messages, then check its uplinks type by type.
 
-        Returns, per message, its device if it is an uplink that got a token,
-        False if its device had none, None for anything else (a status, a
-        LoRaWAN event, a topic not served: ``_site_message`` handles those);
-        and per device type, the results of ``accept_device_uplinks`` for its
-        uplinks in message order. Neither a route nor a token depends on what
-        the messages before did, and the checks are pure, so taking them
-        first changes nothing: what is accepted, rejected and counted, and in
-        which order, is decided in ``site_messages`` as one by one.
+        Returns, per message, its device if it is an uplink, None for
+        anything else (a status, a LoRaWAN event, a topic not served:
+        ``_site_message`` handles those); and per device type, the results
+        of ``accept_device_uplinks`` for its uplinks in message order. A
+        route does not depend on what the messages before did, and the
+        checks are pure, so taking them first changes nothing: what is
+        accepted, rate-limited, rejected and counted, and in which order, is
+        decided in ``site_messages`` as one by one.
         """
         routes = self.routes
-        allow = self.buckets.allow
         plan: list[Planned] = []
         payloads: dict[str, list[bytes]] = {}
         for topic, payload, _qos, _packet_id, _retain in publishes:
@@ -344,9 +359,6 @@ class Router:
                 plan.append(None)
                 continue
             device = route[0]
-            if not allow(device.device_id, now):
-                plan.append(False)
-                continue
             plan.append(device)
             of_type = payloads.get(device.device_type)
             if of_type is None:
@@ -384,13 +396,10 @@ class Router:
             if self.tracker.set_status(device_id, online=online, now_ms=now):
                 self.events.append(StatusChanged(device_id, online))
             return
-        if not self.buckets.allow(device_id, now):
-            self.counters.rate_limited += 1
-            return
         self._device_uplink(device, payload, now)
 
     def _device_uplink(self, device: DeviceConfig, payload: bytes, now: int) -> None:
-        """An uplink that got its token: decoded and checked, then accepted or rejected."""
+        """An uplink: decoded and checked, then rejected, rate-limited or accepted."""
         uplink: DeviceUplink | None
         try:
             uplink = decode_device_uplink(payload, device_type=device.device_type, now_ms=now)
@@ -403,6 +412,10 @@ class Router:
             self._accept_uplink(device, uplink, now)
 
     def _accept_uplink(self, device: DeviceConfig, uplink: DeviceUplink, now: int) -> None:
+        """A checked uplink: accepted if its device has a token for its timestamp."""
+        if not self.buckets.allow(device.device_id, now, uplink.ts_ms):
+            self.rate_limited(device.device_id)
+            return
         self._accept(
             device,
             seq=uplink.seq,
@@ -420,8 +433,8 @@ class Router:
             return
         device = result.device
         if isinstance(result, LorawanUplink):
-            if not self.buckets.allow(device.device_id, now):
-                self.counters.rate_limited += 1
+            if not self.buckets.allow(device.device_id, now, result.ts_ms):
+                self.rate_limited(device.device_id)
                 return
             self._accept(
                 device,
@@ -521,7 +534,7 @@ class Router:
             self.refused_this_episode += 1
             return
         if not self.buckets.allow(device.device_id, now):
-            self.counters.rate_limited += 1
+            self.rate_limited(device.device_id)
             return
         seq = self.serial_seq.get(device.device_id, 0)
         self.serial_seq[device.device_id] = seq + 1
@@ -604,9 +617,10 @@ class Router:
     ) -> HttpIntake:
         """The uplinks of one HTTP request of ``device`` (authenticated), in order.
 
-        Each takes a token of the device's bucket, then is decoded and checked
-        as an MQTT uplink is; the first without a token stops the request
-        (the rest are left to the device to send again). A repeat of a recent
+        Each is decoded and checked as an MQTT uplink is, then takes a token
+        of the device's bucket for its timestamp; the first without a token
+        stops the request (it and the rest are left to the device to send
+        again). A repeat of a recent
         reading (same seq and ts: the device did not get the answer) is not
         added again. If any was taken, ``request_id`` waits for the next cut.
         """
@@ -618,16 +632,16 @@ class Router:
         accepted = duplicates = retry_after_ms = 0
         rejected: list[tuple[int, str, str]] = []
         for index, payload in enumerate(payloads):
-            if not self.buckets.allow(device_id, now):
-                self.counters.rate_limited += len(payloads) - index
-                retry_after_ms = max(1, self.buckets.retry_after_ms(device_id, now))
-                break
             uplink = self._http_uplink(device, payload, now)
             if uplink is None:
                 event = self.events[-1]
                 assert isinstance(event, Rejected)  # noqa: S101 - _http_uplink queued it
                 rejected.append((index, event.reason, event.detail))
                 continue
+            if not self.buckets.allow(device_id, now, uplink.ts_ms):
+                self.rate_limited(device_id, len(payloads) - index)
+                retry_after_ms = max(1, self.buckets.retry_after_ms(device_id, now, uplink.ts_ms))
+                break
             accepted += 1
             key = (uplink.seq, uplink.ts_ms)
             if key in recent:

@@ -4,8 +4,9 @@ Wiring (docs/architecture.md, sections 1, 3 and 5):
 
 - site broker (``SiteLink``): ``d/{id}/up`` and ``d/{id}/status`` of each
   configured MQTT device, handed over a socket read at a time on the event
-  loop: topic -> configured device -> rate limit -> decode and check against
-  the catalog -> tracking -> ``BatchBuilder``, which is cut into a batch at
+  loop: topic -> configured device -> decode and check against the catalog
+  -> rate limit (``gateway.ratelimit``: a backlog by its readings'
+  timestamps) -> tracking -> ``BatchBuilder``, which is cut into a batch at
   ``batch_max_rows``;
 - serial ports (``SerialSource``): PMS5003 / SDS011 frames -> the same path;
 - LoRaWAN devices: ChirpStack's MQTT integration publishes their events on
@@ -57,7 +58,9 @@ state, ack generations, the ready queue) and ``gateway.configdiff`` (what a
 new config changes); this shell does the I/O around them and logs.
 
 Bad device input is never a crash: it is a WARNING (rate-limited), a counter
-by reason, and dropped.
+by reason, and dropped. Readings over a device's rate are dropped, counted
+(in total and per device) and logged: a WARNING at a device's first drop,
+then at most one a minute with the number dropped since the last.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ from typing import TYPE_CHECKING, cast
 
 import msgspec
 
-from adapters.loglimit import LogLimiter
+from adapters.loglimit import DropTally, LogLimiter
 from adapters.mqtt import MqttLink, Will, client_ssl_context
 from adapters.sdnotify import Notifier
 from adapters.serve import serve as run_service
@@ -145,6 +148,10 @@ FLUSH_TICK_S = 0.02
 FLUSH_MIN_INTERVAL_S = 0.005
 # Log at most this many WARNINGs per reject reason per minute; counters keep the rest.
 REJECT_LOG_PER_MINUTE = 5
+# A device's readings dropped by the rate limit: its first drop is logged at
+# once, then one WARNING a minute at most, each with the count since the
+# last (a flood makes a line a minute; every drop is in some line).
+RATE_LIMIT_LOG_SPAN_MS = 60_000
 # Maximum Packet Size the uplink announces in CONNECT: the broker discards
 # (MQTT 5.0 section 3.1.2.11.4) any packet longer than this instead of sending
 # it. What the uplink reads, acks and configs, is refused past contracts'
@@ -216,6 +223,7 @@ class Gateway:
         self.lock = threading.Lock()
         self._inflight: dict[int, str] = {}
         self._reject_log = LogLimiter(limit=REJECT_LOG_PER_MINUTE, span=60_000)
+        self._limited_log = DropTally(span=RATE_LIMIT_LOG_SPAN_MS)
         self._init_tasks()
         self.central = self._uplink(central)
         self.site = self._site_link(site)
@@ -414,13 +422,27 @@ class Gateway:
 
     # -- the core's events --------------------------------------------------------
 
-    def _log_events(self) -> None:
-        """Log what the router queued: rejects (at most REJECT_LOG_PER_MINUTE per reason)."""
+    def _log_events(self, *, flush: bool = False) -> None:
+        """Log what the router queued: rejects (at most REJECT_LOG_PER_MINUTE per reason)
+        and the readings the rate limit dropped (``RATE_LIMIT_LOG_SPAN_MS``; ``flush``: all now).
+        """
         with self.lock:
             events = self.router.take_events()
-        if not events:
-            return
+            limited = self.router.take_limited() if self.router.limited else None
         now = self.clock()
+        if limited:
+            self._limited_log.add(limited, now)
+        for device_id, dropped, since_ms in self._limited_log.due(now, flush=flush):
+            logger.warning(
+                "rate limit: device %s sent faster than %g readings a second (burst %g):"
+                " %d dropped in the last %.1f s",
+                device_id,
+                self.router.buckets.rate_of(device_id),
+                self.settings.device_burst,
+                dropped,
+                max(0, now - since_ms) / 1000,
+                extra={"device_id": device_id},
+            )
         for event in events:
             if isinstance(event, Rejected):
                 if self._reject_log.allow(event.reason, now):
@@ -530,7 +552,7 @@ class Gateway:
         now = self.clock()
         with self.lock:
             self.router.site_messages(publishes, generation=self.site.generation, now=now)
-        if self.router.events:
+        if self.router.events or self.router.limited:
             if any(isinstance(e, StatusChanged) and e.online for e in self.router.events):
                 self.downlink.wake()
             self._log_events()
@@ -544,7 +566,7 @@ class Gateway:
         now = self.clock()
         with self.lock:
             self.router.serial_reading(device, values, now)
-        if self.router.events:
+        if self.router.events or self.router.limited:
             self._log_events()
 
     # -- central side: paho's network thread hands over to the event loop -----------
@@ -940,6 +962,8 @@ class Gateway:
             await asyncio.sleep(1.0)
             with self.lock:
                 gone = self.router.expire(self.clock(), override_ms=override_ms)
+            # Rate-limit lines held back by their span are written once due.
+            self._log_events()
             for device_id in gone:
                 logger.info(
                     "device %s offline: no data within its timeout",
@@ -1183,17 +1207,18 @@ class Gateway:
         }
 
     async def _stop_site(self) -> None:
+        """Leave the site session; then log every rate-limit drop not yet in a line."""
         self.site.stop()
         task = self._site_task
-        if task is None:
-            return
-        try:
-            async with asyncio.timeout(2.0):
-                await asyncio.shield(task)
-        except TimeoutError:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if task is not None:
+            try:
+                async with asyncio.timeout(2.0):
+                    await asyncio.shield(task)
+            except TimeoutError:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._log_events(flush=True)
 
 
 async def _raise_on(stop: asyncio.Event) -> None:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adapters.loglimit import LogLimiter, admit, should_log_attempt
+from adapters.loglimit import DropTally, LogLimiter, admit, should_log_attempt
 
 
 @pytest.mark.parametrize(
@@ -75,3 +75,45 @@ def test_the_first_lines_of_a_window_pass(limit, now):
 )
 def test_retry_lines(attempt, logged):
     assert should_log_attempt(attempt, every=10) is logged
+
+
+def test_drop_tally_logs_a_key_at_once_then_once_a_span_with_every_drop_counted():
+    tally = DropTally(span=60)
+    tally.add({"flood": 3, "calm": 0}, now=0)
+    assert tally.due(0) == [("flood", 3, 0)]  # the first drops: at once
+    for t in range(1, 60):
+        tally.add({"flood": 10}, now=t)
+        assert tally.due(t) == []  # held back within the span
+    tally.add({"other": 1}, now=30)
+    assert tally.due(30) == [("other", 1, 30)]  # another key is not held back by this one
+    assert tally.due(60) == [("flood", 590, 1)]  # everything since the last line
+    assert tally.due(200) == []  # nothing dropped since
+    tally.add({"flood": 2}, now=201)
+    assert tally.due(201) == [("flood", 2, 201)]  # the span since its last line has passed
+
+
+def test_drop_tally_flush_hands_out_everything_held():
+    tally = DropTally(span=60)
+    tally.add({"a": 1}, now=0)
+    assert tally.due(0) == [("a", 1, 0)]
+    tally.add({"a": 4, "b": 2}, now=5)
+    assert sorted(tally.due(6)) == [("b", 2, 5)]
+    assert tally.due(7, flush=True) == [("a", 4, 5)]
+    assert tally.due(8, flush=True) == []
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.sampled_from("abc"), st.integers(0, 5))))
+def test_drop_tally_loses_no_drop_and_keeps_each_key_to_a_line_a_span(steps):
+    tally = DropTally(span=10)
+    now, added, logged = 0, 0, 0
+    last_line: dict[str, int] = {}
+    for step, key, count in steps:
+        now += step
+        tally.add({key: count}, now)
+        added += count
+        for line_key, dropped, _since in tally.due(now):
+            assert now - last_line.get(line_key, -10) >= 10
+            last_line[line_key] = now
+            logged += dropped
+    logged += sum(dropped for _k, dropped, _s in tally.due(now, flush=True))
+    assert logged == added
