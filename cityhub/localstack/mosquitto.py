@@ -6,7 +6,8 @@ access, including the plugin's control API), persistence on with a snapshot
 every second (AUTOSAVE_INTERVAL below), raises the
 queue limits that would otherwise drop QoS 1 messages for a slow subscriber
 (MAX_QUEUED_MESSAGES below), and listens on 127.0.0.1 only, optionally with a
-second, TLS listener that requires a client certificate, and optionally on
+second, TLS listener that requires a client certificate (TLS 1.2 with AEAD
+ciphers only, or 1.3: TLS12_CIPHERS below), and optionally on
 further addresses of this machine (``extra_hosts``, same port). Dev mode
 (``local.dev_mode``) additionally lets anonymous local clients connect; it is
 explicit in the config file so nobody mistakes it for production.
@@ -89,6 +90,26 @@ MAX_PACKET_BYTES = 16 << 20
 # bench/bench_broker_persistence.py measures both; README ("Broker persistence").
 AUTOSAVE_ON_CHANGES = False
 AUTOSAVE_INTERVAL = 1
+
+# Every TLS listener the project writes (this module's and the compose
+# broker's, deploy/mosquitto/mosquitto-init.py): TLS 1.2 at least (Mosquitto
+# 2.0's tls_version is the minimum; 1.3 stays on with OpenSSL's AEAD-only
+# suites) and, for TLS 1.2, forward-secret ECDHE key exchange with AEAD
+# ciphers only. OpenSSL's default list also offers CBC suites with SHA-1 MACs
+# (ECDHE-ECDSA-AES128-SHA, ...), which the cityhub PKI's ECDSA keys would
+# otherwise negotiate with an old client. The RSA variants serve a server
+# certificate with an RSA key that an operator brings.
+TLS_MIN_VERSION = "tlsv1.2"
+TLS12_CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    )
+)
 
 
 def find_dynsec_plugin() -> Path:
@@ -348,7 +369,8 @@ class MosquittoServer:
             f"certfile {copies['server.crt']}",
             f"keyfile {copies['server.key']}",
             "require_certificate true",
-            "tls_version tlsv1.2",
+            f"tls_version {TLS_MIN_VERSION}",
+            f"ciphers {TLS12_CIPHERS}",
         ]
         if self._copy_crl():
             lines.append(f"crlfile {self.base_dir / 'tls' / 'crl.pem'}")

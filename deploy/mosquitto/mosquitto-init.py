@@ -17,8 +17,9 @@ with the volume mounted where the broker sees it (/mosquitto/security):
   mounts the secrets ca.crt, mqtt_server.crt and mqtt_server.key there as
   ca.crt, server.crt and server.key) holds all three, they are copied into
   the volume and conf.d/tls.conf opens port MQTT_TLS_PORT (8883) requiring a
-  client certificate from that CA; without them conf.d/ is left empty and the
-  broker has only its plain listener. The CA's revocation list (crl.pem, from
+  client certificate from that CA, TLS 1.2 (ECDHE with AEAD ciphers only) or
+  TLS 1.3 (cityhub.localstack.mosquitto's TLS settings); without them conf.d/
+  is left empty and the broker has only its plain listener. The CA's revocation list (crl.pem, from
   `cityhub pki revoke` / `cityhub pki crl`; MQTT_CRL_FILE names it, default
   crl.pem in the PKI directory: compose points it into the provisioning
   containers' PKI volume, where those commands write it) is copied too when
@@ -36,7 +37,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from cityhub.localstack.mosquitto import ADMIN_USER
+from cityhub.localstack.mosquitto import ADMIN_USER, TLS12_CIPHERS, TLS_MIN_VERSION
 from contracts.errors import HubError
 from devices.dynsec import Account, base_document, service_account
 
@@ -151,7 +152,9 @@ if len(present) == len(PKI_FILES):
         f"certfile {tls_dir / 'server.crt'}\n"
         f"keyfile {tls_dir / 'server.key'}\n"
         "require_certificate true\n"
-        "tls_version tlsv1.2\n"
+        # TLS 1.2 or 1.3; for 1.2 ECDHE with AEAD ciphers only (the embedded broker's).
+        f"tls_version {TLS_MIN_VERSION}\n"
+        f"ciphers {TLS12_CIPHERS}\n"
         f"{crl_line}",
         mode=0o644,
     )

@@ -31,7 +31,7 @@ import pytest
 from cityhub.localstack.mosquitto import ADMIN_USER, find_dynsec_plugin, mqtt_connect_probe
 from cityhub.localstack.procs import RunAs, free_port, stop_process_group, tcp_answers
 from devices.pki import Pki
-from tests.plugins.broker import make_pki
+from tests.plugins.broker import OLD_TLS12_CIPHER, make_pki, tls_handshake
 from tests.plugins.servers import IS_ROOT
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -322,6 +322,23 @@ def test_with_certificates_the_tls_listener_requires_a_client_certificate(base, 
         context.load_cert_chain(str(client.cert), str(client.key))
         # Certificate accepted; the account is still required (CONNACK 5, not authorised).
         assert _tls_connect(tls_port, context)[:1] == b"\x20"
+    finally:
+        _stop(proc)
+
+
+def test_the_tls_listener_refuses_an_old_cbc_suite_and_speaks_tls_1_3(base, pki):
+    """Issue 20 item 4: TLS 1.2 with ECDHE and AEAD ciphers only, as the embedded broker."""
+    port, tls_port = free_port(), free_port()
+    conf, _ = _prepare(base, pki.root, tls_port)
+    proc = _start(base, conf, port)
+    try:
+        with pytest.raises(ssl.SSLError):
+            tls_handshake(tls_port, pki, version=ssl.TLSVersion.TLSv1_2, ciphers=OLD_TLS12_CIPHER)
+        protocol, cipher = tls_handshake(tls_port, pki, version=ssl.TLSVersion.TLSv1_2)
+        assert protocol == "TLSv1.2"
+        assert cipher.startswith("ECDHE-"), cipher
+        assert "GCM" in cipher or "CHACHA20" in cipher, cipher
+        assert tls_handshake(tls_port, pki)[0] == "TLSv1.3"
     finally:
         _stop(proc)
 
