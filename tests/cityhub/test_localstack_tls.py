@@ -1,22 +1,35 @@
-"""The embedded broker's TLS listener, with a real Mosquitto: what TLS it speaks.
+"""The embedded broker's TLS listener, with a real Mosquitto: what TLS it speaks, where.
 
 TLS 1.2 with ECDHE and AEAD ciphers only, and TLS 1.3: a client that offers
-only an old CBC-SHA1 suite is refused.
+only an old CBC-SHA1 suite is refused. With a TLS listener, the plain one
+stays on 127.0.0.1: from another address (127.0.0.2 stands in for one, all of
+127/8 being loopback on Linux) a gateway's account works only over TLS.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import secrets
+import socket
 import ssl
+import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
-from cityhub.localstack.mosquitto import MosquittoServer
+from cityhub.localstack.mosquitto import ADMIN_USER, MosquittoServer, mqtt_connect_probe
+from contracts.settings import BrokerSettings
+from devices import dynsec
+from devices.brokerctl import BrokerControl
 from devices.pki import Pki
 from tests.plugins.broker import OLD_TLS12_CIPHER, make_pki, tls_handshake, tls_mosquitto
 from tests.plugins.servers import start_or_skip
+
+OTHER = "127.0.0.2"
 
 pytestmark = pytest.mark.slow
 
@@ -74,3 +87,90 @@ def test_the_listener_config_names_the_minimum_version_and_the_suites(
     for suite in ciphers.removeprefix("ciphers ").split(":"):
         assert suite.startswith("ECDHE-"), suite
         assert suite.endswith(("GCM-SHA256", "GCM-SHA384", "CHACHA20-POLY1305")), suite
+
+
+def _tls_connack(
+    host: str, port: int, pki: Pki, *, username: str, password: str, client_id: str
+) -> int:
+    """The CONNACK reason code of an MQTT v5 CONNECT over TLS with a client certificate."""
+    files = pki.issue_client(client_id, now=dt.datetime.now(dt.UTC))
+    context = ssl.create_default_context(cafile=str(pki.ca.cert))
+    context.load_cert_chain(str(files.cert), str(files.key))
+    context.check_hostname = False  # the server certificate names localhost and 127.0.0.1
+    done = threading.Event()
+    codes: list[int] = []
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    client.username_pw_set(username, password)
+    client.tls_set_context(context)
+
+    def on_connect(_c: object, _u: object, _f: object, reason: object, _p: object) -> None:
+        codes.append(getattr(reason, "value", -1))
+        done.set()
+
+    client.on_connect = on_connect
+    client.on_disconnect = lambda *_: done.set()
+    client.connect(host, port)
+    try:
+        client.loop_start()
+        assert done.wait(10), "neither CONNACK nor disconnect over TLS"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert codes, "the broker closed the TLS connection before CONNACK"
+    return codes[0]
+
+
+def test_with_tls_the_other_addresses_get_the_tls_listener_only(
+    servers_dir: Path, pki: Pki, mosquitto_bin: str
+):
+    """Issue 20 item 4: a gateway elsewhere cannot use its password on the plain listener."""
+    server = tls_mosquitto(servers_dir, pki, mosquitto_bin, name="bound")
+    server.extra_hosts = (OTHER,)
+    start_or_skip(server, "Mosquitto's dynamic-security plugin")
+    try:
+        tls_port = _tls_port(server)
+        gateway_id = f"gw-{uuid.uuid4().hex[:8]}"
+        account = dynsec.gateway_central_account(gateway_id)
+        password = secrets.token_urlsafe(24)
+        admin = BrokerSettings(
+            host="127.0.0.1", port=server.port, username=ADMIN_USER, password=server.admin_password
+        )
+        with BrokerControl(name="central", broker=admin) as control:
+            control.run(dynsec.create_account(account, password))
+        # Nothing plain listens on the other address: the password cannot be tried there.
+        with pytest.raises(ConnectionRefusedError), socket.create_connection((OTHER, server.port)):
+            pass
+        # There the gateway connects over TLS, with its certificate and account.
+        assert (
+            _tls_connack(
+                OTHER,
+                tls_port,
+                pki,
+                username=account.username,
+                password=password,
+                client_id=account.client_id,
+            )
+            == 0
+        )
+        # The TLS rules hold on every TLS listener.
+        with pytest.raises(ssl.SSLError):
+            tls_handshake(
+                tls_port,
+                pki,
+                host=OTHER,
+                version=ssl.TLSVersion.TLSv1_2,
+                ciphers=OLD_TLS12_CIPHER,
+            )
+        # The services of this machine keep the plain listener on 127.0.0.1.
+        ingest = server.service_broker("ingest")
+        assert (
+            mqtt_connect_probe(
+                server.port,
+                username=ingest.username,
+                password=ingest.password,
+                client_id=f"{ingest.username}-{uuid.uuid4().hex[:12]}",
+            )
+            == 0
+        )
+    finally:
+        server.stop()
