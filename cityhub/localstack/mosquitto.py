@@ -6,8 +6,10 @@ access, including the plugin's control API), persistence on with a snapshot
 every second (AUTOSAVE_INTERVAL below), raises the
 queue limits that would otherwise drop QoS 1 messages for a slow subscriber
 (MAX_QUEUED_MESSAGES below), and listens on 127.0.0.1 only, optionally with a
-second, TLS listener that requires a client certificate, and optionally on
-further addresses of this machine (``extra_hosts``, same port). Dev mode
+second, TLS listener that requires a client certificate (TLS 1.2 with AEAD
+ciphers only, or 1.3: TLS12_CIPHERS below), and optionally on
+further addresses of this machine (``extra_hosts``, same port; with a TLS
+listener, those addresses get the TLS listener only). Dev mode
 (``local.dev_mode``) additionally lets anonymous local clients connect; it is
 explicit in the config file so nobody mistakes it for production.
 
@@ -24,6 +26,16 @@ the admin account, the service accounts and the dev-mode anonymous group are
 rewritten at start.
 Per-device and per-gateway accounts are ``devices``' business; this module
 only owns the broker process and its base configuration.
+
+With a TLS listener, the plain listener is bound to 127.0.0.1 alone: a
+gateway provisioned for TLS reaches the broker from elsewhere only through
+the TLS listener, with its client certificate. Its password alone would still
+be accepted on the plain listener by a process on this machine: accounts
+cannot be tied to a listener here. Mosquitto 2.0's ``per_listener_settings
+true`` with one dynamic-security plugin per listener does not separate them
+(tried on 2.0.11: the two plugin instances share their accounts, each
+listener accepting the other's), and ``use_identity_as_username`` on the TLS
+listener skips the plugin's password, disabled-account and client-id checks.
 """
 
 from __future__ import annotations
@@ -89,6 +101,26 @@ MAX_PACKET_BYTES = 16 << 20
 # bench/bench_broker_persistence.py measures both; README ("Broker persistence").
 AUTOSAVE_ON_CHANGES = False
 AUTOSAVE_INTERVAL = 1
+
+# Every TLS listener the project writes (this module's and the compose
+# broker's, deploy/mosquitto/mosquitto-init.py): TLS 1.2 at least (Mosquitto
+# 2.0's tls_version is the minimum; 1.3 stays on with OpenSSL's AEAD-only
+# suites) and, for TLS 1.2, forward-secret ECDHE key exchange with AEAD
+# ciphers only. OpenSSL's default list also offers CBC suites with SHA-1 MACs
+# (ECDHE-ECDSA-AES128-SHA, ...), which the cityhub PKI's ECDSA keys would
+# otherwise negotiate with an old client. The RSA variants serve a server
+# certificate with an RSA key that an operator brings.
+TLS_MIN_VERSION = "tlsv1.2"
+TLS12_CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    )
+)
 
 
 def find_dynsec_plugin() -> Path:
@@ -190,7 +222,8 @@ class MosquittoServer:
         self.tls = tls
         self.autosave_interval = autosave_interval
         self.autosave_on_changes = autosave_on_changes
-        # Further addresses of this machine to listen on (plain, same port),
+        # Further addresses of this machine to listen on (plain, same port; with
+        # a TLS listener, the TLS listener instead: module docstring),
         # e.g. a veth pair's host side that another network namespace reaches.
         self.extra_hosts = extra_hosts
 
@@ -316,7 +349,8 @@ class MosquittoServer:
             "log_type information",
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",
             f"listener {self.port} {LOOPBACK}",
-            *(f"listener {self.port} {host}" for host in self.extra_hosts),
+            # With TLS, the further addresses are the TLS listener's (module docstring).
+            *(f"listener {self.port} {host}" for host in self.extra_hosts if self.tls is None),
             *self._tls_config(),
             "",
         ]
@@ -342,17 +376,22 @@ class MosquittoServer:
                 ) from exc
             copies[name] = tls_dir / name
             write_owned_file(copies[name], text, self.run_as)
-        lines = [
-            f"listener {self.tls.port} {LOOPBACK}",
+        settings = [
             f"cafile {copies['ca.crt']}",
             f"certfile {copies['server.crt']}",
             f"keyfile {copies['server.key']}",
             "require_certificate true",
-            "tls_version tlsv1.2",
+            f"tls_version {TLS_MIN_VERSION}",
+            f"ciphers {TLS12_CIPHERS}",
         ]
         if self._copy_crl():
-            lines.append(f"crlfile {self.base_dir / 'tls' / 'crl.pem'}")
-        return lines
+            settings.append(f"crlfile {self.base_dir / 'tls' / 'crl.pem'}")
+        # Each listener takes the settings that follow its line.
+        return [
+            line
+            for host in (LOOPBACK, *self.extra_hosts)
+            for line in (f"listener {self.tls.port} {host}", *settings)
+        ]
 
     def _copy_crl(self) -> bool:
         """Copy the CRL beside the other TLS files; False when there is none to use."""

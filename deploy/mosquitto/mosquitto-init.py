@@ -13,12 +13,19 @@ with the volume mounted where the broker sees it (/mosquitto/security):
   monitor), e.g. "ingest.compose=/run/secrets/mqtt_ingest_password
   sim.compose=/run/secrets/mqtt_sim_password". A missing or empty password
   file, or a malformed pair, stops it with a message naming it;
+- the plain listener on the broker's address on the compose stack's
+  `internal` network (MQTT_INTERNAL_ADDRESS, compose gives the broker a fixed
+  one; MQTT_PORT, 1883): conf.d/plain.conf. mosquitto.conf itself listens on
+  the container's loopback only, so 1883 is open on no other network (not on
+  `edge`, where the published ports are). Without MQTT_INTERNAL_ADDRESS the
+  plain listener stays on loopback;
 - the TLS listener: when the PKI directory (CITYHUB_PKI_DIR, /pki: compose
   mounts the secrets ca.crt, mqtt_server.crt and mqtt_server.key there as
   ca.crt, server.crt and server.key) holds all three, they are copied into
   the volume and conf.d/tls.conf opens port MQTT_TLS_PORT (8883) requiring a
-  client certificate from that CA; without them conf.d/ is left empty and the
-  broker has only its plain listener. The CA's revocation list (crl.pem, from
+  client certificate from that CA, TLS 1.2 (ECDHE with AEAD ciphers only) or
+  TLS 1.3 (cityhub.localstack.mosquitto's TLS settings); without them conf.d/
+  is left empty and the broker has only its plain listener. The CA's revocation list (crl.pem, from
   `cityhub pki revoke` / `cityhub pki crl`; MQTT_CRL_FILE names it, default
   crl.pem in the PKI directory: compose points it into the provisioning
   containers' PKI volume, where those commands write it) is copied too when
@@ -36,7 +43,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from cityhub.localstack.mosquitto import ADMIN_USER
+from cityhub.localstack.mosquitto import ADMIN_USER, TLS12_CIPHERS, TLS_MIN_VERSION
 from contracts.errors import HubError
 from devices.dynsec import Account, base_document, service_account
 
@@ -48,6 +55,8 @@ security = path.parent
 pki = Path(os.environ.get("CITYHUB_PKI_DIR", "/pki"))
 crl = Path(os.environ.get("MQTT_CRL_FILE") or pki / CRL_FILE)
 tls_port = int(os.environ.get("MQTT_TLS_PORT", "8883"))
+plain_port = int(os.environ.get("MQTT_PORT", "1883"))
+internal_address = os.environ.get("MQTT_INTERNAL_ADDRESS", "")
 uid = int(os.environ.get("MOSQUITTO_UID", "1883"))
 gid = int(os.environ.get("MOSQUITTO_GID", str(uid)))
 
@@ -126,6 +135,18 @@ sys.stdout.write(
 conf_d = security / "conf.d"
 conf_d.mkdir(exist_ok=True)
 owned(conf_d, 0o755)
+plain_conf = conf_d / "plain.conf"
+if internal_address:
+    write(
+        plain_conf,
+        "# written by mosquitto-init: plain MQTT on the compose stack's internal network only\n"
+        f"listener {plain_port} {internal_address}\n",
+        mode=0o644,
+    )
+    sys.stdout.write(f"mosquitto-init: plain MQTT on {internal_address}:{plain_port}\n")
+else:
+    plain_conf.unlink(missing_ok=True)
+    sys.stdout.write("mosquitto-init: no MQTT_INTERNAL_ADDRESS: plain MQTT on loopback only\n")
 tls_conf = conf_d / "tls.conf"
 present = [name for name in PKI_FILES if (pki / name).is_file()]
 if len(present) == len(PKI_FILES):
@@ -151,7 +172,9 @@ if len(present) == len(PKI_FILES):
         f"certfile {tls_dir / 'server.crt'}\n"
         f"keyfile {tls_dir / 'server.key'}\n"
         "require_certificate true\n"
-        "tls_version tlsv1.2\n"
+        # TLS 1.2 or 1.3; for 1.2 ECDHE with AEAD ciphers only (the embedded broker's).
+        f"tls_version {TLS_MIN_VERSION}\n"
+        f"ciphers {TLS12_CIPHERS}\n"
         f"{crl_line}",
         mode=0o644,
     )

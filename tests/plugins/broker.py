@@ -9,6 +9,8 @@ schema from ``database``.
 from __future__ import annotations
 
 import datetime as dt
+import socket
+import ssl
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,3 +95,38 @@ def tls_mosquitto(
             crl_file=pki.crl_path if crl else None,
         ),
     )
+
+
+# What a TLS 1.2 client from before AEAD offers: CBC with an HMAC-SHA1 (the
+# ECDSA one: the cityhub PKI's keys are ECDSA P-256).
+OLD_TLS12_CIPHER = "ECDHE-ECDSA-AES128-SHA"
+
+
+def tls_handshake(
+    port: int,
+    pki: Pki,
+    *,
+    host: str = "127.0.0.1",
+    version: ssl.TLSVersion | None = None,
+    ciphers: str | None = None,
+) -> tuple[str, str]:
+    """A TLS handshake with a client certificate of ``pki``: (protocol, cipher) it agreed.
+
+    ``version`` pins the protocol, ``ciphers`` the TLS 1.2 suites offered; a
+    refused handshake raises ``ssl.SSLError`` (or ``OSError`` when cut).
+    """
+    context = ssl.create_default_context(cafile=str(pki.ca.cert))
+    client = pki.issue_client(f"tls-{uuid.uuid4().hex[:6]}", now=dt.datetime.now(dt.UTC))
+    context.load_cert_chain(str(client.cert), str(client.key))
+    if version is not None:
+        context.minimum_version = context.maximum_version = version
+    if ciphers is not None:
+        context.set_ciphers(ciphers)
+    with (
+        socket.create_connection((host, port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        protocol, cipher = tls.version(), tls.cipher()
+    assert protocol is not None
+    assert cipher is not None
+    return protocol, cipher[0]

@@ -6,9 +6,10 @@ way the mosquitto-init service does, and deploy/mosquitto/mosquitto.conf,
 with the container's paths replaced by that directory's, starts a real
 Mosquitto. Checked: authenticated only, the admin account works, the
 service accounts of MQTT_SERVICE_ACCOUNTS are written from their password
-files (a missing or empty file, or a malformed pair, stops the init), and the
+files (a missing or empty file, or a malformed pair, stops the init), plain
+MQTT listens on loopback and the internal network's address only, and the
 TLS listener appears only with the certificates of `cityhub pki`, requiring a
-client certificate signed by its CA.
+client certificate signed by its CA, TLS 1.2 with AEAD suites or TLS 1.3.
 """
 
 from __future__ import annotations
@@ -31,13 +32,17 @@ import pytest
 from cityhub.localstack.mosquitto import ADMIN_USER, find_dynsec_plugin, mqtt_connect_probe
 from cityhub.localstack.procs import RunAs, free_port, stop_process_group, tcp_answers
 from devices.pki import Pki
-from tests.plugins.broker import make_pki
+from tests.plugins.broker import OLD_TLS12_CIPHER, make_pki, tls_handshake
 from tests.plugins.servers import IS_ROOT
 
 ROOT = Path(__file__).resolve().parents[2]
 INIT = ROOT / "deploy" / "mosquitto" / "mosquitto-init.py"
 CONF = ROOT / "deploy" / "mosquitto" / "mosquitto.conf"
 NOW = dt.datetime.now(dt.UTC)
+# Stand-ins (all of 127/8 is loopback on Linux): the broker's address on the compose
+# stack's internal network, and an address of another network (edge).
+INTERNAL = "127.0.0.2"
+ELSEWHERE = "127.0.0.3"
 
 
 def _broker_user() -> RunAs | None:
@@ -65,12 +70,13 @@ def _run_init(security: Path, env: dict[str, str]) -> subprocess.CompletedProces
 
 
 def _prepare(
-    base: Path, pki_dir: Path, tls_port: int, *, crl_file: Path | None = None
+    base: Path, pki_dir: Path, tls_port: int, *, port: int, crl_file: Path | None = None
 ) -> tuple[str, str]:
     """Run mosquitto-init.py into base/security; return (broker config, admin password).
 
     With the service accounts ingest.compose and sim.compose, whose password
-    files are base/secrets/mqtt_{kind}_password.
+    files are base/secrets/mqtt_{kind}_password, and the plain listener on
+    ``port`` at INTERNAL (the broker's address on the internal network).
     """
     base.mkdir(parents=True, exist_ok=True)
     base.chmod(0o755)
@@ -96,6 +102,8 @@ def _prepare(
         "CITYHUB_PKI_DIR": str(pki_dir),
         "MQTT_CRL_FILE": str(crl_file) if crl_file else "",
         "MQTT_TLS_PORT": str(tls_port),
+        "MQTT_PORT": str(port),
+        "MQTT_INTERNAL_ADDRESS": INTERNAL,
         "MOSQUITTO_UID": str(user.uid if user else os.geteuid()),
         "MOSQUITTO_GID": str(user.gid if user else os.getegid()),
     }
@@ -119,7 +127,7 @@ def _prepare(
 
 def _start(base: Path, conf: str, port: int) -> subprocess.Popen[bytes]:
     conf_path = base / "mosquitto.conf"
-    conf_path.write_text(conf.replace("listener 1883", f"listener {port} 127.0.0.1"))
+    conf_path.write_text(conf.replace("listener 1883 127.0.0.1", f"listener {port} 127.0.0.1"))
     user = _broker_user()
     binary = shutil.which("mosquitto")
     if binary is None:
@@ -174,7 +182,7 @@ def test_without_certificates_the_broker_is_plain_and_authenticated(tmp_path, ba
     empty = tmp_path / "pki"
     empty.mkdir()
     port, tls_port = free_port(), free_port()
-    conf, password = _prepare(base, empty, tls_port)
+    conf, password = _prepare(base, empty, tls_port, port=port)
     assert not (base / "security" / "conf.d" / "tls.conf").exists()
     proc = _start(base, conf, port)
     try:
@@ -192,6 +200,25 @@ def test_without_certificates_the_broker_is_plain_and_authenticated(tmp_path, ba
         # covers the roles): ingest may not publish a batch as a gateway.
         ingest_secret = (base / "secrets" / "mqtt_ingest_password").read_text().strip()
         assert _publish_refused(port, "ingest.compose", ingest_secret, "hub/v1/gw/gw-1/batch")
+    finally:
+        _stop(proc)
+
+
+def test_plain_mqtt_listens_on_loopback_and_the_internal_address_only(tmp_path, base):
+    """Issue 20 item 4: 1883 is not open on the broker's other networks (compose's edge)."""
+    empty = tmp_path / "pki"
+    empty.mkdir()
+    port, tls_port = free_port(), free_port()
+    conf, password = _prepare(base, empty, tls_port, port=port)
+    plain = (base / "security" / "conf.d" / "plain.conf").read_text(encoding="utf-8")
+    assert f"listener {port} {INTERNAL}" in plain.splitlines()
+    proc = _start(base, conf, port)
+    try:
+        assert mqtt_connect_probe(port, username=ADMIN_USER, password=password) == 0
+        with socket.create_connection((INTERNAL, port), timeout=5):
+            pass
+        with pytest.raises(ConnectionRefusedError), socket.create_connection((ELSEWHERE, port)):
+            pass
     finally:
         _stop(proc)
 
@@ -306,7 +333,7 @@ def test_a_malformed_service_account_pair_is_refused(tmp_path, pair, problem):
 
 def test_with_certificates_the_tls_listener_requires_a_client_certificate(base, pki):
     port, tls_port = free_port(), free_port()
-    conf, password = _prepare(base, pki.root, tls_port)
+    conf, password = _prepare(base, pki.root, tls_port, port=port)
     security = base / "security"
     assert (security / "conf.d" / "tls.conf").exists()
     for secret in ("tls/server.key", "dynamic-security.json"):
@@ -322,6 +349,23 @@ def test_with_certificates_the_tls_listener_requires_a_client_certificate(base, 
         context.load_cert_chain(str(client.cert), str(client.key))
         # Certificate accepted; the account is still required (CONNACK 5, not authorised).
         assert _tls_connect(tls_port, context)[:1] == b"\x20"
+    finally:
+        _stop(proc)
+
+
+def test_the_tls_listener_refuses_an_old_cbc_suite_and_speaks_tls_1_3(base, pki):
+    """Issue 20 item 4: TLS 1.2 with ECDHE and AEAD ciphers only, as the embedded broker."""
+    port, tls_port = free_port(), free_port()
+    conf, _ = _prepare(base, pki.root, tls_port, port=port)
+    proc = _start(base, conf, port)
+    try:
+        with pytest.raises(ssl.SSLError):
+            tls_handshake(tls_port, pki, version=ssl.TLSVersion.TLSv1_2, ciphers=OLD_TLS12_CIPHER)
+        protocol, cipher = tls_handshake(tls_port, pki, version=ssl.TLSVersion.TLSv1_2)
+        assert protocol == "TLSv1.2"
+        assert cipher.startswith("ECDHE-"), cipher
+        assert "GCM" in cipher or "CHACHA20" in cipher, cipher
+        assert tls_handshake(tls_port, pki)[0] == "TLSv1.3"
     finally:
         _stop(proc)
 
@@ -386,7 +430,7 @@ def test_a_revoked_certificate_is_refused_after_init_and_sighup(base, pki):
     certificates.mkdir(parents=True)
     for name in ("ca.crt", "server.crt", "server.key"):
         shutil.copyfile(pki.root / name, certificates / name)
-    conf, _ = _prepare(base, certificates, tls_port, crl_file=pki.root / "crl.pem")
+    conf, _ = _prepare(base, certificates, tls_port, port=port, crl_file=pki.root / "crl.pem")
     tls_conf = (base / "security" / "conf.d" / "tls.conf").read_text(encoding="utf-8")
     assert f"crlfile {base / 'security' / 'tls' / 'crl.pem'}" in tls_conf
     proc = _start(base, conf, port)

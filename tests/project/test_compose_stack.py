@@ -11,6 +11,7 @@ Alertmanager files; a private Prometheus evaluates the project's rules against a
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import json
 import os
 import re
@@ -281,7 +282,7 @@ def test_only_tls_listeners_face_the_outside(compose) -> None:
     grafana = services["grafana"]["environment"]
     assert grafana["GF_SERVER_PROTOCOL"] == "https"
     assert grafana["GF_SERVER_CERT_FILE"] == "/run/secrets/grafana.crt"
-    assert compose["networks"]["internal"] == {"internal": True}
+    assert compose["networks"]["internal"]["internal"] is True
     # A published port needs a network with a way out; the rest stay internal only.
     for name, service in services.items():
         networks = service.get("networks", [])
@@ -290,6 +291,31 @@ def test_only_tls_listeners_face_the_outside(compose) -> None:
             assert "edge" in networks, name
     for name in ("ingest", "alerts", "gateway", "migrate"):
         assert services[name]["networks"] == ["internal"], name
+
+
+def _default(value: str) -> str:
+    """The default of a ``${NAME:-default}`` value (the value itself when it has none)."""
+    found = re.fullmatch(r"\$\{[A-Z_]+:-([^}]*)\}", value)
+    return found.group(1) if found else value
+
+
+def test_plain_mqtt_listens_only_on_the_internal_network(compose) -> None:
+    """Issue 20 item 4: 1883 not on `edge`, the network the Docker host and published ports use.
+
+    The broker's config listens on the container's loopback (its health check) and
+    mosquitto-init adds the broker's fixed address on `internal`, nothing else.
+    """
+    conf = (ROOT / "deploy" / "mosquitto" / "mosquitto.conf").read_text(encoding="utf-8")
+    listeners = [line.split() for line in conf.splitlines() if line.startswith("listener ")]
+    assert listeners == [["listener", "1883", "127.0.0.1"]]
+    services = compose["services"]
+    address = services["mosquitto"]["networks"]["internal"]["ipv4_address"]
+    assert services["mosquitto-init"]["environment"]["MQTT_INTERNAL_ADDRESS"] == address
+    (subnet,) = compose["networks"]["internal"]["ipam"]["config"]
+    assert ipaddress.ip_address(_default(address)) in ipaddress.ip_network(
+        _default(subnet["subnet"])
+    )
+    assert services["mosquitto"]["networks"]["edge"] == {}
 
 
 def test_every_image_is_pinned_by_tag_and_digest(compose) -> None:
