@@ -87,7 +87,11 @@ def messages(draw: st.DrawFn, seqs: dict[str, int]) -> Publish:
     if kind == "good":
         values = dict(GOOD[DEVICES[device_id][0]])
         values[next(iter(values))] += draw(st.integers(0, 3))
-        payload = encode_device_uplink(DeviceUplink(seq=seq, ts_ms=NOW - seq, metrics=values))
+        # Mostly live; sometimes a backlog reading (rate-limited by its timestamp).
+        age_ms = draw(st.sampled_from([0, 0, 0, 30_000, 600_000 - 1000 * seq]))
+        payload = encode_device_uplink(
+            DeviceUplink(seq=seq, ts_ms=NOW - seq - age_ms, metrics=values)
+        )
     elif kind == "bad":
         payload = _bad(draw(st.sampled_from(BAD)), seq)
     elif kind == "status":
@@ -114,6 +118,7 @@ def _counters(router: Router) -> tuple[object, ...]:
         c.received,
         c.accepted,
         c.rate_limited,
+        dict(c.device_rate_limited),
         dict(c.rejects),
         dict(c.device_rejects),
         c.seq_gaps,
@@ -134,6 +139,7 @@ def test_a_socket_read_is_handled_as_its_messages_one_by_one(socket_reads) -> No
             single.site_messages([message], generation=1, now=now)
         assert _counters(grouped) == _counters(single)
         assert grouped.take_events() == single.take_events()
+        assert grouped.take_limited() == single.take_limited()
         assert grouped.ready == single.ready
         assert grouped.site_acks == single.site_acks
     assert grouped.take_ready(now, force=True) == single.take_ready(now, force=True)
