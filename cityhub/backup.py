@@ -79,6 +79,7 @@ from cityhub.localstack.procs import make_owned_dir, write_owned_file
 from contracts.catalog import DEVICE_TYPES
 from contracts.errors import BackupError
 from contracts.schema import check_schema_name, readings_table
+from contracts.wording import count_noun
 
 logger = logging.getLogger(__name__)
 
@@ -566,9 +567,11 @@ def _check_target_database(targets: Targets, manifest: Manifest, *, force: bool)
     with database.connect(targets.database_url) as conn:
         tables = _user_tables(conn)
     if tables and not force:
-        held = ", ".join(f"{n} in schema {s!r}" for s, n in tables.items())
+        held = ", ".join(
+            f"{count_noun(n, 'table', 'tables')} in schema {s!r}" for s, n in tables.items()
+        )
         raise BackupError(
-            f"database {dbname!r} is not empty ({held} tables): restore refuses to overwrite "
+            f"database {dbname!r} is not empty ({held}): restore refuses to overwrite "
             "it; --force drops the database and restores the backup into a new one"
         )
     return True

@@ -79,6 +79,7 @@ from contracts.errors import (
 )
 from contracts.lorawanmodels import LorawanModel, parse_lorawan_model
 from contracts.registermaps import ModbusModel, parse_modbus_model
+from contracts.wording import count_noun
 
 
 class MetricKind(enum.StrEnum):
@@ -897,7 +898,7 @@ def describe_changes(base: Catalog, catalog: Catalog) -> list[str]:
     for name, dtype in catalog.types.items():
         old = base.types.get(name)
         if old is None:
-            lines.append(f"new type {name}: {len(dtype.metrics)} metrics")
+            lines.append(f"new type {name}: {count_noun(len(dtype.metrics), 'metric', 'metrics')}")
             lines.extend(_describe_commands(name, (), dtype.commands))
             continue
         lines.extend(

@@ -60,6 +60,7 @@ from contracts.schema import (
     rollup_table,
 )
 from contracts.settings import StorageSettings
+from contracts.wording import count_noun
 
 ROLLUP_AGGREGATES = ("avg", "min", "max")
 
@@ -143,7 +144,8 @@ def _type_steps(
         )
         return [
             Step(
-                f"create {raw} (hypertable, {len(dtype.metrics)} metrics) and its hourly "
+                f"create {raw} (hypertable, {count_noun(len(dtype.metrics), 'metric', 'metrics')})"
+                " and its hourly "
                 f"rollup {rollup} for new device type {dtype.name!r}",
                 tables + rollup_statements(s, dtype, current.edition, storage, keyed=keyed),
             )
@@ -195,7 +197,8 @@ def _retention_steps(s: str, current: SchemaState, want: dict[str, int]) -> list
             continue
         steps.append(
             Step(
-                f"retention of {table}: {_days(current.retention_days.get(table))} -> {days} days",
+                f"retention of {table}: "
+                f"{_days(current.retention_days.get(table))} -> {_days(days)}",
                 (
                     f"SELECT remove_retention_policy('{s}.{table}', if_exists => true)",
                     f"""SELECT add_retention_policy('{s}.{table}',
@@ -207,11 +210,13 @@ def _retention_steps(s: str, current: SchemaState, want: dict[str, int]) -> list
 
 
 def _days(days: int | None) -> str:
-    return "none" if days is None else f"{days} days"
+    return "none" if days is None else count_noun(days, "day", "days")
 
 
 def _days_list(want: Mapping[str, int], tables: list[str]) -> str:
-    return ", ".join(f"{t} {want[t]} days" for t in tables) or f"{len(want)} tables"
+    return ", ".join(f"{t} {_days(want[t])}" for t in tables) or count_noun(
+        len(want), "table", "tables"
+    )
 
 
 def _compression_steps(
@@ -229,7 +234,7 @@ def _compression_steps(
             Step(
                 f"compression of {readings_table(name)}: after "
                 f"{_days(current.compress_after_days.get(raw))} "
-                f"-> after {days} days",
+                f"-> after {_days(days)}",
                 (
                     f"SELECT remove_compression_policy('{s}.{raw}', if_exists => true)",
                     f"""SELECT add_compression_policy('{s}.{raw}',
@@ -257,7 +262,8 @@ def plan(
     ):
         steps.append(
             Step(
-                f"redefine refresh_rollups over the rollups of {len(catalog)} device types",
+                "redefine refresh_rollups over the rollups of "
+                + count_noun(len(catalog), "device type", "device types"),
                 (refresh_rollups_function(s, catalog, keyed),),
             )
         )
@@ -268,7 +274,8 @@ def plan(
             steps.append(
                 Step(
                     f"chunk interval of {readings_table(name)}: {current.chunk_hours[raw]:g} -> "
-                    f"{hours} hours (new chunks; existing chunks keep theirs)",
+                    f"{count_noun(hours, 'hour', 'hours')}"
+                    " (new chunks; existing chunks keep theirs)",
                     (f"SELECT set_chunk_time_interval('{s}.{raw}', INTERVAL '{hours} hours')",),
                 )
             )

@@ -28,6 +28,7 @@ from contracts.messages import (
     SEQ_MAX,
     TS_MAX_MS,
 )
+from contracts.wording import count_noun
 
 DRAFT: Final = "https://json-schema.org/draft/2020-12/schema"
 # Where the generated files live, relative to the repository root.
@@ -95,8 +96,8 @@ def uplink_json_schema(
         "description": (
             f"{dtype.description}. One reading, published as JSON (UTF-8, at most "
             f"{DEVICE_PAYLOAD_MAX_BYTES} bytes) on d/{{device_id}}/up. The gateway also "
-            f"requires ts within {max_past_ms // 86_400_000} days before and "
-            f"{max_future_ms // 60_000} minutes after its own clock. "
+            f"requires ts within {count_noun(max_past_ms // 86_400_000, 'day', 'days')} before and "
+            f"{count_noun(max_future_ms // 60_000, 'minute', 'minutes')} after its own clock. "
             "Unknown top-level fields are ignored."
         ),
         "type": "object",

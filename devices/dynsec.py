@@ -91,6 +91,7 @@ from contracts.topics import (
     ingest_batch_filter,
     ingest_report_filter,
 )
+from contracts.wording import count_noun
 
 CONTROL_TOPIC: Final = "$CONTROL/dynamic-security/v1"
 # ChirpStack's event topics (contracts.topics): what its account may publish,
@@ -518,7 +519,8 @@ def check_responses(
     """
     if len(responses) != len(commands):
         raise BrokerControlError(
-            f"the broker answered {len(responses)} of {len(commands)} control commands"
+            f"the broker answered {len(responses)} of"
+            f" {count_noun(len(commands), 'control command', 'control commands')}"
         )
     failures = [
         f"{command['command']} {command.get('username') or command.get('rolename')}: {error}"

@@ -39,6 +39,7 @@ from contracts.messages import (
 )
 from contracts.settings import ProvisioningSettings
 from contracts.topics import DEFAULT_SHARE_GROUP, config_topic
+from contracts.wording import choose_noun, count_noun
 from devices import credentials, dynsec
 from devices.brokerctl import BrokerControl
 from devices.bundle import (
@@ -279,10 +280,15 @@ class Provisioner:
         if forward:
             self.site.run(forward)
             undo.steps.append((self.site, back))
-            lorawan = f" and the ChirpStack events of {len(euis)} LoRaWAN devices" if euis else ""
+            lorawan = (
+                " and the ChirpStack events of "
+                + count_noun(len(euis), "LoRaWAN device", "LoRaWAN devices")
+                if euis
+                else ""
+            )
             out.changes.append(
-                f"site broker: {account.username} may read the topics of {len(devices)}"
-                f" devices{lorawan}, no others"
+                f"site broker: {account.username} may read the topics of"
+                f" {count_noun(len(devices), 'device', 'devices')}{lorawan}, no others"
             )
         for gateway_account in dynsec.gateway_accounts(gateway_id, self.prefix):
             self._bind_client_id(gateway_account, out)
@@ -364,7 +370,7 @@ class Provisioner:
             out.configs.append(config)
             out.changes.append(
                 f"gateway {gateway_id}: config version {config.version} published"
-                f" ({len(config.devices)} devices)"
+                f" ({count_noun(len(config.devices), 'device', 'devices')})"
             )
 
     def _write(self, undo: _Undo, bundle: Bundle, out: Outcome) -> None:
@@ -548,9 +554,10 @@ class Provisioner:
             devices = tx.active_devices_of(gateway_id)
             if devices:
                 raise ConflictError(
-                    f"gateway {gateway_id!r} still serves {len(devices)} active devices"
+                    f"gateway {gateway_id!r} still serves"
+                    f" {count_noun(len(devices), 'active device', 'active devices')}"
                     f" ({', '.join(devices[:5])}{', ...' if len(devices) > 5 else ''}):"
-                    " move or revoke them first"
+                    f" move or revoke {choose_noun(len(devices), 'it', 'them')} first"
                 )
             tx.set_gateway_status(gateway_id, "revoked")
             self._audit(tx, "gateway.revoke", "gateway", gateway_id)

@@ -42,6 +42,7 @@ from contracts.errors import AlertmanagerRefusedError, HubError, InputError, Set
 from contracts.schema import ALERT_STATES, SEVERITIES
 from contracts.settings import describe_settings, load_settings
 from contracts.severity import ALERT_EN, ALERT_VI, severity_label
+from contracts.wording import choose_noun, count_noun
 
 if TYPE_CHECKING:
     from alerts.store import AlertRow, AlertStore, NoteRow
@@ -173,7 +174,8 @@ def run(
         report = asyncio.run(serve(job, once=once))
     if once and report is not None:
         state.console.print(
-            f"evaluated {len(report.evaluated)} time(s): {report.raised} raised, "
+            f"evaluated {count_noun(len(report.evaluated), 'time', 'times')}:"
+            f" {report.raised} raised, "
             f"{report.escalated} escalated, {report.cleared} cleared; "
             f"{report.aqi_hourly} hourly and {report.aqi_daily} daily AQI rows"
         )
@@ -304,7 +306,8 @@ _COLUMNS: Final = (
 
 
 def _alerts_table(rows: Sequence[AlertRow]) -> Table:
-    table = Table(title=f"{len(rows)} {ALERT_VI.lower()} / {ALERT_EN.lower()}(s)")
+    alerts = choose_noun(len(rows), ALERT_EN.lower(), f"{ALERT_EN.lower()}s")
+    table = Table(title=f"{len(rows)} {ALERT_VI.lower()} / {alerts}")
     for column in _COLUMNS:
         table.add_column(column, overflow="fold")
     for row in rows:

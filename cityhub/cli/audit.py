@@ -10,6 +10,7 @@ from rich.table import Table
 
 from cityhub.cli.context import TIME_ZONE_NOTE, local_time, reported_errors, state_of
 from cityhub.cli.devices import JsonOption, registry_of
+from contracts.wording import count_noun
 
 
 def audit(
@@ -37,7 +38,7 @@ def audit(
     if as_json:
         state.console.print_json(msgspec.json.encode(entries).decode())
         return
-    table = Table(title=f"audit log ({len(entries)} entries, newest first)")
+    table = Table(title=f"audit log ({count_noun(len(entries), 'entry', 'entries')}, newest first)")
     columns = (
         f"when ({TIME_ZONE_NOTE})",
         "db login / OS user",

@@ -20,6 +20,7 @@ from cityhub.cli.context import CliState, reported_errors, state_of
 from cityhub.cli.db import database_url
 from cityhub.cli.devices import pki_dir
 from contracts.errors import SettingsError
+from contracts.wording import count_noun
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -182,11 +183,20 @@ def backup(
     for what in manifest.omitted:
         state.console.print(f"left out: {what}", highlight=False, markup=False)
     total = sum(v for k, v in manifest.counts.items() if k.startswith("readings."))
+    counted = ", ".join(
+        count_noun(n, singular, plural)
+        for n, singular, plural in (
+            (total, "reading", "readings"),
+            (manifest.counts.get("alerts", 0), "alert", "alerts"),
+            (manifest.counts.get("devices", 0), "device", "devices"),
+            (manifest.counts.get("gateways", 0), "gateway", "gateways"),
+        )
+    )
+    files = count_noun(len(manifest.files), "file", "files")
     state.console.print(
-        f"backup written: {directory} ({len(manifest.files)} files + {report.directory.name}/"
-        f"manifest.json); {total} readings, {manifest.counts.get('alerts', 0)} alerts, "
-        f"{manifest.counts.get('devices', 0)} devices, {manifest.counts.get('gateways', 0)} "
-        f"gateways; TimescaleDB {manifest.timescaledb_version}, schema {manifest.schema!r} at "
+        f"backup written: {directory} ({files} + {report.directory.name}/"
+        f"manifest.json); {counted}; TimescaleDB {manifest.timescaledb_version}, "
+        f"schema {manifest.schema!r} at "
         f"migration {manifest.migration}; dump {report.dump_bytes} bytes in "
         f"{report.dump_s:.1f} s",
         highlight=False,

@@ -29,6 +29,7 @@ from contracts.catalog import (
 )
 from contracts.errors import UnknownDeviceTypeError
 from contracts.uplinkschema import SCHEMA_DIR, schema_files, uplink_json_schema
+from contracts.wording import count_noun
 
 app = typer.Typer(
     # Help is printed as written: ids, patterns and TOML sections have [ ] in them.
@@ -203,12 +204,18 @@ def check(
         catalog = read_catalog([file], base=configured) if file is not None else configured
     if file is None:
         state.console.print(
-            f"ok: {len(catalog.types)} device types from {', '.join(catalog.sources)}",
+            f"ok: {count_noun(len(catalog.types), 'device type', 'device types')}"
+            f" from {', '.join(catalog.sources)}",
             highlight=False,
         )
         return
     changes = describe_changes(configured, catalog)
-    state.console.print(f"ok: {file}: {len(changes) or 'no'} additions or changes", highlight=False)
+    counted = (
+        count_noun(len(changes), "addition or change", "additions or changes")
+        if changes
+        else "no additions or changes"
+    )
+    state.console.print(f"ok: {file}: {counted}", highlight=False)
     for line in changes:
         state.console.print(f"  {line}", highlight=False)
 
@@ -255,7 +262,10 @@ def schemas(
             state.console.print(f"{directory / name}: not current", highlight=False)
         if stale or extra:
             raise typer.Exit(1)
-        state.console.print(f"ok: {directory}: {len(wanted)} schemas current", highlight=False)
+        state.console.print(
+            f"ok: {directory}: {count_noun(len(wanted), 'schema', 'schemas')} current",
+            highlight=False,
+        )
         return
     directory.mkdir(parents=True, exist_ok=True)
     for name in stale:

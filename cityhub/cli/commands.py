@@ -43,6 +43,7 @@ from cityhub.cli.devices import JsonOption, registry_of
 from contracts.catalog import DEFAULT_COMMAND_TIMEOUT_S, DEVICE_TYPES
 from contracts.commands import COMMAND_STATES, COMMAND_TTL_MAX_S, FINAL_STATES, STATE_LABELS
 from contracts.errors import HubError, InputError, SettingsError
+from contracts.wording import choose_noun
 
 if TYPE_CHECKING:
     from devices.commands import CommandEvent, CommandRegistry, CommandRow
@@ -322,7 +323,8 @@ def _cells(row: CommandRow) -> list[str]:
 
 
 def _table(rows: Sequence[CommandRow]) -> Table:
-    table = Table(title=f"{len(rows)} lệnh / command(s), mới nhất trước / newest first")
+    commands = choose_noun(len(rows), "command", "commands")
+    table = Table(title=f"{len(rows)} lệnh / {commands}, mới nhất trước / newest first")
     for column in _COLUMNS:
         table.add_column(column, overflow="fold")
     for row in rows:

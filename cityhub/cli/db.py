@@ -12,6 +12,7 @@ from rich.table import Table
 from cityhub.cli.context import TIME_ZONE_NOTE, CliState, local_time, reported_errors, state_of
 from contracts.errors import SettingsError
 from contracts.schema import Edition
+from contracts.wording import count_noun
 
 app = typer.Typer(
     # Help is printed as written: ids, patterns and TOML sections have [ ] in them.
@@ -81,8 +82,10 @@ def migrate(
         for note in plan.notes:
             state.console.print(f"note: {note}", markup=False)
         state.console.print(
-            f"schema {schema!r} (dry run, nothing changed): {len(plan.pending)} migrations "
-            f"pending, {len(plan.steps)} reconcile steps; TimescaleDB edition: "
+            f"schema {schema!r} (dry run, nothing changed): "
+            f"{count_noun(len(plan.pending), 'migration', 'migrations')} pending, "
+            f"{count_noun(len(plan.steps), 'reconcile step', 'reconcile steps')}; "
+            "TimescaleDB edition: "
             f"{plan.edition.value}"
         )
         return
@@ -100,7 +103,8 @@ def migrate(
         )
     state.console.print(
         f"schema {schema!r}: {len(report.applied)} applied, "
-        f"{report.already} already present, {len(report.steps)} reconcile steps; "
+        f"{report.already} already present, "
+        f"{count_noun(len(report.steps), 'reconcile step', 'reconcile steps')}; "
         f"TimescaleDB edition: {report.edition.value}"
     )
 
@@ -124,7 +128,7 @@ def seed(ctx: typer.Context) -> None:
     for site in sites:
         kinds[site.kind] = kinds.get(site.kind, 0) + 1
     detail = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
-    state.console.print(f"seeded {count} Hanoi sites ({detail})")
+    state.console.print(f"seeded {count_noun(count, 'Hanoi site', 'Hanoi sites')} ({detail})")
 
 
 @app.command()

@@ -32,6 +32,7 @@ from cityhub.cli.db import database_url
 from cityhub.cli.gateway import embedded_broker
 from contracts.errors import ConflictError, NotFoundError, SettingsError
 from contracts.ids import ID_PATTERN
+from contracts.wording import count_noun
 
 if TYPE_CHECKING:
     from cityhub.cli.presence import DevicePresence
@@ -471,7 +472,9 @@ def list_(
     if as_json:
         state.console.print_json(msgspec.json.encode(device_documents(rows, presence)).decode())
         return
-    print_table(state, _device_table(rows, presence, f"{len(rows)} devices"), wide=wide)
+    print_table(
+        state, _device_table(rows, presence, count_noun(len(rows), "device", "devices")), wide=wide
+    )
 
 
 @app.command()

@@ -34,6 +34,7 @@ from cityhub.cli.devices import (
 )
 from contracts.errors import NotFoundError
 from contracts.ids import ID_PATTERN
+from contracts.wording import count_noun
 
 if TYPE_CHECKING:
     from cityhub.cli.presence import GatewayPresence
@@ -136,7 +137,9 @@ def list_(
     if as_json:
         state.console.print_json(msgspec.json.encode(gateway_documents(rows, presence)).decode())
         return
-    print_table(state, _table(rows, presence, f"{len(rows)} gateways"), wide=wide)
+    print_table(
+        state, _table(rows, presence, count_noun(len(rows), "gateway", "gateways")), wide=wide
+    )
 
 
 @app.command()

@@ -10,6 +10,7 @@ import typer
 
 from cityhub.cli.context import CliState, reported_errors, state_of
 from contracts.errors import SettingsError
+from contracts.wording import count_noun
 
 if TYPE_CHECKING:
     from grafana.push import GrafanaPush
@@ -53,7 +54,9 @@ def build(
     changed = write_boards(directory)
     for name in changed:
         state.console.print(f"wrote {directory / name}")
-    state.console.print(f"{len(changed)} board file(s) changed in {directory}")
+    state.console.print(
+        f"{count_noun(len(changed), 'board file', 'board files')} changed in {directory}"
+    )
 
 
 @app.command()

@@ -23,6 +23,7 @@ from contracts.errors import SettingsError
 from contracts.messages import GatewayConfig, encode_gateway_config
 from contracts.settings import BrokerSettings
 from contracts.topics import config_topic
+from contracts.wording import count_noun
 
 # numpy, aiomqtt and psycopg are imported where used, so that `cityhub --help` and
 # `cityhub gateway` run with the gateway extra alone.
@@ -249,7 +250,8 @@ def run(
             publish_gateway_configs(central, gateway_configs(specs, sim.ports), topic_prefix)
         seconds = parse_duration(duration) if duration else None
         state.console.print(
-            f"simulating {len(specs)} devices at {len({s.site_id for s in specs})} sites "
+            f"simulating {count_noun(len(specs), 'device', 'devices')} at"
+            f" {count_noun(len({s.site_id for s in specs}), 'site', 'sites')} "
             f"(seed {description.seed}, {description.time_acceleration:g}x)"
         )
         try:

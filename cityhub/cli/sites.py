@@ -33,6 +33,7 @@ from contracts.sites import (
     write_csv,
     write_geojson,
 )
+from contracts.wording import count_noun
 
 if TYPE_CHECKING:
     from devices.registry import ImportResult, SiteRow
@@ -206,7 +207,7 @@ def list_(
     if as_json:
         state.console.print_json(msgspec.json.encode([_row_json(r) for r in rows]).decode())
         return
-    state.console.print(_table(rows, f"{len(rows)} sites"))
+    state.console.print(_table(rows, count_noun(len(rows), "site", "sites")))
 
 
 @app.command()
@@ -315,7 +316,7 @@ def export(
             output.write_text(text, encoding="utf-8")
         except OSError as exc:
             raise SiteFileError(str(output), None, f"cannot be written: {exc.strerror}") from None
-    state.err.print(f"wrote {len(sites)} sites to {output}", highlight=False)
+    state.err.print(f"wrote {count_noun(len(sites), 'site', 'sites')} to {output}", highlight=False)
 
 
 @app.command()

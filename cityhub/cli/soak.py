@@ -63,6 +63,7 @@ from cityhub.soak.schedule import (
     schedule_toml,
 )
 from contracts.errors import LocalServiceError, SettingsError
+from contracts.wording import count_noun
 from firmware_sim.ledger import Ledger, LedgerEntry, Reconciliation
 
 # A killed gateway loses the serial readings it had read but not yet put in
@@ -320,8 +321,10 @@ def _run_schedule(
     _simulator_log_to(system.run_dir / "simulator.log")
     (system.run_dir / "schedule.toml").write_text(schedule_toml(schedule), encoding="utf-8")
     state.console.print(
-        f"cityhub soak: {len(system.specs)} devices, {len(gateways)} gateways, "
-        f"{system.workers} ingest workers, {len(schedule.fault)} faults over "
+        f"cityhub soak: {count_noun(len(system.specs), 'device', 'devices')}, "
+        f"{count_noun(len(gateways), 'gateway', 'gateways')}, "
+        f"{count_noun(system.workers, 'ingest worker', 'ingest workers')}, "
+        f"{count_noun(len(schedule.fault), 'fault', 'faults')} over "
         f"{schedule.duration_s:.0f} s (seed {schedule.seed}); logs and schedule in "
         f"{system.run_dir}",
         highlight=False,
@@ -465,8 +468,9 @@ class FaultRunner:
             acked = sum(1 for e in ledger.entries if e.acked_ms is not None)
             active = ", ".join(sorted(self.active)) or "none"
             self.state.console.print(
-                f"{self.now_s():6.0f}/{schedule.duration_s:.0f} s  {acked:,} readings "
-                f"acknowledged  faults done {len(self.events)}/{len(schedule.fault)}  "
+                f"{self.now_s():6.0f}/{schedule.duration_s:.0f} s  "
+                f"{count_noun(acked, 'reading', 'readings', grouped=True)} acknowledged  "
+                f"faults done {len(self.events)}/{len(schedule.fault)}  "
                 f"active: {active}",
                 highlight=False,
                 markup=False,
@@ -691,7 +695,9 @@ def _print_outcome(state: CliState, outcome: Outcome, policy: CrashLoss) -> bool
         )
     for device_id, n in sorted(outcome.serial_lost.items()):
         state.err.print(
-            f"lost: {n} serial readings of {device_id} while its gateway was up", highlight=False
+            f"lost: {count_noun(n, 'serial reading', 'serial readings')} of {device_id}"
+            " while its gateway was up",
+            highlight=False,
         )
     if not outcome.drained:
         state.err.print("the system did not drain before --drain-timeout")

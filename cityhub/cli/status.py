@@ -20,6 +20,7 @@ from rich.markup import escape
 from cityhub.cli.context import CliState, reported_errors, state_of
 from cityhub.cli.devices import JsonOption, hanoi_time, new_table, pki_dir, registry_of
 from contracts.schema import SEVERITIES
+from contracts.wording import choose_noun
 from devices import certs
 
 if TYPE_CHECKING:
@@ -137,12 +138,13 @@ def certificate_status(
         for r in certs.soonest(register, now=now, count=SOONEST_CERTS)
     ]
     expired = [f"{c.name}: đã hết hạn / expired" for c in lines if c.days_left <= 0]
-    warnings = [
-        f"{c.name}: còn / {c.days_left:.0f} ngày / days left"
-        for c in lines
-        if 0 < c.days_left < certs.WARN_DAYS
-    ]
+    warnings = [_expiry_warning(c) for c in lines if 0 < c.days_left < certs.WARN_DAYS]
     return Certificates(lines=lines, warnings=warnings, expired=expired)
+
+
+def _expiry_warning(cert: CertExpiry) -> str:
+    days = round(cert.days_left)  # the whole days that the certificates line shows
+    return f"{cert.name}: còn / {days} ngày / {choose_noun(days, 'day', 'days')} left"
 
 
 class FleetStatus(msgspec.Struct, frozen=True, kw_only=True):

@@ -62,6 +62,7 @@ from contracts.messages import GatewayConfig, GatewayState, decode_gateway_state
 from contracts.schema import SEVERITIES, readings_table
 from contracts.settings import BrokerSettings
 from contracts.severity import severity_label
+from contracts.wording import count_noun
 from devices.dynsec import gateway_username
 from firmware_sim.ledger import Ledger, Reconciliation, RejectedRow, StoredRow, reconcile
 
@@ -314,8 +315,8 @@ def _view(
             str(s.devices_online),
         )
     table.caption = (
-        f"simulator sent {sim.stats.total():,} readings | stored in TimescaleDB {stored:,} | "
-        + _alerts_line(alerts)
+        f"simulator sent {count_noun(sim.stats.total(), 'reading', 'readings', grouped=True)}"
+        f" | stored in TimescaleDB {stored:,} | " + _alerts_line(alerts)
     )
     return table
 
@@ -700,8 +701,9 @@ def _run_system(
     started = time.monotonic()
     assert system.watcher is not None  # noqa: S101 - started
     state.console.print(
-        f"cityhub up: {len(system.specs)} simulated devices, {len(system.configs)} sites "
-        f"with a gateway each, {system.workers} ingest worker(s), the alerts job; logs in "
+        f"cityhub up: {count_noun(len(system.specs), 'simulated device', 'simulated devices')}, "
+        f"{count_noun(len(system.configs), 'site', 'sites')} with a gateway each, "
+        f"{count_noun(system.workers, 'ingest worker', 'ingest workers')}, the alerts job; logs in "
         f"{system.run_dir}; Ctrl-C to stop",
         highlight=False,
     )
@@ -943,5 +945,8 @@ def _print_summary(state: CliState, result: Reconciliation) -> int:
             highlight=False,
         )
     for device_id, n in sorted(result.serial_lost.items()):
-        state.err.print(f"lost: {n} serial readings of {device_id}", highlight=False)
+        state.err.print(
+            f"lost: {count_noun(n, 'serial reading', 'serial readings')} of {device_id}",
+            highlight=False,
+        )
     return lost + dup

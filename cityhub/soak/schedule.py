@@ -35,6 +35,7 @@ from typing import Any, Final, Literal, get_args
 import msgspec
 
 from contracts.errors import SettingsError
+from contracts.wording import count_noun
 
 FaultKind = Literal[
     "kill_gateway",
@@ -170,7 +171,9 @@ def parse_schedule(
         raise SettingsError("--schedule", str(exc)) from None
     if len(schedule.fault) > MAX_FAULTS:
         raise SettingsError(
-            "--schedule", f"{len(schedule.fault)} faults; at most {MAX_FAULTS} are allowed"
+            "--schedule",
+            f"{count_noun(len(schedule.fault), 'fault', 'faults')};"
+            f" at most {MAX_FAULTS} are allowed",
         )
     for i, fault in enumerate(schedule.fault):
         where = f"fault[{i}] ({fault.kind} at {fault.at_s} s)"

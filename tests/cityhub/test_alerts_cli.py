@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -76,7 +77,10 @@ def test_list_filters(with_alerts):
 
     table = cli(env, "list")
     assert table.exit_code == 0, table.output
-    assert "3 cảnh báo / alert(s)" in table.output
+    assert "3 cảnh báo / alerts" in table.output
+    one = cli(env, "list", "--limit", "1")
+    assert one.exit_code == 0, one.output
+    assert re.search(r"\b1 cảnh báo / alert\b(?!s)", one.output), one.output
     assert "t-offline" in table.output
     assert "Hàng chờ dài: 95 người tại Hoan Kiem hall" in table.output
     assert "Long queue: 95 waiting at Hoan Kiem hall" in table.output
@@ -166,7 +170,7 @@ def test_run_once_against_the_database(db_conn, db_url, migrated, tmp_path):
     }
     result = CliRunner().invoke(app, ["alerts", "run", "--once", "--every", "1m"], env=env)
     assert result.exit_code == 0, result.output
-    assert "evaluated 1 time(s)" in result.output
+    assert "evaluated 1 time: " in result.output
     (stored,) = db_conn.execute(f"SELECT last_eval_at FROM {migrated}.alert_jobs").fetchone()
     assert stored.timestamp() % 60 == 0  # on the one-minute grid
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -422,6 +423,7 @@ def test_the_backup_is_private_and_holds_no_key_in_clear(restored: Restored):
     assert manifest["counts"]["alerts"] == 1
     assert manifest["counts"]["devices"] == 1
     assert manifest["counts"]["gateways"] == 1
+    assert " readings, 1 alert, 1 device, 1 gateway; " in restored.backup_out
     assert manifest["timescaledb_version"]
     assert manifest["migration"] > 0
     assert manifest["created_at_hanoi"].endswith("+07:00 (Asia/Ho_Chi_Minh)")
@@ -525,6 +527,7 @@ def test_a_wrong_or_missing_passphrase_is_refused(restored: Restored, tmp_path: 
 def test_a_database_with_data_is_not_overwritten_without_force(restored: Restored):
     err = refused(restored, restored.backup_dir)
     assert "is not empty" in err
+    assert re.search(r"is not empty \(\d+ tables? in schema '\w+'", err), err
     assert "--force" in err
 
 

@@ -114,7 +114,7 @@ def test_check_file_prints_what_it_adds(tmp_path):
     file.write_text(NOISE, encoding="utf-8")
     result = _run("catalog", "check", str(file))
     assert result.exit_code == 0, result.output
-    assert "new type noise_probe: 1 metrics" in result.output
+    assert "  new type noise_probe: 1 metric\n" in result.output
 
 
 COMMANDS = """

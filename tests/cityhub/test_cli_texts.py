@@ -1,6 +1,12 @@
-"""Help and error texts printed as written, and the terminal QR code within 80 columns."""
+"""Help and error texts printed as written, count words that agree with their numbers, and
+the terminal QR code within 80 columns."""
 
 from __future__ import annotations
+
+import ast
+import itertools
+import re
+from pathlib import Path
 
 import pytest
 import segno
@@ -44,6 +50,58 @@ def test_help_of_every_command_prints_brackets_whole():
     # The ones that rich markup used to swallow are among them.
     assert any("^[a-z0-9][a-z0-9-]{0,63}$" in t for t in checked)
     assert any("[broker]" in t for t in checked)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+# Where the texts that `cityhub` prints are written: its own package, the provisioning it
+# drives, and the catalog and migration-plan lines that `catalog check` and `db migrate` show.
+CLI_TEXT_SOURCES = (
+    *sorted((ROOT / "cityhub").rglob("*.py")),
+    *sorted((ROOT / "devices").rglob("*.py")),
+    ROOT / "contracts" / "catalog.py",
+    ROOT / "contracts" / "evolve.py",
+)
+COUNT_NOUNS = (
+    "alerts|batches|commands|days|devices|entries|faults|files|gateways|hours|metrics|"
+    "migrations|readings|rows|schemas|sites|steps|tables|times|types|workers"
+)
+# A number straight before a plural noun, up to two words between ("{n} active devices"),
+# or a hedged "(s)" ("{n} lệnh / command(s)"): both read wrong for one. count_noun() gives
+# "1 device", "2 devices". Units ("{n} s") and joining words end a number's phrase.
+BETWEEN = r"(?:(?!(?:s|ms|and|or|of|in|at|to|for|from|with|while|is|are|was|has)\b)[a-z-]+ )"
+BARE_PLURAL = re.compile(rf"^ {BETWEEN}{{0,2}}(?:{COUNT_NOUNS})\b|^[^{{}}]*?[a-z]+(?<!http)\(s\)")
+# SQL keeps its plurals: INTERVAL '1 days' is what PostgreSQL reads.
+SQL = re.compile(r"\b(?:INTERVAL|SELECT)\b")
+
+
+def _is_constant(node: ast.expr) -> bool:
+    """An upper-case name (REJECTS_SHOWN_DAYS): a fixed count, never one."""
+    return isinstance(node, ast.Name) and node.id.isupper()
+
+
+def _bare_plurals(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if not isinstance(node, ast.JoinedStr):
+            continue
+        parts = node.values
+        if any(isinstance(p, ast.Constant) and SQL.search(str(p.value)) for p in parts):
+            continue
+        for number, after in itertools.pairwise(parts):
+            if (
+                isinstance(number, ast.FormattedValue)
+                and not _is_constant(number.value)
+                and isinstance(after, ast.Constant)
+                and BARE_PLURAL.search(str(after.value))
+            ):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_count_words_agree_with_their_numbers():
+    """No text of the CLI puts a counted number before a bare plural: "1 devices"."""
+    found = [line for path in CLI_TEXT_SOURCES for line in _bare_plurals(path)]
+    assert not found, "use contracts.wording.count_noun:\n" + "\n".join(found)
 
 
 def _bundle(device_id: str, host: str):

@@ -306,7 +306,7 @@ def test_list_and_show_in_both_languages_on_hanoi_time(env, fleet, db_conn, seed
 
     table = cli(env, "commands", "list")
     assert table.exit_code == 0, table.output
-    assert "2 lệnh / command(s)" in table.output
+    assert "2 lệnh / commands, mới nhất trước / newest first" in table.output
     assert "thành công / succeeded" in table.output
     assert "đang chờ gửi / queued" in table.output
     created = db_conn.execute(

@@ -134,7 +134,7 @@ def test_operator_file_adds_commands_and_args_with_defaults():
     assert describe_changes(SHIPPED_CATALOG, merged) == [
         "kiosk: command reboot: new arg delay_s (int, default 0)",
         "kiosk: new command show_notice (text, beep)",
-        "new type siren: 1 metrics",
+        "new type siren: 1 metric",
         "siren: new command sound (level, volume)",
     ]
 

@@ -139,7 +139,7 @@ def test_operator_file_adds_a_type_and_a_metric():
     assert merged.sources == (SHIPPED_SOURCE, "/etc/cityhub/catalog.d/noise.toml")
     assert describe_changes(SHIPPED_CATALOG, merged) == [
         "kiosk: new metric door_open (bool, '')",
-        "new type noise_probe: 1 metrics",
+        "new type noise_probe: 1 metric",
     ]
     # The shipped definitions stay as they were.
     assert SHIPPED_CATALOG.types["kiosk"] == catalog.KIOSK

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -484,6 +485,11 @@ def test_gateway_and_device_lifecycle(env, db_conn, seeded, broker_admin, tmp_pa
     )  # fmt: skip
     assert f"device {device} registered: kiosk at site {SITE}, gateway {gw}, MQTT" in out
     assert f"account device.{device} created" in out
+    # Counts of one take the singular: the config, the gateway's ACL and the listing.
+    assert re.search(rf"gateway {gw}: config version \d+ published \(1 device\)", out), out
+    assert "may read the topics of 1 device, no others" in out
+    listing = ok("devices", "list", "--gateway", gw, env=env)
+    assert re.search(r"\b1 device\b(?!s)", listing), listing
     assert "█" in out or "▀" in out  # the QR code in the terminal
     bundle_path = bundles / f"device-{device}.json"
     for path in (bundle_path, bundles / f"device-{device}.png", bundles / f"gateway-{gw}.json"):
@@ -658,7 +664,10 @@ MISTAKES = {
         "not registered",
     ),
     "revoke unknown device": (["devices", "revoke", "kiosk-ghost"], "not registered"),
-    "revoke gateway with devices": (["gateways", "revoke", "{gw}"], "still serves 1 active"),
+    "revoke gateway with devices": (
+        ["gateways", "revoke", "{gw}"],
+        "still serves 1 active device (kiosk-",
+    ),
     "no operator": (
         ["devices", "add", "{new}", "--type", "kiosk", "--site", SITE, "--gateway", "{gw}"],
         "setting 'operator'",

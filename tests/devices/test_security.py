@@ -302,7 +302,9 @@ def test_revoke_and_disable_cut_live_sessions(provisioner, broker_admin, probes,
     ).accepted
 
     # A gateway is revoked only once it serves no active device.
-    with pytest.raises(ConflictError, match="still serves 1 active devices"):
+    with pytest.raises(
+        ConflictError, match=r"still serves 1 active device \(kiosk-.*: move or revoke it first"
+    ):
         provisioner.revoke_gateway(gateway_id)
     provisioner.revoke_device(disabled_id)
     live_gateway = probes(port, gw.central.username, gw.central.password, gw.central.client_id)
