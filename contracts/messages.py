@@ -961,6 +961,12 @@ class GatewayState(msgspec.Struct, frozen=True, kw_only=True):
     # could not itemise (over its cap of distinct keys per interval).
     rejects: tuple[RejectCount, ...] = ()
     rejects_dropped: int = 0
+    # Appended: readings the gateway gave up because its outbox was full, in
+    # all since its outbox file was created (kept there across restarts):
+    # refused (under ``refuse``: serial readings while full, a batch larger
+    # than the whole outbox) and dropped (the oldest, under ``drop_oldest``).
+    outbox_refused_readings: int = 0
+    outbox_dropped_readings: int = 0
 
 
 _STATE_DECODER: Final = msgspec.json.Decoder(GatewayState)
@@ -975,6 +981,8 @@ _STATE_COUNTERS: Final = (
     "rate_limited",
     "serial_errors",
     "devices_online",
+    "outbox_refused_readings",
+    "outbox_dropped_readings",
 )
 
 

@@ -932,6 +932,21 @@ def _gateway_status(
     return (*tables, retention_function(s, retention_days(storage, catalog)))
 
 
+def _gateway_outbox_losses(s: str) -> tuple[str, ...]:
+    """The readings each gateway's outbox refused and dropped while full (issue 20, item 3).
+
+    Totals since the gateway's outbox file was created, as its states carry
+    them (they survive its restarts); 0 in rows stored before, and from
+    gateways that predate the fields. The history keeps them beside the
+    depth, so a board can show what was lost in a time range.
+    """
+    return tuple(
+        f"ALTER TABLE {s}.{table} ADD COLUMN IF NOT EXISTS {column} bigint NOT NULL DEFAULT 0"
+        for table in ("gateway_status", "gateway_status_history")
+        for column in ("outbox_refused_readings", "outbox_dropped_readings")
+    )
+
+
 def _ingest_hardening(s: str) -> tuple[str, ...]:
     """Bounded rejects and acks that name the payload (issue 11, items 9 and 10).
 
@@ -1353,5 +1368,10 @@ def migrations(
             22,
             "readings by compact device key: data hypertables behind views of the old shape",
             _keyed_readings(s, edition, storage, catalog),
+        ),
+        Migration(
+            23,
+            "gateway status: readings the outbox refused and dropped while full",
+            _gateway_outbox_losses(s),
         ),
     ]

@@ -40,7 +40,10 @@ _COUNTERS = {
     "puback_refused": "Batch publishes refused by the broker (reason code >= 0x80)",
     "batches_acked": "Batches acked by ingest",
     "readings_acked": "Readings acked by ingest",
-    "outbox_refused_readings": "Serial readings refused while the outbox was full",
+    "outbox_refused_readings": (
+        "Readings refused because the outbox was full (serial ones while full, "
+        "batches larger than it)"
+    ),
     "outbox_dropped_readings": "Oldest readings dropped because the outbox was full",
     "configs_applied": "Config versions applied",
     "commands_received": "Commands received from the centre (copies included)",

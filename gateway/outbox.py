@@ -13,8 +13,13 @@ exceed the bound the policy decides: ``refuse`` raises OutboxFullError and
 stores nothing (the gateway asks ``fits`` first and holds the batch back, its
 device messages unacknowledged, until acks make room), ``drop_oldest``
 deletes the oldest batches to make room and counts their readings as
-dropped. The counters are kept in the database, so they survive restarts
-and are reported, never silent.
+dropped. A refused ``put`` counts nothing: the batch is held and put again,
+so counting it would count the same readings at every try, and readings
+that are later stored as refused. The readings the gateway does give up
+(serial readings while the outbox is full, a batch larger than the whole
+outbox) it records with ``count_refused``. Both totals are kept in the
+file, so they survive restarts; ``totals`` reads them for the gateway's
+state message.
 
 The same file holds the commands the gateway was given (``commands``) and
 the reports it owes the centre (``reports``): a command's new state and its
@@ -100,6 +105,14 @@ class OutboxDepth:
 
 
 @dataclass(frozen=True)
+class OutboxTotals:
+    """Readings given up since the file was created, kept in it across restarts."""
+
+    refused_readings: int
+    dropped_readings: int
+
+
+@dataclass(frozen=True)
 class AckResult:
     removed_batches: int
     removed_readings: int
@@ -143,7 +156,12 @@ class Outbox:
                 "FROM batches"
             ).fetchone()
             reports = self._db.execute("SELECT count(*) FROM reports").fetchone()[0]
+            counters = dict(self._db.execute("SELECT name, value FROM counters").fetchall())
         self._depth = OutboxDepth(batches=row[0], readings=row[1], bytes=row[2])
+        self._totals = OutboxTotals(
+            refused_readings=int(counters.get("refused_readings", 0)),
+            dropped_readings=int(counters.get("dropped_readings", 0)),
+        )
         self._reports_pending = int(reports)
 
     def close(self) -> None:
@@ -152,6 +170,26 @@ class Outbox:
 
     def depth(self) -> OutboxDepth:
         return self._depth
+
+    def totals(self) -> OutboxTotals:
+        """The refused and dropped readings the file holds (no I/O)."""
+        return self._totals
+
+    def count_refused(self, readings: int) -> None:
+        """Add ``readings`` the gateway gave up because the outbox was full to the file's total.
+
+        Not fsynced: a count lost to a power cut is a few readings too few in
+        a report, and a full outbox may refuse serial readings every second.
+        """
+        if readings <= 0:
+            return
+        with self._lock, self._errors, self._relaxed():
+            self._bump("refused_readings", readings)
+            totals = self._totals
+            self._totals = OutboxTotals(
+                refused_readings=totals.refused_readings + readings,
+                dropped_readings=totals.dropped_readings,
+            )
 
     def counter(self, name: str) -> int:
         with self._lock, self._errors:
@@ -205,8 +243,8 @@ class Outbox:
     def put(self, items: list[tuple[str, bytes, int]], now_ms: int) -> PutResult:
         """Store ``(batch_id, payload, readings)`` items in one fsynced transaction.
 
-        Raises OutboxFullError (nothing stored) under the ``refuse`` policy when
-        the items do not fit.
+        Raises OutboxFullError (nothing stored, nothing counted: the caller
+        holds the items) under the ``refuse`` policy when they do not fit.
         """
         if not items:
             return PutResult(0, 0, 0)
@@ -217,7 +255,6 @@ class Outbox:
             overflow = depth.bytes + incoming - self.max_bytes
             if overflow > 0 and self.full_policy == "refuse":
                 refused = sum(r for _, _, r in items)
-                self._bump("refused_readings", refused)
                 raise OutboxFullError(
                     f"outbox {self.path} holds {depth.bytes} of {self.max_bytes} bytes; "
                     f"refused {refused} readings"
@@ -258,6 +295,12 @@ class Outbox:
                 readings=depth.readings + stored_readings - dropped_readings,
                 bytes=depth.bytes + stored_bytes - dropped_bytes,
             )
+            if dropped_readings:
+                totals = self._totals
+                self._totals = OutboxTotals(
+                    refused_readings=totals.refused_readings,
+                    dropped_readings=totals.dropped_readings + dropped_readings,
+                )
         return PutResult(stored, dropped_batches, dropped_readings)
 
     def due(self, now_ms: int, *, resend_after_ms: int, limit: int) -> list[OutboxItem]:

@@ -39,7 +39,9 @@ Wiring (docs/architecture.md, sections 1, 3 and 5):
   device types it carries are installed (a type defined after the gateway
   was installed needs no upgrade);
 - ``state`` task: the retained birth/state message (its Will is the death),
-  each periodic one carrying the rejects counted since the previous one;
+  each periodic one carrying the rejects counted since the previous one and
+  the outbox file's totals of readings refused and dropped while it was full
+  (the flusher adds each refusal to the file, so they survive restarts);
 - ``expiry`` task: devices silent past their type's ``offline_after_s`` (or
   ``no_data_timeout_s`` when set) go offline;
 - ``commands`` and ``command-reports`` tasks (``gateway.downlink``): commands
@@ -210,6 +212,8 @@ class Gateway:
         self.notifier = notifier or Notifier()
         self.boot_id = secrets.token_hex(8)
         self.counters = GatewayCounters()
+        # This boot's outbox_refused_readings already added to the outbox file.
+        self._refused_saved = 0
         self.outbox = Outbox(
             outbox_path,
             max_bytes=settings.outbox_max_bytes,
@@ -347,6 +351,7 @@ class Gateway:
     ) -> bytes:
         """The state message; with ``report``, it carries (and takes) the period's rejects."""
         depth = self.outbox.depth()
+        totals = self.outbox.totals()
         c = self.counters
         rejects: tuple[RejectCount, ...] = ()
         dropped = 0
@@ -379,6 +384,8 @@ class Gateway:
                 will=will,
                 rejects=rejects,
                 rejects_dropped=dropped,
+                outbox_refused_readings=totals.refused_readings,
+                outbox_dropped_readings=totals.dropped_readings,
             )
         )
 
@@ -788,11 +795,14 @@ class Gateway:
         in the gateway's session (at most ``site_receive_maximum`` of them in
         flight) and stops sending more. They are stored when acks from
         ingest make room; nothing a device was acknowledged for is lost.
+        Readings refused (serial ones while full, batches too large for the
+        outbox) are added to the outbox file's total.
         """
         now = self.clock()
         with self.lock:
             ready = self.router.take_ready(now, force=force, idle=idle)
         if not ready:
+            await self._save_refused()
             return
         fitting = self._fitting(ready)
         done, held, items = fitting.done, fitting.held, fitting.items
@@ -816,6 +826,7 @@ class Gateway:
                     done, frozenset(batch_id for batch_id, _b, _r in fitting.too_large)
                 )
             self.http.release(answers)
+        await self._save_refused()
 
     def _fitting(self, ready: list[Ready]) -> Fitting:
         """What of ``ready`` the outbox takes now; batches larger than all of it are refused."""
@@ -857,6 +868,25 @@ class Gateway:
                 (now - since) / 1000,
                 refused,
             )
+
+    async def _save_refused(self) -> None:
+        """Add the readings refused since the last call to the outbox file's total.
+
+        The routing core counts a refused serial reading in memory (no I/O
+        there); each flush (the flusher's every tick, the last one at stop)
+        brings the count to the file, so the state's total survives restarts.
+        """
+        pending = self.counters.outbox_refused_readings - self._refused_saved
+        if pending <= 0:
+            return
+        # Taken first: a flusher cancelled at stop leaves the worker thread to
+        # finish the write, and the last flush must not add it again.
+        self._refused_saved += pending
+        try:
+            await asyncio.to_thread(self.outbox.count_refused, pending)
+        except HubError:
+            self._refused_saved -= pending
+            raise
 
     async def _store(self, items: list[tuple[str, bytes, int]], now: int) -> None:
         """Put batches into the outbox in one fsynced transaction."""

@@ -1157,6 +1157,10 @@ WHERE $__timeFilter(h.ts) AND {_GATEWAY_SITE_FILTER}
 GROUP BY 1, 2
 ORDER BY 1"""
 
+# The gateways' states carry the readings their outbox refused (under
+# refuse) and dropped (under drop_oldest) while full: totals since each
+# gateway's outbox file was created, so they survive its restarts; any
+# number above 0 is readings lost at that gateway.
 # A gateway that reported "online" but nothing for a while is silent
 # (contracts.schema.gateway_online_sql, the rule `cityhub status` uses too).
 _GATEWAY_STATE: Final = f"""CASE
@@ -1177,6 +1181,8 @@ _GATEWAY_STATUS_SQL: Final = f"""SELECT coalesce(gs.gateway_id, g.gateway_id) AS
   {_GATEWAY_STATE} AS "Trạng thái (status)",
   gs.outbox_depth AS "Hàng đợi gửi (outbox, batches)",
   gs.outbox_readings AS "Hàng đợi gửi (outbox, readings)",
+  gs.outbox_refused_readings AS "Từ chối khi đầy (refused, outbox full)",
+  gs.outbox_dropped_readings AS "Bỏ khi đầy (dropped, outbox full)",
   gs.readings_per_s AS "Bản tin/giây (readings/s)",
   gs.devices_online AS "Thiết bị trực tuyến (devices online)",
   gs.version AS "Phiên bản (version)",
@@ -1494,6 +1500,8 @@ ORDER BY array_position(ARRAY{list(SEVERITIES)}::text[], a.severity), a.raised_a
 _SITE_GATEWAYS_SQL: Final = f"""SELECT g.gateway_id AS "Gateway",
   {_GATEWAY_STATE} AS "Trạng thái (status)",
   gs.outbox_depth AS "Hàng đợi gửi (outbox, batches)",
+  gs.outbox_refused_readings AS "Từ chối khi đầy (refused, outbox full)",
+  gs.outbox_dropped_readings AS "Bỏ khi đầy (dropped, outbox full)",
   gs.readings_per_s AS "Bản tin/giây (readings/s)",
   gs.devices_online AS "Thiết bị trực tuyến (devices online)",
   gs.version AS "Phiên bản (version)",

@@ -48,6 +48,9 @@ class StateRow:
     # stored in ``rejects`` at the state's time, and those it could not itemise.
     rejects: tuple[RejectCount, ...] = ()
     rejects_dropped: int = 0
+    # Readings the outbox refused and dropped while full, the file's totals.
+    outbox_refused_readings: int = 0
+    outbox_dropped_readings: int = 0
 
 
 def state_row(
@@ -82,6 +85,8 @@ def state_row(
         retained=retained,
         rejects=state.rejects,
         rejects_dropped=state.rejects_dropped,
+        outbox_refused_readings=state.outbox_refused_readings,
+        outbox_dropped_readings=state.outbox_dropped_readings,
     )
 
 

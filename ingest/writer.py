@@ -610,6 +610,8 @@ class BatchWriter:
                         [r.outbox_readings for r in history],
                         [r.readings_per_s for r in history],
                         [r.devices_online for r in history],
+                        [r.outbox_refused_readings for r in history],
+                        [r.outbox_dropped_readings for r in history],
                     ),
                 )
                 outcome.history = max(cur.rowcount, 0)
@@ -677,14 +679,17 @@ _STATE_FIGURES: Final = (
     "serial_errors",
     "devices_online",
     "site_ready",
+    "outbox_refused_readings",
+    "outbox_dropped_readings",
 )
 _LATER: Final = "(EXCLUDED.birth > g.birth OR EXCLUDED.ts > g.ts)"
 _UPSERT_STATE: Final = (
     """INSERT INTO {s}.gateway_status AS g (gateway_id, status, birth, boot_id, version, ts,
         outbox_depth, outbox_readings, readings_per_s, received, accepted, rejected,
-        rate_limited, serial_errors, devices_online, site_ready, updated_at)
+        rate_limited, serial_errors, devices_online, site_ready, outbox_refused_readings,
+        outbox_dropped_readings, updated_at)
     VALUES (%s, %s, %s, %s, %s, timestamptz 'epoch' + %s * interval '1 millisecond',
-        %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now())
+        %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now())
     ON CONFLICT (gateway_id) DO UPDATE SET
         status = EXCLUDED.status, birth = EXCLUDED.birth, boot_id = EXCLUDED.boot_id,
         version = EXCLUDED.version, """
@@ -723,13 +728,15 @@ _UPSERT_WILL: Final = (
     RETURNING (extract(epoch FROM g.ts) * 1000)::bigint"""
 )
 _INSERT_STATE_HISTORY: Final = """INSERT INTO {s}.gateway_status_history
-        (ts, gateway_id, status, outbox_depth, outbox_readings, readings_per_s, devices_online)
+        (ts, gateway_id, status, outbox_depth, outbox_readings, readings_per_s, devices_online,
+            outbox_refused_readings, outbox_dropped_readings)
     SELECT timestamptz 'epoch' + u.ts_ms * interval '1 millisecond', u.gateway_id, u.status,
-        u.outbox_depth, u.outbox_readings, u.readings_per_s, u.devices_online
+        u.outbox_depth, u.outbox_readings, u.readings_per_s, u.devices_online,
+        u.outbox_refused_readings, u.outbox_dropped_readings
     FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::bigint[], %s::bigint[],
-        %s::float8[], %s::bigint[])
+        %s::float8[], %s::bigint[], %s::bigint[], %s::bigint[])
         AS u (ts_ms, gateway_id, status, outbox_depth, outbox_readings, readings_per_s,
-            devices_online)
+            devices_online, outbox_refused_readings, outbox_dropped_readings)
     ON CONFLICT DO NOTHING"""
 
 
@@ -821,6 +828,8 @@ def _state_params(row: StateRow) -> tuple[object, ...]:
         row.serial_errors,
         row.devices_online,
         row.site_ready,
+        row.outbox_refused_readings,
+        row.outbox_dropped_readings,
     )
 
 

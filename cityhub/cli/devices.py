@@ -313,6 +313,16 @@ def online_label(online: bool) -> str:
     return "trực tuyến / online" if online else "ngoại tuyến / offline"
 
 
+# The readings a gateway's outbox refused and dropped while full: totals
+# since its outbox file was created, as its latest state said.
+OUTBOX_LOST_COLUMN: Final = "từ chối / bỏ khi đầy (outbox refused / dropped)"
+
+
+def outbox_lost(refused: int | None, dropped: int | None) -> str:
+    """The readings a gateway's full outbox refused and dropped, as one cell ("-": no state)."""
+    return "-" if refused is None or dropped is None else f"{refused:,} / {dropped:,}"
+
+
 def check_choice(option: str, value: str | None, valid: Iterable[str]) -> None:
     """An unknown filter value is a mistake to report, not an empty result."""
     choices = sorted(valid)

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from cityhub.cli.context import local_time, reported_errors, state_of
 from cityhub.cli.devices import (
+    OUTBOX_LOST_COLUMN,
     STATUSES,
     JsonOption,
     QrOption,
@@ -27,6 +28,7 @@ from cityhub.cli.devices import (
     hanoi_time,
     new_table,
     online_label,
+    outbox_lost,
     print_table,
     provisioner,
     registry_of,
@@ -61,6 +63,7 @@ def _table(rows: list[GatewayRow], presence: Mapping[str, GatewayPresence], titl
             "trạng thái / status",
             "kết nối / online",
             "hàng đợi / outbox",
+            OUTBOX_LOST_COLUMN,
             "trạng thái cuối (giờ Hà Nội) / last state",
         ),
     )
@@ -77,6 +80,9 @@ def _table(rows: list[GatewayRow], presence: Mapping[str, GatewayPresence], titl
             r.status,
             online_label(p is not None and p.online),
             "-" if depth is None else str(depth),
+            outbox_lost(
+                p.outbox_refused_readings if p else None, p.outbox_dropped_readings if p else None
+            ),
             hanoi_time(p.last_state if p else None),
         )
     return table
@@ -85,7 +91,8 @@ def _table(rows: list[GatewayRow], presence: Mapping[str, GatewayPresence], titl
 def gateway_documents(
     rows: list[GatewayRow], presence: Mapping[str, GatewayPresence]
 ) -> list[dict[str, object]]:
-    """The rows as JSON objects with ``online``, ``last_seen`` (UTC) and ``outbox_depth``."""
+    """The rows as JSON objects with ``online``, ``last_seen`` (UTC), ``outbox_depth``
+    and the readings the outbox refused and dropped while full (None: never reported)."""
     documents: list[dict[str, object]] = []
     for r in rows:
         p = presence.get(r.gateway_id)
@@ -93,6 +100,8 @@ def gateway_documents(
         document["online"] = p is not None and p.online
         document["last_seen"] = p.last_state.isoformat() if p and p.last_state else None
         document["outbox_depth"] = p.outbox_depth if p else None
+        document["outbox_refused_readings"] = p.outbox_refused_readings if p else None
+        document["outbox_dropped_readings"] = p.outbox_dropped_readings if p else None
         documents.append(document)
     return documents
 

@@ -37,6 +37,9 @@ class GatewayPresence(msgspec.Struct, frozen=True, kw_only=True):
     age_s: float | None  # how long ago that was
     outbox_depth: int | None  # batches waiting for an ack, as it last said
     readings_per_s: float | None
+    # Readings its outbox refused and dropped while full, totals as it last said.
+    outbox_refused_readings: int | None = None
+    outbox_dropped_readings: int | None = None
 
 
 def device_presence(conn: Connection[Any], schema: str) -> dict[str, DevicePresence]:
@@ -73,7 +76,7 @@ def gateway_presence(conn: Connection[Any], schema: str) -> dict[str, GatewayPre
             f"""SELECT g.gateway_id, g.site_id, g.status, coalesce({online}, false),
                     gs.status, gs.ts,
                     extract(epoch FROM now() - gs.ts)::float8, gs.outbox_depth,
-                    gs.readings_per_s
+                    gs.readings_per_s, gs.outbox_refused_readings, gs.outbox_dropped_readings
                 FROM {schema}.gateways g
                 LEFT JOIN {schema}.gateway_status gs ON gs.gateway_id = g.gateway_id"""
         )
@@ -89,6 +92,8 @@ def gateway_presence(conn: Connection[Any], schema: str) -> dict[str, GatewayPre
             age_s=r[6],
             outbox_depth=r[7],
             readings_per_s=r[8],
+            outbox_refused_readings=r[9],
+            outbox_dropped_readings=r[10],
         )
         for r in rows
     }

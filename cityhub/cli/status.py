@@ -18,7 +18,15 @@ import typer
 from rich.markup import escape
 
 from cityhub.cli.context import CliState, reported_errors, state_of
-from cityhub.cli.devices import JsonOption, hanoi_time, new_table, pki_dir, registry_of
+from cityhub.cli.devices import (
+    OUTBOX_LOST_COLUMN,
+    JsonOption,
+    hanoi_time,
+    new_table,
+    outbox_lost,
+    pki_dir,
+    registry_of,
+)
 from contracts.schema import SEVERITIES
 from contracts.wording import choose_noun
 from devices import certs
@@ -53,6 +61,9 @@ class GatewayLine(msgspec.Struct, frozen=True, kw_only=True):
     age_s: float | None
     outbox_depth: int | None
     readings_per_s: float | None
+    # Readings its outbox refused and dropped while full (totals; None: never reported).
+    outbox_refused_readings: int | None = None
+    outbox_dropped_readings: int | None = None
 
 
 class SiteDevices(msgspec.Struct, frozen=True, kw_only=True):
@@ -306,6 +317,8 @@ def collect(conn: Connection[Any], schema: str, *, alerts_interval_s: float) -> 
             age_s=g.age_s,
             outbox_depth=g.outbox_depth,
             readings_per_s=g.readings_per_s,
+            outbox_refused_readings=g.outbox_refused_readings,
+            outbox_dropped_readings=g.outbox_dropped_readings,
         )
         for g in sorted(
             gateway_presence(conn, schema).values(), key=lambda g: (g.site_id, g.gateway_id)
@@ -377,6 +390,7 @@ def _print(state: CliState, status: FleetStatus) -> None:
             "điểm / site",
             "kết nối / online",
             "hàng đợi / outbox",
+            OUTBOX_LOST_COLUMN,
             "tuổi trạng thái / state age",
             "trạng thái cuối / last state",
         ),
@@ -387,6 +401,7 @@ def _print(state: CliState, status: FleetStatus) -> None:
             g.site_id,
             "trực tuyến / online" if g.online else f"ngoại tuyến / {g.reported or 'never'}",
             "-" if g.outbox_depth is None else str(g.outbox_depth),
+            outbox_lost(g.outbox_refused_readings, g.outbox_dropped_readings),
             _age(g.age_s),
             hanoi_time(g.last_state),
         )

@@ -84,7 +84,8 @@ def test_migration_keeps_every_row_and_keys_it(db_conn, before_22):
 
     report = database.migrate(db_conn, schema=s, storage=StorageSettings())
 
-    assert [m.version for m in report.applied] == [22]
+    # 22, then the later ones, which leave readings alone.
+    assert report.applied[0].version == 22
     assert report.steps == []  # the migration leaves nothing for the reconcile step
     kinds = dict(
         db_conn.execute(

@@ -20,7 +20,9 @@ def run(env: dict[str, str], *args: str):
     return CliRunner().invoke(app, list(args), env=env)
 
 
-def put_gateway(conn, schema, gateway_id, site_id, *, status="online", age_s=5.0, outbox=0):
+def put_gateway(
+    conn, schema, gateway_id, site_id, *, status="online", age_s=5.0, outbox=0, lost=(0, 0)
+):
     conn.execute(
         f"INSERT INTO {schema}.gateways (gateway_id, site_id) VALUES (%s, %s)"
         " ON CONFLICT DO NOTHING",
@@ -29,12 +31,13 @@ def put_gateway(conn, schema, gateway_id, site_id, *, status="online", age_s=5.0
     conn.execute(
         f"""INSERT INTO {schema}.gateway_status (gateway_id, status, birth, boot_id, version,
             ts, outbox_depth, outbox_readings, readings_per_s, received, accepted, rejected,
-            rate_limited, serial_errors, devices_online, site_ready)
+            rate_limited, serial_errors, devices_online, site_ready, outbox_refused_readings,
+            outbox_dropped_readings)
             VALUES (%s, %s, 1, 'b', '1.0', now() - make_interval(secs => %s), %s, 0, 2.5,
-                0, 0, 0, 0, 0, 1, true)
+                0, 0, 0, 0, 0, 1, true, %s, %s)
             ON CONFLICT (gateway_id) DO UPDATE SET status = EXCLUDED.status, ts = EXCLUDED.ts,
                 outbox_depth = EXCLUDED.outbox_depth""",
-        (gateway_id, status, age_s, outbox),
+        (gateway_id, status, age_s, outbox, *lost),
     )
 
 
@@ -86,7 +89,7 @@ def fleet(db_conn, db_url, migrated):
     seen(db_conn, schema, "k-fresh", 1)
     seen(db_conn, schema, "k-stale", offline_after_s + 3600)
     seen(db_conn, schema, LONG_ID, 1)
-    put_gateway(db_conn, schema, "gw-hk", "hk-hall", outbox=4)
+    put_gateway(db_conn, schema, "gw-hk", "hk-hall", outbox=4, lost=(1234, 3))
     put_gateway(db_conn, schema, "gw-cg", "cg-aq")
     ingest_stats(db_conn, schema, readings=600)
     alert_job(db_conn, schema, age_s=3)
@@ -115,6 +118,10 @@ def test_status_all_well(fleet):
         ("gw-cg", True, 0),
         ("gw-hk", True, 4),
     ]
+    # Readings lost to a full outbox are shown, not a problem: the totals never go down.
+    assert [
+        (g["outbox_refused_readings"], g["outbox_dropped_readings"]) for g in doc["gateways"]
+    ] == [(0, 0), (1234, 3)]
     assert {s["site_id"]: (s["online"], s["offline"]) for s in doc["sites"]} == {
         "cg-aq": (1, 1),
         "hk-hall": (1, 1),
@@ -139,6 +146,7 @@ def test_status_all_well(fleet):
     assert table.exit_code == 0, table.output
     assert "Gateway: 2 trực tuyến / online, 0 ngoại tuyến / offline" in table.stdout
     assert "Mọi thứ ổn / all well" in table.stdout
+    assert "1,234 / 3" in table.stdout
     assert "Alertmanager: không rõ / unknown" in table.stdout
     stale = datetime.fromisoformat(doc["offline_devices"][1]["last_seen"])
     assert stale.astimezone(HANOI_TZ).strftime("%d/%m/%Y %H:%M:%S") in table.stdout
@@ -232,7 +240,14 @@ def test_lists_show_online_and_last_seen(fleet):
         ("gw-cg", True, 0),
         ("gw-hk", True, 4),
     ]
+    assert [(g["outbox_refused_readings"], g["outbox_dropped_readings"]) for g in gateways] == [
+        (0, 0),
+        (1234, 3),
+    ]
     assert all(g["last_seen"] for g in gateways)
+    listed = run(env, "gateways", "list")
+    assert listed.exit_code == 0, listed.output
+    assert "1,234 / 3" in listed.stdout
 
 
 def test_ids_are_never_cut_in_80_columns(fleet):

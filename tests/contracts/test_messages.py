@@ -188,6 +188,8 @@ states = st.builds(
     version=st.text(max_size=20).filter(str.isprintable),
     outbox_depth=st.integers(0, 10**9),
     ts_ms=st.integers(0, messages.TS_MAX_MS),
+    outbox_refused_readings=st.integers(0, 2**63 - 1),
+    outbox_dropped_readings=st.integers(0, 2**63 - 1),
 )
 acks = st.lists(st.builds(batch_id, ids, ids, st.integers(0, 2**63 - 1)), max_size=5).flatmap(
     lambda batch_ids: st.builds(
@@ -1075,6 +1077,8 @@ def test_gateway_state_is_readable_json():
     assert {k: encoded[k] for k in old} == old
     assert encoded["readings_per_s"] == 0.0
     assert encoded["accepted"] == 0
+    assert (state.outbox_refused_readings, state.outbox_dropped_readings) == (0, 0)
+    assert encoded["outbox_refused_readings"] == encoded["outbox_dropped_readings"] == 0
 
 
 @given(states)
@@ -1096,6 +1100,18 @@ def test_gateway_state_round_trip(state):
         pytest.param(state_json(birth=-1), OutOfRangeError, "birth", id="negative-birth"),
         pytest.param(state_json(outbox_depth=-1), OutOfRangeError, "outbox_depth", id="depth"),
         pytest.param(state_json(ts_ms=-1), OutOfRangeError, "ts_ms", id="negative-ts"),
+        pytest.param(
+            state_json(outbox_refused_readings=-1),
+            OutOfRangeError,
+            "outbox_refused_readings",
+            id="negative-refused",
+        ),
+        pytest.param(
+            state_json(outbox_dropped_readings=2**63),
+            OutOfRangeError,
+            "outbox_dropped_readings",
+            id="dropped-past-bigint",
+        ),
         pytest.param(
             state_json(version="x" * (1024 * 1024)), PayloadTooLargeError, "", id="oversized"
         ),

@@ -41,7 +41,7 @@ from gateway.configdiff import (
     site_routes,
 )
 from gateway.counters import GatewayCounters
-from gateway.outbox import Outbox
+from gateway.outbox import Outbox, OutboxTotals
 from gateway.ratelimit import TokenBuckets
 from gateway.routing import Rejected, Router, StatusChanged, fit_ready
 
@@ -167,13 +167,28 @@ def test_outbox_put_due_ack(tmp_path):
     reopened.close()
 
 
-def test_outbox_refuse_policy_counts_and_stores_nothing(tmp_path):
-    box = Outbox(tmp_path / "o.sqlite3", max_bytes=250, full_policy="refuse")
+def test_outbox_refuse_policy_stores_nothing_and_counts_each_refused_reading_once(tmp_path):
+    """A refused put is held and tried again: only what the gateway gives up counts, once."""
+    path = tmp_path / "o.sqlite3"
+    box = Outbox(path, max_bytes=250, full_policy="refuse")
     box.put([("a:b:0", b"x" * 200, 20)], NOW)
-    with pytest.raises(OutboxFullError, match="refused 7 readings"):
-        box.put([("a:b:1", b"y" * 100, 7)], NOW)
+    for _ in range(2):  # the held batch, tried again before an ack made room
+        with pytest.raises(OutboxFullError, match="refused 7 readings"):
+            box.put([("a:b:1", b"y" * 100, 7)], NOW)
     assert box.depth().batches == 1
-    assert box.counter("refused_readings") == 7
+    assert box.counter("refused_readings") == 0
+    box.ack(["a:b:0"], [payload_digest(b"x" * 200)])
+    assert box.put([("a:b:1", b"y" * 100, 7)], NOW).stored_batches == 1
+    # Two serial readings given up while it was full, then a batch too large for it.
+    box.count_refused(2)
+    box.count_refused(0)
+    box.count_refused(3)
+    assert box.counter("refused_readings") == 5
+    assert box.totals() == OutboxTotals(refused_readings=5, dropped_readings=0)
+    box.close()
+    reopened = Outbox(path, max_bytes=250, full_policy="refuse")
+    assert reopened.totals() == OutboxTotals(refused_readings=5, dropped_readings=0)
+    reopened.close()
 
 
 def test_outbox_drop_oldest_policy_counts_what_it_drops(tmp_path):
@@ -183,7 +198,12 @@ def test_outbox_drop_oldest_policy_counts_what_it_drops(tmp_path):
     assert (result.dropped_batches, result.dropped_readings) == (1, 10)
     assert [i.batch_id for i in box.due(NOW, resend_after_ms=0, limit=9)] == ["a:b:1", "a:b:2"]
     assert box.counter("dropped_readings") == 10
+    assert box.totals() == OutboxTotals(refused_readings=0, dropped_readings=10)
     assert box.depth().bytes == 200
+    box.close()
+    reopened = Outbox(tmp_path / "o.sqlite3", max_bytes=250, full_policy="drop_oldest")
+    assert reopened.totals() == OutboxTotals(refused_readings=0, dropped_readings=10)
+    reopened.close()
 
 
 def test_birth_counter_increases_across_restarts(tmp_path):

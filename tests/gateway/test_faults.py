@@ -14,7 +14,8 @@ import pytest
 
 from cityhub.localstack.mosquitto import ADMIN_USER
 from cityhub.localstack.procs import stop_process_group
-from contracts.messages import decode_batch
+from contracts.messages import GatewayState, decode_batch
+from gateway.outbox import Outbox, OutboxTotals
 from tests.plugins.gateway import (
     FakeIngest,
     broker_settings,
@@ -340,12 +341,41 @@ def test_a_busy_metrics_port_is_a_one_line_error_before_anything_starts(mqtt_ser
     pub.disconnect()
 
 
+def assert_refused_once(gw, states: list[GatewayState]) -> None:
+    """One serial reading refused: counted once, in the outbox file and in the states.
+
+    The held batches were put again and again while the outbox was full:
+    none of them counts as refused.
+    """
+    assert gw.counters.outbox_refused_readings == 1
+    wait_for(
+        lambda: any(s.outbox_refused_readings for s in states[-1:]),
+        10,
+        "a state carrying the refused reading",
+    )
+    assert {s.outbox_refused_readings for s in states} <= {0, 1}
+    assert gw.outbox.totals() == OutboxTotals(refused_readings=1, dropped_readings=0)
+
+
+def assert_refused_kept_after_stop(states: list[GatewayState], path: Path) -> None:
+    """The offline state carries the total, and the file keeps it for the next boot's states."""
+    wait_for(lambda: states[-1].status == "offline", 10, "the offline state")
+    assert states[-1].outbox_refused_readings == 1
+    box = Outbox(path, max_bytes=1 << 20, full_policy="refuse")
+    try:
+        assert box.totals() == OutboxTotals(refused_readings=1, dropped_readings=0)
+    finally:
+        box.close()
+
+
 def test_a_full_outbox_holds_device_messages_back_and_loses_none(mqtt_server, tmp_path, caplog):
     """Under ``refuse``: central cut off, a small outbox fills, devices keep publishing.
 
     Every reading the broker acknowledged to a device is stored exactly once
     and acked by ingest after the uplink comes back; the full outbox is logged
-    once per episode, not per batch.
+    once per episode, not per batch. The one serial reading refused is counted
+    once, in the outbox file and in the state messages, and stays counted
+    after the gateway stops.
     """
     import logging
 
@@ -361,6 +391,8 @@ def test_a_full_outbox_holds_device_messages_back_and_loses_none(mqtt_server, tm
     ingest.acking = True
     pub = client(mqtt_server)
     publish_config(pub, gateway_id=gateway_id, prefix=prefix, devices=devices, version=1)
+    watcher = client(mqtt_server)
+    states = watch_states(watcher, gateway_id=gateway_id, prefix=prefix)
     proxy = TcpProxy(mqtt_server.port)
     site = broker_settings(mqtt_server)
     central = BrokerSettings(
@@ -412,7 +444,7 @@ def test_a_full_outbox_holds_device_messages_back_and_loses_none(mqtt_server, tm
             # Each reading went into the outbox exactly once and was acked once.
             assert gw.counters.readings_stored == len(sent)
             assert gw.counters.readings_acked == len(sent)
-            assert gw.counters.outbox_refused_readings == 1
+            assert_refused_once(gw, states)
             # One WARNING per episode, each closed by one INFO.
             marks = [
                 "start" if "outbox full" in r.getMessage() else "end"
@@ -421,7 +453,9 @@ def test_a_full_outbox_holds_device_messages_back_and_loses_none(mqtt_server, tm
             ]
             assert marks[0] == "start"
             assert marks == ["start", "end"] * (len(marks) // 2)
+        assert_refused_kept_after_stop(states, tmp_path / "o.sqlite3")
     finally:
         proxy.close()
         pub.disconnect()
+        watcher.disconnect()
         ingest.close()

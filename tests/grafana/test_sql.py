@@ -32,7 +32,7 @@ from grafana.macros import TimeRange, Variable, render_sql
 from grafana.render import board_files
 from grafana.sqlquery import POSTGRES_TYPE
 from tests.plugins.database import drop_service_roles
-from tests.plugins.grafana import FillReport, fill_schema
+from tests.plugins.grafana import BACKLOG_REFUSED_READINGS, FillReport, fill_schema
 
 # psycopg type OIDs
 TIMESTAMPTZ, TIMESTAMP, DATE = 1184, 1114, 1082
@@ -378,6 +378,11 @@ def test_gateway_status_shows_the_silent_gateway_offline_and_the_backlog(
     live = [g for g in by_gateway.values() if g["Trạng thái (status)"] in (0, 1)]
     assert len(live) == 29
     assert all(g["Bản tin/giây (readings/s)"] > 0 for g in live)
+    # Readings lost to a full outbox: the backlog gateway's, from its latest state.
+    refused = {g: r["Từ chối khi đầy (refused, outbox full)"] for g, r in by_gateway.items()}
+    assert refused.pop(BACKLOG_GATEWAY) == BACKLOG_REFUSED_READINGS
+    assert set(refused.values()) == {0}
+    assert {r["Bỏ khi đầy (dropped, outbox full)"] for r in by_gateway.values()} == {0}
 
     depth = _panel("gateway outbox depth")
     _, series = _run(conn, render_sql(depth.sql, time_range=tr, variables=all_variables))
@@ -472,6 +477,8 @@ def test_site_board_shows_one_site(conn, filled) -> None:
     assert {r["Trạng thái (status)"] for r in devices} == {"Trực tuyến (online)"}
     gateways = _rows(conn, _board_panel("site", "gateway status"), tr, variables)
     assert [r["Gateway"] for r in gateways] == [f"gw-{HALL}"]
+    # The hall's gateway is the one whose outbox filled: what it refused shows.
+    assert gateways[0]["Từ chối khi đầy (refused, outbox full)"] == BACKLOG_REFUSED_READINGS
     alerts = _rows(conn, _board_panel("site", "open alerts"), tr, variables)
     assert {r["Thiết bị (device)"] for r in alerts} <= set(mine)
     queue = _rows(conn, _board_panel("site", "queue length"), tr, variables)

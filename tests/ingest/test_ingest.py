@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -440,8 +441,8 @@ def latest_state(db_conn, schema: str, gateway_id: str) -> dict[str, Any] | None
     cur = db_conn.execute(
         "SELECT status, birth, boot_id, version, (extract(epoch FROM ts) * 1000)::bigint AS ts_ms,"
         " outbox_depth, outbox_readings, readings_per_s, received, accepted, rejected,"
-        " rate_limited, serial_errors, devices_online, site_ready"
-        f" FROM {schema}.gateway_status WHERE gateway_id = %s",
+        " rate_limited, serial_errors, devices_online, site_ready, outbox_refused_readings,"
+        f" outbox_dropped_readings FROM {schema}.gateway_status WHERE gateway_id = %s",
         (gateway_id,),
     )
     row = cur.fetchone()
@@ -456,6 +457,29 @@ def history(db_conn, schema: str, gateway_id: str) -> list[tuple]:
         f"FROM {schema}.gateway_status_history WHERE gateway_id = %s ORDER BY ts, status",
         (gateway_id,),
     ).fetchall()
+
+
+def history_losses(db_conn, schema: str, gateway_id: str) -> set[tuple[int, int]]:
+    """The (refused, dropped) readings in a gateway's state history."""
+    rows = db_conn.execute(
+        "SELECT outbox_refused_readings, outbox_dropped_readings "
+        f"FROM {schema}.gateway_status_history WHERE gateway_id = %s",
+        (gateway_id,),
+    ).fetchall()
+    return {(r[0], r[1]) for r in rows}
+
+
+def outbox_with_losses(path: Path, *, refused: int, dropped: int) -> None:
+    """An outbox file left by an earlier boot: readings refused and dropped, nothing held."""
+    from contracts.messages import payload_digest
+    from gateway.outbox import Outbox
+
+    box = Outbox(path, max_bytes=100, full_policy="drop_oldest")
+    box.put([("gw-old:boot:1", b"x" * 80, dropped)], now_ms=0)
+    box.put([("gw-old:boot:2", b"y" * 80, 1)], now_ms=0)  # drops the first
+    box.ack(["gw-old:boot:2"], [payload_digest(b"y" * 80)])
+    box.count_refused(refused)
+    box.close()
 
 
 def publish_state(pub, prefix: str, payload: bytes, gateway_id: str, *, retain=False) -> None:
@@ -482,7 +506,11 @@ def a_state(gateway_id: str, **fields) -> GatewayState:
 def test_a_real_gateway_state_is_stored_with_its_history_and_its_death(
     mqtt_server, db_conn, db_url, migrated, tmp_path
 ):
-    """gateway.service -> broker -> ingest: the latest state per gateway and every state sent."""
+    """gateway.service -> broker -> ingest: the latest state per gateway and every state sent.
+
+    The outbox file's totals of readings refused and dropped while full, left
+    by an earlier boot, come with every state and are stored.
+    """
     from tests.plugins.gateway import (
         gateway_in_thread,
         gateway_settings,
@@ -499,6 +527,7 @@ def test_a_real_gateway_state_is_stored_with_its_history_and_its_death(
     publish_config(pub, gateway_id=gw, prefix=prefix, devices=devices, version=1)
     broker = broker_settings(mqtt_server)
     database = db(db_url, migrated)
+    outbox_with_losses(tmp_path / "outbox.sqlite3", refused=7, dropped=5)
     try:
         with ingest_in_thread(
             settings=ingest_settings(prefix), broker=broker, database=database
@@ -525,6 +554,7 @@ def test_a_real_gateway_state_is_stored_with_its_history_and_its_death(
                 assert row["devices_online"] == 5
                 assert row["site_ready"] is True
                 assert row["outbox_depth"] == gateway.outbox.depth().batches == 0
+                assert (row["outbox_refused_readings"], row["outbox_dropped_readings"]) == (7, 5)
                 birth = gateway.birth
             # A clean stop publishes the death with the final figures.
             wait_for(
@@ -540,6 +570,7 @@ def test_a_real_gateway_state_is_stored_with_its_history_and_its_death(
         assert [r[1] for r in rows].count("offline") == 1
         assert rows[-1][1] == "offline"
         assert [r[0] for r in rows] == sorted(r[0] for r in rows)
+        assert history_losses(db_conn, migrated, gw) == {(7, 5)}
         final = latest_state(db_conn, migrated, gw)
 
         # A worker started later receives the retained death: stored once, unchanged.

@@ -32,6 +32,8 @@ STATE = GatewayState(
     rejected=10,
     devices_online=6,
     site_ready=True,
+    outbox_refused_readings=7,
+    outbox_dropped_readings=5,
 )
 
 
@@ -55,6 +57,8 @@ def test_a_good_state_becomes_its_row() -> None:
         serial_errors=0,
         devices_online=6,
         site_ready=True,
+        outbox_refused_readings=7,
+        outbox_dropped_readings=5,
     )
 
 

@@ -54,6 +54,8 @@ SILENT_FOR_MS = 40 * MINUTE_MS
 # outbox depth (reported in its states) grows a batch a minute, then drains.
 BACKLOG_GATEWAY = "gw-hk-hall-quan"
 BACKLOG_MS = (90 * MINUTE_MS, 60 * MINUTE_MS)
+# The serial readings its full outbox refused, reported by every state after the cut.
+BACKLOG_REFUSED_READINGS = 12
 
 
 @dataclass
@@ -288,6 +290,8 @@ def _states(gateway_ids, items, *, start_ms: int, end_ms: int, at_ms: int) -> li
         else:
             status, ts_ms = "online", at_ms
         depth = _outbox_depth(gateway_id, end_ms=end_ms, at_ms=at_ms)
+        # The backlog gateway's outbox filled during the cut: serial readings refused.
+        backlog_over = gateway_id == BACKLOG_GATEWAY and at_ms > end_ms - BACKLOG_MS[1]
         state = GatewayState(
             gateway_id=gateway_id,
             status=status,
@@ -302,6 +306,7 @@ def _states(gateway_ids, items, *, start_ms: int, end_ms: int, at_ms: int) -> li
             accepted=0,
             devices_online=devices.get(gateway_id, 0),
             site_ready=status == "online",
+            outbox_refused_readings=BACKLOG_REFUSED_READINGS if backlog_over else 0,
         )
         item = prepare_state(state_topic(gateway_id), encode_gateway_state(state), prefix="")
         assert isinstance(item, GoodState), item
