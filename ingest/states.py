@@ -48,6 +48,8 @@ class StateRow:
     # stored in ``rejects`` at the state's time, and those it could not itemise.
     rejects: tuple[RejectCount, ...] = ()
     rejects_dropped: int = 0
+    # Provisioning's final state of a revoked gateway (``GatewayState.revoked``).
+    revoked: bool = False
 
 
 def state_row(
@@ -82,6 +84,7 @@ def state_row(
         retained=retained,
         rejects=state.rejects,
         rejects_dropped=state.rejects_dropped,
+        revoked=state.revoked,
     )
 
 
