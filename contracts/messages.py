@@ -929,7 +929,9 @@ class GatewayState(msgspec.Struct, frozen=True, kw_only=True):
     ``ts_ms`` is the connect time, not the time of death; it says so with
     ``will`` (appended), and a receiver that gets it live takes its own
     receive time as the time of death. ``ts_ms`` is not checked against a
-    window: a retained death may be months old.
+    window: a retained death may be months old. ``revoked`` (appended)
+    marks the last state of a gateway that provisioning revoked
+    (``revoked_gateway_state``).
     """
 
     gateway_id: str
@@ -967,6 +969,33 @@ class GatewayState(msgspec.Struct, frozen=True, kw_only=True):
     # than the whole outbox) and dropped (the oldest, under ``drop_oldest``).
     outbox_refused_readings: int = 0
     outbox_dropped_readings: int = 0
+    # Appended: published by provisioning (not the gateway) when it revoked the
+    # gateway and cut its sessions, which the broker does without sending the
+    # Will: the gateway's final state, offline, whatever its birth.
+    revoked: bool = False
+
+
+# The boot id of a state that provisioning, not the gateway, published.
+REVOKED_BOOT_ID: Final = "revoked"
+
+
+def revoked_gateway_state(gateway_id: str, *, birth: int, ts_ms: int) -> GatewayState:
+    """The retained state that ends a revoked gateway's "online" (``GatewayState.revoked``).
+
+    ``birth``: the gateway's latest known birth (0 if it never reported), so a
+    receiver that compares births sees no older session; the figures are
+    zero (the gateway's own last state keeps its real ones).
+    """
+    return GatewayState(
+        gateway_id=gateway_id,
+        status="offline",
+        birth=birth,
+        boot_id=REVOKED_BOOT_ID,
+        version="",
+        outbox_depth=0,
+        ts_ms=ts_ms,
+        revoked=True,
+    )
 
 
 _STATE_DECODER: Final = msgspec.json.Decoder(GatewayState)

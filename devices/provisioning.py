@@ -3,10 +3,12 @@
 Each command runs in one registry transaction, in this order: check the
 request (``devices.validation``, then the registry's rows, locked), write the
 rows and the audit entry, change the broker accounts, write the bundle,
-publish the affected gateways' retained configs, commit. A mistake is found
-before anything is written, and a failure later on rolls the transaction
-back and undoes the broker accounts made so far, so a refused command leaves
-the registry, the brokers and the bundle directory as they were.
+publish the affected gateways' retained configs (and, for a client whose
+sessions a revoke or disable cut, its retained status: offline), commit. A
+mistake is found before anything is written, and a failure later on rolls
+the transaction back and undoes the broker accounts made so far, so a
+refused command leaves the registry, the brokers and the bundle directory as
+they were.
 
 What is left to the caller: connecting the database and the brokers
 (``Registry``, ``BrokerControl``), and showing ``Outcome`` to a person.
@@ -35,10 +37,13 @@ from contracts.messages import (
     DeviceConfig,
     GatewayConfig,
     check_device_config,
+    encode_device_status,
     encode_gateway_config,
+    encode_gateway_state,
+    revoked_gateway_state,
 )
 from contracts.settings import ProvisioningSettings
-from contracts.topics import DEFAULT_SHARE_GROUP, config_topic
+from contracts.topics import DEFAULT_SHARE_GROUP, config_topic, device_status_topic, state_topic
 from contracts.wording import choose_noun, count_noun
 from devices import credentials, dynsec
 from devices.brokerctl import BrokerControl
@@ -577,7 +582,38 @@ class Provisioner:
             # An empty retained message removes the gateway's config from the broker.
             self.central.publish_retained(config_topic(gateway_id, self.prefix), b"")
             out.changes.append(f"gateway {gateway_id} revoked; its retained config cleared")
+            self._publish_revoked_state(tx, gateway_id, out)
         return out
+
+    def _publish_revoked_state(self, tx: RegistryTx, gateway_id: str, out: Outcome) -> None:
+        """Retain the revoked gateway's final state, offline, in place of its last "online".
+
+        The broker cut its sessions without publishing its Will (Mosquitto
+        kicks a deleted account's clients Will-less), and it can never
+        connect again to publish anything: without this its last retained
+        "online" would stand for good. Ingest stores it as the gateway's
+        final state and ignores any other state of a revoked gateway.
+        """
+        state = revoked_gateway_state(
+            gateway_id, birth=tx.gateway_birth(gateway_id), ts_ms=int(self.clock() * 1000)
+        )
+        self.central.publish_retained(
+            state_topic(gateway_id, self.prefix), encode_gateway_state(state)
+        )
+        out.changes.append(f"central broker: gateway {gateway_id} retained state set offline")
+
+    def _publish_device_offline(self, device_id: str, out: Outcome) -> None:
+        """Retain ``offline`` on an MQTT device's status topic, whose sessions were just cut.
+
+        The broker disconnects a disabled or deleted account's clients
+        without publishing their Will, so the device's own birth ("online")
+        would stay retained. When a disabled device is enabled again, its
+        next connection publishes "online" itself.
+        """
+        self.site.publish_retained(
+            device_status_topic(device_id, self.prefix), encode_device_status("offline")
+        )
+        out.changes.append(f"site broker: device {device_id} retained status set offline")
 
     def chirpstack_account(self, gateway_id: str) -> Outcome:
         """Create (or give a new secret to) the site-broker account of a gateway's ChirpStack.
@@ -1072,6 +1108,8 @@ class Provisioner:
                 commands = dynsec.enable_account if enabled else dynsec.disable_account
                 self.site.run(commands(account))
                 out.changes.append(f"site broker: account {account.username} {verb}d")
+                if not enabled:
+                    self._publish_device_offline(device_id, out)
             if row.gateway_id is not None:
                 self._publish_configs(tx, [row.gateway_id], out)
         return out
@@ -1098,4 +1136,5 @@ class Provisioner:
                 out.changes.append(
                     f"site broker: account {account.username} deleted (its sessions disconnected)"
                 )
+                self._publish_device_offline(device_id, out)
         return out

@@ -274,6 +274,14 @@ class RegistryTx:
         )
         return [str(r["gateway_id"]) for r in self.cur.fetchall()]
 
+    def gateway_birth(self, gateway_id: str) -> int:
+        """The birth of the gateway's latest state that ingest stored; 0 if none."""
+        self.cur.execute(
+            f"SELECT birth FROM {self.s}.gateway_status WHERE gateway_id = %s", (gateway_id,)
+        )
+        row = self.cur.fetchone()
+        return 0 if row is None else int(row["birth"])
+
     # -- writes ---------------------------------------------------------------------
 
     def insert_gateway(self, *, gateway_id: str, site_id: str, label: str, location: str) -> None:

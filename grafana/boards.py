@@ -157,7 +157,11 @@ RATING_LABELS: Final = SATISFACTION_TERMINAL.metric("rating").labels
 # a device_state alias `ds` and a device_types alias `dt` joined by type.
 ONLINE: Final = online_sql("ds.last_seen", "dt.offline_after_s")
 OFFLINE: Final = f"(ds.last_seen IS NULL OR NOT {ONLINE})"
+# A revoked or disabled device (a devices alias `d`) is shown as such, not by
+# its last reading: provisioning cut its sessions, whatever it sent just before.
 DEVICE_STATUS: Final = f"""CASE
+    WHEN d.status = 'revoked' THEN 'Đã thu hồi (revoked)'
+    WHEN NOT d.enabled THEN 'Tạm ngừng (disabled)'
     WHEN ds.last_seen IS NULL THEN 'Chưa gửi (never)'
     WHEN {ONLINE} THEN 'Trực tuyến (online)'
     ELSE 'Mất kết nối (offline)'

@@ -57,6 +57,7 @@ class IngestCounters:
     mqtt_acks_skipped: int = 0  # deliveries of an earlier connection
     states: int = 0  # gateway state messages stored
     states_rejected: int = 0  # gateway state messages refused (new ones)
+    states_ignored: int = 0  # states of a revoked gateway, not its final one
     states_dropped: int = 0  # gateway state messages dropped from a full queue
     commands_dispatched: int = 0  # command ids sent to gateways (commands and cancels)
     command_reports_stored: int = 0  # command states stored for the first time
@@ -81,6 +82,7 @@ _TOTALS = {
     "mqtt_acks_skipped": "Acks skipped because the message came on an earlier connection",
     "states": "Gateway state messages stored",
     "states_rejected": "Gateway state messages refused and stored as rejects",
+    "states_ignored": "Gateway state messages of revoked gateways, ignored",
     "states_dropped": "Gateway state messages dropped while the database was behind",
     "commands_dispatched": "Commands and cancels sent to gateways (each resend counts)",
     "command_reports_stored": "Command states reported by gateways and stored",

@@ -623,15 +623,24 @@ class Ingest:
             total.history += outcome.history
             total.refused += outcome.refused
             total.rejects.update(outcome.rejects)
+            total.ignored += outcome.ignored
         return total
 
     def _account_states(self, outcome: StateOutcome) -> None:
         c = self.counters
         c.states += len(outcome.stored)
         c.states_rejected += len(outcome.refused)
+        c.states_ignored += len(outcome.ignored)
         c.rejects.update(outcome.rejects)
         for item in outcome.refused:
             self._warn_reject(item.reason, f"state on {item.topic}: {item.detail}")
+        for state in outcome.ignored:
+            logger.warning(
+                "state %s of revoked gateway %s ignored (birth %d)",
+                state.row.status,
+                state.row.gateway_id,
+                state.row.birth,
+            )
 
     async def _states(self) -> None:
         s = self.settings

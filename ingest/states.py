@@ -51,6 +51,8 @@ class StateRow:
     # Readings the outbox refused and dropped while full, the file's totals.
     outbox_refused_readings: int = 0
     outbox_dropped_readings: int = 0
+    # Provisioning's final state of a revoked gateway (``GatewayState.revoked``).
+    revoked: bool = False
 
 
 def state_row(
@@ -87,6 +89,7 @@ def state_row(
         rejects_dropped=state.rejects_dropped,
         outbox_refused_readings=state.outbox_refused_readings,
         outbox_dropped_readings=state.outbox_dropped_readings,
+        revoked=state.revoked,
     )
 
 

@@ -40,7 +40,8 @@ CONFLICT DO NOTHING``: a retained state received again is stored once), and
 the refused ones as rejects, recorded under poison keys like refused batches;
 the rejects a gateway reported with a state go into ``rejects`` too, one
 row per (device, reason) with its count, at the state's time, once however
-often the state comes.
+often the state comes. A revoked gateway's states are ignored, but the final
+one provisioning publishes, which sets it offline.
 
 It also keeps the device -> gateway ownership map (reloaded every
 ``ownership_refresh_s``, and at once for devices it does not know), writes
@@ -116,6 +117,8 @@ class StateOutcome:
     gateway_rejects: int = 0  # reported reject rows inserted (a repeated state adds none)
     refused: list[PoisonBatch] = field(default_factory=list)  # new rejects, not repeats
     rejects: Counter[str] = field(default_factory=Counter)  # rejects rows by reason
+    # States of revoked gateways (but their final one), not stored: late or replayed.
+    ignored: list[GoodState] = field(default_factory=list)
 
 
 @dataclass
@@ -582,15 +585,40 @@ class BatchWriter:
         whenever it comes, and a gateway that reconnects in the same session
         is online again with its next state. Applying the same state twice
         changes nothing.
+
+        A revoked gateway (the registry's ``gateways.status``) can publish no
+        more: its final state is provisioning's (``row.revoked``,
+        ``_UPSERT_REVOKED``: offline whatever the birth), and any other state
+        of it is a late or replayed copy, returned as ``ignored``, not stored.
         """
         outcome = StateOutcome()
         goods = [i for i in items if isinstance(i, GoodState)]
         poison = {i.key: i for i in items if isinstance(i, PoisonBatch)}
-        rows = in_lock_order(g.row for g in goods)
         s = self.schema
         with self._db.session("states") as conn, conn.transaction(), conn.cursor() as cur:
+            revoked = _revoked_gateways(cur, s, {g.row.gateway_id for g in goods})
+            outcome.ignored = [
+                g for g in goods if g.row.gateway_id in revoked and not g.row.revoked
+            ]
+            goods = [g for g in goods if g.row.gateway_id not in revoked or g.row.revoked]
+            rows = in_lock_order(g.row for g in goods)
             history: list[StateRow] = []
             for row in rows:
+                if row.revoked:
+                    cur.execute(_UPSERT_REVOKED.format(s=s), _state_params(row))
+                    kept = cur.fetchone()
+                    if kept is not None:  # its history row: offline, the outbox as last known
+                        depth, readings, refused, dropped = (int(v) for v in kept)
+                        history.append(
+                            dataclasses.replace(
+                                row,
+                                outbox_depth=depth,
+                                outbox_readings=readings,
+                                outbox_refused_readings=refused,
+                                outbox_dropped_readings=dropped,
+                            )
+                        )
+                    continue
                 if not row.will:
                     cur.execute(_UPSERT_STATE.format(s=s), _state_params(row))
                     history.append(row)
@@ -727,6 +755,21 @@ _UPSERT_WILL: Final = (
             AND (g.status = 'online' OR (NOT %s AND EXCLUDED.ts > g.ts)))
     RETURNING (extract(epoch FROM g.ts) * 1000)::bigint"""
 )
+# Provisioning's final state of a revoked gateway (``StateRow.revoked``): offline
+# whatever the stored birth (the gateway's sessions were cut without a Will,
+# and later states of a revoked gateway are ignored), at the later of the two
+# times, with the site not ready and the newest state's other figures kept.
+# A gateway that never reported gets the message's row. A copy seen again
+# changes nothing.
+_UPSERT_REVOKED: Final = (
+    _UPSERT_STATE[: _UPSERT_STATE.index("ON CONFLICT")]
+    + """ON CONFLICT (gateway_id) DO UPDATE SET
+        status = 'offline', site_ready = false, birth = greatest(g.birth, EXCLUDED.birth),
+        ts = greatest(g.ts, EXCLUDED.ts), updated_at = now()
+    WHERE g.status = 'online' OR EXCLUDED.ts > g.ts OR g.site_ready
+    RETURNING g.outbox_depth, g.outbox_readings, g.outbox_refused_readings,
+        g.outbox_dropped_readings"""
+)
 _INSERT_STATE_HISTORY: Final = """INSERT INTO {s}.gateway_status_history
         (ts, gateway_id, status, outbox_depth, outbox_readings, readings_per_s, devices_online,
             outbox_refused_readings, outbox_dropped_readings)
@@ -766,6 +809,18 @@ REPORT_OVERFLOW_REASON: Final = "report_overflow"
 _REPORT_OVERFLOW_DETAIL: Final = (
     "rejects over the gateway's cap of distinct devices and reasons in one state interval"
 )
+
+
+def _revoked_gateways(cur: Cursor[Any], schema: str, gateway_ids: set[str]) -> set[str]:
+    """Those of ``gateway_ids`` that the registry says are revoked."""
+    if not gateway_ids:
+        return set()
+    cur.execute(
+        f"SELECT gateway_id FROM {schema}.gateways"
+        " WHERE status = 'revoked' AND gateway_id = ANY(%s)",
+        (sorted(gateway_ids),),
+    )
+    return {str(r[0]) for r in cur.fetchall()}
 
 
 def _reported_rejects(rows: Iterable[StateRow]) -> tuple[list[Any], ...] | None:

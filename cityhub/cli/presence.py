@@ -2,8 +2,10 @@
 
 A device is online when seen within its type's ``offline_after_s``
 (``online_sql``); a gateway when its latest state says online and is recent
-(``gateway_online_sql``). The list commands and `cityhub status` ask here;
-how the answers are printed is theirs.
+(``gateway_online_sql``). A revoked or disabled one is never online: its
+sessions were cut when the registry said so, whatever it sent just before.
+The list commands and `cityhub status` ask here; how the answers are
+printed is theirs.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def device_presence(conn: Connection[Any], schema: str) -> dict[str, DevicePrese
     with database_errors("device presence", schema=schema), conn.cursor() as cur:
         cur.execute(
             f"""SELECT d.device_id, d.site_id, d.device_type, d.status, d.enabled,
-                    coalesce({online}, false), ds.last_seen
+                    coalesce({online} AND d.status = 'active' AND d.enabled, false),
+                    ds.last_seen
                 FROM {schema}.devices d
                 JOIN {schema}.device_types t ON t.device_type = d.device_type
                 LEFT JOIN {schema}.device_state ds ON ds.device_id = d.device_id"""
@@ -73,7 +76,8 @@ def gateway_presence(conn: Connection[Any], schema: str) -> dict[str, GatewayPre
     online = gateway_online_sql("gs.status", "gs.ts")
     with database_errors("gateway presence", schema=schema), conn.cursor() as cur:
         cur.execute(
-            f"""SELECT g.gateway_id, g.site_id, g.status, coalesce({online}, false),
+            f"""SELECT g.gateway_id, g.site_id, g.status,
+                    coalesce({online} AND g.status = 'active', false),
                     gs.status, gs.ts,
                     extract(epoch FROM now() - gs.ts)::float8, gs.outbox_depth,
                     gs.readings_per_s, gs.outbox_refused_readings, gs.outbox_dropped_readings

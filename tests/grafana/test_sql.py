@@ -590,6 +590,48 @@ def test_online_is_the_types_offline_after_s_on_every_board(filled) -> None:
         writable.rollback()
 
 
+def test_a_revoked_or_disabled_device_is_shown_so_not_by_its_last_reading(conn, filled) -> None:
+    """Seen a moment ago, but provisioning cut its sessions: revoked, or disabled."""
+    tr = _time_range(filled.report)
+    with psycopg.connect(filled.url) as writable:
+        writable.execute(f"SET search_path TO {filled.schema}, public")
+        revoked, disabled, active = (
+            r[0]
+            for r in writable.execute(
+                "SELECT device_id FROM devices WHERE site_id = %s ORDER BY 1 LIMIT 3", (HALL,)
+            ).fetchall()
+        )
+        writable.execute(
+            "UPDATE device_state SET last_seen = now() WHERE device_id = ANY(%s)",
+            ([revoked, disabled, active],),
+        )
+        writable.execute(
+            "UPDATE devices SET status = 'revoked', revoked_at = now() WHERE device_id = %s",
+            (revoked,),
+        )
+        writable.execute("UPDATE devices SET enabled = false WHERE device_id = %s", (disabled,))
+        words = {
+            revoked: "Đã thu hồi (revoked)",
+            disabled: "Tạm ngừng (disabled)",
+            active: "Trực tuyến (online)",
+        }
+        on_site = {
+            r["Thiết bị (device)"]: r["Trạng thái (status)"]
+            for r in _rows(
+                writable,
+                _board_panel("site", "devices"),
+                tr,
+                _drill_variables(writable, tr, site=HALL, device="-"),
+            )
+        }
+        for device_id, word in words.items():
+            assert on_site[device_id] == word, device_id
+            variables = _drill_variables(writable, tr, site="-", device=device_id)
+            (identity,) = _rows(writable, _board_panel("device", "identity"), tr, variables)
+            assert identity["Trạng thái (status)"] == word, device_id
+        writable.rollback()
+
+
 def test_data_links_read_fields_their_queries_return(conn, filled, all_variables) -> None:
     """${__data.fields.x} in a link names a column of its panel's query."""
     tr = _time_range(filled.report)

@@ -12,6 +12,7 @@ from contracts.messages import (
     GatewayState,
     check_gateway_state,
     encode_gateway_state,
+    revoked_gateway_state,
 )
 from contracts.topics import batch_topic, state_topic
 from ingest.prepare import GATEWAY_MISMATCH, GoodState, PoisonBatch, prepare_state
@@ -142,3 +143,21 @@ def test_a_will_is_timed_when_it_was_received(will, received_ms, retained, ts_ms
     state = msgspec.structs.replace(STATE, status="offline", will=will)
     row = state_row(state, received_ms=received_ms, retained=retained)
     assert (row.ts_ms, row.will, row.retained) == (ts_ms, will, retained)
+
+
+def test_the_revoked_state_of_provisioning_is_a_checked_offline_row_marked_revoked() -> None:
+    state = revoked_gateway_state("gw-hk-1", birth=4, ts_ms=1_767_225_700_000)
+    item = prepare_state(state_topic("gw-hk-1", "p1"), encode_gateway_state(state), prefix="p1")
+    assert isinstance(item, GoodState)
+    row = item.row
+    assert (row.status, row.birth, row.ts_ms, row.revoked, row.will) == (
+        "offline",
+        4,
+        1_767_225_700_000,
+        True,
+        False,
+    )
+    # A gateway's own states (which never carry the field) are not revoked.
+    item = prepare_state(state_topic("gw-hk-1", "p1"), encode_gateway_state(STATE), prefix="p1")
+    assert isinstance(item, GoodState)
+    assert not item.row.revoked
