@@ -320,17 +320,26 @@ class Router:
                     acks = self.site_acks
             return bool(self.ready)
         plan, checked = self._check_uplinks(publishes, now)
+        allow, accept = self.buckets.allow, self._accept
         for (topic, payload, qos, packet_id, _retain), device in zip(publishes, plan, strict=True):
             if qos:
                 acks.append(packet_id)
             if device is None:
                 self._site_message(topic, payload, now)
+            elif (uplink := next(checked[device.device_type])) is None:
+                self._device_uplink(device, payload, now)
+            # _accept_uplink written out: this loop runs for every reading of a busy site.
+            elif allow(device.device_id, now, uplink.ts_ms):
+                accept(
+                    device,
+                    seq=uplink.seq,
+                    ts_ms=uplink.ts_ms,
+                    recv_ms=now,
+                    values=uplink.metrics,
+                    boot=uplink.boot,
+                )
             else:
-                uplink = next(checked[device.device_type])
-                if uplink is None:
-                    self._device_uplink(device, payload, now)
-                else:
-                    self._accept_uplink(device, uplink, now)
+                self.rate_limited(device.device_id)
             if builder.rows >= max_rows or len(acks) >= ack_threshold:
                 self.cut(now)
                 acks = self.site_acks
