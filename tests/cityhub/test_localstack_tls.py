@@ -12,21 +12,24 @@ import datetime as dt
 import secrets
 import socket
 import ssl
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from cityhub.localstack.mosquitto import ADMIN_USER, MosquittoServer, mqtt_connect_probe
 from contracts.settings import BrokerSettings
 from devices import dynsec
 from devices.brokerctl import BrokerControl
 from devices.pki import Pki
-from tests.plugins.broker import OLD_TLS12_CIPHER, make_pki, tls_handshake, tls_mosquitto
+from tests.plugins.broker import (
+    OLD_TLS12_CIPHER,
+    make_pki,
+    tls_connack,
+    tls_handshake,
+    tls_mosquitto,
+)
 from tests.plugins.servers import start_or_skip
 
 OTHER = "127.0.0.2"
@@ -97,27 +100,9 @@ def _tls_connack(
     context = ssl.create_default_context(cafile=str(pki.ca.cert))
     context.load_cert_chain(str(files.cert), str(files.key))
     context.check_hostname = False  # the server certificate names localhost and 127.0.0.1
-    done = threading.Event()
-    codes: list[int] = []
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    client.username_pw_set(username, password)
-    client.tls_set_context(context)
-
-    def on_connect(_c: object, _u: object, _f: object, reason: object, _p: object) -> None:
-        codes.append(getattr(reason, "value", -1))
-        done.set()
-
-    client.on_connect = on_connect
-    client.on_disconnect = lambda *_: done.set()
-    client.connect(host, port)
-    try:
-        client.loop_start()
-        assert done.wait(10), "neither CONNACK nor disconnect over TLS"
-    finally:
-        client.disconnect()
-        client.loop_stop()
-    assert codes, "the broker closed the TLS connection before CONNACK"
-    return codes[0]
+    return tls_connack(
+        host, port, context, username=username, password=password, client_id=client_id
+    )
 
 
 def test_with_tls_the_other_addresses_get_the_tls_listener_only(

@@ -22,11 +22,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
-import paho.mqtt.client as mqtt
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from paho.mqtt.enums import CallbackAPIVersion
 
 from adapters.mqtt import MqttLink, client_ssl_context
 from cityhub.localstack.mosquitto import (
@@ -41,7 +39,7 @@ from devices.pki import Pki
 from devices.provisioning import Endpoint, Provisioner
 from devices.registry import Registry
 from gateway.sitelink import SiteLink
-from tests.plugins.broker import make_pki, tls_mosquitto
+from tests.plugins.broker import make_pki, tls_connack, tls_mosquitto
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -67,31 +65,8 @@ def _context(pki: Pki, cert=None, key=None) -> ssl.SSLContext:
 
 
 def _connect(port: int, context: ssl.SSLContext, password: str) -> int:
-    """The CONNACK reason code over TLS; ConnectionError if the broker cut the TLS session."""
-    done = threading.Event()
-    result: list[int] = []
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2, client_id=f"tls-{uuid.uuid4().hex[:6]}", protocol=mqtt.MQTTv5
-    )
-    client.username_pw_set(ADMIN_USER, password)
-    client.tls_set_context(context)
-
-    def on_connect(_c, _u, _f, reason, _p):
-        result.append(reason.value)
-        done.set()
-
-    client.on_connect = on_connect
-    client.on_disconnect = lambda *_: done.set()
-    client.connect("127.0.0.1", port)
-    try:
-        client.loop_start()
-        assert done.wait(10), "neither CONNACK nor disconnect over TLS"
-    finally:
-        client.disconnect()
-        client.loop_stop()
-    if not result:
-        raise ConnectionError("the broker closed the TLS connection before CONNACK")
-    return result[0]
+    """The admin's CONNACK reason code over TLS; ConnectionError if the broker cut the session."""
+    return tls_connack("127.0.0.1", port, context, username=ADMIN_USER, password=password)
 
 
 def test_ca_server_and_client_certificates(pki, tmp_path):

@@ -11,12 +11,15 @@ from __future__ import annotations
 import datetime as dt
 import socket
 import ssl
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import psycopg
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from cityhub.localstack.mosquitto import ADMIN_USER, MosquittoServer, TlsListener
 from cityhub.localstack.procs import free_port, run_as_for
@@ -130,3 +133,45 @@ def tls_handshake(
     assert protocol is not None
     assert cipher is not None
     return protocol, cipher[0]
+
+
+def tls_connack(
+    host: str,
+    port: int,
+    context: ssl.SSLContext,
+    *,
+    username: str,
+    password: str,
+    client_id: str | None = None,
+) -> int:
+    """The CONNACK reason code of an MQTT v5 CONNECT over TLS with ``context``.
+
+    ConnectionError if the broker closed the TLS connection before a CONNACK
+    (a certificate it refused after the handshake).
+    """
+    done = threading.Event()
+    codes: list[int] = []
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id or f"tls-{uuid.uuid4().hex[:6]}",
+        protocol=mqtt.MQTTv5,
+    )
+    client.username_pw_set(username, password)
+    client.tls_set_context(context)
+
+    def on_connect(_c: object, _u: object, _f: object, reason: object, _p: object) -> None:
+        codes.append(getattr(reason, "value", -1))
+        done.set()
+
+    client.on_connect = on_connect
+    client.on_disconnect = lambda *_: done.set()
+    client.connect(host, port)
+    try:
+        client.loop_start()
+        assert done.wait(10), "neither CONNACK nor disconnect over TLS"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    if not codes:
+        raise ConnectionError("the broker closed the TLS connection before CONNACK")
+    return codes[0]
