@@ -44,6 +44,7 @@ from contracts.messages import (
     encode_device_uplink,
     encode_gateway_config,
     encode_gateway_state,
+    revoked_gateway_state,
 )
 from contracts.mqttcodec import (
     CONNACK,
@@ -162,6 +163,9 @@ def _state(status: str = "online") -> GatewayState:
         if status == "online"
         else (),
         rejects_dropped=1 if status == "online" else 0,
+        # A full outbox's losses, totals kept in its file.
+        outbox_refused_readings=7 if status == "online" else 0,
+        outbox_dropped_readings=5 if status == "online" else 0,
     )
 
 
@@ -319,6 +323,8 @@ def seeds() -> dict[str, list[tuple[str, bytes]]]:
     states = [
         ("online", encode_gateway_state(_state())),
         ("offline", encode_gateway_state(_state("offline"))),
+        # What provisioning retains for a gateway it revoked.
+        ("revoked", encode_gateway_state(revoked_gateway_state(GATEWAY_ID, birth=3, ts_ms=NOW_MS))),
     ]
     ack = encode_ack(Ack(batch_ids=[batch_id(GATEWAY_ID, BOOT_ID, n) for n in (1, 2)], ts_ms=1))
     return {
