@@ -545,7 +545,21 @@ def main() -> None:
         default=0.0,
         help="commands a second sent to the gateway during the drain and live runs",
     )
+    parser.add_argument(
+        "--logic-only",
+        action="store_true",
+        help="only the gateway's logic per message, --runs times in this process (best and"
+        " median): run it alternately in two checkouts to compare them on a noisy machine",
+    )
     args = parser.parse_args()
+    if args.logic_only:
+        with tempfile.TemporaryDirectory(prefix="cityhub-logic-") as logic_tmp:
+            costs_us = [logic_cost(Path(logic_tmp)) * 1e6 for _ in range(args.runs)]
+        print(
+            f"gateway logic per message, no network (us): best {min(costs_us):.2f},"
+            f" median {statistics.median(costs_us):.2f} of {args.runs}"
+        )
+        return
     per_s = args.commands_per_s
     tmp, server = start_broker("cityhub-bench-")
     try:
